@@ -1,0 +1,393 @@
+"""A volume on one node: base image + transaction log + extent index, and its versions.
+
+Theory of operation
+-------------------
+A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sparse file),
+``applied.json`` (the applied LSN *A*) and ``log/``. The image after LSN *n* is the base image
+(which equals the image after *A*) with the data of records ``(A, n]`` laid over it.
+
+* **Write**: the data becomes a WRITE record; the extent index points at it at once, so reads
+  return the newest data before anything is durable.
+* **Flush** (what fsync calls): appends a FLUSH record when something was written since the
+  last one, then group-commits the log. Returns only when everything before it is durable.
+* **Autosync**: while the log has records that are not durable, a background thread makes it
+  durable at least every ``sync_interval`` seconds (100 ms at most, G3).
+* **Writeback** applies durable records ``(A, target]`` in LSN order to the base image,
+  fdatasyncs it, and only then persists ``A = target``. Before it touches the base it persists
+  its intent (``writeback_lsn = target`` beside ``A`` in ``applied.json``): after a crash in
+  between, the base holds part of those records and is the image at no LSN at all (versions
+  from ``A`` on would read newer bytes from it), so opening the volume first re-applies all of
+  them (redo is idempotent) and persists ``A = target``. Writeback never passes an open view's
+  LSN, and never passes the durable LSN, so the base is always the image after a durable prefix.
+* **Views**: the image at any LSN in ``[A, head]`` opens read-only. A view is pinned: writeback
+  stops at it until it is closed. Extents of a view whose records writeback has since applied
+  are read from the base, which holds exactly those bytes.
+
+Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the live index has an
+LSN in ``(A, head]``; the log retains every record after ``A``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid as uuidlib
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from marsfs.errors import MarsError, StateError, VolumeError
+from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain
+from marsfs.volume.index import ExtentIndex
+
+FORMAT = 1
+SYNC_INTERVAL = 0.05  # seconds; G3 wants at most 0.1
+_EMPTY = encode_payload(b"")
+_MAX_MARK = 200
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """A named point in a volume's retained history."""
+
+    lsn: int
+    kind: str  #: "flush", "mark", "oldest" or "head"
+    name: str
+    timestamp_ns: int
+
+
+class Volume:
+    """One volume's storage core on this node. Thread-safe."""
+
+    def __init__(self, path: Path, meta: dict, log: Log, applied_lsn: int, *, sync_interval: float | None) -> None:
+        self.path = path
+        self.name: str = meta["name"]
+        self.uuid: str = meta["uuid"]
+        self.size: int = meta["size"]
+        self.log = log
+        self._applied = applied_lsn
+        self._lock = threading.RLock()
+        self._writeback_lock = threading.Lock()
+        self._pins: Counter[int] = Counter()
+        self._writes_since_flush = False
+        self._closed = False
+        self.errors: list[str] = []
+        self._base_fd = os.open(path / "base.img", os.O_RDWR)
+        if os.fstat(self._base_fd).st_size < self.size:
+            os.ftruncate(self._base_fd, self.size)
+        self.index = ExtentIndex()
+        for rec in log.records(applied_lsn + 1):
+            if rec.type == RecordType.WRITE and rec.length:
+                self.index.insert(rec.offset, rec.length, rec.lsn)
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        if sync_interval is not None:
+            assert 0 < sync_interval <= 0.1
+            self._syncer = threading.Thread(target=self._autosync, args=(sync_interval,),
+                                            name=f"marsfs-sync-{self.name}", daemon=True)
+            self._syncer.start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def create(cls, path: Path, name: str, size: int, *, volume_uuid: str | None = None,
+               segment_bytes: int = DEFAULT_SEGMENT_BYTES, sync_interval: float | None = SYNC_INTERVAL) -> Volume:
+        """A new empty volume of ``size`` bytes (zeros) in the new directory ``path``."""
+        if size <= 0 or size % 512:
+            raise VolumeError(f"volume size {size} is not a positive multiple of 512 bytes; "
+                              "give a size like 512M or 10G")
+        path.mkdir(parents=True)
+        meta = {"format": FORMAT, "name": name, "uuid": volume_uuid or str(uuidlib.uuid4()),
+                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
+        fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        Log.create(path / "log", genesis_chain(meta["uuid"]), segment_bytes=segment_bytes).close()
+        write_json(path / "applied.json", {"applied_lsn": 0})
+        write_json(path / "volume.json", meta)  # last: a directory without it is an aborted create
+        fsync_dir(path.parent)
+        return cls.open(path, sync_interval=sync_interval)
+
+    @classmethod
+    def open(cls, path: Path, *, sync_interval: float | None = SYNC_INTERVAL, repair: bool = True) -> Volume:
+        """Recover a volume: verify its log, cut a torn tail, index what is not written back."""
+        try:
+            meta = read_json(path / "volume.json")
+            state = read_json(path / "applied.json")
+            applied = int(state["applied_lsn"])
+            pending = int(state.get("writeback_lsn", applied))
+        except FileNotFoundError as e:
+            raise StateError(f"{path} is not a complete volume ({e.filename} is missing)") from None
+        if meta.get("format") != FORMAT:
+            raise StateError(f"{path}: volume format {meta.get('format')} is not supported by this marsfs")
+        log = Log.open(path / "log", segment_bytes=meta["segment_bytes"], repair=repair)
+        if not log.first_lsn <= applied + 1 or applied > log.last_lsn:
+            log.close()
+            raise StateError(f"{path}: applied LSN {applied} lies outside the log "
+                             f"({log.first_lsn}..{log.last_lsn}); the volume's files do not belong together")
+        if pending > applied:
+            try:
+                applied = _finish_writeback(path, log, applied, pending)
+            except BaseException:
+                log.close()
+                raise
+        return cls(path, meta, log, applied, sync_interval=sync_interval)
+
+    def close(self) -> None:
+        """Make the log durable and release files. Does not write back."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        try:
+            self.log.sync()
+        finally:
+            self._closed = True
+            self.log.close()
+            os.close(self._base_fd)
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _autosync(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            if self.log.dirty:
+                try:
+                    self.log.sync()
+                except MarsError as e:
+                    self.errors.append(str(e))
+                    return
+
+    # ------------------------------------------------------------------ positions
+
+    @property
+    def head_lsn(self) -> int:
+        return self.log.last_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        return self.log.durable_lsn
+
+    @property
+    def applied_lsn(self) -> int:
+        return self._applied
+
+    @property
+    def needs_flush(self) -> bool:
+        """Would :meth:`flush` do anything? (The cheap check before a thread hop.)"""
+        return self._writes_since_flush or self.log.dirty
+
+    @property
+    def oldest_version_lsn(self) -> int:
+        return self._applied
+
+    # ------------------------------------------------------------------ I/O
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise VolumeError(f"range {offset}+{length} lies outside volume {self.name} "
+                              f"of {self.size} bytes")
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset``; returns the LSN of the (last) record. Not yet durable."""
+        self._check_range(offset, len(data))
+        lsn = self.head_lsn
+        view = memoryview(data)
+        for at in range(0, len(view), MAX_PAYLOAD):
+            chunk = view[at : at + MAX_PAYLOAD]
+            payload = encode_payload(chunk)  # lz4 and hashing outside the lock
+            with self._lock:
+                lsn = self.log.append(RecordType.WRITE, offset + at, payload)
+                self.index.insert(offset + at, len(chunk), lsn)
+                self._writes_since_flush = True
+        return lsn
+
+    def flush(self) -> int:
+        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN."""
+        with self._lock:
+            if self._writes_since_flush:
+                self.log.append(RecordType.FLUSH, 0, _EMPTY)
+                self._writes_since_flush = False
+        return self.log.sync()
+
+    def mark(self, name: str) -> int:
+        """Name the current point in history: flush, then a MARK record; returns its LSN."""
+        raw = name.encode()
+        if not name or len(raw) > _MAX_MARK or "/" in name or name.startswith(".") or name.startswith("lsn-"):
+            raise VolumeError(f"mark name {name!r} is invalid: use 1-{_MAX_MARK} bytes, no '/', "
+                              "not starting with '.' or 'lsn-'")
+        if name in self.log.marks.values():
+            raise VolumeError(f"mark {name!r} already exists on volume {self.name}; pick another name")
+        self.flush()
+        with self._lock:
+            lsn = self.log.append(RecordType.MARK, 0, encode_payload(raw))
+        self.log.sync()
+        return lsn
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The newest bytes ``[offset, offset+length)`` (durable or not)."""
+        self._check_range(offset, length)
+        with self._lock:
+            return self._assemble(self.index.lookup(offset, length))
+
+    def _assemble(self, pieces: list[tuple[int, int, int]]) -> bytes:
+        """Read index pieces; records already written back come from the base. Caller locks."""
+        if len(pieces) == 1:
+            return self._piece(*pieces[0])
+        return b"".join([self._piece(*p) for p in pieces])
+
+    def _piece(self, pos: int, length: int, lsn: int) -> bytes:
+        if lsn > self._applied:
+            return self.log.read_extent(lsn, pos, length)
+        data = os.pread(self._base_fd, length, pos)
+        assert len(data) == length, "base image shorter than the volume"
+        return data
+
+    # ------------------------------------------------------------------ writeback
+
+    def writeback(self, upto: int | None = None) -> int:
+        """Apply durable records up to ``upto`` (default: all durable) to the base; returns A.
+
+        Stops at the oldest open view. Trims log segments that hold only applied records.
+        """
+        with self._writeback_lock:
+            with self._lock:
+                target = self.durable_lsn if upto is None else min(upto, self.durable_lsn)
+                if self._pins:
+                    target = min(target, min(self._pins))
+                start = self._applied
+                if target <= start:
+                    return start
+                records = [r for r in self.log.records(start + 1, target) if r.type == RecordType.WRITE]
+            if records:  # from here until A = target is persisted, the base is ahead of A
+                write_json(self.path / "applied.json", {"applied_lsn": start, "writeback_lsn": target})
+            for rec in records:
+                data = self.log.read_data(rec.lsn, 0, rec.length)
+                written = os.pwrite(self._base_fd, data, rec.offset)
+                assert written == rec.length
+            os.fdatasync(self._base_fd)
+            write_json(self.path / "applied.json", {"applied_lsn": target})
+            with self._lock:
+                self._applied = target
+                for rec in records:
+                    self.index.discard(rec.offset, rec.length, target)
+            if target == self.log.last_lsn:
+                self.log.rotate()  # the active segment is never trimmed: close it so it can go
+            self.log.trim(target)
+            return target
+
+    # ------------------------------------------------------------------ versions
+
+    def view(self, lsn: int) -> VolumeView:
+        """A read-only image of the volume after record ``lsn``; close it to unpin writeback."""
+        with self._lock:
+            if not self._applied <= lsn <= self.head_lsn:
+                raise VolumeError(f"version lsn-{lsn} of volume {self.name} is not retained; "
+                                  f"available: lsn-{self._applied} to lsn-{self.head_lsn}")
+            self._pins[lsn] += 1
+            first = self._applied + 1
+        index = ExtentIndex()
+        for rec in self.log.records(first, lsn):
+            if rec.type == RecordType.WRITE and rec.length:
+                index.insert(rec.offset, rec.length, rec.lsn)
+        return VolumeView(self, lsn, index)
+
+    def _unpin(self, lsn: int) -> None:
+        with self._lock:
+            self._pins[lsn] -= 1
+            if not self._pins[lsn]:
+                del self._pins[lsn]
+
+    def versions(self) -> list[VersionInfo]:
+        """Oldest retained version, flush points, marks and head, in LSN order."""
+        out = [VersionInfo(self._applied, "oldest", f"lsn-{self._applied}", 0)]
+        for lsn, ts in self.log.flush_points():
+            if lsn > self._applied:
+                out.append(VersionInfo(lsn, "flush", f"lsn-{lsn}", ts))
+        for lsn, name in self.log.marks.items():
+            if lsn > self._applied:
+                out.append(VersionInfo(lsn, "mark", name, self.log.info(lsn).timestamp_ns))
+        out.append(VersionInfo(self.head_lsn, "head", f"lsn-{self.head_lsn}", 0))
+        return sorted(out, key=lambda v: (v.lsn, v.kind))
+
+    def resolve_version(self, spec: str) -> int:
+        """LSN named by ``lsn-N``, a mark name, or an ISO-8601 UTC time (newest flush at or before)."""
+        if spec.startswith("lsn-") and spec[4:].isdigit():
+            return int(spec[4:])
+        for lsn, name in self.log.marks.items():
+            if name == spec:
+                return lsn
+        try:
+            when = datetime.fromisoformat(spec.replace("Z", "+00:00"))
+        except ValueError:
+            raise VolumeError(f"no version {spec!r} of volume {self.name}: give lsn-N, a mark name "
+                              "or an ISO-8601 UTC time like 2026-11-23T22:00:00Z") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        limit = int(when.timestamp() * 1e9)
+        best = None
+        for lsn, ts in self.log.flush_points():
+            if ts <= limit and lsn >= self._applied:
+                best = lsn
+        if best is None:
+            raise VolumeError(f"no flush point of volume {self.name} at or before {spec} is retained; "
+                              f"the oldest version is lsn-{self._applied} (marsfs versions lists them)")
+        return best
+
+
+def _finish_writeback(path: Path, log: Log, applied: int, target: int) -> int:
+    """Redo a writeback of ``(applied, target]`` that a crash interrupted; returns the new A."""
+    if target > log.last_lsn:
+        raise StateError(f"{path}: an interrupted writeback reached LSN {target}, but the log ends at "
+                         f"{log.last_lsn}; the volume's files do not belong together")
+    fd = os.open(path / "base.img", os.O_RDWR)
+    try:
+        for rec in log.records(applied + 1, target):
+            if rec.type == RecordType.WRITE and rec.length:
+                data = log.read_data(rec.lsn, 0, rec.length)
+                written = os.pwrite(fd, data, rec.offset)
+                assert written == rec.length
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    write_json(path / "applied.json", {"applied_lsn": target})
+    return target
+
+
+class VolumeView:
+    """A read-only image of a volume after a fixed LSN. Pins writeback until closed."""
+
+    def __init__(self, volume: Volume, lsn: int, index: ExtentIndex) -> None:
+        self.volume = volume
+        self.lsn = lsn
+        self.size = volume.size
+        self._index = index
+        self._closed = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert not self._closed, "read from a closed view"
+        vol = self.volume
+        vol._check_range(offset, length)
+        with vol._lock:
+            return vol._assemble(self._index.lookup(offset, length))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.volume._unpin(self.lsn)
+
+    def __enter__(self) -> VolumeView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
