@@ -209,7 +209,12 @@ class Log:
         chain = b""
         for n, name in enumerate(names):
             last = n == len(names) - 1
-            seg, seg_scanned, cut, reason = _scan_segment(path / name, expect_lsn, chain, last)
+            try:
+                seg, seg_scanned, cut, reason = _scan_segment(path / name, expect_lsn, chain, last)
+            except BaseException:
+                for done in segments:  # a damaged log must not leak the segments scanned so far
+                    os.close(done.fd)
+                raise
             segments.append(seg)
             scanned += seg_scanned
             expect_lsn, chain = seg.last_lsn + 1, seg.last_chain
