@@ -40,7 +40,7 @@ from pathlib import Path
 
 from marsfs.errors import MarsError, StateError, VolumeError
 from marsfs.fsutil import fsync_dir, read_json, write_json
-from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain
+from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordInfo, RecordType, encode_payload, genesis_chain
 from marsfs.volume.index import ExtentIndex
 
 FORMAT = 1
@@ -69,6 +69,9 @@ class Volume:
         self.size: int = meta["size"]
         self.log = log
         self._applied = applied_lsn
+        # Oldest servable version: A, or the target of a writeback in flight (or one that failed
+        # half way), because the base may already hold bytes newer than A.
+        self._oldest = applied_lsn
         self._lock = threading.RLock()
         self._writeback_lock = threading.Lock()
         self._pins: Counter[int] = Counter()
@@ -82,6 +85,14 @@ class Volume:
         for rec in log.records(applied_lsn + 1):
             if rec.type == RecordType.WRITE and rec.length:
                 self.index.insert(rec.offset, rec.length, rec.lsn)
+        # Writes at the end of the log that no FLUSH record follows (the process ended before the
+        # next fsync) still need one at the next flush. When trimming left no record to look at,
+        # assume so: an extra FLUSH record at a completed fsync is true, a missing one loses a
+        # consistent point.
+        if log.last_lsn >= log.first_lsn:
+            self._writes_since_flush = log.info(log.last_lsn).type == RecordType.WRITE
+        else:
+            self._writes_since_flush = log.last_lsn > 0
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         if sync_interval is not None:
@@ -189,7 +200,7 @@ class Volume:
 
     @property
     def oldest_version_lsn(self) -> int:
-        return self._applied
+        return self._oldest
 
     # ------------------------------------------------------------------ I/O
 
@@ -268,14 +279,11 @@ class Volume:
                 start = self._applied
                 if target <= start:
                     return start
+                self._oldest = target  # no view older than target may open from now on
                 records = [r for r in self.log.records(start + 1, target) if r.type == RecordType.WRITE]
             if records:  # from here until A = target is persisted, the base is ahead of A
                 write_json(self.path / "applied.json", {"applied_lsn": start, "writeback_lsn": target})
-            for rec in records:
-                data = self.log.read_data(rec.lsn, 0, rec.length)
-                written = os.pwrite(self._base_fd, data, rec.offset)
-                assert written == rec.length
-            os.fdatasync(self._base_fd)
+            _apply(self.log, self._base_fd, records)
             write_json(self.path / "applied.json", {"applied_lsn": target})
             with self._lock:
                 self._applied = target
@@ -291,9 +299,9 @@ class Volume:
     def view(self, lsn: int) -> VolumeView:
         """A read-only image of the volume after record ``lsn``; close it to unpin writeback."""
         with self._lock:
-            if not self._applied <= lsn <= self.head_lsn:
+            if not self._oldest <= lsn <= self.head_lsn:
                 raise VolumeError(f"version lsn-{lsn} of volume {self.name} is not retained; "
-                                  f"available: lsn-{self._applied} to lsn-{self.head_lsn}")
+                                  f"available: lsn-{self._oldest} to lsn-{self.head_lsn}")
             self._pins[lsn] += 1
             first = self._applied + 1
         index = ExtentIndex()
@@ -310,12 +318,12 @@ class Volume:
 
     def versions(self) -> list[VersionInfo]:
         """Oldest retained version, flush points, marks and head, in LSN order."""
-        out = [VersionInfo(self._applied, "oldest", f"lsn-{self._applied}", 0)]
+        out = [VersionInfo(self._oldest, "oldest", f"lsn-{self._oldest}", 0)]
         for lsn, ts in self.log.flush_points():
-            if lsn > self._applied:
+            if lsn > self._oldest:
                 out.append(VersionInfo(lsn, "flush", f"lsn-{lsn}", ts))
         for lsn, name in self.log.marks.items():
-            if lsn > self._applied:
+            if lsn > self._oldest:
                 out.append(VersionInfo(lsn, "mark", name, self.log.info(lsn).timestamp_ns))
         out.append(VersionInfo(self.head_lsn, "head", f"lsn-{self.head_lsn}", 0))
         return sorted(out, key=lambda v: (v.lsn, v.kind))
@@ -337,11 +345,11 @@ class Volume:
         limit = int(when.timestamp() * 1e9)
         best = None
         for lsn, ts in self.log.flush_points():
-            if ts <= limit and lsn >= self._applied:
+            if ts <= limit and lsn >= self._oldest:
                 best = lsn
         if best is None:
             raise VolumeError(f"no flush point of volume {self.name} at or before {spec} is retained; "
-                              f"the oldest version is lsn-{self._applied} (marsfs versions lists them)")
+                              f"the oldest version is lsn-{self._oldest} (marsfs versions lists them)")
         return best
 
 
@@ -352,16 +360,20 @@ def _finish_writeback(path: Path, log: Log, applied: int, target: int) -> int:
                          f"{log.last_lsn}; the volume's files do not belong together")
     fd = os.open(path / "base.img", os.O_RDWR)
     try:
-        for rec in log.records(applied + 1, target):
-            if rec.type == RecordType.WRITE and rec.length:
-                data = log.read_data(rec.lsn, 0, rec.length)
-                written = os.pwrite(fd, data, rec.offset)
-                assert written == rec.length
-        os.fdatasync(fd)
+        _apply(log, fd, [r for r in log.records(applied + 1, target) if r.type == RecordType.WRITE])
     finally:
         os.close(fd)
     write_json(path / "applied.json", {"applied_lsn": target})
     return target
+
+
+def _apply(log: Log, base_fd: int, records: list[RecordInfo]) -> None:
+    """Write the data of WRITE ``records`` into the base, in LSN order, and make it durable."""
+    for rec in records:
+        data = log.read_data(rec.lsn, 0, rec.length)
+        written = os.pwrite(base_fd, data, rec.offset)
+        assert written == rec.length
+    os.fdatasync(base_fd)
 
 
 class VolumeView:
