@@ -1,0 +1,1 @@
+"""The faces: pyfuse3 operations, the control socket and the command line."""

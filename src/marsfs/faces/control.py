@@ -1,0 +1,152 @@
+"""The control socket: how every command but ``serve`` talks to the daemon.
+
+Protocol: a Unix stream socket ``DIR/control.sock`` (mode 0600, and the peer's uid must be
+root or the daemon's own). The client sends one JSON object per line,
+``{"cmd": NAME, "args": {...}}``; the daemon answers one line, ``{"ok": true, "result": ...}``
+or ``{"ok": false, "error": MESSAGE, "exit": CODE}``. A connection may carry several requests.
+Requests are bounded (1 MiB); malformed ones get an error answer and never disturb service.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from marsfs.errors import MarsError
+
+log = logging.getLogger("marsfs.control")
+
+MAX_REQUEST = 1 << 20
+Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class DaemonNotRunning(MarsError):
+    """No daemon answers on the state directory's control socket."""
+
+
+def socket_path(state: Path) -> Path:
+    return state / "control.sock"
+
+
+async def serve_control(state: Path, dispatch: Dispatch, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on ``DIR/control.sock`` until cancelled; each connection is served in its own task."""
+    path = socket_path(state)
+    if path.exists() or path.is_symlink():
+        path.unlink()  # the state lock is ours, so this socket is stale
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(os.fspath(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        await trio.serve_listeners(functools.partial(_serve_one, dispatch), [listener])
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _peer_allowed(stream: trio.SocketStream) -> bool:
+    try:
+        cred = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _pid, uid, _gid = struct.unpack("3i", cred)
+    return uid in (0, os.geteuid())
+
+
+async def _serve_one(dispatch: Dispatch, stream: trio.SocketStream) -> None:
+    async with stream:
+        if not _peer_allowed(stream):
+            await _send(stream, {"ok": False, "error": "the control socket is root-only", "exit": 1})
+            return
+        buf = bytearray()
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            buf += data
+            if len(buf) > MAX_REQUEST and b"\n" not in buf:
+                await _send(stream, {"ok": False, "error": "request too large", "exit": 2})
+                return
+            while b"\n" in buf:
+                line, _, rest = bytes(buf).partition(b"\n")
+                buf = bytearray(rest)
+                await _send(stream, await _answer(dispatch, line))
+
+
+async def _answer(dispatch: Dispatch, line: bytes) -> dict[str, Any]:
+    try:
+        req = json.loads(line)
+        cmd, args = req["cmd"], req.get("args", {})
+        if not isinstance(cmd, str) or not isinstance(args, dict):
+            raise ValueError("cmd must be a string and args an object")
+    except (ValueError, KeyError, TypeError) as e:
+        return {"ok": False, "error": f"malformed request: {e}", "exit": 2}
+    try:
+        return {"ok": True, "result": await dispatch(cmd, args)}
+    except MarsError as e:
+        return {"ok": False, "error": str(e), "exit": e.exit_code}
+    except Exception as e:  # a bug: keep the daemon up, say where to look
+        log.exception("control command %s failed", cmd)
+        return {"ok": False, "error": f"internal error in {cmd}: {e!r}; see the daemon's log", "exit": 1}
+
+
+async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
+    try:
+        await stream.send_all(json.dumps(obj).encode() + b"\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def call(state: Path, cmd: str, timeout: float | None = 60.0, **args: Any) -> Any:
+    """Send one command to the daemon of ``state`` (blocking); raise MarsError on refusal."""
+    path = socket_path(state)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(
+                f"no marsfs daemon is running for state directory {state}; start one with: "
+                f"marsfs serve --node NAME --state {state} --mount DIR") from None
+        except PermissionError:
+            raise MarsError(f"permission denied on {path}: the control socket is root-only; run as root") from None
+        s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise MarsError("the daemon closed the control connection without answering; see its log")
+            buf += chunk
+    except socket.timeout:
+        raise MarsError(f"the daemon did not answer {cmd!r} within {timeout:.0f} s; see its log") from None
+    finally:
+        s.close()
+    resp = json.loads(buf)
+    if resp.get("ok"):
+        return resp.get("result")
+    err = MarsError(resp.get("error", "unknown error"))
+    err.exit_code = int(resp.get("exit", 1))
+    raise err

@@ -1,0 +1,274 @@
+"""The pyfuse3 face: translates kernel requests into node and volume calls. It decides nothing.
+
+What the filesystem looks like::
+
+    /<vol>.img      one regular file per volume, size = volume size
+
+Rules that hold here (see ../shared/FUSE-NOTES.md for the measured facts behind them):
+
+* Every handler is wrapped: a :class:`MarsError` becomes its errno (EIO by default) and is
+  logged; any other exception is logged with its traceback and becomes EIO. An exception
+  escaping into pyfuse3 would kill the mount and every loop device on it.
+* ``fsync`` is always implemented (ENOSYS would make the kernel report success for every later
+  fsync) and reaches :meth:`Volume.flush`; a flush with nothing new costs no thread hop.
+* Blocking work (fdatasync, large lz4, large reads) runs in worker threads; small reads and
+  writes run inline because a thread hop costs more than the page-cache I/O they do.
+* The image behaves like a disk: reads at or past the end return nothing, writes past the end
+  fail with ENOSPC, a write that does not fit writes nothing (a short reply would become
+  EIO in the kernel), and the size cannot change.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from marsfs.errors import MarsError
+from marsfs.node import Node
+from marsfs.volume import Volume
+
+log = logging.getLogger("marsfs.fuse")
+
+SUFFIX = ".img"
+INLINE_MAX = 128 * 1024  #: requests up to this size run on the trio thread
+_TIMEOUT = 1.0
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def translated(fn: F) -> F:
+    """Turn every failure of a handler into a FUSEError; never let one escape to pyfuse3."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except MarsError as e:
+            code = getattr(e, "errno", errno.EIO)
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in FUSE handler %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _Handle:
+    __slots__ = ("volume", "name")
+
+    def __init__(self, volume: Volume, name: str) -> None:
+        self.volume = volume
+        self.name = name
+
+
+class Operations(pyfuse3.Operations):
+    """The marsfs mount. One instance per process (pyfuse3 has one session per process)."""
+
+    enable_writeback_cache = True
+
+    def __init__(self, node: Node) -> None:
+        super().__init__()
+        self.node = node
+        self._inodes: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._mtime: dict[str, int] = {}
+        self._started_ns = time.time_ns()
+
+    # ------------------------------------------------------------------ names and inodes
+
+    def _inode_of(self, name: str) -> int:
+        ino = self._inodes.get(name)
+        if ino is None:
+            ino = self._inodes[name] = self._next_inode
+            self._names[ino] = name
+            self._next_inode += 1
+        return ino
+
+    def _volume_name(self, inode: int) -> str:
+        name = self._names.get(inode)
+        if name is None or name not in self.node.volumes:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return name
+
+    def forget_volume(self, name: str) -> None:
+        """A volume was deleted: drop its inode and tell the kernel the name is gone."""
+        ino = self._inodes.pop(name, None)
+        if ino is not None:
+            self._names.pop(ino, None)
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, (name + SUFFIX).encode(), ignore_enoent=True)
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.entry_timeout = _TIMEOUT
+        a.attr_timeout = _TIMEOUT
+        a.st_uid = a.st_gid = 0
+        a.st_blksize = 4096
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.st_size = 0
+            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self._started_ns
+            return a
+        name = self._volume_name(inode)
+        vol = self.node.volumes[name]
+        writable = self.node.roles.get(name, {}).get("role", "primary") == "primary"
+        a.st_mode = stat.S_IFREG | (0o600 if writable else 0o400)
+        a.st_nlink = 1
+        a.st_size = vol.size
+        a.st_blocks = vol.size // 512
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self._mtime.get(name, self._started_ns)
+        return a
+
+    # ------------------------------------------------------------------ metadata
+
+    @translated
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        text = os.fsdecode(name)
+        if text in (".", ".."):
+            return self._attrs(pyfuse3.ROOT_INODE)
+        if not text.endswith(SUFFIX) or text[: -len(SUFFIX)] not in self.node.volumes:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self._inode_of(text[: -len(SUFFIX)]))
+
+    @translated
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    @translated
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        name = self._volume_name(inode)
+        vol = self.node.volumes[name]
+        if fields.update_size and attr.st_size != vol.size:
+            log.warning("refused to change the size of %s%s to %d (volumes keep their size; "
+                        "use marsfs resize to grow)", name, SUFFIX, attr.st_size)
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_mtime:  # the writeback cache sends these; accept them
+            self._mtime[name] = attr.st_mtime_ns
+        return self._attrs(inode)
+
+    @translated
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @translated
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        names = sorted(self.node.volumes)
+        for i in range(start_id, len(names)):
+            attrs = self._attrs(self._inode_of(names[i]))
+            if not pyfuse3.readdir_reply(token, (names[i] + SUFFIX).encode(), attrs, i + 1):
+                break
+
+    @translated
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.node.state)
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                      "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, field, getattr(st, field))
+        return out
+
+    # ------------------------------------------------------------------ data
+
+    @translated
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        name = self._volume_name(inode)
+        if flags & os.O_TRUNC:
+            log.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", name, SUFFIX)
+            raise pyfuse3.FUSEError(errno.EPERM)
+        writable = self.node.roles.get(name, {}).get("role", "primary") == "primary"
+        if flags & os.O_ACCMODE != os.O_RDONLY and not writable:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        vol = self.node.acquire(name)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(vol, name)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h
+
+    @translated
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        vol = self._handle(fh).volume
+        if off >= vol.size:
+            return b""
+        size = min(size, vol.size - off)
+        if size <= INLINE_MAX:
+            return vol.read(off, size)
+        return await trio.to_thread.run_sync(vol.read, off, size)
+
+    @translated
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        vol = h.volume
+        if off + len(buf) > vol.size:  # the kernel turns a short write into EIO: refuse it whole
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        if len(buf) <= INLINE_MAX:
+            vol.write(off, buf)
+        else:
+            await trio.to_thread.run_sync(vol.write, off, buf)
+        self._mtime[h.name] = time.time_ns()
+        return len(buf)
+
+    @translated
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        vol = self._handle(fh).volume
+        if vol.needs_flush:
+            await trio.to_thread.run_sync(vol.flush)
+
+    @translated
+    async def flush(self, fh: int) -> None:
+        """Called on every close(); not a durability point (fsync is)."""
+
+    @translated
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            self.node.release(h.name)
+
+    # ------------------------------------------------------------------ refusals
+
+    @translated
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        log.warning("refused to unlink %s: delete volumes with marsfs delete", os.fsdecode(name))
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @translated
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @translated
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @translated
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)

@@ -1,0 +1,266 @@
+"""A node: one state directory, its volumes, their roles, and the policies that run on them.
+
+State directory layout::
+
+    DIR/node.json            {"node": NAME, "created_ns": ...}: the immutable node name
+    DIR/lock                 flock'd by the running daemon
+    DIR/control.sock         the daemon's control socket (faces layer)
+    DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json
+    DIR/trash/               volumes being deleted (renamed here first: atomic disappearance)
+
+Rules that hold here:
+
+* One daemon per state directory (the ``lock`` file), and a state directory belongs to the node
+  name it was created with forever.
+* The node decides; faces (FUSE, control socket) translate. Every user-caused refusal is a
+  :class:`~marsfs.errors.MarsError` whose message says what to do.
+* A volume directory without ``volume.json`` is an aborted ``create`` that never returned; it is
+  removed on start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from marsfs.errors import MarsError, VolumeError
+from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.volume import Volume
+
+log = logging.getLogger("marsfs.node")
+
+VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NODE_NAME = VOLUME_NAME
+DEFAULT_HISTORY_BYTES = 256 * 1024 * 1024
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class NodeError(MarsError):
+    """A node-level refusal: names, ownership of the state directory, roles."""
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``10G``, ``1.5T`` (binary units, optional ``iB``/``B``) or plain bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise VolumeError(f"cannot read size {text!r}: give bytes or a number with K, M, G or T, like 512M or 10G")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value != int(value):
+        raise VolumeError(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def check_volume_name(name: str) -> str:
+    if not VOLUME_NAME.fullmatch(name):
+        raise VolumeError(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit (no '/', no leading dot)")
+    return name
+
+
+class Node:
+    """The volumes of one node. Thread-safe; blocking methods are called from worker threads."""
+
+    def __init__(self, state: Path, name: str, *, history_bytes: int = DEFAULT_HISTORY_BYTES) -> None:
+        self.state = state
+        self.name = name
+        self.history_bytes = history_bytes
+        self.volumes: dict[str, Volume] = {}
+        self.roles: dict[str, dict[str, Any]] = {}
+        self.opens: Counter[str] = Counter()
+        self.started = time.time()
+        self._lock = threading.RLock()
+        self._lock_fd = -1
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(cls, state: Path, name: str, **kw: Any) -> Node:
+        """Claim the state directory for ``name`` and recover every volume in it."""
+        if not NODE_NAME.fullmatch(name):
+            raise NodeError(f"invalid node name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o700)
+        node = cls(state, name, **kw)
+        node._claim()
+        try:
+            node._recover()
+        except BaseException:
+            node.close()
+            raise
+        return node
+
+    def _claim(self) -> None:
+        fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = (self.state / "lock").read_text().strip() or "another process"
+            raise NodeError(f"state directory {self.state} is in use by a running daemon ({holder}); "
+                            "stop it first or use another --state") from None
+        self._lock_fd = fd
+        meta_path = self.state / "node.json"
+        if meta_path.exists():
+            owner = read_json(meta_path).get("node")
+            if owner != self.name:
+                raise NodeError(f"state directory {self.state} belongs to node {owner!r}, not {self.name!r}; "
+                                f"start with --node {owner} or use another --state")
+        else:
+            write_json(meta_path, {"node": self.name, "created_ns": time.time_ns()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+
+    def _recover(self) -> None:
+        vdir = self.state / "volumes"
+        vdir.mkdir(exist_ok=True)
+        shutil.rmtree(self.state / "trash", ignore_errors=True)
+        for path in sorted(vdir.iterdir()):
+            if not (path / "volume.json").exists():
+                log.warning("removing %s: an aborted create (no volume.json)", path)
+                shutil.rmtree(path)
+                continue
+            t = time.perf_counter()
+            vol = Volume.open(path)
+            rep = vol.log.recovery
+            log.info("volume %s recovered: %d records, %.1f MiB verified in %.2f s%s", vol.name, rep.records,
+                     rep.bytes_scanned / 2**20, time.perf_counter() - t,
+                     f", cut a torn tail of {rep.torn_bytes} bytes ({rep.torn_reason})" if rep.torn_bytes else "")
+            self.volumes[vol.name] = vol
+            self.roles[vol.name] = _read_role(path)
+
+    def close(self) -> None:
+        """Make every log durable and release the state directory."""
+        with self._lock:
+            for vol in self.volumes.values():
+                try:
+                    vol.close()
+                except MarsError as e:
+                    log.error("closing volume %s: %s", vol.name, e)
+            self.volumes.clear()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    # ------------------------------------------------------------------ volumes
+
+    def volume(self, name: str) -> Volume:
+        vol = self.volumes.get(name)
+        if vol is None:
+            known = ", ".join(sorted(self.volumes)) or "none"
+            raise VolumeError(f"no volume {name!r} on node {self.name} (volumes here: {known}); "
+                              "create it with: marsfs create NAME --size SIZE")
+        return vol
+
+    def create(self, name: str, size: int) -> Volume:
+        check_volume_name(name)
+        with self._lock:
+            if name in self.volumes:
+                raise VolumeError(f"volume {name!r} already exists on node {self.name}")
+            path = self.state / "volumes" / name
+            if path.exists():
+                raise VolumeError(f"{path} exists but is not a volume this daemon knows; move it away")
+            vol = Volume.create(path, name, size)
+            role = {"role": "primary", "epoch": 1}
+            write_json(path / "role.json", role)
+            self.volumes[name] = vol
+            self.roles[name] = role
+            log.info("created volume %s of %d bytes, primary", name, size)
+            return vol
+
+    def delete(self, name: str, *, force: bool = False) -> None:
+        with self._lock:
+            vol = self.volume(name)
+            if self.opens[name] and not force:
+                raise VolumeError(f"volume {name!r} is open ({self.opens[name]} handle(s), e.g. a loop device); "
+                                  "detach it first (losetup -d) or use --force")
+            del self.volumes[name]
+            self.opens.pop(name, None)
+            self.roles.pop(name, None)
+        vol.close()
+        trash = self.state / "trash"
+        trash.mkdir(exist_ok=True)
+        target = trash / f"{name}.{time.time_ns()}"
+        os.rename(vol.path, target)
+        fsync_dir(vol.path.parent)
+        shutil.rmtree(target)
+        log.info("deleted volume %s", name)
+
+    def acquire(self, name: str) -> Volume:
+        """Count an open handle (a face opened the image)."""
+        with self._lock:
+            vol = self.volume(name)
+            self.opens[name] += 1
+            return vol
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            if self.opens[name] > 0:
+                self.opens[name] -= 1
+
+    def mark(self, name: str, mark: str) -> int:
+        return self.volume(name).mark(mark)
+
+    # ------------------------------------------------------------------ policies
+
+    def maintain(self) -> None:
+        """Periodic work: write back what falls out of the history window."""
+        for vol in list(self.volumes.values()):
+            try:
+                target = history_floor(vol, self.history_bytes)
+                if target > vol.applied_lsn:
+                    vol.writeback(target)
+            except MarsError as e:
+                log.error("writeback of %s: %s", vol.name, e)
+                if str(e) not in vol.errors:
+                    vol.errors.append(str(e))
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        names = [name] if name is not None else sorted(self.volumes)
+        return [self._status_one(self.volume(n)) for n in names]
+
+    def _status_one(self, vol: Volume) -> dict[str, Any]:
+        role = self.roles.get(vol.name, {"role": "primary", "epoch": 1})
+        head = vol.head_lsn
+        return {
+            "volume": vol.name,
+            "node": self.name,
+            "role": role["role"],
+            "state": "failed" if vol.errors else "up",
+            "epoch": role["epoch"],
+            "size": vol.size,
+            "head_lsn": head,
+            "durable_lsn": vol.durable_lsn,
+            "fetched_lsn": head,
+            "replayed_lsn": head,
+            "applied_lsn": vol.applied_lsn,
+            "lag_bytes": 0,
+            "lag_records": 0,
+            "lag_seconds": 0.0,
+            "oldest_version_lsn": vol.oldest_version_lsn,
+            "log_bytes": vol.log.end_bytes,
+            "open_handles": self.opens[vol.name],
+            "peers": [],
+            "errors": list(vol.errors),
+        }
+
+
+def history_floor(vol: Volume, history_bytes: int) -> int:
+    """The newest LSN to write back so that at most ``history_bytes`` of log stay after it."""
+    return min(vol.durable_lsn, max(vol.applied_lsn, vol.log.floor_keeping(history_bytes)))
+
+
+def _read_role(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path / "role.json")
+    except FileNotFoundError:
+        return {"role": "primary", "epoch": 1}

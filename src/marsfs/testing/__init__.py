@@ -1,0 +1,1 @@
+"""Test kit shipped with marsfs: baseline filesystems, fixtures helpers."""

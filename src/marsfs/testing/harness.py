@@ -1,0 +1,211 @@
+"""Run real marsfs nodes, loop devices and filesystems, and always clean them up.
+
+A :class:`Harness` owns everything a test (or a script) starts: daemon processes, loop devices,
+filesystem mounts. :meth:`Harness.close` releases them in the order the kernel needs
+(FUSE-NOTES): unmount filesystems on loop devices, detach the loops, stop the daemons by pid
+(SIGTERM, then SIGKILL), and unmount FUSE (``fusermount3 -u``, lazily as a fallback). Nothing
+is ever killed or detached by name; only what this harness started is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "8388608", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+
+
+def run(cmd: list[str], *, check: bool = True, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing output; a failure raises with its stderr in the message."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def mount_source_dev(mount: Path) -> str | None:
+    """``major:minor`` of what is mounted at ``mount`` (from mountinfo; works on dead FUSE mounts)."""
+    target = os.fspath(mount)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == target:
+                return parts[2]
+    return None
+
+
+def is_mounted(mount: Path) -> bool:
+    return mount_source_dev(mount) is not None
+
+
+class NodeProcess:
+    """One ``marsfs serve`` child process with its own state dir, mount point and log file."""
+
+    def __init__(self, root: Path, name: str, *, extra: list[str] | None = None) -> None:
+        self.name = name
+        self.dir = root / name
+        self.state = self.dir / "state"
+        self.mount = self.dir / "mnt"
+        self.logfile = self.dir / "daemon.log"
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.mount.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def image(self, volume: str) -> Path:
+        return self.mount / f"{volume}.img"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self, timeout: float = 30) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        cmd = [sys.executable, "-m", "marsfs", "serve", "--node", self.name, "--state", os.fspath(self.state),
+               "--mount", os.fspath(self.mount), *self.extra]
+        log = open(self.logfile, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **MALLOC_ENV})
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"marsfs serve {self.name} exited {self.proc.returncode} during start:\n"
+                                   + self.log_tail())
+            if is_mounted(self.mount) and self.cli("status", check=False).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"marsfs serve {self.name} did not come up within {timeout} s:\n" + self.log_tail())
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return run([sys.executable, "-m", "marsfs", "--state", os.fspath(self.state), *args],
+                   check=check, timeout=timeout)
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash. The FUSE mount stays behind, dead, until :meth:`abort` and unmount."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def abort(self) -> None:
+        """Abort a dead daemon's FUSE connection, so that waiters get errors instead of hanging."""
+        dev = mount_source_dev(self.mount)
+        if dev is None:
+            return
+        conn = Path("/sys/fs/fuse/connections") / dev.split(":")[1] / "abort"
+        if not conn.parent.exists():
+            run(["mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"], check=False)
+        try:
+            conn.write_text("1")
+        except OSError:
+            pass
+
+    def unmount(self) -> None:
+        if is_mounted(self.mount):
+            if run(["fusermount3", "-u", os.fspath(self.mount)], check=False).returncode != 0:
+                run(["fusermount3", "-u", "-z", os.fspath(self.mount)], check=False)
+
+
+class Harness:
+    """Owns nodes, loop devices and filesystem mounts; :meth:`close` releases all of them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.nodes: list[NodeProcess] = []
+        self.loops: list[str] = []
+        self.mounts: list[Path] = []
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def node(self, name: str, *, start: bool = True, extra: list[str] | None = None) -> NodeProcess:
+        n = NodeProcess(self.root, name, extra=extra)
+        self.nodes.append(n)
+        if start:
+            n.start()
+        return n
+
+    def attach(self, image: Path, *, direct_io: bool = True, read_only: bool = False) -> str:
+        cmd = ["losetup", "--find", "--show"]
+        if direct_io:
+            cmd.append("--direct-io=on")
+        if read_only:
+            cmd.append("--read-only")
+        dev = run([*cmd, os.fspath(image)]).stdout.strip()
+        self.loops.append(dev)
+        return dev
+
+    def detach(self, dev: str) -> None:
+        if dev in self.loops:
+            self.loops.remove(dev)
+        for _ in range(50):
+            if run(["losetup", "-d", dev], check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"could not detach {dev}")
+
+    def mount_fs(self, dev: str, where: Path, *options: str) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        cmd = ["mount", dev, os.fspath(where)]
+        if options:
+            cmd[1:1] = ["-o", ",".join(options)]
+        run(cmd)
+        self.mounts.append(where)
+        return where
+
+    def umount_fs(self, where: Path) -> None:
+        if where in self.mounts:
+            self.mounts.remove(where)
+        if run(["umount", os.fspath(where)], check=False).returncode != 0:
+            run(["umount", "-l", os.fspath(where)], check=False)
+
+    def close(self) -> None:
+        """Release everything, also after failures; raise at the end if something resisted."""
+        problems: list[str] = []
+        for where in reversed(list(self.mounts)):
+            try:
+                self.umount_fs(where)
+            except Exception as e:  # keep going: the rest must still be released
+                problems.append(f"umount {where}: {e}")
+        for dev in reversed(list(self.loops)):
+            try:
+                self.detach(dev)
+            except Exception as e:
+                problems.append(f"losetup -d {dev}: {e}")
+        for n in self.nodes:
+            try:
+                if n.proc is not None and n.proc.poll() is None:
+                    n.stop()
+                else:
+                    n.abort()
+                n.unmount()
+            except Exception as e:
+                problems.append(f"node {n.name}: {e}")
+        if problems:
+            raise RuntimeError("cleanup incomplete: " + "; ".join(problems))
