@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.verbose)
     flags = {"node": args.node, "state": getattr(args, "state", None), "mount": args.mount,
-             "listen": args.listen, "peer": args.peer, "history": args.history}
+             "listen": args.listen, "peer": args.peer, "history": args.history, "cluster": args.cluster}
     cfg = load_config(args.config, flags)
     return serve(cfg)
 
@@ -112,6 +112,52 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    r = _call(args, "join", volume=args.volume, source=args.source)
+    print(f"joining {r['volume']} from {r['source']}: copying {_human_bytes(r['size'])}; "
+          f"follow with: marsfs status {r['volume']}  (or marsfs wait {r['volume']} --synced)")
+    return 0
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    r = _call(args, "leave", volume=args.volume)
+    print(f"left {r['volume']} (no longer fetching from {r['left']}; local copy removed)")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    r = _call(args, args.command, volume=args.volume)
+    print(f"{args.command.replace('-', ' ')}: {r['volume']}")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Block until this node's mirror of VOL has no lag (fetched and replayed everything)."""
+    from marsfs.errors import MarsError
+
+    if not args.synced:
+        raise UsageError("say what to wait for: --synced")
+    start = time.monotonic()
+    deadline = None if args.timeout is None else start + args.timeout
+    last: dict[str, Any] = {}
+    while True:
+        rows = _call(args, "status", volume=args.volume)
+        last = rows[0]
+        if last["role"] == "primary":
+            return 0
+        fresh = last.get("heartbeat_age") is not None and last["heartbeat_age"] < time.monotonic() - start
+        if last["state"] == "synced" and fresh:  # what the source said after we began waiting
+            return 0
+        if last["state"] in ("split-brain", "needs-resync", "failed"):
+            raise MarsError(f"{args.volume} cannot become synced: state {last['state']}; "
+                            + "; ".join(last["errors"]))
+        if deadline is not None and time.monotonic() > deadline:
+            raise MarsError(f"{args.volume} not synced after {args.timeout:g} s: state {last['state']}, "
+                            f"lag {last['lag_records']} records / {_human_bytes(last['lag_bytes'])} / "
+                            f"{last['lag_seconds']:.1f} s")
+        time.sleep(0.1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state", default=argparse.SUPPRESS, metavar="DIR",
@@ -127,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT", help="a peer node (repeatable)")
     s.add_argument("--config", type=Path, metavar="FILE", help="TOML file with the same keys; flags win")
     s.add_argument("--history", metavar="SIZE", help="log kept as history per volume (default 256M)")
+    s.add_argument("--cluster", help="cluster id peers must share (default marsfs)")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_serve)
 
@@ -151,6 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume")
     s.add_argument("name")
     s.set_defaults(func=cmd_mark)
+
+    s = sub.add_parser("join", parents=[common], help="become a mirror of VOL")
+    s.add_argument("volume")
+    s.add_argument("--from", dest="source", required=True, metavar="NODE", help="the node to copy and fetch from")
+    s.set_defaults(func=cmd_join)
+
+    s = sub.add_parser("leave", parents=[common], help="stop mirroring VOL (removes the local copy)")
+    s.add_argument("volume")
+    s.set_defaults(func=cmd_leave)
+
+    for verb in ("pause-fetch", "resume-fetch", "pause-replay", "resume-replay"):
+        s = sub.add_parser(verb, parents=[common], help=f"{verb.replace('-', ' ')} of a mirror (persists)")
+        s.add_argument("volume")
+        s.set_defaults(func=cmd_pause)
+
+    s = sub.add_parser("wait", parents=[common], help="block until a condition holds (for scripts)")
+    s.add_argument("volume")
+    s.add_argument("--synced", action="store_true", help="this mirror has fetched and replayed everything")
+    s.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit 1)")
+    s.set_defaults(func=cmd_wait)
 
     s = sub.add_parser("versions", parents=[common], help="list marks, flush points and the retained range")
     s.add_argument("volume")

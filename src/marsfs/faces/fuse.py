@@ -4,6 +4,12 @@ What the filesystem looks like::
 
     /<vol>.img      one regular file per volume, size = volume size
 
+On a volume's primary ``<vol>.img`` is one read-write inode. On a mirror it is read-only and
+every lookup resolves to an inode of the newest replayed version (entry timeout 0): an open
+file keeps its inode, hence its version, while replay goes on, and because each version has
+its own inode the kernel's page cache never mixes versions. A mirror whose image copy is not
+finished is not listed.
+
 Rules that hold here (see ../shared/FUSE-NOTES.md for the measured facts behind them):
 
 * Every handler is wrapped: a :class:`MarsError` becomes its errno (EIO by default) and is
@@ -34,7 +40,7 @@ import trio
 
 from marsfs.errors import MarsError
 from marsfs.node import Node
-from marsfs.volume import Volume
+from marsfs.volume import Volume, VolumeView
 
 log = logging.getLogger("marsfs.fuse")
 
@@ -66,11 +72,12 @@ def translated(fn: F) -> F:
 
 
 class _Handle:
-    __slots__ = ("volume", "name")
+    __slots__ = ("volume", "name", "view")
 
-    def __init__(self, volume: Volume, name: str) -> None:
+    def __init__(self, volume: Volume, name: str, view: VolumeView | None) -> None:
         self.volume = volume
         self.name = name
+        self.view = view  #: a mirror's pinned version; None = the live primary image
 
 
 class Operations(pyfuse3.Operations):
@@ -81,8 +88,8 @@ class Operations(pyfuse3.Operations):
     def __init__(self, node: Node) -> None:
         super().__init__()
         self.node = node
-        self._inodes: dict[str, int] = {}
-        self._names: dict[int, str] = {}
+        self._inodes: dict[tuple[str, int | None], int] = {}  # (volume, version or None) -> inode
+        self._entries: dict[int, tuple[str, int | None]] = {}
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
@@ -92,25 +99,38 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ names and inodes
 
     def _inode_of(self, name: str) -> int:
-        ino = self._inodes.get(name)
+        """The inode ``<name>.img`` resolves to now (a mirror: its current version's)."""
+        key = (name, self.node.volumes[name].current_lsn if self.node.is_mirror(name) else None)
+        ino = self._inodes.get(key)
         if ino is None:
-            ino = self._inodes[name] = self._next_inode
-            self._names[ino] = name
+            ino = self._inodes[key] = self._next_inode
+            self._entries[ino] = key
             self._next_inode += 1
         return ino
 
-    def _volume_name(self, inode: int) -> str:
-        name = self._names.get(inode)
-        if name is None or name not in self.node.volumes:
+    def _entry(self, inode: int) -> tuple[str, int | None]:
+        entry = self._entries.get(inode)
+        if entry is None or entry[0] not in self.node.volumes:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return name
+        return entry
 
     def forget_volume(self, name: str) -> None:
-        """A volume was deleted: drop its inode and tell the kernel the name is gone."""
-        ino = self._inodes.pop(name, None)
-        if ino is not None:
-            self._names.pop(ino, None)
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, (name + SUFFIX).encode(), ignore_enoent=True)
+        """A volume was deleted: drop its inodes and tell the kernel the name is gone."""
+        for key in [k for k in self._inodes if k[0] == name]:
+            self._entries.pop(self._inodes.pop(key), None)
+        pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, (name + SUFFIX).encode(), ignore_enoent=True)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        """The kernel dropped these inodes: version inodes without open files can go."""
+        open_inodes = {self._inodes.get((h.name, h.view.lsn if h.view else None)) for h in self._handles.values()}
+        for ino, _ in inode_list:
+            entry = self._entries.get(ino)
+            if entry is not None and entry[1] is not None and ino not in open_inodes:
+                del self._entries[ino]
+                self._inodes.pop(entry, None)
+
+    def _listed(self) -> list[str]:
+        return sorted(self.node.volumes)
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -125,10 +145,11 @@ class Operations(pyfuse3.Operations):
             a.st_size = 0
             a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self._started_ns
             return a
-        name = self._volume_name(inode)
+        name, version = self._entry(inode)
         vol = self.node.volumes[name]
-        writable = self.node.roles.get(name, {}).get("role", "primary") == "primary"
-        a.st_mode = stat.S_IFREG | (0o600 if writable else 0o400)
+        if version is not None:
+            a.entry_timeout = 0  # every open looks up the newest replayed version again
+        a.st_mode = stat.S_IFREG | (0o600 if version is None else 0o400)
         a.st_nlink = 1
         a.st_size = vol.size
         a.st_blocks = vol.size // 512
@@ -144,7 +165,7 @@ class Operations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text in (".", ".."):
             return self._attrs(pyfuse3.ROOT_INODE)
-        if not text.endswith(SUFFIX) or text[: -len(SUFFIX)] not in self.node.volumes:
+        if not text.endswith(SUFFIX) or text[: -len(SUFFIX)] not in self._listed():
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attrs(self._inode_of(text[: -len(SUFFIX)]))
 
@@ -157,8 +178,10 @@ class Operations(pyfuse3.Operations):
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
-        name = self._volume_name(inode)
+        name, version = self._entry(inode)
         vol = self.node.volumes[name]
+        if version is not None and (fields.update_size or fields.update_mtime):
+            raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size and attr.st_size != vol.size:
             log.warning("refused to change the size of %s%s to %d (volumes keep their size; "
                         "use marsfs resize to grow)", name, SUFFIX, attr.st_size)
@@ -177,7 +200,7 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        names = sorted(self.node.volumes)
+        names = self._listed()
         for i in range(start_id, len(names)):
             attrs = self._attrs(self._inode_of(names[i]))
             if not pyfuse3.readdir_reply(token, (names[i] + SUFFIX).encode(), attrs, i + 1):
@@ -196,17 +219,21 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        name = self._volume_name(inode)
+        name, version = self._entry(inode)
         if flags & os.O_TRUNC:
             log.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", name, SUFFIX)
             raise pyfuse3.FUSEError(errno.EPERM)
-        writable = self.node.roles.get(name, {}).get("role", "primary") == "primary"
-        if flags & os.O_ACCMODE != os.O_RDONLY and not writable:
+        if flags & os.O_ACCMODE != os.O_RDONLY and version is not None:
             raise pyfuse3.FUSEError(errno.EROFS)
         vol = self.node.acquire(name)
+        try:
+            view = None if version is None else await trio.to_thread.run_sync(vol.view, version)
+        except BaseException:
+            self.node.release(name)
+            raise
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(vol, name)
+        self._handles[fh] = _Handle(vol, name, view)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _handle(self, fh: int) -> _Handle:
@@ -217,18 +244,21 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        vol = self._handle(fh).volume
-        if off >= vol.size:
+        h = self._handle(fh)
+        image: Volume | VolumeView = h.view if h.view is not None else h.volume
+        if off >= image.size:
             return b""
-        size = min(size, vol.size - off)
+        size = min(size, image.size - off)
         if size <= INLINE_MAX:
-            return vol.read(off, size)
-        return await trio.to_thread.run_sync(vol.read, off, size)
+            return image.read(off, size)
+        return await trio.to_thread.run_sync(image.read, off, size)
 
     @translated
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
         vol = h.volume
+        if h.view is not None:
+            raise pyfuse3.FUSEError(errno.EBADF)
         if off + len(buf) > vol.size:  # the kernel turns a short write into EIO: refuse it whole
             raise pyfuse3.FUSEError(errno.ENOSPC)
         if len(buf) <= INLINE_MAX:
@@ -240,8 +270,9 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def fsync(self, fh: int, datasync: bool) -> None:
-        vol = self._handle(fh).volume
-        if vol.needs_flush:
+        h = self._handle(fh)
+        vol = h.volume
+        if h.view is None and vol.needs_flush:
             await trio.to_thread.run_sync(vol.flush)
 
     @translated
@@ -252,6 +283,8 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
+            if h.view is not None:
+                h.view.close()
             self.node.release(h.name)
 
     # ------------------------------------------------------------------ refusals

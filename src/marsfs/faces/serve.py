@@ -26,10 +26,12 @@ from typing import Any
 import pyfuse3
 import trio
 
+from marsfs.aio import single_error
 from marsfs.errors import MarsError, UsageError
 from marsfs.faces.control import serve_control
 from marsfs.faces.fuse import Operations
 from marsfs.node import DEFAULT_HISTORY_BYTES, Node, parse_size
+from marsfs.node.cluster import DEFAULT_CLUSTER, Cluster
 
 log = logging.getLogger("marsfs.serve")
 
@@ -45,6 +47,7 @@ class ServeConfig:
     listen: str | None = None
     peers: dict[str, str] = field(default_factory=dict)
     history_bytes: int = DEFAULT_HISTORY_BYTES
+    cluster: str = DEFAULT_CLUSTER
 
 
 def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
@@ -71,7 +74,7 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
         peers[name] = addr
     history = merged.get("history", DEFAULT_HISTORY_BYTES)
     return ServeConfig(node=str(merged["node"]), state=Path(merged["state"]), mount=Path(merged["mount"]),
-                       listen=merged.get("listen"), peers=peers,
+                       listen=merged.get("listen"), peers=peers, cluster=str(merged.get("cluster", DEFAULT_CLUSTER)),
                        history_bytes=parse_size(str(history)) if not isinstance(history, int) else history)
 
 
@@ -119,6 +122,7 @@ class Daemon:
         self.cfg = cfg
         self.node = node
         self.ops = ops
+        self.cluster = Cluster(node, listen=cfg.listen, peers=cfg.peers, cluster=cfg.cluster)
 
     async def dispatch(self, cmd: str, args: dict[str, Any]) -> Any:
         node = self.node
@@ -129,11 +133,23 @@ class Daemon:
             await trio.to_thread.run_sync(node.create, args["volume"], size)
             return node.status(args["volume"])[0]
         if cmd == "delete":
+            if node.is_mirror(args["volume"]):
+                raise UsageError(f"{args['volume']} is a mirror here: stop mirroring with marsfs leave")
+            self.cluster.status(args["volume"])  # refreshes which mirrors the primary knows
             await trio.to_thread.run_sync(lambda: node.delete(args["volume"], force=bool(args.get("force"))))
             self.ops.forget_volume(args["volume"])
             return {"deleted": args["volume"]}
         if cmd == "status":
-            return node.status(args.get("volume"))
+            return self.cluster.status(args.get("volume"))
+        if cmd == "join":
+            return await self.cluster.join(args["volume"], args["source"])
+        if cmd == "leave":
+            result = await self.cluster.leave(args["volume"])
+            self.ops.forget_volume(args["volume"])
+            return result
+        if cmd in ("pause-fetch", "resume-fetch", "pause-replay", "resume-replay"):
+            verb, what = cmd.split("-")
+            return self.cluster.set_paused(args["volume"], what, verb == "pause")
         if cmd == "mark":
             lsn = await trio.to_thread.run_sync(node.mark, args["volume"], args["name"])
             return {"volume": args["volume"], "mark": args["name"], "lsn": lsn}
@@ -145,7 +161,12 @@ class Daemon:
         raise UsageError(f"unknown command {cmd!r}")
 
     async def run(self) -> None:
+        with single_error():
+            await self._run()
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.cluster.run)
             await nursery.start(serve_control, self.cfg.state, self.dispatch)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._maintain)

@@ -306,6 +306,50 @@ class Log:
                 self._marks[lsn] = payload_text(payload)
             return lsn
 
+    def append_raw(self, raw: bytes | memoryview) -> Header:
+        """Append a record exactly as another log stored it (replication); returns its header.
+
+        The record must verify and continue this log: next LSN, chain from our last record.
+        The bytes stay identical, so the chain hashes of both logs stay identical.
+        """
+        try:
+            h = decode_header(raw[:HEADER_SIZE])
+            verify_payload(h, raw[HEADER_SIZE:])
+        except BadRecord as e:
+            raise MarsError(f"refused a replicated record: {e.reason}") from None
+        with self._lock:
+            self._check_failed()
+            seg = self._segments[-1]
+            try:
+                verify_link(h, raw[:HEADER_SIZE], seg.last_lsn + 1, seg.last_chain)
+            except BadRecord as e:
+                raise MarsError(f"refused a replicated record that does not continue this log: {e.reason}") from None
+            if seg.count and seg.end + len(raw) > self.segment_bytes:
+                self._rotate_locked()
+                seg = self._segments[-1]
+            pos = seg.end
+            try:
+                if os.pwrite(seg.fd, raw, pos) != len(raw):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as e:
+                self._undo_append(seg, pos, e)
+            seg.add(h, pos)
+            seg.end = pos + len(raw)
+            if h.type == RecordType.MARK:
+                self._marks[h.lsn] = decode_payload(h.flags, h.length, raw[HEADER_SIZE:]).decode("utf-8", "replace")
+            return h
+
+    def bytes_between(self, after: int, upto: int) -> int:
+        """Bytes that the retained records ``(after, upto]`` take in the log."""
+        total = 0
+        for seg in list(self._segments):
+            lo, hi = max(after + 1, seg.first_lsn), min(upto, seg.last_lsn)
+            if lo > hi:
+                continue
+            j = hi - seg.first_lsn
+            total += seg.pos[j] + HEADER_SIZE + seg.stored[j] - seg.pos[lo - seg.first_lsn]
+        return total
+
     def append_data(self, rtype: RecordType, offset: int, data: bytes | memoryview) -> int:
         """Encode (outside the lock) and append; convenience for small records."""
         return self.append(rtype, offset, encode_payload(data))

@@ -75,6 +75,8 @@ class Node:
         self.volumes: dict[str, Volume] = {}
         self.roles: dict[str, dict[str, Any]] = {}
         self.opens: Counter[str] = Counter()
+        self.rejoin: dict[str, str] = {}
+        self.known_mirrors: dict[str, set[str]] = {}  #: mirrors whose image copy a crash interrupted -> source
         self.started = time.time()
         self._lock = threading.RLock()
         self._lock_fd = -1
@@ -123,8 +125,11 @@ class Node:
         vdir.mkdir(exist_ok=True)
         shutil.rmtree(self.state / "trash", ignore_errors=True)
         for path in sorted(vdir.iterdir()):
-            if not (path / "volume.json").exists():
-                log.warning("removing %s: an aborted create (no volume.json)", path)
+            role = _read_role(path)
+            if not (path / "volume.json").exists() or role.get("state") == "syncing":
+                if role.get("state") == "syncing":  # an image copy a crash interrupted: copy again
+                    self.rejoin[path.name] = str(role["source"])
+                log.warning("removing %s: an aborted create or image copy", path)
                 shutil.rmtree(path)
                 continue
             t = time.perf_counter()
@@ -133,8 +138,12 @@ class Node:
             log.info("volume %s recovered: %d records, %.1f MiB verified in %.2f s%s", vol.name, rep.records,
                      rep.bytes_scanned / 2**20, time.perf_counter() - t,
                      f", cut a torn tail of {rep.torn_bytes} bytes ({rep.torn_reason})" if rep.torn_bytes else "")
+            if role["role"] == "mirror":
+                vol.visible_lsn = (min(int(role.get("replayed_lsn", 0)), vol.durable_lsn)
+                                   if role.get("replay_paused") else vol.durable_lsn)
+                vol.visible_lsn = max(vol.visible_lsn, vol.applied_lsn)
             self.volumes[vol.name] = vol
-            self.roles[vol.name] = _read_role(path)
+            self.roles[vol.name] = role
 
     def close(self) -> None:
         """Make every log durable and release the state directory."""
@@ -160,13 +169,8 @@ class Node:
         return vol
 
     def create(self, name: str, size: int) -> Volume:
-        check_volume_name(name)
         with self._lock:
-            if name in self.volumes:
-                raise VolumeError(f"volume {name!r} already exists on node {self.name}")
-            path = self.state / "volumes" / name
-            if path.exists():
-                raise VolumeError(f"{path} exists but is not a volume this daemon knows; move it away")
+            path = self.check_new(name)
             vol = Volume.create(path, name, size)
             role = {"role": "primary", "epoch": 1}
             write_json(path / "role.json", role)
@@ -175,12 +179,41 @@ class Node:
             log.info("created volume %s of %d bytes, primary", name, size)
             return vol
 
+    def check_new(self, name: str) -> Path:
+        """The directory for a new volume ``name``; refuses names in use."""
+        check_volume_name(name)
+        path = self.state / "volumes" / name
+        if name in self.volumes or path.exists():
+            raise VolumeError(f"volume {name!r} already exists on node {self.name}")
+        return path
+
+    def set_role(self, name: str, **changes: Any) -> dict[str, Any]:
+        """Change and persist a volume's role record (role, epoch, source, pause flags, ...)."""
+        with self._lock:
+            role = {**self.roles.get(name, {}), **changes}
+            path = self.state / "volumes" / name
+            write_json(path / "role.json", role)
+            self.roles[name] = role
+            return role
+
+    def register(self, vol: Volume) -> None:
+        """Serve a volume built elsewhere (a mirror's finished image copy)."""
+        with self._lock:
+            assert vol.name not in self.volumes
+            self.volumes[vol.name] = vol
+
+    def is_mirror(self, name: str) -> bool:
+        return self.roles.get(name, {}).get("role") == "mirror"
+
     def delete(self, name: str, *, force: bool = False) -> None:
         with self._lock:
             vol = self.volume(name)
             if self.opens[name] and not force:
                 raise VolumeError(f"volume {name!r} is open ({self.opens[name]} handle(s), e.g. a loop device); "
                                   "detach it first (losetup -d) or use --force")
+            if self.roles.get(name, {}).get("role") == "primary" and self.mirrors_of(name) and not force:
+                raise VolumeError(f"volume {name!r} is primary with mirrors ({', '.join(self.mirrors_of(name))}); "
+                                  "let them leave first or use --force")
             del self.volumes[name]
             self.opens.pop(name, None)
             self.roles.pop(name, None)
@@ -192,6 +225,10 @@ class Node:
         fsync_dir(vol.path.parent)
         shutil.rmtree(target)
         log.info("deleted volume %s", name)
+
+    def mirrors_of(self, name: str) -> list[str]:
+        """Mirrors known to fetch ``name`` from here (set by the cluster layer)."""
+        return list(self.known_mirrors.get(name, ()))
 
     def acquire(self, name: str) -> Volume:
         """Count an open handle (a face opened the image)."""
@@ -240,8 +277,8 @@ class Node:
             "size": vol.size,
             "head_lsn": head,
             "durable_lsn": vol.durable_lsn,
-            "fetched_lsn": head,
-            "replayed_lsn": head,
+            "fetched_lsn": vol.durable_lsn if role["role"] == "mirror" else head,
+            "replayed_lsn": vol.current_lsn,
             "applied_lsn": vol.applied_lsn,
             "lag_bytes": 0,
             "lag_records": 0,

@@ -72,9 +72,12 @@ class Volume:
         # Oldest servable version: A, or the target of a writeback in flight (or one that failed
         # half way), because the base may already hold bytes newer than A.
         self._oldest = applied_lsn
+        #: A mirror shows (and writes back) only up to its replay position; None = everything.
+        self.visible_lsn: int | None = None
         self._lock = threading.RLock()
         self._writeback_lock = threading.Lock()
         self._pins: Counter[int] = Counter()
+        self._holds: dict[str, int] = {}
         self._writes_since_flush = False
         self._closed = False
         self.errors: list[str] = []
@@ -124,6 +127,31 @@ class Volume:
         write_json(path / "volume.json", meta)  # last: a directory without it is an aborted create
         fsync_dir(path.parent)
         return cls.open(path, sync_interval=sync_interval)
+
+    @classmethod
+    def create_replica(cls, path: Path, name: str, size: int, volume_uuid: str, lsn: int, chain: bytes, *,
+                       segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Volume:
+        """A volume whose history starts after ``lsn`` of another node's (a mirror's copy).
+
+        The caller fills the base image with that node's image at ``lsn`` through
+        :meth:`write_base` and :meth:`sync_base` before anything reads it. ``path`` may exist
+        (holding the node's role record) but must not hold a volume.
+        """
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "name": name, "uuid": volume_uuid, "size": size,
+                "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
+        fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        Log.create(path / "log", chain, first_lsn=lsn + 1, segment_bytes=segment_bytes).close()
+        write_json(path / "applied.json", {"applied_lsn": lsn})
+        write_json(path / "volume.json", meta)
+        fsync_dir(path.parent)
+        vol = cls.open(path)
+        vol.visible_lsn = lsn
+        return vol
 
     @classmethod
     def open(cls, path: Path, *, sync_interval: float | None = SYNC_INTERVAL, repair: bool = True) -> Volume:
@@ -194,6 +222,11 @@ class Volume:
         return self._applied
 
     @property
+    def current_lsn(self) -> int:
+        """The newest version readers should see: head on a primary, the replay position on a mirror."""
+        return self.head_lsn if self.visible_lsn is None else self.visible_lsn
+
+    @property
     def needs_flush(self) -> bool:
         """Would :meth:`flush` do anything? (The cheap check before a thread hop.)"""
         return self._writes_since_flush or self.log.dirty
@@ -222,6 +255,28 @@ class Volume:
                 self.index.insert(offset + at, len(chunk), lsn)
                 self._writes_since_flush = True
         return lsn
+
+    def append_raw(self, raw: bytes | memoryview) -> int:
+        """Append a record fetched from another node (same bytes, same chain); returns its LSN."""
+        with self._lock:
+            h = self.log.append_raw(raw)
+            if h.type == RecordType.WRITE and h.length:
+                if h.offset + h.length > self.size:
+                    raise VolumeError(f"replicated record {h.lsn} writes past the end of {self.name}")
+                self.index.insert(h.offset, h.length, h.lsn)
+            self._writes_since_flush = h.type == RecordType.WRITE
+            return h.lsn
+
+    def write_base(self, offset: int, data: bytes) -> None:
+        """Fill the base image directly: only while a replica is being built, before any read."""
+        self._check_range(offset, len(data))
+        assert self.head_lsn == self._applied, "the base of a volume with unapplied records is not writable"
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(self._base_fd, view, offset + len(data) - len(view)):]
+
+    def sync_base(self) -> None:
+        os.fdatasync(self._base_fd)
 
     def flush(self) -> int:
         """Make everything written so far durable, behind a FLUSH record; returns the durable LSN."""
@@ -274,6 +329,8 @@ class Volume:
         with self._writeback_lock:
             with self._lock:
                 target = self.durable_lsn if upto is None else min(upto, self.durable_lsn)
+                if self.visible_lsn is not None:
+                    target = min(target, self.visible_lsn)
                 if self._pins:
                     target = min(target, min(self._pins))
                 start = self._applied
@@ -289,10 +346,20 @@ class Volume:
                 self._applied = target
                 for rec in records:
                     self.index.discard(rec.offset, rec.length, target)
-            if target == self.log.last_lsn:
+            keep = min([target, *self._holds.values()])
+            if keep == self.log.last_lsn:
                 self.log.rotate()  # the active segment is never trimmed: close it so it can go
-            self.log.trim(target)
+            self.log.trim(keep)
             return target
+
+    def hold(self, key: str, lsn: int) -> None:
+        """Keep records after ``lsn`` in the log (a mirror still has to fetch them)."""
+        with self._lock:
+            self._holds[key] = lsn
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._holds.pop(key, None)
 
     # ------------------------------------------------------------------ versions
 
