@@ -26,6 +26,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from benchlib import splice  # scripts/ is on sys.path: this file runs as a script
 from marsfs.log import Log
 from marsfs.volume import ExtentIndex, Volume
 
@@ -145,18 +146,6 @@ def plot(res: dict[str, float], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
-
-
-def splice(doc: Path, section: str, body: str) -> None:
-    """Replace the text between ``<!-- section:start -->`` and ``<!-- section:end -->``."""
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

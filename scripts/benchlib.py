@@ -1,0 +1,17 @@
+"""Helpers shared by the benchmark scripts (scripts/bench_*.py import it as ``benchlib``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def splice(doc: Path, section: str, body: str) -> None:
+    """Replace the text between ``<!-- section:start -->`` and ``<!-- section:end -->``."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
