@@ -252,8 +252,10 @@ class Node:
         for vol in list(self.volumes.values()):
             try:
                 target = history_floor(vol, self.history_bytes)
-                if target > vol.applied_lsn:
-                    vol.writeback(target)
+                while vol.applied_lsn < target:  # batch by batch: writers get the lock in between
+                    before = vol.applied_lsn
+                    if vol.writeback(target) == before:
+                        break  # pinned by an open view
             except MarsError as e:
                 log.error("writeback of %s: %s", vol.name, e)
                 if str(e) not in vol.errors:

@@ -45,6 +45,11 @@ from marsfs.volume.index import ExtentIndex
 
 FORMAT = 1
 SYNC_INTERVAL = 0.05  # seconds; G3 wants at most 0.1
+#: Writes are cut into records of at most this size: a small read of a compressed record
+#: decompresses the whole record, and 64 KiB keeps that at tens of microseconds.
+RECORD_CHUNK = 64 * 1024
+assert RECORD_CHUNK <= MAX_PAYLOAD
+WRITEBACK_BATCH = 32 * 1024 * 1024  # log bytes one writeback call applies (bounds lock hold times)
 _EMPTY = encode_payload(b"")
 _MAX_MARK = 200
 
@@ -243,12 +248,15 @@ class Volume:
                               f"of {self.size} bytes")
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
-        """Write ``data`` at ``offset``; returns the LSN of the (last) record. Not yet durable."""
+        """Write ``data`` at ``offset``; returns the LSN of the (last) record. Not yet durable.
+
+        Each ``RECORD_CHUNK`` of the data is its own record (disks do not promise that a large
+        write lands whole either; a crash keeps a prefix of the chunks)."""
         self._check_range(offset, len(data))
         lsn = self.head_lsn
         view = memoryview(data)
-        for at in range(0, len(view), MAX_PAYLOAD):
-            chunk = view[at : at + MAX_PAYLOAD]
+        for at in range(0, len(view), RECORD_CHUNK):
+            chunk = view[at : at + RECORD_CHUNK]
             payload = encode_payload(chunk)  # lz4 and hashing outside the lock
             with self._lock:
                 lsn = self.log.append(RecordType.WRITE, offset + at, payload)
@@ -321,31 +329,48 @@ class Volume:
 
     # ------------------------------------------------------------------ writeback
 
-    def writeback(self, upto: int | None = None) -> int:
+    def writeback(self, upto: int | None = None, *, max_bytes: int | None = WRITEBACK_BATCH) -> int:
         """Apply durable records up to ``upto`` (default: all durable) to the base; returns A.
 
-        Stops at the oldest open view. Trims log segments that hold only applied records.
+        Applies at most about ``max_bytes`` of log per call (None: no limit), so that the
+        volume lock is never held long; call again until A reaches the target. Stops at the
+        oldest open view. Trims log segments that hold only applied records.
         """
         with self._writeback_lock:
             with self._lock:
-                target = self.durable_lsn if upto is None else min(upto, self.durable_lsn)
+                bound = self.durable_lsn if upto is None else min(upto, self.durable_lsn)
                 if self.visible_lsn is not None:
-                    target = min(target, self.visible_lsn)
+                    bound = min(bound, self.visible_lsn)
                 if self._pins:
-                    target = min(target, min(self._pins))
+                    bound = min(bound, min(self._pins))
                 start = self._applied
+                if bound <= start:
+                    return start
+            batch: list[RecordInfo] = []
+            size = 0
+            for rec in self.log.records(start + 1, bound):  # no lock: only writeback trims
+                batch.append(rec)
+                size += rec.size
+                if max_bytes is not None and size >= max_bytes:
+                    break
+            with self._lock:
+                target = batch[-1].lsn
+                if self._pins:  # a view may have opened meanwhile
+                    target = min(target, min(self._pins))
                 if target <= start:
                     return start
-                self._oldest = target  # no view older than target may open from now on
-                records = [r for r in self.log.records(start + 1, target) if r.type == RecordType.WRITE]
+                self._oldest = max(self._oldest, target)  # no view older than target may open now
+            records = [r for r in batch if r.type == RecordType.WRITE and r.lsn <= target]
             if records:  # from here until A = target is persisted, the base is ahead of A
                 write_json(self.path / "applied.json", {"applied_lsn": start, "writeback_lsn": target})
             _apply(self.log, self._base_fd, records)
             write_json(self.path / "applied.json", {"applied_lsn": target})
             with self._lock:
-                self._applied = target
-                for rec in records:
-                    self.index.discard(rec.offset, rec.length, target)
+                self._applied = target  # from now on extents <= target read from the base
+            for at in range(0, len(records), 256):  # a little at a time: writers wait microseconds
+                with self._lock:
+                    for rec in records[at : at + 256]:
+                        self.index.discard(rec.offset, rec.length, target)
             keep = min([target, *self._holds.values()])
             if keep == self.log.last_lsn:
                 self.log.rotate()  # the active segment is never trimmed: close it so it can go
