@@ -34,7 +34,8 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 if __name__ == "__main__":  # the child: make marsfs importable without installing it
     sys.path.insert(0, str(SRC))
 
-from marsfs.log import MAX_PAYLOAD, RecordType  # noqa: E402
+from marsfs.log import RecordType  # noqa: E402
+from marsfs.volume.volume import RECORD_CHUNK  # noqa: E402
 from marsfs.volume import Volume  # noqa: E402
 
 SIZE = 2 * 1024 * 1024
@@ -42,7 +43,7 @@ SEGMENT_BYTES = 128 * 1024
 MAX_WRITE = 64 * 1024
 RUNS = 20
 MAX_OPS = 100_000  # far more than a child gets through before it is killed
-assert MAX_WRITE <= MAX_PAYLOAD  # one record per write keeps the LSN bookkeeping simple
+assert MAX_WRITE <= RECORD_CHUNK  # one record per write keeps the LSN bookkeeping simple
 
 
 def _ops(seed: int) -> Iterator[tuple]:

@@ -22,9 +22,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from marsfs.log import MAX_PAYLOAD
 from marsfs.log.log import segment_name
 from marsfs.volume import Volume
+from marsfs.volume.volume import RECORD_CHUNK
 
 MiB = 1024 * 1024
-# A little over MAX_PAYLOAD, so that a whole-volume write is split into two records.
+# Whole-volume writes (up to 1 MiB) are split into RECORD_CHUNK records.
 SIZE = MAX_PAYLOAD + 64 * 1024
 SEGMENT_BYTES = 256 * 1024
 MAX_VIEWS_CHECKED = 15
@@ -106,9 +107,9 @@ class VolumeMachine(RuleBasedStateMachine):
     def write(self, w: tuple[int, bytes]) -> None:
         offset, data = w
         lsn = self.volume.write(offset, data)
-        for at in range(0, len(data), MAX_PAYLOAD):
+        for at in range(0, len(data), RECORD_CHUNK):
             self.head += 1
-            self.records[self.head] = (offset + at, data[at : at + MAX_PAYLOAD])
+            self.records[self.head] = (offset + at, data[at : at + RECORD_CHUNK])
         assert lsn == self.head == self.volume.head_lsn
         self.current[offset : offset + len(data)] = data
         self.dirty = True
@@ -155,7 +156,12 @@ class VolumeMachine(RuleBasedStateMachine):
         if self.views:
             expect = min(expect, min(v.lsn for v in self.views))
         expect = max(expect, self.applied)
-        got = self.volume.writeback(upto)
+        batch = data.draw(st.sampled_from([None, 64 * 1024, 1024 * 1024]), label="max_bytes")
+        got = self.volume.writeback(upto, max_bytes=batch)
+        while got < expect:  # batched writeback: each call must make progress
+            again = self.volume.writeback(upto, max_bytes=batch)
+            assert again > got, (again, got, expect)
+            got = again
         assert got == expect == self.volume.applied_lsn, (got, expect, upto, durable)
         for lsn in sorted(r for r in self.records if r <= got):
             rec = self.records.pop(lsn)
