@@ -43,6 +43,15 @@ def is_mounted(mount: Path) -> bool:
     return mount_source_dev(mount) is not None
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class NodeProcess:
     """One ``marsfs serve`` child process with its own state dir, mount point and log file."""
 
@@ -137,6 +146,7 @@ class Harness:
         self.nodes: list[NodeProcess] = []
         self.loops: list[str] = []
         self.mounts: list[Path] = []
+        self.ports: dict[str, int] = {}
 
     def __enter__(self) -> Harness:
         return self
@@ -150,6 +160,24 @@ class Harness:
         if start:
             n.start()
         return n
+
+    def cluster(self, names: list[str], *, via: dict[tuple[str, str], int] | None = None,
+                start: bool = True) -> dict[str, NodeProcess]:
+        """Nodes that know each other: each listens on a free port and has all others as peers.
+
+        ``via[(a, b)] = port`` makes node ``a`` reach node ``b`` at ``port`` instead (a fault proxy).
+        """
+        ports = {n: free_port() for n in names}
+        nodes: dict[str, NodeProcess] = {}
+        for n in names:
+            extra = ["--listen", f"127.0.0.1:{ports[n]}"]
+            for m in names:
+                if m != n:
+                    port = (via or {}).get((n, m), ports[m])
+                    extra += ["--peer", f"{m}=127.0.0.1:{port}"]
+            nodes[n] = self.node(n, start=start, extra=extra)
+        self.ports = ports
+        return nodes
 
     def attach(self, image: Path, *, direct_io: bool = True, read_only: bool = False) -> str:
         cmd = ["losetup", "--find", "--show"]
