@@ -32,6 +32,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -90,6 +91,7 @@ class Operations(pyfuse3.Operations):
         self.node = node
         self._inodes: dict[tuple[str, int | None], int] = {}  # (volume, version or None) -> inode
         self._entries: dict[int, tuple[str, int | None]] = {}
+        self._lookups: Counter[int] = Counter()  # the kernel's lookup count per inode
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
@@ -121,11 +123,18 @@ class Operations(pyfuse3.Operations):
         pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, (name + SUFFIX).encode(), ignore_enoent=True)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        """The kernel dropped these inodes: version inodes without open files can go."""
-        open_inodes = {self._inodes.get((h.name, h.view.lsn if h.view else None)) for h in self._handles.values()}
-        for ino, _ in inode_list:
+        """The kernel dropped references: a version inode nobody references any more can go.
+
+        FORGETs are asynchronous: the kernel may have looked the same inode up again before
+        this one arrives, so only a lookup count of zero frees it (the FUSE contract)."""
+        for ino, nlookup in inode_list:
+            left = self._lookups[ino] - nlookup
+            if left > 0:
+                self._lookups[ino] = left
+                continue
+            self._lookups.pop(ino, None)
             entry = self._entries.get(ino)
-            if entry is not None and entry[1] is not None and ino not in open_inodes:
+            if entry is not None and entry[1] is not None:
                 del self._entries[ino]
                 self._inodes.pop(entry, None)
 
@@ -167,7 +176,9 @@ class Operations(pyfuse3.Operations):
             return self._attrs(pyfuse3.ROOT_INODE)
         if not text.endswith(SUFFIX) or text[: -len(SUFFIX)] not in self._listed():
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(self._inode_of(text[: -len(SUFFIX)]))
+        attrs = self._attrs(self._inode_of(text[: -len(SUFFIX)]))
+        self._lookups[attrs.st_ino] += 1
+        return attrs
 
     @translated
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -205,6 +216,7 @@ class Operations(pyfuse3.Operations):
             attrs = self._attrs(self._inode_of(names[i]))
             if not pyfuse3.readdir_reply(token, (names[i] + SUFFIX).encode(), attrs, i + 1):
                 break
+            self._lookups[attrs.st_ino] += 1  # readdirplus counts as a lookup
 
     @translated
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
