@@ -32,6 +32,7 @@ log = logging.getLogger("marsfs.cluster")
 
 REPLAY_EVERY = 0.02
 STALL_AFTER = 10.0
+FRESH = 3.0  #: a mirror is "synced" only on the word of a heartbeat at most this old
 DEFAULT_CLUSTER = "marsfs"
 
 
@@ -272,7 +273,8 @@ class Cluster:
             return
         st = f.state
         r["connected"] = st.connected
-        r["heartbeat_age"] = now - st.last_heartbeat if st.last_heartbeat else None
+        # how old the source's state behind the newest heartbeat is at most (see FetchState)
+        r["heartbeat_age"] = now - st.heartbeat_basis if st.heartbeat_basis else None
         r["primary_durable_lsn"] = st.primary_durable_lsn
         replay_lag = r["fetched_lsn"] - r["replayed_lsn"]
         r["lag_records"] = st.lag_records + replay_lag
@@ -299,8 +301,8 @@ class Cluster:
                                f"while {st.lag_records} are missing")
         elif r["replay_paused"]:
             r["state"] = "replay-paused"
-        elif r["lag_records"]:
-            r["state"] = "catching-up"
+        elif r["lag_records"] or r["heartbeat_age"] is None or r["heartbeat_age"] > FRESH:
+            r["state"] = "catching-up"  # behind, or not sure it is not: no recent word from the source
         else:
             r["state"] = "synced"
 

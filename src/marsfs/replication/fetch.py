@@ -55,6 +55,9 @@ class FetchState:
     lag_seconds: float = 0.0
     last_frame: float = 0.0  #: monotonic time of the last frame received
     last_heartbeat: float = 0.0
+    #: when we sent the ACK whose probe the newest heartbeat echoes: that heartbeat describes
+    #: the source at or after this moment (heartbeats can sit in buffers; receipt time lies)
+    heartbeat_basis: float = 0.0
     last_progress: float = field(default_factory=time.monotonic)
     fetched_bytes: int = 0
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=50))
@@ -125,6 +128,8 @@ class Fetcher:
         self.replayed = replayed
         self.replay_paused = replay_paused
         self.state = FetchState(source=source)
+        self._probe = 0
+        self._probes: dict[int, float] = {}  # probe number -> monotonic time its ACK was sent
 
     async def run(self) -> None:
         """Fetch until cancelled or refused for good (state.fatal)."""
@@ -183,6 +188,9 @@ class Fetcher:
                 st.primary_head_lsn = int(beat.get("head_lsn", 0))
                 st.primary_durable_lsn = int(beat.get("durable_lsn", 0))
                 st.last_heartbeat = now
+                sent = self._probes.get(int(beat.get("probe", -1)))
+                if sent is not None:
+                    st.heartbeat_basis = max(st.heartbeat_basis, sent)
                 self._update_lag(beat)
                 continue
             records = split_records(frame.payload)
@@ -213,9 +221,13 @@ class Fetcher:
     async def _ack_loop(self, ch: Channel, scope: trio.CancelScope) -> None:
         try:
             while True:
+                self._probe += 1
+                self._probes[self._probe] = time.monotonic()
+                self._probes.pop(self._probe - 100, None)
                 await ch.send_json(MsgType.ACK, {
                     "fetched_lsn": self.vol.durable_lsn, "replayed_lsn": self.replayed(),
-                    "fetch_paused": self.paused(), "replay_paused": self.replay_paused()})
+                    "fetch_paused": self.paused(), "replay_paused": self.replay_paused(),
+                    "probe": self._probe})
                 await trio.sleep(ACK_EVERY)
         finally:
             scope.cancel()

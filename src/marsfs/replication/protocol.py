@@ -19,8 +19,10 @@ Conversation (client = the mirror, server = the node it fetches from)::
     server: WELCOME {node, volume, uuid, size, epoch, head_lsn, durable_lsn}  |  ERROR {code, error}
     want=image: server: IMAGE_INFO {lsn, chain, size}, IMAGE_DATA..., IMAGE_END {lsn}
     want=fetch: client: FETCH {from_lsn, prev_chain}
-                server: RECORDS... and HEARTBEAT {durable_lsn, lag...} while the client ACKs
-                client: ACK {fetched_lsn, replayed_lsn, fetch_paused, replay_paused}
+                server: RECORDS... and HEARTBEAT {durable_lsn, lag..., probe} while the client ACKs
+                client: ACK {fetched_lsn, replayed_lsn, fetch_paused, replay_paused, probe}
+    A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
+    durable LSN, so the client knows how old the state it describes can be at most.
 """
 
 from __future__ import annotations

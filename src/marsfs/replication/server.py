@@ -57,6 +57,7 @@ class PeerState:
     lag_seconds: float = 0.0
     last_seen: float = field(default_factory=time.time)
     address: str = ""
+    probe: int = 0  #: the newest ACK probe, echoed in heartbeats (see fetch.FetchState)
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -217,6 +218,7 @@ class Server:
         cursor = state.sent_lsn + 1
         next_beat = 0.0
         while True:
+            probe = state.probe  # read before limit: the heartbeat's LSNs are no older than the probe
             limit = shippable_lsn(vol)
             if cursor <= limit:
                 frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, cursor, limit)
@@ -229,7 +231,7 @@ class Server:
                 lag_b, lag_r, lag_s = lag_of(vol, state.fetched_lsn)
                 state.lag_bytes, state.lag_records, state.lag_seconds = lag_b, lag_r, lag_s
                 await ch.send_json(MsgType.HEARTBEAT, {
-                    "head_lsn": vol.head_lsn, "durable_lsn": limit, "time": time.time(),
+                    "head_lsn": vol.head_lsn, "durable_lsn": limit, "time": time.time(), "probe": probe,
                     "lag_bytes": lag_b, "lag_records": lag_r, "lag_seconds": lag_s})
                 next_beat = now + HEARTBEAT
 
@@ -242,6 +244,7 @@ class Server:
                 state.replayed_lsn = int(ack.get("replayed_lsn", state.replayed_lsn))
                 state.fetch_paused = bool(ack.get("fetch_paused"))
                 state.replay_paused = bool(ack.get("replay_paused"))
+                state.probe = int(ack.get("probe", state.probe))
                 state.last_seen = time.time()
                 vol.hold(key, min(state.fetched_lsn, state.replayed_lsn))
         finally:
