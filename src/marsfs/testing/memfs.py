@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import functools
 import logging
 import os
 import signal
@@ -24,10 +23,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any
 
 import pyfuse3
 import trio
+
+from marsfs.faces.fuse import translated
 
 log = logging.getLogger("marsfs.testing.memfs")
 
@@ -40,23 +41,9 @@ MAX_BACKGROUND = 64  # FUSE-NOTES: +35-45 % on 1 MiB I/O over the kernel default
 FUSECTL = Path("/sys/fs/fuse/connections")
 READY = "memfs ready"
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def handler(fn: F) -> F:
-    """Let FUSEError through; log anything else and turn it into EIO (an escaping exception kills the mount)."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            log.exception("unexpected error in FUSE handler %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper  # type: ignore[return-value]
+# One wrapper for every handler, the same as marsfs uses: FUSEError passes, anything else
+# is logged and becomes EIO (an escaping exception kills the mount).
+handler = translated
 
 
 def parse_size(text: str) -> int:

@@ -12,6 +12,8 @@ import os
 import random
 import sys
 
+from marsfs.fsutil import write_all
+
 
 def content(seed: int, i: int) -> bytes:
     rng = random.Random(seed * 1_000_003 + i)
@@ -29,9 +31,7 @@ def main(argv: list[str]) -> int:
             name = f"{prefix}-{i}"
             fd = os.open(os.path.join(target, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

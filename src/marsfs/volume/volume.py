@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from marsfs.errors import MarsError, StateError, VolumeError
-from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordInfo, RecordType, encode_payload, genesis_chain
 from marsfs.volume.index import ExtentIndex
 
@@ -279,9 +279,7 @@ class Volume:
         """Fill the base image directly: only while a replica is being built, before any read."""
         self._check_range(offset, len(data))
         assert self.head_lsn == self._applied, "the base of a volume with unapplied records is not writable"
-        view = memoryview(data)
-        while view:
-            view = view[os.pwrite(self._base_fd, view, offset + len(data) - len(view)):]
+        write_all(self._base_fd, data, offset)
 
     def sync_base(self) -> None:
         os.fdatasync(self._base_fd)
