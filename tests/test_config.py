@@ -1,0 +1,49 @@
+"""serve's configuration: a TOML file supplies what flags do not; flags win; bad input is one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from marsfs.errors import UsageError, VolumeError
+from marsfs.faces.serve import load_config
+from marsfs.node import parse_size
+
+NO_FLAGS = {"node": None, "state": None, "mount": None, "listen": None, "peer": [], "history": None, "cluster": None}
+
+
+def test_config_file_and_flags(tmp_path: Path) -> None:
+    conf = tmp_path / "marsfs.toml"
+    conf.write_text('node = "n1"\nstate = "/s"\nmount = "/m"\nlisten = "127.0.0.1:7600"\n'
+                    'history = "64M"\ncluster = "prod"\n[peers]\nn2 = "127.0.0.1:7601"\n')
+    cfg = load_config(conf, NO_FLAGS)
+    assert (cfg.node, str(cfg.state), str(cfg.mount), cfg.listen) == ("n1", "/s", "/m", "127.0.0.1:7600")
+    assert cfg.peers == {"n2": "127.0.0.1:7601"} and cfg.history_bytes == 64 << 20 and cfg.cluster == "prod"
+    cfg = load_config(conf, {**NO_FLAGS, "node": "n9", "peer": ["n3=127.0.0.1:7603"]})
+    assert cfg.node == "n9" and cfg.peers == {"n2": "127.0.0.1:7601", "n3": "127.0.0.1:7603"}
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--node"):
+        load_config(None, {**NO_FLAGS, "state": "/s", "mount": "/m"})
+    with pytest.raises(UsageError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", NO_FLAGS)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("node = \n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        load_config(bad, NO_FLAGS)
+    with pytest.raises(UsageError, match="NAME=HOST:PORT"):
+        load_config(None, {**NO_FLAGS, "node": "n", "state": "/s", "mount": "/m", "peer": ["n2"]})
+
+
+@pytest.mark.parametrize("text,want", [("512", 512), ("512M", 512 << 20), ("10G", 10 << 30), ("1.5K", 1536),
+                                       ("2GiB", 2 << 30), ("1t", 1 << 40)])
+def test_sizes(text: str, want: int) -> None:
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "G", "12Q", "-1M", "1.3"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(VolumeError):
+        parse_size(text)
