@@ -306,6 +306,56 @@ class Log:
                 self._marks[lsn] = payload_text(payload)
             return lsn
 
+    def append_many(self, rtype: RecordType, items: list[tuple[int, Payload]],
+                    timestamp_ns: int | None = None) -> int:
+        """Append one record per ``(offset, payload)`` (not yet durable); returns the last LSN.
+
+        Same records as that many :meth:`append` calls, but one lock hold and one ``pwritev`` per
+        segment: a 1 MiB volume write is 16 records, and per-record syscalls and lock handoffs
+        between writer threads cost more than the copy into the page cache.
+        """
+        ts = time.time_ns() if timestamp_ns is None else timestamp_ns
+        kind = int(rtype) << 8
+        with self._lock:
+            self._check_failed()
+            at = 0
+            lsn = self.last_lsn
+            while at < len(items):
+                seg = self._segments[-1]
+                if seg.count and seg.end + HEADER_SIZE + len(items[at][1].stored) > self.segment_bytes:
+                    self._rotate_locked()
+                    seg = self._segments[-1]
+                pos = start = seg.end
+                lsn = seg.last_lsn
+                chain = seg.last_chain
+                bufs: list[bytes] = []
+                rows: list[tuple[int, int, Payload, bytes]] = []
+                while at < len(items):
+                    offset, payload = items[at]
+                    size = HEADER_SIZE + len(payload.stored)
+                    if (rows or seg.count) and pos + size > self.segment_bytes:
+                        break  # the rest goes to the next segment
+                    lsn += 1
+                    head, chain = encode_header(rtype, lsn, offset, payload, ts, chain)
+                    bufs.append(head)
+                    bufs.append(payload.stored)
+                    rows.append((pos, offset, payload, chain))
+                    pos += size
+                    at += 1
+                try:
+                    written = os.pwritev(seg.fd, bufs, start)
+                    if written != pos - start:
+                        raise OSError(errno.ENOSPC, "short write")
+                except OSError as e:
+                    self._undo_append(seg, start, e)
+                for p, offset, payload, c in rows:
+                    seg.append(p, offset, payload.length, len(payload.stored), kind | payload.flags, ts, c)
+                seg.end = pos
+                if rtype == RecordType.MARK:
+                    for i, (_, _, payload, _) in enumerate(rows):
+                        self._marks[seg.last_lsn - len(rows) + 1 + i] = payload_text(payload)
+            return lsn
+
     def append_raw(self, raw: bytes | memoryview) -> Header:
         """Append a record exactly as another log stored it (replication); returns its header.
 

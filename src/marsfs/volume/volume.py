@@ -253,15 +253,24 @@ class Volume:
         Each ``RECORD_CHUNK`` of the data is its own record (disks do not promise that a large
         write lands whole either; a crash keeps a prefix of the chunks)."""
         self._check_range(offset, len(data))
-        lsn = self.head_lsn
-        view = memoryview(data)
-        for at in range(0, len(view), RECORD_CHUNK):
-            chunk = view[at : at + RECORD_CHUNK]
-            payload = encode_payload(chunk)  # lz4 and hashing outside the lock
+        n = len(data)
+        if not n:
+            return self.head_lsn
+        if n <= RECORD_CHUNK:
+            payload = encode_payload(data)  # lz4 and hashing outside the lock
             with self._lock:
-                lsn = self.log.append(RecordType.WRITE, offset + at, payload)
-                self.index.insert(offset + at, len(chunk), lsn)
+                lsn = self.log.append(RecordType.WRITE, offset, payload)
+                self.index.insert(offset, n, lsn)
                 self._writes_since_flush = True
+            return lsn
+        view = memoryview(data)
+        items = [(offset + at, encode_payload(view[at : at + RECORD_CHUNK])) for at in range(0, n, RECORD_CHUNK)]
+        with self._lock:  # one lock hold and one pwritev for all chunks (see Log.append_many)
+            lsn = self.log.append_many(RecordType.WRITE, items)
+            first = lsn - len(items) + 1
+            for i, (at, payload) in enumerate(items):
+                self.index.insert(at, payload.length, first + i)
+            self._writes_since_flush = True
         return lsn
 
     def append_raw(self, raw: bytes | memoryview) -> int:
