@@ -56,21 +56,19 @@ class ExtentIndex:
         return ExtentIndex(self._list.copy())
 
     def _overlapping(self, start: int, end: int) -> list[int]:
-        """Packed extents that overlap ``[start, end)``, in volume order."""
+        """Packed extents that overlap ``[start, end)``, in volume order.
+
+        Uses ``irange`` only: positional access (``sl[i]``) would make SortedList build its
+        positional index, which every later add/remove must then keep up to date (measured:
+        about a third of a 4 KiB write's index cost)."""
         sl = self._list
+        key = start << _START_SHIFT
         out: list[int] = []
-        i = sl.bisect_left(start << _START_SHIFT)
-        if i:
-            prev = sl[i - 1]
+        for prev in sl.irange(maximum=key, inclusive=(True, False), reverse=True):
             if (prev >> _START_SHIFT) + ((prev >> _LSN_BITS) & _LEN_MASK) > start:
                 out.append(prev)
-        n = len(sl)
-        while i < n:  # usually zero or one step: cheaper than building an irange iterator
-            e = sl[i]
-            if e >> _START_SHIFT >= end:
-                break
-            out.append(e)
-            i += 1
+            break
+        out.extend(sl.irange(key, end << _START_SHIFT, inclusive=(True, False)))
         return out
 
     def insert(self, start: int, length: int, lsn: int) -> None:
