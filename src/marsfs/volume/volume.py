@@ -274,12 +274,13 @@ class Volume:
         view = memoryview(data)
         items = [(offset + at, self._encode(view[at : at + RECORD_CHUNK])) for at in range(0, n, RECORD_CHUNK)]
         with self._lock:  # one lock hold and one pwritev for all chunks (see Log.append_many)
-            lsn = self.log.append_many(RecordType.WRITE, items)
-            first = lsn - len(items) + 1
-            for i, (at, payload) in enumerate(items):
-                self.index.insert(at, payload.length, first + i)
-            self._writes_since_flush = True
-        return lsn
+            before = self.log.last_lsn
+            try:
+                return self.log.append_many(RecordType.WRITE, items)
+            finally:  # also when a later segment failed: what reached the log must be readable
+                for i, lsn in enumerate(range(before + 1, self.log.last_lsn + 1)):
+                    self.index.insert(items[i][0], items[i][1].length, lsn)
+                self._writes_since_flush = True
 
     def _encode(self, chunk: bytes | memoryview) -> Payload:
         """encode_payload with adaptive lz4: back off after attempts that did not compress.
