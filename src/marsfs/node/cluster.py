@@ -25,14 +25,14 @@ from marsfs.errors import MarsError, UsageError, VolumeError
 from marsfs.node.node import Node, check_volume_name
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
-from marsfs.replication.server import PeerTable, Server
+from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.volume import Volume
 
 log = logging.getLogger("marsfs.cluster")
 
 REPLAY_EVERY = 0.02
 STALL_AFTER = 10.0
-FRESH = 3.0  #: a mirror is "synced" only on the word of a heartbeat at most this old
+FRESH = 1.5  #: a mirror is "synced" only on the word of a heartbeat at most this old (they come every 0.5 s)
 DEFAULT_CLUSTER = "marsfs"
 
 
@@ -240,7 +240,11 @@ class Cluster:
             if r["role"] == "mirror":
                 self._mirror_status(r)
             else:
-                r["peers"] = [p.public() for p in self.peer_table.for_volume(r["volume"])]
+                vol = self.node.volumes[r["volume"]]
+                peers = self.peer_table.for_volume(r["volume"])
+                for p in peers:  # now, not when the last session shipped: a dead link keeps lagging
+                    p.lag_bytes, p.lag_records, p.lag_seconds = lag_of(vol, p.fetched_lsn)
+                r["peers"] = [p.public() for p in peers]
                 self.node.known_mirrors[r["volume"]] = {p["node"] for p in r["peers"]}
         if name is None:
             rows += [self._copy_status(n) for n in sorted(self.copies)]
@@ -280,8 +284,12 @@ class Cluster:
         r["lag_records"] = st.lag_records + replay_lag
         r["lag_bytes"] = st.lag_bytes + (r["durable_lsn"] and self.node.volumes[name].log.bytes_between(
             r["replayed_lsn"], r["fetched_lsn"]))
-        silent = now - st.last_heartbeat if st.last_heartbeat else now - st.last_progress
-        r["lag_seconds"] = st.lag_seconds + (silent if st.lag_records or not st.connected else 0.0)
+        r["lag_seconds"] = st.lag_seconds
+        age = r["heartbeat_age"]
+        if age is None or age > FRESH or not st.connected:
+            # our newest word from the source describes it `age` seconds ago (heartbeats queue
+            # behind records on a slow link): we cannot claim to be closer than that
+            r["lag_seconds"] = max(r["lag_seconds"], age if age is not None else now - st.last_progress)
         r["fetch_rate"] = st.rate()
         r["eta_seconds"] = (st.lag_bytes / r["fetch_rate"]) if st.lag_bytes and r["fetch_rate"] else (0.0 if not st.lag_bytes else None)
         if st.error:

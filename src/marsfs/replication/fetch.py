@@ -8,8 +8,10 @@ Rules that hold here:
   from our last durable LSN (G6).
 * Fetch never depends on replay: it appends and syncs; replay (the visible version) is moved
   by the node independently and may be paused.
-* Connection trouble only adds lag: reconnects back off exponentially (0.1 s doubling to 5 s);
-  a connection that brings no frame for ``STALL_AFTER`` seconds is dropped and retried.
+* Connection trouble only adds lag: reconnects back off exponentially (0.1 s doubling to 5 s,
+  back to 0.1 s after a session that brought records); a connection that brings no frame for
+  ``STALL_AFTER`` seconds is dropped and retried. The source starts each session with small
+  frames (slow start), so a link that cuts connections still lets records through.
 * ``diverged`` and ``log-trimmed`` refusals stop fetching: they need an operator.
 """
 
@@ -139,6 +141,7 @@ class Fetcher:
                 self.state.connected = False
                 await trio.sleep(0.1)
                 continue
+            before = self.vol.durable_lsn
             try:
                 await self._session()
                 backoff = BACKOFF_MIN
@@ -154,6 +157,8 @@ class Fetcher:
                          self.state.error, backoff)
             finally:
                 self.state.connected = False
+            if self.vol.durable_lsn > before:  # the session moved us forward: the link works, mostly
+                backoff = BACKOFF_MIN
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 

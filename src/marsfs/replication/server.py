@@ -34,6 +34,7 @@ from marsfs.volume import Volume
 log = logging.getLogger("marsfs.replication")
 
 BATCH_BYTES = 4 * 1024 * 1024
+FIRST_BATCH = 64 * 1024  #: a session's first frame; each later one may be twice as big
 IMAGE_CHUNK = 1024 * 1024
 HEARTBEAT = 0.5
 POLL = 0.01
@@ -217,11 +218,13 @@ class Server:
     async def _ship(self, ch: Channel, vol: Volume, state: PeerState) -> None:
         cursor = state.sent_lsn + 1
         next_beat = 0.0
+        batch = FIRST_BATCH  # slow start: over a link that cuts connections, small frames still land
         while True:
             probe = state.probe  # read before limit: the heartbeat's LSNs are no older than the probe
             limit = shippable_lsn(vol)
             if cursor <= limit:
-                frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, cursor, limit)
+                frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, cursor, limit, batch)
+                batch = min(batch * 2, BATCH_BYTES)
                 await ch.send_raw(frame)
                 state.sent_lsn = cursor - 1
             else:
@@ -251,14 +254,14 @@ class Server:
             scope.cancel()
 
 
-def _records_frame(vol: Volume, first: int, limit: int) -> tuple[bytes, int]:
-    """One RECORDS frame of raw records from ``first`` (at most BATCH_BYTES unless one is larger)."""
+def _records_frame(vol: Volume, first: int, limit: int, batch: int) -> tuple[bytes, int]:
+    """One RECORDS frame of raw records from ``first`` (at most ``batch`` bytes unless one is larger)."""
     parts: list[bytes] = []
     size = 0
     lsn = first
-    while lsn <= limit and (not parts or size < BATCH_BYTES):
+    while lsn <= limit and (not parts or size < batch):
         raw = vol.log.read_raw(lsn)
-        if parts and size + len(raw) > BATCH_BYTES:
+        if parts and size + len(raw) > batch:
             break
         parts.append(raw)
         size += len(raw)
