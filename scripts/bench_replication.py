@@ -71,6 +71,50 @@ def st(node: NodeProcess) -> dict[str, Any]:
     return dict(call(node.state, "status", timeout=30, volume=VOLUME)[0])
 
 
+class Neighbours:
+    """Watches for marsfs daemons, fio and pytest runs that are not ours: they disturb the numbers."""
+
+    PATTERNS = ("marsfs serve", "fio ", "pytest", "bench_")
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _ours(pid: int, me: int) -> bool:
+        while pid > 1:
+            if pid == me:
+                return True
+            try:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                return False
+        return False
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            for d in Path("/proc").iterdir():
+                if not d.name.isdigit():
+                    continue
+                try:
+                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if any(p in cmd for p in self.PATTERNS) and not self._ours(int(d.name), me):
+                    self.seen.add(" ".join(cmd.split()[:6]))
+            self._stop.wait(2.0)
+
+    def __enter__(self) -> Neighbours:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 # ---------------------------------------------------------------------------------------------- fio
 
 
@@ -299,13 +343,16 @@ def _n(v: float | None, digits: int = 0) -> str:
 LINK_TITLES = {"direct": "direct loopback", "proxy": "via a clean fault proxy"}
 
 
-def report(follows: list[Follow], dec: Decouple, runtime: int, quick: bool, argv: list[str], load: float) -> str:
+def report(follows: list[Follow], dec: Decouple, runtime: int, quick: bool, argv: list[str], load: float,
+           neighbours: int) -> str:
     fio_v = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
     lines = [
         f"Run: `scripts/bench replication{' ' + shlex.join(argv) if argv else ''}` — {time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, kernel {platform.release()}, {fio_v}, Python {platform.python_version()}; "
         f"load average {load:.1f} at the start; {runtime} s per fio run"
-        f"{' (quick: a smoke test, not for the record)' if quick else ''}.",
+        f"{' (quick: a smoke test, not for the record)' if quick else ''}; "
+        + (f"**disturbed: {neighbours} other marsfs/fio/pytest processes ran meanwhile**." if neighbours
+           else "no other marsfs, fio or pytest process ran meanwhile."),
         "",
         "Two `marsfs serve` nodes on this machine (primary and mirror share its cores and disk), volume of 1 GiB, "
         "fio (libaio, O_DIRECT) through `losetup --direct-io=on` on the primary's image. Status sampled every "
@@ -441,19 +488,22 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="marsfs-bench-repl-", dir=args.dir))
     try:
-        runs = [(link, 0) for link in links] + ([("direct", args.paced)] if args.paced else [])
-        follows = [run_follow(work, link, rate, runtime) for link, rate in runs]
-        repeat = args.repeat or (1 if args.quick else 3)
-        dec = Decouple() if args.skip_decoupling else run_decouple(work, runtime, repeat)
+        with Neighbours() as neighbours:
+            runs = [(link, 0) for link in links] + ([("direct", args.paced)] if args.paced else [])
+            follows = [run_follow(work, link, rate, runtime) for link, rate in runs]
+            repeat = args.repeat or (1 if args.quick else 3)
+            dec = Decouple() if args.skip_decoupling else run_decouple(work, runtime, repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if neighbours.seen:
+        say("other processes ran meanwhile:\n  " + "\n  ".join(sorted(neighbours.seen)))
     shown, it = [], iter(argv)
     for a in it:
         if a in ("--out", "--json", "--dir"):
             next(it, None)
         elif not a.startswith(("--out=", "--json=", "--dir=")):
             shown.append(a)
-    table = report(follows, dec, runtime, args.quick, shown, load)
+    table = report(follows, dec, runtime, args.quick, shown, load, len(neighbours.seen))
     print(table)
     if args.json:
         args.json.write_text(json.dumps({"follow": [f.__dict__ for f in follows], "decoupling": dec.runs},
