@@ -552,3 +552,38 @@ def test_power_loss_keeps_every_flushed_write(tmp_path: Path) -> None:
     assert copies == 100
     assert lost > 0, "the workload should sometimes lose unflushed records"
     print(f"power loss: {copies} crashes over 50 seeds, {lost} unflushed records lost in total")
+
+
+def test_lock_free_reads_survive_segment_rotation(tmp_path: Path) -> None:
+    """Replication reads records without the log lock while appends rotate segments: the
+    segment's fd number must stay valid (it once was closed and reopened: EBADF killed the
+    primary daemon in a replication benchmark)."""
+    import threading
+
+    log = Log.create(tmp_path / "log", bytes(16), segment_bytes=256 * 1024)
+    payload = encode_payload(os.urandom(4096))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            last = log.last_lsn
+            try:
+                for lsn in range(max(log.first_lsn, last - 3), last + 1):
+                    log.read_raw(lsn)
+            except OSError as e:
+                errors.append(e)
+                stop.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(40_000):  # ~640 rotations; the old code failed within a few
+            if stop.is_set():
+                break
+            log.append(RecordType.WRITE, 0, payload)
+    finally:
+        stop.set()
+        t.join()
+        log.close()
+    assert not errors, errors

@@ -622,9 +622,12 @@ def _new_segment(path: Path, first_lsn: int, prev_chain: bytes) -> _Segment:
 
 
 def _reopen_readonly(seg: _Segment) -> None:
+    """Swap the segment's fd for a read-only one in place: readers run without the log lock,
+    so the fd number must stay valid throughout (close-then-reopen let another thread's open
+    take the number, or a pread hit EBADF and killed the daemon)."""
     fd = os.open(seg.path, os.O_RDONLY)
-    os.close(seg.fd)
-    seg.fd = fd
+    os.dup2(fd, seg.fd)
+    os.close(fd)
 
 
 def _has_valid_header_after(buf: memoryview | mmap.mmap, start: int) -> bool:

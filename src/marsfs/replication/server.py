@@ -138,6 +138,8 @@ class Server:
         except MarsError as e:
             log.warning("replication connection from %s: %s", peer, e)
             await self._refuse(ch, "error", str(e))
+        except Exception:  # a bug in one peer's connection must not take the node down (G4)
+            log.exception("replication connection from %s failed; dropping it", peer)
         finally:
             await ch.aclose()
 
