@@ -400,10 +400,6 @@ class Log:
             total += seg.pos[j] + HEADER_SIZE + seg.stored[j] - seg.pos[lo - seg.first_lsn]
         return total
 
-    def append_data(self, rtype: RecordType, offset: int, data: bytes | memoryview) -> int:
-        """Encode (outside the lock) and append; convenience for small records."""
-        return self.append(rtype, offset, encode_payload(data))
-
     def _undo_append(self, seg: _Segment, pos: int, err: OSError) -> None:
         try:
             os.ftruncate(seg.fd, pos)
