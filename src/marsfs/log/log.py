@@ -53,7 +53,6 @@ from marsfs.log.record import (
     decode_payload,
     decode_segment_header,
     encode_header,
-    encode_payload,
     encode_segment_header,
     verify_link,
     verify_payload,
