@@ -32,9 +32,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchlib import splice  # scripts/ is on sys.path: this file runs as a script
 
@@ -103,7 +104,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     def target() -> None:
         try:
             box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the caller
+        except BaseException as e:
             box["error"] = e
 
     t = threading.Thread(target=target, daemon=True)
@@ -366,7 +367,7 @@ def bench_target(t: Target, work: Path, runtime: int, sector_size: int | None) -
                     + (f"   p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms" if job.latency else ""))
     except Unavailable as e:
         out.error = str(e)
-    except Exception as e:  # noqa: BLE001 - one target failing must not stop the others
+    except Exception as e:
         out.error = f"{type(e).__name__}: {e}"
     if out.error:
         say(f"  {t.key} not available: {out.error}")

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import splice  # scripts/ is on sys.path: this file runs as a script
-
 from marsfs.faces.control import call
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
@@ -274,7 +273,7 @@ def run_follow(work: Path, link: str, rate: int, runtime: int) -> Follow:
                 f"{res.replayed_MBps:.0f} MB/s while writing; caught up {res.catch_up_s:.1f} s after; lag max "
                 f"{res.max_lag_mirror_s:.1f} s (mirror) / {res.max_lag_primary_s:.1f} s (primary) / "
                 f"{res.max_lag_measured_s:.1f} s (measured)")
-    except Exception as e:  # noqa: BLE001 - reported in the table; the other runs still go on
+    except Exception as e:
         res.error = f"{type(e).__name__}: {e}"
         say(f"  failed: {res.error}")
         say_logs(root)
@@ -331,7 +330,7 @@ def run_decouple(work: Path, runtime: int, repeat: int) -> Decouple:
                 res.runs.append((kind, r))
                 say(f"  {r['iops']:,.0f} IOPS, write latency max {r['lat_max_ms']:.1f} ms"
                     + (f"; the mirror is {r['mirror_behind_records']:,} records behind" if kind == "mirror" else ""))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res.runs.append((kind, {"error": f"{type(e).__name__}: {e}"}))
             say(f"  failed: {res.runs[-1][1]['error']}")
             say_logs(root)

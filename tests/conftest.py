@@ -1,12 +1,19 @@
-"""Shared fixtures: a Harness that always cleans up, and the privilege checks.
+"""Shared fixtures: a Harness that always cleans up, the privilege checks, and the log check.
 
 With ``CI=true`` nothing may be skipped for want of root, FUSE or loop devices: such a test
 fails loudly instead.
+
+The log check (s3ql's pytest_checklogs): a test fails when marsfs code in the test process logs
+a record at WARNING or above, or when a daemon it started logs what only a bug writes (a
+traceback, an unexpected handler error, an internal error), unless the test declares the
+pattern with ``@pytest.mark.allow_log("regex", ...)``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -40,12 +47,53 @@ def privileged() -> None:
         pytest.skip(why)
 
 
+def _allowed(request: pytest.FixtureRequest) -> list[re.Pattern[str]]:
+    return [re.compile(p) for m in request.node.iter_markers("allow_log") for p in m.args]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "marsfs" or record.name.startswith("marsfs."):
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def check_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test on unexpected warnings or exceptions logged by marsfs in this process."""
+    handler = _Collect()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    allowed = _allowed(request)
+    bad = [f"{r.name} {r.levelname}: {r.getMessage()}" + (" (with traceback)" if r.exc_info else "")
+           for r in handler.records]
+    bad = [line for line in bad if not any(p.search(line) for p in allowed)]
+    if bad:
+        pytest.fail("unexpected log records (declare expected ones with @pytest.mark.allow_log):\n  "
+                    + "\n  ".join(bad[:20]), pytrace=False)
+
+
 @pytest.fixture
-def harness(privileged: None) -> Iterator[Harness]:
+def harness(privileged: None, request: pytest.FixtureRequest) -> Iterator[Harness]:
     root = Path(tempfile.mkdtemp(prefix="marsfs-test-", dir="/tmp"))
     h = Harness(root)
     try:
         yield h
     finally:
-        h.close()
-        shutil.rmtree(root, ignore_errors=True)
+        bugs = h.bug_lines()
+        try:
+            h.close()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    allowed = _allowed(request)
+    bugs = [line for line in bugs if not any(p.search(line) for p in allowed)]
+    if bugs:
+        pytest.fail("a daemon logged what only a bug writes (declare expected lines with "
+                    "@pytest.mark.allow_log):\n  " + "\n  ".join(bugs[:20]), pytrace=False)

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+
 import trio
+
+logger = logging.getLogger(__name__)
 
 
 class single_error:
     """``async with trio.open_nursery()`` inside ``with single_error():`` raises the first real
-    error of a task instead of an ExceptionGroup, so callers can catch ConnectionLost & co."""
+    error of a task instead of an ExceptionGroup, so callers can catch ConnectionLost & co.
+
+    No error is dropped: when a group holds more than one real error, the others are logged
+    (with their tracebacks at debug level) before the first is raised.
+    """
 
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, BaseExceptionGroup):
             leaves = _leaves(exc)
             real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+            for other in real[1:]:
+                logger.info("also failed in the same task group: %s: %s", type(other).__name__, other,
+                            exc_info=other if logger.isEnabledFor(logging.DEBUG) else None)
             raise (real or leaves)[0]
-        return False
 
 
 def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:

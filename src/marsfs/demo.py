@@ -85,7 +85,8 @@ def run_cluster(root: Path, size_mib: int, files: int, seed: int) -> None:
     import os
     import shutil as sh
 
-    from marsfs.testing.harness import Harness, run as sh_run
+    from marsfs.testing.harness import Harness
+    from marsfs.testing.harness import run as sh_run
 
     say = print
     rng = random.Random(seed)

@@ -1,23 +1,48 @@
-"""Errors as data: each class carries what the user should do and the exit status.
+"""Errors as data: each class carries its exit status and the errno the kernel should see.
 
-Every error a user (or the world) can cause is a :class:`MarsError` subclass whose message
-says what happened and what to do. Internal invariants are plain ``assert`` statements;
-an ``AssertionError`` is a bug in marsfs, never a user mistake.
+Rules that hold here:
+
+* Every failure a user (or the world: a full disk, a peer that went away) can cause is a
+  :class:`MarsError` subclass whose message says what happened and what to do. The class says
+  how it leaves marsfs: ``exit_code`` for the command line, ``errno`` for the FUSE face (a full
+  disk reaches the application as ENOSPC, a write to a mirror as EROFS, damage as EIO).
+* Internal invariants are plain ``assert`` statements. An ``AssertionError`` is a bug in
+  marsfs, never a user mistake, and nothing catches it as control flow.
+* Pick the most specific class; a new kind of user-facing failure gets its own class here, so
+  that faces never guess an errno from a message.
+
+This module sits below every layer; it imports nothing from marsfs.
 """
 
 from __future__ import annotations
 
+import errno as _errno
+
 
 class MarsError(Exception):
-    """Base of all errors marsfs reports to users: one line, exit status 1."""
+    """Base of all errors marsfs reports to users: one line, exit status 1, EIO in FUSE."""
 
     exit_code: int = 1
+    errno: int = _errno.EIO
 
 
 class UsageError(MarsError):
     """The command line itself is wrong (exit status 2, like argparse)."""
 
     exit_code = 2
+    errno = _errno.EINVAL
+
+
+class InvalidRequest(MarsError):
+    """A well-formed command whose value is not acceptable: a bad name, size, mark or address."""
+
+    errno = _errno.EINVAL
+
+
+class NoSpace(MarsError):
+    """The state directory's filesystem has no room for what had to be written (ENOSPC)."""
+
+    errno = _errno.ENOSPC
 
 
 class LogDamaged(MarsError):
@@ -47,9 +72,55 @@ class LogFailed(MarsError):
     """
 
 
-class VolumeError(MarsError):
-    """A request a volume cannot serve: out of range, unknown version, read-only and so on."""
-
-
 class StateError(MarsError):
-    """A volume's files on disk are inconsistent with each other."""
+    """A volume's files on disk are inconsistent with each other, or missing."""
+
+
+class VolumeError(MarsError):
+    """A request a volume cannot serve. Prefer a subclass: it carries the right errno."""
+
+
+class VolumeNotFound(VolumeError):
+    """No such volume on this node."""
+
+    errno = _errno.ENOENT
+
+
+class VolumeExists(VolumeError):
+    """A volume of that name is already on this node."""
+
+    errno = _errno.EEXIST
+
+
+class VolumeBusy(VolumeError):
+    """The volume is open (a loop device, a mount) or otherwise in use."""
+
+    errno = _errno.EBUSY
+
+
+class VolumeReadOnly(VolumeError):
+    """A write to a mirror or to a version: only the primary's image is writable."""
+
+    errno = _errno.EROFS
+
+
+class OutOfRange(VolumeError):
+    """A range outside the volume: a disk answers a write past its end with ENOSPC."""
+
+    errno = _errno.ENOSPC
+
+
+class VersionNotFound(VolumeError):
+    """The named version is not (or no longer) retained."""
+
+    errno = _errno.ENOENT
+
+
+class NodeError(MarsError):
+    """A node-level refusal: names, ownership of the state directory, roles."""
+
+
+class PeerError(NodeError):
+    """A peer is unknown, unreachable or refused what this node asked."""
+
+    errno = _errno.EHOSTUNREACH

@@ -140,7 +140,7 @@ def call(state: Path, cmd: str, timeout: float | None = 60.0, **args: Any) -> An
             if not chunk:
                 raise MarsError("the daemon closed the control connection without answering; see its log")
             buf += chunk
-    except socket.timeout:
+    except TimeoutError:
         raise MarsError(f"the daemon did not answer {cmd!r} within {timeout:.0f} s; see its log") from None
     finally:
         s.close()

@@ -33,7 +33,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -122,7 +122,7 @@ class Operations(pyfuse3.Operations):
             self._entries.pop(self._inodes.pop(key), None)
         pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, (name + SUFFIX).encode(), ignore_enoent=True)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """The kernel dropped references: a version inode nobody references any more can go.
 
         FORGETs are asynchronous: the kernel may have looked the same inode up again before

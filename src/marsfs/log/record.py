@@ -131,7 +131,8 @@ def encode_payload(data: bytes | memoryview, *, compress: bool = True) -> Payloa
 def decode_payload(flags: int, length: int, stored: bytes | memoryview) -> bytes:
     """The logical payload of a record whose stored bytes were already verified."""
     if flags & Flags.LZ4:
-        return lz4.block.decompress(stored, uncompressed_size=length)
+        out: bytes = lz4.block.decompress(stored, uncompressed_size=length)
+        return out
     return bytes(stored)
 
 

@@ -13,6 +13,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -226,7 +227,7 @@ class Cluster:
                     samples.append((now, vol.current_lsn))
                 if now - persisted.get(name, 0) > 1.0 and role.get("replayed_lsn") != vol.current_lsn:
                     persisted[name] = now
-                    await trio.to_thread.run_sync(lambda: self.node.set_role(name, replayed_lsn=vol.current_lsn))
+                    await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, replayed_lsn=vol.current_lsn))
 
     # ------------------------------------------------------------------ status
 

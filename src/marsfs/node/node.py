@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from marsfs.errors import MarsError, VolumeError
+from marsfs.errors import MarsError, NodeError, VolumeError
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.volume import Volume
 
@@ -41,10 +41,6 @@ VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NODE_NAME = VOLUME_NAME
 DEFAULT_HISTORY_BYTES = 256 * 1024 * 1024
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-class NodeError(MarsError):
-    """A node-level refusal: names, ownership of the state directory, roles."""
 
 
 def parse_size(text: str) -> int:
@@ -300,6 +296,7 @@ def history_floor(vol: Volume, history_bytes: int) -> int:
 
 def _read_role(path: Path) -> dict[str, Any]:
     try:
-        return read_json(path / "role.json")
+        role: dict[str, Any] = read_json(path / "role.json")
+        return role
     except FileNotFoundError:
         return {"role": "primary", "epoch": 1}

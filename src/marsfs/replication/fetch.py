@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
-from marsfs.errors import MarsError
 from marsfs.aio import single_error
+from marsfs.errors import MarsError
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.protocol import PROTO_VERSION, MsgType, ProtocolError, decode_image_data, split_records
 from marsfs.volume import Volume

@@ -148,7 +148,8 @@ def _decompress(body: bytes) -> bytes:
     if len(body) < 4 or int.from_bytes(body[:4], "little") > MAX_FRAME:
         raise ProtocolError("compressed frame claims more than the frame limit")
     try:
-        return lz4.block.decompress(body)
+        out: bytes = lz4.block.decompress(body)
+        return out
     except lz4.block.LZ4BlockError as e:
         raise ProtocolError(f"bad lz4 frame payload: {e}") from None
 

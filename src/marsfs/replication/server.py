@@ -25,8 +25,8 @@ from typing import Any
 
 import trio
 
-from marsfs.errors import MarsError
 from marsfs.aio import single_error
+from marsfs.errors import MarsError
 from marsfs.replication.channel import Channel, ConnectionLost
 from marsfs.replication.protocol import PROTO_VERSION, MsgType, ProtocolError, encode_frame, encode_image_data
 from marsfs.volume import Volume

@@ -10,6 +10,7 @@ is ever killed or detached by name; only what this harness started is touched.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: What only a bug writes into a daemon's log (see :meth:`Harness.bug_lines`).
+BUG_LINE = re.compile(r"Traceback \(most recent call last\)|unexpected error|internal error| CRITICAL ")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "8388608", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
@@ -212,6 +215,19 @@ class Harness:
             self.mounts.remove(where)
         if run(["umount", os.fspath(where)], check=False).returncode != 0:
             run(["umount", "-l", os.fspath(where)], check=False)
+
+    def bug_lines(self) -> list[str]:
+        """Lines of the daemons' logs that only a bug in marsfs writes: tracebacks, handler
+        failures that became EIO, internal errors of control commands. A test fails on them
+        unless it says it expects them (``@pytest.mark.allow_log``)."""
+        out: list[str] = []
+        for n in self.nodes:
+            try:
+                text = n.logfile.read_text(errors="replace")
+            except FileNotFoundError:
+                continue
+            out += [f"{n.name}: {line}" for line in text.splitlines() if BUG_LINE.search(line)]
+        return out
 
     def close(self) -> None:
         """Release everything, also after failures; raise at the end if something resisted."""

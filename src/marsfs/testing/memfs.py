@@ -150,14 +150,14 @@ class MemFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh)
 
     @handler
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes:  # memoryview too (pyfuse3 takes any buffer)
         if off >= self.size or size <= 0:
             return b""
         size = min(size, self.size - off)
         idx, o = divmod(off, CHUNK)
         if o + size <= CHUNK:  # the common case: one chunk, no copy (FUSE-NOTES: memoryview slices)
             chunk = self.chunks.get(idx)
-            return memoryview(chunk)[o:o + size] if chunk is not None else _ZEROS[o:o + size]
+            return memoryview(chunk)[o:o + size] if chunk is not None else _ZEROS[o:o + size]  # type: ignore[return-value]
         out = bytearray(size)
         pos = 0
         while pos < size:
@@ -167,7 +167,7 @@ class MemFS(pyfuse3.Operations):
             if chunk is not None:
                 out[pos:pos + n] = memoryview(chunk)[o:o + n]
             pos += n
-        return out
+        return out  # type: ignore[return-value]
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -35,8 +35,9 @@ import time
 import uuid as uuidlib
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from marsfs.errors import MarsError, StateError, VolumeError
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
@@ -73,7 +74,7 @@ class VersionInfo:
 class Volume:
     """One volume's storage core on this node. Thread-safe."""
 
-    def __init__(self, path: Path, meta: dict, log: Log, applied_lsn: int, *, sync_interval: float | None) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], log: Log, applied_lsn: int, *, sync_interval: float | None) -> None:
         self.path = path
         self.name: str = meta["name"]
         self.uuid: str = meta["uuid"]
@@ -135,7 +136,7 @@ class Volume:
             os.fsync(fd)
         finally:
             os.close(fd)
-        Log.create(path / "log", genesis_chain(meta["uuid"]), segment_bytes=segment_bytes).close()
+        Log.create(path / "log", genesis_chain(str(meta["uuid"])), segment_bytes=segment_bytes).close()
         write_json(path / "applied.json", {"applied_lsn": 0})
         write_json(path / "volume.json", meta)  # last: a directory without it is an aborted create
         fsync_dir(path.parent)
@@ -465,7 +466,7 @@ class Volume:
             raise VolumeError(f"no version {spec!r} of volume {self.name}: give lsn-N, a mark name "
                               "or an ISO-8601 UTC time like 2026-11-23T22:00:00Z") from None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         limit = int(when.timestamp() * 1e9)
         best = None
         for lsn, ts in self.log.flush_points():

@@ -35,8 +35,8 @@ if __name__ == "__main__":  # the child: make marsfs importable without installi
     sys.path.insert(0, str(SRC))
 
 from marsfs.log import RecordType  # noqa: E402
-from marsfs.volume.volume import RECORD_CHUNK  # noqa: E402
 from marsfs.volume import Volume  # noqa: E402
+from marsfs.volume.volume import RECORD_CHUNK  # noqa: E402
 
 SIZE = 2 * 1024 * 1024
 SEGMENT_BYTES = 128 * 1024

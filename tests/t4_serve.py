@@ -14,45 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from marsfs.testing.harness import Harness, NodeProcess, run
+from marsfs.testing.checks import check_tree, flush_points, fsck_clean, write_tree
+from marsfs.testing.harness import Harness, run
 
 MiB = 1 << 20
-
-
-def write_tree(root: Path, seed: int, files: int = 40) -> dict[str, str]:
-    """Files of mixed sizes in a few directories, each fsync'd; returns relpath -> sha256."""
-    rng = random.Random(seed)
-    sums: dict[str, str] = {}
-    for i in range(files):
-        d = root / f"d{i % 5}"
-        d.mkdir(exist_ok=True)
-        size = rng.choice([0, 100, 4096, 70000, 1 << 20])
-        data = rng.randbytes(size // 2) + bytes(size - size // 2)
-        p = d / f"f{seed}-{i}"
-        with open(p, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        sums[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()
-    fd = os.open(root, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    return sums
-
-
-def check_tree(root: Path, sums: dict[str, str]) -> None:
-    for rel, want in sums.items():
-        assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == want, rel
-
-
-def fsck_clean(image: Path) -> None:
-    r = run(["e2fsck", "-fn", os.fspath(image)], check=False)
-    assert r.returncode == 0, f"e2fsck -fn found problems ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-
-
-def flush_points(node: NodeProcess, vol: str) -> int:
-    versions = json.loads(node.cli("versions", vol, "--json").stdout)["versions"]
-    return sum(1 for v in versions if v["kind"] == "flush")
 
 
 def test_ext4_on_loop_survives_restart(harness: Harness, tmp_path: Path) -> None:

@@ -2,62 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from marsfs.testing.harness import Harness, NodeProcess, run
+from marsfs.testing.checks import check_tree, sha, status, wait_for, wait_synced, write_random, write_tree
+from marsfs.testing.harness import Harness, run
 
 MiB = 1 << 20
-
-
-def status(node: NodeProcess, vol: str) -> dict[str, Any]:
-    return json.loads(node.cli("status", vol, "--json").stdout)
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def wait_synced(node: NodeProcess, vol: str, timeout: float = 60) -> None:
-    r = node.cli("wait", vol, "--synced", "--timeout", str(timeout), check=False, timeout=timeout + 30)
-    assert r.returncode == 0, f"{node.name} not synced: {r.stderr}\n{node.log_tail()}"
-
-
-def wait_for(cond: Any, timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def write_random(image: Path, seed: int, count: int, size: int, *, fsync_every: int = 10) -> None:
-    rng = random.Random(seed)
-    fd = os.open(image, os.O_RDWR)
-    try:
-        for i in range(count):
-            n = rng.choice([4096, 65536, 300_000])
-            off = rng.randrange(0, size - n) // 4096 * 4096
-            os.pwrite(fd, rng.randbytes(n), off)
-            if i % fsync_every == 0:
-                os.fsync(fd)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_join_copies_image_then_fetches_and_ext4_checks_clean(harness: Harness, tmp_path: Path) -> None:
@@ -67,7 +24,6 @@ def test_join_copies_image_then_fetches_and_ext4_checks_clean(harness: Harness, 
     dev = harness.attach(a.image("vm"))
     run(["mkfs.ext4", "-q", dev])
     ext = harness.mount_fs(dev, tmp_path / "ext")
-    from test_serve import check_tree, write_tree
 
     sums = write_tree(ext, seed=1, files=20)  # before the join: arrives with the image copy
     r = b.cli("join", "vm", "--from", "a")

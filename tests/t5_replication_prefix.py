@@ -21,9 +21,9 @@ import threading
 import time
 import zlib
 
+from marsfs.testing.checks import sha, status, wait_synced
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness
-from test_replication import sha, status, wait_synced
 
 BLOCK = 4096
 BLOCKS = 8192  # a 32 MiB region

@@ -19,7 +19,7 @@ from typing import ParamSpec
 import pytest
 import trio
 
-from marsfs.testing.faultproxy import Faults, FaultProxy, ProxyProcess, open_fault_proxy
+from marsfs.testing.faultproxy import FaultProxy, Faults, ProxyProcess, open_fault_proxy
 
 P = ParamSpec("P")
 MiB = 1024 * 1024

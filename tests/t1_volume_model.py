@@ -315,7 +315,7 @@ def test_concurrent_flushes_cover_each_callers_write(tmp_path: Path) -> None:
                 durable = vol.flush()
                 assert durable >= lsn, (i, j, lsn, durable)
                 assert vol.durable_lsn >= lsn
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]

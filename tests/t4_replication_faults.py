@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_replication import sha, status, wait_for, wait_synced
 
+from marsfs.testing.checks import sha, status, wait_for, wait_synced
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
 
