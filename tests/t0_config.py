@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from marsfs.errors import UsageError, VolumeError
+from marsfs.errors import InvalidRequest, UsageError
 from marsfs.faces.serve import load_config
-from marsfs.node import parse_size
+from marsfs.units import parse_size
 
 NO_FLAGS = {"node": None, "state": None, "mount": None, "listen": None, "peer": [], "history": None, "cluster": None}
 
@@ -45,5 +45,5 @@ def test_sizes(text: str, want: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "G", "12Q", "-1M", "1.3"])
 def test_bad_sizes(text: str) -> None:
-    with pytest.raises(VolumeError):
+    with pytest.raises(InvalidRequest):
         parse_size(text)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from marsfs.errors import MarsError, UsageError
+from marsfs.units import human_bytes, parse_size
 
 DEFAULT_STATE = "/var/lib/marsfs"
 
@@ -29,24 +30,16 @@ def _call(args: argparse.Namespace, cmd: str, **kw: Any) -> Any:
     return call(_state(args), cmd, **kw)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _status_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no volumes (create one with: marsfs create NAME --size SIZE)"
     head = ["VOLUME", "ROLE", "STATE", "EPOCH", "SIZE", "HEAD", "DURABLE", "APPLIED", "OLDEST", "LOG", "LAG", "OPEN"]
     table = [head]
     for r in rows:
-        table.append([r["volume"], r["role"], r["state"], str(r["epoch"]), _human_bytes(r["size"]),
+        table.append([r["volume"], r["role"], r["state"], str(r["epoch"]), human_bytes(r["size"]),
                       str(r["head_lsn"]), str(r["durable_lsn"]), str(r["applied_lsn"]),
-                      str(r["oldest_version_lsn"]), _human_bytes(r["log_bytes"]),
-                      f"{_human_bytes(r['lag_bytes'])}/{r['lag_seconds']:.1f}s", str(r["open_handles"])])
+                      str(r["oldest_version_lsn"]), human_bytes(r["log_bytes"]),
+                      f"{human_bytes(r['lag_bytes'])}/{r['lag_seconds']:.1f}s", str(r["open_handles"])])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     for r in rows:
@@ -65,12 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from marsfs.node import check_volume_name, parse_size
+    from marsfs.node import check_volume_name
 
     check_volume_name(args.volume)
     size = parse_size(args.size)
     r = _call(args, "create", volume=args.volume, size=size)
-    print(f"created volume {r['volume']} ({_human_bytes(r['size'])}), primary on node {r['node']}")
+    print(f"created volume {r['volume']} ({human_bytes(r['size'])}), primary on node {r['node']}")
     return 0
 
 
@@ -114,7 +107,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_join(args: argparse.Namespace) -> int:
     r = _call(args, "join", volume=args.volume, source=args.source)
-    print(f"joining {r['volume']} from {r['source']}: copying {_human_bytes(r['size'])}; "
+    print(f"joining {r['volume']} from {r['source']}: copying {human_bytes(r['size'])}; "
           f"follow with: marsfs status {r['volume']}  (or marsfs wait {r['volume']} --synced)")
     return 0
 
@@ -153,7 +146,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
                             + "; ".join(last["errors"]))
         if deadline is not None and time.monotonic() > deadline:
             raise MarsError(f"{args.volume} not synced after {args.timeout:g} s: state {last['state']}, "
-                            f"lag {last['lag_records']} records / {_human_bytes(last['lag_bytes'])} / "
+                            f"lag {last['lag_records']} records / {human_bytes(last['lag_bytes'])} / "
                             f"{last['lag_seconds']:.1f} s")
         time.sleep(0.1)
 

@@ -23,7 +23,7 @@ import trio
 
 from marsfs.errors import MarsError
 
-log = logging.getLogger("marsfs.control")
+logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
@@ -108,7 +108,7 @@ async def _answer(dispatch: Dispatch, line: bytes) -> dict[str, Any]:
     except MarsError as e:
         return {"ok": False, "error": str(e), "exit": e.exit_code}
     except Exception as e:  # a bug: keep the daemon up, say where to look
-        log.exception("control command %s failed", cmd)
+        logger.exception("control command %s failed", cmd)
         return {"ok": False, "error": f"internal error in {cmd}: {e!r}; see the daemon's log", "exit": 1}
 
 

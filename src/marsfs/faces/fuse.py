@@ -43,7 +43,7 @@ from marsfs.errors import MarsError
 from marsfs.node import Node
 from marsfs.volume import Volume, VolumeView
 
-log = logging.getLogger("marsfs.fuse")
+logger = logging.getLogger(__name__)
 
 SUFFIX = ".img"
 INLINE_MAX = 128 * 1024  #: requests up to this size run on the trio thread
@@ -63,10 +63,10 @@ def translated(fn: F) -> F:
             raise
         except MarsError as e:
             code = getattr(e, "errno", errno.EIO)
-            log.warning("%s: %s", fn.__name__, e)
+            logger.warning("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
-            log.exception("unexpected error in FUSE handler %s", fn.__name__)
+            logger.exception("unexpected error in FUSE handler %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
@@ -194,7 +194,7 @@ class Operations(pyfuse3.Operations):
         if version is not None and (fields.update_size or fields.update_mtime):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size and attr.st_size != vol.size:
-            log.warning("refused to change the size of %s%s to %d (volumes keep their size; "
+            logger.warning("refused to change the size of %s%s to %d (volumes keep their size; "
                         "use marsfs resize to grow)", name, SUFFIX, attr.st_size)
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -233,7 +233,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         name, version = self._entry(inode)
         if flags & os.O_TRUNC:
-            log.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", name, SUFFIX)
+            logger.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", name, SUFFIX)
             raise pyfuse3.FUSEError(errno.EPERM)
         if flags & os.O_ACCMODE != os.O_RDONLY and version is not None:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -303,7 +303,7 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        log.warning("refused to unlink %s: delete volumes with marsfs delete", os.fsdecode(name))
+        logger.warning("refused to unlink %s: delete volumes with marsfs delete", os.fsdecode(name))
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @translated

@@ -30,10 +30,11 @@ from marsfs.aio import single_error
 from marsfs.errors import MarsError, UsageError
 from marsfs.faces.control import serve_control
 from marsfs.faces.fuse import Operations
-from marsfs.node import DEFAULT_HISTORY_BYTES, Node, parse_size
+from marsfs.node import DEFAULT_HISTORY_BYTES, Node
 from marsfs.node.cluster import DEFAULT_CLUSTER, Cluster
+from marsfs.units import parse_size
 
-log = logging.getLogger("marsfs.serve")
+logger = logging.getLogger(__name__)
 
 MAINTAIN_INTERVAL = 1.0
 FUSE_MAX_BACKGROUND = 64  # FUSE-NOTES: +35-45 % on 1 MiB I/O over the default 12
@@ -113,7 +114,7 @@ def _tune_process() -> None:
         libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD: keep 1 MiB request buffers off mmap/munmap
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
         if libc.prctl(57, 1, 0, 0, 0) != 0:  # PR_SET_IO_FLUSHER: refused here (EPERM), try anyway
-            log.debug("PR_SET_IO_FLUSHER refused (errno %d)", ctypes.get_errno())
+            logger.debug("PR_SET_IO_FLUSHER refused (errno %d)", ctypes.get_errno())
     except OSError:
         pass
 
@@ -174,14 +175,14 @@ class Daemon:
             nursery.start_soon(self._signals)
             nursery.start_soon(self._maintain)
             nursery.start_soon(self._tune_connection)
-            log.info("node %s serving %d volume(s) at %s", self.node.name, len(self.node.volumes), self.cfg.mount)
+            logger.info("node %s serving %d volume(s) at %s", self.node.name, len(self.node.volumes), self.cfg.mount)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("%s: finishing requests in flight, then flushing and unmounting",
+                logger.info("%s: finishing requests in flight, then flushing and unmounting",
                          signal.Signals(signum).name)
                 pyfuse3.terminate()
                 return
@@ -202,7 +203,7 @@ class Daemon:
             (conn / "max_background").write_text(str(FUSE_MAX_BACKGROUND))
             (conn / "congestion_threshold").write_text(str(FUSE_MAX_BACKGROUND * 3 // 4))
         except OSError as e:
-            log.info("could not raise FUSE max_background: %s", e)
+            logger.info("could not raise FUSE max_background: %s", e)
 
 
 def serve(cfg: ServeConfig) -> int:
@@ -227,7 +228,7 @@ def serve(cfg: ServeConfig) -> int:
             pyfuse3.close(unmount=clean)
     finally:
         node.close()
-    log.info("node %s stopped cleanly", cfg.node)
+    logger.info("node %s stopped cleanly", cfg.node)
     return 0
 
 

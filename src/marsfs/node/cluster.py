@@ -29,7 +29,7 @@ from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, rece
 from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.volume import Volume
 
-log = logging.getLogger("marsfs.cluster")
+logger = logging.getLogger(__name__)
 
 REPLAY_EVERY = 0.02
 STALL_AFTER = 10.0
@@ -75,7 +75,7 @@ class Cluster:
                                     "pick another --listen address or stop what uses it") from None
                 nursery.start_soon(trio.serve_listeners, self.server.handle, listeners)
                 self.port = listeners[0].socket.getsockname()[1]
-                log.info("node %s listens for peers on %s:%d", self.node.name, host, self.port)
+                logger.info("node %s listens for peers on %s:%d", self.node.name, host, self.port)
             for name, vol in list(self.node.volumes.items()):
                 if self.node.is_mirror(name):
                     self._start_fetch(vol)
@@ -83,7 +83,7 @@ class Cluster:
                 try:
                     await self.join(name, source)
                 except MarsError as e:
-                    log.error("could not restart the image copy of %s from %s: %s", name, source, e)
+                    logger.error("could not restart the image copy of %s from %s: %s", name, source, e)
             nursery.start_soon(self._replay_loop)
             task_status.started()
 
@@ -141,7 +141,7 @@ class Cluster:
             except BaseException as e:
                 self.copies.pop(name, None)
                 if not isinstance(e, trio.Cancelled):
-                    log.error("image copy of %s from %s failed: %s; retry with marsfs join", name, source, e)
+                    logger.error("image copy of %s from %s failed: %s; retry with marsfs join", name, source, e)
                     self.node.roles.pop(name, None)
                     await trio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
                 raise
@@ -150,7 +150,7 @@ class Cluster:
             self.node.register(vol)
             self.node.set_role(name, state="mirror", replayed_lsn=vol.current_lsn)
             self.copies.pop(name, None)
-            log.info("image copy of %s from %s done at LSN %d; fetching the log", name, source, vol.applied_lsn)
+            logger.info("image copy of %s from %s done at LSN %d; fetching the log", name, source, vol.applied_lsn)
             self._start_fetch(vol)
 
         assert self._nursery is not None
@@ -195,7 +195,7 @@ class Cluster:
             ch, _ = await open_channel(self._connector(source), hello(self.node.name, self.cluster, name, "leave"))
             await ch.aclose()
         except (MarsError, OSError, PeerRefused, trio.TooSlowError) as e:
-            log.info("could not tell %s that we left %s: %s", source, name, e)
+            logger.info("could not tell %s that we left %s: %s", source, name, e)
         return {"volume": name, "left": source}
 
     # ------------------------------------------------------------------ pause and resume

@@ -35,23 +35,11 @@ from marsfs.errors import MarsError, NodeError, VolumeError
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.volume import Volume
 
-log = logging.getLogger("marsfs.node")
+logger = logging.getLogger(__name__)
 
 VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NODE_NAME = VOLUME_NAME
 DEFAULT_HISTORY_BYTES = 256 * 1024 * 1024
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``512M``, ``10G``, ``1.5T`` (binary units, optional ``iB``/``B``) or plain bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise VolumeError(f"cannot read size {text!r}: give bytes or a number with K, M, G or T, like 512M or 10G")
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value != int(value):
-        raise VolumeError(f"size {text!r} is not a whole number of bytes")
-    return int(value)
 
 
 def check_volume_name(name: str) -> str:
@@ -125,13 +113,13 @@ class Node:
             if not (path / "volume.json").exists() or role.get("state") == "syncing":
                 if role.get("state") == "syncing":  # an image copy a crash interrupted: copy again
                     self.rejoin[path.name] = str(role["source"])
-                log.warning("removing %s: an aborted create or image copy", path)
+                logger.warning("removing %s: an aborted create or image copy", path)
                 shutil.rmtree(path)
                 continue
             t = time.perf_counter()
             vol = Volume.open(path)
             rep = vol.log.recovery
-            log.info("volume %s recovered: %d records, %.1f MiB verified in %.2f s%s", vol.name, rep.records,
+            logger.info("volume %s recovered: %d records, %.1f MiB verified in %.2f s%s", vol.name, rep.records,
                      rep.bytes_scanned / 2**20, time.perf_counter() - t,
                      f", cut a torn tail of {rep.torn_bytes} bytes ({rep.torn_reason})" if rep.torn_bytes else "")
             if role["role"] == "mirror":
@@ -148,7 +136,7 @@ class Node:
                 try:
                     vol.close()
                 except MarsError as e:
-                    log.error("closing volume %s: %s", vol.name, e)
+                    logger.error("closing volume %s: %s", vol.name, e)
             self.volumes.clear()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
@@ -172,7 +160,7 @@ class Node:
             write_json(path / "role.json", role)
             self.volumes[name] = vol
             self.roles[name] = role
-            log.info("created volume %s of %d bytes, primary", name, size)
+            logger.info("created volume %s of %d bytes, primary", name, size)
             return vol
 
     def check_new(self, name: str) -> Path:
@@ -220,7 +208,7 @@ class Node:
         os.rename(vol.path, target)
         fsync_dir(vol.path.parent)
         shutil.rmtree(target)
-        log.info("deleted volume %s", name)
+        logger.info("deleted volume %s", name)
 
     def mirrors_of(self, name: str) -> list[str]:
         """Mirrors known to fetch ``name`` from here (set by the cluster layer)."""
@@ -253,7 +241,7 @@ class Node:
                     if vol.writeback(target) == before:
                         break  # pinned by an open view
             except MarsError as e:
-                log.error("writeback of %s: %s", vol.name, e)
+                logger.error("writeback of %s: %s", vol.name, e)
                 if str(e) not in vol.errors:
                     vol.errors.append(str(e))
 

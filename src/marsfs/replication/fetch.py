@@ -32,7 +32,7 @@ from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.protocol import PROTO_VERSION, MsgType, ProtocolError, decode_image_data, split_records
 from marsfs.volume import Volume
 
-log = logging.getLogger("marsfs.replication")
+logger = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
@@ -149,11 +149,11 @@ class Fetcher:
                 self.state.error = e.message
                 if e.code in FATAL:
                     self.state.fatal = e.code
-                    log.error("fetch of %s refused by %s: %s", self.vol.name, self.state.source, e)
+                    logger.error("fetch of %s refused by %s: %s", self.vol.name, self.state.source, e)
                     return
             except (ConnectionLost, ProtocolError, OSError, trio.TooSlowError, MarsError) as e:
                 self.state.error = f"{type(e).__name__}: {e}" if not isinstance(e, MarsError) else str(e)
-                log.info("fetch of %s from %s: %s; retrying in %.1f s", self.vol.name, self.state.source,
+                logger.info("fetch of %s from %s: %s; retrying in %.1f s", self.vol.name, self.state.source,
                          self.state.error, backoff)
             finally:
                 self.state.connected = False

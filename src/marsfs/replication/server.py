@@ -31,7 +31,7 @@ from marsfs.replication.channel import Channel, ConnectionLost
 from marsfs.replication.protocol import PROTO_VERSION, MsgType, ProtocolError, encode_frame, encode_image_data
 from marsfs.volume import Volume
 
-log = logging.getLogger("marsfs.replication")
+logger = logging.getLogger(__name__)
 
 BATCH_BYTES = 4 * 1024 * 1024
 FIRST_BATCH = 64 * 1024  #: a session's first frame; each later one may be twice as big
@@ -134,12 +134,12 @@ class Server:
                 vol.release(f"mirror:{peer}")
                 self.peers.forget(vol.name, peer)
         except (ConnectionLost, ProtocolError) as e:
-            log.info("replication connection from %s ended: %s", peer, e)
+            logger.info("replication connection from %s ended: %s", peer, e)
         except MarsError as e:
-            log.warning("replication connection from %s: %s", peer, e)
+            logger.warning("replication connection from %s: %s", peer, e)
             await self._refuse(ch, "error", str(e))
         except Exception:  # a bug in one peer's connection must not take the node down (G4)
-            log.exception("replication connection from %s failed; dropping it", peer)
+            logger.exception("replication connection from %s failed; dropping it", peer)
         finally:
             await ch.aclose()
 
@@ -176,7 +176,7 @@ class Server:
             chain = vol.log.chain_at(lsn)
             await ch.send_json(MsgType.IMAGE_INFO, {"lsn": lsn, "chain": chain.hex(), "size": vol.size,
                                                     "uuid": vol.uuid})
-            log.info("sending image of %s at LSN %d to %s", vol.name, lsn, peer)
+            logger.info("sending image of %s at LSN %d to %s", vol.name, lsn, peer)
             for off in range(0, vol.size, IMAGE_CHUNK):
                 n = min(IMAGE_CHUNK, vol.size - off)
                 data = await trio.to_thread.run_sync(view.read, off, n)
@@ -208,7 +208,7 @@ class Server:
         vol.hold(key, after)
         state = self.peers.get(vol.name, peer)
         state.connected, state.fetched_lsn, state.sent_lsn = True, after, after
-        log.info("%s fetches %s from LSN %d", peer, vol.name, after + 1)
+        logger.info("%s fetches %s from LSN %d", peer, vol.name, after + 1)
         try:
             with single_error():
                 async with trio.open_nursery() as nursery:

@@ -93,7 +93,7 @@ from typing import Any, Literal
 
 import trio
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 Way = Literal["up", "down"]
 Direction = Literal["both", "up", "down"]
@@ -512,7 +512,7 @@ class FaultProxy:
                     try:
                         client = await listener.accept()
                     except OSError as e:  # e.g. EMFILE: wait for descriptors to come back
-                        log.warning("fault proxy: accept failed: %s", e)
+                        logger.warning("fault proxy: accept failed: %s", e)
                         await trio.sleep(0.1)
                         continue
                     nursery.start_soon(self._handle, client, target_host, target_port)
@@ -528,7 +528,7 @@ class FaultProxy:
             return await trio.open_tcp_stream(host, port)
         except OSError as e:
             self._stats.connect_failures += 1
-            log.info("fault proxy: cannot reach target %s:%d: %s", host, port, e)
+            logger.info("fault proxy: cannot reach target %s:%d: %s", host, port, e)
             return None
 
     async def _handle(self, client: trio.SocketStream, host: str, port: int) -> None:
@@ -558,7 +558,7 @@ class FaultProxy:
                     nursery.start_soon(down.write_loop, client)
         except Exception:
             self._stats.errors += 1
-            log.exception("fault proxy: connection handler failed")
+            logger.exception("fault proxy: connection handler failed")
             _set_linger_zero(conn.client)
             _set_linger_zero(conn.target)
         finally:
@@ -651,7 +651,7 @@ async def _run_process(args: argparse.Namespace) -> None:
                 await nursery.start(_serve_control, proxy, args.control)
             print(f"PORT {port}", flush=True)
             async for signum in signals:
-                log.info("fault proxy: signal %d, stopping", signum)
+                logger.info("fault proxy: signal %d, stopping", signum)
                 break
             nursery.cancel_scope.cancel()
 

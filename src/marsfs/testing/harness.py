@@ -85,12 +85,12 @@ class NodeProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         cmd = [sys.executable, "-m", "marsfs", "serve", "--node", self.name, "--state", os.fspath(self.state),
                "--mount", os.fspath(self.mount), *self.extra]
-        log = open(self.logfile, "ab")
+        logf = open(self.logfile, "ab")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **MALLOC_ENV})
         finally:
-            log.close()
+            logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -30,7 +30,7 @@ import trio
 
 from marsfs.faces.fuse import translated
 
-log = logging.getLogger("marsfs.testing.memfs")
+logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 _ZEROS = memoryview(bytes(CHUNK))
@@ -268,7 +268,7 @@ def ensure_fusectl() -> bool:
                        capture_output=True, timeout=10)
         return True
     except (OSError, subprocess.SubprocessError) as e:
-        log.info("fusectl not mounted and mounting it failed: %s", e)
+        logger.info("fusectl not mounted and mounting it failed: %s", e)
         return False
 
 
@@ -291,7 +291,7 @@ async def _serve(ops: MemFS, mountpoint: str, max_background: int) -> None:
     async def on_signal() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("%s: unmounting", signal.Signals(signum).name)
+                logger.info("%s: unmounting", signal.Signals(signum).name)
                 pyfuse3.terminate()
                 return
 
@@ -301,10 +301,10 @@ async def _serve(ops: MemFS, mountpoint: str, max_background: int) -> None:
         if max_background > 0:
             try:
                 vals = await trio.to_thread.run_sync(tune_connection, mountpoint, max_background)
-                log.info("connection tuned: %s", vals)
+                logger.info("connection tuned: %s", vals)
             except OSError as e:
-                log.warning("could not raise FUSE max_background: %s", e)
-        log.info("%s", READY)  # the bench harness waits for this line before measuring
+                logger.warning("could not raise FUSE max_background: %s", e)
+        logger.info("%s", READY)  # the bench harness waits for this line before measuring
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signal)
@@ -340,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memfs: mounting at {mountpoint} failed: {e}", file=sys.stderr)
         return 1
     try:
-        log.info("serving %s (%d bytes) at %s", ops.fname.decode(), size, mountpoint)
+        logger.info("serving %s (%d bytes) at %s", ops.fname.decode(), size, mountpoint)
         trio.run(_serve, ops, mountpoint, args.max_background)
     finally:
         pyfuse3.close(unmount=True)  # a baseline leaves nothing behind, even after a crash
-    log.info("unmounted")
+    logger.info("unmounted")
     return 0
 
 
