@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -35,3 +36,16 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
     for e in eg.exceptions:
         out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
+
+
+async def supervised(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run a background task of the daemon so that its failure never ends the daemon (G11).
+
+    A task is expected to handle the failures it knows (and say so in its own words); whatever
+    escapes is a bug, logged with its traceback as an unexpected error, and the task ends.
+    Cancellation passes through.
+    """
+    try:
+        await fn()
+    except Exception:
+        logger.exception("unexpected error in background task %s; it stopped, the daemon goes on", what)

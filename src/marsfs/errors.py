@@ -116,6 +116,13 @@ class VersionNotFound(VolumeError):
     errno = _errno.ENOENT
 
 
+class WrongRole(VolumeError):
+    """The command does not apply to the volume's role on this node (e.g. a mirror-only command
+    on a primary); the message names the node to run it on or the command to use instead."""
+
+    errno = _errno.EINVAL
+
+
 class NodeError(MarsError):
     """A node-level refusal: names, ownership of the state directory, roles."""
 

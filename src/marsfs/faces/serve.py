@@ -139,8 +139,9 @@ class Daemon:
         if cmd == "delete":
             if node.is_mirror(args["volume"]):
                 raise UsageError(f"{args['volume']} is a mirror here: stop mirroring with marsfs leave")
-            self.cluster.status(args["volume"])  # refreshes which mirrors the primary knows
-            await trio.to_thread.run_sync(lambda: node.delete(args["volume"], force=bool(args.get("force"))))
+            mirrors = self.cluster.mirrors_of(args["volume"])
+            await trio.to_thread.run_sync(lambda: node.delete(args["volume"], force=bool(args.get("force")),
+                                                              mirrors=mirrors))
             self.ops.forget_volume(args["volume"])
             return {"deleted": args["volume"]}
         if cmd == "status":

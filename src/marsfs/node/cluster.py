@@ -15,15 +15,25 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import time
 from collections import deque
 from typing import Any
 
 import trio
 
-from marsfs.errors import MarsError, UsageError, VolumeError
+from marsfs.aio import supervised
+from marsfs.errors import MarsError, PeerError, UsageError, VolumeBusy, WrongRole
 from marsfs.node.node import Node, check_volume_name
+from marsfs.node.state import (
+    FRESH,
+    MirrorFacts,
+    PeerStatus,
+    Role,
+    VolumeState,
+    VolumeStatus,
+    mirror_state,
+    peer_state,
+)
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
 from marsfs.replication.server import PeerTable, Server, lag_of
@@ -32,8 +42,6 @@ from marsfs.volume import Volume
 logger = logging.getLogger(__name__)
 
 REPLAY_EVERY = 0.02
-STALL_AFTER = 10.0
-FRESH = 1.5  #: a mirror is "synced" only on the word of a heartbeat at most this old (they come every 0.5 s)
 DEFAULT_CLUSTER = "marsfs"
 
 
@@ -90,7 +98,7 @@ class Cluster:
     def _connector(self, peer: str) -> Connect:
         if peer not in self.peers:
             known = ", ".join(sorted(self.peers)) or "none"
-            raise VolumeError(f"unknown peer {peer!r} (known: {known}); start the daemon with --peer {peer}=HOST:PORT")
+            raise PeerError(f"unknown peer {peer!r} (known: {known}); start the daemon with --peer {peer}=HOST:PORT")
         host, port = self.peers[peer]
 
         async def connect() -> trio.abc.Stream:
@@ -102,7 +110,7 @@ class Cluster:
         return self.node.volumes.get(name)
 
     def _epoch(self, name: str) -> int:
-        return int(self.node.roles.get(name, {}).get("epoch", 1))
+        return self.node.role(name).epoch
 
     # ------------------------------------------------------------------ join and leave
 
@@ -111,24 +119,21 @@ class Cluster:
         check_volume_name(name)
         connect = self._connector(source)
         if name in self.copies:
-            raise VolumeError(f"volume {name!r} is already being copied from {self.copies[name]['source']}")
-        path = self.node.check_new(name)
+            raise VolumeBusy(f"volume {name!r} is already being copied from {self.copies[name]['source']}")
+        self.node.check_new(name)
         try:
             ch, welcome = await open_channel(connect, hello(self.node.name, self.cluster, name, "image"))
         except PeerRefused as e:
-            raise VolumeError(f"{source} refused: {e.message}") from None
+            raise PeerError(f"{source} refused: {e.message}") from None
         except (OSError, trio.TooSlowError) as e:
-            raise VolumeError(f"cannot reach peer {source} at {self.peers[source][0]}:{self.peers[source][1]}: "
-                              f"{e}; is its daemon running with --listen?") from None
-        progress = {"source": source, "done": 0, "size": int(welcome["size"]), "started": time.monotonic()}
+            raise PeerError(f"cannot reach peer {source} at {self.peers[source][0]}:{self.peers[source][1]}: "
+                            f"{e}; is its daemon running with --listen?") from None
+        progress = {"source": source, "done": 0, "size": int(welcome["size"]), "started": trio.current_time()}
         self.copies[name] = progress
         epoch = int(welcome.get("epoch", 1))
 
         def make_volume(info: dict[str, Any]) -> Volume:
-            path.mkdir(parents=True)  # role.json first: a crash during the copy restarts the copy
-            self.node.roles[name] = {"role": "mirror", "state": "syncing", "source": source, "epoch": epoch,
-                                     "fetch_paused": False, "replay_paused": False}
-            self.node.set_role(name)
+            path = self.node.begin_mirror(name, source, epoch)  # a crash during the copy restarts it
             return Volume.create_replica(path, name, int(info["size"]), str(info["uuid"]), int(info["lsn"]),
                                          bytes.fromhex(str(info["chain"])))
 
@@ -138,37 +143,34 @@ class Cluster:
         async def copy() -> None:
             try:
                 vol = await receive_image(ch, make_volume, progressed)
-            except BaseException as e:
+            except Exception as e:
+                # the failure is the copy's, not the daemon's: say it, clean up, carry on
+                logger.error("image copy of %s from %s failed: %s; retry with marsfs join", name, source, e)
+                await trio.to_thread.run_sync(self.node.abort_mirror, name)
                 self.copies.pop(name, None)
-                if not isinstance(e, trio.Cancelled):
-                    logger.error("image copy of %s from %s failed: %s; retry with marsfs join", name, source, e)
-                    self.node.roles.pop(name, None)
-                    await trio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
-                raise
+                return
             finally:
                 await ch.aclose()
-            self.node.register(vol)
-            self.node.set_role(name, state="mirror", replayed_lsn=vol.current_lsn)
+            self.node.finish_mirror(vol)
             self.copies.pop(name, None)
             logger.info("image copy of %s from %s done at LSN %d; fetching the log", name, source, vol.applied_lsn)
             self._start_fetch(vol)
 
         assert self._nursery is not None
-        self._nursery.start_soon(_quiet(copy))
+        self._nursery.start_soon(supervised, f"image copy of {name}", copy)
         return {"volume": name, "source": source, "size": progress["size"], "state": "syncing"}
 
     def _start_fetch(self, vol: Volume) -> None:
-        role = self.node.roles[vol.name]
-        source = str(role["source"])
+        source = self.node.role(vol.name).source
         try:
             connect = self._connector(source)
-        except VolumeError as e:
+        except PeerError as e:
             vol.errors.append(str(e))
             return
         fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
-                          paused=lambda: bool(self.node.roles.get(vol.name, {}).get("fetch_paused")),
+                          paused=lambda: self.node.role(vol.name).fetch_paused,
                           replayed=lambda: vol.current_lsn,
-                          replay_paused=lambda: bool(self.node.roles.get(vol.name, {}).get("replay_paused")))
+                          replay_paused=lambda: self.node.role(vol.name).replay_paused)
         self.fetchers[vol.name] = fetcher
         scope = trio.CancelScope()
         self._scopes[vol.name] = scope
@@ -178,14 +180,14 @@ class Cluster:
                 await fetcher.run()
 
         assert self._nursery is not None
-        self._nursery.start_soon(run)
+        self._nursery.start_soon(supervised, f"fetch of {vol.name}", run)
 
     async def leave(self, name: str) -> dict[str, Any]:
         """Stop mirroring ``name`` and remove this node's copy."""
         if not self.node.is_mirror(name):
             self.node.volume(name)
-            raise VolumeError(f"volume {name!r} is not a mirror on node {self.node.name}; use marsfs delete")
-        source = str(self.node.roles[name]["source"])
+            raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}; use marsfs delete")
+        source = self.node.role(name).source
         scope = self._scopes.pop(name, None)
         if scope is not None:
             scope.cancel()
@@ -203,12 +205,12 @@ class Cluster:
     def set_paused(self, name: str, what: str, paused: bool) -> dict[str, Any]:
         if not self.node.is_mirror(name):
             self.node.volume(name)
-            raise VolumeError(f"volume {name!r} is not a mirror on node {self.node.name}")
+            raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}")
         vol = self.node.volume(name)
-        changes: dict[str, Any] = {f"{what}_paused": paused}
         if what == "replay":
-            changes["replayed_lsn"] = vol.current_lsn
-        self.node.set_role(name, **changes)
+            self.node.set_role(name, replay_paused=paused, replayed_lsn=vol.current_lsn)
+        else:
+            self.node.set_role(name, fetch_paused=paused)
         return {"volume": name, f"{what}_paused": paused}
 
     async def _replay_loop(self) -> None:
@@ -217,103 +219,108 @@ class Cluster:
             await trio.sleep(REPLAY_EVERY)
             now = time.monotonic()
             for name, vol in list(self.node.volumes.items()):
-                role = self.node.roles.get(name, {})
-                if role.get("role") != "mirror" or role.get("replay_paused"):
+                role = self.node.role(name)
+                if not role.is_mirror or role.replay_paused:
                     continue
                 if vol.visible_lsn is not None and vol.durable_lsn > vol.visible_lsn:
                     vol.visible_lsn = vol.durable_lsn
                 samples = self._replay_samples.setdefault(name, deque(maxlen=50))
                 if not samples or now - samples[-1][0] > 0.1:
                     samples.append((now, vol.current_lsn))
-                if now - persisted.get(name, 0) > 1.0 and role.get("replayed_lsn") != vol.current_lsn:
+                if now - persisted.get(name, 0) > 1.0 and role.replayed_lsn != vol.current_lsn:
                     persisted[name] = now
                     await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, replayed_lsn=vol.current_lsn))
 
     # ------------------------------------------------------------------ status
 
+    def _now(self) -> float:
+        """The clock the fetch state's timestamps come from."""
+        return time.monotonic()
+
+    def mirrors_of(self, name: str) -> list[str]:
+        """The nodes known to fetch ``name`` from this node (connected or not)."""
+        return [p.node for p in self.peer_table.for_volume(name)]
+
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
-        rows = self.node.status(name) if name is None or name in self.node.volumes else []
-        if name is not None and not rows:
+        """Status rows as JSON objects (what the control socket sends)."""
+        return [s.to_json() for s in self.statuses(name)]
+
+    def statuses(self, name: str | None = None) -> list[VolumeStatus]:
+        """Every volume's status (or one's), with lag and peers. Reads only."""
+        if name is not None and name not in self.node.volumes:
             if name in self.copies:
                 return [self._copy_status(name)]
             self.node.volume(name)  # raises the usual unknown-volume error
-        for r in rows:
-            if r["role"] == "mirror":
-                self._mirror_status(r)
-            else:
-                vol = self.node.volumes[r["volume"]]
-                peers = self.peer_table.for_volume(r["volume"])
-                for p in peers:  # now, not when the last session shipped: a dead link keeps lagging
-                    p.lag_bytes, p.lag_records, p.lag_seconds = lag_of(vol, p.fetched_lsn)
-                r["peers"] = [p.public() for p in peers]
-                self.node.known_mirrors[r["volume"]] = {p["node"] for p in r["peers"]}
+        names = [name] if name is not None else sorted(self.node.volumes)
+        rows = [self._volume_status(n) for n in names]
         if name is None:
             rows += [self._copy_status(n) for n in sorted(self.copies)]
         return rows
 
-    def _copy_status(self, name: str) -> dict[str, Any]:
-        c = self.copies[name]
-        elapsed = max(1e-3, time.monotonic() - c["started"])
-        rate = c["done"] / elapsed
-        return {"volume": name, "node": self.node.name, "role": "mirror", "state": "syncing",
-                "epoch": 0, "size": c["size"], "head_lsn": 0, "durable_lsn": 0, "fetched_lsn": 0,
-                "replayed_lsn": 0, "applied_lsn": 0, "lag_bytes": c["size"] - c["done"], "lag_records": 0,
-                "lag_seconds": 0.0, "oldest_version_lsn": 0, "log_bytes": 0, "open_handles": 0,
-                "progress": c["done"] / c["size"] if c["size"] else 1.0, "fetch_rate": rate,
-                "eta_seconds": (c["size"] - c["done"]) / rate if rate else None,
-                "source": c["source"], "peers": [], "errors": []}
+    def _volume_status(self, name: str) -> VolumeStatus:
+        st = self.node.volume_status(name)
+        if st.role == Role.MIRROR:
+            return self._mirror_status(st)
+        vol = self.node.volumes[name]
+        peers = []
+        for p in self.peer_table.for_volume(name):
+            # now, not when the last session shipped: a dead link keeps lagging
+            lag_b, lag_r, lag_s = lag_of(vol, p.fetched_lsn)
+            peers.append(PeerStatus(
+                node=p.node, connected=p.connected, fetched_lsn=p.fetched_lsn, replayed_lsn=p.replayed_lsn,
+                fetch_paused=p.fetch_paused, replay_paused=p.replay_paused, lag_bytes=lag_b, lag_records=lag_r,
+                lag_seconds=lag_s, last_seen=p.last_seen,
+                state=peer_state(connected=p.connected, fetch_paused=p.fetch_paused,
+                                 replay_paused=p.replay_paused, lag_records=lag_r)))
+        return st.changed(peers=peers)
 
-    def _mirror_status(self, r: dict[str, Any]) -> None:
-        name = r["volume"]
-        role = self.node.roles[name]
+    def _copy_status(self, name: str) -> VolumeStatus:
+        c = self.copies[name]
+        elapsed = max(1e-3, trio.current_time() - c["started"])
+        rate = c["done"] / elapsed
+        return VolumeStatus(
+            volume=name, node=self.node.name, role=Role.MIRROR, state=VolumeState.SYNCING, epoch=0,
+            size=c["size"], head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0,
+            lag_bytes=c["size"] - c["done"], lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0,
+            open_handles=0, progress=c["done"] / c["size"] if c["size"] else 1.0, fetch_rate=rate,
+            eta_seconds=(c["size"] - c["done"]) / rate if rate else None, source=c["source"])
+
+    def _mirror_status(self, st: VolumeStatus) -> VolumeStatus:
+        name = st.volume
+        role = self.node.role(name)
+        vol = self.node.volumes[name]
+        now = self._now()
+        replay_rate = _rate(self._replay_samples.get(name) or deque())
         f = self.fetchers.get(name)
-        r["source"] = role.get("source")
-        r["fetch_paused"] = bool(role.get("fetch_paused"))
-        r["replay_paused"] = bool(role.get("replay_paused"))
-        now = time.monotonic()
-        samples = self._replay_samples.get(name) or deque()
-        r["replay_rate"] = _rate(samples)
+        base = st.changed(source=role.source, fetch_paused=role.fetch_paused, replay_paused=role.replay_paused,
+                          replay_rate=replay_rate)
         if f is None:
-            r["state"] = "failed"
-            return
-        st = f.state
-        r["connected"] = st.connected
+            state, errors = mirror_state(MirrorFacts(
+                source=role.source, fetching=False, fatal="", error="", fetch_paused=role.fetch_paused,
+                replay_paused=role.replay_paused, connected=False, since_progress=0.0, missing_records=0,
+                lag_records=0, heartbeat_age=None))
+            return base.changed(state=state, errors=st.errors + errors)
+        fs = f.state
         # how old the source's state behind the newest heartbeat is at most (see FetchState)
-        r["heartbeat_age"] = now - st.heartbeat_basis if st.heartbeat_basis else None
-        r["primary_durable_lsn"] = st.primary_durable_lsn
-        replay_lag = r["fetched_lsn"] - r["replayed_lsn"]
-        r["lag_records"] = st.lag_records + replay_lag
-        r["lag_bytes"] = st.lag_bytes + (r["durable_lsn"] and self.node.volumes[name].log.bytes_between(
-            r["replayed_lsn"], r["fetched_lsn"]))
-        r["lag_seconds"] = st.lag_seconds
-        age = r["heartbeat_age"]
-        if age is None or age > FRESH or not st.connected:
+        heartbeat_age = now - fs.heartbeat_basis if fs.heartbeat_basis else None
+        replay_lag = st.fetched_lsn - st.replayed_lsn
+        lag_records = fs.lag_records + replay_lag
+        lag_bytes = fs.lag_bytes + (vol.log.bytes_between(st.replayed_lsn, st.fetched_lsn) if st.durable_lsn else 0)
+        lag_seconds = fs.lag_seconds
+        if heartbeat_age is None or heartbeat_age > FRESH or not fs.connected:
             # our newest word from the source describes it `age` seconds ago (heartbeats queue
             # behind records on a slow link): we cannot claim to be closer than that
-            r["lag_seconds"] = max(r["lag_seconds"], age if age is not None else now - st.last_progress)
-        r["fetch_rate"] = st.rate()
-        r["eta_seconds"] = (st.lag_bytes / r["fetch_rate"]) if st.lag_bytes and r["fetch_rate"] else (0.0 if not st.lag_bytes else None)
-        if st.error:
-            r["errors"].append(f"fetch from {st.source}: {st.error}")
-        if st.fatal:
-            r["state"] = "split-brain" if st.fatal == "diverged" else "needs-resync" if st.fatal == "log-trimmed" else "failed"
-        elif r["fetch_paused"]:
-            r["state"] = "fetch-paused"
-        elif not st.connected and now - st.last_progress > STALL_AFTER:
-            r["state"] = "stalled"
-            r["errors"].append(f"stalled: no connection to {st.source} for {now - st.last_progress:.0f} s")
-        elif not st.connected:
-            r["state"] = "disconnected"
-        elif st.lag_records and now - st.last_progress > STALL_AFTER:
-            r["state"] = "stalled"
-            r["errors"].append(f"stalled: no records from {st.source} for {now - st.last_progress:.0f} s "
-                               f"while {st.lag_records} are missing")
-        elif r["replay_paused"]:
-            r["state"] = "replay-paused"
-        elif r["lag_records"] or r["heartbeat_age"] is None or r["heartbeat_age"] > FRESH:
-            r["state"] = "catching-up"  # behind, or not sure it is not: no recent word from the source
-        else:
-            r["state"] = "synced"
+            lag_seconds = max(lag_seconds, heartbeat_age if heartbeat_age is not None else now - fs.last_progress)
+        fetch_rate = fs.rate()
+        eta = (fs.lag_bytes / fetch_rate) if fs.lag_bytes and fetch_rate else (0.0 if not fs.lag_bytes else None)
+        state, errors = mirror_state(MirrorFacts(
+            source=fs.source, fetching=True, fatal=fs.fatal, error=fs.error, fetch_paused=role.fetch_paused,
+            replay_paused=role.replay_paused, connected=fs.connected, since_progress=now - fs.last_progress,
+            missing_records=fs.lag_records, lag_records=lag_records, heartbeat_age=heartbeat_age))
+        return base.changed(
+            state=state, errors=st.errors + errors, connected=fs.connected, heartbeat_age=heartbeat_age,
+            primary_durable_lsn=fs.primary_durable_lsn, lag_records=lag_records, lag_bytes=lag_bytes,
+            lag_seconds=lag_seconds, fetch_rate=fetch_rate, eta_seconds=eta)
 
 
 def _rate(samples: deque[tuple[float, int]]) -> float:
@@ -321,15 +328,3 @@ def _rate(samples: deque[tuple[float, int]]) -> float:
         return 0.0
     (t0, v0), (t1, v1) = samples[0], samples[-1]
     return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0
-
-
-def _quiet(fn: Any) -> Any:
-    """Run a background task whose failure is already logged without killing the daemon."""
-
-    async def run() -> None:
-        try:
-            await fn()
-        except Exception:
-            pass
-
-    return run

@@ -16,6 +16,9 @@ Rules that hold here:
   :class:`~marsfs.errors.MarsError` whose message says what to do.
 * A volume directory without ``volume.json`` is an aborted ``create`` that never returned; it is
   removed on start.
+* Roles (:class:`~marsfs.node.state.RoleRecord`) change only through the methods of
+  :class:`Node`, under its lock, and each change is persisted before it is visible.
+  ``status`` only reads.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from marsfs.errors import MarsError, NodeError, VolumeError
+from marsfs.errors import InvalidRequest, MarsError, NodeError, VolumeBusy, VolumeExists, VolumeNotFound
 from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.node.state import Role, RoleRecord, VolumeState, VolumeStatus
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -44,8 +48,8 @@ DEFAULT_HISTORY_BYTES = 256 * 1024 * 1024
 
 def check_volume_name(name: str) -> str:
     if not VOLUME_NAME.fullmatch(name):
-        raise VolumeError(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                          "starting with a letter or digit (no '/', no leading dot)")
+        raise InvalidRequest(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit (no '/', no leading dot)")
     return name
 
 
@@ -57,10 +61,9 @@ class Node:
         self.name = name
         self.history_bytes = history_bytes
         self.volumes: dict[str, Volume] = {}
-        self.roles: dict[str, dict[str, Any]] = {}
+        self._roles: dict[str, RoleRecord] = {}
         self.opens: Counter[str] = Counter()
-        self.rejoin: dict[str, str] = {}
-        self.known_mirrors: dict[str, set[str]] = {}  #: mirrors whose image copy a crash interrupted -> source
+        self.rejoin: dict[str, str] = {}  #: mirrors whose image copy a crash interrupted -> source
         self.started = time.time()
         self._lock = threading.RLock()
         self._lock_fd = -1
@@ -110,9 +113,9 @@ class Node:
         shutil.rmtree(self.state / "trash", ignore_errors=True)
         for path in sorted(vdir.iterdir()):
             role = _read_role(path)
-            if not (path / "volume.json").exists() or role.get("state") == "syncing":
-                if role.get("state") == "syncing":  # an image copy a crash interrupted: copy again
-                    self.rejoin[path.name] = str(role["source"])
+            if not (path / "volume.json").exists() or role.syncing:
+                if role.syncing:  # an image copy a crash interrupted: copy again
+                    self.rejoin[path.name] = role.source
                 logger.warning("removing %s: an aborted create or image copy", path)
                 shutil.rmtree(path)
                 continue
@@ -122,12 +125,12 @@ class Node:
             logger.info("volume %s recovered: %d records, %.1f MiB verified in %.2f s%s", vol.name, rep.records,
                      rep.bytes_scanned / 2**20, time.perf_counter() - t,
                      f", cut a torn tail of {rep.torn_bytes} bytes ({rep.torn_reason})" if rep.torn_bytes else "")
-            if role["role"] == "mirror":
-                vol.visible_lsn = (min(int(role.get("replayed_lsn", 0)), vol.durable_lsn)
-                                   if role.get("replay_paused") else vol.durable_lsn)
+            if role.is_mirror:
+                vol.visible_lsn = (min(role.replayed_lsn, vol.durable_lsn) if role.replay_paused
+                                   else vol.durable_lsn)
                 vol.visible_lsn = max(vol.visible_lsn, vol.applied_lsn)
             self.volumes[vol.name] = vol
-            self.roles[vol.name] = role
+            self._roles[vol.name] = role
 
     def close(self) -> None:
         """Make every log durable and release the state directory."""
@@ -148,18 +151,18 @@ class Node:
         vol = self.volumes.get(name)
         if vol is None:
             known = ", ".join(sorted(self.volumes)) or "none"
-            raise VolumeError(f"no volume {name!r} on node {self.name} (volumes here: {known}); "
-                              "create it with: marsfs create NAME --size SIZE")
+            raise VolumeNotFound(f"no volume {name!r} on node {self.name} (volumes here: {known}); "
+                                 "create it with: marsfs create NAME --size SIZE")
         return vol
 
     def create(self, name: str, size: int) -> Volume:
         with self._lock:
             path = self.check_new(name)
             vol = Volume.create(path, name, size)
-            role = {"role": "primary", "epoch": 1}
-            write_json(path / "role.json", role)
+            role = RoleRecord()
+            write_json(path / "role.json", role.to_json())
             self.volumes[name] = vol
-            self.roles[name] = role
+            self._roles[name] = role
             logger.info("created volume %s of %d bytes, primary", name, size)
             return vol
 
@@ -167,40 +170,73 @@ class Node:
         """The directory for a new volume ``name``; refuses names in use."""
         check_volume_name(name)
         path = self.state / "volumes" / name
-        if name in self.volumes or path.exists():
-            raise VolumeError(f"volume {name!r} already exists on node {self.name}")
+        if name in self.volumes or name in self._roles or path.exists():
+            raise VolumeExists(f"volume {name!r} already exists on node {self.name}")
         return path
 
-    def set_role(self, name: str, **changes: Any) -> dict[str, Any]:
-        """Change and persist a volume's role record (role, epoch, source, pause flags, ...)."""
+    def role(self, name: str) -> RoleRecord:
+        """The role record of a volume on this node (of a volume being copied, too)."""
         with self._lock:
-            role = {**self.roles.get(name, {}), **changes}
-            path = self.state / "volumes" / name
-            write_json(path / "role.json", role)
-            self.roles[name] = role
+            role = self._roles.get(name)
+        if role is None:
+            self.volume(name)  # raises the usual unknown-volume error
+            raise AssertionError(f"volume {name} has no role record")
+        return role
+
+    def set_role(self, name: str, **changes: Any) -> RoleRecord:
+        """Change and persist a volume's role record (fields of RoleRecord)."""
+        with self._lock:
+            role = self.role(name).changed(**changes)
+            self._persist_role(name, role)
             return role
 
-    def register(self, vol: Volume) -> None:
-        """Serve a volume built elsewhere (a mirror's finished image copy)."""
+    def _persist_role(self, name: str, role: RoleRecord) -> None:
+        write_json(self.state / "volumes" / name / "role.json", role.to_json())
+        self._roles[name] = role
+
+    def begin_mirror(self, name: str, source: str, epoch: int) -> Path:
+        """Start an image copy of ``name`` from ``source``: the role record comes first, so a
+        crash during the copy makes the next start copy again. Returns the volume directory."""
+        with self._lock:
+            path = self.check_new(name)
+            path.mkdir(parents=True)
+            self._persist_role(name, RoleRecord(role=Role.MIRROR, epoch=epoch, source=source, syncing=True))
+            return path
+
+    def abort_mirror(self, name: str) -> None:
+        """An image copy failed: forget the volume and remove what it left (not yet served)."""
+        with self._lock:
+            assert name not in self.volumes, f"{name} is served; abort_mirror is for unfinished copies"
+            self._roles.pop(name, None)
+            shutil.rmtree(self.state / "volumes" / name, ignore_errors=True)
+
+    def finish_mirror(self, vol: Volume) -> None:
+        """Serve a mirror whose image copy finished (durably) and start counting replay."""
         with self._lock:
             assert vol.name not in self.volumes
+            self._persist_role(vol.name, self.role(vol.name).changed(syncing=False, replayed_lsn=vol.current_lsn))
             self.volumes[vol.name] = vol
 
     def is_mirror(self, name: str) -> bool:
-        return self.roles.get(name, {}).get("role") == "mirror"
+        with self._lock:
+            role = self._roles.get(name)
+        return role is not None and role.is_mirror
 
-    def delete(self, name: str, *, force: bool = False) -> None:
+    def delete(self, name: str, *, force: bool = False, mirrors: list[str] | None = None) -> None:
+        """Remove a volume from this node. ``mirrors``: the nodes known to fetch it from here
+        (the cluster layer knows them); a primary with mirrors is kept unless ``force``."""
+        mirrors = mirrors or []
         with self._lock:
             vol = self.volume(name)
             if self.opens[name] and not force:
-                raise VolumeError(f"volume {name!r} is open ({self.opens[name]} handle(s), e.g. a loop device); "
-                                  "detach it first (losetup -d) or use --force")
-            if self.roles.get(name, {}).get("role") == "primary" and self.mirrors_of(name) and not force:
-                raise VolumeError(f"volume {name!r} is primary with mirrors ({', '.join(self.mirrors_of(name))}); "
-                                  "let them leave first or use --force")
+                raise VolumeBusy(f"volume {name!r} is open ({self.opens[name]} handle(s), e.g. a loop device); "
+                                 "detach it first (losetup -d) or use --force")
+            if not self.role(name).is_mirror and mirrors and not force:
+                raise VolumeBusy(f"volume {name!r} is primary with mirrors ({', '.join(mirrors)}); "
+                                 "let them leave first or use --force")
             del self.volumes[name]
             self.opens.pop(name, None)
-            self.roles.pop(name, None)
+            self._roles.pop(name, None)
         vol.close()
         trash = self.state / "trash"
         trash.mkdir(exist_ok=True)
@@ -209,10 +245,6 @@ class Node:
         fsync_dir(vol.path.parent)
         shutil.rmtree(target)
         logger.info("deleted volume %s", name)
-
-    def mirrors_of(self, name: str) -> list[str]:
-        """Mirrors known to fetch ``name`` from here (set by the cluster layer)."""
-        return list(self.known_mirrors.get(name, ()))
 
     def acquire(self, name: str) -> Volume:
         """Count an open handle (a face opened the image)."""
@@ -248,33 +280,22 @@ class Node:
     # ------------------------------------------------------------------ status
 
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Status rows as JSON objects (what the control socket sends)."""
         names = [name] if name is not None else sorted(self.volumes)
-        return [self._status_one(self.volume(n)) for n in names]
+        return [self.volume_status(n).to_json() for n in names]
 
-    def _status_one(self, vol: Volume) -> dict[str, Any]:
-        role = self.roles.get(vol.name, {"role": "primary", "epoch": 1})
+    def volume_status(self, name: str) -> VolumeStatus:
+        """What this node alone knows about a volume; the cluster layer adds lag and peers."""
+        vol = self.volume(name)
+        role = self.role(name)
         head = vol.head_lsn
-        return {
-            "volume": vol.name,
-            "node": self.name,
-            "role": role["role"],
-            "state": "failed" if vol.errors else "up",
-            "epoch": role["epoch"],
-            "size": vol.size,
-            "head_lsn": head,
-            "durable_lsn": vol.durable_lsn,
-            "fetched_lsn": vol.durable_lsn if role["role"] == "mirror" else head,
-            "replayed_lsn": vol.current_lsn,
-            "applied_lsn": vol.applied_lsn,
-            "lag_bytes": 0,
-            "lag_records": 0,
-            "lag_seconds": 0.0,
-            "oldest_version_lsn": vol.oldest_version_lsn,
-            "log_bytes": vol.log.end_bytes,
-            "open_handles": self.opens[vol.name],
-            "peers": [],
-            "errors": list(vol.errors),
-        }
+        return VolumeStatus(
+            volume=vol.name, node=self.name, role=role.role,
+            state=VolumeState.FAILED if vol.errors else VolumeState.UP, epoch=role.epoch, size=vol.size,
+            head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
+            replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
+            lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
+            open_handles=self.opens[vol.name], errors=list(vol.errors))
 
 
 def history_floor(vol: Volume, history_bytes: int) -> int:
@@ -282,9 +303,8 @@ def history_floor(vol: Volume, history_bytes: int) -> int:
     return min(vol.durable_lsn, max(vol.applied_lsn, vol.log.floor_keeping(history_bytes)))
 
 
-def _read_role(path: Path) -> dict[str, Any]:
+def _read_role(path: Path) -> RoleRecord:
     try:
-        role: dict[str, Any] = read_json(path / "role.json")
-        return role
+        return RoleRecord.from_json(read_json(path / "role.json"), str(path / "role.json"))
     except FileNotFoundError:
-        return {"role": "primary", "epoch": 1}
+        return RoleRecord()

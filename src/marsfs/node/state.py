@@ -1,0 +1,222 @@
+"""Typed node state: a volume's role record, its status, and the one rule for mirror states.
+
+Rules that hold here:
+
+* Everything the node persists about a volume's role (``role.json``) is a :class:`RoleRecord`;
+  everything ``status`` shows is a :class:`VolumeStatus` with :class:`PeerStatus` rows. Their
+  JSON keys are the ones PRODUCT.md promises (and a few more); nothing else builds status dicts.
+* A mirror's state is derived by :func:`mirror_state` from plain facts, and a mirror as its
+  primary sees it by :func:`peer_state`; both return :class:`VolumeState` members. No other
+  code decides which state a mirror is in, and nothing here reads a clock or does I/O.
+
+State diagram of a volume on one node (docs/architecture.md draws it)::
+
+    create ──> up (primary) ──error──> failed
+    join ──> syncing ──copy done──> catching-up <──> synced
+                                      │  ^               │
+                 fetch-paused <───────┤  └── replay-paused
+                 disconnected/stalled <┘  (link trouble; back on reconnect)
+                 split-brain, needs-resync (refused by the source: operator action)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+from marsfs.errors import StateError
+
+
+class Role(StrEnum):
+    PRIMARY = "primary"
+    MIRROR = "mirror"
+
+
+class VolumeState(StrEnum):
+    """What ``status`` says a volume is doing on this node (the ``state`` field)."""
+
+    UP = "up"  #: a primary serving writes
+    FAILED = "failed"  #: the volume reported an error it cannot get past by itself
+    SYNCING = "syncing"  #: a mirror copying the image; not readable yet
+    CATCHING_UP = "catching-up"  #: a mirror behind its source, or not sure it is not
+    SYNCED = "synced"  #: a mirror with no lag, on the word of a fresh heartbeat
+    REPLAY_PAUSED = "replay-paused"
+    FETCH_PAUSED = "fetch-paused"
+    DISCONNECTED = "disconnected"  #: no connection to the source right now
+    STALLED = "stalled"  #: no progress for a while although there is something to do
+    SPLIT_BRAIN = "split-brain"  #: the source refused: our histories diverged
+    NEEDS_RESYNC = "needs-resync"  #: the source no longer holds the log we need
+
+
+#: Refusal codes of a source that need an operator, and the state each one puts a mirror in.
+FATAL_STATES = {"diverged": VolumeState.SPLIT_BRAIN, "log-trimmed": VolumeState.NEEDS_RESYNC}
+
+STALL_AFTER = 10.0  #: seconds without progress (while there is lag) before a mirror is stalled
+FRESH = 1.5  #: a mirror is synced only on the word of a heartbeat at most this old (one per 0.5 s)
+
+
+@dataclass(frozen=True, slots=True)
+class RoleRecord:
+    """What this node persists about its role for one volume (``role.json``)."""
+
+    role: Role = Role.PRIMARY
+    epoch: int = 1
+    source: str = ""  #: a mirror's source node
+    syncing: bool = False  #: a mirror whose image copy has not finished (a crash restarts it)
+    fetch_paused: bool = False
+    replay_paused: bool = False
+    replayed_lsn: int = 0  #: a mirror's replay position as last persisted
+
+    @property
+    def is_mirror(self) -> bool:
+        return self.role == Role.MIRROR
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"role": self.role.value, "epoch": self.epoch}
+        if self.is_mirror:
+            d.update(source=self.source, state="syncing" if self.syncing else "mirror",
+                     fetch_paused=self.fetch_paused, replay_paused=self.replay_paused,
+                     replayed_lsn=self.replayed_lsn)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str) -> RoleRecord:
+        try:
+            rec = cls(role=Role(d.get("role", "primary")), epoch=int(d.get("epoch", 1)),
+                      source=str(d.get("source", "")), syncing=d.get("state") == "syncing",
+                      fetch_paused=bool(d.get("fetch_paused", False)),
+                      replay_paused=bool(d.get("replay_paused", False)),
+                      replayed_lsn=int(d.get("replayed_lsn", 0)))
+        except (ValueError, TypeError) as e:
+            raise StateError(f"{where}: unreadable role record ({e}); restore it or resync the volume") from None
+        if rec.is_mirror and not rec.source:
+            raise StateError(f"{where}: a mirror's role record names no source; resync the volume")
+        return rec
+
+    def changed(self, **changes: Any) -> RoleRecord:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorFacts:
+    """What a mirror knows about its fetch and replay at one instant (inputs of mirror_state)."""
+
+    source: str
+    fetching: bool  #: a fetcher runs for this volume
+    fatal: str  #: a refusal code that stopped fetching ("" if none)
+    error: str  #: the last fetch error, in words ("" if none)
+    fetch_paused: bool
+    replay_paused: bool
+    connected: bool
+    since_progress: float  #: seconds since the fetch last brought records (or connected)
+    missing_records: int  #: records the source has durable that we have not fetched
+    lag_records: int  #: missing_records plus fetched records not yet replayed
+    heartbeat_age: float | None  #: how old the source's newest word is at most; None: no word yet
+
+
+def mirror_state(f: MirrorFacts) -> tuple[VolumeState, list[str]]:
+    """The state of a mirror, and the error lines that explain it (empty when all is well)."""
+    errors = [f"fetch from {f.source}: {f.error}"] if f.error else []
+    if not f.fetching:
+        return VolumeState.FAILED, errors or [f"no fetch runs for this mirror of {f.source}; restart the daemon"]
+    if f.fatal:
+        return FATAL_STATES.get(f.fatal, VolumeState.FAILED), errors
+    if f.fetch_paused:
+        return VolumeState.FETCH_PAUSED, errors
+    if not f.connected:
+        if f.since_progress > STALL_AFTER:
+            errors.append(f"stalled: no connection to {f.source} for {f.since_progress:.0f} s")
+            return VolumeState.STALLED, errors
+        return VolumeState.DISCONNECTED, errors
+    if f.missing_records and f.since_progress > STALL_AFTER:
+        errors.append(f"stalled: no records from {f.source} for {f.since_progress:.0f} s "
+                      f"while {f.missing_records} are missing")
+        return VolumeState.STALLED, errors
+    if f.replay_paused:
+        return VolumeState.REPLAY_PAUSED, errors
+    if f.lag_records or f.heartbeat_age is None or f.heartbeat_age > FRESH:
+        return VolumeState.CATCHING_UP, errors  # behind, or not sure it is not
+    return VolumeState.SYNCED, errors
+
+
+def peer_state(*, connected: bool, fetch_paused: bool, replay_paused: bool, lag_records: int) -> VolumeState:
+    """A mirror's state as its source sees it (from the mirror's ACKs and our log)."""
+    if fetch_paused:
+        return VolumeState.FETCH_PAUSED
+    if not connected:
+        return VolumeState.DISCONNECTED
+    if lag_records:
+        return VolumeState.CATCHING_UP
+    return VolumeState.REPLAY_PAUSED if replay_paused else VolumeState.SYNCED
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """One mirror of a volume, as the node it fetches from sees it (a row of ``peers``)."""
+
+    node: str
+    state: VolumeState
+    connected: bool
+    fetched_lsn: int
+    replayed_lsn: int
+    fetch_paused: bool
+    replay_paused: bool
+    lag_bytes: int
+    lag_records: int
+    lag_seconds: float
+    last_seen: float  #: wall-clock time of its last ACK
+    role: Role = Role.MIRROR
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeStatus:
+    """One row of ``marsfs status``. PRODUCT.md names the keys every row has; mirror and sync
+    details are ``None`` where they do not apply."""
+
+    volume: str
+    node: str
+    role: Role
+    state: VolumeState
+    epoch: int
+    size: int
+    head_lsn: int
+    durable_lsn: int
+    fetched_lsn: int
+    replayed_lsn: int
+    applied_lsn: int
+    lag_bytes: int
+    lag_records: int
+    lag_seconds: float
+    oldest_version_lsn: int
+    log_bytes: int
+    open_handles: int
+    peers: list[PeerStatus] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    # a mirror's (or an image copy's) details
+    source: str | None = None
+    connected: bool | None = None
+    fetch_paused: bool | None = None
+    replay_paused: bool | None = None
+    heartbeat_age: float | None = None
+    primary_durable_lsn: int | None = None
+    fetch_rate: float | None = None
+    replay_rate: float | None = None
+    eta_seconds: float | None = None
+    progress: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["peers"] = [p.to_json() for p in self.peers]
+        d["errors"] = list(self.errors)
+        return _jsonable(d)
+
+    def changed(self, **changes: Any) -> VolumeStatus:
+        return replace(self, **changes)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in d.items()}

@@ -1,0 +1,103 @@
+"""The typed node state: role records on disk, and the one rule that names a mirror's state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from marsfs.errors import StateError
+from marsfs.node.state import (
+    FRESH,
+    STALL_AFTER,
+    MirrorFacts,
+    PeerStatus,
+    Role,
+    RoleRecord,
+    VolumeState,
+    VolumeStatus,
+    mirror_state,
+    peer_state,
+)
+
+HEALTHY = MirrorFacts(source="a", fetching=True, fatal="", error="", fetch_paused=False, replay_paused=False,
+                      connected=True, since_progress=0.1, missing_records=0, lag_records=0, heartbeat_age=0.2)
+
+
+def facts(**changes: object) -> MirrorFacts:
+    return dataclasses.replace(HEALTHY, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("changes, state", [
+    ({}, VolumeState.SYNCED),
+    ({"lag_records": 3}, VolumeState.CATCHING_UP),
+    ({"heartbeat_age": None}, VolumeState.CATCHING_UP),
+    ({"heartbeat_age": FRESH + 0.1}, VolumeState.CATCHING_UP),
+    ({"replay_paused": True, "lag_records": 5}, VolumeState.REPLAY_PAUSED),
+    ({"fetch_paused": True, "connected": False}, VolumeState.FETCH_PAUSED),
+    ({"connected": False}, VolumeState.DISCONNECTED),
+    ({"connected": False, "since_progress": STALL_AFTER + 1}, VolumeState.STALLED),
+    ({"missing_records": 4, "lag_records": 4, "since_progress": STALL_AFTER + 1}, VolumeState.STALLED),
+    ({"fatal": "diverged", "error": "histories diverge"}, VolumeState.SPLIT_BRAIN),
+    ({"fatal": "log-trimmed", "error": "trimmed"}, VolumeState.NEEDS_RESYNC),
+    ({"fatal": "unknown-volume", "error": "no such volume"}, VolumeState.FAILED),
+    ({"fetching": False}, VolumeState.FAILED),
+    # precedence: a refusal beats a pause, a pause beats a dead link
+    ({"fatal": "diverged", "fetch_paused": True}, VolumeState.SPLIT_BRAIN),
+    ({"fetch_paused": True, "connected": False, "since_progress": STALL_AFTER + 1}, VolumeState.FETCH_PAUSED),
+])
+def test_mirror_state(changes: dict[str, object], state: VolumeState) -> None:
+    got, errors = mirror_state(facts(**changes))
+    assert got == state
+    if state in (VolumeState.STALLED, VolumeState.FAILED) or changes.get("error"):
+        assert errors and all(e.strip() for e in errors), errors  # a reason, in words
+    if state == VolumeState.SYNCED:
+        assert errors == []
+
+
+@pytest.mark.parametrize("kw, state", [
+    ({"connected": True, "fetch_paused": False, "replay_paused": False, "lag_records": 0}, VolumeState.SYNCED),
+    ({"connected": True, "fetch_paused": False, "replay_paused": False, "lag_records": 2}, VolumeState.CATCHING_UP),
+    ({"connected": True, "fetch_paused": False, "replay_paused": True, "lag_records": 0}, VolumeState.REPLAY_PAUSED),
+    ({"connected": False, "fetch_paused": True, "replay_paused": False, "lag_records": 9}, VolumeState.FETCH_PAUSED),
+    ({"connected": False, "fetch_paused": False, "replay_paused": False, "lag_records": 9}, VolumeState.DISCONNECTED),
+])
+def test_peer_state(kw: dict[str, object], state: VolumeState) -> None:
+    assert peer_state(**kw) == state  # type: ignore[arg-type]
+
+
+def test_role_record_round_trip_and_old_files() -> None:
+    mirror = RoleRecord(role=Role.MIRROR, epoch=3, source="a", syncing=True, fetch_paused=True, replayed_lsn=7)
+    assert RoleRecord.from_json(json.loads(json.dumps(mirror.to_json())), "x") == mirror
+    assert RoleRecord.from_json(RoleRecord().to_json(), "x") == RoleRecord()
+    # role.json as the previous release wrote it
+    old = {"role": "mirror", "state": "mirror", "source": "a", "epoch": 1, "fetch_paused": False,
+           "replay_paused": True, "replayed_lsn": 42}
+    rec = RoleRecord.from_json(old, "x")
+    assert rec.is_mirror and rec.replay_paused and rec.replayed_lsn == 42 and not rec.syncing
+    assert RoleRecord.from_json({"role": "primary", "epoch": 1}, "x") == RoleRecord()
+
+
+@pytest.mark.parametrize("bad", [{"role": "boss"}, {"role": "primary", "epoch": "many"}, {"role": "mirror"}])
+def test_unreadable_role_record_is_a_state_error(bad: dict[str, object]) -> None:
+    with pytest.raises(StateError, match="role"):
+        RoleRecord.from_json(bad, "volumes/v/role.json")
+
+
+def test_status_json_has_the_product_keys() -> None:
+    peer = PeerStatus(node="b", state=VolumeState.SYNCED, connected=True, fetched_lsn=5, replayed_lsn=5,
+                      fetch_paused=False, replay_paused=False, lag_bytes=0, lag_records=0, lag_seconds=0.0,
+                      last_seen=1.0)
+    st = VolumeStatus(volume="v", node="a", role=Role.PRIMARY, state=VolumeState.UP, epoch=1, size=1 << 20,
+                      head_lsn=5, durable_lsn=5, fetched_lsn=5, replayed_lsn=5, applied_lsn=0, lag_bytes=0,
+                      lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=100, open_handles=0,
+                      peers=[peer])
+    d = json.loads(json.dumps(st.to_json()))
+    for key in ("volume", "node", "role", "state", "epoch", "head_lsn", "durable_lsn", "fetched_lsn",
+                "replayed_lsn", "lag_bytes", "lag_seconds", "oldest_version_lsn", "peers", "errors"):
+        assert key in d, key
+    assert d["role"] == "primary" and d["state"] == "up"
+    for key in ("node", "role", "state", "replayed_lsn", "lag_bytes", "lag_seconds"):
+        assert key in d["peers"][0], key
+    assert d["peers"][0]["state"] == "synced" and d["peers"][0]["role"] == "mirror"
