@@ -398,3 +398,32 @@ def test_mirror_status_shows_lag_behind_a_slow_link(harness: Harness) -> None:
                          f"lag < 1 s; wait --synced returned at fetched_lsn {fetched_at_wait} of {head}")
         assert r.returncode == 0, r.stderr
         assert all(x[1] > 1.0 for x in behind[1:]), behind
+
+
+def test_a_failed_image_copy_stays_visible_until_retried(harness: Harness) -> None:
+    """Issue 8: a join whose copy failed used to vanish from status (and wait advised create)."""
+    with ProxyProcess() as proxy:
+        a, b = proxied_pair(harness, proxy)
+        a.cli("create", "vm", "--size", "32M")
+        fd = os.open(a.image("vm"), os.O_RDWR)
+        try:
+            os.pwrite(fd, random.Random(3).randbytes(32 << 20), 0)  # non-zero: every chunk is sent
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        proxy.set(bandwidth=2_000_000)
+        b.cli("join", "vm", "--from", "a")
+        wait_for(lambda: (status(b, "vm").get("progress") or 0) > 0.05, what="the copy to start")
+        proxy.set(down=True)  # the source goes away half way
+        wait_for(lambda: status(b, "vm")["state"] == "failed", timeout=60, what="the copy to fail")
+        st = status(b, "vm")
+        assert st["role"] == "mirror" and any("image copy from a failed" in e and "marsfs join vm" in e
+                                              for e in st["errors"]), st
+        r = b.cli("wait", "vm", "--synced", "--timeout", "5", check=False)
+        assert r.returncode == 1 and "marsfs create" not in r.stderr and "failed" in r.stderr, r.stderr
+        time.sleep(1)
+        assert status(b, "vm")["state"] == "failed", "a failed copy must stay visible"
+        proxy.clear()
+        b.cli("join", "vm", "--from", "a")  # the retry the error names
+        wait_synced(b, "vm", timeout=120)
+        assert sha(a.image("vm")) == sha(b.image("vm"))

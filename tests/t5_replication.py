@@ -180,6 +180,32 @@ def test_cli_replication_errors(harness: Harness) -> None:
     assert r.returncode == 1 and "mirrors" in r.stderr
     r = b.cli("delete", "vm", check=False)
     assert r.returncode == 2 and "marsfs leave" in r.stderr
+    r = b.cli("join", "vm2", "--from", "b", check=False)
+    assert r.returncode == 1 and "b is this node" in r.stderr, r.stderr  # not "unknown peer 'b'"
+    # history is written on the primary only: a mark on the mirror would fork its log (issue 8)
+    r = b.cli("mark", "vm", "m1", check=False)
+    assert r.returncode == 1 and "is a mirror" in r.stderr and "on its primary" in r.stderr, r.stderr
+    fd = os.open(a.image("vm"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"m" * 4096, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    wait_synced(b, "vm")
+    assert status(b, "vm")["state"] == "synced"
+    # a leave refused because the image is open changes nothing: the mirror keeps following
+    with open(b.image("vm"), "rb"):
+        r = b.cli("leave", "vm", check=False)
+        assert r.returncode == 1 and "is open" in r.stderr, r.stderr
+        fd = os.open(a.image("vm"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"n" * 4096, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        wait_synced(b, "vm")
+        st = status(b, "vm")
+        assert st["state"] == "synced" and st["replayed_lsn"] == status(a, "vm")["durable_lsn"], st
     b.cli("leave", "vm")
     assert not b.image("vm").exists()
     wait_for(lambda: not status(a, "vm")["peers"], what="the primary to forget the mirror that left")

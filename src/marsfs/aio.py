@@ -49,3 +49,21 @@ async def supervised(what: str, fn: Callable[[], Awaitable[None]]) -> None:
         await fn()
     except Exception:
         logger.exception("unexpected error in background task %s; it stopped, the daemon goes on", what)
+
+
+def describe(e: BaseException) -> str:
+    """An exception in words for status and logs: never empty, never just a class name's colon.
+
+    ``str(trio.TooSlowError())`` and many OSErrors from trio are empty strings, which made
+    reasons like "cannot reach peer: ; is its daemon running" (issue 8)."""
+    if isinstance(e, trio.TooSlowError):
+        return "no answer in time (timed out)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower() if e.strerror[:1].isupper() and e.strerror[1:2].islower() else e.strerror
+    text = str(e).strip()
+    if text:
+        return text
+    plain: dict[type[BaseException], str] = {
+        ConnectionResetError: "connection reset by peer", ConnectionRefusedError: "connection refused",
+        EOFError: "connection closed by peer"}
+    return plain.get(type(e), f"{type(e).__name__} (no details)")

@@ -17,12 +17,13 @@ import functools
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from marsfs.aio import supervised
-from marsfs.errors import MarsError, PeerError, UsageError, VolumeBusy, WrongRole
+from marsfs.aio import describe, supervised
+from marsfs.errors import InvalidRequest, MarsError, PeerError, UsageError, VolumeBusy, WrongRole
 from marsfs.node.node import Node, check_volume_name
 from marsfs.node.state import (
     FRESH,
@@ -64,7 +65,7 @@ class Cluster:
         self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table)
         self.fetchers: dict[str, Fetcher] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
-        self.copies: dict[str, dict[str, Any]] = {}  #: image copies in progress
+        self.copies: dict[str, ImageCopy] = {}  #: image copies running, or failed and not yet retried
         self._replay_samples: dict[str, deque[tuple[float, int]]] = {}
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
@@ -92,6 +93,7 @@ class Cluster:
                     await self.join(name, source)
                 except MarsError as e:
                     logger.error("could not restart the image copy of %s from %s: %s", name, source, e)
+                    self.copies[name] = ImageCopy(source=source, size=0, started=trio.current_time(), failed=str(e))
             nursery.start_soon(self._replay_loop)
             task_status.started()
 
@@ -115,21 +117,30 @@ class Cluster:
     # ------------------------------------------------------------------ join and leave
 
     async def join(self, name: str, source: str) -> dict[str, Any]:
-        """Become a mirror of ``name`` from ``source``: returns once the source accepted."""
+        """Become a mirror of ``name`` from ``source``: returns once the source accepted.
+
+        A copy that failed stays visible (state failed, with the reason) until the operator
+        joins again or leaves; a join while a copy runs is refused."""
         check_volume_name(name)
+        if source == self.node.name:
+            raise InvalidRequest(f"{source} is this node: run marsfs join {name} --from NODE with the node "
+                                 "that holds the volume, on the node that should mirror it")
         connect = self._connector(source)
-        if name in self.copies:
-            raise VolumeBusy(f"volume {name!r} is already being copied from {self.copies[name]['source']}")
+        old = self.copies.get(name)
+        if old is not None and not old.failed:
+            raise VolumeBusy(f"volume {name!r} is already being copied from {old.source}; "
+                             f"follow it with: marsfs status {name}")
         self.node.check_new(name)
         try:
             ch, welcome = await open_channel(connect, hello(self.node.name, self.cluster, name, "image"))
         except PeerRefused as e:
             raise PeerError(f"{source} refused: {e.message}") from None
         except (OSError, trio.TooSlowError) as e:
-            raise PeerError(f"cannot reach peer {source} at {self.peers[source][0]}:{self.peers[source][1]}: "
-                            f"{e}; is its daemon running with --listen?") from None
-        progress = {"source": source, "done": 0, "size": int(welcome["size"]), "started": trio.current_time()}
-        self.copies[name] = progress
+            host, port = self.peers[source]
+            raise PeerError(f"cannot reach peer {source} at {host}:{port}: {describe(e)}; "
+                            "is its daemon running with --listen?") from None
+        copy = ImageCopy(source=source, size=int(welcome["size"]), started=trio.current_time())
+        self.copies[name] = copy
         epoch = int(welcome.get("epoch", 1))
 
         def make_volume(info: dict[str, Any]) -> Volume:
@@ -138,27 +149,31 @@ class Cluster:
                                          bytes.fromhex(str(info["chain"])))
 
         def progressed(done: int, size: int) -> None:
-            progress["done"] = done
+            copy.done = done
 
-        async def copy() -> None:
+        async def run() -> None:
             try:
-                vol = await receive_image(ch, make_volume, progressed)
+                with copy.scope:
+                    vol = await receive_image(ch, make_volume, progressed)
             except Exception as e:
-                # the failure is the copy's, not the daemon's: say it, clean up, carry on
-                logger.error("image copy of %s from %s failed: %s; retry with marsfs join", name, source, e)
+                # the failure is the copy's, not the daemon's: say it, clean up, stay visible
+                copy.failed = describe(e)
+                logger.error("image copy of %s from %s failed: %s; retry with marsfs join", name, source, copy.failed)
                 await trio.to_thread.run_sync(self.node.abort_mirror, name)
-                self.copies.pop(name, None)
                 return
             finally:
                 await ch.aclose()
+            if copy.scope.cancelled_caught:  # marsfs leave during the copy
+                await trio.to_thread.run_sync(self.node.abort_mirror, name)
+                return
             self.node.finish_mirror(vol)
             self.copies.pop(name, None)
             logger.info("image copy of %s from %s done at LSN %d; fetching the log", name, source, vol.applied_lsn)
             self._start_fetch(vol)
 
         assert self._nursery is not None
-        self._nursery.start_soon(supervised, f"image copy of {name}", copy)
-        return {"volume": name, "source": source, "size": progress["size"], "state": "syncing"}
+        self._nursery.start_soon(supervised, f"image copy of {name}", run)
+        return {"volume": name, "source": source, "size": copy.size, "state": "syncing"}
 
     def _start_fetch(self, vol: Volume) -> None:
         source = self.node.role(vol.name).source
@@ -183,16 +198,27 @@ class Cluster:
         self._nursery.start_soon(supervised, f"fetch of {vol.name}", run)
 
     async def leave(self, name: str) -> dict[str, Any]:
-        """Stop mirroring ``name`` and remove this node's copy."""
+        """Stop mirroring ``name`` and remove this node's copy. A refusal changes nothing."""
+        copy = self.copies.get(name)
+        if copy is not None and name not in self.node.volumes:  # an image copy, running or failed
+            copy.scope.cancel()
+            del self.copies[name]
+            return {"volume": name, "left": copy.source}
         if not self.node.is_mirror(name):
             self.node.volume(name)
             raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}; use marsfs delete")
         source = self.node.role(name).source
+        self.node.check_delete(name)  # refuse before stopping anything
         scope = self._scopes.pop(name, None)
+        fetcher = self.fetchers.pop(name, None)
         if scope is not None:
             scope.cancel()
-        self.fetchers.pop(name, None)
-        await trio.to_thread.run_sync(lambda: self.node.delete(name, force=False))
+        try:
+            await trio.to_thread.run_sync(lambda: self.node.delete(name, force=False))
+        except MarsError:
+            if fetcher is not None:  # opened in the meantime: keep mirroring as before
+                self._start_fetch(self.node.volume(name))
+            raise
         try:  # tell the source to stop holding log for us; it will also notice the silence
             ch, _ = await open_channel(self._connector(source), hello(self.node.name, self.cluster, name, "leave"))
             await ch.aclose()
@@ -276,14 +302,17 @@ class Cluster:
 
     def _copy_status(self, name: str) -> VolumeStatus:
         c = self.copies[name]
-        elapsed = max(1e-3, trio.current_time() - c["started"])
-        rate = c["done"] / elapsed
+        elapsed = max(1e-3, trio.current_time() - c.started)
+        rate = 0.0 if c.failed else c.done / elapsed
+        errors = [f"image copy from {c.source} failed: {c.failed}; retry with: marsfs join {name} --from "
+                  f"{c.source}, or give up with: marsfs leave {name}"] if c.failed else []
         return VolumeStatus(
-            volume=name, node=self.node.name, role=Role.MIRROR, state=VolumeState.SYNCING, epoch=0,
-            size=c["size"], head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0,
-            lag_bytes=c["size"] - c["done"], lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0,
-            open_handles=0, progress=c["done"] / c["size"] if c["size"] else 1.0, fetch_rate=rate,
-            eta_seconds=(c["size"] - c["done"]) / rate if rate else None, source=c["source"])
+            volume=name, node=self.node.name, role=Role.MIRROR,
+            state=VolumeState.FAILED if c.failed else VolumeState.SYNCING, epoch=0,
+            size=c.size, head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0,
+            lag_bytes=c.size - c.done, lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0,
+            open_handles=0, progress=c.done / c.size if c.size else 0.0, fetch_rate=rate,
+            eta_seconds=(c.size - c.done) / rate if rate else None, source=c.source, errors=errors)
 
     def _mirror_status(self, st: VolumeStatus) -> VolumeStatus:
         name = st.volume
@@ -321,6 +350,18 @@ class Cluster:
             state=state, errors=st.errors + errors, connected=fs.connected, heartbeat_age=heartbeat_age,
             primary_durable_lsn=fs.primary_durable_lsn, lag_records=lag_records, lag_bytes=lag_bytes,
             lag_seconds=lag_seconds, fetch_rate=fetch_rate, eta_seconds=eta)
+
+
+@dataclass(eq=False)
+class ImageCopy:
+    """A mirror's image copy in progress, or one that failed and waits for the operator."""
+
+    source: str
+    size: int
+    started: float  #: trio time
+    done: int = 0  #: bytes of the image scanned so far
+    failed: str = ""  #: why the copy failed, in words ("" while it runs)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  #: leave cancels it
 
 
 def _rate(samples: deque[tuple[float, int]]) -> float:

@@ -23,6 +23,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -34,9 +35,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from marsfs.errors import InvalidRequest, MarsError, NodeError, VolumeBusy, VolumeExists, VolumeNotFound
+from marsfs.errors import (
+    InvalidRequest,
+    MarsError,
+    NodeError,
+    NoSpace,
+    VolumeBusy,
+    VolumeExists,
+    VolumeNotFound,
+    WrongRole,
+)
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.node.state import Role, RoleRecord, VolumeState, VolumeStatus
+from marsfs.units import human_bytes
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -64,6 +75,7 @@ class Node:
         self._roles: dict[str, RoleRecord] = {}
         self.opens: Counter[str] = Counter()
         self.rejoin: dict[str, str] = {}  #: mirrors whose image copy a crash interrupted -> source
+        self._largest: int | None = None
         self.started = time.time()
         self._lock = threading.RLock()
         self._lock_fd = -1
@@ -156,15 +168,36 @@ class Node:
         return vol
 
     def create(self, name: str, size: int) -> Volume:
+        """A new volume with this node as its primary. Refused up front when the size cannot
+        work; a create that fails half way leaves nothing behind (name and directory free)."""
         with self._lock:
             path = self.check_new(name)
-            vol = Volume.create(path, name, size)
-            role = RoleRecord()
-            write_json(path / "role.json", role.to_json())
+            limit = self.largest_volume()
+            if not 0 < size <= limit or size % 512:
+                raise InvalidRequest(f"volume size {size} bytes ({human_bytes(size)}) is not possible here: give a "
+                                     f"multiple of 512 bytes up to {human_bytes(limit)}, the largest file the "
+                                     f"filesystem of {self.state} holds")
+            try:
+                vol = Volume.create(path, name, size)
+                role = RoleRecord()
+                write_json(path / "role.json", role.to_json())
+            except BaseException as e:
+                shutil.rmtree(path, ignore_errors=True)
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"no space to create volume {name!r} in {self.state}: {e.strerror}; "
+                                  "free space there or pick a smaller size") from None
+                raise
             self.volumes[name] = vol
             self._roles[name] = role
             logger.info("created volume %s of %d bytes, primary", name, size)
             return vol
+
+    def largest_volume(self) -> int:
+        """The largest file the state directory's filesystem holds (probed once, with sparse
+        truncates of a scratch file: ext4 with 4 KiB blocks stops just below 16 TiB)."""
+        if self._largest is None:
+            self._largest = _largest_file(self.state)
+        return self._largest
 
     def check_new(self, name: str) -> Path:
         """The directory for a new volume ``name``; refuses names in use."""
@@ -222,18 +255,24 @@ class Node:
             role = self._roles.get(name)
         return role is not None and role.is_mirror
 
-    def delete(self, name: str, *, force: bool = False, mirrors: list[str] | None = None) -> None:
-        """Remove a volume from this node. ``mirrors``: the nodes known to fetch it from here
-        (the cluster layer knows them); a primary with mirrors is kept unless ``force``."""
-        mirrors = mirrors or []
+    def check_delete(self, name: str, *, force: bool = False, mirrors: list[str] | None = None) -> None:
+        """Raise what :meth:`delete` would refuse with, changing nothing (callers that must stop
+        other work first ask before they stop it)."""
         with self._lock:
-            vol = self.volume(name)
+            self.volume(name)
             if self.opens[name] and not force:
                 raise VolumeBusy(f"volume {name!r} is open ({self.opens[name]} handle(s), e.g. a loop device); "
                                  "detach it first (losetup -d) or use --force")
             if not self.role(name).is_mirror and mirrors and not force:
                 raise VolumeBusy(f"volume {name!r} is primary with mirrors ({', '.join(mirrors)}); "
                                  "let them leave first or use --force")
+
+    def delete(self, name: str, *, force: bool = False, mirrors: list[str] | None = None) -> None:
+        """Remove a volume from this node. ``mirrors``: the nodes known to fetch it from here
+        (the cluster layer knows them); a primary with mirrors is kept unless ``force``."""
+        with self._lock:
+            self.check_delete(name, force=force, mirrors=mirrors)
+            vol = self.volume(name)
             del self.volumes[name]
             self.opens.pop(name, None)
             self._roles.pop(name, None)
@@ -259,7 +298,15 @@ class Node:
                 self.opens[name] -= 1
 
     def mark(self, name: str, mark: str) -> int:
-        return self.volume(name).mark(mark)
+        """Name the current LSN. Only the primary writes history: a mark written on a mirror
+        would fork its log from its source's (split brain on the next record)."""
+        vol = self.volume(name)
+        role = self.role(name)
+        if role.is_mirror:
+            raise WrongRole(f"volume {name!r} is a mirror on node {self.name}: marks are written on the primary "
+                            f"and replicated; run marsfs mark {name} {mark} on its primary (this mirror fetches "
+                            f"from {role.source})")
+        return vol.mark(mark)
 
     # ------------------------------------------------------------------ policies
 
@@ -296,6 +343,29 @@ class Node:
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
             open_handles=self.opens[vol.name], errors=list(vol.errors))
+
+
+def _largest_file(directory: Path) -> int:
+    """Binary search, at 4 KiB, for the largest size a sparse file in ``directory`` can have."""
+    probe = directory / ".size-probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        def fits(n: int) -> bool:
+            try:
+                os.ftruncate(fd, n)
+                return True
+            except (OSError, OverflowError):
+                return False
+        lo, hi = 4096, 1 << 62  # fits(lo); the answer is below hi
+        if fits(hi):
+            return hi
+        while hi - lo > 4096:
+            mid = (lo + hi) // 2 // 4096 * 4096
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+    finally:
+        os.close(fd)
+        probe.unlink()
 
 
 def history_floor(vol: Volume, history_bytes: int) -> int:

@@ -68,6 +68,9 @@ class RoleRecord:
     replay_paused: bool = False
     replayed_lsn: int = 0  #: a mirror's replay position as last persisted
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))  # "mirror" from a caller becomes Role.MIRROR
+
     @property
     def is_mirror(self) -> bool:
         return self.role == Role.MIRROR
