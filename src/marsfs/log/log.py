@@ -69,6 +69,7 @@ _DECOMPRESSED_CACHE = 8
 _BATCH_RECORDS = 512
 #: Errors of a write that mean the filesystem is full, not that it is broken.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_REFETCH = "the log is unchanged and the mirror fetches again; if this repeats, resync it (marsfs invalidate)"
 
 
 class Log:
@@ -203,16 +204,17 @@ class Log:
             h = decode_header(head)
             verify_payload(h, view[HEADER_SIZE:])
         except BadRecord as e:
-            raise RecordRefused(f"refused a replicated record: {e.reason}") from None
+            raise RecordRefused(f"refused a replicated record: {e.reason}; {_REFETCH}") from None
         if volume_size is not None and h.type == RecordType.WRITE and h.offset + h.length > volume_size:
             raise RecordRefused(f"refused replicated record {h.lsn}: it writes past the end of the volume "
-                                f"({h.offset}+{h.length} > {volume_size} bytes); resync this volume")
+                                f"({h.offset}+{h.length} > {volume_size} bytes); resync it (marsfs invalidate)")
         payload = Payload(h.flags, h.length, view[HEADER_SIZE:], h.payload_hash)
         with self._lock:
             try:
                 verify_link(h, head, self.last_lsn + 1, self.last_chain)
             except BadRecord as e:
-                raise RecordRefused(f"refused a replicated record that does not continue this log: {e.reason}") from None
+                raise RecordRefused(f"refused a replicated record that does not continue this log: {e.reason}; "
+                                    f"{_REFETCH}") from None
             self._append_locked(h.type, h.timestamp_ns, ((h.offset, payload),), (head, h.chain))
         return h
 
