@@ -234,10 +234,10 @@ class Log:
         limit = self.segment_bytes
         n = len(items)
         at = 0
-        lsn = self._segments[-1].last_lsn
+        seg = self._segments[-1]
+        lsn = seg.last_lsn
         while at < n:
-            seg = self._segments[-1]
-            if seg.count and seg.end + HEADER_SIZE + len(items[at][1].stored) > limit:
+            if seg.pos and seg.end + HEADER_SIZE + len(items[at][1].stored) > limit:
                 self._rotate_locked()
                 seg = self._segments[-1]
             first = at
@@ -264,17 +264,17 @@ class Log:
                     raise OSError(errno.ENOSPC, "short write")
             except OSError as e:
                 self._undo_append(seg, start, e)
+            written = items[first:at]  # the whole tuple of a single append: no copy
             pos = start
-            for i in range(first, at):
-                offset, payload = items[i]
+            for offset, payload in written:
                 stored = len(payload.stored)
                 seg.append(pos, offset, payload.length, stored, kind | payload.flags, ts)
                 pos += HEADER_SIZE + stored
             seg.last_chain = chain
             seg.end = pos
             if rtype == RecordType.MARK:
-                for i in range(first, at):
-                    self._marks[lsn - (at - 1 - i)] = payload_text(items[i][1])
+                for i, (_, payload) in enumerate(written):
+                    self._marks[lsn - len(written) + 1 + i] = payload_text(payload)
         return lsn
 
     def _undo_append(self, seg: Segment, pos: int, err: OSError) -> NoReturn:
