@@ -10,13 +10,15 @@ chunks) and :meth:`Log.append_raw` (a record another node stored, bytes unchange
 ends of one routine, :meth:`Log._append_locked`, which under the log lock
 
 * starts a new segment when the next record does not fit the current one (rotation: the old
-  segment is fdatasync'd first, so every segment but the last is complete);
-* writes the records that fit with one ``pwritev``;
-* on any failure (including a short write) truncates the segment back to where the call
-  started writing, so the log is exactly as before that ``pwritev``, and raises
+  segment is fdatasync'd first, so every segment but the last is complete; when the new
+  segment cannot be made, the old one stays the active, writable one);
+* writes the records that fit with one ``pwritev`` (at most 512 records: IOV_MAX);
+* on any failure (including a short write) truncates the segment back to where that
+  ``pwritev`` started, so the log is exactly as before it, and raises
   :class:`~marsfs.errors.NoSpace` (ENOSPC, EDQUOT, short write) or
   :class:`~marsfs.errors.LogFailed`; if the truncate fails too, the log is poisoned;
-* only after the write succeeded adds the per-record table rows and the marks.
+* only after the write succeeded adds the per-record table rows and the marks, so readers
+  (which take no lock) never see a record whose bytes are not in the file.
 
 Records that went to an earlier segment in the same call stay when a later segment fails
 (Volume.write indexes exactly what reached the log).
@@ -210,6 +212,7 @@ class Log:
                                 f"({h.offset}+{h.length} > {volume_size} bytes); resync it (marsfs invalidate)")
         payload = Payload(h.flags, h.length, view[HEADER_SIZE:], h.payload_hash)
         with self._lock:
+            self._check_failed()  # a poisoned log says so before judging the link
             try:
                 verify_link(h, head, self.last_lsn + 1, self.last_chain)
             except BadRecord as e:

@@ -122,13 +122,17 @@ class Segment:
         self.last_chain = h.chain
 
     def append(self, pos: int, offset: int, length: int, stored: int, kind: int, ts: int) -> None:
-        """A row for the next record; the caller sets ``last_chain`` and ``end`` after the last."""
-        self.pos.append(pos)
+        """A row for the next record; the caller sets ``last_chain`` and ``end`` after the last.
+
+        ``pos`` goes last: ``count`` is its length, so a reader without the lock never sees a
+        row whose other columns are not there yet.
+        """
         self.offset.append(offset)
         self.length.append(length)
         self.stored.append(stored)
         self.kind.append(kind)
         self.ts.append(ts)
+        self.pos.append(pos)
 
     def info(self, lsn: int) -> RecordInfo:
         i = lsn - self.first_lsn
