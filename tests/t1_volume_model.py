@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from marsfs.log import MAX_PAYLOAD
-from marsfs.log.log import segment_name
+from marsfs.log.segment import segment_name
 from marsfs.volume import Volume
 from marsfs.volume.volume import RECORD_CHUNK
 

@@ -241,7 +241,7 @@ def test_writeback_interrupted_before_applied_is_persisted(tmp_path: Path, monke
     dies before ``A = T`` is persisted. After recovery every retained version must still equal
     the model, in particular the oldest one, which reads unwritten ranges from the base.
     """
-    import marsfs.volume.volume as volmod
+    import marsfs.volume.writeback as volmod
 
     path = tmp_path / "v"
     seed = 7

@@ -131,3 +131,8 @@ class PeerError(NodeError):
     """A peer is unknown, unreachable or refused what this node asked."""
 
     errno = _errno.EHOSTUNREACH
+
+
+class RecordRefused(MarsError):
+    """A replicated record that does not verify, does not continue this log, or does not fit
+    the volume: the mirror keeps its log as it was and needs a resync from a healthy node."""

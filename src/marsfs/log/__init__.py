@@ -1,6 +1,7 @@
-"""The transaction log: record codec (``record``) and segment files with recovery (``log``)."""
+"""The transaction log: record codec (``record``), segment files (``segment``), opening and
+verifying them (``recovery``), and the Log with its one append path (``log``)."""
 
-from marsfs.log.log import DEFAULT_SEGMENT_BYTES, Log, RecordInfo, RecoveryReport
+from marsfs.log.log import DEFAULT_SEGMENT_BYTES, Log
 from marsfs.log.record import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -10,6 +11,8 @@ from marsfs.log.record import (
     encode_payload,
     genesis_chain,
 )
+from marsfs.log.recovery import RecoveryReport
+from marsfs.log.segment import RecordInfo
 
 __all__ = [
     "DEFAULT_SEGMENT_BYTES", "HEADER_SIZE", "MAX_PAYLOAD", "SEGMENT_HEADER_SIZE", "Log", "Payload",

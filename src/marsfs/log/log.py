@@ -1,48 +1,55 @@
-"""The transaction log of one volume: segment files, recovery, append, group commit.
+"""The transaction log of one volume: positions, the append path, group commit, reads, trim.
 
 Theory of operation
 -------------------
-A log is a directory of segment files ``<first_lsn:020d>.seg``. Each starts with a segment
-header (first LSN, chain value before it) and holds records back to back. Only the newest
-segment grows; a segment is fdatasync'd before the next one is created, and a new segment
-appears atomically (written as ``.tmp``, fsync'd, renamed, directory fsync'd). Hence:
+A log is a directory of segment files (:mod:`marsfs.log.segment`); opening one verifies every
+record and cuts a torn tail (:mod:`marsfs.log.recovery`). Only the newest segment grows.
 
-* every segment but the last is complete: any bad record in it is damage;
-* in the last segment, a bad record with no valid record after it is a torn tail (an append
-  that a crash interrupted) and is cut; a bad record followed by a valid one is damage.
+Appending: :meth:`Log.append` (one record), :meth:`Log.append_many` (a volume write cut into
+chunks) and :meth:`Log.append_raw` (a record another node stored, bytes unchanged) are front
+ends of one routine, :meth:`Log._append_locked`, which under the log lock
 
-Recovery verifies every record (header sum, payload hash, LSN sequence, chain link) and stops at
-the first damaged one with :class:`~marsfs.errors.LogDamaged` naming segment, offset and LSN.
+* starts a new segment when the next record does not fit the current one (rotation: the old
+  segment is fdatasync'd first, so every segment but the last is complete; when the new
+  segment cannot be made, the old one stays the active, writable one);
+* writes the records that fit with one ``pwritev`` (at most 512 records: IOV_MAX);
+* on any failure (including a short write) truncates the segment back to where that
+  ``pwritev`` started, so the log is exactly as before it, and raises
+  :class:`~marsfs.errors.NoSpace` (ENOSPC, EDQUOT, short write) or
+  :class:`~marsfs.errors.LogFailed`; if the truncate fails too, the log is poisoned;
+* only after the write succeeded adds the per-record table rows and the marks, so readers
+  (which take no lock) never see a record whose bytes are not in the file.
+
+Records that went to an earlier segment in the same call stay when a later segment fails
+(Volume.write indexes exactly what reached the log).
 
 Durability: :meth:`Log.sync` is group commit. Callers that arrive while an fdatasync is in
 flight wait for it; if it did not cover them, one of them leads the next. ``durable_lsn``
 only advances after an fdatasync returned. A failed fdatasync poisons the log (the kernel may
 have dropped the pages), and every later append or sync raises :class:`LogFailed`.
 
-Thread safety: ``append``, ``sync``, ``rotate`` and the properties are safe from any thread.
-Reads (``read_data``, ``read_stored``, ``info``) are safe against appends; the caller must
-ensure that nobody reads records that a concurrent :meth:`trim` removes.
+Thread safety: the append front ends, ``sync``, ``rotate``, ``trim`` and the properties are
+safe from any thread. Reads (``read_data``, ``read_stored``, ``read_raw``, ``info``) are safe
+against appends; the caller must ensure that nobody reads records that a concurrent
+:meth:`trim` removes.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
-import mmap
 import os
 import threading
 import time
-from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from marsfs.errors import LogDamaged, LogFailed, MarsError
+from marsfs.errors import LogFailed, MarsError, NoSpace, RecordRefused
 from marsfs.fsutil import fsync_dir
 from marsfs.log.record import (
     HEADER_SIZE,
-    RECORD_MAGIC,
     SEGMENT_HEADER_SIZE,
     BadRecord,
     Flags,
@@ -51,108 +58,26 @@ from marsfs.log.record import (
     RecordType,
     decode_header,
     decode_payload,
-    decode_segment_header,
     encode_header,
-    encode_segment_header,
     verify_link,
     verify_payload,
 )
+from marsfs.log.recovery import RecoveryReport, recover
+from marsfs.log.segment import RecordInfo, Segment, segment_name
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
-_SUFFIX = ".seg"
 _DECOMPRESSED_CACHE = 8
-
-
-def segment_name(first_lsn: int) -> str:
-    return f"{first_lsn:020d}{_SUFFIX}"
-
-
-@dataclass(frozen=True, slots=True)
-class RecordInfo:
-    """Where a retained record is and what it says (payload not included)."""
-
-    lsn: int
-    type: RecordType
-    flags: int
-    offset: int
-    length: int
-    stored_len: int
-    timestamp_ns: int
-    segment: str
-    pos: int  #: byte position of the record header in its segment file
-
-    @property
-    def size(self) -> int:
-        return HEADER_SIZE + self.stored_len
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryReport:
-    """What opening a log found."""
-
-    segments: int
-    records: int
-    bytes_scanned: int
-    torn_bytes: int  #: bytes cut (or, without repair, ignored) at the tail
-    torn_reason: str  #: why the tail was cut; empty when it was clean
-
-
-class _Segment:
-    """One segment file and the compact per-record table of what it holds.
-
-    The table is struct-of-arrays (about 34 bytes a record) because a volume may retain
-    millions of records.
-    """
-
-    __slots__ = ("path", "first_lsn", "prev_chain", "fd", "end", "last_chain",
-                 "pos", "offset", "length", "stored", "kind", "ts")
-
-    def __init__(self, path: Path, first_lsn: int, prev_chain: bytes, fd: int, end: int) -> None:
-        self.path = path
-        self.first_lsn = first_lsn
-        self.prev_chain = prev_chain
-        self.fd = fd
-        self.end = end
-        self.last_chain = prev_chain
-        self.pos = array("Q")
-        self.offset = array("Q")
-        self.length = array("I")
-        self.stored = array("I")
-        self.kind = array("H")  # type << 8 | flags
-        self.ts = array("q")
-
-    @property
-    def count(self) -> int:
-        return len(self.pos)
-
-    @property
-    def last_lsn(self) -> int:
-        return self.first_lsn + len(self.pos) - 1
-
-    def add(self, h: Header, pos: int) -> None:
-        self.append(pos, h.offset, h.length, h.stored_len, int(h.type) << 8 | h.flags, h.timestamp_ns, h.chain)
-
-    def append(self, pos: int, offset: int, length: int, stored: int, kind: int, ts: int, chain: bytes) -> None:
-        self.pos.append(pos)
-        self.offset.append(offset)
-        self.length.append(length)
-        self.stored.append(stored)
-        self.kind.append(kind)
-        self.ts.append(ts)
-        self.last_chain = chain
-
-    def info(self, lsn: int) -> RecordInfo:
-        i = lsn - self.first_lsn
-        assert 0 <= i < len(self.pos), (lsn, self.first_lsn, len(self.pos))
-        kind = self.kind[i]
-        return RecordInfo(lsn, RecordType(kind >> 8), kind & 0xFF, self.offset[i], self.length[i],
-                          self.stored[i], self.ts[i], self.path.name, self.pos[i])
+#: Records one ``pwritev`` carries at most: two buffers each, and Linux takes 1024 (IOV_MAX).
+_BATCH_RECORDS = 512
+#: Errors of a write that mean the filesystem is full, not that it is broken.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_REFETCH = "the log is unchanged and the mirror fetches again; if this repeats, resync it (marsfs invalidate)"
 
 
 class Log:
     """A volume's transaction log. Open with :meth:`create` or :meth:`open`."""
 
-    def __init__(self, path: Path, segments: list[_Segment], segment_bytes: int,
+    def __init__(self, path: Path, segments: list[Segment], segment_bytes: int,
                  report: RecoveryReport) -> None:
         assert segments, "a log always has at least one segment"
         self.path = path
@@ -185,7 +110,7 @@ class Log:
         LSN k starts at k+1 from the primary's chain at k.
         """
         path.mkdir(parents=True, exist_ok=False)
-        seg = _new_segment(path, first_lsn, prev_chain)
+        seg = Segment.create(path, first_lsn, prev_chain)
         report = RecoveryReport(1, 0, SEGMENT_HEADER_SIZE, 0, "")
         return cls(path, [seg], segment_bytes, report)
 
@@ -195,37 +120,7 @@ class Log:
 
         Raises :class:`LogDamaged` at the first damaged record before the tail.
         """
-        for stale in path.glob("*.tmp"):
-            stale.unlink()
-        names = sorted(p.name for p in path.iterdir() if p.name.endswith(_SUFFIX))
-        if not names:
-            raise MarsError(f"no log segments in {path}: the volume's log is missing; "
-                            "restore the state directory or resync the volume")
-        segments: list[_Segment] = []
-        scanned = torn = 0
-        torn_reason = ""
-        expect_lsn: int | None = None
-        chain = b""
-        for n, name in enumerate(names):
-            last = n == len(names) - 1
-            try:
-                seg, seg_scanned, cut, reason = _scan_segment(path / name, expect_lsn, chain, last)
-            except BaseException:
-                for done in segments:  # a damaged log must not leak the segments scanned so far
-                    os.close(done.fd)
-                raise
-            segments.append(seg)
-            scanned += seg_scanned
-            expect_lsn, chain = seg.last_lsn + 1, seg.last_chain
-            if last and cut:
-                torn, torn_reason = cut, reason
-                if repair:
-                    os.ftruncate(seg.fd, seg.end)
-                    os.fsync(seg.fd)
-        for seg in segments[:-1]:
-            _reopen_readonly(seg)
-        records = sum(s.count for s in segments)
-        report = RecoveryReport(len(segments), records, scanned, torn, torn_reason)
+        segments, report = recover(path, repair=repair)
         log = cls(path, segments, segment_bytes, report)
         os.fdatasync(segments[-1].fd)  # what a dead process left in the page cache is now durable
         return log
@@ -235,10 +130,7 @@ class Log:
             while self._syncing:
                 self._synced.wait()
             for seg in self._segments:
-                if seg.fd >= 0:
-                    os.close(seg.fd)
-                    seg.fd = -1
-
+                seg.close()
     # ------------------------------------------------------------------ positions
 
     @property
@@ -285,108 +177,156 @@ class Log:
         """Append one record (not yet durable) and return its LSN."""
         ts = time.time_ns() if timestamp_ns is None else timestamp_ns
         with self._lock:
-            self._check_failed()
-            seg = self._segments[-1]
-            if seg.count and seg.end + HEADER_SIZE + len(payload.stored) > self.segment_bytes:
-                self._rotate_locked()
-                seg = self._segments[-1]
-            lsn = seg.last_lsn + 1
-            head, chain = encode_header(rtype, lsn, offset, payload, ts, seg.last_chain)
-            pos = seg.end
-            try:
-                written = os.pwritev(seg.fd, [head, payload.stored], pos)
-                if written != len(head) + len(payload.stored):
-                    raise OSError(errno.ENOSPC, "short write")
-            except OSError as e:
-                self._undo_append(seg, pos, e)
-            seg.append(pos, offset, payload.length, len(payload.stored), int(rtype) << 8 | payload.flags, ts, chain)
-            seg.end = pos + len(head) + len(payload.stored)
-            if rtype == RecordType.MARK:
-                self._marks[lsn] = payload_text(payload)
-            return lsn
+            return self._append_locked(rtype, ts, ((offset, payload),), None)
 
-    def append_many(self, rtype: RecordType, items: list[tuple[int, Payload]],
+    def append_many(self, rtype: RecordType, items: Sequence[tuple[int, Payload]],
                     timestamp_ns: int | None = None) -> int:
         """Append one record per ``(offset, payload)`` (not yet durable); returns the last LSN.
 
         Same records as that many :meth:`append` calls, but one lock hold and one ``pwritev`` per
         segment: a 1 MiB volume write is 16 records, and per-record syscalls and lock handoffs
-        between writer threads cost more than the copy into the page cache.
+        between writer threads cost more than the copy into the page cache. When a later
+        segment fails, the records already in earlier segments stay (check :attr:`last_lsn`).
         """
         ts = time.time_ns() if timestamp_ns is None else timestamp_ns
-        kind = int(rtype) << 8
         with self._lock:
-            self._check_failed()
-            at = 0
-            lsn = self.last_lsn
-            while at < len(items):
-                seg = self._segments[-1]
-                if seg.count and seg.end + HEADER_SIZE + len(items[at][1].stored) > self.segment_bytes:
-                    self._rotate_locked()
-                    seg = self._segments[-1]
-                pos = start = seg.end
-                lsn = seg.last_lsn
-                chain = seg.last_chain
-                bufs: list[bytes] = []
-                rows: list[tuple[int, int, Payload, bytes]] = []
-                while at < len(items):
-                    offset, payload = items[at]
-                    size = HEADER_SIZE + len(payload.stored)
-                    if (rows or seg.count) and pos + size > self.segment_bytes:
-                        break  # the rest goes to the next segment
-                    lsn += 1
-                    head, chain = encode_header(rtype, lsn, offset, payload, ts, chain)
-                    bufs.append(head)
-                    bufs.append(payload.stored)
-                    rows.append((pos, offset, payload, chain))
-                    pos += size
-                    at += 1
-                try:
-                    written = os.pwritev(seg.fd, bufs, start)
-                    if written != pos - start:
-                        raise OSError(errno.ENOSPC, "short write")
-                except OSError as e:
-                    self._undo_append(seg, start, e)
-                for p, offset, payload, c in rows:
-                    seg.append(p, offset, payload.length, len(payload.stored), kind | payload.flags, ts, c)
-                seg.end = pos
-                if rtype == RecordType.MARK:
-                    for i, (_, _, payload, _) in enumerate(rows):
-                        self._marks[seg.last_lsn - len(rows) + 1 + i] = payload_text(payload)
-            return lsn
+            return self._append_locked(rtype, ts, items, None)
 
-    def append_raw(self, raw: bytes | memoryview) -> Header:
+    def append_raw(self, raw: bytes | memoryview, *, volume_size: int | None = None) -> Header:
         """Append a record exactly as another log stored it (replication); returns its header.
 
-        The record must verify and continue this log: next LSN, chain from our last record.
-        The bytes stay identical, so the chain hashes of both logs stay identical.
+        The record must verify and continue this log: next LSN, chain from our last record; with
+        ``volume_size``, a WRITE record must also lie inside the volume. The bytes stay identical,
+        so the chain hashes of both logs stay identical. A refused record raises
+        :class:`RecordRefused` and leaves the log as it was.
         """
+        view = memoryview(raw)
+        head = view[:HEADER_SIZE]
         try:
-            h = decode_header(raw[:HEADER_SIZE])
-            verify_payload(h, raw[HEADER_SIZE:])
+            h = decode_header(head)
+            verify_payload(h, view[HEADER_SIZE:])
         except BadRecord as e:
-            raise MarsError(f"refused a replicated record: {e.reason}") from None
+            raise RecordRefused(f"refused a replicated record: {e.reason}; {_REFETCH}") from None
+        if volume_size is not None and h.type == RecordType.WRITE and h.offset + h.length > volume_size:
+            raise RecordRefused(f"refused replicated record {h.lsn}: it writes past the end of the volume "
+                                f"({h.offset}+{h.length} > {volume_size} bytes); resync it (marsfs invalidate)")
+        payload = Payload(h.flags, h.length, view[HEADER_SIZE:], h.payload_hash)
         with self._lock:
-            self._check_failed()
-            seg = self._segments[-1]
+            self._check_failed()  # a poisoned log says so before judging the link
             try:
-                verify_link(h, raw[:HEADER_SIZE], seg.last_lsn + 1, seg.last_chain)
+                verify_link(h, head, self.last_lsn + 1, self.last_chain)
             except BadRecord as e:
-                raise MarsError(f"refused a replicated record that does not continue this log: {e.reason}") from None
-            if seg.count and seg.end + len(raw) > self.segment_bytes:
+                raise RecordRefused(f"refused a replicated record that does not continue this log: {e.reason}; "
+                                    f"{_REFETCH}") from None
+            self._append_locked(h.type, h.timestamp_ns, ((h.offset, payload),), (head, h.chain))
+        return h
+
+    def _append_locked(self, rtype: RecordType, ts: int, items: Sequence[tuple[int, Payload]],
+                       given: tuple[bytes | memoryview, bytes] | None) -> int:
+        """The one append path (caller holds the lock); returns the LSN of the last record.
+
+        ``given`` is the header and chain of a single record that arrived encoded (append_raw);
+        otherwise each header is encoded here, where its LSN and chain are known. Per segment
+        (and per ``_BATCH_RECORDS``): rotate if the next record does not fit, then one
+        ``pwritev``; the table rows, ``end``, ``last_chain`` and marks change only after it
+        succeeded. This is the hottest code of the write path: no per-record work beyond
+        encoding, one list append per buffer and one table row.
+        """
+        self._check_failed()
+        kind = int(rtype) << 8
+        limit = self.segment_bytes
+        n = len(items)
+        at = 0
+        seg = self._segments[-1]
+        lsn = seg.last_lsn
+        while at < n:
+            if seg.pos and seg.end + HEADER_SIZE + len(items[at][1].stored) > limit:
                 self._rotate_locked()
                 seg = self._segments[-1]
-            pos = seg.end
+            first = at
+            start = pos = seg.end
+            chain = seg.last_chain
+            bufs: list[bytes | memoryview] = []
+            head: bytes | memoryview
+            while at < n:  # the first record always goes in: it fits, or the segment is empty
+                offset, payload = items[at]
+                end = pos + HEADER_SIZE + len(payload.stored)
+                if at > first and (end > limit or at - first == _BATCH_RECORDS):
+                    break  # the rest goes to the next segment (or the next pwritev)
+                lsn += 1
+                if given is None:
+                    head, chain = encode_header(rtype, lsn, offset, payload, ts, chain)
+                else:
+                    head, chain = given
+                bufs.append(head)
+                bufs.append(payload.stored)
+                pos = end
+                at += 1
             try:
-                if os.pwrite(seg.fd, raw, pos) != len(raw):
+                if os.pwritev(seg.fd, bufs, start) != pos - start:
                     raise OSError(errno.ENOSPC, "short write")
             except OSError as e:
-                self._undo_append(seg, pos, e)
-            seg.add(h, pos)
-            seg.end = pos + len(raw)
-            if h.type == RecordType.MARK:
-                self._marks[h.lsn] = decode_payload(h.flags, h.length, raw[HEADER_SIZE:]).decode("utf-8", "replace")
-            return h
+                self._undo_append(seg, start, e)
+            written = items[first:at]  # the whole tuple of a single append: no copy
+            pos = start
+            for offset, payload in written:
+                stored = len(payload.stored)
+                seg.append(pos, offset, payload.length, stored, kind | payload.flags, ts)
+                pos += HEADER_SIZE + stored
+            seg.last_chain = chain
+            seg.end = pos
+            if rtype == RecordType.MARK:
+                for i, (_, payload) in enumerate(written):
+                    self._marks[lsn - len(written) + 1 + i] = payload_text(payload)
+        return lsn
+
+    def _undo_append(self, seg: Segment, pos: int, err: OSError) -> NoReturn:
+        """Cut what a failed write may have left at ``pos`` and raise what the caller sees."""
+        try:
+            os.ftruncate(seg.fd, pos)
+        except OSError as e2:
+            self._failed = e2
+            raise LogFailed(f"log append failed ({err.strerror}) and could not be undone "
+                            f"({e2.strerror}); restart the daemon to re-verify the log") from err
+        raise _write_error(f"cannot append to the log in {self.path}", err) from err
+
+    def rotate(self) -> None:
+        """Start a new segment now (the current one must hold at least one record)."""
+        with self._lock:
+            self._check_failed()
+            if self._segments[-1].count:
+                self._rotate_locked()
+
+    def _rotate_locked(self) -> None:
+        """Close the active segment durably and start the next one.
+
+        The new segment is made before the old one turns read-only, so a failure to make it
+        (a full disk) leaves the old one active and the log as it was; only a failure after the
+        new file got its final name poisons the log (appending on to the old segment would make
+        the log unopenable: its successor already exists).
+        """
+        while self._syncing:  # the sync leader uses the current fd outside the lock
+            self._synced.wait()
+        old = self._segments[-1]
+        try:
+            os.fdatasync(old.fd)
+        except OSError as e:
+            self._failed = e
+            raise LogFailed(f"fdatasync of {old.path} failed: {e.strerror}; "
+                            "restart the daemon to re-verify the log") from e
+        self._durable_lsn = old.last_lsn
+        first = old.last_lsn + 1
+        try:
+            seg = Segment.create(self.path, first, old.last_chain)
+        except OSError as e:
+            if (self.path / segment_name(first)).exists():
+                self._failed = e
+                raise LogFailed(f"starting log segment {segment_name(first)} failed half way ({e.strerror}); "
+                                "restart the daemon to re-verify the log") from e
+            raise _write_error(f"cannot start a new log segment in {self.path}", e) from e
+        old.reopen_readonly()
+        self._segments.append(seg)
+        self._firsts.append(seg.first_lsn)
 
     def bytes_between(self, after: int, upto: int) -> int:
         """Bytes that the retained records ``(after, upto]`` take in the log."""
@@ -399,38 +339,6 @@ class Log:
             total += seg.pos[j] + HEADER_SIZE + seg.stored[j] - seg.pos[lo - seg.first_lsn]
         return total
 
-    def _undo_append(self, seg: _Segment, pos: int, err: OSError) -> None:
-        try:
-            os.ftruncate(seg.fd, pos)
-        except OSError as e2:
-            self._failed = e2
-            raise LogFailed(f"log append failed ({err.strerror}) and could not be undone "
-                            f"({e2.strerror}); restart the daemon to re-verify the log") from err
-        raise MarsError(f"cannot append to the log in {self.path}: {err.strerror}; "
-                        "free space on the state directory's filesystem") from err
-
-    def rotate(self) -> None:
-        """Start a new segment now (the current one must hold at least one record)."""
-        with self._lock:
-            self._check_failed()
-            if self._segments[-1].count:
-                self._rotate_locked()
-
-    def _rotate_locked(self) -> None:
-        while self._syncing:  # the sync leader uses the current fd outside the lock
-            self._synced.wait()
-        old = self._segments[-1]
-        try:
-            os.fdatasync(old.fd)
-        except OSError as e:
-            self._failed = e
-            raise LogFailed(f"fdatasync of {old.path} failed: {e.strerror}; "
-                            "restart the daemon to re-verify the log") from e
-        self._durable_lsn = old.last_lsn
-        _reopen_readonly(old)
-        seg = _new_segment(self.path, old.last_lsn + 1, old.last_chain)
-        self._segments.append(seg)
-        self._firsts.append(seg.first_lsn)
 
     # ------------------------------------------------------------------ durability
 
@@ -479,14 +387,14 @@ class Log:
 
     # ------------------------------------------------------------------ reading
 
-    def _segment_of(self, lsn: int) -> _Segment:
+    def _segment_of(self, lsn: int) -> Segment:
         i = bisect.bisect_right(self._firsts, lsn) - 1
         assert i >= 0, (lsn, self._firsts)
         seg = self._segments[i]
         assert seg.first_lsn <= lsn <= seg.last_lsn, (lsn, seg.first_lsn, seg.last_lsn)
         return seg
 
-    def _read_header(self, seg: _Segment, lsn: int) -> tuple[int, bytes]:
+    def _read_header(self, seg: Segment, lsn: int) -> tuple[int, bytes]:
         pos = seg.pos[lsn - seg.first_lsn]
         return pos, os.pread(seg.fd, HEADER_SIZE, pos)
 
@@ -524,7 +432,7 @@ class Log:
         if not flags & Flags.LZ4:
             data = os.pread(seg.fd, length, seg.pos[i] + HEADER_SIZE + delta)
             if len(data) != length:
-                raise MarsError(f"log segment {seg.path} is shorter than recorded; "
+                raise LogFailed(f"log segment {seg.path} is shorter than recorded; "
                                 "was it modified outside marsfs? restart the daemon to re-verify")
             return data
         with self._cache_lock:
@@ -582,8 +490,7 @@ class Log:
             while len(self._segments) > 1 and self._segments[0].last_lsn <= upto_lsn:
                 seg = self._segments.pop(0)
                 self._firsts.pop(0)
-                os.close(seg.fd)
-                seg.fd = -1
+                seg.close()
                 seg.path.unlink()
                 freed += seg.end
                 for lsn in [m for m in self._marks if m <= seg.last_lsn]:
@@ -596,112 +503,15 @@ class Log:
         return freed
 
 
+
+
 def payload_text(payload: Payload) -> str:
+    """A MARK record's name."""
     return decode_payload(payload.flags, payload.length, payload.stored).decode("utf-8", "replace")
 
 
-def _new_segment(path: Path, first_lsn: int, prev_chain: bytes) -> _Segment:
-    final = path / segment_name(first_lsn)
-    tmp = final.with_suffix(".tmp")
-    head = encode_segment_header(first_lsn, prev_chain, time.time_ns())
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, head)
-        os.fsync(fd)
-        os.rename(tmp, final)
-        fsync_dir(path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _Segment(final, first_lsn, prev_chain, fd, len(head))
-
-
-def _reopen_readonly(seg: _Segment) -> None:
-    """Swap the segment's fd for a read-only one in place: readers run without the log lock,
-    so the fd number must stay valid throughout (close-then-reopen let another thread's open
-    take the number, or a pread hit EBADF and killed the daemon)."""
-    fd = os.open(seg.path, os.O_RDONLY)
-    os.dup2(fd, seg.fd)
-    os.close(fd)
-
-
-def _has_valid_header_after(buf: memoryview | mmap.mmap, start: int) -> bool:
-    """Is there any verifiable record header at or after ``start``? (damage vs torn tail)"""
-    find = buf.find if isinstance(buf, mmap.mmap) else bytes(buf).find
-    at = find(RECORD_MAGIC, start)
-    while at >= 0:
-        try:
-            decode_header(buf[at : at + HEADER_SIZE])
-            return True
-        except BadRecord:
-            at = find(RECORD_MAGIC, at + 1)
-    return False
-
-
-def _named_lsn(name: str) -> int:
-    """The first LSN a segment's file name claims (0 if none), for naming damage."""
-    stem = name.removesuffix(_SUFFIX)
-    return int(stem) if stem.isdigit() else 0
-
-
-def _scan_segment(path: Path, expect_lsn: int | None, chain: bytes,
-                  last: bool) -> tuple[_Segment, int, int, str]:
-    """Verify one segment. Returns the segment, bytes scanned, bytes of torn tail and why."""
-    # the LSN a damaged segment header is reported at: its first, as expected or as named
-    first = expect_lsn if expect_lsn is not None else _named_lsn(path.name)
-    fd = os.open(path, os.O_RDWR if last else os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size < SEGMENT_HEADER_SIZE:
-            raise LogDamaged(path.name, 0, first, "segment shorter than its header")
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
-            buf = memoryview(mm)
-            try:
-                # A BadRecord's traceback pins the memoryview slices it was given, and a pinned
-                # slice makes closing the mmap fail (BufferError): so remember the reason and
-                # raise LogDamaged only after the handler has dropped the BadRecord.
-                bad = ""
-                try:
-                    sh = decode_segment_header(buf[:SEGMENT_HEADER_SIZE])
-                except BadRecord as e:
-                    bad = e.reason
-                if bad:
-                    raise LogDamaged(path.name, 0, first, bad)
-                if expect_lsn is not None and (sh.first_lsn != expect_lsn or sh.prev_chain != chain):
-                    raise LogDamaged(path.name, 0, expect_lsn,
-                                     f"segment starts at LSN {sh.first_lsn} or with another chain "
-                                     "than the previous segment ends; a segment is missing or foreign")
-                if path.name != segment_name(sh.first_lsn):
-                    raise LogDamaged(path.name, 0, sh.first_lsn, "segment file name does not match its header")
-                seg = _Segment(path, sh.first_lsn, sh.prev_chain, fd, SEGMENT_HEADER_SIZE)
-                pos = SEGMENT_HEADER_SIZE
-                lsn = sh.first_lsn
-                prev = sh.prev_chain
-                while pos < size:
-                    try:
-                        h = decode_header(buf[pos : pos + HEADER_SIZE])
-                        verify_payload(h, buf[pos + HEADER_SIZE : pos + HEADER_SIZE + h.stored_len])
-                    except BadRecord as e:
-                        bad = e.reason
-                    if bad:
-                        if last and not _has_valid_header_after(mm, pos + 1):
-                            seg.end = pos  # the torn record is cut here, and appends go here
-                            return seg, pos, size - pos, bad
-                        raise LogDamaged(path.name, pos, lsn, bad)
-                    try:  # a verified record that does not continue the log was never torn
-                        verify_link(h, buf[pos : pos + HEADER_SIZE], lsn, prev)
-                    except BadRecord as e:
-                        bad = e.reason
-                    if bad:
-                        raise LogDamaged(path.name, pos, lsn, bad)
-                    seg.add(h, pos)
-                    prev = h.chain
-                    pos += h.size
-                    lsn += 1
-                seg.end = pos
-                return seg, size, 0, ""
-            finally:
-                buf.release()
-    except BaseException:
-        os.close(fd)
-        raise
+def _write_error(what: str, err: OSError) -> MarsError:
+    """What a failed log write means to the caller: a full disk, or a failing one."""
+    if err.errno in _NO_SPACE:
+        return NoSpace(f"{what}: {err.strerror}; free space on the state directory's filesystem")
+    return LogFailed(f"{what}: {err.strerror}; check the state directory's disk (dmesg), then retry")

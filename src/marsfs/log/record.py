@@ -100,12 +100,13 @@ class Payload:
     """A payload ready to be put in a record: possibly compressed, already hashed.
 
     Encoding is the expensive part of an append (lz4, xxh3) and does not depend on the LSN,
-    so callers do it outside any lock.
+    so callers do it outside any lock. A record received from another node is a Payload too:
+    its verified stored bytes (a memoryview into the received buffer, not copied) and hash.
     """
 
     flags: int
     length: int
-    stored: bytes
+    stored: bytes | memoryview
     payload_hash: bytes
 
 

@@ -1,4 +1,4 @@
-"""A volume on one node: base image + transaction log + extent index, and its versions.
+"""A volume on one node: base image + transaction log + extent index, its I/O, views and holds.
 
 Theory of operation
 -------------------
@@ -25,6 +25,10 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
 
 Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the live index has an
 LSN in ``(A, head]``; the log retains every record after ``A``.
+
+Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
+``versions`` (listing versions and resolving their names), ``encoding`` (the lz4 backoff) and
+``index`` (the extent index).
 """
 
 from __future__ import annotations
@@ -34,16 +38,16 @@ import threading
 import time
 import uuid as uuidlib
 from collections import Counter
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from marsfs.errors import MarsError, StateError, VolumeError
+from marsfs.errors import InvalidRequest, MarsError, OutOfRange, StateError, VersionNotFound
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
-from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordInfo, RecordType, encode_payload, genesis_chain
-from marsfs.log.record import MIN_COMPRESS, Flags, Payload
+from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain
+from marsfs.volume import writeback as wb
+from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.index import ExtentIndex
+from marsfs.volume.versions import VersionInfo, check_mark_name, list_versions, resolve_version
 
 FORMAT = 1
 SYNC_INTERVAL = 0.05  # seconds; G3 wants at most 0.1
@@ -53,22 +57,8 @@ RECORD_CHUNK = 64 * 1024
 assert RECORD_CHUNK <= MAX_PAYLOAD
 WRITEBACK_BATCH = 32 * 1024 * 1024  # log bytes one writeback call applies (bounds lock hold times)
 _EMPTY = encode_payload(b"")
-#: After an lz4 attempt that did not shrink a record, skip lz4 for the next 1, 2, 4, ... up to this
-#: many records (any successful attempt resets it). Random data costs an lz4 pass per record for
-#: nothing (~11 us per 64 KiB, plus a GIL release and re-acquire); compressible data after such a
-#: run is stored uncompressed for at most this many records.
-LZ4_MAX_SKIP = 64
-_MAX_MARK = 200
 
-
-@dataclass(frozen=True, slots=True)
-class VersionInfo:
-    """A named point in a volume's retained history."""
-
-    lsn: int
-    kind: str  #: "flush", "mark", "oldest" or "head"
-    name: str
-    timestamp_ns: int
+__all__ = ["RECORD_CHUNK", "SYNC_INTERVAL", "VersionInfo", "Volume", "VolumeView"]
 
 
 class Volume:
@@ -91,8 +81,7 @@ class Volume:
         self._pins: Counter[int] = Counter()
         self._holds: dict[str, int] = {}
         self._writes_since_flush = False
-        self._lz4_skip = 0  # records still to store without trying lz4
-        self._lz4_backoff = 0
+        self._lz4 = Lz4Policy()
         self._closed = False
         self.errors: list[str] = []
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
@@ -125,8 +114,8 @@ class Volume:
                segment_bytes: int = DEFAULT_SEGMENT_BYTES, sync_interval: float | None = SYNC_INTERVAL) -> Volume:
         """A new empty volume of ``size`` bytes (zeros) in the new directory ``path``."""
         if size <= 0 or size % 512:
-            raise VolumeError(f"volume size {size} is not a positive multiple of 512 bytes; "
-                              "give a size like 512M or 10G")
+            raise InvalidRequest(f"volume size {size} is not a positive multiple of 512 bytes; "
+                                 "give a size like 512M or 10G")
         path.mkdir(parents=True)
         meta = {"format": FORMAT, "name": name, "uuid": volume_uuid or str(uuidlib.uuid4()),
                 "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
@@ -137,7 +126,7 @@ class Volume:
         finally:
             os.close(fd)
         Log.create(path / "log", genesis_chain(str(meta["uuid"])), segment_bytes=segment_bytes).close()
-        write_json(path / "applied.json", {"applied_lsn": 0})
+        wb.persist_applied(path, 0)
         write_json(path / "volume.json", meta)  # last: a directory without it is an aborted create
         fsync_dir(path.parent)
         return cls.open(path, sync_interval=sync_interval)
@@ -160,7 +149,7 @@ class Volume:
         finally:
             os.close(fd)
         Log.create(path / "log", chain, first_lsn=lsn + 1, segment_bytes=segment_bytes).close()
-        write_json(path / "applied.json", {"applied_lsn": lsn})
+        wb.persist_applied(path, lsn)
         write_json(path / "volume.json", meta)
         fsync_dir(path.parent)
         vol = cls.open(path)
@@ -172,9 +161,7 @@ class Volume:
         """Recover a volume: verify its log, cut a torn tail, index what is not written back."""
         try:
             meta = read_json(path / "volume.json")
-            state = read_json(path / "applied.json")
-            applied = int(state["applied_lsn"])
-            pending = int(state.get("writeback_lsn", applied))
+            applied, pending = wb.read_state(path)
         except FileNotFoundError as e:
             raise StateError(f"{path} is not a complete volume ({e.filename} is missing)") from None
         if meta.get("format") != FORMAT:
@@ -186,7 +173,7 @@ class Volume:
                              f"({log.first_lsn}..{log.last_lsn}); the volume's files do not belong together")
         if pending > applied:
             try:
-                applied = _finish_writeback(path, log, applied, pending)
+                applied = wb.redo(path, log, applied, pending)
             except BaseException:
                 log.close()
                 raise
@@ -253,8 +240,8 @@ class Volume:
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise VolumeError(f"range {offset}+{length} lies outside volume {self.name} "
-                              f"of {self.size} bytes")
+            raise OutOfRange(f"range {offset}+{length} lies outside volume {self.name} "
+                             f"of {self.size} bytes")
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; returns the LSN of the (last) record. Not yet durable.
@@ -266,14 +253,15 @@ class Volume:
         if not n:
             return self.head_lsn
         if n <= RECORD_CHUNK:
-            payload = self._encode(data)  # lz4 and hashing outside the lock
+            payload = self._lz4.encode(data)  # lz4 and hashing outside the lock
             with self._lock:
                 lsn = self.log.append(RecordType.WRITE, offset, payload)
                 self.index.insert(offset, n, lsn)
                 self._writes_since_flush = True
             return lsn
         view = memoryview(data)
-        items = [(offset + at, self._encode(view[at : at + RECORD_CHUNK])) for at in range(0, n, RECORD_CHUNK)]
+        encode = self._lz4.encode
+        items = [(offset + at, encode(view[at : at + RECORD_CHUNK])) for at in range(0, n, RECORD_CHUNK)]
         with self._lock:  # one lock hold and one pwritev for all chunks (see Log.append_many)
             before = self.log.last_lsn
             try:
@@ -283,29 +271,11 @@ class Volume:
                     self.index.insert(items[i][0], items[i][1].length, lsn)
                 self._writes_since_flush = True
 
-    def _encode(self, chunk: bytes | memoryview) -> Payload:
-        """encode_payload with adaptive lz4: back off after attempts that did not compress.
-
-        Unlocked: concurrent writers may race on the counters, which only changes how many
-        records skip the attempt."""
-        if self._lz4_skip > 0:
-            self._lz4_skip -= 1
-            return encode_payload(chunk, compress=False)
-        payload = encode_payload(chunk)
-        if payload.flags & Flags.LZ4 or len(chunk) < MIN_COMPRESS:
-            self._lz4_backoff = 0
-        else:
-            self._lz4_backoff = min(LZ4_MAX_SKIP, self._lz4_backoff * 2 or 1)
-            self._lz4_skip = self._lz4_backoff
-        return payload
-
     def append_raw(self, raw: bytes | memoryview) -> int:
         """Append a record fetched from another node (same bytes, same chain); returns its LSN."""
         with self._lock:
-            h = self.log.append_raw(raw)
+            h = self.log.append_raw(raw, volume_size=self.size)
             if h.type == RecordType.WRITE and h.length:
-                if h.offset + h.length > self.size:
-                    raise VolumeError(f"replicated record {h.lsn} writes past the end of {self.name}")
                 self.index.insert(h.offset, h.length, h.lsn)
             self._writes_since_flush = h.type == RecordType.WRITE
             return h.lsn
@@ -329,12 +299,7 @@ class Volume:
 
     def mark(self, name: str) -> int:
         """Name the current point in history: flush, then a MARK record; returns its LSN."""
-        raw = name.encode()
-        if not name or len(raw) > _MAX_MARK or "/" in name or name.startswith(".") or name.startswith("lsn-"):
-            raise VolumeError(f"mark name {name!r} is invalid: use 1-{_MAX_MARK} bytes, no '/', "
-                              "not starting with '.' or 'lsn-'")
-        if name in self.log.marks.values():
-            raise VolumeError(f"mark {name!r} already exists on volume {self.name}; pick another name")
+        raw = check_mark_name(name, self.log.marks.values(), self.name)
         self.flush()
         with self._lock:
             lsn = self.log.append(RecordType.MARK, 0, encode_payload(raw))
@@ -379,13 +344,7 @@ class Volume:
                 start = self._applied
                 if bound <= start:
                     return start
-            batch: list[RecordInfo] = []
-            size = 0
-            for rec in self.log.records(start + 1, bound):  # no lock: only writeback trims
-                batch.append(rec)
-                size += rec.size
-                if max_bytes is not None and size >= max_bytes:
-                    break
+            batch = wb.collect(self.log, start, bound, max_bytes)
             with self._lock:
                 target = batch[-1].lsn
                 if self._pins:  # a view may have opened meanwhile
@@ -395,9 +354,9 @@ class Volume:
                 self._oldest = max(self._oldest, target)  # no view older than target may open now
             records = [r for r in batch if r.type == RecordType.WRITE and r.lsn <= target]
             if records:  # from here until A = target is persisted, the base is ahead of A
-                write_json(self.path / "applied.json", {"applied_lsn": start, "writeback_lsn": target})
-            _apply(self.log, self._base_fd, records)
-            write_json(self.path / "applied.json", {"applied_lsn": target})
+                wb.persist_intent(self.path, start, target)
+            wb.apply(self.log, self._base_fd, records)
+            wb.persist_applied(self.path, target)
             with self._lock:
                 self._applied = target  # from now on extents <= target read from the base
             for at in range(0, len(records), 256):  # a little at a time: writers wait microseconds
@@ -425,8 +384,8 @@ class Volume:
         """A read-only image of the volume after record ``lsn``; close it to unpin writeback."""
         with self._lock:
             if not self._oldest <= lsn <= self.head_lsn:
-                raise VolumeError(f"version lsn-{lsn} of volume {self.name} is not retained; "
-                                  f"available: lsn-{self._oldest} to lsn-{self.head_lsn}")
+                raise VersionNotFound(f"version lsn-{lsn} of volume {self.name} is not retained; "
+                                      f"available: lsn-{self._oldest} to lsn-{self.head_lsn}")
             self._pins[lsn] += 1
             first = self._applied + 1
         index = ExtentIndex()
@@ -443,62 +402,11 @@ class Volume:
 
     def versions(self) -> list[VersionInfo]:
         """Oldest retained version, flush points, marks and head, in LSN order."""
-        out = [VersionInfo(self._oldest, "oldest", f"lsn-{self._oldest}", 0)]
-        for lsn, ts in self.log.flush_points():
-            if lsn > self._oldest:
-                out.append(VersionInfo(lsn, "flush", f"lsn-{lsn}", ts))
-        for lsn, name in self.log.marks.items():
-            if lsn > self._oldest:
-                out.append(VersionInfo(lsn, "mark", name, self.log.info(lsn).timestamp_ns))
-        out.append(VersionInfo(self.head_lsn, "head", f"lsn-{self.head_lsn}", 0))
-        return sorted(out, key=lambda v: (v.lsn, v.kind))
+        return list_versions(self.log, self._oldest, self.head_lsn)
 
     def resolve_version(self, spec: str) -> int:
         """LSN named by ``lsn-N``, a mark name, or an ISO-8601 UTC time (newest flush at or before)."""
-        if spec.startswith("lsn-") and spec[4:].isdigit():
-            return int(spec[4:])
-        for lsn, name in self.log.marks.items():
-            if name == spec:
-                return lsn
-        try:
-            when = datetime.fromisoformat(spec.replace("Z", "+00:00"))
-        except ValueError:
-            raise VolumeError(f"no version {spec!r} of volume {self.name}: give lsn-N, a mark name "
-                              "or an ISO-8601 UTC time like 2026-11-23T22:00:00Z") from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        limit = int(when.timestamp() * 1e9)
-        best = None
-        for lsn, ts in self.log.flush_points():
-            if ts <= limit and lsn >= self._oldest:
-                best = lsn
-        if best is None:
-            raise VolumeError(f"no flush point of volume {self.name} at or before {spec} is retained; "
-                              f"the oldest version is lsn-{self._oldest} (marsfs versions lists them)")
-        return best
-
-
-def _finish_writeback(path: Path, log: Log, applied: int, target: int) -> int:
-    """Redo a writeback of ``(applied, target]`` that a crash interrupted; returns the new A."""
-    if target > log.last_lsn:
-        raise StateError(f"{path}: an interrupted writeback reached LSN {target}, but the log ends at "
-                         f"{log.last_lsn}; the volume's files do not belong together")
-    fd = os.open(path / "base.img", os.O_RDWR)
-    try:
-        _apply(log, fd, [r for r in log.records(applied + 1, target) if r.type == RecordType.WRITE])
-    finally:
-        os.close(fd)
-    write_json(path / "applied.json", {"applied_lsn": target})
-    return target
-
-
-def _apply(log: Log, base_fd: int, records: list[RecordInfo]) -> None:
-    """Write the data of WRITE ``records`` into the base, in LSN order, and make it durable."""
-    for rec in records:
-        data = log.read_data(rec.lsn, 0, rec.length)
-        written = os.pwrite(base_fd, data, rec.offset)
-        assert written == rec.length
-    os.fdatasync(base_fd)
+        return resolve_version(self.log, spec, self._oldest, self.name)
 
 
 class VolumeView:

@@ -1,0 +1,83 @@
+"""Names of a volume's retained versions: listing them and resolving a name to an LSN.
+
+Rules that hold here:
+
+* A version is the image after one LSN in ``[oldest, head]``; ``oldest`` is the volume's
+  oldest servable version (the applied LSN, or a writeback's target), passed in by the volume.
+* Names: ``lsn-N`` (any N; whether it is retained is checked when a view opens), a mark name
+  (MARK records; unique per volume, never starting with ``lsn-`` or ``.``, no ``/``, so that
+  every name is also a file name in the versions directory), or an ISO-8601 time, which means
+  the newest retained FLUSH record at or before it (UTC unless the time says otherwise).
+* Pure functions over what the log reports (:meth:`Log.marks`, :meth:`Log.flush_points`):
+  no locks, no I/O of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from marsfs.errors import InvalidRequest, VersionNotFound
+from marsfs.log import Log
+
+MAX_MARK = 200  #: bytes of a mark name (UTF-8)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """A named point in a volume's retained history."""
+
+    lsn: int
+    kind: str  #: "flush", "mark", "oldest" or "head"
+    name: str
+    timestamp_ns: int
+
+
+def list_versions(log: Log, oldest: int, head: int) -> list[VersionInfo]:
+    """Oldest retained version, flush points, marks and head, in LSN order."""
+    out = [VersionInfo(oldest, "oldest", f"lsn-{oldest}", 0)]
+    for lsn, ts in log.flush_points():
+        if lsn > oldest:
+            out.append(VersionInfo(lsn, "flush", f"lsn-{lsn}", ts))
+    for lsn, name in log.marks.items():
+        if lsn > oldest:
+            out.append(VersionInfo(lsn, "mark", name, log.info(lsn).timestamp_ns))
+    out.append(VersionInfo(head, "head", f"lsn-{head}", 0))
+    return sorted(out, key=lambda v: (v.lsn, v.kind))
+
+
+def resolve_version(log: Log, spec: str, oldest: int, volume: str) -> int:
+    """LSN named by ``lsn-N``, a mark name, or an ISO-8601 UTC time (newest flush at or before)."""
+    if spec.startswith("lsn-") and spec[4:].isdigit():
+        return int(spec[4:])
+    for lsn, name in log.marks.items():
+        if name == spec:
+            return lsn
+    try:
+        when = datetime.fromisoformat(spec.replace("Z", "+00:00"))
+    except ValueError:
+        raise VersionNotFound(f"no version {spec!r} of volume {volume}: give lsn-N, a mark name "
+                              "or an ISO-8601 UTC time like 2026-11-23T22:00:00Z") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    limit = int(when.timestamp() * 1e9)
+    best = None
+    for lsn, ts in log.flush_points():
+        if ts <= limit and lsn >= oldest:
+            best = lsn
+    if best is None:
+        raise VersionNotFound(f"no flush point of volume {volume} at or before {spec} is retained; "
+                              f"the oldest version is lsn-{oldest} (marsfs versions lists them)")
+    return best
+
+
+def check_mark_name(name: str, existing: Iterable[str], volume: str) -> bytes:
+    """The UTF-8 payload of a new mark ``name``; raises InvalidRequest for a bad or taken name."""
+    raw = name.encode()
+    if not name or len(raw) > MAX_MARK or "/" in name or name.startswith(".") or name.startswith("lsn-"):
+        raise InvalidRequest(f"mark name {name!r} is invalid: use 1-{MAX_MARK} bytes, no '/', "
+                             "not starting with '.' or 'lsn-'")
+    if name in existing:
+        raise InvalidRequest(f"mark {name!r} already exists on volume {volume}; pick another name")
+    return raw
