@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from marsfs.errors import InvalidRequest, UsageError
-from marsfs.faces.serve import load_config
+from marsfs.faces.config import load_config
 from marsfs.units import parse_size
 
 NO_FLAGS = {"node": None, "state": None, "mount": None, "listen": None, "peer": [], "history": None, "cluster": None}

@@ -136,3 +136,22 @@ class PeerError(NodeError):
 class RecordRefused(MarsError):
     """A replicated record that does not verify, does not continue this log, or does not fit
     the volume: the mirror keeps its log as it was and needs a resync from a healthy node."""
+
+
+class DaemonNotRunning(MarsError):
+    """No daemon answers on the state directory's control socket."""
+
+
+class DaemonRefused(MarsError):
+    """The node's daemon refused a control command; the message is the daemon's own words.
+
+    The control socket carries only a message and an exit status, so the command line rebuilds
+    the refusal as this class (exit status 1) or :class:`DaemonRejectedUsage` (exit status 2).
+    """
+
+
+class DaemonRejectedUsage(DaemonRefused):
+    """The daemon found the request itself wrong: unknown command, missing or ill-typed arguments."""
+
+    exit_code = 2
+    errno = _errno.EINVAL

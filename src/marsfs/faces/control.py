@@ -5,6 +5,11 @@ root or the daemon's own). The client sends one JSON object per line,
 ``{"cmd": NAME, "args": {...}}``; the daemon answers one line, ``{"ok": true, "result": ...}``
 or ``{"ok": false, "error": MESSAGE, "exit": CODE}``. A connection may carry several requests.
 Requests are bounded (1 MiB); malformed ones get an error answer and never disturb service.
+
+This module only carries requests: what each command means is the table in
+:mod:`marsfs.faces.commands`. A refusal keeps its exit status across the socket; a failure
+that is not a :class:`MarsError` is a bug, logged with its traceback and answered as an
+internal error.
 """
 
 from __future__ import annotations
@@ -21,16 +26,12 @@ from typing import Any
 
 import trio
 
-from marsfs.errors import MarsError
+from marsfs.errors import DaemonNotRunning, DaemonRefused, DaemonRejectedUsage, MarsError
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
-
-
-class DaemonNotRunning(MarsError):
-    """No daemon answers on the state directory's control socket."""
 
 
 def socket_path(state: Path) -> Path:
@@ -120,7 +121,8 @@ async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
 
 
 def call(state: Path, cmd: str, timeout: float | None = 60.0, **args: Any) -> Any:
-    """Send one command to the daemon of ``state`` (blocking); raise MarsError on refusal."""
+    """Send one command to the daemon of ``state`` (blocking); the result, or the daemon's
+    refusal raised as :class:`DaemonRefused` (exit status 1) or :class:`DaemonRejectedUsage` (2)."""
     path = socket_path(state)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -147,6 +149,9 @@ def call(state: Path, cmd: str, timeout: float | None = 60.0, **args: Any) -> An
     resp = json.loads(buf)
     if resp.get("ok"):
         return resp.get("result")
-    err = MarsError(resp.get("error", "unknown error"))
-    err.exit_code = int(resp.get("exit", 1))
-    raise err
+    raise _refusal(resp.get("exit"))(resp.get("error", "unknown error"))
+
+
+def _refusal(exit_code: Any) -> type[DaemonRefused]:
+    """The class a refusal comes back as: the exit status the daemon sent is its class data."""
+    return DaemonRejectedUsage if exit_code == DaemonRejectedUsage.exit_code else DaemonRefused

@@ -1,27 +1,23 @@
-"""The pyfuse3 face: translates kernel requests into node and volume calls. It decides nothing.
+"""The pyfuse3 adapter: kernel requests in, namespace and node/volume calls, pyfuse3 types out.
 
-What the filesystem looks like::
+It decides nothing about the tree: names, inodes, lookup counts and attributes are
+:mod:`marsfs.faces.namespace`'s; volumes, roles and open counts are the node's. What it adds
+is the kernel's side of the contract (see ../shared/FUSE-NOTES.md for the measured facts):
 
-    /<vol>.img      one regular file per volume, size = volume size
-
-On a volume's primary ``<vol>.img`` is one read-write inode. On a mirror it is read-only and
-every lookup resolves to an inode of the newest replayed version (entry timeout 0): an open
-file keeps its inode, hence its version, while replay goes on, and because each version has
-its own inode the kernel's page cache never mixes versions. A mirror whose image copy is not
-finished is not listed.
-
-Rules that hold here (see ../shared/FUSE-NOTES.md for the measured facts behind them):
-
-* Every handler is wrapped: a :class:`MarsError` becomes its errno (EIO by default) and is
-  logged; any other exception is logged with its traceback and becomes EIO. An exception
-  escaping into pyfuse3 would kill the mount and every loop device on it.
+* Every handler is wrapped (:func:`translated`): a :class:`MarsError` reaches the kernel as its
+  class's ``errno`` and is logged as a warning; any other exception is logged with its
+  traceback and becomes EIO. An exception escaping into pyfuse3 would kill the mount and every
+  loop device on it.
 * ``fsync`` is always implemented (ENOSYS would make the kernel report success for every later
   fsync) and reaches :meth:`Volume.flush`; a flush with nothing new costs no thread hop.
 * Blocking work (fdatasync, large lz4, large reads) runs in worker threads; small reads and
   writes run inline because a thread hop costs more than the page-cache I/O they do.
 * The image behaves like a disk: reads at or past the end return nothing, writes past the end
-  fail with ENOSPC, a write that does not fit writes nothing (a short reply would become
-  EIO in the kernel), and the size cannot change.
+  fail with ENOSPC, a write that does not fit writes nothing (a short reply would become EIO
+  in the kernel), and the size cannot change (EPERM); the writeback cache's mtime-only
+  SETATTRs are accepted. A version (a mirror's image) is read-only (EROFS).
+* The calls that need a live FUSE session (``readdir_reply``, ``invalidate_entry_async``) sit
+  in one small method each, so that in-process tests can replace them.
 """
 
 from __future__ import annotations
@@ -30,9 +26,7 @@ import errno
 import functools
 import logging
 import os
-import stat
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -40,14 +34,14 @@ import pyfuse3
 import trio
 
 from marsfs.errors import MarsError
+from marsfs.faces.namespace import ROOT_INODE, SUFFIX, Attributes, Entry, Namespace
 from marsfs.node import Node
 from marsfs.volume import Volume, VolumeView
 
 logger = logging.getLogger(__name__)
 
-SUFFIX = ".img"
+assert ROOT_INODE == pyfuse3.ROOT_INODE
 INLINE_MAX = 128 * 1024  #: requests up to this size run on the trio thread
-_TIMEOUT = 1.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -62,14 +56,29 @@ def translated(fn: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except MarsError as e:
-            code = getattr(e, "errno", errno.EIO)
             logger.warning("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(code) from None
+            raise pyfuse3.FUSEError(e.errno) from None
         except Exception:
             logger.exception("unexpected error in FUSE handler %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def entry_attributes(a: Attributes) -> pyfuse3.EntryAttributes:
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = a.inode
+    out.entry_timeout = a.entry_timeout
+    out.attr_timeout = a.attr_timeout
+    out.st_mode = a.mode
+    out.st_nlink = a.nlink
+    out.st_uid = a.uid
+    out.st_gid = a.gid
+    out.st_size = a.size
+    out.st_blksize = a.blksize
+    out.st_blocks = a.blocks
+    out.st_mtime_ns = out.st_ctime_ns = out.st_atime_ns = a.mtime_ns
+    return out
 
 
 class _Handle:
@@ -89,96 +98,47 @@ class Operations(pyfuse3.Operations):
     def __init__(self, node: Node) -> None:
         super().__init__()
         self.node = node
-        self._inodes: dict[tuple[str, int | None], int] = {}  # (volume, version or None) -> inode
-        self._entries: dict[int, tuple[str, int | None]] = {}
-        self._lookups: Counter[int] = Counter()  # the kernel's lookup count per inode
-        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self.namespace = Namespace(node)
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
-        self._mtime: dict[str, int] = {}
-        self._started_ns = time.time_ns()
+
+    # ------------------------------------------------------------------ session calls (replaceable in tests)
+
+    def _readdir_reply(self, token: Any, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        return bool(pyfuse3.readdir_reply(token, name, attrs, next_id))
+
+    def _invalidate_entry(self, name: bytes) -> None:
+        pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
 
     # ------------------------------------------------------------------ names and inodes
 
-    def _inode_of(self, name: str) -> int:
-        """The inode ``<name>.img`` resolves to now (a mirror: its current version's)."""
-        key = (name, self.node.volumes[name].current_lsn if self.node.is_mirror(name) else None)
-        ino = self._inodes.get(key)
-        if ino is None:
-            ino = self._inodes[key] = self._next_inode
-            self._entries[ino] = key
-            self._next_inode += 1
-        return ino
-
-    def _entry(self, inode: int) -> tuple[str, int | None]:
-        entry = self._entries.get(inode)
-        if entry is None or entry[0] not in self.node.volumes:
+    def _entry(self, inode: int) -> Entry:
+        entry = self.namespace.entry(inode)
+        if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
 
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = self.namespace.attributes(inode)
+        if a is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry_attributes(a)
+
     def forget_volume(self, name: str) -> None:
         """A volume was deleted: drop its inodes and tell the kernel the name is gone."""
-        for key in [k for k in self._inodes if k[0] == name]:
-            self._entries.pop(self._inodes.pop(key), None)
-        pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, (name + SUFFIX).encode(), ignore_enoent=True)
+        self._invalidate_entry(os.fsencode(self.namespace.forget_volume(name)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """The kernel dropped references: a version inode nobody references any more can go.
-
-        FORGETs are asynchronous: the kernel may have looked the same inode up again before
-        this one arrives, so only a lookup count of zero frees it (the FUSE contract)."""
-        for ino, nlookup in inode_list:
-            left = self._lookups[ino] - nlookup
-            if left > 0:
-                self._lookups[ino] = left
-                continue
-            self._lookups.pop(ino, None)
-            entry = self._entries.get(ino)
-            if entry is not None and entry[1] is not None:
-                del self._entries[ino]
-                self._inodes.pop(entry, None)
-
-    def _listed(self) -> list[str]:
-        return sorted(self.node.volumes)
-
-    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = inode
-        a.entry_timeout = _TIMEOUT
-        a.attr_timeout = _TIMEOUT
-        a.st_uid = a.st_gid = 0
-        a.st_blksize = 4096
-        if inode == pyfuse3.ROOT_INODE:
-            a.st_mode = stat.S_IFDIR | 0o755
-            a.st_nlink = 2
-            a.st_size = 0
-            a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self._started_ns
-            return a
-        name, version = self._entry(inode)
-        vol = self.node.volumes[name]
-        if version is not None:
-            a.entry_timeout = 0  # every open looks up the newest replayed version again
-        a.st_mode = stat.S_IFREG | (0o600 if version is None else 0o400)
-        a.st_nlink = 1
-        a.st_size = vol.size
-        a.st_blocks = vol.size // 512
-        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = self._mtime.get(name, self._started_ns)
-        return a
+        self.namespace.forget(inode_list)
 
     # ------------------------------------------------------------------ metadata
 
     @translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        if parent_inode != pyfuse3.ROOT_INODE:
+        a = self.namespace.lookup(parent_inode, os.fsdecode(name))
+        if a is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        text = os.fsdecode(name)
-        if text in (".", ".."):
-            return self._attrs(pyfuse3.ROOT_INODE)
-        if not text.endswith(SUFFIX) or text[: -len(SUFFIX)] not in self._listed():
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        attrs = self._attrs(self._inode_of(text[: -len(SUFFIX)]))
-        self._lookups[attrs.st_ino] += 1
-        return attrs
+        return entry_attributes(a)
 
     @translated
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -189,18 +149,17 @@ class Operations(pyfuse3.Operations):
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
-        name, version = self._entry(inode)
-        vol = self.node.volumes[name]
-        if version is not None and (fields.update_size or fields.update_mtime):
+        entry = self._entry(inode)
+        if not entry.writable and (fields.update_size or fields.update_mtime):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if fields.update_size and attr.st_size != vol.size:
+        if fields.update_size and attr.st_size != self.node.volumes[entry.volume].size:
             logger.warning("refused to change the size of %s%s to %d (volumes keep their size; "
-                        "use marsfs resize to grow)", name, SUFFIX, attr.st_size)
+                           "use marsfs resize to grow)", entry.volume, SUFFIX, attr.st_size)
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mtime:  # the writeback cache sends these; accept them
-            self._mtime[name] = attr.st_mtime_ns
+            self.namespace.touch(entry.volume, attr.st_mtime_ns)
         return self._attrs(inode)
 
     @translated
@@ -211,12 +170,10 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        names = self._listed()
-        for i in range(start_id, len(names)):
-            attrs = self._attrs(self._inode_of(names[i]))
-            if not pyfuse3.readdir_reply(token, (names[i] + SUFFIX).encode(), attrs, i + 1):
+        for d in self.namespace.readdir(start_id):
+            if not self._readdir_reply(token, os.fsencode(d.name), entry_attributes(d.attrs), d.next_id):
                 break
-            self._lookups[attrs.st_ino] += 1  # readdirplus counts as a lookup
+            self.namespace.counted(d.attrs.inode)  # readdirplus counts as a lookup
 
     @translated
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -231,21 +188,21 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        name, version = self._entry(inode)
+        entry = self._entry(inode)
         if flags & os.O_TRUNC:
-            logger.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", name, SUFFIX)
+            logger.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", entry.volume, SUFFIX)
             raise pyfuse3.FUSEError(errno.EPERM)
-        if flags & os.O_ACCMODE != os.O_RDONLY and version is not None:
+        if flags & os.O_ACCMODE != os.O_RDONLY and not entry.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
-        vol = self.node.acquire(name)
+        vol = self.node.acquire(entry.volume)
         try:
-            view = None if version is None else await trio.to_thread.run_sync(vol.view, version)
+            view = None if entry.version is None else await trio.to_thread.run_sync(vol.view, entry.version)
         except BaseException:
-            self.node.release(name)
+            self.node.release(entry.volume)
             raise
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(vol, name, view)
+        self._handles[fh] = _Handle(vol, entry.volume, view)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _handle(self, fh: int) -> _Handle:
@@ -277,7 +234,7 @@ class Operations(pyfuse3.Operations):
             vol.write(off, buf)
         else:
             await trio.to_thread.run_sync(vol.write, off, buf)
-        self._mtime[h.name] = time.time_ns()
+        self.namespace.touch(h.name, time.time_ns())
         return len(buf)
 
     @translated

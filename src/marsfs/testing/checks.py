@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from marsfs.node import Node
 from marsfs.testing.harness import NodeProcess, run
 
 MiB = 1 << 20
@@ -91,3 +92,11 @@ def write_random(image: Path, seed: int, count: int, size: int, *, fsync_every: 
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_mirror(node: Node, name: str, source: str = "x") -> None:
+    """Let an in-process node treat its volume ``name`` as a mirror of ``source`` (tests of the
+    faces and commands, which need a mirror's behaviour but no replication)."""
+    node.set_role(name, role="mirror", source=source)
+    vol = node.volume(name)
+    vol.visible_lsn = vol.head_lsn

@@ -1,0 +1,350 @@
+"""The control commands, in one table that both the command line and the daemon read.
+
+Each :class:`Command` says its name, its arguments (:class:`Arg`), its ``--help`` line, how the
+command line prints the result (text, and JSON when it has ``--json``) and the daemon-side
+handler. ``marsfs.cli`` builds its argparse subcommands from :data:`COMMANDS` (only ``serve``
+is its own); the daemon answers the control socket through :func:`dispatch`.
+
+Rules that hold here:
+
+* The request is checked against the table before a handler runs: an unknown command, a
+  missing argument, an unknown one or a value of the wrong type is a :class:`UsageError`
+  (exit status 2), never a KeyError reported as an internal error. A value of the right type
+  that is not acceptable (a bad size, a bad name) is the node's refusal, as any other.
+* Some checks also run in the command line before the daemon is asked (``create`` checks the
+  volume name and reads the size), so that a typo needs no daemon; the daemon checks again.
+* ``wait`` and ``status --watch`` are loops in the command line around ``status``; ``wait``
+  has no daemon side. ``ping`` has no command line.
+* Names, flags, output text and exit statuses are the user interface: they change only on
+  purpose (tests/t4_serve.py and tests/t2_commands.py hold them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+import types
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from marsfs.errors import MarsError, UsageError
+from marsfs.node import Node, check_volume_name
+from marsfs.node.cluster import Cluster
+from marsfs.units import human_bytes, parse_size
+
+#: The command line's way to ask the daemon: ``request(command, args) -> result``.
+Request = Callable[[str, dict[str, Any]], Any]
+#: Daemon side: an argument's value in the request -> the handler's value (UsageError on a wrong type).
+Parse = Callable[[str, Any], Any]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the daemon-side handlers act on."""
+
+    node: Node
+    cluster: Cluster
+    mount: Path
+    forget_volume: Callable[[str], None]  #: tell the FUSE face that a volume's name is gone
+
+
+Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
+
+
+# ---------------------------------------------------------------------- argument types (daemon side)
+
+def text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"argument {name!r} must be a non-empty string, not {value!r}")
+    return value
+
+
+def switch(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"argument {name!r} must be true or false, not {value!r}")
+    return value
+
+
+def size(name: str, value: Any) -> int:
+    """Bytes, or a size like ``512M``; a wrong type is a usage error, an unreadable size a refusal."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise UsageError(f"argument {name!r} must be a size (bytes or like 512M), not {value!r}")
+    return parse_size(str(value))
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: its argparse form and its checks on both sides of the control socket."""
+
+    name: str  #: the key in the request and the argparse ``dest``
+    help: str | None = None
+    flag: str | None = None  #: like ``--size``; None: positional
+    required: bool = True
+    parse: Parse = text
+    check: Callable[[Any], Any] | None = None  #: the command line's own check/conversion before asking
+    wire: bool = True  #: False: an option of the command line only (``--json``, ``--watch``)
+    cli_type: Callable[[str], Any] | None = None  #: argparse ``type`` of a command-line-only option
+    default: Any = None
+    metavar: str | None = None
+    hidden: bool = False  #: not shown by ``--help``
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        kw: dict[str, Any] = {}
+        if self.help is not None or self.hidden:
+            kw["help"] = argparse.SUPPRESS if self.hidden else self.help
+        if self.metavar is not None:
+            kw["metavar"] = self.metavar
+        if self.flag is None:
+            if not self.required:
+                kw["nargs"] = "?"
+            parser.add_argument(self.name, **kw)
+        elif self.parse is switch:
+            parser.add_argument(self.flag, dest=self.name, action="store_true", **kw)
+        else:
+            if self.cli_type is not None:
+                kw["type"] = self.cli_type
+            if self.default is not None:
+                kw["default"] = self.default
+            if self.required:
+                kw["required"] = True
+            parser.add_argument(self.flag, dest=self.name, **kw)
+
+    def from_request(self, command: str, request: Mapping[str, Any]) -> Any:
+        value = request.get(self.name)
+        if value is None:
+            if self.required:
+                raise UsageError(f"{command}: missing argument {self.name!r}")
+            return False if self.parse is switch else None
+        return self.parse(self.name, value)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One control command: see the module docstring."""
+
+    name: str
+    help: str | None  #: the ``--help`` line; None: not a command of the command line
+    args: tuple[Arg, ...] = ()
+    handler: Handler | None = None  #: None: no daemon side (a command-line loop)
+    text: Callable[[Any, argparse.Namespace], str] | None = None  #: the result as the command line prints it
+    json: Callable[[Any, argparse.Namespace], Any] | None = None  #: what ``--json`` prints (needs a JSON arg)
+    client: Callable[[Command, argparse.Namespace, Request], int] | None = None  #: a command-line loop
+
+    def __post_init__(self) -> None:
+        assert (self.json is not None) == any(a.name == "json" for a in self.args), self.name
+
+    def add_parser(self, sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+        """Add this command to argparse's subparsers (``sub``)."""
+        assert self.help is not None, self.name
+        p = sub.add_parser(self.name, parents=parents, help=self.help)
+        for arg in self.args:
+            arg.add_to(p)
+
+    def request_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The request for the daemon from parsed command-line arguments, after the client-side checks."""
+        out = {}
+        for a in self.args:
+            if a.wire:
+                value = getattr(args, a.name)
+                out[a.name] = a.check(value) if a.check is not None and value is not None else value
+        return out
+
+    def parse_request(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The handler's arguments from a request; UsageError for anything malformed."""
+        wire = [a for a in self.args if a.wire]
+        unknown = sorted(set(request) - {a.name for a in wire})
+        if unknown:
+            raise UsageError(f"{self.name}: unknown argument(s) {', '.join(map(repr, unknown))}")
+        return {a.name: a.from_request(self.name, request) for a in wire}
+
+    def show(self, args: argparse.Namespace, result: Any) -> None:
+        if self.json is not None and args.json:
+            print(json.dumps(self.json(result, args), indent=1), flush=True)
+        elif self.text is not None:
+            print(self.text(result, args), flush=True)
+
+
+def run(command: Command, args: argparse.Namespace, request: Request) -> int:
+    """Run ``command`` for the command line: ask the daemon, print the result; the exit status."""
+    if command.client is not None:
+        return command.client(command, args, request)
+    command.show(args, request(command.name, command.request_args(args)))
+    return 0
+
+
+async def dispatch(ctx: Context, cmd: str, request: Mapping[str, Any]) -> Any:
+    """Answer one control request (the daemon side of the control socket)."""
+    command = COMMANDS.get(cmd)
+    if command is None or command.handler is None:
+        raise UsageError(f"unknown command {cmd!r}")
+    return await command.handler(ctx, command.parse_request(request))
+
+
+# ---------------------------------------------------------------------- handlers (daemon side)
+
+async def _ping(ctx: Context, a: dict[str, Any]) -> Any:
+    return {"node": ctx.node.name, "pid": os.getpid(), "mount": str(ctx.mount)}
+
+
+async def _create(ctx: Context, a: dict[str, Any]) -> Any:
+    await trio.to_thread.run_sync(ctx.node.create, a["volume"], a["size"])
+    return ctx.node.status(a["volume"])[0]
+
+
+async def _delete(ctx: Context, a: dict[str, Any]) -> Any:
+    name = a["volume"]
+    if ctx.node.is_mirror(name):
+        raise UsageError(f"{name} is a mirror here: stop mirroring with marsfs leave")
+    mirrors = ctx.cluster.mirrors_of(name)
+    await trio.to_thread.run_sync(functools.partial(ctx.node.delete, name, force=a["force"], mirrors=mirrors))
+    ctx.forget_volume(name)
+    return {"deleted": name}
+
+
+async def _status(ctx: Context, a: dict[str, Any]) -> Any:
+    return ctx.cluster.status(a["volume"])
+
+
+async def _join(ctx: Context, a: dict[str, Any]) -> Any:
+    return await ctx.cluster.join(a["volume"], a["source"])
+
+
+async def _leave(ctx: Context, a: dict[str, Any]) -> Any:
+    result = await ctx.cluster.leave(a["volume"])
+    ctx.forget_volume(a["volume"])
+    return result
+
+
+def _pause(what: str, paused: bool) -> Handler:
+    async def handler(ctx: Context, a: dict[str, Any]) -> Any:
+        return ctx.cluster.set_paused(a["volume"], what, paused)
+
+    return handler
+
+
+async def _mark(ctx: Context, a: dict[str, Any]) -> Any:
+    lsn = await trio.to_thread.run_sync(ctx.node.mark, a["volume"], a["name"])
+    return {"volume": a["volume"], "mark": a["name"], "lsn": lsn}
+
+
+async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
+    vol = ctx.node.volume(a["volume"])
+    return {"volume": vol.name, "oldest_lsn": vol.oldest_version_lsn, "head_lsn": vol.head_lsn,
+            "versions": [{"lsn": v.lsn, "kind": v.kind, "name": v.name, "timestamp_ns": v.timestamp_ns}
+                         for v in vol.versions()]}
+
+
+# ---------------------------------------------------------------------- the command line's side
+
+def status_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no volumes (create one with: marsfs create NAME --size SIZE)"
+    head = ["VOLUME", "ROLE", "STATE", "EPOCH", "SIZE", "HEAD", "DURABLE", "APPLIED", "OLDEST", "LOG", "LAG", "OPEN"]
+    table = [head]
+    for r in rows:
+        table.append([r["volume"], r["role"], r["state"], str(r["epoch"]), human_bytes(r["size"]),
+                      str(r["head_lsn"]), str(r["durable_lsn"]), str(r["applied_lsn"]),
+                      str(r["oldest_version_lsn"]), human_bytes(r["log_bytes"]),
+                      f"{human_bytes(r['lag_bytes'])}/{r['lag_seconds']:.1f}s", str(r["open_handles"])])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    for r in rows:
+        lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
+    return "\n".join(lines)
+
+
+def _status_loop(command: Command, args: argparse.Namespace, request: Request) -> int:
+    while True:
+        rows = request("status", command.request_args(args))
+        if args.watch and not args.json:
+            print("\x1b[H\x1b[2J", end="")
+        command.show(args, rows)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
+    """Block until this node's mirror of VOL has no lag (fetched and replayed everything)."""
+    if not args.synced:
+        raise UsageError("say what to wait for: --synced")
+    start = time.monotonic()
+    deadline = None if args.timeout is None else start + args.timeout
+    while True:
+        last = request("status", {"volume": args.volume})[0]
+        if last["role"] == "primary":
+            return 0
+        fresh = last.get("heartbeat_age") is not None and last["heartbeat_age"] < time.monotonic() - start
+        if last["state"] == "synced" and fresh:  # what the source said after we began waiting
+            return 0
+        if last["state"] in ("split-brain", "needs-resync", "failed"):
+            raise MarsError(f"{args.volume} cannot become synced: state {last['state']}; "
+                            + "; ".join(last["errors"]))
+        if deadline is not None and time.monotonic() > deadline:
+            raise MarsError(f"{args.volume} not synced after {args.timeout:g} s: state {last['state']}, "
+                            f"lag {last['lag_records']} records / {human_bytes(last['lag_bytes'])} / "
+                            f"{last['lag_seconds']:.1f} s")
+        time.sleep(0.1)
+
+
+def _versions_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [f"volume {r['volume']}: versions lsn-{r['oldest_lsn']} to lsn-{r['head_lsn']} are retained"]
+    for v in r["versions"]:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v["timestamp_ns"] / 1e9)) if v["timestamp_ns"] else ""
+        lines.append(f"  lsn-{v['lsn']:<10} {v['kind']:<6} {v['name'] if v['kind'] == 'mark' else '':<20} {when}")
+    return "\n".join(lines)
+
+
+def _pause_command(name: str) -> Command:
+    verb, what = name.split("-")
+    return Command(name, f"{name.replace('-', ' ')} of a mirror (persists)", (Arg("volume"),),
+                   _pause(what, verb == "pause"), text=lambda r, a: f"{name.replace('-', ' ')}: {r['volume']}")
+
+
+VOLUME = Arg("volume")
+JSON = Arg("json", flag="--json", required=False, parse=switch, wire=False)
+
+COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
+    Command("ping", None, handler=_ping),
+    Command("create", "create a volume; this node becomes its primary",
+            (Arg("volume", check=check_volume_name),
+             Arg("size", "like 512M, 10G, or bytes", flag="--size", parse=size, check=parse_size)),
+            _create, text=lambda r, a: f"created volume {r['volume']} ({human_bytes(r['size'])}), "
+                                       f"primary on node {r['node']}"),
+    Command("delete", "remove a volume from this node",
+            (VOLUME, Arg("force", "even while it is open", flag="--force", required=False, parse=switch)),
+            _delete, text=lambda r, a: f"deleted volume {a.volume}"),
+    Command("status", "roles, LSNs, lag and errors",
+            (Arg("volume", required=False), JSON,
+             Arg("watch", "refresh until interrupted", flag="--watch", required=False, parse=switch, wire=False),
+             Arg("interval", flag="--interval", required=False, wire=False, cli_type=float, default=1.0,
+                 hidden=True)),
+            _status, text=lambda rows, a: status_table(rows),
+            json=lambda rows, a: rows[0] if a.volume else rows, client=_status_loop),
+    Command("mark", "name the current LSN (after a flush)", (VOLUME, Arg("name")),
+            _mark, text=lambda r, a: f"marked {r['volume']} at LSN {r['lsn']} as {r['mark']}"),
+    Command("join", "become a mirror of VOL",
+            (VOLUME, Arg("source", "the node to copy and fetch from", flag="--from", metavar="NODE")),
+            _join, text=lambda r, a: f"joining {r['volume']} from {r['source']}: copying {human_bytes(r['size'])}; "
+                                     f"follow with: marsfs status {r['volume']}  "
+                                     f"(or marsfs wait {r['volume']} --synced)"),
+    Command("leave", "stop mirroring VOL (removes the local copy)", (VOLUME,),
+            _leave, text=lambda r, a: f"left {r['volume']} (no longer fetching from {r['left']}; local copy removed)"),
+    *(_pause_command(n) for n in ("pause-fetch", "resume-fetch", "pause-replay", "resume-replay")),
+    Command("wait", "block until a condition holds (for scripts)",
+            (VOLUME,
+             Arg("synced", "this mirror has fetched and replayed everything", flag="--synced", required=False,
+                 parse=switch, wire=False),
+             Arg("timeout", "give up after S seconds (exit 1)", flag="--timeout", required=False, wire=False,
+                 cli_type=float, metavar="S")),
+            client=_wait),
+    Command("versions", "list marks, flush points and the retained range", (VOLUME, JSON),
+            _versions, text=_versions_text, json=lambda r, a: r),
+)})

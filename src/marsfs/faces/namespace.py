@@ -1,0 +1,242 @@
+"""What the mounted tree looks like: names, inodes, lookup counts and attributes, as plain data.
+
+This module is the FUSE face's model and imports no pyfuse3 (``faces.fuse`` is the adapter
+that speaks to the kernel; the split is borg's ``vfs.py`` / ``fuse.py``). It is driven by the
+adapter's requests and reads the node through :class:`Catalog`, so tests run it against a
+fake catalog without a mount.
+
+The tree today::
+
+    /               the root directory (ROOT_INODE)
+    /<vol>.img      one regular file per volume, size = volume size
+
+Rules that hold here:
+
+* Every inode stands for one :class:`Entry`: a kind plus what it shows. A primary's
+  ``<vol>.img`` is one entry (``version`` None: the live image), with the same inode for as
+  long as the volume exists. On a mirror every lookup resolves to the entry of the newest
+  replayed version (``version`` = its LSN; entry timeout 0): an open file keeps its inode,
+  hence its version, while replay goes on, and because each version has its own inode the
+  kernel's page cache never mixes versions. New kinds (``.versions/<vol>/...``) get a new
+  :class:`EntryKind`; the table below does not change.
+* The kernel counts lookups per inode (each ``lookup`` reply and each readdirplus entry is
+  one) and gives them back with asynchronous FORGETs. A version inode is freed only when its
+  count reaches zero: a FORGET that arrives after a new lookup of the same inode must not free
+  it. The live image's inode is never freed while its volume exists.
+* A deleted volume's entries go at once (:meth:`Namespace.forget_volume`); an inode that no
+  longer stands for a volume on the node resolves to nothing (ENOENT in the adapter).
+* Only what is complete is listed: a mirror whose image copy is still running is not a volume
+  of the node yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import stat
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+ROOT_INODE = 1  #: the FUSE root inode (pyfuse3.ROOT_INODE; the adapter asserts they agree)
+SUFFIX = ".img"
+TIMEOUT = 1.0  #: entry and attribute timeout of everything that does not change under a name
+BLOCK_SIZE = 4096
+
+
+class Image(Protocol):
+    """What the namespace reads of a volume."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def current_lsn(self) -> int: ...
+
+
+class Catalog(Protocol):
+    """What the namespace reads of the node (a :class:`marsfs.node.Node` is one)."""
+
+    @property
+    def volumes(self) -> Mapping[str, Image]: ...
+
+    def is_mirror(self, name: str) -> bool: ...
+
+
+class EntryKind(enum.Enum):
+    ROOT = "root"
+    IMAGE = "image"  #: ``<vol>.img``: the live image on a primary, a replayed version on a mirror
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What one inode shows. Hashable: it is the key of the inode table."""
+
+    kind: EntryKind
+    volume: str = ""
+    version: int | None = None  #: None: the live (writable) image; an LSN: that version, read-only
+
+    @property
+    def writable(self) -> bool:
+        return self.kind is EntryKind.IMAGE and self.version is None
+
+
+ROOT = Entry(EntryKind.ROOT)
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """An inode's attributes as the kernel sees them (the adapter copies them into pyfuse3's type)."""
+
+    inode: int
+    mode: int
+    nlink: int
+    size: int
+    mtime_ns: int  #: also ctime and atime
+    entry_timeout: float
+    attr_timeout: float
+    uid: int = 0
+    gid: int = 0
+    blksize: int = BLOCK_SIZE
+
+    @property
+    def blocks(self) -> int:
+        return self.size // 512
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    name: str
+    attrs: Attributes
+    next_id: int  #: the readdir offset that continues after this entry
+
+
+def image_name(volume: str) -> str:
+    return volume + SUFFIX
+
+
+class Namespace:
+    """The inode table and lookup counts of one mount, over a node's volumes."""
+
+    def __init__(self, catalog: Catalog, *, now_ns: int | None = None) -> None:
+        self.catalog = catalog
+        self._inodes: dict[Entry, int] = {ROOT: ROOT_INODE}
+        self._entries: dict[int, Entry] = {ROOT_INODE: ROOT}
+        self._lookups: Counter[int] = Counter()  # the kernel's lookup count per inode
+        self._next_inode = ROOT_INODE + 1
+        self._mtime: dict[str, int] = {}
+        self._started_ns = time.time_ns() if now_ns is None else now_ns
+
+    # ------------------------------------------------------------------ names
+
+    def listing(self) -> list[str]:
+        """The volumes shown in the root, in readdir order."""
+        return sorted(self.catalog.volumes)
+
+    def _volume_of(self, filename: str) -> str | None:
+        if not filename.endswith(SUFFIX):
+            return None
+        name = filename[: -len(SUFFIX)]
+        return name if name in self.catalog.volumes else None
+
+    def _image_entry(self, volume: str) -> Entry:
+        """The entry ``<volume>.img`` resolves to now (a mirror: its current version's)."""
+        version = self.catalog.volumes[volume].current_lsn if self.catalog.is_mirror(volume) else None
+        return Entry(EntryKind.IMAGE, volume, version)
+
+    def _inode_of(self, entry: Entry) -> int:
+        ino = self._inodes.get(entry)
+        if ino is None:
+            ino = self._inodes[entry] = self._next_inode
+            self._entries[ino] = entry
+            self._next_inode += 1
+        return ino
+
+    def entry(self, inode: int) -> Entry | None:
+        """What ``inode`` shows, or None when it shows nothing (any more)."""
+        entry = self._entries.get(inode)
+        if entry is None or (entry.kind is EntryKind.IMAGE and entry.volume not in self.catalog.volumes):
+            return None
+        return entry
+
+    # ------------------------------------------------------------------ the kernel's references
+
+    def lookup(self, parent: int, filename: str) -> Attributes | None:
+        """Resolve ``filename`` in ``parent`` and count the kernel's new reference; None: no such name."""
+        if parent != ROOT_INODE:
+            return None
+        if filename in (".", ".."):
+            return self.attributes(ROOT_INODE)  # the kernel does not count these
+        volume = self._volume_of(filename)
+        if volume is None:
+            return None
+        attrs = self._attributes(self._inode_of(self._image_entry(volume)))
+        self._lookups[attrs.inode] += 1
+        return attrs
+
+    def readdir(self, start_id: int) -> Iterator[DirEntry]:
+        """The root's entries from offset ``start_id``. Each one the kernel accepts is a lookup:
+        the adapter calls :meth:`counted` for it (readdirplus)."""
+        names = self.listing()
+        for i in range(start_id, len(names)):
+            yield DirEntry(image_name(names[i]), self._attributes(self._inode_of(self._image_entry(names[i]))), i + 1)
+
+    def counted(self, inode: int) -> None:
+        """The kernel took a reference to ``inode`` outside :meth:`lookup` (a readdirplus entry)."""
+        self._lookups[inode] += 1
+
+    def forget(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """The kernel dropped ``nlookup`` references per inode (FORGET, BATCH_FORGET).
+
+        FORGETs are asynchronous: the kernel may have looked the same inode up again before
+        this one arrives, so only a count of zero frees it, and only a version inode is freed."""
+        for ino, nlookup in pairs:
+            left = self._lookups[ino] - nlookup
+            if left > 0:
+                self._lookups[ino] = left
+                continue
+            self._lookups.pop(ino, None)
+            entry = self._entries.get(ino)
+            if entry is not None and entry.version is not None:
+                del self._entries[ino]
+                self._inodes.pop(entry, None)
+
+    def forget_volume(self, volume: str) -> str:
+        """A volume was deleted (or left): drop its entries. Returns the filename the kernel
+        must forget (the adapter invalidates it)."""
+        for entry in [e for e in self._inodes if e.volume == volume and e.kind is not EntryKind.ROOT]:
+            self._entries.pop(self._inodes.pop(entry), None)
+        self._mtime.pop(volume, None)
+        return image_name(volume)
+
+    def lookups(self, inode: int) -> int:
+        """The kernel's current lookup count of ``inode`` (for statistics and tests)."""
+        return self._lookups[inode]
+
+    def __len__(self) -> int:
+        """How many inodes the table holds, the root included."""
+        return len(self._entries)
+
+    # ------------------------------------------------------------------ attributes
+
+    def touch(self, volume: str, mtime_ns: int | None = None) -> None:
+        """Record a new mtime for ``volume``'s image: a write, or an mtime-only SETATTR."""
+        self._mtime[volume] = time.time_ns() if mtime_ns is None else mtime_ns
+
+    def attributes(self, inode: int) -> Attributes | None:
+        """The attributes of ``inode``, or None when it shows nothing (any more)."""
+        if self.entry(inode) is None:
+            return None
+        return self._attributes(inode)
+
+    def _attributes(self, inode: int) -> Attributes:
+        entry = self._entries[inode]
+        if entry.kind is EntryKind.ROOT:
+            return Attributes(inode, stat.S_IFDIR | 0o755, 2, 0, self._started_ns, TIMEOUT, TIMEOUT)
+        assert entry.kind is EntryKind.IMAGE, entry
+        return Attributes(
+            inode, stat.S_IFREG | (0o600 if entry.writable else 0o400), 1, self.catalog.volumes[entry.volume].size,
+            self._mtime.get(entry.volume, self._started_ns),
+            entry_timeout=TIMEOUT if entry.version is None else 0,  # a mirror: every open looks up the newest version
+            attr_timeout=TIMEOUT)

@@ -1,0 +1,357 @@
+"""The command table: every command dispatched in-process against a Node and its Cluster, the
+control socket's refusals, and the command line built from the same table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from marsfs import cli
+from marsfs.errors import (
+    DaemonRefused,
+    DaemonRejectedUsage,
+    InvalidRequest,
+    MarsError,
+    PeerError,
+    UsageError,
+    VolumeError,
+)
+from marsfs.faces.commands import COMMANDS, Context, dispatch, run
+from marsfs.faces.control import call, serve_control
+from marsfs.node import Node
+from marsfs.node.cluster import Cluster
+from marsfs.testing.checks import make_mirror
+
+MiB = 1 << 20
+Body = Callable[[Context], Awaitable[None]]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node.open(tmp_path / "state", "n1")
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def with_daemon(node: Node, body: Body, forgotten: list[str] | None = None) -> None:
+    """Run ``body`` beside a running Cluster of ``node`` (no peers, no listener)."""
+
+    async def main() -> None:
+        cluster = Cluster(node, listen=None, peers={})
+        ctx = Context(node, cluster, Path("/mnt/marsfs"), (forgotten if forgotten is not None else []).append)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cluster.run)
+            await body(ctx)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+# ---------------------------------------------------------------------- the daemon's side
+
+def test_every_command_against_a_node(node: Node) -> None:
+    forgotten: list[str] = []
+
+    async def body(ctx: Context) -> None:
+        ping = await dispatch(ctx, "ping", {})
+        assert ping == {"node": "n1", "pid": os.getpid(), "mount": "/mnt/marsfs"}
+        row = await dispatch(ctx, "create", {"volume": "v", "size": MiB})
+        assert (row["volume"], row["size"], row["role"], row["node"]) == ("v", MiB, "primary", "n1")
+        assert (await dispatch(ctx, "create", {"volume": "w", "size": "2M"}))["size"] == 2 * MiB
+        rows = await dispatch(ctx, "status", {})
+        assert [r["volume"] for r in rows] == ["v", "w"]
+        assert [r["volume"] for r in await dispatch(ctx, "status", {"volume": "w"})] == ["w"]
+        assert [r["volume"] for r in await dispatch(ctx, "status", {"volume": None})] == ["v", "w"]
+        node.volume("v").write(0, b"x" * 512)
+        node.volume("v").flush()
+        mark = await dispatch(ctx, "mark", {"volume": "v", "name": "m1"})
+        assert mark == {"volume": "v", "mark": "m1", "lsn": node.volume("v").head_lsn}
+        versions = await dispatch(ctx, "versions", {"volume": "v"})
+        assert versions["volume"] == "v" and versions["head_lsn"] == mark["lsn"]
+        assert any(v["kind"] == "mark" and v["name"] == "m1" for v in versions["versions"])
+        json.dumps(versions)  # every result crosses the socket as JSON
+        assert await dispatch(ctx, "delete", {"volume": "w", "force": False}) == {"deleted": "w"}
+        assert "w" not in node.volumes and forgotten == ["w"]
+        node.acquire("v")
+        with pytest.raises(VolumeError, match="is open"):
+            await dispatch(ctx, "delete", {"volume": "v"})
+        assert await dispatch(ctx, "delete", {"volume": "v", "force": True}) == {"deleted": "v"}
+        assert forgotten == ["w", "v"] and node.volumes == {}
+
+    with_daemon(node, body, forgotten)
+
+
+def test_mirror_commands(node: Node) -> None:
+    node.create("m", MiB)
+    node.create("p", MiB)
+    make_mirror(node, "m")
+    forgotten: list[str] = []
+
+    async def body(ctx: Context) -> None:
+        for cmd in ("pause-fetch", "resume-fetch", "pause-replay", "resume-replay", "leave"):
+            with pytest.raises(VolumeError, match="not a mirror"):
+                await dispatch(ctx, cmd, {"volume": "p"})  # mirror-only commands on a primary
+            with pytest.raises(VolumeError, match="no volume 'nope'"):
+                await dispatch(ctx, cmd, {"volume": "nope"})
+        assert await dispatch(ctx, "pause-fetch", {"volume": "m"}) == {"volume": "m", "fetch_paused": True}
+        assert await dispatch(ctx, "pause-replay", {"volume": "m"}) == {"volume": "m", "replay_paused": True}
+        assert node.role("m").fetch_paused and node.role("m").replay_paused
+        assert await dispatch(ctx, "resume-replay", {"volume": "m"}) == {"volume": "m", "replay_paused": False}
+        assert await dispatch(ctx, "resume-fetch", {"volume": "m"}) == {"volume": "m", "fetch_paused": False}
+        with pytest.raises(UsageError, match="is a mirror here"):
+            await dispatch(ctx, "delete", {"volume": "m"})
+        with pytest.raises(PeerError, match="unknown peer 'n2'"):
+            await dispatch(ctx, "join", {"volume": "q", "source": "n2"})
+        with pytest.raises(InvalidRequest, match="invalid volume name"):
+            await dispatch(ctx, "join", {"volume": "../q", "source": "n2"})
+        assert await dispatch(ctx, "leave", {"volume": "m"}) == {"volume": "m", "left": "x"}
+        assert "m" not in node.volumes and forgotten == ["m"]
+
+    with_daemon(node, body, forgotten)
+
+
+@pytest.mark.parametrize("cmd,args,exc,match", [
+    ("bogus", {}, UsageError, "unknown command 'bogus'"),
+    ("wait", {"volume": "v"}, UsageError, "unknown command 'wait'"),  # a command-line loop only
+    ("create", {"volume": "v"}, UsageError, "missing argument 'size'"),
+    ("create", {"size": MiB}, UsageError, "missing argument 'volume'"),
+    ("create", {"volume": "v", "size": [1]}, UsageError, "must be a size"),
+    ("create", {"volume": "v", "size": True}, UsageError, "must be a size"),
+    ("create", {"volume": 7, "size": MiB}, UsageError, "must be a non-empty string"),
+    ("create", {"volume": "v", "size": MiB, "colour": "red"}, UsageError, "unknown argument"),
+    ("create", {"volume": "v", "size": "12Q"}, InvalidRequest, "cannot read size"),
+    ("create", {"volume": "v", "size": 1000}, InvalidRequest, "multiple of 512"),
+    ("create", {"volume": "bad/name", "size": MiB}, InvalidRequest, "invalid volume name"),
+    ("create", {"volume": "e", "size": MiB}, VolumeError, "already exists"),
+    ("delete", {"volume": "e", "force": "yes"}, UsageError, "must be true or false"),
+    ("delete", {"volume": "nope"}, VolumeError, "no volume 'nope'"),
+    ("status", {"volume": "nope"}, VolumeError, "no volume 'nope'"),
+    ("status", {"volume": ["e"]}, UsageError, "must be a non-empty string"),
+    ("mark", {"volume": "nope", "name": "m1"}, VolumeError, "no volume 'nope'"),
+    ("mark", {"volume": "e"}, UsageError, "missing argument 'name'"),
+    ("mark", {"volume": "e", "name": "lsn-3"}, MarsError, "invalid"),
+    ("versions", {"volume": "nope"}, VolumeError, "no volume 'nope'"),
+    ("join", {"volume": "q"}, UsageError, "missing argument 'source'"),
+    ("pause-fetch", {}, UsageError, "missing argument 'volume'"),
+])
+def test_refusals(node: Node, cmd: str, args: dict[str, Any], exc: type[Exception], match: str) -> None:
+    node.create("e", MiB)
+
+    async def body(ctx: Context) -> None:
+        with pytest.raises(exc, match=match):
+            await dispatch(ctx, cmd, args)
+
+    with_daemon(node, body)
+
+
+@pytest.mark.allow_log("control command crash failed")
+def test_control_socket_keeps_the_exit_status(node: Node, tmp_path: Path) -> None:
+    """Across the socket a refusal keeps its exit status; a bug is an internal error, exit 1."""
+    node.create("e", MiB)
+    sock_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"marsfs-t2-{os.getpid()}"  # sun_path is short
+    sock_dir.mkdir(exist_ok=True)
+
+    async def body(ctx: Context) -> None:
+        async def handle(cmd: str, args: dict[str, Any]) -> Any:
+            if cmd == "crash":
+                raise KeyError("a bug")
+            return await dispatch(ctx, cmd, args)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, sock_dir, handle)
+
+            def client() -> None:
+                assert call(sock_dir, "status", volume="e")[0]["volume"] == "e"
+                cases: list[tuple[str, dict[str, Any], type[DaemonRefused], int, str]] = [
+                    ("status", {"volume": "nope"}, DaemonRefused, 1, "no volume 'nope'"),
+                    ("bogus", {}, DaemonRejectedUsage, 2, "unknown command"),
+                    ("create", {"volume": "v"}, DaemonRejectedUsage, 2, "missing argument 'size'"),
+                    ("crash", {}, DaemonRefused, 1, "internal error in crash"),
+                ]
+                for cmd, args, exc, code, match in cases:
+                    with pytest.raises(exc, match=match) as e:
+                        call(sock_dir, cmd, **args)
+                    assert type(e.value) is exc and e.value.exit_code == code
+
+            await trio.to_thread.run_sync(client)
+            nursery.cancel_scope.cancel()
+
+    try:
+        with_daemon(node, body)
+    finally:
+        sock_dir.rmdir()
+
+
+# ---------------------------------------------------------------------- the command line's side
+
+PARSES = [
+    (["create", "v", "--size", "512M"], {"volume": "v", "size": "512M"}),
+    (["--state", "/s", "create", "v", "--size", "1G"], {"volume": "v", "size": "1G", "state": "/s"}),
+    (["create", "v", "--size", "1G", "--state", "/s"], {"volume": "v", "size": "1G", "state": "/s"}),
+    (["delete", "v"], {"volume": "v", "force": False}),
+    (["delete", "v", "--force"], {"volume": "v", "force": True}),
+    (["status"], {"volume": None, "json": False, "watch": False, "interval": 1.0}),
+    (["status", "v", "--json"], {"volume": "v", "json": True, "watch": False, "interval": 1.0}),
+    (["status", "--watch", "--interval", "0.5"], {"volume": None, "json": False, "watch": True, "interval": 0.5}),
+    (["mark", "v", "m1"], {"volume": "v", "name": "m1"}),
+    (["join", "v", "--from", "n1"], {"volume": "v", "source": "n1"}),
+    (["leave", "v"], {"volume": "v"}),
+    (["pause-fetch", "v"], {"volume": "v"}),
+    (["resume-fetch", "v"], {"volume": "v"}),
+    (["pause-replay", "v"], {"volume": "v"}),
+    (["resume-replay", "v"], {"volume": "v"}),
+    (["wait", "v", "--synced"], {"volume": "v", "synced": True, "timeout": None}),
+    (["wait", "v", "--synced", "--timeout", "30"], {"volume": "v", "synced": True, "timeout": 30.0}),
+    (["versions", "v"], {"volume": "v", "json": False}),
+    (["versions", "v", "--json"], {"volume": "v", "json": True}),
+    (["serve", "--node", "n1", "--mount", "/m", "--peer", "n2=h:1", "--peer", "n3=h:2", "-v"],
+     {"node": "n1", "mount": Path("/m"), "listen": None, "peer": ["n2=h:1", "n3=h:2"], "config": None,
+      "history": None, "cluster": None, "verbose": True}),
+]
+
+
+@pytest.mark.parametrize("argv,want", PARSES)
+def test_parser_accepts_todays_syntax(argv: list[str], want: dict[str, Any]) -> None:
+    got = vars(cli.build_parser().parse_args(argv))
+    assert got == {"command": argv[0] if argv[0] != "--state" else argv[2], **want}
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["bogus"], ["create"], ["create", "v"], ["create", "--size", "1M"], ["delete"], ["delete", "v", "w"],
+    ["mark", "v"], ["join", "v"], ["join", "v", "--source", "n1"], ["pause-fetch"], ["wait"],
+    ["status", "--interval", "x"], ["wait", "v", "--timeout", "soon"], ["versions"], ["ping"],
+    ["status", "a", "b"], ["delete", "v", "--json"],
+])
+def test_parser_refuses(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    shown = [c for c in COMMANDS.values() if c.help is not None]
+    assert len(shown) == len(COMMANDS) - 1  # all but ping
+    for c in shown:
+        assert c.name in out and c.help in out
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([c.name, "--help"])
+        sub = capsys.readouterr().out
+        for a in c.args:
+            assert (a.flag or a.name) in sub or a.hidden, (c.name, a.name)
+    assert "serve" in out
+
+
+class FakeDaemon:
+    """What a daemon would answer, and what it was asked."""
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+        self.asked: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, cmd: str, args: dict[str, Any]) -> Any:
+        self.asked.append((cmd, args))
+        answer = self.answers[cmd]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def cli_run(argv: list[str], daemon: FakeDaemon) -> int:
+    args = cli.build_parser().parse_args(argv)
+    return run(COMMANDS[args.command], args, daemon)
+
+
+ROW = {"volume": "v", "node": "n1", "role": "primary", "state": "up", "epoch": 1, "size": MiB, "head_lsn": 3,
+       "durable_lsn": 3, "applied_lsn": 0, "oldest_version_lsn": 0, "log_bytes": 2048, "lag_bytes": 0,
+       "lag_seconds": 0.0, "open_handles": 0, "errors": ["oops"]}
+
+
+def test_requests_and_output(capsys: pytest.CaptureFixture[str]) -> None:
+    d = FakeDaemon({"create": ROW, "delete": {"deleted": "v"}, "status": [ROW],
+                    "mark": {"volume": "v", "mark": "m1", "lsn": 3},
+                    "join": {"volume": "v", "source": "n2", "size": MiB, "state": "syncing"},
+                    "leave": {"volume": "v", "left": "n2"}, "pause-fetch": {"volume": "v", "fetch_paused": True},
+                    "resume-replay": {"volume": "v", "replay_paused": False},
+                    "versions": {"volume": "v", "oldest_lsn": 0, "head_lsn": 3,
+                                 "versions": [{"lsn": 3, "kind": "mark", "name": "m1", "timestamp_ns": 0}]}})
+    expect = [
+        (["create", "v", "--size", "1M"], ("create", {"volume": "v", "size": MiB}),
+         "created volume v (1.0 MiB), primary on node n1\n"),
+        (["delete", "v"], ("delete", {"volume": "v", "force": False}), "deleted volume v\n"),
+        (["mark", "v", "m1"], ("mark", {"volume": "v", "name": "m1"}), "marked v at LSN 3 as m1\n"),
+        (["join", "v", "--from", "n2"], ("join", {"volume": "v", "source": "n2"}),
+         "joining v from n2: copying 1.0 MiB; follow with: marsfs status v  (or marsfs wait v --synced)\n"),
+        (["leave", "v"], ("leave", {"volume": "v"}), "left v (no longer fetching from n2; local copy removed)\n"),
+        (["pause-fetch", "v"], ("pause-fetch", {"volume": "v"}), "pause fetch: v\n"),
+        (["resume-replay", "v"], ("resume-replay", {"volume": "v"}), "resume replay: v\n"),
+        (["versions", "v"], ("versions", {"volume": "v"}),
+         "volume v: versions lsn-0 to lsn-3 are retained\n  lsn-3          mark   m1                   \n"),
+    ]
+    for argv, asked, printed in expect:
+        assert cli_run(argv, d) == 0
+        assert d.asked[-1] == asked and capsys.readouterr().out == printed, argv
+    assert cli_run(["versions", "v", "--json"], d) == 0
+    assert json.loads(capsys.readouterr().out) == d.answers["versions"]
+    assert cli_run(["status", "v", "--json"], d) == 0
+    assert json.loads(capsys.readouterr().out) == ROW and d.asked[-1] == ("status", {"volume": "v"})
+    assert cli_run(["status", "--json"], d) == 0
+    assert json.loads(capsys.readouterr().out) == [ROW] and d.asked[-1] == ("status", {"volume": None})
+    assert cli_run(["status"], d) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["VOLUME", "ROLE", "STATE", "EPOCH", "SIZE", "HEAD", "DURABLE", "APPLIED", "OLDEST",
+                                "LOG", "LAG", "OPEN"]
+    assert lines[1].split()[:4] == ["v", "primary", "up", "1"] and lines[2] == "v: error: oops"
+    d.answers["status"] = []
+    assert cli_run(["status"], d) == 0
+    assert capsys.readouterr().out == "no volumes (create one with: marsfs create NAME --size SIZE)\n"
+
+
+def test_client_side_checks_ask_no_daemon() -> None:
+    d = FakeDaemon({})
+    for argv, exc, match in [(["create", "bad/name", "--size", "1M"], InvalidRequest, "invalid volume name"),
+                             (["create", ".hidden", "--size", "1M"], InvalidRequest, "invalid volume name"),
+                             (["create", "v", "--size", "12Q"], InvalidRequest, "cannot read size"),
+                             (["wait", "v"], UsageError, "--synced")]:
+        with pytest.raises(exc, match=match):
+            cli_run(argv, d)
+    assert d.asked == []
+
+
+def test_wait() -> None:
+    mirror = {**ROW, "role": "mirror", "state": "synced", "heartbeat_age": 0.0, "lag_records": 0}
+    assert cli_run(["wait", "v", "--synced"], FakeDaemon({"status": [ROW]})) == 0  # a primary has no lag
+    assert cli_run(["wait", "v", "--synced"], FakeDaemon({"status": [mirror]})) == 0
+    with pytest.raises(MarsError, match="cannot become synced: state split-brain"):
+        cli_run(["wait", "v", "--synced"], FakeDaemon({"status": [{**mirror, "state": "split-brain"}]}))
+    with pytest.raises(MarsError, match="not synced after 0 s: state catching-up"):
+        cli_run(["wait", "v", "--synced", "--timeout", "0"],
+                FakeDaemon({"status": [{**mirror, "state": "catching-up"}]}))
+
+
+def test_main_exit_statuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = os.fspath(tmp_path / "nostate")
+    assert cli.main(["--state", state, "status"]) == 1
+    err = capsys.readouterr().err
+    assert "no marsfs daemon is running" in err and "marsfs serve" in err and err.count("\n") == 1
+    assert cli.main(["--state", state, "create", "bad/name", "--size", "1M"]) == 1
+    assert "invalid volume name" in capsys.readouterr().err
+    assert cli.main(["--state", state, "wait", "v"]) == 2  # a usage error: usage, then the error
+    err = capsys.readouterr().err
+    assert err.startswith("usage: marsfs") and "say what to wait for" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["create"])
+    assert e.value.code == 2
+    args = argparse.Namespace(command="status")
+    assert cli._state(args) == Path(os.environ.get("MARSFS_STATE") or cli.DEFAULT_STATE)
