@@ -124,3 +124,10 @@ class PeerError(NodeError):
     """A peer is unknown, unreachable or refused what this node asked."""
 
     errno = _errno.EHOSTUNREACH
+
+
+class ProtocolError(PeerError):
+    """A peer sent what the replication protocol does not allow: a damaged frame, a malformed
+    or out-of-order message. The connection is dropped; the fetch resumes from the last good LSN."""
+
+    errno = _errno.EPROTO

@@ -26,6 +26,7 @@ from marsfs.errors import MarsError, UsageError, VolumeError
 from marsfs.node.node import Node, check_volume_name
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
+from marsfs.replication.protocol import ImageInfo
 from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.volume import Volume
 
@@ -120,17 +121,16 @@ class Cluster:
         except (OSError, trio.TooSlowError) as e:
             raise VolumeError(f"cannot reach peer {source} at {self.peers[source][0]}:{self.peers[source][1]}: "
                               f"{e}; is its daemon running with --listen?") from None
-        progress = {"source": source, "done": 0, "size": int(welcome["size"]), "started": time.monotonic()}
+        progress = {"source": source, "done": 0, "size": welcome.size, "started": time.monotonic()}
         self.copies[name] = progress
-        epoch = int(welcome.get("epoch", 1))
+        epoch = welcome.epoch
 
-        def make_volume(info: dict[str, Any]) -> Volume:
+        def make_volume(info: ImageInfo) -> Volume:
             path.mkdir(parents=True)  # role.json first: a crash during the copy restarts the copy
             self.node.roles[name] = {"role": "mirror", "state": "syncing", "source": source, "epoch": epoch,
                                      "fetch_paused": False, "replay_paused": False}
             self.node.set_role(name)
-            return Volume.create_replica(path, name, int(info["size"]), str(info["uuid"]), int(info["lsn"]),
-                                         bytes.fromhex(str(info["chain"])))
+            return Volume.create_replica(path, name, info.size, info.uuid, info.lsn, info.chain)
 
         def progressed(done: int, size: int) -> None:
             progress["done"] = done
