@@ -270,7 +270,7 @@ class Cluster:
         r["source"] = role.get("source")
         r["fetch_paused"] = bool(role.get("fetch_paused"))
         r["replay_paused"] = bool(role.get("replay_paused"))
-        now = time.monotonic()
+        now = trio.current_time()  # FetchState's clock
         samples = self._replay_samples.get(name) or deque()
         r["replay_rate"] = _rate(samples)
         if f is None:
