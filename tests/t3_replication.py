@@ -37,7 +37,7 @@ from marsfs.replication.protocol import (
     Welcome,
     encode_frame,
 )
-from marsfs.replication.server import PeerTable, Server
+from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.replication.session import BACKOFF_MIN, STALL_AFTER
 from marsfs.volume import Volume
 
@@ -287,3 +287,18 @@ def test_diverged_mirror_is_refused_and_stops(tmp_path: Path) -> None:
         run(main)
     finally:
         a.close()
+
+
+def test_lag_of_counts_records_our_log_no_longer_holds(tmp_path: Path) -> None:
+    """A mirror behind the first record we hold (or a log that holds none) lags from now."""
+    a = primary(tmp_path)
+    b = Volume.create_replica(tmp_path / "b" / "vm", "vm", SIZE, a.uuid, a.durable_lsn, a.log.last_chain)
+    try:
+        assert b.log.first_lsn == b.log.last_lsn + 1  # holds no record
+        assert lag_of(b, b.durable_lsn) == (0, 0, 0.0)
+        assert lag_of(b, b.durable_lsn - 3) == (0, 3, 0.0)
+        _, records, seconds = lag_of(a, 1)
+        assert records == a.durable_lsn - 1 and seconds >= 0.0
+    finally:
+        a.close()
+        b.close()
