@@ -47,14 +47,15 @@ CLUSTER = "test"
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
 
-def run(fn: Callable[[], Awaitable[None]], *, limit: float = 120.0) -> None:
-    """Run ``fn`` under a MockClock; ``limit`` bounds it in virtual seconds."""
+def run(fn: Callable[[], Awaitable[None]], *, limit: float = 120.0, autojump: float = 0.02) -> None:
+    """Run ``fn`` under a MockClock; ``limit`` bounds it in virtual seconds. ``autojump=0``
+    suits tests without worker threads."""
 
     async def main() -> None:
         with trio.fail_after(limit):
             await fn()
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=autojump))
 
 
 class Link:
@@ -255,7 +256,7 @@ def test_stall_drops_and_reconnects(tmp_path: Path, caplog: pytest.LogCaptureFix
 
     with caplog.at_level(logging.INFO, logger="marsfs"):
         try:
-            run(main)
+            run(main, autojump=0)  # no worker threads: nothing happens in real time
         finally:
             a.close()
             b.close()
