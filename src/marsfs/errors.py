@@ -155,3 +155,10 @@ class DaemonRejectedUsage(DaemonRefused):
 
     exit_code = 2
     errno = _errno.EINVAL
+
+
+class ProtocolError(PeerError):
+    """A peer sent what the replication protocol does not allow: a damaged frame, a malformed
+    or out-of-order message. The connection is dropped; the fetch resumes from the last good LSN."""
+
+    errno = _errno.EPROTO

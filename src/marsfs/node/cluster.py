@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from marsfs.node.state import (
 )
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
+from marsfs.replication.protocol import ImageInfo
 from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.volume import Volume
 
@@ -139,14 +139,13 @@ class Cluster:
             host, port = self.peers[source]
             raise PeerError(f"cannot reach peer {source} at {host}:{port}: {describe(e)}; "
                             "is its daemon running with --listen?") from None
-        copy = ImageCopy(source=source, size=int(welcome["size"]), started=trio.current_time())
+        copy = ImageCopy(source=source, size=welcome.size, started=trio.current_time())
         self.copies[name] = copy
-        epoch = int(welcome.get("epoch", 1))
+        epoch = welcome.epoch
 
-        def make_volume(info: dict[str, Any]) -> Volume:
+        def make_volume(info: ImageInfo) -> Volume:
             path = self.node.begin_mirror(name, source, epoch)  # a crash during the copy restarts it
-            return Volume.create_replica(path, name, int(info["size"]), str(info["uuid"]), int(info["lsn"]),
-                                         bytes.fromhex(str(info["chain"])))
+            return Volume.create_replica(path, name, info.size, info.uuid, info.lsn, info.chain)
 
         def progressed(done: int, size: int) -> None:
             copy.done = done
@@ -243,7 +242,7 @@ class Cluster:
         persisted: dict[str, float] = {}
         while True:
             await trio.sleep(REPLAY_EVERY)
-            now = time.monotonic()
+            now = trio.current_time()
             for name, vol in list(self.node.volumes.items()):
                 role = self.node.role(name)
                 if not role.is_mirror or role.replay_paused:
@@ -260,8 +259,8 @@ class Cluster:
     # ------------------------------------------------------------------ status
 
     def _now(self) -> float:
-        """The clock the fetch state's timestamps come from."""
-        return time.monotonic()
+        """The clock the fetch state's timestamps come from (trio's: MockClock drives it in tests)."""
+        return trio.current_time()
 
     def mirrors_of(self, name: str) -> list[str]:
         """The nodes known to fetch ``name`` from this node (connected or not)."""

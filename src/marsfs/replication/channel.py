@@ -1,22 +1,25 @@
-"""Frames over a trio byte stream (TCP today, TLS-wrapped later: same framing)."""
+"""Messages over a trio byte stream (TCP today, TLS-wrapped later: same framing).
+
+A channel only moves frames: it decodes and validates what arrives (a malformed frame or
+message is a ProtocolError) but does not judge whether a message may come now; the sessions
+(:mod:`marsfs.replication.session`) do.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 import trio
 
-from marsfs.replication.protocol import Frame, FrameDecoder, MsgType, ProtocolError, encode_frame, encode_json
+from marsfs.replication.protocol import Frame, FrameDecoder, Message, decode_message, encode_message
 
 _READ = 256 * 1024
 
 
 class ConnectionLost(Exception):
-    """The peer went away (EOF, reset); reconnect."""
+    """The peer went away (EOF, reset) or stopped talking; reconnect."""
 
 
 class Channel:
-    """A framed, checksummed message channel. Not safe for concurrent senders: use one task."""
+    """A framed, checksummed message channel. Senders are serialized by a lock."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -26,13 +29,11 @@ class Channel:
         self.bytes_in = 0
         self.bytes_out = 0
 
-    async def send(self, mtype: MsgType, payload: bytes, *, compress: bool = True) -> None:
-        await self.send_raw(encode_frame(mtype, payload, compress=compress))
-
-    async def send_json(self, mtype: MsgType, obj: dict[str, Any]) -> None:
-        await self.send_raw(encode_json(mtype, obj))
+    async def send_message(self, msg: Message) -> None:
+        await self.send_raw(encode_message(msg))
 
     async def send_raw(self, frame: bytes) -> None:
+        """Send a frame encoded elsewhere (big ones are encoded in a worker thread)."""
         async with self._send_lock:
             try:
                 await self.stream.send_all(frame)
@@ -52,15 +53,9 @@ class Channel:
             self._pending.extend(self._decoder.feed(data))
         return self._pending.pop(0)
 
-    async def expect(self, *types: MsgType) -> Frame:
-        """The next frame, which must be one of ``types`` (an ERROR frame raises PeerRefused)."""
-        frame = await self.receive()
-        if frame.type == MsgType.ERROR and MsgType.ERROR not in types:
-            info = frame.json()
-            raise PeerRefused(str(info.get("code", "error")), str(info.get("error", "refused")))
-        if frame.type not in types:
-            raise ProtocolError(f"expected {'/'.join(t.name for t in types)}, got {frame.type.name}")
-        return frame
+    async def receive_message(self) -> Message:
+        """The next message, validated (ProtocolError if malformed)."""
+        return decode_message(await self.receive())
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:
@@ -72,10 +67,9 @@ class Channel:
 
 
 class PeerRefused(Exception):
-    """The peer answered with an ERROR frame: ``code`` says why (diverged, unknown-volume, ...)."""
+    """The peer answered with an ERROR message: ``code`` says why (diverged, unknown-volume, ...)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{message} ({code})")
         self.code = code
         self.message = message
-

@@ -1,5 +1,9 @@
 """The fetching side of replication: copy an image once, then fetch the log for ever.
 
+This module does the I/O; what the server may say when, lag correction, stall detection and
+the backoff schedule are the :class:`~marsfs.replication.session.FetchingSession`'s and its
+helpers' (see there).
+
 Rules that hold here:
 
 * Fetched records are appended to this node's log byte for byte (same LSNs, same chain) and
@@ -8,108 +12,97 @@ Rules that hold here:
   from our last durable LSN (G6).
 * Fetch never depends on replay: it appends and syncs; replay (the visible version) is moved
   by the node independently and may be paused.
-* Connection trouble only adds lag: reconnects back off exponentially (0.1 s doubling to 5 s,
-  back to 0.1 s after a session that brought records); a connection that brings no frame for
-  ``STALL_AFTER`` seconds is dropped and retried. The source starts each session with small
-  frames (slow start), so a link that cuts connections still lets records through.
-* ``diverged`` and ``log-trimmed`` refusals stop fetching: they need an operator.
+* Connection trouble only adds lag: the fetcher reconnects after the session's backoff delay,
+  and a connection that brings no frame for ``STALL_AFTER`` seconds is dropped and retried.
+* Fatal refusals (``diverged``, ``log-trimmed``, ...) stop fetching: they need an operator.
+* Times are trio times (``trio.current_time``), so a mock clock drives every timeout.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 from marsfs.aio import single_error
-from marsfs.errors import MarsError
+from marsfs.errors import MarsError, ProtocolError
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
-from marsfs.replication.protocol import PROTO_VERSION, MsgType, ProtocolError, decode_image_data, split_records
+from marsfs.replication.protocol import PROTO_VERSION, Hello, ImageData, ImageEnd, ImageInfo, Records, Want, Welcome
+from marsfs.replication.session import (
+    ACK_EVERY,
+    Backoff,
+    FetchingSession,
+    FetchPhase,
+    FetchState,
+    Probes,
+    Refused,
+    ServerReply,
+)
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_MIN = 0.1
-BACKOFF_MAX = 5.0
-STALL_AFTER = 10.0
-ACK_EVERY = 0.2
+__all__ = ["Connect", "FetchState", "Fetcher", "PeerChannel", "hello", "open_channel", "receive_image"]
+
 CONNECT_TIMEOUT = 5.0
-FATAL = ("diverged", "log-trimmed", "unknown-volume", "cluster", "protocol")
 
 
-@dataclass
-class FetchState:
-    """What a mirror knows about its fetch of one volume (read by status)."""
-
-    source: str
-    connected: bool = False
-    error: str = ""
-    fatal: str = ""  #: a refusal code that needs an operator
-    primary_head_lsn: int = 0
-    primary_durable_lsn: int = 0
-    lag_bytes: int = 0
-    lag_records: int = 0
-    lag_seconds: float = 0.0
-    last_frame: float = 0.0  #: monotonic time of the last frame received
-    last_heartbeat: float = 0.0
-    #: when we sent the ACK whose probe the newest heartbeat echoes: that heartbeat describes
-    #: the source at or after this moment (heartbeats can sit in buffers; receipt time lies)
-    heartbeat_basis: float = 0.0
-    last_progress: float = field(default_factory=time.monotonic)
-    fetched_bytes: int = 0
-    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=50))
-
-    def rate(self) -> float:
-        """Fetched bytes per second over the last few seconds."""
-        if len(self.samples) < 2:
-            return 0.0
-        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-
-
-def hello(node: str, cluster: str, volume: str, want: str, epoch: int = 0) -> dict[str, Any]:
-    return {"proto": PROTO_VERSION, "cluster": cluster, "node": node, "volume": volume, "want": want, "epoch": epoch}
+def hello(node: str, cluster: str, volume: str, want: Want, epoch: int = 0) -> Hello:
+    return Hello(proto=PROTO_VERSION, cluster=cluster, node=node, volume=volume, want=want, epoch=epoch)
 
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
 
 
-async def open_channel(connect: Connect, greeting: dict[str, Any]) -> tuple[Channel, dict[str, Any]]:
+class PeerChannel(Channel):
+    """A channel to the node we fetch from, with the session that judges what it says."""
+
+    def __init__(self, stream: trio.abc.Stream, session: FetchingSession) -> None:
+        super().__init__(stream)
+        self.session = session
+
+    async def receive_reply(self) -> ServerReply:
+        """The server's next message as the session took it (PeerRefused on ERROR)."""
+        reply = self.session.receive(await self.receive_message(), trio.current_time())
+        if isinstance(reply, Refused):
+            raise PeerRefused(reply.code, reply.message)
+        return reply
+
+
+async def open_channel(connect: Connect, greeting: Hello | FetchingSession) -> tuple[PeerChannel, Welcome]:
     """Connect, say HELLO, return the channel and the WELCOME (PeerRefused on ERROR)."""
+    session = greeting if isinstance(greeting, FetchingSession) else FetchingSession(greeting)
     with trio.fail_after(CONNECT_TIMEOUT):
         stream = await connect()
-    ch = Channel(stream)
+    ch = PeerChannel(stream, session)
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            await ch.send_json(MsgType.HELLO, greeting)
-            welcome = (await ch.expect(MsgType.WELCOME)).json()
+            await ch.send_message(session.hello())
+            welcome = await ch.receive_reply()
     except BaseException:
         await ch.aclose()
         raise
+    assert isinstance(welcome, Welcome)
     return ch, welcome
 
 
-async def receive_image(ch: Channel, make_volume: Callable[[dict[str, Any]], Volume],
+async def receive_image(ch: PeerChannel, make_volume: Callable[[ImageInfo], Volume],
                         progress: Callable[[int, int], None]) -> Volume:
     """Receive IMAGE_INFO/IMAGE_DATA/IMAGE_END into a new replica volume; durable on return."""
-    info = (await ch.expect(MsgType.IMAGE_INFO)).json()
+    info = await ch.receive_reply()
+    assert isinstance(info, ImageInfo)
     vol = await trio.to_thread.run_sync(make_volume, info)
-    size = int(info["size"])
     try:
         while True:
-            frame = await ch.expect(MsgType.IMAGE_DATA, MsgType.IMAGE_END)
-            if frame.type == MsgType.IMAGE_END:
+            msg = await ch.receive_reply()
+            if isinstance(msg, ImageEnd):
                 break
-            off, data = decode_image_data(frame.payload)
-            await trio.to_thread.run_sync(vol.write_base, off, data)
-            progress(off + len(data), size)
+            assert isinstance(msg, ImageData)
+            await trio.to_thread.run_sync(vol.write_base, msg.offset, msg.data)
+            progress(msg.offset + len(msg.data), info.size)
         await trio.to_thread.run_sync(vol.sync_base)
-        await ch.send_json(MsgType.ACK, {"fetched_lsn": vol.head_lsn, "replayed_lsn": vol.head_lsn})
+        await ch.send_message(ch.session.image_done(vol.head_lsn))
     except BaseException:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(vol.close)
@@ -117,8 +110,13 @@ async def receive_image(ch: Channel, make_volume: Callable[[dict[str, Any]], Vol
     return vol
 
 
+def _describe(e: Exception) -> str:
+    """A failure as the fetcher reports it: our own errors by message, the others with their type."""
+    return str(e) if isinstance(e, MarsError) and not isinstance(e, ProtocolError) else f"{type(e).__name__}: {e}"
+
+
 class Fetcher:
-    """Keeps one mirror volume's log following its source node."""
+    """Keeps one mirror volume's log following its source node. Construct inside trio."""
 
     def __init__(self, vol: Volume, node: str, cluster: str, source: str, connect: Connect,
                  paused: Callable[[], bool], replayed: Callable[[], int], replay_paused: Callable[[], bool]) -> None:
@@ -129,110 +127,78 @@ class Fetcher:
         self.paused = paused
         self.replayed = replayed
         self.replay_paused = replay_paused
-        self.state = FetchState(source=source)
-        self._probe = 0
-        self._probes: dict[int, float] = {}  # probe number -> monotonic time its ACK was sent
+        self.state = FetchState(source=source, last_progress=trio.current_time())
+        self._probes = Probes()
+        self._backoff = Backoff()
 
     async def run(self) -> None:
         """Fetch until cancelled or refused for good (state.fatal)."""
-        backoff = BACKOFF_MIN
         while True:
             if self.paused():
                 self.state.connected = False
                 await trio.sleep(0.1)
                 continue
             before = self.vol.durable_lsn
+            clean = False
+            failure = ""
             try:
                 await self._session()
-                backoff = BACKOFF_MIN
+                clean = True
             except PeerRefused as e:
                 self.state.error = e.message
-                if e.code in FATAL:
+                if Refused(e.code, e.message).fatal:
                     self.state.fatal = e.code
                     logger.error("fetch of %s refused by %s: %s", self.vol.name, self.state.source, e)
                     return
-            except (ConnectionLost, ProtocolError, OSError, trio.TooSlowError, MarsError) as e:
-                self.state.error = f"{type(e).__name__}: {e}" if not isinstance(e, MarsError) else str(e)
-                logger.info("fetch of %s from %s: %s; retrying in %.1f s", self.vol.name, self.state.source,
-                         self.state.error, backoff)
+            except (ConnectionLost, OSError, trio.TooSlowError, MarsError) as e:
+                failure = self.state.error = _describe(e)
             finally:
                 self.state.connected = False
-            if self.vol.durable_lsn > before:  # the session moved us forward: the link works, mostly
-                backoff = BACKOFF_MIN
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            # a session that ended cleanly or moved us forward: the link works, mostly
+            delay = self._backoff.next(clean or self.vol.durable_lsn > before)
+            if failure:
+                logger.info("fetch of %s from %s: %s; retrying in %.1f s", self.vol.name, self.state.source,
+                            failure, delay)
+            await trio.sleep(delay)
 
     async def _session(self) -> None:
         vol = self.vol
-        ch, _welcome = await open_channel(self.connect, hello(self.node, self.cluster, vol.name, "fetch"))
+        sess = FetchingSession(hello(self.node, self.cluster, vol.name, "fetch"), state=self.state,
+                               probes=self._probes, mirror=vol)
+        ch, _welcome = await open_channel(self.connect, sess)
         try:
-            await ch.send_json(MsgType.FETCH, {"from_lsn": vol.log.last_lsn + 1,
-                                               "prev_chain": vol.log.last_chain.hex()})
-            self.state.connected = True
-            self.state.error = ""
-            self.state.last_frame = time.monotonic()
+            await ch.send_message(sess.fetch(trio.current_time()))
             with single_error():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._ack_loop, ch, nursery.cancel_scope)
-                    await self._receive_loop(ch)
+                    nursery.start_soon(self._ack_loop, ch, sess, nursery.cancel_scope)
+                    await self._receive_loop(ch, sess)
                     nursery.cancel_scope.cancel()
         finally:
             await ch.aclose()
 
-    async def _receive_loop(self, ch: Channel) -> None:
-        st = self.state
+    async def _receive_loop(self, ch: PeerChannel, sess: FetchingSession) -> None:
         while not self.paused():
-            with trio.move_on_after(STALL_AFTER) as scope:
-                frame = await ch.expect(MsgType.RECORDS, MsgType.HEARTBEAT)
-            if scope.cancelled_caught:
-                raise ConnectionLost(f"no data from {st.source} for {STALL_AFTER:.0f} s")
-            now = time.monotonic()
-            st.last_frame = now
-            if frame.type == MsgType.HEARTBEAT:
-                beat = frame.json()
-                st.primary_head_lsn = int(beat.get("head_lsn", 0))
-                st.primary_durable_lsn = int(beat.get("durable_lsn", 0))
-                st.last_heartbeat = now
-                sent = self._probes.get(int(beat.get("probe", -1)))
-                if sent is not None:
-                    st.heartbeat_basis = max(st.heartbeat_basis, sent)
-                self._update_lag(beat)
-                continue
-            records = split_records(frame.payload)
-            await trio.to_thread.run_sync(self._append, records)
-            st.fetched_bytes += sum(len(r) for r in records)
-            st.samples.append((now, st.fetched_bytes))
-            st.last_progress = now
-            st.primary_durable_lsn = max(st.primary_durable_lsn, self.vol.durable_lsn)
-            self._update_lag(None)
+            msg = None
+            with trio.move_on_at(sess.stall_deadline):
+                msg = await ch.receive_reply()
+            if msg is None:
+                why = sess.stalled(trio.current_time())
+                assert why is not None, "move_on_at fired before the stall deadline"
+                raise ConnectionLost(why)
+            if isinstance(msg, Records):
+                await trio.to_thread.run_sync(self._append, msg.records)
+                sess.appended(msg)
 
-    def _append(self, records: list[bytes]) -> None:
+    def _append(self, records: tuple[bytes, ...]) -> None:
         for raw in records:
             self.vol.append_raw(raw)
         self.vol.log.sync()  # durable before it is acknowledged or replayed
 
-    def _update_lag(self, beat: dict[str, Any] | None) -> None:
-        st = self.state
-        fetched = self.vol.durable_lsn
-        if beat is not None:
-            # the primary computed lag for what we had acknowledged; correct it by what came since
-            st.lag_records = max(0, st.primary_durable_lsn - fetched)
-            st.lag_bytes = int(beat.get("lag_bytes", 0)) if st.lag_records else 0
-            st.lag_seconds = float(beat.get("lag_seconds", 0.0)) if st.lag_records else 0.0
-        elif st.primary_durable_lsn <= fetched:
-            st.lag_records = st.lag_bytes = 0
-            st.lag_seconds = 0.0
-
-    async def _ack_loop(self, ch: Channel, scope: trio.CancelScope) -> None:
+    async def _ack_loop(self, ch: PeerChannel, sess: FetchingSession, scope: trio.CancelScope) -> None:
         try:
-            while True:
-                self._probe += 1
-                self._probes[self._probe] = time.monotonic()
-                self._probes.pop(self._probe - 100, None)
-                await ch.send_json(MsgType.ACK, {
-                    "fetched_lsn": self.vol.durable_lsn, "replayed_lsn": self.replayed(),
-                    "fetch_paused": self.paused(), "replay_paused": self.replay_paused(),
-                    "probe": self._probe})
+            while sess.phase is FetchPhase.FETCHING:  # a closed session acknowledges nothing more
+                await ch.send_message(sess.ack(trio.current_time(), self.replayed(), self.paused(),
+                                               self.replay_paused()))
                 await trio.sleep(ACK_EVERY)
         finally:
             scope.cancel()

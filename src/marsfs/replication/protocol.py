@@ -1,4 +1,4 @@
-"""Node-to-node wire protocol: framing and messages, pure functions over bytes (no I/O).
+"""Node-to-node wire protocol: framing and typed messages, pure functions over bytes (no I/O).
 
 Rules that hold here:
 
@@ -8,19 +8,31 @@ Rules that hold here:
   :class:`ProtocolError`; the connection is then dropped and the fetch resumes from the last
   good LSN. A damaged frame is never acted on (G6).
 * The payload is lz4-compressed (flag ``LZ4``) when that makes it at least 1/16 smaller.
-* Control messages carry JSON objects; ``RECORDS`` carries log records exactly as stored
-  (each verifies on its own: header sum, payload hash, and the chain on append);
+* Each message type is one frozen dataclass (:data:`Message`). Control messages travel as JSON
+  objects whose keys are the dataclass fields; ``RECORDS`` carries log records exactly as
+  stored (each verifies on its own: header sum, payload hash, and the chain on append);
   ``IMAGE_DATA`` carries an 8-byte volume offset and the bytes there.
+* :func:`decode_message` validates everything a peer can get wrong: a missing or unknown
+  field, a wrong JSON type (a bool is not an int), a negative LSN, a chain that is not 16 hex
+  bytes, an unknown ``want``, records that do not follow each other. Any of these is a
+  :class:`ProtocolError` naming the message type and the field; nothing malformed reaches
+  the sessions. Whether a valid message may come *now* is the sessions' business
+  (:mod:`marsfs.replication.session`).
+* Messages are validated when decoded, not when built: a message we build wrongly is our bug
+  and must not pass for the peer's fault.
 * The framing runs over any byte stream, so TLS can wrap the TCP stream without changing it.
 
 Conversation (client = the mirror, server = the node it fetches from)::
 
-    client: HELLO {proto, cluster, node, volume, want: "image" | "fetch", epoch}
+    client: HELLO {proto, cluster, node, volume, want: "image" | "fetch" | "leave", epoch}
     server: WELCOME {node, volume, uuid, size, epoch, head_lsn, durable_lsn}  |  ERROR {code, error}
-    want=image: server: IMAGE_INFO {lsn, chain, size}, IMAGE_DATA..., IMAGE_END {lsn}
+    want=image: server: IMAGE_INFO {lsn, chain, size, uuid}, IMAGE_DATA..., IMAGE_END {lsn}
+                client: ACK {fetched_lsn, replayed_lsn}   (the copy is durable)
     want=fetch: client: FETCH {from_lsn, prev_chain}
-                server: RECORDS... and HEARTBEAT {durable_lsn, lag..., probe} while the client ACKs
+                server: RECORDS... and HEARTBEAT {head_lsn, durable_lsn, time, probe, lag_bytes,
+                        lag_records, lag_seconds} while the client ACKs
                 client: ACK {fetched_lsn, replayed_lsn, fetch_paused, replay_paused, probe}
+    want=leave: nothing after WELCOME; the server forgets the mirror.
     A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
     durable LSN, so the client knows how old the state it describes can be at most.
 """
@@ -28,15 +40,23 @@ Conversation (client = the mirror, server = the node it fetches from)::
 from __future__ import annotations
 
 import json
+import math
 import struct
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar, Literal, TypeAlias, get_args
 
 import lz4.block
 import xxhash
 
-from marsfs.log.record import HEADER_SIZE, BadRecord, decode_header
+from marsfs.errors import ProtocolError
+from marsfs.log.record import CHAIN_SIZE, HEADER_SIZE, BadRecord, decode_header
+
+__all__ = [
+    "FRAME_HEADER", "MAX_FRAME", "PROTO_VERSION", "Ack", "Error", "Fetch", "Frame", "FrameDecoder", "Heartbeat",
+    "Hello", "ImageData", "ImageEnd", "ImageInfo", "Message", "MsgType", "ProtocolError", "Records", "Want",
+    "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
+]
 
 FRAME_MAGIC = b"MRSf"
 PROTO_VERSION = 1
@@ -64,23 +84,15 @@ class MsgType(IntEnum):
     IMAGE_END = 10
 
 
-class ProtocolError(Exception):
-    """The peer sent something this protocol does not allow; drop the connection."""
+# ---------------------------------------------------------------------------- framing
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
+    """One verified frame: its type and its (decompressed) payload."""
+
     type: MsgType
     payload: bytes
-
-    def json(self) -> dict[str, Any]:
-        try:
-            obj = json.loads(self.payload)
-        except ValueError as e:
-            raise ProtocolError(f"{self.type.name} frame is not JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise ProtocolError(f"{self.type.name} frame is not a JSON object")
-        return obj
 
 
 def encode_frame(mtype: MsgType, payload: bytes | bytearray | memoryview, *, compress: bool = True) -> bytes:
@@ -96,10 +108,6 @@ def encode_frame(mtype: MsgType, payload: bytes | bytearray | memoryview, *, com
     h = xxhash.xxh3_64(head)
     h.update(data)
     return head + _SUM.pack(h.intdigest()) + data
-
-
-def encode_json(mtype: MsgType, obj: dict[str, Any]) -> bytes:
-    return encode_frame(mtype, json.dumps(obj, separators=(",", ":")).encode())
 
 
 class FrameDecoder:
@@ -172,11 +180,230 @@ def split_records(payload: bytes) -> list[bytes]:
     return out
 
 
-def encode_image_data(offset: int, data: bytes) -> bytes:
-    return encode_frame(MsgType.IMAGE_DATA, _OFFSET.pack(offset) + data)
+# ---------------------------------------------------------------------------- messages
+
+Want: TypeAlias = Literal["image", "fetch", "leave"]
+_WANTS: tuple[str, ...] = get_args(Want)
+
+# How a JSON field is checked and converted (field metadata "kind"):
+#   uint: an int >= 0 (LSNs, sizes, counters); pos: an int >= 1; str; bool;
+#   seconds: a finite number >= 0; chain: 16 bytes as 32 hex digits; want: one of _WANTS.
 
 
-def decode_image_data(payload: bytes) -> tuple[int, bytes]:
-    if len(payload) < _OFFSET.size:
-        raise ProtocolError("IMAGE_DATA frame without offset")
-    return _OFFSET.unpack_from(payload, 0)[0], payload[_OFFSET.size :]
+def _field(kind: str, **kw: Any) -> Any:
+    return field(metadata={"kind": kind}, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The client's opening: who it is and what it wants of which volume."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    proto: int = _field("uint")
+    cluster: str = _field("str")
+    node: str = _field("str")
+    volume: str = _field("str")
+    want: Want = _field("want")
+    epoch: int = _field("uint")
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The server accepted a HELLO: the volume as it stands there."""
+
+    TYPE: ClassVar[MsgType] = MsgType.WELCOME
+    node: str = _field("str")
+    volume: str = _field("str")
+    uuid: str = _field("str")
+    size: int = _field("pos")
+    epoch: int = _field("uint")
+    head_lsn: int = _field("uint")
+    durable_lsn: int = _field("uint")
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A refusal: ``code`` is machine-readable (diverged, log-trimmed, ...), ``error`` for people."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    code: str = _field("str")
+    error: str = _field("str")
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Where the client's log ends: the next LSN it needs and the chain before it."""
+
+    TYPE: ClassVar[MsgType] = MsgType.FETCH
+    from_lsn: int = _field("pos")
+    prev_chain: bytes = _field("chain")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The server's positions, and the mirror's lag as the server computed it."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+    head_lsn: int = _field("uint")
+    durable_lsn: int = _field("uint")
+    time: float = _field("seconds")  #: wall time at the server (shown, compared with record stamps)
+    probe: int = _field("uint")  #: the newest ACK probe the server had read before durable_lsn
+    lag_bytes: int = _field("uint")
+    lag_records: int = _field("uint")
+    lag_seconds: float = _field("seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The client's positions. After an image only the two LSNs are sent (the rest default)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    fetched_lsn: int = _field("uint")
+    replayed_lsn: int = _field("uint")
+    fetch_paused: bool = _field("bool", default=False)
+    replay_paused: bool = _field("bool", default=False)
+    probe: int = _field("uint", default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """An image copy starts: the image is the volume at ``lsn``, whose chain is ``chain``."""
+
+    TYPE: ClassVar[MsgType] = MsgType.IMAGE_INFO
+    lsn: int = _field("uint")
+    chain: bytes = _field("chain")
+    size: int = _field("pos")
+    uuid: str = _field("str")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEnd:
+    """The image copy is complete (chunks of zeros were not sent: the copy starts sparse)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.IMAGE_END
+    lsn: int = _field("uint")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageData:
+    """Bytes of the image at ``offset`` (binary payload: 8-byte offset, then the data)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.IMAGE_DATA
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """Raw log records with consecutive LSNs, exactly as stored (binary payload)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RECORDS
+    records: tuple[bytes, ...]
+
+    @property
+    def first_lsn(self) -> int:
+        """LSN of the first record (decode_message checked that the others follow it)."""
+        return decode_header(self.records[0][:HEADER_SIZE]).lsn
+
+    @property
+    def last_lsn(self) -> int:
+        return self.first_lsn + len(self.records) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(r) for r in self.records)
+
+
+JsonMessage: TypeAlias = Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd
+Message: TypeAlias = JsonMessage | ImageData | Records
+
+_JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd)}
+
+
+def encode_message(msg: Message, *, compress: bool = True) -> bytes:
+    """The frame that carries ``msg``."""
+    if isinstance(msg, Records):
+        return encode_frame(MsgType.RECORDS, b"".join(msg.records), compress=compress)
+    if isinstance(msg, ImageData):
+        return encode_frame(MsgType.IMAGE_DATA, _OFFSET.pack(msg.offset) + msg.data, compress=compress)
+    obj = {f.name: (getattr(msg, f.name).hex() if f.metadata["kind"] == "chain" else getattr(msg, f.name))
+           for f in fields(msg)}
+    return encode_frame(msg.TYPE, json.dumps(obj, separators=(",", ":")).encode(), compress=compress)
+
+
+def decode_message(frame: Frame) -> Message:
+    """The message a verified frame carries; :class:`ProtocolError` if it is malformed."""
+    if frame.type == MsgType.RECORDS:
+        return _decode_records(frame.payload)
+    if frame.type == MsgType.IMAGE_DATA:
+        if len(frame.payload) < _OFFSET.size:
+            raise ProtocolError("IMAGE_DATA: frame without offset")
+        return ImageData(_OFFSET.unpack_from(frame.payload, 0)[0], frame.payload[_OFFSET.size :])
+    cls = _JSON_TYPES[frame.type]
+    name = frame.type.name
+    try:
+        obj = json.loads(frame.payload)
+    except ValueError as e:
+        raise ProtocolError(f"{name}: payload is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{name}: payload is not a JSON object")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in obj:
+            values[f.name] = _check(name, f.name, f.metadata["kind"], obj.pop(f.name))
+        elif f.default is MISSING:  # a required field
+            raise ProtocolError(f"{name}: missing field {f.name!r}")
+    if obj:
+        raise ProtocolError(f"{name}: unknown field {sorted(obj)[0]!r}")
+    return cls(**values)
+
+
+def _check(msg: str, name: str, kind: str, value: Any) -> Any:
+    """``value`` of JSON field ``name`` converted to its dataclass type, or ProtocolError."""
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(f"{msg}: field {name!r} {why}, not {value!r:.80}")
+
+    if kind in ("uint", "pos"):
+        if type(value) is not int:  # bool is an int subclass and not an LSN
+            raise bad("must be an integer")
+        if value < (1 if kind == "pos" else 0):
+            raise bad("is out of range")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("must be a string")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if kind == "seconds":
+        if type(value) not in (int, float):
+            raise bad("must be a number")
+        if not math.isfinite(value) or value < 0:
+            raise bad("is out of range")
+        return float(value)
+    if kind == "chain":
+        if not isinstance(value, str) or len(value) != 2 * CHAIN_SIZE:
+            raise bad(f"must be {2 * CHAIN_SIZE} hex digits")
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise bad(f"must be {2 * CHAIN_SIZE} hex digits") from None
+    assert kind == "want", kind
+    if value not in _WANTS:
+        raise bad(f"must be one of {', '.join(_WANTS)}")
+    return value
+
+
+def _decode_records(payload: bytes) -> Records:
+    records = split_records(payload)
+    if not records:
+        raise ProtocolError("RECORDS: frame without records")
+    first = decode_header(records[0][:HEADER_SIZE]).lsn
+    for i, raw in enumerate(records[1:], 1):
+        lsn = decode_header(raw[:HEADER_SIZE]).lsn
+        if lsn != first + i:
+            raise ProtocolError(f"RECORDS: field 'records' holds LSN {lsn} after {first + i - 1}")
+    return Records(tuple(records))

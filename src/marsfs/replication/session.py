@@ -1,0 +1,593 @@
+"""Replication sessions as pure state machines (h11 style): no I/O, no trio, no clock reads.
+
+Everything that decides the node-to-node conversation lives here; ``server`` and ``fetch``
+only move bytes, call the volume and sleep. A session is fed events - a decoded message, the
+time (``now``, passed in), local facts read through :class:`VolumeFacts` - and answers with
+what to do: a message to send, records to append, a refusal, or a :class:`ProtocolError`
+(raised; the caller closes the connection and logs it at INFO).
+
+Rules that hold here:
+
+* Each side has its states and allowed transitions as a table (``_SERVE`` and ``_FETCH``).
+  A message that is valid on the wire but not allowed in the current state (RECORDS before
+  FETCH, a second HELLO, an ACK on an image session) is a :class:`ProtocolError`, and the
+  session is ``CLOSED`` for good. An ERROR from the server is allowed in every open state.
+* Admission (serving side): HELLO must speak our protocol (``protocol``), be for our cluster
+  (``cluster``) and name a volume we have (``unknown-volume``). A FETCH whose log reaches
+  beyond ours, or whose chain differs from ours at that LSN, is ``diverged``; one that needs
+  records we no longer hold is ``log-trimmed``. Refusals are ERROR messages and end the
+  session; :data:`FATAL` codes stop the fetcher until an operator acts.
+* Only records that are durable here are shipped (G3), and on a mirror serving another mirror
+  only records it has replayed, so a chain of mirrors stays prefix-consistent
+  (:func:`shippable_lsn`). An image is the volume at that LSN.
+* Slow start: a session's first RECORDS frame holds at most :data:`FIRST_BATCH` bytes (or
+  one record), each later one twice as much, up to :data:`BATCH_BYTES`.
+* A HEARTBEAT goes out at once and then every :data:`HEARTBEAT` seconds; it echoes the newest
+  ACK probe read *before* the shippable LSN it reports, so the mirror knows how old the state
+  it describes can be at most (:class:`Probes`, ``FetchState.heartbeat_basis``).
+* The fetching side expects records to continue its log (the first LSN of each RECORDS is
+  the next one it needs), corrects the server's lag figures by what arrived since the server
+  computed them, and calls a connection stalled after :data:`STALL_AFTER` seconds without a
+  frame. Reconnects back off from :data:`BACKOFF_MIN` doubling to :data:`BACKOFF_MAX`, back to
+  the minimum after a session that moved the log forward (:class:`Backoff`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Protocol, TypeAlias
+
+from marsfs.errors import ProtocolError
+from marsfs.replication.protocol import (
+    PROTO_VERSION,
+    Ack,
+    Error,
+    Fetch,
+    Heartbeat,
+    Hello,
+    ImageData,
+    ImageEnd,
+    ImageInfo,
+    Message,
+    Records,
+    Want,
+    Welcome,
+)
+
+BATCH_BYTES = 4 * 1024 * 1024
+FIRST_BATCH = 64 * 1024  #: a session's first frame; each later one may be twice as big
+IMAGE_CHUNK = 1024 * 1024
+HEARTBEAT = 0.5
+STALL_AFTER = 10.0
+ACK_EVERY = 0.2
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+#: refusal codes that need an operator: retrying cannot help
+FATAL = ("diverged", "log-trimmed", "unknown-volume", "cluster", "protocol")
+_PROBES_KEPT = 100
+_ZERO = bytes(IMAGE_CHUNK)
+_SAMPLES_KEPT = 50
+
+
+# ---------------------------------------------------------------------------- local facts
+
+
+class LogFacts(Protocol):
+    """What a session reads of a log (``marsfs.log.Log`` satisfies it)."""
+
+    @property
+    def first_lsn(self) -> int: ...
+    @property
+    def last_lsn(self) -> int: ...
+    @property
+    def last_chain(self) -> bytes: ...
+    def chain_at(self, lsn: int) -> bytes: ...
+
+
+class VolumeFacts(Protocol):
+    """What a session reads of a volume (``marsfs.volume.Volume`` satisfies it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def uuid(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def head_lsn(self) -> int: ...
+    @property
+    def durable_lsn(self) -> int: ...
+    @property
+    def current_lsn(self) -> int: ...
+    @property
+    def log(self) -> LogFacts: ...
+
+
+def shippable_lsn(vol: VolumeFacts) -> int:
+    """The newest LSN we may ship: durable here, and replayed if we are a mirror."""
+    return min(vol.durable_lsn, vol.current_lsn)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The server answered with ERROR ``code``: the session is over."""
+
+    code: str
+    message: str
+
+    @property
+    def fatal(self) -> bool:
+        """Retrying cannot help: the fetcher stops until an operator acts."""
+        return self.code in FATAL
+
+
+def _refusal(code: str, message: str) -> Error:
+    return Error(code=code, error=message)
+
+
+def _step(table: dict[tuple[Enum, object], Enum], state: Enum, event: Enum | Message, side: str) -> Enum:
+    """The state after ``event``: a ProtocolError when the table does not allow a message from
+    the peer; a local event the table does not allow is our bug."""
+    if isinstance(event, Enum):
+        target = table.get((state, event))
+        assert target is not None, f"{event.name} in state {state.name} of the {side} session"
+        return target
+    target = table.get((state, type(event)))
+    if target is None:
+        raise ProtocolError(f"{event.TYPE.name} is not allowed in state {state.name} of the {side} session")
+    return target
+
+
+# ---------------------------------------------------------------------------- serving side
+
+
+class ServePhase(Enum):
+    AWAIT_HELLO = auto()
+    ADMITTING = auto()  #: HELLO read; the caller looks up the volume and calls admit()
+    SENDING_IMAGE = auto()
+    AWAIT_IMAGE_ACK = auto()
+    AWAIT_FETCH = auto()
+    SHIPPING = auto()
+    DONE = auto()
+    CLOSED = auto()  #: refused, or the peer broke the protocol
+
+
+class ServeEvent(Enum):
+    WELCOME_IMAGE = auto()
+    WELCOME_FETCH = auto()
+    WELCOME_LEAVE = auto()
+    ACCEPT_FETCH = auto()
+    REFUSE = auto()
+    IMAGE_END = auto()
+
+
+_S = ServePhase
+_SERVE: dict[tuple[Enum, object], Enum] = {
+    (_S.AWAIT_HELLO, Hello): _S.ADMITTING,
+    (_S.ADMITTING, ServeEvent.WELCOME_IMAGE): _S.SENDING_IMAGE,
+    (_S.ADMITTING, ServeEvent.WELCOME_FETCH): _S.AWAIT_FETCH,
+    (_S.ADMITTING, ServeEvent.WELCOME_LEAVE): _S.DONE,
+    (_S.ADMITTING, ServeEvent.REFUSE): _S.CLOSED,
+    (_S.SENDING_IMAGE, ServeEvent.IMAGE_END): _S.AWAIT_IMAGE_ACK,
+    (_S.AWAIT_IMAGE_ACK, Ack): _S.DONE,
+    (_S.AWAIT_FETCH, Fetch): _S.ADMITTING,
+    (_S.ADMITTING, ServeEvent.ACCEPT_FETCH): _S.SHIPPING,
+    (_S.SHIPPING, Ack): _S.SHIPPING,
+}
+_WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
+                  "leave": ServeEvent.WELCOME_LEAVE}
+
+
+@dataclass(frozen=True, slots=True)
+class StartShipping:
+    """A FETCH was admitted: the mirror holds everything up to ``after``."""
+
+    after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ship:
+    """Records ``first..limit`` are due, in a frame of at most ``batch`` bytes (or one record)."""
+
+    first: int
+    limit: int
+    batch: int
+
+
+class ServingSession:
+    """One connection as seen by the node that serves a volume."""
+
+    def __init__(self, node: str, cluster: str) -> None:
+        self.node = node
+        self.cluster = cluster
+        self.phase = ServePhase.AWAIT_HELLO
+        self.hello: Hello | None = None
+        self._vol: VolumeFacts | None = None
+        self.image: ImageInfo | None = None
+        #: the mirror's positions, from FETCH and then each ACK
+        self.fetched_lsn = 0
+        self.replayed_lsn = 0
+        self.sent_lsn = 0
+        self.probe = 0  #: the newest ACK probe
+        self._batch = FIRST_BATCH
+        self._next_beat: float | None = None
+        self._beat_probe = 0  #: the probe read before _beat_limit
+        self._beat_limit = 0
+
+    @property
+    def peer(self) -> str:
+        return self.hello.node if self.hello is not None else "?"
+
+    @property
+    def hold_key(self) -> str:
+        """The name under which the mirror's position holds our log."""
+        return f"mirror:{self.peer}"
+
+    @property
+    def hold_lsn(self) -> int:
+        """Our log must keep everything after this for the mirror (it may not have replayed more)."""
+        return min(self.fetched_lsn, self.replayed_lsn)
+
+    @property
+    def vol(self) -> VolumeFacts:
+        assert self._vol is not None, "no volume before admit()"
+        return self._vol
+
+    def _go(self, event: Enum | Message) -> None:
+        self.phase = ServePhase(_step(_SERVE, self.phase, event, "serving"))
+
+    def receive(self, msg: Message) -> Hello | Ack | Error | StartShipping:
+        """Take a message from the client. Returns the HELLO (then call :meth:`admit`), an ACK,
+        or for a FETCH either the refusal to send or where shipping starts."""
+        try:
+            self._go(msg)
+        except ProtocolError:
+            self.phase = ServePhase.CLOSED
+            raise
+        if isinstance(msg, Hello):
+            self.hello = msg
+            return msg
+        if isinstance(msg, Fetch):
+            return self._admit_fetch(msg)
+        assert isinstance(msg, Ack)
+        if self.phase is ServePhase.SHIPPING:
+            self.fetched_lsn, self.replayed_lsn, self.probe = msg.fetched_lsn, msg.replayed_lsn, msg.probe
+        return msg
+
+    def admit(self, vol: VolumeFacts | None, epoch: int) -> Welcome | Error:
+        """Answer the HELLO, given the volume it names (None: we have none of that name)."""
+        hello = self.hello
+        assert hello is not None and self.phase is ServePhase.ADMITTING
+        if hello.proto != PROTO_VERSION:
+            return self._refuse("protocol", f"node {self.node} speaks protocol {PROTO_VERSION}")
+        if hello.cluster != self.cluster:
+            return self._refuse("cluster", f"node {self.node} is in cluster {self.cluster!r}, not {hello.cluster!r}")
+        if vol is None:
+            return self._refuse("unknown-volume", f"node {self.node} has no volume {hello.volume!r}")
+        self._vol = vol
+        self._go(_WELCOME_EVENT[hello.want])
+        return Welcome(node=self.node, volume=vol.name, uuid=vol.uuid, size=vol.size, epoch=epoch,
+                       head_lsn=vol.head_lsn, durable_lsn=vol.durable_lsn)
+
+    def _refuse(self, code: str, message: str) -> Error:
+        self._go(ServeEvent.REFUSE)
+        return _refusal(code, message)
+
+    def _admit_fetch(self, req: Fetch) -> Error | StartShipping:
+        vol, peer = self.vol, self.peer
+        after = req.from_lsn - 1
+        if after > vol.log.last_lsn:
+            return self._refuse("diverged", f"{peer}'s log of {vol.name} reaches LSN {after}, beyond "
+                                            f"{self.node}'s {vol.log.last_lsn}: the histories diverged")
+        if after < vol.log.first_lsn - 1:
+            return self._refuse("log-trimmed", f"{self.node} no longer holds LSN {after + 1} of {vol.name}; "
+                                               f"the mirror needs a full resync (marsfs invalidate)")
+        if vol.log.chain_at(after) != req.prev_chain:
+            return self._refuse("diverged", f"the histories of {vol.name} on {peer} and {self.node} "
+                                            f"diverge at or before LSN {after} (split brain)")
+        self._go(ServeEvent.ACCEPT_FETCH)
+        self.fetched_lsn = self.replayed_lsn = self.sent_lsn = after
+        return StartShipping(after)
+
+    # -- image
+
+    def start_image(self) -> ImageInfo:
+        """The image to send: the volume at its shippable LSN (call after the log is synced)."""
+        assert self.phase is ServePhase.SENDING_IMAGE and self.image is None
+        vol = self.vol
+        lsn = shippable_lsn(vol)
+        self.image = ImageInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size, uuid=vol.uuid)
+        return self.image
+
+    def image_chunks(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) of each chunk of the image, in order."""
+        size = self.vol.size
+        for off in range(0, size, IMAGE_CHUNK):
+            yield off, min(IMAGE_CHUNK, size - off)
+
+    def image_data(self, offset: int, data: bytes) -> ImageData | None:
+        """The message for one chunk; None for zeros (the mirror's base starts sparse)."""
+        return None if data == _ZERO[: len(data)] else ImageData(offset, data)
+
+    def end_image(self) -> ImageEnd:
+        assert self.image is not None
+        self._go(ServeEvent.IMAGE_END)
+        return ImageEnd(lsn=self.image.lsn)
+
+    # -- shipping
+
+    def poll(self) -> Ship | None:
+        """What to ship now (None: nothing; wait a little). Reads the probe before the LSN."""
+        self._beat_probe = self.probe
+        self._beat_limit = limit = shippable_lsn(self.vol)
+        cursor = self.sent_lsn + 1
+        if cursor > limit:
+            return None
+        return Ship(cursor, limit, self._batch)
+
+    def shipped(self, next_lsn: int) -> None:
+        """A RECORDS frame up to ``next_lsn - 1`` went out."""
+        assert next_lsn > self.sent_lsn + 1
+        self.sent_lsn = next_lsn - 1
+        self._batch = min(self._batch * 2, BATCH_BYTES)
+
+    def heartbeat_due(self, now: float) -> bool:
+        return self._next_beat is None or now >= self._next_beat
+
+    def heartbeat(self, now: float, wall: float, lag: tuple[int, int, float]) -> Heartbeat:
+        """The heartbeat for the last :meth:`poll` (``lag`` as :func:`server.lag_of` has it)."""
+        self._next_beat = now + HEARTBEAT
+        lag_bytes, lag_records, lag_seconds = lag
+        return Heartbeat(head_lsn=self.vol.head_lsn, durable_lsn=self._beat_limit, time=wall, probe=self._beat_probe,
+                         lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds)
+
+
+# ---------------------------------------------------------------------------- fetching side
+
+
+@dataclass
+class FetchState:
+    """What a mirror knows about its fetch of one volume (read by status; outlives sessions).
+
+    Times are trio times (the caller's clock), except that lag_seconds compares wall times."""
+
+    source: str
+    connected: bool = False
+    error: str = ""
+    fatal: str = ""  #: a refusal code that needs an operator
+    primary_head_lsn: int = 0
+    primary_durable_lsn: int = 0
+    lag_bytes: int = 0
+    lag_records: int = 0
+    lag_seconds: float = 0.0
+    last_frame: float = 0.0  #: when the last frame arrived
+    last_heartbeat: float = 0.0
+    #: when we sent the ACK whose probe the newest heartbeat echoes: that heartbeat describes
+    #: the source at or after this moment (heartbeats can sit in buffers; receipt time lies)
+    heartbeat_basis: float = 0.0
+    last_progress: float = 0.0  #: when records last arrived (or the fetcher started)
+    fetched_bytes: int = 0
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
+
+    def rate(self) -> float:
+        """Fetched bytes per second over the last few seconds."""
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class Probes:
+    """ACK probe numbers and when each was sent (outlives sessions, so numbers stay unique)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._sent: dict[int, float] = {}
+
+    def new(self, now: float) -> int:
+        self._last += 1
+        self._sent[self._last] = now
+        self._sent.pop(self._last - _PROBES_KEPT, None)
+        return self._last
+
+    def sent_at(self, probe: int) -> float | None:
+        return self._sent.get(probe)
+
+
+class Backoff:
+    """Delays between fetch sessions: doubling from BACKOFF_MIN to BACKOFF_MAX, reset by progress."""
+
+    def __init__(self) -> None:
+        self._delay = BACKOFF_MIN
+
+    def next(self, progressed: bool) -> float:
+        """The delay before the next session; ``progressed``: the last one moved the log forward
+        or ended cleanly (the link works, mostly)."""
+        if progressed:
+            self._delay = BACKOFF_MIN
+        delay = self._delay
+        self._delay = min(delay * 2, BACKOFF_MAX)
+        return delay
+
+
+class FetchPhase(Enum):
+    START = auto()
+    AWAIT_WELCOME = auto()
+    WELCOMED = auto()
+    IMAGE = auto()  #: IMAGE_INFO read, data arriving
+    IMAGE_END = auto()  #: the caller makes the copy durable, then sends image_done()
+    FETCHING = auto()
+    DONE = auto()
+    CLOSED = auto()  #: refused, or the peer broke the protocol
+
+
+class FetchEvent(Enum):
+    SEND_HELLO = auto()
+    SEND_FETCH = auto()
+    SEND_ACK = auto()
+
+
+_F = FetchPhase
+_FETCH_COMMON: dict[tuple[Enum, object], Enum] = {
+    (_F.START, FetchEvent.SEND_HELLO): _F.AWAIT_WELCOME,
+    (_F.AWAIT_WELCOME, Welcome): _F.WELCOMED,
+}
+_FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
+    "image": {**_FETCH_COMMON,
+              (_F.WELCOMED, ImageInfo): _F.IMAGE,
+              (_F.IMAGE, ImageData): _F.IMAGE,
+              (_F.IMAGE, ImageEnd): _F.IMAGE_END,
+              (_F.IMAGE_END, FetchEvent.SEND_ACK): _F.DONE},
+    "fetch": {**_FETCH_COMMON,
+              (_F.WELCOMED, FetchEvent.SEND_FETCH): _F.FETCHING,
+              (_F.FETCHING, Records): _F.FETCHING,
+              (_F.FETCHING, Heartbeat): _F.FETCHING,
+              (_F.FETCHING, FetchEvent.SEND_ACK): _F.FETCHING},
+    "leave": dict(_FETCH_COMMON),
+}
+_REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING)
+
+
+#: what a fetching session passes on from the server (an ERROR becomes a :class:`Refused`)
+ServerReply: TypeAlias = Welcome | ImageInfo | ImageData | ImageEnd | Records | Heartbeat
+
+
+class FetchingSession:
+    """One connection as seen by the mirror: HELLO, then an image copy or a fetch (or leave).
+
+    ``mirror`` (the local volume) is needed for a fetch only; ``state`` and ``probes`` outlive
+    the session (one per fetcher)."""
+
+    def __init__(self, greeting: Hello, *, state: FetchState | None = None, probes: Probes | None = None,
+                 mirror: VolumeFacts | None = None) -> None:
+        self.greeting = greeting
+        self.phase = FetchPhase.START
+        self.state = state if state is not None else FetchState(source="")
+        self.probes = probes if probes is not None else Probes()
+        self._mirror = mirror
+        self.welcome: Welcome | None = None
+        self.image: ImageInfo | None = None
+        self._next_lsn = 0  #: the LSN the next RECORDS frame must start with
+
+    @property
+    def want(self) -> Want:
+        return self.greeting.want
+
+    @property
+    def mirror(self) -> VolumeFacts:
+        assert self._mirror is not None, "a fetch session needs the mirror volume"
+        return self._mirror
+
+    def _go(self, event: Enum | Message) -> None:
+        try:
+            self.phase = FetchPhase(_step(_FETCH[self.want], self.phase, event, f"{self.want} fetching"))
+        except ProtocolError:
+            self.phase = FetchPhase.CLOSED
+            raise
+
+    def hello(self) -> Hello:
+        self._go(FetchEvent.SEND_HELLO)
+        return self.greeting
+
+    def receive(self, msg: Message, now: float) -> ServerReply | Refused:
+        """Take a message from the server; RECORDS are to be appended, then :meth:`appended`."""
+        if isinstance(msg, Error) and self.phase in _REFUSABLE:
+            self.phase = FetchPhase.CLOSED
+            return Refused(msg.code, msg.error)
+        self._go(msg)
+        self.state.last_frame = now
+        if isinstance(msg, Welcome):
+            self.welcome = msg
+        elif isinstance(msg, ImageInfo):
+            self.image = msg
+        elif isinstance(msg, ImageData):
+            assert self.image is not None
+            if msg.offset + len(msg.data) > self.image.size:
+                self.phase = FetchPhase.CLOSED
+                raise ProtocolError(f"IMAGE_DATA: field 'offset' {msg.offset} + {len(msg.data)} bytes lies "
+                                    f"past the image's {self.image.size} bytes")
+        elif isinstance(msg, ImageEnd):
+            assert self.image is not None
+            if msg.lsn != self.image.lsn:
+                self.phase = FetchPhase.CLOSED
+                raise ProtocolError(f"IMAGE_END: field 'lsn' {msg.lsn} is not the image's LSN {self.image.lsn}")
+        elif isinstance(msg, Records):
+            if msg.first_lsn != self._next_lsn:
+                self.phase = FetchPhase.CLOSED
+                raise ProtocolError(f"RECORDS: field 'records' starts at LSN {msg.first_lsn}, "
+                                    f"not at the next one we need ({self._next_lsn})")
+            self._next_lsn = msg.last_lsn + 1
+        else:
+            assert isinstance(msg, Heartbeat), msg  # the table allows nothing else
+            self._heartbeat(msg, now)
+        return msg
+
+    # -- image
+
+    def image_done(self, head_lsn: int) -> Ack:
+        """The ACK that says the copy is durable here."""
+        self._go(FetchEvent.SEND_ACK)
+        return Ack(fetched_lsn=head_lsn, replayed_lsn=head_lsn)
+
+    # -- fetch
+
+    def fetch(self, now: float) -> Fetch:
+        """The FETCH that continues our log; the session counts as connected from now."""
+        self._go(FetchEvent.SEND_FETCH)
+        log = self.mirror.log
+        self._next_lsn = log.last_lsn + 1
+        st = self.state
+        st.connected, st.error, st.last_frame = True, "", now
+        return Fetch(from_lsn=log.last_lsn + 1, prev_chain=log.last_chain)
+
+    def ack(self, now: float, replayed_lsn: int, fetch_paused: bool, replay_paused: bool) -> Ack:
+        """The next ACK, with a new probe a heartbeat may echo."""
+        self._go(FetchEvent.SEND_ACK)
+        return Ack(fetched_lsn=self.mirror.durable_lsn, replayed_lsn=replayed_lsn, fetch_paused=fetch_paused,
+                   replay_paused=replay_paused, probe=self.probes.new(now))
+
+    def appended(self, records: Records) -> None:
+        """``records`` are in our log and durable (progress is dated when their frame came)."""
+        st = self.state
+        st.fetched_bytes += records.nbytes
+        st.samples.append((st.last_frame, st.fetched_bytes))
+        st.last_progress = st.last_frame
+        st.primary_durable_lsn = max(st.primary_durable_lsn, self.mirror.durable_lsn)
+        self._update_lag(None)
+
+    @property
+    def stall_deadline(self) -> float:
+        """When the connection counts as stalled unless a frame comes."""
+        return self.state.last_frame + STALL_AFTER
+
+    def stalled(self, now: float) -> str | None:
+        """Why the connection is to be dropped, if it has stalled."""
+        if now < self.stall_deadline:
+            return None
+        self.phase = FetchPhase.CLOSED
+        return f"no data from {self.state.source} for {STALL_AFTER:.0f} s"
+
+    def _heartbeat(self, beat: Heartbeat, now: float) -> None:
+        st = self.state
+        st.primary_head_lsn = beat.head_lsn
+        st.primary_durable_lsn = beat.durable_lsn
+        st.last_heartbeat = now
+        sent = self.probes.sent_at(beat.probe)
+        if sent is not None:
+            st.heartbeat_basis = max(st.heartbeat_basis, sent)
+        self._update_lag(beat)
+
+    def _update_lag(self, beat: Heartbeat | None) -> None:
+        st = self.state
+        fetched = self.mirror.durable_lsn
+        if beat is not None:
+            # the source computed lag for what we had acknowledged; correct it by what came since
+            st.lag_records = max(0, st.primary_durable_lsn - fetched)
+            st.lag_bytes = beat.lag_bytes if st.lag_records else 0
+            st.lag_seconds = beat.lag_seconds if st.lag_records else 0.0
+        elif st.primary_durable_lsn <= fetched:
+            st.lag_records = st.lag_bytes = 0
+            st.lag_seconds = 0.0

@@ -1,0 +1,244 @@
+"""The wire protocol as pure functions (marsfs.replication.protocol): frames and typed messages.
+
+* Every message type round-trips through encode_message, FrameDecoder and decode_message.
+* For every JSON message type and every field: a missing (required) field, a wrong JSON type
+  (a bool is not an int), a value out of range, and an unknown extra field are ProtocolErrors
+  that name the message type and the field.
+* Binary messages: RECORDS must hold verified records with consecutive LSNs, IMAGE_DATA an
+  offset.
+* FrameDecoder refuses bad magic, checksum, length, version, type, flags and lz4 garbage, and
+  decodes frames fed in pieces of any size.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import MISSING, fields
+from typing import Any
+
+import lz4.block
+import pytest
+import xxhash
+
+from marsfs.errors import PeerError, ProtocolError
+from marsfs.log.record import RecordType, encode_header, encode_payload
+from marsfs.replication.protocol import (
+    FRAME_HEADER,
+    MAX_FRAME,
+    PROTO_VERSION,
+    Ack,
+    Error,
+    Fetch,
+    Frame,
+    FrameDecoder,
+    Heartbeat,
+    Hello,
+    ImageData,
+    ImageEnd,
+    ImageInfo,
+    Message,
+    MsgType,
+    Records,
+    Welcome,
+    decode_message,
+    encode_frame,
+    encode_message,
+)
+
+CHAIN = bytes(range(16))
+
+
+def records(first: int, n: int, size: int = 100) -> tuple[bytes, ...]:
+    out = []
+    chain = CHAIN
+    for lsn in range(first, first + n):
+        payload = encode_payload(bytes([lsn % 256]) * size)
+        head, chain = encode_header(RecordType.WRITE, lsn, 4096 * lsn, payload, 1_000_000 * lsn, chain)
+        out.append(head + payload.stored)
+    return tuple(out)
+
+
+SAMPLES: list[Message] = [
+    Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm", want="fetch", epoch=2),
+    Welcome(node="a", volume="vm", uuid="u-1", size=1 << 20, epoch=1, head_lsn=7, durable_lsn=5),
+    Error(code="diverged", error="the histories diverged"),
+    Fetch(from_lsn=8, prev_chain=CHAIN),
+    Heartbeat(head_lsn=9, durable_lsn=9, time=1700000000.5, probe=3, lag_bytes=100, lag_records=2, lag_seconds=0.25),
+    Ack(fetched_lsn=5, replayed_lsn=4, fetch_paused=True, replay_paused=False, probe=12),
+    Ack(fetched_lsn=5, replayed_lsn=5),
+    ImageInfo(lsn=5, chain=CHAIN, size=1 << 20, uuid="u-1"),
+    ImageData(offset=1 << 20, data=b"x" * 3000),
+    ImageEnd(lsn=5),
+    Records(records(8, 3)),
+]
+
+
+def decode(frame: bytes) -> Message:
+    (f,) = FrameDecoder().feed(frame)
+    return decode_message(f)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: Message) -> None:
+    assert decode(encode_message(msg)) == msg
+
+
+def test_records_positions() -> None:
+    msg = Records(records(8, 3))
+    assert (msg.first_lsn, msg.last_lsn, msg.nbytes) == (8, 10, sum(map(len, msg.records)))
+
+
+def test_image_ack_keeps_its_two_field_wire_form() -> None:
+    """The ACK after an image carries only the two LSNs (as before the typed messages)."""
+    frame = encode_frame(MsgType.ACK, b'{"fetched_lsn":5,"replayed_lsn":5}')
+    assert decode(frame) == Ack(fetched_lsn=5, replayed_lsn=5)
+
+
+# ---------------------------------------------------------------------------- field validation
+
+JSON_SAMPLES = [m for m in SAMPLES if not isinstance(m, (ImageData, Records))]
+
+
+def wire(msg: Message) -> dict[str, Any]:
+    obj = json.loads(FrameDecoder().feed(encode_message(msg))[0].payload)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def frame_of(msg: Message, obj: dict[str, Any]) -> bytes:
+    return encode_frame(msg.TYPE, json.dumps(obj).encode())
+
+
+def _kind(msg: Message, name: str) -> str:
+    return next(f.metadata["kind"] for f in fields(msg) if f.name == name)
+
+
+#: per field kind: (wrong JSON types, values out of range)
+BAD: dict[str, tuple[list[Any], list[Any]]] = {
+    "uint": (["1", True, 1.5, None, [1]], [-1]),
+    "pos": (["1", False, 2.0, None], [0, -5]),
+    "str": ([1, None, ["a"], {"a": 1}], []),
+    "bool": ([1, 0, "true", None], []),
+    "seconds": (["1", True, None], [-0.5, float("nan"), float("inf")]),
+    "chain": ([123, None, ["00"]], ["00" * 15, "00" * 17, "zz" * 16]),
+    "want": ([1, None, True], ["images", "", "FETCH"]),
+}
+
+CASES = [(m, f.name, f.default is MISSING) for m in JSON_SAMPLES for f in fields(m)]
+
+
+@pytest.mark.parametrize("msg, name, required", CASES, ids=[f"{type(m).__name__}.{n}" for m, n, _ in CASES])
+def test_each_field_is_checked(msg: Message, name: str, required: bool) -> None:
+    kind = _kind(msg, name)
+    tname = msg.TYPE.name
+    obj = wire(msg)
+    missing = {k: v for k, v in obj.items() if k != name}
+    if required:
+        with pytest.raises(ProtocolError, match=f"^{tname}: missing field '{name}'"):
+            decode(frame_of(msg, missing))
+    else:  # optional: absent means the default
+        default = next(f.default for f in fields(msg) if f.name == name)
+        assert getattr(decode(frame_of(msg, missing)), name) == default
+    wrong_types, out_of_range = BAD[kind]
+    for value in wrong_types + out_of_range:
+        with pytest.raises(ProtocolError, match=f"^{tname}: field '{name}' ") as e:
+            decode(frame_of(msg, {**obj, name: value}))
+        assert isinstance(e.value, PeerError)  # a peer's fault, reported as such
+
+
+@pytest.mark.parametrize("msg", JSON_SAMPLES, ids=lambda m: type(m).__name__)
+def test_garbage_is_refused(msg: Message) -> None:
+    tname = msg.TYPE.name
+    with pytest.raises(ProtocolError, match=f"^{tname}: unknown field 'extra'"):
+        decode(frame_of(msg, {**wire(msg), "extra": 1}))
+    with pytest.raises(ProtocolError, match=f"^{tname}: payload is not JSON"):
+        decode(encode_frame(msg.TYPE, json.dumps(wire(msg)).encode() + b" trailing"))
+    with pytest.raises(ProtocolError, match=f"^{tname}: payload is not a JSON object"):
+        decode(encode_frame(msg.TYPE, b"[1, 2]"))
+
+
+def test_records_are_checked() -> None:
+    good = records(8, 3)
+    with pytest.raises(ProtocolError, match="RECORDS: frame without records"):
+        decode(encode_frame(MsgType.RECORDS, b""))
+    with pytest.raises(ProtocolError, match="RECORDS: field 'records' holds LSN 12 after 8"):
+        decode(encode_message(Records((good[0], *records(12, 1)))))
+    damaged = bytearray(good[1])
+    damaged[10] ^= 1
+    with pytest.raises(ProtocolError, match="bad record in RECORDS frame"):
+        decode(encode_message(Records((good[0], bytes(damaged)))))
+    with pytest.raises(ProtocolError, match="runs past the end"):
+        decode(encode_frame(MsgType.RECORDS, good[0][:-1]))
+
+
+def test_image_data_needs_an_offset() -> None:
+    with pytest.raises(ProtocolError, match="IMAGE_DATA: frame without offset"):
+        decode(encode_frame(MsgType.IMAGE_DATA, b"1234567"))
+    assert decode(encode_frame(MsgType.IMAGE_DATA, bytes(8))) == ImageData(0, b"")
+
+
+# ---------------------------------------------------------------------------- framing
+
+_HEAD = struct.Struct("<4sBBHI")
+
+
+def raw_frame(magic: bytes = b"MRSf", version: int = PROTO_VERSION, mtype: int = 3, flags: int = 0,
+              payload: bytes = b'{"code":"x","error":"y"}', length: int | None = None) -> bytes:
+    """A frame with any header fields, and a correct checksum unless the caller breaks it."""
+    head = _HEAD.pack(magic, version, mtype, flags, len(payload) if length is None else length)
+    h = xxhash.xxh3_64(head)
+    h.update(payload)
+    return head + struct.pack("<Q", h.intdigest()) + payload
+
+
+def test_raw_frame_helper_is_a_valid_frame() -> None:
+    assert decode(raw_frame()) == Error(code="x", error="y")
+
+
+@pytest.mark.parametrize("frame, error", [
+    (raw_frame(magic=b"MRSx"), "bad frame magic"),
+    (raw_frame(version=PROTO_VERSION + 1), "unsupported protocol version"),
+    (raw_frame(mtype=99), "unknown message type 99"),
+    (raw_frame(flags=0x4), "unknown frame flags"),
+    (raw_frame(length=MAX_FRAME + 1), "exceeds"),
+    (raw_frame(flags=1, payload=b"\x10\x00\x00\x00garbage"), "bad lz4 frame payload"),
+    (raw_frame(flags=1, payload=(MAX_FRAME + 1).to_bytes(4, "little") + b"x"), "claims more than the frame limit"),
+    (raw_frame(flags=1, payload=b"\x01"), "claims more than the frame limit"),
+], ids=["magic", "version", "type", "flags", "length", "lz4", "lz4-size", "lz4-short"])
+def test_frame_decoder_refuses(frame: bytes, error: str) -> None:
+    with pytest.raises(ProtocolError, match=error):
+        FrameDecoder().feed(frame)
+
+
+def test_checksum_covers_header_and_payload() -> None:
+    frame = raw_frame()
+    for pos in (5, 6, 13, FRAME_HEADER - 1, FRAME_HEADER + 3):  # type, flags, sum, payload
+        broken = bytearray(frame)
+        broken[pos] ^= 0x10
+        with pytest.raises(ProtocolError):
+            FrameDecoder().feed(bytes(broken))
+    broken = bytearray(frame)
+    broken[-1] ^= 1
+    with pytest.raises(ProtocolError, match="checksum"):
+        FrameDecoder().feed(bytes(broken))
+
+
+def test_compression_and_incremental_feeding() -> None:
+    data = ImageData(4096, b"abc" * 10_000)
+    frame = encode_message(data)
+    assert len(frame) < 3000  # compressed
+    plain = encode_message(data, compress=False)
+    assert len(plain) == FRAME_HEADER + 8 + 30_000
+    dec = FrameDecoder()
+    got: list[Frame] = []
+    stream = frame + plain + encode_message(SAMPLES[0])
+    for i in range(0, len(stream), 777):
+        got += dec.feed(stream[i : i + 777])
+    assert [decode_message(f) for f in got] == [data, data, SAMPLES[0]]
+    assert dec.buffered == 0
+    assert lz4.block.decompress(frame[FRAME_HEADER:]) == frame_payload(plain)
+
+
+def frame_payload(frame: bytes) -> bytes:
+    return frame[FRAME_HEADER:]

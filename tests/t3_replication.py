@@ -1,0 +1,305 @@
+"""The real Server and Fetcher in one process: trio memory streams for TCP, trio's MockClock for
+time, real Volumes in ``tmp_path``.
+
+* An image copy and then fetching leave the mirror's log equal to the primary's (same last
+  LSN and chain) and its image equal to the primary's.
+* A peer that sends a malformed or out-of-order message gets a protocol error (logged at INFO,
+  no traceback: the log check enforces that) and a closed connection; on the fetching side it
+  costs a reconnect, never the fetcher.
+* A connection that brings nothing for STALL_AFTER seconds is dropped and reconnected.
+* A diverged mirror is refused and stops for good.
+
+Worker threads (append, sync, reads) run in real time while the MockClock may jump when every
+task waits: ``autojump_threshold`` is small but not zero, so the clock jumps only after the
+threads had real time to finish, and every wait in the tests has a virtual-time bound.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from marsfs.replication.channel import Channel, ConnectionLost
+from marsfs.replication.fetch import Fetcher, hello, open_channel, receive_image
+from marsfs.replication.protocol import (
+    PROTO_VERSION,
+    Fetch,
+    Heartbeat,
+    ImageInfo,
+    MsgType,
+    Welcome,
+    encode_frame,
+)
+from marsfs.replication.server import PeerTable, Server, lag_of
+from marsfs.replication.session import BACKOFF_MIN, STALL_AFTER
+from marsfs.volume import Volume
+
+SIZE = 4 * 1024 * 1024
+CLUSTER = "test"
+
+Handler = Callable[[trio.abc.Stream], Awaitable[None]]
+
+
+def run(fn: Callable[[], Awaitable[None]], *, limit: float = 120.0, autojump: float = 0.02) -> None:
+    """Run ``fn`` under a MockClock; ``limit`` bounds it in virtual seconds. ``autojump=0``
+    suits tests without worker threads."""
+
+    async def main() -> None:
+        with trio.fail_after(limit):
+            await fn()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=autojump))
+
+
+class Link:
+    """Connections to ``handler`` over memory streams; remembers when each was opened."""
+
+    def __init__(self, nursery: trio.Nursery, handler: Handler) -> None:
+        self.nursery = nursery
+        self.handler = handler
+        self.opened: list[float] = []
+
+    async def connect(self) -> trio.abc.Stream:
+        self.opened.append(trio.current_time())
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.handler, server)
+        return client
+
+
+def primary(tmp_path: Path) -> Volume:
+    vol = Volume.create(tmp_path / "a" / "vm", "vm", SIZE, sync_interval=None)
+    write(vol, 0, 5)
+    return vol
+
+
+def write(vol: Volume, seed: int, n: int) -> None:
+    """``n`` writes of 64 KiB at offsets that depend on ``seed``, then a flush."""
+    for i in range(n):
+        off = ((seed * 7 + i * 13) % (SIZE // 65536)) * 65536
+        vol.write(off, bytes([(seed + i) % 251 + 1]) * 65536)
+    vol.flush()
+
+
+def server_for(vol: Volume, peers: PeerTable | None = None) -> Server:
+    return Server("a", CLUSTER, lambda name: vol if name == vol.name else None, lambda name: 3, peers or PeerTable())
+
+
+async def copy_image(link: Link, path: Path) -> Volume:
+    ch, welcome = await open_channel(link.connect, hello("b", CLUSTER, "vm", "image"))
+    assert welcome.epoch == 3 and welcome.size == SIZE
+    done: list[int] = []
+
+    def make(info: ImageInfo) -> Volume:
+        return Volume.create_replica(path, "vm", info.size, info.uuid, info.lsn, info.chain)
+
+    try:
+        return await receive_image(ch, make, lambda d, size: done.append(d))
+    finally:
+        await ch.aclose()
+
+
+def fetcher(mirror: Volume, link: Link) -> Fetcher:
+    return Fetcher(mirror, "b", CLUSTER, "a", link.connect, paused=lambda: False,
+                   replayed=lambda: mirror.current_lsn, replay_paused=lambda: False)
+
+
+async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    with trio.move_on_after(timeout):
+        while not cond():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_image_then_fetch_until_equal(tmp_path: Path) -> None:
+    a = primary(tmp_path)
+    peers = PeerTable()
+    server = server_for(a, peers)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            link = Link(nursery, server.handle)
+            b = await copy_image(link, tmp_path / "b" / "vm")
+            assert b.head_lsn == a.durable_lsn and b.log.last_chain == a.log.last_chain
+            f = fetcher(b, link)
+            nursery.start_soon(f.run)
+            for seed in range(1, 4):  # writes while fetching: several frames, several heartbeats
+                await trio.to_thread.run_sync(write, a, seed, 40)
+                await trio.sleep(0.3)
+            await wait_for(lambda: b.durable_lsn == a.durable_lsn, "the mirror to catch up")
+            await wait_for(lambda: f.state.lag_records == 0 and f.state.primary_durable_lsn == a.durable_lsn,
+                           "a heartbeat that says so")
+            assert b.log.last_lsn == a.log.last_lsn and b.log.last_chain == a.log.last_chain
+            assert f.state.connected and not f.state.error and not f.state.fatal
+            assert f.state.heartbeat_basis > 0 and f.state.rate() > 0
+            (peer,) = peers.for_volume("vm")
+            await wait_for(lambda: peer.fetched_lsn == a.durable_lsn, "the ACK of the last record")
+            assert peer.connected and peer.node == "b"
+            nursery.cancel_scope.cancel()
+        b.visible_lsn = None  # replay everything
+        assert b.read(0, SIZE) == a.read(0, SIZE)
+        b.close()
+
+    try:
+        run(main)
+    finally:
+        a.close()
+
+
+def _frame(mtype: MsgType, obj: dict[str, object]) -> bytes:
+    return encode_frame(mtype, json.dumps(obj).encode())
+
+
+_HELLO = {"proto": PROTO_VERSION, "cluster": CLUSTER, "node": "b", "volume": "vm", "want": "fetch", "epoch": 0}
+
+
+@pytest.mark.parametrize("frames, error", [
+    ([_frame(MsgType.HELLO, {k: v for k, v in _HELLO.items() if k != "want"})], "HELLO: missing field 'want'"),
+    ([_frame(MsgType.HELLO, {**_HELLO, "epoch": True})], "HELLO: field 'epoch' must be an integer"),
+    ([_frame(MsgType.FETCH, {"from_lsn": 1, "prev_chain": "00" * 16})], "FETCH is not allowed in state AWAIT_HELLO"),
+    ([_frame(MsgType.HELLO, _HELLO), _frame(MsgType.FETCH, {"from_lsn": 1})], "FETCH: missing field 'prev_chain'"),
+    ([_frame(MsgType.HELLO, _HELLO), _frame(MsgType.HELLO, _HELLO)], "HELLO is not allowed in state AWAIT_FETCH"),
+    ([b"MRSx" + bytes(40)], "bad frame magic"),
+])
+def test_server_drops_a_peer_that_breaks_the_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                      frames: list[bytes], error: str) -> None:
+    a = primary(tmp_path)
+    server = server_for(a)
+
+    async def main() -> None:
+        client, end = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.handle, end)
+            for frame in frames:
+                await client.send_all(frame)
+            ch = Channel(client)
+            with pytest.raises(ConnectionLost):  # maybe a WELCOME first, then the server hangs up
+                while True:
+                    await ch.receive()
+
+    with caplog.at_level(logging.INFO, logger="marsfs"):
+        try:
+            run(main)
+        finally:
+            a.close()
+    ended = [r for r in caplog.records if "ended" in r.getMessage()]
+    assert len(ended) == 1 and error in ended[0].getMessage(), [r.getMessage() for r in caplog.records]
+    assert ended[0].levelno == logging.INFO and ended[0].exc_info is None
+
+
+def test_fetcher_survives_a_server_that_breaks_the_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    a = primary(tmp_path)
+    b = Volume.create_replica(tmp_path / "b" / "vm", "vm", SIZE, a.uuid, a.durable_lsn, a.log.last_chain)
+
+    async def rogue(stream: trio.abc.Stream) -> None:
+        ch = Channel(stream)
+        await ch.receive_message()
+        await ch.send_message(Welcome(node="a", volume="vm", uuid=a.uuid, size=SIZE, epoch=1, head_lsn=0, durable_lsn=0))
+        assert isinstance(await ch.receive_message(), Fetch)
+        beat = Heartbeat(head_lsn=1, durable_lsn=1, time=0.0, probe=0, lag_bytes=0, lag_records=0, lag_seconds=0.0)
+        await ch.send_raw(_frame(MsgType.HEARTBEAT, {**asdict(beat), "durable_lsn": -1}))
+        with pytest.raises(ConnectionLost):  # the fetcher hangs up
+            while True:
+                await ch.receive()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            link = Link(nursery, rogue)
+            f = fetcher(b, link)
+            nursery.start_soon(f.run)
+            await wait_for(lambda: len(link.opened) >= 3, "reconnects")
+            assert not f.state.fatal and "ProtocolError: HEARTBEAT: field 'durable_lsn'" in f.state.error
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.INFO, logger="marsfs"):
+        try:
+            run(main)
+        finally:
+            a.close()
+            b.close()
+    assert any("retrying in" in r.getMessage() and r.exc_info is None for r in caplog.records)
+
+
+def test_stall_drops_and_reconnects(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    a = primary(tmp_path)
+    b = Volume.create_replica(tmp_path / "b" / "vm", "vm", SIZE, a.uuid, a.durable_lsn, a.log.last_chain)
+
+    async def silent(stream: trio.abc.Stream) -> None:
+        """WELCOME, read the FETCH, then say nothing while reading ACKs."""
+        ch = Channel(stream)
+        await ch.receive_message()
+        await ch.send_message(Welcome(node="a", volume="vm", uuid=a.uuid, size=SIZE, epoch=1, head_lsn=0, durable_lsn=0))
+        try:
+            while True:
+                await ch.receive()
+        except ConnectionLost:
+            pass
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            link = Link(nursery, silent)
+            f = fetcher(b, link)
+            nursery.start_soon(f.run)
+            await wait_for(lambda: len(link.opened) >= 3, "two stalls", timeout=3 * STALL_AFTER)
+            first, second, third = link.opened[:3]
+            # dropped after STALL_AFTER, reconnected after the backoff (doubling: no records came)
+            assert second - first == pytest.approx(STALL_AFTER + BACKOFF_MIN, abs=0.1)
+            assert third - second == pytest.approx(STALL_AFTER + 2 * BACKOFF_MIN, abs=0.1)
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.INFO, logger="marsfs"):
+        try:
+            run(main, autojump=0)  # no worker threads: nothing happens in real time
+        finally:
+            a.close()
+            b.close()
+    why = f"ConnectionLost: no data from a for {STALL_AFTER:.0f} s"
+    assert sum(why in r.getMessage() for r in caplog.records) >= 2
+
+
+@pytest.mark.allow_log(r"refused by a: .*diverge")
+def test_diverged_mirror_is_refused_and_stops(tmp_path: Path) -> None:
+    a = primary(tmp_path)
+    server = server_for(a)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            link = Link(nursery, server.handle)
+            b = await copy_image(link, tmp_path / "b" / "vm")
+            try:
+                await trio.to_thread.run_sync(write, b, 50, 1)  # history of its own: split brain
+                await trio.to_thread.run_sync(write, a, 60, 3)
+                f = fetcher(b, link)
+                with trio.fail_after(5):
+                    await f.run()  # returns: refused for good
+                assert f.state.fatal == "diverged" and "split brain" in f.state.error
+                assert len(link.opened) == 2  # the image copy and the one refused fetch
+            finally:
+                b.close()
+
+    try:
+        run(main)
+    finally:
+        a.close()
+
+
+def test_lag_of_counts_records_our_log_no_longer_holds(tmp_path: Path) -> None:
+    """A mirror behind the first record we hold (or a log that holds none) lags from now."""
+    a = primary(tmp_path)
+    b = Volume.create_replica(tmp_path / "b" / "vm", "vm", SIZE, a.uuid, a.durable_lsn, a.log.last_chain)
+    try:
+        assert b.log.first_lsn == b.log.last_lsn + 1  # holds no record
+        assert lag_of(b, b.durable_lsn) == (0, 0, 0.0)
+        assert lag_of(b, b.durable_lsn - 3) == (0, 3, 0.0)
+        _, records, seconds = lag_of(a, 1)
+        assert records == a.durable_lsn - 1 and seconds >= 0.0
+    finally:
+        a.close()
+        b.close()
