@@ -97,6 +97,11 @@ def parse_time_ns(spec: str) -> int | None:
     return int(when.timestamp()) * 10**9 + int(frac.ljust(9, "0") or 0)
 
 
+def format_time_ns(ns: int) -> str:
+    """The ISO-8601 UTC name of an instant, to the nanosecond (``parse_time_ns`` reads it back)."""
+    return datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 10**9:09d}Z"
+
+
 def resolve_version(log: Log, spec: str, oldest: int, volume: str, newest: int | None = None) -> int:
     """LSN named by ``lsn-N``, a mark name, or an ISO-8601 UTC time (newest flush at or before,
     in ``[oldest, newest]``). ``lsn-N`` is not judged here: see :func:`find_version`."""
