@@ -51,10 +51,10 @@ def list_versions(log: Log, oldest: int, head: int) -> list[VersionInfo]:
     """Oldest retained version, flush points, marks and head, in LSN order."""
     out = [VersionInfo(oldest, "oldest", f"lsn-{oldest}", 0)]
     for lsn, ts in log.flush_points():
-        if oldest < lsn <= head:
+        if oldest <= lsn <= head:
             out.append(VersionInfo(lsn, "flush", f"lsn-{lsn}", ts))
     for lsn, name in log.marks.items():
-        if oldest < lsn <= head:
+        if oldest <= lsn <= head:
             out.append(VersionInfo(lsn, "mark", name, log.info(lsn).timestamp_ns))
     out.append(VersionInfo(head, "head", f"lsn-{head}", 0))
     return sorted(out, key=lambda v: (v.lsn, v.kind))

@@ -391,8 +391,9 @@ class Volume:
                         self.index.discard(rec.offset, rec.length, target)
             keep = min([target, *self._holds.values()])
             if keep == self.log.last_lsn:
-                self.log.rotate()  # the active segment is never trimmed: close it so it can go
-            self.log.trim(keep)
+                self.log.rotate()  # the active segment is never trimmed: close it so it can go later
+            # The record of the oldest version stays: its mark name and flush time still name it.
+            self.log.trim(keep - 1)
             return target
 
     def hold(self, key: str, lsn: int) -> None:
