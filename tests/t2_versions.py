@@ -257,3 +257,22 @@ def test_node_window_by_time_and_bytes_and_per_volume(node: Node, tmp_path: Path
         assert again.history_of("v") == again.history
     finally:
         again.close()
+
+
+def test_serve_history_flags_and_toml(tmp_path: Path) -> None:
+    from marsfs.cli import build_parser
+    from marsfs.errors import UsageError
+    from marsfs.faces.config import load_config
+
+    base = {"node": "n", "state": "/s", "mount": "/m", "listen": None, "peer": [], "cluster": None}
+    args = build_parser().parse_args(["serve", "--history", "10G", "--history", "24h"])
+    assert load_config(None, {**base, "history": args.history}).history == Retention(10 << 30, 86400)
+    assert load_config(None, {**base, "history": ["10G,24h"]}).history == Retention(10 << 30, 86400)
+    assert load_config(None, {**base, "history": None}).history == Retention()
+    conf = tmp_path / "c.toml"
+    conf.write_text('history = ["1h", "2G"]\n')
+    assert load_config(conf, {**base, "history": None}).history == Retention(2 << 30, 3600)
+    conf.write_text('history = "90min"\n')
+    assert load_config(conf, {**base, "history": None}).history == Retention(None, 5400)
+    with pytest.raises(UsageError, match="--history: .*two durations"):
+        load_config(None, {**base, "history": ["1h", "2h"]})
