@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", metavar="HOST:PORT", help="address for peers (replication)")
     s.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT", help="a peer node (repeatable)")
     s.add_argument("--config", type=Path, metavar="FILE", help="TOML file with the same keys; flags win")
-    s.add_argument("--history", metavar="SIZE", help="log kept as history per volume (default 256M)")
+    s.add_argument("--history", action="append", metavar="SIZE|DURATION",
+                   help="history kept per volume: a size (10G), a duration (24h, also s, min, d, w) or both "
+                        "(10G,24h, or the flag twice): versions within either stay openable (default 256M)")
     s.add_argument("--cluster", help="cluster id peers must share (default marsfs)")
     s.add_argument("-v", "--verbose", action="store_true")
 

@@ -236,7 +236,8 @@ async def _mark(ctx: Context, a: dict[str, Any]) -> Any:
 
 async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
     vol = ctx.node.volume(a["volume"])
-    return {"volume": vol.name, "oldest_lsn": vol.oldest_version_lsn, "head_lsn": vol.head_lsn,
+    return {"volume": vol.name, "oldest_lsn": vol.oldest_version_lsn, "head_lsn": vol.current_lsn,
+            "oldest_timestamp_ns": vol.oldest_version_timestamp_ns, "history": ctx.node.history_of(vol.name).describe(),
             "versions": [{"lsn": v.lsn, "kind": v.kind, "name": v.name, "timestamp_ns": v.timestamp_ns}
                          for v in vol.versions()]}
 
@@ -296,6 +297,10 @@ def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
 
 def _versions_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [f"volume {r['volume']}: versions lsn-{r['oldest_lsn']} to lsn-{r['head_lsn']} are retained"]
+    if "history" in r:
+        when = r["oldest_timestamp_ns"]
+        since = time.strftime(", written %Y-%m-%dT%H:%M:%SZ", time.gmtime(when / 1e9)) if when else ""
+        lines.append(f"  oldest available: lsn-{r['oldest_lsn']}{since}; history window: {r['history']}")
     for v in r["versions"]:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v["timestamp_ns"] / 1e9)) if v["timestamp_ns"] else ""
         lines.append(f"  lsn-{v['lsn']:<10} {v['kind']:<6} {v['name'] if v['kind'] == 'mark' else '':<20} {when}")

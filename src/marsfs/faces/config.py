@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from marsfs.errors import MarsError, UsageError
-from marsfs.node import DEFAULT_HISTORY_BYTES
+from marsfs.errors import InvalidRequest, MarsError, UsageError
 from marsfs.node.cluster import DEFAULT_CLUSTER
-from marsfs.units import parse_size
+from marsfs.volume import Retention
 
 
 @dataclass
@@ -37,8 +36,12 @@ class ServeConfig:
     mount: Path
     listen: str | None = None
     peers: dict[str, str] = field(default_factory=dict)
-    history_bytes: int = DEFAULT_HISTORY_BYTES
+    history: Retention = field(default_factory=Retention)  #: ``--history SIZE|DURATION`` (repeatable, or ``10G,24h``)
     cluster: str = DEFAULT_CLUSTER
+
+    @property
+    def history_bytes(self) -> int | None:
+        return self.history.keep_bytes
 
 
 def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
@@ -61,10 +64,13 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
         if not sep or not name or ":" not in addr:
             raise UsageError(f"--peer {spec!r}: give NAME=HOST:PORT")
         peers[name] = addr
-    history = merged.get("history", DEFAULT_HISTORY_BYTES)
+    try:
+        history = Retention.parse(merged["history"]) if "history" in merged else Retention()
+    except InvalidRequest as e:
+        raise UsageError(f"--history: {e}") from None
     return ServeConfig(node=str(merged["node"]), state=Path(merged["state"]), mount=Path(merged["mount"]),
                        listen=merged.get("listen"), peers=peers, cluster=str(merged.get("cluster", DEFAULT_CLUSTER)),
-                       history_bytes=parse_size(str(history)) if not isinstance(history, int) else history)
+                       history=history)
 
 
 def preflight(cfg: ServeConfig) -> None:

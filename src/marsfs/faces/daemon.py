@@ -115,7 +115,7 @@ def serve(cfg: ServeConfig) -> int:
     """Run the node until SIGTERM/SIGINT or an external unmount. Returns the exit status."""
     preflight(cfg)
     _tune_process()
-    node = Node.open(cfg.state, cfg.node, history_bytes=cfg.history_bytes)
+    node = Node.open(cfg.state, cfg.node, history=cfg.history)
     ops = Operations(node)
     options = set(pyfuse3.default_options) | {"fsname=marsfs", "subtype=marsfs"}
     try:

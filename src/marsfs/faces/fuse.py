@@ -15,7 +15,11 @@ is the kernel's side of the contract (see ../shared/FUSE-NOTES.md for the measur
 * The image behaves like a disk: reads at or past the end return nothing, writes past the end
   fail with ENOSPC, a write that does not fit writes nothing (a short reply would become EIO
   in the kernel), and the size cannot change (EPERM); the writeback cache's mtime-only
-  SETATTRs are accepted. A version (a mirror's image) is read-only (EROFS).
+  SETATTRs are accepted. A version (a mirror's image, anything under ``.versions``) is
+  read-only (EROFS); opening one pins it (:meth:`Volume.view`), so it keeps its bytes while
+  writeback and replay go on, and opens of the same version share one index.
+* Directories other than the root get a handle holding a snapshot of their listing
+  (:meth:`Namespace.directory`), released at releasedir.
 * The calls that need a live FUSE session (``readdir_reply``, ``invalidate_entry_async``) sit
   in one small method each, so that in-process tests can replace them.
 """
@@ -34,7 +38,7 @@ import pyfuse3
 import trio
 
 from marsfs.errors import MarsError
-from marsfs.faces.namespace import ROOT_INODE, SUFFIX, Attributes, Entry, Namespace
+from marsfs.faces.namespace import ROOT_INODE, SUFFIX, Attributes, Entry, EntryKind, Namespace
 from marsfs.node import Node
 from marsfs.volume import Volume, VolumeView
 
@@ -42,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE
 INLINE_MAX = 128 * 1024  #: requests up to this size run on the trio thread
+DIR_HANDLES = 1 << 40  #: directory handles start here (the root's is its inode)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -101,14 +106,16 @@ class Operations(pyfuse3.Operations):
         self.namespace = Namespace(node)
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        self._dirs: dict[int, list[tuple[str, Entry]]] = {}  # open directories (not the root): listings
+        self._next_dir = DIR_HANDLES
 
     # ------------------------------------------------------------------ session calls (replaceable in tests)
 
     def _readdir_reply(self, token: Any, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
         return bool(pyfuse3.readdir_reply(token, name, attrs, next_id))
 
-    def _invalidate_entry(self, name: bytes) -> None:
-        pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
+    def _invalidate_entry(self, name: bytes, parent: int = pyfuse3.ROOT_INODE) -> None:
+        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
 
     # ------------------------------------------------------------------ names and inodes
 
@@ -127,6 +134,9 @@ class Operations(pyfuse3.Operations):
     def forget_volume(self, name: str) -> None:
         """A volume was deleted: drop its inodes and tell the kernel the name is gone."""
         self._invalidate_entry(os.fsencode(self.namespace.forget_volume(name)))
+        versions = self.namespace.versions_inode()
+        if versions is not None:
+            self._invalidate_entry(os.fsencode(name), versions)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.namespace.forget(inode_list)
@@ -164,16 +174,33 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def opendir(self, inode: int, ctx: Any) -> int:
-        if inode != pyfuse3.ROOT_INODE:
+        if inode == pyfuse3.ROOT_INODE:
+            return inode
+        entry = self._entry(inode)
+        if entry.kind is EntryKind.VERSION_DIR:  # scans the log's tables: off the trio thread (it only reads)
+            listing = await trio.to_thread.run_sync(self.namespace.directory, inode)
+        else:
+            listing = self.namespace.directory(inode)
+        if listing is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = listing
+        return fh
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        for d in self.namespace.readdir(start_id):
+        listing = None if fh == pyfuse3.ROOT_INODE else self._dirs.get(fh)
+        if listing is None and fh != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for d in self.namespace.readdir(start_id, listing):
             if not self._readdir_reply(token, os.fsencode(d.name), entry_attributes(d.attrs), d.next_id):
                 break
             self.namespace.counted(d.attrs.inode)  # readdirplus counts as a lookup
+
+    @translated
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
 
     @translated
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -189,6 +216,8 @@ class Operations(pyfuse3.Operations):
     @translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         entry = self._entry(inode)
+        if entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_TRUNC:
             logger.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", entry.volume, SUFFIX)
             raise pyfuse3.FUSEError(errno.EPERM)

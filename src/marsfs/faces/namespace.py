@@ -5,10 +5,13 @@ that speaks to the kernel; the split is borg's ``vfs.py`` / ``fuse.py``). It is 
 adapter's requests and reads the node through :class:`Catalog`, so tests run it against a
 fake catalog without a mount.
 
-The tree today::
+The tree::
 
-    /               the root directory (ROOT_INODE)
-    /<vol>.img      one regular file per volume, size = volume size
+    /                                 the root directory (ROOT_INODE)
+    /<vol>.img                        one regular file per volume, size = volume size
+    /.versions/                       history (not listed in the root, like ZFS's hidden .zfs)
+    /.versions/<vol>/                 one directory per volume
+    /.versions/<vol>/<version>.img    a read-only version: lsn-<N>, <mark> or an ISO-8601 time
 
 Rules that hold here:
 
@@ -17,8 +20,16 @@ Rules that hold here:
   long as the volume exists. On a mirror every lookup resolves to the entry of the newest
   replayed version (``version`` = its LSN; entry timeout 0): an open file keeps its inode,
   hence its version, while replay goes on, and because each version has its own inode the
-  kernel's page cache never mixes versions. New kinds (``.versions/<vol>/...``) get a new
-  :class:`EntryKind`; the table below does not change.
+  kernel's page cache never mixes versions.
+* ``.versions/<vol>/<name>.img`` is resolved on lookup by the volume (:meth:`Image.find_version`):
+  the name must name a version in the window and, on a mirror, one it has replayed; otherwise
+  the lookup finds nothing (ENOENT). Each (volume, LSN) is one VERSION entry, so every name of
+  the same version (``lsn-7``, a mark at 7, a time whose flush point is 7) is the same inode.
+  ``lsn-N`` and mark names always mean the same version (entry timeout as usual); a time may
+  name a newer flush point later (a time in the future), so its entry timeout is 0.
+* ``.versions`` is not listed in the root: tools that walk the mount (or glob ``*.img``) see the
+  images only. A directory listing is a snapshot taken at opendir (:meth:`Namespace.directory`),
+  so that the kernel's successive readdir calls page through one list while flushes go on.
 * The kernel counts lookups per inode (each ``lookup`` reply and each readdirplus entry is
   one) and gives them back with asynchronous FORGETs. A version inode is freed only when its
   count reaches zero: a FORGET that arrives after a new lookup of the same inode must not free
@@ -36,11 +47,16 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+from marsfs.errors import VersionNotFound
+from marsfs.volume import VersionInfo
+from marsfs.volume.versions import parse_time_ns
 
 ROOT_INODE = 1  #: the FUSE root inode (pyfuse3.ROOT_INODE; the adapter asserts they agree)
 SUFFIX = ".img"
+VERSIONS = ".versions"  #: the history directory in the root
 TIMEOUT = 1.0  #: entry and attribute timeout of everything that does not change under a name
 BLOCK_SIZE = 4096
 
@@ -53,6 +69,14 @@ class Image(Protocol):
 
     @property
     def current_lsn(self) -> int: ...
+
+    def find_version(self, spec: str) -> int:
+        """The LSN ``spec`` names, if a reader may open it now; VersionNotFound otherwise."""
+        ...
+
+    def version_listing(self) -> list[VersionInfo]: ...
+
+    def version_timestamp_ns(self, lsn: int) -> int: ...
 
 
 class Catalog(Protocol):
@@ -67,6 +91,9 @@ class Catalog(Protocol):
 class EntryKind(enum.Enum):
     ROOT = "root"
     IMAGE = "image"  #: ``<vol>.img``: the live image on a primary, a replayed version on a mirror
+    VERSIONS = "versions"  #: ``.versions``
+    VERSION_DIR = "version-dir"  #: ``.versions/<vol>``
+    VERSION = "version"  #: ``.versions/<vol>/<name>.img``: the version after LSN ``version``
 
 
 @dataclass(frozen=True)
@@ -81,8 +108,15 @@ class Entry:
     def writable(self) -> bool:
         return self.kind is EntryKind.IMAGE and self.version is None
 
+    @property
+    def is_dir(self) -> bool:
+        return self.kind in _DIRS
 
+
+_DIRS = (EntryKind.ROOT, EntryKind.VERSIONS, EntryKind.VERSION_DIR)
+_PER_VOLUME = (EntryKind.IMAGE, EntryKind.VERSION_DIR, EntryKind.VERSION)
 ROOT = Entry(EntryKind.ROOT)
+VERSIONS_ENTRY = Entry(EntryKind.VERSIONS)
 
 
 @dataclass(frozen=True)
@@ -156,31 +190,76 @@ class Namespace:
     def entry(self, inode: int) -> Entry | None:
         """What ``inode`` shows, or None when it shows nothing (any more)."""
         entry = self._entries.get(inode)
-        if entry is None or (entry.kind is EntryKind.IMAGE and entry.volume not in self.catalog.volumes):
+        if entry is None or (entry.kind in _PER_VOLUME and entry.volume not in self.catalog.volumes):
             return None
         return entry
+
+    def _resolve(self, parent: Entry, filename: str) -> tuple[Entry, bool] | None:
+        """The entry ``filename`` names in ``parent`` and whether the name is stable (a time
+        is not), or None."""
+        if parent.kind is EntryKind.ROOT:
+            if filename == VERSIONS:
+                return VERSIONS_ENTRY, True
+            volume = self._volume_of(filename)
+            return None if volume is None else (self._image_entry(volume), True)
+        if parent.kind is EntryKind.VERSIONS:
+            if filename not in self.catalog.volumes:
+                return None
+            return Entry(EntryKind.VERSION_DIR, filename), True
+        if parent.kind is EntryKind.VERSION_DIR and filename.endswith(SUFFIX):
+            spec = filename[: -len(SUFFIX)]
+            try:
+                lsn = self.catalog.volumes[parent.volume].find_version(spec)
+            except VersionNotFound:
+                return None
+            return Entry(EntryKind.VERSION, parent.volume, lsn), parse_time_ns(spec) is None
+        return None
 
     # ------------------------------------------------------------------ the kernel's references
 
     def lookup(self, parent: int, filename: str) -> Attributes | None:
         """Resolve ``filename`` in ``parent`` and count the kernel's new reference; None: no such name."""
-        if parent != ROOT_INODE:
+        pentry = self.entry(parent)
+        if pentry is None or not pentry.is_dir:
             return None
-        if filename in (".", ".."):
-            return self.attributes(ROOT_INODE)  # the kernel does not count these
-        volume = self._volume_of(filename)
-        if volume is None:
+        if filename in (".", ".."):  # the kernel does not count these
+            if filename == "." or pentry.kind is EntryKind.ROOT:
+                return self.attributes(parent)
+            up = ROOT if pentry.kind is EntryKind.VERSIONS else VERSIONS_ENTRY
+            return self._attributes(self._inode_of(up))
+        found = self._resolve(pentry, filename)
+        if found is None:
             return None
-        attrs = self._attributes(self._inode_of(self._image_entry(volume)))
+        entry, stable = found
+        attrs = self._attributes(self._inode_of(entry))
+        if not stable:
+            attrs = replace(attrs, entry_timeout=0)
         self._lookups[attrs.inode] += 1
         return attrs
 
-    def readdir(self, start_id: int) -> Iterator[DirEntry]:
-        """The root's entries from offset ``start_id``. Each one the kernel accepts is a lookup:
-        the adapter calls :meth:`counted` for it (readdirplus)."""
-        names = self.listing()
-        for i in range(start_id, len(names)):
-            yield DirEntry(image_name(names[i]), self._attributes(self._inode_of(self._image_entry(names[i]))), i + 1)
+    def directory(self, inode: int) -> list[tuple[str, Entry]] | None:
+        """A snapshot of what directory ``inode`` lists (None: not a directory), for readdir."""
+        entry = self.entry(inode)
+        if entry is None or not entry.is_dir:
+            return None
+        if entry.kind is EntryKind.ROOT:
+            return [(image_name(v), self._image_entry(v)) for v in self.listing()]
+        if entry.kind is EntryKind.VERSIONS:
+            return [(v, Entry(EntryKind.VERSION_DIR, v)) for v in self.listing()]
+        return [(v.name + SUFFIX, Entry(EntryKind.VERSION, entry.volume, v.lsn))
+                for v in self.catalog.volumes[entry.volume].version_listing()]
+
+    def readdir(self, start_id: int, listing: list[tuple[str, Entry]] | None = None) -> Iterator[DirEntry]:
+        """Entries of ``listing`` (a :meth:`directory` snapshot; default: the root now) from
+        offset ``start_id``. Each one the kernel accepts is a lookup: the adapter calls
+        :meth:`counted` for it (readdirplus)."""
+        entries = self.directory(ROOT_INODE) if listing is None else listing
+        assert entries is not None
+        for i in range(start_id, len(entries)):
+            name, entry = entries[i]
+            if entry.volume and entry.volume not in self.catalog.volumes:
+                continue  # deleted since the snapshot
+            yield DirEntry(name, self._attributes(self._inode_of(entry)), i + 1)
 
     def counted(self, inode: int) -> None:
         """The kernel took a reference to ``inode`` outside :meth:`lookup` (a readdirplus entry)."""
@@ -203,9 +282,9 @@ class Namespace:
                 self._inodes.pop(entry, None)
 
     def forget_volume(self, volume: str) -> str:
-        """A volume was deleted (or left): drop its entries. Returns the filename the kernel
-        must forget (the adapter invalidates it)."""
-        for entry in [e for e in self._inodes if e.volume == volume and e.kind is not EntryKind.ROOT]:
+        """A volume was deleted (or left): drop its entries (image, versions directory and
+        versions). Returns the filename the kernel must forget (the adapter invalidates it)."""
+        for entry in [e for e in self._inodes if e.volume == volume and e.kind in _PER_VOLUME]:
             self._entries.pop(self._inodes.pop(entry), None)
         self._mtime.pop(volume, None)
         return image_name(volume)
@@ -230,10 +309,21 @@ class Namespace:
             return None
         return self._attributes(inode)
 
+    def versions_inode(self) -> int | None:
+        """The inode of ``.versions`` if the kernel may know it (for invalidations)."""
+        return self._inodes.get(VERSIONS_ENTRY)
+
     def _attributes(self, inode: int) -> Attributes:
         entry = self._entries[inode]
         if entry.kind is EntryKind.ROOT:
             return Attributes(inode, stat.S_IFDIR | 0o755, 2, 0, self._started_ns, TIMEOUT, TIMEOUT)
+        if entry.kind in (EntryKind.VERSIONS, EntryKind.VERSION_DIR):
+            return Attributes(inode, stat.S_IFDIR | 0o555, 2, 0, self._started_ns, TIMEOUT, TIMEOUT)
+        if entry.kind is EntryKind.VERSION:
+            assert entry.version is not None
+            image = self.catalog.volumes[entry.volume]
+            return Attributes(inode, stat.S_IFREG | 0o400, 1, image.size,
+                              image.version_timestamp_ns(entry.version) or self._started_ns, TIMEOUT, TIMEOUT)
         assert entry.kind is EntryKind.IMAGE, entry
         return Attributes(
             inode, stat.S_IFREG | (0o600 if entry.writable else 0o400), 1, self.catalog.volumes[entry.volume].size,

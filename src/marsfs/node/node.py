@@ -5,7 +5,8 @@ State directory layout::
     DIR/node.json            {"node": NAME, "created_ns": ...}: the immutable node name
     DIR/lock                 flock'd by the running daemon
     DIR/control.sock         the daemon's control socket (faces layer)
-    DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json
+    DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json and, when the
+                             volume has its own history window, history.json
     DIR/trash/               volumes being deleted (renamed here first: atomic disappearance)
 
 Rules that hold here:
@@ -19,6 +20,9 @@ Rules that hold here:
 * Roles (:class:`~marsfs.node.state.RoleRecord`) change only through the methods of
   :class:`Node`, under its lock, and each change is persisted before it is visible.
   ``status`` only reads.
+* History: every volume keeps the node's window (``serve --history``) unless it has its own
+  (:meth:`Node.set_history`). :meth:`Node.maintain` writes back only what left the window, so
+  every version inside it stays openable; open views pin writeback below that, too.
 """
 
 from __future__ import annotations
@@ -48,13 +52,14 @@ from marsfs.errors import (
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.node.state import Role, RoleRecord, VolumeState, VolumeStatus
 from marsfs.units import human_bytes
-from marsfs.volume import Volume
+from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
+from marsfs.volume import Retention, Volume
 
 logger = logging.getLogger(__name__)
 
 VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NODE_NAME = VOLUME_NAME
-DEFAULT_HISTORY_BYTES = 256 * 1024 * 1024
+HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 
 
 def check_volume_name(name: str) -> str:
@@ -67,10 +72,11 @@ def check_volume_name(name: str) -> str:
 class Node:
     """The volumes of one node. Thread-safe; blocking methods are called from worker threads."""
 
-    def __init__(self, state: Path, name: str, *, history_bytes: int = DEFAULT_HISTORY_BYTES) -> None:
+    def __init__(self, state: Path, name: str, *, history: Retention | None = None) -> None:
         self.state = state
         self.name = name
-        self.history_bytes = history_bytes
+        self.history = history or Retention(DEFAULT_HISTORY_BYTES)  #: the node's window; a volume may have its own
+        self._volume_history: dict[str, Retention] = {}
         self.volumes: dict[str, Volume] = {}
         self._roles: dict[str, RoleRecord] = {}
         self.opens: Counter[str] = Counter()
@@ -143,6 +149,9 @@ class Node:
                 vol.visible_lsn = max(vol.visible_lsn, vol.applied_lsn)
             self.volumes[vol.name] = vol
             self._roles[vol.name] = role
+            own = _read_history(path)
+            if own is not None:
+                self._volume_history[vol.name] = own
 
     def close(self) -> None:
         """Make every log durable and release the state directory."""
@@ -276,6 +285,7 @@ class Node:
             del self.volumes[name]
             self.opens.pop(name, None)
             self._roles.pop(name, None)
+            self._volume_history.pop(name, None)
         vol.close()
         trash = self.state / "trash"
         trash.mkdir(exist_ok=True)
@@ -310,11 +320,31 @@ class Node:
 
     # ------------------------------------------------------------------ policies
 
-    def maintain(self) -> None:
-        """Periodic work: write back what falls out of the history window."""
+    def history_of(self, name: str) -> Retention:
+        """The history window of a volume: its own, else the node's."""
+        return self._volume_history.get(name, self.history)
+
+    def set_history(self, name: str, history: Retention | None) -> None:
+        """Give a volume its own history window (None: back to the node's); persisted. A
+        shorter window takes effect at the next :meth:`maintain`; a longer one cannot bring
+        back what was written back already."""
+        with self._lock:
+            self.volume(name)
+            path = self.state / "volumes" / name / HISTORY_FILE
+            if history is None:
+                path.unlink(missing_ok=True)
+                self._volume_history.pop(name, None)
+            else:
+                write_json(path, history.to_json())
+                self._volume_history[name] = history
+
+    def maintain(self, now_ns: int | None = None) -> None:
+        """Periodic work: write back what falls out of the history window (``now_ns``: the
+        time the window ends, default now; tests move it instead of sleeping)."""
+        now = time.time_ns() if now_ns is None else now_ns
         for vol in list(self.volumes.values()):
             try:
-                target = history_floor(vol, self.history_bytes)
+                target = history_floor(vol, self.history_of(vol.name), now)
                 while vol.applied_lsn < target:  # batch by batch: writers get the lock in between
                     before = vol.applied_lsn
                     if vol.writeback(target) == before:
@@ -342,7 +372,8 @@ class Node:
             head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
-            open_handles=self.opens[vol.name], errors=list(vol.errors))
+            open_handles=self.opens[vol.name], errors=list(vol.errors),
+            oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe())
 
 
 def _largest_file(directory: Path) -> int:
@@ -368,9 +399,17 @@ def _largest_file(directory: Path) -> int:
         probe.unlink()
 
 
-def history_floor(vol: Volume, history_bytes: int) -> int:
-    """The newest LSN to write back so that at most ``history_bytes`` of log stay after it."""
-    return min(vol.durable_lsn, max(vol.applied_lsn, vol.log.floor_keeping(history_bytes)))
+def history_floor(vol: Volume, history: Retention, now_ns: int) -> int:
+    """The newest LSN to write back so that every version inside ``history`` stays."""
+    return min(vol.durable_lsn, max(vol.applied_lsn, history.floor(vol.log, now_ns)))
+
+
+def _read_history(path: Path) -> Retention | None:
+    try:
+        d = read_json(path / HISTORY_FILE)
+    except FileNotFoundError:
+        return None
+    return Retention(d.get("keep_bytes"), d.get("keep_seconds"))
 
 
 def _read_role(path: Path) -> RoleRecord:

@@ -210,6 +210,9 @@ class VolumeStatus:
     replay_rate: float | None = None
     eta_seconds: float | None = None
     progress: float | None = None
+    # history (issue 9): when the oldest version was written, and the window that keeps it
+    oldest_version_ns: int | None = None
+    history: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,8 +1,12 @@
 """The volume: base image + log + extent index (``volume``, ``index``), writeback with crash
-redo (``writeback``), versions and their names (``versions``), the lz4 policy (``encoding``)."""
+redo (``writeback``), views and their shared indexes (``views``), versions and their names
+(``versions``), the history window (``retention``), the lz4 policy (``encoding``)."""
 
 from marsfs.volume.index import ExtentIndex
+from marsfs.volume.retention import DEFAULT_HISTORY_BYTES, Retention
 from marsfs.volume.versions import VersionInfo
-from marsfs.volume.volume import SYNC_INTERVAL, Volume, VolumeView
+from marsfs.volume.views import VolumeView
+from marsfs.volume.volume import SYNC_INTERVAL, Volume
 
-__all__ = ["SYNC_INTERVAL", "ExtentIndex", "VersionInfo", "Volume", "VolumeView"]
+__all__ = ["DEFAULT_HISTORY_BYTES", "SYNC_INTERVAL", "ExtentIndex", "Retention", "VersionInfo", "Volume",
+           "VolumeView"]

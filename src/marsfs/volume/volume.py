@@ -21,14 +21,16 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   LSN, and never passes the durable LSN, so the base is always the image after a durable prefix.
 * **Views**: the image at any LSN in ``[A, head]`` opens read-only. A view is pinned: writeback
   stops at it until it is closed. Extents of a view whose records writeback has since applied
-  are read from the base, which holds exactly those bytes.
+  are read from the base, which holds exactly those bytes. Views of the same LSN share one
+  extent index, built by the first open and freed by the last close (``views``).
 
 Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the live index has an
 LSN in ``(A, head]``; the log retains every record after ``A``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
-``versions`` (listing versions and resolving their names), ``encoding`` (the lz4 backoff) and
-``index`` (the extent index).
+``views`` (views and their shared indexes), ``versions`` (listing versions and resolving their
+names), ``retention`` (the history window), ``encoding`` (the lz4 backoff) and ``index`` (the
+extent index).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import os
 import threading
 import time
 import uuid as uuidlib
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, enco
 from marsfs.volume import writeback as wb
 from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.index import ExtentIndex
-from marsfs.volume.versions import VersionInfo, check_mark_name, list_versions, resolve_version
+from marsfs.volume.versions import VersionInfo, check_mark_name, find_version, list_versions, listing, resolve_version
+from marsfs.volume.views import VersionIndexes, VolumeView, build_index
 
 FORMAT = 1
 SYNC_INTERVAL = 0.05  # seconds; G3 wants at most 0.1
@@ -64,7 +66,8 @@ __all__ = ["RECORD_CHUNK", "SYNC_INTERVAL", "VersionInfo", "Volume", "VolumeView
 class Volume:
     """One volume's storage core on this node. Thread-safe."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], log: Log, applied_lsn: int, *, sync_interval: float | None) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], log: Log, applied_lsn: int, *, sync_interval: float | None,
+                 applied_timestamp_ns: int = 0) -> None:
         self.path = path
         self.name: str = meta["name"]
         self.uuid: str = meta["uuid"]
@@ -74,11 +77,12 @@ class Volume:
         # Oldest servable version: A, or the target of a writeback in flight (or one that failed
         # half way), because the base may already hold bytes newer than A.
         self._oldest = applied_lsn
+        self._oldest_ts = applied_timestamp_ns  # timestamp of record A (its record may be trimmed)
         #: A mirror shows (and writes back) only up to its replay position; None = everything.
         self.visible_lsn: int | None = None
         self._lock = threading.RLock()
         self._writeback_lock = threading.Lock()
-        self._pins: Counter[int] = Counter()
+        self._views = VersionIndexes()  # open versions: pins and shared indexes
         self._holds: dict[str, int] = {}
         self._writes_since_flush = False
         self._lz4 = Lz4Policy()
@@ -161,7 +165,7 @@ class Volume:
         """Recover a volume: verify its log, cut a torn tail, index what is not written back."""
         try:
             meta = read_json(path / "volume.json")
-            applied, pending = wb.read_state(path)
+            applied, pending, applied_ts = wb.read_state(path)
         except FileNotFoundError as e:
             raise StateError(f"{path} is not a complete volume ({e.filename} is missing)") from None
         if meta.get("format") != FORMAT:
@@ -174,10 +178,11 @@ class Volume:
         if pending > applied:
             try:
                 applied = wb.redo(path, log, applied, pending)
+                applied_ts = log.info(applied).timestamp_ns
             except BaseException:
                 log.close()
                 raise
-        return cls(path, meta, log, applied, sync_interval=sync_interval)
+        return cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
 
     def close(self) -> None:
         """Make the log durable and release files. Does not write back."""
@@ -235,6 +240,19 @@ class Volume:
     @property
     def oldest_version_lsn(self) -> int:
         return self._oldest
+
+    @property
+    def oldest_version_timestamp_ns(self) -> int:
+        """When the oldest version was written (0: unknown, e.g. a mirror's first version)."""
+        return self.version_timestamp_ns(self._oldest)
+
+    def version_timestamp_ns(self, lsn: int) -> int:
+        """Timestamp of record ``lsn`` (when that version began), 0 when not known."""
+        if lsn == self._applied and self._oldest_ts:
+            return self._oldest_ts
+        if self.log.first_lsn <= lsn <= self.log.last_lsn:
+            return self.log.info(lsn).timestamp_ns
+        return 0
 
     # ------------------------------------------------------------------ I/O
 
@@ -308,9 +326,13 @@ class Volume:
 
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
+        return self._read_at(self.index, offset, length)
+
+    def _read_at(self, index: ExtentIndex, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's)."""
         self._check_range(offset, length)
         with self._lock:
-            return self._assemble(self.index.lookup(offset, length))
+            return self._assemble(index.lookup(offset, length))
 
     def _assemble(self, pieces: list[tuple[int, int, int]]) -> bytes:
         """Read index pieces; records already written back come from the base. Caller locks."""
@@ -339,34 +361,39 @@ class Volume:
                 bound = self.durable_lsn if upto is None else min(upto, self.durable_lsn)
                 if self.visible_lsn is not None:
                     bound = min(bound, self.visible_lsn)
-                if self._pins:
-                    bound = min(bound, min(self._pins))
+                pinned = self._views.oldest()
+                if pinned is not None:
+                    bound = min(bound, pinned)
                 start = self._applied
                 if bound <= start:
                     return start
             batch = wb.collect(self.log, start, bound, max_bytes)
             with self._lock:
                 target = batch[-1].lsn
-                if self._pins:  # a view may have opened meanwhile
-                    target = min(target, min(self._pins))
+                pinned = self._views.oldest()  # a view may have opened meanwhile
+                if pinned is not None:
+                    target = min(target, pinned)
                 if target <= start:
                     return start
                 self._oldest = max(self._oldest, target)  # no view older than target may open now
             records = [r for r in batch if r.type == RecordType.WRITE and r.lsn <= target]
+            target_ts = batch[target - batch[0].lsn].timestamp_ns
             if records:  # from here until A = target is persisted, the base is ahead of A
-                wb.persist_intent(self.path, start, target)
+                wb.persist_intent(self.path, start, target, self._oldest_ts)
             wb.apply(self.log, self._base_fd, records)
-            wb.persist_applied(self.path, target)
+            wb.persist_applied(self.path, target, target_ts)
             with self._lock:
                 self._applied = target  # from now on extents <= target read from the base
+                self._oldest_ts = target_ts
             for at in range(0, len(records), 256):  # a little at a time: writers wait microseconds
                 with self._lock:
                     for rec in records[at : at + 256]:
                         self.index.discard(rec.offset, rec.length, target)
             keep = min([target, *self._holds.values()])
             if keep == self.log.last_lsn:
-                self.log.rotate()  # the active segment is never trimmed: close it so it can go
-            self.log.trim(keep)
+                self.log.rotate()  # the active segment is never trimmed: close it so it can go later
+            # The record of the oldest version stays: its mark name and flush time still name it.
+            self.log.trim(keep - 1)
             return target
 
     def hold(self, key: str, lsn: int) -> None:
@@ -381,58 +408,50 @@ class Volume:
     # ------------------------------------------------------------------ versions
 
     def view(self, lsn: int) -> VolumeView:
-        """A read-only image of the volume after record ``lsn``; close it to unpin writeback."""
+        """A read-only image of the volume after record ``lsn``; close it to unpin writeback.
+
+        Views of one LSN share one extent index: only the first open scans records (A, lsn]."""
         with self._lock:
             if not self._oldest <= lsn <= self.head_lsn:
                 raise VersionNotFound(f"version lsn-{lsn} of volume {self.name} is not retained; "
                                       f"available: lsn-{self._oldest} to lsn-{self.head_lsn}")
-            self._pins[lsn] += 1
+            index = self._views.pin(lsn)
             first = self._applied + 1
-        index = ExtentIndex()
-        for rec in self.log.records(first, lsn):
-            if rec.type == RecordType.WRITE and rec.length:
-                index.insert(rec.offset, rec.length, rec.lsn)
+        if index is None:
+            try:
+                built = build_index(self.log.records(first, lsn))
+            except BaseException:
+                self._unpin(lsn)
+                raise
+            with self._lock:
+                index = self._views.publish(lsn, built)
         return VolumeView(self, lsn, index)
 
     def _unpin(self, lsn: int) -> None:
         with self._lock:
-            self._pins[lsn] -= 1
-            if not self._pins[lsn]:
-                del self._pins[lsn]
+            self._views.unpin(lsn)
+
+    @property
+    def open_versions(self) -> VersionIndexes:
+        """The open versions (pins and shared indexes); read under no lock, for statistics."""
+        return self._views
 
     def versions(self) -> list[VersionInfo]:
-        """Oldest retained version, flush points, marks and head, in LSN order."""
-        return list_versions(self.log, self._oldest, self.head_lsn)
+        """Oldest retained version, flush points, marks and head (the newest readers may see),
+        in LSN order."""
+        return list_versions(self.log, self._oldest, self.current_lsn)
+
+    def version_listing(self) -> list[VersionInfo]:
+        """What ``.versions/<vol>/`` lists: every retained mark and a bounded set of flush points
+        up to what readers may see (the newest 100, then one per hour)."""
+        return listing(self.log.flush_points(), self.log.marks, self._oldest, self.current_lsn)
 
     def resolve_version(self, spec: str) -> int:
         """LSN named by ``lsn-N``, a mark name, or an ISO-8601 UTC time (newest flush at or before)."""
         return resolve_version(self.log, spec, self._oldest, self.name)
 
-
-class VolumeView:
-    """A read-only image of a volume after a fixed LSN. Pins writeback until closed."""
-
-    def __init__(self, volume: Volume, lsn: int, index: ExtentIndex) -> None:
-        self.volume = volume
-        self.lsn = lsn
-        self.size = volume.size
-        self._index = index
-        self._closed = False
-
-    def read(self, offset: int, length: int) -> bytes:
-        assert not self._closed, "read from a closed view"
-        vol = self.volume
-        vol._check_range(offset, length)
-        with vol._lock:
-            return vol._assemble(self._index.lookup(offset, length))
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.volume._unpin(self.lsn)
-
-    def __enter__(self) -> VolumeView:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def find_version(self, spec: str) -> int:
+        """The LSN of a version a reader may open now: retained (at least the oldest version)
+        and visible (at most the head on a primary, the replay position on a mirror).
+        VersionNotFound otherwise, naming the oldest available version."""
+        return find_version(self.log, spec, self._oldest, self.current_lsn, self.name)

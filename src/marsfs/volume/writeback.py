@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 ``applied.json`` in the volume directory holds the applied LSN *A*: the base image equals the
-image after *A*. Writing back ``(A, T]``:
+image after *A*. Beside it the timestamp of record *A* (``applied_timestamp_ns``, 0 when
+unknown: a mirror's first LSN), because *A* is the oldest version and its record may be trimmed
+from the log. Writing back ``(A, T]``:
 
 1. persist the intent ``{"applied_lsn": A, "writeback_lsn": T}`` (only when a WRITE record is
    among them: FLUSH and MARK records do not touch the base);
@@ -32,21 +34,24 @@ from marsfs.log import Log, RecordInfo, RecordType
 STATE_FILE = "applied.json"
 
 
-def read_state(path: Path) -> tuple[int, int]:
-    """``(A, T)`` of the volume in ``path``: T > A when a writeback to T was interrupted."""
+def read_state(path: Path) -> tuple[int, int, int]:
+    """``(A, T, timestamp of A)`` of the volume in ``path``: T > A when a writeback to T was
+    interrupted."""
     state = read_json(path / STATE_FILE)
     applied = int(state["applied_lsn"])
-    return applied, int(state.get("writeback_lsn", applied))
+    return applied, int(state.get("writeback_lsn", applied)), int(state.get("applied_timestamp_ns", 0))
 
 
-def persist_intent(path: Path, applied: int, target: int) -> None:
+def persist_intent(path: Path, applied: int, target: int, timestamp_ns: int) -> None:
     """Step 1: from now until :func:`persist_applied`, the base may be ahead of A."""
-    write_json(path / STATE_FILE, {"applied_lsn": applied, "writeback_lsn": target})
+    write_json(path / STATE_FILE, {"applied_lsn": applied, "writeback_lsn": target,
+                                   "applied_timestamp_ns": timestamp_ns})
 
 
-def persist_applied(path: Path, applied: int) -> None:
-    """Step 3 (and the state of a new volume): the base is the image after ``applied``."""
-    write_json(path / STATE_FILE, {"applied_lsn": applied})
+def persist_applied(path: Path, applied: int, timestamp_ns: int = 0) -> None:
+    """Step 3 (and the state of a new volume): the base is the image after ``applied``, whose
+    record has ``timestamp_ns``."""
+    write_json(path / STATE_FILE, {"applied_lsn": applied, "applied_timestamp_ns": timestamp_ns})
 
 
 def collect(log: Log, start: int, bound: int, max_bytes: int | None) -> list[RecordInfo]:
@@ -83,5 +88,5 @@ def redo(path: Path, log: Log, applied: int, target: int) -> int:
         apply(log, fd, [r for r in log.records(applied + 1, target) if r.type == RecordType.WRITE])
     finally:
         os.close(fd)
-    persist_applied(path, target)
+    persist_applied(path, target, log.info(target).timestamp_ns)
     return target
