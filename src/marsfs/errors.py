@@ -155,3 +155,17 @@ class DaemonRejectedUsage(DaemonRefused):
 
     exit_code = 2
     errno = _errno.EINVAL
+
+
+class NotAvailable(MarsError):
+    """A command that is planned but not implemented yet: one line naming what it will do,
+    exit status 2 like any command the command line cannot run."""
+
+    exit_code = 2
+    errno = _errno.ENOSYS
+
+
+class NodeStopping(NodeError):
+    """The daemon was told to stop and waits for open volumes to close: new opens are refused."""
+
+    errno = _errno.EBUSY

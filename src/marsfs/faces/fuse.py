@@ -16,6 +16,8 @@ is the kernel's side of the contract (see ../shared/FUSE-NOTES.md for the measur
   fail with ENOSPC, a write that does not fit writes nothing (a short reply would become EIO
   in the kernel), and the size cannot change (EPERM); the writeback cache's mtime-only
   SETATTRs are accepted. A version (a mirror's image) is read-only (EROFS).
+* While the daemon stops (``closing``: it waits for open volumes to close, see
+  :mod:`marsfs.faces.daemon`) new opens are refused with EBUSY; open handles keep working.
 * The calls that need a live FUSE session (``readdir_reply``, ``invalidate_entry_async``) sit
   in one small method each, so that in-process tests can replace them.
 """
@@ -33,7 +35,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from marsfs.errors import MarsError
+from marsfs.errors import MarsError, NodeStopping
 from marsfs.faces.namespace import ROOT_INODE, SUFFIX, Attributes, Entry, Namespace
 from marsfs.node import Node
 from marsfs.volume import Volume, VolumeView
@@ -101,6 +103,7 @@ class Operations(pyfuse3.Operations):
         self.namespace = Namespace(node)
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        self.closing = False  #: the daemon is stopping: refuse new opens
 
     # ------------------------------------------------------------------ session calls (replaceable in tests)
 
@@ -153,8 +156,8 @@ class Operations(pyfuse3.Operations):
         if not entry.writable and (fields.update_size or fields.update_mtime):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size and attr.st_size != self.node.volumes[entry.volume].size:
-            logger.warning("refused to change the size of %s%s to %d (volumes keep their size; "
-                           "use marsfs resize to grow)", entry.volume, SUFFIX, attr.st_size)
+            logger.warning("refused to change the size of %s%s to %d: volumes keep their size "
+                           "(resizing is not available yet)", entry.volume, SUFFIX, attr.st_size)
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -189,6 +192,9 @@ class Operations(pyfuse3.Operations):
     @translated
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         entry = self._entry(inode)
+        if self.closing:
+            raise NodeStopping(f"refused to open {entry.volume}{SUFFIX}: node {self.node.name} is stopping "
+                               "and waits for its open volumes to close")
         if flags & os.O_TRUNC:
             logger.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", entry.volume, SUFFIX)
             raise pyfuse3.FUSEError(errno.EPERM)

@@ -5,9 +5,13 @@ Rules that hold here:
 * A version is the image after one LSN in ``[oldest, head]``; ``oldest`` is the volume's
   oldest servable version (the applied LSN, or a writeback's target), passed in by the volume.
 * Names: ``lsn-N`` (any N; whether it is retained is checked when a view opens), a mark name
-  (MARK records; unique per volume, never starting with ``lsn-`` or ``.``, no ``/``, so that
-  every name is also a file name in the versions directory), or an ISO-8601 time, which means
-  the newest retained FLUSH record at or before it (UTC unless the time says otherwise).
+  (MARK records), or an ISO-8601 time, which means the newest retained FLUSH record at or
+  before it (UTC unless the time says otherwise).
+* A mark name never shadows another name (:func:`check_mark_name`): it is unique per volume,
+  1 to ``MAX_MARK`` bytes, not a word of the ``versions`` listing (``head``, ``oldest``,
+  ``flush``, ``mark``, in any case), not starting with ``lsn-`` or ``.``, not an ISO-8601
+  time, without ``/`` or control characters, so that every name is also a file name in the
+  versions directory and means one version only.
 * Pure functions over what the log reports (:meth:`Log.marks`, :meth:`Log.flush_points`):
   no locks, no I/O of their own.
 """
@@ -22,6 +26,10 @@ from marsfs.errors import InvalidRequest, VersionNotFound
 from marsfs.log import Log
 
 MAX_MARK = 200  #: bytes of a mark name (UTF-8)
+#: Words of the ``versions`` listing (its kinds) a mark may not be named, in any case.
+RESERVED_MARKS = frozenset({"head", "oldest", "flush", "mark"})
+MARK_RULES = (f"1-{MAX_MARK} bytes; not head, oldest, flush or mark; not starting with 'lsn-' or '.'; "
+              "not an ISO-8601 time; no '/' and no control characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +80,21 @@ def resolve_version(log: Log, spec: str, oldest: int, volume: str) -> int:
     return best
 
 
+def _is_time(spec: str) -> bool:
+    try:
+        datetime.fromisoformat(spec.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
 def check_mark_name(name: str, existing: Iterable[str], volume: str) -> bytes:
     """The UTF-8 payload of a new mark ``name``; raises InvalidRequest for a bad or taken name."""
     raw = name.encode()
-    if not name or len(raw) > MAX_MARK or "/" in name or name.startswith(".") or name.startswith("lsn-"):
-        raise InvalidRequest(f"mark name {name!r} is invalid: use 1-{MAX_MARK} bytes, no '/', "
-                             "not starting with '.' or 'lsn-'")
+    if (not name or len(raw) > MAX_MARK or "/" in name or name.startswith((".", "lsn-"))
+            or name.lower() in RESERVED_MARKS or any(ord(c) < 32 or ord(c) == 127 for c in name)
+            or _is_time(name)):
+        raise InvalidRequest(f"mark name {name!r} is invalid: {MARK_RULES}")
     if name in existing:
         raise InvalidRequest(f"mark {name!r} already exists on volume {volume}; pick another name")
     return raw
