@@ -4,7 +4,10 @@ The verbs other than ``serve`` come from the command table (:mod:`marsfs.faces.c
 their arguments, help and output are defined there once, for this parser and for the daemon.
 
 Errors are one line on stderr with exit status 1; usage errors exit 2 (argparse's
-convention); no tracebacks for anything a user can cause.
+convention); no tracebacks for anything a user can cause. A planned command that does not
+exist yet (``primary``, ``resize``, ...) says so in one line, whatever its arguments (exit 2).
+A reader that goes away (``marsfs status --watch | head``) ends the command quietly with exit
+status 141, as SIGPIPE ends other tools.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from marsfs.errors import MarsError, UsageError
-from marsfs.faces.commands import COMMANDS, Request, run
+from marsfs.faces.commands import COMMANDS, PLANNED, Request, run
 
 DEFAULT_STATE = "/var/lib/marsfs"
 
@@ -41,7 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.verbose)
     flags = {"node": args.node, "state": getattr(args, "state", None), "mount": args.mount,
-             "listen": args.listen, "peer": args.peer, "history": args.history, "cluster": args.cluster}
+             "listen": args.listen, "peer": args.peer, "history": args.history, "cluster": args.cluster,
+             "stop_timeout": args.stop_timeout}
     cfg = load_config(args.config, flags)
     return serve(cfg)
 
@@ -64,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="history kept per volume: a size (10G), a duration (24h, also s, min, d, w) or both "
                         "(10G,24h, or the flag twice): versions within either stay openable (default 256M)")
     s.add_argument("--cluster", help="cluster id peers must share (default marsfs)")
+    s.add_argument("--stop-timeout", metavar="S",
+                   help="on SIGTERM, wait up to S seconds for open volumes to close (default 30; 0: stop at "
+                        "once; inf: no limit); a second SIGTERM forces the stop")
     s.add_argument("-v", "--verbose", action="store_true")
 
     for command in COMMANDS.values():
@@ -74,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in PLANNED:  # what parse_args says; a planned command takes anything
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "serve":
             return cmd_serve(args)
@@ -88,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (status --watch | head): no traceback, and none again when
+        # Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

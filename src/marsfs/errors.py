@@ -162,3 +162,17 @@ class ProtocolError(PeerError):
     or out-of-order message. The connection is dropped; the fetch resumes from the last good LSN."""
 
     errno = _errno.EPROTO
+
+
+class NotAvailable(MarsError):
+    """A command that is planned but not implemented yet: one line naming what it will do,
+    exit status 2 like any command the command line cannot run."""
+
+    exit_code = 2
+    errno = _errno.ENOSYS
+
+
+class NodeStopping(NodeError):
+    """The daemon was told to stop and waits for open volumes to close: new opens are refused."""
+
+    errno = _errno.EBUSY

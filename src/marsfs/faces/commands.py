@@ -14,7 +14,14 @@ Rules that hold here:
 * Some checks also run in the command line before the daemon is asked (``create`` checks the
   volume name and reads the size), so that a typo needs no daemon; the daemon checks again.
 * ``wait`` and ``status --watch`` are loops in the command line around ``status``; ``wait``
-  has no daemon side. ``ping`` has no command line.
+  has no daemon side. ``ping`` has no command line. ``wait --synced`` on a mirror waits until
+  it is synced on the word of its source after the wait began (the last check, at the timeout,
+  takes the mirror's own ``synced`` as it stands, so ``--timeout 0`` is one check); on a
+  primary it waits until every mirror it knows is synced, and refuses at once (exit 1) when it
+  knows none.
+* The commands PRODUCT.md plans but that do not exist yet (:data:`PLANNED`) are on the command
+  line all the same and answer with one line saying so (:class:`NotAvailable`, exit status 2),
+  never argparse's "invalid choice".
 * Names, flags, output text and exit statuses are the user interface: they change only on
   purpose (tests/t4_serve.py and tests/t2_commands.py hold them).
 """
@@ -34,7 +41,7 @@ from typing import Any
 
 import trio
 
-from marsfs.errors import MarsError, UsageError
+from marsfs.errors import MarsError, NotAvailable, UsageError
 from marsfs.node import Node, check_volume_name
 from marsfs.node.cluster import Cluster
 from marsfs.units import human_bytes, parse_size
@@ -94,6 +101,7 @@ class Arg:
     default: Any = None
     metavar: str | None = None
     hidden: bool = False  #: not shown by ``--help``
+    nargs: str | None = None  #: argparse ``nargs`` of a positional (default: one, or ``?`` if not required)
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {}
@@ -102,7 +110,9 @@ class Arg:
         if self.metavar is not None:
             kw["metavar"] = self.metavar
         if self.flag is None:
-            if not self.required:
+            if self.nargs is not None:
+                kw["nargs"] = self.nargs
+            elif not self.required:
                 kw["nargs"] = "?"
             parser.add_argument(self.name, **kw)
         elif self.parse is switch:
@@ -245,20 +255,33 @@ async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------- the command line's side
 
 def status_table(rows: list[dict[str, Any]]) -> str:
+    """The volumes as a table; under a primary's row one line per mirror it knows; then errors."""
     if not rows:
         return "no volumes (create one with: marsfs create NAME --size SIZE)"
     head = ["VOLUME", "ROLE", "STATE", "EPOCH", "SIZE", "HEAD", "DURABLE", "APPLIED", "OLDEST", "LOG", "LAG", "OPEN"]
-    table = [head]
+    table: list[list[str] | str] = [head]
     for r in rows:
         table.append([r["volume"], r["role"], r["state"], str(r["epoch"]), human_bytes(r["size"]),
                       str(r["head_lsn"]), str(r["durable_lsn"]), str(r["applied_lsn"]),
                       str(r["oldest_version_lsn"]), human_bytes(r["log_bytes"]),
-                      f"{human_bytes(r['lag_bytes'])}/{r['lag_seconds']:.1f}s", str(r["open_handles"])])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+                      _lag(r), str(r["open_handles"])])
+        table += [peer_line(p) for p in r.get("peers") or []]
+    widths = [max(len(row[i]) for row in table if isinstance(row, list)) for i in range(len(head))]
+    lines = [row if isinstance(row, str) else "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+             for row in table]
     for r in rows:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
     return "\n".join(lines)
+
+
+def _lag(r: Mapping[str, Any]) -> str:
+    return f"{human_bytes(r['lag_bytes'])}/{r['lag_seconds']:.1f}s"
+
+
+def peer_line(p: Mapping[str, Any]) -> str:
+    """One mirror under its primary's row: as the primary sees it from the mirror's ACKs."""
+    return (f"  mirror {p['node']}: {p['state']}, lag {_lag(p)} ({p['lag_records']} records), "
+            f"fetched {p['fetched_lsn']}, replayed {p['replayed_lsn']}")
 
 
 def _status_loop(command: Command, args: argparse.Namespace, request: Request) -> int:
@@ -273,26 +296,52 @@ def _status_loop(command: Command, args: argparse.Namespace, request: Request) -
 
 
 def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
-    """Block until this node's mirror of VOL has no lag (fetched and replayed everything)."""
+    """Block until VOL is synced: this node's mirror of it, or every mirror of this primary."""
     if not args.synced:
         raise UsageError("say what to wait for: --synced")
     start = time.monotonic()
     deadline = None if args.timeout is None else start + args.timeout
     while True:
-        last = request("status", {"volume": args.volume})[0]
-        if last["role"] == "primary":
+        last_check = deadline is not None and time.monotonic() >= deadline
+        row = request("status", {"volume": args.volume})[0]
+        if row["role"] == "primary":
+            if _mirrors_synced(args.volume, row):
+                return 0
+        elif _mirror_synced(args.volume, row, waited=time.monotonic() - start, last_check=last_check):
             return 0
-        fresh = last.get("heartbeat_age") is not None and last["heartbeat_age"] < time.monotonic() - start
-        if last["state"] == "synced" and fresh:  # what the source said after we began waiting
-            return 0
-        if last["state"] in ("split-brain", "needs-resync", "failed"):
-            raise MarsError(f"{args.volume} cannot become synced: state {last['state']}; "
-                            + "; ".join(last["errors"]))
-        if deadline is not None and time.monotonic() > deadline:
-            raise MarsError(f"{args.volume} not synced after {args.timeout:g} s: state {last['state']}, "
-                            f"lag {last['lag_records']} records / {human_bytes(last['lag_bytes'])} / "
-                            f"{last['lag_seconds']:.1f} s")
-        time.sleep(0.1)
+        if last_check:
+            raise MarsError(f"{args.volume} not synced after {args.timeout:g} s: {_not_synced(row)}")
+        time.sleep(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
+
+
+def _mirror_synced(volume: str, row: Mapping[str, Any], *, waited: float, last_check: bool) -> bool:
+    """Whether this mirror is synced. Before the deadline only on the word of a heartbeat sent
+    after the wait began (a write the caller just made on the primary is then included)."""
+    if row["state"] in ("split-brain", "needs-resync", "failed"):
+        raise MarsError(f"{volume} cannot become synced: state {row['state']}; " + "; ".join(row["errors"]))
+    if row["state"] != "synced":
+        return False
+    age = row.get("heartbeat_age")
+    return last_check or (age is not None and age < waited)
+
+
+def _mirrors_synced(volume: str, row: Mapping[str, Any]) -> bool:
+    """Whether every mirror this primary knows has fetched and replayed all it has made durable."""
+    peers = row.get("peers") or []
+    if not peers:
+        raise MarsError(f"{volume} is primary on node {row['node']} and has no mirrors to wait for; "
+                        f"run marsfs wait {volume} --synced on a mirror, or add one with marsfs join")
+    return all(p["state"] == "synced" and p["replayed_lsn"] >= row["durable_lsn"] for p in peers)
+
+
+def _not_synced(row: Mapping[str, Any]) -> str:
+    if row["role"] == "primary":
+        return "; ".join(f"mirror {p['node']} is {p['state']}, lag {p['lag_records']} records / "
+                         f"{human_bytes(p['lag_bytes'])} / {p['lag_seconds']:.1f} s"
+                         for p in row["peers"] if not (p["state"] == "synced"
+                                                        and p["replayed_lsn"] >= row["durable_lsn"]))
+    return (f"state {row['state']}, lag {row['lag_records']} records / {human_bytes(row['lag_bytes'])} / "
+            f"{row['lag_seconds']:.1f} s")
 
 
 def _versions_text(r: dict[str, Any], args: argparse.Namespace) -> str:
@@ -312,6 +361,23 @@ def _pause_command(name: str) -> Command:
     return Command(name, f"{name.replace('-', ' ')} of a mirror (persists)", (Arg("volume"),),
                    _pause(what, verb == "pause"), text=lambda r, a: f"{name.replace('-', ' ')}: {r['volume']}")
 
+
+def _planned(name: str, what: str) -> Command:
+    def client(command: Command, args: argparse.Namespace, request: Request) -> int:
+        raise NotAvailable(f"{name} is not available yet (planned: {what})")
+
+    return Command(name, "planned, not available yet",
+                   (Arg("args", required=False, wire=False, nargs="*", hidden=True),), client=client)
+
+
+#: Commands PRODUCT.md plans that do not exist yet, and what each will do.
+PLANNED: Mapping[str, str] = types.MappingProxyType({
+    "primary": "make this node the volume's primary: handover, or failover with --force",
+    "invalidate": "discard this node's divergent or damaged copy and resync it from the primary",
+    "clone": "a writable copy-on-write volume from a version, also on a mirror",
+    "verify": "compare a mirror's image with its primary's at the same version",
+    "resize": "grow a volume",
+})
 
 VOLUME = Arg("volume")
 JSON = Arg("json", flag="--json", required=False, parse=switch, wire=False)
@@ -352,4 +418,5 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             client=_wait),
     Command("versions", "list marks, flush points and the retained range", (VOLUME, JSON),
             _versions, text=_versions_text, json=lambda r, a: r),
+    *(_planned(name, what) for name, what in PLANNED.items()),
 )})

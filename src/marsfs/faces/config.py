@@ -3,10 +3,15 @@
 Rules that hold here:
 
 * A TOML file (``--config``) supplies what flags do not; flags win, and ``--peer`` adds to the
-  file's ``[peers]``. Bad input is one :class:`UsageError` line naming the flag or file.
+  file's ``[peers]``. Bad input is one :class:`UsageError` line naming the flag or file; a key
+  the file may not have (a typo such as ``lisen``) is refused with its name, never ignored.
+* Every address (``--listen``, each peer) is parsed here, so that a malformed one is refused
+  before anything is mounted.
 * :func:`preflight` refuses to start, with one line saying what to do, when the mount point is
-  missing, not a directory, already mounted or a dead FUSE mount, when FUSE is unavailable, or
-  when the state directory lies inside the mount point. It runs before any state is touched.
+  missing, not a directory, already mounted or a dead FUSE mount, when FUSE is unavailable,
+  when the state directory lies inside the mount point, or when the ``--listen`` address
+  cannot be bound (in use, not an address of this machine, a name that does not resolve). It
+  runs before any state is touched and before the mount.
   (A state directory owned by another node name or locked by a running daemon is refused by
   :meth:`marsfs.node.Node.open`.)
 """
@@ -14,8 +19,10 @@ Rules that hold here:
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
+import socket
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -23,8 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from marsfs.errors import InvalidRequest, MarsError, UsageError
-from marsfs.node.cluster import DEFAULT_CLUSTER
+from marsfs.node.cluster import DEFAULT_CLUSTER, parse_address
 from marsfs.volume import Retention
+
+#: How long a SIGTERM waits for open volumes to close before it forces the stop (seconds).
+DEFAULT_STOP_TIMEOUT = 30.0
+#: The keys a ``--config`` file may have: the long flags' names, and ``[peers]`` for ``--peer``.
+CONFIG_KEYS = frozenset({"node", "state", "mount", "listen", "peers", "history", "cluster", "stop-timeout"})
 
 
 @dataclass
@@ -38,6 +50,7 @@ class ServeConfig:
     peers: dict[str, str] = field(default_factory=dict)
     history: Retention = field(default_factory=Retention)  #: ``--history SIZE|DURATION`` (repeatable, or ``10G,24h``)
     cluster: str = DEFAULT_CLUSTER
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT  #: see :mod:`marsfs.faces.daemon` (SIGTERM)
 
     @property
     def history_bytes(self) -> int | None:
@@ -54,23 +67,80 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
             raise UsageError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+        unknown = sorted(set(conf) - CONFIG_KEYS)
+        if unknown:
+            raise UsageError(f"config file {path}: unknown key {unknown[0]!r} (the keys are "
+                             f"{', '.join(sorted(CONFIG_KEYS))})")
+        if not isinstance(conf.get("peers", {}), dict):
+            raise UsageError(f"config file {path}: 'peers' must be a table of NAME = \"HOST:PORT\"")
+        if "stop-timeout" in conf:
+            conf["stop_timeout"] = conf.pop("stop-timeout")
     merged = {**conf, **{k: v for k, v in flags.items() if v not in (None, [], {})}}
     missing = [k for k in ("node", "state", "mount") if not merged.get(k)]
     if missing:
         raise UsageError(f"marsfs serve needs {', '.join('--' + m for m in missing)} (or the same keys in --config)")
-    peers = dict(conf.get("peers", {}))
+    peers = {str(k): str(v) for k, v in conf.get("peers", {}).items()}
     for spec in flags.get("peer") or []:
         name, sep, addr = spec.partition("=")
         if not sep or not name or ":" not in addr:
             raise UsageError(f"--peer {spec!r}: give NAME=HOST:PORT")
         peers[name] = addr
+    for name, addr in peers.items():
+        try:
+            parse_address(addr)
+        except UsageError as e:
+            raise UsageError(f"peer {name}: {e}") from None
+    listen = merged.get("listen")
+    if listen is not None:
+        try:
+            parse_address(str(listen))
+        except UsageError as e:
+            raise UsageError(f"--listen: {e}") from None
     try:
         history = Retention.parse(merged["history"]) if "history" in merged else Retention()
     except InvalidRequest as e:
         raise UsageError(f"--history: {e}") from None
     return ServeConfig(node=str(merged["node"]), state=Path(merged["state"]), mount=Path(merged["mount"]),
-                       listen=merged.get("listen"), peers=peers, cluster=str(merged.get("cluster", DEFAULT_CLUSTER)),
-                       history=history)
+                       listen=None if listen is None else str(listen), peers=peers,
+                       cluster=str(merged.get("cluster", DEFAULT_CLUSTER)), history=history,
+                       stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)))
+
+
+def _stop_timeout(value: Any) -> float:
+    """Seconds, ``inf`` to wait for as long as volumes are open, or 0 to stop at once."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or math.isnan(seconds) or seconds < 0:
+        raise UsageError(f"--stop-timeout {value!r}: give seconds (0 stops at once, inf waits for every "
+                         "open volume to close)")
+    return seconds
+
+
+def check_listen(listen: str) -> None:
+    """Refuse a ``--listen`` address this machine cannot listen on, before the daemon mounts.
+
+    The socket is bound as the cluster will bind it (SO_REUSEADDR) and closed again; the
+    cluster binds it for real a moment later (something may take the port in between, and
+    then that start fails as well, after the mount, which the daemon undoes)."""
+    host, port = parse_address(listen)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise MarsError(f"cannot listen for peers on {listen}: {host!r} does not resolve ({e.strerror}); "
+                        "give an address of this machine, like 10.0.0.1:7600") from None
+    for family, kind, proto, _name, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+                s.listen(1)
+            except OSError as e:
+                hint = {errno.EADDRINUSE: "something else listens there: stop it or pick another port",
+                        errno.EADDRNOTAVAIL: "it is not an address of this machine (see: ip -br addr)",
+                        errno.EACCES: "ports below 1024 need root"}.get(e.errno or 0, "pick another --listen address")
+                raise MarsError(f"cannot listen for peers on {listen}: {e.strerror}; {hint}") from None
 
 
 def preflight(cfg: ServeConfig) -> None:
@@ -96,3 +166,5 @@ def preflight(cfg: ServeConfig) -> None:
         raise MarsError("fusermount3 is not installed; install the fuse3 package (scripts/demo does)")
     if cfg.state.resolve() == m.resolve() or m.resolve() in cfg.state.resolve().parents:
         raise MarsError("the state directory must not be inside the mount point")
+    if cfg.listen is not None:
+        check_listen(cfg.listen)

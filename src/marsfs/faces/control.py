@@ -31,6 +31,7 @@ from marsfs.errors import DaemonNotRunning, DaemonRefused, DaemonRejectedUsage, 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
+MAX_SOCKET_PATH = 108  #: bytes of a Unix socket address (sun_path), the final NUL included
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
@@ -48,6 +49,10 @@ async def serve_control(state: Path, dispatch: Dispatch, *,
     old = os.umask(0o177)
     try:
         await sock.bind(os.fspath(path))
+    except OSError as e:  # e.g. a path longer than a Unix socket address holds (108 bytes)
+        sock.close()
+        hint = "; use a --state directory with a shorter path" if len(os.fsencode(path)) >= MAX_SOCKET_PATH else ""
+        raise MarsError(f"cannot create the control socket {path}: {e.strerror or e}{hint}") from None
     finally:
         os.umask(old)
     os.chmod(path, 0o600)

@@ -1,17 +1,31 @@
 """``marsfs serve``: one node's daemon in the foreground: node + cluster + control socket + FUSE.
 
 Start-up refuses, with one line saying what to do, what :func:`marsfs.faces.config.preflight`
-and :meth:`marsfs.node.Node.open` refuse (mount point, FUSE, state directory). Volumes are
-recovered (every log record verified) before the filesystem is mounted.
+and :meth:`marsfs.node.Node.open` refuse (mount point, FUSE, state directory, the ``--listen``
+address). Volumes are recovered (every log record verified) before the filesystem is mounted.
+A start that fails after the mount (the listener, the control socket) unmounts again: only a
+daemon that served leaves a dead mount behind.
 
 One trio loop runs everything: pyfuse3's main loop, the cluster (peers, fetch, replay), the
 control socket (answered through :func:`marsfs.faces.commands.dispatch`), the periodic
 maintenance (writeback of what left the history window) and, once mounted, the FUSE
 connection tuning FUSE-NOTES measured.
 
-SIGTERM/SIGINT: pyfuse3 finishes the requests in flight, the main loop returns, every log is
-made durable, and the filesystem is unmounted. After an abnormal end the dead mount stays, so
-applications get errors instead of writing into the bare mount point directory.
+Stopping (SIGTERM/SIGINT). A volume image that is open (a loop device with a mounted
+filesystem, a reader) is a disk in use: stopping would pull it from under its user (ext4 aborts
+its journal). So:
+
+* With nothing open the daemon stops at once: pyfuse3 finishes the requests in flight, the main
+  loop returns, every log is made durable, the filesystem is unmounted, exit status 0.
+* With volumes open, the first signal logs each open volume and its handle count, refuses new
+  opens (EBUSY), and keeps serving, replication included, until the last handle closes; then it
+  stops as above (exit 0).
+* A second signal, or ``--stop-timeout`` seconds (default 30; 0: at once; inf: no limit)
+  forces the stop: it logs which volumes were still open, stops as above, and exits 1. Their
+  users then get I/O errors; flushed writes are safe as always.
+
+After an abnormal end the dead mount stays, so applications get errors instead of writing into
+the bare mount point directory.
 """
 
 from __future__ import annotations
@@ -19,9 +33,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyfuse3
@@ -39,6 +55,7 @@ from marsfs.node.cluster import Cluster
 logger = logging.getLogger(__name__)
 
 MAINTAIN_INTERVAL = 1.0
+DRAIN_POLL = 0.1  #: how often a stopping daemon looks whether the last volume was closed
 FUSE_MAX_BACKGROUND = 64  # FUSE-NOTES: +35-45 % on 1 MiB I/O over the default 12
 
 
@@ -66,6 +83,8 @@ class Daemon:
         self.ops = ops
         self.cluster = Cluster(node, listen=cfg.listen, peers=cfg.peers, cluster=cfg.cluster)
         self.context = Context(node, self.cluster, cfg.mount, ops.forget_volume)
+        self.serving = False  #: everything started; from here on a failure leaves the mount (see serve)
+        self.forced = ""  #: why the stop was forced with volumes open ("" if it was not)
 
     async def run(self) -> None:
         with single_error():
@@ -79,16 +98,55 @@ class Daemon:
             nursery.start_soon(self._maintain)
             nursery.start_soon(supervised, "FUSE connection tuning", self._tune_connection)
             logger.info("node %s serving %d volume(s) at %s", self.node.name, len(self.node.volumes), self.cfg.mount)
+            self.serving = True
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
+
+    def open_volumes(self) -> dict[str, int]:
+        """Each open volume and how many handles hold it (loop devices, readers)."""
+        return {name: n for name, n in sorted(self.node.opens.items()) if n > 0}
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                logger.info("%s: finishing requests in flight, then flushing and unmounting",
-                            signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                held = self.open_volumes()
+                if held:
+                    await self._drain(name, held, signals)
+                logger.info("%s: finishing requests in flight, then flushing and unmounting", name)
                 pyfuse3.terminate()
                 return
+
+    async def _drain(self, signame: str, held: dict[str, int], signals: AsyncIterator[int]) -> None:
+        """Keep serving, new opens refused, until every volume is closed, a second signal
+        arrives, or the stop timeout expires (then :attr:`forced` says which)."""
+        self.ops.closing = True
+        for volume, handles in held.items():
+            logger.warning("%s: volume %s is open (%d handle(s): a loop device, a mounted filesystem or a "
+                           "reader); stopping now would pull the disk from under it", signame, volume, handles)
+        timeout = self.cfg.stop_timeout
+        logger.warning("%s: still serving until every volume is closed (umount, losetup -d); new opens are "
+                       "refused; a second %s%s forces the stop", signame, signame,
+                       "" if math.isinf(timeout) else f" or {timeout:g} s without it")
+        async with trio.open_nursery() as nursery:
+
+            async def second_signal() -> None:
+                async for signum in signals:
+                    self.forced = f"a second {signal.Signals(signum).name}"
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(second_signal)
+            with trio.move_on_after(timeout):
+                while self.open_volumes():
+                    await trio.sleep(DRAIN_POLL)
+                nursery.cancel_scope.cancel()
+                logger.info("every volume is closed")
+                return
+            self.forced = f"the stop timeout of {timeout:g} s"
+            nursery.cancel_scope.cancel()
+        still = ", ".join(f"{v} ({n} handle(s))" for v, n in self.open_volumes().items()) or "none any more"
+        logger.warning("stop forced by %s with volumes open: %s; their users now get I/O errors "
+                       "(flushed writes are safe)", self.forced, still)
 
     async def _maintain(self) -> None:
         """Writeback and retention, once a second. A pass that fails unexpectedly is logged as a
@@ -112,27 +170,33 @@ class Daemon:
 
 
 def serve(cfg: ServeConfig) -> int:
-    """Run the node until SIGTERM/SIGINT or an external unmount. Returns the exit status."""
+    """Run the node until SIGTERM/SIGINT or an external unmount. Returns the exit status:
+    0 after a clean stop, 1 after a stop forced with volumes open."""
     preflight(cfg)
     _tune_process()
     node = Node.open(cfg.state, cfg.node, history=cfg.history)
-    ops = Operations(node)
-    options = set(pyfuse3.default_options) | {"fsname=marsfs", "subtype=marsfs"}
     try:
+        ops = Operations(node)
+        daemon = Daemon(cfg, node, ops)
+        options = set(pyfuse3.default_options) | {"fsname=marsfs", "subtype=marsfs"}
         try:
             pyfuse3.init(ops, os.fspath(cfg.mount), options)
         except RuntimeError as e:
             raise MarsError(f"mounting FUSE at {cfg.mount} failed ({e}); is the mount point busy?") from None
         clean = False
         try:
-            trio.run(Daemon(cfg, node, ops).run)
+            trio.run(daemon.run)
             clean = True
         finally:
             # After an abnormal end, leave the (dead) mount in place so applications get errors
-            # instead of writing into the bare mount point directory.
-            pyfuse3.close(unmount=clean)
+            # instead of writing into the bare mount point directory; a start that failed
+            # before serving had no applications: unmount, so the next start finds it free.
+            pyfuse3.close(unmount=clean or not daemon.serving)
     finally:
         node.close()
+    if daemon.forced:
+        logger.warning("node %s stopped by force (%s) with volumes open", cfg.node, daemon.forced)
+        return 1
     logger.info("node %s stopped cleanly", cfg.node)
     return 0
 

@@ -20,6 +20,8 @@ is the kernel's side of the contract (see ../shared/FUSE-NOTES.md for the measur
   writeback and replay go on, and opens of the same version share one index.
 * Directories other than the root get a handle holding a snapshot of their listing
   (:meth:`Namespace.directory`), released at releasedir.
+* While the daemon stops (``closing``: it waits for open volumes to close, see
+  :mod:`marsfs.faces.daemon`) new opens are refused with EBUSY; open handles keep working.
 * The calls that need a live FUSE session (``readdir_reply``, ``invalidate_entry_async``) sit
   in one small method each, so that in-process tests can replace them.
 """
@@ -37,7 +39,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from marsfs.errors import MarsError
+from marsfs.errors import MarsError, NodeStopping
 from marsfs.faces.namespace import ROOT_INODE, SUFFIX, Attributes, Entry, EntryKind, Namespace
 from marsfs.node import Node
 from marsfs.volume import Volume, VolumeView
@@ -108,6 +110,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._dirs: dict[int, list[tuple[str, Entry]]] = {}  # open directories (not the root): listings
         self._next_dir = DIR_HANDLES
+        self.closing = False  #: the daemon is stopping: refuse new opens
 
     # ------------------------------------------------------------------ session calls (replaceable in tests)
 
@@ -163,8 +166,8 @@ class Operations(pyfuse3.Operations):
         if not entry.writable and (fields.update_size or fields.update_mtime):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size and attr.st_size != self.node.volumes[entry.volume].size:
-            logger.warning("refused to change the size of %s%s to %d (volumes keep their size; "
-                           "use marsfs resize to grow)", entry.volume, SUFFIX, attr.st_size)
+            logger.warning("refused to change the size of %s%s to %d: volumes keep their size "
+                           "(resizing is not available yet)", entry.volume, SUFFIX, attr.st_size)
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -218,6 +221,9 @@ class Operations(pyfuse3.Operations):
         entry = self._entry(inode)
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if self.closing:
+            raise NodeStopping(f"refused to open {entry.volume}{SUFFIX}: node {self.node.name} is stopping "
+                               "and waits for its open volumes to close")
         if flags & os.O_TRUNC:
             logger.warning("refused O_TRUNC open of %s%s: a volume image cannot be truncated", entry.volume, SUFFIX)
             raise pyfuse3.FUSEError(errno.EPERM)

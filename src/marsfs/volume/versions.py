@@ -6,8 +6,7 @@ Rules that hold here:
   oldest servable version (the applied LSN, or a writeback's target) and ``newest`` what
   readers may see (head on a primary, the replay position on a mirror), both passed in by the
   volume.
-* Names: ``lsn-N``, a mark name (MARK records; unique per volume, never starting with ``lsn-``
-  or ``.``, no ``/``, so that every name is also a file name in the versions directory), or an
+* Names: ``lsn-N``, a mark name (MARK records), or an
   ISO-8601 time (``2026-11-23T10:00:00Z``, fractional seconds down to nanoseconds), which means
   the newest retained FLUSH record at or before it (UTC unless the time says otherwise).
   :func:`resolve_version` maps a name to an LSN without judging ``lsn-N`` (any N);
@@ -17,6 +16,11 @@ Rules that hold here:
 * The listing (:func:`listing`) is bounded whatever the log holds: every mark, the newest
   ``RECENT`` flush points, and before them one flush point per ``SPACING_NS`` (the newest of
   each hour).
+* A mark name never shadows another name (:func:`check_mark_name`): it is unique per volume,
+  1 to ``MAX_MARK`` bytes, not a word of the ``versions`` listing (``head``, ``oldest``,
+  ``flush``, ``mark``, in any case), not starting with ``lsn-`` or ``.``, not an ISO-8601
+  time, without ``/`` or control characters, so that every name is also a file name in the
+  versions directory and means one version only.
 * Pure functions over what the log reports (:attr:`Log.marks`, :meth:`Log.flush_points`):
   no locks, no I/O of their own.
 """
@@ -35,6 +39,10 @@ MAX_MARK = 200  #: bytes of a mark name (UTF-8)
 RECENT = 100  #: flush points a listing shows in full
 SPACING_NS = 3600 * 10**9  #: before those, one flush point per hour
 _TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:[.,](\d{1,9}))?(Z|[+-]\d\d:?\d\d)?", re.IGNORECASE)
+#: Words of the ``versions`` listing (its kinds) a mark may not be named, in any case.
+RESERVED_MARKS = frozenset({"head", "oldest", "flush", "mark"})
+MARK_RULES = (f"1-{MAX_MARK} bytes; not head, oldest, flush or mark; not starting with 'lsn-' or '.'; "
+              "not an ISO-8601 time; no '/' and no control characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +142,21 @@ def find_version(log: Log, spec: str, oldest: int, newest: int, volume: str) -> 
     return lsn
 
 
+def _is_time(spec: str) -> bool:
+    try:
+        datetime.fromisoformat(spec.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
 def check_mark_name(name: str, existing: Iterable[str], volume: str) -> bytes:
     """The UTF-8 payload of a new mark ``name``; raises InvalidRequest for a bad or taken name."""
     raw = name.encode()
-    if not name or len(raw) > MAX_MARK or "/" in name or name.startswith(".") or name.startswith("lsn-"):
-        raise InvalidRequest(f"mark name {name!r} is invalid: use 1-{MAX_MARK} bytes, no '/', "
-                             "not starting with '.' or 'lsn-'")
+    if (not name or len(raw) > MAX_MARK or "/" in name or name.startswith((".", "lsn-"))
+            or name.lower() in RESERVED_MARKS or any(ord(c) < 32 or ord(c) == 127 for c in name)
+            or _is_time(name)):
+        raise InvalidRequest(f"mark name {name!r} is invalid: {MARK_RULES}")
     if name in existing:
         raise InvalidRequest(f"mark {name!r} already exists on volume {volume}; pick another name")
     return raw
