@@ -521,7 +521,8 @@ def test_a_session_ends_when_its_volume_is_deleted(phase: str) -> None:
     assert pair.server.volume_gone(served) is None  # still the node's volume of that name
     gone = pair.server.volume_gone(None)
     assert isinstance(gone, Error) and gone.code == "volume-deleted"
-    assert gone.error == "a deleted volume vm (uuid u-1); the copy on b belongs to the deleted volume"
+    assert gone.error == ("a deleted volume vm (uuid u-1); the copy on b belongs to the deleted volume (to mirror "
+                          "one of that name again: marsfs leave vm, then marsfs join vm --from a)")
     assert pair.server.phase is ServePhase.CLOSED
     assert pair.server.volume_gone(None) is None  # said once
     with pytest.raises(ProtocolError):

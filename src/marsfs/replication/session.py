@@ -310,7 +310,9 @@ class ServingSession:
         self._go(ServeEvent.VOLUME_GONE)
         anew = f" and created a new volume {vol.name} (uuid {current.uuid})" if current is not None else ""
         return _refusal("volume-deleted", f"{self.node} deleted volume {vol.name} (uuid {vol.uuid}){anew}; "
-                                          f"the copy on {self.peer} belongs to the deleted volume")
+                                          f"the copy on {self.peer} belongs to the deleted volume (to mirror "
+                                          f"one of that name again: marsfs leave {vol.name}, then marsfs join "
+                                          f"{vol.name} --from {self.node})")
 
     def _admit_fetch(self, req: Fetch) -> Error | StartShipping:
         vol, peer = self.vol, self.peer
