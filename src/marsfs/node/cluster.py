@@ -95,8 +95,9 @@ class Cluster:
                 try:
                     await self.join(name, source)
                 except MarsError as e:
-                    logger.error("could not restart the image copy of %s from %s: %s", name, source, e)
-                    self.copies[name] = ImageCopy(source=source, size=0, started=trio.current_time(), failed=str(e))
+                    logger.error("could not restart the image copy of %s from %s: %s", name, source, describe(e))
+                    self.copies[name] = ImageCopy(source=source, size=0, started=trio.current_time(),
+                                                  failed=describe(e))
             nursery.start_soon(self._replay_loop)
             task_status.started()
 

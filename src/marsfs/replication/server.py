@@ -144,8 +144,8 @@ class Server:
             if vol is not None and await self._volume_gone(ch, sess, vol):
                 pass  # it failed because the volume was deleted under it: said so to the mirror
             elif isinstance(e, MarsError):
-                logger.warning("replication connection from %s: %s", sess.peer, e)
-                await self._refuse(ch, Error(code="error", error=str(e)))
+                logger.warning("replication connection from %s: %s", sess.peer, describe(e))
+                await self._refuse(ch, Error(code="error", error=describe(e)))
             else:  # a bug in one peer's connection must not take the node down (G4)
                 logger.exception("replication connection from %s failed; dropping it", sess.peer)
         finally:
