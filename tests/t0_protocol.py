@@ -6,6 +6,8 @@
   that name the message type and the field.
 * Binary messages: RECORDS must hold verified records with consecutive LSNs, IMAGE_DATA an
   offset.
+* Protocol 2 (issue 8): HEARTBEAT names the volume's uuid, FETCH may only watch, and
+  IMAGE_PROGRESS says how far an image scan got; frames of protocol 1 are refused in words.
 * FrameDecoder refuses bad magic, checksum, length, version, type, flags and lz4 garbage, and
   decodes frames fed in pieces of any size.
 """
@@ -37,6 +39,7 @@ from marsfs.replication.protocol import (
     ImageData,
     ImageEnd,
     ImageInfo,
+    ImageProgress,
     Message,
     MsgType,
     Records,
@@ -64,12 +67,15 @@ SAMPLES: list[Message] = [
     Welcome(node="a", volume="vm", uuid="u-1", size=1 << 20, epoch=1, head_lsn=7, durable_lsn=5),
     Error(code="diverged", error="the histories diverged"),
     Fetch(from_lsn=8, prev_chain=CHAIN),
-    Heartbeat(head_lsn=9, durable_lsn=9, time=1700000000.5, probe=3, lag_bytes=100, lag_records=2, lag_seconds=0.25),
+    Fetch(from_lsn=8, prev_chain=CHAIN, watch=True),
+    Heartbeat(uuid="u-1", head_lsn=9, durable_lsn=9, time=1700000000.5, probe=3, lag_bytes=100, lag_records=2,
+              lag_seconds=0.25),
     Ack(fetched_lsn=5, replayed_lsn=4, fetch_paused=True, replay_paused=False, probe=12),
     Ack(fetched_lsn=5, replayed_lsn=5),
     ImageInfo(lsn=5, chain=CHAIN, size=1 << 20, uuid="u-1"),
     ImageData(offset=1 << 20, data=b"x" * 3000),
     ImageEnd(lsn=5),
+    ImageProgress(scanned=64 << 20),
     Records(records(8, 3)),
 ]
 
@@ -87,6 +93,19 @@ def test_round_trip(msg: Message) -> None:
 def test_records_positions() -> None:
     msg = Records(records(8, 3))
     assert (msg.first_lsn, msg.last_lsn, msg.nbytes) == (8, 10, sum(map(len, msg.records)))
+
+
+def test_fetch_without_watch_fetches() -> None:
+    """``watch`` is optional on the wire: a FETCH without it asks for records."""
+    frame = encode_frame(MsgType.FETCH, json.dumps({"from_lsn": 3, "prev_chain": CHAIN.hex()}).encode())
+    assert decode(frame) == Fetch(from_lsn=3, prev_chain=CHAIN, watch=False)
+
+
+def test_protocol_1_is_refused_in_words() -> None:
+    """Protocol 2 added fields an old peer would not know; its frames are refused as such."""
+    assert PROTO_VERSION == 2 and MsgType.IMAGE_PROGRESS == 11
+    with pytest.raises(ProtocolError, match="unsupported protocol version 1"):
+        FrameDecoder().feed(raw_frame(version=1))
 
 
 def test_image_ack_keeps_its_two_field_wire_form() -> None:

@@ -8,11 +8,13 @@ Volumes are small fakes that satisfy ``VolumeFacts``; time is a number passed in
   log, log-trimmed; which are fatal.
 * Every out-of-order message on both sides is a ProtocolError and closes the session.
 * Slow start, heartbeat cadence and probe echo, lag correction, stall detection, backoff.
+* Issue 8: the volume's identity (uuid in WELCOME and HEARTBEAT; a served volume deleted or
+  replaced ends the session), a paused fetch that watches heartbeats, image scan progress.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -29,6 +31,7 @@ from marsfs.replication.protocol import (
     ImageData,
     ImageEnd,
     ImageInfo,
+    ImageProgress,
     Message,
     Records,
     Want,
@@ -43,6 +46,8 @@ from marsfs.replication.session import (
     FIRST_BATCH,
     HEARTBEAT,
     IMAGE_CHUNK,
+    PROGRESS_BYTES,
+    PROGRESS_EVERY,
     STALL_AFTER,
     Backoff,
     FetchingSession,
@@ -232,9 +237,9 @@ def test_image_conversation() -> None:
     assert pair.to_client(info) == info
     chunks = list(pair.server.image_chunks())
     assert chunks == [(0, IMAGE_CHUNK), (IMAGE_CHUNK, IMAGE_CHUNK), (2 * IMAGE_CHUNK, IMAGE_CHUNK), (3 * IMAGE_CHUNK, 512)]
-    assert pair.server.image_data(0, bytes(IMAGE_CHUNK)) is None  # zeros are not sent
+    assert pair.server.image_chunk(0, bytes(IMAGE_CHUNK), now=0.0) == ImageProgress(IMAGE_CHUNK)  # zeros: not sent
     for off, n in chunks[1:]:
-        msg = pair.server.image_data(off, b"\1" * n)
+        msg = pair.server.image_chunk(off, b"\1" * n, now=0.0)
         assert msg is not None and pair.to_client(msg) == msg
     end = pair.server.end_image()
     assert end == ImageEnd(lsn=35) and pair.server.phase is ServePhase.AWAIT_IMAGE_ACK
@@ -301,9 +306,9 @@ def test_only_operator_refusals_are_fatal() -> None:
 
 # ---------------------------------------------------------------------------- out of order
 
-BEAT = Heartbeat(head_lsn=1, durable_lsn=1, time=0.0, probe=0, lag_bytes=0, lag_records=0, lag_seconds=0.0)
-INFO = ImageInfo(lsn=1, chain=bytes(16), size=1024, uuid="u")
-WELCOME = Welcome(node="a", volume="vm", uuid="u", size=1024, epoch=1, head_lsn=1, durable_lsn=1)
+BEAT = Heartbeat(uuid="u-1", head_lsn=1, durable_lsn=1, time=0.0, probe=0, lag_bytes=0, lag_records=0, lag_seconds=0.0)
+INFO = ImageInfo(lsn=1, chain=bytes(16), size=1024, uuid="u-1")
+WELCOME = Welcome(node="a", volume="vm", uuid="u-1", size=1024, epoch=1, head_lsn=1, durable_lsn=1)
 ACK = Ack(fetched_lsn=1, replayed_lsn=1)
 FETCH = Fetch(from_lsn=1, prev_chain=bytes(16))
 RECORDS = Records(records(1, 1))
@@ -436,7 +441,7 @@ def test_lag_correction_on_the_mirror() -> None:
     pair = Pair(volume(1, 20), mirror)
     pair.start_fetch()
     # the source computed its lag for what we had acknowledged (10); we have 15 by now
-    pair.to_client(Heartbeat(head_lsn=21, durable_lsn=20, time=0.0, probe=0, lag_bytes=5000, lag_records=10,
+    pair.to_client(Heartbeat(uuid="u-1", head_lsn=21, durable_lsn=20, time=0.0, probe=0, lag_bytes=5000, lag_records=10,
                              lag_seconds=2.5), now=1.0)
     st = pair.state
     assert (st.primary_head_lsn, st.primary_durable_lsn) == (21, 20)
@@ -448,7 +453,7 @@ def test_lag_correction_on_the_mirror() -> None:
     assert (st.lag_records, st.lag_bytes, st.lag_seconds) == (0, 0, 0.0)
     assert st.fetched_bytes == got.nbytes and list(st.samples) == [(2.0, got.nbytes)]
     # a heartbeat that says we are level leaves nothing to correct
-    pair.to_client(Heartbeat(head_lsn=20, durable_lsn=20, time=0.0, probe=0, lag_bytes=77, lag_records=3,
+    pair.to_client(Heartbeat(uuid="u-1", head_lsn=20, durable_lsn=20, time=0.0, probe=0, lag_bytes=77, lag_records=3,
                              lag_seconds=1.0), now=3.0)
     assert (st.lag_records, st.lag_bytes, st.lag_seconds) == (0, 0, 0.0)
     assert decode_header(got.records[-1][:80]).lsn == 20
@@ -473,3 +478,153 @@ def test_backoff_schedule() -> None:
     assert delays[0] == BACKOFF_MIN and delays[-1] == BACKOFF_MAX
     assert b.next(progressed=True) == BACKOFF_MIN  # a session that moved the log forward resets it
     assert b.next(progressed=False) == 0.2
+
+
+# ---------------------------------------------------------------------------- volume identity (issue 8)
+
+
+def test_a_mirror_refuses_a_source_volume_with_another_uuid() -> None:
+    """A volume deleted and created again under its name is another volume: the WELCOME says so."""
+    served = volume(1, 30)
+    served.uuid = "u-2"
+    pair = Pair(served, volume(1, 10))
+    got = pair.connect()
+    assert isinstance(got, Refused) and got.code == "volume-replaced" and got.fatal
+    assert pair.client.phase is FetchPhase.CLOSED
+    assert "uuid u-2 there, u-1 here" in got.message and "deleted on a and created anew" in got.message
+    assert "marsfs leave vm, then marsfs join vm --from a" in got.message
+
+
+def test_every_heartbeat_names_the_volume_and_the_mirror_checks_it() -> None:
+    served, mirror = volume(1, 10), volume(1, 10)
+    pair = Pair(served, mirror)
+    pair.start_fetch()
+    pair.server.poll()
+    beat = pair.server.heartbeat(0.0, wall=1.0, lag=(0, 0, 0.0))
+    assert beat.uuid == "u-1" and isinstance(pair.to_client(beat, now=0.1), Heartbeat)
+    got = pair.to_client(replace(BEAT, uuid="u-2"), now=0.2)
+    assert isinstance(got, Refused) and got.code == "volume-replaced" and got.fatal
+    assert pair.client.phase is FetchPhase.CLOSED and not pair.client.following
+
+
+def test_an_image_is_of_the_welcomed_volume() -> None:
+    pair = client_at("WELCOMED", "image")
+    with pytest.raises(ProtocolError, match="IMAGE_INFO: field 'uuid' u-2 is not the WELCOME's u-1"):
+        pair.to_client(replace(INFO, uuid="u-2"))
+    assert pair.client.phase is FetchPhase.CLOSED
+
+
+@pytest.mark.parametrize("phase", ["AWAIT_FETCH", "SHIPPING", "SENDING_IMAGE", "AWAIT_IMAGE_ACK"])
+def test_a_session_ends_when_its_volume_is_deleted(phase: str) -> None:
+    pair = server_at(phase)
+    served = pair.served
+    assert pair.server.volume_gone(served) is None  # still the node's volume of that name
+    gone = pair.server.volume_gone(None)
+    assert isinstance(gone, Error) and gone.code == "volume-deleted"
+    assert gone.error == ("a deleted volume vm (uuid u-1); the copy on b belongs to the deleted volume (to mirror "
+                          "one of that name again: marsfs leave vm, then marsfs join vm --from a)")
+    assert pair.server.phase is ServePhase.CLOSED
+    assert pair.server.volume_gone(None) is None  # said once
+    with pytest.raises(ProtocolError):
+        pair.to_server(ACK)
+
+
+def test_a_volume_created_under_the_old_name_ends_the_session_too() -> None:
+    pair = server_at("SHIPPING")
+    anew = volume(1, 3)
+    anew.uuid = "u-2"
+    gone = pair.server.volume_gone(anew)
+    assert isinstance(gone, Error) and gone.code == "volume-deleted"
+    assert "deleted volume vm (uuid u-1) and created a new volume vm (uuid u-2)" in gone.error
+    got = pair.to_client(gone)
+    assert isinstance(got, Refused) and got.fatal and pair.client.phase is FetchPhase.CLOSED
+
+
+def test_volume_gone_before_admission_or_after_the_end_says_nothing() -> None:
+    pair = Pair(volume(), want="leave")
+    assert pair.server.volume_gone(None) is None  # nothing admitted yet
+    pair.connect()
+    assert pair.server.phase is ServePhase.DONE and pair.server.volume_gone(None) is None
+
+
+# ---------------------------------------------------------------------------- a paused fetch watches (issue 8)
+
+
+def test_a_paused_fetch_watches_and_keeps_learning_the_lag() -> None:
+    served, mirror = volume(1, 10), volume(1, 10)
+    pair = Pair(served, mirror)
+    assert isinstance(pair.connect(), Welcome)
+    fetch = pair.client.fetch(now=1.0, watch=True)
+    assert fetch.watch and pair.client.phase is FetchPhase.WATCHING and pair.client.following
+    assert pair.state.connected
+    assert pair.to_server(fetch) == StartShipping(after=10) and pair.server.watching
+    served.log.last_lsn = served.durable_lsn = 40  # the primary writes on
+    assert pair.server.poll() is None  # no records for a watcher...
+    assert pair.server.heartbeat_due(2.0)  # ...but heartbeats, with the durable LSN
+    beat = pair.server.heartbeat(2.0, wall=1e9, lag=(30 * 65_600, 30, 4.0))
+    assert beat.durable_lsn == 40
+    pair.to_client(beat, now=2.0)
+    st = pair.state
+    assert (st.primary_durable_lsn, st.lag_records, st.lag_bytes, st.lag_seconds) == (40, 30, 30 * 65_600, 4.0)
+    ack = pair.client.ack(now=2.1, replayed_lsn=10, fetch_paused=True, replay_paused=False)
+    assert pair.to_server(ack) == ack and pair.server.hold_lsn == 10
+    with pytest.raises(ProtocolError, match="RECORDS is not allowed in state WATCHING"):
+        pair.to_client(Records(records(11, 1)))
+    assert not pair.client.following
+
+
+def test_a_fetch_that_is_not_paused_does_not_watch() -> None:
+    pair = Pair(volume(1, 20), volume(1, 10))
+    pair.start_fetch()
+    assert not pair.server.watching and pair.client.phase is FetchPhase.FETCHING and pair.client.following
+    assert pair.server.poll() == Ship(11, 20, FIRST_BATCH)
+
+
+# ---------------------------------------------------------------------------- image scan progress (issue 8)
+
+
+def test_an_image_scan_through_zeros_reports_progress() -> None:
+    served = volume(1, 5)
+    served.size = 300 * IMAGE_CHUNK
+    pair = Pair(served, want="image")
+    pair.connect()
+    info = pair.server.start_image()
+    pair.to_client(info)
+    zeros = bytes(IMAGE_CHUNK)
+    sent: list[tuple[float, object]] = []
+    now = 0.0
+    for off, n in pair.server.image_chunks():  # 300 chunks of zeros, one every 1 ms, one of data
+        now += 0.001
+        data = b"\1" * n if off == 150 * IMAGE_CHUNK else zeros[:n]
+        msg = pair.server.image_chunk(off, data, now)
+        if msg is not None:
+            assert pair.to_client(msg, now) == msg
+            sent.append((now, msg))
+            assert pair.client.scanned == off + n  # the mirror knows how far the scan got
+    kinds = [type(m).__name__ for _, m in sent]
+    assert kinds.count("ImageData") == 1 and sent[0][1] == ImageProgress(IMAGE_CHUNK)  # at once
+    gaps = [b[0] - a[0] for a, b in zip(sent, sent[1:])]
+    assert max(gaps) <= PROGRESS_EVERY + 0.001  # at least every 0.2 s...
+    assert len(sent) < 10  # ...and not per chunk
+    # a fast scan reports every PROGRESS_BYTES
+    fast = Pair(served, want="image")
+    fast.connect()
+    fast.server.start_image()
+    reports = [m for off, n in fast.server.image_chunks()
+               if (m := fast.server.image_chunk(off, zeros[:n], 0.0)) is not None]
+    assert [m.scanned for m in reports if isinstance(m, ImageProgress)] == [
+        IMAGE_CHUNK, *range(IMAGE_CHUNK + PROGRESS_BYTES, 300 * IMAGE_CHUNK + 1, PROGRESS_BYTES)]
+
+
+def test_image_progress_is_checked() -> None:
+    pair = client_at("IMAGE", "image")  # an image of 1024 bytes
+    with pytest.raises(ProtocolError, match="IMAGE_PROGRESS: field 'scanned' 1025 lies past the image's 1024"):
+        pair.to_client(ImageProgress(1025))
+    pair = client_at("IMAGE", "image")
+    pair.to_client(ImageProgress(1000))
+    pair.to_client(ImageProgress(512))  # never backwards
+    assert pair.client.scanned == 1000
+    for phase, want in [("FETCHING", "fetch"), ("WELCOMED", "image"), ("IMAGE_END", "image")]:
+        pair = client_at(phase, want)  # type: ignore[arg-type]
+        with pytest.raises(ProtocolError, match="IMAGE_PROGRESS is not allowed"):
+            pair.to_client(ImageProgress(1))

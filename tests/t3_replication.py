@@ -139,7 +139,7 @@ def test_image_then_fetch_until_equal(tmp_path: Path) -> None:
             assert b.log.last_lsn == a.log.last_lsn and b.log.last_chain == a.log.last_chain
             assert f.state.connected and not f.state.error and not f.state.fatal
             assert f.state.heartbeat_basis > 0 and f.state.rate() > 0
-            (peer,) = peers.for_volume("vm")
+            (peer,) = peers.for_volume("vm", a.uuid)
             await wait_for(lambda: peer.fetched_lsn == a.durable_lsn, "the ACK of the last record")
             assert peer.connected and peer.node == "b"
             nursery.cancel_scope.cancel()
@@ -203,7 +203,7 @@ def test_fetcher_survives_a_server_that_breaks_the_protocol(tmp_path: Path, capl
         await ch.receive_message()
         await ch.send_message(Welcome(node="a", volume="vm", uuid=a.uuid, size=SIZE, epoch=1, head_lsn=0, durable_lsn=0))
         assert isinstance(await ch.receive_message(), Fetch)
-        beat = Heartbeat(head_lsn=1, durable_lsn=1, time=0.0, probe=0, lag_bytes=0, lag_records=0, lag_seconds=0.0)
+        beat = Heartbeat(uuid=a.uuid, head_lsn=1, durable_lsn=1, time=0.0, probe=0, lag_bytes=0, lag_records=0, lag_seconds=0.0)
         await ch.send_raw(_frame(MsgType.HEARTBEAT, {**asdict(beat), "durable_lsn": -1}))
         with pytest.raises(ConnectionLost):  # the fetcher hangs up
             while True:
@@ -260,11 +260,11 @@ def test_stall_drops_and_reconnects(tmp_path: Path, caplog: pytest.LogCaptureFix
         finally:
             a.close()
             b.close()
-    why = f"ConnectionLost: no data from a for {STALL_AFTER:.0f} s"
+    why = f"fetch of vm from a: no data from a for {STALL_AFTER:.0f} s; retrying in"
     assert sum(why in r.getMessage() for r in caplog.records) >= 2
 
 
-@pytest.mark.allow_log(r"refused by a: .*diverge")
+@pytest.mark.allow_log(r"fetch of vm from a stopped: .*diverge")
 def test_diverged_mirror_is_refused_and_stops(tmp_path: Path) -> None:
     a = primary(tmp_path)
     server = server_for(a)

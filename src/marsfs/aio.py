@@ -63,7 +63,11 @@ def describe(e: BaseException) -> str:
     text = str(e).strip()
     if text:
         return text
+    if e.__cause__ is not None:  # trio wraps the OSError that says what happened
+        return describe(e.__cause__)
     plain: dict[type[BaseException], str] = {
         ConnectionResetError: "connection reset by peer", ConnectionRefusedError: "connection refused",
-        EOFError: "connection closed by peer"}
+        BrokenPipeError: "connection closed by peer", EOFError: "connection closed by peer",
+        TimeoutError: "timed out", trio.BrokenResourceError: "connection broken",
+        trio.ClosedResourceError: "connection already closed here"}
     return plain.get(type(e), f"{type(e).__name__} (no details)")

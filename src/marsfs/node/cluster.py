@@ -9,6 +9,9 @@ Rules that hold here:
   seconds unless paused. Pause flags and the paused replay position persist in role.json.
 * A fetch or replay that should progress and has not for ``STALL_AFTER`` seconds is reported
   as ``stalled`` with the reason.
+* A mirror's lag is measured against its source's newest durable LSN as the last heartbeat
+  told it, also while its fetch is paused (the fetcher then only watches). An image copy's
+  progress is what the source has scanned, zeros included.
 """
 
 from __future__ import annotations
@@ -92,8 +95,9 @@ class Cluster:
                 try:
                     await self.join(name, source)
                 except MarsError as e:
-                    logger.error("could not restart the image copy of %s from %s: %s", name, source, e)
-                    self.copies[name] = ImageCopy(source=source, size=0, started=trio.current_time(), failed=str(e))
+                    logger.error("could not restart the image copy of %s from %s: %s", name, source, describe(e))
+                    self.copies[name] = ImageCopy(source=source, size=0, started=trio.current_time(),
+                                                  failed=describe(e))
             nursery.start_soon(self._replay_loop)
             task_status.started()
 
@@ -222,7 +226,7 @@ class Cluster:
             ch, _ = await open_channel(self._connector(source), hello(self.node.name, self.cluster, name, "leave"))
             await ch.aclose()
         except (MarsError, OSError, PeerRefused, trio.TooSlowError) as e:
-            logger.info("could not tell %s that we left %s: %s", source, name, e)
+            logger.info("could not tell %s that we left %s: %s", source, name, describe(e))
         return {"volume": name, "left": source}
 
     # ------------------------------------------------------------------ pause and resume
@@ -264,7 +268,8 @@ class Cluster:
 
     def mirrors_of(self, name: str) -> list[str]:
         """The nodes known to fetch ``name`` from this node (connected or not)."""
-        return [p.node for p in self.peer_table.for_volume(name)]
+        vol = self.node.volumes.get(name)
+        return [p.node for p in self.peer_table.for_volume(name, vol.uuid)] if vol is not None else []
 
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
         """Status rows as JSON objects (what the control socket sends)."""
@@ -288,7 +293,7 @@ class Cluster:
             return self._mirror_status(st)
         vol = self.node.volumes[name]
         peers = []
-        for p in self.peer_table.for_volume(name):
+        for p in self.peer_table.for_volume(name, vol.uuid):
             # now, not when the last session shipped: a dead link keeps lagging
             lag_b, lag_r, lag_s = lag_of(vol, p.fetched_lsn)
             peers.append(PeerStatus(
@@ -339,7 +344,7 @@ class Cluster:
             # our newest word from the source describes it `age` seconds ago (heartbeats queue
             # behind records on a slow link): we cannot claim to be closer than that
             lag_seconds = max(lag_seconds, heartbeat_age if heartbeat_age is not None else now - fs.last_progress)
-        fetch_rate = fs.rate()
+        fetch_rate = 0.0 if role.fetch_paused else fs.rate()  # the samples are from before the pause
         eta = (fs.lag_bytes / fetch_rate) if fs.lag_bytes and fetch_rate else (0.0 if not fs.lag_bytes else None)
         state, errors = mirror_state(MirrorFacts(
             source=fs.source, fetching=True, fatal=fs.fatal, error=fs.error, fetch_paused=role.fetch_paused,

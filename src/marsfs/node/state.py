@@ -16,7 +16,8 @@ State diagram of a volume on one node (docs/architecture.md draws it)::
                                       │  ^               │
                  fetch-paused <───────┤  └── replay-paused
                  disconnected/stalled <┘  (link trouble; back on reconnect)
-                 split-brain, needs-resync (refused by the source: operator action)
+                 split-brain, needs-resync (refused by the source, or its volume was
+                 deleted or replaced: operator action)
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ class VolumeState(StrEnum):
     DISCONNECTED = "disconnected"  #: no connection to the source right now
     STALLED = "stalled"  #: no progress for a while although there is something to do
     SPLIT_BRAIN = "split-brain"  #: the source refused: our histories diverged
-    NEEDS_RESYNC = "needs-resync"  #: the source no longer holds the log we need
+    #: the source no longer holds the log we need, or the volume we copied at all (deleted
+    #: there, maybe created anew: another uuid)
+    NEEDS_RESYNC = "needs-resync"
 
 
 #: Refusal codes of a source that need an operator, and the state each one puts a mirror in.
-FATAL_STATES = {"diverged": VolumeState.SPLIT_BRAIN, "log-trimmed": VolumeState.NEEDS_RESYNC}
+FATAL_STATES = {"diverged": VolumeState.SPLIT_BRAIN, "log-trimmed": VolumeState.NEEDS_RESYNC,
+                "volume-deleted": VolumeState.NEEDS_RESYNC, "volume-replaced": VolumeState.NEEDS_RESYNC}
 
 STALL_AFTER = 10.0  #: seconds without progress (while there is lag) before a mirror is stalled
 FRESH = 1.5  #: a mirror is synced only on the word of a heartbeat at most this old (one per 0.5 s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import trio
 
+from marsfs.aio import describe
 from marsfs.replication.protocol import Frame, FrameDecoder, Message, decode_message, encode_message
 
 _READ = 256 * 1024
@@ -38,7 +39,7 @@ class Channel:
             try:
                 await self.stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                raise ConnectionLost(str(e) or type(e).__name__) from None
+                raise ConnectionLost(describe(e)) from None
             self.bytes_out += len(frame)
 
     async def receive(self) -> Frame:
@@ -46,7 +47,7 @@ class Channel:
             try:
                 data = await self.stream.receive_some(_READ)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                raise ConnectionLost(str(e) or type(e).__name__) from None
+                raise ConnectionLost(describe(e)) from None
             if not data:
                 raise ConnectionLost("connection closed by peer")
             self.bytes_in += len(data)

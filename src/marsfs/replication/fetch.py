@@ -14,7 +14,12 @@ Rules that hold here:
   by the node independently and may be paused.
 * Connection trouble only adds lag: the fetcher reconnects after the session's backoff delay,
   and a connection that brings no frame for ``STALL_AFTER`` seconds is dropped and retried.
-* Fatal refusals (``diverged``, ``log-trimmed``, ...) stop fetching: they need an operator.
+* Fatal refusals (``diverged``, ``log-trimmed``, ``volume-replaced`` ...) stop fetching: they
+  need an operator.
+* A paused fetch keeps a session that only watches (heartbeats, no records), so the mirror's
+  lag stays true while paused; pausing or resuming ends the session and starts the other kind.
+* A failure becomes a reason in words (:func:`marsfs.aio.describe`): status and log never show
+  an empty text or a bare exception class.
 * Times are trio times (``trio.current_time``), so a mock clock drives every timeout.
 """
 
@@ -25,15 +30,24 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from marsfs.aio import single_error
+from marsfs.aio import describe, single_error
 from marsfs.errors import MarsError, ProtocolError
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
-from marsfs.replication.protocol import PROTO_VERSION, Hello, ImageData, ImageEnd, ImageInfo, Records, Want, Welcome
+from marsfs.replication.protocol import (
+    PROTO_VERSION,
+    Hello,
+    ImageData,
+    ImageEnd,
+    ImageInfo,
+    ImageProgress,
+    Records,
+    Want,
+    Welcome,
+)
 from marsfs.replication.session import (
     ACK_EVERY,
     Backoff,
     FetchingSession,
-    FetchPhase,
     FetchState,
     Probes,
     Refused,
@@ -43,7 +57,8 @@ from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Connect", "FetchState", "Fetcher", "PeerChannel", "hello", "open_channel", "receive_image"]
+__all__ = ["Connect", "FetchState", "Fetcher", "PeerChannel", "failure_reason", "hello", "open_channel",
+           "receive_image"]
 
 CONNECT_TIMEOUT = 5.0
 
@@ -89,7 +104,8 @@ async def open_channel(connect: Connect, greeting: Hello | FetchingSession) -> t
 
 async def receive_image(ch: PeerChannel, make_volume: Callable[[ImageInfo], Volume],
                         progress: Callable[[int, int], None]) -> Volume:
-    """Receive IMAGE_INFO/IMAGE_DATA/IMAGE_END into a new replica volume; durable on return."""
+    """Receive IMAGE_INFO/IMAGE_DATA/IMAGE_PROGRESS/IMAGE_END into a new replica volume; durable
+    on return. ``progress(scanned, size)`` follows the source's scan, zeros included."""
     info = await ch.receive_reply()
     assert isinstance(info, ImageInfo)
     vol = await trio.to_thread.run_sync(make_volume, info)
@@ -98,9 +114,11 @@ async def receive_image(ch: PeerChannel, make_volume: Callable[[ImageInfo], Volu
             msg = await ch.receive_reply()
             if isinstance(msg, ImageEnd):
                 break
-            assert isinstance(msg, ImageData)
-            await trio.to_thread.run_sync(vol.write_base, msg.offset, msg.data)
-            progress(msg.offset + len(msg.data), info.size)
+            if isinstance(msg, ImageData):
+                await trio.to_thread.run_sync(vol.write_base, msg.offset, msg.data)
+            else:
+                assert isinstance(msg, ImageProgress), msg
+            progress(ch.session.scanned, info.size)
         await trio.to_thread.run_sync(vol.sync_base)
         await ch.send_message(ch.session.image_done(vol.head_lsn))
     except BaseException:
@@ -110,9 +128,12 @@ async def receive_image(ch: PeerChannel, make_volume: Callable[[ImageInfo], Volu
     return vol
 
 
-def _describe(e: Exception) -> str:
-    """A failure as the fetcher reports it: our own errors by message, the others with their type."""
-    return str(e) if isinstance(e, MarsError) and not isinstance(e, ProtocolError) else f"{type(e).__name__}: {e}"
+def failure_reason(e: BaseException) -> str:
+    """A failed fetch session in words, as status and the log show it. A protocol error keeps
+    its class name after the words: it means a damaged link or a buggy peer, worth a grep."""
+    if isinstance(e, ProtocolError):
+        return f"damaged or invalid data from the peer (ProtocolError: {describe(e)})"
+    return describe(e)
 
 
 class Fetcher:
@@ -132,26 +153,22 @@ class Fetcher:
         self._backoff = Backoff()
 
     async def run(self) -> None:
-        """Fetch until cancelled or refused for good (state.fatal)."""
+        """Fetch (or, while paused, watch) until cancelled or refused for good (state.fatal)."""
         while True:
-            if self.paused():
-                self.state.connected = False
-                await trio.sleep(0.1)
-                continue
             before = self.vol.durable_lsn
             clean = False
             failure = ""
             try:
-                await self._session()
+                await self._session(watch=self.paused())
                 clean = True
             except PeerRefused as e:
                 self.state.error = e.message
                 if Refused(e.code, e.message).fatal:
                     self.state.fatal = e.code
-                    logger.error("fetch of %s refused by %s: %s", self.vol.name, self.state.source, e)
+                    logger.error("fetch of %s from %s stopped: %s", self.vol.name, self.state.source, e)
                     return
             except (ConnectionLost, OSError, trio.TooSlowError, MarsError) as e:
-                failure = self.state.error = _describe(e)
+                failure = self.state.error = failure_reason(e)
             finally:
                 self.state.connected = False
             # a session that ended cleanly or moved us forward: the link works, mostly
@@ -161,23 +178,25 @@ class Fetcher:
                             failure, delay)
             await trio.sleep(delay)
 
-    async def _session(self) -> None:
+    async def _session(self, *, watch: bool) -> None:
+        """One session: fetch, or (``watch``) only hear the source's heartbeats; it ends when
+        the pause flag no longer matches."""
         vol = self.vol
         sess = FetchingSession(hello(self.node, self.cluster, vol.name, "fetch"), state=self.state,
                                probes=self._probes, mirror=vol)
         ch, _welcome = await open_channel(self.connect, sess)
         try:
-            await ch.send_message(sess.fetch(trio.current_time()))
+            await ch.send_message(sess.fetch(trio.current_time(), watch=watch))
             with single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._ack_loop, ch, sess, nursery.cancel_scope)
-                    await self._receive_loop(ch, sess)
+                    await self._receive_loop(ch, sess, watch)
                     nursery.cancel_scope.cancel()
         finally:
             await ch.aclose()
 
-    async def _receive_loop(self, ch: PeerChannel, sess: FetchingSession) -> None:
-        while not self.paused():
+    async def _receive_loop(self, ch: PeerChannel, sess: FetchingSession, watch: bool) -> None:
+        while self.paused() == watch:
             msg = None
             with trio.move_on_at(sess.stall_deadline):
                 msg = await ch.receive_reply()
@@ -186,6 +205,8 @@ class Fetcher:
                 assert why is not None, "move_on_at fired before the stall deadline"
                 raise ConnectionLost(why)
             if isinstance(msg, Records):
+                if self.paused():  # paused while we waited: nothing more is fetched from now on
+                    break
                 await trio.to_thread.run_sync(self._append, msg.records)
                 sess.appended(msg)
 
@@ -196,7 +217,7 @@ class Fetcher:
 
     async def _ack_loop(self, ch: PeerChannel, sess: FetchingSession, scope: trio.CancelScope) -> None:
         try:
-            while sess.phase is FetchPhase.FETCHING:  # a closed session acknowledges nothing more
+            while sess.following:  # a closed session acknowledges nothing more
                 await ch.send_message(sess.ack(trio.current_time(), self.replayed(), self.paused(),
                                                self.replay_paused()))
                 await trio.sleep(ACK_EVERY)

@@ -26,15 +26,22 @@ Conversation (client = the mirror, server = the node it fetches from)::
 
     client: HELLO {proto, cluster, node, volume, want: "image" | "fetch" | "leave", epoch}
     server: WELCOME {node, volume, uuid, size, epoch, head_lsn, durable_lsn}  |  ERROR {code, error}
-    want=image: server: IMAGE_INFO {lsn, chain, size, uuid}, IMAGE_DATA..., IMAGE_END {lsn}
+    want=image: server: IMAGE_INFO {lsn, chain, size, uuid}, then in offset order IMAGE_DATA...
+                        and IMAGE_PROGRESS {scanned} (how far the scan got through zeros, which
+                        are not sent), IMAGE_END {lsn}
                 client: ACK {fetched_lsn, replayed_lsn}   (the copy is durable)
-    want=fetch: client: FETCH {from_lsn, prev_chain}
-                server: RECORDS... and HEARTBEAT {head_lsn, durable_lsn, time, probe, lag_bytes,
+    want=fetch: client: FETCH {from_lsn, prev_chain, watch}
+                server: RECORDS... (none when ``watch``: the mirror's fetch is paused) and
+                        HEARTBEAT {uuid, head_lsn, durable_lsn, time, probe, lag_bytes,
                         lag_records, lag_seconds} while the client ACKs
                 client: ACK {fetched_lsn, replayed_lsn, fetch_paused, replay_paused, probe}
     want=leave: nothing after WELCOME; the server forgets the mirror.
     A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
     durable LSN, so the client knows how old the state it describes can be at most.
+    WELCOME and every HEARTBEAT name the volume's uuid: a volume deleted and re-created under
+    the same name is another volume, and its mirrors must notice (issue 8).
+    Any server state may end with ERROR {code: "volume-deleted"} when the volume it served is no
+    longer the node's volume of that name.
 """
 
 from __future__ import annotations
@@ -54,12 +61,12 @@ from marsfs.log.record import CHAIN_SIZE, HEADER_SIZE, BadRecord, decode_header
 
 __all__ = [
     "FRAME_HEADER", "MAX_FRAME", "PROTO_VERSION", "Ack", "Error", "Fetch", "Frame", "FrameDecoder", "Heartbeat",
-    "Hello", "ImageData", "ImageEnd", "ImageInfo", "Message", "MsgType", "ProtocolError", "Records", "Want",
-    "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
+    "Hello", "ImageData", "ImageEnd", "ImageInfo", "ImageProgress", "Message", "MsgType", "ProtocolError", "Records",
+    "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
 ]
 
 FRAME_MAGIC = b"MRSf"
-PROTO_VERSION = 1
+PROTO_VERSION = 2  #: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS
 MAX_FRAME = 8 * 1024 * 1024
 _HEAD = struct.Struct("<4sBBHI")  # magic, version, type, flags, length
 _SUM = struct.Struct("<Q")
@@ -82,6 +89,7 @@ class MsgType(IntEnum):
     IMAGE_INFO = 8
     IMAGE_DATA = 9
     IMAGE_END = 10
+    IMAGE_PROGRESS = 11
 
 
 # ---------------------------------------------------------------------------- framing
@@ -232,18 +240,24 @@ class Error:
 
 @dataclass(frozen=True, slots=True)
 class Fetch:
-    """Where the client's log ends: the next LSN it needs and the chain before it."""
+    """Where the client's log ends: the next LSN it needs and the chain before it.
+
+    ``watch``: the client's fetch is paused; send heartbeats (so it keeps knowing how far
+    behind it is) but no records. The client starts a new session when it resumes."""
 
     TYPE: ClassVar[MsgType] = MsgType.FETCH
     from_lsn: int = _field("pos")
     prev_chain: bytes = _field("chain")
+    watch: bool = _field("bool", default=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """The server's positions, and the mirror's lag as the server computed it."""
+    """The server's positions, and the mirror's lag as the server computed it; ``uuid`` names
+    the volume they are positions of (the mirror checks it is still its volume)."""
 
     TYPE: ClassVar[MsgType] = MsgType.HEARTBEAT
+    uuid: str = _field("str")
     head_lsn: int = _field("uint")
     durable_lsn: int = _field("uint")
     time: float = _field("seconds")  #: wall time at the server (shown, compared with record stamps)
@@ -285,6 +299,14 @@ class ImageEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageProgress:
+    """The image scan has read up to ``scanned`` bytes (chunks of zeros are scanned, not sent)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.IMAGE_PROGRESS
+    scanned: int = _field("uint")
+
+
+@dataclass(frozen=True, slots=True)
 class ImageData:
     """Bytes of the image at ``offset`` (binary payload: 8-byte offset, then the data)."""
 
@@ -314,11 +336,11 @@ class Records:
         return sum(len(r) for r in self.records)
 
 
-JsonMessage: TypeAlias = Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd
+JsonMessage: TypeAlias = Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
 Message: TypeAlias = JsonMessage | ImageData | Records
 
 _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd)}
+    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress)}
 
 
 def encode_message(msg: Message, *, compress: bool = True) -> bytes:

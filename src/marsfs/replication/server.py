@@ -11,6 +11,11 @@ Rules that hold here:
   still has to fetch.
 * Shipping runs in its own tasks and only reads the log: a slow, stalled or dead link never
   blocks writers (G4). Records are read and frames encoded in worker threads.
+* Every loop asks the session whether the volume it serves is still the node's volume of that
+  name (a ``delete``, maybe followed by a ``create``, replaces the object); if not, the mirror
+  is told (``volume-deleted``) and the connection ends. A failure while the volume is being
+  deleted under a session is that deletion, not a bug. Mirrors are known per volume *uuid*,
+  so a volume created under an old name starts with no mirrors.
 * A peer that breaks the protocol is logged at INFO and disconnected; it is the peer's fault,
   not ours. Only an error nobody foresaw is logged with its traceback, and it still only ends
   that one connection.
@@ -28,10 +33,10 @@ from typing import Any
 
 import trio
 
-from marsfs.aio import single_error
+from marsfs.aio import describe, single_error
 from marsfs.errors import MarsError, ProtocolError
 from marsfs.replication.channel import Channel, ConnectionLost
-from marsfs.replication.protocol import Ack, Error, Hello, Records, encode_message
+from marsfs.replication.protocol import Ack, Error, Hello, ImageData, Records, encode_message
 from marsfs.replication.session import ServingSession, StartShipping
 from marsfs.volume import Volume
 
@@ -46,6 +51,7 @@ class PeerState:
 
     node: str
     volume: str
+    uuid: str
     connected: bool = False
     fetched_lsn: int = 0
     replayed_lsn: int = 0
@@ -68,22 +74,23 @@ class PeerState:
 
 
 class PeerTable:
-    """Mirrors per volume, as seen from the node they fetch from."""
+    """Mirrors per volume (name and uuid: a volume created under a deleted one's name is
+    another volume, with mirrors of its own), as seen from the node they fetch from."""
 
     def __init__(self) -> None:
-        self._peers: dict[tuple[str, str], PeerState] = {}
+        self._peers: dict[tuple[str, str, str], PeerState] = {}
 
-    def get(self, volume: str, node: str) -> PeerState:
-        key = (volume, node)
+    def get(self, volume: str, uuid: str, node: str) -> PeerState:
+        key = (volume, uuid, node)
         if key not in self._peers:
-            self._peers[key] = PeerState(node=node, volume=volume)
+            self._peers[key] = PeerState(node=node, volume=volume, uuid=uuid)
         return self._peers[key]
 
-    def forget(self, volume: str, node: str) -> None:
-        self._peers.pop((volume, node), None)
+    def forget(self, volume: str, uuid: str, node: str) -> None:
+        self._peers.pop((volume, uuid, node), None)
 
-    def for_volume(self, volume: str) -> list[PeerState]:
-        return [p for (v, _), p in sorted(self._peers.items()) if v == volume]
+    def for_volume(self, volume: str, uuid: str) -> list[PeerState]:
+        return [p for (v, u, _), p in sorted(self._peers.items()) if (v, u) == (volume, uuid)]
 
 
 def lag_of(vol: Volume, fetched: int) -> tuple[int, int, float]:
@@ -115,6 +122,7 @@ class Server:
     async def handle(self, stream: trio.abc.Stream) -> None:
         ch = Channel(stream)
         sess = ServingSession(self.node, self.cluster)
+        vol: Volume | None = None
         try:
             hello = sess.receive(await ch.receive_message())
             assert isinstance(hello, Hello)
@@ -129,22 +137,36 @@ class Server:
                 await self._serve_fetch(ch, sess, vol)
             else:
                 vol.release(sess.hold_key)
-                self.peers.forget(vol.name, sess.peer)
+                self.peers.forget(vol.name, vol.uuid, sess.peer)
         except (ConnectionLost, ProtocolError) as e:
-            logger.info("replication connection from %s ended: %s", sess.peer, e)
-        except MarsError as e:
-            logger.warning("replication connection from %s: %s", sess.peer, e)
-            await self._refuse(ch, "error", str(e))
-        except Exception:  # a bug in one peer's connection must not take the node down (G4)
-            logger.exception("replication connection from %s failed; dropping it", sess.peer)
+            logger.info("replication connection from %s ended: %s", sess.peer, describe(e))
+        except Exception as e:
+            if vol is not None and await self._volume_gone(ch, sess, vol):
+                pass  # it failed because the volume was deleted under it: said so to the mirror
+            elif isinstance(e, MarsError):
+                logger.warning("replication connection from %s: %s", sess.peer, describe(e))
+                await self._refuse(ch, Error(code="error", error=describe(e)))
+            else:  # a bug in one peer's connection must not take the node down (G4)
+                logger.exception("replication connection from %s failed; dropping it", sess.peer)
         finally:
             await ch.aclose()
 
-    async def _refuse(self, ch: Channel, code: str, message: str) -> None:
+    async def _refuse(self, ch: Channel, error: Error) -> None:
         try:
-            await ch.send_message(Error(code=code, error=message))
+            await ch.send_message(error)
         except ConnectionLost:
             pass
+
+    async def _volume_gone(self, ch: Channel, sess: ServingSession, vol: Volume) -> bool:
+        """If ``vol`` is no longer this node's volume of its name: tell the mirror, forget it
+        (its position no longer holds anything here) and return True."""
+        gone = sess.volume_gone(self.lookup(vol.name))
+        if gone is None:
+            return False
+        logger.info("replication connection from %s ends: %s", sess.peer, gone.error)
+        self.peers.forget(vol.name, vol.uuid, sess.peer)
+        await self._refuse(ch, gone)
+        return True
 
     async def _send_image(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
         await trio.to_thread.run_sync(vol.log.sync)
@@ -155,10 +177,14 @@ class Server:
             await ch.send_message(info)
             logger.info("sending image of %s at LSN %d to %s", vol.name, info.lsn, sess.peer)
             for off, n in sess.image_chunks():
+                if await self._volume_gone(ch, sess, vol):
+                    return
                 data = await trio.to_thread.run_sync(view.read, off, n)
-                msg = sess.image_data(off, data)
-                if msg is not None:
+                msg = sess.image_chunk(off, data, trio.current_time())
+                if isinstance(msg, ImageData):
                     await ch.send_raw(await trio.to_thread.run_sync(encode_message, msg))
+                elif msg is not None:
+                    await ch.send_message(msg)
             await ch.send_message(sess.end_image())
             sess.receive(await ch.receive_message())  # the ACK: the copy is durable on the mirror
         finally:
@@ -171,19 +197,23 @@ class Server:
             return
         assert isinstance(start, StartShipping)
         vol.hold(sess.hold_key, start.after)
-        state = self.peers.get(vol.name, sess.peer)
+        state = self.peers.get(vol.name, vol.uuid, sess.peer)
         state.connected, state.fetched_lsn, state.sent_lsn = True, start.after, start.after
-        logger.info("%s fetches %s from LSN %d", sess.peer, vol.name, start.after + 1)
+        if sess.watching:
+            logger.info("%s watches %s from LSN %d (its fetch is paused)", sess.peer, vol.name, start.after + 1)
+        else:
+            logger.info("%s fetches %s from LSN %d", sess.peer, vol.name, start.after + 1)
         try:
             with single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive_acks, ch, sess, vol, state, nursery.cancel_scope)
-                    await self._ship(ch, sess, vol, state)
+                    await self._ship(ch, sess, vol, state)  # returns when the volume is gone
+                    nursery.cancel_scope.cancel()
         finally:
             state.connected = False
 
     async def _ship(self, ch: Channel, sess: ServingSession, vol: Volume, state: PeerState) -> None:
-        while True:
+        while not await self._volume_gone(ch, sess, vol):
             todo = sess.poll()
             if todo is not None:
                 frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, todo.first, todo.limit, todo.batch)

@@ -20,6 +20,20 @@ Rules that hold here:
 * Only records that are durable here are shipped (G3), and on a mirror serving another mirror
   only records it has replayed, so a chain of mirrors stays prefix-consistent
   (:func:`shippable_lsn`). An image is the volume at that LSN.
+* Volume identity: a volume is its uuid, not its name. The serving side is asked, at every
+  step of its loops, whether the volume it serves is still the node's volume of that name
+  (:meth:`ServingSession.volume_gone`); when it was deleted (and maybe created again) the
+  session ends with ERROR ``volume-deleted``. The fetching side compares the uuid of the
+  WELCOME and of every HEARTBEAT with its own volume's; another uuid ends the session as
+  ``volume-replaced``. Both are :data:`FATAL`: the mirror's copy belongs to a volume that is
+  gone, and only the operator can say what to do with it. Within one volume, the chain is
+  what is checked: at admission (``prev_chain``) and on every appended record.
+* A paused fetch still watches: its FETCH has ``watch`` set, the server sends heartbeats and
+  no records, so the mirror keeps knowing the source's durable LSN and how far behind it is.
+  Pausing or resuming starts a new session (records in flight belong to the old one).
+* An image scan reports how far it got: a chunk of data says it by its offset, and between
+  chunks of zeros (not sent) an ``IMAGE_PROGRESS`` goes out at least every
+  :data:`PROGRESS_EVERY` seconds or :data:`PROGRESS_BYTES` scanned bytes.
 * Slow start: a session's first RECORDS frame holds at most :data:`FIRST_BATCH` bytes (or
   one record), each later one twice as much, up to :data:`BATCH_BYTES`.
 * A HEARTBEAT goes out at once and then every :data:`HEARTBEAT` seconds; it echoes the newest
@@ -51,6 +65,7 @@ from marsfs.replication.protocol import (
     ImageData,
     ImageEnd,
     ImageInfo,
+    ImageProgress,
     Message,
     Records,
     Want,
@@ -60,13 +75,15 @@ from marsfs.replication.protocol import (
 BATCH_BYTES = 4 * 1024 * 1024
 FIRST_BATCH = 64 * 1024  #: a session's first frame; each later one may be twice as big
 IMAGE_CHUNK = 1024 * 1024
+PROGRESS_EVERY = 0.2  #: an image scan through zeros says how far it got at least this often...
+PROGRESS_BYTES = 64 * 1024 * 1024  #: ...or after this many bytes
 HEARTBEAT = 0.5
 STALL_AFTER = 10.0
 ACK_EVERY = 0.2
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 #: refusal codes that need an operator: retrying cannot help
-FATAL = ("diverged", "log-trimmed", "unknown-volume", "cluster", "protocol")
+FATAL = ("diverged", "log-trimmed", "unknown-volume", "cluster", "protocol", "volume-deleted", "volume-replaced")
 _PROBES_KEPT = 100
 _ZERO = bytes(IMAGE_CHUNK)
 _SAMPLES_KEPT = 50
@@ -113,7 +130,8 @@ def shippable_lsn(vol: VolumeFacts) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """The server answered with ERROR ``code``: the session is over."""
+    """The session is over for a reason in ``code``: the server's ERROR, or what the fetching
+    side found itself (``volume-replaced``: the source's volume is not ours)."""
 
     code: str
     message: str
@@ -162,6 +180,7 @@ class ServeEvent(Enum):
     ACCEPT_FETCH = auto()
     REFUSE = auto()
     IMAGE_END = auto()
+    VOLUME_GONE = auto()  #: the volume served was deleted (maybe created again) on this node
 
 
 _S = ServePhase
@@ -176,6 +195,8 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.AWAIT_FETCH, Fetch): _S.ADMITTING,
     (_S.ADMITTING, ServeEvent.ACCEPT_FETCH): _S.SHIPPING,
     (_S.SHIPPING, Ack): _S.SHIPPING,
+    **{(phase, ServeEvent.VOLUME_GONE): _S.CLOSED
+       for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING)},
 }
 _WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
                   "leave": ServeEvent.WELCOME_LEAVE}
@@ -212,7 +233,10 @@ class ServingSession:
         self.replayed_lsn = 0
         self.sent_lsn = 0
         self.probe = 0  #: the newest ACK probe
+        self.watching = False  #: the mirror's fetch is paused: heartbeats only
         self._batch = FIRST_BATCH
+        self._reported = 0  #: bytes of the image the mirror knows were scanned
+        self._report_at: float | None = None  #: when it last learned that
         self._next_beat: float | None = None
         self._beat_probe = 0  #: the probe read before _beat_limit
         self._beat_limit = 0
@@ -276,6 +300,20 @@ class ServingSession:
         self._go(ServeEvent.REFUSE)
         return _refusal(code, message)
 
+    def volume_gone(self, current: VolumeFacts | None) -> Error | None:
+        """Whether the volume this session serves was deleted: ``current`` is what the node has
+        under its name now (None: nothing). If it is another object, the session is CLOSED and
+        this is the ERROR to send; a session that is already over has nothing to say."""
+        vol = self._vol
+        if vol is None or current is vol or self.phase in (ServePhase.DONE, ServePhase.CLOSED):
+            return None
+        self._go(ServeEvent.VOLUME_GONE)
+        anew = f" and created a new volume {vol.name} (uuid {current.uuid})" if current is not None else ""
+        return _refusal("volume-deleted", f"{self.node} deleted volume {vol.name} (uuid {vol.uuid}){anew}; "
+                                          f"the copy on {self.peer} belongs to the deleted volume (to mirror "
+                                          f"one of that name again: marsfs leave {vol.name}, then marsfs join "
+                                          f"{vol.name} --from {self.node})")
+
     def _admit_fetch(self, req: Fetch) -> Error | StartShipping:
         vol, peer = self.vol, self.peer
         after = req.from_lsn - 1
@@ -290,6 +328,7 @@ class ServingSession:
                                             f"diverge at or before LSN {after} (split brain)")
         self._go(ServeEvent.ACCEPT_FETCH)
         self.fetched_lsn = self.replayed_lsn = self.sent_lsn = after
+        self.watching = req.watch
         return StartShipping(after)
 
     # -- image
@@ -308,9 +347,20 @@ class ServingSession:
         for off in range(0, size, IMAGE_CHUNK):
             yield off, min(IMAGE_CHUNK, size - off)
 
-    def image_data(self, offset: int, data: bytes) -> ImageData | None:
-        """The message for one chunk; None for zeros (the mirror's base starts sparse)."""
-        return None if data == _ZERO[: len(data)] else ImageData(offset, data)
+    def image_chunk(self, offset: int, data: bytes, now: float) -> ImageData | ImageProgress | None:
+        """The message for one chunk (chunks come in offset order): its data; for zeros, which
+        are not sent (the mirror's base starts sparse), how far the scan got when the mirror
+        last heard that :data:`PROGRESS_EVERY` seconds or :data:`PROGRESS_BYTES` ago, else None."""
+        end = offset + len(data)
+        msg: ImageData | ImageProgress
+        if data != _ZERO[: len(data)]:
+            msg = ImageData(offset, data)
+        elif self._report_at is None or now - self._report_at >= PROGRESS_EVERY or end - self._reported >= PROGRESS_BYTES:
+            msg = ImageProgress(scanned=end)
+        else:
+            return None
+        self._reported, self._report_at = end, now
+        return msg
 
     def end_image(self) -> ImageEnd:
         assert self.image is not None
@@ -320,11 +370,12 @@ class ServingSession:
     # -- shipping
 
     def poll(self) -> Ship | None:
-        """What to ship now (None: nothing; wait a little). Reads the probe before the LSN."""
+        """What to ship now (None: nothing, or the mirror only watches; wait a little). Reads the
+        probe before the LSN."""
         self._beat_probe = self.probe
         self._beat_limit = limit = shippable_lsn(self.vol)
         cursor = self.sent_lsn + 1
-        if cursor > limit:
+        if cursor > limit or self.watching:
             return None
         return Ship(cursor, limit, self._batch)
 
@@ -341,8 +392,8 @@ class ServingSession:
         """The heartbeat for the last :meth:`poll` (``lag`` as :func:`server.lag_of` has it)."""
         self._next_beat = now + HEARTBEAT
         lag_bytes, lag_records, lag_seconds = lag
-        return Heartbeat(head_lsn=self.vol.head_lsn, durable_lsn=self._beat_limit, time=wall, probe=self._beat_probe,
-                         lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds)
+        return Heartbeat(uuid=self.vol.uuid, head_lsn=self.vol.head_lsn, durable_lsn=self._beat_limit, time=wall,
+                         probe=self._beat_probe, lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds)
 
 
 # ---------------------------------------------------------------------------- fetching side
@@ -417,9 +468,10 @@ class FetchPhase(Enum):
     START = auto()
     AWAIT_WELCOME = auto()
     WELCOMED = auto()
-    IMAGE = auto()  #: IMAGE_INFO read, data arriving
+    IMAGE = auto()  #: IMAGE_INFO read, data and progress arriving
     IMAGE_END = auto()  #: the caller makes the copy durable, then sends image_done()
     FETCHING = auto()
+    WATCHING = auto()  #: fetch paused: heartbeats only
     DONE = auto()
     CLOSED = auto()  #: refused, or the peer broke the protocol
 
@@ -427,6 +479,7 @@ class FetchPhase(Enum):
 class FetchEvent(Enum):
     SEND_HELLO = auto()
     SEND_FETCH = auto()
+    SEND_WATCH = auto()
     SEND_ACK = auto()
 
 
@@ -439,27 +492,32 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
     "image": {**_FETCH_COMMON,
               (_F.WELCOMED, ImageInfo): _F.IMAGE,
               (_F.IMAGE, ImageData): _F.IMAGE,
+              (_F.IMAGE, ImageProgress): _F.IMAGE,
               (_F.IMAGE, ImageEnd): _F.IMAGE_END,
               (_F.IMAGE_END, FetchEvent.SEND_ACK): _F.DONE},
     "fetch": {**_FETCH_COMMON,
               (_F.WELCOMED, FetchEvent.SEND_FETCH): _F.FETCHING,
               (_F.FETCHING, Records): _F.FETCHING,
               (_F.FETCHING, Heartbeat): _F.FETCHING,
-              (_F.FETCHING, FetchEvent.SEND_ACK): _F.FETCHING},
+              (_F.FETCHING, FetchEvent.SEND_ACK): _F.FETCHING,
+              (_F.WELCOMED, FetchEvent.SEND_WATCH): _F.WATCHING,
+              (_F.WATCHING, Heartbeat): _F.WATCHING,
+              (_F.WATCHING, FetchEvent.SEND_ACK): _F.WATCHING},
     "leave": dict(_FETCH_COMMON),
 }
-_REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING)
+_REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING, _F.WATCHING)
 
 
 #: what a fetching session passes on from the server (an ERROR becomes a :class:`Refused`)
-ServerReply: TypeAlias = Welcome | ImageInfo | ImageData | ImageEnd | Records | Heartbeat
+ServerReply: TypeAlias = Welcome | ImageInfo | ImageData | ImageProgress | ImageEnd | Records | Heartbeat
 
 
 class FetchingSession:
     """One connection as seen by the mirror: HELLO, then an image copy or a fetch (or leave).
 
-    ``mirror`` (the local volume) is needed for a fetch only; ``state`` and ``probes`` outlive
-    the session (one per fetcher)."""
+    ``mirror`` (the local volume) is needed for a fetch only, and when given, the source's
+    volume must be the same volume (uuid); ``state`` and ``probes`` outlive the session (one
+    per fetcher)."""
 
     def __init__(self, greeting: Hello, *, state: FetchState | None = None, probes: Probes | None = None,
                  mirror: VolumeFacts | None = None) -> None:
@@ -470,6 +528,7 @@ class FetchingSession:
         self._mirror = mirror
         self.welcome: Welcome | None = None
         self.image: ImageInfo | None = None
+        self.scanned = 0  #: bytes of the image the source has scanned (sent or found zero)
         self._next_lsn = 0  #: the LSN the next RECORDS frame must start with
 
     @property
@@ -481,12 +540,31 @@ class FetchingSession:
         assert self._mirror is not None, "a fetch session needs the mirror volume"
         return self._mirror
 
+    @property
+    def following(self) -> bool:
+        """A fetch or watch session is under way (it acknowledges; a closed one says nothing more)."""
+        return self.phase in (FetchPhase.FETCHING, FetchPhase.WATCHING)
+
     def _go(self, event: Enum | Message) -> None:
         try:
             self.phase = FetchPhase(_step(_FETCH[self.want], self.phase, event, f"{self.want} fetching"))
         except ProtocolError:
             self.phase = FetchPhase.CLOSED
             raise
+
+    def _fail(self, why: str) -> ProtocolError:
+        self.phase = FetchPhase.CLOSED
+        return ProtocolError(why)
+
+    def _replaced(self, theirs: str) -> Refused:
+        """The source's volume of our name is another volume (its uuid is ``theirs``)."""
+        self.phase = FetchPhase.CLOSED
+        ours, source = self.mirror.uuid, self.welcome.node if self.welcome else self.state.source
+        name = self.mirror.name
+        return Refused("volume-replaced",
+                       f"{source}'s volume {name} is not the volume this mirror copies (uuid {theirs} there, "
+                       f"{ours} here): it was deleted on {source} and created anew; fetching stopped. To mirror "
+                       f"the new volume: marsfs leave {name}, then marsfs join {name} --from {source}")
 
     def hello(self) -> Hello:
         self._go(FetchEvent.SEND_HELLO)
@@ -501,27 +579,38 @@ class FetchingSession:
         self.state.last_frame = now
         if isinstance(msg, Welcome):
             self.welcome = msg
+            if self._mirror is not None and msg.uuid != self._mirror.uuid:
+                return self._replaced(msg.uuid)
         elif isinstance(msg, ImageInfo):
+            assert self.welcome is not None
+            if msg.uuid != self.welcome.uuid:
+                raise self._fail(f"IMAGE_INFO: field 'uuid' {msg.uuid} is not the WELCOME's {self.welcome.uuid}")
             self.image = msg
         elif isinstance(msg, ImageData):
             assert self.image is not None
             if msg.offset + len(msg.data) > self.image.size:
-                self.phase = FetchPhase.CLOSED
-                raise ProtocolError(f"IMAGE_DATA: field 'offset' {msg.offset} + {len(msg.data)} bytes lies "
-                                    f"past the image's {self.image.size} bytes")
+                raise self._fail(f"IMAGE_DATA: field 'offset' {msg.offset} + {len(msg.data)} bytes lies "
+                                 f"past the image's {self.image.size} bytes")
+            self.scanned = max(self.scanned, msg.offset + len(msg.data))
+        elif isinstance(msg, ImageProgress):
+            assert self.image is not None
+            if msg.scanned > self.image.size:
+                raise self._fail(f"IMAGE_PROGRESS: field 'scanned' {msg.scanned} lies past the image's "
+                                 f"{self.image.size} bytes")
+            self.scanned = max(self.scanned, msg.scanned)
         elif isinstance(msg, ImageEnd):
             assert self.image is not None
             if msg.lsn != self.image.lsn:
-                self.phase = FetchPhase.CLOSED
-                raise ProtocolError(f"IMAGE_END: field 'lsn' {msg.lsn} is not the image's LSN {self.image.lsn}")
+                raise self._fail(f"IMAGE_END: field 'lsn' {msg.lsn} is not the image's LSN {self.image.lsn}")
         elif isinstance(msg, Records):
             if msg.first_lsn != self._next_lsn:
-                self.phase = FetchPhase.CLOSED
-                raise ProtocolError(f"RECORDS: field 'records' starts at LSN {msg.first_lsn}, "
-                                    f"not at the next one we need ({self._next_lsn})")
+                raise self._fail(f"RECORDS: field 'records' starts at LSN {msg.first_lsn}, "
+                                 f"not at the next one we need ({self._next_lsn})")
             self._next_lsn = msg.last_lsn + 1
         else:
             assert isinstance(msg, Heartbeat), msg  # the table allows nothing else
+            if msg.uuid != self.mirror.uuid:
+                return self._replaced(msg.uuid)
             self._heartbeat(msg, now)
         return msg
 
@@ -534,14 +623,15 @@ class FetchingSession:
 
     # -- fetch
 
-    def fetch(self, now: float) -> Fetch:
-        """The FETCH that continues our log; the session counts as connected from now."""
-        self._go(FetchEvent.SEND_FETCH)
+    def fetch(self, now: float, *, watch: bool = False) -> Fetch:
+        """The FETCH that continues our log (``watch``: fetching is paused, ask for heartbeats
+        only); the session counts as connected from now."""
+        self._go(FetchEvent.SEND_WATCH if watch else FetchEvent.SEND_FETCH)
         log = self.mirror.log
         self._next_lsn = log.last_lsn + 1
         st = self.state
         st.connected, st.error, st.last_frame = True, "", now
-        return Fetch(from_lsn=log.last_lsn + 1, prev_chain=log.last_chain)
+        return Fetch(from_lsn=log.last_lsn + 1, prev_chain=log.last_chain, watch=watch)
 
     def ack(self, now: float, replayed_lsn: int, fetch_paused: bool, replay_paused: bool) -> Ack:
         """The next ACK, with a new probe a heartbeat may echo."""

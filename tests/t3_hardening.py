@@ -1,0 +1,277 @@
+"""Issue 8 in the replication pumps: the real Server and Fetcher on memory streams and MockClock.
+
+* Volume identity: a session whose volume is deleted (and created again) on the source ends
+  with ``volume-deleted``; a fetcher that meets a volume of its name with another uuid stops
+  with ``volume-replaced``. Both stop the fetcher for good, in words.
+* A paused fetcher watches: it keeps a session that brings heartbeats and no records, so its
+  lag grows with the source's writes; resumed, it catches up.
+* An image copy of a volume of zeros reports how far the source scanned while it scans.
+* A fetch failure is a reason in words: no empty text, no bare exception class.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+
+from marsfs.node.state import MirrorFacts, VolumeState, mirror_state
+from marsfs.replication.fetch import Fetcher, hello, open_channel, receive_image
+from marsfs.replication.protocol import ImageInfo
+from marsfs.replication.server import PeerTable, Server
+from marsfs.replication.session import IMAGE_CHUNK
+from marsfs.volume import Volume
+from t3_replication import CLUSTER, SIZE, Link, copy_image, primary, run, wait_for, write
+
+
+class Node:
+    """The serving side of node ``a`` with a volume table that tests change (delete, create)."""
+
+    def __init__(self, *vols: Volume) -> None:
+        self.volumes = {v.name: v for v in vols}
+        self.peers = PeerTable()
+        self.server = Server("a", CLUSTER, self.volumes.get, lambda name: 3, self.peers)
+
+
+async def tick() -> None:
+    """Keeps a deadline near, so that the MockClock jumps in small steps while worker threads
+    run (it jumps to the next deadline, which may be a test's timeout, when all tasks wait)."""
+    while True:
+        await trio.sleep(0.05)
+
+
+def fetcher(mirror: Volume, link: Link, paused: list[bool] | None = None) -> Fetcher:
+    flag = paused if paused is not None else [False]
+    return Fetcher(mirror, "b", CLUSTER, "a", link.connect, paused=lambda: flag[0],
+                   replayed=lambda: mirror.current_lsn, replay_paused=lambda: False)
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+@pytest.mark.allow_log(r"fetch of vm from a stopped: a deleted volume vm")
+@pytest.mark.parametrize("recreate", [False, True], ids=["deleted", "deleted-and-created"])
+def test_a_session_ends_when_the_source_deletes_its_volume(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                           recreate: bool) -> None:
+    a = primary(tmp_path)
+    node = Node(a)
+    anew = Volume.create(tmp_path / "a2" / "vm", "vm", SIZE, sync_interval=None)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            link = Link(nursery, node.server.handle)
+            b = await copy_image(link, tmp_path / "b" / "vm")
+            try:
+                f = fetcher(b, link)
+                nursery.start_soon(f.run)
+                await wait_for(lambda: f.state.connected and f.state.last_heartbeat > 0, "a heartbeat")
+                assert [p.node for p in node.peers.for_volume("vm", a.uuid)] == ["b"]
+                del node.volumes["vm"]  # marsfs delete vm --force on a (and maybe create vm)
+                if recreate:
+                    node.volumes["vm"] = anew
+                    await trio.to_thread.run_sync(write, anew, 9, 3)
+                with trio.fail_after(5):
+                    while not f.state.fatal:
+                        await trio.sleep(0.05)
+                assert f.state.fatal == "volume-deleted" and not f.state.connected
+                assert f.state.error.startswith(f"a deleted volume vm (uuid {a.uuid})")
+                if recreate:
+                    assert f"and created a new volume vm (uuid {anew.uuid})" in f.state.error
+                assert node.peers.for_volume("vm", a.uuid) == []  # the old volume's mirror is forgotten
+                assert len(link.opened) == 2  # the image copy and the one fetch: no retries
+                nursery.cancel_scope.cancel()
+            finally:
+                b.close()
+
+    with caplog.at_level(logging.INFO, logger="marsfs"):
+        try:
+            run(main)
+        finally:
+            a.close()
+            anew.close()
+    assert any("replication connection from b ends: a deleted volume vm" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.allow_log(r"fetch of vm from a stopped: a's volume vm is not the volume this mirror copies")
+def test_a_fetcher_meeting_another_volume_of_its_name_stops(tmp_path: Path) -> None:
+    """The mirror was away while the source deleted and created the volume: WELCOME tells."""
+    a = primary(tmp_path)
+    node = Node(a)
+    anew = Volume.create(tmp_path / "a2" / "vm", "vm", SIZE, sync_interval=None)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            link = Link(nursery, node.server.handle)
+            b = await copy_image(link, tmp_path / "b" / "vm")
+            try:
+                node.volumes["vm"] = anew
+                await trio.to_thread.run_sync(write, anew, 9, 40)  # more records than the mirror has
+                f = fetcher(b, link)
+                with trio.fail_after(5):
+                    await f.run()  # returns: stopped for good
+                assert f.state.fatal == "volume-replaced"
+                assert f"uuid {anew.uuid} there, {a.uuid} here" in f.state.error
+                assert "marsfs leave vm, then marsfs join vm --from a" in f.state.error
+                assert b.durable_lsn == a.durable_lsn  # nothing of the other volume was fetched
+                assert node.peers.for_volume("vm", anew.uuid) == []
+            finally:
+                b.close()
+            nursery.cancel_scope.cancel()
+
+    try:
+        run(main)
+    finally:
+        a.close()
+        anew.close()
+
+
+# ---------------------------------------------------------------------------------------------- pause
+
+
+def test_a_paused_fetcher_watches_its_lag_grow_and_resumes(tmp_path: Path) -> None:
+    a = primary(tmp_path)
+    node = Node(a)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            link = Link(nursery, node.server.handle)
+            b = await copy_image(link, tmp_path / "b" / "vm")
+            try:
+                paused = [True]
+                f = fetcher(b, link, paused)
+                nursery.start_soon(f.run)
+                await wait_for(lambda: f.state.connected and f.state.last_heartbeat > 0, "a watching session")
+                start = b.durable_lsn
+                await trio.to_thread.run_sync(write, a, 3, 40)
+                await wait_for(lambda: f.state.primary_durable_lsn == a.durable_lsn, "a heartbeat after the writes")
+                assert b.durable_lsn == start  # paused: nothing fetched
+                assert f.state.lag_records == a.durable_lsn - start > 40
+                assert f.state.lag_bytes == a.log.bytes_between(start, a.durable_lsn) > 0
+                (peer,) = node.peers.for_volume("vm", a.uuid)
+                await wait_for(lambda: peer.fetch_paused, "an ACK that says paused")
+                assert peer.connected and peer.fetched_lsn == start
+                paused[0] = False
+                await wait_for(lambda: b.durable_lsn == a.durable_lsn and f.state.lag_records == 0, "catching up")
+                assert not f.state.error
+                nursery.cancel_scope.cancel()
+            finally:
+                b.close()
+        assert len(link.opened) == 3  # the image copy, the watching session, the fetching one
+
+    try:
+        run(main)
+    finally:
+        a.close()
+
+
+def test_records_arriving_after_a_pause_are_not_fetched(tmp_path: Path) -> None:
+    """pause-fetch means nothing more is fetched from that moment: a fetcher that was waiting
+    for frames when the pause came must not append the next RECORDS frame it receives."""
+    a = primary(tmp_path)
+    node = Node(a)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            link = Link(nursery, node.server.handle)
+            b = await copy_image(link, tmp_path / "b" / "vm")
+            try:
+                paused = [False]
+                f = fetcher(b, link, paused)
+                nursery.start_soon(f.run)
+                await wait_for(lambda: f.state.connected and f.state.last_heartbeat > 0, "a fetching session")
+                paused[0] = True  # the fetcher sits in its receive: the pause lands there
+                start = b.durable_lsn
+                await trio.to_thread.run_sync(write, a, 3, 40)
+                await wait_for(lambda: f.state.primary_durable_lsn == a.durable_lsn, "a heartbeat after the writes")
+                assert b.durable_lsn == start, "records were fetched after the pause"
+                nursery.cancel_scope.cancel()
+            finally:
+                b.close()
+
+    try:
+        run(main)
+    finally:
+        a.close()
+
+
+# ---------------------------------------------------------------------------------------------- image progress
+
+
+def test_an_image_copy_of_zeros_shows_progress_while_the_source_scans(tmp_path: Path) -> None:
+    size = 256 * IMAGE_CHUNK
+    a = Volume.create(tmp_path / "a" / "vm", "vm", size, sync_interval=None)
+    node = Node(a)
+    seen: list[tuple[float, int]] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            link = Link(nursery, node.server.handle)
+            ch, _ = await open_channel(link.connect, hello("b", CLUSTER, "vm", "image"))
+
+            def make(info: ImageInfo) -> Volume:
+                return Volume.create_replica(tmp_path / "b" / "vm", "vm", info.size, info.uuid, info.lsn, info.chain)
+
+            try:
+                b = await receive_image(ch, make, lambda done, total: seen.append((trio.current_time(), done)))
+            finally:
+                await ch.aclose()
+            b.close()
+            nursery.cancel_scope.cancel()
+
+    try:
+        run(main)
+    finally:
+        a.close()
+    done = [d for _, d in seen]
+    assert done == sorted(done) and done[0] == IMAGE_CHUNK and 0 < len(done) < 256, done
+    assert any(0 < d < size for d in done), "the mirror learned nothing before the end of the scan"
+
+
+# ---------------------------------------------------------------------------------------------- reasons
+
+
+def test_a_fetch_that_times_out_says_so_in_words(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    a = primary(tmp_path)
+    b = Volume.create_replica(tmp_path / "b" / "vm", "vm", SIZE, a.uuid, a.durable_lsn, a.log.last_chain)
+    tries: list[float] = []
+
+    async def hang() -> trio.abc.Stream:
+        tries.append(trio.current_time())
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            f = Fetcher(b, "b", CLUSTER, "a", hang, paused=lambda: False, replayed=lambda: b.current_lsn,
+                        replay_paused=lambda: False)
+            nursery.start_soon(f.run)
+            while len(tries) < 2:
+                await trio.sleep(1)
+            assert f.state.error == "no answer in time (timed out)"
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.INFO, logger="marsfs"):
+        try:
+            run(main, autojump=0)
+        finally:
+            a.close()
+            b.close()
+    lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert lines and lines[0].startswith("fetch of vm from a: no answer in time (timed out); retrying in"), lines
+    assert not any("Error: ;" in line or "Error: " in line for line in lines), lines
+
+
+@pytest.mark.parametrize("code", ["volume-deleted", "volume-replaced"])
+def test_a_source_volume_gone_needs_a_resync(code: str) -> None:
+    state, errors = mirror_state(MirrorFacts(
+        source="a", fetching=True, fatal=code, error="a deleted volume vm (uuid u-1)", fetch_paused=False,
+        replay_paused=False, connected=False, since_progress=0.0, missing_records=0, lag_records=0,
+        heartbeat_age=0.1))
+    assert state is VolumeState.NEEDS_RESYNC and errors == ["fetch from a: a deleted volume vm (uuid u-1)"]
