@@ -242,7 +242,28 @@ async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
                          for v in vol.versions()]}
 
 
+async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
+    source, version = clone_spec(a["version"])
+    vol = await trio.to_thread.run_sync(ctx.node.clone, source, version, a["volume"])
+    return {**ctx.node.status(vol.name)[0], "image": str(ctx.mount / f"{vol.name}.img")}
+
+
 # ---------------------------------------------------------------------- the command line's side
+
+def clone_spec(spec: str) -> tuple[str, str]:
+    """``VOL@VERSION`` -> ``(VOL, VERSION)``; the first ``@`` splits (volume names have none)."""
+    source, sep, version = spec.partition("@")
+    if not sep or not version:
+        raise UsageError(f"clone {spec!r}: give VOL@VERSION, like vm@lsn-42, vm@before-upgrade or "
+                         "vm@2026-11-23T10:00:00Z")
+    check_volume_name(source)
+    return source, version
+
+
+def _clone_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    return (f"cloned {r['clone_of']} as {r['volume']}: writable at {r['image']}; it holds that version of "
+            f"{r['clone_of'].split('@')[0]} until: marsfs delete {r['volume']}")
+
 
 def status_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
@@ -258,6 +279,8 @@ def status_table(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     for r in rows:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
+    for r in rows:
+        lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
     return "\n".join(lines)
 
 
@@ -352,4 +375,9 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             client=_wait),
     Command("versions", "list marks, flush points and the retained range", (VOLUME, JSON),
             _versions, text=_versions_text, json=lambda r, a: r),
+    Command("clone", "writable copy-on-write local volume from a version (also on a mirror)",
+            (Arg("version", "the volume and version: lsn-N, a mark or an ISO-8601 UTC time",
+                 metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),
+             Arg("volume", "the new volume's name", metavar="NEWVOL", check=check_volume_name), JSON),
+            _clone, text=_clone_text, json=lambda r, a: r),
 )})
