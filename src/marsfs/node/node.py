@@ -247,10 +247,13 @@ class Node:
             return vol
 
     def clones_of(self, name: str) -> list[tuple[str, int]]:
-        """``(clone, lsn)`` of every clone of volume ``name`` here, by name."""
+        """``(clone, lsn)`` of every clone of volume ``name`` here (that volume, not another one
+        of the same name), by name."""
         with self._lock:
+            source = self.volumes.get(name)
             return sorted((v.name, v.clone_of.lsn) for v in self.volumes.values()
-                          if v.clone_of is not None and v.clone_of.source == name)
+                          if v.clone_of is not None and source is not None
+                          and (v.clone_of.source, v.clone_of.source_uuid) == (name, source.uuid))
 
     def largest_volume(self) -> int:
         """The largest file the state directory's filesystem holds (probed once, with sparse
