@@ -375,7 +375,7 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             client=_wait),
     Command("versions", "list marks, flush points and the retained range", (VOLUME, JSON),
             _versions, text=_versions_text, json=lambda r, a: r),
-    Command("clone", "writable copy-on-write local volume from a version (also on a mirror)",
+    Command("clone", "writable copy-on-write volume from a version",
             (Arg("version", "the volume and version: lsn-N, a mark or an ISO-8601 UTC time",
                  metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),
              Arg("volume", "the new volume's name", metavar="NEWVOL", check=check_volume_name), JSON),
