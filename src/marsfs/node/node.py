@@ -216,9 +216,7 @@ class Node:
                 write_json(path / "role.json", role.to_json())
             except BaseException as e:
                 shutil.rmtree(path, ignore_errors=True)
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise NoSpace(f"no space to create volume {name!r} in {self.state}: {e.strerror}; "
-                                  "free space there or pick a smaller size") from None
+                self._refuse_no_space(e, f"volume {name!r}", "free space there or pick a smaller size")
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
@@ -233,18 +231,26 @@ class Node:
             src = self.volume(source)
             path = self.check_new(name)
             lsn = src.find_version(version)
-            vol = Volume.create_clone(path, name, src, lsn)
+            vol: Volume | None = None
             try:
+                vol = Volume.create_clone(path, name, src, lsn)
                 role = RoleRecord(role=Role.CLONE)
                 write_json(path / "role.json", role.to_json())
-            except BaseException:
-                vol.close()
-                shutil.rmtree(path, ignore_errors=True)
+            except BaseException as e:
+                if vol is not None:
+                    vol.close()
+                shutil.rmtree(path, ignore_errors=True)  # check_new made sure it was not there
+                self._refuse_no_space(e, f"clone {name!r}", "free space there")
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
             logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
             return vol
+
+    def _refuse_no_space(self, e: BaseException, what: str, hint: str) -> None:
+        """Raise NoSpace when ``e`` says the state directory's filesystem is full."""
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space to create {what} in {self.state}: {e.strerror}; {hint}") from None
 
     def clones_of(self, name: str) -> list[tuple[str, int]]:
         """``(clone, lsn)`` of every clone of volume ``name`` here (that volume, not another one

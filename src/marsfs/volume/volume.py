@@ -30,10 +30,10 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
 Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the live index has an
 LSN in ``(A, head]``; the log retains every record after ``A``.
 
-Beside this module: ``clone`` (the link of a clone to its source), ``writeback`` (the intent record, the apply and the crash redo),
+Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
 ``views`` (views and their shared indexes), ``versions`` (listing versions and resolving their
-names), ``retention`` (the history window), ``encoding`` (the lz4 backoff) and ``index`` (the
-extent index).
+names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
+``encoding`` (the lz4 backoff) and ``index`` (the extent index).
 """
 
 from __future__ import annotations
