@@ -252,7 +252,28 @@ async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
                          for v in vol.versions()]}
 
 
+async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
+    source, version = clone_spec(a["version"])
+    vol = await trio.to_thread.run_sync(ctx.node.clone, source, version, a["volume"])
+    return {**ctx.node.status(vol.name)[0], "image": str(ctx.mount / f"{vol.name}.img")}
+
+
 # ---------------------------------------------------------------------- the command line's side
+
+def clone_spec(spec: str) -> tuple[str, str]:
+    """``VOL@VERSION`` -> ``(VOL, VERSION)``; the first ``@`` splits (volume names have none)."""
+    source, sep, version = spec.partition("@")
+    if not sep or not version:
+        raise UsageError(f"clone {spec!r}: give VOL@VERSION, like vm@lsn-42, vm@before-upgrade or "
+                         "vm@2026-11-23T10:00:00Z")
+    check_volume_name(source)
+    return source, version
+
+
+def _clone_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    return (f"cloned {r['clone_of']} as {r['volume']}: writable at {r['image']}; it holds that version of "
+            f"{r['clone_of'].split('@')[0]} until: marsfs delete {r['volume']}")
+
 
 def status_table(rows: list[dict[str, Any]]) -> str:
     """The volumes as a table; under a primary's row one line per mirror it knows; then errors."""
@@ -271,6 +292,8 @@ def status_table(rows: list[dict[str, Any]]) -> str:
              for row in table]
     for r in rows:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
+    for r in rows:
+        lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
     return "\n".join(lines)
 
 
@@ -304,6 +327,9 @@ def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
     while True:
         last_check = deadline is not None and time.monotonic() >= deadline
         row = request("status", {"volume": args.volume})[0]
+        if row["role"] == "clone":
+            raise MarsError(f"{args.volume} is a clone on node {row['node']} ({row.get('clone_of')}): a local "
+                            "volume, never replicated, so there is nothing to wait for")
         if row["role"] == "primary":
             if _mirrors_synced(args.volume, row):
                 return 0
@@ -374,7 +400,6 @@ def _planned(name: str, what: str) -> Command:
 PLANNED: Mapping[str, str] = types.MappingProxyType({
     "primary": "make this node the volume's primary: handover, or failover with --force",
     "invalidate": "discard this node's divergent or damaged copy and resync it from the primary",
-    "clone": "a writable copy-on-write volume from a version, also on a mirror",
     "verify": "compare a mirror's image with its primary's at the same version",
     "resize": "grow a volume",
 })
@@ -418,5 +443,10 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             client=_wait),
     Command("versions", "list marks, flush points and the retained range", (VOLUME, JSON),
             _versions, text=_versions_text, json=lambda r, a: r),
+    Command("clone", "writable copy-on-write volume from a version",
+            (Arg("version", "the volume and version: lsn-N, a mark or an ISO-8601 UTC time",
+                 metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),
+             Arg("volume", "the new volume's name", metavar="NEWVOL", check=check_volume_name), JSON),
+            _clone, text=_clone_text, json=lambda r, a: r),
     *(_planned(name, what) for name, what in PLANNED.items()),
 )})

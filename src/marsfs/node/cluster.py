@@ -113,7 +113,8 @@ class Cluster:
         return connect
 
     def _servable(self, name: str) -> Volume | None:
-        return self.node.volumes.get(name)
+        vol = self.node.volumes.get(name)
+        return None if vol is None or vol.clone_of is not None else vol  # clones are local
 
     def _epoch(self, name: str) -> int:
         return self.node.role(name).epoch

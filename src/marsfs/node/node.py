@@ -23,6 +23,11 @@ Rules that hold here:
 * History: every volume keeps the node's window (``serve --history``) unless it has its own
   (:meth:`Node.set_history`). :meth:`Node.maintain` writes back only what left the window, so
   every version inside it stays openable; open views pin writeback below that, too.
+* Clones (:meth:`Node.clone`, :mod:`marsfs.volume.clone`): a clone pins its source's version
+  for as long as it exists. On start every volume is opened first, then each clone is attached
+  to its source (pinning it again), all inside :meth:`Node.open`, so no :meth:`maintain` can
+  run in between. A clone that cannot be attached stays on disk, detached and failed, with the
+  reason in its errors, until it is deleted. A volume with clones is neither deleted nor left.
 """
 
 from __future__ import annotations
@@ -152,11 +157,30 @@ class Node:
             own = _read_history(path)
             if own is not None:
                 self._volume_history[vol.name] = own
+            if vol.clone_of is not None and not role.is_clone:  # a crash between volume.json and role.json
+                self._persist_role(vol.name, RoleRecord(role=Role.CLONE))
+        for vol in self.volumes.values():  # sources are all open now: pin what the clones hold
+            if vol.clone_of is not None:
+                self._attach(vol)
+
+    def _attach(self, clone: Volume) -> None:
+        link = clone.clone_of
+        assert link is not None
+        source = self.volumes.get(link.source)
+        try:
+            if source is None:
+                raise VolumeNotFound(f"clone {clone.name}: its source volume {link.source} is not on this node; "
+                                     f"delete the clone: marsfs delete {clone.name}")
+            clone.attach_source(source)
+        except MarsError as e:
+            logger.error("%s", e)
+            clone.errors.append(str(e))
 
     def close(self) -> None:
         """Make every log durable and release the state directory."""
         with self._lock:
-            for vol in self.volumes.values():
+            # clones first: each holds a view of its source
+            for vol in sorted(self.volumes.values(), key=lambda v: v.clone_of is None):
                 try:
                     vol.close()
                 except MarsError as e:
@@ -192,14 +216,50 @@ class Node:
                 write_json(path / "role.json", role.to_json())
             except BaseException as e:
                 shutil.rmtree(path, ignore_errors=True)
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise NoSpace(f"no space to create volume {name!r} in {self.state}: {e.strerror}; "
-                                  "free space there or pick a smaller size") from None
+                self._refuse_no_space(e, f"volume {name!r}", "free space there or pick a smaller size")
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
             logger.info("created volume %s of %d bytes, primary", name, size)
             return vol
+
+    def clone(self, source: str, version: str, name: str) -> Volume:
+        """A new writable clone ``name`` of ``source``'s ``version`` (any name
+        :meth:`Volume.find_version` resolves), holding that version of ``source`` until it is
+        deleted. A clone that fails half way leaves nothing behind."""
+        with self._lock:
+            src = self.volume(source)
+            path = self.check_new(name)
+            lsn = src.find_version(version)
+            vol: Volume | None = None
+            try:
+                vol = Volume.create_clone(path, name, src, lsn)
+                role = RoleRecord(role=Role.CLONE)
+                write_json(path / "role.json", role.to_json())
+            except BaseException as e:
+                if vol is not None:
+                    vol.close()
+                shutil.rmtree(path, ignore_errors=True)  # check_new made sure it was not there
+                self._refuse_no_space(e, f"clone {name!r}", "free space there")
+                raise
+            self.volumes[name] = vol
+            self._roles[name] = role
+            logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
+            return vol
+
+    def _refuse_no_space(self, e: BaseException, what: str, hint: str) -> None:
+        """Raise NoSpace when ``e`` says the state directory's filesystem is full."""
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space to create {what} in {self.state}: {e.strerror}; {hint}") from None
+
+    def clones_of(self, name: str) -> list[tuple[str, int]]:
+        """``(clone, lsn)`` of every clone of volume ``name`` here (that volume, not another one
+        of the same name), by name."""
+        with self._lock:
+            source = self.volumes.get(name)
+            return sorted((v.name, v.clone_of.lsn) for v in self.volumes.values()
+                          if v.clone_of is not None and source is not None
+                          and (v.clone_of.source, v.clone_of.source_uuid) == (name, source.uuid))
 
     def largest_volume(self) -> int:
         """The largest file the state directory's filesystem holds (probed once, with sparse
@@ -269,6 +329,11 @@ class Node:
         other work first ask before they stop it)."""
         with self._lock:
             self.volume(name)
+            clones = self.clones_of(name)
+            if clones:  # even with --force: a clone reads through to this volume
+                names = ", ".join(c for c, _ in clones)
+                raise VolumeBusy(f"volume {name!r} has clones ({names}) that read from it; "
+                                 f"delete them first: marsfs delete {clones[0][0]}")
             if self.opens[name] and not force:
                 raise VolumeBusy(f"volume {name!r} is open ({self.opens[name]} handle(s), e.g. a loop device); "
                                  "detach it first (losetup -d) or use --force")
@@ -366,6 +431,7 @@ class Node:
         vol = self.volume(name)
         role = self.role(name)
         head = vol.head_lsn
+        clones = [{"name": c, "lsn": lsn} for c, lsn in self.clones_of(name)]
         return VolumeStatus(
             volume=vol.name, node=self.name, role=role.role,
             state=VolumeState.FAILED if vol.errors else VolumeState.UP, epoch=role.epoch, size=vol.size,
@@ -373,7 +439,8 @@ class Node:
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
             open_handles=self.opens[vol.name], errors=list(vol.errors),
-            oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe())
+            oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe(),
+            clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None)
 
 
 def _largest_file(directory: Path) -> int:

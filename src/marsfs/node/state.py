@@ -32,6 +32,7 @@ from marsfs.errors import StateError
 class Role(StrEnum):
     PRIMARY = "primary"
     MIRROR = "mirror"
+    CLONE = "clone"  #: a local writable clone of a version (marsfs.volume.clone); its own primary
 
 
 class VolumeState(StrEnum):
@@ -78,6 +79,10 @@ class RoleRecord:
     @property
     def is_mirror(self) -> bool:
         return self.role == Role.MIRROR
+
+    @property
+    def is_clone(self) -> bool:
+        return self.role == Role.CLONE
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"role": self.role.value, "epoch": self.epoch}
@@ -217,11 +222,16 @@ class VolumeStatus:
     # history (issue 9): when the oldest version was written, and the window that keeps it
     oldest_version_ns: int | None = None
     history: str | None = None
+    # clones (issue 9): on a source, its clones here (``name``, ``lsn``: the version each holds);
+    # on a clone, what it is a clone of (``VOL@lsn-L``)
+    clones: list[dict[str, Any]] = field(default_factory=list)
+    clone_of: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["peers"] = [p.to_json() for p in self.peers]
         d["errors"] = list(self.errors)
+        d["clones"] = [dict(c) for c in self.clones]
         return _jsonable(d)
 
     def changed(self, **changes: Any) -> VolumeStatus:

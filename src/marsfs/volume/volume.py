@@ -23,14 +23,17 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   stops at it until it is closed. Extents of a view whose records writeback has since applied
   are read from the base, which holds exactly those bytes. Views of the same LSN share one
   extent index, built by the first open and freed by the last close (``views``).
+* **Clones** (``clone``): a volume whose ``volume.json`` links it to another volume's version
+  reads what it has not written from a view of that version instead of its base, and never
+  writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
 
 Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the live index has an
 LSN in ``(A, head]``; the log retains every record after ``A``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
 ``views`` (views and their shared indexes), ``versions`` (listing versions and resolving their
-names), ``retention`` (the history window), ``encoding`` (the lz4 backoff) and ``index`` (the
-extent index).
+names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
+``encoding`` (the lz4 backoff) and ``index`` (the extent index).
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ import threading
 import time
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from marsfs.errors import InvalidRequest, MarsError, OutOfRange, StateError, VersionNotFound
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain
 from marsfs.volume import writeback as wb
+from marsfs.volume.clone import CloneLink
 from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.index import ExtentIndex
 from marsfs.volume.versions import VersionInfo, check_mark_name, find_version, list_versions, listing, resolve_version
@@ -88,6 +92,10 @@ class Volume:
         self._lz4 = Lz4Policy()
         self._closed = False
         self.errors: list[str] = []
+        link = meta.get("clone_of")
+        #: What this volume is a clone of (None: not a clone); see :mod:`marsfs.volume.clone`.
+        self.clone_of = None if link is None else CloneLink.from_json(link, str(path / "volume.json"))
+        self._below: VolumeView | None = None  #: a clone's source version, once attached
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
@@ -115,14 +123,18 @@ class Volume:
 
     @classmethod
     def create(cls, path: Path, name: str, size: int, *, volume_uuid: str | None = None,
-               segment_bytes: int = DEFAULT_SEGMENT_BYTES, sync_interval: float | None = SYNC_INTERVAL) -> Volume:
-        """A new empty volume of ``size`` bytes (zeros) in the new directory ``path``."""
+               segment_bytes: int = DEFAULT_SEGMENT_BYTES, sync_interval: float | None = SYNC_INTERVAL,
+               clone_of: CloneLink | None = None) -> Self:
+        """A new empty volume of ``size`` bytes (zeros) in the new directory ``path``; with
+        ``clone_of``, a clone (detached until :meth:`attach_source`)."""
         if size <= 0 or size % 512:
             raise InvalidRequest(f"volume size {size} is not a positive multiple of 512 bytes; "
                                  "give a size like 512M or 10G")
         path.mkdir(parents=True)
         meta = {"format": FORMAT, "name": name, "uuid": volume_uuid or str(uuidlib.uuid4()),
                 "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
+        if clone_of is not None:
+            meta["clone_of"] = clone_of.to_json()
         fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -137,7 +149,7 @@ class Volume:
 
     @classmethod
     def create_replica(cls, path: Path, name: str, size: int, volume_uuid: str, lsn: int, chain: bytes, *,
-                       segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Volume:
+                       segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Self:
         """A volume whose history starts after ``lsn`` of another node's (a mirror's copy).
 
         The caller fills the base image with that node's image at ``lsn`` through
@@ -161,7 +173,7 @@ class Volume:
         return vol
 
     @classmethod
-    def open(cls, path: Path, *, sync_interval: float | None = SYNC_INTERVAL, repair: bool = True) -> Volume:
+    def open(cls, path: Path, *, sync_interval: float | None = SYNC_INTERVAL, repair: bool = True) -> Self:
         """Recover a volume: verify its log, cut a torn tail, index what is not written back."""
         try:
             meta = read_json(path / "volume.json")
@@ -197,12 +209,54 @@ class Volume:
             self._closed = True
             self.log.close()
             os.close(self._base_fd)
+            if self._below is not None:
+                self._below.close()  # unpins the source
 
     def __enter__(self) -> Volume:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @classmethod
+    def create_clone(cls, path: Path, name: str, source: Volume, lsn: int, *,
+                     sync_interval: float | None = SYNC_INTERVAL) -> Self:
+        """A new clone of ``source``'s version ``lsn`` in the new directory ``path``, attached.
+
+        The source's version is pinned before the clone exists, so writeback cannot pass it in
+        between; VersionNotFound when it is not retained."""
+        if source.clone_of is not None:
+            raise InvalidRequest(f"volume {source.name!r} is itself a clone (of {source.clone_of.describe()}); "
+                                 "a clone of a clone is not supported yet: clone the original volume")
+        view = source.view(lsn)
+        try:
+            vol = cls.create(path, name, source.size, sync_interval=sync_interval,
+                             clone_of=CloneLink(source.name, lsn, source.uuid))
+        except BaseException:
+            view.close()
+            raise
+        with vol._lock:
+            vol._below = view
+        return vol
+
+    def attach_source(self, source: Volume) -> None:
+        """Give a clone its source's version again (at start): pins the source at the clone's
+        LSN. StateError or VersionNotFound, in one line, when that cannot be done."""
+        link = self.clone_of
+        assert link is not None and self._below is None, "attach only a detached clone"
+        assert source.name == link.source
+        if source.uuid != link.source_uuid:
+            raise StateError(f"clone {self.name}: volume {source.name} on this node is not the volume it was "
+                             f"cloned from (uuid {source.uuid}, not {link.source_uuid}); "
+                             f"delete the clone: marsfs delete {self.name}")
+        try:
+            view = source.view(link.lsn)
+        except VersionNotFound:
+            raise VersionNotFound(f"clone {self.name}: volume {source.name} no longer retains lsn-{link.lsn} "
+                                  f"(oldest is lsn-{source.oldest_version_lsn}); "
+                                  f"delete the clone: marsfs delete {self.name}") from None
+        with self._lock:
+            self._below = view
 
     def _autosync(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -257,6 +311,9 @@ class Volume:
     # ------------------------------------------------------------------ I/O
 
     def _check_range(self, offset: int, length: int) -> None:
+        if self._below is None and self.clone_of is not None:
+            raise StateError(f"clone {self.name} is detached from {self.clone_of.describe()}: "
+                             f"see marsfs status {self.name}; delete it with: marsfs delete {self.name}")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfRange(f"range {offset}+{length} lies outside volume {self.name} "
                              f"of {self.size} bytes")
@@ -343,6 +400,8 @@ class Volume:
     def _piece(self, pos: int, length: int, lsn: int) -> bytes:
         if lsn > self._applied:
             return self.log.read_extent(lsn, pos, length)
+        if self._below is not None:  # a clone: what it never wrote is its source's version
+            return self._below.read(pos, length)
         data = os.pread(self._base_fd, length, pos)
         assert len(data) == length, "base image shorter than the volume"
         return data
@@ -354,8 +413,11 @@ class Volume:
 
         Applies at most about ``max_bytes`` of log per call (None: no limit), so that the
         volume lock is never held long; call again until A reaches the target. Stops at the
-        oldest open view. Trims log segments that hold only applied records.
+        oldest open view. Trims log segments that hold only applied records. A clone never
+        writes back (its base is its source's version).
         """
+        if self.clone_of is not None:
+            return self._applied
         with self._writeback_lock:
             with self._lock:
                 bound = self.durable_lsn if upto is None else min(upto, self.durable_lsn)

@@ -1,0 +1,55 @@
+"""Clones: writable local volumes that start as another volume's version, copying nothing.
+
+Theory of operation
+-------------------
+A clone of volume *S* at LSN *L* is a volume of its own (own uuid, own log starting at LSN 1
+from its own genesis chain, own extent index) whose base is *S*'s image after *L* instead of a
+file: a read of a range the clone has not written goes to a :class:`~marsfs.volume.VolumeView`
+of *S* at *L*, a range it wrote comes from its own log. The view pins *S*'s writeback at *L*
+(the shared version index makes that cheap), so *S*'s base and log keep what *L* needs for as
+long as the clone exists; replication of *S* (fetch, replay) goes on.
+
+Rules that hold here:
+
+* The link (:class:`CloneLink`: source name, *L*, source uuid) is part of the clone's
+  ``volume.json``, written with it atomically: a directory is a clone from its first moment.
+* A clone never writes back: its ``base.img`` is a sparse file nobody reads, its writes stay in
+  its log (which grows with what is written to it). Clones are for inspection, tests and
+  recovery (fsck, mount, copy files out), not for long-lived heavy writing.
+* A clone is readable and writable only while attached to its source's view
+  (:meth:`Volume.attach_source`); a detached clone (its source is missing, is another volume
+  of that name, or no longer retains *L*) refuses every read and write with StateError and can
+  only be deleted.
+* A clone is not a source: cloning a clone is refused for now (the restart order would have to
+  follow chains), and so is serving it to peers (clones are local).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from marsfs.errors import StateError
+
+
+@dataclass(frozen=True, slots=True)
+class CloneLink:
+    """What a clone is made of: volume ``source`` (identified by ``source_uuid``) after ``lsn``."""
+
+    source: str
+    lsn: int
+    source_uuid: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "lsn": self.lsn, "source_uuid": self.source_uuid}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> CloneLink:
+        try:
+            return cls(source=str(d["source"]), lsn=int(d["lsn"]), source_uuid=str(d["source_uuid"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"{where}: unreadable clone link ({e!r}); delete the clone") from None
+
+    def describe(self) -> str:
+        """``VOL@lsn-L``: what status shows as ``clone_of``."""
+        return f"{self.source}@lsn-{self.lsn}"
