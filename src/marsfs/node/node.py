@@ -381,7 +381,7 @@ class Node:
                 if before_fault is None or str(before_fault) != str(e):
                     logger.error("writeback of %s: %s", vol.name, e)
                 continue
-            if before_fault is not None:
+            if before_fault is not None and vol.fault("writeback") is None:
                 logger.info("writeback of %s works again", vol.name)
 
     # ------------------------------------------------------------------ status
