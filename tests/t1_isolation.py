@@ -12,6 +12,7 @@ What holds:
 * a failed fdatasync of the log poisons it: the autosync thread records it and ends quietly,
   every later write fails with EIO, and the volume says it needs a restart;
 * an interrupted writeback that cannot be redone at open raises NoSpace, not an OSError;
+* a read that meets EIO (log or base) raises DiskFailed (EIO), not an OSError;
 * ``create(reserve=True)`` allocates the base image; without it the base is sparse.
 """
 
@@ -162,6 +163,20 @@ def test_an_interrupted_writeback_that_cannot_be_redone_is_one_error(
     assert "\n" not in str(exc.value)
     with Volume.open(tmp_path / "v", sync_interval=None) as vol:  # with room, it redoes and opens
         assert vol.applied_lsn == head and vol.read(0, 8192) == b"z" * 8192
+
+
+@pytest.mark.parametrize("where", ["log", "base"])
+def test_a_failed_read_is_disk_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    with _volume(tmp_path) as vol:
+        vol.write(0, os.urandom(4096))
+        vol.flush()
+        if where == "base":
+            vol.writeback()
+        fd = _log_fd(vol) if where == "log" else vol._base_fd
+        with failing(monkeypatch, "pread", lambda: fd, errno.EIO), pytest.raises(DiskFailed) as exc:
+            vol.read(0, 4096)
+        assert exc.value.errno == errno.EIO and "cannot read volume v" in str(exc.value)
+        vol.read(0, 4096)
 
 
 def test_create_reserves_the_base_image_unless_thin(tmp_path: Path) -> None:

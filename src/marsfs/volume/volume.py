@@ -435,7 +435,10 @@ class Volume:
         """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's)."""
         self._check_range(offset, length)
         with self._lock:
-            return self._assemble(index.lookup(offset, length))
+            try:
+                return self._assemble(index.lookup(offset, length))
+            except OSError as e:  # a failing disk: the reader gets EIO, the daemon goes on
+                raise io_error(f"cannot read volume {self.name}", e, DiskFailed) from e
 
     def _assemble(self, pieces: list[tuple[int, int, int]]) -> bytes:
         """Read index pieces; records already written back come from the base. Caller locks."""
