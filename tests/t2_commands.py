@@ -194,9 +194,10 @@ def test_control_socket_keeps_the_exit_status(node: Node, tmp_path: Path) -> Non
 # ---------------------------------------------------------------------- the command line's side
 
 PARSES = [
-    (["create", "v", "--size", "512M"], {"volume": "v", "size": "512M"}),
-    (["--state", "/s", "create", "v", "--size", "1G"], {"volume": "v", "size": "1G", "state": "/s"}),
-    (["create", "v", "--size", "1G", "--state", "/s"], {"volume": "v", "size": "1G", "state": "/s"}),
+    (["create", "v", "--size", "512M"], {"volume": "v", "size": "512M", "thin": False}),
+    (["create", "v", "--size", "512M", "--thin"], {"volume": "v", "size": "512M", "thin": True}),
+    (["--state", "/s", "create", "v", "--size", "1G"], {"volume": "v", "size": "1G", "state": "/s", "thin": False}),
+    (["create", "v", "--size", "1G", "--state", "/s"], {"volume": "v", "size": "1G", "state": "/s", "thin": False}),
     (["delete", "v"], {"volume": "v", "force": False}),
     (["delete", "v", "--force"], {"volume": "v", "force": True}),
     (["status"], {"volume": None, "json": False, "watch": False, "interval": 1.0}),
@@ -287,8 +288,10 @@ def test_requests_and_output(capsys: pytest.CaptureFixture[str]) -> None:
                     "versions": {"volume": "v", "oldest_lsn": 0, "head_lsn": 3,
                                  "versions": [{"lsn": 3, "kind": "mark", "name": "m1", "timestamp_ns": 0}]}})
     expect = [
-        (["create", "v", "--size", "1M"], ("create", {"volume": "v", "size": MiB}),
+        (["create", "v", "--size", "1M"], ("create", {"volume": "v", "size": MiB, "thin": False}),
          "created volume v (1.0 MiB), primary on node n1\n"),
+        (["create", "v", "--size", "1M", "--thin"], ("create", {"volume": "v", "size": MiB, "thin": True}),
+         "created volume v (1.0 MiB, thin), primary on node n1\n"),
         (["delete", "v"], ("delete", {"volume": "v", "force": False}), "deleted volume v\n"),
         (["mark", "v", "m1"], ("mark", {"volume": "v", "name": "m1"}), "marked v at LSN 3 as m1\n"),
         (["join", "v", "--from", "n2"], ("join", {"volume": "v", "source": "n2"}),

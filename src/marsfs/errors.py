@@ -176,3 +176,9 @@ class NodeStopping(NodeError):
     """The daemon was told to stop and waits for open volumes to close: new opens are refused."""
 
     errno = _errno.EBUSY
+
+
+class DiskFailed(MarsError):
+    """The state directory's disk failed an I/O outside the log (EIO on a volume's base image
+    or its state files). Nothing is lost: what failed is retried from the log, which still
+    holds it; the message says to check the disk."""

@@ -204,7 +204,7 @@ async def _ping(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def _create(ctx: Context, a: dict[str, Any]) -> Any:
-    await trio.to_thread.run_sync(ctx.node.create, a["volume"], a["size"])
+    await trio.to_thread.run_sync(functools.partial(ctx.node.create, a["volume"], a["size"], thin=a["thin"]))
     return ctx.node.status(a["volume"])[0]
 
 
@@ -411,9 +411,11 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
     Command("ping", None, handler=_ping),
     Command("create", "create a volume; this node becomes its primary",
             (Arg("volume", check=check_volume_name),
-             Arg("size", "like 512M, 10G, or bytes", flag="--size", parse=size, check=parse_size)),
-            _create, text=lambda r, a: f"created volume {r['volume']} ({human_bytes(r['size'])}), "
-                                       f"primary on node {r['node']}"),
+             Arg("size", "like 512M, 10G, or bytes", flag="--size", parse=size, check=parse_size),
+             Arg("thin", "do not reserve the base image on disk (writes fail with ENOSPC if the disk fills)",
+                 flag="--thin", required=False, parse=switch)),
+            _create, text=lambda r, a: f"created volume {r['volume']} ({human_bytes(r['size'])}"
+                                       f"{', thin' if a.thin else ''}), primary on node {r['node']}"),
     Command("delete", "remove a volume from this node",
             (VOLUME, Arg("force", "even while it is open", flag="--force", required=False, parse=switch)),
             _delete, text=lambda r, a: f"deleted volume {a.volume}"),

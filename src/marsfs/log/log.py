@@ -122,7 +122,12 @@ class Log:
         """
         segments, report = recover(path, repair=repair)
         log = cls(path, segments, segment_bytes, report)
-        os.fdatasync(segments[-1].fd)  # what a dead process left in the page cache is now durable
+        try:
+            os.fdatasync(segments[-1].fd)  # what a dead process left in the page cache is now durable
+        except OSError as e:
+            log.close()
+            raise LogFailed(f"fdatasync of the log in {path} failed while opening it: {e.strerror}; "
+                            "check the state directory's disk (dmesg), then restart the daemon") from e
         return log
 
     def close(self) -> None:
@@ -288,7 +293,7 @@ class Log:
             self._failed = e2
             raise LogFailed(f"log append failed ({err.strerror}) and could not be undone "
                             f"({e2.strerror}); restart the daemon to re-verify the log") from err
-        raise _write_error(f"cannot append to the log in {self.path}", err) from err
+        raise io_error(f"cannot append to the log in {self.path}", err) from err
 
     def rotate(self) -> None:
         """Start a new segment now (the current one must hold at least one record)."""
@@ -323,7 +328,7 @@ class Log:
                 self._failed = e
                 raise LogFailed(f"starting log segment {segment_name(first)} failed half way ({e.strerror}); "
                                 "restart the daemon to re-verify the log") from e
-            raise _write_error(f"cannot start a new log segment in {self.path}", e) from e
+            raise io_error(f"cannot start a new log segment in {self.path}", e) from e
         old.reopen_readonly()
         self._segments.append(seg)
         self._firsts.append(seg.first_lsn)
@@ -377,13 +382,23 @@ class Log:
         return upto
 
     @property
+    def failed(self) -> BaseException | None:
+        """Why the log refuses every append and sync until the daemon restarts (a failed
+        fdatasync or an append that could not be undone), None while it is healthy."""
+        return self._failed
+
+    @property
     def dirty(self) -> bool:
         return self.last_lsn > self._durable_lsn
 
+    def failed_reason(self) -> str:
+        """Why the log is poisoned and what to do (one line); see :attr:`failed`."""
+        return (f"the log of {self.path} failed earlier ({self._failed}); it refuses writes until the daemon "
+                "restarts and re-verifies it: restart the daemon (marsfs serve)")
+
     def _check_failed(self) -> None:
         if self._failed is not None:
-            raise LogFailed(f"the log of {self.path} failed earlier ({self._failed}); "
-                            "restart the daemon to re-verify it")
+            raise LogFailed(self.failed_reason())
 
     # ------------------------------------------------------------------ reading
 
@@ -491,7 +506,10 @@ class Log:
                 seg = self._segments.pop(0)
                 self._firsts.pop(0)
                 seg.close()
-                seg.path.unlink()
+                try:
+                    seg.path.unlink()
+                except OSError as e:  # recovery finds it before the first retained segment
+                    raise io_error(f"cannot delete log segment {seg.path}", e) from e
                 freed += seg.end
                 for lsn in [m for m in self._marks if m <= seg.last_lsn]:
                     del self._marks[lsn]
@@ -499,7 +517,10 @@ class Log:
                     for lsn in [c for c in self._cache if c <= seg.last_lsn]:
                         del self._cache[lsn]
         if freed:
-            fsync_dir(self.path)
+            try:
+                fsync_dir(self.path)
+            except OSError as e:
+                raise io_error(f"cannot sync the log directory {self.path}", e) from e
         return freed
 
 
@@ -510,8 +531,10 @@ def payload_text(payload: Payload) -> str:
     return decode_payload(payload.flags, payload.length, payload.stored).decode("utf-8", "replace")
 
 
-def _write_error(what: str, err: OSError) -> MarsError:
-    """What a failed log write means to the caller: a full disk, or a failing one."""
+def io_error(what: str, err: OSError, failed: type[MarsError] = LogFailed) -> MarsError:
+    """What a failed write on the state directory means to the caller: a full disk
+    (:class:`NoSpace`, ENOSPC or EDQUOT), or a failing one (``failed``, EIO). Both are worth a
+    retry: nothing was acknowledged that is not on disk."""
     if err.errno in _NO_SPACE:
         return NoSpace(f"{what}: {err.strerror}; free space on the state directory's filesystem")
-    return LogFailed(f"{what}: {err.strerror}; check the state directory's disk (dmesg), then retry")
+    return failed(f"{what}: {err.strerror}; check the state directory's disk (dmesg), then retry")

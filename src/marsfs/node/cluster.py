@@ -281,10 +281,13 @@ class Cluster:
         if name is not None and name not in self.node.volumes:
             if name in self.copies:
                 return [self._copy_status(name)]
+            if name in self.node.failed:
+                return [self.node.failed_status(name)]
             self.node.volume(name)  # raises the usual unknown-volume error
         names = [name] if name is not None else sorted(self.node.volumes)
         rows = [self._volume_status(n) for n in names]
         if name is None:
+            rows += [self.node.failed_status(n) for n in sorted(self.node.failed)]
             rows += [self._copy_status(n) for n in sorted(self.copies)]
         return rows
 

@@ -20,6 +20,11 @@ Rules that hold here:
 * Roles (:class:`~marsfs.node.state.RoleRecord`) change only through the methods of
   :class:`Node`, under its lock, and each change is persisted before it is visible.
   ``status`` only reads.
+* A volume that cannot be opened at start (a full or failing disk, a damaged log) is not
+  served, and the others are: it is listed in :attr:`Node.failed` with a one-line reason, its
+  directory stays as it is, and ``status`` shows it as failed until a restart opens it.
+* Disk failures of a running volume are its own (``Volume.faults``); :meth:`Node.maintain`
+  retries a failed writeback every pass and logs a failure once, not every second.
 * History: every volume keeps the node's window (``serve --history``) unless it has its own
   (:meth:`Node.set_history`). :meth:`Node.maintain` writes back only what left the window, so
   every version inside it stays openable; open views pin writeback below that, too.
@@ -45,10 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from marsfs.errors import (
+    DiskFailed,
     InvalidRequest,
     MarsError,
     NodeError,
     NoSpace,
+    StateError,
     VolumeBusy,
     VolumeExists,
     VolumeNotFound,
@@ -86,6 +93,7 @@ class Node:
         self._roles: dict[str, RoleRecord] = {}
         self.opens: Counter[str] = Counter()
         self.rejoin: dict[str, str] = {}  #: mirrors whose image copy a crash interrupted -> source
+        self.failed: dict[str, str] = {}  #: volumes that could not be opened at start -> why (one line)
         self._largest: int | None = None
         self.started = time.time()
         self._lock = threading.RLock()
@@ -127,8 +135,13 @@ class Node:
                                 f"start with --node {owner} or use another --state")
         else:
             write_json(meta_path, {"node": self.name, "created_ns": time.time_ns()})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        # Overwrite, then cut: truncating first frees the block, and a full disk may not give it back.
+        pid = f"pid {os.getpid()}\n".encode()
+        try:
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as e:  # only says who holds the lock; the flock is what counts
+            logger.info("could not write the pid into %s: %s", self.state / "lock", e.strerror)
 
     def _recover(self) -> None:
         vdir = self.state / "volumes"
@@ -143,7 +156,13 @@ class Node:
                 shutil.rmtree(path)
                 continue
             t = time.perf_counter()
-            vol = Volume.open(path)
+            try:
+                vol = Volume.open(path)
+            except (MarsError, OSError) as e:
+                self.failed[path.name] = _open_failure(path.name, e)
+                self._roles[path.name] = role
+                logger.error("%s", self.failed[path.name])
+                continue
             rep = vol.log.recovery
             logger.info("volume %s recovered: %d records, %.1f MiB verified in %.2f s%s", vol.name, rep.records,
                      rep.bytes_scanned / 2**20, time.perf_counter() - t,
@@ -194,15 +213,21 @@ class Node:
 
     def volume(self, name: str) -> Volume:
         vol = self.volumes.get(name)
+        if vol is None and name in self.failed:
+            raise StateError(self.failed[name])
         if vol is None:
             known = ", ".join(sorted(self.volumes)) or "none"
             raise VolumeNotFound(f"no volume {name!r} on node {self.name} (volumes here: {known}); "
                                  "create it with: marsfs create NAME --size SIZE")
         return vol
 
-    def create(self, name: str, size: int) -> Volume:
+    def create(self, name: str, size: int, *, thin: bool = False) -> Volume:
         """A new volume with this node as its primary. Refused up front when the size cannot
-        work; a create that fails half way leaves nothing behind (name and directory free)."""
+        work; a create that fails half way leaves nothing behind (name and directory free).
+
+        The base image is reserved on disk (fallocate) unless ``thin``: a reserved volume's
+        writeback never meets a full disk. A reservation that does not fit is :class:`NoSpace`
+        with both sizes."""
         with self._lock:
             path = self.check_new(name)
             limit = self.largest_volume()
@@ -210,17 +235,21 @@ class Node:
                 raise InvalidRequest(f"volume size {size} bytes ({human_bytes(size)}) is not possible here: give a "
                                      f"multiple of 512 bytes up to {human_bytes(limit)}, the largest file the "
                                      f"filesystem of {self.state} holds")
+            free = _free_bytes(self.state)
+            if not thin and size > free:
+                raise NoSpace(_no_room(name, size, free, self.state))
             try:
-                vol = Volume.create(path, name, size)
+                vol = Volume.create(path, name, size, reserve=not thin)
                 role = RoleRecord()
                 write_json(path / "role.json", role.to_json())
             except BaseException as e:
                 shutil.rmtree(path, ignore_errors=True)
-                self._refuse_no_space(e, f"volume {name!r}", "free space there or pick a smaller size")
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(_no_room(name, size, _free_bytes(self.state), self.state, thin=thin)) from None
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
-            logger.info("created volume %s of %d bytes, primary", name, size)
+            logger.info("created volume %s of %d bytes%s, primary", name, size, " (thin)" if thin else "")
             return vol
 
     def clone(self, source: str, version: str, name: str) -> Volume:
@@ -408,23 +437,29 @@ class Node:
         time the window ends, default now; tests move it instead of sleeping)."""
         now = time.time_ns() if now_ns is None else now_ns
         for vol in list(self.volumes.values()):
+            before_fault = vol.fault("writeback")
             try:
                 target = history_floor(vol, self.history_of(vol.name), now)
                 while vol.applied_lsn < target:  # batch by batch: writers get the lock in between
                     before = vol.applied_lsn
                     if vol.writeback(target) == before:
                         break  # pinned by an open view
-            except MarsError as e:
-                logger.error("writeback of %s: %s", vol.name, e)
-                if str(e) not in vol.errors:
-                    vol.errors.append(str(e))
+            except MarsError as e:  # the volume's fault (Volume.faults); retried next pass
+                if before_fault is None or str(before_fault) != str(e):
+                    logger.error("writeback of %s: %s", vol.name, e)
+                continue
+            if before_fault is not None and vol.fault("writeback") is None:
+                logger.info("writeback of %s works again", vol.name)
 
     # ------------------------------------------------------------------ status
 
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
         """Status rows as JSON objects (what the control socket sends)."""
         names = [name] if name is not None else sorted(self.volumes)
-        return [self.volume_status(n).to_json() for n in names]
+        rows = [self.volume_status(n).to_json() for n in names]
+        if name is None:
+            rows += [self.failed_status(n).to_json() for n in sorted(self.failed)]
+        return rows
 
     def volume_status(self, name: str) -> VolumeStatus:
         """What this node alone knows about a volume; the cluster layer adds lag and peers."""
@@ -432,15 +467,54 @@ class Node:
         role = self.role(name)
         head = vol.head_lsn
         clones = [{"name": c, "lsn": lsn} for c, lsn in self.clones_of(name)]
+        faults = vol.faults
+        if vol.errors or vol.needs_restart or any(not isinstance(f, NoSpace) for f in faults):
+            state = VolumeState.FAILED
+        else:
+            state = VolumeState.NO_SPACE if faults else VolumeState.UP
         return VolumeStatus(
             volume=vol.name, node=self.name, role=role.role,
-            state=VolumeState.FAILED if vol.errors else VolumeState.UP, epoch=role.epoch, size=vol.size,
+            state=state, epoch=role.epoch, size=vol.size,
             head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
-            open_handles=self.opens[vol.name], errors=list(vol.errors),
+            open_handles=self.opens[vol.name], errors=list(vol.errors) + vol.fault_lines(),
             oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe(),
             clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None)
+
+
+    def failed_status(self, name: str) -> VolumeStatus:
+        """The status row of a volume that could not be opened at start: failed, with why."""
+        role = self._roles.get(name) or RoleRecord()
+        return VolumeStatus(
+            volume=name, node=self.name, role=role.role, state=VolumeState.FAILED, epoch=role.epoch, size=0,
+            head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0, lag_bytes=0, lag_records=0,
+            lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0, errors=[self.failed[name]])
+
+
+def _open_failure(name: str, e: MarsError | OSError) -> str:
+    """One line: why volume ``name`` did not open at start, and what to do."""
+    if isinstance(e, MarsError):
+        what = str(e)
+        todo = "restart the daemon" if isinstance(e, (NoSpace, DiskFailed)) else ""
+    else:
+        what = f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+        todo = ("free space on the state directory's filesystem, then restart the daemon"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk (dmesg), then restart the daemon")
+    return f"volume {name} is not served: it could not be opened: {what}" + (f"; then {todo}" if todo else "")
+
+
+def _free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged file may still take on ``directory``'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _no_room(name: str, size: int, free: int, state: Path, *, thin: bool = False) -> str:
+    what = "its log and metadata" if thin else f"the reservation of its {human_bytes(size)} base image"
+    return (f"no room for volume {name!r}: {what} does not fit the {human_bytes(free)} free on the filesystem of "
+            f"{state}; free space there, pick a smaller size" + ("" if thin else ", or create it --thin "
+                                                               "(its writes then fail with ENOSPC when the disk fills)"))
 
 
 def _largest_file(directory: Path) -> int:

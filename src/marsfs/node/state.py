@@ -40,6 +40,7 @@ class VolumeState(StrEnum):
 
     UP = "up"  #: a primary serving writes
     FAILED = "failed"  #: the volume reported an error it cannot get past by itself
+    NO_SPACE = "no-space"  #: the state filesystem is full: writes fail (ENOSPC) until there is room again
     SYNCING = "syncing"  #: a mirror copying the image; not readable yet
     CATCHING_UP = "catching-up"  #: a mirror behind its source, or not sure it is not
     SYNCED = "synced"  #: a mirror with no lag, on the word of a fresh heartbeat

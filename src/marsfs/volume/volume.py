@@ -27,6 +27,15 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   reads what it has not written from a view of that version instead of its base, and never
   writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
 
+Failures of the disk under the state directory (G11) are the volume's, never the process's:
+a full disk (:class:`NoSpace`), a failing one (:class:`DiskFailed`, or :class:`LogFailed` from
+the log) reaches the caller of the operation that met it and stands in :attr:`Volume.faults`
+(by path: ``write``, ``flush``, ``writeback``) until the same path next succeeds, so a volume
+recovers by itself when space returns. The exception is a log that a failed fdatasync
+poisoned (fsyncgate): it refuses every write until the daemon restarts and re-verifies it
+(:attr:`Volume.needs_restart`). A failed writeback changes nothing that a retry does not redo:
+the intent stands and A stays.
+
 Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the live index has an
 LSN in ``(A, head]``; the log retains every record after ``A``.
 
@@ -38,16 +47,27 @@ names), ``retention`` (the history window), ``clone`` (the link of a clone to it
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
-from marsfs.errors import InvalidRequest, MarsError, OutOfRange, StateError, VersionNotFound
+from marsfs.errors import (
+    DiskFailed,
+    InvalidRequest,
+    LogFailed,
+    MarsError,
+    NoSpace,
+    OutOfRange,
+    StateError,
+    VersionNotFound,
+)
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
-from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain
+from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
 from marsfs.volume import writeback as wb
 from marsfs.volume.clone import CloneLink
 from marsfs.volume.encoding import Lz4Policy
@@ -65,6 +85,32 @@ WRITEBACK_BATCH = 32 * 1024 * 1024  # log bytes one writeback call applies (boun
 _EMPTY = encode_payload(b"")
 
 __all__ = ["RECORD_CHUNK", "SYNC_INTERVAL", "VersionInfo", "Volume", "VolumeView"]
+
+#: What the disk under the state directory can make an operation fail with (G11).
+IO_FAULTS = (NoSpace, DiskFailed, LogFailed)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _io_path(where: str) -> Callable[[Callable[Concatenate[Volume, _P], _R]], Callable[Concatenate[Volume, _P], _R]]:
+    """Record a disk failure of the decorated operation as the volume's fault at ``where``
+    (and re-raise it); a success clears that fault: space came back, the disk answered."""
+
+    def decorate(fn: Callable[Concatenate[Volume, _P], _R]) -> Callable[Concatenate[Volume, _P], _R]:
+        @functools.wraps(fn)
+        def wrapper(self: Volume, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                result = fn(self, *args, **kwargs)
+            except IO_FAULTS as e:
+                self._faults[where] = e
+                raise
+            if self._faults:  # the hot path pays one truth test
+                self._faults.pop(where, None)
+            return result
+
+        return wrapper
+
+    return decorate
 
 
 class Volume:
@@ -96,6 +142,7 @@ class Volume:
         #: What this volume is a clone of (None: not a clone); see :mod:`marsfs.volume.clone`.
         self.clone_of = None if link is None else CloneLink.from_json(link, str(path / "volume.json"))
         self._below: VolumeView | None = None  #: a clone's source version, once attached
+        self._faults: dict[str, MarsError] = {}  #: path (write, flush, writeback) -> its standing disk failure
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
@@ -124,9 +171,14 @@ class Volume:
     @classmethod
     def create(cls, path: Path, name: str, size: int, *, volume_uuid: str | None = None,
                segment_bytes: int = DEFAULT_SEGMENT_BYTES, sync_interval: float | None = SYNC_INTERVAL,
-               clone_of: CloneLink | None = None) -> Self:
+               clone_of: CloneLink | None = None, reserve: bool = False) -> Self:
         """A new empty volume of ``size`` bytes (zeros) in the new directory ``path``; with
-        ``clone_of``, a clone (detached until :meth:`attach_source`)."""
+        ``clone_of``, a clone (detached until :meth:`attach_source`).
+
+        ``reserve``: allocate the whole base image now (fallocate), so that writeback never
+        meets a full disk; without it the base is sparse (thin) and grows as it is written.
+        A reservation that does not fit raises the OSError (ENOSPC); the caller removes ``path``.
+        """
         if size <= 0 or size % 512:
             raise InvalidRequest(f"volume size {size} is not a positive multiple of 512 bytes; "
                                  "give a size like 512M or 10G")
@@ -138,6 +190,8 @@ class Volume:
         fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
+            if reserve:
+                os.posix_fallocate(fd, 0, size)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -191,6 +245,12 @@ class Volume:
             try:
                 applied = wb.redo(path, log, applied, pending)
                 applied_ts = log.info(applied).timestamp_ns
+            except (OSError, NoSpace, DiskFailed) as e:
+                log.close()
+                what = f"volume {meta['name']}: cannot finish the writeback a crash interrupted (LSN {applied + 1} to {pending})"
+                if isinstance(e, OSError):
+                    raise io_error(what, e, DiskFailed) from e
+                raise type(e)(f"{what}: {e}") from e
             except BaseException:
                 log.close()
                 raise
@@ -263,9 +323,47 @@ class Volume:
             if self.log.dirty:
                 try:
                     self.log.sync()
-                except MarsError as e:
-                    self.errors.append(str(e))
+                except MarsError as e:  # only LogFailed: the log is poisoned, nothing to retry
+                    self._faults["flush"] = e
                     return
+
+    # ------------------------------------------------------------------ faults (G11)
+
+    @property
+    def faults(self) -> list[MarsError]:
+        """The disk failures standing on this volume, one per message (see the module docstring)."""
+        seen: dict[str, MarsError] = {}
+        for e in list(self._faults.values()):
+            seen.setdefault(str(e), e)
+        return list(seen.values())
+
+    def fault(self, where: str) -> MarsError | None:
+        """The failure standing at ``where`` (write, flush, writeback), None if it works."""
+        return self._faults.get(where)
+
+    @property
+    def needs_restart(self) -> bool:
+        """The log refuses writes until the daemon restarts (a failed fdatasync poisoned it)."""
+        return self.log.failed is not None
+
+    def fault_lines(self) -> list[str]:
+        """What ``status`` says about the faults: what fails, why, and what to do."""
+        if self.needs_restart:
+            return [f"writes fail with EIO: {self.log.failed_reason()}"]
+        out: list[str] = []
+        seen: set[str] = set()
+        for where, e in list(self._faults.items()):
+            if str(e) in seen:
+                continue
+            seen.add(str(e))
+            code = "ENOSPC" if isinstance(e, NoSpace) else "EIO"
+            if where == "writeback":
+                out.append(f"writeback into the base image is stuck: {e}; it retries every second, and writes "
+                           "go on into the log while it has room")
+            else:
+                out.append(f"the last {where} failed with {code}: {e}; writes work again by themselves "
+                           "once the disk takes them")
+        return out
 
     # ------------------------------------------------------------------ positions
 
@@ -318,6 +416,7 @@ class Volume:
             raise OutOfRange(f"range {offset}+{length} lies outside volume {self.name} "
                              f"of {self.size} bytes")
 
+    @_io_path("write")
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; returns the LSN of the (last) record. Not yet durable.
 
@@ -346,6 +445,7 @@ class Volume:
                     self.index.insert(items[i][0], items[i][1].length, lsn)
                 self._writes_since_flush = True
 
+    @_io_path("write")
     def append_raw(self, raw: bytes | memoryview) -> int:
         """Append a record fetched from another node (same bytes, same chain); returns its LSN."""
         with self._lock:
@@ -364,6 +464,7 @@ class Volume:
     def sync_base(self) -> None:
         os.fdatasync(self._base_fd)
 
+    @_io_path("flush")
     def flush(self) -> int:
         """Make everything written so far durable, behind a FLUSH record; returns the durable LSN."""
         with self._lock:
@@ -372,6 +473,7 @@ class Volume:
                 self._writes_since_flush = False
         return self.log.sync()
 
+    @_io_path("flush")
     def mark(self, name: str) -> int:
         """Name the current point in history: flush, then a MARK record; returns its LSN."""
         raw = check_mark_name(name, self.log.marks.values(), self.name)
@@ -389,7 +491,10 @@ class Volume:
         """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's)."""
         self._check_range(offset, length)
         with self._lock:
-            return self._assemble(index.lookup(offset, length))
+            try:
+                return self._assemble(index.lookup(offset, length))
+            except OSError as e:  # a failing disk: the reader gets EIO, the daemon goes on
+                raise io_error(f"cannot read volume {self.name}", e, DiskFailed) from e
 
     def _assemble(self, pieces: list[tuple[int, int, int]]) -> bytes:
         """Read index pieces; records already written back come from the base. Caller locks."""
@@ -408,6 +513,7 @@ class Volume:
 
     # ------------------------------------------------------------------ writeback
 
+    @_io_path("writeback")
     def writeback(self, upto: int | None = None, *, max_bytes: int | None = WRITEBACK_BATCH) -> int:
         """Apply durable records up to ``upto`` (default: all durable) to the base; returns A.
 

@@ -17,6 +17,11 @@ volume whose ``applied.json`` holds an intent therefore first redoes the whole w
 (:func:`redo`): laying the same records over the base again in LSN order is idempotent, and
 the log still holds them because the log is only trimmed after step 3.
 
+Failures: every step raises what the disk said as :class:`NoSpace` (a thin base on a full
+disk; a short write is retried until it gives the error) or :class:`DiskFailed` (EIO). Nothing is lost by stopping anywhere: until
+step 3 the intent stands and A is unchanged, so the caller may retry the whole writeback (a
+failed fdatasync of the base may have dropped pages, and the retry writes them all again).
+
 Every write of ``applied.json`` is atomic (:func:`marsfs.fsutil.write_json`). The volume
 decides *what* to write back (durable records, never past an open view); this module does the
 steps in order and nothing else.
@@ -27,9 +32,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from marsfs.errors import StateError
-from marsfs.fsutil import read_json, write_json
-from marsfs.log import Log, RecordInfo, RecordType
+from marsfs.errors import DiskFailed, StateError
+from marsfs.fsutil import read_json, write_all, write_json
+from marsfs.log import Log, RecordInfo, RecordType, io_error
 
 STATE_FILE = "applied.json"
 
@@ -44,14 +49,20 @@ def read_state(path: Path) -> tuple[int, int, int]:
 
 def persist_intent(path: Path, applied: int, target: int, timestamp_ns: int) -> None:
     """Step 1: from now until :func:`persist_applied`, the base may be ahead of A."""
-    write_json(path / STATE_FILE, {"applied_lsn": applied, "writeback_lsn": target,
-                                   "applied_timestamp_ns": timestamp_ns})
+    _persist(path, {"applied_lsn": applied, "writeback_lsn": target, "applied_timestamp_ns": timestamp_ns})
 
 
 def persist_applied(path: Path, applied: int, timestamp_ns: int = 0) -> None:
     """Step 3 (and the state of a new volume): the base is the image after ``applied``, whose
     record has ``timestamp_ns``."""
-    write_json(path / STATE_FILE, {"applied_lsn": applied, "applied_timestamp_ns": timestamp_ns})
+    _persist(path, {"applied_lsn": applied, "applied_timestamp_ns": timestamp_ns})
+
+
+def _persist(path: Path, state: dict[str, int]) -> None:
+    try:
+        write_json(path / STATE_FILE, state)
+    except OSError as e:
+        raise io_error(f"cannot write {path / STATE_FILE}", e, DiskFailed) from e
 
 
 def collect(log: Log, start: int, bound: int, max_bytes: int | None) -> list[RecordInfo]:
@@ -71,11 +82,12 @@ def collect(log: Log, start: int, bound: int, max_bytes: int | None) -> list[Rec
 
 def apply(log: Log, base_fd: int, records: list[RecordInfo]) -> None:
     """Step 2: write the data of WRITE ``records`` into the base, in LSN order, durably."""
-    for rec in records:
-        data = log.read_data(rec.lsn, 0, rec.length)
-        written = os.pwrite(base_fd, data, rec.offset)
-        assert written == rec.length
-    os.fdatasync(base_fd)
+    try:
+        for rec in records:
+            write_all(base_fd, log.read_data(rec.lsn, 0, rec.length), rec.offset)
+        os.fdatasync(base_fd)
+    except OSError as e:
+        raise io_error("cannot write back into the base image", e, DiskFailed) from e
 
 
 def redo(path: Path, log: Log, applied: int, target: int) -> int:
