@@ -359,3 +359,28 @@ def test_main_exit_statuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert e.value.code == 2
     args = argparse.Namespace(command="status")
     assert cli._state(args) == Path(os.environ.get("MARSFS_STATE") or cli.DEFAULT_STATE)
+
+
+def test_history_command_sets_and_shows_a_volumes_own_window(node: Node) -> None:
+    """Issue 9: a retention window per volume, not only per node, from the command line."""
+    node.create("v", MiB)
+
+    async def body(ctx: Context) -> None:
+        r = await dispatch(ctx, "history", {"volume": "v"})
+        assert r == {"volume": "v", "history": "256.0 MiB", "own": False, "node_default": "256.0 MiB"}
+        r = await dispatch(ctx, "history", {"volume": "v", "window": "10G,24h"})
+        assert r["own"] and r["history"] == "10.0 GiB or 1d"
+        assert node.history_of("v").keep_seconds == 24 * 3600
+        with pytest.raises(InvalidRequest):
+            await dispatch(ctx, "history", {"volume": "v", "window": "soon"})
+        assert node.history_of("v").keep_seconds == 24 * 3600  # a refused window changes nothing
+        with pytest.raises(VolumeError, match="no volume 'nope'"):
+            await dispatch(ctx, "history", {"volume": "nope", "window": "1G"})
+        r = await dispatch(ctx, "history", {"volume": "v", "window": "default"})
+        assert not r["own"] and r["history"] == "256.0 MiB"
+
+    with_daemon(node, body)
+    args = cli.build_parser().parse_args(["history", "v", "24h"])
+    assert (args.command, args.volume, args.window) == ("history", "v", "24h")
+    args = cli.build_parser().parse_args(["history", "v", "--json"])
+    assert args.window is None and args.json

@@ -45,6 +45,7 @@ from marsfs.errors import MarsError, NotAvailable, UsageError
 from marsfs.node import Node, check_volume_name
 from marsfs.node.cluster import Cluster
 from marsfs.units import human_bytes, parse_size
+from marsfs.volume import Retention
 
 #: The command line's way to ask the daemon: ``request(command, args) -> result``.
 Request = Callable[[str, dict[str, Any]], Any]
@@ -252,6 +253,23 @@ async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
                          for v in vol.versions()]}
 
 
+async def _history(ctx: Context, a: dict[str, Any]) -> Any:
+    name, window = a["volume"], a["window"]
+    if window is not None:
+        own = None if window == "default" else Retention.parse(window)
+        await trio.to_thread.run_sync(ctx.node.set_history, name, own)
+    own_window = ctx.node.own_history(name)
+    return {"volume": name, "history": ctx.node.history_of(name).describe(), "own": own_window is not None,
+            "node_default": ctx.node.history.describe()}
+
+
+def _history_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    if r["own"]:
+        return (f"{r['volume']}: history window {r['history']} (this volume's own; the node's is "
+                f"{r['node_default']}; back to it with: marsfs history {r['volume']} default)")
+    return f"{r['volume']}: history window {r['history']} (the node's, from serve --history)"
+
+
 async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
     source, version = clone_spec(a["version"])
     vol = await trio.to_thread.run_sync(ctx.node.clone, source, version, a["volume"])
@@ -445,6 +463,10 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             client=_wait),
     Command("versions", "list marks, flush points and the retained range", (VOLUME, JSON),
             _versions, text=_versions_text, json=lambda r, a: r),
+    Command("history", "show or set a volume's history window",
+            (VOLUME, Arg("window", "a size, a duration or both, like 10G, 24h or 10G,24h; 'default': the "
+                                   "node's window again", required=False, metavar="WINDOW"), JSON),
+            _history, text=_history_text, json=lambda r, a: r),
     Command("clone", "writable copy-on-write volume from a version",
             (Arg("version", "the volume and version: lsn-N, a mark or an ISO-8601 UTC time",
                  metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),

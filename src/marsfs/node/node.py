@@ -418,6 +418,11 @@ class Node:
         """The history window of a volume: its own, else the node's."""
         return self._volume_history.get(name, self.history)
 
+    def own_history(self, name: str) -> Retention | None:
+        """The window set for this volume alone (None: it follows the node's)."""
+        self.volume(name)
+        return self._volume_history.get(name)
+
     def set_history(self, name: str, history: Retention | None) -> None:
         """Give a volume its own history window (None: back to the node's); persisted. A
         shorter window takes effect at the next :meth:`maintain`; a longer one cannot bring

@@ -416,26 +416,37 @@ class Volume:
             raise OutOfRange(f"range {offset}+{length} lies outside volume {self.name} "
                              f"of {self.size} bytes")
 
-    @_io_path("write")
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; returns the LSN of the (last) record. Not yet durable.
 
         Each ``RECORD_CHUNK`` of the data is its own record (disks do not promise that a large
-        write lands whole either; a crash keeps a prefix of the chunks)."""
+        write lands whole either; a crash keeps a prefix of the chunks). A disk failure is
+        recorded as the volume's write fault, as :func:`_io_path` does; inlined here because
+        this is the hottest call of the write path (the wrapper cost ~3 % of a 4 KiB write)."""
         self._check_range(offset, len(data))
         n = len(data)
         if not n:
             return self.head_lsn
-        if n <= RECORD_CHUNK:
-            payload = self._lz4.encode(data)  # lz4 and hashing outside the lock
-            with self._lock:
-                lsn = self.log.append(RecordType.WRITE, offset, payload)
-                self.index.insert(offset, n, lsn)
-                self._writes_since_flush = True
-            return lsn
+        try:
+            if n <= RECORD_CHUNK:
+                payload = self._lz4.encode(data)  # lz4 and hashing outside the lock
+                with self._lock:
+                    lsn = self.log.append(RecordType.WRITE, offset, payload)
+                    self.index.insert(offset, n, lsn)
+                    self._writes_since_flush = True
+            else:
+                lsn = self._write_chunks(offset, data)
+        except IO_FAULTS as e:
+            self._faults["write"] = e
+            raise
+        if self._faults:
+            self._faults.pop("write", None)
+        return lsn
+
+    def _write_chunks(self, offset: int, data: bytes | memoryview) -> int:
         view = memoryview(data)
         encode = self._lz4.encode
-        items = [(offset + at, encode(view[at : at + RECORD_CHUNK])) for at in range(0, n, RECORD_CHUNK)]
+        items = [(offset + at, encode(view[at : at + RECORD_CHUNK])) for at in range(0, len(data), RECORD_CHUNK)]
         with self._lock:  # one lock hold and one pwritev for all chunks (see Log.append_many)
             before = self.log.last_lsn
             try:
