@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from marsfs.node import Node
 from marsfs.testing.harness import Harness
 
 
@@ -78,6 +79,16 @@ def check_logs(request: pytest.FixtureRequest) -> Iterator[None]:
     if bad:
         pytest.fail("unexpected log records (declare expected ones with @pytest.mark.allow_log):\n  "
                     + "\n  ".join(bad[:20]), pytrace=False)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """An in-process node (no daemon, no mount) in ``tmp_path/state``, closed after the test."""
+    n = Node.open(tmp_path / "state", "n1")
+    try:
+        yield n
+    finally:
+        n.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,10 @@ ROOT = pyfuse3.ROOT_INODE
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node.open(tmp_path / "state", "n1")
-    n.create("v", MiB)
-    try:
-        yield n
-    finally:
-        n.close()
+def node(node: Node) -> Node:
+    """The shared in-process node (conftest), with a volume ``v``."""
+    node.create("v", MiB)
+    return node
 
 
 def _history(node: Node, blocks: int = 3) -> list[int]:

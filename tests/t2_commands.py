@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,6 @@ from marsfs.testing.checks import make_mirror
 
 MiB = 1 << 20
 Body = Callable[[Context], Awaitable[None]]
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node.open(tmp_path / "state", "n1")
-    try:
-        yield n
-    finally:
-        n.close()
 
 
 def with_daemon(node: Node, body: Body, forgotten: list[str] | None = None) -> None:

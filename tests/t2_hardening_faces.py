@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,13 +30,10 @@ NO_FLAGS: dict[str, Any] = {"node": "n1", "state": "/s", "mount": "/m", "listen"
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node.open(tmp_path / "state", "n1")
-    n.create("v", MiB)
-    try:
-        yield n
-    finally:
-        n.close()
+def node(node: Node) -> Node:
+    """The shared in-process node (conftest), with a volume ``v``."""
+    node.create("v", MiB)
+    return node
 
 
 class Answers:

@@ -37,15 +37,6 @@ from marsfs.volume import writeback as wb
 MiB = 1 << 20
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node.open(tmp_path / "state", "n1")
-    try:
-        yield n
-    finally:
-        n.close()
-
-
 @contextmanager
 def failing(monkeypatch: pytest.MonkeyPatch, name: str, fd: Callable[[], int], code: int) -> Iterator[None]:
     """``os.<name>`` on the file ``fd()`` fails with ``code``; other files work."""

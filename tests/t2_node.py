@@ -16,13 +16,6 @@ from marsfs.volume import Volume
 MiB = 1 << 20
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Node:
-    n = Node.open(tmp_path / "state", "n1")
-    yield n
-    n.close()
-
-
 def test_mark_on_a_mirror_is_refused_and_changes_nothing(node: Node) -> None:
     vol = node.create("v", MiB)
     vol.write(0, b"x" * 4096)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,13 +26,10 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node.open(tmp_path / "state", "n1")
-    n.create("v", MiB)
-    try:
-        yield n
-    finally:
-        n.close()
+def node(node: Node) -> Node:
+    """The shared in-process node (conftest), with a volume ``v``."""
+    node.create("v", MiB)
+    return node
 
 
 def go(fn: Callable[[], Awaitable[Any]]) -> Any:

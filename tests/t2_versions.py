@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,10 @@ ROOT = pyfuse3.ROOT_INODE
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node.open(tmp_path / "state", "n1")
-    n.create("v", 1 << 20)
-    try:
-        yield n
-    finally:
-        n.close()
+def node(node: Node) -> Node:
+    """The shared in-process node (conftest), with a volume ``v``."""
+    node.create("v", 1 << 20)
+    return node
 
 
 def go(fn: Callable[[], Awaitable[Any]]) -> Any:
