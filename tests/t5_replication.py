@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from marsfs.testing.checks import check_tree, sha, status, wait_for, wait_synced, write_random, write_tree
+from marsfs.testing.checks import check_tree, sha, status, wait_for, wait_synced, write_random, write_synced, write_tree
 from marsfs.testing.harness import Harness, run
 
 MiB = 1 << 20
@@ -185,24 +185,14 @@ def test_cli_replication_errors(harness: Harness) -> None:
     # history is written on the primary only: a mark on the mirror would fork its log (issue 8)
     r = b.cli("mark", "vm", "m1", check=False)
     assert r.returncode == 1 and "is a mirror" in r.stderr and "on its primary" in r.stderr, r.stderr
-    fd = os.open(a.image("vm"), os.O_RDWR)
-    try:
-        os.pwrite(fd, b"m" * 4096, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_synced(a.image("vm"), 0, b"m" * 4096)
     wait_synced(b, "vm")
     assert status(b, "vm")["state"] == "synced"
     # a leave refused because the image is open changes nothing: the mirror keeps following
     with open(b.image("vm"), "rb"):
         r = b.cli("leave", "vm", check=False)
         assert r.returncode == 1 and "is open" in r.stderr, r.stderr
-        fd = os.open(a.image("vm"), os.O_RDWR)
-        try:
-            os.pwrite(fd, b"n" * 4096, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(a.image("vm"), 0, b"n" * 4096)
         wait_synced(b, "vm")
         st = status(b, "vm")
         assert st["state"] == "synced" and st["replayed_lsn"] == status(a, "vm")["durable_lsn"], st

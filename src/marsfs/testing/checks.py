@@ -100,3 +100,13 @@ def make_mirror(node: Node, name: str, source: str = "x") -> None:
     node.set_role(name, role="mirror", source=source)
     vol = node.volume(name)
     vol.visible_lsn = vol.head_lsn
+
+
+def write_synced(image: Path, offset: int, data: bytes) -> None:
+    """One write into a volume image through the mount, made durable by fsync before returning."""
+    fd = os.open(image, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
