@@ -36,6 +36,13 @@ Conversation (client = the mirror, server = the node it fetches from)::
                         lag_records, lag_seconds} while the client ACKs
                 client: ACK {fetched_lsn, replayed_lsn, fetch_paused, replay_paused, probe}
     want=leave: nothing after WELCOME; the server forgets the mirror.
+    want=sync (fast sync, protocol 3):
+                client: SYNC_REQUEST {since_lsn, since_chain, whole, ranges, rate}
+                server: SYNC_INFO {lsn, chain, size, uuid, ranges}   (the target and what to compare)
+                client: SYNC_SUMS {offset, sums}... over the ranges in order, pipelined (binary)
+                server: per SYNC_SUMS: SYNC_DATA {offset, data} for blocks that differ (binary),
+                        then SYNC_PROGRESS {compared, sent}; after the last: SYNC_END {lsn}
+                client: ACK {fetched_lsn, replayed_lsn}   (switched to the target; fetches from lsn+1)
     A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
     durable LSN, so the client knows how old the state it describes can be at most.
     WELCOME and every HEARTBEAT name the volume's uuid: a volume deleted and re-created under
@@ -58,15 +65,16 @@ import xxhash
 
 from marsfs.errors import ProtocolError
 from marsfs.log.record import CHAIN_SIZE, HEADER_SIZE, BadRecord, decode_header
+from marsfs.volume.blocksums import BLOCK, SUM_SIZE
 
 __all__ = [
     "FRAME_HEADER", "MAX_FRAME", "PROTO_VERSION", "Ack", "Error", "Fetch", "Frame", "FrameDecoder", "Heartbeat",
     "Hello", "ImageData", "ImageEnd", "ImageInfo", "ImageProgress", "Message", "MsgType", "ProtocolError", "Records",
-    "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
+    "SyncData", "SyncEnd", "SyncInfo", "SyncProgress", "SyncRequest", "SyncSums", "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
 ]
 
 FRAME_MAGIC = b"MRSf"
-PROTO_VERSION = 2  #: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS
+PROTO_VERSION = 3  #: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS; 3: want "sync" (fast sync, SYNC_*)
 MAX_FRAME = 8 * 1024 * 1024
 _HEAD = struct.Struct("<4sBBHI")  # magic, version, type, flags, length
 _SUM = struct.Struct("<Q")
@@ -74,6 +82,7 @@ FRAME_HEADER = _HEAD.size + _SUM.size  # 20
 FLAG_LZ4 = 0x1
 _MIN_COMPRESS = 512
 _OFFSET = struct.Struct("<Q")
+MAX_RANGES = 100_000  #: ranges in one SYNC_REQUEST/SYNC_INFO (16 bytes of JSON each: under MAX_FRAME)
 
 
 class MsgType(IntEnum):
@@ -90,6 +99,12 @@ class MsgType(IntEnum):
     IMAGE_DATA = 9
     IMAGE_END = 10
     IMAGE_PROGRESS = 11
+    SYNC_REQUEST = 12
+    SYNC_INFO = 13
+    SYNC_SUMS = 14
+    SYNC_DATA = 15
+    SYNC_PROGRESS = 16
+    SYNC_END = 17
 
 
 # ---------------------------------------------------------------------------- framing
@@ -190,12 +205,13 @@ def split_records(payload: bytes) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- messages
 
-Want: TypeAlias = Literal["image", "fetch", "leave"]
+Want: TypeAlias = Literal["image", "fetch", "leave", "sync"]
 _WANTS: tuple[str, ...] = get_args(Want)
 
 # How a JSON field is checked and converted (field metadata "kind"):
 #   uint: an int >= 0 (LSNs, sizes, counters); pos: an int >= 1; str; bool;
-#   seconds: a finite number >= 0; chain: 16 bytes as 32 hex digits; want: one of _WANTS.
+#   seconds: a finite number >= 0; chain: 16 bytes as 32 hex digits; want: one of _WANTS;
+#   ranges: a list of [offset, length] pairs of ints, offset >= 0, length >= 1.
 
 
 def _field(kind: str, **kw: Any) -> Any:
@@ -336,21 +352,103 @@ class Records:
         return sum(len(r) for r in self.records)
 
 
-JsonMessage: TypeAlias = Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
-Message: TypeAlias = JsonMessage | ImageData | Records
+# -- fast sync (protocol 3): the mirror's staged image is brought to the source's version
+#    by comparing 4 KiB block sums (marsfs.volume.blocksums); see session.py for the rules.
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """The mirror asks for the source's image, sending only blocks that differ from its own.
+
+    ``since_lsn``/``since_chain``: the mirror's image is known to equal the source's history
+    at that LSN (its durable head, or a resync's base), so the source may compare only the
+    extents written after it; ``whole``: compare the whole image (the mirror's state is not
+    trusted); ``ranges``: byte ranges the mirror adds itself (e.g. a split-brain tail);
+    ``rate``: bytes/s of data this sync may use (0: the source's limit only)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SYNC_REQUEST
+    since_lsn: int = _field("uint")
+    since_chain: bytes = _field("chain")
+    whole: bool = _field("bool", default=False)
+    ranges: tuple[tuple[int, int], ...] = _field("ranges", default=())
+    rate: int = _field("uint", default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncInfo:
+    """The target: the source's volume at ``lsn`` (chain, size, uuid), and the block-aligned
+    byte ``ranges`` to compare, in offset order (``total`` bytes)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SYNC_INFO
+    lsn: int = _field("uint")
+    chain: bytes = _field("chain")
+    size: int = _field("pos")
+    uuid: str = _field("str")
+    ranges: tuple[tuple[int, int], ...] = _field("ranges")
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.ranges)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSums:
+    """The mirror's block sums of its staged image from ``offset`` (binary payload: 8-byte
+    offset, then 8 bytes per 4 KiB block)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SYNC_SUMS
+    offset: int
+    sums: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SyncData:
+    """The source's bytes at ``offset`` where the sums differed (binary: 8-byte offset, data)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SYNC_DATA
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SyncProgress:
+    """The source has compared (and sent what differed of) the first ``compared`` bytes of the
+    ranges; ``sent``: data bytes sent so far in this session."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SYNC_PROGRESS
+    compared: int = _field("uint")
+    sent: int = _field("uint")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncEnd:
+    """Every range is compared: the mirror's staged image now equals the source's at ``lsn``."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SYNC_END
+    lsn: int = _field("uint")
+
+
+JsonMessage: TypeAlias = (Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
+                          | SyncRequest | SyncInfo | SyncProgress | SyncEnd)
+Message: TypeAlias = JsonMessage | ImageData | Records | SyncSums | SyncData
 
 _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress)}
+    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress,
+                              SyncRequest, SyncInfo, SyncProgress, SyncEnd)}
+#: binary messages of an 8-byte offset and bytes: (class, field of the bytes)
+_OFFSET_TYPES: dict[MsgType, type[ImageData | SyncSums | SyncData]] = {
+    cls.TYPE: cls for cls in (ImageData, SyncSums, SyncData)}
 
 
 def encode_message(msg: Message, *, compress: bool = True) -> bytes:
     """The frame that carries ``msg``."""
     if isinstance(msg, Records):
         return encode_frame(MsgType.RECORDS, b"".join(msg.records), compress=compress)
-    if isinstance(msg, ImageData):
-        return encode_frame(MsgType.IMAGE_DATA, _OFFSET.pack(msg.offset) + msg.data, compress=compress)
-    obj = {f.name: (getattr(msg, f.name).hex() if f.metadata["kind"] == "chain" else getattr(msg, f.name))
-           for f in fields(msg)}
+    if isinstance(msg, ImageData | SyncData):
+        return encode_frame(msg.TYPE, _OFFSET.pack(msg.offset) + msg.data, compress=compress)
+    if isinstance(msg, SyncSums):
+        return encode_frame(msg.TYPE, _OFFSET.pack(msg.offset) + msg.sums, compress=compress)
+    obj = {f.name: _to_json(f.metadata["kind"], getattr(msg, f.name)) for f in fields(msg)}
     return encode_frame(msg.TYPE, json.dumps(obj, separators=(",", ":")).encode(), compress=compress)
 
 
@@ -358,10 +456,16 @@ def decode_message(frame: Frame) -> Message:
     """The message a verified frame carries; :class:`ProtocolError` if it is malformed."""
     if frame.type == MsgType.RECORDS:
         return _decode_records(frame.payload)
-    if frame.type == MsgType.IMAGE_DATA:
+    binary = _OFFSET_TYPES.get(frame.type)
+    if binary is not None:
         if len(frame.payload) < _OFFSET.size:
-            raise ProtocolError("IMAGE_DATA: frame without offset")
-        return ImageData(_OFFSET.unpack_from(frame.payload, 0)[0], frame.payload[_OFFSET.size :])
+            raise ProtocolError(f"{frame.type.name}: frame without offset")
+        offset, body = _OFFSET.unpack_from(frame.payload, 0)[0], frame.payload[_OFFSET.size :]
+        if binary is SyncSums and len(body) % SUM_SIZE:
+            raise ProtocolError(f"SYNC_SUMS: field 'sums' holds {len(body)} bytes, not a multiple of {SUM_SIZE}")
+        if binary is not ImageData and offset % BLOCK:
+            raise ProtocolError(f"{frame.type.name}: field 'offset' {offset} is not a multiple of {BLOCK}")
+        return binary(offset, body)
     cls = _JSON_TYPES[frame.type]
     name = frame.type.name
     try:
@@ -379,6 +483,14 @@ def decode_message(frame: Frame) -> Message:
     if obj:
         raise ProtocolError(f"{name}: unknown field {sorted(obj)[0]!r}")
     return cls(**values)
+
+
+def _to_json(kind: str, value: Any) -> Any:
+    if kind == "chain":
+        return value.hex()
+    if kind == "ranges":
+        return [list(r) for r in value]
+    return value
 
 
 def _check(msg: str, name: str, kind: str, value: Any) -> Any:
@@ -413,6 +525,16 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
             return bytes.fromhex(value)
         except ValueError:
             raise bad(f"must be {2 * CHAIN_SIZE} hex digits") from None
+    if kind == "ranges":
+        if not isinstance(value, list) or len(value) > MAX_RANGES:
+            raise bad(f"must be a list of at most {MAX_RANGES} [offset, length] pairs")
+        out: list[tuple[int, int]] = []
+        for r in value:
+            if (not isinstance(r, list) or len(r) != 2 or any(type(x) is not int for x in r)
+                    or r[0] < 0 or r[1] < 1):
+                raise bad("must hold [offset, length] pairs of integers (offset >= 0, length >= 1)")
+            out.append((r[0], r[1]))
+        return tuple(out)
     assert kind == "want", kind
     if value not in _WANTS:
         raise bad(f"must be one of {', '.join(_WANTS)}")

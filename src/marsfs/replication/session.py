@@ -49,7 +49,7 @@ Rules that hold here:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Protocol, TypeAlias
@@ -68,9 +68,16 @@ from marsfs.replication.protocol import (
     ImageProgress,
     Message,
     Records,
+    SyncData,
+    SyncEnd,
+    SyncInfo,
+    SyncProgress,
+    SyncRequest,
+    SyncSums,
     Want,
     Welcome,
 )
+from marsfs.volume.blocksums import BLOCK, SUM_SIZE, block_ranges, block_sums, differing_blocks
 
 BATCH_BYTES = 4 * 1024 * 1024
 FIRST_BATCH = 64 * 1024  #: a session's first frame; each later one may be twice as big
@@ -84,6 +91,9 @@ BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 #: refusal codes that need an operator: retrying cannot help
 FATAL = ("diverged", "log-trimmed", "unknown-volume", "cluster", "protocol", "volume-deleted", "volume-replaced")
+SUMS_BLOCKS = 1024  #: blocks per SYNC_SUMS: 4 MiB of image, 8 KiB of sums
+SUMS_AHEAD = 64 * 1024 * 1024  #: how far the mirror's sums may run ahead of the source's progress
+PACE_BURST = 0.1  #: seconds of data a rate-limited sync may send at once
 _PROBES_KEPT = 100
 _ZERO = bytes(IMAGE_CHUNK)
 _SAMPLES_KEPT = 50
@@ -159,6 +169,154 @@ def _step(table: dict[tuple[Enum, object], Enum], state: Enum, event: Enum | Mes
     return target
 
 
+# ---------------------------------------------------------------------------- fast sync helpers
+
+
+def sync_ranges(ranges: list[tuple[int, int]], size: int) -> tuple[tuple[int, int], ...]:
+    """``ranges`` as a sync compares them: widened to whole blocks, clipped to the image,
+    sorted and merged (touching ranges become one)."""
+    spans = sorted((off // BLOCK * BLOCK, min(size, -(-(off + n) // BLOCK) * BLOCK))
+                   for off, n in ranges if off < size and n > 0)
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return tuple((start, end - start) for start, end in out)
+
+
+def check_sync_ranges(ranges: tuple[tuple[int, int], ...], size: int) -> str | None:
+    """Why ``ranges`` are not what a SYNC_INFO may name (None: they are): in order, apart,
+    block-aligned, inside the image."""
+    end = -1
+    for off, n in ranges:
+        if off <= end:
+            return f"range at {off} is not after the one before it"
+        if off + n > size:
+            return f"range ({off}, {n}) lies past the image's {size} bytes"
+        if off % BLOCK or (n % BLOCK and off + n != size):
+            return f"range ({off}, {n}) is not aligned to {BLOCK}-byte blocks"
+        end = off + n
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """A SYNC_SUMS to answer: the mirror's ``sums`` of ``length`` bytes at ``offset``."""
+
+    offset: int
+    length: int
+    sums: bytes
+
+
+class RangeCursor:
+    """Walks a sync's ranges in SYNC_SUMS steps: where the next sums must start, and how far
+    (in bytes of the ranges, counted in order) the sums got."""
+
+    def __init__(self, ranges: tuple[tuple[int, int], ...]) -> None:
+        self._ranges = ranges
+        self._index = 0
+        self._within = 0
+        self.done = 0  #: bytes of the ranges covered
+
+    @property
+    def finished(self) -> bool:
+        return self._index >= len(self._ranges)
+
+    def next_chunk(self, blocks: int = SUMS_BLOCKS) -> tuple[int, int] | None:
+        """(offset, length) of the next step of at most ``blocks`` blocks (None: all covered)."""
+        if self.finished:
+            return None
+        off, n = self._ranges[self._index]
+        return off + self._within, min(blocks * BLOCK, n - self._within)
+
+    def take(self, offset: int, blocks: int, fail: Callable[[str], ProtocolError]) -> int:
+        """Advance over ``blocks`` blocks that must start at ``offset``; returns their length in
+        bytes. A step that is not the next one, or runs past its range, is ``fail(why)``."""
+        nxt = self.next_chunk(max(blocks, 1))
+        if nxt is None:
+            raise fail(f"sums at offset {offset} after every range was covered")
+        if offset != nxt[0]:
+            raise fail(f"field 'offset' is {offset}, not the next block to compare ({nxt[0]})")
+        off, n = self._ranges[self._index]
+        length = min(blocks * BLOCK, n - self._within)
+        if blocks == 0 or -(-length // BLOCK) != blocks:
+            raise fail(f"{blocks} sums at offset {offset} do not fit the range ({off}, {n})")
+        self._within += length
+        self.done += length
+        if self._within == n:
+            self._index, self._within = self._index + 1, 0
+        return length
+
+    def position(self, offset: int) -> int | None:
+        """``offset`` counted in bytes of the ranges (None: it lies in none of them)."""
+        before = 0
+        for off, n in self._ranges:
+            if off <= offset < off + n:
+                return before + offset - off
+            before += n
+        return None
+
+
+class Pace:
+    """A byte rate limit (bytes/s; 0: none): how long to wait before sending ``nbytes`` so that
+    what was sent stays within the rate, with bursts of at most :data:`PACE_BURST` seconds."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._free_at: float | None = None  #: when everything sent so far has "left" at the rate
+
+    def delay(self, now: float, nbytes: int) -> float:
+        if not self.rate:
+            return 0.0
+        start = now - PACE_BURST if self._free_at is None else max(self._free_at, now - PACE_BURST)
+        self._free_at = start + nbytes / self.rate
+        return max(0.0, self._free_at - now)
+
+
+def combined_rate(*rates: int) -> int:
+    """The strictest of several limits (0: unlimited)."""
+    limits = [r for r in rates if r > 0]
+    return min(limits) if limits else 0
+
+
+@dataclass
+class SyncStatus:
+    """A fast sync's progress as the mirror knows it (status shows it; outlives sessions).
+
+    ``total``/``compared``: bytes of the ranges; ``received``: data bytes received. Times are
+    the caller's clock."""
+
+    started: float
+    total: int = 0
+    compared: int = 0
+    received: int = 0
+    lsn: int = 0  #: the target version
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
+
+    @property
+    def fraction(self) -> float:
+        return self.compared / self.total if self.total else 0.0
+
+    def update(self, now: float, compared: int, received: int) -> None:
+        self.compared, self.received = compared, received
+        if not self.samples or now - self.samples[-1][0] >= 0.1:
+            self.samples.append((now, compared))
+
+    def rate(self) -> float:
+        """Compared bytes per second over the last samples."""
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def eta(self) -> float | None:
+        rate = self.rate()
+        left = self.total - self.compared
+        return 0.0 if not left else (left / rate if rate else None)
+
+
 # ---------------------------------------------------------------------------- serving side
 
 
@@ -169,6 +327,10 @@ class ServePhase(Enum):
     AWAIT_IMAGE_ACK = auto()
     AWAIT_FETCH = auto()
     SHIPPING = auto()
+    AWAIT_SYNC_REQUEST = auto()
+    PLANNING_SYNC = auto()  #: SYNC_REQUEST read; the caller picks the ranges and calls plan_sync()
+    SENDING_SYNC = auto()  #: comparing the mirror's sums, sending what differs
+    AWAIT_SYNC_ACK = auto()
     DONE = auto()
     CLOSED = auto()  #: refused, or the peer broke the protocol
 
@@ -181,6 +343,9 @@ class ServeEvent(Enum):
     REFUSE = auto()
     IMAGE_END = auto()
     VOLUME_GONE = auto()  #: the volume served was deleted (maybe created again) on this node
+    WELCOME_SYNC = auto()
+    SYNC_PLANNED = auto()
+    SYNC_END = auto()
 
 
 _S = ServePhase
@@ -195,11 +360,18 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.AWAIT_FETCH, Fetch): _S.ADMITTING,
     (_S.ADMITTING, ServeEvent.ACCEPT_FETCH): _S.SHIPPING,
     (_S.SHIPPING, Ack): _S.SHIPPING,
+    (_S.ADMITTING, ServeEvent.WELCOME_SYNC): _S.AWAIT_SYNC_REQUEST,
+    (_S.AWAIT_SYNC_REQUEST, SyncRequest): _S.PLANNING_SYNC,
+    (_S.PLANNING_SYNC, ServeEvent.SYNC_PLANNED): _S.SENDING_SYNC,
+    (_S.SENDING_SYNC, SyncSums): _S.SENDING_SYNC,
+    (_S.SENDING_SYNC, ServeEvent.SYNC_END): _S.AWAIT_SYNC_ACK,
+    (_S.AWAIT_SYNC_ACK, Ack): _S.DONE,
     **{(phase, ServeEvent.VOLUME_GONE): _S.CLOSED
-       for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING)},
+       for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING, _S.AWAIT_SYNC_REQUEST,
+                     _S.PLANNING_SYNC, _S.SENDING_SYNC, _S.AWAIT_SYNC_ACK)},
 }
 _WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
-                  "leave": ServeEvent.WELCOME_LEAVE}
+                  "leave": ServeEvent.WELCOME_LEAVE, "sync": ServeEvent.WELCOME_SYNC}
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +412,11 @@ class ServingSession:
         self._next_beat: float | None = None
         self._beat_probe = 0  #: the probe read before _beat_limit
         self._beat_limit = 0
+        self.sync_request: SyncRequest | None = None
+        self.sync: SyncInfo | None = None
+        self._cursor: RangeCursor | None = None  #: where the mirror's next SYNC_SUMS must start
+        self.sync_compared = 0  #: bytes of the sync's ranges compared
+        self.sync_sent = 0  #: data bytes sent in this sync
 
     @property
     def peer(self) -> str:
@@ -263,9 +440,10 @@ class ServingSession:
     def _go(self, event: Enum | Message) -> None:
         self.phase = ServePhase(_step(_SERVE, self.phase, event, "serving"))
 
-    def receive(self, msg: Message) -> Hello | Ack | Error | StartShipping:
+    def receive(self, msg: Message) -> Hello | Ack | Error | StartShipping | SyncRequest | Compare:
         """Take a message from the client. Returns the HELLO (then call :meth:`admit`), an ACK,
-        or for a FETCH either the refusal to send or where shipping starts."""
+        for a FETCH either the refusal to send or where shipping starts, a SYNC_REQUEST (then
+        call :meth:`plan_sync`) or, for SYNC_SUMS, what to compare (then :meth:`compare`)."""
         try:
             self._go(msg)
         except ProtocolError:
@@ -276,6 +454,11 @@ class ServingSession:
             return msg
         if isinstance(msg, Fetch):
             return self._admit_fetch(msg)
+        if isinstance(msg, SyncRequest):
+            self.sync_request = msg
+            return msg
+        if isinstance(msg, SyncSums):
+            return self._sums(msg)
         assert isinstance(msg, Ack)
         if self.phase is ServePhase.SHIPPING:
             self.fetched_lsn, self.replayed_lsn, self.probe = msg.fetched_lsn, msg.replayed_lsn, msg.probe
@@ -367,6 +550,64 @@ class ServingSession:
         self._go(ServeEvent.IMAGE_END)
         return ImageEnd(lsn=self.image.lsn)
 
+    # -- fast sync
+
+    def since_known(self) -> bool:
+        """Whether the mirror's image is this volume's at the SYNC_REQUEST's ``since_lsn``, as far
+        as our log can tell (the chain there matches), so that only extents written after it
+        can differ. A request for the whole image knows nothing."""
+        req, vol = self.sync_request, self.vol
+        assert req is not None
+        if req.whole or not vol.log.first_lsn - 1 <= req.since_lsn <= shippable_lsn(vol):
+            return False
+        return vol.log.chain_at(req.since_lsn) == req.since_chain
+
+    def plan_sync(self, changed: list[tuple[int, int]] | None) -> SyncInfo:
+        """The SYNC_INFO: the volume at its shippable LSN (call after the log is synced), and the
+        ranges to compare: ``changed`` (what may differ since the mirror's ``since_lsn``, the
+        mirror's own ranges are added) or, when None (not known), the whole image."""
+        assert self.phase is ServePhase.PLANNING_SYNC and self.sync_request is not None
+        vol = self.vol
+        lsn = shippable_lsn(vol)
+        ranges = (((0, vol.size),) if changed is None
+                  else sync_ranges([*changed, *self.sync_request.ranges], vol.size))
+        self.sync = SyncInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size, uuid=vol.uuid, ranges=ranges)
+        self._cursor = RangeCursor(ranges)
+        self._go(ServeEvent.SYNC_PLANNED)
+        return self.sync
+
+    def _sums(self, msg: SyncSums) -> Compare:
+        cursor = self._cursor
+        assert cursor is not None
+        length = cursor.take(msg.offset, len(msg.sums) // SUM_SIZE, self._fail_sums)
+        return Compare(msg.offset, length, msg.sums)
+
+    def _fail_sums(self, why: str) -> ProtocolError:
+        self.phase = ServePhase.CLOSED
+        return ProtocolError(f"SYNC_SUMS: {why}")
+
+    def compare(self, job: Compare, data: bytes) -> list[SyncData | SyncProgress]:
+        """What to send for one SYNC_SUMS, given our bytes of its range (of the target
+        version): the blocks whose sums differ, then how far the comparison got."""
+        assert len(data) == job.length
+        ours = block_sums(lambda off, n: data[off - job.offset : off - job.offset + n], job.offset, job.length)
+        out: list[SyncData | SyncProgress] = []
+        for off, n in block_ranges(differing_blocks(ours, job.sums), job.offset, job.offset + job.length):
+            out.append(SyncData(off, data[off - job.offset : off - job.offset + n]))
+            self.sync_sent += n
+        self.sync_compared += job.length
+        out.append(SyncProgress(compared=self.sync_compared, sent=self.sync_sent))
+        return out
+
+    @property
+    def sync_complete(self) -> bool:
+        return self.sync is not None and self.sync_compared == self.sync.total
+
+    def end_sync(self) -> SyncEnd:
+        assert self.sync is not None and self.sync_complete
+        self._go(ServeEvent.SYNC_END)
+        return SyncEnd(lsn=self.sync.lsn)
+
     # -- shipping
 
     def poll(self) -> Ship | None:
@@ -422,6 +663,7 @@ class FetchState:
     last_progress: float = 0.0  #: when records last arrived (or the fetcher started)
     fetched_bytes: int = 0
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
+    sync: SyncStatus | None = None  #: a fast sync (resync) of this mirror under way
 
     def rate(self) -> float:
         """Fetched bytes per second over the last few seconds."""
@@ -472,6 +714,9 @@ class FetchPhase(Enum):
     IMAGE_END = auto()  #: the caller makes the copy durable, then sends image_done()
     FETCHING = auto()
     WATCHING = auto()  #: fetch paused: heartbeats only
+    SYNC_AWAIT_INFO = auto()
+    SYNCING = auto()  #: sending sums, receiving what differs
+    SYNC_END = auto()  #: the caller makes the staged image durable and switches, then sync_done()
     DONE = auto()
     CLOSED = auto()  #: refused, or the peer broke the protocol
 
@@ -481,6 +726,8 @@ class FetchEvent(Enum):
     SEND_FETCH = auto()
     SEND_WATCH = auto()
     SEND_ACK = auto()
+    SEND_SYNC_REQUEST = auto()
+    SEND_SUMS = auto()
 
 
 _F = FetchPhase
@@ -504,12 +751,22 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
               (_F.WATCHING, Heartbeat): _F.WATCHING,
               (_F.WATCHING, FetchEvent.SEND_ACK): _F.WATCHING},
     "leave": dict(_FETCH_COMMON),
+    "sync": {**_FETCH_COMMON,
+             (_F.WELCOMED, FetchEvent.SEND_SYNC_REQUEST): _F.SYNC_AWAIT_INFO,
+             (_F.SYNC_AWAIT_INFO, SyncInfo): _F.SYNCING,
+             (_F.SYNCING, FetchEvent.SEND_SUMS): _F.SYNCING,
+             (_F.SYNCING, SyncData): _F.SYNCING,
+             (_F.SYNCING, SyncProgress): _F.SYNCING,
+             (_F.SYNCING, SyncEnd): _F.SYNC_END,
+             (_F.SYNC_END, FetchEvent.SEND_ACK): _F.DONE},
 }
-_REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING, _F.WATCHING)
+_REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING, _F.WATCHING, _F.SYNC_AWAIT_INFO,
+              _F.SYNCING, _F.SYNC_END)
 
 
 #: what a fetching session passes on from the server (an ERROR becomes a :class:`Refused`)
-ServerReply: TypeAlias = Welcome | ImageInfo | ImageData | ImageProgress | ImageEnd | Records | Heartbeat
+ServerReply: TypeAlias = (Welcome | ImageInfo | ImageData | ImageProgress | ImageEnd | Records | Heartbeat
+                          | SyncInfo | SyncData | SyncProgress | SyncEnd)
 
 
 class FetchingSession:
@@ -530,6 +787,10 @@ class FetchingSession:
         self.image: ImageInfo | None = None
         self.scanned = 0  #: bytes of the image the source has scanned (sent or found zero)
         self._next_lsn = 0  #: the LSN the next RECORDS frame must start with
+        self.sync: SyncInfo | None = None
+        self._cursor: RangeCursor | None = None  #: where our next SYNC_SUMS starts
+        self.compared = 0  #: bytes of the sync's ranges the source has compared
+        self.received = 0  #: data bytes received in this sync
 
     @property
     def want(self) -> Want:
@@ -602,6 +863,8 @@ class FetchingSession:
             assert self.image is not None
             if msg.lsn != self.image.lsn:
                 raise self._fail(f"IMAGE_END: field 'lsn' {msg.lsn} is not the image's LSN {self.image.lsn}")
+        elif isinstance(msg, SyncInfo | SyncData | SyncProgress | SyncEnd):
+            self._sync_reply(msg)
         elif isinstance(msg, Records):
             if msg.first_lsn != self._next_lsn:
                 raise self._fail(f"RECORDS: field 'records' starts at LSN {msg.first_lsn}, "
@@ -618,6 +881,72 @@ class FetchingSession:
 
     def image_done(self, head_lsn: int) -> Ack:
         """The ACK that says the copy is durable here."""
+        self._go(FetchEvent.SEND_ACK)
+        return Ack(fetched_lsn=head_lsn, replayed_lsn=head_lsn)
+
+    # -- fast sync
+
+    def sync_request(self, req: SyncRequest) -> SyncRequest:
+        self._go(FetchEvent.SEND_SYNC_REQUEST)
+        return req
+
+    def _sync_reply(self, msg: SyncInfo | SyncData | SyncProgress | SyncEnd) -> None:
+        if isinstance(msg, SyncInfo):
+            assert self.welcome is not None
+            if msg.uuid != self.welcome.uuid:
+                raise self._fail(f"SYNC_INFO: field 'uuid' {msg.uuid} is not the WELCOME's {self.welcome.uuid}")
+            why = check_sync_ranges(msg.ranges, msg.size)
+            if why is not None:
+                raise self._fail(f"SYNC_INFO: field 'ranges': {why}")
+            self.sync, self._cursor = msg, RangeCursor(msg.ranges)
+            return
+        cursor = self._cursor
+        assert self.sync is not None and cursor is not None
+        if isinstance(msg, SyncData):
+            pos = cursor.position(msg.offset)
+            end = cursor.position(msg.offset + len(msg.data) - 1) if msg.data else None
+            if pos is None or end != pos + len(msg.data) - 1 or pos < self.compared or end >= cursor.done:
+                raise self._fail(f"SYNC_DATA: field 'offset' {msg.offset} + {len(msg.data)} bytes is not in a "
+                                 "range whose sums were sent and not yet compared")
+            self.received += len(msg.data)
+        elif isinstance(msg, SyncProgress):
+            if not self.compared <= msg.compared <= cursor.done:
+                raise self._fail(f"SYNC_PROGRESS: field 'compared' {msg.compared} is outside {self.compared}.."
+                                 f"{cursor.done} (compared before .. sums sent)")
+            self.compared = msg.compared
+        elif msg.lsn != self.sync.lsn or not cursor.finished or self.compared != self.sync.total:
+            raise self._fail(f"SYNC_END: at LSN {msg.lsn} after {self.compared} of {self.sync.total} bytes "
+                             f"compared (the target is LSN {self.sync.lsn})")
+
+    def next_sums(self) -> tuple[int, int] | None:
+        """(offset, length) of our next SYNC_SUMS (None: every range is covered)."""
+        assert self._cursor is not None
+        return self._cursor.next_chunk()
+
+    @property
+    def sums_window_open(self) -> bool:
+        """Whether we may send more sums (those sent run at most SUMS_AHEAD past the progress)."""
+        assert self._cursor is not None
+        return self._cursor.done - self.compared < SUMS_AHEAD
+
+    @property
+    def awaiting_source(self) -> bool:
+        """Sums are out that the source has not answered yet (its silence then is a stall)."""
+        return self._cursor is not None and self._cursor.done > self.compared
+
+    def sums(self, offset: int, sums: bytes) -> SyncSums:
+        """The SYNC_SUMS of our staged image for the chunk :meth:`next_sums` named."""
+        self._go(FetchEvent.SEND_SUMS)
+        assert self._cursor is not None
+
+        def bug(why: str) -> ProtocolError:
+            raise AssertionError(why)
+
+        self._cursor.take(offset, len(sums) // SUM_SIZE, bug)
+        return SyncSums(offset, sums)
+
+    def sync_done(self, head_lsn: int) -> Ack:
+        """The ACK that says we switched to the target, durably."""
         self._go(FetchEvent.SEND_ACK)
         return Ack(fetched_lsn=head_lsn, replayed_lsn=head_lsn)
 
