@@ -109,7 +109,7 @@ def converse(pair: Pair, img: Images, req: SyncRequest, changed: list[tuple[int,
     assert pair.connect() is not None
     got = pair.to_server(pair.client.sync_request(req))
     assert got == req and pair.server.phase is ServePhase.PLANNING_SYNC
-    info = pair.server.plan_sync(changed)
+    info = pair.server.plan_sync(changed, 30)
     assert pair.to_client(info) == info and pair.client.phase is FetchPhase.SYNCING
     sent = 0
     while (chunk := pair.client.next_sums()) is not None:
@@ -188,7 +188,7 @@ def test_the_sums_window() -> None:
     pair = sync_pair(size)
     pair.connect()
     pair.to_server(pair.client.sync_request(SyncRequest(since_lsn=0, since_chain=CHAIN, whole=True)))
-    pair.to_client(pair.server.plan_sync(None))
+    pair.to_client(pair.server.plan_sync(None, 30))
     n = 0
     while pair.client.sums_window_open:
         chunk = pair.client.next_sums()
@@ -207,7 +207,7 @@ def started(size: int = 16 * BLOCK) -> Pair:
     pair = sync_pair(size)
     pair.connect()
     pair.to_server(pair.client.sync_request(SyncRequest(since_lsn=0, since_chain=CHAIN, whole=True)))
-    pair.to_client(pair.server.plan_sync(None))
+    pair.to_client(pair.server.plan_sync(None, 30))
     return pair
 
 

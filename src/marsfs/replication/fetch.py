@@ -18,6 +18,16 @@ Rules that hold here:
   need an operator.
 * A paused fetch keeps a session that only watches (heartbeats, no records), so the mirror's
   lag stays true while paused; pausing or resuming ends the session and starts the other kind.
+* Fast sync (:func:`receive_sync`): our block sums of the staged image go out as fast as the
+  window allows while the differing blocks come back and are staged (one task each); staged
+  data is made durable (``sync``) every :data:`SYNC_EVERY` bytes and before the switch, and
+  the switch (``finish``) happens before the ACK. The staged image survives a lost
+  connection or a crash: the next sync compares sums again, so what was staged is not sent
+  again unless it changed.
+* The fetcher runs a resync instead of a fetch while one is wanted (``Fetcher.resync``: an
+  operator's invalidate or join, the source's ``log-trimmed``) or staged (``Volume.resync``,
+  e.g. after a restart), and fetches from the target's LSN on once it switched. While it
+  runs, the volume keeps serving its last version and its log does not grow.
 * A failure becomes a reason in words (:func:`marsfs.aio.describe`): status and log never show
   an empty text or a bare exception class.
 * Times are trio times (``trio.current_time``), so a mock clock drives every timeout.
@@ -27,6 +37,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -41,19 +53,27 @@ from marsfs.replication.protocol import (
     ImageInfo,
     ImageProgress,
     Records,
+    SyncData,
+    SyncEnd,
+    SyncInfo,
+    SyncProgress,
+    SyncRequest,
     Want,
     Welcome,
 )
 from marsfs.replication.session import (
     ACK_EVERY,
+    STALL_AFTER,
     Backoff,
     FetchingSession,
     FetchState,
     Probes,
     Refused,
     ServerReply,
+    SyncStatus,
 )
 from marsfs.volume import Volume
+from marsfs.volume.blocksums import block_sums
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +81,7 @@ __all__ = ["Connect", "FetchState", "Fetcher", "PeerChannel", "failure_reason", 
            "receive_image"]
 
 CONNECT_TIMEOUT = 5.0
+SYNC_EVERY = 64 * 1024 * 1024  #: staged bytes between syncs of the staged image (what a crash may cost)
 
 
 def hello(node: str, cluster: str, volume: str, want: Want, epoch: int = 0) -> Hello:
@@ -128,6 +149,104 @@ async def receive_image(ch: PeerChannel, make_volume: Callable[[ImageInfo], Volu
     return vol
 
 
+class Staging(Protocol):
+    """Where a fast sync stages the blocks it receives (``marsfs.volume.Resync`` is one)."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+    def write(self, offset: int, data: bytes) -> None: ...
+    def sync(self) -> None: ...
+
+
+async def receive_sync(ch: PeerChannel, request: SyncRequest, stage: Callable[[SyncInfo], Staging],
+                       finish: Callable[[SyncInfo], int], status: SyncStatus) -> SyncInfo:
+    """One fast sync on a welcomed ``sync`` channel: ``stage(info)`` (in a worker thread) gives
+    the staged image for the target, ``finish(info)`` switches to it durably and returns our
+    head LSN, which the ACK reports. ``status`` follows the progress."""
+    sess = ch.session
+    await ch.send_message(sess.sync_request(request))
+    with trio.fail_after(STALL_AFTER):  # the source syncs its log and plans the ranges first
+        info = await ch.receive_reply()
+    assert isinstance(info, SyncInfo)
+    staging = await trio.to_thread.run_sync(stage, info)
+    status.total, status.lsn = info.total, info.lsn
+    status.update(trio.current_time(), 0, 0)
+    lock = trio.Lock()  # the staging is used from one worker thread at a time
+    wake = [trio.Event()]
+
+    async def send_sums() -> None:
+        while (chunk := sess.next_sums()) is not None:
+            while not sess.sums_window_open:
+                await wake[0].wait()
+            off, n = chunk
+            async with lock:
+                sums = await trio.to_thread.run_sync(block_sums, staging.read, off, n)
+            await ch.send_message(sess.sums(off, sums))
+
+    async def receive_blocks() -> None:
+        unsynced = 0
+        while True:
+            msg: ServerReply | None = None
+            with trio.move_on_after(STALL_AFTER):
+                msg = await ch.receive_reply()
+            if msg is None:
+                if sess.awaiting_source:
+                    raise ConnectionLost(f"no data from the source for {STALL_AFTER:.0f} s during a fast sync")
+                continue  # we are slow reading our own image: the source waits for our sums
+            if isinstance(msg, SyncData):
+                async with lock:
+                    await trio.to_thread.run_sync(staging.write, msg.offset, msg.data)
+                unsynced += len(msg.data)
+                if unsynced >= SYNC_EVERY:
+                    async with lock:
+                        await trio.to_thread.run_sync(staging.sync)
+                    unsynced = 0
+            elif isinstance(msg, SyncProgress):
+                status.update(trio.current_time(), msg.compared, sess.received)
+                wake[0].set()
+                wake[0] = trio.Event()
+            else:
+                assert isinstance(msg, SyncEnd), msg
+                return
+
+    try:
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_sums)
+                await receive_blocks()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):  # what arrived is kept for the next attempt
+            async with lock:
+                await trio.to_thread.run_sync(staging.sync)
+    head = await trio.to_thread.run_sync(finish, info)
+    await ch.send_message(sess.sync_done(head))
+    return info
+
+
+@dataclass
+class ResyncPlan:
+    """A resync the fetcher is to run before it fetches again (see :class:`Fetcher`)."""
+
+    whole: bool = False  #: compare the whole image (our copy is not trusted)
+    ranges: tuple[tuple[int, int], ...] = ()  #: byte ranges we add ourselves (a split-brain tail)
+    rate: int = 0  #: bytes/s for this sync (0: the source's limit only)
+
+
+def stage_resync(vol: Volume, info: SyncInfo, *, direct: bool) -> Staging:
+    """The staged image of ``vol`` for target ``info``: the running resync, retargeted when the
+    source is further now, else a new one (an older target cannot be reached from staged
+    blocks of a newer one: start over)."""
+    rs = vol.resync
+    if rs is not None and (rs.uuid != info.uuid or info.lsn < rs.target_lsn):
+        vol.abort_resync()
+        rs = None
+    if rs is None:
+        return vol.begin_resync(info.lsn, info.chain, info.size, info.uuid, direct=direct)
+    if (rs.target_lsn, rs.target_chain, rs.size) != (info.lsn, info.chain, info.size):
+        rs.retarget(info.lsn, info.chain, info.size)
+    return rs
+
+
 def failure_reason(e: BaseException) -> str:
     """A failed fetch session in words, as status and the log show it. A protocol error keeps
     its class name after the words: it means a damaged link or a buggy peer, worth a grep."""
@@ -140,8 +259,15 @@ class Fetcher:
     """Keeps one mirror volume's log following its source node. Construct inside trio."""
 
     def __init__(self, vol: Volume, node: str, cluster: str, source: str, connect: Connect,
-                 paused: Callable[[], bool], replayed: Callable[[], int], replay_paused: Callable[[], bool]) -> None:
+                 paused: Callable[[], bool], replayed: Callable[[], int], replay_paused: Callable[[], bool],
+                 *, resync: ResyncPlan | None = None, direct: bool = False,
+                 synced: Callable[[], None] | None = None) -> None:
         self.vol = vol
+        #: a resync to run before fetching (an operator's, or the source trimmed our log); a
+        #: staged one (``vol.resync``) continues even without a plan
+        self.resync = resync
+        self.direct = direct  #: nobody reads the volume yet (a first copy): stage into the base
+        self.synced = synced  #: called (in a worker thread) after a resync switched
         self.node = node
         self.cluster = cluster
         self.connect = connect
@@ -159,11 +285,21 @@ class Fetcher:
             clean = False
             failure = ""
             try:
-                await self._session(watch=self.paused())
+                if self.resync is not None or self.vol.resync is not None:
+                    await self._sync_session()
+                else:
+                    await self._session(watch=self.paused())
                 clean = True
             except PeerRefused as e:
                 self.state.error = e.message
-                if Refused(e.code, e.message).fatal:
+                if e.code == "log-trimmed" and self.resync is None:
+                    # not fatal: copy what changed instead of the log we can no longer get
+                    logger.info("fetch of %s from %s: %s; resyncing what changed", self.vol.name,
+                                self.state.source, e.message)
+                    self.state.error = ""
+                    self.resync = ResyncPlan()
+                    clean = True
+                elif Refused(e.code, e.message).fatal:
                     self.state.fatal = e.code
                     logger.error("fetch of %s from %s stopped: %s", self.vol.name, self.state.source, e)
                     return
@@ -177,6 +313,35 @@ class Fetcher:
                 logger.info("fetch of %s from %s: %s; retrying in %.1f s", self.vol.name, self.state.source,
                             failure, delay)
             await trio.sleep(delay)
+
+    async def _sync_session(self) -> None:
+        """One fast sync toward the source's current version; the log follows from its LSN on."""
+        vol, plan = self.vol, self.resync or ResyncPlan()
+        staged = vol.resync
+        since = staged.base_lsn if staged is not None else vol.durable_lsn
+        request = SyncRequest(since_lsn=since, since_chain=vol.log.chain_at(since), whole=plan.whole,
+                              ranges=plan.ranges, rate=plan.rate)
+        sess = FetchingSession(hello(self.node, self.cluster, vol.name, "sync"), state=self.state,
+                               probes=self._probes, mirror=vol)
+        if self.state.sync is None:
+            self.state.sync = SyncStatus(started=trio.current_time())
+        ch, _welcome = await open_channel(self.connect, sess)
+        self.state.connected, self.state.error = True, ""
+        try:
+            info = await receive_sync(ch, request, lambda i: stage_resync(vol, i, direct=self.direct),
+                                      self._finish, self.state.sync)
+        finally:
+            await ch.aclose()
+        logger.info("resync of %s from %s done at LSN %d: %d of %d compared bytes were sent", vol.name,
+                    self.state.source, info.lsn, sess.received, info.total)
+        self.resync, self.state.sync, self.direct = None, None, False
+        self.state.last_progress = trio.current_time()
+
+    def _finish(self, info: SyncInfo) -> int:
+        self.vol.finish_resync()
+        if self.synced is not None:
+            self.synced()
+        return self.vol.head_lsn
 
     async def _session(self, *, watch: bool) -> None:
         """One session: fetch, or (``watch``) only hear the source's heartbeats; it ends when

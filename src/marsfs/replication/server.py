@@ -19,6 +19,12 @@ Rules that hold here:
 * A peer that breaks the protocol is logged at INFO and disconnected; it is the peer's fault,
   not ours. Only an error nobody foresaw is logged with its traceback, and it still only ends
   that one connection.
+* Fast sync (want ``sync``): the target is a pinned view at the shippable LSN L, and the
+  mirror's position holds our log from L+1 (as for an image). The ranges to compare are what
+  changed since the mirror's ``since_lsn`` when we can tell (:func:`changed_since`), else the
+  whole image. Data is paced to the node's ``--sync-rate`` and the request's own rate,
+  whichever is lower; sums and progress are not paced (they are small and keep the mirror
+  from calling the link stalled).
 * Times are trio times (``trio.current_time``), except wall times compared with record
   timestamps (lag seconds) or shown to users.
 """
@@ -36,9 +42,18 @@ import trio
 from marsfs.aio import describe, single_error
 from marsfs.errors import MarsError, ProtocolError
 from marsfs.replication.channel import Channel, ConnectionLost
-from marsfs.replication.protocol import Ack, Error, Hello, ImageData, Records, encode_message
-from marsfs.replication.session import ServingSession, StartShipping
-from marsfs.volume import Volume
+from marsfs.replication.protocol import (
+    Ack,
+    Error,
+    Hello,
+    ImageData,
+    Records,
+    SyncData,
+    SyncRequest,
+    encode_message,
+)
+from marsfs.replication.session import Compare, Pace, ServingSession, StartShipping, combined_rate, shippable_lsn
+from marsfs.volume import Volume, VolumeView
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +127,9 @@ class Server:
     """Answers one replication connection at a time per task (see :meth:`handle`)."""
 
     def __init__(self, node: str, cluster: str, lookup: Callable[[str], Volume | None],
-                 epoch_of: Callable[[str], int], peers: PeerTable) -> None:
+                 epoch_of: Callable[[str], int], peers: PeerTable, *, sync_rate: int = 0) -> None:
         self.node = node
+        self.sync_rate = sync_rate  #: bytes/s of fast sync data per connection (0: unlimited)
         self.cluster = cluster
         self.lookup = lookup
         self.epoch_of = epoch_of
@@ -135,6 +151,8 @@ class Server:
                 await self._send_image(ch, sess, vol)
             elif hello.want == "fetch":
                 await self._serve_fetch(ch, sess, vol)
+            elif hello.want == "sync":
+                await self._serve_sync(ch, sess, vol)
             else:
                 vol.release(sess.hold_key)
                 self.peers.forget(vol.name, vol.uuid, sess.peer)
@@ -190,6 +208,38 @@ class Server:
         finally:
             view.close()
 
+    async def _serve_sync(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
+        req = sess.receive(await ch.receive_message())
+        assert isinstance(req, SyncRequest)
+        await trio.to_thread.run_sync(vol.log.sync)
+        lsn = shippable_lsn(vol)
+        view = vol.view(lsn)
+        try:
+            vol.hold(sess.hold_key, lsn)  # the mirror fetches from lsn+1 once it switched
+            changed = await trio.to_thread.run_sync(changed_since, vol, sess, lsn)
+            info = sess.plan_sync(changed, lsn)
+            await ch.send_message(info)
+            logger.info("fast sync of %s at LSN %d to %s: comparing %d bytes%s", vol.name, lsn, sess.peer,
+                        info.total, "" if changed is None else " (what changed since its LSN "
+                        f"{req.since_lsn}{' and its own ranges' if req.ranges else ''})")
+            pace = Pace(combined_rate(self.sync_rate, req.rate))
+            while not sess.sync_complete:
+                if await self._volume_gone(ch, sess, vol):
+                    return
+                job = sess.receive(await ch.receive_message())
+                assert isinstance(job, Compare)
+                frames = await trio.to_thread.run_sync(_compare, sess, view, job)
+                for frame, data_bytes in frames:
+                    if data_bytes:
+                        await trio.sleep(pace.delay(trio.current_time(), data_bytes))
+                    await ch.send_raw(frame)
+            await ch.send_message(sess.end_sync())
+            logger.info("fast sync of %s to %s compared %d bytes, sent %d", vol.name, sess.peer,
+                        sess.sync_compared, sess.sync_sent)
+            sess.receive(await ch.receive_message())  # the ACK: the mirror switched to LSN lsn
+        finally:
+            view.close()
+
     async def _serve_fetch(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
         start = sess.receive(await ch.receive_message())
         if isinstance(start, Error):
@@ -241,6 +291,33 @@ class Server:
                 vol.hold(sess.hold_key, sess.hold_lsn)
         finally:
             scope.cancel()
+
+
+def changed_since(vol: Volume, sess: ServingSession, lsn: int) -> list[tuple[int, int]] | None:
+    """The byte ranges where the mirror's image may differ from ours at ``lsn`` (None: any).
+
+    When our log still holds the mirror's ``since_lsn`` with the same chain, the extents that
+    records after it wrote; else the changed set the volume keeps for that mirror after its
+    log was dropped (``changed_ranges``, when the volume has one); else not known."""
+    req = sess.sync_request
+    assert req is not None
+    if req.whole:
+        return None
+    if sess.since_known():
+        ranges: list[tuple[int, int]] | None = vol.extents_between(req.since_lsn, lsn)
+        if ranges is not None:
+            return ranges
+    kept = getattr(vol, "changed_ranges", None)  # the per-mirror set of log-space management
+    if kept is not None:
+        known: list[tuple[int, int]] | None = kept(sess.peer, req.since_lsn)
+        return known
+    return None
+
+
+def _compare(sess: ServingSession, view: VolumeView, job: Compare) -> list[tuple[bytes, int]]:
+    """The frames that answer one SYNC_SUMS, each with the data bytes it carries."""
+    data = view.read(job.offset, job.length)
+    return [(encode_message(m), len(m.data) if isinstance(m, SyncData) else 0) for m in sess.compare(job, data)]
 
 
 def _records_frame(vol: Volume, first: int, limit: int, batch: int) -> tuple[bytes, int]:

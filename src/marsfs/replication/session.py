@@ -562,13 +562,13 @@ class ServingSession:
             return False
         return vol.log.chain_at(req.since_lsn) == req.since_chain
 
-    def plan_sync(self, changed: list[tuple[int, int]] | None) -> SyncInfo:
-        """The SYNC_INFO: the volume at its shippable LSN (call after the log is synced), and the
-        ranges to compare: ``changed`` (what may differ since the mirror's ``since_lsn``, the
-        mirror's own ranges are added) or, when None (not known), the whole image."""
+    def plan_sync(self, changed: list[tuple[int, int]] | None, lsn: int) -> SyncInfo:
+        """The SYNC_INFO: the volume at ``lsn`` (shippable, picked after the log was synced), and
+        the ranges to compare: ``changed`` (what may differ since the mirror's ``since_lsn``;
+        the mirror's own ranges are added) or, when None (not known), the whole image."""
         assert self.phase is ServePhase.PLANNING_SYNC and self.sync_request is not None
         vol = self.vol
-        lsn = shippable_lsn(vol)
+        assert lsn <= shippable_lsn(vol)
         ranges = (((0, vol.size),) if changed is None
                   else sync_ranges([*changed, *self.sync_request.ranges], vol.size))
         self.sync = SyncInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size, uuid=vol.uuid, ranges=ranges)
