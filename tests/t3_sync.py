@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from t3_replication import CLUSTER, SIZE, primary, run, server_for, write
 
 from marsfs.errors import ProtocolError
 from marsfs.replication.channel import ConnectionLost
@@ -29,6 +28,7 @@ from marsfs.replication.server import Server
 from marsfs.replication.session import FetchingSession, SyncStatus
 from marsfs.volume import Volume
 from marsfs.volume.blocksums import BLOCK
+from t3_replication import CLUSTER, SIZE, primary, run, server_for, write
 
 
 class Staged:
