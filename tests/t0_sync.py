@@ -12,12 +12,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
+from pathlib import Path
 
 import pytest
 
-from marsfs.errors import ProtocolError
+from marsfs.errors import MarsError, ProtocolError, UsageError
+from marsfs.faces.commands import follow_sync, progress_line
+from marsfs.faces.config import load_config
 from marsfs.replication.protocol import (
     Ack,
     MsgType,
@@ -294,3 +298,35 @@ def test_sync_status_rate_and_eta() -> None:
     assert st.rate() == 200.0 and st.eta() == 3.5 and st.fraction == 0.3
     st.update(3.0, 1000, 30)
     assert st.eta() == 0.0
+
+
+# ---------------------------------------------------------------------------- serve --sync-rate, progress
+
+
+def test_sync_rate_from_flags_and_config(tmp_path: Path) -> None:
+    base = {"node": "n1", "state": "/s", "mount": "/m"}
+    assert load_config(None, base).sync_rate == 0
+    assert load_config(None, {**base, "sync_rate": "50M"}).sync_rate == 50 << 20
+    conf = tmp_path / "c.toml"
+    conf.write_text('sync-rate = "1G"\n')
+    assert load_config(conf, base).sync_rate == 1 << 30
+    assert load_config(conf, {**base, "sync_rate": "2M"}).sync_rate == 2 << 20  # flags win
+    with pytest.raises(UsageError, match="--sync-rate: cannot read size 'fast'"):
+        load_config(None, {**base, "sync_rate": "fast"})
+
+
+def test_progress_lines_until_the_sync_is_done() -> None:
+    row = {"volume": "v", "state": "resyncing", "durable_lsn": 9, "errors": [], "sync_bytes": 2 << 30,
+           "progress": 0.25, "sync_received_bytes": 3 << 20, "fetch_rate": 100 << 20, "eta_seconds": 15.4}
+    assert progress_line(row) == ("v: resyncing  25.0% of 2.0 GiB compared, 3.0 MiB received, 100.0 MiB/s, "
+                                  "ETA 15 s")
+    assert "waiting for the source" in progress_line({**row, "sync_bytes": 0})
+    rows = [row, {**row, "progress": 0.5}, {**row, "state": "catching-up"}]
+    out = io.StringIO()
+    last = follow_sync("v", lambda cmd, args: [rows.pop(0)], out=out, every=0.0)
+    assert last["state"] == "catching-up" and rows == []
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "25.0%" in lines[0] and "50.0%" in lines[1]
+    assert lines[2] == "v: synced to LSN 9; now catching-up"
+    with pytest.raises(MarsError, match="v: the sync stopped: state failed; boom"):
+        follow_sync("v", lambda cmd, args: [{**row, "state": "failed", "errors": ["boom"]}], out=io.StringIO())

@@ -195,7 +195,7 @@ PARSES = [
     (["status", "v", "--json"], {"volume": "v", "json": True, "watch": False, "interval": 1.0}),
     (["status", "--watch", "--interval", "0.5"], {"volume": None, "json": False, "watch": True, "interval": 0.5}),
     (["mark", "v", "m1"], {"volume": "v", "name": "m1"}),
-    (["join", "v", "--from", "n1"], {"volume": "v", "source": "n1"}),
+    (["join", "v", "--from", "n1"], {"volume": "v", "source": "n1", "seed": None, "rate": None, "wait": False}),
     (["leave", "v"], {"volume": "v"}),
     (["pause-fetch", "v"], {"volume": "v"}),
     (["resume-fetch", "v"], {"volume": "v"}),
@@ -207,7 +207,7 @@ PARSES = [
     (["versions", "v", "--json"], {"volume": "v", "json": True}),
     (["serve", "--node", "n1", "--mount", "/m", "--peer", "n2=h:1", "--peer", "n3=h:2", "-v"],
      {"node": "n1", "mount": Path("/m"), "listen": None, "peer": ["n2=h:1", "n3=h:2"], "config": None,
-      "history": None, "cluster": None, "stop_timeout": None, "verbose": True}),
+      "history": None, "cluster": None, "stop_timeout": None, "sync_rate": None, "verbose": True}),
 ]
 
 
@@ -285,8 +285,9 @@ def test_requests_and_output(capsys: pytest.CaptureFixture[str]) -> None:
          "created volume v (1.0 MiB, thin), primary on node n1\n"),
         (["delete", "v"], ("delete", {"volume": "v", "force": False}), "deleted volume v\n"),
         (["mark", "v", "m1"], ("mark", {"volume": "v", "name": "m1"}), "marked v at LSN 3 as m1\n"),
-        (["join", "v", "--from", "n2"], ("join", {"volume": "v", "source": "n2"}),
-         "joining v from n2: copying 1.0 MiB; follow with: marsfs status v  (or marsfs wait v --synced)\n"),
+        (["join", "v", "--from", "n2"], ("join", {"volume": "v", "source": "n2", "seed": None, "rate": None}),
+         "joining v from n2: syncing 1.0 MiB, copying only blocks that differ; follow with: marsfs status v  "
+         "(or marsfs wait v --synced)\n"),
         (["leave", "v"], ("leave", {"volume": "v"}), "left v (no longer fetching from n2; local copy removed)\n"),
         (["pause-fetch", "v"], ("pause-fetch", {"volume": "v"}), "pause fetch: v\n"),
         (["resume-replay", "v"], ("resume-replay", {"volume": "v"}), "resume replay: v\n"),

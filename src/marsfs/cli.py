@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     flags = {"node": args.node, "state": getattr(args, "state", None), "mount": args.mount,
              "listen": args.listen, "peer": args.peer, "history": args.history, "cluster": args.cluster,
-             "stop_timeout": args.stop_timeout}
+             "stop_timeout": args.stop_timeout, "sync_rate": args.sync_rate}
     cfg = load_config(args.config, flags)
     return serve(cfg)
 
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-timeout", metavar="S",
                    help="on SIGTERM, wait up to S seconds for open volumes to close (default 30; 0: stop at "
                         "once; inf: no limit); a second SIGTERM forces the stop")
+    s.add_argument("--sync-rate", metavar="RATE",
+                   help="limit the fast sync data this node sends to each mirror to RATE bytes/s, like 50M "
+                        "(default: unlimited; join/invalidate --rate limits one sync further)")
     s.add_argument("-v", "--verbose", action="store_true")
 
     for command in COMMANDS.values():

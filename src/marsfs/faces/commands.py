@@ -32,12 +32,13 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 import types
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import trio
 
@@ -224,7 +225,11 @@ async def _status(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def _join(ctx: Context, a: dict[str, Any]) -> Any:
-    return await ctx.cluster.join(a["volume"], a["source"])
+    return await ctx.cluster.join(a["volume"], a["source"], seed=a["seed"], rate=a["rate"] or 0)
+
+
+async def _invalidate(ctx: Context, a: dict[str, Any]) -> Any:
+    return await ctx.cluster.invalidate(a["volume"], rate=a["rate"] or 0)
 
 
 async def _leave(ctx: Context, a: dict[str, Any]) -> Any:
@@ -388,6 +393,65 @@ def _not_synced(row: Mapping[str, Any]) -> str:
             f"{row['lag_seconds']:.1f} s")
 
 
+#: how often a progress line is printed when stderr is not a terminal (a terminal redraws one line)
+PROGRESS_LINE_EVERY = 5.0
+_SYNC_STATES = ("syncing", "resyncing")
+
+
+def _sync_client(command: Command, args: argparse.Namespace, request: Request) -> int:
+    """``join`` and ``invalidate``: ask the daemon; with ``--wait`` follow the sync on stderr
+    until it is done (the copy switched and the mirror fetches the log)."""
+    command.show(args, request(command.name, command.request_args(args)))
+    if args.wait:
+        follow_sync(args.volume, request)
+    return 0
+
+
+def follow_sync(volume: str, request: Request, *, out: TextIO | None = None,
+                every: float = PROGRESS_LINE_EVERY) -> dict[str, Any]:
+    """Show a sync's progress until it is done; returns the last status row. A terminal gets
+    one line redrawn; anything else a line every ``every`` seconds (and the first one)."""
+    out = out if out is not None else sys.stderr
+    tty = out.isatty()
+    shown: float | None = None
+    while True:
+        row: dict[str, Any] = request("status", {"volume": volume})[0]
+        if row["state"] in ("failed", "split-brain", "needs-resync"):
+            if tty and shown is not None:
+                print(file=out)
+            raise MarsError(f"{volume}: the sync stopped: state {row['state']}; " + "; ".join(row["errors"]))
+        if row["state"] not in _SYNC_STATES:
+            if tty and shown is not None:
+                print(file=out)
+            print(f"{volume}: synced to LSN {row['durable_lsn']}; now {row['state']}", file=out, flush=True)
+            return row
+        now = time.monotonic()
+        if tty:
+            print("\r" + progress_line(row) + "\x1b[K", end="", file=out, flush=True)
+            shown = now
+        elif shown is None or now - shown >= every:
+            print(progress_line(row), file=out, flush=True)
+            shown = now
+        time.sleep(0.2)
+
+
+def progress_line(row: Mapping[str, Any]) -> str:
+    """A sync's progress in one line: percent compared, what arrived, rate and ETA."""
+    total = row.get("sync_bytes") or 0
+    if not total:
+        return f"{row['volume']}: {row['state']}: waiting for the source to pick the version to sync to"
+    eta = row.get("eta_seconds")
+    when = "?" if eta is None else (f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min")
+    return (f"{row['volume']}: {row['state']} {100 * (row.get('progress') or 0.0):5.1f}% of "
+            f"{human_bytes(total)} compared, {human_bytes(row.get('sync_received_bytes') or 0)} received, "
+            f"{human_bytes(int(row.get('fetch_rate') or 0))}/s, ETA {when}")
+
+
+def _seed_arg(value: str) -> str:
+    """The seed file as the daemon must read it: an absolute path."""
+    return os.path.abspath(value)
+
+
 def _versions_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [f"volume {r['volume']}: versions lsn-{r['oldest_lsn']} to lsn-{r['head_lsn']} are retained"]
     if "history" in r:
@@ -417,13 +481,25 @@ def _planned(name: str, what: str) -> Command:
 #: Commands PRODUCT.md plans that do not exist yet, and what each will do.
 PLANNED: Mapping[str, str] = types.MappingProxyType({
     "primary": "make this node the volume's primary: handover, or failover with --force",
-    "invalidate": "discard this node's divergent or damaged copy and resync it from the primary",
     "verify": "compare a mirror's image with its primary's at the same version",
     "resize": "grow a volume",
 })
 
 VOLUME = Arg("volume")
 JSON = Arg("json", flag="--json", required=False, parse=switch, wire=False)
+RATE = Arg("rate", "limit this sync's data to RATE bytes/s (like 50M; default: the source's --sync-rate)",
+           flag="--rate", required=False, parse=size, check=parse_size, metavar="RATE")
+WAIT = Arg("wait", "show progress and return when the sync is done", flag="--wait", required=False, parse=switch,
+           wire=False)
+
+
+def _join_text(r: dict[str, Any], a: argparse.Namespace) -> str:
+    if r["state"] == "resyncing":
+        return (f"joining {r['volume']} from {r['source']}: resyncing the image it has here, copying only blocks "
+                f"that differ; follow with: marsfs status {r['volume']}")
+    seeded = f" from seed {r['seed']}" if r.get("seed") else ""
+    return (f"joining {r['volume']} from {r['source']}: syncing {human_bytes(r['size'])}{seeded}, copying only "
+            f"blocks that differ; follow with: marsfs status {r['volume']}  (or marsfs wait {r['volume']} --synced)")
 
 COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
     Command("ping", None, handler=_ping),
@@ -447,10 +523,17 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
     Command("mark", "name the current LSN (after a flush)", (VOLUME, Arg("name")),
             _mark, text=lambda r, a: f"marked {r['volume']} at LSN {r['lsn']} as {r['mark']}"),
     Command("join", "become a mirror of VOL",
-            (VOLUME, Arg("source", "the node to copy and fetch from", flag="--from", metavar="NODE")),
-            _join, text=lambda r, a: f"joining {r['volume']} from {r['source']}: copying {human_bytes(r['size'])}; "
-                                     f"follow with: marsfs status {r['volume']}  "
-                                     f"(or marsfs wait {r['volume']} --synced)"),
+            (VOLUME, Arg("source", "the node to copy and fetch from", flag="--from", metavar="NODE"),
+             Arg("seed", "start from this image file (e.g. restored from a backup) instead of zeros",
+                 flag="--seed", required=False, metavar="FILE", check=_seed_arg),
+             RATE, WAIT),
+            _join, text=_join_text, client=_sync_client),
+    Command("invalidate", "discard this mirror's copy and resync it",
+            (VOLUME, RATE, WAIT),
+            _invalidate, text=lambda r, a: f"invalidated {r['volume']}: resyncing the whole image from "
+                                           f"{r['source']}, copying only blocks that differ; it serves its last "
+                                           f"version until then; follow with: marsfs status {r['volume']}",
+            client=_sync_client),
     Command("leave", "stop mirroring VOL (removes the local copy)", (VOLUME,),
             _leave, text=lambda r, a: f"left {r['volume']} (no longer fetching from {r['left']}; local copy removed)"),
     *(_pause_command(n) for n in ("pause-fetch", "resume-fetch", "pause-replay", "resume-replay")),

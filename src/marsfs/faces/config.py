@@ -31,12 +31,14 @@ from typing import Any
 
 from marsfs.errors import InvalidRequest, MarsError, UsageError
 from marsfs.node.cluster import DEFAULT_CLUSTER, parse_address
+from marsfs.units import parse_size
 from marsfs.volume import Retention
 
 #: How long a SIGTERM waits for open volumes to close before it forces the stop (seconds).
 DEFAULT_STOP_TIMEOUT = 30.0
 #: The keys a ``--config`` file may have: the long flags' names, and ``[peers]`` for ``--peer``.
-CONFIG_KEYS = frozenset({"node", "state", "mount", "listen", "peers", "history", "cluster", "stop-timeout"})
+CONFIG_KEYS = frozenset({"node", "state", "mount", "listen", "peers", "history", "cluster", "stop-timeout",
+                         "sync-rate"})
 
 
 @dataclass
@@ -51,6 +53,7 @@ class ServeConfig:
     history: Retention = field(default_factory=Retention)  #: ``--history SIZE|DURATION`` (repeatable, or ``10G,24h``)
     cluster: str = DEFAULT_CLUSTER
     stop_timeout: float = DEFAULT_STOP_TIMEOUT  #: see :mod:`marsfs.faces.daemon` (SIGTERM)
+    sync_rate: int = 0  #: ``--sync-rate``: bytes/s of fast sync data this node sends per mirror (0: unlimited)
 
     @property
     def history_bytes(self) -> int | None:
@@ -75,6 +78,8 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
             raise UsageError(f"config file {path}: 'peers' must be a table of NAME = \"HOST:PORT\"")
         if "stop-timeout" in conf:
             conf["stop_timeout"] = conf.pop("stop-timeout")
+        if "sync-rate" in conf:
+            conf["sync_rate"] = conf.pop("sync-rate")
     merged = {**conf, **{k: v for k, v in flags.items() if v not in (None, [], {})}}
     missing = [k for k in ("node", "state", "mount") if not merged.get(k)]
     if missing:
@@ -103,7 +108,18 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
     return ServeConfig(node=str(merged["node"]), state=Path(merged["state"]), mount=Path(merged["mount"]),
                        listen=None if listen is None else str(listen), peers=peers,
                        cluster=str(merged.get("cluster", DEFAULT_CLUSTER)), history=history,
-                       stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)))
+                       stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
+                       sync_rate=_sync_rate(merged.get("sync_rate", 0)))
+
+
+def _sync_rate(value: Any) -> int:
+    """Bytes per second, like ``50M`` (0: unlimited)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise UsageError(f"--sync-rate {value!r}: give bytes per second, like 50M (0: unlimited)")
+    try:
+        return parse_size(str(value)) if value not in (0, "0") else 0
+    except MarsError as e:
+        raise UsageError(f"--sync-rate: {e}") from None
 
 
 def _stop_timeout(value: Any) -> float:

@@ -81,7 +81,8 @@ class Daemon:
         self.cfg = cfg
         self.node = node
         self.ops = ops
-        self.cluster = Cluster(node, listen=cfg.listen, peers=cfg.peers, cluster=cfg.cluster)
+        self.cluster = Cluster(node, listen=cfg.listen, peers=cfg.peers, cluster=cfg.cluster,
+                               sync_rate=cfg.sync_rate)
         self.context = Context(node, self.cluster, cfg.mount, ops.forget_volume)
         self.serving = False  #: everything started; from here on a failure leaves the mount (see serve)
         self.forced = ""  #: why the stop was forced with volumes open ("" if it was not)

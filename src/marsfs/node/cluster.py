@@ -3,29 +3,42 @@
 Rules that hold here:
 
 * ``join`` answers as soon as the source node accepted (errors such as an unknown peer or
-  volume come back to the operator at once); the image copy then runs in the background, shown
+  volume come back to the operator at once); the first copy then runs in the background, shown
   as state ``syncing`` with progress. Until it finishes the mirror's image is not offered.
+* Every copy is a fast sync (:mod:`marsfs.replication.fetch`): a new replica starts as zeros
+  (or as a ``--seed`` image) at LSN 0 and is brought to the source's version comparing block
+  sums, staging straight into its base (nobody reads it yet). A lost connection retries and
+  a crash resumes it (:attr:`Node.resuming`); neither resends what was staged.
+* A mirror resyncs (state ``resyncing``) when the operator says so (``invalidate``: the whole
+  image; ``join`` onto its existing image: what changed, when the source can tell) or by
+  itself when its source no longer holds the log it needs (``log-trimmed``). It keeps serving
+  its last version meanwhile and switches atomically. ``resync_whole`` in the role record
+  keeps an interrupted whole-image resync whole across a restart.
 * Replay moves a mirror's visible version to its durable fetched LSN every ``REPLAY_EVERY``
   seconds unless paused. Pause flags and the paused replay position persist in role.json.
 * A fetch or replay that should progress and has not for ``STALL_AFTER`` seconds is reported
   as ``stalled`` with the reason.
 * A mirror's lag is measured against its source's newest durable LSN as the last heartbeat
   told it, also while its fetch is paused (the fetcher then only watches). An image copy's
-  progress is what the source has scanned, zeros included.
+  progress is the fraction of the ranges compared, with the compare rate and ETA.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from marsfs.aio import describe, supervised
 from marsfs.errors import InvalidRequest, MarsError, PeerError, UsageError, VolumeBusy, WrongRole
+from marsfs.log import genesis_chain
 from marsfs.node.node import Node, check_volume_name
 from marsfs.node.state import (
     FRESH,
@@ -38,9 +51,10 @@ from marsfs.node.state import (
     peer_state,
 )
 from marsfs.replication.channel import PeerRefused
-from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
-from marsfs.replication.protocol import ImageInfo
+from marsfs.replication.fetch import Connect, Fetcher, ResyncPlan, hello, open_channel
+from marsfs.replication.protocol import Welcome
 from marsfs.replication.server import PeerTable, Server, lag_of
+from marsfs.replication.session import SyncStatus
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -59,15 +73,17 @@ def parse_address(text: str) -> tuple[str, int]:
 class Cluster:
     """Replication for every volume of one node. Runs inside the daemon's trio loop."""
 
-    def __init__(self, node: Node, *, listen: str | None, peers: dict[str, str], cluster: str = DEFAULT_CLUSTER) -> None:
+    def __init__(self, node: Node, *, listen: str | None, peers: dict[str, str], cluster: str = DEFAULT_CLUSTER,
+                 sync_rate: int = 0) -> None:
         self.node = node
         self.listen = parse_address(listen) if listen else None
         self.peers = {name: parse_address(addr) for name, addr in peers.items()}
         self.cluster = cluster
         self.peer_table = PeerTable()
-        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table)
+        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table, sync_rate=sync_rate)
         self.fetchers: dict[str, Fetcher] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
+        self._stopped: dict[str, trio.Event] = {}  #: set when a mirror's fetch task has ended
         self.copies: dict[str, ImageCopy] = {}  #: image copies running, or failed and not yet retried
         self._replay_samples: dict[str, deque[tuple[float, int]]] = {}
         self._nursery: trio.Nursery | None = None
@@ -91,6 +107,11 @@ class Cluster:
             for name, vol in list(self.node.volumes.items()):
                 if self.node.is_mirror(name):
                     self._start_fetch(vol)
+            for name, vol in list(self.node.resuming.items()):  # first copies a crash interrupted
+                del self.node.resuming[name]
+                copy = ImageCopy(source=self.node.role(name).source, size=vol.size, started=trio.current_time())
+                self.copies[name] = copy
+                self._start_copy(vol, copy, ResyncPlan())
             for name, source in list(self.node.rejoin.items()):
                 try:
                     await self.join(name, source)
@@ -121,9 +142,13 @@ class Cluster:
 
     # ------------------------------------------------------------------ join and leave
 
-    async def join(self, name: str, source: str) -> dict[str, Any]:
+    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0) -> dict[str, Any]:
         """Become a mirror of ``name`` from ``source``: returns once the source accepted.
 
+        A new replica starts empty (or as a copy of ``seed``, an image file on this node) and
+        reaches the source's version by fast sync: only blocks that differ are sent, and a
+        copy interrupted by a crash or a lost connection resumes. A mirror that exists here
+        already is resynced from ``source`` (only what changed, when the source can tell).
         A copy that failed stays visible (state failed, with the reason) until the operator
         joins again or leaves; a join while a copy runs is refused."""
         check_volume_name(name)
@@ -135,71 +160,167 @@ class Cluster:
         if old is not None and not old.failed:
             raise VolumeBusy(f"volume {name!r} is already being copied from {old.source}; "
                              f"follow it with: marsfs status {name}")
+        if name in self.node.volumes and self.node.is_mirror(name):
+            if seed is not None:
+                raise InvalidRequest(f"volume {name!r} already has an image on node {self.node.name}; --seed is "
+                                     f"for a new copy (marsfs join {name} --from {source} fast-syncs this one)")
+            return await self._join_existing(name, source, rate)
         self.node.check_new(name)
+        seed_path = _seed_file(seed) if seed is not None else None
+        welcome = await self._welcome(connect, source, name)
+        if seed_path is not None and seed_path.stat().st_size > welcome.size:
+            raise InvalidRequest(f"seed {seed_path} holds {seed_path.stat().st_size} bytes, more than volume "
+                                 f"{name} on {source} ({welcome.size}); give an image of that volume")
+        copy = ImageCopy(source=source, size=welcome.size, started=trio.current_time())
+        self.copies[name] = copy
+
+        def make_volume() -> Volume:
+            path = self.node.begin_mirror(name, source, welcome.epoch)  # a crash from here on resumes
+            if seed_path is not None:  # a seed is not trusted: the resync compares every block
+                self.node.set_role(name, resync_whole=True)
+            vol = Volume.create_replica(path, name, welcome.size, welcome.uuid, 0, genesis_chain(welcome.uuid))
+            if seed_path is not None:
+                try:
+                    _copy_seed(seed_path, vol)
+                except BaseException:
+                    vol.close()
+                    raise
+            return vol
+
         try:
-            ch, welcome = await open_channel(connect, hello(self.node.name, self.cluster, name, "image"))
+            vol = await trio.to_thread.run_sync(make_volume)
+        except BaseException:
+            self.copies.pop(name, None)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.node.abort_mirror, name)
+            raise
+        self._start_copy(vol, copy, ResyncPlan(whole=seed_path is not None, rate=rate))
+        return {"volume": name, "source": source, "size": welcome.size, "state": "syncing",
+                "seed": str(seed_path) if seed_path is not None else None}
+
+    async def _welcome(self, connect: Connect, source: str, name: str) -> Welcome:
+        """Ask ``source`` whether it serves ``name`` (refusals come back to the operator at once)."""
+        try:
+            ch, welcome = await open_channel(connect, hello(self.node.name, self.cluster, name, "sync"))
         except PeerRefused as e:
             raise PeerError(f"{source} refused: {e.message}") from None
         except (OSError, trio.TooSlowError) as e:
             host, port = self.peers[source]
             raise PeerError(f"cannot reach peer {source} at {host}:{port}: {describe(e)}; "
                             "is its daemon running with --listen?") from None
-        copy = ImageCopy(source=source, size=welcome.size, started=trio.current_time())
-        self.copies[name] = copy
-        epoch = welcome.epoch
+        await ch.aclose()
+        return welcome
 
-        def make_volume(info: ImageInfo) -> Volume:
-            path = self.node.begin_mirror(name, source, epoch)  # a crash during the copy restarts it
-            return Volume.create_replica(path, name, info.size, info.uuid, info.lsn, info.chain)
+    def _start_copy(self, vol: Volume, copy: ImageCopy, plan: ResyncPlan) -> None:
+        """Run the first copy of a new replica (a fast sync straight into its base), then fetch.
+        The replica is served once it switched; a fatal refusal or ``leave`` removes it."""
+        name = vol.name
 
-        def progressed(done: int, size: int) -> None:
-            copy.done = done
+        def synced() -> None:  # in the fetcher's worker thread, right after the switch
+            self.node.finish_mirror(vol)
+            self.copies.pop(name, None)
+            logger.info("first copy of %s from %s done at LSN %d; fetching the log", name, copy.source,
+                        vol.head_lsn)
+
+        async def cleanup(fetcher: Fetcher) -> None:
+            if name in self.node.volumes:
+                return  # served: leave and delete own it now
+            if fetcher.state.fatal and not copy.scope.cancelled_caught:
+                copy.failed = fetcher.state.error or fetcher.state.fatal
+                logger.error("copy of %s from %s failed: %s; retry with marsfs join", name, copy.source, copy.failed)
+            else:
+                self.copies.pop(name, None)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(vol.close)
+                await trio.to_thread.run_sync(self.node.abort_mirror, name)
+
+        copy.fetcher = self._start_fetch(vol, resync=plan, direct=True, synced=synced, scope=copy.scope,
+                                         cleanup=cleanup)
+
+    async def _join_existing(self, name: str, source: str, rate: int) -> dict[str, Any]:
+        """``join`` of a mirror this node has (stale, or fetching from another node): resync it
+        from ``source``, comparing what changed since its LSN when the source can tell."""
+        await self._welcome(self._connector(source), source, name)
+        if self.node.role(name).source != source:
+            await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=source))
+        await self._restart_fetch(name, ResyncPlan(rate=rate))
+        return {"volume": name, "source": source, "size": self.node.volume(name).size, "state": "resyncing",
+                "seed": None}
+
+    async def invalidate(self, name: str, *, ranges: tuple[tuple[int, int], ...] = (), rate: int = 0) -> dict[str, Any]:
+        """Discard this mirror's copy of ``name`` as untrusted (divergent or damaged) and resync
+        it from its source, comparing the whole image; ``ranges`` are compared in any case.
+        The mirror keeps serving its last version until it switches. Refused on a primary.
+
+        (Entry point for split-brain resolution: the roles layer keeps the loser's divergent
+        state first, then calls this with the tails' ranges.)"""
+        copy = self.copies.get(name)
+        if copy is not None and name not in self.node.volumes and not copy.failed:
+            raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (a first copy compares "
+                             f"every block already); follow it with: marsfs status {name}")
+        vol = self.node.volume(name)
+        role = self.node.role(name)
+        if not role.is_mirror:
+            raise WrongRole(f"volume {name!r} is {role.role} on node {self.node.name}: invalidate discards a "
+                            "mirror's copy and resyncs it from its source; run it on the mirror whose copy is "
+                            "damaged or divergent")
+        self._connector(role.source)  # an unknown source is refused before anything changes
+        await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, resync_whole=True))
+        await self._restart_fetch(name, ResyncPlan(whole=True, ranges=ranges, rate=rate))
+        logger.info("invalidated %s: resyncing the whole image from %s", name, role.source)
+        return {"volume": name, "source": role.source, "size": vol.size, "state": "resyncing"}
+
+    async def _restart_fetch(self, name: str, plan: ResyncPlan) -> None:
+        """Stop the fetcher of mirror ``name`` (waiting until it stopped: a resync needs the log
+        still) and start one that runs ``plan`` first."""
+        scope = self._scopes.pop(name, None)
+        self.fetchers.pop(name, None)
+        stopped = self._stopped.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        if stopped is not None:
+            await stopped.wait()
+        self._start_fetch(self.node.volume(name), resync=plan)
+
+    def _start_fetch(self, vol: Volume, *, resync: ResyncPlan | None = None, direct: bool = False,
+                     synced: Callable[[], None] | None = None, scope: trio.CancelScope | None = None,
+                     cleanup: Callable[[Fetcher], Awaitable[None]] | None = None) -> Fetcher | None:
+        name = vol.name
+        role = self.node.role(name)
+        try:
+            connect = self._connector(role.source)
+        except PeerError as e:
+            vol.errors.append(str(e))
+            return None
+        if resync is None and role.resync_whole:  # an invalidate or seeded copy a restart interrupted
+            resync = ResyncPlan(whole=True)
+
+        def resynced() -> None:
+            if self.node.role(name).resync_whole:
+                self.node.set_role(name, resync_whole=False)
+
+        fetcher = Fetcher(vol, self.node.name, self.cluster, role.source, connect,
+                          paused=lambda: self.node.role(name).fetch_paused,
+                          replayed=lambda: vol.current_lsn,
+                          replay_paused=lambda: self.node.role(name).replay_paused,
+                          resync=resync, direct=direct, synced=synced or resynced)
+        self.fetchers[name] = fetcher
+        scope = scope if scope is not None else trio.CancelScope()
+        self._scopes[name] = scope
+        stopped = self._stopped[name] = trio.Event()
 
         async def run() -> None:
             try:
-                with copy.scope:
-                    vol = await receive_image(ch, make_volume, progressed)
-            except Exception as e:
-                # the failure is the copy's, not the daemon's: say it, clean up, stay visible
-                copy.failed = describe(e)
-                logger.error("image copy of %s from %s failed: %s; retry with marsfs join", name, source, copy.failed)
-                await trio.to_thread.run_sync(self.node.abort_mirror, name)
-                return
+                with scope:
+                    await fetcher.run()
+                if cleanup is not None:
+                    await cleanup(fetcher)
             finally:
-                await ch.aclose()
-            if copy.scope.cancelled_caught:  # marsfs leave during the copy
-                await trio.to_thread.run_sync(self.node.abort_mirror, name)
-                return
-            self.node.finish_mirror(vol)
-            self.copies.pop(name, None)
-            logger.info("image copy of %s from %s done at LSN %d; fetching the log", name, source, vol.applied_lsn)
-            self._start_fetch(vol)
+                stopped.set()
 
         assert self._nursery is not None
-        self._nursery.start_soon(supervised, f"image copy of {name}", run)
-        return {"volume": name, "source": source, "size": copy.size, "state": "syncing"}
-
-    def _start_fetch(self, vol: Volume) -> None:
-        source = self.node.role(vol.name).source
-        try:
-            connect = self._connector(source)
-        except PeerError as e:
-            vol.errors.append(str(e))
-            return
-        fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
-                          paused=lambda: self.node.role(vol.name).fetch_paused,
-                          replayed=lambda: vol.current_lsn,
-                          replay_paused=lambda: self.node.role(vol.name).replay_paused)
-        self.fetchers[vol.name] = fetcher
-        scope = trio.CancelScope()
-        self._scopes[vol.name] = scope
-
-        async def run() -> None:
-            with scope:
-                await fetcher.run()
-
-        assert self._nursery is not None
-        self._nursery.start_soon(supervised, f"fetch of {vol.name}", run)
+        self._nursery.start_soon(supervised, f"fetch of {name}", run)
+        return fetcher
 
     async def leave(self, name: str) -> dict[str, Any]:
         """Stop mirroring ``name`` and remove this node's copy. A refusal changes nothing."""
@@ -310,17 +431,20 @@ class Cluster:
 
     def _copy_status(self, name: str) -> VolumeStatus:
         c = self.copies[name]
-        elapsed = max(1e-3, trio.current_time() - c.started)
-        rate = 0.0 if c.failed else c.done / elapsed
-        errors = [f"image copy from {c.source} failed: {c.failed}; retry with: marsfs join {name} --from "
+        fs = c.fetcher.state if c.fetcher is not None else None
+        sync = fs.sync if fs is not None else None
+        errors = [f"copy from {c.source} failed: {c.failed}; retry with: marsfs join {name} --from "
                   f"{c.source}, or give up with: marsfs leave {name}"] if c.failed else []
+        if not c.failed and fs is not None and fs.error:
+            errors.append(f"copy from {c.source}: {fs.error} (retrying; the copy resumes where it was)")
+        fields = _sync_fields(sync) if not c.failed else {}
         return VolumeStatus(
             volume=name, node=self.node.name, role=Role.MIRROR,
             state=VolumeState.FAILED if c.failed else VolumeState.SYNCING, epoch=0,
             size=c.size, head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0,
-            lag_bytes=c.size - c.done, lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0,
-            open_handles=0, progress=c.done / c.size if c.size else 0.0, fetch_rate=rate,
-            eta_seconds=(c.size - c.done) / rate if rate else None, source=c.source, errors=errors)
+            lag_bytes=fields.get("sync_left_bytes") or c.size, lag_records=0, lag_seconds=0.0,
+            oldest_version_lsn=0, log_bytes=0, open_handles=0, source=c.source, errors=errors,
+            connected=fs.connected if fs is not None else None, **{"progress": 0.0, **fields})
 
     def _mirror_status(self, st: VolumeStatus) -> VolumeStatus:
         name = st.volume
@@ -353,11 +477,12 @@ class Cluster:
         state, errors = mirror_state(MirrorFacts(
             source=fs.source, fetching=True, fatal=fs.fatal, error=fs.error, fetch_paused=role.fetch_paused,
             replay_paused=role.replay_paused, connected=fs.connected, since_progress=now - fs.last_progress,
-            missing_records=fs.lag_records, lag_records=lag_records, heartbeat_age=heartbeat_age))
+            missing_records=fs.lag_records, lag_records=lag_records, heartbeat_age=heartbeat_age,
+            resyncing=fs.sync is not None or f.resync is not None or vol.resync is not None))
         return base.changed(
             state=state, errors=st.errors + errors, connected=fs.connected, heartbeat_age=heartbeat_age,
             primary_durable_lsn=fs.primary_durable_lsn, lag_records=lag_records, lag_bytes=lag_bytes,
-            lag_seconds=lag_seconds, fetch_rate=fetch_rate, eta_seconds=eta)
+            lag_seconds=lag_seconds, fetch_rate=fetch_rate, eta_seconds=eta, **_sync_fields(fs.sync))
 
 
 @dataclass(eq=False)
@@ -367,9 +492,51 @@ class ImageCopy:
     source: str
     size: int
     started: float  #: trio time
-    done: int = 0  #: bytes of the image scanned so far
     failed: str = ""  #: why the copy failed, in words ("" while it runs)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  #: leave cancels it
+    fetcher: Fetcher | None = None  #: the fetcher whose fast sync makes the copy
+
+
+def _seed_file(seed: str) -> Path:
+    """The seed image file of a join, checked before anything is created."""
+    path = Path(seed)
+    if not path.is_absolute():
+        raise InvalidRequest(f"seed {seed!r}: give an absolute path (the daemon reads it)")
+    try:
+        if not path.is_file():
+            raise InvalidRequest(f"seed {seed}: not a regular file; give an image file copied from the volume")
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise InvalidRequest(f"seed {seed}: cannot read it: {e.strerror}") from None
+    return path
+
+
+SEED_CHUNK = 4 * 1024 * 1024
+
+
+def _copy_seed(path: Path, vol: Volume) -> None:
+    """Lay the seed image into a new replica's base (chunks of zeros stay holes), durably."""
+    zero = bytes(SEED_CHUNK)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while data := os.pread(fd, SEED_CHUNK, off):
+            if data != zero[: len(data)]:
+                vol.write_base(off, data)
+            off += len(data)
+    finally:
+        os.close(fd)
+    vol.sync_base()
+
+
+def _sync_fields(sync: SyncStatus | None) -> dict[str, Any]:
+    """Status fields of a fast sync under way (none when there is none)."""
+    if sync is None:
+        return {}
+    return {"progress": sync.fraction, "fetch_rate": sync.rate(), "eta_seconds": sync.eta(),
+            "sync_target_lsn": sync.lsn or None, "sync_bytes": sync.total,
+            "sync_left_bytes": sync.total - sync.compared, "sync_received_bytes": sync.received}
 
 
 def _rate(samples: deque[tuple[float, int]]) -> float:

@@ -49,6 +49,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from marsfs.aio import describe
 from marsfs.errors import (
     DiskFailed,
     InvalidRequest,
@@ -93,6 +94,9 @@ class Node:
         self._roles: dict[str, RoleRecord] = {}
         self.opens: Counter[str] = Counter()
         self.rejoin: dict[str, str] = {}  #: mirrors whose image copy a crash interrupted -> source
+        #: new replicas whose first copy (a fast sync) a crash interrupted: opened, not served,
+        #: resumed by the cluster (taken from here when it does)
+        self.resuming: dict[str, Volume] = {}
         self.failed: dict[str, str] = {}  #: volumes that could not be opened at start -> why (one line)
         self._largest: int | None = None
         self.started = time.time()
@@ -149,6 +153,8 @@ class Node:
         shutil.rmtree(self.state / "trash", ignore_errors=True)
         for path in sorted(vdir.iterdir()):
             role = _read_role(path)
+            if role.syncing and (path / "volume.json").exists() and self._resume_copy(path, role):
+                continue
             if not (path / "volume.json").exists() or role.syncing:
                 if role.syncing:  # an image copy a crash interrupted: copy again
                     self.rejoin[path.name] = role.source
@@ -182,6 +188,19 @@ class Node:
             if vol.clone_of is not None:
                 self._attach(vol)
 
+    def _resume_copy(self, path: Path, role: RoleRecord) -> bool:
+        """Keep a first copy (a fast sync into a new replica) that a crash interrupted, so that
+        it resumes where it was: its volume opens, unserved, into :attr:`resuming`."""
+        try:
+            vol = Volume.open(path)
+        except (MarsError, OSError) as e:
+            logger.warning("cannot resume the copy of %s (%s): starting it again", path.name, describe(e))
+            return False
+        self.resuming[vol.name] = vol
+        self._roles[vol.name] = role
+        logger.info("the first copy of %s from %s resumes", vol.name, role.source)
+        return True
+
     def _attach(self, clone: Volume) -> None:
         link = clone.clone_of
         assert link is not None
@@ -205,6 +224,12 @@ class Node:
                 except MarsError as e:
                     logger.error("closing volume %s: %s", vol.name, e)
             self.volumes.clear()
+            for vol in self.resuming.values():
+                try:
+                    vol.close()
+                except MarsError as e:
+                    logger.error("closing volume %s: %s", vol.name, e)
+            self.resuming.clear()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
@@ -345,7 +370,8 @@ class Node:
         """Serve a mirror whose image copy finished (durably) and start counting replay."""
         with self._lock:
             assert vol.name not in self.volumes
-            self._persist_role(vol.name, self.role(vol.name).changed(syncing=False, replayed_lsn=vol.current_lsn))
+            self._persist_role(vol.name, self.role(vol.name).changed(syncing=False, resync_whole=False,
+                                                                     replayed_lsn=vol.current_lsn))
             self.volumes[vol.name] = vol
 
     def is_mirror(self, name: str) -> bool:

@@ -16,6 +16,8 @@ State diagram of a volume on one node (docs/architecture.md draws it)::
                                       │  ^               │
                  fetch-paused <───────┤  └── replay-paused
                  disconnected/stalled <┘  (link trouble; back on reconnect)
+                 resyncing (fast sync: invalidate, join onto an image, or the source
+                 dropped the log we needed) ──switched──> catching-up
                  split-brain, needs-resync (refused by the source, or its volume was
                  deleted or replaced: operator action)
 """
@@ -52,6 +54,9 @@ class VolumeState(StrEnum):
     #: the source no longer holds the log we need, or the volume we copied at all (deleted
     #: there, maybe created anew: another uuid)
     NEEDS_RESYNC = "needs-resync"
+    #: a mirror bringing its image to its source's by fast sync (only blocks that differ);
+    #: it keeps serving its last version until it switches
+    RESYNCING = "resyncing"
 
 
 #: Refusal codes of a source that need an operator, and the state each one puts a mirror in.
@@ -73,6 +78,9 @@ class RoleRecord:
     fetch_paused: bool = False
     replay_paused: bool = False
     replayed_lsn: int = 0  #: a mirror's replay position as last persisted
+    #: a resync that compares the whole image is due or running (invalidate, a seeded join):
+    #: a restart must not narrow it to what changed
+    resync_whole: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))  # "mirror" from a caller becomes Role.MIRROR
@@ -91,6 +99,8 @@ class RoleRecord:
             d.update(source=self.source, state="syncing" if self.syncing else "mirror",
                      fetch_paused=self.fetch_paused, replay_paused=self.replay_paused,
                      replayed_lsn=self.replayed_lsn)
+            if self.resync_whole:
+                d["resync_whole"] = True
         return d
 
     @classmethod
@@ -100,7 +110,8 @@ class RoleRecord:
                       source=str(d.get("source", "")), syncing=d.get("state") == "syncing",
                       fetch_paused=bool(d.get("fetch_paused", False)),
                       replay_paused=bool(d.get("replay_paused", False)),
-                      replayed_lsn=int(d.get("replayed_lsn", 0)))
+                      replayed_lsn=int(d.get("replayed_lsn", 0)),
+                      resync_whole=bool(d.get("resync_whole", False)))
         except (ValueError, TypeError) as e:
             raise StateError(f"{where}: unreadable role record ({e}); restore it or resync the volume") from None
         if rec.is_mirror and not rec.source:
@@ -126,6 +137,7 @@ class MirrorFacts:
     missing_records: int  #: records the source has durable that we have not fetched
     lag_records: int  #: missing_records plus fetched records not yet replayed
     heartbeat_age: float | None  #: how old the source's newest word is at most; None: no word yet
+    resyncing: bool = False  #: a fast sync runs (or is staged and waits for the source)
 
 
 def mirror_state(f: MirrorFacts) -> tuple[VolumeState, list[str]]:
@@ -135,6 +147,8 @@ def mirror_state(f: MirrorFacts) -> tuple[VolumeState, list[str]]:
         return VolumeState.FAILED, errors or [f"no fetch runs for this mirror of {f.source}; restart the daemon"]
     if f.fatal:
         return FATAL_STATES.get(f.fatal, VolumeState.FAILED), errors
+    if f.resyncing:
+        return VolumeState.RESYNCING, errors
     if f.fetch_paused:
         return VolumeState.FETCH_PAUSED, errors
     if not f.connected:
@@ -227,6 +241,12 @@ class VolumeStatus:
     # on a clone, what it is a clone of (``VOL@lsn-L``)
     clones: list[dict[str, Any]] = field(default_factory=list)
     clone_of: str | None = None
+    # fast sync (issue 11): a first copy (syncing) or a resync. ``progress`` is the compared
+    # fraction, ``fetch_rate`` the compare rate, ``eta_seconds`` from it
+    sync_target_lsn: int | None = None  #: the source's version the sync brings this image to
+    sync_bytes: int | None = None  #: bytes of the image to compare
+    sync_left_bytes: int | None = None  #: bytes still to compare (at most this much is still sent)
+    sync_received_bytes: int | None = None  #: data bytes received so far (blocks that differed)
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
