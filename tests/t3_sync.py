@@ -48,7 +48,7 @@ class Staged:
     def sync(self) -> None:
         self.syncs += 1
 
-    def finish(self, info: SyncInfo) -> int:
+    async def finish(self, info: SyncInfo) -> int:
         self.finished = info
         return info.lsn
 

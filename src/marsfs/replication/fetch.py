@@ -82,6 +82,7 @@ __all__ = ["Connect", "FetchState", "Fetcher", "PeerChannel", "failure_reason", 
 
 CONNECT_TIMEOUT = 5.0
 SYNC_EVERY = 64 * 1024 * 1024  #: staged bytes between syncs of the staged image (what a crash may cost)
+FINISH_RETRY = 0.2  #: seconds between attempts to switch while old views hold it back
 
 
 def hello(node: str, cluster: str, volume: str, want: Want, epoch: int = 0) -> Hello:
@@ -158,10 +159,10 @@ class Staging(Protocol):
 
 
 async def receive_sync(ch: PeerChannel, request: SyncRequest, stage: Callable[[SyncInfo], Staging],
-                       finish: Callable[[SyncInfo], int], status: SyncStatus) -> SyncInfo:
+                       finish: Callable[[SyncInfo], Awaitable[int]], status: SyncStatus) -> SyncInfo:
     """One fast sync on a welcomed ``sync`` channel: ``stage(info)`` (in a worker thread) gives
-    the staged image for the target, ``finish(info)`` switches to it durably and returns our
-    head LSN, which the ACK reports. ``status`` follows the progress."""
+    the staged image for the target, ``await finish(info)`` switches to it durably and returns
+    our head LSN, which the ACK reports. ``status`` follows the progress."""
     sess = ch.session
     await ch.send_message(sess.sync_request(request))
     with trio.fail_after(STALL_AFTER):  # the source syncs its log and plans the ranges first
@@ -218,7 +219,7 @@ async def receive_sync(ch: PeerChannel, request: SyncRequest, stage: Callable[[S
         with trio.CancelScope(shield=True):  # what arrived is kept for the next attempt
             async with lock:
                 await trio.to_thread.run_sync(staging.sync)
-    head = await trio.to_thread.run_sync(finish, info)
+    head = await finish(info)
     await ch.send_message(sess.sync_done(head))
     return info
 
@@ -337,11 +338,20 @@ class Fetcher:
         self.resync, self.state.sync, self.direct = None, None, False
         self.state.last_progress = trio.current_time()
 
-    def _finish(self, info: SyncInfo) -> int:
-        self.vol.finish_resync()
+    async def _finish(self, info: SyncInfo) -> int:
+        """Switch to the target; while views of older versions hold the switch back, wait (and
+        say why in the sync status)."""
+        vol, st = self.vol, self.state.sync
+        while not await trio.to_thread.run_sync(vol.finish_resync):
+            rs = vol.resync
+            if st is not None and rs is not None:
+                st.waiting = rs.waiting_for
+            await trio.sleep(FINISH_RETRY)
+        if st is not None:
+            st.waiting = ""
         if self.synced is not None:
-            self.synced()
-        return self.vol.head_lsn
+            await trio.to_thread.run_sync(self.synced)
+        return vol.head_lsn
 
     async def _session(self, *, watch: bool) -> None:
         """One session: fetch, or (``watch``) only hear the source's heartbeats; it ends when

@@ -294,6 +294,7 @@ class SyncStatus:
     received: int = 0
     lsn: int = 0  #: the target version
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
+    waiting: str = ""  #: why the switch cannot happen yet (old versions still open), "" if it can
 
     @property
     def fraction(self) -> float:
