@@ -111,7 +111,7 @@ class Cluster:
                 del self.node.resuming[name]
                 copy = ImageCopy(source=self.node.role(name).source, size=vol.size, started=trio.current_time())
                 self.copies[name] = copy
-                self._start_copy(vol, copy, ResyncPlan())
+                self._start_copy(vol, copy, ResyncPlan(whole=self.node.role(name).resync_whole))
             for name, source in list(self.node.rejoin.items()):
                 try:
                     await self.join(name, source)

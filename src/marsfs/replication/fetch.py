@@ -20,7 +20,8 @@ Rules that hold here:
   lag stays true while paused; pausing or resuming ends the session and starts the other kind.
 * Fast sync (:func:`receive_sync`): our block sums of the staged image go out as fast as the
   window allows while the differing blocks come back and are staged (one task each); staged
-  data is made durable (``sync``) every :data:`SYNC_EVERY` bytes and before the switch, and
+  data is made durable (``sync``) every :data:`SYNC_EVERY` bytes or :data:`SYNC_SECONDS`
+  and before the switch, and
   the switch (``finish``) happens before the ACK. The staged image survives a lost
   connection or a crash: the next sync compares sums again, so what was staged is not sent
   again unless it changed.
@@ -81,7 +82,8 @@ __all__ = ["Connect", "FetchState", "Fetcher", "PeerChannel", "failure_reason", 
            "receive_image"]
 
 CONNECT_TIMEOUT = 5.0
-SYNC_EVERY = 64 * 1024 * 1024  #: staged bytes between syncs of the staged image (what a crash may cost)
+SYNC_EVERY = 64 * 1024 * 1024  #: staged bytes between syncs of the staged image (what a crash may cost)...
+SYNC_SECONDS = 1.0  #: ...or seconds
 FINISH_RETRY = 0.2  #: seconds between attempts to switch while old views hold it back
 
 
@@ -184,7 +186,7 @@ async def receive_sync(ch: PeerChannel, request: SyncRequest, stage: Callable[[S
             await ch.send_message(sess.sums(off, sums))
 
     async def receive_blocks() -> None:
-        unsynced = 0
+        unsynced, synced_at = 0, trio.current_time()
         while True:
             msg: ServerReply | None = None
             with trio.move_on_after(STALL_AFTER):
@@ -197,10 +199,10 @@ async def receive_sync(ch: PeerChannel, request: SyncRequest, stage: Callable[[S
                 async with lock:
                     await trio.to_thread.run_sync(staging.write, msg.offset, msg.data)
                 unsynced += len(msg.data)
-                if unsynced >= SYNC_EVERY:
+                if unsynced >= SYNC_EVERY or trio.current_time() - synced_at >= SYNC_SECONDS:
                     async with lock:
                         await trio.to_thread.run_sync(staging.sync)
-                    unsynced = 0
+                    unsynced, synced_at = 0, trio.current_time()
             elif isinstance(msg, SyncProgress):
                 status.update(trio.current_time(), msg.compared, sess.received)
                 wake[0].set()
