@@ -116,7 +116,6 @@ def test_a_first_copy_killed_half_way_resumes_without_resending(tmp_path: Path) 
 def test_a_resyncing_mirror_serves_its_old_version_until_it_switches(tmp_path: Path) -> None:
     with Harness(tmp_path) as h, ProxyProcess() as proxy:
         a, b = proxied_pair(h, proxy)
-        size = 128 * MiB
         a.cli("create", "vm", "--size", "128M", "--thin")
         fill(a.image("vm"), [(0, 64 * MiB)], seed=4)
         b.cli("join", "vm", "--from", "a")
@@ -125,7 +124,7 @@ def test_a_resyncing_mirror_serves_its_old_version_until_it_switches(tmp_path: P
         assert old == sha(a.image("vm"))
         b.cli("pause-fetch", "vm")
         fill(a.image("vm"), [(32 * MiB, 64 * MiB)], seed=5)  # the primary moves on
-        held = open(b.image("vm"), "rb")  # noqa: SIM115 - held across the switch on purpose
+        held = open(b.image("vm"), "rb")  # held across the switch on purpose
         try:
             b.cli("invalidate", "vm", "--rate", "16M")
             assert status(b, "vm")["state"] == "resyncing"
