@@ -482,7 +482,7 @@ class Cluster:
         row = base.changed(
             state=state, errors=st.errors + errors, connected=fs.connected, heartbeat_age=heartbeat_age,
             primary_durable_lsn=fs.primary_durable_lsn, lag_records=lag_records, lag_bytes=lag_bytes,
-            lag_seconds=lag_seconds, fetch_rate=fetch_rate, eta_seconds=eta, **_sync_fields(fs.sync))
+            lag_seconds=lag_seconds, **{"fetch_rate": fetch_rate, "eta_seconds": eta, **_sync_fields(fs.sync)})
         if fs.sync is not None and fs.sync.waiting:
             row = row.changed(errors=[*row.errors, f"resync done, switch waits: {fs.sync.waiting}"])
         return row
