@@ -155,7 +155,7 @@ def test_invalidate_is_refused_on_a_primary(tmp_path: Path) -> None:
 def test_a_mirror_whose_log_was_trimmed_resyncs_by_itself(tmp_path: Path) -> None:
     with Harness(tmp_path) as h, ProxyProcess() as proxy:
         a, b = proxied_pair(h, proxy, extra_a=["--history", "1M"])
-        a.cli("create", "vm", "--size", "64M", "--thin")
+        a.cli("create", "vm", "--size", "256M", "--thin")
         fill(a.image("vm"), [(0, 8 * MiB)], seed=6)
         b.cli("join", "vm", "--from", "a")
         wait_synced(b, "vm", timeout=120)
@@ -164,8 +164,9 @@ def test_a_mirror_whose_log_was_trimmed_resyncs_by_itself(tmp_path: Path) -> Non
         a.stop()  # a restarted primary knows only mirrors that connect again: the log is not held
         a.unmount()
         a.start()
-        fill(a.image("vm"), [(16 * MiB, 16 * MiB)], seed=7)
-        wait_for(lambda: status(a, "vm")["oldest_version_lsn"] > 1, timeout=60, what="the primary to trim its log")
+        fill(a.image("vm"), [(16 * MiB, 192 * MiB)], seed=7)  # three 64 MiB log segments
+        # written back past the first segment (LSN 1 to about 600): it is gone
+        wait_for(lambda: status(a, "vm")["oldest_version_lsn"] > 1200, timeout=120, what="the primary to trim its log")
         b.start()
         wait_synced(b, "vm", timeout=120)
         assert sha(b.image("vm")) == sha(a.image("vm"))
