@@ -314,6 +314,13 @@ class ClusterMeta:
                 return True
         return False
 
+    def removed(self, volume: str) -> set[str]:
+        """The nodes removed from ``volume`` (and not back since)."""
+        prefix = removed_key(volume, "")
+        with self._lock:
+            nodes = {k[len(prefix):] for (_, k) in self._entries if k.startswith(prefix)}
+        return {n for n in nodes if self.is_removed(volume, n)}
+
     def members(self, volume: str) -> set[str]:
         """The nodes holding ``volume`` (they published a position, or are its designated
         primary), minus the ones removed."""

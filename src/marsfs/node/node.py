@@ -541,19 +541,26 @@ class Node:
         head = vol.head_lsn
         clones = [{"name": c, "lsn": lsn} for c, lsn in self.clones_of(name)]
         faults = vol.faults
+        fences = self.fenced(name)
         if vol.errors or vol.needs_restart or any(not isinstance(f, NoSpace) for f in faults):
             state = VolumeState.FAILED
+        elif faults:
+            state = VolumeState.NO_SPACE
         else:
-            state = VolumeState.NO_SPACE if faults else VolumeState.UP
+            state = VolumeState.FENCED if fences and role.role == Role.PRIMARY else VolumeState.UP
+        designation = self.meta.designated(name)
         return VolumeStatus(
             volume=vol.name, node=self.name, role=role.role,
             state=state, epoch=role.epoch, size=vol.size,
             head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
-            open_handles=self.opens[vol.name], errors=list(vol.errors) + vol.fault_lines(),
+            open_handles=self.opens[vol.name],
+            errors=list(vol.errors) + vol.fault_lines() + (list(fences.values()) if role.role == Role.PRIMARY else []),
             oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe(),
-            clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None)
+            clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
+            designated_primary=designation.node if designation is not None else None,
+            members=sorted(self.meta.members(name)))
 
 
     def failed_status(self, name: str) -> VolumeStatus:
