@@ -66,6 +66,7 @@ from marsfs.errors import (
     StateError,
     VersionNotFound,
     VolumeBusy,
+    VolumeReadOnly,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
@@ -133,6 +134,9 @@ class Volume:
         self._oldest_ts = applied_timestamp_ns  # timestamp of record A (its record may be trimmed)
         #: A mirror shows (and writes back) only up to its replay position; None = everything.
         self.visible_lsn: int | None = None
+        #: why writes are refused ("": they are not): the node fences a primary that is no
+        #: longer the designated one, and a former primary that became a mirror (marsfs.node.node)
+        self.fence = ""
         self._lock = threading.RLock()
         self._writeback_lock = threading.Lock()
         self._views = VersionIndexes()  # open versions: pins and shared indexes
@@ -460,6 +464,8 @@ class Volume:
         write lands whole either; a crash keeps a prefix of the chunks). A disk failure is
         recorded as the volume's write fault, as :func:`_io_path` does; inlined here because
         this is the hottest call of the write path (the wrapper cost ~3 % of a 4 KiB write)."""
+        if self.fence:
+            raise VolumeReadOnly(self.fence)
         self._check_range(offset, len(data))
         n = len(data)
         if not n:
