@@ -196,7 +196,8 @@ PARSES = [
     (["status", "--watch", "--interval", "0.5"], {"volume": None, "json": False, "watch": True, "interval": 0.5}),
     (["mark", "v", "m1"], {"volume": "v", "name": "m1"}),
     (["join", "v", "--from", "n1"], {"volume": "v", "source": "n1", "seed": None, "rate": None, "wait": False}),
-    (["leave", "v"], {"volume": "v"}),
+    (["leave", "v"], {"volume": "v", "node": None, "force": False}),
+    (["leave", "v", "--node", "n3", "--force"], {"volume": "v", "node": "n3", "force": True}),
     (["pause-fetch", "v"], {"volume": "v"}),
     (["resume-fetch", "v"], {"volume": "v"}),
     (["pause-replay", "v"], {"volume": "v"}),
@@ -288,7 +289,7 @@ def test_requests_and_output(capsys: pytest.CaptureFixture[str]) -> None:
         (["join", "v", "--from", "n2"], ("join", {"volume": "v", "source": "n2", "seed": None, "rate": None}),
          "joining v from n2: syncing 1.0 MiB, copying only blocks that differ; follow with: marsfs status v  "
          "(or marsfs wait v --synced)\n"),
-        (["leave", "v"], ("leave", {"volume": "v"}), "left v (no longer fetching from n2; local copy removed)\n"),
+        (["leave", "v"], ("leave", {"volume": "v", "node": None, "force": False}), "left v (no longer fetching from n2; local copy removed)\n"),
         (["pause-fetch", "v"], ("pause-fetch", {"volume": "v"}), "pause fetch: v\n"),
         (["resume-replay", "v"], ("resume-replay", {"volume": "v"}), "resume replay: v\n"),
         (["versions", "v"], ("versions", {"volume": "v"}),

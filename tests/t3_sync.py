@@ -13,22 +13,27 @@ the source is a real Volume. What holds:
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from marsfs.errors import ProtocolError
+from marsfs.log import genesis_chain
 from marsfs.replication.channel import ConnectionLost
-from marsfs.replication.fetch import hello, open_channel, receive_sync
+from marsfs.replication.fetch import Fetcher, ResyncPlan, hello, open_channel, receive_sync
 from marsfs.replication.protocol import SyncInfo, SyncRequest
 from marsfs.replication.server import Server
 from marsfs.replication.session import FetchingSession, SyncStatus
 from marsfs.volume import Volume
 from marsfs.volume.blocksums import BLOCK
-from t3_replication import CLUSTER, SIZE, primary, run, server_for, write
+from t3_hardening import tick
+from t3_replication import CLUSTER, SIZE, primary, run, server_for, wait_for, write
 
 
 class Staged:
@@ -182,3 +187,77 @@ def test_the_source_paces_sync_data(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+# ---------------------------------------------------------------------------- the fetcher with a real Volume
+
+
+def fetcher_of(mirror: Volume, connect: Callable[[], Awaitable[trio.abc.Stream]], **kw: Any) -> Fetcher:
+    return Fetcher(mirror, "b", CLUSTER, "a", connect, paused=lambda: False, replayed=lambda: mirror.current_lsn,
+                   replay_paused=lambda: False, **kw)
+
+
+def same_version(a: Volume, b: Volume) -> bool:
+    """Both at the same durable LSN with the same chain and the same image there."""
+    lsn = a.durable_lsn
+    if b.durable_lsn != lsn or b.log.last_chain != a.log.chain_at(lsn):
+        return False
+    va, vb = a.view(lsn), b.view(lsn)
+    try:
+        return va.read(0, SIZE) == vb.read(0, SIZE)
+    finally:
+        va.close()
+        vb.close()
+
+
+def test_a_first_copy_then_a_catch_up_after_the_log_was_trimmed(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                                ) -> None:
+    caplog.set_level(logging.INFO, "marsfs")
+    a = primary(tmp_path)
+    write_random(a, 20)
+    b = Volume.create_replica(tmp_path / "b" / "vm", "vm", SIZE, a.uuid, 0, genesis_chain(a.uuid))
+    server = server_for(a)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def connect() -> trio.abc.Stream:
+                client, srv = trio.testing.memory_stream_pair()
+                nursery.start_soon(server.handle, srv)
+                return client
+
+            synced: list[int] = []
+            f = fetcher_of(b, connect, resync=ResyncPlan(), direct=True, synced=lambda: synced.append(b.head_lsn))
+            scope = trio.CancelScope()
+
+            async def run() -> None:
+                with scope:
+                    await f.run()
+
+            nursery.start_soon(run)
+            nursery.start_soon(tick)
+            await wait_for(lambda: synced and f.state.connected and f.state.sync is None, "the first copy")
+            await trio.to_thread.run_sync(write_random, a, 5, 9)  # fetched as records
+            await wait_for(lambda: b.durable_lsn == a.durable_lsn, "the mirror to fetch")
+            assert await trio.to_thread.run_sync(same_version, a, b)
+            scope.cancel()
+            # the mirror is away; the primary forgets it and drops the log it would need
+            await trio.sleep(1)
+            before = b.durable_lsn
+            await trio.to_thread.run_sync(write_random, a, 10, 11)
+            a.release("mirror:b")
+            for seed in (13, 14):  # the segment holding the oldest version goes with the next one
+                await trio.to_thread.run_sync(lambda: a.writeback(max_bytes=None))
+                await trio.to_thread.run_sync(write_random, a, 1, seed)
+            assert a.log.first_lsn > before + 1
+            f2 = fetcher_of(b, connect)
+            nursery.start_soon(f2.run)
+            await wait_for(lambda: b.durable_lsn == a.durable_lsn and f2.state.sync is None, "the catch-up")
+            assert not f2.state.fatal and b.resync is None
+            assert await trio.to_thread.run_sync(same_version, a, b)
+            await trio.to_thread.run_sync(write_random, a, 2, 12)  # and the log follows again
+            await wait_for(lambda: b.durable_lsn == a.durable_lsn, "the mirror to fetch after the resync")
+            assert await trio.to_thread.run_sync(same_version, a, b)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+    assert "resyncing what changed" in caplog.text

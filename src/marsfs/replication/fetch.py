@@ -288,7 +288,7 @@ class Fetcher:
             clean = False
             failure = ""
             try:
-                if self.resync is not None or getattr(self.vol, "resync", None) is not None:  # TODO(core merge): vol.resync
+                if self.resync is not None or self.vol.resync is not None:
                     await self._sync_session()
                 else:
                     await self._session(watch=self.paused())
