@@ -55,6 +55,7 @@ from marsfs.errors import (
     ProtocolError,
     UsageError,
     VolumeBusy,
+    VolumeExists,
     VolumeNotFound,
     WrongRole,
 )
@@ -174,7 +175,8 @@ class Cluster:
         A new replica starts empty (or as a copy of ``seed``, an image file on this node) and
         reaches the source's version by fast sync: only blocks that differ are sent, and a
         copy interrupted by a crash or a lost connection resumes. A mirror that exists here
-        already is resynced from ``source`` (only what changed, when the source can tell).
+        already is resynced from ``source`` (only what changed, when the source can tell) when
+        it is stale (its fetch stopped for good) or fetches from another node.
         A copy that failed stays visible (state failed, with the reason) until the operator
         joins again or leaves; a join while a copy runs is refused."""
         check_volume_name(name)
@@ -187,6 +189,10 @@ class Cluster:
             raise VolumeBusy(f"volume {name!r} is already being copied from {old.source}; "
                              f"follow it with: marsfs status {name}")
         if name in self.node.volumes and self.node.is_mirror(name):
+            f = self.fetchers.get(name)
+            if self.node.role(name).source == source and f is not None and not f.state.fatal:
+                raise VolumeExists(f"volume {name!r} already exists on node {self.node.name}: it mirrors {source} "
+                                   f"and follows its log; to resync its image anyway: marsfs invalidate {name}")
             if seed is not None:
                 raise InvalidRequest(f"volume {name!r} already has an image on node {self.node.name}; --seed is "
                                      f"for a new copy (marsfs join {name} --from {source} fast-syncs this one)")
