@@ -50,7 +50,7 @@ class Pair:
         last = self.src.head_lsn if upto is None else upto
         for lsn in range(self.dst.head_lsn + 1, last + 1):
             self.dst.append_raw(self.src.log.read_raw(lsn))
-        self.dst.flush()
+        self.dst.log.sync()
         self.dst.visible_lsn = self.dst.head_lsn
 
     def begin(self, **kw: bool) -> Resync:
@@ -121,12 +121,12 @@ def test_old_view_byte_exact_across_switch_and_merge(pair: Pair) -> None:
     pair.scribble(pair.src, pair.model, 5)
     pair.replicate()
     assert pair.dst.writeback(max_bytes=None) == L  # the overlay waits for the old view
-    assert (pair.dst.path / "resync").exists()
+    assert (pair.dst.path / "merge").exists() and not (pair.dst.path / "resync").exists()
     assert view.read(0, SIZE) == old
     assert pair.dst.read(0, SIZE) == pair.model
     view.close()
     assert pair.dst.writeback(max_bytes=None) == pair.dst.head_lsn
-    assert not (pair.dst.path / "resync").exists()
+    assert not (pair.dst.path / "merge").exists()
     assert pair.dst.read(0, SIZE) == pair.model
 
 
@@ -199,6 +199,24 @@ def test_refusals(pair: Pair, tmp_path: Path) -> None:
         r.retarget(2, b"c" * 16, SIZE // 2)
     with pytest.raises(VolumeBusy):
         pair.dst.write(0, b"x")
+    with pytest.raises(VolumeBusy):
+        pair.dst.mark("m")
+    head = pair.dst.head_lsn
+    pair.dst.flush()  # the log does not grow while a resync runs
+    assert pair.dst.head_lsn == head
+
+
+def test_flush_appends_no_record_during_resync(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "v", "v", SIZE, sync_interval=None)
+    try:
+        vol.write(0, b"x" * 10)  # no FLUSH record yet
+        head = vol.head_lsn
+        r = vol.begin_resync(head + 1, b"c" * 16, SIZE, vol.uuid)
+        assert r.base_lsn == head
+        vol.flush()
+        assert vol.head_lsn == head
+    finally:
+        vol.close()
 
 
 def test_resume_after_restart_and_retarget(pair: Pair, tmp_path: Path) -> None:
@@ -373,6 +391,7 @@ def test_crash_at_each_step_of_finish(tmp_path: Path, step: str, direct: bool, m
         assert pair.dst.finish_resync()
     assert pair.dst.size == 2 * SIZE and pair.dst.read(0, 2 * SIZE) == target
     assert pair.dst.head_lsn == L and not (tmp_path / "crashed" / "resync").exists()
+    assert not (tmp_path / "crashed" / "merge").exists()
     pair.scribble(pair.src, pair.model, 3)
     pair.replicate()
     assert pair.dst.read(0, SIZE) == pair.model
@@ -405,3 +424,32 @@ def test_crash_inside_log_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     log = Log.open(tmp_path / "log")
     assert (log.first_lsn, log.last_lsn, log.last_chain) == (42, 41, b"n" * 16)
     log.close()
+
+
+def test_next_resync_while_previous_is_not_merged(pair: Pair, tmp_path: Path) -> None:
+    """A view from before the first switch holds its merge; a second resync stages meanwhile,
+    waits to switch, and survives a crash (open merges the first, then resumes the second)."""
+    pair.scribble(pair.src, pair.model, 10)
+    pair.replicate()
+    view = pair.dst.view(pair.dst.head_lsn)
+    old = bytes(pair.model)
+    pair.scribble(pair.src, pair.model, 10)
+    stage_diff(pair.begin(), bytes(pair.model))
+    assert pair.dst.finish_resync()
+    first = bytes(pair.model)
+    pair.scribble(pair.src, pair.model, 10)
+    r = pair.begin()
+    assert r.read(0, SIZE) == first
+    stage_diff(r, bytes(pair.model))
+    assert not pair.dst.finish_resync()
+    assert "older than the previous resync" in r.waiting_for
+    assert view.read(0, SIZE) == old and pair.dst.read(0, SIZE) == first
+    shutil.copytree(tmp_path / "dst", tmp_path / "crashed")
+    view.close()
+    pair.dst.close()
+    pair.dst = Volume.open(tmp_path / "crashed", sync_interval=None)
+    assert pair.dst.read(0, SIZE) == first
+    r = pair.dst.resync
+    assert r is not None and r.read(0, SIZE) == pair.model
+    assert pair.dst.finish_resync()
+    assert pair.dst.read(0, SIZE) == pair.model

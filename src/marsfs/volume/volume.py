@@ -247,13 +247,15 @@ class Volume:
         log = Log.open(path / "log", segment_bytes=meta["segment_bytes"], repair=repair)
         try:
             resync = rs.load_state(path)
+            if rs.merge_pending(path):  # no views exist now: merge a switched resync at once
+                rs.merge_at_open(path)
             if resync is not None and resync.phase == rs.SWITCH:  # a crash interrupted the switch
-                resync = rs.switch(path, log, resync)
+                rs.switch(path, log, resync)
+                resync = None
                 meta = read_json(path / "volume.json")
                 applied, pending, applied_ts = wb.read_state(path)
-            if resync is not None and resync.phase == rs.MERGE:
-                rs.merge_at_open(path)
-                resync = None
+                if rs.merge_pending(path):
+                    rs.merge_at_open(path)
         except OSError as e:
             log.close()
             raise io_error(f"volume {meta['name']}: cannot finish the resync a crash interrupted", e, DiskFailed) from e
@@ -520,9 +522,10 @@ class Volume:
 
     @_io_path("flush")
     def flush(self) -> int:
-        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN."""
+        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN.
+        While a resync runs the log does not grow: no FLUSH record then."""
         with self._lock:
-            if self._writes_since_flush:
+            if self._writes_since_flush and self._resync is None:
                 self.log.append(RecordType.FLUSH, 0, _EMPTY)
                 self._writes_since_flush = False
         return self.log.sync()
@@ -533,6 +536,8 @@ class Volume:
         raw = check_mark_name(name, self.log.marks.values(), self.name)
         self.flush()
         with self._lock:
+            if self._resync is not None:
+                raise self._busy()
             lsn = self.log.append(RecordType.MARK, 0, encode_payload(raw))
         self.log.sync()
         return lsn
@@ -646,6 +651,12 @@ class Volume:
         """The running resync (also one found on open), None if there is none."""
         return self._resync
 
+    @property
+    def generation(self) -> int:
+        """How many resyncs switched this volume since it opened: a view whose
+        :attr:`VolumeView.generation` is smaller shows a version from before the last switch."""
+        return self._generation
+
     def _busy(self) -> VolumeBusy:
         r = self._resync
         assert r is not None
@@ -689,15 +700,17 @@ class Volume:
             fd = self._base_fd
             if os.fstat(fd).st_size < state.size:
                 os.ftruncate(fd, state.size)
-            r = Resync(self.path, state, rs.load_extents(self.path), fd, None, self.size, lambda: None)
+            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, None, self.size,
+                       lambda: None)
         else:
             old = self.view(state.base_lsn)
             try:
-                fd = rs.open_staged(self.path)
+                fd = rs.open_staged(rs.resync_dir(self.path))
             except BaseException:
                 old.close()
                 raise
-            r = Resync(self.path, state, rs.load_extents(self.path), fd, old.read, old.size, old.close)
+            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, old.read, old.size,
+                       old.close)
         with self._lock:
             self._resync = r
         return r
@@ -784,7 +797,7 @@ class Volume:
                     return False
             rs.merge_into(self._base_fd, overlay.fd, overlay.extents)
             rs.checkpoint("merged")
-            rs.remove(self.path)
+            rs.remove(self.path, rs.MERGE_DIR)
             with self._lock:
                 self._overlay = None
             overlay.close()
