@@ -296,6 +296,15 @@ def test_split_brain_loser_ahead_of_target(pair: Pair) -> None:
     assert pair.dst.finish_resync()
     assert pair.dst.read(0, SIZE) == pair.model
     assert tail_view.read(0, SIZE) == mine
+    tail = tail_view.lsn
+    while pair.src.head_lsn < tail:  # the survivor's history passes the loser's old head
+        pair.scribble(pair.src, pair.model, 1)
+    pair.replicate(tail)
+    with pair.src.view(tail) as v:
+        theirs = v.read(0, SIZE)
+    with pair.dst.view(tail) as v:  # same LSN as the old view, another generation: its own index
+        assert v.read(0, SIZE) == theirs
+    assert tail_view.read(0, SIZE) == mine
     tail_view.close()
     pair.dst.visible_lsn = pair.dst.head_lsn
     pair.scribble(pair.src, pair.model, 3)

@@ -3,9 +3,10 @@ resyncs (random staged subsets that cover the difference), with crashes at rando
 (also inside the switch) and views held across switches. After every step the mirror's
 image, every open view and the staged image equal the model.
 
-The model of the mirror: the source's image after each LSN the mirror may show
-(``snap``: LSN -> image, taken after every source operation), padded with zeros to the
-mirror's size (a resync target may be larger than the source: the volume grows at the switch).
+The model: the source's image after each LSN the mirror may show (``snap``: LSN -> image,
+taken after every source operation) and the mirror's own (``mine``: what it replicated, or
+wrote itself after it diverged like a split-brain loser), padded with zeros to the mirror's
+size (a resync target may be larger than the source: the volume grows at the switch).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class ResyncMachine(RuleBasedStateMachine):
         self.dst_path = self.dir / "dst"
         self.dst = Volume.create_replica(self.dst_path, "vol", SIZE, self.src.uuid, 0, genesis_chain(self.src.uuid),
                                          segment_bytes=SEG)
+        self.mine: dict[int, bytes] = {0: bytes(SIZE)}
+        self.diverged = False
         self.views: list[tuple[VolumeView, bytes]] = []
         self.target: bytes | None = None  # the running resync's target image
         self.crashes = 0
@@ -63,7 +66,7 @@ class ResyncMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def expected(self, lsn: int) -> bytes:
-        return _pad(self.snap[lsn], self.dst.size)
+        return _pad(self.mine[lsn], self.dst.size)
 
     # ------------------------------------------------------------------ the source
 
@@ -83,7 +86,7 @@ class ResyncMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ the mirror
 
-    @precondition(lambda self: self.target is None)
+    @precondition(lambda self: self.target is None and not self.diverged)
     @rule(pick=st.integers(0, 10**6))
     def replicate(self, pick: int) -> None:
         """Ship records up to some LSN the model knows (only while no resync runs)."""
@@ -93,8 +96,27 @@ class ResyncMachine(RuleBasedStateMachine):
         upto = later[pick % len(later)]
         for lsn in range(self.dst.head_lsn + 1, upto + 1):
             self.dst.append_raw(self.src.log.read_raw(lsn))
+            if lsn in self.snap:
+                self.mine[lsn] = self.snap[lsn]
         self.dst.log.sync()
         self.dst.visible_lsn = upto
+
+    @precondition(lambda self: self.target is None)
+    @rule(seed=st.integers(0, 2**32 - 1))
+    def diverge(self, seed: int) -> None:
+        """The mirror writes on its own (a former primary that lost a split brain)."""
+        rng = random.Random(seed)
+        self.diverged = True
+        self.dst.visible_lsn = None
+        image = bytearray(self.expected(self.dst.head_lsn))
+        for _ in range(rng.randint(1, 6)):
+            n = rng.choice([BLOCK, 70 * KiB])
+            off = rng.randrange(0, SIZE - n)
+            data = rng.randbytes(n)
+            self.dst.write(off, data)
+            image[off : off + n] = data
+        self.dst.flush()
+        self.mine[self.dst.head_lsn] = bytes(image)
 
     @rule()
     def writeback(self) -> None:
@@ -104,7 +126,7 @@ class ResyncMachine(RuleBasedStateMachine):
     def open_view(self, pick: int) -> None:
         if len(self.views) >= 4 or (self.dst.resync is not None and self.dst.resync.direct):
             return
-        lsns = [lsn for lsn in self.snap if self.dst.oldest_version_lsn <= lsn <= self.dst.current_lsn]
+        lsns = [lsn for lsn in self.mine if self.dst.oldest_version_lsn <= lsn <= self.dst.current_lsn]
         if not lsns:
             return
         lsn = sorted(lsns)[pick % len(lsns)]
@@ -126,6 +148,7 @@ class ResyncMachine(RuleBasedStateMachine):
         size = self.dst.size + grow
         self.dst.begin_resync(lsn, self.src.log.last_chain, size, self.src.uuid, direct=direct)
         self.target = _pad(self.snap[lsn], size)
+        event("began")
 
     @precondition(lambda self: self.target is not None)
     @rule(seed=st.integers(0, 2**32 - 1), part=st.sampled_from([0.3, 1.0]), sync=st.booleans())
@@ -167,7 +190,16 @@ class ResyncMachine(RuleBasedStateMachine):
             event("finish waits for old views")
             assert r.waiting_for and any(blocks(v) for v, _ in self.views)
             return
-        event("switched" + (" with old views open" if self.views else ""))
+        event("switched" + (" with old views open" if self.views else "")
+              + (" from a divergent tail" if self.diverged else ""))
+        self._switched()
+
+    def _switched(self) -> None:
+        """The mirror is the source's version L now, and follows it again."""
+        L = self.dst.head_lsn
+        self.mine = {L: self.snap[L]}
+        self.diverged = False
+        self.dst.visible_lsn = L
         self.target = None
 
     def _crash_in_finish(self, step: str) -> None:
@@ -191,7 +223,7 @@ class ResyncMachine(RuleBasedStateMachine):
         if done is False:
             return  # waiting for old views: nothing was switched
         if done:  # the step did not come (merge waits for old views, or direct mode)
-            self.target = None
+            self._switched()
             return
         self._reopen(crashed)
 
@@ -210,10 +242,10 @@ class ResyncMachine(RuleBasedStateMachine):
         self.dst.close()
         self.dst = Volume.open(path, sync_interval=None)
         self.dst_path = path
-        self.dst.visible_lsn = self.dst.head_lsn if self.dst.visible_lsn is None else self.dst.visible_lsn
-        if self.dst.resync is None:
-            self.target = None  # switched (or never begun)
-        assert self.dst.current_lsn in self.snap
+        self.dst.visible_lsn = self.dst.head_lsn
+        if self.dst.resync is None and self.target is not None:
+            self._switched()
+        assert self.dst.current_lsn in self.mine
 
     # ------------------------------------------------------------------ checks
 

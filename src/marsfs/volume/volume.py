@@ -23,6 +23,10 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   stops at it until it is closed. Extents of a view whose records writeback has since applied
   are read from the base, which holds exactly those bytes. Views of the same LSN share one
   extent index, built by the first open and freed by the last close (``views``).
+* **Resync** (``resync``): staging another node's version *L* invisibly, then switching to it
+  (the log restarts after *L*). Views opened before a switch belong to an older *generation*
+  and read the base alone (it holds their version until the merge, which waits for them);
+  newer readers see the switch's staged blocks over the base until they are merged.
 * **Clones** (``clone``): a volume whose ``volume.json`` links it to another volume's version
   reads what it has not written from a view of that version instead of its base, and never
   writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
@@ -40,7 +44,8 @@ Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the liv
 LSN in ``(A, head]``; the log retains every record after ``A``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
-``views`` (views and their shared indexes), ``versions`` (listing versions and resolving their
+``views`` (views and their shared indexes), ``resync`` (staging and switching to another
+node's version), ``versions`` (listing versions and resolving their
 names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
 ``encoding`` (the lz4 backoff) and ``index`` (the extent index).
 """
@@ -151,6 +156,7 @@ class Volume:
         self._generation = 0  #: +1 at each resync switch; views of older generations read the old base
         self._old_views = 0  #: open views of older generations (the merge waits for them)
         self._switch_failed = ""  #: why a resync's switch failed half way ("" if it did not)
+        self._building = 0  #: view indexes being built from log records (a switch waits for them)
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
@@ -724,7 +730,7 @@ class Volume:
         if below:
             return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
                     "they close when their readers do")
-        if self._views.unbuilt():
+        if self._building:
             return "a version is being opened"
         return ""
 
@@ -776,6 +782,7 @@ class Volume:
             self.size = r.size
             self._generation += 1
             self._old_views = self._views.total()
+            self._views.unshare()
             self._writes_since_flush = False
             if self.visible_lsn is not None:
                 self.visible_lsn = r.target_lsn
@@ -842,13 +849,18 @@ class Volume:
             index = self._views.pin(lsn)
             first = self._applied + 1
             generation = self._generation
+            if index is None:
+                self._building += 1
         if index is None:
             try:
                 built = build_index(self.log.records(first, lsn))
             except BaseException:
+                with self._lock:
+                    self._building -= 1
                 self._unpin(lsn, generation)
                 raise
             with self._lock:
+                self._building -= 1
                 index = self._views.publish(lsn, built)
         return VolumeView(self, lsn, index, generation)
 
