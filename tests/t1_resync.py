@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from marsfs.errors import InvalidRequest, VersionNotFound, VolumeBusy
+from marsfs.errors import DiskFailed, InvalidRequest, StateError, VersionNotFound, VolumeBusy
 from marsfs.log import genesis_chain
 from marsfs.volume import Volume
 from marsfs.volume import resync as rs
@@ -265,10 +265,13 @@ def test_direct_mode(pair: Pair, tmp_path: Path) -> None:
     assert pair.dst.read(0, SIZE) == pair.model
 
 
-def test_direct_mode_needs_everything_applied(pair: Pair) -> None:
+def test_direct_mode_needs_everything_applied_and_no_views(pair: Pair) -> None:
+    with pair.dst.view(0):
+        with pytest.raises(VolumeBusy, match="open version"):
+            pair.begin(direct=True)
     pair.scribble(pair.src, pair.model, 3)
     pair.replicate()
-    with pytest.raises(Exception, match="direct resync needs none"):
+    with pytest.raises(StateError, match="direct resync needs none"):
         pair.begin(direct=True)
 
 
@@ -391,6 +394,10 @@ def test_crash_at_each_step_of_finish(tmp_path: Path, step: str, direct: bool, m
     with pytest.raises(Crash):
         pair.dst.finish_resync()
     monkeypatch.undo()
+    if step not in ("written-back", "merged"):  # a switch that failed half way
+        assert pair.dst.needs_restart and "restart the daemon" in pair.dst.fault_lines()[0]
+        with pytest.raises(VolumeBusy):
+            pair.dst.write(0, b"x")
     pair.dst.close()
     pair.dst = Volume.open(tmp_path / "crashed", sync_interval=None)
     if pair.dst.resync is not None:  # before the switch intent: the old volume, resumable
@@ -461,4 +468,29 @@ def test_next_resync_while_previous_is_not_merged(pair: Pair, tmp_path: Path) ->
     r = pair.dst.resync
     assert r is not None and r.read(0, SIZE) == pair.model
     assert pair.dst.finish_resync()
+    assert pair.dst.read(0, SIZE) == pair.model
+
+
+@pytest.mark.allow_log("merge")
+def test_failed_merge_is_a_writeback_fault_that_retries(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    pair.scribble(pair.src, pair.model, 10)
+    stage_diff(pair.begin(), bytes(pair.model))
+    real = rs.merge_into
+
+    def failing(*a: object) -> None:
+        raise DiskFailed("cannot merge the resynced blocks into the base image: Input/output error")
+
+    monkeypatch.setattr(rs, "merge_into", failing)
+    assert pair.dst.finish_resync()  # switched all the same
+    assert isinstance(pair.dst.fault("writeback"), DiskFailed)
+    assert pair.dst.read(0, SIZE) == pair.model  # through the overlay
+    pair.scribble(pair.src, pair.model, 3)
+    pair.replicate()
+    L = pair.dst.applied_lsn
+    with pytest.raises(DiskFailed):
+        pair.dst.writeback(max_bytes=None)
+    assert pair.dst.applied_lsn == L  # nothing written back past the unmerged overlay
+    monkeypatch.setattr(rs, "merge_into", real)
+    assert pair.dst.writeback(max_bytes=None) == pair.dst.head_lsn
+    assert pair.dst.fault("writeback") is None
     assert pair.dst.read(0, SIZE) == pair.model

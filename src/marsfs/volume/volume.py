@@ -692,6 +692,9 @@ class Volume:
             if self._resync is not None or self.log.dirty:
                 raise VolumeBusy(f"volume {self.name} was written while a resync began; stop writing and retry")
             base = self.head_lsn
+            if direct and self._views:
+                raise VolumeBusy(f"volume {self.name} has {self._views.total()} open version(s); a direct resync "
+                                 "overwrites the base they read: close them first")
             if direct and self._applied != base:
                 raise StateError(f"volume {self.name} has records after lsn-{self._applied} that are not written "
                                  "back; a direct resync needs none: write back first")
@@ -769,11 +772,10 @@ class Volume:
                 r.set_phase(rs.SWITCH)
                 rs.checkpoint("switch-intent")
                 merging = rs.switch(self.path, self.log, r.state)
-            except BaseException as e:
-                if r.state.phase == rs.SWITCH:
-                    self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
-                                           "opening the volume finishes it")
-                elif not r.direct:
+            except BaseException as e:  # the resync is detached: only a reopen goes on from here
+                self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
+                                       "opening the volume finishes it")
+                if not r.direct:
                     os.close(staged_fd)
                 raise
             self._applied = self._oldest = r.target_lsn
@@ -789,7 +791,10 @@ class Volume:
             self._resync = None
             if merging is not None:
                 self._overlay = Overlay(r.extents, staged_fd)
-        self._merge()
+        try:
+            self._merge()
+        except IO_FAULTS as e:  # switched all the same: writeback retries the merge
+            self._faults["writeback"] = e
         return True
 
     def _merge(self) -> bool:
