@@ -494,3 +494,55 @@ def test_failed_merge_is_a_writeback_fault_that_retries(pair: Pair, monkeypatch:
     assert pair.dst.writeback(max_bytes=None) == pair.dst.head_lsn
     assert pair.dst.fault("writeback") is None
     assert pair.dst.read(0, SIZE) == pair.model
+
+
+def test_readers_during_the_switch_see_old_or_new_never_a_mix(pair: Pair) -> None:
+    import threading
+
+    pair.scribble(pair.src, pair.model, 20)
+    pair.replicate()
+    old = bytes(pair.model)
+    F = pair.dst.head_lsn
+    pair.scribble(pair.src, pair.model, 20)
+    new = bytes(pair.model)
+    L = pair.src.head_lsn
+    r = pair.begin()
+    stage_diff(r, new)
+    stop = threading.Event()
+    seen: dict[str, int] = {"old": 0, "new": 0, "gone": 0}
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                lsn = pair.dst.current_lsn
+                try:
+                    v = pair.dst.view(lsn)
+                except VersionNotFound:
+                    seen["gone"] += 1  # opened just after the switch: the caller retries
+                    continue
+                with v:
+                    data = v.read(0, SIZE)
+                    assert data == (old if lsn == F else new), lsn
+                    seen["old" if lsn == F else "new"] += 1
+                live = pair.dst.read(0, SIZE)
+                assert live in (old, new)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while not seen["old"] and not errors:
+        stop.wait(0.001)
+    while not pair.dst.finish_resync():
+        assert "older than" in r.waiting_for or "being opened" in r.waiting_for
+    while not seen["new"] and not errors:
+        stop.wait(0.001)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert pair.dst.current_lsn == L
+    pair.dst.writeback(max_bytes=None)
+    assert pair.dst.read(0, SIZE) == new
