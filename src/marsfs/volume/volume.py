@@ -812,7 +812,7 @@ class Volume:
             rs.remove(self.path, rs.MERGE_DIR)
             with self._lock:
                 self._overlay = None
-            overlay.close()
+        overlay.close()  # frees the staged image's blocks: may take a while, holds no lock
         return True
 
     def abort_resync(self) -> None:
