@@ -546,3 +546,25 @@ def test_readers_during_the_switch_see_old_or_new_never_a_mix(pair: Pair) -> Non
     assert pair.dst.current_lsn == L
     pair.dst.writeback(max_bytes=None)
     assert pair.dst.read(0, SIZE) == new
+
+
+@pytest.mark.allow_log("merge")
+def test_direct_resync_waits_for_the_previous_merge(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    pair.scribble(pair.src, pair.model, 5)
+    stage_diff(pair.begin(), bytes(pair.model))
+    real = rs.merge_into
+
+    def failing(*a: object) -> None:
+        raise DiskFailed("cannot merge the resynced blocks into the base image: Input/output error")
+
+    monkeypatch.setattr(rs, "merge_into", failing)
+    assert pair.dst.finish_resync()
+    pair.scribble(pair.src, pair.model, 5)
+    with pytest.raises(DiskFailed):  # it tries the merge first, which fails again
+        pair.begin(direct=True)
+    assert pair.dst.resync is None
+    monkeypatch.setattr(rs, "merge_into", real)
+    r = pair.begin(direct=True)
+    stage_diff(r, bytes(pair.model))
+    assert pair.dst.finish_resync()
+    assert pair.dst.read(0, SIZE) == pair.model

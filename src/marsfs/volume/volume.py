@@ -687,8 +687,12 @@ class Volume:
         if self._resync is not None:
             raise VolumeBusy(f"a resync of volume {self.name} (to lsn-{self._resync.target_lsn}) is already running; "
                              "continue or abort it")
+        if direct and self._overlay is not None:
+            self._merge()  # a direct resync writes the base: nothing may be laid over it later
         self.log.sync()
         with self._lock:
+            if direct and self._overlay is not None:
+                raise VolumeBusy(f"volume {self.name} has not merged its previous resync yet; retry in a moment")
             if self._resync is not None or self.log.dirty:
                 raise VolumeBusy(f"volume {self.name} was written while a resync began; stop writing and retry")
             base = self.head_lsn
