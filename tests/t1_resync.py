@@ -568,3 +568,17 @@ def test_direct_resync_waits_for_the_previous_merge(pair: Pair, monkeypatch: pyt
     stage_diff(r, bytes(pair.model))
     assert pair.dst.finish_resync()
     assert pair.dst.read(0, SIZE) == pair.model
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_retarget_to_a_grown_source(pair: Pair, direct: bool) -> None:
+    pair.scribble(pair.src, pair.model, 5)
+    r = pair.begin(direct=direct)
+    stage_diff(r, bytes(pair.model))
+    target = bytes(pair.model) + b"g" * SIZE  # the source grew meanwhile
+    r.retarget(pair.src.head_lsn + 3, b"r" * 16, 2 * SIZE)
+    assert r.read(SIZE, SIZE) == bytes(SIZE)
+    assert stage_diff(r, target) == SIZE
+    assert pair.dst.finish_resync()
+    assert pair.dst.size == 2 * SIZE and pair.dst.read(0, 2 * SIZE) == target
+    assert pair.dst.head_lsn == pair.src.head_lsn + 3 and pair.dst.log.last_chain == b"r" * 16

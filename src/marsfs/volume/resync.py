@@ -464,10 +464,11 @@ class Resync:
         if size < self._state.size:
             raise InvalidRequest(f"the new resync target has {size} bytes, less than the {self._state.size} of the "
                                  "old one; volumes never shrink: resync from the node that holds this volume")
-        if not self._state.direct and size > self._state.size:
-            os.ftruncate(self._fd, size)
-        elif self._state.direct and size > self._state.size and os.fstat(self._fd).st_size < size:
-            os.ftruncate(self._fd, size)
+        try:
+            if os.fstat(self._fd).st_size < size:  # the staged image (or, direct, the base) grows
+                os.ftruncate(self._fd, size)
+        except OSError as e:
+            raise io_error(f"cannot grow the staged resync image to {size} bytes", e, DiskFailed) from e
         with self._lock:
             self._state = replace(self._state, target_lsn=lsn, target_chain=chain, size=size)
         persist_state(self._path, self._state)

@@ -730,9 +730,11 @@ class Volume:
 
     def _switch_waits(self, base: int) -> str:
         """Why a resync from ``base`` cannot switch now ("" if it can). Caller locks."""
-        if self._overlay is not None:
+        if self._overlay is not None and self._old_views:
             return (f"{self._old_views} reader(s) of versions older than the previous resync are still open; "
                     "they close when their readers do")
+        if self._overlay is not None:
+            return f"the previous resync is not merged into the base image yet: {self.fault('writeback')}"
         below = [lsn for lsn in self._views.pinned() if lsn < base]
         if below:
             return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
