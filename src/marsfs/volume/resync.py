@@ -364,7 +364,9 @@ class Resync:
         self._old_size = old_size  #: the volume's size: the image at F reads zeros past it
         self._release = release
         self._lock = threading.Lock()
-        self._dirty = False
+        # True at first: what an earlier process staged may sit unsynced in the page cache
+        # (direct mode reads the base whole, so those bytes count): the next sync covers them.
+        self._dirty = True
         #: "" or why :meth:`Volume.finish_resync` could not switch yet (views pinned below F)
         self.waiting_for = ""
 
