@@ -32,6 +32,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 import types
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,6 +47,8 @@ from marsfs.node import Node, check_volume_name
 from marsfs.node.cluster import Cluster
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
+
+VERIFY_POLL = 0.5  #: seconds one verify-progress request waits for the end before it reports progress
 
 #: The command line's way to ask the daemon: ``request(command, args) -> result``.
 Request = Callable[[str, dict[str, Any]], Any]
@@ -276,6 +279,14 @@ async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
     return {**ctx.node.status(vol.name)[0], "image": str(ctx.mount / f"{vol.name}.img")}
 
 
+async def _verify(ctx: Context, a: dict[str, Any]) -> Any:
+    return {"jobs": ctx.cluster.verify(a["volume"], a["peer"])}
+
+
+async def _verify_progress(ctx: Context, a: dict[str, Any]) -> Any:
+    return await ctx.cluster.verify_progress(a["job"], VERIFY_POLL)
+
+
 # ---------------------------------------------------------------------- the command line's side
 
 def clone_spec(spec: str) -> tuple[str, str]:
@@ -400,6 +411,56 @@ def _versions_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _verify_client(command: Command, args: argparse.Namespace, request: Request) -> int:
+    """Start the comparisons, follow them (a progress line on stderr when it is a terminal),
+    print each result. Exit 0 when every image is identical, 1 when any differs or a
+    comparison failed (the failure is one line on stderr)."""
+    jobs = request("verify", command.request_args(args))["jobs"]
+    tty = sys.stderr.isatty()
+    results: list[dict[str, Any]] = []
+    failed = False
+    for job in jobs:
+        while True:
+            try:
+                r = request("verify-progress", {"job": job})
+            except MarsError as e:
+                _clear_progress(tty)
+                print(f"marsfs: error: {e}", file=sys.stderr, flush=True)
+                failed = True
+                break
+            if r["state"] == "done":
+                _clear_progress(tty)
+                results.append(r)
+                if not args.json:
+                    print(_verify_text(r), flush=True)
+                break
+            if tty and r["size"]:
+                print(f"\rverifying {args.volume} with {r['peer']} at lsn-{r['lsn']}: "
+                      f"{100 * r['done'] // r['size']}% ({human_bytes(r['done'])} of {human_bytes(r['size'])})",
+                      end="", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1), flush=True)
+    return 1 if failed or not all(r["identical"] for r in results) else 0
+
+
+def _clear_progress(tty: bool) -> None:
+    if tty:
+        print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+def _verify_text(r: Mapping[str, Any]) -> str:
+    head = f"{r['volume']} on {r['node']} and {r['peer']}"
+    if r["identical"]:
+        return f"{head}: identical at lsn-{r['lsn']} ({r['compared_bytes']} bytes compared)"
+    diffs = r["differences"]
+    total = sum(d["length"] for d in diffs)
+    lines = [f"{head}: {len(diffs)} differing range(s), {total} bytes ({human_bytes(total)}) at lsn-{r['lsn']} "
+             f"({r['compared_bytes']} bytes compared)"]
+    lines += [f"  offset {d['offset']} length {d['length']} ({human_bytes(d['offset'])} +{human_bytes(d['length'])})"
+              for d in diffs]
+    return "\n".join(lines)
+
+
 def _pause_command(name: str) -> Command:
     verb, what = name.split("-")
     return Command(name, f"{name.replace('-', ' ')} of a mirror (persists)", (Arg("volume"),),
@@ -418,7 +479,6 @@ def _planned(name: str, what: str) -> Command:
 PLANNED: Mapping[str, str] = types.MappingProxyType({
     "primary": "make this node the volume's primary: handover, or failover with --force",
     "invalidate": "discard this node's divergent or damaged copy and resync it from the primary",
-    "verify": "compare a mirror's image with its primary's at the same version",
     "resize": "grow a volume",
 })
 
@@ -472,5 +532,10 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
                  metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),
              Arg("volume", "the new volume's name", metavar="NEWVOL", check=check_volume_name), JSON),
             _clone, text=_clone_text, json=lambda r, a: r),
+    Command("verify", "compare this node's image of VOL with another node's at the same version",
+            (VOLUME, Arg("peer", "the node to compare with (default: a mirror's source; on a primary: every "
+                                 "mirror it knows)", flag="--peer", required=False, metavar="NODE"), JSON),
+            _verify, json=lambda r, a: r, client=_verify_client),
+    Command("verify-progress", None, (Arg("job"),), _verify_progress),
     *(_planned(name, what) for name, what in PLANNED.items()),
 )})
