@@ -532,7 +532,7 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
                  metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),
              Arg("volume", "the new volume's name", metavar="NEWVOL", check=check_volume_name), JSON),
             _clone, text=_clone_text, json=lambda r, a: r),
-    Command("verify", "compare this node's image of VOL with another node's at the same version",
+    Command("verify", "compare images at the same version by checksums",
             (VOLUME, Arg("peer", "the node to compare with (default: a mirror's source; on a primary: every "
                                  "mirror it knows)", flag="--peer", required=False, metavar="NODE"), JSON),
             _verify, json=lambda r, a: r, client=_verify_client),
