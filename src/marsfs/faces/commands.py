@@ -43,6 +43,7 @@ from typing import Any
 import trio
 
 from marsfs.errors import MarsError, NotAvailable, UsageError
+from marsfs.faces.namespace import SUFFIX
 from marsfs.node import Node, check_volume_name
 from marsfs.node.cluster import Cluster
 from marsfs.units import human_bytes, parse_size
@@ -64,6 +65,7 @@ class Context:
     cluster: Cluster
     mount: Path
     forget_volume: Callable[[str], None]  #: tell the FUSE face that a volume's name is gone
+    mounted: bool = False  #: ``mount`` is this daemon's live FUSE mount (not in in-process tests)
 
 
 Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
@@ -279,6 +281,28 @@ async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
     return {**ctx.node.status(vol.name)[0], "image": str(ctx.mount / f"{vol.name}.img")}
 
 
+async def _resize(ctx: Context, a: dict[str, Any]) -> Any:
+    name, new = a["volume"], a["size"]
+    lsn = await trio.to_thread.run_sync(ctx.node.resize, name, new)
+    image = ctx.mount / f"{name}{SUFFIX}"
+    if ctx.mounted:
+        # the kernel owns a cached image's size (writeback cache): tell it by a truncate through
+        # the mount, from a worker thread while this trio thread answers its SETATTR
+        try:
+            await trio.to_thread.run_sync(os.truncate, image, new)
+        except OSError as e:
+            raise MarsError(f"volume {name} is {new} bytes now, but the kernel still shows {image} with its old "
+                            f"size ({e.strerror}); run marsfs resize {name} {new} again") from None
+    return {"volume": name, "size": new, "lsn": lsn, "image": str(image)}
+
+
+def _resize_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    if r["lsn"] is None:
+        return f"{r['volume']} is {human_bytes(r['size'])} already: nothing to do"
+    return (f"resized {r['volume']} to {human_bytes(r['size'])} ({r['size']} bytes) at lsn-{r['lsn']}; a loop "
+            f"device on {r['image']} sees it after: losetup -c DEVICE")
+
+
 async def _verify(ctx: Context, a: dict[str, Any]) -> Any:
     return {"jobs": ctx.cluster.verify(a["volume"], a["peer"])}
 
@@ -479,7 +503,6 @@ def _planned(name: str, what: str) -> Command:
 PLANNED: Mapping[str, str] = types.MappingProxyType({
     "primary": "make this node the volume's primary: handover, or failover with --force",
     "invalidate": "discard this node's divergent or damaged copy and resync it from the primary",
-    "resize": "grow a volume",
 })
 
 VOLUME = Arg("volume")
@@ -537,5 +560,8 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
                                  "mirror it knows)", flag="--peer", required=False, metavar="NODE"), JSON),
             _verify, json=lambda r, a: r, client=_verify_client),
     Command("verify-progress", None, (Arg("job"),), _verify_progress),
+    Command("resize", "grow a volume (on its primary)",
+            (VOLUME, Arg("size", "the new size, like 20G, or bytes; never smaller", parse=size, check=parse_size)),
+            _resize, text=_resize_text),
     *(_planned(name, what) for name, what in PLANNED.items()),
 )})

@@ -114,6 +114,7 @@ class VolumeFacts(Protocol):
     def uuid(self) -> str: ...
     @property
     def size(self) -> int: ...
+    def size_at(self, lsn: int) -> int: ...
     @property
     def head_lsn(self) -> int: ...
     @property
@@ -345,12 +346,13 @@ class ServingSession:
         assert self.phase is ServePhase.SENDING_IMAGE and self.image is None
         vol = self.vol
         lsn = shippable_lsn(vol)
-        self.image = ImageInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size, uuid=vol.uuid)
+        self.image = ImageInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size_at(lsn), uuid=vol.uuid)
         return self.image
 
     def image_chunks(self) -> Iterator[tuple[int, int]]:
-        """(offset, length) of each chunk of the image, in order."""
-        size = self.vol.size
+        """(offset, length) of each chunk of the image (of its version's size), in order."""
+        assert self.image is not None
+        size = self.image.size
         for off in range(0, size, IMAGE_CHUNK):
             yield off, min(IMAGE_CHUNK, size - off)
 

@@ -94,13 +94,13 @@ class VolumeView:
     def __init__(self, volume: Volume, lsn: int, index: ExtentIndex) -> None:
         self.volume = volume
         self.lsn = lsn
-        self.size = volume.size
+        self.size = volume.size_at(lsn)  #: a version keeps the size of its LSN (resize)
         self._index = index
         self._closed = False
 
     def read(self, offset: int, length: int) -> bytes:
         assert not self._closed, "read from a closed view"
-        return self.volume._read_at(self._index, offset, length)
+        return self.volume._read_at(self._index, offset, length, self.size)
 
     def close(self) -> None:
         if not self._closed:

@@ -27,6 +27,19 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   reads what it has not written from a view of that version instead of its base, and never
   writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
 
+* **Resize** (:meth:`Volume.resize`, primary): the volume grows at one point in history, a
+  RESIZE record whose offset is the new size. Every version has the size of its LSN
+  (:meth:`Volume.size_at`): views, ``.versions/`` and clones of older versions keep the old
+  size; writes past the old end are refused until the record is appended, and reads of a
+  version below it never see past its end. A mirror grows when it appends the record and shows
+  the new size when it replays it. The base image is extended before the record is appended
+  (reserved unless the volume is thin), so it is never shorter than any version. The sizes
+  live in ``volume.json``: ``size`` (the first version's) and ``resizes`` (``[lsn, size]``
+  pairs), written right after each RESIZE record is appended; at open the RESIZE records still
+  in the log are the truth for their LSNs (a record lost in a crash takes its entry along), the
+  entries below the log's first LSN (trimmed, hence durable) are trusted. Shrinking is not
+  supported (PRODUCT.md "Not now").
+
 Failures of the disk under the state directory (G11) are the volume's, never the process's:
 a full disk (:class:`NoSpace`), a failing one (:class:`DiskFailed`, or :class:`LogFailed` from
 the log) reaches the caller of the operation that met it and stands in :attr:`Volume.faults`
@@ -47,6 +60,7 @@ names), ``retention`` (the history window), ``clone`` (the link of a clone to it
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import threading
@@ -121,8 +135,12 @@ class Volume:
         self.path = path
         self.name: str = meta["name"]
         self.uuid: str = meta["uuid"]
-        self.size: int = meta["size"]
         self.log = log
+        self._sizes = _size_history(meta, log)  #: (lsn, size) from which on the volume has that size
+        #: the size at the head (what writes may reach); a mirror shows :meth:`size_at` its version
+        self.size: int = self._sizes[-1][1]
+        #: created --thin (or a replica, a clone): its base is not reserved, so neither is its growth
+        self.thin: bool = bool(meta.get("thin", False))
         self._applied = applied_lsn
         # Oldest servable version: A, or the target of a writeback in flight (or one that failed
         # half way), because the base may already hold bytes newer than A.
@@ -146,6 +164,8 @@ class Volume:
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
+        if [list(e) for e in self._sizes[1:]] != meta.get("resizes", []):
+            self._persist_sizes()  # the log's RESIZE records are the truth for their LSNs
         self.index = ExtentIndex()
         for rec in log.records(applied_lsn + 1):
             if rec.type == RecordType.WRITE and rec.length:
@@ -184,7 +204,7 @@ class Volume:
                                  "give a size like 512M or 10G")
         path.mkdir(parents=True)
         meta = {"format": FORMAT, "name": name, "uuid": volume_uuid or str(uuidlib.uuid4()),
-                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
+                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns(), "thin": not reserve}
         if clone_of is not None:
             meta["clone_of"] = clone_of.to_json()
         fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -290,7 +310,7 @@ class Volume:
                                  "a clone of a clone is not supported yet: clone the original volume")
         view = source.view(lsn)
         try:
-            vol = cls.create(path, name, source.size, sync_interval=sync_interval,
+            vol = cls.create(path, name, source.size_at(lsn), sync_interval=sync_interval,
                              clone_of=CloneLink(source.name, lsn, source.uuid))
         except BaseException:
             view.close()
@@ -408,13 +428,15 @@ class Volume:
 
     # ------------------------------------------------------------------ I/O
 
-    def _check_range(self, offset: int, length: int) -> None:
+    def _check_range(self, offset: int, length: int, size: int | None = None) -> None:
+        """Refuse a range outside the image of ``size`` bytes (default: the head's size)."""
         if self._below is None and self.clone_of is not None:
             raise StateError(f"clone {self.name} is detached from {self.clone_of.describe()}: "
                              f"see marsfs status {self.name}; delete it with: marsfs delete {self.name}")
-        if offset < 0 or length < 0 or offset + length > self.size:
+        size = self.size if size is None else size
+        if offset < 0 or length < 0 or offset + length > size:
             raise OutOfRange(f"range {offset}+{length} lies outside volume {self.name} "
-                             f"of {self.size} bytes")
+                             f"of {size} bytes")
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; returns the LSN of the (last) record. Not yet durable.
@@ -463,6 +485,9 @@ class Volume:
             h = self.log.append_raw(raw, volume_size=self.size)
             if h.type == RecordType.WRITE and h.length:
                 self.index.insert(h.offset, h.length, h.lsn)
+            elif h.type == RecordType.RESIZE:  # the log refused one that would shrink us
+                self._resized(h.lsn, h.offset)
+                self._grow_base(h.offset, reserve=False)  # (open extends it too, after a crash)
             self._writes_since_flush = h.type == RecordType.WRITE
             return h.lsn
 
@@ -494,13 +519,77 @@ class Volume:
         self.log.sync()
         return lsn
 
+    def resize(self, size: int, *, reserve: bool) -> int | None:
+        """Grow the volume to ``size`` bytes (a primary): extend the base (``reserve``: allocate
+        it, fallocate), then a durable RESIZE record; returns its LSN, None when the volume
+        already has that size. InvalidRequest for a smaller or unaligned size, NoSpace when
+        the reservation does not fit (nothing changed then)."""
+        if size <= 0 or size % 512:
+            raise InvalidRequest(f"volume size {size} is not a positive multiple of 512 bytes; "
+                                 "give a size like 512M or 10G")
+        with self._lock:
+            if size == self.size:
+                return None
+            if size < self.size:
+                raise InvalidRequest(f"volume {self.name} is {self.size} bytes; shrinking it to {size} is not "
+                                     "supported (a filesystem on it would lose its end): give a larger size")
+            self._grow_base(size, reserve=reserve)
+            lsn = self.log.append(RecordType.RESIZE, size, _EMPTY)
+            self._resized(lsn, size)
+        self.log.sync()
+        return lsn
+
+    def _grow_base(self, size: int, *, reserve: bool) -> None:
+        """Make the base image at least ``size`` bytes before a RESIZE record says so. Caller locks."""
+        old = os.fstat(self._base_fd).st_size
+        if old >= size:
+            return
+        try:
+            if reserve:
+                os.posix_fallocate(self._base_fd, old, size - old)
+            else:
+                os.ftruncate(self._base_fd, size)
+        except OSError as e:
+            try:
+                os.ftruncate(self._base_fd, old)  # give back what a partial reservation took
+            except OSError:
+                pass
+            raise io_error(f"cannot grow the base image of {self.name} to {size} bytes", e, DiskFailed) from e
+
+    def _resized(self, lsn: int, size: int) -> None:
+        """Record ``size`` from ``lsn`` on, in memory and in volume.json. Caller locks."""
+        assert size >= self.size, "a volume never shrinks"
+        self._sizes.append((lsn, size))
+        self.size = size
+        self._persist_sizes()
+
+    def _persist_sizes(self) -> None:
+        meta = read_json(self.path / "volume.json")
+        meta["resizes"] = [list(e) for e in self._sizes[1:]]
+        try:
+            write_json(self.path / "volume.json", meta)
+        except OSError as e:
+            raise io_error(f"cannot write {self.path / 'volume.json'}", e, DiskFailed) from e
+
+    def size_at(self, lsn: int) -> int:
+        """The size of version ``lsn`` (the last RESIZE at or before it decides)."""
+        sizes = self._sizes
+        i = bisect.bisect_right(sizes, (lsn, _INF)) - 1
+        return sizes[max(i, 0)][1]
+
+    @property
+    def current_size(self) -> int:
+        """The size of the version readers see (a mirror's replayed one)."""
+        return self.size_at(self.current_lsn)
+
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
         return self._read_at(self.index, offset, length)
 
-    def _read_at(self, index: ExtentIndex, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's)."""
-        self._check_range(offset, length)
+    def _read_at(self, index: ExtentIndex, offset: int, length: int, size: int | None = None) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's,
+        whose ``size`` is its version's)."""
+        self._check_range(offset, length, size)
         with self._lock:
             try:
                 return self._assemble(index.lookup(offset, length))
@@ -634,3 +723,16 @@ class Volume:
         and visible (at most the head on a primary, the replay position on a mirror).
         VersionNotFound otherwise, naming the oldest available version."""
         return find_version(self.log, spec, self._oldest, self.current_lsn, self.name)
+
+
+_INF = float("inf")
+
+
+def _size_history(meta: dict[str, Any], log: Log) -> list[tuple[int, int]]:
+    """(lsn, size) pairs of a volume: its first size, the trusted ``resizes`` of volume.json below
+    the log's first LSN, and the RESIZE records in the log (see the module docstring)."""
+    sizes = [(0, int(meta["size"]))]
+    sizes += [(int(lsn), int(size)) for lsn, size in meta.get("resizes", []) if lsn < log.first_lsn]
+    sizes += [(rec.lsn, rec.offset) for rec in log.records(log.first_lsn) if rec.type == RecordType.RESIZE]
+    return sizes
+
