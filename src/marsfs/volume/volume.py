@@ -164,8 +164,6 @@ class Volume:
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
-        if [list(e) for e in self._sizes[1:]] != meta.get("resizes", []):
-            self._persist_sizes()  # the log's RESIZE records are the truth for their LSNs
         self.index = ExtentIndex()
         for rec in log.records(applied_lsn + 1):
             if rec.type == RecordType.WRITE and rec.length:
@@ -274,7 +272,15 @@ class Volume:
             except BaseException:
                 log.close()
                 raise
-        return cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
+        vol = cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
+        if [list(e) for e in vol._sizes[1:]] != meta.get("resizes", []):
+            try:  # the log's RESIZE records are the truth for their LSNs: before anything trims them
+                with vol._lock:
+                    vol._persist_sizes()
+            except BaseException:
+                vol.close()
+                raise
+        return vol
 
     def close(self) -> None:
         """Make the log durable and release files. Does not write back."""
