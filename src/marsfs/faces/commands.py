@@ -14,7 +14,8 @@ Rules that hold here:
 * Some checks also run in the command line before the daemon is asked (``create`` checks the
   volume name and reads the size), so that a typo needs no daemon; the daemon checks again.
 * ``wait`` and ``status --watch`` are loops in the command line around ``status``; ``wait``
-  has no daemon side. ``ping`` has no command line. ``wait --synced`` on a mirror waits until
+  has no daemon side. ``ping`` and ``verify-progress`` (what the command line's ``verify`` loop polls) have no
+  command line. ``wait --synced`` on a mirror waits until
   it is synced on the word of its source after the wait began (the last check, at the timeout,
   takes the mirror's own ``synced`` as it stands, so ``--timeout 0`` is one check); on a
   primary it waits until every mirror it knows is synced, and refuses at once (exit 1) when it
