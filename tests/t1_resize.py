@@ -38,7 +38,7 @@ def test_a_version_has_the_size_of_its_lsn(tmp_path: Path) -> None:
         with vol.view(before) as old:  # below the record: the old size, reads past it refused
             assert old.size == MiB and vol.size_at(before) == MiB
             assert old.read(0, 4096) == b"a" * 4096
-            with pytest.raises(OutOfRange, match="of 1048576 bytes"):
+            with pytest.raises(OutOfRange, match=r"outside version lsn-\d+ of volume v \(1048576 bytes\)"):
                 old.read(MiB, 4096)
         with vol.view(lsn) as new:
             assert new.size == 2 * MiB and new.read(MiB, 4096) == bytes(4096)
@@ -124,3 +124,25 @@ def test_a_clone_of_an_older_version_keeps_its_size(tmp_path: Path) -> None:
         vol.resize(2 * MiB, reserve=False)
         with Volume.create_clone(tmp_path / "c", "c", vol, before, sync_interval=None) as clone:
             assert clone.size == MiB
+
+
+def test_a_resync_switch_replaces_the_size_history(tmp_path: Path) -> None:
+    """After a resync's switch to a version of another size, the sizes of the versions before
+    it are gone: the target's size holds, also after a restart."""
+    with _volume(tmp_path) as src:
+        first = src.head_lsn
+        src.resize(2 * MiB, reserve=False)
+        dst = Volume.create_replica(tmp_path / "m", "v", MiB, src.uuid, first, src.log.chain_at(first))
+        dst.append_raw(src.log.read_raw(first + 1))
+        dst.visible_lsn = dst.head_lsn
+        assert json.loads((dst.path / "volume.json").read_text())["resizes"] == [[first + 1, 2 * MiB]]
+        r = dst.begin_resync(first + 50, b"c" * 16, 4 * MiB, src.uuid)
+        r.write(3 * MiB, b"x" * 4096)
+        r.sync()
+        assert dst.finish_resync()
+        assert dst.size == dst.current_size == dst.size_at(first + 50) == 4 * MiB
+        dst.close()
+        meta = json.loads((tmp_path / "m" / "volume.json").read_text())
+        assert (meta["size"], meta["resizes"]) == (4 * MiB, [])
+        with Volume.open(tmp_path / "m", sync_interval=None) as dst:
+            assert dst.size == 4 * MiB and dst.read(3 * MiB, 4096) == b"x" * 4096
