@@ -11,7 +11,7 @@ import pyfuse3
 import pytest
 import trio
 
-from marsfs.errors import InvalidRequest, NoSpace, WrongRole
+from marsfs.errors import InvalidRequest, NoSpace, VolumeReadOnly, WrongRole
 from marsfs.faces.commands import Context, dispatch
 from marsfs.faces.fuse import Operations
 from marsfs.node import Node
@@ -116,3 +116,11 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     d = FakeDaemon({"resize": {"volume": "v", "size": 2 * MiB, "lsn": None, "image": "/mnt/marsfs/v.img"}})
     assert cli_run(["resize", "v", "2097152"], d) == 0
     assert capsys.readouterr().out == "v is 2.0 MiB already: nothing to do\n"
+
+
+def test_resize_of_a_fenced_primary_is_refused(node: Node) -> None:
+    node.create("v", MiB)
+    node.fence("v", "node n2 is the designated primary of v")
+    with pytest.raises(VolumeReadOnly, match="cannot resize v: node n2 is the designated primary of v"):
+        node.resize("v", 2 * MiB)
+    assert node.volume("v").size == MiB

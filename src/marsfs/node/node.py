@@ -300,12 +300,17 @@ class Node:
             vol = self.volume(name)
             role = self.role(name)
             if role.is_mirror:
+                designation = self.meta.designated(name)
+                primary = (f"its primary {designation.node}" if designation is not None and designation.node != self.name
+                           else "its primary")
                 raise WrongRole(f"volume {name!r} is a mirror on node {self.name} (it fetches from {role.source}); "
-                                f"grow it on its primary with marsfs resize {name} SIZE: this mirror grows when "
+                                f"grow it on {primary} with marsfs resize {name} SIZE: this mirror grows when "
                                 "it replays that")
             if vol.clone_of is not None:
                 raise InvalidRequest(f"{name} is a clone ({vol.clone_of.describe()}) and keeps the size of that "
                                      "version")
+            if vol.fence:  # not the designated primary (issue 10): a resize is a write
+                raise VolumeReadOnly(f"cannot resize {name}: {vol.fence}")
             limit = self.largest_volume()
             if size > limit:
                 raise InvalidRequest(f"volume size {size} bytes ({human_bytes(size)}) is not possible here: the "
