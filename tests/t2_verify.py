@@ -122,3 +122,16 @@ def test_command_line_output_and_exit_status(capsys: pytest.CaptureFixture[str])
     assert cli_run(["verify", "vm"], d) == 1
     out = capsys.readouterr()
     assert out.out == "" and out.err == "marsfs: error: n1 no longer retains lsn-3 of vm\n"
+
+
+def test_progress_line_on_a_terminal(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter([{"state": "running", "peer": "n2", "lsn": 42, "size": 4 << 30, "done": 1 << 30}, SAME])
+
+    def daemon(cmd: str, args: dict[str, Any]) -> Any:
+        return {"jobs": ["vm/n2/1"]} if cmd == "verify" else next(answers)
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert cli_run(["verify", "vm"], daemon) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr()
+    assert out.err == "\rverifying vm with n2 at lsn-42: 25% (1.0 GiB of 4.0 GiB)\r\x1b[K"
+    assert out.out == "vm on n1 and n2: identical at lsn-42 (8192 bytes compared)\n"
