@@ -279,7 +279,7 @@ def switch(volume_path: Path, log: Log, state: ResyncState) -> ResyncState | Non
     checkpoint("log-restarted")
     meta = read_json(volume_path / "volume.json")
     try:
-        if state.size > int(meta["size"]):
+        if state.size > int(meta["size"]) or meta.get("resizes"):  # sizes of versions before L are gone
             fd = os.open(volume_path / "base.img", os.O_RDWR)
             try:
                 if os.fstat(fd).st_size < state.size:
@@ -287,7 +287,7 @@ def switch(volume_path: Path, log: Log, state: ResyncState) -> ResyncState | Non
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            write_json(volume_path / "volume.json", {**meta, "size": state.size})
+            write_json(volume_path / "volume.json", {**meta, "size": state.size, "resizes": []})
     except OSError as e:
         raise io_error(f"cannot grow volume {meta['name']} to {state.size} bytes", e, DiskFailed) from e
     checkpoint("grown")

@@ -112,14 +112,14 @@ class VolumeView:
     def __init__(self, volume: Volume, lsn: int, index: ExtentIndex, generation: int) -> None:
         self.volume = volume
         self.lsn = lsn
-        self.size = volume.size
+        self.size = volume.size_at(lsn)  #: a version keeps the size of its LSN (resize)
         self.generation = generation  #: the volume's resync generation when the view opened
         self._index = index
         self._closed = False
 
     def read(self, offset: int, length: int) -> bytes:
         assert not self._closed, "read from a closed view"
-        if offset + length > self.size:  # the volume may have grown since (a resync's switch)
+        if offset + length > self.size:  # the volume may have grown since (resize, a resync's switch)
             raise OutOfRange(f"range {offset}+{length} lies outside version lsn-{self.lsn} of volume "
                              f"{self.volume.name} ({self.size} bytes)")
         return self.volume._read_at(self._index, offset, length, self.generation)

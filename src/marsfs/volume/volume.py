@@ -31,6 +31,19 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   reads what it has not written from a view of that version instead of its base, and never
   writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
 
+* **Resize** (:meth:`Volume.resize`, primary): the volume grows at one point in history, a
+  RESIZE record whose offset is the new size. Every version has the size of its LSN
+  (:meth:`Volume.size_at`): views, ``.versions/`` and clones of older versions keep the old
+  size; writes past the old end are refused until the record is appended, and reads of a
+  version below it never see past its end. A mirror grows when it appends the record and shows
+  the new size when it replays it. The base image is extended before the record is appended
+  (reserved unless the volume is thin), so it is never shorter than any version. The sizes
+  live in ``volume.json``: ``size`` (the first version's) and ``resizes`` (``[lsn, size]``
+  pairs), written right after each RESIZE record is appended; at open the RESIZE records still
+  in the log are the truth for their LSNs (a record lost in a crash takes its entry along), the
+  entries below the log's first LSN (trimmed, hence durable) are trusted. Shrinking is not
+  supported (PRODUCT.md "Not now").
+
 Failures of the disk under the state directory (G11) are the volume's, never the process's:
 a full disk (:class:`NoSpace`), a failing one (:class:`DiskFailed`, or :class:`LogFailed` from
 the log) reaches the caller of the operation that met it and stands in :attr:`Volume.faults`
@@ -52,6 +65,7 @@ names), ``retention`` (the history window), ``clone`` (the link of a clone to it
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import threading
@@ -130,8 +144,12 @@ class Volume:
         self.path = path
         self.name: str = meta["name"]
         self.uuid: str = meta["uuid"]
-        self.size: int = meta["size"]
         self.log = log
+        self._sizes = _size_history(meta, log)  #: (lsn, size) from which on the volume has that size
+        #: the size at the head (what writes may reach); a mirror shows :meth:`size_at` its version
+        self.size: int = self._sizes[-1][1]
+        #: created --thin (or a replica, a clone): its base is not reserved, so neither is its growth
+        self.thin: bool = bool(meta.get("thin", False))
         self._applied = applied_lsn
         # Oldest servable version: A, or the target of a writeback in flight (or one that failed
         # half way), because the base may already hold bytes newer than A.
@@ -202,7 +220,7 @@ class Volume:
                                  "give a size like 512M or 10G")
         path.mkdir(parents=True)
         meta = {"format": FORMAT, "name": name, "uuid": volume_uuid or str(uuidlib.uuid4()),
-                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
+                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns(), "thin": not reserve}
         if clone_of is not None:
             meta["clone_of"] = clone_of.to_json()
         fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -290,12 +308,15 @@ class Volume:
                 log.close()
                 raise
         vol = cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
-        if resync is not None:
-            try:
+        try:
+            if resync is not None:
                 vol._resume_resync(resync)
-            except BaseException:
-                vol.close()
-                raise
+            if [list(e) for e in vol._sizes[1:]] != meta.get("resizes", []):
+                with vol._lock:  # the log's RESIZE records are the truth for their LSNs: before any trim
+                    vol._persist_sizes()
+        except BaseException:
+            vol.close()
+            raise
         return vol
 
     def close(self) -> None:
@@ -336,7 +357,7 @@ class Volume:
                                  "a clone of a clone is not supported yet: clone the original volume")
         view = source.view(lsn)
         try:
-            vol = cls.create(path, name, source.size, sync_interval=sync_interval,
+            vol = cls.create(path, name, source.size_at(lsn), sync_interval=sync_interval,
                              clone_of=CloneLink(source.name, lsn, source.uuid))
         except BaseException:
             view.close()
@@ -520,6 +541,9 @@ class Volume:
             h = self.log.append_raw(raw, volume_size=self.size)
             if h.type == RecordType.WRITE and h.length:
                 self.index.insert(h.offset, h.length, h.lsn)
+            elif h.type == RecordType.RESIZE:  # the log refused one that would shrink us
+                self._resized(h.lsn, h.offset)
+                self._grow_base(h.offset, reserve=False)  # (open extends it too, after a crash)
             self._writes_since_flush = h.type == RecordType.WRITE
             return h.lsn
 
@@ -553,6 +577,69 @@ class Volume:
             lsn = self.log.append(RecordType.MARK, 0, encode_payload(raw))
         self.log.sync()
         return lsn
+
+    def resize(self, size: int, *, reserve: bool) -> int | None:
+        """Grow the volume to ``size`` bytes (a primary): extend the base (``reserve``: allocate
+        it, fallocate), then a durable RESIZE record; returns its LSN, None when the volume
+        already has that size. InvalidRequest for a smaller or unaligned size, NoSpace when
+        the reservation does not fit (nothing changed then)."""
+        if size <= 0 or size % 512:
+            raise InvalidRequest(f"volume size {size} is not a positive multiple of 512 bytes; "
+                                 "give a size like 512M or 10G")
+        with self._lock:
+            if size == self.size:
+                return None
+            if size < self.size:
+                raise InvalidRequest(f"volume {self.name} is {self.size} bytes; shrinking it to {size} is not "
+                                     "supported (a filesystem on it would lose its end): give a larger size")
+            self._grow_base(size, reserve=reserve)
+            lsn = self.log.append(RecordType.RESIZE, size, _EMPTY)
+            self._resized(lsn, size)
+        self.log.sync()
+        return lsn
+
+    def _grow_base(self, size: int, *, reserve: bool) -> None:
+        """Make the base image at least ``size`` bytes before a RESIZE record says so. Caller locks."""
+        old = os.fstat(self._base_fd).st_size
+        if old >= size:
+            return
+        try:
+            if reserve:
+                os.posix_fallocate(self._base_fd, old, size - old)
+            else:
+                os.ftruncate(self._base_fd, size)
+        except OSError as e:
+            try:
+                os.ftruncate(self._base_fd, old)  # give back what a partial reservation took
+            except OSError:
+                pass
+            raise io_error(f"cannot grow the base image of {self.name} to {size} bytes", e, DiskFailed) from e
+
+    def _resized(self, lsn: int, size: int) -> None:
+        """Record ``size`` from ``lsn`` on, in memory and in volume.json. Caller locks."""
+        assert size >= self.size, "a volume never shrinks"
+        self._sizes.append((lsn, size))
+        self.size = size
+        self._persist_sizes()
+
+    def _persist_sizes(self) -> None:
+        meta = read_json(self.path / "volume.json")
+        meta["resizes"] = [list(e) for e in self._sizes[1:]]
+        try:
+            write_json(self.path / "volume.json", meta)
+        except OSError as e:
+            raise io_error(f"cannot write {self.path / 'volume.json'}", e, DiskFailed) from e
+
+    def size_at(self, lsn: int) -> int:
+        """The size of version ``lsn`` (the last RESIZE at or before it decides)."""
+        sizes = self._sizes
+        i = bisect.bisect_right(sizes, (lsn, _INF)) - 1
+        return sizes[max(i, 0)][1]
+
+    @property
+    def current_size(self) -> int:
+        """The size of the version readers see (a mirror's replayed one)."""
+        return self.size_at(self.current_lsn)
 
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
@@ -794,6 +881,7 @@ class Volume:
             self._oldest_ts = 0
             self.index = ExtentIndex()
             self.size = r.size
+            self._sizes = [(0, r.size)]  # versions before the target are gone; rs.switch reset volume.json
             self._generation += 1
             self._old_views = self._views.total()
             self._views.unshare()
@@ -912,3 +1000,16 @@ class Volume:
         and visible (at most the head on a primary, the replay position on a mirror).
         VersionNotFound otherwise, naming the oldest available version."""
         return find_version(self.log, spec, self._oldest, self.current_lsn, self.name)
+
+
+_INF = float("inf")
+
+
+def _size_history(meta: dict[str, Any], log: Log) -> list[tuple[int, int]]:
+    """(lsn, size) pairs of a volume: its first size, the trusted ``resizes`` of volume.json below
+    the log's first LSN, and the RESIZE records in the log (see the module docstring)."""
+    sizes = [(0, int(meta["size"]))]
+    sizes += [(int(lsn), int(size)) for lsn, size in meta.get("resizes", []) if lsn < log.first_lsn]
+    sizes += [(rec.lsn, rec.offset) for rec in log.records(log.first_lsn) if rec.type == RecordType.RESIZE]
+    return sizes
+
