@@ -13,6 +13,9 @@ class FakeVolume:
     size: int
     current_lsn: int = 0
 
+    def size_at(self, lsn: int) -> int:
+        return self.size
+
 
 @dataclass
 class FakeNode:

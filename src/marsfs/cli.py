@@ -5,7 +5,7 @@ their arguments, help and output are defined there once, for this parser and for
 
 Errors are one line on stderr with exit status 1; usage errors exit 2 (argparse's
 convention); no tracebacks for anything a user can cause. A planned command that does not
-exist yet (``primary``, ``resize``, ...) says so in one line, whatever its arguments (exit 2).
+exist yet (``primary``, ``invalidate``, ...) says so in one line, whatever its arguments (exit 2).
 A reader that goes away (``marsfs status --watch | head``) ends the command quietly with exit
 status 141, as SIGPIPE ends other tools.
 """

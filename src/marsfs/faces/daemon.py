@@ -83,7 +83,7 @@ class Daemon:
         self.ops = ops
         self.cluster = Cluster(node, listen=cfg.listen, peers=cfg.peers, cluster=cfg.cluster,
                                sync_rate=cfg.sync_rate)
-        self.context = Context(node, self.cluster, cfg.mount, ops.forget_volume)
+        self.context = Context(node, self.cluster, cfg.mount, ops.forget_volume, mounted=True)
         self.serving = False  #: everything started; from here on a failure leaves the mount (see serve)
         self.forced = ""  #: why the stop was forced with volumes open ("" if it was not)
 

@@ -14,8 +14,13 @@ is the kernel's side of the contract (see ../shared/FUSE-NOTES.md for the measur
   writes run inline because a thread hop costs more than the page-cache I/O they do.
 * The image behaves like a disk: reads at or past the end return nothing, writes past the end
   fail with ENOSPC, a write that does not fit writes nothing (a short reply would become EIO
-  in the kernel), and the size cannot change (EPERM); the writeback cache's mtime-only
-  SETATTRs are accepted. A version (a mirror's image, anything under ``.versions``) is
+  in the kernel), and the size cannot change (EPERM) except to what ``marsfs resize`` made
+  it; the writeback cache's mtime-only SETATTRs are accepted.
+* With the writeback cache the kernel owns a cached inode's size and takes none from
+  getattr, so after a resize the daemon truncates the image through the mount to its new
+  size (:func:`marsfs.faces.daemon` does, in a worker thread: this trio thread answers that
+  SETATTR, which is then accepted). A version is a new inode, which the kernel asks for its
+  size: a mirror's image shows the new size from the version that replayed the record on. A version (a mirror's image, anything under ``.versions``) is
   read-only (EROFS); opening one pins it (:meth:`Volume.view`), so it keeps its bytes while
   writeback and replay go on, and opens of the same version share one index.
 * Directories other than the root get a handle holding a snapshot of their listing
@@ -166,8 +171,8 @@ class Operations(pyfuse3.Operations):
         if not entry.writable and (fields.update_size or fields.update_mtime):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size and attr.st_size != self.node.volumes[entry.volume].size:
-            logger.warning("refused to change the size of %s%s to %d: volumes keep their size "
-                           "(resizing is not available yet)", entry.volume, SUFFIX, attr.st_size)
+            logger.warning("refused to change the size of %s%s to %d: a volume grows with marsfs resize",
+                           entry.volume, SUFFIX, attr.st_size)
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)

@@ -67,6 +67,10 @@ class Image(Protocol):
     @property
     def size(self) -> int: ...
 
+    def size_at(self, lsn: int) -> int:
+        """The size of version ``lsn`` (a volume grows at a RESIZE record)."""
+        ...
+
     @property
     def current_lsn(self) -> int: ...
 
@@ -322,11 +326,13 @@ class Namespace:
         if entry.kind is EntryKind.VERSION:
             assert entry.version is not None
             image = self.catalog.volumes[entry.volume]
-            return Attributes(inode, stat.S_IFREG | 0o400, 1, image.size,
+            return Attributes(inode, stat.S_IFREG | 0o400, 1, image.size_at(entry.version),
                               image.version_timestamp_ns(entry.version) or self._started_ns, TIMEOUT, TIMEOUT)
         assert entry.kind is EntryKind.IMAGE, entry
-        return Attributes(
-            inode, stat.S_IFREG | (0o600 if entry.writable else 0o400), 1, self.catalog.volumes[entry.volume].size,
+        image = self.catalog.volumes[entry.volume]
+        return Attributes(  # a mirror's image is a version: the size of its LSN (resize)
+            inode, stat.S_IFREG | (0o600 if entry.writable else 0o400), 1,
+            image.size if entry.version is None else image.size_at(entry.version),
             self._mtime.get(entry.volume, self._started_ns),
             entry_timeout=TIMEOUT if entry.version is None else 0,  # a mirror: every open looks up the newest version
             attr_timeout=TIMEOUT)

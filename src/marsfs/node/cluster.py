@@ -78,11 +78,13 @@ from marsfs.replication.fetch import Connect, Fetcher, ResyncPlan, hello, open_c
 from marsfs.replication.protocol import Hello, Welcome
 from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.replication.session import SyncStatus
+from marsfs.replication.verify import VerifyProgress, VerifyResult, verify_with
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
 
 REPLAY_EVERY = 0.02
+VERIFY_KEPT = 600.0  #: seconds a finished verify waits for its command line to collect it
 GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
 DEFAULT_CLUSTER = "marsfs"
 
@@ -110,6 +112,8 @@ class Cluster:
         self._scopes: dict[str, trio.CancelScope] = {}
         self._stopped: dict[str, trio.Event] = {}  #: set when a mirror's fetch task has ended
         self.copies: dict[str, ImageCopy] = {}  #: image copies running, or failed and not yet retried
+        self.verifies: dict[str, VerifyJob] = {}  #: verify comparisons by id, until collected
+        self._verify_seq = 0
         self._replay_samples: dict[str, deque[tuple[float, int]]] = {}
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
@@ -414,6 +418,74 @@ class Cluster:
                     persisted[name] = now
                     await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, replayed_lsn=vol.current_lsn))
 
+    # ------------------------------------------------------------------ verify
+
+    def verify(self, name: str, peer: str | None) -> list[str]:
+        """Start comparing ``name`` here with ``peer`` at one version (see
+        :mod:`marsfs.replication.verify`); returns the ids of the comparisons, one per peer,
+        which :meth:`verify_progress` follows. Without ``peer``: a mirror compares with its
+        source, a primary with every mirror it knows."""
+        vol = self.node.volume(name)
+        if vol.clone_of is not None:
+            raise InvalidRequest(f"{name} is a clone ({vol.clone_of.describe()}): a local volume, never "
+                                 "replicated, so there is nothing to compare it with")
+        mine = self.node.is_mirror(name)
+        if peer is not None:
+            peers = [peer]
+        elif mine:
+            peers = [self.node.role(name).source]
+        else:
+            peers = self.mirrors_of(name)
+            if not peers:
+                raise InvalidRequest(f"{name} is primary on node {self.node.name} and has no mirrors to compare "
+                                     f"with; give one: marsfs verify {name} --peer NODE")
+        if self.node.name in peers:
+            raise InvalidRequest(f"{self.node.name} is this node: give another node with --peer")
+        connects = {p: self._connector(p) for p in peers}  # PeerError for an unknown peer, before any starts
+        now = trio.current_time()
+        for old in [k for k, j in self.verifies.items() if j.finished.is_set() and now - j.started > VERIFY_KEPT]:
+            del self.verifies[old]  # finished and never asked for
+        ids = []
+        for p, connect in connects.items():
+            self._verify_seq += 1
+            job_id = f"{name}/{p}/{self._verify_seq}"
+            job = self.verifies[job_id] = VerifyJob(VerifyProgress(peer=p), started=now)
+            assert self._nursery is not None
+            self._nursery.start_soon(supervised, f"verify of {name} with {p}",
+                                     functools.partial(self._run_verify, job, vol, p, connect, mine))
+            ids.append(job_id)
+        return ids
+
+    async def _run_verify(self, job: VerifyJob, vol: Volume, peer: str, connect: Connect, mine: bool) -> None:
+        try:
+            job.result = await verify_with(vol, self.node.name, self.cluster, peer, connect, mine=mine,
+                                           progress=job.progress)
+        except MarsError as e:
+            job.error = e
+        except Exception as e:
+            job.error = MarsError(f"verify of {vol.name} with {peer} failed: {describe(e)}; see the daemon's log")
+            raise  # a bug: supervised logs it with its traceback
+        finally:
+            job.finished.set()
+
+    async def verify_progress(self, job_id: str, wait: float) -> dict[str, Any]:
+        """How far comparison ``job_id`` got, after waiting up to ``wait`` seconds for its end;
+        its result once it ended (then it is forgotten), or its failure raised."""
+        job = self.verifies.get(job_id)
+        if job is None:
+            raise InvalidRequest(f"no verify {job_id!r} is running here (it ended and was reported, or the "
+                                 "daemon restarted); run marsfs verify again")
+        with trio.move_on_after(wait):
+            await job.finished.wait()
+        p = job.progress
+        if not job.finished.is_set():
+            return {"state": "running", "peer": p.peer, "lsn": p.lsn, "size": p.size, "done": p.done}
+        del self.verifies[job_id]
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return {"state": "done", **job.result.to_json()}
+
     # ------------------------------------------------------------------ status
 
     def _now(self) -> float:
@@ -457,8 +529,9 @@ class Cluster:
                 node=p.node, connected=p.connected, fetched_lsn=p.fetched_lsn, replayed_lsn=p.replayed_lsn,
                 fetch_paused=p.fetch_paused, replay_paused=p.replay_paused, lag_bytes=lag_b, lag_records=lag_r,
                 lag_seconds=lag_s, last_seen=p.last_seen,
-                state=peer_state(connected=p.connected, fetch_paused=p.fetch_paused,
-                                 replay_paused=p.replay_paused, lag_records=lag_r)))
+                state=VolumeState.SYNCING if p.syncing else peer_state(
+                    connected=p.connected, fetch_paused=p.fetch_paused, replay_paused=p.replay_paused,
+                    lag_records=lag_r)))
         return st.changed(peers=peers)
 
     def _copy_status(self, name: str) -> VolumeStatus:
@@ -727,6 +800,17 @@ class Cluster:
                              "updated": p.updated, "last_heard": self._heard.get(owner)})
         error = self._meta_errors.get(name)
         return st.changed(positions=rows, errors=[*st.errors, error] if error else st.errors)
+
+
+@dataclass(eq=False)
+class VerifyJob:
+    """A ``verify`` comparison running in the background, until its result is collected."""
+
+    progress: VerifyProgress
+    started: float  #: trio time
+    finished: trio.Event = field(default_factory=trio.Event)
+    result: VerifyResult | None = None
+    error: MarsError | None = None
 
 
 @dataclass(eq=False)

@@ -317,6 +317,41 @@ class Node:
             logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
             return vol
 
+    def resize(self, name: str, size: int) -> int | None:
+        """Grow volume ``name`` (this node its primary) to ``size`` bytes: the LSN of its RESIZE
+        record, None when it has that size already. The growth is reserved on disk unless the
+        volume is thin, and refused (NoSpace, nothing changed) when that does not fit."""
+        with self._lock:
+            vol = self.volume(name)
+            role = self.role(name)
+            if role.is_mirror:
+                designation = self.meta.designated(name)
+                primary = (f"its primary {designation.node}" if designation is not None and designation.node != self.name
+                           else "its primary")
+                raise WrongRole(f"volume {name!r} is a mirror on node {self.name} (it fetches from {role.source}); "
+                                f"grow it on {primary} with marsfs resize {name} SIZE: this mirror grows when "
+                                "it replays that")
+            if vol.clone_of is not None:
+                raise InvalidRequest(f"{name} is a clone ({vol.clone_of.describe()}) and keeps the size of that "
+                                     "version")
+            if vol.fence:  # not the designated primary (issue 10): a resize is a write
+                raise VolumeReadOnly(f"cannot resize {name}: {vol.fence}")
+            limit = self.largest_volume()
+            if size > limit:
+                raise InvalidRequest(f"volume size {size} bytes ({human_bytes(size)}) is not possible here: the "
+                                     f"filesystem of {self.state} holds files up to {human_bytes(limit)}")
+            grow = size - vol.size
+            free = _free_bytes(self.state)
+            if not vol.thin and grow > free:
+                raise NoSpace(_no_grow(name, grow, free, self.state))
+            try:
+                lsn = vol.resize(size, reserve=not vol.thin)
+            except NoSpace:
+                raise NoSpace(_no_grow(name, grow, _free_bytes(self.state), self.state)) from None
+        if lsn is not None:
+            logger.info("resized volume %s to %d bytes at lsn-%d", name, size, lsn)
+        return lsn
+
     def _refuse_no_space(self, e: BaseException, what: str, hint: str) -> None:
         """Raise NoSpace when ``e`` says the state directory's filesystem is full."""
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -577,7 +612,7 @@ class Node:
         designation = self.meta.designated(name)
         return VolumeStatus(
             volume=vol.name, node=self.name, role=role.role,
-            state=state, epoch=role.epoch, size=vol.size,
+            state=state, epoch=role.epoch, size=vol.current_size,
             head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
@@ -621,6 +656,12 @@ def _no_room(name: str, size: int, free: int, state: Path, *, thin: bool = False
     return (f"no room for volume {name!r}: {what} does not fit the {human_bytes(free)} free on the filesystem of "
             f"{state}; free space there, pick a smaller size" + ("" if thin else ", or create it --thin "
                                                                "(its writes then fail with ENOSPC when the disk fills)"))
+
+
+def _no_grow(name: str, grow: int, free: int, state: Path) -> str:
+    return (f"no room to grow volume {name!r}: reserving {human_bytes(grow)} more does not fit the "
+            f"{human_bytes(free)} free on the filesystem of {state}; free space there or give a smaller size "
+            "(the volume is unchanged)")
 
 
 def _largest_file(directory: Path) -> int:

@@ -40,7 +40,7 @@ from typing import Any
 import trio
 
 from marsfs.aio import describe, single_error
-from marsfs.errors import MarsError, ProtocolError
+from marsfs.errors import MarsError, ProtocolError, VersionNotFound
 from marsfs.replication.channel import Channel, ConnectionLost
 from marsfs.replication.protocol import (
     Ack,
@@ -48,12 +48,16 @@ from marsfs.replication.protocol import (
     Hello,
     ImageData,
     Records,
+    Sums,
+    SumsRequest,
     SyncData,
     SyncRequest,
     encode_message,
 )
 from marsfs.replication.session import Compare, Pace, ServingSession, StartShipping, combined_rate, shippable_lsn
+from marsfs.replication.verify import pick_version, sums_span
 from marsfs.volume import Volume, VolumeView
+from marsfs.volume.blocksums import block_sums
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ class PeerState:
     last_seen: float = field(default_factory=time.time)
     address: str = ""
     probe: int = 0  #: the newest ACK probe, echoed in heartbeats (see session.FetchState)
+    syncing: bool = False  #: a fast sync to it runs (its fetched LSN is where it was before)
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,6 +166,8 @@ class Server:
                 await self._serve_fetch(ch, sess, vol)
             elif hello.want == "sync":
                 await self._serve_sync(ch, sess, vol)
+            elif hello.want == "sums":
+                await self._serve_sums(ch, sess, vol)
             else:
                 vol.release(sess.hold_key)
                 self.peers.forget(vol.name, vol.uuid, sess.peer)
@@ -222,6 +229,9 @@ class Server:
         await trio.to_thread.run_sync(vol.log.sync)
         lsn = shippable_lsn(vol)
         view = vol.view(lsn)
+        state = self.peers.get(vol.name, vol.uuid, sess.peer)  # a mirror from now on, syncing
+        state.connected = state.syncing = True
+        state.last_seen = time.time()
         try:
             vol.hold(sess.hold_key, lsn)  # the mirror fetches from lsn+1 once it switched
             changed = await trio.to_thread.run_sync(changed_since, vol, sess, lsn)
@@ -245,8 +255,40 @@ class Server:
             logger.info("fast sync of %s to %s compared %d bytes, sent %d", vol.name, sess.peer,
                         sess.sync_compared, sess.sync_sent)
             sess.receive(await ch.receive_message())  # the ACK: the mirror switched to LSN lsn
+            state.fetched_lsn = state.replayed_lsn = state.sent_lsn = lsn
+            state.last_seen = time.time()
         finally:
+            state.connected = state.syncing = False
             view.close()
+    async def _serve_sums(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
+        """Block sums of one version, pinned from the first request until the client hangs up
+        (see :mod:`marsfs.replication.verify`)."""
+        view = None
+        try:
+            while True:
+                req = sess.receive(await ch.receive_message())
+                assert isinstance(req, SumsRequest)
+                if view is None:
+                    lsn = pick_version(req, vol.oldest_version_lsn, vol.current_lsn, self.node, vol.name)
+                    if isinstance(lsn, Error):
+                        await ch.send_message(lsn)
+                        return
+                    try:
+                        view = await trio.to_thread.run_sync(vol.view, lsn)
+                    except VersionNotFound as e:  # writeback passed it since pick_version
+                        await ch.send_message(Error(code="version-not-retained", error=str(e)))
+                        return
+                span = sums_span(req, view.lsn, view.size)
+                if isinstance(span, Error):
+                    await ch.send_message(span)
+                    return
+                sums = await trio.to_thread.run_sync(block_sums, view.read, *span)
+                await ch.send_message(Sums(lsn=view.lsn, offset=span[0], size=view.size, sums=sums))
+        except ConnectionLost:
+            pass  # the client hangs up when it has what it asked for
+        finally:
+            if view is not None:
+                view.close()
 
     async def _serve_fetch(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
         start = sess.receive(await ch.receive_message())

@@ -68,6 +68,7 @@ from marsfs.replication.protocol import (
     ImageProgress,
     Message,
     Records,
+    SumsRequest,
     SyncData,
     SyncEnd,
     SyncInfo,
@@ -123,6 +124,7 @@ class VolumeFacts(Protocol):
     def uuid(self) -> str: ...
     @property
     def size(self) -> int: ...
+    def size_at(self, lsn: int) -> int: ...
     @property
     def head_lsn(self) -> int: ...
     @property
@@ -332,6 +334,7 @@ class ServePhase(Enum):
     PLANNING_SYNC = auto()  #: SYNC_REQUEST read; the caller picks the ranges and calls plan_sync()
     SENDING_SYNC = auto()  #: comparing the mirror's sums, sending what differs
     AWAIT_SYNC_ACK = auto()
+    SERVING_SUMS = auto()  #: want=sums: SUMS_REQUESTs answered (marsfs.replication.verify)
     DONE = auto()
     CLOSED = auto()  #: refused, or the peer broke the protocol
 
@@ -340,6 +343,7 @@ class ServeEvent(Enum):
     WELCOME_IMAGE = auto()
     WELCOME_FETCH = auto()
     WELCOME_LEAVE = auto()
+    WELCOME_SUMS = auto()
     ACCEPT_FETCH = auto()
     REFUSE = auto()
     IMAGE_END = auto()
@@ -367,12 +371,14 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.SENDING_SYNC, SyncSums): _S.SENDING_SYNC,
     (_S.SENDING_SYNC, ServeEvent.SYNC_END): _S.AWAIT_SYNC_ACK,
     (_S.AWAIT_SYNC_ACK, Ack): _S.DONE,
+    (_S.ADMITTING, ServeEvent.WELCOME_SUMS): _S.SERVING_SUMS,
+    (_S.SERVING_SUMS, SumsRequest): _S.SERVING_SUMS,
     **{(phase, ServeEvent.VOLUME_GONE): _S.CLOSED
-       for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING, _S.AWAIT_SYNC_REQUEST,
-                     _S.PLANNING_SYNC, _S.SENDING_SYNC, _S.AWAIT_SYNC_ACK)},
+       for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING, _S.SERVING_SUMS,
+                     _S.AWAIT_SYNC_REQUEST, _S.PLANNING_SYNC, _S.SENDING_SYNC, _S.AWAIT_SYNC_ACK)},
 }
 _WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
-                  "leave": ServeEvent.WELCOME_LEAVE, "sync": ServeEvent.WELCOME_SYNC}
+                  "leave": ServeEvent.WELCOME_LEAVE, "sums": ServeEvent.WELCOME_SUMS, "sync": ServeEvent.WELCOME_SYNC}
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,10 +447,11 @@ class ServingSession:
     def _go(self, event: Enum | Message) -> None:
         self.phase = ServePhase(_step(_SERVE, self.phase, event, "serving"))
 
-    def receive(self, msg: Message) -> Hello | Ack | Error | StartShipping | SyncRequest | Compare:
+    def receive(self, msg: Message) -> Hello | Ack | Error | StartShipping | SumsRequest | SyncRequest | Compare:
         """Take a message from the client. Returns the HELLO (then call :meth:`admit`), an ACK,
-        for a FETCH either the refusal to send or where shipping starts, a SYNC_REQUEST (then
-        call :meth:`plan_sync`) or, for SYNC_SUMS, what to compare (then :meth:`compare`)."""
+        for a FETCH either the refusal to send or where shipping starts, a SUMS_REQUEST (verify),
+        a SYNC_REQUEST (then call :meth:`plan_sync`) or, for SYNC_SUMS, what to compare (then
+        :meth:`compare`)."""
         try:
             self._go(msg)
         except ProtocolError:
@@ -460,6 +467,8 @@ class ServingSession:
             return msg
         if isinstance(msg, SyncSums):
             return self._sums(msg)
+        if isinstance(msg, SumsRequest):
+            return msg  # what it may ask is marsfs.replication.verify's to judge
         assert isinstance(msg, Ack)
         if self.phase is ServePhase.SHIPPING:
             self.fetched_lsn, self.replayed_lsn, self.probe = msg.fetched_lsn, msg.replayed_lsn, msg.probe
@@ -522,12 +531,13 @@ class ServingSession:
         assert self.phase is ServePhase.SENDING_IMAGE and self.image is None
         vol = self.vol
         lsn = shippable_lsn(vol)
-        self.image = ImageInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size, uuid=vol.uuid)
+        self.image = ImageInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size_at(lsn), uuid=vol.uuid)
         return self.image
 
     def image_chunks(self) -> Iterator[tuple[int, int]]:
-        """(offset, length) of each chunk of the image, in order."""
-        size = self.vol.size
+        """(offset, length) of each chunk of the image (of its version's size), in order."""
+        assert self.image is not None
+        size = self.image.size
         for off in range(0, size, IMAGE_CHUNK):
             yield off, min(IMAGE_CHUNK, size - off)
 
@@ -760,6 +770,7 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
              (_F.SYNCING, SyncProgress): _F.SYNCING,
              (_F.SYNCING, SyncEnd): _F.SYNC_END,
              (_F.SYNC_END, FetchEvent.SEND_ACK): _F.DONE},
+    "sums": dict(_FETCH_COMMON),  # then SUMS_REQUEST/SUMS, judged by marsfs.replication.verify
 }
 _REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING, _F.WATCHING, _F.SYNC_AWAIT_INFO,
               _F.SYNCING, _F.SYNC_END)

@@ -23,9 +23,26 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   stops at it until it is closed. Extents of a view whose records writeback has since applied
   are read from the base, which holds exactly those bytes. Views of the same LSN share one
   extent index, built by the first open and freed by the last close (``views``).
+* **Resync** (``resync``): staging another node's version *L* invisibly, then switching to it
+  (the log restarts after *L*). Views opened before a switch belong to an older *generation*
+  and read the base alone (it holds their version until the merge, which waits for them);
+  newer readers see the switch's staged blocks over the base until they are merged.
 * **Clones** (``clone``): a volume whose ``volume.json`` links it to another volume's version
   reads what it has not written from a view of that version instead of its base, and never
   writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
+
+* **Resize** (:meth:`Volume.resize`, primary): the volume grows at one point in history, a
+  RESIZE record whose offset is the new size. Every version has the size of its LSN
+  (:meth:`Volume.size_at`): views, ``.versions/`` and clones of older versions keep the old
+  size; writes past the old end are refused until the record is appended, and reads of a
+  version below it never see past its end. A mirror grows when it appends the record and shows
+  the new size when it replays it. The base image is extended before the record is appended
+  (reserved unless the volume is thin), so it is never shorter than any version. The sizes
+  live in ``volume.json``: ``size`` (the first version's) and ``resizes`` (``[lsn, size]``
+  pairs), written right after each RESIZE record is appended; at open the RESIZE records still
+  in the log are the truth for their LSNs (a record lost in a crash takes its entry along), the
+  entries below the log's first LSN (trimmed, hence durable) are trusted. Shrinking is not
+  supported (PRODUCT.md "Not now").
 
 Failures of the disk under the state directory (G11) are the volume's, never the process's:
 a full disk (:class:`NoSpace`), a failing one (:class:`DiskFailed`, or :class:`LogFailed` from
@@ -40,13 +57,15 @@ Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the liv
 LSN in ``(A, head]``; the log retains every record after ``A``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
-``views`` (views and their shared indexes), ``versions`` (listing versions and resolving their
+``views`` (views and their shared indexes), ``resync`` (staging and switching to another
+node's version), ``versions`` (listing versions and resolving their
 names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
 ``encoding`` (the lz4 backoff) and ``index`` (the extent index).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import threading
@@ -125,8 +144,12 @@ class Volume:
         self.path = path
         self.name: str = meta["name"]
         self.uuid: str = meta["uuid"]
-        self.size: int = meta["size"]
         self.log = log
+        self._sizes = _size_history(meta, log)  #: (lsn, size) from which on the volume has that size
+        #: the size at the head (what writes may reach); a mirror shows :meth:`size_at` its version
+        self.size: int = self._sizes[-1][1]
+        #: created --thin (or a replica, a clone): its base is not reserved, so neither is its growth
+        self.thin: bool = bool(meta.get("thin", False))
         self._applied = applied_lsn
         # Oldest servable version: A, or the target of a writeback in flight (or one that failed
         # half way), because the base may already hold bytes newer than A.
@@ -155,6 +178,7 @@ class Volume:
         self._generation = 0  #: +1 at each resync switch; views of older generations read the old base
         self._old_views = 0  #: open views of older generations (the merge waits for them)
         self._switch_failed = ""  #: why a resync's switch failed half way ("" if it did not)
+        self._building = 0  #: view indexes being built from log records (a switch waits for them)
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
@@ -196,7 +220,7 @@ class Volume:
                                  "give a size like 512M or 10G")
         path.mkdir(parents=True)
         meta = {"format": FORMAT, "name": name, "uuid": volume_uuid or str(uuidlib.uuid4()),
-                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
+                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns(), "thin": not reserve}
         if clone_of is not None:
             meta["clone_of"] = clone_of.to_json()
         fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -251,13 +275,15 @@ class Volume:
         log = Log.open(path / "log", segment_bytes=meta["segment_bytes"], repair=repair)
         try:
             resync = rs.load_state(path)
+            if rs.merge_pending(path):  # no views exist now: merge a switched resync at once
+                rs.merge_at_open(path)
             if resync is not None and resync.phase == rs.SWITCH:  # a crash interrupted the switch
-                resync = rs.switch(path, log, resync)
+                rs.switch(path, log, resync)
+                resync = None
                 meta = read_json(path / "volume.json")
                 applied, pending, applied_ts = wb.read_state(path)
-            if resync is not None and resync.phase == rs.MERGE:
-                rs.merge_at_open(path)
-                resync = None
+                if rs.merge_pending(path):
+                    rs.merge_at_open(path)
         except OSError as e:
             log.close()
             raise io_error(f"volume {meta['name']}: cannot finish the resync a crash interrupted", e, DiskFailed) from e
@@ -282,12 +308,15 @@ class Volume:
                 log.close()
                 raise
         vol = cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
-        if resync is not None:
-            try:
+        try:
+            if resync is not None:
                 vol._resume_resync(resync)
-            except BaseException:
-                vol.close()
-                raise
+            if [list(e) for e in vol._sizes[1:]] != meta.get("resizes", []):
+                with vol._lock:  # the log's RESIZE records are the truth for their LSNs: before any trim
+                    vol._persist_sizes()
+        except BaseException:
+            vol.close()
+            raise
         return vol
 
     def close(self) -> None:
@@ -328,7 +357,7 @@ class Volume:
                                  "a clone of a clone is not supported yet: clone the original volume")
         view = source.view(lsn)
         try:
-            vol = cls.create(path, name, source.size, sync_interval=sync_interval,
+            vol = cls.create(path, name, source.size_at(lsn), sync_interval=sync_interval,
                              clone_of=CloneLink(source.name, lsn, source.uuid))
         except BaseException:
             view.close()
@@ -512,6 +541,9 @@ class Volume:
             h = self.log.append_raw(raw, volume_size=self.size)
             if h.type == RecordType.WRITE and h.length:
                 self.index.insert(h.offset, h.length, h.lsn)
+            elif h.type == RecordType.RESIZE:  # the log refused one that would shrink us
+                self._resized(h.lsn, h.offset)
+                self._grow_base(h.offset, reserve=False)  # (open extends it too, after a crash)
             self._writes_since_flush = h.type == RecordType.WRITE
             return h.lsn
 
@@ -526,9 +558,10 @@ class Volume:
 
     @_io_path("flush")
     def flush(self) -> int:
-        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN."""
+        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN.
+        While a resync runs the log does not grow: no FLUSH record then."""
         with self._lock:
-            if self._writes_since_flush:
+            if self._writes_since_flush and self._resync is None:
                 self.log.append(RecordType.FLUSH, 0, _EMPTY)
                 self._writes_since_flush = False
         return self.log.sync()
@@ -539,9 +572,74 @@ class Volume:
         raw = check_mark_name(name, self.log.marks.values(), self.name)
         self.flush()
         with self._lock:
+            if self._resync is not None:
+                raise self._busy()
             lsn = self.log.append(RecordType.MARK, 0, encode_payload(raw))
         self.log.sync()
         return lsn
+
+    def resize(self, size: int, *, reserve: bool) -> int | None:
+        """Grow the volume to ``size`` bytes (a primary): extend the base (``reserve``: allocate
+        it, fallocate), then a durable RESIZE record; returns its LSN, None when the volume
+        already has that size. InvalidRequest for a smaller or unaligned size, NoSpace when
+        the reservation does not fit (nothing changed then)."""
+        if size <= 0 or size % 512:
+            raise InvalidRequest(f"volume size {size} is not a positive multiple of 512 bytes; "
+                                 "give a size like 512M or 10G")
+        with self._lock:
+            if size == self.size:
+                return None
+            if size < self.size:
+                raise InvalidRequest(f"volume {self.name} is {self.size} bytes; shrinking it to {size} is not "
+                                     "supported (a filesystem on it would lose its end): give a larger size")
+            self._grow_base(size, reserve=reserve)
+            lsn = self.log.append(RecordType.RESIZE, size, _EMPTY)
+            self._resized(lsn, size)
+        self.log.sync()
+        return lsn
+
+    def _grow_base(self, size: int, *, reserve: bool) -> None:
+        """Make the base image at least ``size`` bytes before a RESIZE record says so. Caller locks."""
+        old = os.fstat(self._base_fd).st_size
+        if old >= size:
+            return
+        try:
+            if reserve:
+                os.posix_fallocate(self._base_fd, old, size - old)
+            else:
+                os.ftruncate(self._base_fd, size)
+        except OSError as e:
+            try:
+                os.ftruncate(self._base_fd, old)  # give back what a partial reservation took
+            except OSError:
+                pass
+            raise io_error(f"cannot grow the base image of {self.name} to {size} bytes", e, DiskFailed) from e
+
+    def _resized(self, lsn: int, size: int) -> None:
+        """Record ``size`` from ``lsn`` on, in memory and in volume.json. Caller locks."""
+        assert size >= self.size, "a volume never shrinks"
+        self._sizes.append((lsn, size))
+        self.size = size
+        self._persist_sizes()
+
+    def _persist_sizes(self) -> None:
+        meta = read_json(self.path / "volume.json")
+        meta["resizes"] = [list(e) for e in self._sizes[1:]]
+        try:
+            write_json(self.path / "volume.json", meta)
+        except OSError as e:
+            raise io_error(f"cannot write {self.path / 'volume.json'}", e, DiskFailed) from e
+
+    def size_at(self, lsn: int) -> int:
+        """The size of version ``lsn`` (the last RESIZE at or before it decides)."""
+        sizes = self._sizes
+        i = bisect.bisect_right(sizes, (lsn, _INF)) - 1
+        return sizes[max(i, 0)][1]
+
+    @property
+    def current_size(self) -> int:
+        """The size of the version readers see (a mirror's replayed one)."""
+        return self.size_at(self.current_lsn)
 
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
@@ -652,6 +750,12 @@ class Volume:
         """The running resync (also one found on open), None if there is none."""
         return self._resync
 
+    @property
+    def generation(self) -> int:
+        """How many resyncs switched this volume since it opened: a view whose
+        :attr:`VolumeView.generation` is smaller shows a version from before the last switch."""
+        return self._generation
+
     def _busy(self) -> VolumeBusy:
         r = self._resync
         assert r is not None
@@ -676,11 +780,18 @@ class Volume:
         if self._resync is not None:
             raise VolumeBusy(f"a resync of volume {self.name} (to lsn-{self._resync.target_lsn}) is already running; "
                              "continue or abort it")
+        if direct and self._overlay is not None:
+            self._merge()  # a direct resync writes the base: nothing may be laid over it later
         self.log.sync()
         with self._lock:
+            if direct and self._overlay is not None:
+                raise VolumeBusy(f"volume {self.name} has not merged its previous resync yet; retry in a moment")
             if self._resync is not None or self.log.dirty:
                 raise VolumeBusy(f"volume {self.name} was written while a resync began; stop writing and retry")
             base = self.head_lsn
+            if direct and self._views:
+                raise VolumeBusy(f"volume {self.name} has {self._views.total()} open version(s); a direct resync "
+                                 "overwrites the base they read: close them first")
             if direct and self._applied != base:
                 raise StateError(f"volume {self.name} has records after lsn-{self._applied} that are not written "
                                  "back; a direct resync needs none: write back first")
@@ -695,29 +806,33 @@ class Volume:
             fd = self._base_fd
             if os.fstat(fd).st_size < state.size:
                 os.ftruncate(fd, state.size)
-            r = Resync(self.path, state, rs.load_extents(self.path), fd, None, self.size, lambda: None)
+            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, None, self.size,
+                       lambda: None)
         else:
             old = self.view(state.base_lsn)
             try:
-                fd = rs.open_staged(self.path)
+                fd = rs.open_staged(rs.resync_dir(self.path))
             except BaseException:
                 old.close()
                 raise
-            r = Resync(self.path, state, rs.load_extents(self.path), fd, old.read, old.size, old.close)
+            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, old.read, old.size,
+                       old.close)
         with self._lock:
             self._resync = r
         return r
 
     def _switch_waits(self, base: int) -> str:
         """Why a resync from ``base`` cannot switch now ("" if it can). Caller locks."""
-        if self._overlay is not None:
+        if self._overlay is not None and self._old_views:
             return (f"{self._old_views} reader(s) of versions older than the previous resync are still open; "
                     "they close when their readers do")
+        if self._overlay is not None:
+            return f"the previous resync is not merged into the base image yet: {self.fault('writeback')}"
         below = [lsn for lsn in self._views.pinned() if lsn < base]
         if below:
             return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
                     "they close when their readers do")
-        if self._views.unbuilt():
+        if self._building:
             return "a version is being opened"
         return ""
 
@@ -756,26 +871,30 @@ class Volume:
                 r.set_phase(rs.SWITCH)
                 rs.checkpoint("switch-intent")
                 merging = rs.switch(self.path, self.log, r.state)
-            except BaseException as e:
-                if r.state.phase == rs.SWITCH:
-                    self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
-                                           "opening the volume finishes it")
-                elif not r.direct:
+            except BaseException as e:  # the resync is detached: only a reopen goes on from here
+                self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
+                                       "opening the volume finishes it")
+                if not r.direct:
                     os.close(staged_fd)
                 raise
             self._applied = self._oldest = r.target_lsn
             self._oldest_ts = 0
             self.index = ExtentIndex()
             self.size = r.size
+            self._sizes = [(0, r.size)]  # versions before the target are gone; rs.switch reset volume.json
             self._generation += 1
             self._old_views = self._views.total()
+            self._views.unshare()
             self._writes_since_flush = False
             if self.visible_lsn is not None:
                 self.visible_lsn = r.target_lsn
             self._resync = None
             if merging is not None:
                 self._overlay = Overlay(r.extents, staged_fd)
-        self._merge()
+        try:
+            self._merge()
+        except IO_FAULTS as e:  # switched all the same: writeback retries the merge
+            self._faults["writeback"] = e
         return True
 
     def _merge(self) -> bool:
@@ -790,10 +909,10 @@ class Volume:
                     return False
             rs.merge_into(self._base_fd, overlay.fd, overlay.extents)
             rs.checkpoint("merged")
-            rs.remove(self.path)
+            rs.remove(self.path, rs.MERGE_DIR)
             with self._lock:
                 self._overlay = None
-            overlay.close()
+        overlay.close()  # frees the staged image's blocks: may take a while, holds no lock
         return True
 
     def abort_resync(self) -> None:
@@ -835,13 +954,18 @@ class Volume:
             index = self._views.pin(lsn)
             first = self._applied + 1
             generation = self._generation
+            if index is None:
+                self._building += 1
         if index is None:
             try:
                 built = build_index(self.log.records(first, lsn))
             except BaseException:
+                with self._lock:
+                    self._building -= 1
                 self._unpin(lsn, generation)
                 raise
             with self._lock:
+                self._building -= 1
                 index = self._views.publish(lsn, built)
         return VolumeView(self, lsn, index, generation)
 
@@ -876,3 +1000,16 @@ class Volume:
         and visible (at most the head on a primary, the replay position on a mirror).
         VersionNotFound otherwise, naming the oldest available version."""
         return find_version(self.log, spec, self._oldest, self.current_lsn, self.name)
+
+
+_INF = float("inf")
+
+
+def _size_history(meta: dict[str, Any], log: Log) -> list[tuple[int, int]]:
+    """(lsn, size) pairs of a volume: its first size, the trusted ``resizes`` of volume.json below
+    the log's first LSN, and the RESIZE records in the log (see the module docstring)."""
+    sizes = [(0, int(meta["size"]))]
+    sizes += [(int(lsn), int(size)) for lsn, size in meta.get("resizes", []) if lsn < log.first_lsn]
+    sizes += [(rec.lsn, rec.offset) for rec in log.records(log.first_lsn) if rec.type == RecordType.RESIZE]
+    return sizes
+
