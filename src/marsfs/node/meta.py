@@ -16,7 +16,11 @@ model (docs/architecture.md, "Cluster metadata", draws it):
   hypothesis). During a partition each side keeps its view; on reunion newest wins.
 * The map and the clock are persisted atomically (``STATE/meta.json``) before a put returns
   or a merge reports a change; the clock never goes back, also across restarts (it is at
-  least the greatest stamp in the file).
+  least the greatest stamp in the file). Positions are the exception: they change every
+  second and are soft state (republished, and resent by peers), so a change of positions
+  only is written at most every :data:`SAVE_POSITIONS_EVERY` seconds (and at :meth:`close`).
+  A node that crashed learns its own newest stamps back from its peers before it publishes
+  (the first gossip round merges first), so its clock passes them.
 * Deleting is writing ``None`` (a tombstone that wins like any newer value).
 
 Keys (values are JSON):
@@ -40,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,6 +61,7 @@ META_FILE = "meta.json"
 MAX_KEY = 200  #: characters of a key
 MAX_VALUE = 2048  #: bytes of a value as compact JSON
 FORMAT = 1
+SAVE_POSITIONS_EVERY = 5.0  #: seconds between writes of the file for position changes alone
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -143,8 +149,11 @@ def primary_key(volume: str) -> str:
     return f"volume/{volume}/primary"
 
 
+POSITION_SUFFIX = "/position"
+
+
 def position_key(volume: str) -> str:
-    return f"volume/{volume}/position"
+    return f"volume/{volume}{POSITION_SUFFIX}"
 
 
 def removed_key(volume: str, node: str) -> str:
@@ -178,6 +187,8 @@ class ClusterMeta:
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], Entry] = {}
         self._clock = 0
+        self._dirty = False  #: position changes not yet written
+        self._saved = 0.0  #: time.monotonic() of the last write
         self._load()
 
     # ------------------------------------------------------------------ persistence
@@ -200,10 +211,25 @@ class ClusterMeta:
             raise StateError(f"{self.path}: unreadable cluster metadata ({e}); move it away to start "
                              "empty (peers send theirs again)") from None
 
-    def _save(self) -> None:
+    def _save(self, keys: Iterable[str] = ()) -> None:
+        """Write the file now, or only mark it dirty when ``keys`` are all positions and the
+        last write is recent (see the module's rules)."""
+        keys = list(keys)
+        now = time.monotonic()
+        if keys and all(k.endswith(POSITION_SUFFIX) for k in keys) and now - self._saved < SAVE_POSITIONS_EVERY:
+            self._dirty = True
+            return
         entries = sorted(e.to_wire() for e in self._entries.values())
         write_json(self.path, {"format": FORMAT, "node": self.node, "clock": self._clock,
                                "entries": [list(t) for t in entries]})
+        self._dirty = False
+        self._saved = now
+
+    def close(self) -> None:
+        """Write what is not written yet (positions)."""
+        with self._lock:
+            if self._dirty:
+                self._save()
 
     # ------------------------------------------------------------------ the map
 
@@ -219,7 +245,7 @@ class ClusterMeta:
             self._clock += 1
             stamp = Stamp(self._clock, self.node)
             self._entries[(self.node, key)] = Entry(self.node, key, value, stamp)
-            self._save()
+            self._save([key])
             return stamp
 
     def get(self, owner: str, key: str) -> JSON | None:
@@ -249,9 +275,10 @@ class ClusterMeta:
                 if old is None or e.sort_key() > old.sort_key():
                     self._entries[k] = e
                     changed.add(k)
-            if changed or clock != self._clock:
-                self._clock = clock
-                self._save()
+            # an entry no newer than ours has a stamp at most our clock: only changes move it
+            self._clock = clock
+            if changed:
+                self._save(k for _, k in changed)
         return changed
 
     def snapshot(self) -> dict[tuple[str, str], Entry]:

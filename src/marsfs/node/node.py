@@ -220,6 +220,10 @@ class Node:
                 except MarsError as e:
                     logger.error("closing volume %s: %s", vol.name, e)
             self.volumes.clear()
+            try:
+                self.meta.close()
+            except OSError as e:
+                logger.error("could not write the cluster metadata %s: %s", self.meta.path, e.strerror)
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
