@@ -187,6 +187,7 @@ class ClusterMeta:
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], Entry] = {}
         self._clock = 0
+        self._version = 0  #: counts changes of the map here (gossip skips peers that have this version)
         self._dirty = False  #: position changes not yet written
         self._saved = 0.0  #: time.monotonic() of the last write
         self._load()
@@ -237,6 +238,11 @@ class ClusterMeta:
     def clock(self) -> int:
         return self._clock
 
+    @property
+    def version(self) -> int:
+        """Goes up with every change of the map here (not persisted: a restart counts anew)."""
+        return self._version
+
     def put(self, key: str, value: JSON) -> Stamp:
         """Write one of this node's own keys (persisted on return)."""
         reason = check_entry(self.node, key, 1, value)
@@ -245,6 +251,7 @@ class ClusterMeta:
             self._clock += 1
             stamp = Stamp(self._clock, self.node)
             self._entries[(self.node, key)] = Entry(self.node, key, value, stamp)
+            self._version += 1
             self._save([key])
             return stamp
 
@@ -278,6 +285,7 @@ class ClusterMeta:
             # an entry no newer than ours has a stamp at most our clock: only changes move it
             self._clock = clock
             if changed:
+                self._version += 1
                 self._save(k for _, k in changed)
         return changed
 
