@@ -366,3 +366,14 @@ def test_merge_from_the_wire_keeps_owner_stamps(tmp_path: Path) -> None:
     a = ClusterMeta(tmp_path / "a.json", "a")
     e = Entry.from_wire(("c", "k", 7, {"x": 1}))
     assert e.stamp == Stamp(7, "c") and a.merge([e]) == {("c", "k")}
+
+
+def test_a_name_used_before_claims_a_newer_epoch(tmp_path: Path) -> None:
+    node = Node.open(tmp_path / "n", "a")
+    try:
+        node.meta.merge([Entry("b", "volume/v/primary", {"node": "b", "epoch": 4, "start_lsn": 9}, Stamp(3, "b"))])
+        node.create("v", MiB)
+        d = node.meta.designated("v")
+        assert d is not None and (d.node, d.epoch, d.start_lsn) == ("a", 5, 1) and node.role("v").epoch == 5
+    finally:
+        node.close()
