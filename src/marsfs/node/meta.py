@@ -61,6 +61,7 @@ META_FILE = "meta.json"
 MAX_KEY = 200  #: characters of a key
 MAX_VALUE = 2048  #: bytes of a value as compact JSON
 FORMAT = 1
+REFRESH = 10.0  #: seconds after which an unchanged position is published (and gossiped) again
 SAVE_POSITIONS_EVERY = 5.0  #: seconds between writes of the file for position changes alone
 
 
@@ -295,14 +296,14 @@ class ClusterMeta:
 
     # ------------------------------------------------------------------ what the keys mean
 
-    def _owners_of(self, key_of: str) -> list[Entry]:
+    def _with_key(self, key_of: str) -> list[Entry]:
         with self._lock:
             return [e for (_, k), e in self._entries.items() if k == key_of]
 
     def designated(self, volume: str) -> Designation | None:
         """The designated primary of ``volume``: the claim with the greatest (epoch, stamp)."""
         best: Designation | None = None
-        for e in self._owners_of(primary_key(volume)):
+        for e in self._with_key(primary_key(volume)):
             v = e.value
             if not (isinstance(v, dict) and isinstance(v.get("node"), str)
                     and type(v.get("epoch")) is int and type(v.get("start_lsn")) is int):
@@ -319,7 +320,7 @@ class ClusterMeta:
 
     def publish(self, volume: str, position: Position) -> bool:
         """Put this node's position for ``volume`` unless it says what the last one said and
-        is younger than ``refresh`` seconds; returns whether it was put."""
+        is younger than :data:`REFRESH` seconds; returns whether it was put."""
         old = Position.from_json(self.get(self.node, position_key(volume)))
         if position.same_as(old) and old is not None and position.updated - old.updated < REFRESH:
             return False
@@ -331,7 +332,7 @@ class ClusterMeta:
 
     def positions(self, volume: str) -> dict[str, Position]:
         out: dict[str, Position] = {}
-        for e in self._owners_of(position_key(volume)):
+        for e in self._with_key(position_key(volume)):
             p = Position.from_json(e.value)
             if p is not None:
                 out[e.owner] = p
@@ -344,7 +345,7 @@ class ClusterMeta:
     def is_removed(self, volume: str, node: str) -> bool:
         """A removal by any node, newer than ``node``'s last word on ``volume``."""
         pos = self.entry(node, position_key(volume))
-        for e in self._owners_of(removed_key(volume, node)):
+        for e in self._with_key(removed_key(volume, node)):
             if e.value is True and (pos is None or e.stamp > pos.stamp):
                 return True
         return False
@@ -359,11 +360,9 @@ class ClusterMeta:
     def members(self, volume: str) -> set[str]:
         """The nodes holding ``volume`` (they published a position, or are its designated
         primary), minus the ones removed."""
-        nodes = {e.owner for e in self._owners_of(position_key(volume)) if e.value is not None}
+        nodes = {e.owner for e in self._with_key(position_key(volume)) if e.value is not None}
         d = self.designated(volume)
         if d is not None:
             nodes.add(d.node)
         return {n for n in nodes if not self.is_removed(volume, n)}
 
-
-REFRESH = 10.0  #: seconds after which an unchanged position is published again (liveness)
