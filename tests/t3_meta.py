@@ -377,3 +377,26 @@ def test_a_name_used_before_claims_a_newer_epoch(tmp_path: Path) -> None:
         assert d is not None and (d.node, d.epoch, d.start_lsn) == ("a", 5, 1) and node.role("v").epoch == 5
     finally:
         node.close()
+
+
+def test_a_primary_from_before_the_metadata_claims_at_start(tmp_path: Path) -> None:
+    node = Node.open(tmp_path / "n", "a")
+    node.create("v", MiB)
+    node.close()
+    (tmp_path / "n" / "meta.json").unlink()  # as a state directory from before issue 10
+    node = Node.open(tmp_path / "n", "a")
+    try:
+        assert node.meta.designated("v") is None
+        cluster = Cluster(node, listen=None, peers={}, cluster=CLUSTER)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(cluster.run)
+                d = node.meta.designated("v")
+                assert d is not None and (d.node, d.epoch, d.start_lsn) == ("a", 1, 1)
+                assert not node.fenced("v") and cluster.statuses("v")[0].state == VolumeState.UP
+                nursery.cancel_scope.cancel()
+
+        run(main)
+    finally:
+        node.close()
