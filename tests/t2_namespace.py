@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass, field
+from typing import Any
 
 from marsfs.faces.namespace import ROOT_INODE, TIMEOUT, EntryKind, Namespace
 
@@ -15,6 +16,9 @@ class FakeVolume:
 
     def size_at(self, lsn: int) -> int:
         return self.size
+
+    def splits(self) -> list[Any]:
+        return []
 
 
 @dataclass

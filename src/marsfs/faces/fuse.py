@@ -48,6 +48,7 @@ from marsfs.errors import MarsError, NodeStopping
 from marsfs.faces.namespace import ROOT_INODE, SUFFIX, Attributes, Entry, EntryKind, Namespace
 from marsfs.node import Node
 from marsfs.volume import Volume, VolumeView
+from marsfs.volume.splits import SplitView
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +97,10 @@ def entry_attributes(a: Attributes) -> pyfuse3.EntryAttributes:
 class _Handle:
     __slots__ = ("volume", "name", "view")
 
-    def __init__(self, volume: Volume, name: str, view: VolumeView | None) -> None:
+    def __init__(self, volume: Volume, name: str, view: VolumeView | SplitView | None) -> None:
         self.volume = volume
         self.name = name
-        self.view = view  #: a mirror's pinned version; None = the live primary image
+        self.view = view  #: a pinned version or a split version; None = the live primary image
 
 
 class Operations(pyfuse3.Operations):
@@ -236,7 +237,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         vol = self.node.acquire(entry.volume, write=flags & os.O_ACCMODE != os.O_RDONLY)
         try:
-            view = None if entry.version is None else await trio.to_thread.run_sync(vol.view, entry.version)
+            view: VolumeView | SplitView | None = None
+            if entry.kind is EntryKind.SPLIT:
+                view = vol.split_view(entry.split)
+            elif entry.version is not None:
+                view = await trio.to_thread.run_sync(vol.view, entry.version)
         except BaseException:
             self.node.release(entry.volume)
             raise
@@ -254,7 +259,7 @@ class Operations(pyfuse3.Operations):
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        image: Volume | VolumeView = h.view if h.view is not None else h.volume
+        image: Volume | VolumeView | SplitView = h.view if h.view is not None else h.volume
         if off >= image.size:
             return b""
         size = min(size, image.size - off)

@@ -24,7 +24,8 @@ Rules that hold here:
 * Cluster metadata (:mod:`marsfs.node.meta`, issue 10): every ``GOSSIP_EVERY`` seconds, and
   at once after a local change (:meth:`Cluster.gossip_now`), this node publishes its
   position for each volume and exchanges its metadata with every ``--peer`` (both
-  directions, :mod:`marsfs.node.gossip`). A peer that is down is retried quietly, logged at
+  directions, :mod:`marsfs.node.gossip`) whose last exchange did not leave it with our map
+  as it is now; at least every ``REFRESH`` seconds anyway. A peer that is down is retried quietly, logged at
   INFO once per change. After every change the follow step (:meth:`Cluster._follow`) runs:
   a primary that is not the designated primary is fenced (EROFS, log kept); if its log ends
   before the designated primary's epoch began it becomes that node's mirror; a mirror whose
@@ -61,7 +62,7 @@ from marsfs.errors import (
 )
 from marsfs.log import genesis_chain
 from marsfs.node import gossip
-from marsfs.node.meta import Position
+from marsfs.node.meta import REFRESH, Position
 from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
 from marsfs.node.state import (
     FRESH,
@@ -600,6 +601,8 @@ class Cluster:
         self._gossip_wake: dict[str, trio.Event] = {}  #: per peer: exchange now
         self._follow_wake = trio.Event()  #: metadata changed: publish and follow now
         self._heard: dict[str, float] = {}  #: peer -> wall time of our last metadata exchange with it
+        #: peer -> (our map's version, trio time) after our last exchange with it, either way
+        self._exchanged: dict[str, tuple[int, float]] = {}
         self._gossip_trouble: dict[str, str] = {}  #: peer -> why the last exchange failed ("" : it worked)
         self._meta_errors: dict[str, str] = {}  #: volume -> what the follow step cannot do, and what to do
 
@@ -624,6 +627,7 @@ class Cluster:
     async def _serve_meta(self, ch: Channel, greeting: Hello) -> None:
         changed = await gossip.serve(ch, greeting, self.meta, self.cluster)
         self._heard[greeting.node] = time.time()
+        self._exchanged[greeting.node] = (self.meta.version, trio.current_time())
         if changed:
             self._follow_wake.set()
 
@@ -635,7 +639,12 @@ class Cluster:
                 await wake.wait()
 
     async def _exchange(self, peer: str) -> None:
-        """One metadata exchange with ``peer``; trouble is logged once per change, at INFO."""
+        """One metadata exchange with ``peer``, unless it has our map as it is (the last
+        exchange either way left it so, less than ``REFRESH`` seconds ago: each node pushes its
+        own changes). Trouble is logged once per change, at INFO."""
+        version, when = self._exchanged.get(peer, (-1, 0.0))
+        if version == self.meta.version and trio.current_time() - when < REFRESH:
+            return
         try:
             changed = await gossip.exchange(self._connector(peer), self.meta, self.cluster, peer)
         except (OSError, trio.TooSlowError, ConnectionLost, ProtocolError, PeerRefused) as e:
@@ -643,6 +652,7 @@ class Cluster:
         else:
             trouble = ""
             self._heard[peer] = time.time()
+            self._exchanged[peer] = (self.meta.version, trio.current_time())
             if changed:
                 self._follow_wake.set()
         if trouble != self._gossip_trouble.get(peer, ""):

@@ -40,7 +40,8 @@ Rules that hold here:
   (:class:`~marsfs.errors.VolumeReadOnly`); the log stays as it is, tail included. A former
   primary that became a mirror keeps a ``mirror`` fence (the kernel may still know its
   writable inode) until it is primary again; mirrors refuse opens for writing anyway.
-* ``create`` claims epoch 1 from LSN 1 in the cluster metadata (:attr:`Node.meta`).
+* ``create`` claims epoch 1 from LSN 1 in the cluster metadata (:attr:`Node.meta`); a name
+  that was used before gets the epoch after the newest claim it had, so old claims lose.
   :meth:`become_mirror` turns a primary whose log is a prefix of the designated primary's
   history into its mirror: flushed first, visible at its head, persisted before it is served.
 """
@@ -245,6 +246,10 @@ class Node:
                 except MarsError as e:
                     logger.error("closing volume %s: %s", vol.name, e)
             self.resuming.clear()
+            try:
+                self.meta.close()
+            except OSError as e:
+                logger.error("could not write the cluster metadata %s: %s", self.meta.path, e.strerror)
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
@@ -278,9 +283,12 @@ class Node:
             free = _free_bytes(self.state)
             if not thin and size > free:
                 raise NoSpace(_no_room(name, size, free, self.state))
+            # a name used before (deleted, maybe after a handover) may have claims of any epoch:
+            # the new volume's claim must be newer than all of them
+            before = self.meta.designated(name)
             try:
                 vol = Volume.create(path, name, size, reserve=not thin)
-                role = RoleRecord()
+                role = RoleRecord(epoch=before.epoch + 1 if before is not None else 1)
                 write_json(path / "role.json", role.to_json())
             except BaseException as e:
                 shutil.rmtree(path, ignore_errors=True)

@@ -95,6 +95,7 @@ from marsfs.volume.clone import CloneLink
 from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.index import ExtentIndex
 from marsfs.volume.resync import Extents, Overlay, Resync, ResyncState
+from marsfs.volume.splits import SplitInfo, SplitView, list_splits, split_image
 from marsfs.volume.versions import VersionInfo, check_mark_name, find_version, list_versions, listing, resolve_version
 from marsfs.volume.views import VersionIndexes, VolumeView, build_index
 
@@ -985,6 +986,14 @@ class Volume:
         """Oldest retained version, flush points, marks and head (the newest readers may see),
         in LSN order."""
         return list_versions(self.log, self._oldest, self.current_lsn)
+
+    def splits(self) -> list[SplitInfo]:
+        """The split versions a resolved split brain left here (``splits``)."""
+        return list_splits(self.path)
+
+    def split_view(self, name: str) -> SplitView:
+        """Open split version ``name`` for reading; VersionNotFound if there is none."""
+        return SplitView(*split_image(self.path, name))
 
     def version_listing(self) -> list[VersionInfo]:
         """What ``.versions/<vol>/`` lists: every retained mark and a bounded set of flush points
