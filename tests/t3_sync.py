@@ -33,7 +33,7 @@ from marsfs.replication.session import FetchingSession, SyncStatus
 from marsfs.volume import Volume
 from marsfs.volume.blocksums import BLOCK
 from t3_hardening import tick
-from t3_replication import CLUSTER, SIZE, primary, run, server_for, wait_for, write
+from t3_replication import CLUSTER, SIZE, Link, copy_image, fetcher, primary, run, server_for, wait_for, write
 
 
 class Staged:
@@ -261,3 +261,30 @@ def test_a_first_copy_then_a_catch_up_after_the_log_was_trimmed(tmp_path: Path, 
 
     run(main)
     assert "resyncing what changed" in caplog.text
+
+
+def test_a_quiet_volume_is_not_shipped_from_until_the_switch_is_over(tmp_path: Path) -> None:
+    """A mirror that other mirrors fetch from goes quiet around its resync's switch (the switch
+    restarts the log under its readers): fetch sessions end, new ones are refused, and the
+    downstream mirror fetches again afterwards, with no fatal refusal."""
+    a = primary(tmp_path)
+    server = server_for(a)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            link = Link(nursery, server.handle)
+            b = await copy_image(link, tmp_path / "b" / "vm")
+            f = fetcher(b, link)
+            nursery.start_soon(f.run)
+            nursery.start_soon(tick)
+            await wait_for(lambda: f.state.connected, "the mirror to fetch")
+            async with server.quiet(a):
+                await trio.to_thread.run_sync(write, a, 1, 5)
+                await trio.sleep(3)
+                assert b.durable_lsn < a.durable_lsn  # nothing was shipped meanwhile
+                await wait_for(lambda: "switching vm to a resynced version" in f.state.error, "the refusal")
+                assert not f.state.fatal
+            await wait_for(lambda: b.durable_lsn == a.durable_lsn, "the mirror to fetch again")
+            nursery.cancel_scope.cancel()
+
+    run(main)

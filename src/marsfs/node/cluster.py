@@ -340,7 +340,8 @@ class Cluster:
                           paused=lambda: self.node.role(name).fetch_paused,
                           replayed=lambda: vol.current_lsn,
                           replay_paused=lambda: self.node.role(name).replay_paused,
-                          resync=resync, direct=direct, synced=synced or resynced)
+                          resync=resync, direct=direct, synced=synced or resynced,
+                          quiet=lambda: self.server.quiet(vol))
         self.fetchers[name] = fetcher
         scope = scope if scope is not None else trio.CancelScope()
         self._scopes[name] = scope

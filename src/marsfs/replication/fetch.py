@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -264,13 +265,16 @@ class Fetcher:
     def __init__(self, vol: Volume, node: str, cluster: str, source: str, connect: Connect,
                  paused: Callable[[], bool], replayed: Callable[[], int], replay_paused: Callable[[], bool],
                  *, resync: ResyncPlan | None = None, direct: bool = False,
-                 synced: Callable[[], None] | None = None) -> None:
+                 synced: Callable[[], None] | None = None,
+                 quiet: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> None:
         self.vol = vol
         #: a resync to run before fetching (an operator's, or the source trimmed our log); a
         #: staged one (``vol.resync``) continues even without a plan
         self.resync = resync
         self.direct = direct  #: nobody reads the volume yet (a first copy): stage into the base
         self.synced = synced  #: called (in a worker thread) after a resync switched
+        #: entered around the switch: nobody reads this volume's log meanwhile (the node's server)
+        self.quiet = quiet
         self.node = node
         self.cluster = cluster
         self.connect = connect
@@ -344,11 +348,12 @@ class Fetcher:
         """Switch to the target; while views of older versions hold the switch back, wait (and
         say why in the sync status)."""
         vol, st = self.vol, self.state.sync
-        while not await trio.to_thread.run_sync(vol.finish_resync):
-            rs = vol.resync
-            if st is not None and rs is not None:
-                st.waiting = rs.waiting_for
-            await trio.sleep(FINISH_RETRY)
+        async with self.quiet() if self.quiet is not None else nullcontext():
+            while not await trio.to_thread.run_sync(vol.finish_resync):
+                rs = vol.resync
+                if st is not None and rs is not None:
+                    st.waiting = rs.waiting_for
+                await trio.sleep(FINISH_RETRY)
         if st is not None:
             st.waiting = ""
         if self.synced is not None:

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -137,6 +139,8 @@ class Server:
         self.node = node
         self.meta = meta  #: answers want "meta" (the node's metadata gossip; it checks the cluster)
         self.sync_rate = sync_rate  #: bytes/s of fast sync data per connection (0: unlimited)
+        self._quiet: set[int] = set()  #: id() of volumes whose log nobody may read now (see quiet)
+        self._shipping: Counter[int] = Counter()  #: fetch sessions reading each volume's log, by id()
         self.cluster = cluster
         self.lookup = lookup
         self.epoch_of = epoch_of
@@ -290,7 +294,38 @@ class Server:
             if view is not None:
                 view.close()
 
+    @asynccontextmanager
+    async def quiet(self, vol: Volume) -> AsyncIterator[None]:
+        """While inside, no fetch session reads ``vol``'s log: running ones end, new ones are
+        refused with ``switching`` (not fatal: the mirror retries). A resync's switch restarts
+        the log under its readers, so a mirror that other mirrors fetch from goes quiet first."""
+        key = id(vol)
+        self._quiet.add(key)
+        try:
+            while self._shipping[key]:
+                await trio.sleep(POLL)
+            yield
+        finally:
+            self._quiet.discard(key)
+
+    def _switching(self, vol: Volume) -> Error | None:
+        if id(vol) not in self._quiet:
+            return None
+        return Error(code="switching", error=f"{self.node} is switching {vol.name} to a resynced version; "
+                                             "fetching resumes in a moment")
+
     async def _serve_fetch(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
+        self._shipping[id(vol)] += 1
+        try:
+            await self._serve_fetch_counted(ch, sess, vol)
+        finally:
+            self._shipping[id(vol)] -= 1
+
+    async def _serve_fetch_counted(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
+        switching = self._switching(vol)
+        if switching is not None:
+            await ch.send_message(switching)
+            return
         start = sess.receive(await ch.receive_message())
         if isinstance(start, Error):
             await ch.send_message(start)
@@ -314,6 +349,11 @@ class Server:
 
     async def _ship(self, ch: Channel, sess: ServingSession, vol: Volume, state: PeerState) -> None:
         while not await self._volume_gone(ch, sess, vol):
+            switching = self._switching(vol)
+            if switching is not None:
+                logger.info("%s stops fetching %s from here: %s", sess.peer, vol.name, switching.error)
+                await self._refuse(ch, switching)
+                return
             todo = sess.poll()
             if todo is not None:
                 frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, todo.first, todo.limit, todo.batch)
