@@ -28,7 +28,9 @@ Rules that hold here:
 * The fetcher runs a resync instead of a fetch while one is wanted (``Fetcher.resync``: an
   operator's invalidate or join, the source's ``log-trimmed``) or staged (``Volume.resync``,
   e.g. after a restart), and fetches from the target's LSN on once it switched. While it
-  runs, the volume keeps serving its last version and its log does not grow.
+  runs, the volume keeps serving its last version and its log does not grow; a paused fetch
+  does not hold a resync back (it pauses the log that follows). Around the switch the node's
+  server goes quiet for the volume (``quiet``): the switch restarts the log under its readers.
 * A failure becomes a reason in words (:func:`marsfs.aio.describe`): status and log never show
   an empty text or a bare exception class.
 * Times are trio times (``trio.current_time``), so a mock clock drives every timeout.

@@ -34,6 +34,13 @@ Rules that hold here:
 * An image scan reports how far it got: a chunk of data says it by its offset, and between
   chunks of zeros (not sent) an ``IMAGE_PROGRESS`` goes out at least every
   :data:`PROGRESS_EVERY` seconds or :data:`PROGRESS_BYTES` scanned bytes.
+* Fast sync (want ``sync``): the mirror's SYNC_SUMS must walk the SYNC_INFO's ranges in
+  order, whole blocks of one range per message (:class:`RangeCursor`); the source answers each
+  with the blocks whose sums differ and a SYNC_PROGRESS, and SYNC_END only when every range is
+  compared. The mirror accepts SYNC_DATA only for blocks whose sums it sent and the source has
+  not yet reported compared, keeps at most :data:`SUMS_AHEAD` bytes of sums unanswered, and
+  counts the source's silence as a stall only while sums are unanswered. Data is paced by
+  :class:`Pace`; progress and ETA are :class:`SyncStatus`'s.
 * Slow start: a session's first RECORDS frame holds at most :data:`FIRST_BATCH` bytes (or
   one record), each later one twice as much, up to :data:`BATCH_BYTES`.
 * A HEARTBEAT goes out at once and then every :data:`HEARTBEAT` seconds; it echoes the newest
