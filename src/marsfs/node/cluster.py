@@ -252,15 +252,17 @@ class Cluster:
         """Run the first copy of a new replica (a fast sync straight into its base), then fetch.
         The replica is served once it switched; a fatal refusal or ``leave`` removes it."""
         name = vol.name
+        served: list[bool] = []  #: once served, the volume is leave's and delete's, not ours
 
         def synced() -> None:  # in the fetcher's worker thread, right after the switch
             self.node.finish_mirror(vol)
+            served.append(True)
             self.copies.pop(name, None)
             logger.info("first copy of %s from %s done at LSN %d; fetching the log", name, copy.source,
                         vol.head_lsn)
 
         async def cleanup(fetcher: Fetcher) -> None:
-            if name in self.node.volumes:
+            if served:
                 return  # served: leave and delete own it now
             if fetcher.state.fatal and not copy.scope.cancelled_caught:
                 copy.failed = fetcher.state.error or fetcher.state.fatal
