@@ -303,7 +303,7 @@ class Cluster:
             peers.append(PeerStatus(
                 node=p.node, connected=p.connected, fetched_lsn=p.fetched_lsn, replayed_lsn=p.replayed_lsn,
                 fetch_paused=p.fetch_paused, replay_paused=p.replay_paused, lag_bytes=lag_b, lag_records=lag_r,
-                lag_seconds=lag_s, last_seen=p.last_seen,
+                lag_seconds=lag_s, last_seen=p.last_seen, dropped=st.dropped.get(p.node, 0),
                 state=peer_state(connected=p.connected, fetch_paused=p.fetch_paused,
                                  replay_paused=p.replay_paused, lag_records=lag_r)))
         return st.changed(peers=peers)
