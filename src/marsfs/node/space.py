@@ -105,13 +105,18 @@ def segment_bytes_for(limit: int, volumes: int) -> int:
 
 
 def limit_for(setting: LogSpaceSetting, state: Path, log_bytes: int) -> int:
-    """The limit in bytes now (see the module doc); ``log_bytes``: what the logs take now."""
+    """The limit in bytes now (see the module doc), at least :data:`MIN_LOG_SPACE`;
+    ``log_bytes``: what the logs take now."""
+    return max(MIN_LOG_SPACE, _computed(setting, state, log_bytes))
+
+
+def _computed(setting: LogSpaceSetting, state: Path, log_bytes: int) -> int:
     if setting.size is not None:
         return setting.size
     st = os.statvfs(state)
     if setting.percent is not None:
-        return max(MIN_LOG_SPACE, int(st.f_blocks * st.f_frsize * setting.percent / 100))
-    return max(MIN_LOG_SPACE, int((st.f_bavail * st.f_frsize + log_bytes) * DEFAULT_PERCENT / 100))
+        return int(st.f_blocks * st.f_frsize * setting.percent / 100)
+    return int((st.f_bavail * st.f_frsize + log_bytes) * DEFAULT_PERCENT / 100)
 
 
 @dataclass
@@ -138,7 +143,7 @@ class LogSpace:
     def check(self) -> None:
         """Refuse a percentage that comes out too small on this filesystem (at start)."""
         if self.setting.percent is not None:
-            check_limit(limit_for(self.setting, self.state, 0), f"{self.setting.percent:g}%")
+            check_limit(_computed(self.setting, self.state, 0), f"{self.setting.percent:g}% of {self.state}'s filesystem")
 
     # ------------------------------------------------------------------ waking
 
@@ -192,6 +197,8 @@ class LogSpace:
 
     def _free(self, vol: Volume, need: int, drop: bool, history: Retention, now_ns: int) -> int:
         before = vol.log.end_bytes
+        if not drop:  # the log shrinks by whole segments: cut a segment more history rather than drop a mirror
+            need += vol.log.segment_bytes
         upto = min(vol.log.floor_keeping(max(0, before - need)), vol.durable_lsn)
         if not drop:
             upto = min(upto, vol.hold_floor())
