@@ -24,6 +24,7 @@ from marsfs.errors import InvalidRequest, UsageError
 from marsfs.faces.config import load_config
 from marsfs.node import Node
 from marsfs.node.space import HIGH_WATER, MIN_SEGMENT_BYTES, LogSpaceSetting
+from marsfs.testing.checks import make_mirror
 from marsfs.volume import Volume
 
 KiB = 1024
@@ -126,3 +127,17 @@ def test_log_space_flag_and_config_key(tmp_path: Path) -> None:
 def test_a_percentage_too_small_for_the_filesystem_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="too small"):
         Node.open(tmp_path / "state", "n1", log_space=LogSpaceSetting(percent=1e-9))
+
+
+def test_a_mirror_whose_replay_keeps_its_log_stops_fetching(small: Node) -> None:
+    rng = random.Random(4)
+    m = small.create("m", 64 * MiB, thin=True)
+    make_mirror(small, "m")
+    m.visible_lsn = m.durable_lsn  # replay paused here
+    fill(m, 13 * MiB, rng)
+    small.enforce_space()
+    assert "m" in small.space.fetch_stopped
+    assert any("fetching of m stopped" in w and "resume-replay m" in w for w in small.volume_status("m").warnings)
+    m.visible_lsn = m.durable_lsn  # replay goes on: its log may go
+    small.enforce_space()
+    assert "m" not in small.space.fetch_stopped and used(small) <= LIMIT * HIGH_WATER

@@ -187,7 +187,8 @@ class Cluster:
             vol.errors.append(str(e))
             return
         fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
-                          paused=lambda: self.node.role(vol.name).fetch_paused,
+                          paused=lambda: (self.node.role(vol.name).fetch_paused  # or log space is full (G8)
+                                          or vol.name in self.node.space.fetch_stopped),
                           replayed=lambda: vol.current_lsn,
                           replay_paused=lambda: self.node.role(vol.name).replay_paused)
         self.fetchers[vol.name] = fetcher

@@ -22,6 +22,10 @@ Rules that hold here:
   (``drop``): a mirror that fell behind the limit costs the primary nothing, it copies the
   changed extents later. An open version (a view, a clone) is the one thing that may not be
   cut: the pass goes as far as it can and status says which version holds the rest.
+* A mirror's log counts like any other. A mirror whose replay is behind (paused) cannot write
+  back, so its log cannot go: while the logs stay above the high-water mark it stops fetching
+  (:attr:`LogSpace.fetch_stopped`, which its fetcher reads as a pause) and says so, instead of
+  failing; it fetches again once the logs are below the mark.
 * What enforcement did stays visible in :meth:`LogSpace.warnings` (status): a history
   window cut short (until the window is whole again), mirrors whose log was dropped (until
   they caught up or left), a version pinning log.
@@ -137,6 +141,9 @@ class LogSpace:
         self._lock = threading.Lock()
         self.cuts: dict[str, HistoryCut] = {}  #: volume -> how far the last cut of its history went
         self.pinned: dict[str, str] = {}  #: volume -> what an open version stops from being freed
+        #: mirrors that stop fetching: the logs stay above the high-water mark and their replay,
+        #: which is what lets their log go, is behind (paused); fetching resumes below it
+        self.fetch_stopped: set[str] = set()
         self.last_limit = limit_for(self.setting, state, 0)
         self.passes = 0  #: enforcement passes that freed something (tests, metrics)
 
@@ -182,6 +189,7 @@ class LogSpace:
             limit = self.limit(volumes.values())
             if used <= limit * HIGH_WATER:
                 self._forget_pins(vols)
+                self.fetch_stopped.clear()
                 return 0
             need = used - int(limit * LOW_WATER)
             freed = 0
@@ -192,6 +200,7 @@ class LogSpace:
                         break
                     freed += self._free(vol, need - freed, drop, history_of(vol.name), now)
             self.passes += 1
+            self._stop_fetching(vols, used - freed > limit * HIGH_WATER)
             logger.info("log space: %s of %s used, freed %s", human_bytes(used), human_bytes(limit), human_bytes(freed))
             return freed
 
@@ -222,6 +231,14 @@ class LogSpace:
             self.pinned.pop(vol.name, None)
         return max(0, before - vol.log.end_bytes)
 
+    def _stop_fetching(self, vols: list[Volume], full: bool) -> None:
+        """A mirror whose log cannot go because its replay is behind stops fetching while the
+        logs stay full (its fetcher asks :attr:`fetch_stopped`), instead of failing."""
+        stopped = {v.name for v in vols if full and v.visible_lsn is not None and v.visible_lsn < v.durable_lsn}
+        for name in sorted(stopped - self.fetch_stopped):
+            logger.info("log space is full: %s stops fetching until its replay lets log go", name)
+        self.fetch_stopped = stopped
+
     def _forget_pins(self, vols: list[Volume]) -> None:
         for vol in vols:
             self.pinned.pop(vol.name, None)
@@ -247,6 +264,10 @@ class LogSpace:
                        f"leave {vol.name} --node {mirror} --force here)")
         if vol.name in self.pinned:
             out.append(self.pinned[vol.name])
+        if vol.name in self.fetch_stopped:
+            out.append(f"log space is full: fetching of {vol.name} stopped, because its replay (at lsn-"
+                       f"{vol.visible_lsn}) keeps {human_bytes(vol.log.end_bytes)} of log; it fetches again once "
+                       f"replay lets log go (marsfs resume-replay {vol.name}) or --log-space is raised")
         return out
 
 
