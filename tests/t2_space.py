@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from marsfs.errors import InvalidRequest, UsageError
+from marsfs.faces.commands import status_table
 from marsfs.faces.config import load_config
 from marsfs.node import Node
 from marsfs.node.space import HIGH_WATER, MIN_SEGMENT_BYTES, LogSpaceSetting
@@ -74,6 +75,7 @@ def test_history_is_cut_before_a_mirror_is_dropped(small: Node) -> None:
     row = small.volume_status("b")
     assert row.dropped == {"m": b.dropped()["mirror:m"].bytes} and row.dropped["m"] > 0
     assert any("mirror m of b" in w and "--node m --force" in w for w in row.warnings), row.warnings
+    assert "b: warning: log space ran out: mirror m of b" in status_table(small.status("b"))
     js = small.status("b")[0]
     assert js["dropped"] == row.dropped and js["warnings"] == row.warnings and js["log_space_limit"] == LIMIT
 

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from marsfs.errors import InvalidRequest
+from marsfs.errors import InvalidRequest, MarsError
 from marsfs.log import DEFAULT_SEGMENT_BYTES
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention, Volume
@@ -198,7 +198,10 @@ class LogSpace:
                 for vol in sorted(vols, key=lambda v: v.log.end_bytes, reverse=True):
                     if freed >= need:
                         break
-                    freed += self._free(vol, need - freed, drop, history_of(vol.name), now)
+                    try:
+                        freed += self._free(vol, need - freed, drop, history_of(vol.name), now)
+                    except MarsError as e:  # the volume's disk fault (it stands in its status); the others go on
+                        logger.info("log space: cannot free log of %s: %s", vol.name, e)
             self.passes += 1
             self._stop_fetching(vols, used - freed > limit * HIGH_WATER)
             logger.info("log space: %s of %s used, freed %s", human_bytes(used), human_bytes(limit), human_bytes(freed))
