@@ -200,3 +200,16 @@ def test_limits_and_segment_sizes(tmp_path: Path) -> None:
     assert segment_bytes_for(64 * MiB, 1) == 4 * MiB
     assert segment_bytes_for(MIN_LOG_SPACE, 3) == MIN_SEGMENT_BYTES
     assert segment_bytes_for(1 << 40, 1) == 64 * MiB
+
+
+def test_a_drop_persists_the_hold_it_depends_on(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    vol = make(tmp_path)
+    vol.hold("mirror:b", 0)  # not yet persisted (that is rate-limited) ...
+    missed = write_random(vol, 200, rng)
+    vol.free_log(vol.durable_lsn, drop=True)  # ... but a drop writes it before its set
+    vol.close()
+    vol = Volume.open(tmp_path / "v", sync_interval=None)
+    assert vol.holds == {"mirror:b": 0}
+    assert blocks_of(vol.changed_ranges("b", 0) or []) == missed
+    vol.close()

@@ -144,7 +144,7 @@ class LogSpace:
         #: mirrors that stop fetching: the logs stay above the high-water mark and their replay,
         #: which is what lets their log go, is behind (paused); fetching resumes below it
         self.fetch_stopped: set[str] = set()
-        self.last_limit = limit_for(self.setting, state, 0)
+        self.last_limit = self.setting.size or MIN_LOG_SPACE  #: computed at every pass (and by adopt)
         self.passes = 0  #: enforcement passes that freed something (tests, metrics)
 
     def check(self) -> None:

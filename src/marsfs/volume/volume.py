@@ -670,21 +670,24 @@ class Volume:
         (in that order: a crash in between leaves a set whose mirror is past it, which
         opening clears). The node calls it once per maintenance pass (the rate limit)."""
         with self._writeback_lock:
+            self._persist_holds_locked()
+
+    def _persist_holds_locked(self) -> None:
+        with self._lock:
+            holds = dict(self._holds) if self._holds_dirty else None
+            self._holds_dirty = False
+            stale = set(self._stale_changes)
+        try:
+            if holds is not None:
+                write_json(self.path / HOLDS_FILE, holds)
+            for key in stale:
+                ch.remove(self.path, key)
+        except OSError as e:
             with self._lock:
-                holds = dict(self._holds) if self._holds_dirty else None
-                self._holds_dirty = False
-                stale = set(self._stale_changes)
-            try:
-                if holds is not None:
-                    write_json(self.path / HOLDS_FILE, holds)
-                for key in stale:
-                    ch.remove(self.path, key)
-            except OSError as e:
-                with self._lock:
-                    self._holds_dirty = self._holds_dirty or holds is not None
-                raise io_error(f"cannot persist the mirror positions of volume {self.name}", e, DiskFailed) from e
-            with self._lock:
-                self._stale_changes -= stale
+                self._holds_dirty = self._holds_dirty or holds is not None
+            raise io_error(f"cannot persist the mirror positions of volume {self.name}", e, DiskFailed) from e
+        with self._lock:
+            self._stale_changes -= stale
 
     def free_log(self, upto: int, *, drop: bool) -> int:
         """Free log space up to record ``upto`` (log space ran out; G8): write back up to it
@@ -713,6 +716,8 @@ class Volume:
         with self._lock:
             behind = {k: (max(lsn, self._changes[k].upto) if k in self._changes else lsn)
                       for k, lsn in self._holds.items()}
+        if any(at < upto for at in behind.values()):
+            self._persist_holds_locked()  # opening keeps a set only for a mirror holds.json knows
         for key, at in behind.items():
             if at >= upto:
                 continue
