@@ -8,6 +8,7 @@ State directory layout::
     DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json and, when the
                              volume has its own history window, history.json
     DIR/trash/               volumes being deleted (renamed here first: atomic disappearance)
+    DIR/meta.json            this node's copy of the cluster metadata (marsfs.node.meta)
 
 Rules that hold here:
 
@@ -33,6 +34,15 @@ Rules that hold here:
   to its source (pinning it again), all inside :meth:`Node.open`, so no :meth:`maintain` can
   run in between. A clone that cannot be attached stays on disk, detached and failed, with the
   reason in its errors, until it is deleted. A volume with clones is neither deleted nor left.
+* Fencing (issue 10): only the designated primary accepts writes. A fence
+  (:meth:`Node.fence`, by a named holder: the metadata's ``designation``, the handover's
+  ``handover``) makes ``Volume.write`` and new opens for writing fail with EROFS
+  (:class:`~marsfs.errors.VolumeReadOnly`); the log stays as it is, tail included. A former
+  primary that became a mirror keeps a ``mirror`` fence (the kernel may still know its
+  writable inode) until it is primary again; mirrors refuse opens for writing anyway.
+* ``create`` claims epoch 1 from LSN 1 in the cluster metadata (:attr:`Node.meta`).
+  :meth:`become_mirror` turns a primary whose log is a prefix of the designated primary's
+  history into its mirror: flushed first, visible at its head, persisted before it is served.
 """
 
 from __future__ import annotations
@@ -59,9 +69,11 @@ from marsfs.errors import (
     VolumeBusy,
     VolumeExists,
     VolumeNotFound,
+    VolumeReadOnly,
     WrongRole,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.node.meta import META_FILE, ClusterMeta
 from marsfs.node.space import LogSpace, LogSpaceSetting
 from marsfs.node.state import Role, RoleRecord, VolumeState, VolumeStatus
 from marsfs.units import human_bytes
@@ -73,6 +85,7 @@ logger = logging.getLogger(__name__)
 VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NODE_NAME = VOLUME_NAME
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
+MIRROR_FENCE = "mirror"  #: the fence holder of a former primary turned mirror (lifted when primary again)
 
 
 def check_volume_name(name: str) -> str:
@@ -101,6 +114,8 @@ class Node:
         self.started = time.time()
         self._lock = threading.RLock()
         self._lock_fd = -1
+        self.meta = ClusterMeta(state / META_FILE, name)  #: the cluster metadata as this node knows it
+        self._fences: dict[str, dict[str, str]] = {}  #: volume -> holder -> why writes are refused
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -254,6 +269,7 @@ class Node:
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
+            self.meta.claim(name, self.name, role.epoch, 1)
             self.space.adopt(list(self.volumes.values()))
             logger.info("created volume %s of %d bytes%s, primary", name, size, " (thin)" if thin else "")
             return vol
@@ -397,12 +413,64 @@ class Node:
         shutil.rmtree(target)
         logger.info("deleted volume %s", name)
 
-    def acquire(self, name: str) -> Volume:
-        """Count an open handle (a face opened the image)."""
+    def acquire(self, name: str, *, write: bool = False) -> Volume:
+        """Count an open handle (a face opened the image); ``write``: it opens for writing,
+        refused with EROFS on a fenced volume."""
         with self._lock:
             vol = self.volume(name)
+            if write and vol.fence:
+                raise VolumeReadOnly(vol.fence)
+            if write and self.is_mirror(name):
+                raise VolumeReadOnly(f"volume {name} is a mirror here: write on its primary")
             self.opens[name] += 1
             return vol
+
+    # ------------------------------------------------------------------ fencing and roles
+
+    def fence(self, name: str, why: str, *, holder: str = "designation") -> None:
+        """Refuse writes to ``name`` (EROFS, message ``why``) until ``holder`` lifts its fence."""
+        with self._lock:
+            vol = self.volume(name)
+            fences = self._fences.setdefault(name, {})
+            if fences.get(holder) != why:
+                fences[holder] = why
+                vol.fence = "; ".join(fences.values())
+                logger.info("volume %s refuses writes: %s", name, why)
+
+    def unfence(self, name: str, *, holder: str = "designation") -> None:
+        with self._lock:
+            fences = self._fences.get(name, {})
+            if fences.pop(holder, None) is None:
+                return
+            vol = self.volumes.get(name)
+            if vol is not None:
+                vol.fence = "; ".join(fences.values())
+                if not vol.fence:
+                    logger.info("volume %s takes writes again", name)
+
+    def fenced(self, name: str) -> dict[str, str]:
+        """Who fences ``name`` and why (empty: not fenced)."""
+        with self._lock:
+            return dict(self._fences.get(name, {}))
+
+    def become_mirror(self, name: str, source: str, epoch: int) -> None:
+        """Turn this primary of ``name`` into a mirror of ``source`` at ``epoch``: its log is
+        a prefix of ``source``'s history (the caller checked LSNs; the fetch checks chains).
+        Flushed first; visible at its head; writes refused from here on. Refused while open."""
+        with self._lock:
+            vol = self.volume(name)
+            role = self.role(name)
+            assert role.role == Role.PRIMARY, f"{name} is {role.role} here"
+            if self.opens[name]:
+                raise VolumeBusy(f"volume {name!r} is open ({self.opens[name]} handle(s)); it becomes a mirror of "
+                                 f"{source} once it is closed (losetup -d)")
+            vol.flush()
+            vol.visible_lsn = vol.durable_lsn
+            self._persist_role(name, RoleRecord(role=Role.MIRROR, epoch=epoch, source=source,
+                                                replayed_lsn=vol.durable_lsn))
+            self._fences[name] = {MIRROR_FENCE: f"volume {name} is a mirror of {source} here: write on {source}"}
+            vol.fence = self._fences[name][MIRROR_FENCE]
+        logger.info("volume %s is now a mirror of %s (epoch %d) from LSN %d", name, source, epoch, vol.durable_lsn)
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -497,19 +565,26 @@ class Node:
         head = vol.head_lsn
         clones = [{"name": c, "lsn": lsn} for c, lsn in self.clones_of(name)]
         faults = vol.faults
+        fences = self.fenced(name)
         if vol.errors or vol.needs_restart or any(not isinstance(f, NoSpace) for f in faults):
             state = VolumeState.FAILED
+        elif faults:
+            state = VolumeState.NO_SPACE
         else:
-            state = VolumeState.NO_SPACE if faults else VolumeState.UP
+            state = VolumeState.FENCED if fences and role.role == Role.PRIMARY else VolumeState.UP
+        designation = self.meta.designated(name)
         return VolumeStatus(
             volume=vol.name, node=self.name, role=role.role,
             state=state, epoch=role.epoch, size=vol.size,
             head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
-            open_handles=self.opens[vol.name], errors=list(vol.errors) + vol.fault_lines(),
+            open_handles=self.opens[vol.name],
+            errors=list(vol.errors) + vol.fault_lines() + (list(fences.values()) if role.role == Role.PRIMARY else []),
             oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe(),
             clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
+            designated_primary=designation.node if designation is not None else None,
+            members=sorted(self.meta.members(name)),
             log_space_limit=self.space.last_limit, oldest_retained_lsn=vol.log.first_lsn,
             warnings=self.space.warnings(vol, self.history_of(name)),
             dropped={k.removeprefix("mirror:"): cs.bytes for k, cs in vol.dropped().items()})

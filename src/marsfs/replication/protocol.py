@@ -36,6 +36,7 @@ Conversation (client = the mirror, server = the node it fetches from)::
                         lag_records, lag_seconds} while the client ACKs
                 client: ACK {fetched_lsn, replayed_lsn, fetch_paused, replay_paused, probe}
     want=leave: nothing after WELCOME; the server forgets the mirror.
+    want=meta: no volume; the cluster metadata exchange (see its block below the messages).
     A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
     durable LSN, so the client knows how old the state it describes can be at most.
     WELCOME and every HEARTBEAT name the volume's uuid: a volume deleted and re-created under
@@ -61,12 +62,13 @@ from marsfs.log.record import CHAIN_SIZE, HEADER_SIZE, BadRecord, decode_header
 
 __all__ = [
     "FRAME_HEADER", "MAX_FRAME", "PROTO_VERSION", "Ack", "Error", "Fetch", "Frame", "FrameDecoder", "Heartbeat",
-    "Hello", "ImageData", "ImageEnd", "ImageInfo", "ImageProgress", "Message", "MsgType", "ProtocolError", "Records",
+    "Hello", "ImageData", "ImageEnd", "ImageInfo", "ImageProgress", "Message", "MetaEntries", "MetaEntry", "MetaWelcome",
+    "MsgType", "ProtocolError", "Records",
     "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
 ]
 
 FRAME_MAGIC = b"MRSf"
-PROTO_VERSION = 2  #: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS
+PROTO_VERSION = 3  #: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS; 3: META_WELCOME, META_ENTRIES (want "meta")
 MAX_FRAME = 8 * 1024 * 1024
 _HEAD = struct.Struct("<4sBBHI")  # magic, version, type, flags, length
 _SUM = struct.Struct("<Q")
@@ -90,6 +92,9 @@ class MsgType(IntEnum):
     IMAGE_DATA = 9
     IMAGE_END = 10
     IMAGE_PROGRESS = 11
+    # cluster metadata gossip (want "meta"); 22 is reserved for it
+    META_WELCOME = 20
+    META_ENTRIES = 21
 
 
 # ---------------------------------------------------------------------------- framing
@@ -190,12 +195,13 @@ def split_records(payload: bytes) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- messages
 
-Want: TypeAlias = Literal["image", "fetch", "leave"]
+Want: TypeAlias = Literal["image", "fetch", "leave", "meta"]
 _WANTS: tuple[str, ...] = get_args(Want)
 
 # How a JSON field is checked and converted (field metadata "kind"):
 #   uint: an int >= 0 (LSNs, sizes, counters); pos: an int >= 1; str; bool;
-#   seconds: a finite number >= 0; chain: 16 bytes as 32 hex digits; want: one of _WANTS.
+#   seconds: a finite number >= 0; chain: 16 bytes as 32 hex digits; want: one of _WANTS;
+#   entries: metadata entries (see MetaEntries).
 
 
 def _field(kind: str, **kw: Any) -> Any:
@@ -336,11 +342,48 @@ class Records:
         return sum(len(r) for r in self.records)
 
 
-JsonMessage: TypeAlias = Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
+# ---------------------------------------------------------------------------- cluster metadata (want "meta")
+#
+#   client: HELLO {want: "meta", volume: "", epoch: 0}
+#   server: META_WELCOME {node, cluster}  |  ERROR {code: "cluster" | "protocol", error}
+#   client: META_ENTRIES {entries, more}...  (until more is false)
+#   server: META_ENTRIES {entries, more}...  (until more is false); both close.
+# Each side merges what the other sent (marsfs.node.meta); a side of another cluster is refused.
+
+MAX_META_ENTRIES = 512  #: entries in one META_ENTRIES message
+MAX_META_KEY = 200  #: characters of a key (as marsfs.node.meta.MAX_KEY)
+MAX_META_VALUE = 2048  #: bytes of a value as compact JSON (as marsfs.node.meta.MAX_VALUE)
+MAX_META_FRAMES = 128  #: META_ENTRIES messages one side sends in one exchange
+
+#: One entry on the wire: owner, key, Lamport clock, value (any JSON within the bounds).
+MetaEntry: TypeAlias = tuple[str, str, int, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MetaWelcome:
+    """The server takes part in a metadata exchange: who it is and which cluster it is in."""
+
+    TYPE: ClassVar[MsgType] = MsgType.META_WELCOME
+    node: str = _field("str")
+    cluster: str = _field("str")
+
+
+@dataclass(frozen=True, slots=True)
+class MetaEntries:
+    """Some of the sender's metadata entries; ``more``: another META_ENTRIES follows."""
+
+    TYPE: ClassVar[MsgType] = MsgType.META_ENTRIES
+    entries: tuple[MetaEntry, ...] = _field("entries")
+    more: bool = _field("bool", default=False)
+
+
+JsonMessage: TypeAlias = (Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
+                          | MetaWelcome | MetaEntries)
 Message: TypeAlias = JsonMessage | ImageData | Records
 
 _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress)}
+    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress,
+                              MetaWelcome, MetaEntries)}
 
 
 def encode_message(msg: Message, *, compress: bool = True) -> bytes:
@@ -413,10 +456,36 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
             return bytes.fromhex(value)
         except ValueError:
             raise bad(f"must be {2 * CHAIN_SIZE} hex digits") from None
+    if kind == "entries":
+        return _check_entries(msg, name, value)
     assert kind == "want", kind
     if value not in _WANTS:
         raise bad(f"must be one of {', '.join(_WANTS)}")
     return value
+
+
+def _check_entries(msg: str, name: str, value: Any) -> tuple[MetaEntry, ...]:
+    """Metadata entries, each ``[owner, key, clock, value]`` within the bounds, or ProtocolError."""
+    if not isinstance(value, list):
+        raise ProtocolError(f"{msg}: field {name!r} must be a list")
+    if len(value) > MAX_META_ENTRIES:
+        raise ProtocolError(f"{msg}: field {name!r} holds {len(value)} entries (at most {MAX_META_ENTRIES})")
+    out: list[MetaEntry] = []
+    for i, e in enumerate(value):
+        where = f"{msg}: entry {i}"
+        if not isinstance(e, list) or len(e) != 4:
+            raise ProtocolError(f"{where} must be [owner, key, clock, value]")
+        owner, key, clock, val = e
+        if not isinstance(owner, str) or not 0 < len(owner) <= 64:
+            raise ProtocolError(f"{where}: owner must be a node name")
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_META_KEY:
+            raise ProtocolError(f"{where}: key must be a string of 1 to {MAX_META_KEY} characters")
+        if type(clock) is not int or clock < 1:
+            raise ProtocolError(f"{where}: clock must be a positive integer")
+        if len(json.dumps(val, separators=(",", ":"))) > MAX_META_VALUE:
+            raise ProtocolError(f"{where}: value is longer than {MAX_META_VALUE} bytes")
+        out.append((owner, key, clock, val))
+    return tuple(out)
 
 
 def _decode_records(payload: bytes) -> Records:

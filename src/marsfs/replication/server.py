@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,8 +112,10 @@ class Server:
     """Answers one replication connection at a time per task (see :meth:`handle`)."""
 
     def __init__(self, node: str, cluster: str, lookup: Callable[[str], Volume | None],
-                 epoch_of: Callable[[str], int], peers: PeerTable) -> None:
+                 epoch_of: Callable[[str], int], peers: PeerTable,
+                 meta: Callable[[Channel, Hello], Awaitable[None]] | None = None) -> None:
         self.node = node
+        self.meta = meta  #: answers want "meta" (the node's metadata gossip; it checks the cluster)
         self.cluster = cluster
         self.lookup = lookup
         self.epoch_of = epoch_of
@@ -126,6 +128,12 @@ class Server:
         try:
             hello = sess.receive(await ch.receive_message())
             assert isinstance(hello, Hello)
+            if hello.want == "meta":  # no volume: the node's metadata exchange
+                if self.meta is None:
+                    await ch.send_message(Error(code="unknown-want", error=f"node {self.node} keeps no metadata"))
+                else:
+                    await self.meta(ch, hello)
+                return
             vol = self.lookup(hello.volume)
             answer = sess.admit(vol, self.epoch_of(hello.volume) if vol is not None else 0)
             await ch.send_message(answer)
