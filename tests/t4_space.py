@@ -199,9 +199,9 @@ def test_a_stopped_mirror_costs_the_primary_nothing(harness: Harness) -> None:
         try:
             ranges = vol.changed_ranges("b", vol.holds["mirror:b"])
             assert ranges is not None
-            assert {k for s, e in ranges for k in range(s // BLOCK, e // BLOCK)} == written, \
+            assert {k for o, n in ranges for k in range(o // BLOCK, (o + n) // BLOCK)} == written, \
                 "the mirror's changed set covers exactly the extents written"
-            assert all(s % BLOCK == 0 and e % BLOCK == 0 for s, e in ranges)
+            assert all(o % BLOCK == 0 and n % BLOCK == 0 for o, n in ranges)
         finally:
             vol.close()
 

@@ -8,8 +8,9 @@ ranges plus the ranges of the retained records after the dropped point
 
 Rules that hold here:
 
-* A :class:`ChangeSet` is a set of disjoint, non-adjacent half-open ranges ``[start, end)``
-  (adding merges overlapping and touching ranges), kept in a SortedDict start -> end, so
+* A :class:`ChangeSet` is a set of disjoint, non-adjacent byte ranges, ``(offset, length)``
+  like :meth:`marsfs.volume.Volume.extents_between` (adding merges overlapping and touching
+  ranges; the set is the resync's :class:`~marsfs.volume.resync.Extents`, a SortedDict), so
   adding one range costs O(log n + ranges it swallows) and the set never holds more ranges
   than the volume has distinct changed extents.
 * A set covers the changes of the records ``(since, upto]``: ``since`` is the mirror's position
@@ -19,7 +20,6 @@ Rules that hold here:
   directory, replaced atomically (:func:`marsfs.fsutil.write_json`): a crash leaves the old or
   the new set, and the caller persists the set before the log it describes is deleted, so the
   file always covers at least what was dropped.
-* :func:`write_extents` scans the log itself (the records' table, no payload reads).
 """
 
 from __future__ import annotations
@@ -29,101 +29,67 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sortedcontainers import SortedDict
-
 from marsfs.errors import StateError
 from marsfs.fsutil import fsync_dir, read_json, write_json
-from marsfs.log import Log, RecordType
+from marsfs.volume.resync import Extents
 
 CHANGES_DIR = "changes"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 class ChangeSet:
-    """Merged half-open byte ranges, with the LSN range ``(since, upto]`` they describe."""
+    """Merged byte ranges (an :class:`~marsfs.volume.resync.Extents`), with the LSN range
+    ``(since, upto]`` whose changes they cover."""
 
     def __init__(self, since: int, upto: int, ranges: Iterable[tuple[int, int]] = ()) -> None:
         assert since <= upto
         self.since = since
         self.upto = upto
-        self._ranges: SortedDict = SortedDict()
-        self._bytes = 0
-        for start, end in ranges:
-            self.add(start, end)
+        self._extents = Extents()
+        self.update(ranges)
 
-    def add(self, start: int, end: int) -> None:
-        """Add ``[start, end)``, merging what it overlaps or touches."""
-        if end <= start:
-            return
-        r = self._ranges
-        i = r.bisect_right(start)
-        if i:  # the range starting at or before `start` may reach it
-            s, e = r.peekitem(i - 1)
-            if e >= start:
-                if e >= end:
-                    return
-                start = s
-                i -= 1
-        while i < len(r):
-            s, e = r.peekitem(i)
-            if s > end:
-                break
-            end = max(end, e)
-            del r[s]
-            self._bytes -= e - s
-        r[start] = end
-        self._bytes += end - start
+    def add(self, offset: int, length: int) -> None:
+        """Add ``[offset, offset+length)``, merging what it overlaps or touches."""
+        self._extents.add(offset, length)
 
     def update(self, ranges: Iterable[tuple[int, int]]) -> None:
-        for start, end in ranges:
-            self.add(start, end)
+        for offset, length in ranges:
+            self._extents.add(offset, length)
 
     @property
     def bytes(self) -> int:
         """Total bytes the ranges cover."""
-        return self._bytes
+        return self._extents.total
 
     def ranges(self) -> list[tuple[int, int]]:
-        """The ranges as ``(start, end)``, ascending."""
-        return list(self._ranges.items())
+        """The ranges as ``(offset, length)``, ascending (the form of ``Volume.extents_between``)."""
+        return list(self._extents)
 
     def __len__(self) -> int:
-        return len(self._ranges)
+        return len(self._extents)
 
-    def __contains__(self, offset: object) -> bool:
-        if not isinstance(offset, int):
-            return False
-        i = self._ranges.bisect_right(offset)
-        return bool(i) and self._ranges.peekitem(i - 1)[1] > offset
+    def copy(self) -> ChangeSet:
+        return ChangeSet(self.since, self.upto, self.ranges())
 
     def to_json(self) -> dict[str, Any]:
-        return {"since": self.since, "upto": self.upto, "ranges": [[s, e] for s, e in self._ranges.items()]}
+        return {"since": self.since, "upto": self.upto, "ranges": [[o, n] for o, n in self._extents]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str) -> ChangeSet:
         try:
-            return cls(int(d["since"]), int(d["upto"]), [(int(s), int(e)) for s, e in d["ranges"]])
+            return cls(int(d["since"]), int(d["upto"]), [(int(o), int(n)) for o, n in d["ranges"]])
         except (KeyError, TypeError, ValueError, AssertionError) as e:
             raise StateError(f"{where}: unreadable set of changed ranges ({e}); that mirror needs a full "
                              "resync (marsfs invalidate on it)") from None
 
 
-def merge(a: Iterable[tuple[int, int]], b: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int]]:
-    """The union of two lists of half-open ranges, merged and ascending."""
-    s = ChangeSet(0, 0, a)
-    s.update(b)
-    return s.ranges()
-
-
-def write_extents(log: Log, after: int, upto: int) -> list[tuple[int, int]]:
-    """Merged byte ranges the retained WRITE records ``(after, upto]`` wrote. The caller makes
-    sure those records are retained (and stay so while this runs)."""
-    assert log.first_lsn <= after + 1, f"records after {after} are not all retained (log starts at {log.first_lsn})"
-    s = ChangeSet(0, 0)
-    for rec in log.records(after + 1, min(upto, log.last_lsn)):
-        if rec.type == RecordType.WRITE and rec.length:
-            s.add(rec.offset, rec.offset + rec.length)
-    return s.ranges()
+def merge(*lists: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of lists of ``(offset, length)`` ranges, merged and ascending."""
+    ext = Extents()
+    for ranges in lists:
+        for offset, length in ranges:
+            ext.add(offset, length)
+    return list(ext)
 
 
 def changes_path(volume_dir: Path, key: str) -> Path:

@@ -782,14 +782,15 @@ class Volume:
         for key, at in behind.items():
             if at >= upto:
                 continue
-            extents = ch.write_extents(self.log, at, upto)
+            extents = self._extents_between_locked(at, upto)
+            assert extents is not None, f"records after the hold at {at} were trimmed"
             with self._lock:
                 if key not in self._holds:
                     continue  # it left meanwhile
                 cs = self._changes.get(key) or ChangeSet(at, at)
                 cs.update(extents)
                 cs.upto = max(cs.upto, upto)
-                snapshot = ChangeSet(cs.since, cs.upto, cs.ranges())
+                snapshot = cs.copy()
             try:
                 ch.save(self.path, key, snapshot)
             except OSError as e:
@@ -803,10 +804,10 @@ class Volume:
         """Mirror (hold key) -> the set of changes it will copy, for every mirror whose log was
         dropped (copies: status reads them)."""
         with self._lock:
-            return {k: ChangeSet(cs.since, cs.upto, cs.ranges()) for k, cs in self._changes.items()}
+            return {k: cs.copy() for k, cs in self._changes.items()}
 
     def changed_ranges(self, mirror: str, position: int, upto: int | None = None) -> list[tuple[int, int]] | None:
-        """Merged byte ranges ``mirror`` (a node name) must copy when it comes back having
+        """Merged ``(offset, length)`` ranges ``mirror`` (a node name) must copy when it comes back having
         everything up to ``position``, so that copying their content at version ``upto``
         (default: the head now; pick the target before calling) and fetching the log after
         it makes it equal: its set of dropped changes plus the extents of the retained
@@ -821,9 +822,11 @@ class Volume:
                 since, cs_upto = (cs.since, cs.upto) if cs is not None else (0, 0)
             end = self.head_lsn if upto is None else min(upto, self.head_lsn)
             if position >= self.log.first_lsn - 1:
-                return ch.write_extents(self.log, position, end)
+                return self._extents_between_locked(position, end)
             if cs is not None and position >= since:
-                return ch.merge(ranges, ch.write_extents(self.log, max(position, cs_upto), end))
+                after = self._extents_between_locked(max(position, cs_upto), end)
+                assert after is not None, f"records after the drop point {cs_upto} were trimmed"
+                return ch.merge(ranges, after)
             return None
 
     # ------------------------------------------------------------------ resync
@@ -992,12 +995,15 @@ class Volume:
         """Merged ``(offset, length)`` ranges that WRITE records ``(after, upto]`` wrote, or None
         when the log no longer holds all of them."""
         with self._writeback_lock:  # only writeback trims the log
-            if after + 1 < self.log.first_lsn or upto > self.log.last_lsn:
-                return None
-            ext = Extents()
-            for rec in self.log.records(after + 1, upto):
-                if rec.type == RecordType.WRITE and rec.length:
-                    ext.add(rec.offset, rec.length)
+            return self._extents_between_locked(after, upto)
+
+    def _extents_between_locked(self, after: int, upto: int) -> list[tuple[int, int]] | None:
+        if after + 1 < self.log.first_lsn or upto > self.log.last_lsn:
+            return None
+        ext = Extents()
+        for rec in self.log.records(after + 1, upto):
+            if rec.type == RecordType.WRITE and rec.length:
+                ext.add(rec.offset, rec.length)
         return list(ext)
 
     # ------------------------------------------------------------------ versions
