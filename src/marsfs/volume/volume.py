@@ -23,6 +23,10 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   stops at it until it is closed. Extents of a view whose records writeback has since applied
   are read from the base, which holds exactly those bytes. Views of the same LSN share one
   extent index, built by the first open and freed by the last close (``views``).
+* **Resync** (``resync``): staging another node's version *L* invisibly, then switching to it
+  (the log restarts after *L*). Views opened before a switch belong to an older *generation*
+  and read the base alone (it holds their version until the merge, which waits for them);
+  newer readers see the switch's staged blocks over the base until they are merged.
 * **Clones** (``clone``): a volume whose ``volume.json`` links it to another volume's version
   reads what it has not written from a view of that version instead of its base, and never
   writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
@@ -57,7 +61,8 @@ Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the liv
 LSN in ``(A, head]``; the log retains every record after ``min(A, hold_floor)``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
-``views`` (views and their shared indexes), ``versions`` (listing versions and resolving their
+``views`` (views and their shared indexes), ``resync`` (staging and switching to another
+node's version), ``versions`` (listing versions and resolving their
 names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
 ``encoding`` (the lz4 backoff), ``index`` (the extent index) and ``changes`` (what a mirror whose
 log was dropped must copy).
@@ -189,6 +194,7 @@ class Volume:
         self._generation = 0  #: +1 at each resync switch; views of older generations read the old base
         self._old_views = 0  #: open views of older generations (the merge waits for them)
         self._switch_failed = ""  #: why a resync's switch failed half way ("" if it did not)
+        self._building = 0  #: view indexes being built from log records (a switch waits for them)
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
@@ -285,13 +291,15 @@ class Volume:
         log = Log.open(path / "log", segment_bytes=meta["segment_bytes"], repair=repair)
         try:
             resync = rs.load_state(path)
+            if rs.merge_pending(path):  # no views exist now: merge a switched resync at once
+                rs.merge_at_open(path)
             if resync is not None and resync.phase == rs.SWITCH:  # a crash interrupted the switch
-                resync = rs.switch(path, log, resync)
+                rs.switch(path, log, resync)
+                resync = None
                 meta = read_json(path / "volume.json")
                 applied, pending, applied_ts = wb.read_state(path)
-            if resync is not None and resync.phase == rs.MERGE:
-                rs.merge_at_open(path)
-                resync = None
+                if rs.merge_pending(path):
+                    rs.merge_at_open(path)
         except OSError as e:
             log.close()
             raise io_error(f"volume {meta['name']}: cannot finish the resync a crash interrupted", e, DiskFailed) from e
@@ -575,9 +583,10 @@ class Volume:
 
     @_io_path("flush")
     def flush(self) -> int:
-        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN."""
+        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN.
+        While a resync runs the log does not grow: no FLUSH record then."""
         with self._lock:
-            if self._writes_since_flush:
+            if self._writes_since_flush and self._resync is None:
                 self.log.append(RecordType.FLUSH, 0, _EMPTY)
                 self._writes_since_flush = False
         return self.log.sync()
@@ -588,6 +597,8 @@ class Volume:
         raw = check_mark_name(name, self.log.marks.values(), self.name)
         self.flush()
         with self._lock:
+            if self._resync is not None:
+                raise self._busy()
             lsn = self.log.append(RecordType.MARK, 0, encode_payload(raw))
         self.log.sync()
         return lsn
@@ -836,6 +847,12 @@ class Volume:
         """The running resync (also one found on open), None if there is none."""
         return self._resync
 
+    @property
+    def generation(self) -> int:
+        """How many resyncs switched this volume since it opened: a view whose
+        :attr:`VolumeView.generation` is smaller shows a version from before the last switch."""
+        return self._generation
+
     def _busy(self) -> VolumeBusy:
         r = self._resync
         assert r is not None
@@ -860,11 +877,18 @@ class Volume:
         if self._resync is not None:
             raise VolumeBusy(f"a resync of volume {self.name} (to lsn-{self._resync.target_lsn}) is already running; "
                              "continue or abort it")
+        if direct and self._overlay is not None:
+            self._merge()  # a direct resync writes the base: nothing may be laid over it later
         self.log.sync()
         with self._lock:
+            if direct and self._overlay is not None:
+                raise VolumeBusy(f"volume {self.name} has not merged its previous resync yet; retry in a moment")
             if self._resync is not None or self.log.dirty:
                 raise VolumeBusy(f"volume {self.name} was written while a resync began; stop writing and retry")
             base = self.head_lsn
+            if direct and self._views:
+                raise VolumeBusy(f"volume {self.name} has {self._views.total()} open version(s); a direct resync "
+                                 "overwrites the base they read: close them first")
             if direct and self._applied != base:
                 raise StateError(f"volume {self.name} has records after lsn-{self._applied} that are not written "
                                  "back; a direct resync needs none: write back first")
@@ -879,29 +903,33 @@ class Volume:
             fd = self._base_fd
             if os.fstat(fd).st_size < state.size:
                 os.ftruncate(fd, state.size)
-            r = Resync(self.path, state, rs.load_extents(self.path), fd, None, self.size, lambda: None)
+            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, None, self.size,
+                       lambda: None)
         else:
             old = self.view(state.base_lsn)
             try:
-                fd = rs.open_staged(self.path)
+                fd = rs.open_staged(rs.resync_dir(self.path))
             except BaseException:
                 old.close()
                 raise
-            r = Resync(self.path, state, rs.load_extents(self.path), fd, old.read, old.size, old.close)
+            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, old.read, old.size,
+                       old.close)
         with self._lock:
             self._resync = r
         return r
 
     def _switch_waits(self, base: int) -> str:
         """Why a resync from ``base`` cannot switch now ("" if it can). Caller locks."""
-        if self._overlay is not None:
+        if self._overlay is not None and self._old_views:
             return (f"{self._old_views} reader(s) of versions older than the previous resync are still open; "
                     "they close when their readers do")
+        if self._overlay is not None:
+            return f"the previous resync is not merged into the base image yet: {self.fault('writeback')}"
         below = [lsn for lsn in self._views.pinned() if lsn < base]
         if below:
             return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
                     "they close when their readers do")
-        if self._views.unbuilt():
+        if self._building:
             return "a version is being opened"
         return ""
 
@@ -940,11 +968,10 @@ class Volume:
                 r.set_phase(rs.SWITCH)
                 rs.checkpoint("switch-intent")
                 merging = rs.switch(self.path, self.log, r.state)
-            except BaseException as e:
-                if r.state.phase == rs.SWITCH:
-                    self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
-                                           "opening the volume finishes it")
-                elif not r.direct:
+            except BaseException as e:  # the resync is detached: only a reopen goes on from here
+                self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
+                                       "opening the volume finishes it")
+                if not r.direct:
                     os.close(staged_fd)
                 raise
             self._applied = self._oldest = r.target_lsn
@@ -953,13 +980,17 @@ class Volume:
             self.size = r.size
             self._generation += 1
             self._old_views = self._views.total()
+            self._views.unshare()
             self._writes_since_flush = False
             if self.visible_lsn is not None:
                 self.visible_lsn = r.target_lsn
             self._resync = None
             if merging is not None:
                 self._overlay = Overlay(r.extents, staged_fd)
-        self._merge()
+        try:
+            self._merge()
+        except IO_FAULTS as e:  # switched all the same: writeback retries the merge
+            self._faults["writeback"] = e
         return True
 
     def _merge(self) -> bool:
@@ -974,10 +1005,10 @@ class Volume:
                     return False
             rs.merge_into(self._base_fd, overlay.fd, overlay.extents)
             rs.checkpoint("merged")
-            rs.remove(self.path)
+            rs.remove(self.path, rs.MERGE_DIR)
             with self._lock:
                 self._overlay = None
-            overlay.close()
+        overlay.close()  # frees the staged image's blocks: may take a while, holds no lock
         return True
 
     def abort_resync(self) -> None:
@@ -1022,13 +1053,18 @@ class Volume:
             index = self._views.pin(lsn)
             first = self._applied + 1
             generation = self._generation
+            if index is None:
+                self._building += 1
         if index is None:
             try:
                 built = build_index(self.log.records(first, lsn))
             except BaseException:
+                with self._lock:
+                    self._building -= 1
                 self._unpin(lsn, generation)
                 raise
             with self._lock:
+                self._building -= 1
                 index = self._views.publish(lsn, built)
         return VolumeView(self, lsn, index, generation)
 
