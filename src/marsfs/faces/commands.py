@@ -351,6 +351,7 @@ def status_table(rows: list[dict[str, Any]]) -> str:
              for row in table]
     for r in rows:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
+        lines += [f"{r['volume']}: warning: {w}" for w in r.get("warnings", ())]
     for r in rows:
         lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
     for r in rows:

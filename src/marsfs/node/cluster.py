@@ -217,7 +217,8 @@ class Cluster:
             vol.errors.append(str(e))
             return
         fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
-                          paused=lambda: self.node.role(vol.name).fetch_paused,
+                          paused=lambda: (self.node.role(vol.name).fetch_paused  # or log space is full (G8)
+                                          or vol.name in self.node.space.fetch_stopped),
                           replayed=lambda: vol.current_lsn,
                           replay_paused=lambda: self.node.role(vol.name).replay_paused)
         self.fetchers[vol.name] = fetcher
@@ -401,7 +402,7 @@ class Cluster:
             peers.append(PeerStatus(
                 node=p.node, connected=p.connected, fetched_lsn=p.fetched_lsn, replayed_lsn=p.replayed_lsn,
                 fetch_paused=p.fetch_paused, replay_paused=p.replay_paused, lag_bytes=lag_b, lag_records=lag_r,
-                lag_seconds=lag_s, last_seen=p.last_seen,
+                lag_seconds=lag_s, last_seen=p.last_seen, dropped=st.dropped.get(p.node, 0),
                 state=peer_state(connected=p.connected, fetch_paused=p.fetch_paused,
                                  replay_paused=p.replay_paused, lag_records=lag_r)))
         return st.changed(peers=peers)

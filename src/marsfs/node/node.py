@@ -75,6 +75,7 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.node.meta import META_FILE, ClusterMeta
+from marsfs.node.space import LogSpace, LogSpaceSetting
 from marsfs.node.state import Role, RoleRecord, VolumeState, VolumeStatus
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
@@ -98,9 +99,11 @@ def check_volume_name(name: str) -> str:
 class Node:
     """The volumes of one node. Thread-safe; blocking methods are called from worker threads."""
 
-    def __init__(self, state: Path, name: str, *, history: Retention | None = None) -> None:
+    def __init__(self, state: Path, name: str, *, history: Retention | None = None,
+                 log_space: LogSpaceSetting | None = None) -> None:
         self.state = state
         self.name = name
+        self.space = LogSpace(state, log_space)  #: the log space limit of all volumes (G8)
         self.history = history or Retention(DEFAULT_HISTORY_BYTES)  #: the node's window; a volume may have its own
         self._volume_history: dict[str, Retention] = {}
         self.volumes: dict[str, Volume] = {}
@@ -127,7 +130,9 @@ class Node:
         node = cls(state, name, **kw)
         node._claim()
         try:
+            node.space.check()
             node._recover()
+            node.space.adopt(list(node.volumes.values()))
         except BaseException:
             node.close()
             raise
@@ -273,6 +278,7 @@ class Node:
             self.volumes[name] = vol
             self._roles[name] = role
             self.meta.claim(name, self.name, role.epoch, 1)
+            self.space.adopt(list(self.volumes.values()))
             logger.info("created volume %s of %d bytes%s, primary", name, size, " (thin)" if thin else "")
             return vol
 
@@ -297,6 +303,7 @@ class Node:
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
+            self.space.adopt(list(self.volumes.values()))
             logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
             return vol
 
@@ -406,6 +413,7 @@ class Node:
             assert vol.name not in self.volumes
             self._persist_role(vol.name, self.role(vol.name).changed(syncing=False, replayed_lsn=vol.current_lsn))
             self.volumes[vol.name] = vol
+            self.space.adopt(list(self.volumes.values()))
 
     def is_mirror(self, name: str) -> bool:
         with self._lock:
@@ -548,11 +556,27 @@ class Node:
                 write_json(path, history.to_json())
                 self._volume_history[name] = history
 
+    def enforce_space(self, now_ns: int | None = None) -> int:
+        """Keep the logs inside the node's log space limit (:mod:`marsfs.node.space`); returns
+        the bytes freed. The daemon runs it whenever a log grew by a quarter segment. A disk
+        fault met on the way is the volume's (it stands in its status); the next pass retries."""
+        try:
+            return self.space.enforce(dict(self.volumes), self.history_of, now_ns)
+        except MarsError as e:
+            logger.info("log space enforcement: %s", e)
+            return 0
+
     def maintain(self, now_ns: int | None = None) -> None:
         """Periodic work: write back what falls out of the history window (``now_ns``: the
-        time the window ends, default now; tests move it instead of sleeping)."""
+        time the window ends, default now; tests move it instead of sleeping), keep the log
+        space limit, persist the mirrors' positions (at most once a pass: the rate limit)."""
         now = time.time_ns() if now_ns is None else now_ns
+        self.enforce_space(now)
         for vol in list(self.volumes.values()):
+            try:
+                vol.persist_holds()
+            except MarsError as e:
+                logger.info("%s", e)
             before_fault = vol.fault("writeback")
             try:
                 target = history_floor(vol, self.history_of(vol.name), now)
@@ -603,7 +627,10 @@ class Node:
             oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe(),
             clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
             designated_primary=designation.node if designation is not None else None,
-            members=sorted(self.meta.members(name)))
+            members=sorted(self.meta.members(name)),
+            log_space_limit=self.space.last_limit, oldest_retained_lsn=vol.log.first_lsn,
+            warnings=self.space.warnings(vol, self.history_of(name)),
+            dropped={k.removeprefix("mirror:"): cs.bytes for k, cs in vol.dropped().items()})
 
 
     def failed_status(self, name: str) -> VolumeStatus:
