@@ -630,10 +630,7 @@ class Cluster:
         """``node`` was removed from ``vol``: its position holds nothing here any more."""
         known = any(p.node == node for p in self.peer_table.for_volume(vol.name, vol.uuid))
         self.peer_table.forget(vol.name, vol.uuid, node)
-        vol.release(f"mirror:{node}")
-        forget = getattr(vol, "forget_mirror", None)  # the per-mirror changed sets (issue 11), once they exist
-        if forget is not None:
-            forget(node)
+        vol.release(f"mirror:{node}")  # also drops its set of changed extents, if its log was dropped
         if known:
             logger.info("volume %s: forgot mirror %s (removed from the volume)", vol.name, node)
 
