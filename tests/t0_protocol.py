@@ -103,7 +103,7 @@ def test_fetch_without_watch_fetches() -> None:
 
 def test_protocol_1_is_refused_in_words() -> None:
     """Protocol 2 added fields an old peer would not know; its frames are refused as such."""
-    assert PROTO_VERSION == 2 and MsgType.IMAGE_PROGRESS == 11
+    assert PROTO_VERSION == 3 and MsgType.IMAGE_PROGRESS == 11
     with pytest.raises(ProtocolError, match="unsupported protocol version 1"):
         FrameDecoder().feed(raw_frame(version=1))
 

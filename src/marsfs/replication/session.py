@@ -177,6 +177,7 @@ class ServeEvent(Enum):
     WELCOME_IMAGE = auto()
     WELCOME_FETCH = auto()
     WELCOME_LEAVE = auto()
+    WELCOME_OTHER = auto()  #: a conversation another module carries on (handover, compare)
     ACCEPT_FETCH = auto()
     REFUSE = auto()
     IMAGE_END = auto()
@@ -189,6 +190,7 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.ADMITTING, ServeEvent.WELCOME_IMAGE): _S.SENDING_IMAGE,
     (_S.ADMITTING, ServeEvent.WELCOME_FETCH): _S.AWAIT_FETCH,
     (_S.ADMITTING, ServeEvent.WELCOME_LEAVE): _S.DONE,
+    (_S.ADMITTING, ServeEvent.WELCOME_OTHER): _S.DONE,
     (_S.ADMITTING, ServeEvent.REFUSE): _S.CLOSED,
     (_S.SENDING_IMAGE, ServeEvent.IMAGE_END): _S.AWAIT_IMAGE_ACK,
     (_S.AWAIT_IMAGE_ACK, Ack): _S.DONE,
@@ -199,7 +201,8 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
        for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING)},
 }
 _WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
-                  "leave": ServeEvent.WELCOME_LEAVE}
+                  "leave": ServeEvent.WELCOME_LEAVE, "handover": ServeEvent.WELCOME_OTHER,
+                  "compare": ServeEvent.WELCOME_OTHER}
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +414,7 @@ class FetchState:
     fatal: str = ""  #: a refusal code that needs an operator
     primary_head_lsn: int = 0
     primary_durable_lsn: int = 0
+    primary_time: float = 0.0  #: the source's wall time in its newest heartbeat (0: none yet)
     lag_bytes: int = 0
     lag_records: int = 0
     lag_seconds: float = 0.0
@@ -504,6 +508,8 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
               (_F.WATCHING, Heartbeat): _F.WATCHING,
               (_F.WATCHING, FetchEvent.SEND_ACK): _F.WATCHING},
     "leave": dict(_FETCH_COMMON),
+    "handover": dict(_FETCH_COMMON),  # then marsfs.replication.handover carries on
+    "compare": dict(_FETCH_COMMON),
 }
 _REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING, _F.WATCHING)
 
@@ -664,6 +670,7 @@ class FetchingSession:
         st = self.state
         st.primary_head_lsn = beat.head_lsn
         st.primary_durable_lsn = beat.durable_lsn
+        st.primary_time = beat.time
         st.last_heartbeat = now
         sent = self.probes.sent_at(beat.probe)
         if sent is not None:
