@@ -26,6 +26,7 @@ import trio
 
 from marsfs.aio import describe, supervised
 from marsfs.errors import InvalidRequest, MarsError, PeerError, UsageError, VolumeBusy, WrongRole
+from marsfs.node.handover import Roles
 from marsfs.node.node import Node, check_volume_name
 from marsfs.node.state import (
     FRESH,
@@ -65,9 +66,12 @@ class Cluster:
         self.peers = {name: parse_address(addr) for name, addr in peers.items()}
         self.cluster = cluster
         self.peer_table = PeerTable()
-        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table)
+        self.roles = Roles(self)
+        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table,
+                             {"handover": self.roles.serve_handover, "compare": self.roles.serve_compare})
         self.fetchers: dict[str, Fetcher] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
+        self._fetch_ended: dict[str, trio.Event] = {}
         self.copies: dict[str, ImageCopy] = {}  #: image copies running, or failed and not yet retried
         self._replay_samples: dict[str, deque[tuple[float, int]]] = {}
         self._nursery: trio.Nursery | None = None
@@ -193,13 +197,36 @@ class Cluster:
         self.fetchers[vol.name] = fetcher
         scope = trio.CancelScope()
         self._scopes[vol.name] = scope
+        ended = self._fetch_ended[vol.name] = trio.Event()
 
         async def run() -> None:
-            with scope:
-                await fetcher.run()
+            try:
+                with scope:
+                    await fetcher.run()
+                    if fetcher.state.fatal == "diverged":  # a split brain: where, and how much each side wrote
+                        await self.roles.find_split(vol, source)
+            finally:
+                ended.set()
 
         assert self._nursery is not None
         self._nursery.start_soon(supervised, f"fetch of {vol.name}", run)
+
+    async def stop_fetch(self, name: str) -> None:
+        """Stop the fetch of ``name`` and wait until it appends nothing more."""
+        scope = self._scopes.pop(name, None)
+        self.fetchers.pop(name, None)
+        ended = self._fetch_ended.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        if ended is not None:
+            await ended.wait()
+
+    # ------------------------------------------------------------------ roles (marsfs.node.handover)
+
+    async def primary(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """``marsfs primary VOL [--force]``: planned handover to this node, or forced failover."""
+        check_volume_name(name)
+        return await (self.roles.fail_over(name) if force else self.roles.take_over(name))
 
     async def leave(self, name: str) -> dict[str, Any]:
         """Stop mirroring ``name`` and remove this node's copy. A refusal changes nothing."""
@@ -292,7 +319,7 @@ class Cluster:
         return rows
 
     def _volume_status(self, name: str) -> VolumeStatus:
-        st = self.node.volume_status(name)
+        st = self.node.volume_status(name).changed(handover=self.roles.progress.get(name))
         if st.role == Role.MIRROR:
             return self._mirror_status(st)
         vol = self.node.volumes[name]

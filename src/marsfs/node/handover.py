@@ -1,0 +1,352 @@
+"""Changes of primary: planned handover, forced failover, and finding a split brain.
+
+Rules that hold here (G7):
+
+* Only a mirror becomes primary, and only through :class:`Roles`: ``marsfs primary VOL``
+  (:meth:`Roles.take_over`) is a planned handover, ``--force`` (:meth:`Roles.fail_over`) a
+  failover. Both refuse, changing nothing, on a node that is already primary, still copying
+  its image, in a split brain or paused (the reasons say what to do).
+* A planned handover loses nothing: the old primary is fenced (it refuses while the image is
+  open, and serves no open from then on) and flushes before it names its durable head; this
+  node fetches up to that head on its ordinary fetch connection, checks the chain there, stops
+  fetching, raises the epoch (the claim starts at head + 1) and only then becomes writable.
+  Anything that fails before the claim ends the handover: the old primary is told and
+  unfenced, and this node stays its mirror. The old primary unfences itself after
+  :data:`~marsfs.replication.handover.PREPARE_TIMEOUT` if no claim came (a lost connection).
+* A forced failover is for a primary that cannot be reached: it is refused while the primary
+  answers. This node becomes primary with what it has, and records what may be lost, as its
+  fetch last heard of the primary (records, bytes, the times of the lost records; "at least"
+  because the primary may have gone on writing after its last word). ``status`` shows it.
+* A split brain is found from chain hashes: when a fetch is refused as ``diverged`` this node
+  and its source compare chains (:mod:`marsfs.replication.handover`), and both record the fork
+  LSN and each side's tail after it (:meth:`Node.record_split`). Replication between them stays
+  stopped, and nothing resolves it by itself: ``marsfs invalidate`` on the losing node does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from marsfs.aio import describe, supervised
+from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
+from marsfs.node.state import FRESH, FailoverLoss, Role, SplitBrain
+from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
+from marsfs.replication.fetch import PeerChannel, hello, open_channel
+from marsfs.replication.handover import (
+    PREPARE_TIMEOUT,
+    SplitSeen,
+    ask_compare,
+    serve_compare,
+    serve_handover,
+)
+from marsfs.replication.protocol import Error, HandoverEnd, HandoverPrepare, HandoverReady, Hello
+from marsfs.units import human_bytes
+from marsfs.volume import Volume
+
+if TYPE_CHECKING:
+    from marsfs.node.cluster import Cluster
+
+logger = logging.getLogger(__name__)
+
+CATCH_UP_MARGIN = 5.0  #: seconds of the old primary's fence kept back for the claim after catching up
+COMPARE_TRIES = 5  #: attempts at comparing chains with a source that refused us as diverged
+
+
+class Roles:
+    """The role changes of one node's volumes; part of its :class:`~marsfs.node.cluster.Cluster`."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.node = cluster.node
+        #: handovers in progress on this node (the new primary's side): volume -> status figures
+        self.progress: dict[str, dict[str, Any]] = {}
+        #: old primaries' side: volume -> (new primary, epoch) once the handover was claimed
+        self.handed_over: dict[str, tuple[str, int]] = {}
+
+    # ------------------------------------------------------------------ the new primary's side
+
+    def _check_mirror(self, name: str, command: str) -> tuple[Volume, str]:
+        """The volume and its source, if this node may take ``name`` over (else the reason)."""
+        copy = self.cluster.copies.get(name)
+        if copy is not None and name not in self.node.volumes:
+            raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (syncing); wait until "
+                             f"marsfs status {name} shows it catching-up or synced, then run {command}")
+        vol = self.node.volume(name)
+        role = self.node.role(name)
+        if role.role == Role.CLONE:
+            raise WrongRole(f"volume {name!r} is a local clone on node {self.node.name}: it is writable here "
+                            "already and never replicated")
+        if not role.is_mirror:
+            raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
+        if role.syncing:
+            raise VolumeBusy(f"volume {name!r} is still being copied from {role.source} (syncing); wait until "
+                             f"it is synced, then run {command}")
+        splits = self.node.splits(name)
+        fetcher = self.cluster.fetchers.get(name)
+        fatal = fetcher.state.fatal if fetcher is not None else ""
+        if splits or fatal == "diverged":
+            raise StateError(f"volume {name!r} on node {self.node.name} is in a split brain with "
+                             f"{splits[0].peer if splits else role.source}; resolve it first (marsfs invalidate "
+                             f"{name} on the side whose writes are to be discarded)")
+        if fatal:
+            raise StateError(f"volume {name!r} on node {self.node.name} cannot fetch from {role.source} "
+                             f"({fatal}): resync it first (marsfs invalidate {name})")
+        return vol, role.source
+
+    async def take_over(self, name: str) -> dict[str, Any]:
+        """Planned handover of ``name`` to this node: returns once it is primary and writable."""
+        vol, source = self._check_mirror(name, f"marsfs primary {name}")
+        role = self.node.role(name)
+        if role.fetch_paused:
+            raise VolumeBusy(f"the fetch of {name!r} is paused on node {self.node.name}: a handover fetches "
+                             f"everything first; run marsfs resume-fetch {name}, then marsfs primary {name}")
+        if name in self.progress:
+            raise VolumeBusy(f"a handover of {name!r} to this node is already in progress")
+        connect = self.cluster._connector(source)
+        try:
+            ch, _ = await open_channel(connect, hello(self.node.name, self.cluster.cluster, name, "handover",
+                                                      role.epoch))
+        except PeerRefused as e:
+            raise PeerError(f"{source} refused the handover of {name}: {e.message}") from None
+        except (OSError, trio.TooSlowError, ConnectionLost) as e:
+            raise PeerError(self._unreachable(name, source, describe(e))) from None
+        self.progress[name] = {"from": source, "phase": "preparing", "to_fetch": None}
+        claimed = False
+        why = "the handover failed"
+        epoch, start = role.epoch + 1, vol.head_lsn + 1
+        try:
+            ready = await self._prepare(ch, name, source, role.epoch)
+            self.progress[name] = {"from": source, "phase": "fetching",
+                                   "to_fetch": max(0, ready.head_lsn - vol.durable_lsn)}
+            await self._catch_up(vol, name, source, ready)
+            epoch, start = max(role.epoch, ready.epoch) + 1, ready.head_lsn + 1
+            self.progress[name] = {"from": source, "phase": "claiming", "to_fetch": 0}
+            await self.cluster.stop_fetch(name)
+            await trio.to_thread.run_sync(self.node.promote, name, epoch)
+            claimed = True
+            self._claimed(name, epoch, start)
+        except MarsError as e:
+            why = describe(e)
+            raise
+        finally:
+            self.progress.pop(name, None)
+            with trio.CancelScope(shield=True):
+                await self._end(ch, name, claimed, epoch, start, why)
+        logger.info("handover of %s from %s done: primary here from LSN %d, epoch %d", name, source, start, epoch)
+        return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "lost": 0}
+
+    async def _prepare(self, ch: PeerChannel, name: str, source: str, epoch: int) -> HandoverReady:
+        await ch.send_message(HandoverPrepare(epoch=epoch, timeout=PREPARE_TIMEOUT))
+        with trio.fail_after(PREPARE_TIMEOUT):
+            reply = await ch.receive_message()
+        if isinstance(reply, Error):
+            cls = VolumeBusy if reply.code == "busy" else PeerError
+            raise cls(f"{source} refused the handover of {name}: {reply.error}")
+        if not isinstance(reply, HandoverReady):
+            raise ProtocolError(f"{reply.TYPE.name} is not allowed after HANDOVER_PREPARE")
+        return reply
+
+    async def _catch_up(self, vol: Volume, name: str, source: str, ready: HandoverReady) -> None:
+        """Wait until our log holds the old primary's head (fetched, durable, same chain)."""
+        deadline = trio.current_time() + PREPARE_TIMEOUT - CATCH_UP_MARGIN
+        while vol.durable_lsn < ready.head_lsn:
+            fetcher = self.cluster.fetchers.get(name)
+            if fetcher is None or fetcher.state.fatal:
+                why = fetcher.state.error if fetcher is not None else "no fetch runs"
+                raise PeerError(f"the fetch from {source} stopped during the handover of {name}: {why}")
+            if trio.current_time() > deadline:
+                raise PeerError(f"the handover of {name} from {source} timed out with "
+                                f"{ready.head_lsn - vol.durable_lsn} records still to fetch; wait until "
+                                f"marsfs wait {name} --synced succeeds, then run marsfs primary {name} again")
+            self.progress[name]["to_fetch"] = ready.head_lsn - vol.durable_lsn
+            await trio.sleep(0.02)
+        chain = await trio.to_thread.run_sync(vol.log.chain_at, ready.head_lsn)
+        if vol.head_lsn != ready.head_lsn or chain != ready.chain:
+            raise StateError(f"this node's log of {name} does not end where {source}'s does (LSN "
+                             f"{ready.head_lsn}): the histories diverged; nothing was changed")
+
+    async def _end(self, ch: Channel, name: str, claimed: bool, epoch: int, start: int, why: str) -> None:
+        try:
+            with trio.move_on_after(5.0):
+                await ch.send_message(HandoverEnd(claimed=claimed, epoch=epoch, start_lsn=start,
+                                                  reason="" if claimed else why))
+        except ConnectionLost as e:
+            logger.info("could not tell the old primary how the handover of %s ended: %s", name, describe(e))
+        finally:
+            await ch.aclose()
+
+    def _claimed(self, name: str, epoch: int, start: int) -> None:
+        """The claim of ``epoch`` from ``start`` (the cluster metadata spreads it, once it exists)."""
+        meta = getattr(self.cluster, "meta", None)
+        if meta is not None:
+            meta.claim(name, self.node.name, epoch, start_lsn=start)
+
+    def _unreachable(self, name: str, source: str, why: str) -> str:
+        loss = self._loss(name, source)
+        return (f"cannot reach {source}, the primary of {name} ({why}); a planned handover needs it. Wait for it, "
+                f"or if it is lost: marsfs primary {name} --force makes this node primary with what it has, "
+                f"losing what it did not fetch: {loss.describe()}")
+
+    async def fail_over(self, name: str) -> dict[str, Any]:
+        """Forced failover: this node becomes primary of ``name`` without its primary."""
+        vol, source = self._check_mirror(name, f"marsfs primary {name} --force")
+        if await self._reachable(name, source):
+            raise InvalidRequest(f"{source}, the primary of {name}, is reachable: use the planned handover, "
+                                 f"marsfs primary {name}, which loses nothing; --force is for a primary that "
+                                 "cannot be reached")
+        await self.cluster.stop_fetch(name)
+        loss = self._loss(name, source)
+        epoch = self._newest_epoch(name) + 1
+        start = vol.head_lsn + 1
+        loss = FailoverLoss(**{**loss.to_json(), "epoch": epoch, "start_lsn": start})
+        await trio.to_thread.run_sync(self.node.promote, name, epoch)
+        self._claimed(name, epoch, start)
+        await trio.to_thread.run_sync(self.node.record_failover, name, loss)
+        logger.warning("forced failover of %s from %s: primary here from LSN %d, epoch %d; %s", name, source,
+                       start, epoch, loss.describe())
+        return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
+                "lost": loss.describe()}
+
+    def _newest_epoch(self, name: str) -> int:
+        epoch = self.node.role(name).epoch
+        meta = getattr(self.cluster, "meta", None)
+        if meta is not None:
+            d = meta.designated(name)
+            if d is not None:
+                epoch = max(epoch, d.epoch)
+        return epoch
+
+    async def _reachable(self, name: str, source: str) -> bool:
+        """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
+        try:
+            ch, _ = await open_channel(self.cluster._connector(source),
+                                       hello(self.node.name, self.cluster.cluster, name, "handover"))
+        except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
+            return False
+        await ch.aclose()
+        return True
+
+    def _loss(self, name: str, source: str) -> FailoverLoss:
+        """What becoming primary now would lose, as this node's fetch last heard of ``source``."""
+        vol = self.node.volume(name)
+        fetcher = self.cluster.fetchers.get(name)
+        now = time.time()
+        ours = vol.durable_lsn
+        if fetcher is None or not fetcher.state.primary_time:
+            return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=0, bytes=0, oldest=0.0,
+                                newest=0.0, at_least=True, as_of=0.0)
+        fs = fetcher.state
+        records = max(0, fs.primary_durable_lsn - ours)
+        heard = trio.current_time() - fs.last_heartbeat
+        at_least = not fs.connected or heard > FRESH
+        return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=records,
+                            bytes=fs.lag_bytes if records else 0,
+                            oldest=fs.primary_time - fs.lag_seconds if records else 0.0,
+                            newest=fs.primary_time if records else 0.0, at_least=at_least,
+                            as_of=fs.primary_time if fs.primary_time else now)
+
+    # ------------------------------------------------------------------ the old primary's side
+
+    async def serve_handover(self, ch: Channel, hello: Hello, vol: Volume) -> None:
+        await serve_handover(ch, self, vol.name, hello.node)
+
+    async def prepare_handover(self, volume: str, peer: str, req: HandoverPrepare) -> HandoverReady | Error:
+        role = self.node.role(volume)
+        if role.is_mirror:
+            return Error(code="not-primary", error=f"{self.node.name} is not the primary of {volume}: it mirrors "
+                                                  f"it from {role.source}")
+        if req.epoch != role.epoch:
+            return Error(code="epoch", error=f"{peer} knows epoch {req.epoch} of {volume}, {self.node.name} is at "
+                                             f"epoch {role.epoch}; wait until it has caught up, then retry")
+        try:
+            self.node.fence_for_handover(volume, peer)
+        except (VolumeBusy, WrongRole) as e:
+            return Error(code="busy", error=str(e))
+        vol = self.node.volume(volume)
+        try:
+            await trio.to_thread.run_sync(vol.flush)
+        except MarsError as e:
+            self.node.unfence_handover(volume)
+            return Error(code="error", error=f"{self.node.name} could not flush {volume}: {describe(e)}")
+        logger.info("volume %s fenced for a handover to %s at LSN %d", volume, peer, vol.head_lsn)
+        return HandoverReady(head_lsn=vol.head_lsn, chain=vol.log.last_chain, epoch=role.epoch)
+
+    async def end_handover(self, volume: str, peer: str, end: HandoverEnd | None) -> None:
+        if end is not None and end.claimed:
+            self.handed_over[volume] = (peer, end.epoch)
+            logger.info("volume %s was handed over to %s (epoch %d from LSN %d); this node follows it",
+                        volume, peer, end.epoch, end.start_lsn)
+            self._handed_over(volume, peer, end)
+            return
+        if end is not None:
+            logger.info("the handover of %s to %s was given up: %s; serving it again", volume, peer,
+                        end.reason or "no reason given")
+            self.node.unfence_handover(volume)
+            return
+        # no END: the asker may have claimed and then lost us; wait out the prepare's timeout
+        assert self.cluster._nursery is not None
+        self.cluster._nursery.start_soon(supervised, f"handover fence of {volume}",
+                                         functools.partial(self._unfence_later, volume, peer))
+
+    async def _unfence_later(self, volume: str, peer: str) -> None:
+        await trio.sleep(PREPARE_TIMEOUT)
+        if volume in self.handed_over or self.node.handing_over.get(volume) != peer:
+            return
+        meta = getattr(self.cluster, "meta", None)
+        d = meta.designated(volume) if meta is not None else None
+        if d is not None and d.node != self.node.name:
+            return  # it was claimed after all: the metadata's fencing and following take over
+        logger.info("the handover of %s to %s was not claimed within %.0f s; serving it again", volume, peer,
+                    PREPARE_TIMEOUT)
+        self.node.unfence_handover(volume)
+
+    def _handed_over(self, volume: str, peer: str, end: HandoverEnd) -> None:
+        """The claim is made: stay fenced until this node follows the new primary (the cluster
+        metadata's follow turns this primary into its mirror)."""
+        follow = getattr(self.cluster, "follow", None)
+        if follow is not None:
+            follow(volume)
+
+    # ------------------------------------------------------------------ split brain
+
+    async def serve_compare(self, ch: Channel, hello: Hello, vol: Volume) -> None:
+        def found(seen: SplitSeen) -> None:
+            self._record(vol.name, seen)
+
+        await serve_compare(ch, vol.log, vol.log.bytes_between, hello.node, found)
+
+    async def find_split(self, vol: Volume, source: str) -> None:
+        """Our fetch from ``source`` was refused as diverged: find the fork with it, record it."""
+        name = vol.name
+        meta = getattr(self.cluster, "meta", None)
+        d = meta.designated(name) if meta is not None else None
+        hints = [d.start_lsn - 1] if d is not None and d.start_lsn > 0 else []
+        for attempt in range(COMPARE_TRIES):
+            try:
+                ch, welcome = await open_channel(self.cluster._connector(source),
+                                                 hello(self.node.name, self.cluster.cluster, name, "compare"))
+                try:
+                    seen = await ask_compare(ch, vol.log, vol.log.bytes_between, source, welcome.head_lsn, hints)
+                finally:
+                    await ch.aclose()
+            except (MarsError, OSError, PeerRefused, trio.TooSlowError, ConnectionLost) as e:
+                logger.info("comparing the history of %s with %s failed: %s", name, source, describe(e))
+                await trio.sleep(2.0 ** attempt)
+                continue
+            self._record(name, seen)
+            return
+        logger.error("split brain of %s with %s: the fork could not be located; see marsfs status %s", name,
+                     source, name)
+
+    def _record(self, name: str, seen: SplitSeen) -> None:
+        split = SplitBrain(peer=seen.peer, fork_lsn=seen.fork.lsn, exact=seen.fork.exact,
+                           own_records=seen.ours[0], own_bytes=seen.ours[1], peer_records=seen.theirs[0],
+                           peer_bytes=seen.theirs[1], found=time.time())
+        self.node.record_split(name, split)
+        logger.error("volume %s: %s (%s and %s)", name, split.describe(name), human_bytes(split.own_bytes),
+                     human_bytes(split.peer_bytes))
