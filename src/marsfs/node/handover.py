@@ -34,7 +34,7 @@ import trio
 
 from marsfs.aio import describe, supervised
 from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
-from marsfs.node.state import FRESH, FailoverLoss, Role, SplitBrain
+from marsfs.node.state import FailoverLoss, Role, SplitBrain
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import PeerChannel, hello, open_channel
 from marsfs.replication.handover import (
@@ -45,7 +45,6 @@ from marsfs.replication.handover import (
     serve_handover,
 )
 from marsfs.replication.protocol import Error, HandoverEnd, HandoverPrepare, HandoverReady, Hello
-from marsfs.units import human_bytes
 from marsfs.volume import Volume
 
 if TYPE_CHECKING:
@@ -199,8 +198,8 @@ class Roles:
             raise InvalidRequest(f"{source}, the primary of {name}, is reachable: use the planned handover, "
                                  f"marsfs primary {name}, which loses nothing; --force is for a primary that "
                                  "cannot be reached")
+        loss = self._loss(name, source)  # before the fetch stops: it is what knows the source's last word
         await self.cluster.stop_fetch(name)
-        loss = self._loss(name, source)
         epoch = self._newest_epoch(name) + 1
         start = vol.head_lsn + 1
         loss = FailoverLoss(**{**loss.to_json(), "epoch": epoch, "start_lsn": start})
@@ -242,8 +241,8 @@ class Roles:
                                 newest=0.0, at_least=True, as_of=0.0)
         fs = fetcher.state
         records = max(0, fs.primary_durable_lsn - ours)
-        heard = trio.current_time() - fs.last_heartbeat
-        at_least = not fs.connected or heard > FRESH
+        # a primary that cannot be reached may have written after its last word, however fresh
+        at_least = True
         return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=records,
                             bytes=fs.lag_bytes if records else 0,
                             oldest=fs.primary_time - fs.lag_seconds if records else 0.0,
@@ -348,5 +347,4 @@ class Roles:
                            own_records=seen.ours[0], own_bytes=seen.ours[1], peer_records=seen.theirs[0],
                            peer_bytes=seen.theirs[1], found=time.time())
         self.node.record_split(name, split)
-        logger.error("volume %s: %s (%s and %s)", name, split.describe(name), human_bytes(split.own_bytes),
-                     human_bytes(split.peer_bytes))
+        logger.error("volume %s: %s", name, split.describe(name))

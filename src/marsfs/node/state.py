@@ -28,6 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from marsfs.errors import StateError
+from marsfs.units import human_bytes
 
 
 class Role(StrEnum):
@@ -273,8 +274,8 @@ class SplitBrain:
     def describe(self, volume: str) -> str:
         at = f"LSN {self.fork_lsn}" if self.exact else f"LSN {self.fork_lsn} or before"
         return (f"split brain with {self.peer}: the histories fork after {at}; this node wrote "
-                f"{self.own_records} records ({self.own_bytes} bytes) after it, {self.peer} "
-                f"{self.peer_records} ({self.peer_bytes} bytes); replication between them stopped. Keep one "
+                f"{self.own_records} records ({human_bytes(self.own_bytes)}) after it, {self.peer} "
+                f"{self.peer_records} ({human_bytes(self.peer_bytes)}); replication between them stopped. Keep one "
                 f"side: on the node whose writes are to be discarded, close the image and run marsfs "
                 f"invalidate {volume}")
 
@@ -310,7 +311,7 @@ class FailoverLoss:
             return (f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn}): no "
                     f"record known lost (its last word, {_utc(self.as_of)}, showed none this node lacked){later}")
         return (f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn}) lost "
-                f"{bound}{self.records} records ({bound}{self.bytes} bytes) written between {_utc(self.oldest)} "
+                f"{bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between {_utc(self.oldest)} "
                 f"and {_utc(self.newest)}{later}")
 
 
