@@ -108,7 +108,7 @@ class ForkSearch:
         if n <= 0:
             self._stuck = True
             return []
-        want = set(self.hints)
+        want = {n for h in self.hints for n in (h, h + 1) if bottom <= n <= top}  # agree at h, differ after
         self.hints = []
         slots = MAX_CHAINS - len(want)
         if n <= slots:
