@@ -48,7 +48,7 @@ def test_handover_cycles_keep_every_fsynced_file(harness: Harness, tmp_path: Pat
         assert f"epoch {i + 2}" in r.stdout, r.stdout
         others = [m for m in order if m is not n]
         for m in others:
-            wait_for(lambda m=m: (s := status(m, "vm"))["role"] == "mirror" and s["source"] == n.name,
+            wait_for(lambda m=m, n=n: (s := status(m, "vm"))["role"] == "mirror" and s["source"] == n.name,
                      timeout=60, what=f"{m.name} to follow {n.name} (cycle {i})")
             wait_synced(m, "vm")
         assert status(n, "vm")["epoch"] == i + 2
