@@ -102,10 +102,12 @@ def test_fetch_without_watch_fetches() -> None:
 
 
 def test_protocol_1_is_refused_in_words() -> None:
-    """Protocol 2 added fields an old peer would not know; its frames are refused as such."""
+    """Protocols 2 and 3 added fields and messages an old peer would not know; its frames are
+    refused as such."""
     assert PROTO_VERSION == 3 and MsgType.IMAGE_PROGRESS == 11
-    with pytest.raises(ProtocolError, match="unsupported protocol version 1"):
-        FrameDecoder().feed(raw_frame(version=1))
+    for old in (1, 2):
+        with pytest.raises(ProtocolError, match=f"unsupported protocol version {old}"):
+            FrameDecoder().feed(raw_frame(version=old))
 
 
 def test_image_ack_keeps_its_two_field_wire_form() -> None:

@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from marsfs.errors import InvalidRequest, PeerError, VolumeBusy, WrongRole
+from marsfs.errors import InvalidRequest, PeerError, VolumeBusy, VolumeReadOnly, WrongRole
 from marsfs.node import Node
 from marsfs.node import handover as node_handover
 from marsfs.node.cluster import Cluster
@@ -53,9 +53,10 @@ class Net:
         self.down: set[str] = set()
         self.streams: dict[str, list[trio.abc.Stream]] = {}
 
-    async def start(self, name: str) -> Cluster:
+    async def start(self, name: str, peers: list[str]) -> Cluster:
         node = Node.open(self.tmp_path / name, name)
-        cluster = Cluster(node, listen=None, peers={}, cluster=CLUSTER)
+        # the addresses are never used: connections go through connect() (metadata gossip too)
+        cluster = Cluster(node, listen=None, peers={p: "127.0.0.1:1" for p in peers if p != name}, cluster=CLUSTER)
         cluster._connector = lambda peer: self.connect(peer)  # type: ignore[method-assign]
         await self.nursery.start(cluster.run)
         self.clusters[name] = cluster
@@ -63,7 +64,7 @@ class Net:
 
     def connect(self, peer: str) -> Connect:
         async def connect() -> trio.abc.Stream:
-            if peer in self.down:
+            if peer in self.down or peer not in self.clusters:
                 raise OSError(111, "Connection refused")
             client, server = trio.testing.memory_stream_pair()
             self.streams.setdefault(peer, []).append(server)
@@ -104,7 +105,7 @@ def image(vol: Volume) -> bytes:
 
 async def pair(net: Net, *names: str) -> list[Cluster]:
     """``names[0]`` primary of vm with some data, the others its synced mirrors."""
-    clusters = [await net.start(n) for n in names]
+    clusters = [await net.start(n, list(names)) for n in names]
     a = clusters[0]
     vol = a.node.create("vm", SIZE, thin=True)
     await trio.to_thread.run_sync(write, vol, 1, 20)
@@ -142,9 +143,10 @@ def test_planned_handover_loses_nothing(tmp_path: Path) -> None:
         assert b.node.role("vm").role == Role.PRIMARY and b.node.role("vm").epoch == 2
         assert vb.visible_lsn is None and vb.head_lsn == head and vb.log.last_chain == va.log.last_chain
         assert image(vb) == image(va)
-        assert a.node.handing_over["vm"] == "b" and a.roles.handed_over["vm"] == ("b", 2)
-        with pytest.raises(VolumeBusy, match="handed over to b"):
-            a.node.acquire("vm")  # the old primary serves no open: it is not the primary any more
+        assert result["follows"] and a.roles.handed_over["vm"] == ("b", 2)
+        assert a.node.is_mirror("vm") and a.node.role("vm").source == "b" and a.node.role("vm").epoch == 2
+        with pytest.raises(VolumeReadOnly):
+            a.node.acquire("vm", write=True)  # the old primary takes no writes: it is b's mirror
         await trio.to_thread.run_sync(write, vb, 3, 5)  # the new primary's log continues
         assert vb.head_lsn > head and "vm" not in b.fetchers
         assert b.statuses("vm")[0].state == VolumeState.UP
@@ -159,7 +161,7 @@ def test_handover_refusals_change_nothing(tmp_path: Path) -> None:
         a.node.acquire("vm")
         with pytest.raises(VolumeBusy, match=r"open on its primary a \(2 holder\(s\)"):
             await b.primary("vm")
-        assert b.node.is_mirror("vm") and "vm" not in a.node.handing_over and "vm" in b.fetchers
+        assert b.node.is_mirror("vm") and not a.node.fenced("vm") and "vm" in b.fetchers
         a.node.release("vm")
         a.node.release("vm")
         with pytest.raises(WrongRole, match="already primary"):
@@ -192,13 +194,14 @@ def test_prepare_without_claim_unfences_after_the_timeout(tmp_path: Path, monkey
         ch, _ = await open_channel(net.connect("a"), hello("b", CLUSTER, "vm", "handover", 1))
         await ch.send_message(HandoverPrepare(epoch=1, timeout=repl_handover.PREPARE_TIMEOUT))
         assert isinstance(await ch.receive_message(), HandoverReady)
-        assert a.node.handing_over["vm"] == "b"
+        assert "handover" in a.node.fenced("vm")
+        with pytest.raises(VolumeReadOnly):
+            a.node.volumes["vm"].write(0, b"x" * 512)
         await ch.aclose()  # the asker vanished without END
         await trio.sleep(repl_handover.PREPARE_TIMEOUT / 2)
-        assert a.node.handing_over.get("vm") == "b"  # it may have claimed: wait out the timeout
-        await wait_for(lambda: "vm" not in a.node.handing_over, "the fence to end", repl_handover.PREPARE_TIMEOUT)
-        a.node.acquire("vm")
-        a.node.release("vm")
+        assert "handover" in a.node.fenced("vm")  # it may have claimed: wait out the timeout
+        await wait_for(lambda: not a.node.fenced("vm"), "the fence to end", repl_handover.PREPARE_TIMEOUT)
+        a.node.volumes["vm"].write(0, b"x" * 512)
 
     in_net(tmp_path, body)
 
@@ -231,11 +234,8 @@ def test_failover_says_what_is_lost_and_split_brain_is_seen_by_both(tmp_path: Pa
         assert st.role == Role.PRIMARY and st.failover_loss == loss
         vb = b.node.volumes["vm"]
         await trio.to_thread.run_sync(write, vb, 9, 4)  # b writes in its epoch
-        # a comes back and follows b (what the cluster metadata's follow does)
+        # a comes back: it learns of epoch 2 by gossip, is fenced, and finds the fork with b
         net.down.clear()
-        a.node.set_role("vm", role="mirror", source="b", epoch=2)
-        va.visible_lsn = va.head_lsn
-        a._start_fetch(va)
         await wait_for(lambda: a.node.splits("vm") and b.node.splits("vm"), "both sides to record the split")
         (sa,), (sb,) = a.node.splits("vm"), b.node.splits("vm")
         assert (sa.peer, sb.peer) == ("b", "a") and sa.fork_lsn == sb.fork_lsn == fork and sa.exact and sb.exact
@@ -267,10 +267,8 @@ def test_a_lagging_mirror_stays_a_prefix(tmp_path: Path) -> None:
         await wait_for(lambda: b.node.volumes["vm"].current_lsn == a.node.volumes["vm"].durable_lsn, "b to sync")
         await b.primary("vm")
         vc = c.node.volumes["vm"]
-        c.set_paused("vm", "fetch", False)
-        await c.stop_fetch("vm")
-        c.node.set_role("vm", source="b", epoch=2)  # what the metadata's follow does
-        c._start_fetch(vc)
+        c.set_paused("vm", "fetch", False)  # c follows b by itself (the metadata's follow)
+        await wait_for(lambda: c.node.role("vm").source == "b", "c to switch to b")
         await wait_for(lambda: vc.current_lsn == b.node.volumes["vm"].durable_lsn, "c to follow b")
         assert image(vc) == image(b.node.volumes["vm"]) and not c.node.splits("vm")
 

@@ -229,6 +229,11 @@ async def _join(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def _leave(ctx: Context, a: dict[str, Any]) -> Any:
+    if a["node"]:
+        return await ctx.cluster.leave_node(a["volume"], a["node"], force=a["force"])
+    if a["force"]:
+        raise UsageError("leave --force goes with --node NAME (removing a dead node); to leave here: "
+                         f"marsfs leave {a['volume']}")
     result = await ctx.cluster.leave(a["volume"])
     ctx.forget_volume(a["volume"])
     return result
@@ -330,7 +335,8 @@ def _primary_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     head = f"{r['volume']}: primary on this node now (epoch {r['epoch']}, writes from LSN {r['start_lsn']})"
     if "loss" in r:
         return f"{head}; failover without {r['from']}: {r['lost']}"
-    return f"{head}; handed over from {r['from']}, which follows it now; nothing lost"
+    follows = "which follows it now" if r.get("follows", True) else "which follows it once it hears of the claim"
+    return f"{head}; handed over from {r['from']}, {follows}; nothing lost"
 
 
 def _clone_text(r: dict[str, Any], args: argparse.Namespace) -> str:
@@ -357,7 +363,26 @@ def status_table(rows: list[dict[str, Any]]) -> str:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
     for r in rows:
         lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
+    for r in rows:
+        lines += meta_lines(r)
     return "\n".join(lines)
+
+
+def meta_lines(r: Mapping[str, Any]) -> list[str]:
+    """What the cluster metadata says of a volume: its designated primary, members, and each
+    other node's published position."""
+    if not r.get("designated_primary"):
+        return []
+    now = time.time()
+    lines = [f"{r['volume']}: designated primary {r['designated_primary']}, members "
+             f"{', '.join(r.get('members') or []) or 'none'}"]
+    for p in r.get("positions") or []:
+        heard = f"heard {now - p['last_heard']:.0f}s ago" if p.get("last_heard") else "not heard directly"
+        src = f" of {p['source']}" if p.get("source") else ""
+        lines.append(f"{r['volume']}: node {p['node']}: {p['role']}{src} {p['state']}, epoch {p['epoch']}, "
+                     f"head {p['head_lsn']}, replayed {p['replayed_lsn']}, published {now - p['updated']:.0f}s ago, "
+                     f"{heard}")
+    return lines
 
 
 def _lag(r: Mapping[str, Any]) -> str:
@@ -445,6 +470,13 @@ def _versions_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _leave_text(r: Mapping[str, Any], a: argparse.Namespace) -> str:
+    if "node" in r:
+        return (f"removed node {r['node']} from {r['volume']}: its position no longer holds the log "
+                f"(members now: {', '.join(r['members']) or 'none'})")
+    return f"left {r['volume']} (no longer fetching from {r['left']}; local copy removed)"
+
+
 def _pause_command(name: str) -> Command:
     verb, what = name.split("-")
     return Command(name, f"{name.replace('-', ' ')} of a mirror (persists)", (Arg("volume"),),
@@ -495,8 +527,12 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             _join, text=lambda r, a: f"joining {r['volume']} from {r['source']}: copying {human_bytes(r['size'])}; "
                                      f"follow with: marsfs status {r['volume']}  "
                                      f"(or marsfs wait {r['volume']} --synced)"),
-    Command("leave", "stop mirroring VOL (removes the local copy)", (VOLUME,),
-            _leave, text=lambda r, a: f"left {r['volume']} (no longer fetching from {r['left']}; local copy removed)"),
+    Command("leave", "stop mirroring VOL here; --node N --force: remove dead node N",
+            (VOLUME,
+             Arg("node", "remove this dead node from the volume (run on a survivor)", flag="--node",
+                 required=False, metavar="NAME"),
+             Arg("force", "with --node: yes, the node is dead", flag="--force", required=False, parse=switch)),
+            _leave, text=_leave_text),
     *(_pause_command(n) for n in ("pause-fetch", "resume-fetch", "pause-replay", "resume-replay")),
     Command("wait", "block until a condition holds (for scripts)",
             (VOLUME,

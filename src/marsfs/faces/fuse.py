@@ -229,7 +229,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         if flags & os.O_ACCMODE != os.O_RDONLY and not entry.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
-        vol = self.node.acquire(entry.volume)
+        vol = self.node.acquire(entry.volume, write=flags & os.O_ACCMODE != os.O_RDONLY)
         try:
             view = None if entry.version is None else await trio.to_thread.run_sync(vol.view, entry.version)
         except BaseException:

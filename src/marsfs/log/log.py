@@ -62,7 +62,7 @@ from marsfs.log.record import (
     verify_link,
     verify_payload,
 )
-from marsfs.log.recovery import RecoveryReport, recover
+from marsfs.log.recovery import RecoveryReport, finish_restart, recover
 from marsfs.log.segment import RecordInfo, Segment, segment_name
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -332,6 +332,35 @@ class Log:
         old.reopen_readonly()
         self._segments.append(seg)
         self._firsts.append(seg.first_lsn)
+
+    def restart(self, after_lsn: int, chain: bytes) -> None:
+        """Drop every record and continue the log at ``after_lsn + 1`` from ``chain``.
+
+        What a resync's switch does: the volume's image is now another node's version
+        ``after_lsn``, whose chain is ``chain``, so the next replicated record verifies against it.
+        Crash-safe through a marker (:data:`~marsfs.log.recovery.RESTART_FILE`, written first,
+        removed last): recovery that finds it finishes the restart (:func:`finish_restart`), so
+        a crash leaves the old log or the restarted one. The caller makes sure that nobody reads
+        the old records any more (their segments' fds are closed here).
+        """
+        with self._lock:
+            self._check_failed()
+            while self._syncing:
+                self._synced.wait()
+            for seg in self._segments:
+                seg.close()
+            try:
+                seg = finish_restart(self.path, after_lsn, chain)
+            except OSError as e:
+                self._failed = e  # the segments are closed: nothing but a reopen can go on
+                raise LogFailed(f"restarting the log in {self.path} failed ({e.strerror}); "
+                                "restart the daemon: opening the volume finishes it") from e
+            self._segments = [seg]
+            self._firsts = [seg.first_lsn]
+            self._durable_lsn = after_lsn
+            self._marks.clear()
+            with self._cache_lock:
+                self._cache.clear()
 
     def bytes_between(self, after: int, upto: int) -> int:
         """Bytes that the retained records ``(after, upto]`` take in the log."""

@@ -14,6 +14,12 @@ Every record is verified (header sum, payload hash, LSN sequence, chain link), a
 segment header against the end of the previous segment. The scan stops at the first damaged
 record with :class:`~marsfs.errors.LogDamaged` naming segment, byte offset and LSN, and then
 holds no file open.
+
+A *restart* (:meth:`marsfs.log.Log.restart`, a resync's switch) replaces the whole log by an
+empty one that continues another history. It writes :data:`RESTART_FILE` (the new first LSN's
+predecessor and its chain) before it deletes any segment and removes it after the new segment
+exists; recovery that finds the file redoes the restart (:func:`finish_restart`), which is
+idempotent: delete every segment, make the empty one, remove the file.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marsfs.errors import LogDamaged, StateError
+from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.log.record import (
     HEADER_SIZE,
     RECORD_MAGIC,
@@ -35,6 +42,8 @@ from marsfs.log.record import (
     verify_payload,
 )
 from marsfs.log.segment import SEGMENT_SUFFIX, Segment, named_lsn, segment_name
+
+RESTART_FILE = "restart.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,9 @@ def recover(path: Path, *, repair: bool) -> tuple[list[Segment], RecoveryReport]
     """
     for stale in path.glob("*.tmp"):
         stale.unlink()
+    if (path / RESTART_FILE).exists():
+        state = read_json(path / RESTART_FILE)
+        finish_restart(path, int(state["after_lsn"]), bytes.fromhex(state["chain"])).close()
     names = sorted(p.name for p in path.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
     if not names:
         raise StateError(f"no log segments in {path}: the volume's log is missing; "
@@ -85,6 +97,27 @@ def recover(path: Path, *, repair: bool) -> tuple[list[Segment], RecoveryReport]
         seg.reopen_readonly()
     records = sum(s.count for s in segments)
     return segments, RecoveryReport(len(segments), records, scanned, torn, torn_reason)
+
+
+def finish_restart(path: Path, after_lsn: int, chain: bytes) -> Segment:
+    """Make the log in ``path`` an empty one that continues after ``after_lsn`` from ``chain``;
+    returns its (writable) segment. Every step is durable before the next, and running it
+    again after a crash anywhere ends in the same log."""
+    marker = path / RESTART_FILE
+    if not marker.exists():
+        write_json(marker, {"after_lsn": after_lsn, "chain": chain.hex()})
+    for seg in path.iterdir():
+        if seg.name.endswith(SEGMENT_SUFFIX):
+            seg.unlink()
+    fsync_dir(path)
+    new = Segment.create(path, after_lsn + 1, chain)
+    try:
+        marker.unlink()
+        fsync_dir(path)
+    except BaseException:
+        new.close()
+        raise
+    return new
 
 
 def _has_valid_header_after(buf: mmap.mmap, start: int) -> bool:

@@ -12,12 +12,23 @@ Rules that hold here:
 * A mirror's lag is measured against its source's newest durable LSN as the last heartbeat
   told it, also while its fetch is paused (the fetcher then only watches). An image copy's
   progress is what the source has scanned, zeros included.
+* Cluster metadata (:mod:`marsfs.node.meta`, issue 10): every ``GOSSIP_EVERY`` seconds, and
+  at once after a local change (:meth:`Cluster.gossip_now`), this node publishes its
+  position for each volume and exchanges its metadata with every ``--peer`` (both
+  directions, :mod:`marsfs.node.gossip`). A peer that is down is retried quietly, logged at
+  INFO once per change. After every change the follow step (:meth:`Cluster._follow`) runs:
+  a primary that is not the designated primary is fenced (EROFS, log kept); if its log ends
+  before the designated primary's epoch began it becomes that node's mirror; a mirror whose
+  source is not the designated primary fetches from it instead; a node removed from a volume
+  (``leave --node --force``) no longer holds this node's log. Nothing here ever promotes a
+  node: only an operator's ``primary`` claims a volume.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +36,20 @@ from typing import Any
 import trio
 
 from marsfs.aio import describe, supervised
-from marsfs.errors import InvalidRequest, MarsError, PeerError, UsageError, VolumeBusy, WrongRole
+from marsfs.errors import (
+    InvalidRequest,
+    MarsError,
+    PeerError,
+    ProtocolError,
+    UsageError,
+    VolumeBusy,
+    VolumeNotFound,
+    WrongRole,
+)
+from marsfs.node import gossip
 from marsfs.node.handover import Roles
-from marsfs.node.node import Node, check_volume_name
+from marsfs.node.meta import Position
+from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
 from marsfs.node.state import (
     FRESH,
     MirrorFacts,
@@ -38,15 +60,16 @@ from marsfs.node.state import (
     mirror_state,
     peer_state,
 )
-from marsfs.replication.channel import PeerRefused
+from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
-from marsfs.replication.protocol import ImageInfo
+from marsfs.replication.protocol import Hello, ImageInfo
 from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
 
 REPLAY_EVERY = 0.02
+GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
 DEFAULT_CLUSTER = "marsfs"
 
 
@@ -67,8 +90,8 @@ class Cluster:
         self.cluster = cluster
         self.peer_table = PeerTable()
         self.roles = Roles(self)
-        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table,
-                             {"handover": self.roles.serve_handover, "compare": self.roles.serve_compare})
+        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table, meta=self._serve_meta,
+                             conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare})
         self.fetchers: dict[str, Fetcher] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._fetch_ended: dict[str, trio.Event] = {}
@@ -76,6 +99,7 @@ class Cluster:
         self._replay_samples: dict[str, deque[tuple[float, int]]] = {}
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
+        self._init_meta()
 
     # ------------------------------------------------------------------ running
 
@@ -103,6 +127,8 @@ class Cluster:
                     self.copies[name] = ImageCopy(source=source, size=0, started=trio.current_time(),
                                                   failed=describe(e))
             nursery.start_soon(self._replay_loop)
+            await self._start_meta(nursery)
+            nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
 
     def _connector(self, peer: str) -> Connect:
@@ -312,7 +338,7 @@ class Cluster:
                 return [self.node.failed_status(name)]
             self.node.volume(name)  # raises the usual unknown-volume error
         names = [name] if name is not None else sorted(self.node.volumes)
-        rows = [self._volume_status(n) for n in names]
+        rows = [self._with_meta(self._volume_status(n)) for n in names]
         if name is None:
             rows += [self.node.failed_status(n) for n in sorted(self.node.failed)]
             rows += [self._copy_status(n) for n in sorted(self.copies)]
@@ -385,6 +411,215 @@ class Cluster:
             state=state, errors=st.errors + errors, connected=fs.connected, heartbeat_age=heartbeat_age,
             primary_durable_lsn=fs.primary_durable_lsn, lag_records=lag_records, lag_bytes=lag_bytes,
             lag_seconds=lag_seconds, fetch_rate=fetch_rate, eta_seconds=eta)
+
+
+    # ------------------------------------------------------------------ cluster metadata (issue 10)
+
+    def _init_meta(self) -> None:
+        self.meta = self.node.meta
+        self._gossip_wake: dict[str, trio.Event] = {}  #: per peer: exchange now
+        self._follow_wake = trio.Event()  #: metadata changed: publish and follow now
+        self._heard: dict[str, float] = {}  #: peer -> wall time of our last metadata exchange with it
+        self._gossip_trouble: dict[str, str] = {}  #: peer -> why the last exchange failed ("" : it worked)
+        self._meta_errors: dict[str, str] = {}  #: volume -> what the follow step cannot do, and what to do
+
+    async def _start_meta(self, nursery: trio.Nursery) -> None:
+        """One round first (claim, exchange with every peer, follow), so a node that was away
+        learns of a newer epoch before it takes a write; then the loops."""
+        await trio.to_thread.run_sync(self._claim_unclaimed)
+        async with trio.open_nursery() as first:
+            for peer in sorted(self.peers):
+                first.start_soon(self._exchange, peer)
+        await self._meta_round()
+        for peer in sorted(self.peers):
+            nursery.start_soon(supervised, f"metadata gossip with {peer}", functools.partial(self._gossip_loop, peer))
+        nursery.start_soon(supervised, "cluster metadata", self._meta_loop)
+
+    def gossip_now(self) -> None:
+        """Exchange metadata with every peer and follow it now (after a claim, a removal)."""
+        for ev in self._gossip_wake.values():
+            ev.set()
+        self._follow_wake.set()
+
+    async def _serve_meta(self, ch: Channel, greeting: Hello) -> None:
+        changed = await gossip.serve(ch, greeting, self.meta, self.cluster)
+        self._heard[greeting.node] = time.time()
+        if changed:
+            self._follow_wake.set()
+
+    async def _gossip_loop(self, peer: str) -> None:
+        while True:
+            wake = self._gossip_wake[peer] = trio.Event()
+            await self._exchange(peer)
+            with trio.move_on_after(GOSSIP_EVERY):
+                await wake.wait()
+
+    async def _exchange(self, peer: str) -> None:
+        """One metadata exchange with ``peer``; trouble is logged once per change, at INFO."""
+        try:
+            changed = await gossip.exchange(self._connector(peer), self.meta, self.cluster, peer)
+        except (OSError, trio.TooSlowError, ConnectionLost, ProtocolError, PeerRefused) as e:
+            trouble = describe(e)
+        else:
+            trouble = ""
+            self._heard[peer] = time.time()
+            if changed:
+                self._follow_wake.set()
+        if trouble != self._gossip_trouble.get(peer, ""):
+            if trouble:
+                logger.info("metadata exchange with %s failed: %s; retrying every %.0f s", peer, trouble,
+                            GOSSIP_EVERY)
+            else:
+                logger.info("metadata exchange with %s works again", peer)
+        self._gossip_trouble[peer] = trouble
+
+    async def _meta_loop(self) -> None:
+        while True:
+            wake = self._follow_wake = trio.Event()
+            with trio.move_on_after(GOSSIP_EVERY):
+                await wake.wait()
+            await self._meta_round()
+
+    async def _meta_round(self) -> None:
+        await self._publish()
+        for name in sorted(self.node.volumes):
+            try:
+                await self._follow(name)
+            except MarsError as e:  # e.g. the disk failed under a role change: say it, try again
+                self._meta_errors[name] = f"following the designated primary of {name}: {describe(e)}"
+
+    def _claim_unclaimed(self) -> None:
+        """A primary from before the metadata existed claims its volume at its epoch from LSN 1."""
+        for name in sorted(self.node.volumes):
+            role = self.node.role(name)
+            if role.role == Role.PRIMARY and self.meta.designated(name) is None:
+                self.meta.claim(name, self.node.name, role.epoch, 1)
+                logger.info("volume %s: claimed epoch %d in the cluster metadata (it had no claim)", name, role.epoch)
+
+    async def _publish(self) -> None:
+        now = time.time()
+        positions = []
+        for name in sorted(self.node.volumes):
+            vol = self.node.volumes[name]
+            if vol.clone_of is not None:
+                continue
+            try:
+                st = self._volume_status(name)
+            except MarsError:
+                continue  # deleted in the meantime
+            positions.append((name, Position(
+                role=st.role.value, state=st.state.value, epoch=st.epoch, head_lsn=st.head_lsn,
+                durable_lsn=st.durable_lsn, chain_at_head=vol.log.last_chain.hex(), replayed_lsn=st.replayed_lsn,
+                open_handles=st.open_handles, source=st.source or "", updated=now)))
+
+        def put() -> bool:
+            return any([self.meta.publish(name, p) for name, p in positions])
+
+        if await trio.to_thread.run_sync(put):
+            for ev in self._gossip_wake.values():
+                ev.set()
+
+    async def _follow(self, name: str) -> None:
+        """Act on what the metadata says about ``name`` here (see the module's rules)."""
+        vol = self.node.volumes.get(name)
+        if vol is None or vol.clone_of is not None:
+            return
+        for gone in self.meta.removed(name):
+            self._forget_mirror(vol, gone)
+        d = self.meta.designated(name)
+        if d is None:
+            return
+        role = self.node.role(name)
+        me = self.node.name
+        if role.role == Role.PRIMARY:
+            if d.node == me:
+                self.node.unfence(name)
+                self.node.unfence(name, holder=MIRROR_FENCE)
+                self._meta_errors.pop(name, None)
+                return
+            why = (f"volume {name}: node {d.node} is its designated primary (epoch {d.epoch}, from LSN "
+                   f"{d.start_lsn}); this node refuses writes: write on {d.node}")
+            self.node.fence(name, why)
+            head = vol.head_lsn
+            if head >= d.start_lsn:  # we wrote after the new epoch began: a divergent tail, kept
+                self._meta_errors[name] = (
+                    f"this node wrote LSN {d.start_lsn}-{head} after epoch {d.epoch} began on {d.node}: its tail "
+                    f"diverges and is kept (split brain); keep what you need, then resolve with: "
+                    f"marsfs invalidate {name}")
+                return
+            if self.node.opens[name]:
+                self._meta_errors[name] = (f"it follows {d.node} as a mirror once the image is closed here "
+                                           f"({self.node.opens[name]} handle(s): losetup -d)")
+                return
+            await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
+            self._meta_errors.pop(name, None)
+            self._start_fetch(vol)
+            self.gossip_now()
+        elif role.is_mirror and d.node != me and name not in self.copies:
+            self._meta_errors.pop(name, None)
+            if role.source != d.node:
+                logger.info("volume %s: %s is the designated primary (epoch %d); fetching from it instead of %s",
+                            name, d.node, d.epoch, role.source)
+                scope = self._scopes.pop(name, None)
+                self.fetchers.pop(name, None)
+                if scope is not None:
+                    scope.cancel()
+                await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
+                                                                epoch=d.epoch))
+                self._start_fetch(vol)
+                self.gossip_now()
+            elif role.epoch != d.epoch:
+                await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=d.epoch))
+
+    def _forget_mirror(self, vol: Volume, node: str) -> None:
+        """``node`` was removed from ``vol``: its position holds nothing here any more."""
+        known = any(p.node == node for p in self.peer_table.for_volume(vol.name, vol.uuid))
+        self.peer_table.forget(vol.name, vol.uuid, node)
+        vol.release(f"mirror:{node}")
+        forget = getattr(vol, "forget_mirror", None)  # the per-mirror changed sets (issue 11), once they exist
+        if forget is not None:
+            forget(node)
+        if known:
+            logger.info("volume %s: forgot mirror %s (removed from the volume)", vol.name, node)
+
+    async def leave_node(self, name: str, node: str, *, force: bool) -> dict[str, Any]:
+        """Remove a dead ``node`` from volume ``name`` (``leave VOL --node NAME --force``, on a
+        survivor): its position stops holding the log here and, by gossip, everywhere."""
+        vol = self.node.volume(name)
+        d = self.meta.designated(name)
+        if node == self.node.name:
+            raise InvalidRequest(f"{node} is this node: to stop mirroring {name} here run: marsfs leave {name}")
+        if d is not None and d.node == node:
+            raise InvalidRequest(f"{node} is the designated primary of {name} (epoch {d.epoch}) and cannot be "
+                                 f"removed; make a survivor primary first (marsfs primary {name} --force there)")
+        known = self.meta.members(name) | {p.node for p in self.peer_table.for_volume(name, vol.uuid)}
+        if node not in known:
+            raise VolumeNotFound(f"node {node} does not hold volume {name} as far as this node knows "
+                                 f"(members: {', '.join(sorted(self.meta.members(name))) or 'none'})")
+        if any(p.node == node and p.connected for p in self.peer_table.for_volume(name, vol.uuid)):
+            raise VolumeBusy(f"node {node} is connected and fetching {name}: it is not dead; run marsfs leave "
+                             f"{name} on {node} instead")
+        if not force:
+            raise InvalidRequest(f"removing node {node} from {name} forgets its position for good (its log is no "
+                                 f"longer kept for it; if it comes back it needs a resync); add --force if "
+                                 f"{node} is dead")
+        await trio.to_thread.run_sync(self.meta.remove, name, node)
+        self._forget_mirror(vol, node)
+        self.gossip_now()
+        return {"volume": name, "node": node, "members": sorted(self.meta.members(name))}
+
+    def _with_meta(self, st: VolumeStatus) -> VolumeStatus:
+        """A status row with the other nodes' published positions, and what following the
+        designated primary cannot do (the node's row has the designation and the fences)."""
+        name = st.volume
+        rows = []
+        for owner, p in sorted(self.meta.positions(name).items()):
+            if owner != self.node.name:
+                rows.append({"node": owner, "role": p.role, "state": p.state, "epoch": p.epoch,
+                             "head_lsn": p.head_lsn, "replayed_lsn": p.replayed_lsn, "source": p.source,
+                             "updated": p.updated, "last_heard": self._heard.get(owner)})
+        error = self._meta_errors.get(name)
+        return st.changed(positions=rows, errors=[*st.errors, error] if error else st.errors)
 
 
 @dataclass(eq=False)

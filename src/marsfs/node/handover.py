@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+FOLLOW_WAIT = 10.0  #: seconds a handover waits for the old primary to say it follows
+WATCH_EVERY = 1.0  #: seconds between looks at what the metadata asks of roles here
 CATCH_UP_MARGIN = 5.0  #: seconds of the old primary's fence kept back for the claim after catching up
 COMPARE_TRIES = 5  #: attempts at comparing chains with a source that refused us as diverged
 
@@ -66,6 +68,7 @@ class Roles:
         self.progress: dict[str, dict[str, Any]] = {}
         #: old primaries' side: volume -> (new primary, epoch) once the handover was claimed
         self.handed_over: dict[str, tuple[str, int]] = {}
+        self._comparing: set[str] = set()  #: volumes whose fork is being looked for by watch()
 
     # ------------------------------------------------------------------ the new primary's side
 
@@ -123,12 +126,12 @@ class Roles:
             self.progress[name] = {"from": source, "phase": "fetching",
                                    "to_fetch": max(0, ready.head_lsn - vol.durable_lsn)}
             await self._catch_up(vol, name, source, ready)
-            epoch, start = max(role.epoch, ready.epoch) + 1, ready.head_lsn + 1
+            epoch, start = max(self._newest_epoch(name), ready.epoch) + 1, ready.head_lsn + 1
             self.progress[name] = {"from": source, "phase": "claiming", "to_fetch": 0}
             await self.cluster.stop_fetch(name)
-            await trio.to_thread.run_sync(self.node.promote, name, epoch)
+            await self._claim(name, epoch, start)
             claimed = True
-            self._claimed(name, epoch, start)
+            await trio.to_thread.run_sync(self.node.promote, name, epoch)
         except MarsError as e:
             why = describe(e)
             raise
@@ -137,7 +140,18 @@ class Roles:
             with trio.CancelScope(shield=True):
                 await self._end(ch, name, claimed, epoch, start, why)
         logger.info("handover of %s from %s done: primary here from LSN %d, epoch %d", name, source, start, epoch)
-        return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "lost": 0}
+        follows = await self._await_follow(name, source)
+        return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "lost": 0, "follows": follows}
+
+    async def _await_follow(self, name: str, source: str) -> bool:
+        """Whether ``source`` published, within FOLLOW_WAIT seconds, that it follows this node."""
+        with trio.move_on_after(FOLLOW_WAIT):
+            while True:
+                p = self.node.meta.position(source, name)
+                if p is not None and p.role == Role.MIRROR.value and p.source == self.node.name:
+                    return True
+                await trio.sleep(0.05)
+        return False
 
     async def _prepare(self, ch: PeerChannel, name: str, source: str, epoch: int) -> HandoverReady:
         await ch.send_message(HandoverPrepare(epoch=epoch, timeout=PREPARE_TIMEOUT))
@@ -179,11 +193,13 @@ class Roles:
         finally:
             await ch.aclose()
 
-    def _claimed(self, name: str, epoch: int, start: int) -> None:
-        """The claim of ``epoch`` from ``start`` (the cluster metadata spreads it, once it exists)."""
-        meta = getattr(self.cluster, "meta", None)
-        if meta is not None:
-            meta.claim(name, self.node.name, epoch, start_lsn=start)
+    async def _claim(self, name: str, epoch: int, start: int) -> None:
+        """Claim ``name`` for ``epoch`` from ``start`` in the cluster metadata (persisted before
+        this node is promoted: a crash in between is finished at the next start, see
+        :meth:`watch`), and spread it at once."""
+        await trio.to_thread.run_sync(functools.partial(self.node.meta.claim, name, self.node.name, epoch,
+                                                        start_lsn=start))
+        self.cluster.gossip_now()
 
     def _unreachable(self, name: str, source: str, why: str) -> str:
         loss = self._loss(name, source)
@@ -203,22 +219,17 @@ class Roles:
         epoch = self._newest_epoch(name) + 1
         start = vol.head_lsn + 1
         loss = FailoverLoss(**{**loss.to_json(), "epoch": epoch, "start_lsn": start})
-        await trio.to_thread.run_sync(self.node.promote, name, epoch)
-        self._claimed(name, epoch, start)
         await trio.to_thread.run_sync(self.node.record_failover, name, loss)
+        await self._claim(name, epoch, start)
+        await trio.to_thread.run_sync(self.node.promote, name, epoch)
         logger.warning("forced failover of %s from %s: primary here from LSN %d, epoch %d; %s", name, source,
                        start, epoch, loss.describe())
         return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
                 "lost": loss.describe()}
 
     def _newest_epoch(self, name: str) -> int:
-        epoch = self.node.role(name).epoch
-        meta = getattr(self.cluster, "meta", None)
-        if meta is not None:
-            d = meta.designated(name)
-            if d is not None:
-                epoch = max(epoch, d.epoch)
-        return epoch
+        d = self.node.meta.designated(name)
+        return max(self.node.role(name).epoch, d.epoch if d is not None else 0)
 
     async def _reachable(self, name: str, source: str) -> bool:
         """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
@@ -236,18 +247,21 @@ class Roles:
         fetcher = self.cluster.fetchers.get(name)
         now = time.time()
         ours = vol.durable_lsn
-        if fetcher is None or not fetcher.state.primary_time:
+        if fetcher is None or not fetcher.state.primary_time:  # never heard it
             return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=0, bytes=0, oldest=0.0,
                                 newest=0.0, at_least=True, as_of=0.0)
         fs = fetcher.state
         records = max(0, fs.primary_durable_lsn - ours)
+        lost_bytes = fs.lag_bytes if records else 0
+        oldest = fs.primary_time - fs.lag_seconds if records else 0.0
+        newest = as_of = fs.primary_time
+        p = self.node.meta.position(source, name)  # what it published later, through any peer
+        if p is not None and p.updated > as_of and p.durable_lsn - ours > records:
+            records, newest, as_of = p.durable_lsn - ours, p.updated, p.updated
+            oldest = oldest or as_of
         # a primary that cannot be reached may have written after its last word, however fresh
-        at_least = True
-        return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=records,
-                            bytes=fs.lag_bytes if records else 0,
-                            oldest=fs.primary_time - fs.lag_seconds if records else 0.0,
-                            newest=fs.primary_time if records else 0.0, at_least=at_least,
-                            as_of=fs.primary_time if fs.primary_time else now)
+        return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=records, bytes=lost_bytes,
+                            oldest=oldest, newest=newest if records else 0.0, at_least=True, as_of=as_of or now)
 
     # ------------------------------------------------------------------ the old primary's side
 
@@ -259,6 +273,10 @@ class Roles:
         if role.is_mirror:
             return Error(code="not-primary", error=f"{self.node.name} is not the primary of {volume}: it mirrors "
                                                   f"it from {role.source}")
+        d = self.node.meta.designated(volume)
+        if d is not None and d.node != self.node.name:
+            return Error(code="not-primary", error=f"{self.node.name} is not the designated primary of {volume} any "
+                                                  f"more ({d.node} is, epoch {d.epoch}); hand over from {d.node}")
         if req.epoch != role.epoch:
             return Error(code="epoch", error=f"{peer} knows epoch {req.epoch} of {volume}, {self.node.name} is at "
                                              f"epoch {role.epoch}; wait until it has caught up, then retry")
@@ -266,6 +284,7 @@ class Roles:
             self.node.fence_for_handover(volume, peer)
         except (VolumeBusy, WrongRole) as e:
             return Error(code="busy", error=str(e))
+        self.handed_over.pop(volume, None)
         vol = self.node.volume(volume)
         try:
             await trio.to_thread.run_sync(vol.flush)
@@ -280,7 +299,7 @@ class Roles:
             self.handed_over[volume] = (peer, end.epoch)
             logger.info("volume %s was handed over to %s (epoch %d from LSN %d); this node follows it",
                         volume, peer, end.epoch, end.start_lsn)
-            self._handed_over(volume, peer, end)
+            self.cluster.gossip_now()  # fetch the claim now: the follow step makes this node its mirror
             return
         if end is not None:
             logger.info("the handover of %s to %s was given up: %s; serving it again", volume, peer,
@@ -294,22 +313,49 @@ class Roles:
 
     async def _unfence_later(self, volume: str, peer: str) -> None:
         await trio.sleep(PREPARE_TIMEOUT)
-        if volume in self.handed_over or self.node.handing_over.get(volume) != peer:
+        if volume in self.handed_over or volume not in self.node.volumes:
             return
-        meta = getattr(self.cluster, "meta", None)
-        d = meta.designated(volume) if meta is not None else None
+        d = self.node.meta.designated(volume)
         if d is not None and d.node != self.node.name:
             return  # it was claimed after all: the metadata's fencing and following take over
         logger.info("the handover of %s to %s was not claimed within %.0f s; serving it again", volume, peer,
                     PREPARE_TIMEOUT)
         self.node.unfence_handover(volume)
 
-    def _handed_over(self, volume: str, peer: str, end: HandoverEnd) -> None:
-        """The claim is made: stay fenced until this node follows the new primary (the cluster
-        metadata's follow turns this primary into its mirror)."""
-        follow = getattr(self.cluster, "follow", None)
-        if follow is not None:
-            follow(volume)
+    # ------------------------------------------------------------------ what the metadata asks of roles
+
+    async def watch(self) -> None:
+        """Every WATCH_EVERY seconds: finish a promotion whose claim a crash left behind, and
+        find the split brain of a fenced former primary that wrote after the new epoch began
+        (it does not fetch, so no refusal tells it)."""
+        while True:
+            await trio.sleep(WATCH_EVERY)
+            for name in sorted(self.node.volumes):
+                try:
+                    await self._look(name)
+                except MarsError as e:
+                    logger.info("volume %s: %s", name, describe(e))
+
+    async def _look(self, name: str) -> None:
+        vol = self.node.volumes.get(name)
+        d = self.node.meta.designated(name)
+        if vol is None or d is None or vol.clone_of is not None or name in self.progress:
+            return
+        role = self.node.role(name)
+        me = self.node.name
+        if role.is_mirror and d.node == me and not role.syncing:
+            logger.info("volume %s: this node claimed epoch %d but was not promoted (a crash?); promoting it",
+                        name, d.epoch)
+            await self.cluster.stop_fetch(name)
+            await trio.to_thread.run_sync(self.node.promote, name, d.epoch)
+            self.cluster.gossip_now()
+        elif (role.role == Role.PRIMARY and d.node != me and vol.head_lsn >= d.start_lsn
+              and not any(s.peer == d.node for s in self.node.splits(name)) and name not in self._comparing):
+            self._comparing.add(name)
+            try:
+                await self.find_split(vol, d.node)
+            finally:
+                self._comparing.discard(name)
 
     # ------------------------------------------------------------------ split brain
 
@@ -322,8 +368,7 @@ class Roles:
     async def find_split(self, vol: Volume, source: str) -> None:
         """Our fetch from ``source`` was refused as diverged: find the fork with it, record it."""
         name = vol.name
-        meta = getattr(self.cluster, "meta", None)
-        d = meta.designated(name) if meta is not None else None
+        d = self.node.meta.designated(name)
         hints = [d.start_lsn - 1] if d is not None and d.start_lsn > 0 else []
         for attempt in range(COMPARE_TRIES):
             try:
@@ -339,8 +384,8 @@ class Roles:
                 continue
             self._record(name, seen)
             return
-        logger.error("split brain of %s with %s: the fork could not be located; see marsfs status %s", name,
-                     source, name)
+        logger.info("split brain of %s with %s: the fork could not be located yet; trying again later", name,
+                    source)
 
     def _record(self, name: str, seen: SplitSeen) -> None:
         split = SplitBrain(peer=seen.peer, fork_lsn=seen.fork.lsn, exact=seen.fork.exact,

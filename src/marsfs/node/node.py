@@ -9,6 +9,7 @@ State directory layout::
                              volume has its own history window, history.json; splits.json
                              while it has unresolved split brains or a forced failover's loss
     DIR/trash/               volumes being deleted (renamed here first: atomic disappearance)
+    DIR/meta.json            this node's copy of the cluster metadata (marsfs.node.meta)
 
 Rules that hold here:
 
@@ -34,9 +35,18 @@ Rules that hold here:
   to its source (pinning it again), all inside :meth:`Node.open`, so no :meth:`maintain` can
   run in between. A clone that cannot be attached stays on disk, detached and failed, with the
   reason in its errors, until it is deleted. A volume with clones is neither deleted nor left.
+* Fencing (issue 10): only the designated primary accepts writes. A fence
+  (:meth:`Node.fence`, by a named holder: the metadata's ``designation``, the handover's
+  ``handover``) makes ``Volume.write`` and new opens for writing fail with EROFS
+  (:class:`~marsfs.errors.VolumeReadOnly`); the log stays as it is, tail included. A former
+  primary that became a mirror keeps a ``mirror`` fence (the kernel may still know its
+  writable inode) until it is primary again; mirrors refuse opens for writing anyway.
+* ``create`` claims epoch 1 from LSN 1 in the cluster metadata (:attr:`Node.meta`).
+  :meth:`become_mirror` turns a primary whose log is a prefix of the designated primary's
+  history into its mirror: flushed first, visible at its head, persisted before it is served.
 * Roles change hands (:mod:`marsfs.node.handover` orchestrates): a primary is fenced for a
-  handover only while nothing holds it open, and then serves no open until the handover ends;
-  a mirror is promoted only by :meth:`Node.promote`. Split brains found with peers and what a
+  handover (holder ``handover``) only while nothing holds it open; a mirror is promoted only
+  by :meth:`Node.promote`, which lifts its fences. Split brains found with peers and what a
   forced failover lost are kept in ``splits.json`` until the operator resolves them.
 """
 
@@ -64,9 +74,11 @@ from marsfs.errors import (
     VolumeBusy,
     VolumeExists,
     VolumeNotFound,
+    VolumeReadOnly,
     WrongRole,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.node.meta import META_FILE, ClusterMeta
 from marsfs.node.state import FailoverLoss, Role, RoleRecord, SplitBrain, VolumeState, VolumeStatus
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
@@ -78,6 +90,8 @@ VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NODE_NAME = VOLUME_NAME
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
+MIRROR_FENCE = "mirror"  #: the fence holder of a former primary turned mirror (lifted when primary again)
+HANDOVER_FENCE = "handover"  #: the fence holder of a primary during its handover (marsfs.node.handover)
 
 
 def check_volume_name(name: str) -> str:
@@ -100,14 +114,14 @@ class Node:
         self.opens: Counter[str] = Counter()
         self.rejoin: dict[str, str] = {}  #: mirrors whose image copy a crash interrupted -> source
         self.failed: dict[str, str] = {}  #: volumes that could not be opened at start -> why (one line)
-        #: primaries fenced for a handover to another node: volume -> that node (no opens meanwhile)
-        self.handing_over: dict[str, str] = {}
         self._splits: dict[str, dict[str, SplitBrain]] = {}  #: volume -> peer -> its split brain
         self._losses: dict[str, FailoverLoss] = {}  #: volume -> what its last forced failover lost
         self._largest: int | None = None
         self.started = time.time()
         self._lock = threading.RLock()
         self._lock_fd = -1
+        self.meta = ClusterMeta(state / META_FILE, name)  #: the cluster metadata as this node knows it
+        self._fences: dict[str, dict[str, str]] = {}  #: volume -> holder -> why writes are refused
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -264,6 +278,7 @@ class Node:
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
+            self.meta.claim(name, self.name, role.epoch, 1)
             logger.info("created volume %s of %d bytes%s, primary", name, size, " (thin)" if thin else "")
             return vol
 
@@ -397,7 +412,6 @@ class Node:
             self._volume_history.pop(name, None)
             self._splits.pop(name, None)
             self._losses.pop(name, None)
-            self.handing_over.pop(name, None)
         vol.close()
         trash = self.state / "trash"
         trash.mkdir(exist_ok=True)
@@ -407,17 +421,64 @@ class Node:
         shutil.rmtree(target)
         logger.info("deleted volume %s", name)
 
-    def acquire(self, name: str) -> Volume:
-        """Count an open handle (a face opened the image). Refused while the volume is fenced
-        for a handover (it was closed when the handover began, and stays so until it ends)."""
+    def acquire(self, name: str, *, write: bool = False) -> Volume:
+        """Count an open handle (a face opened the image); ``write``: it opens for writing,
+        refused with EROFS on a fenced volume."""
         with self._lock:
             vol = self.volume(name)
-            peer = self.handing_over.get(name)
-            if peer is not None:
-                raise VolumeBusy(f"volume {name!r} is being handed over to {peer}; open it on {peer} once "
-                                 f"marsfs status {name} there shows it primary")
+            if write and vol.fence:
+                raise VolumeReadOnly(vol.fence)
+            if write and self.is_mirror(name):
+                raise VolumeReadOnly(f"volume {name} is a mirror here: write on its primary")
             self.opens[name] += 1
             return vol
+
+    # ------------------------------------------------------------------ fencing and roles
+
+    def fence(self, name: str, why: str, *, holder: str = "designation") -> None:
+        """Refuse writes to ``name`` (EROFS, message ``why``) until ``holder`` lifts its fence."""
+        with self._lock:
+            vol = self.volume(name)
+            fences = self._fences.setdefault(name, {})
+            if fences.get(holder) != why:
+                fences[holder] = why
+                vol.fence = "; ".join(fences.values())
+                logger.info("volume %s refuses writes: %s", name, why)
+
+    def unfence(self, name: str, *, holder: str = "designation") -> None:
+        with self._lock:
+            fences = self._fences.get(name, {})
+            if fences.pop(holder, None) is None:
+                return
+            vol = self.volumes.get(name)
+            if vol is not None:
+                vol.fence = "; ".join(fences.values())
+                if not vol.fence:
+                    logger.info("volume %s takes writes again", name)
+
+    def fenced(self, name: str) -> dict[str, str]:
+        """Who fences ``name`` and why (empty: not fenced)."""
+        with self._lock:
+            return dict(self._fences.get(name, {}))
+
+    def become_mirror(self, name: str, source: str, epoch: int) -> None:
+        """Turn this primary of ``name`` into a mirror of ``source`` at ``epoch``: its log is
+        a prefix of ``source``'s history (the caller checked LSNs; the fetch checks chains).
+        Flushed first; visible at its head; writes refused from here on. Refused while open."""
+        with self._lock:
+            vol = self.volume(name)
+            role = self.role(name)
+            assert role.role == Role.PRIMARY, f"{name} is {role.role} here"
+            if self.opens[name]:
+                raise VolumeBusy(f"volume {name!r} is open ({self.opens[name]} handle(s)); it becomes a mirror of "
+                                 f"{source} once it is closed (losetup -d)")
+            vol.flush()
+            vol.visible_lsn = vol.durable_lsn
+            self._persist_role(name, RoleRecord(role=Role.MIRROR, epoch=epoch, source=source,
+                                                replayed_lsn=vol.durable_lsn))
+            self._fences[name] = {MIRROR_FENCE: f"volume {name} is a mirror of {source} here: write on {source}"}
+            vol.fence = self._fences[name][MIRROR_FENCE]
+        logger.info("volume %s is now a mirror of %s (epoch %d) from LSN %d", name, source, epoch, vol.durable_lsn)
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -438,9 +499,10 @@ class Node:
     # ------------------------------------------------------------------ roles: handover, failover, split brain
 
     def fence_for_handover(self, name: str, peer: str) -> None:
-        """Stop serving opens of primary ``name`` while ``peer`` takes it over. Refused (and
-        nothing changes) while the image is open: a handover needs a closed image, so that no
-        write can come after the head the new primary fetches."""
+        """Fence primary ``name`` (holder :data:`HANDOVER_FENCE`) while ``peer`` takes it over.
+        Refused (and nothing changes) while the image is open at all: a handover needs a closed
+        image, so that no write can come after the head the new primary fetches, and so that
+        this node can become its mirror."""
         with self._lock:
             vol = self.volume(name)
             role = self.role(name)
@@ -450,15 +512,16 @@ class Node:
                 raise VolumeBusy(f"volume {name!r} is open on its primary {self.name} ({self.opens[name]} "
                                  f"holder(s), e.g. a loop device or a mount); close it there first (umount, "
                                  f"losetup -d), then run marsfs primary {name} again")
-            other = self.handing_over.get(name)
-            if other is not None and other != peer:
-                raise VolumeBusy(f"volume {name!r} is being handed over to {other} already")
-            self.handing_over[name] = peer
+            other = self.fenced(name).get(HANDOVER_FENCE)
+            if other is not None and peer not in other:
+                raise VolumeBusy(f"volume {name!r} is being handed over already ({other})")
+            self.fence(name, f"volume {name} is being handed over to {peer}: write on {peer} once marsfs "
+                             f"status {name} there shows it primary", holder=HANDOVER_FENCE)
 
     def unfence_handover(self, name: str) -> None:
-        """The handover ended without a claim: serve opens again."""
-        with self._lock:
-            self.handing_over.pop(name, None)
+        """The handover ended without a claim: writes again."""
+        if name in self.volumes:
+            self.unfence(name, holder=HANDOVER_FENCE)
 
     def promote(self, name: str, epoch: int) -> None:
         """Make this node's mirror of ``name`` its primary for ``epoch``: writable, its log
@@ -471,6 +534,8 @@ class Node:
                 raise WrongRole(f"volume {name!r} is already primary on node {self.name}")
             self._persist_role(name, RoleRecord(role=Role.PRIMARY, epoch=epoch))
             vol.visible_lsn = None
+            for holder in (MIRROR_FENCE, "designation"):  # the caller claimed the epoch: this is the primary
+                self.unfence(name, holder=holder)
         logger.info("volume %s is primary here from LSN %d, epoch %d", name, vol.head_lsn + 1, epoch)
 
     def splits(self, name: str) -> list[SplitBrain]:
@@ -588,12 +653,16 @@ class Node:
         faults = vol.faults
         splits = self.splits(name)
         loss = self.failover_loss(name)
+        fences = self.fenced(name)
         if vol.errors or vol.needs_restart or any(not isinstance(f, NoSpace) for f in faults):
             state = VolumeState.FAILED
+        elif faults:
+            state = VolumeState.NO_SPACE
         elif splits:
             state = VolumeState.SPLIT_BRAIN
         else:
-            state = VolumeState.NO_SPACE if faults else VolumeState.UP
+            state = VolumeState.FENCED if fences and role.role == Role.PRIMARY else VolumeState.UP
+        designation = self.meta.designated(name)
         return VolumeStatus(
             volume=vol.name, node=self.name, role=role.role,
             state=state, epoch=role.epoch, size=vol.size,
@@ -601,9 +670,12 @@ class Node:
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
             open_handles=self.opens[vol.name],
-            errors=list(vol.errors) + vol.fault_lines() + [x.describe(name) for x in splits],
+            errors=list(vol.errors) + vol.fault_lines() + (list(fences.values()) if role.role == Role.PRIMARY else [])
+            + [x.describe(name) for x in splits],
             oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe(),
             clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
+            designated_primary=designation.node if designation is not None else None,
+            members=sorted(self.meta.members(name)),
             fork_lsn=min(x.fork_lsn for x in splits) if splits else None,
             split_brain=[x.to_json() for x in splits], failover_loss=loss.to_json() if loss is not None else None)
 

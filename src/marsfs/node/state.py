@@ -12,6 +12,7 @@ Rules that hold here:
 State diagram of a volume on one node (docs/architecture.md draws it)::
 
     create ──> up (primary) ──error──> failed
+               up ──a newer epoch names another primary──> fenced ──log is a prefix──> (mirror)
     join ──> syncing ──copy done──> catching-up <──> synced
                                       │  ^               │
                  fetch-paused <───────┤  └── replay-paused
@@ -54,6 +55,9 @@ class VolumeState(StrEnum):
     #: the source no longer holds the log we need, or the volume we copied at all (deleted
     #: there, maybe created anew: another uuid)
     NEEDS_RESYNC = "needs-resync"
+    #: a primary that is not the designated primary (newest epoch) any more: refuses writes
+    #: (EROFS) and keeps its log; it follows the designated primary once its log is a prefix
+    FENCED = "fenced"
 
 
 #: Refusal codes of a source that need an operator, and the state each one puts a mirror in.
@@ -229,6 +233,13 @@ class VolumeStatus:
     # on a clone, what it is a clone of (``VOL@lsn-L``)
     clones: list[dict[str, Any]] = field(default_factory=list)
     clone_of: str | None = None
+    # cluster metadata (issue 10): the designated primary, the volume's members, and what each
+    # other node published about its copy (``node``, ``role``, ``state``, ``epoch``,
+    # ``head_lsn``, ``replayed_lsn``, ``source``, ``updated``: when it published it (wall time),
+    # ``last_heard``: our last metadata exchange with it (wall time, None: never))
+    designated_primary: str | None = None
+    members: list[str] = field(default_factory=list)
+    positions: list[dict[str, Any]] = field(default_factory=list)
     # roles (issue 10): a split brain's fork LSN (the lowest, if with several peers) and each
     # one's figures (SplitBrain.to_json); what the last forced failover may have lost
     # (FailoverLoss.to_json); a handover in progress: {"from", "to_fetch", "phase"}

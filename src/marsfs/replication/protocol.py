@@ -47,6 +47,7 @@ Conversation (client = the mirror, server = the node it fetches from)::
                 ... until the client knows the fork; then
                 client: CHAINS {done, fork_lsn, tail_records, tail_bytes}
                 server: CHAINS {done, fork_lsn, its tail_records, tail_bytes}
+    want=meta: no volume; the cluster metadata exchange (see its block below the messages).
     A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
     durable LSN, so the client knows how old the state it describes can be at most.
     WELCOME and every HEARTBEAT name the volume's uuid: a volume deleted and re-created under
@@ -73,11 +74,14 @@ from marsfs.log.record import CHAIN_SIZE, HEADER_SIZE, BadRecord, decode_header
 __all__ = [
     "FRAME_HEADER", "MAX_CHAINS", "MAX_FRAME", "PROTO_VERSION", "Ack", "Chains", "Error", "Fetch", "Frame",
     "FrameDecoder", "HandoverEnd", "HandoverPrepare", "HandoverReady", "Heartbeat", "Hello", "ImageData", "ImageEnd",
-    "ImageInfo", "ImageProgress", "Message", "MsgType", "ProtocolError", "Records", "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
+    "ImageInfo", "ImageProgress", "Message", "MetaEntries", "MetaEntry", "MetaWelcome", "MsgType", "ProtocolError",
+    "Records", "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
 ]
 
 FRAME_MAGIC = b"MRSf"
-PROTO_VERSION = 3  #: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS; 3: handover (HANDOVER_*), split brain (CHAINS)
+#: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS; 3: META_WELCOME, META_ENTRIES (want "meta"),
+#: 3: handover (HANDOVER_PREPARE/READY/END, want "handover"), split brain (CHAINS, want "compare")
+PROTO_VERSION = 3
 MAX_FRAME = 8 * 1024 * 1024
 _HEAD = struct.Struct("<4sBBHI")  # magic, version, type, flags, length
 _SUM = struct.Struct("<Q")
@@ -101,6 +105,9 @@ class MsgType(IntEnum):
     IMAGE_DATA = 9
     IMAGE_END = 10
     IMAGE_PROGRESS = 11
+    # cluster metadata gossip (want "meta"); 22 is reserved for it
+    META_WELCOME = 20
+    META_ENTRIES = 21
     # handover and split brain (marsfs.replication.handover)
     HANDOVER_PREPARE = 23
     HANDOVER_READY = 24
@@ -206,12 +213,13 @@ def split_records(payload: bytes) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- messages
 
-Want: TypeAlias = Literal["image", "fetch", "leave", "handover", "compare"]
+Want: TypeAlias = Literal["image", "fetch", "leave", "meta", "handover", "compare"]
 _WANTS: tuple[str, ...] = get_args(Want)
 
 # How a JSON field is checked and converted (field metadata "kind"):
 #   uint: an int >= 0 (LSNs, sizes, counters); pos: an int >= 1; str; bool;
 #   seconds: a finite number >= 0; chain: 16 bytes as 32 hex digits; want: one of _WANTS;
+#   entries: metadata entries (see MetaEntries).
 #   lsns: a list of at most MAX_CHAINS uints, ascending; chains: a list of at most MAX_CHAINS chains.
 
 
@@ -353,6 +361,42 @@ class Records:
         return sum(len(r) for r in self.records)
 
 
+# ---------------------------------------------------------------------------- cluster metadata (want "meta")
+#
+#   client: HELLO {want: "meta", volume: "", epoch: 0}
+#   server: META_WELCOME {node, cluster}  |  ERROR {code: "cluster" | "protocol", error}
+#   client: META_ENTRIES {entries, more}...  (until more is false)
+#   server: META_ENTRIES {entries, more}...  (until more is false); both close.
+# Each side merges what the other sent (marsfs.node.meta); a side of another cluster is refused.
+
+MAX_META_ENTRIES = 512  #: entries in one META_ENTRIES message
+MAX_META_KEY = 200  #: characters of a key (as marsfs.node.meta.MAX_KEY)
+MAX_META_VALUE = 2048  #: bytes of a value as compact JSON (as marsfs.node.meta.MAX_VALUE)
+MAX_META_FRAMES = 128  #: META_ENTRIES messages one side sends in one exchange
+
+#: One entry on the wire: owner, key, Lamport clock, value (any JSON within the bounds).
+MetaEntry: TypeAlias = tuple[str, str, int, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MetaWelcome:
+    """The server takes part in a metadata exchange: who it is and which cluster it is in."""
+
+    TYPE: ClassVar[MsgType] = MsgType.META_WELCOME
+    node: str = _field("str")
+    cluster: str = _field("str")
+
+
+@dataclass(frozen=True, slots=True)
+class MetaEntries:
+    """Some of the sender's metadata entries; ``more``: another META_ENTRIES follows."""
+
+    TYPE: ClassVar[MsgType] = MsgType.META_ENTRIES
+    entries: tuple[MetaEntry, ...] = _field("entries")
+    more: bool = _field("bool", default=False)
+
+
+
 # -- handover and split brain (marsfs.replication.handover has the conversations) -----------
 
 MAX_CHAINS = 64  #: LSNs one CHAINS message may compare
@@ -409,12 +453,12 @@ class Chains:
 
 
 JsonMessage: TypeAlias = (Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
-                          | HandoverPrepare | HandoverReady | HandoverEnd | Chains)
+                          | MetaWelcome | MetaEntries | HandoverPrepare | HandoverReady | HandoverEnd | Chains)
 Message: TypeAlias = JsonMessage | ImageData | Records
 
 _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress,
-                              HandoverPrepare, HandoverReady, HandoverEnd, Chains)}
+                              MetaWelcome, MetaEntries, HandoverPrepare, HandoverReady, HandoverEnd, Chains)}
 
 
 def encode_message(msg: Message, *, compress: bool = True) -> bytes:
@@ -499,6 +543,8 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
             return bytes.fromhex(value)
         except ValueError:
             raise bad(f"must be {2 * CHAIN_SIZE} hex digits") from None
+    if kind == "entries":
+        return _check_entries(msg, name, value)
     if kind in ("lsns", "chains"):
         if not isinstance(value, list):
             raise bad("must be a list")
@@ -512,6 +558,30 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
     if value not in _WANTS:
         raise bad(f"must be one of {', '.join(_WANTS)}")
     return value
+
+
+def _check_entries(msg: str, name: str, value: Any) -> tuple[MetaEntry, ...]:
+    """Metadata entries, each ``[owner, key, clock, value]`` within the bounds, or ProtocolError."""
+    if not isinstance(value, list):
+        raise ProtocolError(f"{msg}: field {name!r} must be a list")
+    if len(value) > MAX_META_ENTRIES:
+        raise ProtocolError(f"{msg}: field {name!r} holds {len(value)} entries (at most {MAX_META_ENTRIES})")
+    out: list[MetaEntry] = []
+    for i, e in enumerate(value):
+        where = f"{msg}: entry {i}"
+        if not isinstance(e, list) or len(e) != 4:
+            raise ProtocolError(f"{where} must be [owner, key, clock, value]")
+        owner, key, clock, val = e
+        if not isinstance(owner, str) or not 0 < len(owner) <= 64:
+            raise ProtocolError(f"{where}: owner must be a node name")
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_META_KEY:
+            raise ProtocolError(f"{where}: key must be a string of 1 to {MAX_META_KEY} characters")
+        if type(clock) is not int or clock < 1:
+            raise ProtocolError(f"{where}: clock must be a positive integer")
+        if len(json.dumps(val, separators=(",", ":"))) > MAX_META_VALUE:
+            raise ProtocolError(f"{where}: value is longer than {MAX_META_VALUE} bytes")
+        out.append((owner, key, clock, val))
+    return tuple(out)
 
 
 def _decode_records(payload: bytes) -> Records:

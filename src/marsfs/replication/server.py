@@ -117,9 +117,11 @@ class Server:
 
     def __init__(self, node: str, cluster: str, lookup: Callable[[str], Volume | None],
                  epoch_of: Callable[[str], int], peers: PeerTable,
+                 meta: Callable[[Channel, Hello], Awaitable[None]] | None = None,
                  conversations: Mapping[str, Conversation] | None = None) -> None:
         self.node = node
-        self.conversations = dict(conversations or {})
+        self.meta = meta  #: answers want "meta" (the node's metadata gossip; it checks the cluster)
+        self.conversations = dict(conversations or {})  #: answer want "handover", "compare" after WELCOME
         self.cluster = cluster
         self.lookup = lookup
         self.epoch_of = epoch_of
@@ -132,6 +134,12 @@ class Server:
         try:
             hello = sess.receive(await ch.receive_message())
             assert isinstance(hello, Hello)
+            if hello.want == "meta":  # no volume: the node's metadata exchange
+                if self.meta is None:
+                    await ch.send_message(Error(code="unknown-want", error=f"node {self.node} keeps no metadata"))
+                else:
+                    await self.meta(ch, hello)
+                return
             vol = self.lookup(hello.volume)
             answer = sess.admit(vol, self.epoch_of(hello.volume) if vol is not None else 0)
             await ch.send_message(answer)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from marsfs.errors import OutOfRange
 from marsfs.log import RecordInfo, RecordType
 from marsfs.volume.index import ExtentIndex
 
@@ -80,6 +81,19 @@ class VersionIndexes:
     def views(self, lsn: int) -> int:
         return self._count.get(lsn, 0)
 
+    def total(self) -> int:
+        """Open views of every version."""
+        return sum(self._count.values())
+
+    def pinned(self) -> list[int]:
+        """The pinned LSNs, ascending."""
+        return sorted(self._count)
+
+    def unbuilt(self) -> list[int]:
+        """Pinned LSNs whose index is still being built (from log records: a resync's switch,
+        which drops them, waits for these)."""
+        return [lsn for lsn in self._count if lsn not in self._index]
+
     def shared(self) -> dict[int, int]:
         """LSN -> extents of every built index (what open versions cost in memory)."""
         return {lsn: len(ix) for lsn, ix in self._index.items()}
@@ -91,21 +105,25 @@ class VersionIndexes:
 class VolumeView:
     """A read-only image of a volume after a fixed LSN. Pins writeback until closed."""
 
-    def __init__(self, volume: Volume, lsn: int, index: ExtentIndex) -> None:
+    def __init__(self, volume: Volume, lsn: int, index: ExtentIndex, generation: int) -> None:
         self.volume = volume
         self.lsn = lsn
         self.size = volume.size
+        self.generation = generation  #: the volume's resync generation when the view opened
         self._index = index
         self._closed = False
 
     def read(self, offset: int, length: int) -> bytes:
         assert not self._closed, "read from a closed view"
-        return self.volume._read_at(self._index, offset, length)
+        if offset + length > self.size:  # the volume may have grown since (a resync's switch)
+            raise OutOfRange(f"range {offset}+{length} lies outside version lsn-{self.lsn} of volume "
+                             f"{self.volume.name} ({self.size} bytes)")
+        return self.volume._read_at(self._index, offset, length, self.generation)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.volume._unpin(self.lsn)
+            self.volume._unpin(self.lsn, self.generation)
 
     def __enter__(self) -> VolumeView:
         return self

@@ -65,13 +65,17 @@ from marsfs.errors import (
     OutOfRange,
     StateError,
     VersionNotFound,
+    VolumeBusy,
+    VolumeReadOnly,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
+from marsfs.volume import resync as rs
 from marsfs.volume import writeback as wb
 from marsfs.volume.clone import CloneLink
 from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.index import ExtentIndex
+from marsfs.volume.resync import Extents, Overlay, Resync, ResyncState
 from marsfs.volume.versions import VersionInfo, check_mark_name, find_version, list_versions, listing, resolve_version
 from marsfs.volume.views import VersionIndexes, VolumeView, build_index
 
@@ -130,6 +134,9 @@ class Volume:
         self._oldest_ts = applied_timestamp_ns  # timestamp of record A (its record may be trimmed)
         #: A mirror shows (and writes back) only up to its replay position; None = everything.
         self.visible_lsn: int | None = None
+        #: why writes are refused ("": they are not): the node fences a primary that is no
+        #: longer the designated one, and a former primary that became a mirror (marsfs.node.node)
+        self.fence = ""
         self._lock = threading.RLock()
         self._writeback_lock = threading.Lock()
         self._views = VersionIndexes()  # open versions: pins and shared indexes
@@ -143,6 +150,11 @@ class Volume:
         self.clone_of = None if link is None else CloneLink.from_json(link, str(path / "volume.json"))
         self._below: VolumeView | None = None  #: a clone's source version, once attached
         self._faults: dict[str, MarsError] = {}  #: path (write, flush, writeback) -> its standing disk failure
+        self._resync: Resync | None = None  #: the running resync (see :mod:`marsfs.volume.resync`)
+        self._overlay: Overlay | None = None  #: a switched resync's staged blocks, until merged
+        self._generation = 0  #: +1 at each resync switch; views of older generations read the old base
+        self._old_views = 0  #: open views of older generations (the merge waits for them)
+        self._switch_failed = ""  #: why a resync's switch failed half way ("" if it did not)
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
@@ -237,6 +249,21 @@ class Volume:
         if meta.get("format") != FORMAT:
             raise StateError(f"{path}: volume format {meta.get('format')} is not supported by this marsfs")
         log = Log.open(path / "log", segment_bytes=meta["segment_bytes"], repair=repair)
+        try:
+            resync = rs.load_state(path)
+            if resync is not None and resync.phase == rs.SWITCH:  # a crash interrupted the switch
+                resync = rs.switch(path, log, resync)
+                meta = read_json(path / "volume.json")
+                applied, pending, applied_ts = wb.read_state(path)
+            if resync is not None and resync.phase == rs.MERGE:
+                rs.merge_at_open(path)
+                resync = None
+        except OSError as e:
+            log.close()
+            raise io_error(f"volume {meta['name']}: cannot finish the resync a crash interrupted", e, DiskFailed) from e
+        except BaseException:
+            log.close()
+            raise
         if not log.first_lsn <= applied + 1 or applied > log.last_lsn:
             log.close()
             raise StateError(f"{path}: applied LSN {applied} lies outside the log "
@@ -254,7 +281,14 @@ class Volume:
             except BaseException:
                 log.close()
                 raise
-        return cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
+        vol = cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
+        if resync is not None:
+            try:
+                vol._resume_resync(resync)
+            except BaseException:
+                vol.close()
+                raise
+        return vol
 
     def close(self) -> None:
         """Make the log durable and release files. Does not write back."""
@@ -267,6 +301,10 @@ class Volume:
             self.log.sync()
         finally:
             self._closed = True
+            if self._resync is not None:
+                self._resync.close()
+            if self._overlay is not None:
+                self._overlay.close()
             self.log.close()
             os.close(self._base_fd)
             if self._below is not None:
@@ -343,11 +381,14 @@ class Volume:
 
     @property
     def needs_restart(self) -> bool:
-        """The log refuses writes until the daemon restarts (a failed fdatasync poisoned it)."""
-        return self.log.failed is not None
+        """The log refuses writes until the daemon restarts (a failed fdatasync poisoned it, or
+        a resync's switch failed half way: opening the volume finishes it)."""
+        return self.log.failed is not None or bool(self._switch_failed)
 
     def fault_lines(self) -> list[str]:
         """What ``status`` says about the faults: what fails, why, and what to do."""
+        if self._switch_failed:
+            return [f"writes fail: {self._switch_failed}"]
         if self.needs_restart:
             return [f"writes fail with EIO: {self.log.failed_reason()}"]
         out: list[str] = []
@@ -423,6 +464,8 @@ class Volume:
         write lands whole either; a crash keeps a prefix of the chunks). A disk failure is
         recorded as the volume's write fault, as :func:`_io_path` does; inlined here because
         this is the hottest call of the write path (the wrapper cost ~3 % of a 4 KiB write)."""
+        if self.fence:
+            raise VolumeReadOnly(self.fence)
         self._check_range(offset, len(data))
         n = len(data)
         if not n:
@@ -431,6 +474,8 @@ class Volume:
             if n <= RECORD_CHUNK:
                 payload = self._lz4.encode(data)  # lz4 and hashing outside the lock
                 with self._lock:
+                    if self._resync is not None:
+                        raise self._busy()
                     lsn = self.log.append(RecordType.WRITE, offset, payload)
                     self.index.insert(offset, n, lsn)
                     self._writes_since_flush = True
@@ -448,6 +493,8 @@ class Volume:
         encode = self._lz4.encode
         items = [(offset + at, encode(view[at : at + RECORD_CHUNK])) for at in range(0, len(data), RECORD_CHUNK)]
         with self._lock:  # one lock hold and one pwritev for all chunks (see Log.append_many)
+            if self._resync is not None:
+                raise self._busy()
             before = self.log.last_lsn
             try:
                 return self.log.append_many(RecordType.WRITE, items)
@@ -460,6 +507,8 @@ class Volume:
     def append_raw(self, raw: bytes | memoryview) -> int:
         """Append a record fetched from another node (same bytes, same chain); returns its LSN."""
         with self._lock:
+            if self._resync is not None:
+                raise self._busy()
             h = self.log.append_raw(raw, volume_size=self.size)
             if h.type == RecordType.WRITE and h.length:
                 self.index.insert(h.offset, h.length, h.lsn)
@@ -496,28 +545,34 @@ class Volume:
 
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
-        return self._read_at(self.index, offset, length)
+        return self._read_at(self.index, offset, length, self._generation)
 
-    def _read_at(self, index: ExtentIndex, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's)."""
+    def _read_at(self, index: ExtentIndex, offset: int, length: int, generation: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's),
+        as a reader opened in resync ``generation`` sees them."""
         self._check_range(offset, length)
         with self._lock:
+            old = generation < self._generation
             try:
-                return self._assemble(index.lookup(offset, length))
+                pieces = index.lookup(offset, length)
+                if len(pieces) == 1:
+                    return self._piece(*pieces[0], old)
+                return b"".join([self._piece(*p, old) for p in pieces])
             except OSError as e:  # a failing disk: the reader gets EIO, the daemon goes on
                 raise io_error(f"cannot read volume {self.name}", e, DiskFailed) from e
 
-    def _assemble(self, pieces: list[tuple[int, int, int]]) -> bytes:
-        """Read index pieces; records already written back come from the base. Caller locks."""
-        if len(pieces) == 1:
-            return self._piece(*pieces[0])
-        return b"".join([self._piece(*p) for p in pieces])
+    def _piece(self, pos: int, length: int, lsn: int, old: bool) -> bytes:
+        """One index piece; records already written back come from the base. Caller locks.
 
-    def _piece(self, pos: int, length: int, lsn: int) -> bytes:
-        if lsn > self._applied:
+        A view opened before a resync's switch (``old``) reads everything from the base, which
+        holds its version until the merge (that waits for it); newer readers see the staged
+        blocks of the switch over the base until the merge."""
+        if lsn > self._applied and not old:
             return self.log.read_extent(lsn, pos, length)
         if self._below is not None:  # a clone: what it never wrote is its source's version
             return self._below.read(pos, length)
+        if self._overlay is not None and not old:
+            return self._overlay.read(self._base_fd, pos, length)
         data = os.pread(self._base_fd, length, pos)
         assert len(data) == length, "base image shorter than the volume"
         return data
@@ -525,20 +580,26 @@ class Volume:
     # ------------------------------------------------------------------ writeback
 
     @_io_path("writeback")
-    def writeback(self, upto: int | None = None, *, max_bytes: int | None = WRITEBACK_BATCH) -> int:
+    def writeback(self, upto: int | None = None, *, max_bytes: int | None = WRITEBACK_BATCH,
+                  past_visible: bool = False) -> int:
         """Apply durable records up to ``upto`` (default: all durable) to the base; returns A.
 
         Applies at most about ``max_bytes`` of log per call (None: no limit), so that the
         volume lock is never held long; call again until A reaches the target. Stops at the
         oldest open view. Trims log segments that hold only applied records. A clone never
-        writes back (its base is its source's version).
+        writes back (its base is its source's version). After a resync's switch, first merges
+        its staged blocks into the base once no older view needs the base as it is, and writes
+        nothing back before that (the staged blocks would shadow the newer records).
+        ``past_visible``: also past a mirror's visible LSN (a resync's finish).
         """
         if self.clone_of is not None:
+            return self._applied
+        if self._overlay is not None and not self._merge():
             return self._applied
         with self._writeback_lock:
             with self._lock:
                 bound = self.durable_lsn if upto is None else min(upto, self.durable_lsn)
-                if self.visible_lsn is not None:
+                if self.visible_lsn is not None and not past_visible:
                     bound = min(bound, self.visible_lsn)
                 pinned = self._views.oldest()
                 if pinned is not None:
@@ -584,6 +645,180 @@ class Volume:
         with self._lock:
             self._holds.pop(key, None)
 
+    # ------------------------------------------------------------------ resync
+
+    @property
+    def resync(self) -> Resync | None:
+        """The running resync (also one found on open), None if there is none."""
+        return self._resync
+
+    def _busy(self) -> VolumeBusy:
+        r = self._resync
+        assert r is not None
+        return VolumeBusy(f"volume {self.name} is being resynced to lsn-{r.target_lsn} of another node and takes "
+                          f"no writes until that finishes; see marsfs status {self.name}")
+
+    def begin_resync(self, lsn: int, chain: bytes, size: int, uuid: str, *, direct: bool = False) -> Resync:
+        """Start bringing this volume to another node's version ``lsn`` (its ``chain``, ``size``
+        and volume ``uuid``); see :mod:`marsfs.volume.resync`. The volume keeps serving its
+        versions and refuses appends until :meth:`finish_resync` or :meth:`abort_resync`.
+
+        ``direct``: stage straight into the base (a new replica that nobody reads: views are
+        refused until the switch); needs a volume with nothing unapplied."""
+        if uuid != self.uuid:
+            raise InvalidRequest(f"refused to resync volume {self.name} (uuid {self.uuid}) from an image of another "
+                                 f"volume (uuid {uuid}); delete this volume first to replace it")
+        if size < self.size or size % 512:
+            raise InvalidRequest(f"refused to resync volume {self.name} of {self.size} bytes to an image of {size} "
+                                 "bytes: volumes never shrink (and sizes are multiples of 512)")
+        if self.clone_of is not None:
+            raise InvalidRequest(f"volume {self.name} is a clone; a clone cannot be resynced")
+        if self._resync is not None:
+            raise VolumeBusy(f"a resync of volume {self.name} (to lsn-{self._resync.target_lsn}) is already running; "
+                             "continue or abort it")
+        self.log.sync()
+        with self._lock:
+            if self._resync is not None or self.log.dirty:
+                raise VolumeBusy(f"volume {self.name} was written while a resync began; stop writing and retry")
+            base = self.head_lsn
+            if direct and self._applied != base:
+                raise StateError(f"volume {self.name} has records after lsn-{self._applied} that are not written "
+                                 "back; a direct resync needs none: write back first")
+            state = ResyncState(lsn, chain, size, uuid, base, direct)
+            rs.create(self.path, state)
+            return self._resume_resync(state)
+
+    def _resume_resync(self, state: ResyncState) -> Resync:
+        """Expose a persisted resync that is staging (pins the image at F it reads under)."""
+        assert state.phase == rs.STAGING, state
+        if state.direct:
+            fd = self._base_fd
+            if os.fstat(fd).st_size < state.size:
+                os.ftruncate(fd, state.size)
+            r = Resync(self.path, state, rs.load_extents(self.path), fd, None, self.size, lambda: None)
+        else:
+            old = self.view(state.base_lsn)
+            try:
+                fd = rs.open_staged(self.path)
+            except BaseException:
+                old.close()
+                raise
+            r = Resync(self.path, state, rs.load_extents(self.path), fd, old.read, old.size, old.close)
+        with self._lock:
+            self._resync = r
+        return r
+
+    def _switch_waits(self, base: int) -> str:
+        """Why a resync from ``base`` cannot switch now ("" if it can). Caller locks."""
+        if self._overlay is not None:
+            return (f"{self._old_views} reader(s) of versions older than the previous resync are still open; "
+                    "they close when their readers do")
+        below = [lsn for lsn in self._views.pinned() if lsn < base]
+        if below:
+            return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
+                    "they close when their readers do")
+        if self._views.unbuilt():
+            return "a version is being opened"
+        return ""
+
+    def finish_resync(self) -> bool:
+        """Switch to the resync's target (see :mod:`marsfs.volume.resync`): True when done;
+        False when it has to wait for readers of older versions to close, with the reason in
+        ``resync.waiting_for`` (call again later). Once True, version L is the volume's
+        image, new readers see it, and the log continues at L+1."""
+        r = self._resync
+        if r is None:
+            raise StateError(f"no resync of volume {self.name} is running")
+        r.sync()
+        base = r.base_lsn
+        if self._overlay is not None:
+            self._merge()
+        if not r.direct:
+            with self._lock:
+                if self.visible_lsn is not None and self.visible_lsn < base:
+                    self.visible_lsn = base  # writeback passes it now; base is a replayed, durable prefix
+            while True:
+                with self._lock:
+                    r.waiting_for = self._switch_waits(base)
+                if r.waiting_for:
+                    return False
+                if self._applied >= base:
+                    break
+                self.writeback(base, max_bytes=None, past_visible=True)
+        with self._writeback_lock, self._lock:
+            r.waiting_for = self._switch_waits(base)
+            if r.waiting_for:
+                return False
+            assert self._applied == base == self.head_lsn, (self._applied, base, self.head_lsn)
+            rs.checkpoint("written-back")
+            staged_fd = r.detach()  # unpins the image at F
+            try:
+                r.set_phase(rs.SWITCH)
+                rs.checkpoint("switch-intent")
+                merging = rs.switch(self.path, self.log, r.state)
+            except BaseException as e:
+                if r.state.phase == rs.SWITCH:
+                    self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
+                                           "opening the volume finishes it")
+                elif not r.direct:
+                    os.close(staged_fd)
+                raise
+            self._applied = self._oldest = r.target_lsn
+            self._oldest_ts = 0
+            self.index = ExtentIndex()
+            self.size = r.size
+            self._generation += 1
+            self._old_views = self._views.total()
+            self._writes_since_flush = False
+            if self.visible_lsn is not None:
+                self.visible_lsn = r.target_lsn
+            self._resync = None
+            if merging is not None:
+                self._overlay = Overlay(r.extents, staged_fd)
+        self._merge()
+        return True
+
+    def _merge(self) -> bool:
+        """Merge a switched resync's staged blocks into the base once no view opened before the
+        switch needs the base as it was; True when no overlay is left."""
+        with self._writeback_lock:
+            with self._lock:
+                overlay = self._overlay
+                if overlay is None:
+                    return True
+                if self._old_views:
+                    return False
+            rs.merge_into(self._base_fd, overlay.fd, overlay.extents)
+            rs.checkpoint("merged")
+            rs.remove(self.path)
+            with self._lock:
+                self._overlay = None
+            overlay.close()
+        return True
+
+    def abort_resync(self) -> None:
+        """Drop the running resync and its staged data; the volume is as before (in direct mode
+        the base keeps what was staged: it was unreadable and stays so)."""
+        r = self._resync
+        if r is None:
+            return
+        rs.remove(self.path)
+        with self._lock:
+            self._resync = None
+        r.close()
+
+    def extents_between(self, after: int, upto: int) -> list[tuple[int, int]] | None:
+        """Merged ``(offset, length)`` ranges that WRITE records ``(after, upto]`` wrote, or None
+        when the log no longer holds all of them."""
+        with self._writeback_lock:  # only writeback trims the log
+            if after + 1 < self.log.first_lsn or upto > self.log.last_lsn:
+                return None
+            ext = Extents()
+            for rec in self.log.records(after + 1, upto):
+                if rec.type == RecordType.WRITE and rec.length:
+                    ext.add(rec.offset, rec.length)
+        return list(ext)
+
     # ------------------------------------------------------------------ versions
 
     def view(self, lsn: int) -> VolumeView:
@@ -591,24 +826,31 @@ class Volume:
 
         Views of one LSN share one extent index: only the first open scans records (A, lsn]."""
         with self._lock:
+            if self._resync is not None and self._resync.direct:
+                raise VolumeBusy(f"volume {self.name} is being copied from another node and has no version to "
+                                 "read yet; wait until marsfs status shows it in sync")
             if not self._oldest <= lsn <= self.head_lsn:
                 raise VersionNotFound(f"version lsn-{lsn} of volume {self.name} is not retained; "
                                       f"available: lsn-{self._oldest} to lsn-{self.head_lsn}")
             index = self._views.pin(lsn)
             first = self._applied + 1
+            generation = self._generation
         if index is None:
             try:
                 built = build_index(self.log.records(first, lsn))
             except BaseException:
-                self._unpin(lsn)
+                self._unpin(lsn, generation)
                 raise
             with self._lock:
                 index = self._views.publish(lsn, built)
-        return VolumeView(self, lsn, index)
+        return VolumeView(self, lsn, index, generation)
 
-    def _unpin(self, lsn: int) -> None:
+    def _unpin(self, lsn: int, generation: int) -> None:
         with self._lock:
             self._views.unpin(lsn)
+            if generation < self._generation:
+                self._old_views -= 1
+                assert self._old_views >= 0
 
     @property
     def open_versions(self) -> VersionIndexes:

@@ -1,0 +1,334 @@
+"""Cluster metadata without a central service, as MARS keeps it: owned keys, Lamport stamps.
+
+Every node keeps a copy of the cluster's metadata: a map ``(owner, key) -> Entry``. The
+model (docs/architecture.md, "Cluster metadata", draws it):
+
+* Each key is owned by one node, and only its owner writes it (:meth:`ClusterMeta.put`
+  writes this node's keys only). What other nodes said arrives by gossip
+  (:meth:`ClusterMeta.merge`) and is kept as they said it.
+* Every entry carries a Lamport stamp ``(clock, node)``. A put stamps with a clock above
+  every clock this node has seen, so a node's later word on a key is always newer than its
+  earlier word, and newer than everything it had heard when it spoke.
+* Merging keeps, per ``(owner, key)``, the entry with the greatest ``(stamp, value)``
+  (the value only breaks ties that a correct owner never makes). Merge is therefore
+  commutative, associative and idempotent: whatever order entries arrive in, duplicated or
+  not, every node that saw the same entries holds the same map (t0_meta proves it with
+  hypothesis). During a partition each side keeps its view; on reunion newest wins.
+* The map and the clock are persisted atomically (``STATE/meta.json``) before a put returns
+  or a merge reports a change; the clock never goes back, also across restarts (it is at
+  least the greatest stamp in the file).
+* Deleting is writing ``None`` (a tombstone that wins like any newer value).
+
+Keys (values are JSON):
+
+* ``volume/<vol>/primary`` = ``{"node", "epoch", "start_lsn"}``: a node's claim that ``node``
+  is the volume's primary from ``epoch`` on, whose history forks from older epochs'
+  at ``start_lsn`` (the first LSN written in that epoch). The designated primary is the
+  claim with the greatest ``(epoch, stamp)`` over all owners (:meth:`designated`).
+* ``volume/<vol>/position`` = :class:`Position`: what the owner holds of the volume.
+* ``volume/<vol>/removed/<node>`` = ``true``: the owner removed a dead ``node`` from the
+  volume (``leave --node --force``); it holds until that node speaks of the volume again
+  (a newer position).
+
+Nothing here does network I/O; the cluster layer gossips :meth:`entries` and calls
+:meth:`merge`. Thread-safe (one lock): the daemon reads from the trio thread and writes from
+worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from marsfs.errors import StateError
+from marsfs.fsutil import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+JSON: TypeAlias = Any  #: a JSON value (None, bool, int, float, str, list, dict)
+
+META_FILE = "meta.json"
+MAX_KEY = 200  #: characters of a key
+MAX_VALUE = 2048  #: bytes of a value as compact JSON
+FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Stamp:
+    """A Lamport stamp: ordered by clock, then by node name (total order, no ties between nodes)."""
+
+    clock: int
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One key of one owner, as the owner last wrote it. ``stamp.node`` is always ``owner``."""
+
+    owner: str
+    key: str
+    value: JSON
+    stamp: Stamp
+
+    def __post_init__(self) -> None:
+        assert self.stamp.node == self.owner, f"entry {self.key} of {self.owner} stamped by {self.stamp.node}"
+
+    def sort_key(self) -> tuple[Stamp, str]:
+        """What decides between two entries of one key: newest stamp, then the value's text."""
+        return self.stamp, canonical(self.value)
+
+    def to_wire(self) -> tuple[str, str, int, JSON]:
+        return self.owner, self.key, self.stamp.clock, self.value
+
+    @classmethod
+    def from_wire(cls, t: tuple[str, str, int, JSON]) -> Entry:
+        owner, key, clock, value = t
+        return cls(owner, key, value, Stamp(clock, owner))
+
+
+@dataclass(frozen=True, slots=True)
+class Designation:
+    """The designated primary of a volume: the newest claim (greatest ``(epoch, stamp)``)."""
+
+    node: str
+    epoch: int
+    stamp: Stamp
+    start_lsn: int  #: the first LSN of this epoch: older histories fork from it at ``start_lsn - 1``
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """What a node published about its copy of a volume (key ``volume/<vol>/position``)."""
+
+    role: str
+    state: str
+    epoch: int
+    head_lsn: int
+    durable_lsn: int
+    chain_at_head: str  #: hex
+    replayed_lsn: int
+    open_handles: int
+    source: str
+    updated: float  #: wall time when the owner published it
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: JSON) -> Position | None:
+        """The position in ``d``, or None when it is not one (a newer node's richer value
+        keeps working: unknown keys are ignored)."""
+        if not isinstance(d, dict):
+            return None
+        try:
+            return cls(**{f.name: d[f.name] for f in fields(cls)})
+        except (KeyError, TypeError):
+            return None
+
+    def same_as(self, other: Position | None) -> bool:
+        """Equal but for ``updated`` (nothing worth telling the cluster again)."""
+        return other is not None and {**self.to_json(), "updated": 0} == {**other.to_json(), "updated": 0}
+
+
+def canonical(value: JSON) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def primary_key(volume: str) -> str:
+    return f"volume/{volume}/primary"
+
+
+def position_key(volume: str) -> str:
+    return f"volume/{volume}/position"
+
+
+def removed_key(volume: str, node: str) -> str:
+    return f"volume/{volume}/removed/{node}"
+
+
+def check_entry(owner: str, key: str, clock: int, value: JSON) -> str | None:
+    """Why an entry from a peer is not acceptable, or None. Bounds keep a peer from growing
+    our state without limit by one entry."""
+    if not owner or len(owner) > 64:
+        return f"owner {owner[:80]!r} is not a node name"
+    if not key or len(key) > MAX_KEY:
+        return f"key of {len(key)} characters (at most {MAX_KEY})"
+    if clock < 1:
+        return f"clock {clock} is not positive"
+    try:
+        text = canonical(value)
+    except (TypeError, ValueError):
+        return "value is not JSON"
+    if len(text) > MAX_VALUE:
+        return f"value of {len(text)} bytes (at most {MAX_VALUE})"
+    return None
+
+
+class ClusterMeta:
+    """This node's copy of the cluster metadata, persisted in ``path``."""
+
+    def __init__(self, path: Path, node: str) -> None:
+        self.path = path
+        self.node = node
+        self._lock = threading.RLock()
+        self._entries: dict[tuple[str, str], Entry] = {}
+        self._clock = 0
+        self._load()
+
+    # ------------------------------------------------------------------ persistence
+
+    def _load(self) -> None:
+        try:
+            d = read_json(self.path)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise StateError(f"{self.path}: unreadable cluster metadata ({e}); move it away to start "
+                             "empty (peers send theirs again)") from None
+        try:
+            self._clock = int(d["clock"])
+            for owner, key, clock, value in d["entries"]:
+                entry = Entry(str(owner), str(key), value, Stamp(int(clock), str(owner)))
+                self._entries[(entry.owner, entry.key)] = entry
+                self._clock = max(self._clock, entry.stamp.clock)
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"{self.path}: unreadable cluster metadata ({e}); move it away to start "
+                             "empty (peers send theirs again)") from None
+
+    def _save(self) -> None:
+        entries = sorted(e.to_wire() for e in self._entries.values())
+        write_json(self.path, {"format": FORMAT, "node": self.node, "clock": self._clock,
+                               "entries": [list(t) for t in entries]})
+
+    # ------------------------------------------------------------------ the map
+
+    @property
+    def clock(self) -> int:
+        return self._clock
+
+    def put(self, key: str, value: JSON) -> Stamp:
+        """Write one of this node's own keys (persisted on return)."""
+        reason = check_entry(self.node, key, 1, value)
+        assert reason is None, f"own entry {key}: {reason}"
+        with self._lock:
+            self._clock += 1
+            stamp = Stamp(self._clock, self.node)
+            self._entries[(self.node, key)] = Entry(self.node, key, value, stamp)
+            self._save()
+            return stamp
+
+    def get(self, owner: str, key: str) -> JSON | None:
+        with self._lock:
+            e = self._entries.get((owner, key))
+        return None if e is None else e.value
+
+    def entry(self, owner: str, key: str) -> Entry | None:
+        with self._lock:
+            return self._entries.get((owner, key))
+
+    def entries(self) -> list[Entry]:
+        """Every entry, oldest first (what gossip sends)."""
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.stamp)
+
+    def merge(self, entries: Iterable[Entry]) -> set[tuple[str, str]]:
+        """Take what a peer sent; returns the ``(owner, key)`` pairs that changed here
+        (persisted before return). The clock moves past every stamp seen."""
+        changed: set[tuple[str, str]] = set()
+        with self._lock:
+            clock = self._clock
+            for e in entries:
+                clock = max(clock, e.stamp.clock)
+                k = (e.owner, e.key)
+                old = self._entries.get(k)
+                if old is None or e.sort_key() > old.sort_key():
+                    self._entries[k] = e
+                    changed.add(k)
+            if changed or clock != self._clock:
+                self._clock = clock
+                self._save()
+        return changed
+
+    def snapshot(self) -> dict[tuple[str, str], Entry]:
+        with self._lock:
+            return dict(self._entries)
+
+    # ------------------------------------------------------------------ what the keys mean
+
+    def _owners_of(self, key_of: str) -> list[Entry]:
+        with self._lock:
+            return [e for (_, k), e in self._entries.items() if k == key_of]
+
+    def designated(self, volume: str) -> Designation | None:
+        """The designated primary of ``volume``: the claim with the greatest (epoch, stamp)."""
+        best: Designation | None = None
+        for e in self._owners_of(primary_key(volume)):
+            v = e.value
+            if not (isinstance(v, dict) and isinstance(v.get("node"), str)
+                    and type(v.get("epoch")) is int and type(v.get("start_lsn")) is int):
+                continue  # a tombstone, or a claim we cannot read
+            d = Designation(v["node"], v["epoch"], e.stamp, v["start_lsn"])
+            if best is None or (d.epoch, d.stamp) > (best.epoch, best.stamp):
+                best = d
+        return best
+
+    def claim(self, volume: str, node: str, epoch: int, start_lsn: int) -> None:
+        """Say that ``node`` is the primary of ``volume`` from ``epoch`` on, starting at ``start_lsn``."""
+        assert epoch >= 1 and start_lsn >= 1, (epoch, start_lsn)
+        self.put(primary_key(volume), {"node": node, "epoch": epoch, "start_lsn": start_lsn})
+
+    def publish(self, volume: str, position: Position) -> bool:
+        """Put this node's position for ``volume`` unless it says what the last one said and
+        is younger than ``refresh`` seconds; returns whether it was put."""
+        old = Position.from_json(self.get(self.node, position_key(volume)))
+        if position.same_as(old) and old is not None and position.updated - old.updated < REFRESH:
+            return False
+        self.put(position_key(volume), position.to_json())
+        return True
+
+    def position(self, owner: str, volume: str) -> Position | None:
+        return Position.from_json(self.get(owner, position_key(volume)))
+
+    def positions(self, volume: str) -> dict[str, Position]:
+        out: dict[str, Position] = {}
+        for e in self._owners_of(position_key(volume)):
+            p = Position.from_json(e.value)
+            if p is not None:
+                out[e.owner] = p
+        return out
+
+    def remove(self, volume: str, node: str) -> None:
+        """Record that this node removed ``node`` from ``volume`` (``leave --node --force``)."""
+        self.put(removed_key(volume, node), True)
+
+    def is_removed(self, volume: str, node: str) -> bool:
+        """A removal by any node, newer than ``node``'s last word on ``volume``."""
+        pos = self.entry(node, position_key(volume))
+        for e in self._owners_of(removed_key(volume, node)):
+            if e.value is True and (pos is None or e.stamp > pos.stamp):
+                return True
+        return False
+
+    def removed(self, volume: str) -> set[str]:
+        """The nodes removed from ``volume`` (and not back since)."""
+        prefix = removed_key(volume, "")
+        with self._lock:
+            nodes = {k[len(prefix):] for (_, k) in self._entries if k.startswith(prefix)}
+        return {n for n in nodes if self.is_removed(volume, n)}
+
+    def members(self, volume: str) -> set[str]:
+        """The nodes holding ``volume`` (they published a position, or are its designated
+        primary), minus the ones removed."""
+        nodes = {e.owner for e in self._owners_of(position_key(volume)) if e.value is not None}
+        d = self.designated(volume)
+        if d is not None:
+            nodes.add(d.node)
+        return {n for n in nodes if not self.is_removed(volume, n)}
+
+
+REFRESH = 10.0  #: seconds after which an unchanged position is published again (liveness)

@@ -1,0 +1,179 @@
+"""Cluster metadata (marsfs.node.meta): stamps, the merge laws, persistence, designated()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marsfs.errors import StateError
+from marsfs.node.meta import (
+    META_FILE,
+    ClusterMeta,
+    Entry,
+    Position,
+    Stamp,
+    check_entry,
+    position_key,
+    primary_key,
+)
+
+
+def meta(tmp_path: Path, node: str = "a") -> ClusterMeta:
+    return ClusterMeta(tmp_path / f"{node}-{META_FILE}", node)
+
+
+def position(**kw: object) -> Position:
+    d: dict[str, object] = dict(role="mirror", state="synced", epoch=1, head_lsn=5, durable_lsn=5,
+                                chain_at_head="00" * 16, replayed_lsn=5, open_handles=0, source="a", updated=1.0)
+    d.update(kw)
+    return Position(**d)  # type: ignore[arg-type]
+
+
+def test_stamps_order_by_clock_then_node() -> None:
+    assert Stamp(1, "z") < Stamp(2, "a") < Stamp(2, "b")
+    assert max([Stamp(3, "a"), Stamp(3, "c"), Stamp(2, "z")]) == Stamp(3, "c")
+
+
+def test_put_stamps_newer_than_everything_seen(tmp_path: Path) -> None:
+    m = meta(tmp_path)
+    s1 = m.put("k", 1)
+    m.merge([Entry("b", "k", 2, Stamp(40, "b"))])
+    s2 = m.put("k", 3)
+    assert s1 < Stamp(40, "b") < s2 and s2.node == "a"
+    assert m.get("a", "k") == 3 and m.get("b", "k") == 2 and m.get("c", "k") is None
+
+
+def test_merge_reports_what_changed_and_keeps_newest(tmp_path: Path) -> None:
+    m = meta(tmp_path)
+    new, old = Entry("b", "k", "new", Stamp(5, "b")), Entry("b", "k", "old", Stamp(4, "b"))
+    assert m.merge([new]) == {("b", "k")}
+    assert m.merge([old, new]) == set()
+    assert m.get("b", "k") == "new"
+
+
+def test_persisted_and_clock_never_goes_back(tmp_path: Path) -> None:
+    m = meta(tmp_path)
+    m.put("x", {"a": [1, 2]})
+    m.merge([Entry("b", "y", None, Stamp(99, "b"))])
+    again = meta(tmp_path)
+    assert again.get("a", "x") == {"a": [1, 2]} and again.entry("b", "y") is not None
+    assert again.clock == 99
+    assert again.put("x", 0).clock == 100
+
+
+def test_unreadable_file_is_a_state_error(tmp_path: Path) -> None:
+    (tmp_path / f"a-{META_FILE}").write_text("{not json")
+    with pytest.raises(StateError, match="move it away"):
+        meta(tmp_path)
+
+
+def test_designated_is_the_claim_with_highest_epoch_then_stamp(tmp_path: Path) -> None:
+    a, b, c = meta(tmp_path, "a"), meta(tmp_path, "b"), meta(tmp_path, "c")
+    assert a.designated("v") is None
+    a.claim("v", "a", 1, 1)
+    b.merge(a.entries())
+    b.claim("v", "b", 2, 17)
+    c.claim("v", "c", 1, 1)  # an old, partitioned claim: lower epoch loses whatever its stamp
+    c.put("spin", 0)
+    for m in (a, b, c):
+        for other in (a, b, c):
+            m.merge(other.entries())
+    for m in (a, b, c):
+        d = m.designated("v")
+        assert d is not None and (d.node, d.epoch, d.start_lsn) == ("b", 2, 17)
+    # two claims of one epoch: the newer stamp wins
+    a.claim("v", "a", 2, 20)
+    b.merge(a.entries())
+    d = b.designated("v")
+    assert d is not None and d.node == "a"
+
+
+def test_unreadable_claims_are_ignored(tmp_path: Path) -> None:
+    m = meta(tmp_path)
+    m.claim("v", "a", 1, 1)
+    m.merge([Entry("b", primary_key("v"), {"node": "b", "epoch": "9"}, Stamp(50, "b"))])
+    d = m.designated("v")
+    assert d is not None and d.node == "a"
+
+
+def test_members_positions_and_removal(tmp_path: Path) -> None:
+    a, b = meta(tmp_path, "a"), meta(tmp_path, "b")
+    a.claim("v", "a", 1, 1)
+    b.publish("v", position(source="a"))
+    a.merge(b.entries())
+    assert a.members("v") == {"a", "b"}
+    assert a.position("b", "v") == position(source="a")
+    a.remove("v", "b")
+    assert a.members("v") == {"a"} and a.is_removed("v", "b")
+    # b comes back and speaks of the volume again: a member again
+    b.merge(a.entries())
+    b.publish("v", position(source="a", head_lsn=9))
+    a.merge(b.entries())
+    assert a.members("v") == {"a", "b"}
+
+
+def test_publish_skips_unchanged_positions_until_refresh(tmp_path: Path) -> None:
+    m = meta(tmp_path)
+    assert m.publish("v", position(updated=1.0))
+    assert not m.publish("v", position(updated=2.0))
+    assert m.publish("v", position(updated=2.0, head_lsn=6))
+    assert m.publish("v", position(updated=100.0, head_lsn=6))
+
+
+def test_position_from_foreign_json() -> None:
+    assert Position.from_json("x") is None
+    assert Position.from_json({"role": "mirror"}) is None
+    assert Position.from_json({**position().to_json(), "newer": 1}) == position()
+
+
+def test_check_entry_bounds() -> None:
+    assert check_entry("a", "k", 1, [1]) is None
+    assert check_entry("", "k", 1, 1) is not None
+    assert check_entry("a", "k" * 300, 1, 1) is not None
+    assert check_entry("a", "k", 0, 1) is not None
+    assert check_entry("a", "k", 1, "x" * 5000) is not None
+    assert check_entry("a", "k", 1, {1, 2}) is not None
+
+
+# ---------------------------------------------------------------------------- merge laws
+
+NODES = st.sampled_from(["a", "b", "c"])
+entries = st.builds(lambda owner, key, clock, value: Entry(owner, key, value, Stamp(clock, owner)),
+                    NODES, st.sampled_from(["k", "volume/v/primary", position_key("v")]),
+                    st.integers(1, 6), st.one_of(st.none(), st.integers(0, 3), st.text(max_size=2)))
+
+
+def state_of(m: ClusterMeta) -> dict[tuple[str, str], Entry]:
+    return m.snapshot()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(entries, max_size=12), st.randoms())
+def test_merge_converges_in_any_order_with_duplicates(tmp_path_factory: pytest.TempPathFactory,
+                                                      batch: list[Entry], rnd: object) -> None:
+    """Commutative, associative, idempotent: any order, any grouping, any duplication of the same
+    entries gives the same map."""
+    import random
+    assert isinstance(rnd, random.Random)
+    d = tmp_path_factory.mktemp("m")
+    one = ClusterMeta(d / "one.json", "x")
+    one.merge(batch)
+    other = ClusterMeta(d / "other.json", "y")
+    shuffled = batch + rnd.sample(batch, len(batch) // 2)
+    rnd.shuffle(shuffled)
+    cut = rnd.randint(0, len(shuffled))
+    other.merge(shuffled[:cut])
+    other.merge(shuffled[cut:])
+    other.merge(batch)
+    assert state_of(one) == state_of(other)
+    # merging node to node (entries() of a map) also gives the same map
+    third = ClusterMeta(d / "third.json", "z")
+    third.merge(other.entries())
+    assert state_of(third) == state_of(one)
+    if batch:  # persisted, with the clock past every stamp seen
+        assert json.loads((d / "one.json").read_text())["clock"] == max(e.stamp.clock for e in batch)
+        assert ClusterMeta(d / "one.json", "x").snapshot() == state_of(one)
