@@ -49,9 +49,10 @@ def test_failover_then_split_brain_seen_by_both(harness: Harness, run: int) -> N
     wait_synced(b, "vm")
     b.cli("pause-fetch", "vm")  # b falls behind: what a writes now is a's alone
     w.start(None, pause=0.005)
-    wait_for(lambda: w.done >= 20, what="writes on a")
+    wait_for(lambda: w.done >= 20 and status(b, "vm")["lag_records"] > 0, what="writes on a that b heard of")
+    w.crash_expected = True
     lose(a)  # SIGKILL in the middle of writing
-    w._stop.set()
+    w.crashed()
     fork = status(b, "vm")["durable_lsn"]
     r = b.cli("primary", "vm", "--force")
     assert "failover without a" in r.stdout and "lost at least" in r.stdout, r.stdout

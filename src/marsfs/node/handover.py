@@ -108,7 +108,7 @@ class Roles:
             raise VolumeBusy(f"the fetch of {name!r} is paused on node {self.node.name}: a handover fetches "
                              f"everything first; run marsfs resume-fetch {name}, then marsfs primary {name}")
         if name in self.progress:
-            raise VolumeBusy(f"a handover of {name!r} to this node is already in progress")
+            raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
         connect = self.cluster._connector(source)
         try:
             ch, _ = await open_channel(connect, hello(self.node.name, self.cluster.cluster, name, "handover",
@@ -134,6 +134,8 @@ class Roles:
             await trio.to_thread.run_sync(self.node.promote, name, epoch)
         except MarsError as e:
             why = describe(e)
+            if not claimed:
+                self._resume_fetch(vol)
             raise
         finally:
             self.progress.pop(name, None)
@@ -152,6 +154,11 @@ class Roles:
                     return True
                 await trio.sleep(0.05)
         return False
+
+    def _resume_fetch(self, vol: Volume) -> None:
+        """A change of primary failed before its claim: this node goes on mirroring."""
+        if vol.name not in self.cluster.fetchers and self.node.is_mirror(vol.name):
+            self.cluster._start_fetch(vol)
 
     async def _prepare(self, ch: PeerChannel, name: str, source: str, epoch: int) -> HandoverReady:
         await ch.send_message(HandoverPrepare(epoch=epoch, timeout=PREPARE_TIMEOUT))
@@ -210,18 +217,28 @@ class Roles:
     async def fail_over(self, name: str) -> dict[str, Any]:
         """Forced failover: this node becomes primary of ``name`` without its primary."""
         vol, source = self._check_mirror(name, f"marsfs primary {name} --force")
-        if await self._reachable(name, source):
-            raise InvalidRequest(f"{source}, the primary of {name}, is reachable: use the planned handover, "
-                                 f"marsfs primary {name}, which loses nothing; --force is for a primary that "
-                                 "cannot be reached")
-        loss = self._loss(name, source)  # before the fetch stops: it is what knows the source's last word
-        await self.cluster.stop_fetch(name)
-        epoch = self._newest_epoch(name) + 1
-        start = vol.head_lsn + 1
-        loss = FailoverLoss(**{**loss.to_json(), "epoch": epoch, "start_lsn": start})
-        await trio.to_thread.run_sync(self.node.record_failover, name, loss)
-        await self._claim(name, epoch, start)
-        await trio.to_thread.run_sync(self.node.promote, name, epoch)
+        if name in self.progress:
+            raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
+        self.progress[name] = {"from": source, "phase": "failover", "to_fetch": None}
+        try:
+            if await self._reachable(name, source):
+                raise InvalidRequest(f"{source}, the primary of {name}, is reachable: use the planned handover, "
+                                     f"marsfs primary {name}, which loses nothing; --force is for a primary that "
+                                     "cannot be reached")
+            loss = self._loss(name, source)  # before the fetch stops: it is what knows the source's last word
+            await self.cluster.stop_fetch(name)
+            epoch = self._newest_epoch(name) + 1
+            start = vol.head_lsn + 1
+            loss = FailoverLoss(**{**loss.to_json(), "epoch": epoch, "start_lsn": start})
+            try:
+                await trio.to_thread.run_sync(self.node.record_failover, name, loss)
+                await self._claim(name, epoch, start)
+            except MarsError:
+                self._resume_fetch(vol)
+                raise
+            await trio.to_thread.run_sync(self.node.promote, name, epoch)
+        finally:
+            self.progress.pop(name, None)
         logger.warning("forced failover of %s from %s: primary here from LSN %d, epoch %d; %s", name, source,
                        start, epoch, loss.describe())
         return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),

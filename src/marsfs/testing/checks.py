@@ -126,6 +126,7 @@ class Writer:
         self.image, self.seed, self.slot = image, seed, slot
         self.done = 0
         self.error: BaseException | None = None
+        self.crash_expected = False  #: the primary is killed on purpose: a failing write ends the writer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -146,9 +147,14 @@ class Writer:
                     time.sleep(pause)
         except BaseException as e:
             self.error = e
-            raise
+            if not self.crash_expected:
+                raise
         finally:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                if not self.crash_expected:
+                    raise
 
     def start(self, count: int | None, pause: float = 0.0) -> Writer:
         self._thread = threading.Thread(target=self.write, args=(count, pause), daemon=True)
@@ -165,6 +171,15 @@ class Writer:
             self._thread.join(60)
             assert not self._thread.is_alive(), "the writer hangs"
         assert self.error is None, f"a write on the primary failed: {self.error!r}"
+
+    def crashed(self) -> None:
+        """The primary was killed under the writer (``crash_expected`` set first): wait for it
+        to end; its failed last write is not a test failure."""
+        assert self.crash_expected
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+            assert not self._thread.is_alive(), "the writer hangs"
 
     def check_prefix(self, image: Path) -> int:
         """Assert that ``image`` is the image after a prefix of the writes; returns the complete slots."""
