@@ -137,6 +137,12 @@ class Roles:
             if not claimed:
                 self._resume_fetch(vol)
             raise
+        except (ConnectionLost, trio.TooSlowError) as e:
+            why = describe(e)
+            if not claimed:
+                self._resume_fetch(vol)
+            raise PeerError(f"the handover of {name} from {source} broke off: {why}; nothing changed (this node "
+                            f"still mirrors {source}); run marsfs primary {name} again") from None
         finally:
             self.progress.pop(name, None)
             with trio.CancelScope(shield=True):
