@@ -98,3 +98,15 @@ def test_primary_on_a_primary_is_refused(node: Node) -> None:
             await dispatch(ctx, "primary", {"volume": "q"})
 
     trio.run(main)
+
+
+def test_status_shows_a_failover_loss_under_the_table() -> None:
+    from marsfs.faces.commands import status_table
+
+    loss = {"source": "a", "epoch": 2, "start_lsn": 22, "records": 11, "bytes": 4096, "oldest": 1e9, "newest": 1e9,
+            "at_least": True, "as_of": 1e9}
+    row = {"volume": "v", "role": "primary", "state": "up", "epoch": 2, "size": MiB, "head_lsn": 30, "durable_lsn": 30,
+           "applied_lsn": 0, "oldest_version_lsn": 0, "log_bytes": 0, "lag_bytes": 0, "lag_seconds": 0.0,
+           "open_handles": 0, "errors": [], "failover_loss": loss}
+    assert status_table([row]).splitlines()[-1].startswith(
+        "v: forced failover from a (epoch 2 from LSN 22) lost at least 11 records (at least 4.0 KiB)")

@@ -45,6 +45,7 @@ import trio
 from marsfs.errors import MarsError, NotAvailable, UsageError
 from marsfs.node import Node, check_volume_name
 from marsfs.node.cluster import Cluster
+from marsfs.node.state import FailoverLoss
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
 
@@ -363,6 +364,9 @@ def status_table(rows: list[dict[str, Any]]) -> str:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
     for r in rows:
         lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
+    for r in rows:
+        if r.get("failover_loss"):
+            lines.append(f"{r['volume']}: {FailoverLoss.from_json(r['failover_loss']).describe()}")
     for r in rows:
         lines += meta_lines(r)
     return "\n".join(lines)
