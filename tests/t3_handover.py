@@ -26,6 +26,7 @@ from marsfs.errors import InvalidRequest, PeerError, VolumeBusy, VolumeReadOnly,
 from marsfs.node import Node
 from marsfs.node import handover as node_handover
 from marsfs.node.cluster import Cluster
+from marsfs.node.handover import tail_extents
 from marsfs.node.state import Role, VolumeState
 from marsfs.replication import handover as repl_handover
 from marsfs.replication.fetch import Connect
@@ -247,6 +248,11 @@ def test_failover_says_what_is_lost_and_split_brain_is_seen_by_both(tmp_path: Pa
             assert row["state"] == "split-brain" and row["fork_lsn"] == fork
             assert any("split brain with" in e and "invalidate" in e for e in row["errors"])
         assert va.head_lsn == fork + 11  # a keeps its tail
+        # what a resync of a would copy for its tail: the ten 64 KiB writes after the fork
+        written = sorted({((5 * 7 + i * 13) % (SIZE // 65536)) * 65536 for i in range(10)})
+        extents = tail_extents(va, fork)
+        assert extents is not None and sum(n for _, n in extents) == len(written) * 65536
+        assert all(any(o <= w < o + n for o, n in extents) for w in written)
         # persisted: a restart still shows it
         b.node.close()
         again = Node.open(tmp_path / "b", "b")

@@ -34,6 +34,7 @@ import trio
 
 from marsfs.aio import describe, supervised
 from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
+from marsfs.log import RecordType
 from marsfs.node.state import FailoverLoss, Role, SplitBrain
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import PeerChannel, hello, open_channel
@@ -56,6 +57,24 @@ FOLLOW_WAIT = 10.0  #: seconds a handover waits for the old primary to say it fo
 WATCH_EVERY = 1.0  #: seconds between looks at what the metadata asks of roles here
 CATCH_UP_MARGIN = 5.0  #: seconds of the old primary's fence kept back for the claim after catching up
 COMPARE_TRIES = 5  #: attempts at comparing chains with a source that refused us as diverged
+
+
+def tail_extents(vol: Volume, fork_lsn: int) -> list[tuple[int, int]] | None:
+    """The byte ranges ``(offset, length)`` of ``vol`` that its records after ``fork_lsn``
+    wrote, merged and sorted: what a resync after a split brain has to copy for this side's
+    tail. None when the log no longer holds the record after the fork (then copy everything)."""
+    if vol.log.first_lsn > fork_lsn + 1:
+        return None
+    spans = sorted((r.offset, r.offset + r.length) for r in vol.log.records(fork_lsn + 1)
+                   if r.type == RecordType.WRITE and r.length)
+    out: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][0] + out[-1][1]:
+            start, length = out[-1]
+            out[-1] = (start, max(start + length, hi) - start)
+        else:
+            out.append((lo, hi - lo))
+    return out
 
 
 class Roles:
