@@ -129,14 +129,16 @@ class Roles:
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
         connect = self.cluster._connector(source)
+        self.progress[name] = {"from": source, "phase": "preparing", "to_fetch": None}
         try:
             ch, _ = await open_channel(connect, hello(self.node.name, self.cluster.cluster, name, "handover",
                                                       role.epoch))
         except PeerRefused as e:
+            self.progress.pop(name, None)
             raise PeerError(f"{source} refused the handover of {name}: {e.message}") from None
         except (OSError, trio.TooSlowError, ConnectionLost) as e:
+            self.progress.pop(name, None)
             raise PeerError(self._unreachable(name, source, describe(e))) from None
-        self.progress[name] = {"from": source, "phase": "preparing", "to_fetch": None}
         claimed = False
         why = "the handover failed"
         epoch, start = role.epoch + 1, vol.head_lsn + 1
