@@ -13,6 +13,8 @@ State diagram of a volume on one node (docs/architecture.md draws it)::
 
     create ──> up (primary) ──error──> failed
                up ──a newer epoch names another primary──> fenced ──log is a prefix──> (mirror)
+               up/fenced ──chains differ from a peer's (found by compare)──> split-brain
+    (mirror) ──marsfs primary [--force]──> up (primary, next epoch)
     join ──> syncing ──copy done──> catching-up <──> synced
                                       │  ^               │
                  fetch-paused <───────┤  └── replay-paused
