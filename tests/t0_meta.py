@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from marsfs.errors import StateError
+from marsfs.errors import ProtocolError, StateError
 from marsfs.node.meta import (
     META_FILE,
     ClusterMeta,
@@ -19,6 +19,21 @@ from marsfs.node.meta import (
     check_entry,
     position_key,
     primary_key,
+)
+from marsfs.replication.protocol import (
+    MAX_META_ENTRIES,
+    MAX_META_KEY,
+    MAX_META_VALUE,
+    PROTO_VERSION,
+    FrameDecoder,
+    Hello,
+    Message,
+    MetaEntries,
+    MetaWelcome,
+    MsgType,
+    decode_message,
+    encode_frame,
+    encode_message,
 )
 
 
@@ -177,3 +192,41 @@ def test_merge_converges_in_any_order_with_duplicates(tmp_path_factory: pytest.T
     if batch:  # persisted, with the clock past every stamp seen
         assert json.loads((d / "one.json").read_text())["clock"] == max(e.stamp.clock for e in batch)
         assert ClusterMeta(d / "one.json", "x").snapshot() == state_of(one)
+
+
+# ---------------------------------------------------------------------------- the wire form
+
+def decode_json(mtype: MsgType, obj: object) -> Message:
+    frames = FrameDecoder().feed(encode_frame(mtype, json.dumps(obj).encode()))
+    return decode_message(frames[0])
+
+
+def test_meta_messages_round_trip() -> None:
+    for msg in (MetaWelcome(node="b", cluster="c"),
+                MetaEntries(entries=(("a", "k", 3, {"x": [1]}), ("b", "j", 1, None)), more=True),
+                Hello(proto=PROTO_VERSION, cluster="c", node="a", volume="", want="meta", epoch=0)):
+        assert decode_message(FrameDecoder().feed(encode_message(msg))[0]) == msg
+
+
+@pytest.mark.parametrize("entries,why", [
+    ("x", "must be a list"),
+    ([["a", "k", 1]], r"\[owner, key, clock, value\]"),
+    ([[1, "k", 1, 1]], "owner"),
+    ([["a", "", 1, 1]], "key"),
+    ([["a", "k" * (MAX_META_KEY + 1), 1, 1]], "key"),
+    ([["a", "k", 0, 1]], "clock"),
+    ([["a", "k", True, 1]], "clock"),
+    ([["a", "k", 1, "v" * MAX_META_VALUE]], "longer"),
+    ([["a", "k", 1, 1]] * (MAX_META_ENTRIES + 1), "at most"),
+])
+def test_malformed_meta_entries_are_protocol_errors(entries: object, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        decode_json(MsgType.META_ENTRIES, {"entries": entries, "more": False})
+
+
+def test_meta_welcome_fields_are_checked() -> None:
+    with pytest.raises(ProtocolError, match="cluster"):
+        decode_json(MsgType.META_WELCOME, {"node": "b"})
+    with pytest.raises(ProtocolError, match="want"):
+        decode_json(MsgType.HELLO, {"proto": PROTO_VERSION, "cluster": "c", "node": "a", "volume": "",
+                                    "want": "gossip", "epoch": 0})

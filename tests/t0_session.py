@@ -96,6 +96,9 @@ class FakeVolume:
     size: int = 3 * IMAGE_CHUNK + 512
     visible_lsn: int | None = None
 
+    def size_at(self, lsn: int) -> int:
+        return self.size
+
     @property
     def head_lsn(self) -> int:
         return self.log.last_lsn

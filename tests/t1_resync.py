@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from marsfs.errors import InvalidRequest, VersionNotFound, VolumeBusy
+from marsfs.errors import DiskFailed, InvalidRequest, StateError, VersionNotFound, VolumeBusy
 from marsfs.log import genesis_chain
 from marsfs.volume import Volume
 from marsfs.volume import resync as rs
@@ -50,7 +50,7 @@ class Pair:
         last = self.src.head_lsn if upto is None else upto
         for lsn in range(self.dst.head_lsn + 1, last + 1):
             self.dst.append_raw(self.src.log.read_raw(lsn))
-        self.dst.flush()
+        self.dst.log.sync()
         self.dst.visible_lsn = self.dst.head_lsn
 
     def begin(self, **kw: bool) -> Resync:
@@ -121,12 +121,12 @@ def test_old_view_byte_exact_across_switch_and_merge(pair: Pair) -> None:
     pair.scribble(pair.src, pair.model, 5)
     pair.replicate()
     assert pair.dst.writeback(max_bytes=None) == L  # the overlay waits for the old view
-    assert (pair.dst.path / "resync").exists()
+    assert (pair.dst.path / "merge").exists() and not (pair.dst.path / "resync").exists()
     assert view.read(0, SIZE) == old
     assert pair.dst.read(0, SIZE) == pair.model
     view.close()
     assert pair.dst.writeback(max_bytes=None) == pair.dst.head_lsn
-    assert not (pair.dst.path / "resync").exists()
+    assert not (pair.dst.path / "merge").exists()
     assert pair.dst.read(0, SIZE) == pair.model
 
 
@@ -199,6 +199,24 @@ def test_refusals(pair: Pair, tmp_path: Path) -> None:
         r.retarget(2, b"c" * 16, SIZE // 2)
     with pytest.raises(VolumeBusy):
         pair.dst.write(0, b"x")
+    with pytest.raises(VolumeBusy):
+        pair.dst.mark("m")
+    head = pair.dst.head_lsn
+    pair.dst.flush()  # the log does not grow while a resync runs
+    assert pair.dst.head_lsn == head
+
+
+def test_flush_appends_no_record_during_resync(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "v", "v", SIZE, sync_interval=None)
+    try:
+        vol.write(0, b"x" * 10)  # no FLUSH record yet
+        head = vol.head_lsn
+        r = vol.begin_resync(head + 1, b"c" * 16, SIZE, vol.uuid)
+        assert r.base_lsn == head
+        vol.flush()
+        assert vol.head_lsn == head
+    finally:
+        vol.close()
 
 
 def test_resume_after_restart_and_retarget(pair: Pair, tmp_path: Path) -> None:
@@ -247,10 +265,13 @@ def test_direct_mode(pair: Pair, tmp_path: Path) -> None:
     assert pair.dst.read(0, SIZE) == pair.model
 
 
-def test_direct_mode_needs_everything_applied(pair: Pair) -> None:
+def test_direct_mode_needs_everything_applied_and_no_views(pair: Pair) -> None:
+    with pair.dst.view(0):
+        with pytest.raises(VolumeBusy, match="open version"):
+            pair.begin(direct=True)
     pair.scribble(pair.src, pair.model, 3)
     pair.replicate()
-    with pytest.raises(Exception, match="direct resync needs none"):
+    with pytest.raises(StateError, match="direct resync needs none"):
         pair.begin(direct=True)
 
 
@@ -277,6 +298,15 @@ def test_split_brain_loser_ahead_of_target(pair: Pair) -> None:
     assert r.read(0, SIZE) == pair.model
     assert pair.dst.finish_resync()
     assert pair.dst.read(0, SIZE) == pair.model
+    assert tail_view.read(0, SIZE) == mine
+    tail = tail_view.lsn
+    while pair.src.head_lsn < tail:  # the survivor's history passes the loser's old head
+        pair.scribble(pair.src, pair.model, 1)
+    pair.replicate(tail)
+    with pair.src.view(tail) as v:
+        theirs = v.read(0, SIZE)
+    with pair.dst.view(tail) as v:  # same LSN as the old view, another generation: its own index
+        assert v.read(0, SIZE) == theirs
     assert tail_view.read(0, SIZE) == mine
     tail_view.close()
     pair.dst.visible_lsn = pair.dst.head_lsn
@@ -364,6 +394,10 @@ def test_crash_at_each_step_of_finish(tmp_path: Path, step: str, direct: bool, m
     with pytest.raises(Crash):
         pair.dst.finish_resync()
     monkeypatch.undo()
+    if step not in ("written-back", "merged"):  # a switch that failed half way
+        assert pair.dst.needs_restart and "restart the daemon" in pair.dst.fault_lines()[0]
+        with pytest.raises(VolumeBusy):
+            pair.dst.write(0, b"x")
     pair.dst.close()
     pair.dst = Volume.open(tmp_path / "crashed", sync_interval=None)
     if pair.dst.resync is not None:  # before the switch intent: the old volume, resumable
@@ -373,6 +407,7 @@ def test_crash_at_each_step_of_finish(tmp_path: Path, step: str, direct: bool, m
         assert pair.dst.finish_resync()
     assert pair.dst.size == 2 * SIZE and pair.dst.read(0, 2 * SIZE) == target
     assert pair.dst.head_lsn == L and not (tmp_path / "crashed" / "resync").exists()
+    assert not (tmp_path / "crashed" / "merge").exists()
     pair.scribble(pair.src, pair.model, 3)
     pair.replicate()
     assert pair.dst.read(0, SIZE) == pair.model
@@ -405,3 +440,170 @@ def test_crash_inside_log_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     log = Log.open(tmp_path / "log")
     assert (log.first_lsn, log.last_lsn, log.last_chain) == (42, 41, b"n" * 16)
     log.close()
+
+
+def test_next_resync_while_previous_is_not_merged(pair: Pair, tmp_path: Path) -> None:
+    """A view from before the first switch holds its merge; a second resync stages meanwhile,
+    waits to switch, and survives a crash (open merges the first, then resumes the second)."""
+    pair.scribble(pair.src, pair.model, 10)
+    pair.replicate()
+    view = pair.dst.view(pair.dst.head_lsn)
+    old = bytes(pair.model)
+    pair.scribble(pair.src, pair.model, 10)
+    stage_diff(pair.begin(), bytes(pair.model))
+    assert pair.dst.finish_resync()
+    first = bytes(pair.model)
+    pair.scribble(pair.src, pair.model, 10)
+    r = pair.begin()
+    assert r.read(0, SIZE) == first
+    stage_diff(r, bytes(pair.model))
+    assert not pair.dst.finish_resync()
+    assert "older than the previous resync" in r.waiting_for
+    assert view.read(0, SIZE) == old and pair.dst.read(0, SIZE) == first
+    shutil.copytree(tmp_path / "dst", tmp_path / "crashed")
+    view.close()
+    pair.dst.close()
+    pair.dst = Volume.open(tmp_path / "crashed", sync_interval=None)
+    assert pair.dst.read(0, SIZE) == first
+    r = pair.dst.resync
+    assert r is not None and r.read(0, SIZE) == pair.model
+    assert pair.dst.finish_resync()
+    assert pair.dst.read(0, SIZE) == pair.model
+
+
+@pytest.mark.allow_log("merge")
+def test_failed_merge_is_a_writeback_fault_that_retries(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    pair.scribble(pair.src, pair.model, 10)
+    stage_diff(pair.begin(), bytes(pair.model))
+    real = rs.merge_into
+
+    def failing(*a: object) -> None:
+        raise DiskFailed("cannot merge the resynced blocks into the base image: Input/output error")
+
+    monkeypatch.setattr(rs, "merge_into", failing)
+    assert pair.dst.finish_resync()  # switched all the same
+    assert isinstance(pair.dst.fault("writeback"), DiskFailed)
+    assert pair.dst.read(0, SIZE) == pair.model  # through the overlay
+    pair.scribble(pair.src, pair.model, 3)
+    pair.replicate()
+    L = pair.dst.applied_lsn
+    with pytest.raises(DiskFailed):
+        pair.dst.writeback(max_bytes=None)
+    assert pair.dst.applied_lsn == L  # nothing written back past the unmerged overlay
+    monkeypatch.setattr(rs, "merge_into", real)
+    assert pair.dst.writeback(max_bytes=None) == pair.dst.head_lsn
+    assert pair.dst.fault("writeback") is None
+    assert pair.dst.read(0, SIZE) == pair.model
+
+
+def test_readers_during_the_switch_see_old_or_new_never_a_mix(pair: Pair) -> None:
+    import threading
+
+    pair.scribble(pair.src, pair.model, 20)
+    pair.replicate()
+    old = bytes(pair.model)
+    F = pair.dst.head_lsn
+    pair.scribble(pair.src, pair.model, 20)
+    new = bytes(pair.model)
+    L = pair.src.head_lsn
+    r = pair.begin()
+    stage_diff(r, new)
+    stop = threading.Event()
+    seen: dict[str, int] = {"old": 0, "new": 0, "gone": 0}
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                lsn = pair.dst.current_lsn
+                try:
+                    v = pair.dst.view(lsn)
+                except VersionNotFound:
+                    seen["gone"] += 1  # opened just after the switch: the caller retries
+                    continue
+                with v:
+                    data = v.read(0, SIZE)
+                    assert data == (old if lsn == F else new), lsn
+                    seen["old" if lsn == F else "new"] += 1
+                live = pair.dst.read(0, SIZE)
+                assert live in (old, new)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while not seen["old"] and not errors:
+        stop.wait(0.001)
+    while not pair.dst.finish_resync():
+        assert "older than" in r.waiting_for or "being opened" in r.waiting_for
+    while not seen["new"] and not errors:
+        stop.wait(0.001)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert pair.dst.current_lsn == L
+    pair.dst.writeback(max_bytes=None)
+    assert pair.dst.read(0, SIZE) == new
+
+
+@pytest.mark.allow_log("merge")
+def test_direct_resync_waits_for_the_previous_merge(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    pair.scribble(pair.src, pair.model, 5)
+    stage_diff(pair.begin(), bytes(pair.model))
+    real = rs.merge_into
+
+    def failing(*a: object) -> None:
+        raise DiskFailed("cannot merge the resynced blocks into the base image: Input/output error")
+
+    monkeypatch.setattr(rs, "merge_into", failing)
+    assert pair.dst.finish_resync()
+    pair.scribble(pair.src, pair.model, 5)
+    with pytest.raises(DiskFailed):  # it tries the merge first, which fails again
+        pair.begin(direct=True)
+    assert pair.dst.resync is None
+    monkeypatch.setattr(rs, "merge_into", real)
+    r = pair.begin(direct=True)
+    stage_diff(r, bytes(pair.model))
+    assert pair.dst.finish_resync()
+    assert pair.dst.read(0, SIZE) == pair.model
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_retarget_to_a_grown_source(pair: Pair, direct: bool) -> None:
+    pair.scribble(pair.src, pair.model, 5)
+    r = pair.begin(direct=direct)
+    stage_diff(r, bytes(pair.model))
+    target = bytes(pair.model) + b"g" * SIZE  # the source grew meanwhile
+    r.retarget(pair.src.head_lsn + 3, b"r" * 16, 2 * SIZE)
+    assert r.read(SIZE, SIZE) == bytes(SIZE)
+    assert stage_diff(r, target) == SIZE
+    assert pair.dst.finish_resync()
+    assert pair.dst.size == 2 * SIZE and pair.dst.read(0, 2 * SIZE) == target
+    assert pair.dst.head_lsn == pair.src.head_lsn + 3 and pair.dst.log.last_chain == b"r" * 16
+
+
+def test_resumed_direct_resync_syncs_what_an_earlier_process_staged(pair: Pair, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed process may leave staged bytes unsynced in the page cache; direct mode counts
+    them (it reads the base whole), so the first sync after a restart must cover them."""
+    import os
+
+    pair.scribble(pair.src, pair.model, 5)
+    r = pair.begin(direct=True)
+    r.write(0, bytes(pair.model[: 64 * KiB]))  # never synced
+    pair.dst.close()
+    pair.dst = Volume.open(tmp_path / "dst", sync_interval=None)
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(rs.os, "fdatasync", spy)
+    r = pair.dst.resync
+    assert r is not None
+    r.sync()
+    assert pair.dst._base_fd in synced

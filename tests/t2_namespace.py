@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass, field
+from typing import Any
 
 from marsfs.faces.namespace import ROOT_INODE, TIMEOUT, EntryKind, Namespace
 
@@ -12,6 +13,12 @@ from marsfs.faces.namespace import ROOT_INODE, TIMEOUT, EntryKind, Namespace
 class FakeVolume:
     size: int
     current_lsn: int = 0
+
+    def size_at(self, lsn: int) -> int:
+        return self.size
+
+    def splits(self) -> list[Any]:
+        return []
 
 
 @dataclass

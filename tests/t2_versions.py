@@ -273,3 +273,45 @@ def test_serve_history_flags_and_toml(tmp_path: Path) -> None:
     assert load_config(conf, {**base, "history": None}).history == Retention(None, 5400)
     with pytest.raises(UsageError, match="--history: .*two durations"):
         load_config(None, {**base, "history": ["1h", "2h"]})
+
+
+def test_a_split_version_is_listed_opens_read_only_and_reads_its_file(node: Node,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from marsfs.volume.splits import save_split
+
+    vol = node.volume("v")
+    vol.write(0, b"s" * 8192)
+    vol.flush()
+    image = vol.read(0, vol.size)
+    save_split(vol.path, "b", 3, vol.head_lsn, vol.log.last_chain, vol.size, vol.read)
+    vol.write(0, b"n" * 4096)  # the volume moves on; the split version does not
+    ops = Operations(node)
+    replies: list[bytes] = []
+
+    def reply(token: Any, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        replies.append(name)
+        return True
+
+    monkeypatch.setattr(ops, "_readdir_reply", reply)
+
+    async def main() -> None:
+        d = await version_dir(ops)
+        fh = await ops.opendir(d, None)
+        await ops.readdir(fh, 0, None)
+        await ops.releasedir(fh)
+        assert b"split-b-3.img" in replies
+        a = await look(ops, d, "split-b-3.img")
+        assert a.st_size == vol.size and a.st_mode & 0o777 == 0o400
+        assert ops.namespace.entry(a.st_ino) == ops.namespace.entry((await look(ops, d, "split-b-3.img")).st_ino)
+        for flags in (os.O_WRONLY, os.O_RDWR):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.open(a.st_ino, flags, None)
+            assert e.value.errno == errno.EROFS
+        fi = await ops.open(a.st_ino, os.O_RDONLY, None)
+        assert await ops.read(fi.fh, 0, vol.size) == image
+        await ops.release(fi.fh)
+        for name in ("split-b-4.img", "split-c-3.img"):
+            await enoent(look(ops, d, name))
+        assert node.opens["v"] == 0
+
+    go(main)

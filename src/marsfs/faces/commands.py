@@ -14,7 +14,8 @@ Rules that hold here:
 * Some checks also run in the command line before the daemon is asked (``create`` checks the
   volume name and reads the size), so that a typo needs no daemon; the daemon checks again.
 * ``wait`` and ``status --watch`` are loops in the command line around ``status``; ``wait``
-  has no daemon side. ``ping`` has no command line. ``wait --synced`` on a mirror waits until
+  has no daemon side. ``ping`` and ``verify-progress`` (what the command line's ``verify`` loop polls) have no
+  command line. ``wait --synced`` on a mirror waits until
   it is synced on the word of its source after the wait began (the last check, at the timeout,
   takes the mirror's own ``synced`` as it stands, so ``--timeout 0`` is one check); on a
   primary it waits until every mirror it knows is synced, and refuses at once (exit 1) when it
@@ -32,6 +33,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import threading
 import time
 import types
@@ -43,11 +45,14 @@ from typing import Any
 import trio
 
 from marsfs.errors import MarsError, NotAvailable, UsageError
+from marsfs.faces.namespace import SUFFIX
 from marsfs.node import Node, check_volume_name
 from marsfs.node.cluster import Cluster
 from marsfs.node.state import FailoverLoss
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
+
+VERIFY_POLL = 0.5  #: seconds one verify-progress request waits for the end before it reports progress
 
 #: The command line's way to ask the daemon: ``request(command, args) -> result``.
 Request = Callable[[str, dict[str, Any]], Any]
@@ -63,6 +68,7 @@ class Context:
     cluster: Cluster
     mount: Path
     forget_volume: Callable[[str], None]  #: tell the FUSE face that a volume's name is gone
+    mounted: bool = False  #: ``mount`` is this daemon's live FUSE mount (not in in-process tests)
 
 
 Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
@@ -287,6 +293,36 @@ async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
     return {**ctx.node.status(vol.name)[0], "image": str(ctx.mount / f"{vol.name}.img")}
 
 
+async def _resize(ctx: Context, a: dict[str, Any]) -> Any:
+    name, new = a["volume"], a["size"]
+    lsn = await trio.to_thread.run_sync(ctx.node.resize, name, new)
+    image = ctx.mount / f"{name}{SUFFIX}"
+    if ctx.mounted:
+        # the kernel owns a cached image's size (writeback cache): tell it by a truncate through
+        # the mount, from a worker thread while this trio thread answers its SETATTR
+        try:
+            await trio.to_thread.run_sync(os.truncate, image, new)
+        except OSError as e:
+            raise MarsError(f"volume {name} is {new} bytes now, but the kernel still shows {image} with its old "
+                            f"size ({e.strerror}); run marsfs resize {name} {new} again") from None
+    return {"volume": name, "size": new, "lsn": lsn, "image": str(image)}
+
+
+def _resize_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    if r["lsn"] is None:
+        return f"{r['volume']} is {human_bytes(r['size'])} already: nothing to do"
+    return (f"resized {r['volume']} to {human_bytes(r['size'])} ({r['size']} bytes) at lsn-{r['lsn']}; a loop "
+            f"device on {r['image']} sees it after: losetup -c DEVICE")
+
+
+async def _verify(ctx: Context, a: dict[str, Any]) -> Any:
+    return {"jobs": ctx.cluster.verify(a["volume"], a["peer"])}
+
+
+async def _verify_progress(ctx: Context, a: dict[str, Any]) -> Any:
+    return await ctx.cluster.verify_progress(a["job"], VERIFY_POLL)
+
+
 # ---------------------------------------------------------------------- the command line's side
 
 def clone_spec(spec: str) -> tuple[str, str]:
@@ -362,6 +398,7 @@ def status_table(rows: list[dict[str, Any]]) -> str:
              for row in table]
     for r in rows:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
+        lines += [f"{r['volume']}: warning: {w}" for w in r.get("warnings", ())]
     for r in rows:
         lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
     for r in rows:
@@ -474,6 +511,56 @@ def _versions_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _verify_client(command: Command, args: argparse.Namespace, request: Request) -> int:
+    """Start the comparisons, follow them (a progress line on stderr when it is a terminal),
+    print each result. Exit 0 when every image is identical, 1 when any differs or a
+    comparison failed (the failure is one line on stderr)."""
+    jobs = request("verify", command.request_args(args))["jobs"]
+    tty = sys.stderr.isatty()
+    results: list[dict[str, Any]] = []
+    failed = False
+    for job in jobs:
+        while True:
+            try:
+                r = request("verify-progress", {"job": job})
+            except MarsError as e:
+                _clear_progress(tty)
+                print(f"marsfs: error: {e}", file=sys.stderr, flush=True)
+                failed = True
+                break
+            if r["state"] == "done":
+                _clear_progress(tty)
+                results.append(r)
+                if not args.json:
+                    print(_verify_text(r), flush=True)
+                break
+            if tty and r["size"]:
+                print(f"\rverifying {args.volume} with {r['peer']} at lsn-{r['lsn']}: "
+                      f"{100 * r['done'] // r['size']}% ({human_bytes(r['done'])} of {human_bytes(r['size'])})",
+                      end="", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1), flush=True)
+    return 1 if failed or not all(r["identical"] for r in results) else 0
+
+
+def _clear_progress(tty: bool) -> None:
+    if tty:
+        print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+def _verify_text(r: Mapping[str, Any]) -> str:
+    head = f"{r['volume']} on {r['node']} and {r['peer']}"
+    if r["identical"]:
+        return f"{head}: identical at lsn-{r['lsn']} ({r['compared_bytes']} bytes compared)"
+    diffs = r["differences"]
+    total = sum(d["length"] for d in diffs)
+    lines = [f"{head}: {len(diffs)} differing range(s), {total} bytes ({human_bytes(total)}) at lsn-{r['lsn']} "
+             f"({r['compared_bytes']} bytes compared)"]
+    lines += [f"  offset {d['offset']} length {d['length']} ({human_bytes(d['offset'])} +{human_bytes(d['length'])})"
+              for d in diffs]
+    return "\n".join(lines)
+
+
 def _leave_text(r: Mapping[str, Any], a: argparse.Namespace) -> str:
     if "node" in r:
         return (f"removed node {r['node']} from {r['volume']}: its position no longer holds the log "
@@ -498,8 +585,6 @@ def _planned(name: str, what: str) -> Command:
 #: Commands PRODUCT.md plans that do not exist yet, and what each will do.
 PLANNED: Mapping[str, str] = types.MappingProxyType({
     "invalidate": "discard this node's divergent or damaged copy and resync it from the primary",
-    "verify": "compare a mirror's image with its primary's at the same version",
-    "resize": "grow a volume",
 })
 
 VOLUME = Arg("volume")
@@ -561,5 +646,13 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
                                   "(loses what it did not fetch; status says how much)",
                          flag="--force", required=False, parse=switch), JSON),
             _primary, text=_primary_text, json=lambda r, a: r, client=_primary_client),
+    Command("verify", "compare images at the same version by checksums",
+            (VOLUME, Arg("peer", "the node to compare with (default: a mirror's source; on a primary: every "
+                                 "mirror it knows)", flag="--peer", required=False, metavar="NODE"), JSON),
+            _verify, json=lambda r, a: r, client=_verify_client),
+    Command("verify-progress", None, (Arg("job"),), _verify_progress),
+    Command("resize", "grow a volume (on its primary)",
+            (VOLUME, Arg("size", "the new size, like 20G, or bytes; never smaller", parse=size, check=parse_size)),
+            _resize, text=_resize_text),
     *(_planned(name, what) for name, what in PLANNED.items()),
 )})

@@ -31,12 +31,14 @@ from typing import Any
 
 from marsfs.errors import InvalidRequest, MarsError, UsageError
 from marsfs.node.cluster import DEFAULT_CLUSTER, parse_address
+from marsfs.node.space import LogSpaceSetting
 from marsfs.volume import Retention
 
 #: How long a SIGTERM waits for open volumes to close before it forces the stop (seconds).
 DEFAULT_STOP_TIMEOUT = 30.0
 #: The keys a ``--config`` file may have: the long flags' names, and ``[peers]`` for ``--peer``.
-CONFIG_KEYS = frozenset({"node", "state", "mount", "listen", "peers", "history", "cluster", "stop-timeout"})
+CONFIG_KEYS = frozenset({"node", "state", "mount", "listen", "peers", "history", "cluster", "stop-timeout",
+                         "log-space"})
 
 
 @dataclass
@@ -51,6 +53,8 @@ class ServeConfig:
     history: Retention = field(default_factory=Retention)  #: ``--history SIZE|DURATION`` (repeatable, or ``10G,24h``)
     cluster: str = DEFAULT_CLUSTER
     stop_timeout: float = DEFAULT_STOP_TIMEOUT  #: see :mod:`marsfs.faces.daemon` (SIGTERM)
+    #: ``--log-space SIZE|PCT%``: the node's limit for all logs (see :mod:`marsfs.node.space`)
+    log_space: LogSpaceSetting = field(default_factory=LogSpaceSetting)
 
     @property
     def history_bytes(self) -> int | None:
@@ -75,6 +79,8 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
             raise UsageError(f"config file {path}: 'peers' must be a table of NAME = \"HOST:PORT\"")
         if "stop-timeout" in conf:
             conf["stop_timeout"] = conf.pop("stop-timeout")
+        if "log-space" in conf:
+            conf["log_space"] = conf.pop("log-space")
     merged = {**conf, **{k: v for k, v in flags.items() if v not in (None, [], {})}}
     missing = [k for k in ("node", "state", "mount") if not merged.get(k)]
     if missing:
@@ -100,10 +106,15 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
         history = Retention.parse(merged["history"]) if "history" in merged else Retention()
     except InvalidRequest as e:
         raise UsageError(f"--history: {e}") from None
+    try:
+        log_space = LogSpaceSetting.parse(merged.get("log_space"))
+    except InvalidRequest as e:
+        raise UsageError(f"--log-space: {e}") from None
     return ServeConfig(node=str(merged["node"]), state=Path(merged["state"]), mount=Path(merged["mount"]),
                        listen=None if listen is None else str(listen), peers=peers,
                        cluster=str(merged.get("cluster", DEFAULT_CLUSTER)), history=history,
-                       stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)))
+                       stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
+                       log_space=log_space)
 
 
 def _stop_timeout(value: Any) -> float:

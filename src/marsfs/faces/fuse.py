@@ -14,8 +14,13 @@ is the kernel's side of the contract (see ../shared/FUSE-NOTES.md for the measur
   writes run inline because a thread hop costs more than the page-cache I/O they do.
 * The image behaves like a disk: reads at or past the end return nothing, writes past the end
   fail with ENOSPC, a write that does not fit writes nothing (a short reply would become EIO
-  in the kernel), and the size cannot change (EPERM); the writeback cache's mtime-only
-  SETATTRs are accepted. A version (a mirror's image, anything under ``.versions``) is
+  in the kernel), and the size cannot change (EPERM) except to what ``marsfs resize`` made
+  it; the writeback cache's mtime-only SETATTRs are accepted.
+* With the writeback cache the kernel owns a cached inode's size and takes none from
+  getattr, so after a resize the daemon truncates the image through the mount to its new
+  size (:func:`marsfs.faces.daemon` does, in a worker thread: this trio thread answers that
+  SETATTR, which is then accepted). A version is a new inode, which the kernel asks for its
+  size: a mirror's image shows the new size from the version that replayed the record on. A version (a mirror's image, anything under ``.versions``) is
   read-only (EROFS); opening one pins it (:meth:`Volume.view`), so it keeps its bytes while
   writeback and replay go on, and opens of the same version share one index.
 * Directories other than the root get a handle holding a snapshot of their listing
@@ -43,6 +48,7 @@ from marsfs.errors import MarsError, NodeStopping
 from marsfs.faces.namespace import ROOT_INODE, SUFFIX, Attributes, Entry, EntryKind, Namespace
 from marsfs.node import Node
 from marsfs.volume import Volume, VolumeView
+from marsfs.volume.splits import SplitView
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +97,10 @@ def entry_attributes(a: Attributes) -> pyfuse3.EntryAttributes:
 class _Handle:
     __slots__ = ("volume", "name", "view")
 
-    def __init__(self, volume: Volume, name: str, view: VolumeView | None) -> None:
+    def __init__(self, volume: Volume, name: str, view: VolumeView | SplitView | None) -> None:
         self.volume = volume
         self.name = name
-        self.view = view  #: a mirror's pinned version; None = the live primary image
+        self.view = view  #: a pinned version or a split version; None = the live primary image
 
 
 class Operations(pyfuse3.Operations):
@@ -166,8 +172,8 @@ class Operations(pyfuse3.Operations):
         if not entry.writable and (fields.update_size or fields.update_mtime):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size and attr.st_size != self.node.volumes[entry.volume].size:
-            logger.warning("refused to change the size of %s%s to %d: volumes keep their size "
-                           "(resizing is not available yet)", entry.volume, SUFFIX, attr.st_size)
+            logger.warning("refused to change the size of %s%s to %d: a volume grows with marsfs resize",
+                           entry.volume, SUFFIX, attr.st_size)
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -231,7 +237,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         vol = self.node.acquire(entry.volume, write=flags & os.O_ACCMODE != os.O_RDONLY)
         try:
-            view = None if entry.version is None else await trio.to_thread.run_sync(vol.view, entry.version)
+            view: VolumeView | SplitView | None = None
+            if entry.kind is EntryKind.SPLIT:
+                view = vol.split_view(entry.split)
+            elif entry.version is not None:
+                view = await trio.to_thread.run_sync(vol.view, entry.version)
         except BaseException:
             self.node.release(entry.volume)
             raise
@@ -249,7 +259,7 @@ class Operations(pyfuse3.Operations):
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        image: Volume | VolumeView = h.view if h.view is not None else h.volume
+        image: Volume | VolumeView | SplitView = h.view if h.view is not None else h.volume
         if off >= image.size:
             return b""
         size = min(size, image.size - off)

@@ -12,6 +12,7 @@ The tree::
     /.versions/                       history (not listed in the root, like ZFS's hidden .zfs)
     /.versions/<vol>/                 one directory per volume
     /.versions/<vol>/<version>.img    a read-only version: lsn-<N>, <mark> or an ISO-8601 time
+    /.versions/<vol>/split-<node>-<lsn>.img  a resolved split brain's losing state (volume.splits)
 
 Rules that hold here:
 
@@ -27,6 +28,8 @@ Rules that hold here:
   the same version (``lsn-7``, a mark at 7, a time whose flush point is 7) is the same inode.
   ``lsn-N`` and mark names always mean the same version (entry timeout as usual); a time may
   name a newer flush point later (a time in the future), so its entry timeout is 0.
+* ``split-<node>-<lsn>.img`` names a split version (a standalone file the volume keeps); it is
+  listed after the versions, its inode lives as long as the volume, and it never changes.
 * ``.versions`` is not listed in the root: tools that walk the mount (or glob ``*.img``) see the
   images only. A directory listing is a snapshot taken at opendir (:meth:`Namespace.directory`),
   so that the kernel's successive readdir calls page through one list while flushes go on.
@@ -52,6 +55,7 @@ from typing import Protocol
 
 from marsfs.errors import VersionNotFound
 from marsfs.volume import VersionInfo
+from marsfs.volume.splits import SplitInfo, parse_split_name
 from marsfs.volume.versions import parse_time_ns
 
 ROOT_INODE = 1  #: the FUSE root inode (pyfuse3.ROOT_INODE; the adapter asserts they agree)
@@ -67,6 +71,10 @@ class Image(Protocol):
     @property
     def size(self) -> int: ...
 
+    def size_at(self, lsn: int) -> int:
+        """The size of version ``lsn`` (a volume grows at a RESIZE record)."""
+        ...
+
     @property
     def current_lsn(self) -> int: ...
 
@@ -77,6 +85,8 @@ class Image(Protocol):
     def version_listing(self) -> list[VersionInfo]: ...
 
     def version_timestamp_ns(self, lsn: int) -> int: ...
+
+    def splits(self) -> list[SplitInfo]: ...
 
 
 class Catalog(Protocol):
@@ -94,6 +104,7 @@ class EntryKind(enum.Enum):
     VERSIONS = "versions"  #: ``.versions``
     VERSION_DIR = "version-dir"  #: ``.versions/<vol>``
     VERSION = "version"  #: ``.versions/<vol>/<name>.img``: the version after LSN ``version``
+    SPLIT = "split"  #: ``.versions/<vol>/<split>.img``: a split version (``split`` is its name)
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,7 @@ class Entry:
     kind: EntryKind
     volume: str = ""
     version: int | None = None  #: None: the live (writable) image; an LSN: that version, read-only
+    split: str = ""  #: a SPLIT entry's split version name
 
     @property
     def writable(self) -> bool:
@@ -114,7 +126,7 @@ class Entry:
 
 
 _DIRS = (EntryKind.ROOT, EntryKind.VERSIONS, EntryKind.VERSION_DIR)
-_PER_VOLUME = (EntryKind.IMAGE, EntryKind.VERSION_DIR, EntryKind.VERSION)
+_PER_VOLUME = (EntryKind.IMAGE, EntryKind.VERSION_DIR, EntryKind.VERSION, EntryKind.SPLIT)
 ROOT = Entry(EntryKind.ROOT)
 VERSIONS_ENTRY = Entry(EntryKind.VERSIONS)
 
@@ -208,6 +220,11 @@ class Namespace:
             return Entry(EntryKind.VERSION_DIR, filename), True
         if parent.kind is EntryKind.VERSION_DIR and filename.endswith(SUFFIX):
             spec = filename[: -len(SUFFIX)]
+            if parse_split_name(spec) is not None:
+                image = self.catalog.volumes[parent.volume]
+                if not any(s.name == spec for s in image.splits()):
+                    return None
+                return Entry(EntryKind.SPLIT, parent.volume, split=spec), True
             try:
                 lsn = self.catalog.volumes[parent.volume].find_version(spec)
             except VersionNotFound:
@@ -246,8 +263,9 @@ class Namespace:
             return [(image_name(v), self._image_entry(v)) for v in self.listing()]
         if entry.kind is EntryKind.VERSIONS:
             return [(v, Entry(EntryKind.VERSION_DIR, v)) for v in self.listing()]
-        return [(v.name + SUFFIX, Entry(EntryKind.VERSION, entry.volume, v.lsn))
-                for v in self.catalog.volumes[entry.volume].version_listing()]
+        image = self.catalog.volumes[entry.volume]
+        return [*((v.name + SUFFIX, Entry(EntryKind.VERSION, entry.volume, v.lsn)) for v in image.version_listing()),
+                *((s.name + SUFFIX, Entry(EntryKind.SPLIT, entry.volume, split=s.name)) for s in image.splits())]
 
     def readdir(self, start_id: int, listing: list[tuple[str, Entry]] | None = None) -> Iterator[DirEntry]:
         """Entries of ``listing`` (a :meth:`directory` snapshot; default: the root now) from
@@ -322,11 +340,17 @@ class Namespace:
         if entry.kind is EntryKind.VERSION:
             assert entry.version is not None
             image = self.catalog.volumes[entry.volume]
-            return Attributes(inode, stat.S_IFREG | 0o400, 1, image.size,
+            return Attributes(inode, stat.S_IFREG | 0o400, 1, image.size_at(entry.version),
                               image.version_timestamp_ns(entry.version) or self._started_ns, TIMEOUT, TIMEOUT)
+        if entry.kind is EntryKind.SPLIT:
+            info = next((s for s in self.catalog.volumes[entry.volume].splits() if s.name == entry.split), None)
+            size, mtime = (info.size, int(info.saved * 1e9)) if info is not None else (0, self._started_ns)
+            return Attributes(inode, stat.S_IFREG | 0o400, 1, size, mtime, TIMEOUT, TIMEOUT)
         assert entry.kind is EntryKind.IMAGE, entry
-        return Attributes(
-            inode, stat.S_IFREG | (0o600 if entry.writable else 0o400), 1, self.catalog.volumes[entry.volume].size,
+        image = self.catalog.volumes[entry.volume]
+        return Attributes(  # a mirror's image is a version: the size of its LSN (resize)
+            inode, stat.S_IFREG | (0o600 if entry.writable else 0o400), 1,
+            image.size if entry.version is None else image.size_at(entry.version),
             self._mtime.get(entry.volume, self._started_ns),
             entry_timeout=TIMEOUT if entry.version is None else 0,  # a mirror: every open looks up the newest version
             attr_timeout=TIMEOUT)

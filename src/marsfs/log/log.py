@@ -201,7 +201,8 @@ class Log:
         """Append a record exactly as another log stored it (replication); returns its header.
 
         The record must verify and continue this log: next LSN, chain from our last record; with
-        ``volume_size``, a WRITE record must also lie inside the volume. The bytes stay identical,
+        ``volume_size``, a WRITE record must also lie inside the volume, and a RESIZE record must
+        grow it (to a multiple of 512 bytes). The bytes stay identical,
         so the chain hashes of both logs stay identical. A refused record raises
         :class:`RecordRefused` and leaves the log as it was.
         """
@@ -215,6 +216,10 @@ class Log:
         if volume_size is not None and h.type == RecordType.WRITE and h.offset + h.length > volume_size:
             raise RecordRefused(f"refused replicated record {h.lsn}: it writes past the end of the volume "
                                 f"({h.offset}+{h.length} > {volume_size} bytes); resync it (marsfs invalidate)")
+        if volume_size is not None and h.type == RecordType.RESIZE and (h.offset < volume_size or h.offset % 512):
+            raise RecordRefused(f"refused replicated record {h.lsn}: it resizes the volume of {volume_size} bytes "
+                                f"to {h.offset}; volumes only grow, by multiples of 512 bytes; resync it "
+                                "(marsfs invalidate)")
         payload = Payload(h.flags, h.length, view[HEADER_SIZE:], h.payload_hash)
         with self._lock:
             self._check_failed()  # a poisoned log says so before judging the link

@@ -53,7 +53,7 @@ class RecordType(IntEnum):
     WRITE = 1  #: data written at ``offset``
     FLUSH = 2  #: an fsync completed: an application-consistent point
     MARK = 3  #: a named LSN; the payload is the UTF-8 name
-    RESIZE = 4  #: the volume's size becomes ``offset`` (reserved, not yet produced)
+    RESIZE = 4  #: the volume's size becomes ``offset`` (``marsfs resize``; empty payload)
 
 
 class Flags:

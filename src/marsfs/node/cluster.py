@@ -15,7 +15,8 @@ Rules that hold here:
 * Cluster metadata (:mod:`marsfs.node.meta`, issue 10): every ``GOSSIP_EVERY`` seconds, and
   at once after a local change (:meth:`Cluster.gossip_now`), this node publishes its
   position for each volume and exchanges its metadata with every ``--peer`` (both
-  directions, :mod:`marsfs.node.gossip`). A peer that is down is retried quietly, logged at
+  directions, :mod:`marsfs.node.gossip`) whose last exchange did not leave it with our map
+  as it is now; at least every ``REFRESH`` seconds anyway. A peer that is down is retried quietly, logged at
   INFO once per change. After every change the follow step (:meth:`Cluster._follow`) runs:
   a primary that is not the designated primary is fenced (EROFS, log kept); if its log ends
   before the designated primary's epoch began it becomes that node's mirror; a mirror whose
@@ -48,7 +49,7 @@ from marsfs.errors import (
 )
 from marsfs.node import gossip
 from marsfs.node.handover import Roles
-from marsfs.node.meta import Position
+from marsfs.node.meta import REFRESH, Position
 from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
 from marsfs.node.state import (
     FRESH,
@@ -64,11 +65,13 @@ from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
 from marsfs.replication.protocol import Hello, ImageInfo
 from marsfs.replication.server import PeerTable, Server, lag_of
+from marsfs.replication.verify import VerifyProgress, VerifyResult, verify_with
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
 
 REPLAY_EVERY = 0.02
+VERIFY_KEPT = 600.0  #: seconds a finished verify waits for its command line to collect it
 GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
 DEFAULT_CLUSTER = "marsfs"
 
@@ -96,6 +99,8 @@ class Cluster:
         self._scopes: dict[str, trio.CancelScope] = {}
         self._fetch_ended: dict[str, trio.Event] = {}
         self.copies: dict[str, ImageCopy] = {}  #: image copies running, or failed and not yet retried
+        self.verifies: dict[str, VerifyJob] = {}  #: verify comparisons by id, until collected
+        self._verify_seq = 0
         self._replay_samples: dict[str, deque[tuple[float, int]]] = {}
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
@@ -217,7 +222,8 @@ class Cluster:
             vol.errors.append(str(e))
             return
         fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
-                          paused=lambda: self.node.role(vol.name).fetch_paused,
+                          paused=lambda: (self.node.role(vol.name).fetch_paused  # or log space is full (G8)
+                                          or vol.name in self.node.space.fetch_stopped),
                           replayed=lambda: vol.current_lsn,
                           replay_paused=lambda: self.node.role(vol.name).replay_paused)
         self.fetchers[vol.name] = fetcher
@@ -314,6 +320,74 @@ class Cluster:
                     persisted[name] = now
                     await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, replayed_lsn=vol.current_lsn))
 
+    # ------------------------------------------------------------------ verify
+
+    def verify(self, name: str, peer: str | None) -> list[str]:
+        """Start comparing ``name`` here with ``peer`` at one version (see
+        :mod:`marsfs.replication.verify`); returns the ids of the comparisons, one per peer,
+        which :meth:`verify_progress` follows. Without ``peer``: a mirror compares with its
+        source, a primary with every mirror it knows."""
+        vol = self.node.volume(name)
+        if vol.clone_of is not None:
+            raise InvalidRequest(f"{name} is a clone ({vol.clone_of.describe()}): a local volume, never "
+                                 "replicated, so there is nothing to compare it with")
+        mine = self.node.is_mirror(name)
+        if peer is not None:
+            peers = [peer]
+        elif mine:
+            peers = [self.node.role(name).source]
+        else:
+            peers = self.mirrors_of(name)
+            if not peers:
+                raise InvalidRequest(f"{name} is primary on node {self.node.name} and has no mirrors to compare "
+                                     f"with; give one: marsfs verify {name} --peer NODE")
+        if self.node.name in peers:
+            raise InvalidRequest(f"{self.node.name} is this node: give another node with --peer")
+        connects = {p: self._connector(p) for p in peers}  # PeerError for an unknown peer, before any starts
+        now = trio.current_time()
+        for old in [k for k, j in self.verifies.items() if j.finished.is_set() and now - j.started > VERIFY_KEPT]:
+            del self.verifies[old]  # finished and never asked for
+        ids = []
+        for p, connect in connects.items():
+            self._verify_seq += 1
+            job_id = f"{name}/{p}/{self._verify_seq}"
+            job = self.verifies[job_id] = VerifyJob(VerifyProgress(peer=p), started=now)
+            assert self._nursery is not None
+            self._nursery.start_soon(supervised, f"verify of {name} with {p}",
+                                     functools.partial(self._run_verify, job, vol, p, connect, mine))
+            ids.append(job_id)
+        return ids
+
+    async def _run_verify(self, job: VerifyJob, vol: Volume, peer: str, connect: Connect, mine: bool) -> None:
+        try:
+            job.result = await verify_with(vol, self.node.name, self.cluster, peer, connect, mine=mine,
+                                           progress=job.progress)
+        except MarsError as e:
+            job.error = e
+        except Exception as e:
+            job.error = MarsError(f"verify of {vol.name} with {peer} failed: {describe(e)}; see the daemon's log")
+            raise  # a bug: supervised logs it with its traceback
+        finally:
+            job.finished.set()
+
+    async def verify_progress(self, job_id: str, wait: float) -> dict[str, Any]:
+        """How far comparison ``job_id`` got, after waiting up to ``wait`` seconds for its end;
+        its result once it ended (then it is forgotten), or its failure raised."""
+        job = self.verifies.get(job_id)
+        if job is None:
+            raise InvalidRequest(f"no verify {job_id!r} is running here (it ended and was reported, or the "
+                                 "daemon restarted); run marsfs verify again")
+        with trio.move_on_after(wait):
+            await job.finished.wait()
+        p = job.progress
+        if not job.finished.is_set():
+            return {"state": "running", "peer": p.peer, "lsn": p.lsn, "size": p.size, "done": p.done}
+        del self.verifies[job_id]
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return {"state": "done", **job.result.to_json()}
+
     # ------------------------------------------------------------------ status
 
     def _now(self) -> float:
@@ -356,7 +430,7 @@ class Cluster:
             peers.append(PeerStatus(
                 node=p.node, connected=p.connected, fetched_lsn=p.fetched_lsn, replayed_lsn=p.replayed_lsn,
                 fetch_paused=p.fetch_paused, replay_paused=p.replay_paused, lag_bytes=lag_b, lag_records=lag_r,
-                lag_seconds=lag_s, last_seen=p.last_seen,
+                lag_seconds=lag_s, last_seen=p.last_seen, dropped=st.dropped.get(p.node, 0),
                 state=peer_state(connected=p.connected, fetch_paused=p.fetch_paused,
                                  replay_paused=p.replay_paused, lag_records=lag_r)))
         return st.changed(peers=peers)
@@ -420,6 +494,8 @@ class Cluster:
         self._gossip_wake: dict[str, trio.Event] = {}  #: per peer: exchange now
         self._follow_wake = trio.Event()  #: metadata changed: publish and follow now
         self._heard: dict[str, float] = {}  #: peer -> wall time of our last metadata exchange with it
+        #: peer -> (our map's version, trio time) after our last exchange with it, either way
+        self._exchanged: dict[str, tuple[int, float]] = {}
         self._gossip_trouble: dict[str, str] = {}  #: peer -> why the last exchange failed ("" : it worked)
         self._meta_errors: dict[str, str] = {}  #: volume -> what the follow step cannot do, and what to do
 
@@ -444,6 +520,7 @@ class Cluster:
     async def _serve_meta(self, ch: Channel, greeting: Hello) -> None:
         changed = await gossip.serve(ch, greeting, self.meta, self.cluster)
         self._heard[greeting.node] = time.time()
+        self._exchanged[greeting.node] = (self.meta.version, trio.current_time())
         if changed:
             self._follow_wake.set()
 
@@ -455,7 +532,12 @@ class Cluster:
                 await wake.wait()
 
     async def _exchange(self, peer: str) -> None:
-        """One metadata exchange with ``peer``; trouble is logged once per change, at INFO."""
+        """One metadata exchange with ``peer``, unless it has our map as it is (the last
+        exchange either way left it so, less than ``REFRESH`` seconds ago: each node pushes its
+        own changes). Trouble is logged once per change, at INFO."""
+        version, when = self._exchanged.get(peer, (-1, 0.0))
+        if version == self.meta.version and trio.current_time() - when < REFRESH:
+            return
         try:
             changed = await gossip.exchange(self._connector(peer), self.meta, self.cluster, peer)
         except (OSError, trio.TooSlowError, ConnectionLost, ProtocolError, PeerRefused) as e:
@@ -463,6 +545,7 @@ class Cluster:
         else:
             trouble = ""
             self._heard[peer] = time.time()
+            self._exchanged[peer] = (self.meta.version, trio.current_time())
             if changed:
                 self._follow_wake.set()
         if trouble != self._gossip_trouble.get(peer, ""):
@@ -620,6 +703,17 @@ class Cluster:
                              "updated": p.updated, "last_heard": self._heard.get(owner)})
         error = self._meta_errors.get(name)
         return st.changed(positions=rows, errors=[*st.errors, error] if error else st.errors)
+
+
+@dataclass(eq=False)
+class VerifyJob:
+    """A ``verify`` comparison running in the background, until its result is collected."""
+
+    progress: VerifyProgress
+    started: float  #: trio time
+    finished: trio.Event = field(default_factory=trio.Event)
+    result: VerifyResult | None = None
+    error: MarsError | None = None
 
 
 @dataclass(eq=False)

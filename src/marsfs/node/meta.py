@@ -16,7 +16,11 @@ model (docs/architecture.md, "Cluster metadata", draws it):
   hypothesis). During a partition each side keeps its view; on reunion newest wins.
 * The map and the clock are persisted atomically (``STATE/meta.json``) before a put returns
   or a merge reports a change; the clock never goes back, also across restarts (it is at
-  least the greatest stamp in the file).
+  least the greatest stamp in the file). Positions are the exception: they change every
+  second and are soft state (republished, and resent by peers), so a change of positions
+  only is written at most every :data:`SAVE_POSITIONS_EVERY` seconds (and at :meth:`close`).
+  A node that crashed learns its own newest stamps back from its peers before it publishes
+  (the first gossip round merges first), so its clock passes them.
 * Deleting is writing ``None`` (a tombstone that wins like any newer value).
 
 Keys (values are JSON):
@@ -40,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,6 +61,8 @@ META_FILE = "meta.json"
 MAX_KEY = 200  #: characters of a key
 MAX_VALUE = 2048  #: bytes of a value as compact JSON
 FORMAT = 1
+REFRESH = 10.0  #: seconds after which an unchanged position is published (and gossiped) again
+SAVE_POSITIONS_EVERY = 5.0  #: seconds between writes of the file for position changes alone
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -143,8 +150,11 @@ def primary_key(volume: str) -> str:
     return f"volume/{volume}/primary"
 
 
+POSITION_SUFFIX = "/position"
+
+
 def position_key(volume: str) -> str:
-    return f"volume/{volume}/position"
+    return f"volume/{volume}{POSITION_SUFFIX}"
 
 
 def removed_key(volume: str, node: str) -> str:
@@ -178,6 +188,9 @@ class ClusterMeta:
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], Entry] = {}
         self._clock = 0
+        self._version = 0  #: counts changes of the map here (gossip skips peers that have this version)
+        self._dirty = False  #: position changes not yet written
+        self._saved = 0.0  #: time.monotonic() of the last write
         self._load()
 
     # ------------------------------------------------------------------ persistence
@@ -200,16 +213,36 @@ class ClusterMeta:
             raise StateError(f"{self.path}: unreadable cluster metadata ({e}); move it away to start "
                              "empty (peers send theirs again)") from None
 
-    def _save(self) -> None:
+    def _save(self, keys: Iterable[str] = ()) -> None:
+        """Write the file now, or only mark it dirty when ``keys`` are all positions and the
+        last write is recent (see the module's rules)."""
+        keys = list(keys)
+        now = time.monotonic()
+        if keys and all(k.endswith(POSITION_SUFFIX) for k in keys) and now - self._saved < SAVE_POSITIONS_EVERY:
+            self._dirty = True
+            return
         entries = sorted(e.to_wire() for e in self._entries.values())
         write_json(self.path, {"format": FORMAT, "node": self.node, "clock": self._clock,
                                "entries": [list(t) for t in entries]})
+        self._dirty = False
+        self._saved = now
+
+    def close(self) -> None:
+        """Write what is not written yet (positions)."""
+        with self._lock:
+            if self._dirty:
+                self._save()
 
     # ------------------------------------------------------------------ the map
 
     @property
     def clock(self) -> int:
         return self._clock
+
+    @property
+    def version(self) -> int:
+        """Goes up with every change of the map here (not persisted: a restart counts anew)."""
+        return self._version
 
     def put(self, key: str, value: JSON) -> Stamp:
         """Write one of this node's own keys (persisted on return)."""
@@ -219,7 +252,8 @@ class ClusterMeta:
             self._clock += 1
             stamp = Stamp(self._clock, self.node)
             self._entries[(self.node, key)] = Entry(self.node, key, value, stamp)
-            self._save()
+            self._version += 1
+            self._save([key])
             return stamp
 
     def get(self, owner: str, key: str) -> JSON | None:
@@ -249,9 +283,11 @@ class ClusterMeta:
                 if old is None or e.sort_key() > old.sort_key():
                     self._entries[k] = e
                     changed.add(k)
-            if changed or clock != self._clock:
-                self._clock = clock
-                self._save()
+            # an entry no newer than ours has a stamp at most our clock: only changes move it
+            self._clock = clock
+            if changed:
+                self._version += 1
+                self._save(k for _, k in changed)
         return changed
 
     def snapshot(self) -> dict[tuple[str, str], Entry]:
@@ -260,14 +296,14 @@ class ClusterMeta:
 
     # ------------------------------------------------------------------ what the keys mean
 
-    def _owners_of(self, key_of: str) -> list[Entry]:
+    def _with_key(self, key_of: str) -> list[Entry]:
         with self._lock:
             return [e for (_, k), e in self._entries.items() if k == key_of]
 
     def designated(self, volume: str) -> Designation | None:
         """The designated primary of ``volume``: the claim with the greatest (epoch, stamp)."""
         best: Designation | None = None
-        for e in self._owners_of(primary_key(volume)):
+        for e in self._with_key(primary_key(volume)):
             v = e.value
             if not (isinstance(v, dict) and isinstance(v.get("node"), str)
                     and type(v.get("epoch")) is int and type(v.get("start_lsn")) is int):
@@ -284,7 +320,7 @@ class ClusterMeta:
 
     def publish(self, volume: str, position: Position) -> bool:
         """Put this node's position for ``volume`` unless it says what the last one said and
-        is younger than ``refresh`` seconds; returns whether it was put."""
+        is younger than :data:`REFRESH` seconds; returns whether it was put."""
         old = Position.from_json(self.get(self.node, position_key(volume)))
         if position.same_as(old) and old is not None and position.updated - old.updated < REFRESH:
             return False
@@ -296,7 +332,7 @@ class ClusterMeta:
 
     def positions(self, volume: str) -> dict[str, Position]:
         out: dict[str, Position] = {}
-        for e in self._owners_of(position_key(volume)):
+        for e in self._with_key(position_key(volume)):
             p = Position.from_json(e.value)
             if p is not None:
                 out[e.owner] = p
@@ -309,7 +345,7 @@ class ClusterMeta:
     def is_removed(self, volume: str, node: str) -> bool:
         """A removal by any node, newer than ``node``'s last word on ``volume``."""
         pos = self.entry(node, position_key(volume))
-        for e in self._owners_of(removed_key(volume, node)):
+        for e in self._with_key(removed_key(volume, node)):
             if e.value is True and (pos is None or e.stamp > pos.stamp):
                 return True
         return False
@@ -324,11 +360,9 @@ class ClusterMeta:
     def members(self, volume: str) -> set[str]:
         """The nodes holding ``volume`` (they published a position, or are its designated
         primary), minus the ones removed."""
-        nodes = {e.owner for e in self._owners_of(position_key(volume)) if e.value is not None}
+        nodes = {e.owner for e in self._with_key(position_key(volume)) if e.value is not None}
         d = self.designated(volume)
         if d is not None:
             nodes.add(d.node)
         return {n for n in nodes if not self.is_removed(volume, n)}
 
-
-REFRESH = 10.0  #: seconds after which an unchanged position is published again (liveness)

@@ -41,7 +41,8 @@ Rules that hold here:
   (:class:`~marsfs.errors.VolumeReadOnly`); the log stays as it is, tail included. A former
   primary that became a mirror keeps a ``mirror`` fence (the kernel may still know its
   writable inode) until it is primary again; mirrors refuse opens for writing anyway.
-* ``create`` claims epoch 1 from LSN 1 in the cluster metadata (:attr:`Node.meta`).
+* ``create`` claims epoch 1 from LSN 1 in the cluster metadata (:attr:`Node.meta`); a name
+  that was used before gets the epoch after the newest claim it had, so old claims lose.
   :meth:`become_mirror` turns a primary whose log is a prefix of the designated primary's
   history into its mirror: flushed first, visible at its head, persisted before it is served.
 * Roles change hands (:mod:`marsfs.node.handover` orchestrates): a primary is fenced for a
@@ -79,6 +80,7 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.node.meta import META_FILE, ClusterMeta
+from marsfs.node.space import LogSpace, LogSpaceSetting
 from marsfs.node.state import FailoverLoss, Role, RoleRecord, SplitBrain, VolumeState, VolumeStatus
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
@@ -104,9 +106,11 @@ def check_volume_name(name: str) -> str:
 class Node:
     """The volumes of one node. Thread-safe; blocking methods are called from worker threads."""
 
-    def __init__(self, state: Path, name: str, *, history: Retention | None = None) -> None:
+    def __init__(self, state: Path, name: str, *, history: Retention | None = None,
+                 log_space: LogSpaceSetting | None = None) -> None:
         self.state = state
         self.name = name
+        self.space = LogSpace(state, log_space)  #: the log space limit of all volumes (G8)
         self.history = history or Retention(DEFAULT_HISTORY_BYTES)  #: the node's window; a volume may have its own
         self._volume_history: dict[str, Retention] = {}
         self.volumes: dict[str, Volume] = {}
@@ -135,7 +139,9 @@ class Node:
         node = cls(state, name, **kw)
         node._claim()
         try:
+            node.space.check()
             node._recover()
+            node.space.adopt(list(node.volumes.values()))
         except BaseException:
             node.close()
             raise
@@ -234,6 +240,10 @@ class Node:
                 except MarsError as e:
                     logger.error("closing volume %s: %s", vol.name, e)
             self.volumes.clear()
+            try:
+                self.meta.close()
+            except OSError as e:
+                logger.error("could not write the cluster metadata %s: %s", self.meta.path, e.strerror)
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
@@ -267,9 +277,12 @@ class Node:
             free = _free_bytes(self.state)
             if not thin and size > free:
                 raise NoSpace(_no_room(name, size, free, self.state))
+            # a name used before (deleted, maybe after a handover) may have claims of any epoch:
+            # the new volume's claim must be newer than all of them
+            before = self.meta.designated(name)
             try:
                 vol = Volume.create(path, name, size, reserve=not thin)
-                role = RoleRecord()
+                role = RoleRecord(epoch=before.epoch + 1 if before is not None else 1)
                 write_json(path / "role.json", role.to_json())
             except BaseException as e:
                 shutil.rmtree(path, ignore_errors=True)
@@ -279,6 +292,7 @@ class Node:
             self.volumes[name] = vol
             self._roles[name] = role
             self.meta.claim(name, self.name, role.epoch, 1)
+            self.space.adopt(list(self.volumes.values()))
             logger.info("created volume %s of %d bytes%s, primary", name, size, " (thin)" if thin else "")
             return vol
 
@@ -303,8 +317,44 @@ class Node:
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
+            self.space.adopt(list(self.volumes.values()))
             logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
             return vol
+
+    def resize(self, name: str, size: int) -> int | None:
+        """Grow volume ``name`` (this node its primary) to ``size`` bytes: the LSN of its RESIZE
+        record, None when it has that size already. The growth is reserved on disk unless the
+        volume is thin, and refused (NoSpace, nothing changed) when that does not fit."""
+        with self._lock:
+            vol = self.volume(name)
+            role = self.role(name)
+            if role.is_mirror:
+                designation = self.meta.designated(name)
+                primary = (f"its primary {designation.node}" if designation is not None and designation.node != self.name
+                           else "its primary")
+                raise WrongRole(f"volume {name!r} is a mirror on node {self.name} (it fetches from {role.source}); "
+                                f"grow it on {primary} with marsfs resize {name} SIZE: this mirror grows when "
+                                "it replays that")
+            if vol.clone_of is not None:
+                raise InvalidRequest(f"{name} is a clone ({vol.clone_of.describe()}) and keeps the size of that "
+                                     "version")
+            if vol.fence:  # not the designated primary (issue 10): a resize is a write
+                raise VolumeReadOnly(f"cannot resize {name}: {vol.fence}")
+            limit = self.largest_volume()
+            if size > limit:
+                raise InvalidRequest(f"volume size {size} bytes ({human_bytes(size)}) is not possible here: the "
+                                     f"filesystem of {self.state} holds files up to {human_bytes(limit)}")
+            grow = size - vol.size
+            free = _free_bytes(self.state)
+            if not vol.thin and grow > free:
+                raise NoSpace(_no_grow(name, grow, free, self.state))
+            try:
+                lsn = vol.resize(size, reserve=not vol.thin)
+            except NoSpace:
+                raise NoSpace(_no_grow(name, grow, _free_bytes(self.state), self.state)) from None
+        if lsn is not None:
+            logger.info("resized volume %s to %d bytes at lsn-%d", name, size, lsn)
+        return lsn
 
     def _refuse_no_space(self, e: BaseException, what: str, hint: str) -> None:
         """Raise NoSpace when ``e`` says the state directory's filesystem is full."""
@@ -377,6 +427,7 @@ class Node:
             assert vol.name not in self.volumes
             self._persist_role(vol.name, self.role(vol.name).changed(syncing=False, replayed_lsn=vol.current_lsn))
             self.volumes[vol.name] = vol
+            self.space.adopt(list(self.volumes.values()))
 
     def is_mirror(self, name: str) -> bool:
         with self._lock:
@@ -615,11 +666,27 @@ class Node:
                 write_json(path, history.to_json())
                 self._volume_history[name] = history
 
+    def enforce_space(self, now_ns: int | None = None) -> int:
+        """Keep the logs inside the node's log space limit (:mod:`marsfs.node.space`); returns
+        the bytes freed. The daemon runs it whenever a log grew by a quarter segment. A disk
+        fault met on the way is the volume's (it stands in its status); the next pass retries."""
+        try:
+            return self.space.enforce(dict(self.volumes), self.history_of, now_ns)
+        except MarsError as e:
+            logger.info("log space enforcement: %s", e)
+            return 0
+
     def maintain(self, now_ns: int | None = None) -> None:
         """Periodic work: write back what falls out of the history window (``now_ns``: the
-        time the window ends, default now; tests move it instead of sleeping)."""
+        time the window ends, default now; tests move it instead of sleeping), keep the log
+        space limit, persist the mirrors' positions (at most once a pass: the rate limit)."""
         now = time.time_ns() if now_ns is None else now_ns
+        self.enforce_space(now)
         for vol in list(self.volumes.values()):
+            try:
+                vol.persist_holds()
+            except MarsError as e:
+                logger.info("%s", e)
             before_fault = vol.fault("writeback")
             try:
                 target = history_floor(vol, self.history_of(vol.name), now)
@@ -665,7 +732,7 @@ class Node:
         designation = self.meta.designated(name)
         return VolumeStatus(
             volume=vol.name, node=self.name, role=role.role,
-            state=state, epoch=role.epoch, size=vol.size,
+            state=state, epoch=role.epoch, size=vol.current_size,
             head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
@@ -676,6 +743,9 @@ class Node:
             clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
             designated_primary=designation.node if designation is not None else None,
             members=sorted(self.meta.members(name)),
+            log_space_limit=self.space.last_limit, oldest_retained_lsn=vol.log.first_lsn,
+            warnings=self.space.warnings(vol, self.history_of(name)),
+            dropped={k.removeprefix("mirror:"): cs.bytes for k, cs in vol.dropped().items()},
             fork_lsn=min(x.fork_lsn for x in splits) if splits else None,
             split_brain=[x.to_json() for x in splits], failover_loss=loss.to_json() if loss is not None else None)
 
@@ -712,6 +782,12 @@ def _no_room(name: str, size: int, free: int, state: Path, *, thin: bool = False
     return (f"no room for volume {name!r}: {what} does not fit the {human_bytes(free)} free on the filesystem of "
             f"{state}; free space there, pick a smaller size" + ("" if thin else ", or create it --thin "
                                                                "(its writes then fail with ENOSPC when the disk fills)"))
+
+
+def _no_grow(name: str, grow: int, free: int, state: Path) -> str:
+    return (f"no room to grow volume {name!r}: reserving {human_bytes(grow)} more does not fit the "
+            f"{human_bytes(free)} free on the filesystem of {state}; free space there or give a smaller size "
+            "(the volume is unchanged)")
 
 
 def _largest_file(directory: Path) -> int:

@@ -188,6 +188,8 @@ class PeerStatus:
     lag_seconds: float
     last_seen: float  #: wall-clock time of its last ACK
     role: Role = Role.MIRROR
+    #: bytes of changed extents it will copy when it returns (its log was dropped: G8)
+    dropped: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -242,6 +244,13 @@ class VolumeStatus:
     designated_primary: str | None = None
     members: list[str] = field(default_factory=list)
     positions: list[dict[str, Any]] = field(default_factory=list)
+    # log space (issue 11, G8): the node's limit for all logs, the oldest LSN the log still
+    # holds, what log space did (history cut, mirrors dropped, versions pinning), and per mirror
+    # whose log was dropped the bytes of changed extents it will copy
+    log_space_limit: int | None = None
+    oldest_retained_lsn: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
     # roles (issue 10): a split brain's fork LSN (the lowest, if with several peers) and each
     # one's figures (SplitBrain.to_json); what the last forced failover may have lost
     # (FailoverLoss.to_json); a handover in progress: {"from", "to_fetch", "phase"}
@@ -255,6 +264,8 @@ class VolumeStatus:
         d["peers"] = [p.to_json() for p in self.peers]
         d["errors"] = list(self.errors)
         d["clones"] = [dict(c) for c in self.clones]
+        d["warnings"] = list(self.warnings)
+        d["dropped"] = dict(self.dropped)
         d["split_brain"] = [dict(x) for x in self.split_brain]
         return _jsonable(d)
 

@@ -52,6 +52,10 @@ Conversation (client = the mirror, server = the node it fetches from)::
     durable LSN, so the client knows how old the state it describes can be at most.
     WELCOME and every HEARTBEAT name the volume's uuid: a volume deleted and re-created under
     the same name is another volume, and its mirrors must notice (issue 8).
+    want=sums: client: SUMS_REQUEST {lsn (0: your current version), offset, length}
+               server: SUMS {lsn, offset, size, sums} | ERROR {code: "version-not-retained" | "out-of-range"}
+               (repeated; the first request pins the version for the whole connection, so
+               ``verify`` compares both nodes' images at one LSN while writes go on)
     Any server state may end with ERROR {code: "volume-deleted"} when the volume it served is no
     longer the node's volume of that name.
 """
@@ -70,16 +74,19 @@ import xxhash
 
 from marsfs.errors import ProtocolError
 from marsfs.log.record import CHAIN_SIZE, HEADER_SIZE, BadRecord, decode_header
+from marsfs.volume.blocksums import BLOCK, SUM_SIZE
 
 __all__ = [
     "FRAME_HEADER", "MAX_CHAINS", "MAX_FRAME", "PROTO_VERSION", "Ack", "Chains", "Error", "Fetch", "Frame",
     "FrameDecoder", "HandoverEnd", "HandoverPrepare", "HandoverReady", "Heartbeat", "Hello", "ImageData", "ImageEnd",
     "ImageInfo", "ImageProgress", "Message", "MetaEntries", "MetaEntry", "MetaWelcome", "MsgType", "ProtocolError",
-    "Records", "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
+    "Records", "Sums", "SumsRequest", "Want", "Welcome", "decode_message", "encode_frame", "encode_message",
+    "split_records",
 ]
 
 FRAME_MAGIC = b"MRSf"
 #: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS; 3: META_WELCOME, META_ENTRIES (want "meta"),
+#: SUMS_REQUEST, SUMS (want "sums")
 #: 3: handover (HANDOVER_PREPARE/READY/END, want "handover"), split brain (CHAINS, want "compare")
 PROTO_VERSION = 3
 MAX_FRAME = 8 * 1024 * 1024
@@ -105,6 +112,8 @@ class MsgType(IntEnum):
     IMAGE_DATA = 9
     IMAGE_END = 10
     IMAGE_PROGRESS = 11
+    SUMS_REQUEST = 18
+    SUMS = 19
     # cluster metadata gossip (want "meta"); 22 is reserved for it
     META_WELCOME = 20
     META_ENTRIES = 21
@@ -213,7 +222,7 @@ def split_records(payload: bytes) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- messages
 
-Want: TypeAlias = Literal["image", "fetch", "leave", "meta", "handover", "compare"]
+Want: TypeAlias = Literal["image", "fetch", "leave", "meta", "sums", "handover", "compare"]
 _WANTS: tuple[str, ...] = get_args(Want)
 
 # How a JSON field is checked and converted (field metadata "kind"):
@@ -396,6 +405,48 @@ class MetaEntries:
     more: bool = _field("bool", default=False)
 
 
+# -- verify (want "sums"): block checksums of one version, see marsfs.replication.verify
+
+#: the largest range one SUMS_REQUEST may ask for (its sums fill 1 MiB of a frame)
+MAX_SUMS_SPAN = 512 * 1024 * 1024
+_SUMS_HEAD = struct.Struct("<QQQ")  # lsn, offset, size
+
+
+@dataclass(frozen=True, slots=True)
+class SumsRequest:
+    """Sums of the blocks in ``[offset, offset+length)`` of version ``lsn`` (0: the server's
+    current version); ``offset`` is block-aligned. The first request pins that version."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SUMS_REQUEST
+    lsn: int = _field("uint")
+    offset: int = _field("uint")
+    length: int = _field("pos")
+
+
+@dataclass(frozen=True, slots=True)
+class Sums:
+    """The answer: the version's LSN and size, and 8 bytes per 4 KiB block from ``offset``
+    (binary payload: lsn, offset, size as 8-byte integers, then the sums)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SUMS
+    lsn: int
+    offset: int
+    size: int
+    sums: bytes
+
+
+def _decode_sums(payload: bytes) -> Sums:
+    if len(payload) < _SUMS_HEAD.size:
+        raise ProtocolError("SUMS: frame shorter than its header")
+    lsn, offset, size = _SUMS_HEAD.unpack_from(payload, 0)
+    sums = payload[_SUMS_HEAD.size :]
+    if len(sums) % SUM_SIZE or offset % BLOCK:
+        raise ProtocolError(f"SUMS: {len(sums)} bytes of sums from offset {offset} are not whole 4 KiB blocks")
+    if offset + len(sums) // SUM_SIZE * BLOCK > size + BLOCK - 1:
+        raise ProtocolError(f"SUMS: sums from offset {offset} run past the image's {size} bytes")
+    return Sums(lsn, offset, size, sums)
+
+
 
 # -- handover and split brain (marsfs.replication.handover has the conversations) -----------
 
@@ -453,12 +504,14 @@ class Chains:
 
 
 JsonMessage: TypeAlias = (Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
-                          | MetaWelcome | MetaEntries | HandoverPrepare | HandoverReady | HandoverEnd | Chains)
-Message: TypeAlias = JsonMessage | ImageData | Records
+                          | MetaWelcome | MetaEntries | SumsRequest | HandoverPrepare | HandoverReady | HandoverEnd
+                          | Chains)
+Message: TypeAlias = JsonMessage | ImageData | Records | Sums
 
 _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress,
-                              MetaWelcome, MetaEntries, HandoverPrepare, HandoverReady, HandoverEnd, Chains)}
+                              MetaWelcome, MetaEntries, SumsRequest, HandoverPrepare, HandoverReady, HandoverEnd,
+                              Chains)}
 
 
 def encode_message(msg: Message, *, compress: bool = True) -> bytes:
@@ -467,6 +520,8 @@ def encode_message(msg: Message, *, compress: bool = True) -> bytes:
         return encode_frame(MsgType.RECORDS, b"".join(msg.records), compress=compress)
     if isinstance(msg, ImageData):
         return encode_frame(MsgType.IMAGE_DATA, _OFFSET.pack(msg.offset) + msg.data, compress=compress)
+    if isinstance(msg, Sums):
+        return encode_frame(MsgType.SUMS, _SUMS_HEAD.pack(msg.lsn, msg.offset, msg.size) + msg.sums, compress=compress)
     obj = {f.name: _to_json(f.metadata["kind"], getattr(msg, f.name)) for f in fields(msg)}
     return encode_frame(msg.TYPE, json.dumps(obj, separators=(",", ":")).encode(), compress=compress)
 
@@ -489,6 +544,8 @@ def decode_message(frame: Frame) -> Message:
         if len(frame.payload) < _OFFSET.size:
             raise ProtocolError("IMAGE_DATA: frame without offset")
         return ImageData(_OFFSET.unpack_from(frame.payload, 0)[0], frame.payload[_OFFSET.size :])
+    if frame.type == MsgType.SUMS:
+        return _decode_sums(frame.payload)
     cls = _JSON_TYPES[frame.type]
     name = frame.type.name
     try:

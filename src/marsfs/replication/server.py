@@ -34,11 +34,13 @@ from typing import Any
 import trio
 
 from marsfs.aio import describe, single_error
-from marsfs.errors import MarsError, ProtocolError
+from marsfs.errors import MarsError, ProtocolError, VersionNotFound
 from marsfs.replication.channel import Channel, ConnectionLost
-from marsfs.replication.protocol import Ack, Error, Hello, ImageData, Records, encode_message
+from marsfs.replication.protocol import Ack, Error, Hello, ImageData, Records, Sums, SumsRequest, encode_message
 from marsfs.replication.session import ServingSession, StartShipping
+from marsfs.replication.verify import pick_version, sums_span
 from marsfs.volume import Volume
+from marsfs.volume.blocksums import block_sums
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +151,8 @@ class Server:
                 await self._send_image(ch, sess, vol)
             elif hello.want == "fetch":
                 await self._serve_fetch(ch, sess, vol)
+            elif hello.want == "sums":
+                await self._serve_sums(ch, sess, vol)
             elif hello.want == "leave":
                 vol.release(sess.hold_key)
                 self.peers.forget(vol.name, vol.uuid, sess.peer)
@@ -208,6 +212,36 @@ class Server:
             sess.receive(await ch.receive_message())  # the ACK: the copy is durable on the mirror
         finally:
             view.close()
+
+    async def _serve_sums(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
+        """Block sums of one version, pinned from the first request until the client hangs up
+        (see :mod:`marsfs.replication.verify`)."""
+        view = None
+        try:
+            while True:
+                req = sess.receive(await ch.receive_message())
+                assert isinstance(req, SumsRequest)
+                if view is None:
+                    lsn = pick_version(req, vol.oldest_version_lsn, vol.current_lsn, self.node, vol.name)
+                    if isinstance(lsn, Error):
+                        await ch.send_message(lsn)
+                        return
+                    try:
+                        view = await trio.to_thread.run_sync(vol.view, lsn)
+                    except VersionNotFound as e:  # writeback passed it since pick_version
+                        await ch.send_message(Error(code="version-not-retained", error=str(e)))
+                        return
+                span = sums_span(req, view.lsn, view.size)
+                if isinstance(span, Error):
+                    await ch.send_message(span)
+                    return
+                sums = await trio.to_thread.run_sync(block_sums, view.read, *span)
+                await ch.send_message(Sums(lsn=view.lsn, offset=span[0], size=view.size, sums=sums))
+        except ConnectionLost:
+            pass  # the client hangs up when it has what it asked for
+        finally:
+            if view is not None:
+                view.close()
 
     async def _serve_fetch(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
         start = sess.receive(await ch.receive_message())

@@ -68,6 +68,7 @@ from marsfs.replication.protocol import (
     ImageProgress,
     Message,
     Records,
+    SumsRequest,
     Want,
     Welcome,
 )
@@ -113,6 +114,7 @@ class VolumeFacts(Protocol):
     def uuid(self) -> str: ...
     @property
     def size(self) -> int: ...
+    def size_at(self, lsn: int) -> int: ...
     @property
     def head_lsn(self) -> int: ...
     @property
@@ -169,6 +171,7 @@ class ServePhase(Enum):
     AWAIT_IMAGE_ACK = auto()
     AWAIT_FETCH = auto()
     SHIPPING = auto()
+    SERVING_SUMS = auto()  #: want=sums: SUMS_REQUESTs answered (marsfs.replication.verify)
     DONE = auto()
     CLOSED = auto()  #: refused, or the peer broke the protocol
 
@@ -177,6 +180,7 @@ class ServeEvent(Enum):
     WELCOME_IMAGE = auto()
     WELCOME_FETCH = auto()
     WELCOME_LEAVE = auto()
+    WELCOME_SUMS = auto()
     WELCOME_OTHER = auto()  #: a conversation another module carries on (handover, compare)
     ACCEPT_FETCH = auto()
     REFUSE = auto()
@@ -197,12 +201,14 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.AWAIT_FETCH, Fetch): _S.ADMITTING,
     (_S.ADMITTING, ServeEvent.ACCEPT_FETCH): _S.SHIPPING,
     (_S.SHIPPING, Ack): _S.SHIPPING,
+    (_S.ADMITTING, ServeEvent.WELCOME_SUMS): _S.SERVING_SUMS,
+    (_S.SERVING_SUMS, SumsRequest): _S.SERVING_SUMS,
     **{(phase, ServeEvent.VOLUME_GONE): _S.CLOSED
-       for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING)},
+       for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING, _S.SERVING_SUMS)},
 }
 _WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
-                  "leave": ServeEvent.WELCOME_LEAVE, "handover": ServeEvent.WELCOME_OTHER,
-                  "compare": ServeEvent.WELCOME_OTHER}
+                  "leave": ServeEvent.WELCOME_LEAVE, "sums": ServeEvent.WELCOME_SUMS,
+                  "handover": ServeEvent.WELCOME_OTHER, "compare": ServeEvent.WELCOME_OTHER}
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +272,7 @@ class ServingSession:
     def _go(self, event: Enum | Message) -> None:
         self.phase = ServePhase(_step(_SERVE, self.phase, event, "serving"))
 
-    def receive(self, msg: Message) -> Hello | Ack | Error | StartShipping:
+    def receive(self, msg: Message) -> Hello | Ack | Error | StartShipping | SumsRequest:
         """Take a message from the client. Returns the HELLO (then call :meth:`admit`), an ACK,
         or for a FETCH either the refusal to send or where shipping starts."""
         try:
@@ -279,6 +285,8 @@ class ServingSession:
             return msg
         if isinstance(msg, Fetch):
             return self._admit_fetch(msg)
+        if isinstance(msg, SumsRequest):
+            return msg  # what it may ask is marsfs.replication.verify's to judge
         assert isinstance(msg, Ack)
         if self.phase is ServePhase.SHIPPING:
             self.fetched_lsn, self.replayed_lsn, self.probe = msg.fetched_lsn, msg.replayed_lsn, msg.probe
@@ -341,12 +349,13 @@ class ServingSession:
         assert self.phase is ServePhase.SENDING_IMAGE and self.image is None
         vol = self.vol
         lsn = shippable_lsn(vol)
-        self.image = ImageInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size, uuid=vol.uuid)
+        self.image = ImageInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size_at(lsn), uuid=vol.uuid)
         return self.image
 
     def image_chunks(self) -> Iterator[tuple[int, int]]:
-        """(offset, length) of each chunk of the image, in order."""
-        size = self.vol.size
+        """(offset, length) of each chunk of the image (of its version's size), in order."""
+        assert self.image is not None
+        size = self.image.size
         for off in range(0, size, IMAGE_CHUNK):
             yield off, min(IMAGE_CHUNK, size - off)
 
@@ -508,6 +517,7 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
               (_F.WATCHING, Heartbeat): _F.WATCHING,
               (_F.WATCHING, FetchEvent.SEND_ACK): _F.WATCHING},
     "leave": dict(_FETCH_COMMON),
+    "sums": dict(_FETCH_COMMON),  # then SUMS_REQUEST/SUMS, judged by marsfs.replication.verify
     "handover": dict(_FETCH_COMMON),  # then marsfs.replication.handover carries on
     "compare": dict(_FETCH_COMMON),
 }

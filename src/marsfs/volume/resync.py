@@ -10,8 +10,8 @@ Theory of operation
 A resync lives in ``<volume>/resync/``:
 
 * ``resync.json``: the target (LSN, chain, size, uuid), the volume's durable head *F* when the
-  resync began (``base_lsn``), ``direct``, and the ``phase``: ``staging``, ``switch`` or
-  ``merge``. Written atomically.
+  resync began (``base_lsn``), ``direct``, and the ``phase``: ``staging`` or ``switch``.
+  Written atomically.
 * ``staged.img``: a sparse file at volume offsets holding the staged blocks (not in direct mode).
 * ``staged.ext``: the staged extent set, ``<QQ`` (offset, length) pairs, replaced atomically by
   :meth:`Resync.sync` *after* the staged data is fdatasync'd. Only extents in this file are
@@ -32,12 +32,16 @@ resync resumable, or the switched one; opening the volume redoes the rest, idemp
    saying so in :attr:`Resync.waiting_for`, while views below *F* are open: writeback never
    passes a pinned view), then persists ``switch`` and does the switch: the log restarts after
    *L* (:meth:`marsfs.log.Log.restart`), the volume grows to the target size, ``applied.json``
-   says *A = L*, then ``merge`` is persisted. From then on the base image *overlaid* with the
-   staged extents (:class:`Overlay`) is version *L*; versions before *L* are gone for new opens.
-3. ``merge``: as soon as no view opened before the switch is left (those read the base without
+   says *A = L*, then the directory is renamed ``<volume>/merge/`` (the merge phase; its own
+   name, so that the next resync may begin before it is merged). From then on the base image
+   *overlaid* with the staged extents (:class:`Overlay`) is version *L*; versions before *L*
+   are gone for new opens.
+3. merge: as soon as no view opened before the switch is left (those read the base without
    the overlay, byte-exact), the staged extents are copied into the base, the base is
-   fdatasync'd and the resync directory is removed. Until then writeback waits, because the
-   overlay would shadow records after *L*. Opening a volume (no views exist) merges at once.
+   fdatasync'd and ``merge/`` is removed. Until then writeback waits, because the overlay would
+   shadow records after *L*, and the next resync's switch waits too. Opening a volume (no views
+   exist) merges at once, before it resumes a resync that began meanwhile (whose image at its
+   *F* is the base with the overlay, i.e. the merged base).
 
 Direct mode (a new replica nobody reads yet): blocks are staged straight into the base, which
 is the volume's image at *F* only when nothing is unapplied (*A = F*, checked). The switch is
@@ -66,6 +70,7 @@ from marsfs.log import Log, io_error
 from marsfs.volume import writeback as wb
 
 RESYNC_DIR = "resync"
+MERGE_DIR = "merge"
 STATE_FILE = "resync.json"
 STAGED_IMAGE = "staged.img"
 STAGED_EXTENTS = "staged.ext"
@@ -73,7 +78,7 @@ _PAIR = struct.Struct("<QQ")
 #: bytes one merge step copies from the staged image into the base
 MERGE_CHUNK = 4 * 1024 * 1024
 
-STAGING, SWITCH, MERGE = "staging", "switch", "merge"
+STAGING, SWITCH = "staging", "switch"
 
 
 def checkpoint(step: str) -> None:
@@ -179,7 +184,10 @@ def resync_dir(volume_path: Path) -> Path:
 
 def load_state(volume_path: Path) -> ResyncState | None:
     """The persisted resync of the volume in ``volume_path``, None if there is none. A resync
-    directory without its state file is what a crash left while creating or removing it."""
+    directory without its state file is what a crash left while creating or removing it
+    (likewise a merge directory: :func:`merge_pending` is False for it)."""
+    if (volume_path / MERGE_DIR).exists() and not merge_pending(volume_path):
+        remove(volume_path, MERGE_DIR)
     d = resync_dir(volume_path)
     if not (d / STATE_FILE).exists():
         if d.exists():
@@ -195,15 +203,21 @@ def persist_state(volume_path: Path, state: ResyncState) -> None:
         raise io_error(f"cannot write the resync state of {volume_path}", e, DiskFailed) from e
 
 
-def load_extents(volume_path: Path) -> Extents:
-    f = resync_dir(volume_path) / STAGED_EXTENTS
+def merge_pending(volume_path: Path) -> bool:
+    """Does a switched resync wait to be merged into the base (see :func:`merge_at_open`)?"""
+    return (volume_path / MERGE_DIR / STATE_FILE).exists()
+
+
+def load_extents(d: Path) -> Extents:
+    """The durable staged extents of the resync (or merge) directory ``d``."""
+    f = d / STAGED_EXTENTS
     return Extents.from_bytes(f.read_bytes()) if f.exists() else Extents()
 
 
-def remove(volume_path: Path) -> None:
-    """Drop the resync directory: the state file first (atomic), so that a crash half way
-    leaves a directory that :func:`load_state` recognises as garbage."""
-    d = resync_dir(volume_path)
+def remove(volume_path: Path, which: str = RESYNC_DIR) -> None:
+    """Drop the resync (or merge) directory: the state file first (atomic), so that a crash
+    half way leaves a directory that :func:`load_state` recognises as garbage."""
+    d = volume_path / which
     (d / STATE_FILE).unlink(missing_ok=True)
     if d.exists():
         fsync_dir(d)
@@ -230,8 +244,8 @@ def create(volume_path: Path, state: ResyncState) -> None:
     persist_state(volume_path, state)
 
 
-def open_staged(volume_path: Path) -> int:
-    return os.open(resync_dir(volume_path) / STAGED_IMAGE, os.O_RDWR)
+def open_staged(d: Path) -> int:
+    return os.open(d / STAGED_IMAGE, os.O_RDWR)
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes:
@@ -265,7 +279,7 @@ def switch(volume_path: Path, log: Log, state: ResyncState) -> ResyncState | Non
     checkpoint("log-restarted")
     meta = read_json(volume_path / "volume.json")
     try:
-        if state.size > int(meta["size"]):
+        if state.size > int(meta["size"]) or meta.get("resizes"):  # sizes of versions before L are gone
             fd = os.open(volume_path / "base.img", os.O_RDWR)
             try:
                 if os.fstat(fd).st_size < state.size:
@@ -273,7 +287,7 @@ def switch(volume_path: Path, log: Log, state: ResyncState) -> ResyncState | Non
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            write_json(volume_path / "volume.json", {**meta, "size": state.size})
+            write_json(volume_path / "volume.json", {**meta, "size": state.size, "resizes": []})
     except OSError as e:
         raise io_error(f"cannot grow volume {meta['name']} to {state.size} bytes", e, DiskFailed) from e
     checkpoint("grown")
@@ -283,19 +297,25 @@ def switch(volume_path: Path, log: Log, state: ResyncState) -> ResyncState | Non
         remove(volume_path)
         checkpoint("removed")
         return None
-    merged = replace(state, phase=MERGE)
-    persist_state(volume_path, merged)
+    # The merge phase is its own directory, so that a new resync may begin before it is done.
+    assert not merge_pending(volume_path), "the previous switch is merged before the next one"
+    try:
+        os.rename(resync_dir(volume_path), volume_path / MERGE_DIR)
+        fsync_dir(volume_path)
+    except OSError as e:
+        raise io_error(f"cannot persist the switch of {volume_path}", e, DiskFailed) from e
     checkpoint("merge-intent")
-    return merged
+    return state
 
 
 def merge_at_open(volume_path: Path) -> None:
-    """Merge a switched resync's staged extents into the base and drop the resync (no views
-    exist while a volume opens)."""
-    extents = load_extents(volume_path)
+    """Merge a switched resync's staged extents into the base and drop its directory (no
+    views exist while a volume opens)."""
+    d = volume_path / MERGE_DIR
+    extents = load_extents(d)
     base = os.open(volume_path / "base.img", os.O_RDWR)
     try:
-        staged = open_staged(volume_path)
+        staged = open_staged(d)
         try:
             merge_into(base, staged, extents)
         finally:
@@ -303,7 +323,7 @@ def merge_at_open(volume_path: Path) -> None:
     finally:
         os.close(base)
     checkpoint("merged")
-    remove(volume_path)
+    remove(volume_path, MERGE_DIR)
 
 
 class Overlay:
@@ -344,7 +364,9 @@ class Resync:
         self._old_size = old_size  #: the volume's size: the image at F reads zeros past it
         self._release = release
         self._lock = threading.Lock()
-        self._dirty = False
+        # True at first: what an earlier process staged may sit unsynced in the page cache
+        # (direct mode reads the base whole, so those bytes count): the next sync covers them.
+        self._dirty = True
         #: "" or why :meth:`Volume.finish_resync` could not switch yet (views pinned below F)
         self.waiting_for = ""
 
@@ -444,10 +466,11 @@ class Resync:
         if size < self._state.size:
             raise InvalidRequest(f"the new resync target has {size} bytes, less than the {self._state.size} of the "
                                  "old one; volumes never shrink: resync from the node that holds this volume")
-        if not self._state.direct and size > self._state.size:
-            os.ftruncate(self._fd, size)
-        elif self._state.direct and size > self._state.size and os.fstat(self._fd).st_size < size:
-            os.ftruncate(self._fd, size)
+        try:
+            if os.fstat(self._fd).st_size < size:  # the staged image (or, direct, the base) grows
+                os.ftruncate(self._fd, size)
+        except OSError as e:
+            raise io_error(f"cannot grow the staged resync image to {size} bytes", e, DiskFailed) from e
         with self._lock:
             self._state = replace(self._state, target_lsn=lsn, target_chain=chain, size=size)
         persist_state(self._path, self._state)

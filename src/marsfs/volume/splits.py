@@ -118,3 +118,22 @@ def split_image(volume_dir: Path, name: str) -> tuple[SplitInfo, Path]:
 def _remove_tmp(where: Path) -> None:
     for tmp in where.glob("*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+class SplitView:
+    """A split version opened for reading (what ``.versions/<vol>/split-*.img`` serves)."""
+
+    def __init__(self, info: SplitInfo, path: Path) -> None:
+        self.info = info
+        self.size = info.size
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        assert len(data) == length or offset + len(data) == self.size, "split image shorter than its size"
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -19,6 +19,10 @@ version, not per open:
 * An index is never changed after it is published, so views read it under the volume lock
   only because the volume's read path takes that lock anyway.
 
+A view remembers the volume's resync *generation* when it opened: after a resync's switch the
+log it was built from is gone, and the volume reads an older generation's view from the base
+alone, which holds its version until the switch's merge (see :mod:`marsfs.volume.resync`).
+
 Two threads that open the same new version at once may both build it; the second one's is
 dropped and both use the first (counted in :attr:`VersionIndexes.builds`). All methods run
 under the volume lock (the caller's).
@@ -89,10 +93,10 @@ class VersionIndexes:
         """The pinned LSNs, ascending."""
         return sorted(self._count)
 
-    def unbuilt(self) -> list[int]:
-        """Pinned LSNs whose index is still being built (from log records: a resync's switch,
-        which drops them, waits for these)."""
-        return [lsn for lsn in self._count if lsn not in self._index]
+    def unshare(self) -> None:
+        """Stop sharing the built indexes with views opened from now on (a resync's switch: the
+        same LSN now names another history). Open views keep theirs; counts stay."""
+        self._index.clear()
 
     def shared(self) -> dict[int, int]:
         """LSN -> extents of every built index (what open versions cost in memory)."""
@@ -108,14 +112,14 @@ class VolumeView:
     def __init__(self, volume: Volume, lsn: int, index: ExtentIndex, generation: int) -> None:
         self.volume = volume
         self.lsn = lsn
-        self.size = volume.size
+        self.size = volume.size_at(lsn)  #: a version keeps the size of its LSN (resize)
         self.generation = generation  #: the volume's resync generation when the view opened
         self._index = index
         self._closed = False
 
     def read(self, offset: int, length: int) -> bytes:
         assert not self._closed, "read from a closed view"
-        if offset + length > self.size:  # the volume may have grown since (a resync's switch)
+        if offset + length > self.size:  # the volume may have grown since (resize, a resync's switch)
             raise OutOfRange(f"range {offset}+{length} lies outside version lsn-{self.lsn} of volume "
                              f"{self.volume.name} ({self.size} bytes)")
         return self.volume._read_at(self._index, offset, length, self.generation)

@@ -23,9 +23,43 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   stops at it until it is closed. Extents of a view whose records writeback has since applied
   are read from the base, which holds exactly those bytes. Views of the same LSN share one
   extent index, built by the first open and freed by the last close (``views``).
+* **Resync** (``resync``): staging another node's version *L* invisibly, then switching to it
+  (the log restarts after *L*). Views opened before a switch belong to an older *generation*
+  and read the base alone (it holds their version until the merge, which waits for them);
+  newer readers see the switch's staged blocks over the base until they are merged.
 * **Clones** (``clone``): a volume whose ``volume.json`` links it to another volume's version
   reads what it has not written from a view of that version instead of its base, and never
   writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
+
+* **Resize** (:meth:`Volume.resize`, primary): the volume grows at one point in history, a
+  RESIZE record whose offset is the new size. Every version has the size of its LSN
+  (:meth:`Volume.size_at`): views, ``.versions/`` and clones of older versions keep the old
+  size; writes past the old end are refused until the record is appended, and reads of a
+  version below it never see past its end. A mirror grows when it appends the record and shows
+  the new size when it replays it. The base image is extended before the record is appended
+  (reserved unless the volume is thin), so it is never shorter than any version. The sizes
+  live in ``volume.json``: ``size`` (the first version's) and ``resizes`` (``[lsn, size]``
+  pairs), written right after each RESIZE record is appended; at open the RESIZE records still
+  in the log are the truth for their LSNs (a record lost in a crash takes its entry along), the
+  entries below the log's first LSN (trimmed, hence durable) are trusted. Shrinking is not
+  supported (PRODUCT.md "Not now").
+
+Log deletion (G8), the one place that decides it (:meth:`Volume._trim`): a segment is deleted
+when every record in it is
+
+* written back (at or below A), which also means no open version pins it: writeback never
+  passes an open view, and a clone holds a view of its source's version; and outside the
+  history window, which decides how far writeback goes (:mod:`.retention`, the node's
+  ``maintain``);
+* and fetched, durable and replayed by every mirror (``hold``: the mirror's ACKed position,
+  persisted in ``holds.json`` by :meth:`persist_holds` once per maintenance pass and loaded on
+  open, so a primary restart keeps holding a disconnected mirror's log), or *dropped* for that
+  mirror: when log space runs out, :meth:`free_log` (called by the node's space enforcement,
+  :mod:`marsfs.node.space`) writes back up to a cut point, cutting the history window, and,
+  when that is not enough, adds the extents of the records a mirror misses to that mirror's
+  persisted :class:`~marsfs.volume.changes.ChangeSet` and counts the mirror as at the cut
+  point. :meth:`changed_ranges` tells a returning mirror what to copy; its set is cleared when
+  its position passes the drop point (it caught up). Only an open version can stop a cut.
 
 Failures of the disk under the state directory (G11) are the volume's, never the process's:
 a full disk (:class:`NoSpace`), a failing one (:class:`DiskFailed`, or :class:`LogFailed` from
@@ -37,16 +71,19 @@ poisoned (fsyncgate): it refuses every write until the daemon restarts and re-ve
 the intent stands and A stays.
 
 Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the live index has an
-LSN in ``(A, head]``; the log retains every record after ``A``.
+LSN in ``(A, head]``; the log retains every record after ``min(A, hold_floor)``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
-``views`` (views and their shared indexes), ``versions`` (listing versions and resolving their
+``views`` (views and their shared indexes), ``resync`` (staging and switching to another
+node's version), ``versions`` (listing versions and resolving their
 names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
-``encoding`` (the lz4 backoff) and ``index`` (the extent index).
+``encoding`` (the lz4 backoff), ``index`` (the extent index) and ``changes`` (what a mirror whose
+log was dropped must copy).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import threading
@@ -70,12 +107,15 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
+from marsfs.volume import changes as ch
 from marsfs.volume import resync as rs
 from marsfs.volume import writeback as wb
+from marsfs.volume.changes import ChangeSet
 from marsfs.volume.clone import CloneLink
 from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.index import ExtentIndex
 from marsfs.volume.resync import Extents, Overlay, Resync, ResyncState
+from marsfs.volume.splits import SplitInfo, SplitView, list_splits, split_image
 from marsfs.volume.versions import VersionInfo, check_mark_name, find_version, list_versions, listing, resolve_version
 from marsfs.volume.views import VersionIndexes, VolumeView, build_index
 
@@ -86,6 +126,7 @@ SYNC_INTERVAL = 0.05  # seconds; G3 wants at most 0.1
 RECORD_CHUNK = 64 * 1024
 assert RECORD_CHUNK <= MAX_PAYLOAD
 WRITEBACK_BATCH = 32 * 1024 * 1024  # log bytes one writeback call applies (bounds lock hold times)
+HOLDS_FILE = "holds.json"  #: mirrors' positions, persisted (see "Log deletion" in the module doc)
 _EMPTY = encode_payload(b"")
 
 __all__ = ["RECORD_CHUNK", "SYNC_INTERVAL", "VersionInfo", "Volume", "VolumeView"]
@@ -125,8 +166,12 @@ class Volume:
         self.path = path
         self.name: str = meta["name"]
         self.uuid: str = meta["uuid"]
-        self.size: int = meta["size"]
         self.log = log
+        self._sizes = _size_history(meta, log)  #: (lsn, size) from which on the volume has that size
+        #: the size at the head (what writes may reach); a mirror shows :meth:`size_at` its version
+        self.size: int = self._sizes[-1][1]
+        #: created --thin (or a replica, a clone): its base is not reserved, so neither is its growth
+        self.thin: bool = bool(meta.get("thin", False))
         self._applied = applied_lsn
         # Oldest servable version: A, or the target of a writeback in flight (or one that failed
         # half way), because the base may already hold bytes newer than A.
@@ -140,7 +185,20 @@ class Volume:
         self._lock = threading.RLock()
         self._writeback_lock = threading.Lock()
         self._views = VersionIndexes()  # open versions: pins and shared indexes
-        self._holds: dict[str, int] = {}
+        # Mirrors' positions (hold key -> LSN they have durable and replayed), persisted in
+        # holds.json by persist_holds(); and, per mirror whose log was dropped, what it missed.
+        self._holds: dict[str, int] = _read_holds(path)
+        self._changes: dict[str, ChangeSet] = ch.load_all(path)
+        self._stale_changes: set[str] = set()  #: sets cleared in memory, their files not yet removed
+        self._holds_dirty = False
+        for key, cs in list(self._changes.items()):
+            if key not in self._holds or self._holds[key] >= cs.upto:  # cleared before a crash
+                del self._changes[key]
+                self._stale_changes.add(key)
+        #: Called (from the writing thread, outside the volume lock) each time the log grew by
+        #: about a quarter segment: the node's space enforcement wakes up (G8).
+        self.on_growth: Callable[[], None] | None = None
+        self._grown = 0
         self._writes_since_flush = False
         self._lz4 = Lz4Policy()
         self._closed = False
@@ -155,6 +213,7 @@ class Volume:
         self._generation = 0  #: +1 at each resync switch; views of older generations read the old base
         self._old_views = 0  #: open views of older generations (the merge waits for them)
         self._switch_failed = ""  #: why a resync's switch failed half way ("" if it did not)
+        self._building = 0  #: view indexes being built from log records (a switch waits for them)
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
@@ -196,7 +255,7 @@ class Volume:
                                  "give a size like 512M or 10G")
         path.mkdir(parents=True)
         meta = {"format": FORMAT, "name": name, "uuid": volume_uuid or str(uuidlib.uuid4()),
-                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
+                "size": size, "segment_bytes": segment_bytes, "created_ns": time.time_ns(), "thin": not reserve}
         if clone_of is not None:
             meta["clone_of"] = clone_of.to_json()
         fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -251,13 +310,15 @@ class Volume:
         log = Log.open(path / "log", segment_bytes=meta["segment_bytes"], repair=repair)
         try:
             resync = rs.load_state(path)
+            if rs.merge_pending(path):  # no views exist now: merge a switched resync at once
+                rs.merge_at_open(path)
             if resync is not None and resync.phase == rs.SWITCH:  # a crash interrupted the switch
-                resync = rs.switch(path, log, resync)
+                rs.switch(path, log, resync)
+                resync = None
                 meta = read_json(path / "volume.json")
                 applied, pending, applied_ts = wb.read_state(path)
-            if resync is not None and resync.phase == rs.MERGE:
-                rs.merge_at_open(path)
-                resync = None
+                if rs.merge_pending(path):
+                    rs.merge_at_open(path)
         except OSError as e:
             log.close()
             raise io_error(f"volume {meta['name']}: cannot finish the resync a crash interrupted", e, DiskFailed) from e
@@ -282,12 +343,15 @@ class Volume:
                 log.close()
                 raise
         vol = cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
-        if resync is not None:
-            try:
+        try:
+            if resync is not None:
                 vol._resume_resync(resync)
-            except BaseException:
-                vol.close()
-                raise
+            if [list(e) for e in vol._sizes[1:]] != meta.get("resizes", []):
+                with vol._lock:  # the log's RESIZE records are the truth for their LSNs: before any trim
+                    vol._persist_sizes()
+        except BaseException:
+            vol.close()
+            raise
         return vol
 
     def close(self) -> None:
@@ -297,6 +361,10 @@ class Volume:
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join()
+        try:
+            self.persist_holds()
+        except MarsError:
+            pass  # an older holds.json only holds more log than needed; the next start goes on from it
         try:
             self.log.sync()
         finally:
@@ -328,7 +396,7 @@ class Volume:
                                  "a clone of a clone is not supported yet: clone the original volume")
         view = source.view(lsn)
         try:
-            vol = cls.create(path, name, source.size, sync_interval=sync_interval,
+            vol = cls.create(path, name, source.size_at(lsn), sync_interval=sync_interval,
                              clone_of=CloneLink(source.name, lsn, source.uuid))
         except BaseException:
             view.close()
@@ -486,7 +554,15 @@ class Volume:
             raise
         if self._faults:
             self._faults.pop("write", None)
+        self._grown += n  # a lost update under a race only delays the wake by one write
+        if self._grown >= self.log.segment_bytes >> 2:
+            self._grew()
         return lsn
+
+    def _grew(self) -> None:
+        self._grown = 0
+        if self.on_growth is not None:
+            self.on_growth()
 
     def _write_chunks(self, offset: int, data: bytes | memoryview) -> int:
         view = memoryview(data)
@@ -512,8 +588,14 @@ class Volume:
             h = self.log.append_raw(raw, volume_size=self.size)
             if h.type == RecordType.WRITE and h.length:
                 self.index.insert(h.offset, h.length, h.lsn)
+            elif h.type == RecordType.RESIZE:  # the log refused one that would shrink us
+                self._resized(h.lsn, h.offset)
+                self._grow_base(h.offset, reserve=False)  # (open extends it too, after a crash)
             self._writes_since_flush = h.type == RecordType.WRITE
-            return h.lsn
+        self._grown += h.length
+        if self._grown >= self.log.segment_bytes >> 2:
+            self._grew()
+        return h.lsn
 
     def write_base(self, offset: int, data: bytes) -> None:
         """Fill the base image directly: only while a replica is being built, before any read."""
@@ -526,9 +608,10 @@ class Volume:
 
     @_io_path("flush")
     def flush(self) -> int:
-        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN."""
+        """Make everything written so far durable, behind a FLUSH record; returns the durable LSN.
+        While a resync runs the log does not grow: no FLUSH record then."""
         with self._lock:
-            if self._writes_since_flush:
+            if self._writes_since_flush and self._resync is None:
                 self.log.append(RecordType.FLUSH, 0, _EMPTY)
                 self._writes_since_flush = False
         return self.log.sync()
@@ -539,9 +622,74 @@ class Volume:
         raw = check_mark_name(name, self.log.marks.values(), self.name)
         self.flush()
         with self._lock:
+            if self._resync is not None:
+                raise self._busy()
             lsn = self.log.append(RecordType.MARK, 0, encode_payload(raw))
         self.log.sync()
         return lsn
+
+    def resize(self, size: int, *, reserve: bool) -> int | None:
+        """Grow the volume to ``size`` bytes (a primary): extend the base (``reserve``: allocate
+        it, fallocate), then a durable RESIZE record; returns its LSN, None when the volume
+        already has that size. InvalidRequest for a smaller or unaligned size, NoSpace when
+        the reservation does not fit (nothing changed then)."""
+        if size <= 0 or size % 512:
+            raise InvalidRequest(f"volume size {size} is not a positive multiple of 512 bytes; "
+                                 "give a size like 512M or 10G")
+        with self._lock:
+            if size == self.size:
+                return None
+            if size < self.size:
+                raise InvalidRequest(f"volume {self.name} is {self.size} bytes; shrinking it to {size} is not "
+                                     "supported (a filesystem on it would lose its end): give a larger size")
+            self._grow_base(size, reserve=reserve)
+            lsn = self.log.append(RecordType.RESIZE, size, _EMPTY)
+            self._resized(lsn, size)
+        self.log.sync()
+        return lsn
+
+    def _grow_base(self, size: int, *, reserve: bool) -> None:
+        """Make the base image at least ``size`` bytes before a RESIZE record says so. Caller locks."""
+        old = os.fstat(self._base_fd).st_size
+        if old >= size:
+            return
+        try:
+            if reserve:
+                os.posix_fallocate(self._base_fd, old, size - old)
+            else:
+                os.ftruncate(self._base_fd, size)
+        except OSError as e:
+            try:
+                os.ftruncate(self._base_fd, old)  # give back what a partial reservation took
+            except OSError:
+                pass
+            raise io_error(f"cannot grow the base image of {self.name} to {size} bytes", e, DiskFailed) from e
+
+    def _resized(self, lsn: int, size: int) -> None:
+        """Record ``size`` from ``lsn`` on, in memory and in volume.json. Caller locks."""
+        assert size >= self.size, "a volume never shrinks"
+        self._sizes.append((lsn, size))
+        self.size = size
+        self._persist_sizes()
+
+    def _persist_sizes(self) -> None:
+        meta = read_json(self.path / "volume.json")
+        meta["resizes"] = [list(e) for e in self._sizes[1:]]
+        try:
+            write_json(self.path / "volume.json", meta)
+        except OSError as e:
+            raise io_error(f"cannot write {self.path / 'volume.json'}", e, DiskFailed) from e
+
+    def size_at(self, lsn: int) -> int:
+        """The size of version ``lsn`` (the last RESIZE at or before it decides)."""
+        sizes = self._sizes
+        i = bisect.bisect_right(sizes, (lsn, _INF)) - 1
+        return sizes[max(i, 0)][1]
+
+    @property
+    def current_size(self) -> int:
+        """The size of the version readers see (a mirror's replayed one)."""
+        return self.size_at(self.current_lsn)
 
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
@@ -629,21 +777,156 @@ class Volume:
                 with self._lock:
                     for rec in records[at : at + 256]:
                         self.index.discard(rec.offset, rec.length, target)
-            keep = min([target, *self._holds.values()])
-            if keep == self.log.last_lsn:
-                self.log.rotate()  # the active segment is never trimmed: close it so it can go later
-            # The record of the oldest version stays: its mark name and flush time still name it.
-            self.log.trim(keep - 1)
+            self._trim(target)
             return target
 
-    def hold(self, key: str, lsn: int) -> None:
-        """Keep records after ``lsn`` in the log (a mirror still has to fetch them)."""
+    # ------------------------------------------------------------------ log deletion (G8)
+
+    def _trim(self, applied: int) -> None:
+        """Delete the segments every rule lets go (see "Log deletion"). Caller holds the
+        writeback lock (only writeback and :meth:`free_log` trim)."""
+        keep = min(applied, self.hold_floor())
+        if keep == self.log.last_lsn:
+            self.log.rotate()  # the active segment is never trimmed: close it so it can go later
+        # The record of the oldest version stays: its mark name and flush time still name it.
+        self.log.trim(keep - 1)
+
+    def hold_floor(self) -> int:
+        """The log must keep every record after this for the mirrors: the oldest mirror
+        position, where a mirror whose log was dropped counts as at its drop point."""
         with self._lock:
-            self._holds[key] = lsn
+            floors = [max(lsn, self._changes[k].upto) if k in self._changes else lsn for k, lsn in self._holds.items()]
+        return min(floors, default=self.log.last_lsn)
+
+    def hold(self, key: str, lsn: int) -> None:
+        """Keep records after ``lsn`` in the log (a mirror still has to fetch them). Cheap (the
+        trio loop calls it at every ACK): persisted later by :meth:`persist_holds`. A mirror
+        whose position passed its drop point has caught up: its set of changes is cleared."""
+        with self._lock:
+            if self._holds.get(key) != lsn:
+                self._holds[key] = lsn
+                self._holds_dirty = True
+            cs = self._changes.get(key)
+            if cs is not None and lsn >= cs.upto:
+                del self._changes[key]
+                self._stale_changes.add(key)
 
     def release(self, key: str) -> None:
+        """Forget a mirror (it left): its position and its set of changes."""
         with self._lock:
-            self._holds.pop(key, None)
+            if self._holds.pop(key, None) is not None:
+                self._holds_dirty = True
+            if self._changes.pop(key, None) is not None:
+                self._stale_changes.add(key)
+
+    @property
+    def holds(self) -> dict[str, int]:
+        """Hold key -> the position that holds the log (a copy)."""
+        with self._lock:
+            return dict(self._holds)
+
+    def persist_holds(self) -> None:
+        """Write the mirrors' positions if they changed, and remove the files of cleared sets
+        (in that order: a crash in between leaves a set whose mirror is past it, which
+        opening clears). The node calls it once per maintenance pass (the rate limit)."""
+        with self._writeback_lock:
+            self._persist_holds_locked()
+
+    def _persist_holds_locked(self) -> None:
+        with self._lock:
+            holds = dict(self._holds) if self._holds_dirty else None
+            self._holds_dirty = False
+            stale = set(self._stale_changes)
+        try:
+            if holds is not None:
+                write_json(self.path / HOLDS_FILE, holds)
+            for key in stale:
+                ch.remove(self.path, key)
+        except OSError as e:
+            with self._lock:
+                self._holds_dirty = self._holds_dirty or holds is not None
+            raise io_error(f"cannot persist the mirror positions of volume {self.name}", e, DiskFailed) from e
+        with self._lock:
+            self._stale_changes -= stale
+
+    def free_log(self, upto: int, *, drop: bool) -> int:
+        """Free log space up to record ``upto`` (log space ran out; G8): write back up to it
+        (cutting the history window), and with ``drop`` also drop it for every mirror that has
+        not fetched it, remembering the extents it misses (:mod:`marsfs.volume.changes`);
+        then trim. Returns the LSN writeback reached: less than ``upto`` when an open version
+        (a view or a clone) pins it or the records are not durable yet. A clone never writes
+        back, so it frees nothing."""
+        if self.clone_of is not None:
+            return self._applied
+        while self._applied < upto:  # batch by batch: writers get the lock in between
+            before = self._applied
+            if self.writeback(upto) == before:
+                break
+        with self._writeback_lock:
+            reach = self._applied
+            if drop:
+                self._drop_holds(reach)
+            self._trim(reach)
+        return reach
+
+    def _drop_holds(self, upto: int) -> None:
+        """Every mirror whose position is behind ``upto`` misses records ``(its position, upto]``
+        from now on: add their extents to its set, persisted before the log goes. Caller holds
+        the writeback lock."""
+        with self._lock:
+            behind = {k: (max(lsn, self._changes[k].upto) if k in self._changes else lsn)
+                      for k, lsn in self._holds.items()}
+        if any(at < upto for at in behind.values()):
+            self._persist_holds_locked()  # opening keeps a set only for a mirror holds.json knows
+        for key, at in behind.items():
+            if at >= upto:
+                continue
+            extents = self._extents_between_locked(at, upto)
+            assert extents is not None, f"records after the hold at {at} were trimmed"
+            with self._lock:
+                if key not in self._holds:
+                    continue  # it left meanwhile
+                cs = self._changes.get(key) or ChangeSet(at, at)
+                cs.update(extents)
+                cs.upto = max(cs.upto, upto)
+                snapshot = cs.copy()
+            try:
+                ch.save(self.path, key, snapshot)
+            except OSError as e:
+                raise io_error(f"cannot persist the changed ranges of volume {self.name} for {key}", e,
+                               DiskFailed) from e
+            with self._lock:
+                self._changes[key] = cs
+                self._stale_changes.discard(key)
+
+    def dropped(self) -> dict[str, ChangeSet]:
+        """Mirror (hold key) -> the set of changes it will copy, for every mirror whose log was
+        dropped (copies: status reads them)."""
+        with self._lock:
+            return {k: cs.copy() for k, cs in self._changes.items()}
+
+    def changed_ranges(self, mirror: str, position: int, upto: int | None = None) -> list[tuple[int, int]] | None:
+        """Merged ``(offset, length)`` ranges ``mirror`` (a node name) must copy when it comes back having
+        everything up to ``position``, so that copying their content at version ``upto``
+        (default: the head now; pick the target before calling) and fetching the log after
+        it makes it equal: its set of dropped changes plus the extents of the retained
+        records after the drop point (or after ``position`` when that is retained). None
+        when that is not known (its position lies before what the log and its set cover:
+        it needs a full sync)."""
+        key = mirror if mirror.startswith("mirror:") else f"mirror:{mirror}"
+        with self._writeback_lock:  # nothing is trimmed while the log is scanned
+            with self._lock:
+                cs = self._changes.get(key)
+                ranges = cs.ranges() if cs is not None else []
+                since, cs_upto = (cs.since, cs.upto) if cs is not None else (0, 0)
+            end = self.head_lsn if upto is None else min(upto, self.head_lsn)
+            if position >= self.log.first_lsn - 1:
+                return self._extents_between_locked(position, end)
+            if cs is not None and position >= since:
+                after = self._extents_between_locked(max(position, cs_upto), end)
+                assert after is not None, f"records after the drop point {cs_upto} were trimmed"
+                return ch.merge(ranges, after)
+            return None
 
     # ------------------------------------------------------------------ resync
 
@@ -651,6 +934,12 @@ class Volume:
     def resync(self) -> Resync | None:
         """The running resync (also one found on open), None if there is none."""
         return self._resync
+
+    @property
+    def generation(self) -> int:
+        """How many resyncs switched this volume since it opened: a view whose
+        :attr:`VolumeView.generation` is smaller shows a version from before the last switch."""
+        return self._generation
 
     def _busy(self) -> VolumeBusy:
         r = self._resync
@@ -676,11 +965,18 @@ class Volume:
         if self._resync is not None:
             raise VolumeBusy(f"a resync of volume {self.name} (to lsn-{self._resync.target_lsn}) is already running; "
                              "continue or abort it")
+        if direct and self._overlay is not None:
+            self._merge()  # a direct resync writes the base: nothing may be laid over it later
         self.log.sync()
         with self._lock:
+            if direct and self._overlay is not None:
+                raise VolumeBusy(f"volume {self.name} has not merged its previous resync yet; retry in a moment")
             if self._resync is not None or self.log.dirty:
                 raise VolumeBusy(f"volume {self.name} was written while a resync began; stop writing and retry")
             base = self.head_lsn
+            if direct and self._views:
+                raise VolumeBusy(f"volume {self.name} has {self._views.total()} open version(s); a direct resync "
+                                 "overwrites the base they read: close them first")
             if direct and self._applied != base:
                 raise StateError(f"volume {self.name} has records after lsn-{self._applied} that are not written "
                                  "back; a direct resync needs none: write back first")
@@ -695,29 +991,33 @@ class Volume:
             fd = self._base_fd
             if os.fstat(fd).st_size < state.size:
                 os.ftruncate(fd, state.size)
-            r = Resync(self.path, state, rs.load_extents(self.path), fd, None, self.size, lambda: None)
+            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, None, self.size,
+                       lambda: None)
         else:
             old = self.view(state.base_lsn)
             try:
-                fd = rs.open_staged(self.path)
+                fd = rs.open_staged(rs.resync_dir(self.path))
             except BaseException:
                 old.close()
                 raise
-            r = Resync(self.path, state, rs.load_extents(self.path), fd, old.read, old.size, old.close)
+            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, old.read, old.size,
+                       old.close)
         with self._lock:
             self._resync = r
         return r
 
     def _switch_waits(self, base: int) -> str:
         """Why a resync from ``base`` cannot switch now ("" if it can). Caller locks."""
-        if self._overlay is not None:
+        if self._overlay is not None and self._old_views:
             return (f"{self._old_views} reader(s) of versions older than the previous resync are still open; "
                     "they close when their readers do")
+        if self._overlay is not None:
+            return f"the previous resync is not merged into the base image yet: {self.fault('writeback')}"
         below = [lsn for lsn in self._views.pinned() if lsn < base]
         if below:
             return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
                     "they close when their readers do")
-        if self._views.unbuilt():
+        if self._building:
             return "a version is being opened"
         return ""
 
@@ -756,26 +1056,30 @@ class Volume:
                 r.set_phase(rs.SWITCH)
                 rs.checkpoint("switch-intent")
                 merging = rs.switch(self.path, self.log, r.state)
-            except BaseException as e:
-                if r.state.phase == rs.SWITCH:
-                    self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
-                                           "opening the volume finishes it")
-                elif not r.direct:
+            except BaseException as e:  # the resync is detached: only a reopen goes on from here
+                self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
+                                       "opening the volume finishes it")
+                if not r.direct:
                     os.close(staged_fd)
                 raise
             self._applied = self._oldest = r.target_lsn
             self._oldest_ts = 0
             self.index = ExtentIndex()
             self.size = r.size
+            self._sizes = [(0, r.size)]  # versions before the target are gone; rs.switch reset volume.json
             self._generation += 1
             self._old_views = self._views.total()
+            self._views.unshare()
             self._writes_since_flush = False
             if self.visible_lsn is not None:
                 self.visible_lsn = r.target_lsn
             self._resync = None
             if merging is not None:
                 self._overlay = Overlay(r.extents, staged_fd)
-        self._merge()
+        try:
+            self._merge()
+        except IO_FAULTS as e:  # switched all the same: writeback retries the merge
+            self._faults["writeback"] = e
         return True
 
     def _merge(self) -> bool:
@@ -790,10 +1094,10 @@ class Volume:
                     return False
             rs.merge_into(self._base_fd, overlay.fd, overlay.extents)
             rs.checkpoint("merged")
-            rs.remove(self.path)
+            rs.remove(self.path, rs.MERGE_DIR)
             with self._lock:
                 self._overlay = None
-            overlay.close()
+        overlay.close()  # frees the staged image's blocks: may take a while, holds no lock
         return True
 
     def abort_resync(self) -> None:
@@ -811,12 +1115,15 @@ class Volume:
         """Merged ``(offset, length)`` ranges that WRITE records ``(after, upto]`` wrote, or None
         when the log no longer holds all of them."""
         with self._writeback_lock:  # only writeback trims the log
-            if after + 1 < self.log.first_lsn or upto > self.log.last_lsn:
-                return None
-            ext = Extents()
-            for rec in self.log.records(after + 1, upto):
-                if rec.type == RecordType.WRITE and rec.length:
-                    ext.add(rec.offset, rec.length)
+            return self._extents_between_locked(after, upto)
+
+    def _extents_between_locked(self, after: int, upto: int) -> list[tuple[int, int]] | None:
+        if after + 1 < self.log.first_lsn or upto > self.log.last_lsn:
+            return None
+        ext = Extents()
+        for rec in self.log.records(after + 1, upto):
+            if rec.type == RecordType.WRITE and rec.length:
+                ext.add(rec.offset, rec.length)
         return list(ext)
 
     # ------------------------------------------------------------------ versions
@@ -835,13 +1142,18 @@ class Volume:
             index = self._views.pin(lsn)
             first = self._applied + 1
             generation = self._generation
+            if index is None:
+                self._building += 1
         if index is None:
             try:
                 built = build_index(self.log.records(first, lsn))
             except BaseException:
+                with self._lock:
+                    self._building -= 1
                 self._unpin(lsn, generation)
                 raise
             with self._lock:
+                self._building -= 1
                 index = self._views.publish(lsn, built)
         return VolumeView(self, lsn, index, generation)
 
@@ -862,6 +1174,14 @@ class Volume:
         in LSN order."""
         return list_versions(self.log, self._oldest, self.current_lsn)
 
+    def splits(self) -> list[SplitInfo]:
+        """The split versions a resolved split brain left here (``splits``)."""
+        return list_splits(self.path)
+
+    def split_view(self, name: str) -> SplitView:
+        """Open split version ``name`` for reading; VersionNotFound if there is none."""
+        return SplitView(*split_image(self.path, name))
+
     def version_listing(self) -> list[VersionInfo]:
         """What ``.versions/<vol>/`` lists: every retained mark and a bounded set of flush points
         up to what readers may see (the newest 100, then one per hour)."""
@@ -876,3 +1196,26 @@ class Volume:
         and visible (at most the head on a primary, the replay position on a mirror).
         VersionNotFound otherwise, naming the oldest available version."""
         return find_version(self.log, spec, self._oldest, self.current_lsn, self.name)
+
+
+_INF = float("inf")
+
+
+def _size_history(meta: dict[str, Any], log: Log) -> list[tuple[int, int]]:
+    """(lsn, size) pairs of a volume: its first size, the trusted ``resizes`` of volume.json below
+    the log's first LSN, and the RESIZE records in the log (see the module docstring)."""
+    sizes = [(0, int(meta["size"]))]
+    sizes += [(int(lsn), int(size)) for lsn, size in meta.get("resizes", []) if lsn < log.first_lsn]
+    sizes += [(rec.lsn, rec.offset) for rec in log.records(log.first_lsn) if rec.type == RecordType.RESIZE]
+    return sizes
+
+
+def _read_holds(path: Path) -> dict[str, int]:
+    try:
+        d = read_json(path / HOLDS_FILE)
+        return {str(k): int(v) for k, v in d.items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise StateError(f"{path / HOLDS_FILE}: unreadable mirror positions ({e}); remove the file (the "
+                         "mirrors then resync if their log is gone)") from None
