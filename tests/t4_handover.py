@@ -163,6 +163,7 @@ def test_handover_and_failover_with_mirrors_behind_faulty_links(harness: Harness
             harness_kill.abort()
             out = primary_with_retries(c, "--force")
             assert "failover without b" in out, out
-            complete = w.check_prefix(c.image("vm"))  # what c has is a prefix of b's history
-            assert complete >= acknowledged
+            # what c has is a prefix of b's history (a failover keeps what c had fetched: over these
+            # links that may be less than a's acknowledged writes, the lag a failover loses)
+            w.check_prefix(c.image("vm"))
         assert watch.checks > 10
