@@ -48,6 +48,7 @@ from marsfs.errors import (
     WrongRole,
 )
 from marsfs.node import gossip
+from marsfs.node.handover import Roles
 from marsfs.node.meta import REFRESH, Position
 from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
 from marsfs.node.state import (
@@ -91,9 +92,12 @@ class Cluster:
         self.peers = {name: parse_address(addr) for name, addr in peers.items()}
         self.cluster = cluster
         self.peer_table = PeerTable()
-        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table, meta=self._serve_meta)
+        self.roles = Roles(self)
+        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table, meta=self._serve_meta,
+                             conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare})
         self.fetchers: dict[str, Fetcher] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
+        self._fetch_ended: dict[str, trio.Event] = {}
         self.copies: dict[str, ImageCopy] = {}  #: image copies running, or failed and not yet retried
         self.verifies: dict[str, VerifyJob] = {}  #: verify comparisons by id, until collected
         self._verify_seq = 0
@@ -129,6 +133,7 @@ class Cluster:
                                                   failed=describe(e))
             nursery.start_soon(self._replay_loop)
             await self._start_meta(nursery)
+            nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
 
     def _connector(self, peer: str) -> Connect:
@@ -224,13 +229,36 @@ class Cluster:
         self.fetchers[vol.name] = fetcher
         scope = trio.CancelScope()
         self._scopes[vol.name] = scope
+        ended = self._fetch_ended[vol.name] = trio.Event()
 
         async def run() -> None:
-            with scope:
-                await fetcher.run()
+            try:
+                with scope:
+                    await fetcher.run()
+                    if fetcher.state.fatal == "diverged":  # a split brain: where, and how much each side wrote
+                        await self.roles.find_split(vol, source)
+            finally:
+                ended.set()
 
         assert self._nursery is not None
         self._nursery.start_soon(supervised, f"fetch of {vol.name}", run)
+
+    async def stop_fetch(self, name: str) -> None:
+        """Stop the fetch of ``name`` and wait until it appends nothing more."""
+        scope = self._scopes.pop(name, None)
+        self.fetchers.pop(name, None)
+        ended = self._fetch_ended.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        if ended is not None:
+            await ended.wait()
+
+    # ------------------------------------------------------------------ roles (marsfs.node.handover)
+
+    async def primary(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """``marsfs primary VOL [--force]``: planned handover to this node, or forced failover."""
+        check_volume_name(name)
+        return await (self.roles.fail_over(name) if force else self.roles.take_over(name))
 
     async def leave(self, name: str) -> dict[str, Any]:
         """Stop mirroring ``name`` and remove this node's copy. A refusal changes nothing."""
@@ -391,7 +419,7 @@ class Cluster:
         return rows
 
     def _volume_status(self, name: str) -> VolumeStatus:
-        st = self.node.volume_status(name)
+        st = self.node.volume_status(name).changed(handover=self.roles.progress.get(name))
         if st.role == Role.MIRROR:
             return self._mirror_status(st)
         vol = self.node.volumes[name]

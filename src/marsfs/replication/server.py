@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +45,10 @@ from marsfs.volume.blocksums import block_sums
 logger = logging.getLogger(__name__)
 
 POLL = 0.01  #: how often a session with nothing to ship looks again
+
+#: A conversation another module carries on after WELCOME (``want`` handover, compare): it gets
+#: the channel, the HELLO and the volume; the connection is closed when it returns.
+Conversation = Callable[[Channel, Hello, Volume], Awaitable[None]]
 
 
 @dataclass
@@ -115,9 +119,11 @@ class Server:
 
     def __init__(self, node: str, cluster: str, lookup: Callable[[str], Volume | None],
                  epoch_of: Callable[[str], int], peers: PeerTable,
-                 meta: Callable[[Channel, Hello], Awaitable[None]] | None = None) -> None:
+                 meta: Callable[[Channel, Hello], Awaitable[None]] | None = None,
+                 conversations: Mapping[str, Conversation] | None = None) -> None:
         self.node = node
         self.meta = meta  #: answers want "meta" (the node's metadata gossip; it checks the cluster)
+        self.conversations = dict(conversations or {})  #: answer want "handover", "compare" after WELCOME
         self.cluster = cluster
         self.lookup = lookup
         self.epoch_of = epoch_of
@@ -147,9 +153,14 @@ class Server:
                 await self._serve_fetch(ch, sess, vol)
             elif hello.want == "sums":
                 await self._serve_sums(ch, sess, vol)
-            else:
+            elif hello.want == "leave":
                 vol.release(sess.hold_key)
                 self.peers.forget(vol.name, vol.uuid, sess.peer)
+            elif hello.want in self.conversations:
+                await self.conversations[hello.want](ch, hello, vol)
+            else:
+                await self._refuse(ch, Error(code="unsupported", error=f"node {self.node} does not serve "
+                                                                         f"{hello.want!r} conversations"))
         except (ConnectionLost, ProtocolError) as e:
             logger.info("replication connection from %s ended: %s", sess.peer, describe(e))
         except Exception as e:

@@ -181,6 +181,7 @@ class ServeEvent(Enum):
     WELCOME_FETCH = auto()
     WELCOME_LEAVE = auto()
     WELCOME_SUMS = auto()
+    WELCOME_OTHER = auto()  #: a conversation another module carries on (handover, compare)
     ACCEPT_FETCH = auto()
     REFUSE = auto()
     IMAGE_END = auto()
@@ -193,6 +194,7 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.ADMITTING, ServeEvent.WELCOME_IMAGE): _S.SENDING_IMAGE,
     (_S.ADMITTING, ServeEvent.WELCOME_FETCH): _S.AWAIT_FETCH,
     (_S.ADMITTING, ServeEvent.WELCOME_LEAVE): _S.DONE,
+    (_S.ADMITTING, ServeEvent.WELCOME_OTHER): _S.DONE,
     (_S.ADMITTING, ServeEvent.REFUSE): _S.CLOSED,
     (_S.SENDING_IMAGE, ServeEvent.IMAGE_END): _S.AWAIT_IMAGE_ACK,
     (_S.AWAIT_IMAGE_ACK, Ack): _S.DONE,
@@ -205,7 +207,8 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
        for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING, _S.SERVING_SUMS)},
 }
 _WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
-                  "leave": ServeEvent.WELCOME_LEAVE, "sums": ServeEvent.WELCOME_SUMS}
+                  "leave": ServeEvent.WELCOME_LEAVE, "sums": ServeEvent.WELCOME_SUMS,
+                  "handover": ServeEvent.WELCOME_OTHER, "compare": ServeEvent.WELCOME_OTHER}
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +423,7 @@ class FetchState:
     fatal: str = ""  #: a refusal code that needs an operator
     primary_head_lsn: int = 0
     primary_durable_lsn: int = 0
+    primary_time: float = 0.0  #: the source's wall time in its newest heartbeat (0: none yet)
     lag_bytes: int = 0
     lag_records: int = 0
     lag_seconds: float = 0.0
@@ -514,6 +518,8 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
               (_F.WATCHING, FetchEvent.SEND_ACK): _F.WATCHING},
     "leave": dict(_FETCH_COMMON),
     "sums": dict(_FETCH_COMMON),  # then SUMS_REQUEST/SUMS, judged by marsfs.replication.verify
+    "handover": dict(_FETCH_COMMON),  # then marsfs.replication.handover carries on
+    "compare": dict(_FETCH_COMMON),
 }
 _REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING, _F.WATCHING)
 
@@ -674,6 +680,7 @@ class FetchingSession:
         st = self.state
         st.primary_head_lsn = beat.head_lsn
         st.primary_durable_lsn = beat.durable_lsn
+        st.primary_time = beat.time
         st.last_heartbeat = now
         sent = self.probes.sent_at(beat.probe)
         if sent is not None:
