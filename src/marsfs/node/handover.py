@@ -34,7 +34,6 @@ import trio
 
 from marsfs.aio import describe, supervised
 from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
-from marsfs.log import RecordType
 from marsfs.node.state import FailoverLoss, Role, SplitBrain
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import PeerChannel, hello, open_channel
@@ -63,18 +62,7 @@ def tail_extents(vol: Volume, fork_lsn: int) -> list[tuple[int, int]] | None:
     """The byte ranges ``(offset, length)`` of ``vol`` that its records after ``fork_lsn``
     wrote, merged and sorted: what a resync after a split brain has to copy for this side's
     tail. None when the log no longer holds the record after the fork (then copy everything)."""
-    if vol.log.first_lsn > fork_lsn + 1:
-        return None
-    spans = sorted((r.offset, r.offset + r.length) for r in vol.log.records(fork_lsn + 1)
-                   if r.type == RecordType.WRITE and r.length)
-    out: list[tuple[int, int]] = []
-    for lo, hi in spans:
-        if out and lo <= out[-1][0] + out[-1][1]:
-            start, length = out[-1]
-            out[-1] = (start, max(start + length, hi) - start)
-        else:
-            out.append((lo, hi - lo))
-    return out
+    return vol.extents_between(fork_lsn, vol.head_lsn)
 
 
 class Roles:
