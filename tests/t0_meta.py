@@ -230,3 +230,31 @@ def test_meta_welcome_fields_are_checked() -> None:
     with pytest.raises(ProtocolError, match="want"):
         decode_json(MsgType.HELLO, {"proto": PROTO_VERSION, "cluster": "c", "node": "a", "volume": "",
                                     "want": "gossip", "epoch": 0})
+
+
+@pytest.mark.allow_log("cannot write the cluster metadata")
+def test_a_full_state_disk_fails_only_durable_puts_and_keeps_soft_state(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno as _errno
+
+    import marsfs.node.meta as meta_mod
+    from marsfs.errors import NoSpace
+
+    m = ClusterMeta(tmp_path / "meta.json", "a")
+    m.claim("vm", "a", 1, 1)
+    other = ClusterMeta(tmp_path / "other.json", "b")
+    other.claim("w", "b", 1, 1)
+
+    def full(path: Path, obj: object) -> None:
+        raise OSError(_errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(meta_mod, "write_json", full)
+    with pytest.raises(NoSpace, match="free space"):
+        m.claim("vm", "a", 2, 10)
+    d = m.designated("vm")
+    assert d is not None and d.epoch == 1  # the failed claim is not said
+    assert m.merge(other.entries())  # soft: kept in memory, written later
+    monkeypatch.undo()
+    m.claim("vm", "a", 2, 10)
+    again = ClusterMeta(tmp_path / "meta.json", "a")
+    assert again.designated("w") is not None and again.designated("vm").epoch == 2  # type: ignore[union-attr]

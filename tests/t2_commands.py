@@ -208,7 +208,8 @@ PARSES = [
     (["versions", "v", "--json"], {"volume": "v", "json": True}),
     (["serve", "--node", "n1", "--mount", "/m", "--peer", "n2=h:1", "--peer", "n3=h:2", "-v"],
      {"node": "n1", "mount": Path("/m"), "listen": None, "peer": ["n2=h:1", "n3=h:2"], "config": None,
-      "history": None, "cluster": None, "stop_timeout": None, "sync_rate": None, "verbose": True}),
+      "history": None, "cluster": None, "stop_timeout": None, "log_space": None, "sync_rate": None,
+      "verbose": True}),
 ]
 
 

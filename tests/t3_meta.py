@@ -196,6 +196,7 @@ def test_gossip_converges_and_mirrors_follow_a_new_primary(tmp_path: Path) -> No
         net.close()
 
 
+@pytest.mark.allow_log("split brain with")  # both sides find the fork (marsfs.node.handover)
 def test_partition_fences_the_old_primary_and_keeps_its_tail(tmp_path: Path) -> None:
     net = Net(tmp_path, ["a", "b", "c"])
 
@@ -223,7 +224,9 @@ def test_partition_fences_the_old_primary_and_keeps_its_tail(tmp_path: Path) -> 
             await trio.sleep(3)
             assert vol.head_lsn == a_head and not net.nodes["a"].is_mirror("v")  # the tail stays
             st = net.clusters["a"].statuses("v")[0]
-            assert st.state == VolumeState.FENCED and st.designated_primary == "b"
+            # fenced, and once the chains were compared with b: split brain (fork before a's tail)
+            assert st.state == VolumeState.SPLIT_BRAIN and st.designated_primary == "b"
+            assert st.fork_lsn is not None and st.fork_lsn < a_head
             assert any("split brain" in e for e in st.errors) and any("marsfs invalidate v" in e for e in st.errors)
             for n in net.nodes.values():
                 d = n.meta.designated("v")

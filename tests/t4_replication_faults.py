@@ -25,11 +25,9 @@ from typing import Any
 
 import pytest
 
-from marsfs.testing.checks import sha, status, wait_for, wait_synced
+from marsfs.testing.checks import Writer, sha, status, wait_for, wait_synced
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
-
-PAGE = 4096
 
 # Liveness failures these tests once caught (kept as the messages of the checks that guard them).
 BUG_BATCH = ("a mirror made no progress over a link that loses frames: the first RECORDS frame carried "
@@ -111,78 +109,6 @@ class Sampler:
 
 def assert_grows(values: list[int], what: str) -> None:
     assert values == sorted(values), f"{what} went backwards: {values}"
-
-
-class Writer:
-    """Known data in numbered 64 KiB slots (write i goes to slot i), fsync after each write.
-
-    Slot ``i`` is written once, by write ``i``, in order, so the image after any prefix of the
-    primary's log is: slots ``< k`` complete, slot ``k`` possibly partly written (page-wise, in
-    ascending order), every later page zero. :meth:`check_prefix` asserts exactly that.
-    """
-
-    def __init__(self, image: Path, seed: int, slot: int = 64 * 1024) -> None:
-        self.image, self.seed, self.slot = image, seed, slot
-        self.done = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def payload(self, i: int) -> bytes:
-        return random.Random(self.seed * 1_000_003 + i).randbytes(self.slot)
-
-    def write(self, count: int | None, pause: float = 0.0) -> None:
-        """``count`` writes (None: until :meth:`stop`), each followed by fsync and ``pause`` s."""
-        fd = os.open(self.image, os.O_RDWR)
-        try:
-            while (count is None or count > 0) and not self._stop.is_set():
-                os.pwrite(fd, self.payload(self.done), self.done * self.slot)
-                os.fsync(fd)
-                self.done += 1
-                if count is not None:
-                    count -= 1
-                if pause:
-                    time.sleep(pause)
-        except BaseException as e:
-            self.error = e
-            raise
-        finally:
-            os.close(fd)
-
-    def start(self, count: int | None, pause: float = 0.0) -> Writer:
-        self._thread = threading.Thread(target=self.write, args=(count, pause), daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(60)
-            assert not self._thread.is_alive(), "the writer hangs"
-        assert self.error is None, f"a write on the primary failed: {self.error!r}"
-
-    def check_prefix(self, image: Path) -> int:
-        """Assert that ``image`` is the image after a prefix of the writes; returns the complete slots."""
-        with open(image, "rb") as f:  # the open fixes the version; anything newer is not in it
-            n = self.done + 1  # the version may hold the write in progress when it was opened
-            data = f.read((n + 1) * self.slot)
-        complete, gap = 0, None
-        for i in range(n + 1):
-            want = self.payload(i) if i < n else bytes(self.slot)
-            for p in range(0, self.slot, PAGE):
-                page = data[i * self.slot + p:i * self.slot + p + PAGE]
-                if page == want[p:p + PAGE] and any(page):
-                    assert gap is None, f"slot {i} page {p // PAGE} is written but {gap} is not: not a prefix"
-                else:
-                    assert not any(page), f"slot {i} page {p // PAGE} holds bytes never written there"
-                    gap = gap or f"slot {i} page {p // PAGE}"
-            if gap is None:
-                complete = i + 1
-        return complete
 
 
 def converge(a: NodeProcess, b: NodeProcess, vol: str = "vm", timeout: float = 90) -> int:

@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     flags = {"node": args.node, "state": getattr(args, "state", None), "mount": args.mount,
              "listen": args.listen, "peer": args.peer, "history": args.history, "cluster": args.cluster,
-             "stop_timeout": args.stop_timeout, "sync_rate": args.sync_rate}
+             "stop_timeout": args.stop_timeout, "log_space": args.log_space, "sync_rate": args.sync_rate}
     cfg = load_config(args.config, flags)
     return serve(cfg)
 
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--history", action="append", metavar="SIZE|DURATION",
                    help="history kept per volume: a size (10G), a duration (24h, also s, min, d, w) or both "
                         "(10G,24h, or the flag twice): versions within either stay openable (default 256M)")
+    s.add_argument("--log-space", metavar="SIZE|PCT%",
+                   help="limit for the log bytes of all volumes together: a size (20G) or a percentage of the "
+                        "state filesystem (10%%); default: half of its free space plus what the logs take")
     s.add_argument("--cluster", help="cluster id peers must share (default marsfs)")
     s.add_argument("--stop-timeout", metavar="S",
                    help="on SIGTERM, wait up to S seconds for open volumes to close (default 30; 0: stop at "

@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 import types
 from collections.abc import Awaitable, Callable, Mapping
@@ -47,6 +48,7 @@ from marsfs.errors import MarsError, NotAvailable, UsageError
 from marsfs.faces.namespace import SUFFIX
 from marsfs.node import Node, check_volume_name
 from marsfs.node.cluster import Cluster
+from marsfs.node.state import FailoverLoss
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
 
@@ -285,6 +287,10 @@ def _history_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     return f"{r['volume']}: history window {r['history']} (the node's, from serve --history)"
 
 
+async def _primary(ctx: Context, a: dict[str, Any]) -> Any:
+    return await ctx.cluster.primary(a["volume"], force=a["force"])
+
+
 async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
     source, version = clone_spec(a["version"])
     vol = await trio.to_thread.run_sync(ctx.node.clone, source, version, a["volume"])
@@ -333,6 +339,47 @@ def clone_spec(spec: str) -> tuple[str, str]:
     return source, version
 
 
+def _primary_client(command: Command, args: argparse.Namespace, request: Request) -> int:
+    """Ask for the handover and, while the daemon works on it, show how many records are left
+    to fetch (from ``status``: its ``handover`` figures)."""
+    outcome: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            outcome["result"] = request(command.name, command.request_args(args))
+        except BaseException as e:  # raised again in the main thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=ask, name="marsfs-primary", daemon=True)
+    worker.start()
+    shown: Any = None
+    while True:
+        worker.join(0.2)
+        if not worker.is_alive():
+            break
+        try:
+            progress = request("status", {"volume": args.volume})[0].get("handover")
+        except MarsError:
+            continue
+        if progress and progress != shown:
+            left = progress.get("to_fetch")
+            print(f"{args.volume}: handover from {progress['from']}: {progress['phase']}"
+                  + (f", {left} records to fetch" if left is not None else ""), flush=True)
+            shown = progress
+    if "error" in outcome:
+        raise outcome["error"]
+    command.show(args, outcome["result"])
+    return 0
+
+
+def _primary_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    head = f"{r['volume']}: primary on this node now (epoch {r['epoch']}, writes from LSN {r['start_lsn']})"
+    if "loss" in r:
+        return f"{head}; failover without {r['from']}: {r['lost']}"
+    follows = "which follows it now" if r.get("follows", True) else "which follows it once it hears of the claim"
+    return f"{head}; handed over from {r['from']}, {follows}; nothing lost"
+
+
 def _clone_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     return (f"cloned {r['clone_of']} as {r['volume']}: writable at {r['image']}; it holds that version of "
             f"{r['clone_of'].split('@')[0]} until: marsfs delete {r['volume']}")
@@ -355,8 +402,12 @@ def status_table(rows: list[dict[str, Any]]) -> str:
              for row in table]
     for r in rows:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
+        lines += [f"{r['volume']}: warning: {w}" for w in r.get("warnings", ())]
     for r in rows:
         lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
+    for r in rows:
+        if r.get("failover_loss"):
+            lines.append(f"{r['volume']}: {FailoverLoss.from_json(r['failover_loss']).describe()}")
     for r in rows:
         lines += meta_lines(r)
     return "\n".join(lines)
@@ -596,7 +647,6 @@ def _planned(name: str, what: str) -> Command:
 
 #: Commands PRODUCT.md plans that do not exist yet, and what each will do.
 PLANNED: Mapping[str, str] = types.MappingProxyType({
-    "primary": "make this node the volume's primary: handover, or failover with --force",
 })
 
 VOLUME = Arg("volume")
@@ -673,6 +723,11 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
                  metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),
              Arg("volume", "the new volume's name", metavar="NEWVOL", check=check_volume_name), JSON),
             _clone, text=_clone_text, json=lambda r, a: r),
+    Command("primary", "make this node the primary (handover; --force: failover)",
+            (VOLUME, Arg("force", "the primary cannot be reached: become primary with what this node has "
+                                  "(loses what it did not fetch; status says how much)",
+                         flag="--force", required=False, parse=switch), JSON),
+            _primary, text=_primary_text, json=lambda r, a: r, client=_primary_client),
     Command("verify", "compare images at the same version by checksums",
             (VOLUME, Arg("peer", "the node to compare with (default: a mirror's source; on a primary: every "
                                  "mirror it knows)", flag="--peer", required=False, metavar="NODE"), JSON),

@@ -31,6 +31,7 @@ from typing import Any
 
 from marsfs.errors import InvalidRequest, MarsError, UsageError
 from marsfs.node.cluster import DEFAULT_CLUSTER, parse_address
+from marsfs.node.space import LogSpaceSetting
 from marsfs.units import parse_size
 from marsfs.volume import Retention
 
@@ -38,7 +39,7 @@ from marsfs.volume import Retention
 DEFAULT_STOP_TIMEOUT = 30.0
 #: The keys a ``--config`` file may have: the long flags' names, and ``[peers]`` for ``--peer``.
 CONFIG_KEYS = frozenset({"node", "state", "mount", "listen", "peers", "history", "cluster", "stop-timeout",
-                         "sync-rate"})
+                         "log-space", "sync-rate"})
 
 
 @dataclass
@@ -53,6 +54,8 @@ class ServeConfig:
     history: Retention = field(default_factory=Retention)  #: ``--history SIZE|DURATION`` (repeatable, or ``10G,24h``)
     cluster: str = DEFAULT_CLUSTER
     stop_timeout: float = DEFAULT_STOP_TIMEOUT  #: see :mod:`marsfs.faces.daemon` (SIGTERM)
+    #: ``--log-space SIZE|PCT%``: the node's limit for all logs (see :mod:`marsfs.node.space`)
+    log_space: LogSpaceSetting = field(default_factory=LogSpaceSetting)
     sync_rate: int = 0  #: ``--sync-rate``: bytes/s of fast sync data this node sends per mirror (0: unlimited)
 
     @property
@@ -78,6 +81,8 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
             raise UsageError(f"config file {path}: 'peers' must be a table of NAME = \"HOST:PORT\"")
         if "stop-timeout" in conf:
             conf["stop_timeout"] = conf.pop("stop-timeout")
+        if "log-space" in conf:
+            conf["log_space"] = conf.pop("log-space")
         if "sync-rate" in conf:
             conf["sync_rate"] = conf.pop("sync-rate")
     merged = {**conf, **{k: v for k, v in flags.items() if v not in (None, [], {})}}
@@ -105,11 +110,15 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
         history = Retention.parse(merged["history"]) if "history" in merged else Retention()
     except InvalidRequest as e:
         raise UsageError(f"--history: {e}") from None
+    try:
+        log_space = LogSpaceSetting.parse(merged.get("log_space"))
+    except InvalidRequest as e:
+        raise UsageError(f"--log-space: {e}") from None
     return ServeConfig(node=str(merged["node"]), state=Path(merged["state"]), mount=Path(merged["mount"]),
                        listen=None if listen is None else str(listen), peers=peers,
                        cluster=str(merged.get("cluster", DEFAULT_CLUSTER)), history=history,
                        stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
-                       sync_rate=_sync_rate(merged.get("sync_rate", 0)))
+                       log_space=log_space, sync_rate=_sync_rate(merged.get("sync_rate", 0)))
 
 
 def _sync_rate(value: Any) -> int:

@@ -8,7 +8,8 @@ daemon that served leaves a dead mount behind.
 
 One trio loop runs everything: pyfuse3's main loop, the cluster (peers, fetch, replay), the
 control socket (answered through :func:`marsfs.faces.commands.dispatch`), the periodic
-maintenance (writeback of what left the history window) and, once mounted, the FUSE
+maintenance (writeback of what left the history window), the log space limit (woken by the
+write path, :mod:`marsfs.node.space`) and, once mounted, the FUSE
 connection tuning FUSE-NOTES measured.
 
 Stopping (SIGTERM/SIGINT). A volume image that is open (a loop device with a mounted
@@ -97,6 +98,7 @@ class Daemon:
             await nursery.start(serve_control, self.cfg.state, functools.partial(dispatch, self.context))
             nursery.start_soon(self._signals)
             nursery.start_soon(self._maintain)
+            nursery.start_soon(self._keep_log_space)
             nursery.start_soon(supervised, "FUSE connection tuning", self._tune_connection)
             logger.info("node %s serving %d volume(s) at %s", self.node.name, len(self.node.volumes), self.cfg.mount)
             self.serving = True
@@ -156,6 +158,18 @@ class Daemon:
             await trio.sleep(MAINTAIN_INTERVAL)
             await supervised("maintenance", functools.partial(trio.to_thread.run_sync, self.node.maintain))
 
+    async def _keep_log_space(self) -> None:
+        """Keep the logs inside the log space limit (G8): woken by the write path whenever a
+        log grew by a quarter segment, at least once a second, in its own task so that a long
+        history writeback in maintenance does not delay it. Never ends the daemon (G11)."""
+        space = self.node.space
+        while True:
+            await trio.to_thread.run_sync(space.wait, MAINTAIN_INTERVAL, abandon_on_cancel=True)
+            await supervised("log space", self._enforce_space)
+
+    async def _enforce_space(self) -> None:
+        await trio.to_thread.run_sync(self.node.enforce_space)
+
     async def _tune_connection(self) -> None:
         """Raise max_background (FUSE-NOTES). stat() of our own mount must not run on this thread."""
         try:
@@ -175,7 +189,7 @@ def serve(cfg: ServeConfig) -> int:
     0 after a clean stop, 1 after a stop forced with volumes open."""
     preflight(cfg)
     _tune_process()
-    node = Node.open(cfg.state, cfg.node, history=cfg.history)
+    node = Node.open(cfg.state, cfg.node, history=cfg.history, log_space=cfg.log_space)
     try:
         ops = Operations(node)
         daemon = Daemon(cfg, node, ops)

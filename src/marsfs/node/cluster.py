@@ -62,6 +62,7 @@ from marsfs.errors import (
 )
 from marsfs.log import genesis_chain
 from marsfs.node import gossip
+from marsfs.node.handover import Roles
 from marsfs.node.meta import REFRESH, Position
 from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
 from marsfs.node.state import (
@@ -107,11 +108,13 @@ class Cluster:
         self.peers = {name: parse_address(addr) for name, addr in peers.items()}
         self.cluster = cluster
         self.peer_table = PeerTable()
+        self.roles = Roles(self)
         self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table, meta=self._serve_meta,
+                             conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare},
                              sync_rate=sync_rate)
         self.fetchers: dict[str, Fetcher] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
-        self._stopped: dict[str, trio.Event] = {}  #: set when a mirror's fetch task has ended
+        self._fetch_ended: dict[str, trio.Event] = {}  #: set when a mirror's fetch task has ended
         self.copies: dict[str, ImageCopy] = {}  #: image copies running, or failed and not yet retried
         self.verifies: dict[str, VerifyJob] = {}  #: verify comparisons by id, until collected
         self._verify_seq = 0
@@ -152,6 +155,7 @@ class Cluster:
                                                   failed=describe(e))
             nursery.start_soon(self._replay_loop)
             await self._start_meta(nursery)
+            nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
 
     def _connector(self, peer: str) -> Connect:
@@ -312,13 +316,7 @@ class Cluster:
     async def _restart_fetch(self, name: str, plan: ResyncPlan) -> None:
         """Stop the fetcher of mirror ``name`` (waiting until it stopped: a resync needs the log
         still) and start one that runs ``plan`` first."""
-        scope = self._scopes.pop(name, None)
-        self.fetchers.pop(name, None)
-        stopped = self._stopped.pop(name, None)
-        if scope is not None:
-            scope.cancel()
-        if stopped is not None:
-            await stopped.wait()
+        await self.stop_fetch(name)
         self._start_fetch(self.node.volume(name), resync=plan)
 
     def _start_fetch(self, vol: Volume, *, resync: ResyncPlan | None = None, direct: bool = False,
@@ -338,8 +336,10 @@ class Cluster:
             if self.node.role(name).resync_whole:
                 self.node.set_role(name, resync_whole=False)
 
-        fetcher = Fetcher(vol, self.node.name, self.cluster, role.source, connect,
-                          paused=lambda: self.node.role(name).fetch_paused,
+        source = role.source
+        fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
+                          paused=lambda: (self.node.role(name).fetch_paused  # or log space is full (G8)
+                                          or name in self.node.space.fetch_stopped),
                           replayed=lambda: vol.current_lsn,
                           replay_paused=lambda: self.node.role(name).replay_paused,
                           resync=resync, direct=direct, synced=synced or resynced,
@@ -347,20 +347,39 @@ class Cluster:
         self.fetchers[name] = fetcher
         scope = scope if scope is not None else trio.CancelScope()
         self._scopes[name] = scope
-        stopped = self._stopped[name] = trio.Event()
+        ended = self._fetch_ended[name] = trio.Event()
 
         async def run() -> None:
             try:
                 with scope:
                     await fetcher.run()
+                    if fetcher.state.fatal == "diverged":  # a split brain: where, and how much each side wrote
+                        await self.roles.find_split(vol, source)
                 if cleanup is not None:
                     await cleanup(fetcher)
             finally:
-                stopped.set()
+                ended.set()
 
         assert self._nursery is not None
         self._nursery.start_soon(supervised, f"fetch of {name}", run)
         return fetcher
+
+    async def stop_fetch(self, name: str) -> None:
+        """Stop the fetch of ``name`` and wait until it appends nothing more."""
+        scope = self._scopes.pop(name, None)
+        self.fetchers.pop(name, None)
+        ended = self._fetch_ended.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        if ended is not None:
+            await ended.wait()
+
+    # ------------------------------------------------------------------ roles (marsfs.node.handover)
+
+    async def primary(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """``marsfs primary VOL [--force]``: planned handover to this node, or forced failover."""
+        check_volume_name(name)
+        return await (self.roles.fail_over(name) if force else self.roles.take_over(name))
 
     async def leave(self, name: str) -> dict[str, Any]:
         """Stop mirroring ``name`` and remove this node's copy. A refusal changes nothing."""
@@ -521,7 +540,7 @@ class Cluster:
         return rows
 
     def _volume_status(self, name: str) -> VolumeStatus:
-        st = self.node.volume_status(name)
+        st = self.node.volume_status(name).changed(handover=self.roles.progress.get(name))
         if st.role == Role.MIRROR:
             return self._mirror_status(st)
         vol = self.node.volumes[name]
@@ -532,7 +551,7 @@ class Cluster:
             peers.append(PeerStatus(
                 node=p.node, connected=p.connected, fetched_lsn=p.fetched_lsn, replayed_lsn=p.replayed_lsn,
                 fetch_paused=p.fetch_paused, replay_paused=p.replay_paused, lag_bytes=lag_b, lag_records=lag_r,
-                lag_seconds=lag_s, last_seen=p.last_seen,
+                lag_seconds=lag_s, last_seen=p.last_seen, dropped=st.dropped.get(p.node, 0),
                 state=VolumeState.SYNCING if p.syncing else peer_state(
                     connected=p.connected, fetch_paused=p.fetch_paused, replay_paused=p.replay_paused,
                     lag_records=lag_r)))
@@ -768,10 +787,7 @@ class Cluster:
         """``node`` was removed from ``vol``: its position holds nothing here any more."""
         known = any(p.node == node for p in self.peer_table.for_volume(vol.name, vol.uuid))
         self.peer_table.forget(vol.name, vol.uuid, node)
-        vol.release(f"mirror:{node}")
-        forget = getattr(vol, "forget_mirror", None)  # the per-mirror changed sets (issue 11), once they exist
-        if forget is not None:
-            forget(node)
+        vol.release(f"mirror:{node}")  # also drops its set of changed extents, if its log was dropped
         if known:
             logger.info("volume %s: forgot mirror %s (removed from the volume)", vol.name, node)
 

@@ -21,6 +21,9 @@ model (docs/architecture.md, "Cluster metadata", draws it):
   only is written at most every :data:`SAVE_POSITIONS_EVERY` seconds (and at :meth:`close`).
   A node that crashed learns its own newest stamps back from its peers before it publishes
   (the first gossip round merges first), so its clock passes them.
+* A full or failing state disk (G11) fails only an own claim or removal (the command says
+  so, and nothing changed); positions and merged entries stay in memory until a later write
+  succeeds (logged once, and once when it works again).
 * Deleting is writing ``None`` (a tombstone that wins like any newer value).
 
 Keys (values are JSON):
@@ -41,6 +44,7 @@ worker threads.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -50,7 +54,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from marsfs.errors import StateError
+from marsfs.errors import DiskFailed, MarsError, NoSpace, StateError
 from marsfs.fsutil import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -190,6 +194,7 @@ class ClusterMeta:
         self._clock = 0
         self._version = 0  #: counts changes of the map here (gossip skips peers that have this version)
         self._dirty = False  #: position changes not yet written
+        self._save_failed = False  #: the last write failed (full or failing disk): said once
         self._saved = 0.0  #: time.monotonic() of the last write
         self._load()
 
@@ -213,17 +218,39 @@ class ClusterMeta:
             raise StateError(f"{self.path}: unreadable cluster metadata ({e}); move it away to start "
                              "empty (peers send theirs again)") from None
 
-    def _save(self, keys: Iterable[str] = ()) -> None:
+    def _save(self, keys: Iterable[str] = (), *, soft: bool = False) -> None:
         """Write the file now, or only mark it dirty when ``keys`` are all positions and the
-        last write is recent (see the module's rules)."""
+        last write is recent (see the module's rules).
+
+        A full or failing state disk (G11) fails only a write that must be durable (an own
+        claim or removal: the caller's command fails, nothing changed); soft state (positions,
+        what peers sent: they send it again) stays in memory, marked dirty, and is written by
+        a later save once there is room."""
         keys = list(keys)
+        positions = bool(keys) and all(k.endswith(POSITION_SUFFIX) for k in keys)
+        soft = soft or positions
         now = time.monotonic()
-        if keys and all(k.endswith(POSITION_SUFFIX) for k in keys) and now - self._saved < SAVE_POSITIONS_EVERY:
+        if positions and now - self._saved < SAVE_POSITIONS_EVERY:
             self._dirty = True
             return
         entries = sorted(e.to_wire() for e in self._entries.values())
-        write_json(self.path, {"format": FORMAT, "node": self.node, "clock": self._clock,
-                               "entries": [list(t) for t in entries]})
+        try:
+            write_json(self.path, {"format": FORMAT, "node": self.node, "clock": self._clock,
+                                   "entries": [list(t) for t in entries]})
+        except OSError as e:
+            self._dirty = True
+            if not self._save_failed:
+                logger.error("cannot write the cluster metadata %s: %s; it is kept in memory and written "
+                             "once the state filesystem has room again", self.path, e.strerror)
+            self._save_failed = True
+            if soft:
+                return
+            raise (NoSpace if e.errno == errno.ENOSPC else DiskFailed)(
+                f"cannot write the cluster metadata {self.path}: {e.strerror}; free space on (or repair) the "
+                "state filesystem and try again") from None
+        if self._save_failed:
+            logger.info("cluster metadata %s written again", self.path)
+        self._save_failed = False
         self._dirty = False
         self._saved = now
 
@@ -251,9 +278,17 @@ class ClusterMeta:
         with self._lock:
             self._clock += 1
             stamp = Stamp(self._clock, self.node)
+            old = self._entries.get((self.node, key))
             self._entries[(self.node, key)] = Entry(self.node, key, value, stamp)
             self._version += 1
-            self._save([key])
+            try:
+                self._save([key])
+            except MarsError:  # not durable: not said (the clock may stay ahead; it never goes back)
+                if old is None:
+                    del self._entries[(self.node, key)]
+                else:
+                    self._entries[(self.node, key)] = old
+                raise
             return stamp
 
     def get(self, owner: str, key: str) -> JSON | None:
@@ -287,7 +322,7 @@ class ClusterMeta:
             self._clock = clock
             if changed:
                 self._version += 1
-                self._save(k for _, k in changed)
+                self._save((k for _, k in changed), soft=True)  # peers send it again
         return changed
 
     def snapshot(self) -> dict[tuple[str, str], Entry]:

@@ -6,7 +6,8 @@ State directory layout::
     DIR/lock                 flock'd by the running daemon
     DIR/control.sock         the daemon's control socket (faces layer)
     DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json and, when the
-                             volume has its own history window, history.json
+                             volume has its own history window, history.json; splits.json
+                             while it has unresolved split brains or a forced failover's loss
     DIR/trash/               volumes being deleted (renamed here first: atomic disappearance)
     DIR/meta.json            this node's copy of the cluster metadata (marsfs.node.meta)
 
@@ -44,6 +45,10 @@ Rules that hold here:
   that was used before gets the epoch after the newest claim it had, so old claims lose.
   :meth:`become_mirror` turns a primary whose log is a prefix of the designated primary's
   history into its mirror: flushed first, visible at its head, persisted before it is served.
+* Roles change hands (:mod:`marsfs.node.handover` orchestrates): a primary is fenced for a
+  handover (holder ``handover``) only while nothing holds it open; a mirror is promoted only
+  by :meth:`Node.promote`, which lifts its fences. Split brains found with peers and what a
+  forced failover lost are kept in ``splits.json`` until the operator resolves them.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.node.meta import META_FILE, ClusterMeta
-from marsfs.node.state import Role, RoleRecord, VolumeState, VolumeStatus
+from marsfs.node.space import LogSpace, LogSpaceSetting
+from marsfs.node.state import FailoverLoss, Role, RoleRecord, SplitBrain, VolumeState, VolumeStatus
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
 from marsfs.volume import Retention, Volume
@@ -86,7 +92,9 @@ logger = logging.getLogger(__name__)
 VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NODE_NAME = VOLUME_NAME
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
+SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
 MIRROR_FENCE = "mirror"  #: the fence holder of a former primary turned mirror (lifted when primary again)
+HANDOVER_FENCE = "handover"  #: the fence holder of a primary during its handover (marsfs.node.handover)
 
 
 def check_volume_name(name: str) -> str:
@@ -99,9 +107,11 @@ def check_volume_name(name: str) -> str:
 class Node:
     """The volumes of one node. Thread-safe; blocking methods are called from worker threads."""
 
-    def __init__(self, state: Path, name: str, *, history: Retention | None = None) -> None:
+    def __init__(self, state: Path, name: str, *, history: Retention | None = None,
+                 log_space: LogSpaceSetting | None = None) -> None:
         self.state = state
         self.name = name
+        self.space = LogSpace(state, log_space)  #: the log space limit of all volumes (G8)
         self.history = history or Retention(DEFAULT_HISTORY_BYTES)  #: the node's window; a volume may have its own
         self._volume_history: dict[str, Retention] = {}
         self.volumes: dict[str, Volume] = {}
@@ -112,6 +122,8 @@ class Node:
         #: resumed by the cluster (taken from here when it does)
         self.resuming: dict[str, Volume] = {}
         self.failed: dict[str, str] = {}  #: volumes that could not be opened at start -> why (one line)
+        self._splits: dict[str, dict[str, SplitBrain]] = {}  #: volume -> peer -> its split brain
+        self._losses: dict[str, FailoverLoss] = {}  #: volume -> what its last forced failover lost
         self._largest: int | None = None
         self.started = time.time()
         self._lock = threading.RLock()
@@ -131,7 +143,9 @@ class Node:
         node = cls(state, name, **kw)
         node._claim()
         try:
+            node.space.check()
             node._recover()
+            node.space.adopt(list(node.volumes.values()))
         except BaseException:
             node.close()
             raise
@@ -198,6 +212,11 @@ class Node:
             own = _read_history(path)
             if own is not None:
                 self._volume_history[vol.name] = own
+            try:
+                self._read_splits(vol.name)
+            except StateError as e:  # the volume is still served; status says what is wrong
+                logger.error("%s", e)
+                vol.errors.append(str(e))
             if vol.clone_of is not None and not role.is_clone:  # a crash between volume.json and role.json
                 self._persist_role(vol.name, RoleRecord(role=Role.CLONE))
         for vol in self.volumes.values():  # sources are all open now: pin what the clones hold
@@ -298,6 +317,7 @@ class Node:
             self.volumes[name] = vol
             self._roles[name] = role
             self.meta.claim(name, self.name, role.epoch, 1)
+            self.space.adopt(list(self.volumes.values()))
             logger.info("created volume %s of %d bytes%s, primary", name, size, " (thin)" if thin else "")
             return vol
 
@@ -322,6 +342,7 @@ class Node:
                 raise
             self.volumes[name] = vol
             self._roles[name] = role
+            self.space.adopt(list(self.volumes.values()))
             logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
             return vol
 
@@ -432,6 +453,7 @@ class Node:
             self._persist_role(vol.name, self.role(vol.name).changed(syncing=False, resync_whole=False,
                                                                      replayed_lsn=vol.current_lsn))
             self.volumes[vol.name] = vol
+            self.space.adopt(list(self.volumes.values()))
 
     def is_mirror(self, name: str) -> bool:
         with self._lock:
@@ -465,6 +487,8 @@ class Node:
             self.opens.pop(name, None)
             self._roles.pop(name, None)
             self._volume_history.pop(name, None)
+            self._splits.pop(name, None)
+            self._losses.pop(name, None)
         vol.close()
         trash = self.state / "trash"
         trash.mkdir(exist_ok=True)
@@ -549,6 +573,100 @@ class Node:
                             f"from {role.source})")
         return vol.mark(mark)
 
+    # ------------------------------------------------------------------ roles: handover, failover, split brain
+
+    def fence_for_handover(self, name: str, peer: str) -> None:
+        """Fence primary ``name`` (holder :data:`HANDOVER_FENCE`) while ``peer`` takes it over.
+        Refused (and nothing changes) while the image is open at all: a handover needs a closed
+        image, so that no write can come after the head the new primary fetches, and so that
+        this node can become its mirror."""
+        with self._lock:
+            vol = self.volume(name)
+            role = self.role(name)
+            if role.role != Role.PRIMARY or vol.clone_of is not None:
+                raise WrongRole(f"volume {name!r} is not primary on node {self.name}; ask its primary")
+            if self.opens[name]:
+                raise VolumeBusy(f"volume {name!r} is open on its primary {self.name} ({self.opens[name]} "
+                                 f"holder(s), e.g. a loop device or a mount); close it there first (umount, "
+                                 f"losetup -d), then run marsfs primary {name} again")
+            other = self.fenced(name).get(HANDOVER_FENCE)
+            if other is not None and peer not in other:
+                raise VolumeBusy(f"volume {name!r} is being handed over already ({other})")
+            self.fence(name, f"volume {name} is being handed over to {peer}: write on {peer} once marsfs "
+                             f"status {name} there shows it primary", holder=HANDOVER_FENCE)
+
+    def unfence_handover(self, name: str) -> None:
+        """The handover ended without a claim: writes again."""
+        if name in self.volumes:
+            self.unfence(name, holder=HANDOVER_FENCE)
+
+    def promote(self, name: str, epoch: int) -> None:
+        """Make this node's mirror of ``name`` its primary for ``epoch``: writable, its log
+        continues after what it holds (the caller stopped the fetch and claimed the epoch).
+        Persisted before it is visible."""
+        with self._lock:
+            vol = self.volume(name)
+            role = self.role(name)
+            if not role.is_mirror:
+                raise WrongRole(f"volume {name!r} is already primary on node {self.name}")
+            self._persist_role(name, RoleRecord(role=Role.PRIMARY, epoch=epoch))
+            vol.visible_lsn = None
+            for holder in (MIRROR_FENCE, "designation"):  # the caller claimed the epoch: this is the primary
+                self.unfence(name, holder=holder)
+        logger.info("volume %s is primary here from LSN %d, epoch %d", name, vol.head_lsn + 1, epoch)
+
+    def splits(self, name: str) -> list[SplitBrain]:
+        """The unresolved split brains of ``name`` here, by peer."""
+        with self._lock:
+            return [self._splits[name][p] for p in sorted(self._splits.get(name, {}))]
+
+    def record_split(self, name: str, split: SplitBrain) -> None:
+        """Remember (persistently) a split brain with ``split.peer``; it stays until cleared."""
+        with self._lock:
+            self.volume(name)
+            self._splits.setdefault(name, {})[split.peer] = split
+            self._write_splits(name)
+
+    def clear_splits(self, name: str) -> None:
+        """The operator resolved the split brains of ``name`` (invalidate)."""
+        with self._lock:
+            self._splits.pop(name, None)
+            self._write_splits(name)
+
+    def failover_loss(self, name: str) -> FailoverLoss | None:
+        with self._lock:
+            return self._losses.get(name)
+
+    def record_failover(self, name: str, loss: FailoverLoss) -> None:
+        with self._lock:
+            self._losses[name] = loss
+            self._write_splits(name)
+
+    def _write_splits(self, name: str) -> None:
+        path = self.state / "volumes" / name / SPLITS_FILE
+        splits = [s.to_json() for _, s in sorted(self._splits.get(name, {}).items())]
+        loss = self._losses.get(name)
+        if not splits and loss is None:
+            path.unlink(missing_ok=True)
+            return
+        write_json(path, {"splits": splits, "failover_loss": loss.to_json() if loss is not None else None})
+
+    def _read_splits(self, name: str) -> None:
+        path = self.state / "volumes" / name / SPLITS_FILE
+        try:
+            d = read_json(path)
+            splits = [SplitBrain.from_json(x) for x in d.get("splits", [])]
+            loss = FailoverLoss.from_json(d["failover_loss"]) if d.get("failover_loss") else None
+        except FileNotFoundError:
+            return
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"{path}: unreadable ({e}); restore it or remove it (the split brains and the "
+                             "failover loss it records are then forgotten)") from None
+        if splits:
+            self._splits[name] = {x.peer: x for x in splits}
+        if loss is not None:
+            self._losses[name] = loss
+
     # ------------------------------------------------------------------ policies
 
     def history_of(self, name: str) -> Retention:
@@ -574,11 +692,27 @@ class Node:
                 write_json(path, history.to_json())
                 self._volume_history[name] = history
 
+    def enforce_space(self, now_ns: int | None = None) -> int:
+        """Keep the logs inside the node's log space limit (:mod:`marsfs.node.space`); returns
+        the bytes freed. The daemon runs it whenever a log grew by a quarter segment. A disk
+        fault met on the way is the volume's (it stands in its status); the next pass retries."""
+        try:
+            return self.space.enforce(dict(self.volumes), self.history_of, now_ns)
+        except MarsError as e:
+            logger.info("log space enforcement: %s", e)
+            return 0
+
     def maintain(self, now_ns: int | None = None) -> None:
         """Periodic work: write back what falls out of the history window (``now_ns``: the
-        time the window ends, default now; tests move it instead of sleeping)."""
+        time the window ends, default now; tests move it instead of sleeping), keep the log
+        space limit, persist the mirrors' positions (at most once a pass: the rate limit)."""
         now = time.time_ns() if now_ns is None else now_ns
+        self.enforce_space(now)
         for vol in list(self.volumes.values()):
+            try:
+                vol.persist_holds()
+            except MarsError as e:
+                logger.info("%s", e)
             before_fault = vol.fault("writeback")
             try:
                 target = history_floor(vol, self.history_of(vol.name), now)
@@ -610,11 +744,15 @@ class Node:
         head = vol.head_lsn
         clones = [{"name": c, "lsn": lsn} for c, lsn in self.clones_of(name)]
         faults = vol.faults
+        splits = self.splits(name)
+        loss = self.failover_loss(name)
         fences = self.fenced(name)
         if vol.errors or vol.needs_restart or any(not isinstance(f, NoSpace) for f in faults):
             state = VolumeState.FAILED
         elif faults:
             state = VolumeState.NO_SPACE
+        elif splits:
+            state = VolumeState.SPLIT_BRAIN
         else:
             state = VolumeState.FENCED if fences and role.role == Role.PRIMARY else VolumeState.UP
         designation = self.meta.designated(name)
@@ -625,11 +763,17 @@ class Node:
             replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
             open_handles=self.opens[vol.name],
-            errors=list(vol.errors) + vol.fault_lines() + (list(fences.values()) if role.role == Role.PRIMARY else []),
+            errors=list(vol.errors) + vol.fault_lines() + (list(fences.values()) if role.role == Role.PRIMARY else [])
+            + [x.describe(name) for x in splits],
             oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe(),
             clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
             designated_primary=designation.node if designation is not None else None,
-            members=sorted(self.meta.members(name)))
+            members=sorted(self.meta.members(name)),
+            log_space_limit=self.space.last_limit, oldest_retained_lsn=vol.log.first_lsn,
+            warnings=self.space.warnings(vol, self.history_of(name)),
+            dropped={k.removeprefix("mirror:"): cs.bytes for k, cs in vol.dropped().items()},
+            fork_lsn=min(x.fork_lsn for x in splits) if splits else None,
+            split_brain=[x.to_json() for x in splits], failover_loss=loss.to_json() if loss is not None else None)
 
 
     def failed_status(self, name: str) -> VolumeStatus:

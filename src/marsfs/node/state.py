@@ -13,6 +13,8 @@ State diagram of a volume on one node (docs/architecture.md draws it)::
 
     create ──> up (primary) ──error──> failed
                up ──a newer epoch names another primary──> fenced ──log is a prefix──> (mirror)
+               up/fenced ──chains differ from a peer's (found by compare)──> split-brain
+    (mirror) ──marsfs primary [--force]──> up (primary, next epoch)
     join ──> syncing ──copy done──> catching-up <──> synced
                                       │  ^               │
                  fetch-paused <───────┤  └── replay-paused
@@ -25,11 +27,13 @@ State diagram of a volume on one node (docs/architecture.md draws it)::
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
 from marsfs.errors import StateError
+from marsfs.units import human_bytes
 
 
 class Role(StrEnum):
@@ -198,6 +202,8 @@ class PeerStatus:
     lag_seconds: float
     last_seen: float  #: wall-clock time of its last ACK
     role: Role = Role.MIRROR
+    #: bytes of changed extents it will copy when it returns (its log was dropped: G8)
+    dropped: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -252,6 +258,20 @@ class VolumeStatus:
     designated_primary: str | None = None
     members: list[str] = field(default_factory=list)
     positions: list[dict[str, Any]] = field(default_factory=list)
+    # log space (issue 11, G8): the node's limit for all logs, the oldest LSN the log still
+    # holds, what log space did (history cut, mirrors dropped, versions pinning), and per mirror
+    # whose log was dropped the bytes of changed extents it will copy
+    log_space_limit: int | None = None
+    oldest_retained_lsn: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    # roles (issue 10): a split brain's fork LSN (the lowest, if with several peers) and each
+    # one's figures (SplitBrain.to_json); what the last forced failover may have lost
+    # (FailoverLoss.to_json); a handover in progress: {"from", "to_fetch", "phase"}
+    fork_lsn: int | None = None
+    split_brain: list[dict[str, Any]] = field(default_factory=list)
+    failover_loss: dict[str, Any] | None = None
+    handover: dict[str, Any] | None = None
     # fast sync (issue 11): a first copy (syncing) or a resync. ``progress`` is the compared
     # fraction, ``fetch_rate`` the compare rate, ``eta_seconds`` from it
     sync_target_lsn: int | None = None  #: the source's version the sync brings this image to
@@ -264,10 +284,83 @@ class VolumeStatus:
         d["peers"] = [p.to_json() for p in self.peers]
         d["errors"] = list(self.errors)
         d["clones"] = [dict(c) for c in self.clones]
+        d["warnings"] = list(self.warnings)
+        d["dropped"] = dict(self.dropped)
+        d["split_brain"] = [dict(x) for x in self.split_brain]
         return _jsonable(d)
 
     def changed(self, **changes: Any) -> VolumeStatus:
         return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitBrain:
+    """A split brain with ``peer`` found from chain hashes: the histories share everything up to
+    ``fork_lsn`` (``exact``) or at most up to it (the logs no longer hold the fork), and each
+    side wrote ``records``/``bytes`` after it. Persisted until the operator resolves it."""
+
+    peer: str
+    fork_lsn: int
+    exact: bool
+    own_records: int
+    own_bytes: int
+    peer_records: int
+    peer_bytes: int
+    found: float  #: wall time
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SplitBrain:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+    def describe(self, volume: str) -> str:
+        at = f"LSN {self.fork_lsn}" if self.exact else f"LSN {self.fork_lsn} or before"
+        return (f"split brain with {self.peer}: the histories fork after {at}; this node wrote "
+                f"{self.own_records} records ({human_bytes(self.own_bytes)}) after it, {self.peer} "
+                f"{self.peer_records} ({human_bytes(self.peer_bytes)}); replication between them stopped. Keep one "
+                f"side: on the node whose writes are to be discarded, close the image and run marsfs "
+                f"invalidate {volume}")
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverLoss:
+    """What a forced failover may have lost: the records of ``source`` this node had not
+    fetched, as far as its last word told (``at_least``: the source may have written more
+    after it). ``newest``: wall time of the newest record known lost (0: none known)."""
+
+    source: str
+    epoch: int  #: the epoch the failover started
+    start_lsn: int  #: the first LSN of that epoch
+    records: int
+    bytes: int
+    oldest: float  #: wall time of the oldest record known lost (0: none known)
+    newest: float  #: the newest known lost record was written at or before this wall time
+    at_least: bool
+    as_of: float  #: wall time of the knowledge (the source's last heartbeat or position)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FailoverLoss:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+    def describe(self) -> str:
+        bound = "at least " if self.at_least else ""
+        later = (f"; {self.source} may have written more after {_utc(self.as_of)}, which this node never heard "
+                 "of") if self.at_least else ""
+        if not self.records:
+            return (f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn}): no "
+                    f"record known lost (its last word, {_utc(self.as_of)}, showed none this node lacked){later}")
+        return (f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn}) lost "
+                f"{bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between {_utc(self.oldest)} "
+                f"and {_utc(self.newest)}{later}")
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else "an unknown time"
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,17 @@ Conversation (client = the mirror, server = the node it fetches from)::
                 server: per SYNC_SUMS: SYNC_DATA {offset, data} for blocks that differ (binary),
                         then SYNC_PROGRESS {compared, sent}; after the last: SYNC_END {lsn}
                 client: ACK {fetched_lsn, replayed_lsn}   (switched to the target; fetches from lsn+1)
+    want=handover (the server is the primary, the client a mirror that wants to take over):
+                client: HANDOVER_PREPARE {epoch, timeout}
+                server: HANDOVER_READY {head_lsn, chain, epoch} (it is fenced and flushed)
+                        | ERROR {code: "busy" | "epoch" | ...}
+                client: (fetches up to head_lsn on its fetch connection, claims) HANDOVER_END
+                        {claimed, epoch, start_lsn, reason}
+    want=compare (after a FETCH was refused as diverged: where do the histories fork?):
+                client: CHAINS {lsns, chains, head_lsn}   server: CHAINS {its chains there}
+                ... until the client knows the fork; then
+                client: CHAINS {done, fork_lsn, tail_records, tail_bytes}
+                server: CHAINS {done, fork_lsn, its tail_records, tail_bytes}
     want=meta: no volume; the cluster metadata exchange (see its block below the messages).
     A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
     durable LSN, so the client knows how old the state it describes can be at most.
@@ -73,16 +84,18 @@ from marsfs.log.record import CHAIN_SIZE, HEADER_SIZE, BadRecord, decode_header
 from marsfs.volume.blocksums import BLOCK, SUM_SIZE
 
 __all__ = [
-    "FRAME_HEADER", "MAX_FRAME", "PROTO_VERSION", "Ack", "Error", "Fetch", "Frame", "FrameDecoder", "Heartbeat",
-    "Hello", "ImageData", "ImageEnd", "ImageInfo", "ImageProgress", "Message", "MetaEntries", "MetaEntry", "MetaWelcome",
-    "MsgType", "ProtocolError", "Records", "Sums", "SumsRequest", "SyncData", "SyncEnd", "SyncInfo", "SyncProgress",
-    "SyncRequest", "SyncSums",
+    "FRAME_HEADER", "MAX_CHAINS", "MAX_FRAME", "PROTO_VERSION", "Ack", "Chains", "Error", "Fetch", "Frame",
+    "FrameDecoder", "HandoverEnd", "HandoverPrepare", "HandoverReady", "Heartbeat", "Hello", "ImageData", "ImageEnd",
+    "ImageInfo", "ImageProgress", "Message", "MetaEntries", "MetaEntry", "MetaWelcome", "MsgType", "ProtocolError",
+    "Records", "Sums", "SumsRequest", "SyncData", "SyncEnd", "SyncInfo", "SyncProgress", "SyncRequest", "SyncSums",
     "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
 ]
 
 FRAME_MAGIC = b"MRSf"
 #: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS; 3: META_WELCOME, META_ENTRIES (want "meta"),
-#: SUMS_REQUEST, SUMS (want "sums"), want "sync" (fast sync, SYNC_*)
+#: SUMS_REQUEST, SUMS (want "sums")
+#: 3: handover (HANDOVER_PREPARE/READY/END, want "handover"), split brain (CHAINS, want "compare")
+#: 3: fast sync (SYNC_*, want "sync")
 PROTO_VERSION = 3
 MAX_FRAME = 8 * 1024 * 1024
 _HEAD = struct.Struct("<4sBBHI")  # magic, version, type, flags, length
@@ -119,6 +132,11 @@ class MsgType(IntEnum):
     # cluster metadata gossip (want "meta"); 22 is reserved for it
     META_WELCOME = 20
     META_ENTRIES = 21
+    # handover and split brain (marsfs.replication.handover)
+    HANDOVER_PREPARE = 23
+    HANDOVER_READY = 24
+    HANDOVER_END = 25
+    CHAINS = 26
 
 
 # ---------------------------------------------------------------------------- framing
@@ -219,7 +237,7 @@ def split_records(payload: bytes) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- messages
 
-Want: TypeAlias = Literal["image", "fetch", "leave", "meta", "sums", "sync"]
+Want: TypeAlias = Literal["image", "fetch", "leave", "meta", "sums", "handover", "compare", "sync"]
 _WANTS: tuple[str, ...] = get_args(Want)
 
 # How a JSON field is checked and converted (field metadata "kind"):
@@ -227,6 +245,7 @@ _WANTS: tuple[str, ...] = get_args(Want)
 #   seconds: a finite number >= 0; chain: 16 bytes as 32 hex digits; want: one of _WANTS;
 #   ranges: a list of [offset, length] pairs of ints, offset >= 0, length >= 1;
 #   entries: metadata entries (see MetaEntries).
+#   lsns: a list of at most MAX_CHAINS uints, ascending; chains: a list of at most MAX_CHAINS chains.
 
 
 def _field(kind: str, **kw: Any) -> Any:
@@ -520,13 +539,71 @@ def _decode_sums(payload: bytes) -> Sums:
     return Sums(lsn, offset, size, sums)
 
 
+
+# -- handover and split brain (marsfs.replication.handover has the conversations) -----------
+
+MAX_CHAINS = 64  #: LSNs one CHAINS message may compare
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverPrepare:
+    """The would-be primary asks the primary to stop accepting writes and flush; ``timeout``:
+    seconds after which the primary accepts writes again unless the handover was claimed."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HANDOVER_PREPARE
+    epoch: int = _field("uint")  #: the epoch the asker knows (the primary's must be the same)
+    timeout: float = _field("seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverReady:
+    """The primary is fenced and its log durable up to ``head_lsn``, whose chain is ``chain``."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HANDOVER_READY
+    head_lsn: int = _field("uint")
+    chain: bytes = _field("chain")
+    epoch: int = _field("uint")
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverEnd:
+    """The asker claimed the volume (``claimed``: epoch ``epoch`` from ``start_lsn``), or gave up."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HANDOVER_END
+    claimed: bool = _field("bool")
+    epoch: int = _field("uint")
+    start_lsn: int = _field("uint")
+    reason: str = _field("str", default="")
+
+
+@dataclass(frozen=True, slots=True)
+class Chains:
+    """Chain hashes at some LSNs, to find where two histories fork (both directions).
+
+    The asker sends its chains at ``lsns`` (``done`` false); the other side answers with its own
+    at those of them it holds. The last message of the asker (``done``) names the fork (the last
+    LSN both share) and its tail after it; the answer names the other side's tail."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CHAINS
+    lsns: tuple[int, ...] = _field("lsns")
+    chains: tuple[bytes, ...] = _field("chains")
+    head_lsn: int = _field("uint")
+    done: bool = _field("bool", default=False)
+    fork_lsn: int = _field("uint", default=0)
+    exact: bool = _field("bool", default=False)  #: the fork is the last common LSN, not a bound below it
+    tail_records: int = _field("uint", default=0)
+    tail_bytes: int = _field("uint", default=0)
+
+
 JsonMessage: TypeAlias = (Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
-                          | MetaWelcome | MetaEntries | SumsRequest | SyncRequest | SyncInfo | SyncProgress | SyncEnd)
+                          | MetaWelcome | MetaEntries | SumsRequest | HandoverPrepare | HandoverReady | HandoverEnd
+                          | Chains | SyncRequest | SyncInfo | SyncProgress | SyncEnd)
 Message: TypeAlias = JsonMessage | ImageData | Records | Sums | SyncSums | SyncData
 
 _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress,
-                              MetaWelcome, MetaEntries, SumsRequest, SyncRequest, SyncInfo, SyncProgress, SyncEnd)}
+                              MetaWelcome, MetaEntries, SumsRequest, HandoverPrepare, HandoverReady, HandoverEnd,
+                              Chains, SyncRequest, SyncInfo, SyncProgress, SyncEnd)}
 #: binary messages of an 8-byte offset and bytes
 _OFFSET_TYPES: dict[MsgType, type[ImageData | SyncSums | SyncData]] = {
     cls.TYPE: cls for cls in (ImageData, SyncSums, SyncData)}
@@ -544,6 +621,18 @@ def encode_message(msg: Message, *, compress: bool = True) -> bytes:
         return encode_frame(MsgType.SUMS, _SUMS_HEAD.pack(msg.lsn, msg.offset, msg.size) + msg.sums, compress=compress)
     obj = {f.name: _to_json(f.metadata["kind"], getattr(msg, f.name)) for f in fields(msg)}
     return encode_frame(msg.TYPE, json.dumps(obj, separators=(",", ":")).encode(), compress=compress)
+
+
+def _to_json(kind: str, value: Any) -> Any:
+    if kind == "chain":
+        return value.hex()
+    if kind == "chains":
+        return [c.hex() for c in value]
+    if kind == "lsns":
+        return list(value)
+    if kind == "ranges":
+        return [list(r) for r in value]
+    return value
 
 
 def decode_message(frame: Frame) -> Message:
@@ -578,15 +667,10 @@ def decode_message(frame: Frame) -> Message:
             raise ProtocolError(f"{name}: missing field {f.name!r}")
     if obj:
         raise ProtocolError(f"{name}: unknown field {sorted(obj)[0]!r}")
-    return cls(**values)
-
-
-def _to_json(kind: str, value: Any) -> Any:
-    if kind == "chain":
-        return value.hex()
-    if kind == "ranges":
-        return [list(r) for r in value]
-    return value
+    msg = cls(**values)
+    if isinstance(msg, Chains) and len(msg.lsns) != len(msg.chains):
+        raise ProtocolError(f"{name}: field 'chains' holds {len(msg.chains)} entries for {len(msg.lsns)} LSNs")
+    return msg
 
 
 def _check(msg: str, name: str, kind: str, value: Any) -> Any:
@@ -633,6 +717,15 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
         return tuple(out)
     if kind == "entries":
         return _check_entries(msg, name, value)
+    if kind in ("lsns", "chains"):
+        if not isinstance(value, list):
+            raise bad("must be a list")
+        if len(value) > MAX_CHAINS:
+            raise bad(f"holds more than {MAX_CHAINS} entries")
+        items = tuple(_check(msg, name, "uint" if kind == "lsns" else "chain", v) for v in value)
+        if kind == "lsns" and any(b <= a for a, b in zip(items, items[1:])):
+            raise bad("must be ascending")
+        return items
     assert kind == "want", kind
     if value not in _WANTS:
         raise bad(f"must be one of {', '.join(_WANTS)}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -64,6 +64,10 @@ from marsfs.volume.blocksums import block_sums
 logger = logging.getLogger(__name__)
 
 POLL = 0.01  #: how often a session with nothing to ship looks again
+
+#: A conversation another module carries on after WELCOME (``want`` handover, compare): it gets
+#: the channel, the HELLO and the volume; the connection is closed when it returns.
+Conversation = Callable[[Channel, Hello, Volume], Awaitable[None]]
 
 
 @dataclass
@@ -135,9 +139,11 @@ class Server:
 
     def __init__(self, node: str, cluster: str, lookup: Callable[[str], Volume | None],
                  epoch_of: Callable[[str], int], peers: PeerTable,
-                 meta: Callable[[Channel, Hello], Awaitable[None]] | None = None, *, sync_rate: int = 0) -> None:
+                 meta: Callable[[Channel, Hello], Awaitable[None]] | None = None,
+                 conversations: Mapping[str, Conversation] | None = None, *, sync_rate: int = 0) -> None:
         self.node = node
         self.meta = meta  #: answers want "meta" (the node's metadata gossip; it checks the cluster)
+        self.conversations = dict(conversations or {})  #: answer want "handover", "compare" after WELCOME
         self.sync_rate = sync_rate  #: bytes/s of fast sync data per connection (0: unlimited)
         self._quiet: set[int] = set()  #: id() of volumes whose log nobody may read now (see quiet)
         self._shipping: Counter[int] = Counter()  #: fetch sessions reading each volume's log, by id()
@@ -172,9 +178,14 @@ class Server:
                 await self._serve_sync(ch, sess, vol)
             elif hello.want == "sums":
                 await self._serve_sums(ch, sess, vol)
-            else:
+            elif hello.want == "leave":
                 vol.release(sess.hold_key)
                 self.peers.forget(vol.name, vol.uuid, sess.peer)
+            elif hello.want in self.conversations:
+                await self.conversations[hello.want](ch, hello, vol)
+            else:
+                await self._refuse(ch, Error(code="unsupported", error=f"node {self.node} does not serve "
+                                                                         f"{hello.want!r} conversations"))
         except (ConnectionLost, ProtocolError) as e:
             logger.info("replication connection from %s ended: %s", sess.peer, describe(e))
         except Exception as e:
@@ -387,21 +398,19 @@ def changed_since(vol: Volume, sess: ServingSession, lsn: int) -> list[tuple[int
     """The byte ranges where the mirror's image may differ from ours at ``lsn`` (None: any).
 
     When our log still holds the mirror's ``since_lsn`` with the same chain, the extents that
-    records after it wrote; else the changed set the volume keeps for that mirror after its
-    log was dropped (``changed_ranges``, when the volume has one); else not known."""
+    records after it wrote; when it lies before our log, the changed set log space kept for
+    that mirror when it dropped its log (``Volume.changed_ranges``); else not known."""
     req = sess.sync_request
     assert req is not None
     if req.whole:
         return None
     if sess.since_known():
-        ranges: list[tuple[int, int]] | None = vol.extents_between(req.since_lsn, lsn)
+        ranges = vol.extents_between(req.since_lsn, lsn)
         if ranges is not None:
             return ranges
-    kept = getattr(vol, "changed_ranges", None)  # the per-mirror set of log-space management
-    if kept is not None:
-        known: list[tuple[int, int]] | None = kept(sess.peer, req.since_lsn)
-        return known
-    return None
+    if req.since_lsn < vol.log.first_lsn - 1:  # before our log: what log space kept for it, if anything
+        return vol.changed_ranges(sess.peer, req.since_lsn, lsn)
+    return None  # our log holds since_lsn with another chain (a divergent mirror), or beyond our head
 
 
 def _compare(sess: ServingSession, view: VolumeView, job: Compare) -> list[tuple[bytes, int]]:

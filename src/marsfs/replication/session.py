@@ -351,6 +351,7 @@ class ServeEvent(Enum):
     WELCOME_FETCH = auto()
     WELCOME_LEAVE = auto()
     WELCOME_SUMS = auto()
+    WELCOME_OTHER = auto()  #: a conversation another module carries on (handover, compare)
     ACCEPT_FETCH = auto()
     REFUSE = auto()
     IMAGE_END = auto()
@@ -366,6 +367,7 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.ADMITTING, ServeEvent.WELCOME_IMAGE): _S.SENDING_IMAGE,
     (_S.ADMITTING, ServeEvent.WELCOME_FETCH): _S.AWAIT_FETCH,
     (_S.ADMITTING, ServeEvent.WELCOME_LEAVE): _S.DONE,
+    (_S.ADMITTING, ServeEvent.WELCOME_OTHER): _S.DONE,
     (_S.ADMITTING, ServeEvent.REFUSE): _S.CLOSED,
     (_S.SENDING_IMAGE, ServeEvent.IMAGE_END): _S.AWAIT_IMAGE_ACK,
     (_S.AWAIT_IMAGE_ACK, Ack): _S.DONE,
@@ -385,7 +387,8 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
                      _S.AWAIT_SYNC_REQUEST, _S.PLANNING_SYNC, _S.SENDING_SYNC, _S.AWAIT_SYNC_ACK)},
 }
 _WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
-                  "leave": ServeEvent.WELCOME_LEAVE, "sums": ServeEvent.WELCOME_SUMS, "sync": ServeEvent.WELCOME_SYNC}
+                  "leave": ServeEvent.WELCOME_LEAVE, "sums": ServeEvent.WELCOME_SUMS, "sync": ServeEvent.WELCOME_SYNC,
+                  "handover": ServeEvent.WELCOME_OTHER, "compare": ServeEvent.WELCOME_OTHER}
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,6 +673,7 @@ class FetchState:
     fatal: str = ""  #: a refusal code that needs an operator
     primary_head_lsn: int = 0
     primary_durable_lsn: int = 0
+    primary_time: float = 0.0  #: the source's wall time in its newest heartbeat (0: none yet)
     lag_bytes: int = 0
     lag_records: int = 0
     lag_seconds: float = 0.0
@@ -778,6 +782,8 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
              (_F.SYNCING, SyncEnd): _F.SYNC_END,
              (_F.SYNC_END, FetchEvent.SEND_ACK): _F.DONE},
     "sums": dict(_FETCH_COMMON),  # then SUMS_REQUEST/SUMS, judged by marsfs.replication.verify
+    "handover": dict(_FETCH_COMMON),  # then marsfs.replication.handover carries on
+    "compare": dict(_FETCH_COMMON),
 }
 _REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING, _F.WATCHING, _F.SYNC_AWAIT_INFO,
               _F.SYNCING, _F.SYNC_END)
@@ -1012,6 +1018,7 @@ class FetchingSession:
         st = self.state
         st.primary_head_lsn = beat.head_lsn
         st.primary_durable_lsn = beat.durable_lsn
+        st.primary_time = beat.time
         st.last_heartbeat = now
         sent = self.probes.sent_at(beat.probe)
         if sent is not None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from marsfs.node import Node
 from marsfs.testing.harness import NodeProcess, run
 
 MiB = 1 << 20
+PAGE = 4096
 
 
 def write_tree(root: Path, seed: int, files: int = 40) -> dict[str, str]:
@@ -110,3 +112,90 @@ def write_synced(image: Path, offset: int, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Writer:
+    """Known data in numbered 64 KiB slots (write i goes to slot i), fsync after each write.
+
+    Slot ``i`` is written once, by write ``i``, in order, so the image after any prefix of the
+    primary's log is: slots ``< k`` complete, slot ``k`` possibly partly written (page-wise, in
+    ascending order), every later page zero. :meth:`check_prefix` asserts exactly that.
+    """
+
+    def __init__(self, image: Path, seed: int, slot: int = 64 * 1024) -> None:
+        self.image, self.seed, self.slot = image, seed, slot
+        self.done = 0
+        self.error: BaseException | None = None
+        self.crash_expected = False  #: the primary is killed on purpose: a failing write ends the writer
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def payload(self, i: int) -> bytes:
+        return random.Random(self.seed * 1_000_003 + i).randbytes(self.slot)
+
+    def write(self, count: int | None, pause: float = 0.0) -> None:
+        """``count`` writes (None: until :meth:`stop`), each followed by fsync and ``pause`` s."""
+        fd = os.open(self.image, os.O_RDWR)
+        try:
+            while (count is None or count > 0) and not self._stop.is_set():
+                os.pwrite(fd, self.payload(self.done), self.done * self.slot)
+                os.fsync(fd)
+                self.done += 1
+                if count is not None:
+                    count -= 1
+                if pause:
+                    time.sleep(pause)
+        except BaseException as e:
+            self.error = e
+            if not self.crash_expected:
+                raise
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                if not self.crash_expected:
+                    raise
+
+    def start(self, count: int | None, pause: float = 0.0) -> Writer:
+        self._thread = threading.Thread(target=self.write, args=(count, pause), daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+            assert not self._thread.is_alive(), "the writer hangs"
+        assert self.error is None, f"a write on the primary failed: {self.error!r}"
+
+    def crashed(self) -> None:
+        """The primary was killed under the writer (``crash_expected`` set first): wait for it
+        to end; its failed last write is not a test failure."""
+        assert self.crash_expected
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+            assert not self._thread.is_alive(), "the writer hangs"
+
+    def check_prefix(self, image: Path) -> int:
+        """Assert that ``image`` is the image after a prefix of the writes; returns the complete slots."""
+        with open(image, "rb") as f:  # the open fixes the version; anything newer is not in it
+            n = self.done + 1  # the version may hold the write in progress when it was opened
+            data = f.read((n + 1) * self.slot)
+        complete, gap = 0, None
+        for i in range(n + 1):
+            want = self.payload(i) if i < n else bytes(self.slot)
+            for p in range(0, self.slot, PAGE):
+                page = data[i * self.slot + p:i * self.slot + p + PAGE]
+                if page == want[p:p + PAGE] and any(page):
+                    assert gap is None, f"slot {i} page {p // PAGE} is written but {gap} is not: not a prefix"
+                else:
+                    assert not any(page), f"slot {i} page {p // PAGE} holds bytes never written there"
+                    gap = gap or f"slot {i} page {p // PAGE}"
+            if gap is None:
+                complete = i + 1
+        return complete

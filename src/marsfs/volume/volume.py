@@ -44,6 +44,23 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   entries below the log's first LSN (trimmed, hence durable) are trusted. Shrinking is not
   supported (PRODUCT.md "Not now").
 
+Log deletion (G8), the one place that decides it (:meth:`Volume._trim`): a segment is deleted
+when every record in it is
+
+* written back (at or below A), which also means no open version pins it: writeback never
+  passes an open view, and a clone holds a view of its source's version; and outside the
+  history window, which decides how far writeback goes (:mod:`.retention`, the node's
+  ``maintain``);
+* and fetched, durable and replayed by every mirror (``hold``: the mirror's ACKed position,
+  persisted in ``holds.json`` by :meth:`persist_holds` once per maintenance pass and loaded on
+  open, so a primary restart keeps holding a disconnected mirror's log), or *dropped* for that
+  mirror: when log space runs out, :meth:`free_log` (called by the node's space enforcement,
+  :mod:`marsfs.node.space`) writes back up to a cut point, cutting the history window, and,
+  when that is not enough, adds the extents of the records a mirror misses to that mirror's
+  persisted :class:`~marsfs.volume.changes.ChangeSet` and counts the mirror as at the cut
+  point. :meth:`changed_ranges` tells a returning mirror what to copy; its set is cleared when
+  its position passes the drop point (it caught up). Only an open version can stop a cut.
+
 Failures of the disk under the state directory (G11) are the volume's, never the process's:
 a full disk (:class:`NoSpace`), a failing one (:class:`DiskFailed`, or :class:`LogFailed` from
 the log) reaches the caller of the operation that met it and stands in :attr:`Volume.faults`
@@ -54,13 +71,14 @@ poisoned (fsyncgate): it refuses every write until the daemon restarts and re-ve
 the intent stands and A stays.
 
 Invariants (asserted): ``A <= durable_lsn <= head_lsn``; every extent in the live index has an
-LSN in ``(A, head]``; the log retains every record after ``A``.
+LSN in ``(A, head]``; the log retains every record after ``min(A, hold_floor)``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
 ``views`` (views and their shared indexes), ``resync`` (staging and switching to another
 node's version), ``versions`` (listing versions and resolving their
 names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
-``encoding`` (the lz4 backoff) and ``index`` (the extent index).
+``encoding`` (the lz4 backoff), ``index`` (the extent index) and ``changes`` (what a mirror whose
+log was dropped must copy).
 """
 
 from __future__ import annotations
@@ -89,8 +107,10 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
+from marsfs.volume import changes as ch
 from marsfs.volume import resync as rs
 from marsfs.volume import writeback as wb
+from marsfs.volume.changes import ChangeSet
 from marsfs.volume.clone import CloneLink
 from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.index import ExtentIndex
@@ -106,6 +126,7 @@ SYNC_INTERVAL = 0.05  # seconds; G3 wants at most 0.1
 RECORD_CHUNK = 64 * 1024
 assert RECORD_CHUNK <= MAX_PAYLOAD
 WRITEBACK_BATCH = 32 * 1024 * 1024  # log bytes one writeback call applies (bounds lock hold times)
+HOLDS_FILE = "holds.json"  #: mirrors' positions, persisted (see "Log deletion" in the module doc)
 _EMPTY = encode_payload(b"")
 
 __all__ = ["RECORD_CHUNK", "SYNC_INTERVAL", "VersionInfo", "Volume", "VolumeView"]
@@ -164,7 +185,20 @@ class Volume:
         self._lock = threading.RLock()
         self._writeback_lock = threading.Lock()
         self._views = VersionIndexes()  # open versions: pins and shared indexes
-        self._holds: dict[str, int] = {}
+        # Mirrors' positions (hold key -> LSN they have durable and replayed), persisted in
+        # holds.json by persist_holds(); and, per mirror whose log was dropped, what it missed.
+        self._holds: dict[str, int] = _read_holds(path)
+        self._changes: dict[str, ChangeSet] = ch.load_all(path)
+        self._stale_changes: set[str] = set()  #: sets cleared in memory, their files not yet removed
+        self._holds_dirty = False
+        for key, cs in list(self._changes.items()):
+            if key not in self._holds or self._holds[key] >= cs.upto:  # cleared before a crash
+                del self._changes[key]
+                self._stale_changes.add(key)
+        #: Called (from the writing thread, outside the volume lock) each time the log grew by
+        #: about a quarter segment: the node's space enforcement wakes up (G8).
+        self.on_growth: Callable[[], None] | None = None
+        self._grown = 0
         self._writes_since_flush = False
         self._lz4 = Lz4Policy()
         self._closed = False
@@ -327,6 +361,10 @@ class Volume:
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join()
+        try:
+            self.persist_holds()
+        except MarsError:
+            pass  # an older holds.json only holds more log than needed; the next start goes on from it
         try:
             self.log.sync()
         finally:
@@ -516,7 +554,15 @@ class Volume:
             raise
         if self._faults:
             self._faults.pop("write", None)
+        self._grown += n  # a lost update under a race only delays the wake by one write
+        if self._grown >= self.log.segment_bytes >> 2:
+            self._grew()
         return lsn
+
+    def _grew(self) -> None:
+        self._grown = 0
+        if self.on_growth is not None:
+            self.on_growth()
 
     def _write_chunks(self, offset: int, data: bytes | memoryview) -> int:
         view = memoryview(data)
@@ -546,7 +592,10 @@ class Volume:
                 self._resized(h.lsn, h.offset)
                 self._grow_base(h.offset, reserve=False)  # (open extends it too, after a crash)
             self._writes_since_flush = h.type == RecordType.WRITE
-            return h.lsn
+        self._grown += h.length
+        if self._grown >= self.log.segment_bytes >> 2:
+            self._grew()
+        return h.lsn
 
     def write_base(self, offset: int, data: bytes) -> None:
         """Fill the base image directly: only while a replica is being built, before any read."""
@@ -728,21 +777,156 @@ class Volume:
                 with self._lock:
                     for rec in records[at : at + 256]:
                         self.index.discard(rec.offset, rec.length, target)
-            keep = min([target, *self._holds.values()])
-            if keep == self.log.last_lsn:
-                self.log.rotate()  # the active segment is never trimmed: close it so it can go later
-            # The record of the oldest version stays: its mark name and flush time still name it.
-            self.log.trim(keep - 1)
+            self._trim(target)
             return target
 
-    def hold(self, key: str, lsn: int) -> None:
-        """Keep records after ``lsn`` in the log (a mirror still has to fetch them)."""
+    # ------------------------------------------------------------------ log deletion (G8)
+
+    def _trim(self, applied: int) -> None:
+        """Delete the segments every rule lets go (see "Log deletion"). Caller holds the
+        writeback lock (only writeback and :meth:`free_log` trim)."""
+        keep = min(applied, self.hold_floor())
+        if keep == self.log.last_lsn:
+            self.log.rotate()  # the active segment is never trimmed: close it so it can go later
+        # The record of the oldest version stays: its mark name and flush time still name it.
+        self.log.trim(keep - 1)
+
+    def hold_floor(self) -> int:
+        """The log must keep every record after this for the mirrors: the oldest mirror
+        position, where a mirror whose log was dropped counts as at its drop point."""
         with self._lock:
-            self._holds[key] = lsn
+            floors = [max(lsn, self._changes[k].upto) if k in self._changes else lsn for k, lsn in self._holds.items()]
+        return min(floors, default=self.log.last_lsn)
+
+    def hold(self, key: str, lsn: int) -> None:
+        """Keep records after ``lsn`` in the log (a mirror still has to fetch them). Cheap (the
+        trio loop calls it at every ACK): persisted later by :meth:`persist_holds`. A mirror
+        whose position passed its drop point has caught up: its set of changes is cleared."""
+        with self._lock:
+            if self._holds.get(key) != lsn:
+                self._holds[key] = lsn
+                self._holds_dirty = True
+            cs = self._changes.get(key)
+            if cs is not None and lsn >= cs.upto:
+                del self._changes[key]
+                self._stale_changes.add(key)
 
     def release(self, key: str) -> None:
+        """Forget a mirror (it left): its position and its set of changes."""
         with self._lock:
-            self._holds.pop(key, None)
+            if self._holds.pop(key, None) is not None:
+                self._holds_dirty = True
+            if self._changes.pop(key, None) is not None:
+                self._stale_changes.add(key)
+
+    @property
+    def holds(self) -> dict[str, int]:
+        """Hold key -> the position that holds the log (a copy)."""
+        with self._lock:
+            return dict(self._holds)
+
+    def persist_holds(self) -> None:
+        """Write the mirrors' positions if they changed, and remove the files of cleared sets
+        (in that order: a crash in between leaves a set whose mirror is past it, which
+        opening clears). The node calls it once per maintenance pass (the rate limit)."""
+        with self._writeback_lock:
+            self._persist_holds_locked()
+
+    def _persist_holds_locked(self) -> None:
+        with self._lock:
+            holds = dict(self._holds) if self._holds_dirty else None
+            self._holds_dirty = False
+            stale = set(self._stale_changes)
+        try:
+            if holds is not None:
+                write_json(self.path / HOLDS_FILE, holds)
+            for key in stale:
+                ch.remove(self.path, key)
+        except OSError as e:
+            with self._lock:
+                self._holds_dirty = self._holds_dirty or holds is not None
+            raise io_error(f"cannot persist the mirror positions of volume {self.name}", e, DiskFailed) from e
+        with self._lock:
+            self._stale_changes -= stale
+
+    def free_log(self, upto: int, *, drop: bool) -> int:
+        """Free log space up to record ``upto`` (log space ran out; G8): write back up to it
+        (cutting the history window), and with ``drop`` also drop it for every mirror that has
+        not fetched it, remembering the extents it misses (:mod:`marsfs.volume.changes`);
+        then trim. Returns the LSN writeback reached: less than ``upto`` when an open version
+        (a view or a clone) pins it or the records are not durable yet. A clone never writes
+        back, so it frees nothing."""
+        if self.clone_of is not None:
+            return self._applied
+        while self._applied < upto:  # batch by batch: writers get the lock in between
+            before = self._applied
+            if self.writeback(upto) == before:
+                break
+        with self._writeback_lock:
+            reach = self._applied
+            if drop:
+                self._drop_holds(reach)
+            self._trim(reach)
+        return reach
+
+    def _drop_holds(self, upto: int) -> None:
+        """Every mirror whose position is behind ``upto`` misses records ``(its position, upto]``
+        from now on: add their extents to its set, persisted before the log goes. Caller holds
+        the writeback lock."""
+        with self._lock:
+            behind = {k: (max(lsn, self._changes[k].upto) if k in self._changes else lsn)
+                      for k, lsn in self._holds.items()}
+        if any(at < upto for at in behind.values()):
+            self._persist_holds_locked()  # opening keeps a set only for a mirror holds.json knows
+        for key, at in behind.items():
+            if at >= upto:
+                continue
+            extents = self._extents_between_locked(at, upto)
+            assert extents is not None, f"records after the hold at {at} were trimmed"
+            with self._lock:
+                if key not in self._holds:
+                    continue  # it left meanwhile
+                cs = self._changes.get(key) or ChangeSet(at, at)
+                cs.update(extents)
+                cs.upto = max(cs.upto, upto)
+                snapshot = cs.copy()
+            try:
+                ch.save(self.path, key, snapshot)
+            except OSError as e:
+                raise io_error(f"cannot persist the changed ranges of volume {self.name} for {key}", e,
+                               DiskFailed) from e
+            with self._lock:
+                self._changes[key] = cs
+                self._stale_changes.discard(key)
+
+    def dropped(self) -> dict[str, ChangeSet]:
+        """Mirror (hold key) -> the set of changes it will copy, for every mirror whose log was
+        dropped (copies: status reads them)."""
+        with self._lock:
+            return {k: cs.copy() for k, cs in self._changes.items()}
+
+    def changed_ranges(self, mirror: str, position: int, upto: int | None = None) -> list[tuple[int, int]] | None:
+        """Merged ``(offset, length)`` ranges ``mirror`` (a node name) must copy when it comes back having
+        everything up to ``position``, so that copying their content at version ``upto``
+        (default: the head now; pick the target before calling) and fetching the log after
+        it makes it equal: its set of dropped changes plus the extents of the retained
+        records after the drop point (or after ``position`` when that is retained). None
+        when that is not known (its position lies before what the log and its set cover:
+        it needs a full sync)."""
+        key = mirror if mirror.startswith("mirror:") else f"mirror:{mirror}"
+        with self._writeback_lock:  # nothing is trimmed while the log is scanned
+            with self._lock:
+                cs = self._changes.get(key)
+                ranges = cs.ranges() if cs is not None else []
+                since, cs_upto = (cs.since, cs.upto) if cs is not None else (0, 0)
+            end = self.head_lsn if upto is None else min(upto, self.head_lsn)
+            if position >= self.log.first_lsn - 1:
+                return self._extents_between_locked(position, end)
+            if cs is not None and position >= since:
+                after = self._extents_between_locked(max(position, cs_upto), end)
+                assert after is not None, f"records after the drop point {cs_upto} were trimmed"
+                return ch.merge(ranges, after)
+            return None
 
     # ------------------------------------------------------------------ resync
 
@@ -931,12 +1115,15 @@ class Volume:
         """Merged ``(offset, length)`` ranges that WRITE records ``(after, upto]`` wrote, or None
         when the log no longer holds all of them."""
         with self._writeback_lock:  # only writeback trims the log
-            if after + 1 < self.log.first_lsn or upto > self.log.last_lsn:
-                return None
-            ext = Extents()
-            for rec in self.log.records(after + 1, upto):
-                if rec.type == RecordType.WRITE and rec.length:
-                    ext.add(rec.offset, rec.length)
+            return self._extents_between_locked(after, upto)
+
+    def _extents_between_locked(self, after: int, upto: int) -> list[tuple[int, int]] | None:
+        if after + 1 < self.log.first_lsn or upto > self.log.last_lsn:
+            return None
+        ext = Extents()
+        for rec in self.log.records(after + 1, upto):
+            if rec.type == RecordType.WRITE and rec.length:
+                ext.add(rec.offset, rec.length)
         return list(ext)
 
     # ------------------------------------------------------------------ versions
@@ -1022,3 +1209,13 @@ def _size_history(meta: dict[str, Any], log: Log) -> list[tuple[int, int]]:
     sizes += [(rec.lsn, rec.offset) for rec in log.records(log.first_lsn) if rec.type == RecordType.RESIZE]
     return sizes
 
+
+def _read_holds(path: Path) -> dict[str, int]:
+    try:
+        d = read_json(path / HOLDS_FILE)
+        return {str(k): int(v) for k, v in d.items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise StateError(f"{path / HOLDS_FILE}: unreadable mirror positions ({e}); remove the file (the "
+                         "mirrors then resync if their log is gone)") from None

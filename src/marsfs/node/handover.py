@@ -1,0 +1,427 @@
+"""Changes of primary: planned handover, forced failover, and finding a split brain.
+
+Rules that hold here (G7):
+
+* Only a mirror becomes primary, and only through :class:`Roles`: ``marsfs primary VOL``
+  (:meth:`Roles.take_over`) is a planned handover, ``--force`` (:meth:`Roles.fail_over`) a
+  failover. Both refuse, changing nothing, on a node that is already primary, still copying
+  its image, in a split brain or paused (the reasons say what to do).
+* A planned handover loses nothing: the old primary is fenced (it refuses while the image is
+  open, and serves no open from then on) and flushes before it names its durable head; this
+  node fetches up to that head on its ordinary fetch connection, checks the chain there, stops
+  fetching, raises the epoch (the claim starts at head + 1) and only then becomes writable.
+  Anything that fails before the claim ends the handover: the old primary is told and
+  unfenced, and this node stays its mirror. The old primary unfences itself after
+  :data:`~marsfs.replication.handover.PREPARE_TIMEOUT` if no claim came (a lost connection).
+* A forced failover is for a primary that cannot be reached: it is refused while the primary
+  answers. This node becomes primary with what it has, and records what may be lost, as its
+  fetch last heard of the primary (records, bytes, the times of the lost records; "at least"
+  because the primary may have gone on writing after its last word). ``status`` shows it.
+* A split brain is found from chain hashes: when a fetch is refused as ``diverged`` this node
+  and its source compare chains (:mod:`marsfs.replication.handover`), and both record the fork
+  LSN and each side's tail after it (:meth:`Node.record_split`). Replication between them stays
+  stopped, and nothing resolves it by itself: ``marsfs invalidate`` on the losing node does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from marsfs.aio import describe, supervised
+from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
+from marsfs.node.state import FailoverLoss, Role, SplitBrain
+from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
+from marsfs.replication.fetch import PeerChannel, hello, open_channel
+from marsfs.replication.handover import (
+    PREPARE_TIMEOUT,
+    SplitSeen,
+    ask_compare,
+    serve_compare,
+    serve_handover,
+)
+from marsfs.replication.protocol import Error, HandoverEnd, HandoverPrepare, HandoverReady, Hello
+from marsfs.volume import Volume
+
+if TYPE_CHECKING:
+    from marsfs.node.cluster import Cluster
+
+logger = logging.getLogger(__name__)
+
+FOLLOW_WAIT = 10.0  #: seconds a handover waits for the old primary to say it follows
+WATCH_EVERY = 1.0  #: seconds between looks at what the metadata asks of roles here
+CATCH_UP_MARGIN = 5.0  #: seconds of the old primary's fence kept back for the claim after catching up
+COMPARE_TRIES = 5  #: attempts at comparing chains with a source that refused us as diverged
+
+
+def tail_extents(vol: Volume, fork_lsn: int) -> list[tuple[int, int]] | None:
+    """The byte ranges ``(offset, length)`` of ``vol`` that its records after ``fork_lsn``
+    wrote, merged and sorted: what a resync after a split brain has to copy for this side's
+    tail. None when the log no longer holds the record after the fork (then copy everything)."""
+    return vol.extents_between(fork_lsn, vol.head_lsn)
+
+
+class Roles:
+    """The role changes of one node's volumes; part of its :class:`~marsfs.node.cluster.Cluster`."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.node = cluster.node
+        #: handovers in progress on this node (the new primary's side): volume -> status figures
+        self.progress: dict[str, dict[str, Any]] = {}
+        #: old primaries' side: volume -> (new primary, epoch) once the handover was claimed
+        self.handed_over: dict[str, tuple[str, int]] = {}
+        self._comparing: set[str] = set()  #: volumes whose fork is being looked for by watch()
+
+    # ------------------------------------------------------------------ the new primary's side
+
+    def _check_mirror(self, name: str, command: str) -> tuple[Volume, str]:
+        """The volume and its source, if this node may take ``name`` over (else the reason)."""
+        copy = self.cluster.copies.get(name)
+        if copy is not None and name not in self.node.volumes:
+            raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (syncing); wait until "
+                             f"marsfs status {name} shows it catching-up or synced, then run {command}")
+        vol = self.node.volume(name)
+        role = self.node.role(name)
+        if role.role == Role.CLONE:
+            raise WrongRole(f"volume {name!r} is a local clone on node {self.node.name}: it is writable here "
+                            "already and never replicated")
+        if not role.is_mirror:
+            raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
+        if role.syncing:
+            raise VolumeBusy(f"volume {name!r} is still being copied from {role.source} (syncing); wait until "
+                             f"it is synced, then run {command}")
+        splits = self.node.splits(name)
+        fetcher = self.cluster.fetchers.get(name)
+        fatal = fetcher.state.fatal if fetcher is not None else ""
+        if splits or fatal == "diverged":
+            raise StateError(f"volume {name!r} on node {self.node.name} is in a split brain with "
+                             f"{splits[0].peer if splits else role.source}; resolve it first (marsfs invalidate "
+                             f"{name} on the side whose writes are to be discarded)")
+        if fatal:
+            raise StateError(f"volume {name!r} on node {self.node.name} cannot fetch from {role.source} "
+                             f"({fatal}): resync it first (marsfs invalidate {name})")
+        return vol, role.source
+
+    async def take_over(self, name: str) -> dict[str, Any]:
+        """Planned handover of ``name`` to this node: returns once it is primary and writable."""
+        vol, source = self._check_mirror(name, f"marsfs primary {name}")
+        role = self.node.role(name)
+        if role.fetch_paused:
+            raise VolumeBusy(f"the fetch of {name!r} is paused on node {self.node.name}: a handover fetches "
+                             f"everything first; run marsfs resume-fetch {name}, then marsfs primary {name}")
+        if name in self.progress:
+            raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
+        connect = self.cluster._connector(source)
+        self.progress[name] = {"from": source, "phase": "preparing", "to_fetch": None}
+        try:
+            ch, _ = await open_channel(connect, hello(self.node.name, self.cluster.cluster, name, "handover",
+                                                      role.epoch))
+        except PeerRefused as e:
+            self.progress.pop(name, None)
+            raise PeerError(f"{source} refused the handover of {name}: {e.message}") from None
+        except (OSError, trio.TooSlowError, ConnectionLost) as e:
+            self.progress.pop(name, None)
+            raise PeerError(self._unreachable(name, source, describe(e))) from None
+        claimed = False
+        why = "the handover failed"
+        epoch, start = role.epoch + 1, vol.head_lsn + 1
+        try:
+            ready = await self._prepare(ch, name, source, role.epoch)
+            self.progress[name] = {"from": source, "phase": "fetching",
+                                   "to_fetch": max(0, ready.head_lsn - vol.durable_lsn)}
+            await self._catch_up(vol, name, source, ready)
+            epoch, start = max(self._newest_epoch(name), ready.epoch) + 1, ready.head_lsn + 1
+            self.progress[name] = {"from": source, "phase": "claiming", "to_fetch": 0}
+            await self.cluster.stop_fetch(name)
+            await self._claim(name, epoch, start)
+            claimed = True
+            await trio.to_thread.run_sync(self.node.promote, name, epoch)
+        except MarsError as e:
+            why = describe(e)
+            if not claimed:
+                self._resume_fetch(vol)
+            raise
+        except (ConnectionLost, trio.TooSlowError) as e:
+            why = describe(e)
+            if not claimed:
+                self._resume_fetch(vol)
+            raise PeerError(f"the handover of {name} from {source} broke off: {why}; nothing changed (this node "
+                            f"still mirrors {source}); run marsfs primary {name} again") from None
+        finally:
+            self.progress.pop(name, None)
+            with trio.CancelScope(shield=True):
+                await self._end(ch, name, claimed, epoch, start, why)
+        logger.info("handover of %s from %s done: primary here from LSN %d, epoch %d", name, source, start, epoch)
+        follows = await self._await_follow(name, source)
+        return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "lost": 0, "follows": follows}
+
+    async def _await_follow(self, name: str, source: str) -> bool:
+        """Whether ``source`` published, within FOLLOW_WAIT seconds, that it follows this node."""
+        with trio.move_on_after(FOLLOW_WAIT):
+            while True:
+                p = self.node.meta.position(source, name)
+                if p is not None and p.role == Role.MIRROR.value and p.source == self.node.name:
+                    return True
+                await trio.sleep(0.05)
+        return False
+
+    def _resume_fetch(self, vol: Volume) -> None:
+        """A change of primary failed before its claim: this node goes on mirroring."""
+        if vol.name not in self.cluster.fetchers and self.node.is_mirror(vol.name):
+            self.cluster._start_fetch(vol)
+
+    async def _prepare(self, ch: PeerChannel, name: str, source: str, epoch: int) -> HandoverReady:
+        await ch.send_message(HandoverPrepare(epoch=epoch, timeout=PREPARE_TIMEOUT))
+        with trio.fail_after(PREPARE_TIMEOUT):
+            reply = await ch.receive_message()
+        if isinstance(reply, Error):
+            cls = VolumeBusy if reply.code == "busy" else PeerError
+            raise cls(f"{source} refused the handover of {name}: {reply.error}")
+        if not isinstance(reply, HandoverReady):
+            raise ProtocolError(f"{reply.TYPE.name} is not allowed after HANDOVER_PREPARE")
+        return reply
+
+    async def _catch_up(self, vol: Volume, name: str, source: str, ready: HandoverReady) -> None:
+        """Wait until our log holds the old primary's head (fetched, durable, same chain)."""
+        deadline = trio.current_time() + PREPARE_TIMEOUT - CATCH_UP_MARGIN
+        while vol.durable_lsn < ready.head_lsn:
+            fetcher = self.cluster.fetchers.get(name)
+            if fetcher is None or fetcher.state.fatal:
+                why = fetcher.state.error if fetcher is not None else "no fetch runs"
+                raise PeerError(f"the fetch from {source} stopped during the handover of {name}: {why}")
+            if trio.current_time() > deadline:
+                raise PeerError(f"the handover of {name} from {source} timed out with "
+                                f"{ready.head_lsn - vol.durable_lsn} records still to fetch; wait until "
+                                f"marsfs wait {name} --synced succeeds, then run marsfs primary {name} again")
+            self.progress[name]["to_fetch"] = ready.head_lsn - vol.durable_lsn
+            await trio.sleep(0.02)
+        chain = await trio.to_thread.run_sync(vol.log.chain_at, ready.head_lsn)
+        if vol.head_lsn != ready.head_lsn or chain != ready.chain:
+            raise StateError(f"this node's log of {name} does not end where {source}'s does (LSN "
+                             f"{ready.head_lsn}): the histories diverged; nothing was changed")
+
+    async def _end(self, ch: Channel, name: str, claimed: bool, epoch: int, start: int, why: str) -> None:
+        try:
+            with trio.move_on_after(5.0):
+                await ch.send_message(HandoverEnd(claimed=claimed, epoch=epoch, start_lsn=start,
+                                                  reason="" if claimed else why))
+        except ConnectionLost as e:
+            logger.info("could not tell the old primary how the handover of %s ended: %s", name, describe(e))
+        finally:
+            await ch.aclose()
+
+    async def _claim(self, name: str, epoch: int, start: int) -> None:
+        """Claim ``name`` for ``epoch`` from ``start`` in the cluster metadata (persisted before
+        this node is promoted: a crash in between is finished at the next start, see
+        :meth:`watch`), and spread it at once."""
+        await trio.to_thread.run_sync(functools.partial(self.node.meta.claim, name, self.node.name, epoch,
+                                                        start_lsn=start))
+        self.cluster.gossip_now()
+
+    def _unreachable(self, name: str, source: str, why: str) -> str:
+        loss = self._loss(name, source)
+        return (f"cannot reach {source}, the primary of {name} ({why}); a planned handover needs it. Wait for it, "
+                f"or if it is lost: marsfs primary {name} --force makes this node primary with what it has, "
+                f"losing what it did not fetch: {loss.describe()}")
+
+    async def fail_over(self, name: str) -> dict[str, Any]:
+        """Forced failover: this node becomes primary of ``name`` without its primary."""
+        vol, source = self._check_mirror(name, f"marsfs primary {name} --force")
+        if name in self.progress:
+            raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
+        self.progress[name] = {"from": source, "phase": "failover", "to_fetch": None}
+        try:
+            if await self._reachable(name, source):
+                raise InvalidRequest(f"{source}, the primary of {name}, is reachable: use the planned handover, "
+                                     f"marsfs primary {name}, which loses nothing; --force is for a primary that "
+                                     "cannot be reached")
+            loss = self._loss(name, source)  # before the fetch stops: it is what knows the source's last word
+            await self.cluster.stop_fetch(name)
+            epoch = self._newest_epoch(name) + 1
+            start = vol.head_lsn + 1
+            loss = FailoverLoss(**{**loss.to_json(), "epoch": epoch, "start_lsn": start})
+            try:
+                await trio.to_thread.run_sync(self.node.record_failover, name, loss)
+                await self._claim(name, epoch, start)
+            except MarsError:
+                self._resume_fetch(vol)
+                raise
+            await trio.to_thread.run_sync(self.node.promote, name, epoch)
+        finally:
+            self.progress.pop(name, None)
+        logger.warning("forced failover of %s from %s: primary here from LSN %d, epoch %d; %s", name, source,
+                       start, epoch, loss.describe())
+        return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
+                "lost": loss.describe()}
+
+    def _newest_epoch(self, name: str) -> int:
+        d = self.node.meta.designated(name)
+        return max(self.node.role(name).epoch, d.epoch if d is not None else 0)
+
+    async def _reachable(self, name: str, source: str) -> bool:
+        """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
+        try:
+            ch, _ = await open_channel(self.cluster._connector(source),
+                                       hello(self.node.name, self.cluster.cluster, name, "handover"))
+        except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
+            return False
+        await ch.aclose()
+        return True
+
+    def _loss(self, name: str, source: str) -> FailoverLoss:
+        """What becoming primary now would lose, as this node's fetch last heard of ``source``."""
+        vol = self.node.volume(name)
+        fetcher = self.cluster.fetchers.get(name)
+        now = time.time()
+        ours = vol.durable_lsn
+        if fetcher is None or not fetcher.state.primary_time:  # never heard it
+            return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=0, bytes=0, oldest=0.0,
+                                newest=0.0, at_least=True, as_of=0.0)
+        fs = fetcher.state
+        records = max(0, fs.primary_durable_lsn - ours)
+        lost_bytes = fs.lag_bytes if records else 0
+        oldest = fs.primary_time - fs.lag_seconds if records else 0.0
+        newest = as_of = fs.primary_time
+        p = self.node.meta.position(source, name)  # what it published later, through any peer
+        if p is not None and p.updated > as_of and p.durable_lsn - ours > records:
+            records, newest, as_of = p.durable_lsn - ours, p.updated, p.updated
+            oldest = oldest or as_of
+        # a primary that cannot be reached may have written after its last word, however fresh
+        return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=records, bytes=lost_bytes,
+                            oldest=oldest, newest=newest if records else 0.0, at_least=True, as_of=as_of or now)
+
+    # ------------------------------------------------------------------ the old primary's side
+
+    async def serve_handover(self, ch: Channel, hello: Hello, vol: Volume) -> None:
+        await serve_handover(ch, self, vol.name, hello.node)
+
+    async def prepare_handover(self, volume: str, peer: str, req: HandoverPrepare) -> HandoverReady | Error:
+        role = self.node.role(volume)
+        if role.is_mirror:
+            return Error(code="not-primary", error=f"{self.node.name} is not the primary of {volume}: it mirrors "
+                                                  f"it from {role.source}")
+        d = self.node.meta.designated(volume)
+        if d is not None and d.node != self.node.name:
+            return Error(code="not-primary", error=f"{self.node.name} is not the designated primary of {volume} any "
+                                                  f"more ({d.node} is, epoch {d.epoch}); hand over from {d.node}")
+        if req.epoch != role.epoch:
+            return Error(code="epoch", error=f"{peer} knows epoch {req.epoch} of {volume}, {self.node.name} is at "
+                                             f"epoch {role.epoch}; wait until it has caught up, then retry")
+        try:
+            self.node.fence_for_handover(volume, peer)
+        except (VolumeBusy, WrongRole) as e:
+            return Error(code="busy", error=str(e))
+        self.handed_over.pop(volume, None)
+        vol = self.node.volume(volume)
+        try:
+            await trio.to_thread.run_sync(vol.flush)
+        except MarsError as e:
+            self.node.unfence_handover(volume)
+            return Error(code="error", error=f"{self.node.name} could not flush {volume}: {describe(e)}")
+        logger.info("volume %s fenced for a handover to %s at LSN %d", volume, peer, vol.head_lsn)
+        return HandoverReady(head_lsn=vol.head_lsn, chain=vol.log.last_chain, epoch=role.epoch)
+
+    async def end_handover(self, volume: str, peer: str, end: HandoverEnd | None) -> None:
+        if end is not None and end.claimed:
+            self.handed_over[volume] = (peer, end.epoch)
+            logger.info("volume %s was handed over to %s (epoch %d from LSN %d); this node follows it",
+                        volume, peer, end.epoch, end.start_lsn)
+            self.cluster.gossip_now()  # fetch the claim now: the follow step makes this node its mirror
+            return
+        if end is not None:
+            logger.info("the handover of %s to %s was given up: %s; serving it again", volume, peer,
+                        end.reason or "no reason given")
+            self.node.unfence_handover(volume)
+            return
+        # no END: the asker may have claimed and then lost us; wait out the prepare's timeout
+        assert self.cluster._nursery is not None
+        self.cluster._nursery.start_soon(supervised, f"handover fence of {volume}",
+                                         functools.partial(self._unfence_later, volume, peer))
+
+    async def _unfence_later(self, volume: str, peer: str) -> None:
+        await trio.sleep(PREPARE_TIMEOUT)
+        if volume in self.handed_over or volume not in self.node.volumes:
+            return
+        d = self.node.meta.designated(volume)
+        if d is not None and d.node != self.node.name:
+            return  # it was claimed after all: the metadata's fencing and following take over
+        logger.info("the handover of %s to %s was not claimed within %.0f s; serving it again", volume, peer,
+                    PREPARE_TIMEOUT)
+        self.node.unfence_handover(volume)
+
+    # ------------------------------------------------------------------ what the metadata asks of roles
+
+    async def watch(self) -> None:
+        """Every WATCH_EVERY seconds: finish a promotion whose claim a crash left behind, and
+        find the split brain of a fenced former primary that wrote after the new epoch began
+        (it does not fetch, so no refusal tells it)."""
+        while True:
+            await trio.sleep(WATCH_EVERY)
+            for name in sorted(self.node.volumes):
+                try:
+                    await self._look(name)
+                except MarsError as e:
+                    logger.info("volume %s: %s", name, describe(e))
+
+    async def _look(self, name: str) -> None:
+        vol = self.node.volumes.get(name)
+        d = self.node.meta.designated(name)
+        if vol is None or d is None or vol.clone_of is not None or name in self.progress:
+            return
+        role = self.node.role(name)
+        me = self.node.name
+        if role.is_mirror and d.node == me and not role.syncing:
+            logger.info("volume %s: this node claimed epoch %d but was not promoted (a crash?); promoting it",
+                        name, d.epoch)
+            await self.cluster.stop_fetch(name)
+            await trio.to_thread.run_sync(self.node.promote, name, d.epoch)
+            self.cluster.gossip_now()
+        elif (role.role == Role.PRIMARY and d.node != me and vol.head_lsn >= d.start_lsn
+              and not any(s.peer == d.node for s in self.node.splits(name)) and name not in self._comparing):
+            self._comparing.add(name)
+            try:
+                await self.find_split(vol, d.node)
+            finally:
+                self._comparing.discard(name)
+
+    # ------------------------------------------------------------------ split brain
+
+    async def serve_compare(self, ch: Channel, hello: Hello, vol: Volume) -> None:
+        def found(seen: SplitSeen) -> None:
+            self._record(vol.name, seen)
+
+        await serve_compare(ch, vol.log, vol.log.bytes_between, hello.node, found)
+
+    async def find_split(self, vol: Volume, source: str) -> None:
+        """Our fetch from ``source`` was refused as diverged: find the fork with it, record it."""
+        name = vol.name
+        d = self.node.meta.designated(name)
+        hints = [d.start_lsn - 1] if d is not None and d.start_lsn > 0 else []
+        for attempt in range(COMPARE_TRIES):
+            try:
+                ch, welcome = await open_channel(self.cluster._connector(source),
+                                                 hello(self.node.name, self.cluster.cluster, name, "compare"))
+                try:
+                    seen = await ask_compare(ch, vol.log, vol.log.bytes_between, source, welcome.head_lsn, hints)
+                finally:
+                    await ch.aclose()
+            except (MarsError, OSError, PeerRefused, trio.TooSlowError, ConnectionLost) as e:
+                logger.info("comparing the history of %s with %s failed: %s", name, source, describe(e))
+                await trio.sleep(2.0 ** attempt)
+                continue
+            self._record(name, seen)
+            return
+        logger.info("split brain of %s with %s: the fork could not be located yet; trying again later", name,
+                    source)
+
+    def _record(self, name: str, seen: SplitSeen) -> None:
+        split = SplitBrain(peer=seen.peer, fork_lsn=seen.fork.lsn, exact=seen.fork.exact,
+                           own_records=seen.ours[0], own_bytes=seen.ours[1], peer_records=seen.theirs[0],
+                           peer_bytes=seen.theirs[1], found=time.time())
+        self.node.record_split(name, split)
+        logger.error("volume %s: %s", name, split.describe(name))

@@ -1,0 +1,138 @@
+"""Pure parts of handover and split brain: the protocol 3 messages, fork finding by chain
+hashes against a model, and the words status uses for a split brain and a failover's loss."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marsfs.errors import ProtocolError
+from marsfs.node.state import FailoverLoss, SplitBrain
+from marsfs.replication.handover import ForkSearch
+from marsfs.replication.protocol import (
+    MAX_CHAINS,
+    Chains,
+    FrameDecoder,
+    HandoverEnd,
+    HandoverPrepare,
+    HandoverReady,
+    Hello,
+    MsgType,
+    decode_message,
+    encode_frame,
+    encode_message,
+)
+
+CHAIN = bytes(range(16))
+SAMPLES = [
+    HandoverPrepare(epoch=3, timeout=30.0),
+    HandoverReady(head_lsn=120, chain=CHAIN, epoch=3),
+    HandoverEnd(claimed=True, epoch=4, start_lsn=121),
+    HandoverEnd(claimed=False, epoch=4, start_lsn=121, reason="the fetch stopped"),
+    Chains(lsns=(0, 5, 9), chains=(CHAIN, CHAIN, CHAIN), head_lsn=9),
+    Chains(lsns=(), chains=(), head_lsn=9, done=True, fork_lsn=4, exact=True, tail_records=5, tail_bytes=900),
+    Hello(proto=3, cluster="c", node="b", volume="vm", want="handover", epoch=1),
+    Hello(proto=3, cluster="c", node="b", volume="vm", want="compare", epoch=1),
+]
+
+
+def roundtrip(frame: bytes) -> object:
+    (f,) = FrameDecoder().feed(frame)
+    return decode_message(f)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_messages_round_trip(msg: object) -> None:
+    assert roundtrip(encode_message(msg)) == msg  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mtype,payload,why", [
+    (MsgType.CHAINS, {"lsns": [3, 2], "chains": [CHAIN.hex()] * 2, "head_lsn": 3}, "ascending"),
+    (MsgType.CHAINS, {"lsns": [1], "chains": [], "head_lsn": 3}, "entries for 1 LSNs"),
+    (MsgType.CHAINS, {"lsns": list(range(MAX_CHAINS + 1)), "chains": [CHAIN.hex()] * (MAX_CHAINS + 1),
+                      "head_lsn": 3}, "more than"),
+    (MsgType.CHAINS, {"lsns": [1], "chains": ["zz"], "head_lsn": 3}, "hex digits"),
+    (MsgType.CHAINS, {"lsns": [-1], "chains": [CHAIN.hex()], "head_lsn": 3}, "out of range"),
+    (MsgType.CHAINS, {"lsns": "1", "chains": [CHAIN.hex()], "head_lsn": 3}, "must be a list"),
+    (MsgType.HANDOVER_PREPARE, {"epoch": 1}, "missing field 'timeout'"),
+    (MsgType.HANDOVER_PREPARE, {"epoch": 1, "timeout": -1}, "out of range"),
+    (MsgType.HANDOVER_READY, {"head_lsn": 1, "chain": "00", "epoch": 1}, "hex digits"),
+    (MsgType.HANDOVER_END, {"claimed": 1, "epoch": 1, "start_lsn": 2}, "true or false"),
+])
+def test_malformed_messages_are_protocol_errors(mtype: MsgType, payload: dict[str, object], why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        roundtrip(encode_frame(mtype, json.dumps(payload).encode()))
+
+
+class ModelLog:
+    """A log's chains as a list: ``chains[i]`` after LSN ``first - 1 + i``."""
+
+    def __init__(self, history: Sequence[int], first: int = 1) -> None:
+        self.first_lsn = first
+        self.history = list(history)  # history[k] = the record at LSN k + 1 (a value per record)
+
+    @property
+    def last_lsn(self) -> int:
+        return len(self.history)
+
+    def chain_at(self, lsn: int) -> bytes:
+        assert self.first_lsn - 1 <= lsn <= self.last_lsn
+        return repr(tuple(self.history[:lsn])).encode()
+
+
+def search(ours: ModelLog, theirs: ModelLog, hints: Sequence[int] = ()) -> tuple[object, int]:
+    s = ForkSearch(ours, theirs.last_lsn, hints)
+    rounds = 0
+    while s.fork is None:
+        asked = s.probe()
+        if not asked:
+            break
+        held = [n for n in asked if theirs.first_lsn - 1 <= n <= theirs.last_lsn]
+        s.answered(asked, held, [theirs.chain_at(n) for n in held], ours.chain_at)
+        rounds += 1
+    return s.fork, rounds
+
+
+@settings(max_examples=200, deadline=None)
+@given(common=st.integers(0, 3000), a=st.integers(1, 500), b=st.integers(0, 500),
+       first_a=st.integers(1, 50), first_b=st.integers(1, 50))
+def test_fork_search_finds_the_last_common_lsn(common: int, a: int, b: int, first_a: int, first_b: int) -> None:
+    base = list(range(common))
+    ours = ModelLog(base + [-1] * a, first=min(first_a, common + 1))
+    theirs = ModelLog(base + [-2] * b, first=min(first_b, common + 1))
+    fork, rounds = search(ours, theirs)
+    assert fork is not None and fork.lsn == common and fork.exact  # type: ignore[attr-defined]
+    assert rounds <= 3  # 64 LSNs a round: 3000 LSNs take two
+
+
+def test_a_hint_finds_the_fork_in_one_round() -> None:
+    base = list(range(100_000))
+    fork, rounds = search(ModelLog(base + [-1] * 9), ModelLog(base + [-2] * 40), hints=[100_000])
+    assert fork is not None and fork.lsn == 100_000 and rounds == 1  # type: ignore[attr-defined]
+
+
+def test_a_fork_below_what_the_logs_hold_is_a_bound() -> None:
+    ours = ModelLog(list(range(10)) + [-1] * 100, first=50)
+    theirs = ModelLog(list(range(10)) + [-2] * 100, first=60)
+    fork, _ = search(ours, theirs)
+    assert fork is not None and not fork.exact and fork.lsn <= 59  # type: ignore[attr-defined]
+
+
+def test_status_words() -> None:
+    split = SplitBrain(peer="a", fork_lsn=21, exact=True, own_records=5, own_bytes=2048, peer_records=11,
+                       peer_bytes=4096, found=0.0)
+    text = split.describe("vm")
+    assert "fork after LSN 21" in text and "5 records (2.0 KiB)" in text and "a 11 (4.0 KiB)" in text
+    assert "marsfs invalidate vm" in text and SplitBrain.from_json(split.to_json()) == split
+    loss = FailoverLoss(source="a", epoch=2, start_lsn=22, records=11, bytes=4096, oldest=1e9, newest=1e9 + 5,
+                        at_least=True, as_of=1e9 + 5)
+    assert "lost at least 11 records (at least 4.0 KiB)" in loss.describe()
+    assert "2001-09-09T01:46:40Z and 2001-09-09T01:46:45Z" in loss.describe()
+    assert FailoverLoss.from_json(loss.to_json()) == loss
+    none = FailoverLoss(source="a", epoch=2, start_lsn=22, records=0, bytes=0, oldest=0, newest=0, at_least=True,
+                        as_of=1e9)
+    assert "no record known lost" in none.describe() and "may have written more" in none.describe()

@@ -1,0 +1,281 @@
+"""Handover, failover and split brain between in-process nodes: real Nodes and Clusters in
+``tmp_path``, their replication connections over trio memory streams, trio's MockClock.
+
+* A planned handover fences and flushes the old primary, brings the mirror to its head,
+  raises the epoch and makes the mirror writable; nothing acknowledged is lost.
+* It is refused (nothing changes) while the image is open on the primary (saying how many
+  holders), when the primary is unreachable (saying that --force exists and what it costs),
+  on a primary, and while the fetch is paused.
+* A prepare that no claim follows unfences the old primary after the timeout.
+* A forced failover is refused while the primary answers; without it, the new primary says
+  how much may be lost, from the last heartbeat.
+* After a failover and writes on both sides, the old primary following the new one is
+  refused as diverged, and both sides record the split brain: fork LSN and both tails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from marsfs.errors import InvalidRequest, PeerError, VolumeBusy, VolumeReadOnly, WrongRole
+from marsfs.node import Node
+from marsfs.node import handover as node_handover
+from marsfs.node.cluster import Cluster
+from marsfs.node.handover import tail_extents
+from marsfs.node.state import Role, VolumeState
+from marsfs.replication import handover as repl_handover
+from marsfs.replication.fetch import Connect
+from marsfs.volume import Volume
+
+SIZE = 4 * 1024 * 1024
+CLUSTER = "test"
+
+
+def run(fn: Callable[[], Awaitable[None]], *, limit: float = 300.0) -> None:
+    async def main() -> None:
+        with trio.fail_after(limit):
+            await fn()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+
+
+class Net:
+    """In-process nodes whose connections are memory streams; a node in ``down`` is unreachable."""
+
+    def __init__(self, tmp_path: Path, nursery: trio.Nursery) -> None:
+        self.tmp_path = tmp_path
+        self.nursery = nursery
+        self.clusters: dict[str, Cluster] = {}
+        self.down: set[str] = set()
+        self.streams: dict[str, list[trio.abc.Stream]] = {}
+
+    async def start(self, name: str, peers: list[str]) -> Cluster:
+        node = Node.open(self.tmp_path / name, name)
+        # the addresses are never used: connections go through connect() (metadata gossip too)
+        cluster = Cluster(node, listen=None, peers={p: "127.0.0.1:1" for p in peers if p != name}, cluster=CLUSTER)
+        cluster._connector = lambda peer: self.connect(peer)  # type: ignore[method-assign]
+        await self.nursery.start(cluster.run)
+        self.clusters[name] = cluster
+        return cluster
+
+    def connect(self, peer: str) -> Connect:
+        async def connect() -> trio.abc.Stream:
+            if peer in self.down or peer not in self.clusters:
+                raise OSError(111, "Connection refused")
+            client, server = trio.testing.memory_stream_pair()
+            self.streams.setdefault(peer, []).append(server)
+            self.nursery.start_soon(self.clusters[peer].server.handle, server)
+            return client
+
+        return connect
+
+    async def kill(self, peer: str) -> None:
+        """``peer`` is gone: its connections end, new ones are refused."""
+        self.down.add(peer)
+        for stream in self.streams.pop(peer, []):
+            await stream.aclose()
+
+    def close(self) -> None:
+        for c in self.clusters.values():
+            c.node.close()
+
+
+async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    with trio.move_on_after(timeout):
+        while not cond():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def write(vol: Volume, seed: int, n: int) -> None:
+    for i in range(n):
+        off = ((seed * 7 + i * 13) % (SIZE // 65536)) * 65536
+        vol.write(off, bytes([(seed + i) % 251 + 1]) * 65536)
+    vol.flush()
+
+
+def image(vol: Volume) -> bytes:
+    return vol.read(0, SIZE)
+
+
+async def pair(net: Net, *names: str) -> list[Cluster]:
+    """``names[0]`` primary of vm with some data, the others its synced mirrors."""
+    clusters = [await net.start(n, list(names)) for n in names]
+    a = clusters[0]
+    vol = a.node.create("vm", SIZE, thin=True)
+    await trio.to_thread.run_sync(write, vol, 1, 20)
+    for c in clusters[1:]:
+        await c.join("vm", names[0])
+        await wait_for(lambda c=c: "vm" in c.node.volumes and c.node.volumes["vm"].current_lsn == vol.durable_lsn,
+                       f"{c.node.name} to sync")
+    return clusters
+
+
+def in_net(tmp_path: Path, body: Callable[[Net], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            net = Net(tmp_path, nursery)
+            try:
+                await body(net)
+            finally:
+                nursery.cancel_scope.cancel()
+                net.close()
+
+    run(main)
+
+
+def test_planned_handover_loses_nothing(tmp_path: Path) -> None:
+    async def body(net: Net) -> None:
+        a, b = await pair(net, "a", "b")
+        va = a.node.volumes["vm"]
+        b.set_paused("vm", "fetch", True)  # b lags: the handover must fetch the rest
+        await trio.to_thread.run_sync(write, va, 2, 30)
+        b.set_paused("vm", "fetch", False)
+        head = va.durable_lsn
+        result = await b.primary("vm")
+        vb = b.node.volumes["vm"]
+        assert result["epoch"] == 2 and result["start_lsn"] == head + 1
+        assert b.node.role("vm").role == Role.PRIMARY and b.node.role("vm").epoch == 2
+        assert vb.visible_lsn is None and vb.head_lsn == head and vb.log.last_chain == va.log.last_chain
+        assert image(vb) == image(va)
+        assert result["follows"] and a.roles.handed_over["vm"] == ("b", 2)
+        assert a.node.is_mirror("vm") and a.node.role("vm").source == "b" and a.node.role("vm").epoch == 2
+        with pytest.raises(VolumeReadOnly):
+            a.node.acquire("vm", write=True)  # the old primary takes no writes: it is b's mirror
+        await trio.to_thread.run_sync(write, vb, 3, 5)  # the new primary's log continues
+        assert vb.head_lsn > head and "vm" not in b.fetchers
+        assert b.statuses("vm")[0].state == VolumeState.UP
+
+    in_net(tmp_path, body)
+
+
+def test_handover_refusals_change_nothing(tmp_path: Path) -> None:
+    async def body(net: Net) -> None:
+        a, b = await pair(net, "a", "b")
+        a.node.acquire("vm")
+        a.node.acquire("vm")
+        with pytest.raises(VolumeBusy, match=r"open on its primary a \(2 holder\(s\)"):
+            await b.primary("vm")
+        assert b.node.is_mirror("vm") and not a.node.fenced("vm") and "vm" in b.fetchers
+        a.node.release("vm")
+        a.node.release("vm")
+        with pytest.raises(WrongRole, match="already primary"):
+            await a.primary("vm")
+        b.set_paused("vm", "fetch", True)
+        with pytest.raises(VolumeBusy, match="resume-fetch"):
+            await b.primary("vm")
+        b.set_paused("vm", "fetch", False)
+        net.down.add("a")
+        with pytest.raises(PeerError, match=r"cannot reach a.*primary vm --force.*no record known lost"):
+            await b.primary("vm")
+        assert b.node.is_mirror("vm") and b.node.role("vm").epoch == 1
+        net.down.clear()
+        with pytest.raises(InvalidRequest, match="reachable: use the planned handover"):
+            await b.primary("vm", force=True)
+        assert b.node.is_mirror("vm")
+
+    in_net(tmp_path, body)
+
+
+def test_prepare_without_claim_unfences_after_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(repl_handover, "PREPARE_TIMEOUT", 3.0)
+    monkeypatch.setattr(node_handover, "PREPARE_TIMEOUT", 3.0)
+
+    async def body(net: Net) -> None:
+        a, b = await pair(net, "a", "b")
+        from marsfs.replication.fetch import hello, open_channel
+        from marsfs.replication.protocol import HandoverPrepare, HandoverReady
+
+        ch, _ = await open_channel(net.connect("a"), hello("b", CLUSTER, "vm", "handover", 1))
+        await ch.send_message(HandoverPrepare(epoch=1, timeout=repl_handover.PREPARE_TIMEOUT))
+        assert isinstance(await ch.receive_message(), HandoverReady)
+        assert "handover" in a.node.fenced("vm")
+        with pytest.raises(VolumeReadOnly):
+            a.node.volumes["vm"].write(0, b"x" * 512)
+        await ch.aclose()  # the asker vanished without END
+        await trio.sleep(repl_handover.PREPARE_TIMEOUT / 2)
+        assert "handover" in a.node.fenced("vm")  # it may have claimed: wait out the timeout
+        await wait_for(lambda: not a.node.fenced("vm"), "the fence to end", repl_handover.PREPARE_TIMEOUT)
+        a.node.volumes["vm"].write(0, b"x" * 512)
+
+    in_net(tmp_path, body)
+
+
+async def fail_over(net: Net, a: Cluster, b: Cluster, unfetched: int) -> dict[str, object]:
+    """Pause b's fetch (it still hears heartbeats), write ``unfetched`` records' worth on a,
+    lose a, force b."""
+    va = a.node.volumes["vm"]
+    b.set_paused("vm", "fetch", True)
+    await trio.sleep(1.0)
+    await trio.to_thread.run_sync(write, va, 5, unfetched)
+    await wait_for(lambda: b.fetchers["vm"].state.primary_durable_lsn == va.durable_lsn, "a heartbeat")
+    await net.kill("a")
+    return await b.primary("vm", force=True)
+
+
+@pytest.mark.allow_log("forced failover of vm", "split brain", "stopped: .*diverged")
+def test_failover_says_what_is_lost_and_split_brain_is_seen_by_both(tmp_path: Path) -> None:
+    async def body(net: Net) -> None:
+        a, b = await pair(net, "a", "b")
+        va = a.node.volumes["vm"]
+        fork = b.node.volumes["vm"].durable_lsn
+        result = await fail_over(net, a, b, 10)
+        loss = result["loss"]
+        assert isinstance(loss, dict)
+        assert loss["records"] == va.durable_lsn - fork == 11  # ten writes and their flush
+        assert loss["bytes"] == va.log.bytes_between(fork, va.durable_lsn) and loss["at_least"]
+        assert result["epoch"] == 2 and result["start_lsn"] == fork + 1
+        st = b.statuses("vm")[0]
+        assert st.role == Role.PRIMARY and st.failover_loss == loss
+        vb = b.node.volumes["vm"]
+        await trio.to_thread.run_sync(write, vb, 9, 4)  # b writes in its epoch
+        # a comes back: it learns of epoch 2 by gossip, is fenced, and finds the fork with b
+        net.down.clear()
+        await wait_for(lambda: a.node.splits("vm") and b.node.splits("vm"), "both sides to record the split")
+        (sa,), (sb,) = a.node.splits("vm"), b.node.splits("vm")
+        assert (sa.peer, sb.peer) == ("b", "a") and sa.fork_lsn == sb.fork_lsn == fork and sa.exact and sb.exact
+        assert (sa.own_records, sa.own_bytes) == (sb.peer_records, sb.peer_bytes) == (11, loss["bytes"])
+        assert (sb.own_records, sb.own_bytes) == (sa.peer_records, sa.peer_bytes) == (
+            vb.head_lsn - fork, vb.log.bytes_between(fork, vb.head_lsn))
+        for c in (a, b):
+            row = c.status("vm")[0]
+            assert row["state"] == "split-brain" and row["fork_lsn"] == fork
+            assert any("split brain with" in e and "invalidate" in e for e in row["errors"])
+        assert va.head_lsn == fork + 11  # a keeps its tail
+        # what a resync of a would copy for its tail: the ten 64 KiB writes after the fork
+        written = sorted({((5 * 7 + i * 13) % (SIZE // 65536)) * 65536 for i in range(10)})
+        extents = tail_extents(va, fork)
+        assert extents is not None and sum(n for _, n in extents) == len(written) * 65536
+        assert all(any(o <= w < o + n for o, n in extents) for w in written)
+        # persisted: a restart still shows it
+        b.node.close()
+        again = Node.open(tmp_path / "b", "b")
+        try:
+            assert [s.fork_lsn for s in again.splits("vm")] == [fork] and again.failover_loss("vm") is not None
+        finally:
+            again.close()
+
+    in_net(tmp_path, body)
+
+
+def test_a_lagging_mirror_stays_a_prefix(tmp_path: Path) -> None:
+    """C paused before the fork: what it holds is a prefix of b's history, so it can follow b."""
+    async def body(net: Net) -> None:
+        a, b, c = await pair(net, "a", "b", "c")
+        c.set_paused("vm", "fetch", True)
+        await trio.to_thread.run_sync(write, a.node.volumes["vm"], 2, 3)
+        await wait_for(lambda: b.node.volumes["vm"].current_lsn == a.node.volumes["vm"].durable_lsn, "b to sync")
+        await b.primary("vm")
+        vc = c.node.volumes["vm"]
+        c.set_paused("vm", "fetch", False)  # c follows b by itself (the metadata's follow)
+        await wait_for(lambda: c.node.role("vm").source == "b", "c to switch to b")
+        await wait_for(lambda: vc.current_lsn == b.node.volumes["vm"].durable_lsn, "c to follow b")
+        assert image(vc) == image(b.node.volumes["vm"]) and not c.node.splits("vm")
+
+    in_net(tmp_path, body)
