@@ -13,8 +13,7 @@ or a stopped mirror would keep, and writes never notice.
   the extents the primary remembers for the mirror (``Volume.changed_ranges`` from its
   persisted position, read after a clean stop) are exactly the extents written.
 * Its catch-up half (mirror restarted behind a fault proxy: it copies at most 1.2x the
-  distinct changed bytes and ends byte-identical) needs the catch-up sync of issue 11 item 2,
-  built in parallel: it is marked xfail(strict) until both land; the lead removes the mark.
+  distinct changed bytes and ends byte-identical) is the catch-up sync of issue 11 item 2.
 
 Cleanup order matters for the small filesystem: the test stops its daemon itself.
 """
@@ -28,8 +27,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from marsfs.testing.checks import sha, status, wait_for, wait_synced
 from marsfs.testing.faultproxy import ProxyProcess
@@ -206,8 +203,6 @@ def test_a_stopped_mirror_costs_the_primary_nothing(harness: Harness) -> None:
             vol.close()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the catch-up sync (issue 11 item 2, built in parallel); "
-                                       "remove this mark once both have landed")
 def test_a_returning_mirror_copies_only_what_changed(harness: Harness) -> None:
     with ProxyProcess() as proxy:
         a, b, written, _ = stopped_mirror(harness, proxy)
