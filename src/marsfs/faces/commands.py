@@ -624,6 +624,15 @@ def _verify_text(r: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _invalidate_text(r: dict[str, Any], a: argparse.Namespace) -> str:
+    if r.get("split_version"):
+        return (f"split brain of {r['volume']} resolved on this node: its divergent state is kept as "
+                f".versions/{r['volume']}/{r['split_version']}; resyncing from {r['source']} what either side "
+                f"wrote after lsn-{r['fork_lsn']}; follow with: marsfs status {r['volume']}")
+    return (f"invalidated {r['volume']}: resyncing the whole image from {r['source']}, copying only blocks that "
+            f"differ; it serves its last version until then; follow with: marsfs status {r['volume']}")
+
+
 def _leave_text(r: Mapping[str, Any], a: argparse.Namespace) -> str:
     if "node" in r:
         return (f"removed node {r['node']} from {r['volume']}: its position no longer holds the log "
@@ -692,12 +701,9 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
                  flag="--seed", required=False, metavar="FILE", check=_seed_arg),
              RATE, WAIT),
             _join, text=_join_text, client=_sync_client),
-    Command("invalidate", "discard this mirror's copy and resync it",
+    Command("invalidate", "discard this node's divergent or damaged copy and resync it",
             (VOLUME, RATE, WAIT),
-            _invalidate, text=lambda r, a: f"invalidated {r['volume']}: resyncing the whole image from "
-                                           f"{r['source']}, copying only blocks that differ; it serves its last "
-                                           f"version until then; follow with: marsfs status {r['volume']}",
-            client=_sync_client),
+            _invalidate, text=_invalidate_text, client=_sync_client),
     Command("leave", "stop mirroring VOL here; --node N --force: remove dead node N",
             (VOLUME,
              Arg("node", "remove this dead node from the volume (run on a survivor)", flag="--node",

@@ -286,7 +286,7 @@ class Cluster:
         await self._welcome(self._connector(source), source, name)
         if self.node.role(name).source != source:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=source))
-        await self._restart_fetch(name, ResyncPlan(rate=rate))
+        await self.restart_fetch(name, ResyncPlan(rate=rate))
         return {"volume": name, "source": source, "size": self.node.volume(name).size, "state": "resyncing",
                 "seed": None}
 
@@ -295,8 +295,11 @@ class Cluster:
         it from its source, comparing the whole image; ``ranges`` are compared in any case.
         The mirror keeps serving its last version until it switches. Refused on a primary.
 
-        (Entry point for split-brain resolution: the roles layer keeps the loser's divergent
-        state first, then calls this with the tails' ranges.)"""
+        On a split brain's losing node (a split brain recorded here) it is the resolution
+        (:meth:`Roles.resolve_split`): the divergent state is kept as a split version first, and
+        only the two tails are copied."""
+        if name in self.node.volumes and self.node.splits(name):
+            return await self.roles.resolve_split(name, rate=rate)
         copy = self.copies.get(name)
         if copy is not None and name not in self.node.volumes and not copy.failed:
             raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (a first copy compares "
@@ -309,11 +312,11 @@ class Cluster:
                             "damaged or divergent")
         self._connector(role.source)  # an unknown source is refused before anything changes
         await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, resync_whole=True))
-        await self._restart_fetch(name, ResyncPlan(whole=True, ranges=ranges, rate=rate))
+        await self.restart_fetch(name, ResyncPlan(whole=True, ranges=ranges, rate=rate))
         logger.info("invalidated %s: resyncing the whole image from %s", name, role.source)
         return {"volume": name, "source": role.source, "size": vol.size, "state": "resyncing"}
 
-    async def _restart_fetch(self, name: str, plan: ResyncPlan) -> None:
+    async def restart_fetch(self, name: str, plan: ResyncPlan) -> None:
         """Stop the fetcher of mirror ``name`` (waiting until it stopped: a resync needs the log
         still) and start one that runs ``plan`` first."""
         await self.stop_fetch(name)

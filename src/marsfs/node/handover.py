@@ -36,7 +36,7 @@ from marsfs.aio import describe, supervised
 from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
 from marsfs.node.state import FailoverLoss, Role, SplitBrain
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
-from marsfs.replication.fetch import PeerChannel, hello, open_channel
+from marsfs.replication.fetch import PeerChannel, ResyncPlan, hello, open_channel
 from marsfs.replication.handover import (
     PREPARE_TIMEOUT,
     SplitSeen,
@@ -46,6 +46,7 @@ from marsfs.replication.handover import (
 )
 from marsfs.replication.protocol import Error, HandoverEnd, HandoverPrepare, HandoverReady, Hello
 from marsfs.volume import Volume
+from marsfs.volume.splits import save_split
 
 if TYPE_CHECKING:
     from marsfs.node.cluster import Cluster
@@ -381,7 +382,9 @@ class Roles:
             await self.cluster.stop_fetch(name)
             await trio.to_thread.run_sync(self.node.promote, name, d.epoch)
             self.cluster.gossip_now()
-        elif (role.role == Role.PRIMARY and d.node != me and vol.head_lsn >= d.start_lsn
+        elif role.role == Role.PRIMARY and d.node == me:
+            self._resolved_peers(name, vol)
+        if (role.role == Role.PRIMARY and d.node != me and vol.head_lsn >= d.start_lsn
               and not any(s.peer == d.node for s in self.node.splits(name)) and name not in self._comparing):
             self._comparing.add(name)
             try:
@@ -390,6 +393,63 @@ class Roles:
                 self._comparing.discard(name)
 
     # ------------------------------------------------------------------ split brain
+
+    def _resolved_peers(self, name: str, vol: Volume) -> None:
+        """Forget a split brain with a peer that follows our history again (it was invalidated):
+        its published head lies on our chain."""
+        for split in self.node.splits(name):
+            p = self.node.meta.position(split.peer, name)
+            if p is None or p.role != Role.MIRROR or p.updated < split.found:
+                continue
+            if not vol.log.first_lsn - 1 <= p.head_lsn <= vol.head_lsn:
+                continue
+            if vol.log.chain_at(p.head_lsn).hex() == p.chain_at_head:
+                logger.info("volume %s: %s follows this node's history again; its split brain is resolved", name,
+                            split.peer)
+                self.node.clear_splits(name, split.peer)
+
+    async def resolve_split(self, name: str, *, rate: int = 0) -> dict[str, Any]:
+        """``marsfs invalidate`` on a split brain's losing node: keep this node's divergent state
+        as the split version ``split-<node>-<fork>``, follow the designated primary and resync
+        from it, copying only what either side wrote after the fork (both tails; the whole
+        image compared when a log no longer holds its tail)."""
+        vol = self.node.volume(name)
+        splits = self.node.splits(name)
+        assert splits, "resolve_split needs a recorded split brain"
+        d = self.node.meta.designated(name)
+        me = self.node.name
+        if d is None or d.node == me:
+            peers = ", ".join(s.peer for s in splits)
+            raise InvalidRequest(f"this node is the designated primary of {name}: it keeps its history; run "
+                                 f"marsfs invalidate {name} on the losing node ({peers})")
+        if self.node.opens[name]:
+            raise VolumeBusy(f"volume {name!r} is open ({self.node.opens[name]} handle(s)); close it (losetup -d, "
+                             "umount) and run marsfs invalidate again: its divergent state is kept as a version first")
+        fork = min(splits, key=lambda s: s.fork_lsn)
+        head = vol.head_lsn
+
+        def keep() -> tuple[str, list[tuple[int, int]] | None]:
+            view = vol.view(head)
+            try:
+                info = save_split(vol.path, me, fork.fork_lsn, head, vol.log.chain_at(head), view.size, view.read)
+            finally:
+                view.close()
+            return info.name, vol.extents_between(fork.fork_lsn, head) if fork.exact else None
+
+        kept, tail = await trio.to_thread.run_sync(keep)
+        logger.info("volume %s: divergent state up to lsn-%d kept as .versions/%s/%s.img", name, head, name, kept)
+        if self.node.role(name).role == Role.PRIMARY:
+            await self.cluster.stop_fetch(name)
+            await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
+        else:
+            await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node, epoch=d.epoch))
+        self.node.clear_splits(name)
+        plan = ResyncPlan(whole=tail is None, ranges=tuple(tail or ()), rate=rate,
+                          since=fork.fork_lsn if fork.exact else None)
+        await self.cluster.restart_fetch(name, plan)
+        self.cluster.gossip_now()
+        return {"volume": name, "source": d.node, "split_version": f"{kept}.img", "fork_lsn": fork.fork_lsn,
+                "state": "resyncing", "size": vol.size}
 
     async def serve_compare(self, ch: Channel, hello: Hello, vol: Volume) -> None:
         def found(seen: SplitSeen) -> None:

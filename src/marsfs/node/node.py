@@ -627,10 +627,14 @@ class Node:
             self._splits.setdefault(name, {})[split.peer] = split
             self._write_splits(name)
 
-    def clear_splits(self, name: str) -> None:
-        """The operator resolved the split brains of ``name`` (invalidate)."""
+    def clear_splits(self, name: str, peer: str | None = None) -> None:
+        """The split brains of ``name`` (with ``peer``, or all) are resolved: this node was
+        invalidated, or the peer it split from follows our history again."""
         with self._lock:
-            self._splits.pop(name, None)
+            if peer is None:
+                self._splits.pop(name, None)
+            else:
+                self._splits.get(name, {}).pop(peer, None)
             self._write_splits(name)
 
     def failover_loss(self, name: str) -> FailoverLoss | None:

@@ -236,6 +236,9 @@ class ResyncPlan:
     whole: bool = False  #: compare the whole image (our copy is not trusted)
     ranges: tuple[tuple[int, int], ...] = ()  #: byte ranges we add ourselves (a split-brain tail)
     rate: int = 0  #: bytes/s for this sync (0: the source's limit only)
+    #: the newest LSN our image shares with the source's history (a split brain's fork); None:
+    #: our durable head (or a staged resync's base). The source compares what it wrote since.
+    since: int | None = None
 
 
 def stage_resync(vol: Volume, info: SyncInfo, *, direct: bool) -> Staging:
@@ -327,7 +330,7 @@ class Fetcher:
         """One fast sync toward the source's current version; the log follows from its LSN on."""
         vol, plan = self.vol, self.resync or ResyncPlan()
         staged = vol.resync
-        since = staged.base_lsn if staged is not None else vol.durable_lsn
+        since = plan.since if plan.since is not None else staged.base_lsn if staged is not None else vol.durable_lsn
         request = SyncRequest(since_lsn=since, since_chain=vol.log.chain_at(since), whole=plan.whole,
                               ranges=plan.ranges, rate=plan.rate)
         sess = FetchingSession(hello(self.node, self.cluster, vol.name, "sync"), state=self.state,

@@ -1,0 +1,106 @@
+"""Resolving a split brain: ``invalidate`` on the losing node, between real nodes.
+
+a is primary, b its mirror; b falls behind, a writes its tail and is SIGKILLed; b fails over
+(``primary --force``) and writes a tail of its own; a restarts and both report the split brain.
+``marsfs invalidate vm`` on a then
+
+* keeps a's divergent state readable as ``.versions/vm/split-a-<fork>.img`` (every block of
+  a's tail is there, and the rest is the common history);
+* makes a a mirror of b, identical to it, and both leave the split-brain state;
+* moves at most 1.2x the bytes the two tails touched over a's link to b (a byte-counting fault
+  proxy sits on it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from marsfs.testing.checks import sha, status, wait_for, wait_synced
+from marsfs.testing.faultproxy import ProxyProcess
+from marsfs.testing.harness import Harness
+
+MiB = 1 << 20
+BLOCK = 4096
+SIZE = 32 * MiB
+TAIL = 128  #: blocks each side writes after the fork
+
+
+def blocks(seed: int, avoid: set[int]) -> dict[int, bytes]:
+    rng = random.Random(seed)
+    out: dict[int, bytes] = {}
+    while len(out) < TAIL:
+        b = rng.randrange(SIZE // BLOCK)
+        if b not in avoid and b not in out:
+            out[b] = rng.randbytes(BLOCK)
+    return out
+
+
+def write_blocks(image: os.PathLike[str], data: dict[int, bytes]) -> None:
+    fd = os.open(image, os.O_WRONLY)
+    try:
+        for b, d in data.items():
+            os.pwrite(fd, d, b * BLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.allow_log("forced failover", "split brain", "stopped: .*diverged")
+def test_invalidate_on_the_loser_keeps_its_writes_and_resyncs_only_the_tails(harness: Harness) -> None:
+    with ProxyProcess() as proxy:
+        nodes = harness.cluster(["a", "b"], start=False)
+        a, b = nodes["a"], nodes["b"]
+        port = proxy.start(harness.ports["b"])
+        i = a.extra.index(f"b=127.0.0.1:{harness.ports['b']}")
+        a.extra[i] = f"b=127.0.0.1:{port}"  # a reaches b through the proxy: the resync is counted there
+        a.start()
+        b.start()
+        a.cli("create", "vm", "--size", str(SIZE))
+        b.cli("join", "vm", "--from", "a")
+        common = blocks(1, set())
+        write_blocks(a.image("vm"), common)
+        wait_synced(b, "vm")
+        b.cli("pause-fetch", "vm")
+        tail_a = blocks(2, set(common))
+        write_blocks(a.image("vm"), tail_a)
+        a.kill()
+        a.abort()
+        a.unmount()
+        b.cli("primary", "vm", "--force")
+        tail_b = blocks(3, set(common) | set(tail_a))
+        write_blocks(b.image("vm"), tail_b)
+        a.start()
+        for n in (a, b):
+            wait_for(lambda n=n: status(n, "vm")["state"] == "split-brain", timeout=60,
+                     what=f"{n.name} to report the split brain")
+        fork = status(a, "vm")["fork_lsn"]
+        before_a = a.image("vm").read_bytes()
+        moved0 = proxy.stats()
+
+        r = a.cli("invalidate", "vm")
+        assert f"split-a-{fork}.img" in r.stdout, r.stdout
+        wait_for(lambda: status(a, "vm")["role"] == "mirror" and status(a, "vm")["state"] == "synced",
+                 timeout=120, what="a to resync from b")
+        wait_synced(a, "vm")
+        moved = sum(proxy.stats()[k] - moved0[k] for k in ("bytes_up", "bytes_down"))
+        assert sha(a.image("vm")) == sha(b.image("vm"))
+        touched = len(set(tail_a) | set(tail_b)) * BLOCK
+        print(f"resync after the split brain: {moved} bytes over the link for {touched} bytes the tails touched")
+        assert moved <= 1.2 * touched, f"{moved} bytes moved for {touched} bytes the tails touched"
+
+        split = a.mount / ".versions" / "vm" / f"split-a-{fork}.img"
+        assert split.read_bytes() == before_a  # a's divergent state, whole
+        with open(split, "rb") as f:
+            for blk, data in tail_a.items():
+                f.seek(blk * BLOCK)
+                assert f.read(BLOCK) == data
+        assert f"split-a-{fork}.img" in os.listdir(a.mount / ".versions" / "vm")
+        with pytest.raises(OSError):
+            os.open(split, os.O_RDWR)
+        wait_for(lambda: status(b, "vm")["state"] == "up" and not status(b, "vm")["split_brain"], timeout=30,
+                 what="b to see the split brain resolved")
+        sa = status(a, "vm")
+        assert not sa["split_brain"] and sa["source"] == "b" and not sa["errors"]
