@@ -208,9 +208,19 @@ def test_a_returning_mirror_copies_only_what_changed(harness: Harness) -> None:
         a, b, written, _ = stopped_mirror(harness, proxy)
         before = proxy.stats()["bytes_down"]
         b.start()
-        wait_for(lambda: status(b, "vm")["state"] not in ("needs-resync", "failed"), timeout=5,
-                 what="the mirror to accept the catch-up")
-        wait_synced(b, "vm", timeout=300)
+        sample = random.Random(3).sample(sorted(written), 64)
+        with open(b.image("vm"), "rb") as old:  # the version b had when it stopped: nothing written yet
+            wait_for(lambda: status(b, "vm")["state"] not in ("needs-resync", "failed"), timeout=5,
+                     what="the mirror to accept the catch-up")
+            deadline = time.monotonic() + 300
+            while status(b, "vm")["state"] != "synced":  # its old version stays readable and unchanged throughout
+                assert time.monotonic() < deadline, "the mirror did not catch up within 300 s"
+                for blk in sample:
+                    old.seek(blk * BLOCK)
+                    assert old.read(BLOCK) == bytes(BLOCK), f"the old version changed at block {blk} during catch-up"
+            wait_synced(b, "vm", timeout=300)
+            old.seek(sample[0] * BLOCK)
+            assert old.read(BLOCK) == bytes(BLOCK), "a version open across the switch changed"
         sent = proxy.stats()["bytes_down"] - before
         assert sent <= 1.2 * len(written) * BLOCK, f"catch-up sent {sent} bytes for {len(written) * BLOCK} changed"
         assert sha(a.image("vm")) == sha(b.image("vm"))

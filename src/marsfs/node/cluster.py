@@ -424,6 +424,9 @@ class Cluster:
             self.node.set_role(name, replay_paused=paused, replayed_lsn=vol.current_lsn)
         else:
             self.node.set_role(name, fetch_paused=paused)
+            fetcher = self.fetchers.get(name)
+            if fetcher is not None:
+                fetcher.wake()  # the session of the other kind starts now, not after the next heartbeat
         return {"volume": name, f"{what}_paused": paused}
 
     async def _replay_loop(self) -> None:

@@ -289,6 +289,16 @@ class Fetcher:
         self.state = FetchState(source=source, last_progress=trio.current_time())
         self._probes = Probes()
         self._backoff = Backoff()
+        self._session_scope: trio.CancelScope | None = None  #: the fetch or watch session running
+        self._woken = False
+
+    def wake(self) -> None:
+        """The pause flag changed: end a fetch or watch session now (it would notice only at the
+        next frame, up to a heartbeat later) and start the other kind at once, without backoff.
+        A sync session is left alone (pausing does not stop a resync)."""
+        if self._session_scope is not None:
+            self._woken = True
+            self._session_scope.cancel()
 
     async def run(self) -> None:
         """Fetch (or, while paused, watch) until cancelled or refused for good (state.fatal)."""
@@ -300,7 +310,9 @@ class Fetcher:
                 if self.resync is not None or self.vol.resync is not None:
                     await self._sync_session()
                 else:
-                    await self._session(watch=self.paused())
+                    with trio.CancelScope() as self._session_scope:
+                        await self._session(watch=self.paused())
+                    self._session_scope = None
                 clean = True
             except PeerRefused as e:
                 self.state.error = e.message
@@ -319,8 +331,11 @@ class Fetcher:
                 failure = self.state.error = failure_reason(e)
             finally:
                 self.state.connected = False
+                self._session_scope = None
             # a session that ended cleanly or moved us forward: the link works, mostly
             delay = self._backoff.next(clean or self.vol.durable_lsn > before)
+            if self._woken:
+                self._woken, delay = False, 0.0
             if failure:
                 logger.info("fetch of %s from %s: %s; retrying in %.1f s", self.vol.name, self.state.source,
                             failure, delay)
