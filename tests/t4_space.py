@@ -156,7 +156,8 @@ def test_a_small_state_filesystem_rewritten_many_times_over(harness: Harness) ->
         node.unmount()
 
 
-def stopped_mirror(harness: Harness, proxy: ProxyProcess) -> tuple[NodeProcess, NodeProcess, set[int], float]:
+def stopped_mirror(harness: Harness, proxy: ProxyProcess, *, pause: bool = False) -> tuple[NodeProcess, NodeProcess,
+                                                                                         set[int], float]:
     """Primary ``a`` (--log-space 64M), mirror ``b`` behind ``proxy``, SIGKILLed once synced;
     then 4x the limit of random writes on ``a``. Returns a, b, the blocks written, the longest
     write+fsync."""
@@ -171,9 +172,12 @@ def stopped_mirror(harness: Harness, proxy: ProxyProcess) -> tuple[NodeProcess, 
     a.cli("create", "vm", "--size", "1G", "--thin")
     b.cli("join", "vm", "--from", "a")
     wait_synced(b, "vm")
-    b.kill()
-    b.abort()
-    b.unmount()
+    if pause:  # the daemon stays, with the fetcher its join started
+        b.cli("pause-fetch", "vm")
+    else:
+        b.kill()
+        b.abort()
+        b.unmount()
     written: set[int] = set()
     with LogSampler(a, "vm") as sampler:
         worst = rewrite(a.image("vm"), 1 << 30, 4 * LIMIT, random.Random(7), fsync_every=1, written=written)
@@ -224,3 +228,17 @@ def test_a_returning_mirror_copies_only_what_changed(harness: Harness) -> None:
         sent = proxy.stats()["bytes_down"] - before
         assert sent <= 1.2 * len(written) * BLOCK, f"catch-up sent {sent} bytes for {len(written) * BLOCK} changed"
         assert sha(a.image("vm")) == sha(b.image("vm"))
+
+
+def test_a_paused_mirror_catches_up_with_the_fetcher_its_join_started(harness: Harness) -> None:
+    """The catch-up runs in the fetcher that made the first copy (no restart between): the first
+    copy's completion must not run again at the catch-up's switch."""
+    with ProxyProcess() as proxy:
+        a, b, written, _ = stopped_mirror(harness, proxy, pause=True)
+        before = proxy.stats()["bytes_down"]
+        b.cli("resume-fetch", "vm")
+        wait_synced(b, "vm", timeout=300)
+        sent = proxy.stats()["bytes_down"] - before
+        assert sent <= 1.2 * len(written) * BLOCK, f"catch-up sent {sent} bytes for {len(written) * BLOCK} changed"
+        assert sha(a.image("vm")) == sha(b.image("vm"))
+        assert status(b, "vm")["state"] == "synced"

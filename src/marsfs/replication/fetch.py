@@ -376,8 +376,11 @@ class Fetcher:
                 await trio.sleep(FINISH_RETRY)
         if st is not None:
             st.waiting = ""
-        if self.synced is not None:
-            await trio.to_thread.run_sync(self.synced)
+        # a first copy's callback is for that copy only: a later resync (a catch-up after log
+        # space dropped our log) switches a volume that is served already
+        synced, self.synced = self.synced, None
+        if synced is not None:
+            await trio.to_thread.run_sync(synced)
         return vol.head_lsn
 
     async def _session(self, *, watch: bool) -> None:
