@@ -62,6 +62,18 @@ async def version_dir(ops: Operations, vol: str = "v") -> int:
     return int(d.st_ino)
 
 
+def capture_readdir(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The names readdir replies with, collected instead of sent to a kernel."""
+    replies: list[bytes] = []
+
+    def reply(token: Any, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        replies.append(name)
+        return True
+
+    monkeypatch.setattr(ops, "_readdir_reply", reply)
+    return replies
+
+
 async def enoent(call: Awaitable[Any]) -> None:
     with pytest.raises(pyfuse3.FUSEError) as e:
         await call
@@ -109,13 +121,7 @@ def test_every_name_form_opens_read_only_and_reads_its_version(node: Node) -> No
 def test_versions_root_lists_volumes_and_is_hidden_from_the_root(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     node.create("w", 1 << 20)
     ops = Operations(node)
-    replies: list[bytes] = []
-
-    def reply(token: Any, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
-        replies.append(name)
-        return True
-
-    monkeypatch.setattr(ops, "_readdir_reply", reply)
+    replies = capture_readdir(ops, monkeypatch)
 
     async def main() -> None:
         await ops.readdir(await ops.opendir(ROOT, None), 0, None)
@@ -286,13 +292,7 @@ def test_a_split_version_is_listed_opens_read_only_and_reads_its_file(node: Node
     save_split(vol.path, "b", 3, vol.head_lsn, vol.log.last_chain, vol.size, vol.read)
     vol.write(0, b"n" * 4096)  # the volume moves on; the split version does not
     ops = Operations(node)
-    replies: list[bytes] = []
-
-    def reply(token: Any, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
-        replies.append(name)
-        return True
-
-    monkeypatch.setattr(ops, "_readdir_reply", reply)
+    replies = capture_readdir(ops, monkeypatch)
 
     async def main() -> None:
         d = await version_dir(ops)
