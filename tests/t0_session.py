@@ -94,7 +94,7 @@ class FakeVolume:
     name: str = "vm"
     uuid: str = "u-1"
     size: int = 3 * IMAGE_CHUNK + 512
-    visible_lsn: int | None = None
+    replay_limit: int | None = None
 
     def size_at(self, lsn: int) -> int:
         return self.size
@@ -104,8 +104,8 @@ class FakeVolume:
         return self.log.last_lsn
 
     @property
-    def current_lsn(self) -> int:
-        return self.head_lsn if self.visible_lsn is None else self.visible_lsn
+    def replayed_lsn(self) -> int:
+        return self.head_lsn if self.replay_limit is None else self.replay_limit
 
 
 def volume(first: int = 1, last: int = 100, durable: int | None = None, **kw: object) -> FakeVolume:
@@ -210,7 +210,7 @@ def test_fetch_conversation() -> None:
 
 def test_mirror_serves_only_what_it_replayed() -> None:
     served = volume(1, 30)
-    served.visible_lsn = 20  # a mirror serving another mirror: its replay position bounds shipping
+    served.replay_limit = 20  # a mirror serving another mirror: its replay position bounds shipping
     pair = Pair(served, volume(1, 10))
     pair.start_fetch()
     assert pair.server.poll() == Ship(11, 20, FIRST_BATCH)

@@ -149,11 +149,11 @@ def test_clone_of_a_mirror_stops_only_its_writeback(tmp_path: Path) -> None:
         for i in range(4):
             src.write(i * 4096, bytes([i + 1]) * 4096)
             src.flush()
-        src.visible_lsn = 4  # a mirror that has replayed up to LSN 4 of the records it fetched
+        src.replay_limit = 4  # a mirror that has replayed up to LSN 4 of the records it fetched
         with pytest.raises(VersionNotFound):
             Volume.create_clone(tmp_path / "c", "c", src, src.find_version("lsn-6"), sync_interval=None)
         with Volume.create_clone(tmp_path / "c", "c", src, src.find_version("lsn-3"), sync_interval=None) as clone:
-            src.visible_lsn = src.durable_lsn  # replay moves on
+            src.replay_limit = src.durable_lsn  # replay moves on
             assert src.writeback() == 3
             want = bytes([1]) * 4096 + bytes([2]) * 4096 + bytes(8192)
             assert clone.read(0, 4 * 4096) == want

@@ -103,7 +103,7 @@ def test_a_replica_grows_when_it_appends_the_record(tmp_path: Path) -> None:
                 rep.append_raw(src.log.read_raw(n))
             assert rep.size == 2 * MiB and rep.head_lsn == src.head_lsn
             assert rep.current_size == MiB  # it shows the new size when it replays the record
-            rep.visible_lsn = rep.head_lsn
+            rep.replay_limit = rep.head_lsn
             assert rep.current_size == 2 * MiB and rep.read(MiB, 4096) == b"b" * 4096
             assert os.stat(rep.path / "base.img").st_size == 2 * MiB
 
@@ -134,7 +134,7 @@ def test_a_resync_switch_replaces_the_size_history(tmp_path: Path) -> None:
         src.resize(2 * MiB, reserve=False)
         dst = Volume.create_replica(tmp_path / "m", "v", MiB, src.uuid, first, src.log.chain_at(first))
         dst.append_raw(src.log.read_raw(first + 1))
-        dst.visible_lsn = dst.head_lsn
+        dst.replay_limit = dst.head_lsn
         assert json.loads((dst.path / "volume.json").read_text())["resizes"] == [[first + 1, 2 * MiB]]
         r = dst.begin_resync(first + 50, b"c" * 16, 4 * MiB, src.uuid)
         r.write(3 * MiB, b"x" * 4096)

@@ -51,7 +51,7 @@ class Pair:
         for lsn in range(self.dst.head_lsn + 1, last + 1):
             self.dst.append_raw(self.src.log.read_raw(lsn))
         self.dst.log.sync()
-        self.dst.visible_lsn = self.dst.head_lsn
+        self.dst.replay_limit = self.dst.head_lsn
 
     def begin(self, **kw: bool) -> Resync:
         return self.dst.begin_resync(self.src.head_lsn, self.src.log.last_chain, self.src.size, self.src.uuid, **kw)
@@ -88,7 +88,7 @@ def test_first_copy_then_fast_sync_then_log_continues(pair: Pair) -> None:
     assert pair.dst.resync is None
     L = pair.src.head_lsn
     assert pair.dst.head_lsn == pair.dst.applied_lsn == pair.dst.oldest_version_lsn == L
-    assert pair.dst.visible_lsn == L
+    assert pair.dst.replay_limit == L
     assert pair.dst.read(0, SIZE) == pair.model
     with pair.dst.view(L) as v:
         assert v.read(0, SIZE) == pair.model
@@ -282,7 +282,7 @@ def test_split_brain_loser_ahead_of_target(pair: Pair) -> None:
     pair.replicate()
     fork = pair.dst.head_lsn
     mine = bytearray(pair.model)
-    pair.dst.visible_lsn = None  # the loser was a primary
+    pair.dst.replay_limit = None  # the loser was a primary
     pair.scribble(pair.dst, mine, 30)  # a long divergent tail
     pair.scribble(pair.src, pair.model, 2)
     assert pair.src.head_lsn < pair.dst.head_lsn
@@ -309,7 +309,7 @@ def test_split_brain_loser_ahead_of_target(pair: Pair) -> None:
         assert v.read(0, SIZE) == theirs
     assert tail_view.read(0, SIZE) == mine
     tail_view.close()
-    pair.dst.visible_lsn = pair.dst.head_lsn
+    pair.dst.replay_limit = pair.dst.head_lsn
     pair.scribble(pair.src, pair.model, 3)
     pair.replicate()
     pair.dst.writeback(max_bytes=None)
@@ -515,7 +515,7 @@ def test_readers_during_the_switch_see_old_or_new_never_a_mix(pair: Pair) -> Non
     def reader() -> None:
         try:
             while not stop.is_set():
-                lsn = pair.dst.current_lsn
+                lsn = pair.dst.replayed_lsn
                 try:
                     v = pair.dst.view(lsn)
                 except VersionNotFound:
@@ -543,7 +543,7 @@ def test_readers_during_the_switch_see_old_or_new_never_a_mix(pair: Pair) -> Non
     for t in threads:
         t.join()
     assert not errors, errors
-    assert pair.dst.current_lsn == L
+    assert pair.dst.replayed_lsn == L
     pair.dst.writeback(max_bytes=None)
     assert pair.dst.read(0, SIZE) == new
 

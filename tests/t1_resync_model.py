@@ -99,7 +99,7 @@ class ResyncMachine(RuleBasedStateMachine):
             if lsn in self.snap:
                 self.mine[lsn] = self.snap[lsn]
         self.dst.log.sync()
-        self.dst.visible_lsn = upto
+        self.dst.replay_limit = upto
 
     @precondition(lambda self: self.target is None)
     @rule(seed=st.integers(0, 2**32 - 1))
@@ -107,7 +107,7 @@ class ResyncMachine(RuleBasedStateMachine):
         """The mirror writes on its own (a former primary that lost a split brain)."""
         rng = random.Random(seed)
         self.diverged = True
-        self.dst.visible_lsn = None
+        self.dst.replay_limit = None
         image = bytearray(self.expected(self.dst.head_lsn))
         for _ in range(rng.randint(1, 6)):
             n = rng.choice([BLOCK, 70 * KiB])
@@ -126,7 +126,7 @@ class ResyncMachine(RuleBasedStateMachine):
     def open_view(self, pick: int) -> None:
         if len(self.views) >= 4 or (self.dst.resync is not None and self.dst.resync.direct):
             return
-        lsns = [lsn for lsn in self.mine if self.dst.oldest_version_lsn <= lsn <= self.dst.current_lsn]
+        lsns = [lsn for lsn in self.mine if self.dst.oldest_version_lsn <= lsn <= self.dst.replayed_lsn]
         if not lsns:
             return
         lsn = sorted(lsns)[pick % len(lsns)]
@@ -199,7 +199,7 @@ class ResyncMachine(RuleBasedStateMachine):
         L = self.dst.head_lsn
         self.mine = {L: self.snap[L]}
         self.diverged = False
-        self.dst.visible_lsn = L
+        self.dst.replay_limit = L
         self.target = None
 
     def _crash_in_finish(self, step: str) -> None:
@@ -242,10 +242,10 @@ class ResyncMachine(RuleBasedStateMachine):
         self.dst.close()
         self.dst = Volume.open(path, sync_interval=None)
         self.dst_path = path
-        self.dst.visible_lsn = self.dst.head_lsn
+        self.dst.replay_limit = self.dst.head_lsn
         if self.dst.resync is None and self.target is not None:
             self._switched()
-        assert self.dst.current_lsn in self.mine
+        assert self.dst.replayed_lsn in self.mine
 
     # ------------------------------------------------------------------ checks
 
@@ -254,7 +254,7 @@ class ResyncMachine(RuleBasedStateMachine):
         if self.dst.resync is not None and self.dst.resync.direct:
             assert self.dst.resync.read(0, self.dst.resync.size) is not None
         else:
-            assert self.dst.read(0, self.dst.size) == self.expected(self.dst.current_lsn)
+            assert self.dst.read(0, self.dst.size) == self.expected(self.dst.replayed_lsn)
         for v, want in self.views:
             assert v.read(0, v.size) == want
         r = self.dst.resync

@@ -78,7 +78,7 @@ def test_outside_the_window_names_the_oldest_and_a_mirror_stops_at_replay(tmp_pa
         assert e.value.errno == 2
         with pytest.raises(VersionNotFound, match="no flush point"):
             vol.find_version(format_time_ns(rounds[1][1]))
-        vol.visible_lsn = rounds[4][0]  # a mirror that replayed this far
+        vol.replay_limit = rounds[4][0]  # a mirror that replayed this far
         assert vol.find_version(format_time_ns(rounds[5][1])) == rounds[4][0]
         with pytest.raises(VersionNotFound):
             vol.find_version(f"lsn-{rounds[5][0]}")

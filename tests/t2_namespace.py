@@ -12,7 +12,7 @@ from marsfs.faces.namespace import ROOT_INODE, TIMEOUT, EntryKind, Namespace
 @dataclass
 class FakeVolume:
     size: int
-    current_lsn: int = 0
+    replayed_lsn: int = 0
 
     def size_at(self, lsn: int) -> int:
         return self.size
@@ -31,7 +31,7 @@ class FakeNode:
 
 
 def make() -> tuple[FakeNode, Namespace]:
-    node = FakeNode({"a": FakeVolume(1 << 20), "b": FakeVolume(2 << 20, current_lsn=5)}, {"b"})
+    node = FakeNode({"a": FakeVolume(1 << 20), "b": FakeVolume(2 << 20, replayed_lsn=5)}, {"b"})
     return node, Namespace(node, now_ns=1000)
 
 
@@ -60,11 +60,11 @@ def test_mirror_lookups_resolve_to_the_current_version() -> None:
     entry = ns.entry(v5.inode)
     assert entry is not None and entry.version == 5 and not entry.writable
     assert ns.lookup(ROOT_INODE, "b.img") == v5  # same version: same inode
-    node.volumes["b"].current_lsn = 9  # replay went on
+    node.volumes["b"].replayed_lsn = 9  # replay went on
     v9 = ns.lookup(ROOT_INODE, "b.img")
     assert v9 is not None and v9.inode != v5.inode
     assert ns.entry(v5.inode) is not None  # the old version stays while the kernel holds it
-    node.volumes["b"].current_lsn = 5
+    node.volumes["b"].replayed_lsn = 5
     again = ns.lookup(ROOT_INODE, "b.img")
     assert again is not None and again.inode == v5.inode  # a version still known keeps its inode
 
@@ -75,12 +75,12 @@ def test_forget_frees_version_inodes_only_at_zero() -> None:
     assert v5 is not None
     ns.lookup(ROOT_INODE, "b.img")
     assert ns.lookups(v5.inode) == 2
-    node.volumes["b"].current_lsn = 6
+    node.volumes["b"].replayed_lsn = 6
     ns.forget([(v5.inode, 1)])
     assert ns.entry(v5.inode) is not None and ns.lookups(v5.inode) == 1
     ns.forget([(v5.inode, 1)])
     assert ns.entry(v5.inode) is None and ns.lookups(v5.inode) == 0
-    node.volumes["b"].current_lsn = 5
+    node.volumes["b"].replayed_lsn = 5
     fresh = ns.lookup(ROOT_INODE, "b.img")
     assert fresh is not None and fresh.inode != v5.inode  # freed inodes are never reused
 

@@ -153,7 +153,7 @@ def test_mirror_image_is_read_only_and_pinned(node: Node) -> None:
         # replay goes on: the open file keeps its version, a new lookup sees the new one
         vol.write(0, b"2" * 512)
         vol.flush()
-        vol.visible_lsn = vol.head_lsn
+        vol.replay_limit = vol.head_lsn
         assert await ops.read(fi.fh, 0, 512) == b"1" * 512
         ino2 = await lookup(ops)
         assert ino2 != ino

@@ -84,10 +84,10 @@ def test_the_kernel_is_told_the_new_size(node: Node) -> None:
         assert (await ops.setattr(v.st_ino, attr, size_only, None, None)).st_size == 2 * MiB
         # a mirror's image is its replayed version: the size of that LSN
         m = node.volume("m")
-        before = m.current_lsn
+        before = m.replayed_lsn
         m.append_raw(_resize_record(node, "m"))
         assert (await ops.lookup(pyfuse3.ROOT_INODE, b"m.img", None)).st_size == MiB  # not replayed yet
-        m.visible_lsn = m.head_lsn
+        m.replay_limit = m.head_lsn
         assert (await ops.lookup(pyfuse3.ROOT_INODE, b"m.img", None)).st_size == 4 * MiB
         versions = await ops.lookup(pyfuse3.ROOT_INODE, b".versions", None)
         vdir = await ops.lookup(versions.st_ino, b"m", None)

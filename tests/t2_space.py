@@ -135,11 +135,11 @@ def test_a_mirror_whose_replay_keeps_its_log_stops_fetching(small: Node) -> None
     rng = random.Random(4)
     m = small.create("m", 64 * MiB, thin=True)
     make_mirror(small, "m")
-    m.visible_lsn = m.durable_lsn  # replay paused here
+    m.replay_limit = m.durable_lsn  # replay paused here
     fill(m, 13 * MiB, rng)
     small.enforce_space()
     assert "m" in small.space.fetch_stopped
     assert any("fetching of m stopped" in w and "resume-replay m" in w for w in small.volume_status("m").warnings)
-    m.visible_lsn = m.durable_lsn  # replay goes on: its log may go
+    m.replay_limit = m.durable_lsn  # replay goes on: its log may go
     small.enforce_space()
     assert "m" not in small.space.fetch_stopped and used(small) <= LIMIT * HIGH_WATER

@@ -58,7 +58,7 @@ def test_verify_between_two_nodes(tmp_path: Path) -> None:
                 await dispatch(ctx1, "verify", {"volume": "vm"})
             await dispatch(ctx2, "join", {"volume": "vm", "source": "n1"})
             with trio.fail_after(30):
-                while "vm" not in n2.volumes or n2.volume("vm").current_lsn < vol.durable_lsn:
+                while "vm" not in n2.volumes or n2.volume("vm").replayed_lsn < vol.durable_lsn:
                     await trio.sleep(0.05)
             (r,) = await verify(ctx2, "vm")  # a mirror: with its source, at its own version
             assert r["identical"] and r["peer"] == "n1" and r["node"] == "n2" and r["lsn"] == vol.durable_lsn
@@ -76,7 +76,7 @@ def test_verify_between_two_nodes(tmp_path: Path) -> None:
             # corrupt two blocks of the mirror's base once replay wrote everything back
             mirror = n2.volume("vm")
             await trio.to_thread.run_sync(lambda: mirror.writeback(max_bytes=None))
-            assert mirror.applied_lsn == mirror.current_lsn
+            assert mirror.applied_lsn == mirror.replayed_lsn
             fd = os.open(mirror.path / "base.img", os.O_WRONLY)
             os.pwrite(fd, b"\xff" * BLOCK, 5 * BLOCK)
             os.pwrite(fd, b"\xff" * 2 * BLOCK, 900 * BLOCK)

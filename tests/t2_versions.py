@@ -219,7 +219,7 @@ def test_mirror_versions_stop_at_replay(node: Node) -> None:
     vol = node.volume("v")
     done = rounds(vol, 4)
     make_mirror(node, "v")
-    vol.visible_lsn = done[1][0]
+    vol.replay_limit = done[1][0]
     ops = Operations(node)
 
     async def main() -> None:

@@ -112,7 +112,7 @@ async def pair(net: Net, *names: str) -> list[Cluster]:
     await trio.to_thread.run_sync(write, vol, 1, 20)
     for c in clusters[1:]:
         await c.join("vm", names[0])
-        await wait_for(lambda c=c: "vm" in c.node.volumes and c.node.volumes["vm"].current_lsn == vol.durable_lsn,
+        await wait_for(lambda c=c: "vm" in c.node.volumes and c.node.volumes["vm"].replayed_lsn == vol.durable_lsn,
                        f"{c.node.name} to sync")
     return clusters
 
@@ -142,7 +142,7 @@ def test_planned_handover_loses_nothing(tmp_path: Path) -> None:
         vb = b.node.volumes["vm"]
         assert result["epoch"] == 2 and result["start_lsn"] == head + 1
         assert b.node.role("vm").role == Role.PRIMARY and b.node.role("vm").epoch == 2
-        assert vb.visible_lsn is None and vb.head_lsn == head and vb.log.last_chain == va.log.last_chain
+        assert vb.replay_limit is None and vb.head_lsn == head and vb.log.last_chain == va.log.last_chain
         assert image(vb) == image(va)
         assert result["follows"] and a.roles.handed_over["vm"] == ("b", 2)
         assert a.node.is_mirror("vm") and a.node.role("vm").source == "b" and a.node.role("vm").epoch == 2
@@ -270,12 +270,12 @@ def test_a_lagging_mirror_stays_a_prefix(tmp_path: Path) -> None:
         a, b, c = await pair(net, "a", "b", "c")
         c.set_paused("vm", "fetch", True)
         await trio.to_thread.run_sync(write, a.node.volumes["vm"], 2, 3)
-        await wait_for(lambda: b.node.volumes["vm"].current_lsn == a.node.volumes["vm"].durable_lsn, "b to sync")
+        await wait_for(lambda: b.node.volumes["vm"].replayed_lsn == a.node.volumes["vm"].durable_lsn, "b to sync")
         await b.primary("vm")
         vc = c.node.volumes["vm"]
         c.set_paused("vm", "fetch", False)  # c follows b by itself (the metadata's follow)
         await wait_for(lambda: c.node.role("vm").source == "b", "c to switch to b")
-        await wait_for(lambda: vc.current_lsn == b.node.volumes["vm"].durable_lsn, "c to follow b")
+        await wait_for(lambda: vc.replayed_lsn == b.node.volumes["vm"].durable_lsn, "c to follow b")
         assert image(vc) == image(b.node.volumes["vm"]) and not c.node.splits("vm")
 
     in_net(tmp_path, body)

@@ -45,7 +45,7 @@ async def tick() -> None:
 def fetcher(mirror: Volume, link: Link, paused: list[bool] | None = None) -> Fetcher:
     flag = paused if paused is not None else [False]
     return Fetcher(mirror, "b", CLUSTER, "a", link.connect, paused=lambda: flag[0],
-                   replayed=lambda: mirror.current_lsn, replay_paused=lambda: False)
+                   replayed=lambda: mirror.replayed_lsn, replay_paused=lambda: False)
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -249,7 +249,7 @@ def test_a_fetch_that_times_out_says_so_in_words(tmp_path: Path, caplog: pytest.
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            f = Fetcher(b, "b", CLUSTER, "a", hang, paused=lambda: False, replayed=lambda: b.current_lsn,
+            f = Fetcher(b, "b", CLUSTER, "a", hang, paused=lambda: False, replayed=lambda: b.replayed_lsn,
                         replay_paused=lambda: False)
             nursery.start_soon(f.run)
             while len(tries) < 2:

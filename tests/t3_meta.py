@@ -140,7 +140,7 @@ def force_primary(net: Net, name: str) -> int:
     assert d is not None
     epoch = d.epoch + 1
     node.set_role("v", role=Role.PRIMARY, source="", epoch=epoch)
-    vol.visible_lsn = None
+    vol.replay_limit = None
     node.unfence("v", holder=MIRROR_FENCE)
     node.meta.claim("v", name, epoch, vol.head_lsn + 1)
     c.gossip_now()
@@ -148,7 +148,7 @@ def force_primary(net: Net, name: str) -> int:
 
 
 def synced(net: Net, *names: str) -> bool:
-    heads = {(net.nodes[n].volume("v").durable_lsn, net.nodes[n].volume("v").current_lsn) for n in names}
+    heads = {(net.nodes[n].volume("v").durable_lsn, net.nodes[n].volume("v").replayed_lsn) for n in names}
     return len(heads) == 1
 
 

@@ -107,7 +107,7 @@ async def copy_image(link: Link, path: Path) -> Volume:
 
 def fetcher(mirror: Volume, link: Link) -> Fetcher:
     return Fetcher(mirror, "b", CLUSTER, "a", link.connect, paused=lambda: False,
-                   replayed=lambda: mirror.current_lsn, replay_paused=lambda: False)
+                   replayed=lambda: mirror.replayed_lsn, replay_paused=lambda: False)
 
 
 async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -143,7 +143,7 @@ def test_image_then_fetch_until_equal(tmp_path: Path) -> None:
             await wait_for(lambda: peer.fetched_lsn == a.durable_lsn, "the ACK of the last record")
             assert peer.connected and peer.node == "b"
             nursery.cancel_scope.cancel()
-        b.visible_lsn = None  # replay everything
+        b.replay_limit = None  # replay everything
         assert b.read(0, SIZE) == a.read(0, SIZE)
         b.close()
 

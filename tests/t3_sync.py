@@ -193,7 +193,7 @@ def test_the_source_paces_sync_data(tmp_path: Path) -> None:
 
 
 def fetcher_of(mirror: Volume, connect: Callable[[], Awaitable[trio.abc.Stream]], **kw: Any) -> Fetcher:
-    return Fetcher(mirror, "b", CLUSTER, "a", connect, paused=lambda: False, replayed=lambda: mirror.current_lsn,
+    return Fetcher(mirror, "b", CLUSTER, "a", connect, paused=lambda: False, replayed=lambda: mirror.replayed_lsn,
                    replay_paused=lambda: False, **kw)
 
 

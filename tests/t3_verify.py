@@ -82,7 +82,7 @@ def test_identical_images_at_the_mirrors_version_while_the_primary_writes(tmp_pa
     a = primary(tmp_path)
     b = mirror_of(a, tmp_path)
     try:
-        lsn = b.current_lsn
+        lsn = b.replayed_lsn
         for seed in range(2, 6):  # the primary moves on: the mirror's version is what is compared
             write(a, seed, 30)
         r = compare(b, served(a, "a"), mine=True)
@@ -154,10 +154,10 @@ def test_a_version_the_primary_no_longer_retains_is_refused_on_both_sides(tmp_pa
     try:
         write(a, 9, 10)
         a.writeback(max_bytes=None)  # the mirror's version is gone from the primary
-        with pytest.raises(VersionNotFound, match=rf"^a no longer retains lsn-{b.current_lsn} of vm, the version b "
+        with pytest.raises(VersionNotFound, match=rf"^a no longer retains lsn-{b.replayed_lsn} of vm, the version b "
                                                   rf"has \(oldest here: lsn-{a.applied_lsn}\).*marsfs history vm"):
             compare(a, served(b, "b"), mine=False, peer="b")
-        with pytest.raises(PeerError, match=rf"a refused to verify vm: a no longer retains lsn-{b.current_lsn} "
+        with pytest.raises(PeerError, match=rf"a refused to verify vm: a no longer retains lsn-{b.replayed_lsn} "
                                             rf"of vm \(it has lsn-{a.applied_lsn} to lsn-{a.head_lsn}\)"):
             compare(b, served(a, "a"), mine=True)
     finally:

@@ -264,7 +264,7 @@ async def _mark(ctx: Context, a: dict[str, Any]) -> Any:
 
 async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
     vol = ctx.node.volume(a["volume"])
-    return {"volume": vol.name, "oldest_lsn": vol.oldest_version_lsn, "head_lsn": vol.current_lsn,
+    return {"volume": vol.name, "oldest_lsn": vol.oldest_version_lsn, "head_lsn": vol.replayed_lsn,
             "oldest_timestamp_ns": vol.oldest_version_timestamp_ns, "history": ctx.node.history_of(vol.name).describe(),
             "versions": [{"lsn": v.lsn, "kind": v.kind, "name": v.name, "timestamp_ns": v.timestamp_ns}
                          for v in vol.versions()]}

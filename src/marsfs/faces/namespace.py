@@ -76,7 +76,7 @@ class Image(Protocol):
         ...
 
     @property
-    def current_lsn(self) -> int: ...
+    def replayed_lsn(self) -> int: ...
 
     def find_version(self, spec: str) -> int:
         """The LSN ``spec`` names, if a reader may open it now; VersionNotFound otherwise."""
@@ -188,7 +188,7 @@ class Namespace:
 
     def _image_entry(self, volume: str) -> Entry:
         """The entry ``<volume>.img`` resolves to now (a mirror: its current version's)."""
-        version = self.catalog.volumes[volume].current_lsn if self.catalog.is_mirror(volume) else None
+        version = self.catalog.volumes[volume].replayed_lsn if self.catalog.is_mirror(volume) else None
         return Entry(EntryKind.IMAGE, volume, version)
 
     def _inode_of(self, entry: Entry) -> int:

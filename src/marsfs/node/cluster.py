@@ -82,6 +82,7 @@ from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.replication.session import SyncStatus
 from marsfs.replication.verify import VerifyProgress, VerifyResult, verify_with
 from marsfs.volume import Volume
+from marsfs.volume.holds import mirror_hold
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ class Cluster:
         fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
                           paused=lambda: (self.node.role(name).fetch_paused  # or log space is full (G8)
                                           or name in self.node.space.fetch_stopped),
-                          replayed=lambda: vol.current_lsn,
+                          replayed=lambda: vol.replayed_lsn,
                           replay_paused=lambda: self.node.role(name).replay_paused,
                           resync=resync, direct=direct, synced=synced or resynced,
                           quiet=lambda: self.server.quiet(vol))
@@ -421,7 +422,7 @@ class Cluster:
             raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}")
         vol = self.node.volume(name)
         if what == "replay":
-            self.node.set_role(name, replay_paused=paused, replayed_lsn=vol.current_lsn)
+            self.node.set_role(name, replay_paused=paused, replayed_lsn=vol.replayed_lsn)
         else:
             self.node.set_role(name, fetch_paused=paused)
             fetcher = self.fetchers.get(name)
@@ -438,14 +439,14 @@ class Cluster:
                 role = self.node.role(name)
                 if not role.is_mirror or role.replay_paused:
                     continue
-                if vol.visible_lsn is not None and vol.durable_lsn > vol.visible_lsn:
-                    vol.visible_lsn = vol.durable_lsn
+                if vol.replay_limit is not None and vol.durable_lsn > vol.replay_limit:
+                    vol.replay_limit = vol.durable_lsn
                 samples = self._replay_samples.setdefault(name, deque(maxlen=50))
                 if not samples or now - samples[-1][0] > 0.1:
-                    samples.append((now, vol.current_lsn))
-                if now - persisted.get(name, 0) > 1.0 and role.replayed_lsn != vol.current_lsn:
+                    samples.append((now, vol.replayed_lsn))
+                if now - persisted.get(name, 0) > 1.0 and role.replayed_lsn != vol.replayed_lsn:
                     persisted[name] = now
-                    await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, replayed_lsn=vol.current_lsn))
+                    await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, replayed_lsn=vol.replayed_lsn))
 
     # ------------------------------------------------------------------ verify
 
@@ -793,7 +794,7 @@ class Cluster:
         """``node`` was removed from ``vol``: its position holds nothing here any more."""
         known = any(p.node == node for p in self.peer_table.for_volume(vol.name, vol.uuid))
         self.peer_table.forget(vol.name, vol.uuid, node)
-        vol.release(f"mirror:{node}")  # also drops its set of changed extents, if its log was dropped
+        vol.release(mirror_hold(node))  # also drops its set of changed extents, if its log was dropped
         if known:
             logger.info("volume %s: forgot mirror %s (removed from the volume)", vol.name, node)
 

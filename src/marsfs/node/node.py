@@ -86,6 +86,7 @@ from marsfs.node.state import FailoverLoss, Role, RoleRecord, SplitBrain, Volume
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
 from marsfs.volume import Retention, Volume
+from marsfs.volume.holds import hold_mirror
 
 logger = logging.getLogger(__name__)
 
@@ -204,9 +205,9 @@ class Node:
                      rep.bytes_scanned / 2**20, time.perf_counter() - t,
                      f", cut a torn tail of {rep.torn_bytes} bytes ({rep.torn_reason})" if rep.torn_bytes else "")
             if role.is_mirror:
-                vol.visible_lsn = (min(role.replayed_lsn, vol.durable_lsn) if role.replay_paused
+                vol.replay_limit = (min(role.replayed_lsn, vol.durable_lsn) if role.replay_paused
                                    else vol.durable_lsn)
-                vol.visible_lsn = max(vol.visible_lsn, vol.applied_lsn)
+                vol.replay_limit = max(vol.replay_limit, vol.applied_lsn)
             self.volumes[vol.name] = vol
             self._roles[vol.name] = role
             own = _read_history(path)
@@ -451,7 +452,7 @@ class Node:
         with self._lock:
             assert vol.name not in self.volumes
             self._persist_role(vol.name, self.role(vol.name).changed(syncing=False, resync_whole=False,
-                                                                     replayed_lsn=vol.current_lsn))
+                                                                     replayed_lsn=vol.replayed_lsn))
             self.volumes[vol.name] = vol
             self.space.adopt(list(self.volumes.values()))
 
@@ -550,7 +551,7 @@ class Node:
                 raise VolumeBusy(f"volume {name!r} is open ({self.opens[name]} handle(s)); it becomes a mirror of "
                                  f"{source} once it is closed (losetup -d)")
             vol.flush()
-            vol.visible_lsn = vol.durable_lsn
+            vol.replay_limit = vol.durable_lsn
             self._persist_role(name, RoleRecord(role=Role.MIRROR, epoch=epoch, source=source,
                                                 replayed_lsn=vol.durable_lsn))
             self._fences[name] = {MIRROR_FENCE: f"volume {name} is a mirror of {source} here: write on {source}"}
@@ -610,7 +611,7 @@ class Node:
             if not role.is_mirror:
                 raise WrongRole(f"volume {name!r} is already primary on node {self.name}")
             self._persist_role(name, RoleRecord(role=Role.PRIMARY, epoch=epoch))
-            vol.visible_lsn = None
+            vol.replay_limit = None
             for holder in (MIRROR_FENCE, "designation"):  # the caller claimed the epoch: this is the primary
                 self.unfence(name, holder=holder)
         logger.info("volume %s is primary here from LSN %d, epoch %d", name, vol.head_lsn + 1, epoch)
@@ -764,7 +765,7 @@ class Node:
             volume=vol.name, node=self.name, role=role.role,
             state=state, epoch=role.epoch, size=vol.current_size,
             head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
-            replayed_lsn=vol.current_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
+            replayed_lsn=vol.replayed_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
             lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
             open_handles=self.opens[vol.name],
             errors=list(vol.errors) + vol.fault_lines() + (list(fences.values()) if role.role == Role.PRIMARY else [])
@@ -775,7 +776,7 @@ class Node:
             members=sorted(self.meta.members(name)),
             log_space_limit=self.space.last_limit, oldest_retained_lsn=vol.log.first_lsn,
             warnings=self.space.warnings(vol, self.history_of(name)),
-            dropped={k.removeprefix("mirror:"): cs.bytes for k, cs in vol.dropped().items()},
+            dropped={hold_mirror(k) or k: cs.bytes for k, cs in vol.dropped().items()},
             fork_lsn=min(x.fork_lsn for x in splits) if splits else None,
             split_brain=[x.to_json() for x in splits], failover_loss=loss.to_json() if loss is not None else None)
 

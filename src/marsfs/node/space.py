@@ -46,6 +46,7 @@ from marsfs.errors import InvalidRequest, MarsError
 from marsfs.log import DEFAULT_SEGMENT_BYTES
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention, Volume
+from marsfs.volume.holds import hold_mirror
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class LogSpace:
             logger.info("log space: history of %s cut at lsn-%d", vol.name, reach)
         for key in sorted(set(vol.dropped()) - dropped_before):
             logger.info("log space: log of %s dropped for %s up to lsn-%d; it will copy the changed extents",
-                        vol.name, key.removeprefix("mirror:"), reach)
+                        vol.name, hold_mirror(key) or key, reach)
         pin = vol.open_versions.oldest()
         if reach < upto and pin is not None and pin <= reach:
             self.pinned[vol.name] = (f"open version lsn-{pin} of {vol.name} (a reader, a loop device or a clone) "
@@ -237,7 +238,7 @@ class LogSpace:
     def _stop_fetching(self, vols: list[Volume], full: bool) -> None:
         """A mirror whose log cannot go because its replay is behind stops fetching while the
         logs stay full (its fetcher asks :attr:`fetch_stopped`), instead of failing."""
-        stopped = {v.name for v in vols if full and v.visible_lsn is not None and v.visible_lsn < v.durable_lsn}
+        stopped = {v.name for v in vols if full and v.replay_limit is not None and v.replay_limit < v.durable_lsn}
         for name in sorted(stopped - self.fetch_stopped):
             logger.info("log space is full: %s stops fetching until its replay lets log go", name)
         self.fetch_stopped = stopped
@@ -260,7 +261,7 @@ class LogSpace:
                            f"{vol.name} ({history.describe()}) was cut at lsn-{cut.lsn}; the oldest version is "
                            f"lsn-{vol.oldest_version_lsn}; raise --log-space or shorten the history")
         for key, cs in sorted(vol.dropped().items()):
-            mirror = key.removeprefix("mirror:")
+            mirror = hold_mirror(key) or key
             out.append(f"log space ran out: mirror {mirror} of {vol.name} fell behind by more than the log space; "
                        f"its log up to lsn-{cs.upto} was dropped and it will copy {human_bytes(cs.bytes)} of changed "
                        f"extents when it returns (if it is gone for good: marsfs leave {vol.name} on it, or marsfs "
@@ -269,7 +270,7 @@ class LogSpace:
             out.append(self.pinned[vol.name])
         if vol.name in self.fetch_stopped:
             out.append(f"log space is full: fetching of {vol.name} stopped, because its replay (at lsn-"
-                       f"{vol.visible_lsn}) keeps {human_bytes(vol.log.end_bytes)} of log; it fetches again once "
+                       f"{vol.replay_limit}) keeps {human_bytes(vol.log.end_bytes)} of log; it fetches again once "
                        f"replay lets log go (marsfs resume-replay {vol.name}) or --log-space is raised")
         return out
 

@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Any
 
 from marsfs.errors import StateError
+from marsfs.replication.session import STALL_AFTER
 from marsfs.units import human_bytes
 
 
@@ -71,7 +72,6 @@ class VolumeState(StrEnum):
 FATAL_STATES = {"diverged": VolumeState.SPLIT_BRAIN, "log-trimmed": VolumeState.NEEDS_RESYNC,
                 "volume-deleted": VolumeState.NEEDS_RESYNC, "volume-replaced": VolumeState.NEEDS_RESYNC}
 
-STALL_AFTER = 10.0  #: seconds without progress (while there is lag) before a mirror is stalled
 FRESH = 1.5  #: a mirror is synced only on the word of a heartbeat at most this old (one per 0.5 s)
 
 

@@ -284,7 +284,7 @@ class Server:
                 req = sess.receive(await ch.receive_message())
                 assert isinstance(req, SumsRequest)
                 if view is None:
-                    lsn = pick_version(req, vol.oldest_version_lsn, vol.current_lsn, self.node, vol.name)
+                    lsn = pick_version(req, vol.oldest_version_lsn, vol.replayed_lsn, self.node, vol.name)
                     if isinstance(lsn, Error):
                         await ch.send_message(lsn)
                         return

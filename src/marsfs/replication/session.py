@@ -86,6 +86,7 @@ from marsfs.replication.protocol import (
     Welcome,
 )
 from marsfs.volume.blocksums import BLOCK, SUM_SIZE, block_ranges, block_sums, differing_blocks
+from marsfs.volume.holds import mirror_hold
 
 BATCH_BYTES = 4 * 1024 * 1024
 FIRST_BATCH = 64 * 1024  #: a session's first frame; each later one may be twice as big
@@ -93,7 +94,7 @@ IMAGE_CHUNK = 1024 * 1024
 PROGRESS_EVERY = 0.2  #: an image scan through zeros says how far it got at least this often...
 PROGRESS_BYTES = 64 * 1024 * 1024  #: ...or after this many bytes
 HEARTBEAT = 0.5
-STALL_AFTER = 10.0
+STALL_AFTER = 10.0  #: seconds without progress (while there is lag) before a fetch or replay is stalled
 ACK_EVERY = 0.2
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
@@ -137,14 +138,14 @@ class VolumeFacts(Protocol):
     @property
     def durable_lsn(self) -> int: ...
     @property
-    def current_lsn(self) -> int: ...
+    def replayed_lsn(self) -> int: ...
     @property
     def log(self) -> LogFacts: ...
 
 
 def shippable_lsn(vol: VolumeFacts) -> int:
     """The newest LSN we may ship: durable here, and replayed if we are a mirror."""
-    return min(vol.durable_lsn, vol.current_lsn)
+    return min(vol.durable_lsn, vol.replayed_lsn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +443,7 @@ class ServingSession:
     @property
     def hold_key(self) -> str:
         """The name under which the mirror's position holds our log."""
-        return f"mirror:{self.peer}"
+        return mirror_hold(self.peer)
 
     @property
     def hold_lsn(self) -> int:

@@ -115,7 +115,7 @@ async def verify_with(vol: Volume, node: str, cluster: str, peer: str, connect: 
     cmp = _Comparison(vol, node, peer, progress)
     try:
         if mine:
-            await cmp.pin(vol.current_lsn)
+            await cmp.pin(vol.replayed_lsn)
         try:
             ch, welcome = await open_channel(connect, hello(node, cluster, vol.name, "sums"))
         except PeerRefused as e:

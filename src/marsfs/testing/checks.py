@@ -101,7 +101,7 @@ def make_mirror(node: Node, name: str, source: str = "x") -> None:
     faces and commands, which need a mirror's behaviour but no replication)."""
     node.set_role(name, role="mirror", source=source)
     vol = node.volume(name)
-    vol.visible_lsn = vol.head_lsn
+    vol.replay_limit = vol.head_lsn
 
 
 def write_synced(image: Path, offset: int, data: bytes) -> None:

@@ -113,6 +113,7 @@ from marsfs.volume import writeback as wb
 from marsfs.volume.changes import ChangeSet
 from marsfs.volume.clone import CloneLink
 from marsfs.volume.encoding import Lz4Policy
+from marsfs.volume.holds import hold_mirror, mirror_hold
 from marsfs.volume.index import ExtentIndex
 from marsfs.volume.resync import Extents, Overlay, Resync, ResyncState
 from marsfs.volume.splits import SplitInfo, SplitView, list_splits, split_image
@@ -178,7 +179,7 @@ class Volume:
         self._oldest = applied_lsn
         self._oldest_ts = applied_timestamp_ns  # timestamp of record A (its record may be trimmed)
         #: A mirror shows (and writes back) only up to its replay position; None = everything.
-        self.visible_lsn: int | None = None
+        self.replay_limit: int | None = None
         #: why writes are refused ("": they are not): the node fences a primary that is no
         #: longer the designated one, and a former primary that became a mirror (marsfs.node.node)
         self.fence = ""
@@ -294,7 +295,7 @@ class Volume:
         write_json(path / "volume.json", meta)
         fsync_dir(path.parent)
         vol = cls.open(path)
-        vol.visible_lsn = lsn
+        vol.replay_limit = lsn
         return vol
 
     @classmethod
@@ -489,9 +490,9 @@ class Volume:
         return self._applied
 
     @property
-    def current_lsn(self) -> int:
+    def replayed_lsn(self) -> int:
         """The newest version readers should see: head on a primary, the replay position on a mirror."""
-        return self.head_lsn if self.visible_lsn is None else self.visible_lsn
+        return self.head_lsn if self.replay_limit is None else self.replay_limit
 
     @property
     def needs_flush(self) -> bool:
@@ -689,7 +690,7 @@ class Volume:
     @property
     def current_size(self) -> int:
         """The size of the version readers see (a mirror's replayed one)."""
-        return self.size_at(self.current_lsn)
+        return self.size_at(self.replayed_lsn)
 
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
@@ -729,7 +730,7 @@ class Volume:
 
     @_io_path("writeback")
     def writeback(self, upto: int | None = None, *, max_bytes: int | None = WRITEBACK_BATCH,
-                  past_visible: bool = False) -> int:
+                  past_limit: bool = False) -> int:
         """Apply durable records up to ``upto`` (default: all durable) to the base; returns A.
 
         Applies at most about ``max_bytes`` of log per call (None: no limit), so that the
@@ -738,7 +739,7 @@ class Volume:
         writes back (its base is its source's version). After a resync's switch, first merges
         its staged blocks into the base once no older view needs the base as it is, and writes
         nothing back before that (the staged blocks would shadow the newer records).
-        ``past_visible``: also past a mirror's visible LSN (a resync's finish).
+        ``past_limit``: also past a mirror's visible LSN (a resync's finish).
         """
         if self.clone_of is not None:
             return self._applied
@@ -747,8 +748,8 @@ class Volume:
         with self._writeback_lock:
             with self._lock:
                 bound = self.durable_lsn if upto is None else min(upto, self.durable_lsn)
-                if self.visible_lsn is not None and not past_visible:
-                    bound = min(bound, self.visible_lsn)
+                if self.replay_limit is not None and not past_limit:
+                    bound = min(bound, self.replay_limit)
                 pinned = self._views.oldest()
                 if pinned is not None:
                     bound = min(bound, pinned)
@@ -913,7 +914,7 @@ class Volume:
         records after the drop point (or after ``position`` when that is retained). None
         when that is not known (its position lies before what the log and its set cover:
         it needs a full sync)."""
-        key = mirror if mirror.startswith("mirror:") else f"mirror:{mirror}"
+        key = mirror if hold_mirror(mirror) is not None else mirror_hold(mirror)
         with self._writeback_lock:  # nothing is trimmed while the log is scanned
             with self._lock:
                 cs = self._changes.get(key)
@@ -1035,8 +1036,8 @@ class Volume:
             self._merge()
         if not r.direct:
             with self._lock:
-                if self.visible_lsn is not None and self.visible_lsn < base:
-                    self.visible_lsn = base  # writeback passes it now; base is a replayed, durable prefix
+                if self.replay_limit is not None and self.replay_limit < base:
+                    self.replay_limit = base  # writeback passes it now; base is a replayed, durable prefix
             while True:
                 with self._lock:
                     r.waiting_for = self._switch_waits(base)
@@ -1044,7 +1045,7 @@ class Volume:
                     return False
                 if self._applied >= base:
                     break
-                self.writeback(base, max_bytes=None, past_visible=True)
+                self.writeback(base, max_bytes=None, past_limit=True)
         with self._writeback_lock, self._lock:
             r.waiting_for = self._switch_waits(base)
             if r.waiting_for:
@@ -1071,8 +1072,8 @@ class Volume:
             self._old_views = self._views.total()
             self._views.unshare()
             self._writes_since_flush = False
-            if self.visible_lsn is not None:
-                self.visible_lsn = r.target_lsn
+            if self.replay_limit is not None:
+                self.replay_limit = r.target_lsn
             self._resync = None
             if merging is not None:
                 self._overlay = Overlay(r.extents, staged_fd)
@@ -1172,7 +1173,7 @@ class Volume:
     def versions(self) -> list[VersionInfo]:
         """Oldest retained version, flush points, marks and head (the newest readers may see),
         in LSN order."""
-        return list_versions(self.log, self._oldest, self.current_lsn)
+        return list_versions(self.log, self._oldest, self.replayed_lsn)
 
     def splits(self) -> list[SplitInfo]:
         """The split versions a resolved split brain left here (``splits``)."""
@@ -1185,7 +1186,7 @@ class Volume:
     def version_listing(self) -> list[VersionInfo]:
         """What ``.versions/<vol>/`` lists: every retained mark and a bounded set of flush points
         up to what readers may see (the newest 100, then one per hour)."""
-        return listing(self.log.flush_points(), self.log.marks, self._oldest, self.current_lsn)
+        return listing(self.log.flush_points(), self.log.marks, self._oldest, self.replayed_lsn)
 
     def resolve_version(self, spec: str) -> int:
         """LSN named by ``lsn-N``, a mark name, or an ISO-8601 UTC time (newest flush at or before)."""
@@ -1195,7 +1196,7 @@ class Volume:
         """The LSN of a version a reader may open now: retained (at least the oldest version)
         and visible (at most the head on a primary, the replay position on a mirror).
         VersionNotFound otherwise, naming the oldest available version."""
-        return find_version(self.log, spec, self._oldest, self.current_lsn, self.name)
+        return find_version(self.log, spec, self._oldest, self.replayed_lsn, self.name)
 
 
 _INF = float("inf")
