@@ -22,6 +22,7 @@ from marsfs.errors import (
     PeerError,
     UsageError,
     VolumeError,
+    WrongRole,
 )
 from marsfs.faces.commands import COMMANDS, Context, dispatch, run
 from marsfs.faces.control import call, serve_control
@@ -98,8 +99,12 @@ def test_mirror_commands(node: Node) -> None:
         assert node.role("m").fetch_paused and node.role("m").replay_paused
         assert await dispatch(ctx, "resume-replay", {"volume": "m"}) == {"volume": "m", "replay_paused": False}
         assert await dispatch(ctx, "resume-fetch", {"volume": "m"}) == {"volume": "m", "fetch_paused": False}
-        with pytest.raises(UsageError, match="is a mirror here"):
+        with pytest.raises(WrongRole, match="is a mirror on node") as wrong:
             await dispatch(ctx, "delete", {"volume": "m"})
+        with pytest.raises(WrongRole, match="not a mirror") as other:
+            await dispatch(ctx, "leave", {"volume": "p"})
+        # the same kind of mistake (a command for the other role) leaves with the same status
+        assert wrong.value.exit_code == other.value.exit_code == 1
         with pytest.raises(PeerError, match="unknown peer 'n2'"):
             await dispatch(ctx, "join", {"volume": "q", "source": "n2"})
         with pytest.raises(InvalidRequest, match="invalid volume name"):

@@ -44,7 +44,7 @@ from typing import Any, TextIO
 
 import trio
 
-from marsfs.errors import MarsError, NotAvailable, UsageError
+from marsfs.errors import MarsError, NotAvailable, UsageError, WrongRole
 from marsfs.faces.namespace import SUFFIX
 from marsfs.node import Node, check_volume_name
 from marsfs.node.cluster import Cluster
@@ -220,7 +220,7 @@ async def _create(ctx: Context, a: dict[str, Any]) -> Any:
 async def _delete(ctx: Context, a: dict[str, Any]) -> Any:
     name = a["volume"]
     if ctx.node.is_mirror(name):
-        raise UsageError(f"{name} is a mirror here: stop mirroring with marsfs leave")
+        raise WrongRole(f"volume {name!r} is a mirror on node {ctx.node.name}; stop mirroring with marsfs leave")
     mirrors = ctx.cluster.mirrors_of(name)
     await trio.to_thread.run_sync(functools.partial(ctx.node.delete, name, force=a["force"], mirrors=mirrors))
     ctx.forget_volume(name)
