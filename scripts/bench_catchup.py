@@ -1,6 +1,6 @@
 """Catch-up benchmark: a mirror that missed 64 MiB of random 4 KiB writes, against rsync.
 
-Issue 11's benchmark. One invocation, same machine, same change:
+The catch-up benchmark. One invocation, same machine, same change:
 
 * **marsfs**: primary ``a`` and mirror ``b`` (through a clean fault proxy, which counts the
   bytes), a ``--volume-gib`` thin volume filled with random data first (a used VM disk: rsync
@@ -15,7 +15,7 @@ Issue 11's benchmark. One invocation, same machine, same change:
   into two directories; ``rsync --inplace --no-whole-file`` brings the old one up to date. We
   time it and take its own byte counts (``--stats``: literal data and total bytes sent).
 
-The target (issue 11): catch-up at least 10x faster than rsync and at most 1.2x the bytes of
+The target: catch-up at least 10x faster than rsync and at most 1.2x the bytes of
 the change (distinct blocks written x 4 KiB).
 
 Usage: ``scripts/bench catchup [--volume-gib 2] [--change-mib 64] [--cases log,dropped]

@@ -55,7 +55,7 @@ def describe(e: BaseException) -> str:
     """An exception in words for status and logs: never empty, never just a class name's colon.
 
     ``str(trio.TooSlowError())`` and many OSErrors from trio are empty strings, which made
-    reasons like "cannot reach peer: ; is its daemon running" (issue 8)."""
+    reasons like "cannot reach peer: ; is its daemon running"."""
     if isinstance(e, trio.TooSlowError):
         return "no answer in time (timed out)"
     if isinstance(e, OSError) and e.strerror:

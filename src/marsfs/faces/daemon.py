@@ -10,7 +10,7 @@ One trio loop runs everything: pyfuse3's main loop, the cluster (peers, fetch, r
 control socket (answered through :func:`marsfs.faces.commands.dispatch`), the periodic
 maintenance (writeback of what left the history window), the log space limit (woken by the
 write path, :mod:`marsfs.node.space`) and, once mounted, the FUSE
-connection tuning FUSE-NOTES measured.
+connection tuning measured to pay.
 
 Stopping (SIGTERM/SIGINT). A volume image that is open (a loop device with a mounted
 filesystem, a reader) is a disk in use: stopping would pull it from under its user (ext4 aborts
@@ -57,11 +57,11 @@ logger = logging.getLogger(__name__)
 
 MAINTAIN_INTERVAL = 1.0
 DRAIN_POLL = 0.1  #: how often a stopping daemon looks whether the last volume was closed
-FUSE_MAX_BACKGROUND = 64  # FUSE-NOTES: +35-45 % on 1 MiB I/O over the default 12
+FUSE_MAX_BACKGROUND = 64  # measured: +35-45 % on 1 MiB I/O over the default 12
 
 
 def _tune_process() -> None:
-    """Memory and I/O settings FUSE-NOTES measured; each one is best effort."""
+    """Memory and I/O settings measured to pay; each one is best effort."""
     # Writeback and replication threads run Python code; with the default 5 ms GIL switch
     # interval every FUSE request behind them waits up to 5 ms. 0.5 ms bounds that tail.
     sys.setswitchinterval(0.0005)
@@ -171,7 +171,7 @@ class Daemon:
         await trio.to_thread.run_sync(self.node.enforce_space)
 
     async def _tune_connection(self) -> None:
-        """Raise max_background (FUSE-NOTES). stat() of our own mount must not run on this thread."""
+        """Raise max_background (+35-45 % on 1 MiB I/O). stat() of our own mount must not run on this thread."""
         try:
             dev = (await trio.to_thread.run_sync(os.stat, self.cfg.mount)).st_dev
             conn = Path("/sys/fs/fuse/connections") / str(os.minor(dev))

@@ -2,7 +2,7 @@
 
 It decides nothing about the tree: names, inodes, lookup counts and attributes are
 :mod:`marsfs.faces.namespace`'s; volumes, roles and open counts are the node's. What it adds
-is the kernel's side of the contract (see ../shared/FUSE-NOTES.md for the measured facts):
+is the kernel's side of the contract (measured on Linux 6.x with libfuse 3.14):
 
 * Every handler is wrapped (:func:`translated`): a :class:`MarsError` reaches the kernel as its
   class's ``errno`` and is logged as a warning; any other exception is logged with its

@@ -58,7 +58,7 @@ Conversation (client = the mirror, server = the node it fetches from)::
     A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
     durable LSN, so the client knows how old the state it describes can be at most.
     WELCOME and every HEARTBEAT name the volume's uuid: a volume deleted and re-created under
-    the same name is another volume, and its mirrors must notice (issue 8).
+    the same name is another volume, and its mirrors must notice.
     want=sums: client: SUMS_REQUEST {lsn (0: your current version), offset, length}
                server: SUMS {lsn, offset, size, sums} | ERROR {code: "version-not-retained" | "out-of-range"}
                (repeated; the first request pins the version for the whole connection, so

