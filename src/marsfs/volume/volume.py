@@ -111,7 +111,7 @@ from marsfs.volume import changes as ch
 from marsfs.volume import resync as rs
 from marsfs.volume import writeback as wb
 from marsfs.volume.changes import ChangeSet
-from marsfs.volume.clone import CloneLink
+from marsfs.volume.clone import CloneLink, check_source, pin_source
 from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.faults import IO_FAULTS, Faults, io_path
 from marsfs.volume.holds import HoldLedger, hold_mirror, mirror_hold
@@ -360,9 +360,7 @@ class Volume:
 
         The source's version is pinned before the clone exists, so writeback cannot pass it in
         between; VersionNotFound when it is not retained."""
-        if source.clone_of is not None:
-            raise InvalidRequest(f"volume {source.name!r} is itself a clone (of {source.clone_of.describe()}); "
-                                 "a clone of a clone is not supported yet: clone the original volume")
+        check_source(source)
         view = source.view(lsn)
         try:
             vol = cls.create(path, name, source.size_at(lsn), sync_interval=sync_interval,
@@ -379,17 +377,7 @@ class Volume:
         LSN. StateError or VersionNotFound, in one line, when that cannot be done."""
         link = self.clone_of
         assert link is not None and self._below is None, "attach only a detached clone"
-        assert source.name == link.source
-        if source.uuid != link.source_uuid:
-            raise StateError(f"clone {self.name}: volume {source.name} on this node is not the volume it was "
-                             f"cloned from (uuid {source.uuid}, not {link.source_uuid}); "
-                             f"delete the clone: marsfs delete {self.name}")
-        try:
-            view = source.view(link.lsn)
-        except VersionNotFound:
-            raise VersionNotFound(f"clone {self.name}: volume {source.name} no longer retains lsn-{link.lsn} "
-                                  f"(oldest is lsn-{source.oldest_version_lsn}); "
-                                  f"delete the clone: marsfs delete {self.name}") from None
+        view = pin_source(link, self.name, source)
         with self._lock:
             self._below = view
 
