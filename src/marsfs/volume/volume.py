@@ -75,7 +75,7 @@ LSN in ``(A, head]``; the log retains every record after ``min(A, hold_floor)``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
 ``views`` (views and their shared indexes), ``resync`` (staging and switching to another
-node's version), ``versions`` (listing versions and resolving their
+node's version), ``resync_control`` (when a resync may begin and switch), ``versions`` (listing versions and resolving their
 names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
 ``encoding`` (the lz4 backoff), ``index`` (the extent index), ``changes`` (what a mirror whose
 log was dropped must copy), ``holds`` (the :class:`~marsfs.volume.holds.HoldLedger` of mirror
@@ -109,6 +109,7 @@ from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
 from marsfs.volume import changes as ch
 from marsfs.volume import resync as rs
+from marsfs.volume import resync_control as rc
 from marsfs.volume import writeback as wb
 from marsfs.volume.changes import ChangeSet
 from marsfs.volume.clone import CloneLink, check_source, pin_source
@@ -811,8 +812,7 @@ class Volume:
     def _busy(self) -> VolumeBusy:
         r = self._resync
         assert r is not None
-        return VolumeBusy(f"volume {self.name} is being resynced to lsn-{r.target_lsn} of another node and takes "
-                          f"no writes until that finishes; see marsfs status {self.name}")
+        return rc.busy(self.name, r.target_lsn)
 
     def begin_resync(self, lsn: int, chain: bytes, size: int, uuid: str, *, direct: bool = False) -> Resync:
         """Start bringing this volume to another node's version ``lsn`` (its ``chain``, ``size``
@@ -821,17 +821,8 @@ class Volume:
 
         ``direct``: stage straight into the base (a new replica that nobody reads: views are
         refused until the switch); needs a volume with nothing unapplied."""
-        if uuid != self.uuid:
-            raise InvalidRequest(f"refused to resync volume {self.name} (uuid {self.uuid}) from an image of another "
-                                 f"volume (uuid {uuid}); delete this volume first to replace it")
-        if size < self.size or size % 512:
-            raise InvalidRequest(f"refused to resync volume {self.name} of {self.size} bytes to an image of {size} "
-                                 "bytes: volumes never shrink (and sizes are multiples of 512)")
-        if self.clone_of is not None:
-            raise InvalidRequest(f"volume {self.name} is a clone; a clone cannot be resynced")
-        if self._resync is not None:
-            raise VolumeBusy(f"a resync of volume {self.name} (to lsn-{self._resync.target_lsn}) is already running; "
-                             "continue or abort it")
+        rc.check_begin(self.name, self.uuid, self.size, self.clone_of is not None,
+                       None if self._resync is None else self._resync.target_lsn, target_uuid=uuid, target_size=size)
         if direct and self._overlay is not None:
             self._merge()  # a direct resync writes the base: nothing may be laid over it later
         self.log.sync()
@@ -874,19 +865,11 @@ class Volume:
         return r
 
     def _switch_waits(self, base: int) -> str:
-        """Why a resync from ``base`` cannot switch now ("" if it can). Caller locks."""
-        if self._overlay is not None and self._old_views:
-            return (f"{self._old_views} reader(s) of versions older than the previous resync are still open; "
-                    "they close when their readers do")
-        if self._overlay is not None:
-            return f"the previous resync is not merged into the base image yet: {self.fault('writeback')}"
-        below = [lsn for lsn in self._views.pinned() if lsn < base]
-        if below:
-            return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
-                    "they close when their readers do")
-        if self._building:
-            return "a version is being opened"
-        return ""
+        """Why a resync from ``base`` cannot switch now ("" if it can; :func:`.resync_control.switch_waits`).
+        Caller locks."""
+        return rc.switch_waits(base, merging=self._overlay is not None, old_views=self._old_views,
+                               merge_fault=self.fault("writeback"), pinned=self._views.pinned(),
+                               building=self._building)
 
     def finish_resync(self) -> bool:
         """Switch to the resync's target (see :mod:`marsfs.volume.resync`): True when done;
