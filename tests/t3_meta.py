@@ -258,9 +258,9 @@ def test_leave_node_force_releases_the_hold(tmp_path: Path) -> None:
                 await a.leave_node("v", "b", force=True)
             with pytest.raises(InvalidRequest, match="designated primary"):
                 await net.clusters["b"].leave_node("v", "a", force=True)
-            assert "mirror:c" in vol._holds
+            assert "mirror:c" in vol.holds
             r = await a.leave_node("v", "c", force=True)
-            assert r["members"] == ["a", "b"] and "mirror:c" not in vol._holds
+            assert r["members"] == ["a", "b"] and "mirror:c" not in vol.holds
             assert a.mirrors_of("v") == ["b"]
             await wait_for(lambda: net.nodes["b"].meta.members("v") == {"a", "b"}, "b learns the removal")
             nursery.cancel_scope.cancel()

@@ -22,14 +22,18 @@ Rules that hold here:
   only be deleted.
 * A clone is not a source: cloning a clone is refused for now (the restart order would have to
   follow chains), and so is serving it to peers (clones are local).
+
+Attachment (:func:`check_source`, :func:`pin_source`) works on a :class:`CloneSource`: the few
+public methods of the source volume it needs, so this module never imports the volume.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from marsfs.errors import StateError
+from marsfs.errors import InvalidRequest, StateError, VersionNotFound
+from marsfs.volume.views import VolumeView
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +57,47 @@ class CloneLink:
     def describe(self) -> str:
         """``VOL@lsn-L``: what status shows as ``clone_of``."""
         return f"{self.source}@lsn-{self.lsn}"
+
+
+class CloneSource(Protocol):
+    """What a clone is attached to: a volume (:class:`marsfs.volume.Volume` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def uuid(self) -> str: ...
+
+    @property
+    def clone_of(self) -> CloneLink | None: ...
+
+    @property
+    def oldest_version_lsn(self) -> int: ...
+
+    def view(self, lsn: int) -> VolumeView:
+        """Open (and pin) version ``lsn``."""
+        ...
+
+
+def check_source(source: CloneSource) -> None:
+    """InvalidRequest when ``source`` cannot be cloned (it is a clone itself)."""
+    if source.clone_of is not None:
+        raise InvalidRequest(f"volume {source.name!r} is itself a clone (of {source.clone_of.describe()}); "
+                             "a clone of a clone is not supported yet: clone the original volume")
+
+
+def pin_source(link: CloneLink, clone: str, source: CloneSource) -> VolumeView:
+    """Open the version of ``source`` that clone ``clone`` (linked by ``link``) reads below what it
+    wrote: pins the source at the clone's LSN. StateError or VersionNotFound, in one line, when
+    that cannot be done."""
+    assert source.name == link.source, (source.name, link.source)
+    if source.uuid != link.source_uuid:
+        raise StateError(f"clone {clone}: volume {source.name} on this node is not the volume it was "
+                         f"cloned from (uuid {source.uuid}, not {link.source_uuid}); "
+                         f"delete the clone: marsfs delete {clone}")
+    try:
+        return source.view(link.lsn)
+    except VersionNotFound:
+        raise VersionNotFound(f"clone {clone}: volume {source.name} no longer retains lsn-{link.lsn} "
+                              f"(oldest is lsn-{source.oldest_version_lsn}); "
+                              f"delete the clone: marsfs delete {clone}") from None

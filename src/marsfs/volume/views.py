@@ -26,19 +26,39 @@ alone, which holds its version until the switch's merge (see :mod:`marsfs.volume
 Two threads that open the same new version at once may both build it; the second one's is
 dropped and both use the first (counted in :attr:`VersionIndexes.builds`). All methods run
 under the volume lock (the caller's).
+
+A :class:`VolumeView` reads through :class:`VersionSource`, the few public methods of the
+volume it needs (the volume implements it), so views never reach into the volume's internals.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from marsfs.errors import OutOfRange
 from marsfs.log import RecordInfo, RecordType
 from marsfs.volume.index import ExtentIndex
 
-if TYPE_CHECKING:
-    from marsfs.volume.volume import Volume
+
+class VersionSource(Protocol):
+    """What a view reads from: a volume (:class:`marsfs.volume.Volume` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def size_at(self, lsn: int) -> int:
+        """The size of version ``lsn``."""
+        ...
+
+    def read_indexed(self, index: ExtentIndex, offset: int, length: int, generation: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the image ``index`` describes, as a reader opened
+        in resync ``generation`` sees them."""
+        ...
+
+    def unpin(self, lsn: int, generation: int) -> None:
+        """A view of ``lsn`` opened in ``generation`` closed: writeback may pass it."""
+        ...
 
 
 def build_index(records: Iterable[RecordInfo]) -> ExtentIndex:
@@ -109,7 +129,7 @@ class VersionIndexes:
 class VolumeView:
     """A read-only image of a volume after a fixed LSN. Pins writeback until closed."""
 
-    def __init__(self, volume: Volume, lsn: int, index: ExtentIndex, generation: int) -> None:
+    def __init__(self, volume: VersionSource, lsn: int, index: ExtentIndex, generation: int) -> None:
         self.volume = volume
         self.lsn = lsn
         self.size = volume.size_at(lsn)  #: a version keeps the size of its LSN (resize)
@@ -122,12 +142,12 @@ class VolumeView:
         if offset + length > self.size:  # the volume may have grown since (resize, a resync's switch)
             raise OutOfRange(f"range {offset}+{length} lies outside version lsn-{self.lsn} of volume "
                              f"{self.volume.name} ({self.size} bytes)")
-        return self.volume._read_at(self._index, offset, length, self.generation)
+        return self.volume.read_indexed(self._index, offset, length, self.generation)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.volume._unpin(self.lsn, self.generation)
+            self.volume.unpin(self.lsn, self.generation)
 
     def __enter__(self) -> VolumeView:
         return self

@@ -75,28 +75,28 @@ LSN in ``(A, head]``; the log retains every record after ``min(A, hold_floor)``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
 ``views`` (views and their shared indexes), ``resync`` (staging and switching to another
-node's version), ``versions`` (listing versions and resolving their
+node's version), ``resync_control`` (when a resync may begin and switch), ``versions`` (listing versions and resolving their
 names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
-``encoding`` (the lz4 backoff), ``index`` (the extent index) and ``changes`` (what a mirror whose
-log was dropped must copy).
+``encoding`` (the lz4 backoff), ``index`` (the extent index), ``changes`` (what a mirror whose
+log was dropped must copy), ``holds`` (the :class:`~marsfs.volume.holds.HoldLedger` of mirror
+positions and change sets this volume owns and delegates to), ``sizes`` (the
+:class:`~marsfs.volume.sizes.SizeHistory`) and ``faults`` (the standing disk failures and the
+``io_path`` decorator that records them).
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
 import os
 import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import Any, Self
 
 from marsfs.errors import (
     DiskFailed,
     InvalidRequest,
-    LogFailed,
     MarsError,
     NoSpace,
     OutOfRange,
@@ -109,13 +109,16 @@ from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
 from marsfs.volume import changes as ch
 from marsfs.volume import resync as rs
+from marsfs.volume import resync_control as rc
 from marsfs.volume import writeback as wb
 from marsfs.volume.changes import ChangeSet
-from marsfs.volume.clone import CloneLink
+from marsfs.volume.clone import CloneLink, check_source, pin_source
 from marsfs.volume.encoding import Lz4Policy
-from marsfs.volume.holds import hold_mirror, mirror_hold
+from marsfs.volume.faults import IO_FAULTS, Faults, io_path
+from marsfs.volume.holds import HoldLedger, hold_mirror, mirror_hold
 from marsfs.volume.index import ExtentIndex
 from marsfs.volume.resync import Extents, Overlay, Resync, ResyncState
+from marsfs.volume.sizes import SizeHistory
 from marsfs.volume.splits import SplitInfo, SplitView, list_splits, split_image
 from marsfs.volume.versions import VersionInfo, check_mark_name, find_version, list_versions, listing, resolve_version
 from marsfs.volume.views import VersionIndexes, VolumeView, build_index
@@ -127,37 +130,9 @@ SYNC_INTERVAL = 0.05  # seconds; G3 wants at most 0.1
 RECORD_CHUNK = 64 * 1024
 assert RECORD_CHUNK <= MAX_PAYLOAD
 WRITEBACK_BATCH = 32 * 1024 * 1024  # log bytes one writeback call applies (bounds lock hold times)
-HOLDS_FILE = "holds.json"  #: mirrors' positions, persisted (see "Log deletion" in the module doc)
 _EMPTY = encode_payload(b"")
 
 __all__ = ["RECORD_CHUNK", "SYNC_INTERVAL", "VersionInfo", "Volume", "VolumeView"]
-
-#: What the disk under the state directory can make an operation fail with (G11).
-IO_FAULTS = (NoSpace, DiskFailed, LogFailed)
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _io_path(where: str) -> Callable[[Callable[Concatenate[Volume, _P], _R]], Callable[Concatenate[Volume, _P], _R]]:
-    """Record a disk failure of the decorated operation as the volume's fault at ``where``
-    (and re-raise it); a success clears that fault: space came back, the disk answered."""
-
-    def decorate(fn: Callable[Concatenate[Volume, _P], _R]) -> Callable[Concatenate[Volume, _P], _R]:
-        @functools.wraps(fn)
-        def wrapper(self: Volume, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-            try:
-                result = fn(self, *args, **kwargs)
-            except IO_FAULTS as e:
-                self._faults[where] = e
-                raise
-            if self._faults:  # the hot path pays one truth test
-                self._faults.pop(where, None)
-            return result
-
-        return wrapper
-
-    return decorate
-
 
 class Volume:
     """One volume's storage core on this node. Thread-safe."""
@@ -168,9 +143,9 @@ class Volume:
         self.name: str = meta["name"]
         self.uuid: str = meta["uuid"]
         self.log = log
-        self._sizes = _size_history(meta, log)  #: (lsn, size) from which on the volume has that size
+        self._sizes = SizeHistory.load(meta, log)  #: the size of every version (:mod:`.sizes`)
         #: the size at the head (what writes may reach); a mirror shows :meth:`size_at` its version
-        self.size: int = self._sizes[-1][1]
+        self.size: int = self._sizes.head
         #: created --thin (or a replica, a clone): its base is not reserved, so neither is its growth
         self.thin: bool = bool(meta.get("thin", False))
         self._applied = applied_lsn
@@ -188,14 +163,7 @@ class Volume:
         self._views = VersionIndexes()  # open versions: pins and shared indexes
         # Mirrors' positions (hold key -> LSN they have durable and replayed), persisted in
         # holds.json by persist_holds(); and, per mirror whose log was dropped, what it missed.
-        self._holds: dict[str, int] = _read_holds(path)
-        self._changes: dict[str, ChangeSet] = ch.load_all(path)
-        self._stale_changes: set[str] = set()  #: sets cleared in memory, their files not yet removed
-        self._holds_dirty = False
-        for key, cs in list(self._changes.items()):
-            if key not in self._holds or self._holds[key] >= cs.upto:  # cleared before a crash
-                del self._changes[key]
-                self._stale_changes.add(key)
+        self._ledger = HoldLedger(path, self.name, self._lock)
         #: Called (from the writing thread, outside the volume lock) each time the log grew by
         #: about a quarter segment: the node's space enforcement wakes up (G8).
         self.on_growth: Callable[[], None] | None = None
@@ -208,7 +176,8 @@ class Volume:
         #: What this volume is a clone of (None: not a clone); see :mod:`marsfs.volume.clone`.
         self.clone_of = None if link is None else CloneLink.from_json(link, str(path / "volume.json"))
         self._below: VolumeView | None = None  #: a clone's source version, once attached
-        self._faults: dict[str, MarsError] = {}  #: path (write, flush, writeback) -> its standing disk failure
+        #: path (write, flush, writeback) -> its standing disk failure (:mod:`.faults`)
+        self.fault_state = Faults()
         self._resync: Resync | None = None  #: the running resync (see :mod:`marsfs.volume.resync`)
         self._overlay: Overlay | None = None  #: a switched resync's staged blocks, until merged
         self._generation = 0  #: +1 at each resync switch; views of older generations read the old base
@@ -347,9 +316,9 @@ class Volume:
         try:
             if resync is not None:
                 vol._resume_resync(resync)
-            if [list(e) for e in vol._sizes[1:]] != meta.get("resizes", []):
+            if vol._sizes.resizes() != meta.get("resizes", []):
                 with vol._lock:  # the log's RESIZE records are the truth for their LSNs: before any trim
-                    vol._persist_sizes()
+                    vol._sizes.persist(vol.path)
         except BaseException:
             vol.close()
             raise
@@ -392,9 +361,7 @@ class Volume:
 
         The source's version is pinned before the clone exists, so writeback cannot pass it in
         between; VersionNotFound when it is not retained."""
-        if source.clone_of is not None:
-            raise InvalidRequest(f"volume {source.name!r} is itself a clone (of {source.clone_of.describe()}); "
-                                 "a clone of a clone is not supported yet: clone the original volume")
+        check_source(source)
         view = source.view(lsn)
         try:
             vol = cls.create(path, name, source.size_at(lsn), sync_interval=sync_interval,
@@ -411,17 +378,7 @@ class Volume:
         LSN. StateError or VersionNotFound, in one line, when that cannot be done."""
         link = self.clone_of
         assert link is not None and self._below is None, "attach only a detached clone"
-        assert source.name == link.source
-        if source.uuid != link.source_uuid:
-            raise StateError(f"clone {self.name}: volume {source.name} on this node is not the volume it was "
-                             f"cloned from (uuid {source.uuid}, not {link.source_uuid}); "
-                             f"delete the clone: marsfs delete {self.name}")
-        try:
-            view = source.view(link.lsn)
-        except VersionNotFound:
-            raise VersionNotFound(f"clone {self.name}: volume {source.name} no longer retains lsn-{link.lsn} "
-                                  f"(oldest is lsn-{source.oldest_version_lsn}); "
-                                  f"delete the clone: marsfs delete {self.name}") from None
+        view = pin_source(link, self.name, source)
         with self._lock:
             self._below = view
 
@@ -431,7 +388,7 @@ class Volume:
                 try:
                     self.log.sync()
                 except MarsError as e:  # only LogFailed: the log is poisoned, nothing to retry
-                    self._faults["flush"] = e
+                    self.fault_state.record("flush", e)
                     return
 
     # ------------------------------------------------------------------ faults (G11)
@@ -439,14 +396,11 @@ class Volume:
     @property
     def faults(self) -> list[MarsError]:
         """The disk failures standing on this volume, one per message (see the module docstring)."""
-        seen: dict[str, MarsError] = {}
-        for e in list(self._faults.values()):
-            seen.setdefault(str(e), e)
-        return list(seen.values())
+        return self.fault_state.distinct()
 
     def fault(self, where: str) -> MarsError | None:
         """The failure standing at ``where`` (write, flush, writeback), None if it works."""
-        return self._faults.get(where)
+        return self.fault_state.get(where)
 
     @property
     def needs_restart(self) -> bool:
@@ -460,20 +414,7 @@ class Volume:
             return [f"writes fail: {self._switch_failed}"]
         if self.needs_restart:
             return [f"writes fail with EIO: {self.log.failed_reason()}"]
-        out: list[str] = []
-        seen: set[str] = set()
-        for where, e in list(self._faults.items()):
-            if str(e) in seen:
-                continue
-            seen.add(str(e))
-            code = "ENOSPC" if isinstance(e, NoSpace) else "EIO"
-            if where == "writeback":
-                out.append(f"writeback into the base image is stuck: {e}; it retries every second, and writes "
-                           "go on into the log while it has room")
-            else:
-                out.append(f"the last {where} failed with {code}: {e}; writes work again by themselves "
-                           "once the disk takes them")
-        return out
+        return self.fault_state.lines()
 
     # ------------------------------------------------------------------ positions
 
@@ -531,7 +472,7 @@ class Volume:
 
         Each ``RECORD_CHUNK`` of the data is its own record (disks do not promise that a large
         write lands whole either; a crash keeps a prefix of the chunks). A disk failure is
-        recorded as the volume's write fault, as :func:`_io_path` does; inlined here because
+        recorded as the volume's write fault, as :func:`~marsfs.volume.faults.io_path` does; inlined here because
         this is the hottest call of the write path (the wrapper cost ~3 % of a 4 KiB write)."""
         if self.fence:
             raise VolumeReadOnly(self.fence)
@@ -551,10 +492,9 @@ class Volume:
             else:
                 lsn = self._write_chunks(offset, data)
         except IO_FAULTS as e:
-            self._faults["write"] = e
+            self.fault_state.record("write", e)
             raise
-        if self._faults:
-            self._faults.pop("write", None)
+        self.fault_state.clear("write")
         self._grown += n  # a lost update under a race only delays the wake by one write
         if self._grown >= self.log.segment_bytes >> 2:
             self._grew()
@@ -580,7 +520,7 @@ class Volume:
                     self.index.insert(items[i][0], items[i][1].length, lsn)
                 self._writes_since_flush = True
 
-    @_io_path("write")
+    @io_path("write")
     def append_raw(self, raw: bytes | memoryview) -> int:
         """Append a record fetched from another node (same bytes, same chain); returns its LSN."""
         with self._lock:
@@ -607,7 +547,7 @@ class Volume:
     def sync_base(self) -> None:
         os.fdatasync(self._base_fd)
 
-    @_io_path("flush")
+    @io_path("flush")
     def flush(self) -> int:
         """Make everything written so far durable, behind a FLUSH record; returns the durable LSN.
         While a resync runs the log does not grow: no FLUSH record then."""
@@ -617,7 +557,7 @@ class Volume:
                 self._writes_since_flush = False
         return self.log.sync()
 
-    @_io_path("flush")
+    @io_path("flush")
     def mark(self, name: str) -> int:
         """Name the current point in history: flush, then a MARK record; returns its LSN."""
         raw = check_mark_name(name, self.log.marks.values(), self.name)
@@ -669,23 +609,13 @@ class Volume:
     def _resized(self, lsn: int, size: int) -> None:
         """Record ``size`` from ``lsn`` on, in memory and in volume.json. Caller locks."""
         assert size >= self.size, "a volume never shrinks"
-        self._sizes.append((lsn, size))
+        self._sizes.grow(lsn, size)
         self.size = size
-        self._persist_sizes()
-
-    def _persist_sizes(self) -> None:
-        meta = read_json(self.path / "volume.json")
-        meta["resizes"] = [list(e) for e in self._sizes[1:]]
-        try:
-            write_json(self.path / "volume.json", meta)
-        except OSError as e:
-            raise io_error(f"cannot write {self.path / 'volume.json'}", e, DiskFailed) from e
+        self._sizes.persist(self.path)
 
     def size_at(self, lsn: int) -> int:
         """The size of version ``lsn`` (the last RESIZE at or before it decides)."""
-        sizes = self._sizes
-        i = bisect.bisect_right(sizes, (lsn, _INF)) - 1
-        return sizes[max(i, 0)][1]
+        return self._sizes.at(lsn)
 
     @property
     def current_size(self) -> int:
@@ -694,11 +624,11 @@ class Volume:
 
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
-        return self._read_at(self.index, offset, length, self._generation)
+        return self.read_indexed(self.index, offset, length, self._generation)
 
-    def _read_at(self, index: ExtentIndex, offset: int, length: int, generation: int) -> bytes:
+    def read_indexed(self, index: ExtentIndex, offset: int, length: int, generation: int) -> bytes:
         """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's),
-        as a reader opened in resync ``generation`` sees them."""
+        as a reader opened in resync ``generation`` sees them (what a :class:`VolumeView` reads)."""
         self._check_range(offset, length)
         with self._lock:
             old = generation < self._generation
@@ -728,7 +658,7 @@ class Volume:
 
     # ------------------------------------------------------------------ writeback
 
-    @_io_path("writeback")
+    @io_path("writeback")
     def writeback(self, upto: int | None = None, *, max_bytes: int | None = WRITEBACK_BATCH,
                   past_limit: bool = False) -> int:
         """Apply durable records up to ``upto`` (default: all durable) to the base; returns A.
@@ -795,60 +725,29 @@ class Volume:
     def hold_floor(self) -> int:
         """The log must keep every record after this for the mirrors: the oldest mirror
         position, where a mirror whose log was dropped counts as at its drop point."""
-        with self._lock:
-            floors = [max(lsn, self._changes[k].upto) if k in self._changes else lsn for k, lsn in self._holds.items()]
-        return min(floors, default=self.log.last_lsn)
+        return self._ledger.floor(self.log.last_lsn)
 
     def hold(self, key: str, lsn: int) -> None:
         """Keep records after ``lsn`` in the log (a mirror still has to fetch them). Cheap (the
         trio loop calls it at every ACK): persisted later by :meth:`persist_holds`. A mirror
         whose position passed its drop point has caught up: its set of changes is cleared."""
-        with self._lock:
-            if self._holds.get(key) != lsn:
-                self._holds[key] = lsn
-                self._holds_dirty = True
-            cs = self._changes.get(key)
-            if cs is not None and lsn >= cs.upto:
-                del self._changes[key]
-                self._stale_changes.add(key)
+        self._ledger.hold(key, lsn)
 
     def release(self, key: str) -> None:
         """Forget a mirror (it left): its position and its set of changes."""
-        with self._lock:
-            if self._holds.pop(key, None) is not None:
-                self._holds_dirty = True
-            if self._changes.pop(key, None) is not None:
-                self._stale_changes.add(key)
+        self._ledger.release(key)
 
     @property
     def holds(self) -> dict[str, int]:
         """Hold key -> the position that holds the log (a copy)."""
-        with self._lock:
-            return dict(self._holds)
+        return self._ledger.positions()
 
     def persist_holds(self) -> None:
         """Write the mirrors' positions if they changed, and remove the files of cleared sets
         (in that order: a crash in between leaves a set whose mirror is past it, which
         opening clears). The node calls it once per maintenance pass (the rate limit)."""
         with self._writeback_lock:
-            self._persist_holds_locked()
-
-    def _persist_holds_locked(self) -> None:
-        with self._lock:
-            holds = dict(self._holds) if self._holds_dirty else None
-            self._holds_dirty = False
-            stale = set(self._stale_changes)
-        try:
-            if holds is not None:
-                write_json(self.path / HOLDS_FILE, holds)
-            for key in stale:
-                ch.remove(self.path, key)
-        except OSError as e:
-            with self._lock:
-                self._holds_dirty = self._holds_dirty or holds is not None
-            raise io_error(f"cannot persist the mirror positions of volume {self.name}", e, DiskFailed) from e
-        with self._lock:
-            self._stale_changes -= stale
+            self._ledger.persist()
 
     def free_log(self, upto: int, *, drop: bool) -> int:
         """Free log space up to record ``upto`` (log space ran out; G8): write back up to it
@@ -866,45 +765,14 @@ class Volume:
         with self._writeback_lock:
             reach = self._applied
             if drop:
-                self._drop_holds(reach)
+                self._ledger.drop(reach, self._extents_between_locked)
             self._trim(reach)
         return reach
-
-    def _drop_holds(self, upto: int) -> None:
-        """Every mirror whose position is behind ``upto`` misses records ``(its position, upto]``
-        from now on: add their extents to its set, persisted before the log goes. Caller holds
-        the writeback lock."""
-        with self._lock:
-            behind = {k: (max(lsn, self._changes[k].upto) if k in self._changes else lsn)
-                      for k, lsn in self._holds.items()}
-        if any(at < upto for at in behind.values()):
-            self._persist_holds_locked()  # opening keeps a set only for a mirror holds.json knows
-        for key, at in behind.items():
-            if at >= upto:
-                continue
-            extents = self._extents_between_locked(at, upto)
-            assert extents is not None, f"records after the hold at {at} were trimmed"
-            with self._lock:
-                if key not in self._holds:
-                    continue  # it left meanwhile
-                cs = self._changes.get(key) or ChangeSet(at, at)
-                cs.update(extents)
-                cs.upto = max(cs.upto, upto)
-                snapshot = cs.copy()
-            try:
-                ch.save(self.path, key, snapshot)
-            except OSError as e:
-                raise io_error(f"cannot persist the changed ranges of volume {self.name} for {key}", e,
-                               DiskFailed) from e
-            with self._lock:
-                self._changes[key] = cs
-                self._stale_changes.discard(key)
 
     def dropped(self) -> dict[str, ChangeSet]:
         """Mirror (hold key) -> the set of changes it will copy, for every mirror whose log was
         dropped (copies: status reads them)."""
-        with self._lock:
-            return {k: cs.copy() for k, cs in self._changes.items()}
+        return self._ledger.dropped()
 
     def changed_ranges(self, mirror: str, position: int, upto: int | None = None) -> list[tuple[int, int]] | None:
         """Merged ``(offset, length)`` ranges ``mirror`` (a node name) must copy when it comes back having
@@ -916,10 +784,9 @@ class Volume:
         it needs a full sync)."""
         key = mirror if hold_mirror(mirror) is not None else mirror_hold(mirror)
         with self._writeback_lock:  # nothing is trimmed while the log is scanned
-            with self._lock:
-                cs = self._changes.get(key)
-                ranges = cs.ranges() if cs is not None else []
-                since, cs_upto = (cs.since, cs.upto) if cs is not None else (0, 0)
+            cs = self._ledger.changes_of(key)
+            ranges = cs.ranges() if cs is not None else []
+            since, cs_upto = (cs.since, cs.upto) if cs is not None else (0, 0)
             end = self.head_lsn if upto is None else min(upto, self.head_lsn)
             if position >= self.log.first_lsn - 1:
                 return self._extents_between_locked(position, end)
@@ -945,8 +812,7 @@ class Volume:
     def _busy(self) -> VolumeBusy:
         r = self._resync
         assert r is not None
-        return VolumeBusy(f"volume {self.name} is being resynced to lsn-{r.target_lsn} of another node and takes "
-                          f"no writes until that finishes; see marsfs status {self.name}")
+        return rc.busy(self.name, r.target_lsn)
 
     def begin_resync(self, lsn: int, chain: bytes, size: int, uuid: str, *, direct: bool = False) -> Resync:
         """Start bringing this volume to another node's version ``lsn`` (its ``chain``, ``size``
@@ -955,17 +821,8 @@ class Volume:
 
         ``direct``: stage straight into the base (a new replica that nobody reads: views are
         refused until the switch); needs a volume with nothing unapplied."""
-        if uuid != self.uuid:
-            raise InvalidRequest(f"refused to resync volume {self.name} (uuid {self.uuid}) from an image of another "
-                                 f"volume (uuid {uuid}); delete this volume first to replace it")
-        if size < self.size or size % 512:
-            raise InvalidRequest(f"refused to resync volume {self.name} of {self.size} bytes to an image of {size} "
-                                 "bytes: volumes never shrink (and sizes are multiples of 512)")
-        if self.clone_of is not None:
-            raise InvalidRequest(f"volume {self.name} is a clone; a clone cannot be resynced")
-        if self._resync is not None:
-            raise VolumeBusy(f"a resync of volume {self.name} (to lsn-{self._resync.target_lsn}) is already running; "
-                             "continue or abort it")
+        rc.check_begin(self.name, self.uuid, self.size, self.clone_of is not None,
+                       None if self._resync is None else self._resync.target_lsn, target_uuid=uuid, target_size=size)
         if direct and self._overlay is not None:
             self._merge()  # a direct resync writes the base: nothing may be laid over it later
         self.log.sync()
@@ -1008,19 +865,11 @@ class Volume:
         return r
 
     def _switch_waits(self, base: int) -> str:
-        """Why a resync from ``base`` cannot switch now ("" if it can). Caller locks."""
-        if self._overlay is not None and self._old_views:
-            return (f"{self._old_views} reader(s) of versions older than the previous resync are still open; "
-                    "they close when their readers do")
-        if self._overlay is not None:
-            return f"the previous resync is not merged into the base image yet: {self.fault('writeback')}"
-        below = [lsn for lsn in self._views.pinned() if lsn < base]
-        if below:
-            return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
-                    "they close when their readers do")
-        if self._building:
-            return "a version is being opened"
-        return ""
+        """Why a resync from ``base`` cannot switch now ("" if it can; :func:`.resync_control.switch_waits`).
+        Caller locks."""
+        return rc.switch_waits(base, merging=self._overlay is not None, old_views=self._old_views,
+                               merge_fault=self.fault("writeback"), pinned=self._views.pinned(),
+                               building=self._building)
 
     def finish_resync(self) -> bool:
         """Switch to the resync's target (see :mod:`marsfs.volume.resync`): True when done;
@@ -1067,7 +916,7 @@ class Volume:
             self._oldest_ts = 0
             self.index = ExtentIndex()
             self.size = r.size
-            self._sizes = [(0, r.size)]  # versions before the target are gone; rs.switch reset volume.json
+            self._sizes.reset(r.size)  # versions before the target are gone; rs.switch reset volume.json
             self._generation += 1
             self._old_views = self._views.total()
             self._views.unshare()
@@ -1080,7 +929,7 @@ class Volume:
         try:
             self._merge()
         except IO_FAULTS as e:  # switched all the same: writeback retries the merge
-            self._faults["writeback"] = e
+            self.fault_state.record("writeback", e)
         return True
 
     def _merge(self) -> bool:
@@ -1151,14 +1000,16 @@ class Volume:
             except BaseException:
                 with self._lock:
                     self._building -= 1
-                self._unpin(lsn, generation)
+                self.unpin(lsn, generation)
                 raise
             with self._lock:
                 self._building -= 1
                 index = self._views.publish(lsn, built)
         return VolumeView(self, lsn, index, generation)
 
-    def _unpin(self, lsn: int, generation: int) -> None:
+    def unpin(self, lsn: int, generation: int) -> None:
+        """A view of ``lsn`` opened in resync ``generation`` closed (:meth:`VolumeView.close`
+        calls it): writeback may pass it once no other view pins it."""
         with self._lock:
             self._views.unpin(lsn)
             if generation < self._generation:
@@ -1197,26 +1048,3 @@ class Volume:
         and visible (at most the head on a primary, the replay position on a mirror).
         VersionNotFound otherwise, naming the oldest available version."""
         return find_version(self.log, spec, self._oldest, self.replayed_lsn, self.name)
-
-
-_INF = float("inf")
-
-
-def _size_history(meta: dict[str, Any], log: Log) -> list[tuple[int, int]]:
-    """(lsn, size) pairs of a volume: its first size, the trusted ``resizes`` of volume.json below
-    the log's first LSN, and the RESIZE records in the log (see the module docstring)."""
-    sizes = [(0, int(meta["size"]))]
-    sizes += [(int(lsn), int(size)) for lsn, size in meta.get("resizes", []) if lsn < log.first_lsn]
-    sizes += [(rec.lsn, rec.offset) for rec in log.records(log.first_lsn) if rec.type == RecordType.RESIZE]
-    return sizes
-
-
-def _read_holds(path: Path) -> dict[str, int]:
-    try:
-        d = read_json(path / HOLDS_FILE)
-        return {str(k): int(v) for k, v in d.items()}
-    except FileNotFoundError:
-        return {}
-    except (ValueError, TypeError, AttributeError) as e:
-        raise StateError(f"{path / HOLDS_FILE}: unreadable mirror positions ({e}); remove the file (the "
-                         "mirrors then resync if their log is gone)") from None
