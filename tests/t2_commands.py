@@ -24,11 +24,12 @@ from marsfs.errors import (
     VolumeError,
     WrongRole,
 )
-from marsfs.faces.commands import COMMANDS, Context, dispatch, run
+from marsfs.faces.commands import COMMANDS, Context, dispatch
 from marsfs.faces.control import call, serve_control
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
 from marsfs.testing.checks import make_mirror
+from marsfs.testing.fakedaemon import FakeDaemon, cli_run
 
 MiB = 1 << 20
 Body = Callable[[Context], Awaitable[None]]
@@ -250,26 +251,6 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         for a in c.args:
             assert (a.flag or a.name) in sub or a.hidden, (c.name, a.name)
     assert "serve" in out
-
-
-class FakeDaemon:
-    """What a daemon would answer, and what it was asked."""
-
-    def __init__(self, answers: dict[str, Any]) -> None:
-        self.answers = answers
-        self.asked: list[tuple[str, dict[str, Any]]] = []
-
-    def __call__(self, cmd: str, args: dict[str, Any]) -> Any:
-        self.asked.append((cmd, args))
-        answer = self.answers[cmd]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-
-def cli_run(argv: list[str], daemon: FakeDaemon) -> int:
-    args = cli.build_parser().parse_args(argv)
-    return run(COMMANDS[args.command], args, daemon)
 
 
 ROW = {"volume": "v", "node": "n1", "role": "primary", "state": "up", "epoch": 1, "size": MiB, "head_lsn": 3,

@@ -17,7 +17,7 @@ from marsfs.faces.fuse import Operations
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
 from marsfs.testing.checks import make_mirror
-from t2_commands import FakeDaemon, cli_run
+from marsfs.testing.fakedaemon import FakeDaemon, cli_run
 
 MiB = 1 << 20
 

@@ -15,8 +15,8 @@ from marsfs.errors import DaemonRefused, InvalidRequest, PeerError
 from marsfs.faces.commands import Context, dispatch
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
+from marsfs.testing.fakedaemon import FakeDaemon, cli_run
 from marsfs.volume.blocksums import BLOCK
-from t2_commands import FakeDaemon, cli_run
 
 MiB = 1 << 20
 

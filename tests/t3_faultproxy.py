@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from marsfs.testing.faultproxy import FaultProxy, Faults, ProxyProcess, open_fault_proxy
+from marsfs.testing.runner import run, wait_for
 
 P = ParamSpec("P")
 MiB = 1024 * 1024
@@ -30,11 +31,7 @@ def trio_test(fn: Callable[P, Awaitable[None]]) -> Callable[P, None]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
-        async def main() -> None:
-            with trio.fail_after(25):
-                await fn(*args, **kwargs)
-
-        trio.run(main)
+        run(functools.partial(fn, *args, **kwargs), limit=25, autojump=None)
 
     return wrapper
 
@@ -138,12 +135,6 @@ def differing_bits(a: bytes, b: bytes) -> int:
     assert len(a) == len(b)
     x = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
     return x.bit_count()
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.01)
 
 
 # -- clean forwarding ---------------------------------------------------------------------------

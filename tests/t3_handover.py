@@ -30,18 +30,11 @@ from marsfs.node.handover import tail_extents
 from marsfs.node.state import Role, VolumeState
 from marsfs.replication import handover as repl_handover
 from marsfs.replication.fetch import Connect
+from marsfs.testing.runner import run, wait_for
 from marsfs.volume import Volume
 
 SIZE = 4 * 1024 * 1024
 CLUSTER = "test"
-
-
-def run(fn: Callable[[], Awaitable[None]], *, limit: float = 300.0) -> None:
-    async def main() -> None:
-        with trio.fail_after(limit):
-            await fn()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
 
 
 class Net:
@@ -83,14 +76,6 @@ class Net:
     def close(self) -> None:
         for c in self.clusters.values():
             c.node.close()
-
-
-async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    with trio.move_on_after(timeout):
-        while not cond():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write(vol: Volume, seed: int, n: int) -> None:

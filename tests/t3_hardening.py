@@ -22,8 +22,9 @@ from marsfs.replication.fetch import Fetcher, hello, open_channel, receive_image
 from marsfs.replication.protocol import ImageInfo
 from marsfs.replication.server import PeerTable, Server
 from marsfs.replication.session import IMAGE_CHUNK
+from marsfs.testing.memnet import CLUSTER, SIZE, Link, copy_image, fetcher, primary, tick, write
+from marsfs.testing.runner import run, wait_for
 from marsfs.volume import Volume
-from t3_replication import CLUSTER, SIZE, Link, copy_image, primary, run, wait_for, write
 
 
 class Node:
@@ -33,19 +34,6 @@ class Node:
         self.volumes = {v.name: v for v in vols}
         self.peers = PeerTable()
         self.server = Server("a", CLUSTER, self.volumes.get, lambda name: 3, self.peers)
-
-
-async def tick() -> None:
-    """Keeps a deadline near, so that the MockClock jumps in small steps while worker threads
-    run (it jumps to the next deadline, which may be a test's timeout, when all tasks wait)."""
-    while True:
-        await trio.sleep(0.05)
-
-
-def fetcher(mirror: Volume, link: Link, paused: list[bool] | None = None) -> Fetcher:
-    flag = paused if paused is not None else [False]
-    return Fetcher(mirror, "b", CLUSTER, "a", link.connect, paused=lambda: flag[0],
-                   replayed=lambda: mirror.replayed_lsn, replay_paused=lambda: False)
 
 
 # ---------------------------------------------------------------------------------------------- identity

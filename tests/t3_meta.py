@@ -31,19 +31,10 @@ from marsfs.node.state import Role, VolumeState
 from marsfs.replication.channel import Channel, PeerRefused
 from marsfs.replication.protocol import PROTO_VERSION, Hello, MetaEntries, MetaWelcome
 from marsfs.replication.server import PeerTable, Server
+from marsfs.testing.runner import run, wait_for
 
 MiB = 1 << 20
 CLUSTER = "test"
-
-
-def run(fn: Callable[[], Awaitable[None]], *, limit: float = 300.0, autojump: float = 0.02) -> None:
-    """Run ``fn`` under a MockClock; ``autojump=math.inf`` for tests that never sleep (the clock
-    then stands still while worker threads write files)."""
-    async def main() -> None:
-        with trio.fail_after(limit):
-            await fn()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=autojump))
 
 
 class CutStream(trio.abc.Stream):
@@ -111,14 +102,6 @@ class Net:
     def close(self) -> None:
         for node in self.nodes.values():
             node.close()
-
-
-async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    with trio.move_on_after(timeout):
-        while not cond():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write(node: Node, seed: int, n: int = 3) -> None:

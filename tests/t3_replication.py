@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,95 +26,19 @@ import trio
 import trio.testing
 
 from marsfs.replication.channel import Channel, ConnectionLost
-from marsfs.replication.fetch import Fetcher, hello, open_channel, receive_image
 from marsfs.replication.protocol import (
     PROTO_VERSION,
     Fetch,
     Heartbeat,
-    ImageInfo,
     MsgType,
     Welcome,
     encode_frame,
 )
-from marsfs.replication.server import PeerTable, Server, lag_of
+from marsfs.replication.server import PeerTable, lag_of
 from marsfs.replication.session import BACKOFF_MIN, STALL_AFTER
+from marsfs.testing.memnet import CLUSTER, SIZE, Link, copy_image, fetcher, primary, server_for, write
+from marsfs.testing.runner import run, wait_for
 from marsfs.volume import Volume
-
-SIZE = 4 * 1024 * 1024
-CLUSTER = "test"
-
-Handler = Callable[[trio.abc.Stream], Awaitable[None]]
-
-
-def run(fn: Callable[[], Awaitable[None]], *, limit: float = 120.0, autojump: float = 0.02) -> None:
-    """Run ``fn`` under a MockClock; ``limit`` bounds it in virtual seconds. ``autojump=0``
-    suits tests without worker threads."""
-
-    async def main() -> None:
-        with trio.fail_after(limit):
-            await fn()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=autojump))
-
-
-class Link:
-    """Connections to ``handler`` over memory streams; remembers when each was opened."""
-
-    def __init__(self, nursery: trio.Nursery, handler: Handler) -> None:
-        self.nursery = nursery
-        self.handler = handler
-        self.opened: list[float] = []
-
-    async def connect(self) -> trio.abc.Stream:
-        self.opened.append(trio.current_time())
-        client, server = trio.testing.memory_stream_pair()
-        self.nursery.start_soon(self.handler, server)
-        return client
-
-
-def primary(tmp_path: Path) -> Volume:
-    vol = Volume.create(tmp_path / "a" / "vm", "vm", SIZE, sync_interval=None)
-    write(vol, 0, 5)
-    return vol
-
-
-def write(vol: Volume, seed: int, n: int) -> None:
-    """``n`` writes of 64 KiB at offsets that depend on ``seed``, then a flush."""
-    for i in range(n):
-        off = ((seed * 7 + i * 13) % (SIZE // 65536)) * 65536
-        vol.write(off, bytes([(seed + i) % 251 + 1]) * 65536)
-    vol.flush()
-
-
-def server_for(vol: Volume, peers: PeerTable | None = None) -> Server:
-    return Server("a", CLUSTER, lambda name: vol if name == vol.name else None, lambda name: 3, peers or PeerTable())
-
-
-async def copy_image(link: Link, path: Path) -> Volume:
-    ch, welcome = await open_channel(link.connect, hello("b", CLUSTER, "vm", "image"))
-    assert welcome.epoch == 3 and welcome.size == SIZE
-    done: list[int] = []
-
-    def make(info: ImageInfo) -> Volume:
-        return Volume.create_replica(path, "vm", info.size, info.uuid, info.lsn, info.chain)
-
-    try:
-        return await receive_image(ch, make, lambda d, size: done.append(d))
-    finally:
-        await ch.aclose()
-
-
-def fetcher(mirror: Volume, link: Link) -> Fetcher:
-    return Fetcher(mirror, "b", CLUSTER, "a", link.connect, paused=lambda: False,
-                   replayed=lambda: mirror.replayed_lsn, replay_paused=lambda: False)
-
-
-async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    with trio.move_on_after(timeout):
-        while not cond():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_image_then_fetch_until_equal(tmp_path: Path) -> None:

@@ -30,10 +30,10 @@ from marsfs.replication.fetch import Fetcher, ResyncPlan, hello, open_channel, r
 from marsfs.replication.protocol import SyncInfo, SyncRequest
 from marsfs.replication.server import Server
 from marsfs.replication.session import FetchingSession, SyncStatus
+from marsfs.testing.memnet import CLUSTER, SIZE, Link, copy_image, fetcher, primary, server_for, tick, write
+from marsfs.testing.runner import run, wait_for
 from marsfs.volume import Volume
 from marsfs.volume.blocksums import BLOCK
-from t3_hardening import tick
-from t3_replication import CLUSTER, SIZE, Link, copy_image, fetcher, primary, run, server_for, wait_for, write
 
 
 class Staged:

@@ -25,16 +25,16 @@ from marsfs.replication.fetch import hello, open_channel
 from marsfs.replication.protocol import Error, Sums, SumsRequest
 from marsfs.replication.server import PeerTable, Server
 from marsfs.replication.verify import VerifyProgress, verify_with
+from marsfs.testing.memnet import CLUSTER, SIZE, Link, copy_image, primary, server_for, write
+from marsfs.testing.runner import run as run_mock
 from marsfs.volume import Volume
 from marsfs.volume.blocksums import BLOCK
-from t3_replication import CLUSTER, SIZE, Link, copy_image, primary, server_for, write
-from t3_replication import run as run_mock
 
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:
     """Under the MockClock, which jumps only after a second of real idleness: these tests wait
     for nothing but worker threads (sums, writes), which a loaded machine makes slow."""
-    run_mock(fn, autojump=1.0)
+    run_mock(fn, limit=120.0, autojump=1.0)
 
 
 def served(vol: Volume, node: str) -> Server:
