@@ -315,7 +315,7 @@ def test_client_side_checks_ask_no_daemon() -> None:
 def test_wait() -> None:
     mirror = {**ROW, "role": "mirror", "state": "synced", "heartbeat_age": 0.0, "lag_records": 0}
     with pytest.raises(MarsError, match="is primary on node n1 and has no mirrors to wait for"):
-        cli_run(["wait", "v", "--synced"], FakeDaemon({"status": [ROW]}))  # see t2_hardening_faces
+        cli_run(["wait", "v", "--synced"], FakeDaemon({"status": [ROW]}))  # see t2_daemon
     assert cli_run(["wait", "v", "--synced"], FakeDaemon({"status": [mirror]})) == 0
     with pytest.raises(MarsError, match="cannot become synced: state split-brain"):
         cli_run(["wait", "v", "--synced"], FakeDaemon({"status": [{**mirror, "state": "split-brain"}]}))

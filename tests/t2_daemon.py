@@ -1,7 +1,7 @@
-"""Issue 8 in-process, faces side: serve's configuration and --listen checks, the primary's
+"""The daemon's faces in-process: serve's configuration and --listen checks, the primary's
 status table, ``wait --synced``, the planned commands, mark name rules, the stopping daemon's
-open refusal and honest messages. No root, no mount (tests/t4_hardening_daemon.py has the
-same findings through real daemons)."""
+open refusal and honest messages. No root, no mount (tests/t4_daemon.py has the
+same cases through real daemons)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8 in the replication pumps: the real Server and Fetcher on memory streams and MockClock.
+"""Fetching as its source changes, in the replication pumps: the real Server and Fetcher on memory streams and MockClock.
 
 * Volume identity: a session whose volume is deleted (and created again) on the source ends
   with ``volume-deleted``; a fetcher that meets a volume of its name with another uuid stops

@@ -1,13 +1,13 @@
-"""Issue 8 through real daemons: what a mirror says when its source changes under it.
+"""Through real daemons: what a mirror says when its source changes under it.
 
-* Finding 2: ``delete v3 --force`` and ``create v3`` on the primary, then a write there: the
+* ``delete v3 --force`` and ``create v3`` on the primary, then a write there: the
   mirror does not stay synced; it stops in ``needs-resync`` and says the source's volume was
   deleted, ``wait --synced`` fails, and leave + join mirror the new volume.
-* Finding 8 (mirror side): after ``pause-fetch`` the mirror keeps learning the primary's
+* after ``pause-fetch`` the mirror keeps learning the primary's
   durable LSN: 8 MiB written on the primary show as lag (records and bytes) in state
   ``fetch-paused``; ``resume-fetch`` converges.
-* Finding 12: the first copy of a 2 GiB volume shows progress, a rate and an ETA while it
-  runs (behind a slow link, so that it takes seconds). Since fast sync (issue 11) an empty
+* the first copy of a 2 GiB volume shows progress, a rate and an ETA while it
+  runs (behind a slow link, so that it takes seconds). Since fast sync an empty
   volume has nothing to compare and its copy is done at once; 8 MiB in 16 places are.
 """
 

@@ -1,6 +1,6 @@
-"""Issue 8 through real daemons, faces side: start failures leave no mount (finding 6), SIGTERM
-with volumes open (7), the primary's table (8), ``wait --synced`` and ``status --watch | head``
-(10), planned commands and config keys on the real command line (13)."""
+"""The daemon through real processes, faces side: start failures leave no mount, SIGTERM
+with volumes open, the primary's table, ``wait --synced`` and ``status --watch | head``,
+planned commands and config keys on the real command line."""
 
 from __future__ import annotations
 

@@ -1,0 +1,122 @@
+"""The package's import graph: no cycles, and no layer imports a higher one.
+
+Read from the source with :mod:`ast`, so imports under ``TYPE_CHECKING`` and inside functions
+count as much as those at the top: a type-only back reference is still a class pointing back
+at its user. The layers, lowest first, are docs/architecture.md's.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "src" / "marsfs"
+
+#: lowest first; a module may import its own layer and those before it. ``testing`` is the
+#: kit the tests use and may import anything; only :data:`KIT_USERS` import it.
+LAYERS = ["base", "log", "volume", "replication", "node", "faces", "cli"]
+BASE = {"errors", "units", "fsutil", "aio"}
+#: the demo walks a cluster the way the suite does, so it starts nodes with the test kit
+KIT_USERS = {"marsfs.demo"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every ``marsfs`` module ``path`` imports, wherever the import statement stands."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("marsfs"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join([*base, node.module] if node.module else base)
+            else:
+                mod = node.module or ""
+            if not mod.startswith("marsfs"):
+                continue
+            # `from marsfs.volume import resync` imports a module, not a name: the edge goes to
+            # it (Python runs the package's __init__ first, but a package being initialised is
+            # already in sys.modules, so that is no cycle); a name goes to the module it is in
+            subs = {a.name for a in node.names
+                    if (ROOT.parent / (mod + "." + a.name).replace(".", "/")).with_suffix(".py").exists()}
+            found.update(f"{mod}.{a}" for a in subs)
+            if len(subs) < len(node.names):
+                found.add(mod)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = {module_name(p): p for p in ROOT.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        # importing a package runs its __init__; importing marsfs.x.y also imports marsfs.x
+        edges[name] = {m for m in imports_of(path) if m in mods and m != name}
+    return edges
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "base"
+    top = parts[1]
+    if top in BASE:
+        return "base"
+    if top in ("cli", "demo", "__main__"):
+        return "cli"
+    return top
+
+
+def test_the_graph_is_read() -> None:
+    g = graph()
+    assert "marsfs.node.node" in g and any(m.startswith("marsfs.volume") for m in g["marsfs.node.node"])
+    assert len(g) > 40
+
+
+def test_no_import_cycle() -> None:
+    """Depth-first search for a back edge; the message names the whole cycle."""
+    g = graph()
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(g[m]):
+            if state.get(n) == 1:
+                cycles.append([*stack[stack.index(n):], n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("module", sorted(graph()))
+def test_no_layer_imports_a_higher_one(module: str) -> None:
+    mine = layer_of(module)
+    if mine == "testing":
+        return
+    for dep in graph()[module]:
+        theirs = layer_of(dep)
+        if theirs == "testing":
+            assert module in KIT_USERS, f"{module} imports the test kit {dep}"
+            continue
+        assert LAYERS.index(theirs) <= LAYERS.index(mine), f"{module} ({mine}) imports {dep} ({theirs})"
