@@ -19,10 +19,9 @@ import time
 from typing import Any
 
 from marsfs.faces.control import call
-from marsfs.testing.checks import sha, status, wait_for, wait_synced
+from marsfs.testing.checks import converge, proxied_pair, sha, status, wait_for, wait_synced
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
-from t4_replication_faults import converge, proxied_pair
 
 MiB = 1 << 20
 

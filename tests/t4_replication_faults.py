@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from marsfs.testing.checks import Writer, sha, status, wait_for, wait_synced
+from marsfs.testing.checks import Writer, converge, proxied_pair, sha, status, wait_for, wait_synced
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
 
@@ -39,18 +39,6 @@ BUG_PEER_LAG = ("the primary's status showed a disconnected mirror with lag 0: p
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def proxied_pair(harness: Harness, proxy: ProxyProcess) -> tuple[NodeProcess, NodeProcess]:
-    """Nodes ``a`` and ``b``; ``b`` reaches ``a`` through ``proxy`` (started here, towards a's port)."""
-    nodes = harness.cluster(["a", "b"], start=False)
-    a, b = nodes["a"], nodes["b"]
-    a.start()
-    port = proxy.start(harness.ports["a"])
-    i = b.extra.index(f"a=127.0.0.1:{harness.ports['a']}")
-    b.extra[i] = f"a=127.0.0.1:{port}"
-    b.start()
-    return a, b
 
 
 def joined_pair(harness: Harness, proxy: ProxyProcess, size: str) -> tuple[NodeProcess, NodeProcess]:
@@ -109,20 +97,6 @@ class Sampler:
 
 def assert_grows(values: list[int], what: str) -> None:
     assert values == sorted(values), f"{what} went backwards: {values}"
-
-
-def converge(a: NodeProcess, b: NodeProcess, vol: str = "vm", timeout: float = 90) -> int:
-    """Writes have stopped and the link is clear: the mirror must reach the primary's durable LSN.
-
-    ``marsfs wait --synced`` is used, but not trusted alone: behind a slow link it can return
-    early (see test_mirror_status_shows_lag_behind_a_slow_link), so LSNs are compared as well.
-    """
-    wait_for(lambda: (s := status(a, vol))["durable_lsn"] == s["head_lsn"], what="the primary's log to be durable")
-    head = status(a, vol)["durable_lsn"]
-    wait_synced(b, vol, timeout=timeout)
-    wait_for(lambda: (s := status(b, vol))["fetched_lsn"] == s["replayed_lsn"] == head, timeout=timeout,
-             what=f"{b.name} to fetch and replay up to LSN {head}")
-    return head
 
 
 def log_since(node: NodeProcess, mark: int) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from marsfs.node import Node
-from marsfs.testing.harness import NodeProcess, run
+from marsfs.testing.faultproxy import ProxyProcess
+from marsfs.testing.harness import Harness, NodeProcess, run
 
 MiB = 1 << 20
 PAGE = 4096
@@ -199,3 +200,29 @@ class Writer:
             if gap is None:
                 complete = i + 1
         return complete
+
+
+def proxied_pair(harness: Harness, proxy: ProxyProcess) -> tuple[NodeProcess, NodeProcess]:
+    """Nodes ``a`` and ``b``; ``b`` reaches ``a`` through ``proxy`` (started here, towards a's port)."""
+    nodes = harness.cluster(["a", "b"], start=False)
+    a, b = nodes["a"], nodes["b"]
+    a.start()
+    port = proxy.start(harness.ports["a"])
+    i = b.extra.index(f"a=127.0.0.1:{harness.ports['a']}")
+    b.extra[i] = f"a=127.0.0.1:{port}"
+    b.start()
+    return a, b
+
+
+def converge(a: NodeProcess, b: NodeProcess, vol: str = "vm", timeout: float = 90) -> int:
+    """Writes have stopped and the link is clear: the mirror must reach the primary's durable LSN.
+
+    ``marsfs wait --synced`` is used, but not trusted alone: behind a slow link it can return
+    early (t4_replication_faults shows it), so LSNs are compared as well.
+    """
+    wait_for(lambda: (s := status(a, vol))["durable_lsn"] == s["head_lsn"], what="the primary's log to be durable")
+    head = int(status(a, vol)["durable_lsn"])
+    wait_synced(b, vol, timeout=timeout)
+    wait_for(lambda: (s := status(b, vol))["fetched_lsn"] == s["replayed_lsn"] == head, timeout=timeout,
+             what=f"{b.name} to fetch and replay up to LSN {head}")
+    return head
