@@ -54,7 +54,6 @@ from marsfs.errors import (
     MarsError,
     PeerError,
     ProtocolError,
-    UsageError,
     VolumeBusy,
     VolumeExists,
     VolumeNotFound,
@@ -65,6 +64,7 @@ from marsfs.node import gossip
 from marsfs.node.handover import Roles
 from marsfs.node.meta import REFRESH, Position
 from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
+from marsfs.node.peers import Peers, TcpPeers, parse_address, welcome
 from marsfs.node.state import (
     FRESH,
     MirrorFacts,
@@ -92,21 +92,17 @@ GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and po
 DEFAULT_CLUSTER = "marsfs"
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"address {text!r}: give HOST:PORT, like 127.0.0.1:7600")
-    return host.strip("[]"), int(port)
-
-
 class Cluster:
     """Replication for every volume of one node. Runs inside the daemon's trio loop."""
 
     def __init__(self, node: Node, *, listen: str | None, peers: dict[str, str], cluster: str = DEFAULT_CLUSTER,
-                 sync_rate: int = 0) -> None:
+                 sync_rate: int = 0, connections: Peers | None = None) -> None:
+        """``connections`` reaches the peers (default: TCP to the ``peers`` addresses; tests
+        pass a fake); ``peers`` names them either way."""
         self.node = node
         self.listen = parse_address(listen) if listen else None
         self.peers = {name: parse_address(addr) for name, addr in peers.items()}
+        self.connections: Peers = connections if connections is not None else TcpPeers(self.peers)
         self.cluster = cluster
         self.peer_table = PeerTable()
         self.roles = Roles(self)
@@ -159,16 +155,13 @@ class Cluster:
             nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
 
-    def _connector(self, peer: str) -> Connect:
-        if peer not in self.peers:
-            known = ", ".join(sorted(self.peers)) or "none"
-            raise PeerError(f"unknown peer {peer!r} (known: {known}); start the daemon with --peer {peer}=HOST:PORT")
-        host, port = self.peers[peer]
+    def connector(self, peer: str) -> Connect:
+        """A connection to ``peer`` (PeerError at once for an unknown one): see :mod:`marsfs.node.peers`."""
+        return self.connections.connector(peer)
 
-        async def connect() -> trio.abc.Stream:
-            return await trio.open_tcp_stream(host, port)
-
-        return connect
+    async def _welcome(self, source: str, name: str) -> Welcome:
+        """Ask ``source`` whether it serves ``name`` (refusals come back to the operator at once)."""
+        return await welcome(self.connections, self.node.name, self.cluster, source, name)
 
     def _servable(self, name: str) -> Volume | None:
         vol = self.node.volumes.get(name)
@@ -193,7 +186,7 @@ class Cluster:
         if source == self.node.name:
             raise InvalidRequest(f"{source} is this node: run marsfs join {name} --from NODE with the node "
                                  "that holds the volume, on the node that should mirror it")
-        connect = self._connector(source)
+        self.connector(source)  # an unknown source is refused before anything changes
         old = self.copies.get(name)
         if old is not None and not old.failed:
             raise VolumeBusy(f"volume {name!r} is already being copied from {old.source}; "
@@ -209,7 +202,7 @@ class Cluster:
             return await self._join_existing(name, source, rate)
         self.node.check_new(name)
         seed_path = _seed_file(seed) if seed is not None else None
-        welcome = await self._welcome(connect, source, name)
+        welcome = await self._welcome(source, name)
         if seed_path is not None and seed_path.stat().st_size > welcome.size:
             raise InvalidRequest(f"seed {seed_path} holds {seed_path.stat().st_size} bytes, more than volume "
                                  f"{name} on {source} ({welcome.size}); give an image of that volume")
@@ -239,19 +232,6 @@ class Cluster:
         self._start_copy(vol, copy, ResyncPlan(whole=seed_path is not None, rate=rate))
         return {"volume": name, "source": source, "size": welcome.size, "state": "syncing",
                 "seed": str(seed_path) if seed_path is not None else None}
-
-    async def _welcome(self, connect: Connect, source: str, name: str) -> Welcome:
-        """Ask ``source`` whether it serves ``name`` (refusals come back to the operator at once)."""
-        try:
-            ch, welcome = await open_channel(connect, hello(self.node.name, self.cluster, name, "sync"))
-        except PeerRefused as e:
-            raise PeerError(f"{source} refused: {e.message}") from None
-        except (OSError, trio.TooSlowError) as e:
-            host, port = self.peers[source]
-            raise PeerError(f"cannot reach peer {source} at {host}:{port}: {describe(e)}; "
-                            "is its daemon running with --listen?") from None
-        await ch.aclose()
-        return welcome
 
     def _start_copy(self, vol: Volume, copy: ImageCopy, plan: ResyncPlan) -> None:
         """Run the first copy of a new replica (a fast sync straight into its base), then fetch.
@@ -284,7 +264,7 @@ class Cluster:
     async def _join_existing(self, name: str, source: str, rate: int) -> dict[str, Any]:
         """``join`` of a mirror this node has (stale, or fetching from another node): resync it
         from ``source``, comparing what changed since its LSN when the source can tell."""
-        await self._welcome(self._connector(source), source, name)
+        await self._welcome(source, name)
         if self.node.role(name).source != source:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=source))
         await self.restart_fetch(name, ResyncPlan(rate=rate))
@@ -311,7 +291,7 @@ class Cluster:
             raise WrongRole(f"volume {name!r} is {role.role} on node {self.node.name}: invalidate discards a "
                             "mirror's copy and resyncs it from its source; run it on the mirror whose copy is "
                             "damaged or divergent")
-        self._connector(role.source)  # an unknown source is refused before anything changes
+        self.connector(role.source)  # an unknown source is refused before anything changes
         await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, resync_whole=True))
         await self.restart_fetch(name, ResyncPlan(whole=True, ranges=ranges, rate=rate))
         logger.info("invalidated %s: resyncing the whole image from %s", name, role.source)
@@ -329,7 +309,7 @@ class Cluster:
         name = vol.name
         role = self.node.role(name)
         try:
-            connect = self._connector(role.source)
+            connect = self.connector(role.source)
         except PeerError as e:
             vol.errors.append(str(e))
             return None
@@ -408,7 +388,7 @@ class Cluster:
                 self._start_fetch(self.node.volume(name))
             raise
         try:  # tell the source to stop holding log for us; it will also notice the silence
-            ch, _ = await open_channel(self._connector(source), hello(self.node.name, self.cluster, name, "leave"))
+            ch, _ = await open_channel(self.connector(source), hello(self.node.name, self.cluster, name, "leave"))
             await ch.aclose()
         except (MarsError, OSError, PeerRefused, trio.TooSlowError) as e:
             logger.info("could not tell %s that we left %s: %s", source, name, describe(e))
@@ -471,7 +451,7 @@ class Cluster:
                                      f"with; give one: marsfs verify {name} --peer NODE")
         if self.node.name in peers:
             raise InvalidRequest(f"{self.node.name} is this node: give another node with --peer")
-        connects = {p: self._connector(p) for p in peers}  # PeerError for an unknown peer, before any starts
+        connects = {p: self.connector(p) for p in peers}  # PeerError for an unknown peer, before any starts
         now = trio.current_time()
         for old in [k for k, j in self.verifies.items() if j.finished.is_set() and now - j.started > VERIFY_KEPT]:
             del self.verifies[old]  # finished and never asked for
@@ -675,7 +655,7 @@ class Cluster:
         if version == self.meta.version and trio.current_time() - when < REFRESH:
             return
         try:
-            changed = await gossip.exchange(self._connector(peer), self.meta, self.cluster, peer)
+            changed = await gossip.exchange(self.connector(peer), self.meta, self.cluster, peer)
         except (OSError, trio.TooSlowError, ConnectionLost, ProtocolError, PeerRefused) as e:
             trouble = describe(e)
         else:

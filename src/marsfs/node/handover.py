@@ -117,7 +117,7 @@ class Roles:
                              f"everything first; run marsfs resume-fetch {name}, then marsfs primary {name}")
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
-        connect = self.cluster._connector(source)
+        connect = self.cluster.connector(source)
         self.progress[name] = {"from": source, "phase": "preparing", "to_fetch": None}
         try:
             ch, _ = await open_channel(connect, hello(self.node.name, self.cluster.cluster, name, "handover",
@@ -267,7 +267,7 @@ class Roles:
     async def _reachable(self, name: str, source: str) -> bool:
         """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
         try:
-            ch, _ = await open_channel(self.cluster._connector(source),
+            ch, _ = await open_channel(self.cluster.connector(source),
                                        hello(self.node.name, self.cluster.cluster, name, "handover"))
         except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
             return False
@@ -464,7 +464,7 @@ class Roles:
         hints = [d.start_lsn - 1] if d is not None and d.start_lsn > 0 else []
         for attempt in range(COMPARE_TRIES):
             try:
-                ch, welcome = await open_channel(self.cluster._connector(source),
+                ch, welcome = await open_channel(self.cluster.connector(source),
                                                  hello(self.node.name, self.cluster.cluster, name, "compare"))
                 try:
                     seen = await ask_compare(ch, vol.log, vol.log.bytes_between, source, welcome.head_lsn, hints)
