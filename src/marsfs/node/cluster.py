@@ -137,7 +137,7 @@ class Cluster:
                 logger.info("node %s listens for peers on %s:%d", self.node.name, host, self.port)
             for name, vol in list(self.node.volumes.items()):
                 if self.node.is_mirror(name):
-                    self._start_fetch(vol)
+                    self.start_fetch(vol)
             for name, vol in list(self.node.resuming.items()):  # first copies a crash interrupted
                 del self.node.resuming[name]
                 copy = ImageCopy(source=self.node.role(name).source, size=vol.size, started=trio.current_time())
@@ -154,6 +154,11 @@ class Cluster:
             await self._start_meta(nursery)
             nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
+
+    def spawn(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` in the cluster's nursery, supervised as ``what`` (only while :meth:`run` runs)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(supervised, what, fn)
 
     def connector(self, peer: str) -> Connect:
         """A connection to ``peer`` (PeerError at once for an unknown one): see :mod:`marsfs.node.peers`."""
@@ -258,7 +263,7 @@ class Cluster:
                 await trio.to_thread.run_sync(vol.close)
                 await trio.to_thread.run_sync(self.node.abort_mirror, name)
 
-        copy.fetcher = self._start_fetch(vol, resync=plan, direct=True, synced=synced, scope=copy.scope,
+        copy.fetcher = self.start_fetch(vol, resync=plan, direct=True, synced=synced, scope=copy.scope,
                                          cleanup=cleanup)
 
     async def _join_existing(self, name: str, source: str, rate: int) -> dict[str, Any]:
@@ -301,11 +306,13 @@ class Cluster:
         """Stop the fetcher of mirror ``name`` (waiting until it stopped: a resync needs the log
         still) and start one that runs ``plan`` first."""
         await self.stop_fetch(name)
-        self._start_fetch(self.node.volume(name), resync=plan)
+        self.start_fetch(self.node.volume(name), resync=plan)
 
-    def _start_fetch(self, vol: Volume, *, resync: ResyncPlan | None = None, direct: bool = False,
+    def start_fetch(self, vol: Volume, *, resync: ResyncPlan | None = None, direct: bool = False,
                      synced: Callable[[], None] | None = None, scope: trio.CancelScope | None = None,
                      cleanup: Callable[[Fetcher], Awaitable[None]] | None = None) -> Fetcher | None:
+        """Start fetching mirror ``vol`` from its source (a PeerError for an unknown source goes
+        to the volume's errors, and None comes back); :meth:`stop_fetch` is its one way to stop."""
         name = vol.name
         role = self.node.role(name)
         try:
@@ -344,8 +351,7 @@ class Cluster:
             finally:
                 ended.set()
 
-        assert self._nursery is not None
-        self._nursery.start_soon(supervised, f"fetch of {name}", run)
+        self.spawn(f"fetch of {name}", run)
         return fetcher
 
     async def stop_fetch(self, name: str) -> None:
@@ -377,15 +383,13 @@ class Cluster:
             raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}; use marsfs delete")
         source = self.node.role(name).source
         self.node.check_delete(name)  # refuse before stopping anything
-        scope = self._scopes.pop(name, None)
-        fetcher = self.fetchers.pop(name, None)
-        if scope is not None:
-            scope.cancel()
+        fetching = name in self.fetchers
+        await self.stop_fetch(name)  # its append thread has ended before the log is deleted
         try:
             await trio.to_thread.run_sync(lambda: self.node.delete(name, force=False))
         except MarsError:
-            if fetcher is not None:  # opened in the meantime: keep mirroring as before
-                self._start_fetch(self.node.volume(name))
+            if fetching:  # opened in the meantime: keep mirroring as before
+                self.start_fetch(self.node.volume(name))
             raise
         try:  # tell the source to stop holding log for us; it will also notice the silence
             ch, _ = await open_channel(self.connector(source), hello(self.node.name, self.cluster, name, "leave"))
@@ -460,9 +464,7 @@ class Cluster:
             self._verify_seq += 1
             job_id = f"{name}/{p}/{self._verify_seq}"
             job = self.verifies[job_id] = VerifyJob(VerifyProgress(peer=p), started=now)
-            assert self._nursery is not None
-            self._nursery.start_soon(supervised, f"verify of {name} with {p}",
-                                     functools.partial(self._run_verify, job, vol, p, connect, mine))
+            self.spawn(f"verify of {name} with {p}", functools.partial(self._run_verify, job, vol, p, connect, mine))
             ids.append(job_id)
         return ids
 
@@ -752,20 +754,17 @@ class Cluster:
                 return
             await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
             self._meta_errors.pop(name, None)
-            self._start_fetch(vol)
+            self.start_fetch(vol)
             self.gossip_now()
         elif role.is_mirror and d.node != me and name not in self.copies:
             self._meta_errors.pop(name, None)
             if role.source != d.node:
                 logger.info("volume %s: %s is the designated primary (epoch %d); fetching from it instead of %s",
                             name, d.node, d.epoch, role.source)
-                scope = self._scopes.pop(name, None)
-                self.fetchers.pop(name, None)
-                if scope is not None:
-                    scope.cancel()
+                await self.stop_fetch(name)  # the old source's fetcher ends before the new one starts
                 await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
                                                                 epoch=d.epoch))
-                self._start_fetch(vol)
+                self.start_fetch(vol)
                 self.gossip_now()
             elif role.epoch != d.epoch:
                 await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=d.epoch))
