@@ -61,6 +61,7 @@ from marsfs.errors import (
 )
 from marsfs.log import genesis_chain
 from marsfs.node import gossip
+from marsfs.node.follow import Act, decide
 from marsfs.node.handover import Roles
 from marsfs.node.meta import REFRESH, Position
 from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
@@ -731,43 +732,31 @@ class Cluster:
         if d is None:
             return
         role = self.node.role(name)
-        me = self.node.name
-        if role.role == Role.PRIMARY:
-            if d.node == me:
-                self.node.unfence(name)
-                self.node.unfence(name, holder=MIRROR_FENCE)
-                self._meta_errors.pop(name, None)
-                return
-            why = (f"volume {name}: node {d.node} is its designated primary (epoch {d.epoch}, from LSN "
-                   f"{d.start_lsn}); this node refuses writes: write on {d.node}")
-            self.node.fence(name, why)
-            head = vol.head_lsn
-            if head >= d.start_lsn:  # we wrote after the new epoch began: a divergent tail, kept
-                self._meta_errors[name] = (
-                    f"this node wrote LSN {d.start_lsn}-{head} after epoch {d.epoch} began on {d.node}: its tail "
-                    f"diverges and is kept (split brain); keep what you need, then resolve with: "
-                    f"marsfs invalidate {name}")
-                return
-            if self.node.opens[name]:
-                self._meta_errors[name] = (f"it follows {d.node} as a mirror once the image is closed here "
-                                           f"({self.node.opens[name]} handle(s): losetup -d)")
-                return
-            await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
+        do = decide(name, self.node.name, role, d, head_lsn=vol.head_lsn, opens=self.node.opens[name],
+                    copying=name in self.copies)
+        if do.fence:
+            self.node.fence(name, do.fence)
+        if do.error:
+            self._meta_errors[name] = do.error
+        elif do.act != Act.NOTHING:
             self._meta_errors.pop(name, None)
+        if do.act == Act.UNFENCE:
+            self.node.unfence(name)
+            self.node.unfence(name, holder=MIRROR_FENCE)
+        elif do.act == Act.BECOME_MIRROR:
+            await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
             self.start_fetch(vol)
             self.gossip_now()
-        elif role.is_mirror and d.node != me and name not in self.copies:
-            self._meta_errors.pop(name, None)
-            if role.source != d.node:
-                logger.info("volume %s: %s is the designated primary (epoch %d); fetching from it instead of %s",
-                            name, d.node, d.epoch, role.source)
-                await self.stop_fetch(name)  # the old source's fetcher ends before the new one starts
-                await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
-                                                                epoch=d.epoch))
-                self.start_fetch(vol)
-                self.gossip_now()
-            elif role.epoch != d.epoch:
-                await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=d.epoch))
+        elif do.act == Act.REFETCH:
+            logger.info("volume %s: %s is the designated primary (epoch %d); fetching from it instead of %s",
+                        name, d.node, d.epoch, role.source)
+            await self.stop_fetch(name)  # the old source's fetcher ends before the new one starts
+            await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
+                                                            epoch=d.epoch))
+            self.start_fetch(vol)
+            self.gossip_now()
+        elif do.act == Act.EPOCH:
+            await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=d.epoch))
 
     def _forget_mirror(self, vol: Volume, node: str) -> None:
         """``node`` was removed from ``vol``: its position holds nothing here any more."""
