@@ -50,8 +50,8 @@ class Net:
     async def start(self, name: str, peers: list[str]) -> Cluster:
         node = Node.open(self.tmp_path / name, name)
         # the addresses are never used: connections go through connect() (metadata gossip too)
-        cluster = Cluster(node, listen=None, peers={p: "127.0.0.1:1" for p in peers if p != name}, cluster=CLUSTER)
-        cluster._connector = lambda peer: self.connect(peer)  # type: ignore[method-assign]
+        cluster = Cluster(node, listen=None, peers={p: "127.0.0.1:1" for p in peers if p != name}, cluster=CLUSTER,
+                          connections=self)
         await self.nursery.start(cluster.run)
         self.clusters[name] = cluster
         return cluster
@@ -66,6 +66,13 @@ class Net:
             return client
 
         return connect
+
+    def connector(self, peer: str) -> Connect:
+        """What :class:`marsfs.node.peers.Peers` asks of a fake: every peer is known."""
+        return self.connect(peer)
+
+    def where(self, peer: str) -> str:
+        return f"memory stream to {peer}"
 
     async def kill(self, peer: str) -> None:
         """``peer`` is gone: its connections end, new ones are refused."""

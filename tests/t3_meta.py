@@ -62,6 +62,16 @@ class CutStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
+class NetPeers:
+    """A :class:`marsfs.node.peers.Peers` over the memory streams of a :class:`Net`."""
+
+    def __init__(self, connector: Callable[[str], Callable[[], Awaitable[trio.abc.Stream]]]) -> None:
+        self.connector = connector
+
+    def where(self, peer: str) -> str:
+        return f"memory stream to {peer}"
+
+
 class Net:
     """In-process nodes connected by memory streams; ``cut`` holds the links that are down."""
 
@@ -71,8 +81,8 @@ class Net:
         self.cut: set[frozenset[str]] = set()
         self.nursery: trio.Nursery | None = None
         for n, node in self.nodes.items():
-            c = Cluster(node, listen=None, peers={p: "127.0.0.1:9" for p in names if p != n}, cluster=CLUSTER)
-            c._connector = self._connector(n)  # type: ignore[method-assign]
+            c = Cluster(node, listen=None, peers={p: "127.0.0.1:9" for p in names if p != n}, cluster=CLUSTER,
+                        connections=NetPeers(self._connector(n)))
             self.clusters[n] = c
 
     def _connector(self, me: str) -> Callable[[str], Callable[[], Awaitable[trio.abc.Stream]]]:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from marsfs.errors import InvalidRequest, MarsError, UsageError
-from marsfs.node.cluster import DEFAULT_CLUSTER, parse_address
+from marsfs.node.cluster import DEFAULT_CLUSTER
+from marsfs.node.peers import parse_address
 from marsfs.node.space import LogSpaceSetting
 from marsfs.units import parse_size
 from marsfs.volume import Retention

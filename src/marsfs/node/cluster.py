@@ -54,7 +54,6 @@ from marsfs.errors import (
     MarsError,
     PeerError,
     ProtocolError,
-    UsageError,
     VolumeBusy,
     VolumeExists,
     VolumeNotFound,
@@ -62,9 +61,11 @@ from marsfs.errors import (
 )
 from marsfs.log import genesis_chain
 from marsfs.node import gossip
+from marsfs.node.follow import Act, decide
 from marsfs.node.handover import Roles
 from marsfs.node.meta import REFRESH, Position
 from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
+from marsfs.node.peers import Peers, TcpPeers, parse_address, welcome
 from marsfs.node.state import (
     FRESH,
     MirrorFacts,
@@ -92,21 +93,17 @@ GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and po
 DEFAULT_CLUSTER = "marsfs"
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"address {text!r}: give HOST:PORT, like 127.0.0.1:7600")
-    return host.strip("[]"), int(port)
-
-
 class Cluster:
     """Replication for every volume of one node. Runs inside the daemon's trio loop."""
 
     def __init__(self, node: Node, *, listen: str | None, peers: dict[str, str], cluster: str = DEFAULT_CLUSTER,
-                 sync_rate: int = 0) -> None:
+                 sync_rate: int = 0, connections: Peers | None = None) -> None:
+        """``connections`` reaches the peers (default: TCP to the ``peers`` addresses; tests
+        pass a fake); ``peers`` names them either way."""
         self.node = node
         self.listen = parse_address(listen) if listen else None
         self.peers = {name: parse_address(addr) for name, addr in peers.items()}
+        self.connections: Peers = connections if connections is not None else TcpPeers(self.peers)
         self.cluster = cluster
         self.peer_table = PeerTable()
         self.roles = Roles(self)
@@ -141,7 +138,7 @@ class Cluster:
                 logger.info("node %s listens for peers on %s:%d", self.node.name, host, self.port)
             for name, vol in list(self.node.volumes.items()):
                 if self.node.is_mirror(name):
-                    self._start_fetch(vol)
+                    self.start_fetch(vol)
             for name, vol in list(self.node.resuming.items()):  # first copies a crash interrupted
                 del self.node.resuming[name]
                 copy = ImageCopy(source=self.node.role(name).source, size=vol.size, started=trio.current_time())
@@ -159,16 +156,18 @@ class Cluster:
             nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
 
-    def _connector(self, peer: str) -> Connect:
-        if peer not in self.peers:
-            known = ", ".join(sorted(self.peers)) or "none"
-            raise PeerError(f"unknown peer {peer!r} (known: {known}); start the daemon with --peer {peer}=HOST:PORT")
-        host, port = self.peers[peer]
+    def spawn(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` in the cluster's nursery, supervised as ``what`` (only while :meth:`run` runs)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(supervised, what, fn)
 
-        async def connect() -> trio.abc.Stream:
-            return await trio.open_tcp_stream(host, port)
+    def connector(self, peer: str) -> Connect:
+        """A connection to ``peer`` (PeerError at once for an unknown one): see :mod:`marsfs.node.peers`."""
+        return self.connections.connector(peer)
 
-        return connect
+    async def _welcome(self, source: str, name: str) -> Welcome:
+        """Ask ``source`` whether it serves ``name`` (refusals come back to the operator at once)."""
+        return await welcome(self.connections, self.node.name, self.cluster, source, name)
 
     def _servable(self, name: str) -> Volume | None:
         vol = self.node.volumes.get(name)
@@ -193,7 +192,7 @@ class Cluster:
         if source == self.node.name:
             raise InvalidRequest(f"{source} is this node: run marsfs join {name} --from NODE with the node "
                                  "that holds the volume, on the node that should mirror it")
-        connect = self._connector(source)
+        self.connector(source)  # an unknown source is refused before anything changes
         old = self.copies.get(name)
         if old is not None and not old.failed:
             raise VolumeBusy(f"volume {name!r} is already being copied from {old.source}; "
@@ -209,7 +208,7 @@ class Cluster:
             return await self._join_existing(name, source, rate)
         self.node.check_new(name)
         seed_path = _seed_file(seed) if seed is not None else None
-        welcome = await self._welcome(connect, source, name)
+        welcome = await self._welcome(source, name)
         if seed_path is not None and seed_path.stat().st_size > welcome.size:
             raise InvalidRequest(f"seed {seed_path} holds {seed_path.stat().st_size} bytes, more than volume "
                                  f"{name} on {source} ({welcome.size}); give an image of that volume")
@@ -240,19 +239,6 @@ class Cluster:
         return {"volume": name, "source": source, "size": welcome.size, "state": "syncing",
                 "seed": str(seed_path) if seed_path is not None else None}
 
-    async def _welcome(self, connect: Connect, source: str, name: str) -> Welcome:
-        """Ask ``source`` whether it serves ``name`` (refusals come back to the operator at once)."""
-        try:
-            ch, welcome = await open_channel(connect, hello(self.node.name, self.cluster, name, "sync"))
-        except PeerRefused as e:
-            raise PeerError(f"{source} refused: {e.message}") from None
-        except (OSError, trio.TooSlowError) as e:
-            host, port = self.peers[source]
-            raise PeerError(f"cannot reach peer {source} at {host}:{port}: {describe(e)}; "
-                            "is its daemon running with --listen?") from None
-        await ch.aclose()
-        return welcome
-
     def _start_copy(self, vol: Volume, copy: ImageCopy, plan: ResyncPlan) -> None:
         """Run the first copy of a new replica (a fast sync straight into its base), then fetch.
         The replica is served once it switched; a fatal refusal or ``leave`` removes it."""
@@ -278,13 +264,13 @@ class Cluster:
                 await trio.to_thread.run_sync(vol.close)
                 await trio.to_thread.run_sync(self.node.abort_mirror, name)
 
-        copy.fetcher = self._start_fetch(vol, resync=plan, direct=True, synced=synced, scope=copy.scope,
+        copy.fetcher = self.start_fetch(vol, resync=plan, direct=True, synced=synced, scope=copy.scope,
                                          cleanup=cleanup)
 
     async def _join_existing(self, name: str, source: str, rate: int) -> dict[str, Any]:
         """``join`` of a mirror this node has (stale, or fetching from another node): resync it
         from ``source``, comparing what changed since its LSN when the source can tell."""
-        await self._welcome(self._connector(source), source, name)
+        await self._welcome(source, name)
         if self.node.role(name).source != source:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=source))
         await self.restart_fetch(name, ResyncPlan(rate=rate))
@@ -311,7 +297,7 @@ class Cluster:
             raise WrongRole(f"volume {name!r} is {role.role} on node {self.node.name}: invalidate discards a "
                             "mirror's copy and resyncs it from its source; run it on the mirror whose copy is "
                             "damaged or divergent")
-        self._connector(role.source)  # an unknown source is refused before anything changes
+        self.connector(role.source)  # an unknown source is refused before anything changes
         await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, resync_whole=True))
         await self.restart_fetch(name, ResyncPlan(whole=True, ranges=ranges, rate=rate))
         logger.info("invalidated %s: resyncing the whole image from %s", name, role.source)
@@ -321,15 +307,17 @@ class Cluster:
         """Stop the fetcher of mirror ``name`` (waiting until it stopped: a resync needs the log
         still) and start one that runs ``plan`` first."""
         await self.stop_fetch(name)
-        self._start_fetch(self.node.volume(name), resync=plan)
+        self.start_fetch(self.node.volume(name), resync=plan)
 
-    def _start_fetch(self, vol: Volume, *, resync: ResyncPlan | None = None, direct: bool = False,
+    def start_fetch(self, vol: Volume, *, resync: ResyncPlan | None = None, direct: bool = False,
                      synced: Callable[[], None] | None = None, scope: trio.CancelScope | None = None,
                      cleanup: Callable[[Fetcher], Awaitable[None]] | None = None) -> Fetcher | None:
+        """Start fetching mirror ``vol`` from its source (a PeerError for an unknown source goes
+        to the volume's errors, and None comes back); :meth:`stop_fetch` is its one way to stop."""
         name = vol.name
         role = self.node.role(name)
         try:
-            connect = self._connector(role.source)
+            connect = self.connector(role.source)
         except PeerError as e:
             vol.errors.append(str(e))
             return None
@@ -364,8 +352,7 @@ class Cluster:
             finally:
                 ended.set()
 
-        assert self._nursery is not None
-        self._nursery.start_soon(supervised, f"fetch of {name}", run)
+        self.spawn(f"fetch of {name}", run)
         return fetcher
 
     async def stop_fetch(self, name: str) -> None:
@@ -397,18 +384,16 @@ class Cluster:
             raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}; use marsfs delete")
         source = self.node.role(name).source
         self.node.check_delete(name)  # refuse before stopping anything
-        scope = self._scopes.pop(name, None)
-        fetcher = self.fetchers.pop(name, None)
-        if scope is not None:
-            scope.cancel()
+        fetching = name in self.fetchers
+        await self.stop_fetch(name)  # its append thread has ended before the log is deleted
         try:
             await trio.to_thread.run_sync(lambda: self.node.delete(name, force=False))
         except MarsError:
-            if fetcher is not None:  # opened in the meantime: keep mirroring as before
-                self._start_fetch(self.node.volume(name))
+            if fetching:  # opened in the meantime: keep mirroring as before
+                self.start_fetch(self.node.volume(name))
             raise
         try:  # tell the source to stop holding log for us; it will also notice the silence
-            ch, _ = await open_channel(self._connector(source), hello(self.node.name, self.cluster, name, "leave"))
+            ch, _ = await open_channel(self.connector(source), hello(self.node.name, self.cluster, name, "leave"))
             await ch.aclose()
         except (MarsError, OSError, PeerRefused, trio.TooSlowError) as e:
             logger.info("could not tell %s that we left %s: %s", source, name, describe(e))
@@ -471,7 +456,7 @@ class Cluster:
                                      f"with; give one: marsfs verify {name} --peer NODE")
         if self.node.name in peers:
             raise InvalidRequest(f"{self.node.name} is this node: give another node with --peer")
-        connects = {p: self._connector(p) for p in peers}  # PeerError for an unknown peer, before any starts
+        connects = {p: self.connector(p) for p in peers}  # PeerError for an unknown peer, before any starts
         now = trio.current_time()
         for old in [k for k, j in self.verifies.items() if j.finished.is_set() and now - j.started > VERIFY_KEPT]:
             del self.verifies[old]  # finished and never asked for
@@ -480,9 +465,7 @@ class Cluster:
             self._verify_seq += 1
             job_id = f"{name}/{p}/{self._verify_seq}"
             job = self.verifies[job_id] = VerifyJob(VerifyProgress(peer=p), started=now)
-            assert self._nursery is not None
-            self._nursery.start_soon(supervised, f"verify of {name} with {p}",
-                                     functools.partial(self._run_verify, job, vol, p, connect, mine))
+            self.spawn(f"verify of {name} with {p}", functools.partial(self._run_verify, job, vol, p, connect, mine))
             ids.append(job_id)
         return ids
 
@@ -675,7 +658,7 @@ class Cluster:
         if version == self.meta.version and trio.current_time() - when < REFRESH:
             return
         try:
-            changed = await gossip.exchange(self._connector(peer), self.meta, self.cluster, peer)
+            changed = await gossip.exchange(self.connector(peer), self.meta, self.cluster, peer)
         except (OSError, trio.TooSlowError, ConnectionLost, ProtocolError, PeerRefused) as e:
             trouble = describe(e)
         else:
@@ -749,46 +732,31 @@ class Cluster:
         if d is None:
             return
         role = self.node.role(name)
-        me = self.node.name
-        if role.role == Role.PRIMARY:
-            if d.node == me:
-                self.node.unfence(name)
-                self.node.unfence(name, holder=MIRROR_FENCE)
-                self._meta_errors.pop(name, None)
-                return
-            why = (f"volume {name}: node {d.node} is its designated primary (epoch {d.epoch}, from LSN "
-                   f"{d.start_lsn}); this node refuses writes: write on {d.node}")
-            self.node.fence(name, why)
-            head = vol.head_lsn
-            if head >= d.start_lsn:  # we wrote after the new epoch began: a divergent tail, kept
-                self._meta_errors[name] = (
-                    f"this node wrote LSN {d.start_lsn}-{head} after epoch {d.epoch} began on {d.node}: its tail "
-                    f"diverges and is kept (split brain); keep what you need, then resolve with: "
-                    f"marsfs invalidate {name}")
-                return
-            if self.node.opens[name]:
-                self._meta_errors[name] = (f"it follows {d.node} as a mirror once the image is closed here "
-                                           f"({self.node.opens[name]} handle(s): losetup -d)")
-                return
+        do = decide(name, self.node.name, role, d, head_lsn=vol.head_lsn, opens=self.node.opens[name],
+                    copying=name in self.copies)
+        if do.fence:
+            self.node.fence(name, do.fence)
+        if do.error:
+            self._meta_errors[name] = do.error
+        elif do.act != Act.NOTHING:
+            self._meta_errors.pop(name, None)
+        if do.act == Act.UNFENCE:
+            self.node.unfence(name)
+            self.node.unfence(name, holder=MIRROR_FENCE)
+        elif do.act == Act.BECOME_MIRROR:
             await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
-            self._meta_errors.pop(name, None)
-            self._start_fetch(vol)
+            self.start_fetch(vol)
             self.gossip_now()
-        elif role.is_mirror and d.node != me and name not in self.copies:
-            self._meta_errors.pop(name, None)
-            if role.source != d.node:
-                logger.info("volume %s: %s is the designated primary (epoch %d); fetching from it instead of %s",
-                            name, d.node, d.epoch, role.source)
-                scope = self._scopes.pop(name, None)
-                self.fetchers.pop(name, None)
-                if scope is not None:
-                    scope.cancel()
-                await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
-                                                                epoch=d.epoch))
-                self._start_fetch(vol)
-                self.gossip_now()
-            elif role.epoch != d.epoch:
-                await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=d.epoch))
+        elif do.act == Act.REFETCH:
+            logger.info("volume %s: %s is the designated primary (epoch %d); fetching from it instead of %s",
+                        name, d.node, d.epoch, role.source)
+            await self.stop_fetch(name)  # the old source's fetcher ends before the new one starts
+            await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
+                                                            epoch=d.epoch))
+            self.start_fetch(vol)
+            self.gossip_now()
+        elif do.act == Act.EPOCH:
+            await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=d.epoch))
 
     def _forget_mirror(self, vol: Volume, node: str) -> None:
         """``node`` was removed from ``vol``: its position holds nothing here any more."""

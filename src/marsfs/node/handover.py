@@ -28,15 +28,17 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 import trio
 
-from marsfs.aio import describe, supervised
+from marsfs.aio import describe
 from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
+from marsfs.node.node import Node
 from marsfs.node.state import FailoverLoss, Role, SplitBrain
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
-from marsfs.replication.fetch import PeerChannel, ResyncPlan, hello, open_channel
+from marsfs.replication.fetch import Connect, Fetcher, PeerChannel, ResyncPlan, hello, open_channel
 from marsfs.replication.handover import (
     PREPARE_TIMEOUT,
     SplitSeen,
@@ -48,8 +50,41 @@ from marsfs.replication.protocol import Error, HandoverEnd, HandoverPrepare, Han
 from marsfs.volume import Volume
 from marsfs.volume.splits import save_split
 
-if TYPE_CHECKING:
-    from marsfs.node.cluster import Cluster
+
+class RoleHost(Protocol):
+    """What :class:`Roles` needs of the node's cluster (:class:`~marsfs.node.cluster.Cluster`
+    is one); a protocol, so this module does not import the cluster that imports it."""
+
+    node: Node
+    cluster: str  #: the cluster's name, for the hellos
+    @property
+    def copies(self) -> Mapping[str, ImageCopyLike]:
+        """Image copies running or failed, by volume (read only here)."""
+        ...
+
+    @property
+    def fetchers(self) -> Mapping[str, Fetcher]:
+        """The running fetcher of each mirror volume (read only here)."""
+        ...
+
+    def connector(self, peer: str) -> Connect: ...
+
+    def spawn(self, what: str, fn: Callable[[], Awaitable[None]]) -> None: ...
+
+    def start_fetch(self, vol: Volume) -> Fetcher | None: ...
+
+    async def stop_fetch(self, name: str) -> None: ...
+
+    async def restart_fetch(self, name: str, plan: ResyncPlan) -> None: ...
+
+    def gossip_now(self) -> None: ...
+
+
+class ImageCopyLike(Protocol):
+    """An image copy in progress, as :class:`Roles` reads it."""
+
+    @property
+    def source(self) -> str: ...
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +104,7 @@ def tail_extents(vol: Volume, fork_lsn: int) -> list[tuple[int, int]] | None:
 class Roles:
     """The role changes of one node's volumes; part of its :class:`~marsfs.node.cluster.Cluster`."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: RoleHost) -> None:
         self.cluster = cluster
         self.node = cluster.node
         #: handovers in progress on this node (the new primary's side): volume -> status figures
@@ -117,7 +152,7 @@ class Roles:
                              f"everything first; run marsfs resume-fetch {name}, then marsfs primary {name}")
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
-        connect = self.cluster._connector(source)
+        connect = self.cluster.connector(source)
         self.progress[name] = {"from": source, "phase": "preparing", "to_fetch": None}
         try:
             ch, _ = await open_channel(connect, hello(self.node.name, self.cluster.cluster, name, "handover",
@@ -174,7 +209,7 @@ class Roles:
     def _resume_fetch(self, vol: Volume) -> None:
         """A change of primary failed before its claim: this node goes on mirroring."""
         if vol.name not in self.cluster.fetchers and self.node.is_mirror(vol.name):
-            self.cluster._start_fetch(vol)
+            self.cluster.start_fetch(vol)
 
     async def _prepare(self, ch: PeerChannel, name: str, source: str, epoch: int) -> HandoverReady:
         await ch.send_message(HandoverPrepare(epoch=epoch, timeout=PREPARE_TIMEOUT))
@@ -267,7 +302,7 @@ class Roles:
     async def _reachable(self, name: str, source: str) -> bool:
         """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
         try:
-            ch, _ = await open_channel(self.cluster._connector(source),
+            ch, _ = await open_channel(self.cluster.connector(source),
                                        hello(self.node.name, self.cluster.cluster, name, "handover"))
         except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
             return False
@@ -340,9 +375,7 @@ class Roles:
             self.node.unfence_handover(volume)
             return
         # no END: the asker may have claimed and then lost us; wait out the prepare's timeout
-        assert self.cluster._nursery is not None
-        self.cluster._nursery.start_soon(supervised, f"handover fence of {volume}",
-                                         functools.partial(self._unfence_later, volume, peer))
+        self.cluster.spawn(f"handover fence of {volume}", functools.partial(self._unfence_later, volume, peer))
 
     async def _unfence_later(self, volume: str, peer: str) -> None:
         await trio.sleep(PREPARE_TIMEOUT)
@@ -464,7 +497,7 @@ class Roles:
         hints = [d.start_lsn - 1] if d is not None and d.start_lsn > 0 else []
         for attempt in range(COMPARE_TRIES):
             try:
-                ch, welcome = await open_channel(self.cluster._connector(source),
+                ch, welcome = await open_channel(self.cluster.connector(source),
                                                  hello(self.node.name, self.cluster.cluster, name, "compare"))
                 try:
                     seen = await ask_compare(ch, vol.log, vol.log.bytes_between, source, welcome.head_lsn, hints)
