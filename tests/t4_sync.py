@@ -22,27 +22,13 @@ import random
 import shutil
 from pathlib import Path
 
-from marsfs.testing.checks import sha, status, wait_for, wait_synced
+from marsfs.testing.checks import proxied_pair, sha, status, wait_for, wait_synced
 from marsfs.testing.faultproxy import ProxyProcess
-from marsfs.testing.harness import Harness, NodeProcess
+from marsfs.testing.harness import Harness
 
 MiB = 1 << 20
 GiB = 1 << 30
 BLOCK = 4096
-
-
-def proxied_pair(harness: Harness, proxy: ProxyProcess, *, extra_a: list[str] | None = None
-                 ) -> tuple[NodeProcess, NodeProcess]:
-    """Nodes ``a`` and ``b``; ``b`` reaches ``a`` through ``proxy``."""
-    nodes = harness.cluster(["a", "b"], start=False)
-    a, b = nodes["a"], nodes["b"]
-    a.extra += extra_a or []
-    a.start()
-    port = proxy.start(harness.ports["a"])
-    i = b.extra.index(f"a=127.0.0.1:{harness.ports['a']}")
-    b.extra[i] = f"a=127.0.0.1:{port}"
-    b.start()
-    return a, b
 
 
 def fill(image: Path, regions: list[tuple[int, int]], seed: int) -> None:

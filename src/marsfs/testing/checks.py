@@ -202,10 +202,13 @@ class Writer:
         return complete
 
 
-def proxied_pair(harness: Harness, proxy: ProxyProcess) -> tuple[NodeProcess, NodeProcess]:
-    """Nodes ``a`` and ``b``; ``b`` reaches ``a`` through ``proxy`` (started here, towards a's port)."""
+def proxied_pair(harness: Harness, proxy: ProxyProcess, *, extra_a: list[str] | None = None
+                 ) -> tuple[NodeProcess, NodeProcess]:
+    """Nodes ``a`` and ``b``; ``b`` reaches ``a`` through ``proxy`` (started here, towards a's
+    port); ``extra_a``: more ``serve`` arguments for ``a``."""
     nodes = harness.cluster(["a", "b"], start=False)
     a, b = nodes["a"], nodes["b"]
+    a.extra += extra_a or []
     a.start()
     port = proxy.start(harness.ports["a"])
     i = b.extra.index(f"a=127.0.0.1:{harness.ports['a']}")
