@@ -20,7 +20,7 @@ Rules that hold here:
   takes the mirror's own ``synced`` as it stands, so ``--timeout 0`` is one check); on a
   primary it waits until every mirror it knows is synced, and refuses at once (exit 1) when it
   knows none.
-* The commands PRODUCT.md plans but that do not exist yet (:data:`PLANNED`) are on the command
+* Commands that are planned but do not exist yet (:data:`PLANNED`) are on the command
   line all the same and answer with one line saying so (:class:`NotAvailable`, exit status 2),
   never argparse's "invalid choice".
 * Names, flags, output text and exit statuses are the user interface: they change only on
@@ -654,7 +654,7 @@ def _planned(name: str, what: str) -> Command:
                    (Arg("args", required=False, wire=False, nargs="*", hidden=True),), client=client)
 
 
-#: Commands PRODUCT.md plans that do not exist yet, and what each will do.
+#: Commands that are planned but do not exist yet, and what each will do.
 PLANNED: Mapping[str, str] = types.MappingProxyType({
 })
 

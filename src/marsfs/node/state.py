@@ -4,7 +4,7 @@ Rules that hold here:
 
 * Everything the node persists about a volume's role (``role.json``) is a :class:`RoleRecord`;
   everything ``status`` shows is a :class:`VolumeStatus` with :class:`PeerStatus` rows. Their
-  JSON keys are the ones PRODUCT.md promises (and a few more); nothing else builds status dicts.
+  JSON keys are their fields, the one schema of ``status --json``; nothing else builds status dicts.
 * A mirror's state is derived by :func:`mirror_state` from plain facts, and a mirror as its
   primary sees it by :func:`peer_state`; both return :class:`VolumeState` members. No other
   code decides which state a mirror is in, and nothing here reads a clock or does I/O.
@@ -211,7 +211,7 @@ class PeerStatus:
 
 @dataclass(frozen=True, slots=True)
 class VolumeStatus:
-    """One row of ``marsfs status``. PRODUCT.md names the keys every row has; mirror and sync
+    """One row of ``marsfs status``. Its fields are the keys of ``status --json``; mirror and sync
     details are ``None`` where they do not apply."""
 
     volume: str

@@ -2,7 +2,7 @@
 
 A :class:`Harness` owns everything a test (or a script) starts: daemon processes, loop devices,
 filesystem mounts. :meth:`Harness.close` releases them in the order the kernel needs
-(FUSE-NOTES): unmount filesystems on loop devices, detach the loops, stop the daemons by pid
+(a FUSE mount under a busy loop device cannot go first): unmount filesystems on loop devices, detach the loops, stop the daemons by pid
 (SIGTERM, then SIGKILL), and unmount FUSE (``fusermount3 -u``, lazily as a fallback). Nothing
 is ever killed or detached by name; only what this harness started is touched.
 """

@@ -42,7 +42,7 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   pairs), written right after each RESIZE record is appended; at open the RESIZE records still
   in the log are the truth for their LSNs (a record lost in a crash takes its entry along), the
   entries below the log's first LSN (trimmed, hence durable) are trusted. Shrinking is not
-  supported (PRODUCT.md "Not now").
+  supported: a filesystem on the volume would lose its end.
 
 Log deletion (G8), the one place that decides it (:meth:`Volume._trim`): a segment is deleted
 when every record in it is
