@@ -501,7 +501,7 @@ class Cluster:
             self.node.fence(name, do.fence)
         if do.error:
             self._meta_errors[name] = do.error
-        elif do.act != Act.NOTHING:
+        elif do.act not in (Act.NOTHING, Act.PROMOTE):  # a promotion is the roles' watch's
             self._meta_errors.pop(name, None)
         if do.act == Act.UNFENCE:
             self.node.unfence(name)

@@ -35,6 +35,7 @@ import trio
 
 from marsfs.aio import describe
 from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
+from marsfs.node.follow import Act, decide
 from marsfs.node.mirrors import Mirrors, Spawn
 from marsfs.node.node import Node
 from marsfs.node.peers import Peers
@@ -380,18 +381,18 @@ class Roles:
         d = self.node.meta.designated(name)
         if vol is None or d is None or vol.clone_of is not None or name in self.progress:
             return
-        role = self.node.role(name)
-        me = self.node.name
-        if role.is_mirror and d.node == me and not role.syncing:
+        do = decide(name, self.node.name, self.node.role(name), d, head_lsn=vol.head_lsn,
+                    opens=self.node.opens[name], copying=name in self.mirrors.copies)
+        if do.act == Act.PROMOTE:
             logger.info("volume %s: this node claimed epoch %d but was not promoted (a crash?); promoting it",
                         name, d.epoch)
             await self.mirrors.stop(name)
             await trio.to_thread.run_sync(self.node.promote, name, d.epoch)
             self.gossip_now()
-        elif role.role == Role.PRIMARY and d.node == me:
+        elif do.act == Act.UNFENCE:  # the designated primary: a loser that follows us again is resolved
             self._resolved_peers(name, vol)
-        if (role.role == Role.PRIMARY and d.node != me and vol.head_lsn >= d.start_lsn
-              and not any(s.peer == d.node for s in self.node.splits(name)) and name not in self._comparing):
+        elif (do.act == Act.SPLIT and not any(s.peer == d.node for s in self.node.splits(name))
+              and name not in self._comparing):  # fenced, and it wrote after the new epoch began
             self._comparing.add(name)
             try:
                 await self.find_split(vol, d.node)
