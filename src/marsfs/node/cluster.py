@@ -16,13 +16,14 @@ Rules that hold here:
   at once after a local change (:meth:`Cluster.gossip_now`), this node publishes its
   position for each volume and exchanges its metadata with every ``--peer`` (both
   directions, :mod:`marsfs.node.gossip`) whose last exchange did not leave it with our map
-  as it is now; at least every ``REFRESH`` seconds anyway. A peer that is down is retried quietly, logged at
-  INFO once per change. After every change the follow step (:meth:`Cluster._follow`, deciding
-  with :func:`marsfs.node.follow.decide`) runs: a primary that is not the designated primary is fenced (EROFS, log kept); if its log ends
-  before the designated primary's epoch began it becomes that node's mirror; a mirror whose
-  source is not the designated primary fetches from it instead; a node removed from a volume
-  (``leave --node --force``) no longer holds this node's log. Nothing here ever promotes a
-  node: only an operator's ``primary`` claims a volume.
+  as it is now; at least every ``REFRESH`` seconds anyway. A peer that is down is retried
+  quietly, logged at INFO once per change. After every change the follow step
+  (:meth:`Cluster._follow`, deciding with :func:`marsfs.node.follow.decide`) runs: a primary
+  that is not the designated primary is fenced (EROFS, log kept); if its log ends before the
+  designated primary's epoch began it becomes that node's mirror; a mirror whose source is
+  not the designated primary fetches from it instead; a node removed from a volume (``leave
+  --node --force``) no longer holds this node's log. Nothing here ever promotes a node: only
+  an operator's ``primary`` claims a volume.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class Cluster:
         """``marsfs pause-fetch`` and its kin: see :meth:`Mirrors.set_paused`."""
         return self.mirrors.set_paused(name, what, paused)
 
-    # what the status rows read of the mirrors (the status code reads them here)
+    # the mirrors' state as the status rows below read it (read only; Mirrors owns it)
 
     @property
     def fetchers(self) -> dict[str, Fetcher]:
