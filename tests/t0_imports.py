@@ -8,6 +8,7 @@ at its user. The layers, lowest first, are docs/architecture.md's.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,13 @@ def test_no_layer_imports_a_higher_one(module: str) -> None:
             assert module in KIT_USERS, f"{module} imports the test kit {dep}"
             continue
         assert LAYERS.index(theirs) <= LAYERS.index(mine), f"{module} ({mine}) imports {dep} ({theirs})"
+
+
+@pytest.mark.parametrize("layer", ["node", "faces"])
+def test_the_layer_table_lists_each_module_once(layer: str) -> None:
+    """docs/architecture.md's row for ``layer`` names every module of the package, once."""
+    doc = (ROOT.parent.parent / "docs" / "architecture.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith(f"| {layer} |"))
+    listed = re.findall(r"`([a-z_]+\.py)`", row)
+    modules = sorted(p.name for p in (ROOT / layer).glob("*.py") if p.name != "__init__.py")
+    assert sorted(listed) == modules, f"the {layer} row lists {sorted(listed)}; the package holds {modules}"

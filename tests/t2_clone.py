@@ -132,8 +132,8 @@ def test_clone_of_a_clone_and_join_and_leave_are_refused(node: Node) -> None:
     async def body(ctx: Context, cluster: Cluster) -> None:
         with pytest.raises(InvalidRequest, match="a clone of a clone is not supported yet"):
             await dispatch(ctx, "clone", {"version": "c@lsn-0", "volume": "cc"})
-        assert cluster._servable("c") is None  # peers cannot join a clone: clones are local
-        assert cluster._servable("v") is node.volume("v")
+        assert cluster.servable("c") is None  # peers cannot join a clone: clones are local
+        assert cluster.servable("v") is node.volume("v")
         await dispatch(ctx, "clone", {"version": "m@lsn-2", "volume": "mc"})  # a mirror's version
         with pytest.raises(VolumeBusy, match=r"has clones \(mc\)"):
             await dispatch(ctx, "leave", {"volume": "m"})

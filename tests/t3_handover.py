@@ -141,7 +141,7 @@ def test_planned_handover_loses_nothing(tmp_path: Path) -> None:
         with pytest.raises(VolumeReadOnly):
             a.node.acquire("vm", write=True)  # the old primary takes no writes: it is b's mirror
         await trio.to_thread.run_sync(write, vb, 3, 5)  # the new primary's log continues
-        assert vb.head_lsn > head and "vm" not in b.fetchers
+        assert vb.head_lsn > head and "vm" not in b.mirrors.fetchers
         assert b.statuses("vm")[0].state == VolumeState.UP
 
     in_net(tmp_path, body)
@@ -154,7 +154,7 @@ def test_handover_refusals_change_nothing(tmp_path: Path) -> None:
         a.node.acquire("vm")
         with pytest.raises(VolumeBusy, match=r"open on its primary a \(2 holder\(s\)"):
             await b.primary("vm")
-        assert b.node.is_mirror("vm") and not a.node.fenced("vm") and "vm" in b.fetchers
+        assert b.node.is_mirror("vm") and not a.node.fenced("vm") and "vm" in b.mirrors.fetchers
         a.node.release("vm")
         a.node.release("vm")
         with pytest.raises(WrongRole, match="already primary"):
@@ -206,7 +206,7 @@ async def fail_over(net: Net, a: Cluster, b: Cluster, unfetched: int) -> dict[st
     b.set_paused("vm", "fetch", True)
     await trio.sleep(1.0)
     await trio.to_thread.run_sync(write, va, 5, unfetched)
-    await wait_for(lambda: b.fetchers["vm"].state.primary_durable_lsn == va.durable_lsn, "a heartbeat")
+    await wait_for(lambda: b.mirrors.fetchers["vm"].state.primary_durable_lsn == va.durable_lsn, "a heartbeat")
     await net.kill("a")
     return await b.primary("vm", force=True)
 

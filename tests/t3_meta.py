@@ -121,13 +121,11 @@ def write(node: Node, seed: int, n: int = 3) -> None:
     vol.flush()
 
 
-def force_primary(net: Net, name: str) -> int:
-    """Test-only stand-in for ``marsfs primary v --force`` (the handover engineer builds it):
-    stop fetching, become primary, claim the next epoch from our head + 1. Returns the epoch."""
+async def force_primary(net: Net, name: str) -> int:
+    """Test-only stand-in for ``marsfs primary v --force`` (without its checks): stop fetching,
+    become primary, claim the next epoch from our head + 1. Returns the epoch."""
     c, node = net.clusters[name], net.nodes[name]
-    scope = c._scopes.pop("v")
-    c.fetchers.pop("v")
-    scope.cancel()
+    await c.mirrors.stop("v")
     vol = node.volume("v")
     d = node.meta.designated("v")
     assert d is not None
@@ -169,7 +167,7 @@ def test_gossip_converges_and_mirrors_follow_a_new_primary(tmp_path: Path) -> No
             assert st.designated_primary == "a" and st.members == ["a", "b", "c"]
             assert {p["node"] for p in st.positions} == {"b", "c"}
             # a handover as the handover engineer does it: a is closed and flushed, b has it all
-            epoch = force_primary(net, "b")
+            epoch = await force_primary(net, "b")
             await wait_for(lambda: net.nodes["a"].is_mirror("v") and net.nodes["c"].role("v").source == "b",
                            "a and c follow b")
             assert net.nodes["a"].role("v").source == "b" and net.nodes["a"].role("v").epoch == epoch
@@ -198,7 +196,7 @@ def test_partition_fences_the_old_primary_and_keeps_its_tail(tmp_path: Path) -> 
             await three_nodes(net, nursery)
             net.partition({"a"}, {"b", "c"})
             await trio.sleep(1.5)
-            force_primary(net, "b")  # failover while a is cut off
+            await force_primary(net, "b")  # failover while a is cut off
             write(net.nodes["a"], 3)  # a does not know: it still takes writes
             write(net.nodes["b"], 5)
             a_head = net.nodes["a"].volume("v").head_lsn

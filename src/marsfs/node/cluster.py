@@ -1,49 +1,40 @@
-"""The node in its cluster: serve peers, keep mirrors fetching and replaying, report lag.
+"""The node in its cluster: serve peers, compose the pieces, follow the metadata, report lag.
 
 Rules that hold here:
 
-* ``join`` answers as soon as the source node accepted (errors such as an unknown peer or
-  volume come back to the operator at once); the first copy then runs in the background, shown
-  as state ``syncing`` with progress. Until it finishes the mirror's image is not offered.
-* Every copy is a fast sync (:mod:`marsfs.replication.fetch`): a new replica starts as zeros
-  (or as a ``--seed`` image) at LSN 0 and is brought to the source's version comparing block
-  sums, staging straight into its base (nobody reads it yet). A lost connection retries and
-  a crash resumes it (:attr:`Node.resuming`); neither resends what was staged.
-* A mirror resyncs (state ``resyncing``) when the operator says so (``invalidate``: the whole
-  image; ``join`` onto its existing image: what changed, when the source can tell) or by
-  itself when its source no longer holds the log it needs (``log-trimmed``). It keeps serving
-  its last version meanwhile and switches atomically. ``resync_whole`` in the role record
-  keeps an interrupted whole-image resync whole across a restart.
-* Replay moves a mirror's visible version to its durable fetched LSN every ``REPLAY_EVERY``
-  seconds unless paused. Pause flags and the paused replay position persist in role.json.
+* :class:`Cluster` composes the node's pieces and wires them together, each given what it
+  needs in its constructor (none of them knows the cluster): :class:`~marsfs.node.peers.Peers`
+  reaches the other nodes, :class:`~marsfs.node.mirrors.Mirrors` joins, copies, fetches and
+  replays, :class:`~marsfs.node.handover.Roles` changes primaries, the replication
+  :class:`~marsfs.replication.server.Server` serves the peers. Its command methods delegate.
 * A fetch or replay that should progress and has not for ``STALL_AFTER`` seconds is reported
   as ``stalled`` with the reason.
 * A mirror's lag is measured against its source's newest durable LSN as the last heartbeat
   told it, also while its fetch is paused (the fetcher then only watches). An image copy's
   progress is the fraction of the ranges compared, with the compare rate and ETA.
-* Cluster metadata (:mod:`marsfs.node.meta`, issue 10): every ``GOSSIP_EVERY`` seconds, and
+* Cluster metadata (:mod:`marsfs.node.meta`): every ``GOSSIP_EVERY`` seconds, and
   at once after a local change (:meth:`Cluster.gossip_now`), this node publishes its
   position for each volume and exchanges its metadata with every ``--peer`` (both
   directions, :mod:`marsfs.node.gossip`) whose last exchange did not leave it with our map
-  as it is now; at least every ``REFRESH`` seconds anyway. A peer that is down is retried quietly, logged at
-  INFO once per change. After every change the follow step (:meth:`Cluster._follow`) runs:
-  a primary that is not the designated primary is fenced (EROFS, log kept); if its log ends
-  before the designated primary's epoch began it becomes that node's mirror; a mirror whose
-  source is not the designated primary fetches from it instead; a node removed from a volume
-  (``leave --node --force``) no longer holds this node's log. Nothing here ever promotes a
-  node: only an operator's ``primary`` claims a volume.
+  as it is now; at least every ``REFRESH`` seconds anyway. A peer that is down is retried
+  quietly, logged at INFO once per change. After every change the follow step
+  (:meth:`Cluster._follow`, deciding with :func:`marsfs.node.follow.decide`) runs: a primary
+  that is not the designated primary is fenced (EROFS, log kept); if its log ends before the
+  designated primary's epoch began it becomes that node's mirror; a mirror whose source is
+  not the designated primary fetches from it instead; a node removed from a volume (``leave
+  --node --force``) no longer holds this node's log. Nothing here ever promotes a node: only
+  an operator's ``primary`` claims a volume.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -52,20 +43,17 @@ from marsfs.aio import describe, supervised
 from marsfs.errors import (
     InvalidRequest,
     MarsError,
-    PeerError,
     ProtocolError,
     VolumeBusy,
-    VolumeExists,
     VolumeNotFound,
-    WrongRole,
 )
-from marsfs.log import genesis_chain
 from marsfs.node import gossip
 from marsfs.node.follow import Act, decide
 from marsfs.node.handover import Roles
 from marsfs.node.meta import REFRESH, Position
+from marsfs.node.mirrors import ImageCopy, Mirrors
 from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
-from marsfs.node.peers import Peers, TcpPeers, parse_address, welcome
+from marsfs.node.peers import Peers, TcpPeers, parse_address
 from marsfs.node.state import (
     FRESH,
     MirrorFacts,
@@ -77,8 +65,8 @@ from marsfs.node.state import (
     peer_state,
 )
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
-from marsfs.replication.fetch import Connect, Fetcher, ResyncPlan, hello, open_channel
-from marsfs.replication.protocol import Hello, Welcome
+from marsfs.replication.fetch import Connect, Fetcher
+from marsfs.replication.protocol import Hello
 from marsfs.replication.server import PeerTable, Server, lag_of
 from marsfs.replication.session import SyncStatus
 from marsfs.replication.verify import VerifyProgress, VerifyResult, verify_with
@@ -87,7 +75,6 @@ from marsfs.volume.holds import mirror_hold
 
 logger = logging.getLogger(__name__)
 
-REPLAY_EVERY = 0.02
 VERIFY_KEPT = 600.0  #: seconds a finished verify waits for its command line to collect it
 GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
 DEFAULT_CLUSTER = "marsfs"
@@ -106,17 +93,15 @@ class Cluster:
         self.connections: Peers = connections if connections is not None else TcpPeers(self.peers)
         self.cluster = cluster
         self.peer_table = PeerTable()
-        self.roles = Roles(self)
-        self.server = Server(node.name, cluster, self._servable, self._epoch, self.peer_table, meta=self._serve_meta,
+        self.mirrors = Mirrors(node, cluster, self.connections, spawn=self.spawn, quiet=self._quiet,
+                               diverged=self._diverged)
+        self.roles = Roles(node, cluster, self.connections, self.mirrors, spawn=self.spawn,
+                           gossip_now=self.gossip_now)
+        self.server = Server(node.name, cluster, self.servable, self._epoch, self.peer_table, meta=self._serve_meta,
                              conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare},
                              sync_rate=sync_rate)
-        self.fetchers: dict[str, Fetcher] = {}
-        self._scopes: dict[str, trio.CancelScope] = {}
-        self._fetch_ended: dict[str, trio.Event] = {}  #: set when a mirror's fetch task has ended
-        self.copies: dict[str, ImageCopy] = {}  #: image copies running, or failed and not yet retried
         self.verifies: dict[str, VerifyJob] = {}  #: verify comparisons by id, until collected
         self._verify_seq = 0
-        self._replay_samples: dict[str, deque[tuple[float, int]]] = {}
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
         self._init_meta()
@@ -136,22 +121,8 @@ class Cluster:
                 nursery.start_soon(trio.serve_listeners, self.server.handle, listeners)
                 self.port = listeners[0].socket.getsockname()[1]
                 logger.info("node %s listens for peers on %s:%d", self.node.name, host, self.port)
-            for name, vol in list(self.node.volumes.items()):
-                if self.node.is_mirror(name):
-                    self.start_fetch(vol)
-            for name, vol in list(self.node.resuming.items()):  # first copies a crash interrupted
-                del self.node.resuming[name]
-                copy = ImageCopy(source=self.node.role(name).source, size=vol.size, started=trio.current_time())
-                self.copies[name] = copy
-                self._start_copy(vol, copy, ResyncPlan(whole=self.node.role(name).resync_whole))
-            for name, source in list(self.node.rejoin.items()):
-                try:
-                    await self.join(name, source)
-                except MarsError as e:
-                    logger.error("could not restart the image copy of %s from %s: %s", name, source, describe(e))
-                    self.copies[name] = ImageCopy(source=source, size=0, started=trio.current_time(),
-                                                  failed=describe(e))
-            nursery.start_soon(self._replay_loop)
+            await self.mirrors.resume()
+            nursery.start_soon(self.mirrors.replay_loop)
             await self._start_meta(nursery)
             nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
@@ -165,205 +136,59 @@ class Cluster:
         """A connection to ``peer`` (PeerError at once for an unknown one): see :mod:`marsfs.node.peers`."""
         return self.connections.connector(peer)
 
-    async def _welcome(self, source: str, name: str) -> Welcome:
-        """Ask ``source`` whether it serves ``name`` (refusals come back to the operator at once)."""
-        return await welcome(self.connections, self.node.name, self.cluster, source, name)
-
-    def _servable(self, name: str) -> Volume | None:
+    def servable(self, name: str) -> Volume | None:
+        """The volume peers may fetch, join or hand over as ``name``: None for a clone (clones
+        are local) and for a name this node does not serve."""
         vol = self.node.volumes.get(name)
-        return None if vol is None or vol.clone_of is not None else vol  # clones are local
+        return None if vol is None or vol.clone_of is not None else vol
+
+    def _quiet(self, vol: Volume) -> AbstractAsyncContextManager[None]:
+        """The server's quiet for ``vol``, for the mirrors (the server is made after them)."""
+        return self.server.quiet(vol)
+
+    async def _diverged(self, vol: Volume, source: str) -> None:
+        """A fetch of ``vol`` was refused as diverged: the roles find the fork with ``source``."""
+        await self.roles.find_split(vol, source)
 
     def _epoch(self, name: str) -> int:
         return self.node.role(name).epoch
 
-    # ------------------------------------------------------------------ join and leave
+    # ------------------------------------------------------------------ mirrors (marsfs.node.mirrors)
 
     async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0) -> dict[str, Any]:
-        """Become a mirror of ``name`` from ``source``: returns once the source accepted.
-
-        A new replica starts empty (or as a copy of ``seed``, an image file on this node) and
-        reaches the source's version by fast sync: only blocks that differ are sent, and a
-        copy interrupted by a crash or a lost connection resumes. A mirror that exists here
-        already is resynced from ``source`` (only what changed, when the source can tell) when
-        it is stale (its fetch stopped for good) or fetches from another node.
-        A copy that failed stays visible (state failed, with the reason) until the operator
-        joins again or leaves; a join while a copy runs is refused."""
-        check_volume_name(name)
-        if source == self.node.name:
-            raise InvalidRequest(f"{source} is this node: run marsfs join {name} --from NODE with the node "
-                                 "that holds the volume, on the node that should mirror it")
-        self.connector(source)  # an unknown source is refused before anything changes
-        old = self.copies.get(name)
-        if old is not None and not old.failed:
-            raise VolumeBusy(f"volume {name!r} is already being copied from {old.source}; "
-                             f"follow it with: marsfs status {name}")
-        if name in self.node.volumes and self.node.is_mirror(name):
-            f = self.fetchers.get(name)
-            if self.node.role(name).source == source and f is not None and not f.state.fatal:
-                raise VolumeExists(f"volume {name!r} already exists on node {self.node.name}: it mirrors {source} "
-                                   f"and follows its log; to resync its image anyway: marsfs invalidate {name}")
-            if seed is not None:
-                raise InvalidRequest(f"volume {name!r} already has an image on node {self.node.name}; --seed is "
-                                     f"for a new copy (marsfs join {name} --from {source} fast-syncs this one)")
-            return await self._join_existing(name, source, rate)
-        self.node.check_new(name)
-        seed_path = _seed_file(seed) if seed is not None else None
-        welcome = await self._welcome(source, name)
-        if seed_path is not None and seed_path.stat().st_size > welcome.size:
-            raise InvalidRequest(f"seed {seed_path} holds {seed_path.stat().st_size} bytes, more than volume "
-                                 f"{name} on {source} ({welcome.size}); give an image of that volume")
-        copy = ImageCopy(source=source, size=welcome.size, started=trio.current_time())
-        self.copies[name] = copy
-
-        def make_volume() -> Volume:
-            path = self.node.begin_mirror(name, source, welcome.epoch)  # a crash from here on resumes
-            if seed_path is not None:  # a seed is not trusted: the resync compares every block
-                self.node.set_role(name, resync_whole=True)
-            vol = Volume.create_replica(path, name, welcome.size, welcome.uuid, 0, genesis_chain(welcome.uuid))
-            if seed_path is not None:
-                try:
-                    _copy_seed(seed_path, vol)
-                except BaseException:
-                    vol.close()
-                    raise
-            return vol
-
-        try:
-            vol = await trio.to_thread.run_sync(make_volume)
-        except BaseException:
-            self.copies.pop(name, None)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.node.abort_mirror, name)
-            raise
-        self._start_copy(vol, copy, ResyncPlan(whole=seed_path is not None, rate=rate))
-        return {"volume": name, "source": source, "size": welcome.size, "state": "syncing",
-                "seed": str(seed_path) if seed_path is not None else None}
-
-    def _start_copy(self, vol: Volume, copy: ImageCopy, plan: ResyncPlan) -> None:
-        """Run the first copy of a new replica (a fast sync straight into its base), then fetch.
-        The replica is served once it switched; a fatal refusal or ``leave`` removes it."""
-        name = vol.name
-        served: list[bool] = []  #: once served, the volume is leave's and delete's, not ours
-
-        def synced() -> None:  # in the fetcher's worker thread, right after the switch
-            self.node.finish_mirror(vol)
-            served.append(True)
-            self.copies.pop(name, None)
-            logger.info("first copy of %s from %s done at LSN %d; fetching the log", name, copy.source,
-                        vol.head_lsn)
-
-        async def cleanup(fetcher: Fetcher) -> None:
-            if served:
-                return  # served: leave and delete own it now
-            if fetcher.state.fatal and not copy.scope.cancelled_caught:
-                copy.failed = fetcher.state.error or fetcher.state.fatal
-                logger.error("copy of %s from %s failed: %s; retry with marsfs join", name, copy.source, copy.failed)
-            else:
-                self.copies.pop(name, None)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(vol.close)
-                await trio.to_thread.run_sync(self.node.abort_mirror, name)
-
-        copy.fetcher = self.start_fetch(vol, resync=plan, direct=True, synced=synced, scope=copy.scope,
-                                         cleanup=cleanup)
-
-    async def _join_existing(self, name: str, source: str, rate: int) -> dict[str, Any]:
-        """``join`` of a mirror this node has (stale, or fetching from another node): resync it
-        from ``source``, comparing what changed since its LSN when the source can tell."""
-        await self._welcome(source, name)
-        if self.node.role(name).source != source:
-            await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=source))
-        await self.restart_fetch(name, ResyncPlan(rate=rate))
-        return {"volume": name, "source": source, "size": self.node.volume(name).size, "state": "resyncing",
-                "seed": None}
+        """``marsfs join``: see :meth:`Mirrors.join`."""
+        return await self.mirrors.join(name, source, seed=seed, rate=rate)
 
     async def invalidate(self, name: str, *, ranges: tuple[tuple[int, int], ...] = (), rate: int = 0) -> dict[str, Any]:
-        """Discard this mirror's copy of ``name`` as untrusted (divergent or damaged) and resync
-        it from its source, comparing the whole image; ``ranges`` are compared in any case.
-        The mirror keeps serving its last version until it switches. Refused on a primary.
-
-        On a split brain's losing node (a split brain recorded here) it is the resolution
-        (:meth:`Roles.resolve_split`): the divergent state is kept as a split version first, and
-        only the two tails are copied."""
+        """``marsfs invalidate``: on a split brain's losing node (a split brain recorded here)
+        it is the resolution (:meth:`Roles.resolve_split`: the divergent state is kept as a
+        split version first, and only the two tails are copied); otherwise the mirror's whole
+        image is resynced (:meth:`Mirrors.invalidate`)."""
         if name in self.node.volumes and self.node.splits(name):
             return await self.roles.resolve_split(name, rate=rate)
-        copy = self.copies.get(name)
-        if copy is not None and name not in self.node.volumes and not copy.failed:
-            raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (a first copy compares "
-                             f"every block already); follow it with: marsfs status {name}")
-        vol = self.node.volume(name)
-        role = self.node.role(name)
-        if not role.is_mirror:
-            raise WrongRole(f"volume {name!r} is {role.role} on node {self.node.name}: invalidate discards a "
-                            "mirror's copy and resyncs it from its source; run it on the mirror whose copy is "
-                            "damaged or divergent")
-        self.connector(role.source)  # an unknown source is refused before anything changes
-        await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, resync_whole=True))
-        await self.restart_fetch(name, ResyncPlan(whole=True, ranges=ranges, rate=rate))
-        logger.info("invalidated %s: resyncing the whole image from %s", name, role.source)
-        return {"volume": name, "source": role.source, "size": vol.size, "state": "resyncing"}
+        return await self.mirrors.invalidate(name, ranges=ranges, rate=rate)
 
-    async def restart_fetch(self, name: str, plan: ResyncPlan) -> None:
-        """Stop the fetcher of mirror ``name`` (waiting until it stopped: a resync needs the log
-        still) and start one that runs ``plan`` first."""
-        await self.stop_fetch(name)
-        self.start_fetch(self.node.volume(name), resync=plan)
+    async def leave(self, name: str) -> dict[str, Any]:
+        """``marsfs leave``: see :meth:`Mirrors.leave`."""
+        return await self.mirrors.leave(name)
 
-    def start_fetch(self, vol: Volume, *, resync: ResyncPlan | None = None, direct: bool = False,
-                     synced: Callable[[], None] | None = None, scope: trio.CancelScope | None = None,
-                     cleanup: Callable[[Fetcher], Awaitable[None]] | None = None) -> Fetcher | None:
-        """Start fetching mirror ``vol`` from its source (a PeerError for an unknown source goes
-        to the volume's errors, and None comes back); :meth:`stop_fetch` is its one way to stop."""
-        name = vol.name
-        role = self.node.role(name)
-        try:
-            connect = self.connector(role.source)
-        except PeerError as e:
-            vol.errors.append(str(e))
-            return None
-        if resync is None and role.resync_whole:  # an invalidate or seeded copy a restart interrupted
-            resync = ResyncPlan(whole=True)
+    def set_paused(self, name: str, what: str, paused: bool) -> dict[str, Any]:
+        """``marsfs pause-fetch`` and its kin: see :meth:`Mirrors.set_paused`."""
+        return self.mirrors.set_paused(name, what, paused)
 
-        def resynced() -> None:
-            if self.node.role(name).resync_whole:
-                self.node.set_role(name, resync_whole=False)
+    # the mirrors' state as the status rows below read it (read only; Mirrors owns it)
 
-        source = role.source
-        fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
-                          paused=lambda: (self.node.role(name).fetch_paused  # or log space is full (G8)
-                                          or name in self.node.space.fetch_stopped),
-                          replayed=lambda: vol.replayed_lsn,
-                          replay_paused=lambda: self.node.role(name).replay_paused,
-                          resync=resync, direct=direct, synced=synced or resynced,
-                          quiet=lambda: self.server.quiet(vol))
-        self.fetchers[name] = fetcher
-        scope = scope if scope is not None else trio.CancelScope()
-        self._scopes[name] = scope
-        ended = self._fetch_ended[name] = trio.Event()
+    @property
+    def fetchers(self) -> dict[str, Fetcher]:
+        return self.mirrors.fetchers
 
-        async def run() -> None:
-            try:
-                with scope:
-                    await fetcher.run()
-                    if fetcher.state.fatal == "diverged":  # a split brain: where, and how much each side wrote
-                        await self.roles.find_split(vol, source)
-                if cleanup is not None:
-                    await cleanup(fetcher)
-            finally:
-                ended.set()
+    @property
+    def copies(self) -> dict[str, ImageCopy]:
+        return self.mirrors.copies
 
-        self.spawn(f"fetch of {name}", run)
-        return fetcher
-
-    async def stop_fetch(self, name: str) -> None:
-        """Stop the fetch of ``name`` and wait until it appends nothing more."""
-        scope = self._scopes.pop(name, None)
-        self.fetchers.pop(name, None)
-        ended = self._fetch_ended.pop(name, None)
-        if scope is not None:
-            scope.cancel()
-        if ended is not None:
-            await ended.wait()
+    @property
+    def _replay_samples(self) -> dict[str, deque[tuple[float, int]]]:
+        return self.mirrors.replay_samples
 
     # ------------------------------------------------------------------ roles (marsfs.node.handover)
 
@@ -371,67 +196,6 @@ class Cluster:
         """``marsfs primary VOL [--force]``: planned handover to this node, or forced failover."""
         check_volume_name(name)
         return await (self.roles.fail_over(name) if force else self.roles.take_over(name))
-
-    async def leave(self, name: str) -> dict[str, Any]:
-        """Stop mirroring ``name`` and remove this node's copy. A refusal changes nothing."""
-        copy = self.copies.get(name)
-        if copy is not None and name not in self.node.volumes:  # an image copy, running or failed
-            copy.scope.cancel()
-            del self.copies[name]
-            return {"volume": name, "left": copy.source}
-        if not self.node.is_mirror(name):
-            self.node.volume(name)
-            raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}; use marsfs delete")
-        source = self.node.role(name).source
-        self.node.check_delete(name)  # refuse before stopping anything
-        fetching = name in self.fetchers
-        await self.stop_fetch(name)  # its append thread has ended before the log is deleted
-        try:
-            await trio.to_thread.run_sync(lambda: self.node.delete(name, force=False))
-        except MarsError:
-            if fetching:  # opened in the meantime: keep mirroring as before
-                self.start_fetch(self.node.volume(name))
-            raise
-        try:  # tell the source to stop holding log for us; it will also notice the silence
-            ch, _ = await open_channel(self.connector(source), hello(self.node.name, self.cluster, name, "leave"))
-            await ch.aclose()
-        except (MarsError, OSError, PeerRefused, trio.TooSlowError) as e:
-            logger.info("could not tell %s that we left %s: %s", source, name, describe(e))
-        return {"volume": name, "left": source}
-
-    # ------------------------------------------------------------------ pause and resume
-
-    def set_paused(self, name: str, what: str, paused: bool) -> dict[str, Any]:
-        if not self.node.is_mirror(name):
-            self.node.volume(name)
-            raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}")
-        vol = self.node.volume(name)
-        if what == "replay":
-            self.node.set_role(name, replay_paused=paused, replayed_lsn=vol.replayed_lsn)
-        else:
-            self.node.set_role(name, fetch_paused=paused)
-            fetcher = self.fetchers.get(name)
-            if fetcher is not None:
-                fetcher.wake()  # the session of the other kind starts now, not after the next heartbeat
-        return {"volume": name, f"{what}_paused": paused}
-
-    async def _replay_loop(self) -> None:
-        persisted: dict[str, float] = {}
-        while True:
-            await trio.sleep(REPLAY_EVERY)
-            now = trio.current_time()
-            for name, vol in list(self.node.volumes.items()):
-                role = self.node.role(name)
-                if not role.is_mirror or role.replay_paused:
-                    continue
-                if vol.replay_limit is not None and vol.durable_lsn > vol.replay_limit:
-                    vol.replay_limit = vol.durable_lsn
-                samples = self._replay_samples.setdefault(name, deque(maxlen=50))
-                if not samples or now - samples[-1][0] > 0.1:
-                    samples.append((now, vol.replayed_lsn))
-                if now - persisted.get(name, 0) > 1.0 and role.replayed_lsn != vol.replayed_lsn:
-                    persisted[name] = now
-                    await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, replayed_lsn=vol.replayed_lsn))
 
     # ------------------------------------------------------------------ verify
 
@@ -733,27 +497,27 @@ class Cluster:
             return
         role = self.node.role(name)
         do = decide(name, self.node.name, role, d, head_lsn=vol.head_lsn, opens=self.node.opens[name],
-                    copying=name in self.copies)
+                    copying=name in self.mirrors.copies)
         if do.fence:
             self.node.fence(name, do.fence)
         if do.error:
             self._meta_errors[name] = do.error
-        elif do.act != Act.NOTHING:
+        elif do.act not in (Act.NOTHING, Act.PROMOTE):  # a promotion is the roles' watch's
             self._meta_errors.pop(name, None)
         if do.act == Act.UNFENCE:
             self.node.unfence(name)
             self.node.unfence(name, holder=MIRROR_FENCE)
         elif do.act == Act.BECOME_MIRROR:
             await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
-            self.start_fetch(vol)
+            self.mirrors.start(vol)
             self.gossip_now()
         elif do.act == Act.REFETCH:
             logger.info("volume %s: %s is the designated primary (epoch %d); fetching from it instead of %s",
                         name, d.node, d.epoch, role.source)
-            await self.stop_fetch(name)  # the old source's fetcher ends before the new one starts
+            await self.mirrors.stop(name)  # the old source's fetcher ends before the new one starts
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
                                                             epoch=d.epoch))
-            self.start_fetch(vol)
+            self.mirrors.start(vol)
             self.gossip_now()
         elif do.act == Act.EPOCH:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=d.epoch))
@@ -815,51 +579,6 @@ class VerifyJob:
     finished: trio.Event = field(default_factory=trio.Event)
     result: VerifyResult | None = None
     error: MarsError | None = None
-
-
-@dataclass(eq=False)
-class ImageCopy:
-    """A mirror's image copy in progress, or one that failed and waits for the operator."""
-
-    source: str
-    size: int
-    started: float  #: trio time
-    failed: str = ""  #: why the copy failed, in words ("" while it runs)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  #: leave cancels it
-    fetcher: Fetcher | None = None  #: the fetcher whose fast sync makes the copy
-
-
-def _seed_file(seed: str) -> Path:
-    """The seed image file of a join, checked before anything is created."""
-    path = Path(seed)
-    if not path.is_absolute():
-        raise InvalidRequest(f"seed {seed!r}: give an absolute path (the daemon reads it)")
-    try:
-        if not path.is_file():
-            raise InvalidRequest(f"seed {seed}: not a regular file; give an image file copied from the volume")
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise InvalidRequest(f"seed {seed}: cannot read it: {e.strerror}") from None
-    return path
-
-
-SEED_CHUNK = 4 * 1024 * 1024
-
-
-def _copy_seed(path: Path, vol: Volume) -> None:
-    """Lay the seed image into a new replica's base (chunks of zeros stay holes), durably."""
-    zero = bytes(SEED_CHUNK)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        off = 0
-        while data := os.pread(fd, SEED_CHUNK, off):
-            if data != zero[: len(data)]:
-                vol.write_base(off, data)
-            off += len(data)
-    finally:
-        os.close(fd)
-    vol.sync_base()
 
 
 def _sync_fields(sync: SyncStatus | None) -> dict[str, Any]:

@@ -3,11 +3,16 @@
 Rules that hold here:
 
 * :func:`decide` is pure: it reads a role record, the designation and a few facts, and says
-  what to do; :meth:`Cluster._follow` does it. Nothing here ever promotes a node.
+  what to do. Two places act on it: the follow step (:meth:`Cluster._follow`: fencing,
+  becoming a mirror, refetching) and the roles' watch (:meth:`Roles.watch`: finishing a
+  promotion, finding a fenced primary's split brain, forgetting resolved ones). Nothing here
+  ever claims a volume: only an operator's ``primary`` does.
 * A primary that is not the designated primary is fenced; if it wrote at or after the new
   epoch's start its tail diverges (split brain, kept); while its image is open it waits;
   otherwise it becomes the designated primary's mirror. A mirror (not copying its image)
   whose source is not the designated primary fetches from it; one at another epoch takes it.
+* A mirror that is itself the designated primary claimed the volume and was not promoted (a
+  crash came in between): it is promoted, unless its first copy has not finished.
 * No module-level mutable state; imports only pure node modules.
 """
 
@@ -31,6 +36,7 @@ class Act(enum.Enum):
     BECOME_MIRROR = "become-mirror"  #: fenced, and becomes the designated primary's mirror
     REFETCH = "refetch"  #: a mirror that fetches from the designated primary instead
     EPOCH = "epoch"  #: a mirror of the designated primary that takes its epoch
+    PROMOTE = "promote"  #: a mirror that holds the claim: the roles' watch promotes it
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,9 @@ def decide(name: str, me: str, role: RoleRecord, d: Designation, *, head_lsn: in
             return Decision(Act.WAIT_CLOSED, why, (f"it follows {d.node} as a mirror once the image is closed "
                                                    f"here ({opens} handle(s): losetup -d)"))
         return Decision(Act.BECOME_MIRROR, why)
-    if role.is_mirror and d.node != me and not copying:
+    if role.is_mirror and d.node == me:
+        return Decision(Act.NOTHING if role.syncing else Act.PROMOTE)
+    if role.is_mirror and not copying:
         if role.source != d.node:
             return Decision(Act.REFETCH)
         if role.epoch != d.epoch:

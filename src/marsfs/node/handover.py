@@ -28,17 +28,20 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
 from marsfs.aio import describe
 from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
+from marsfs.node.follow import Act, decide
+from marsfs.node.mirrors import Mirrors, Spawn
 from marsfs.node.node import Node
+from marsfs.node.peers import Peers
 from marsfs.node.state import FailoverLoss, Role, SplitBrain
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
-from marsfs.replication.fetch import Connect, Fetcher, PeerChannel, ResyncPlan, hello, open_channel
+from marsfs.replication.fetch import PeerChannel, ResyncPlan, hello, open_channel
 from marsfs.replication.handover import (
     PREPARE_TIMEOUT,
     SplitSeen,
@@ -49,42 +52,6 @@ from marsfs.replication.handover import (
 from marsfs.replication.protocol import Error, HandoverEnd, HandoverPrepare, HandoverReady, Hello
 from marsfs.volume import Volume
 from marsfs.volume.splits import save_split
-
-
-class RoleHost(Protocol):
-    """What :class:`Roles` needs of the node's cluster (:class:`~marsfs.node.cluster.Cluster`
-    is one); a protocol, so this module does not import the cluster that imports it."""
-
-    node: Node
-    cluster: str  #: the cluster's name, for the hellos
-    @property
-    def copies(self) -> Mapping[str, ImageCopyLike]:
-        """Image copies running or failed, by volume (read only here)."""
-        ...
-
-    @property
-    def fetchers(self) -> Mapping[str, Fetcher]:
-        """The running fetcher of each mirror volume (read only here)."""
-        ...
-
-    def connector(self, peer: str) -> Connect: ...
-
-    def spawn(self, what: str, fn: Callable[[], Awaitable[None]]) -> None: ...
-
-    def start_fetch(self, vol: Volume) -> Fetcher | None: ...
-
-    async def stop_fetch(self, name: str) -> None: ...
-
-    async def restart_fetch(self, name: str, plan: ResyncPlan) -> None: ...
-
-    def gossip_now(self) -> None: ...
-
-
-class ImageCopyLike(Protocol):
-    """An image copy in progress, as :class:`Roles` reads it."""
-
-    @property
-    def source(self) -> str: ...
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +71,16 @@ def tail_extents(vol: Volume, fork_lsn: int) -> list[tuple[int, int]] | None:
 class Roles:
     """The role changes of one node's volumes; part of its :class:`~marsfs.node.cluster.Cluster`."""
 
-    def __init__(self, cluster: RoleHost) -> None:
+    def __init__(self, node: Node, cluster: str, peers: Peers, mirrors: Mirrors, *, spawn: Spawn,
+                 gossip_now: Callable[[], None]) -> None:
+        """``cluster`` is the cluster's name (for the hellos); ``mirrors`` the node's fetchers,
+        which a change of primary stops and starts; ``gossip_now`` spreads a claim at once."""
+        self.node = node
         self.cluster = cluster
-        self.node = cluster.node
+        self.peers = peers
+        self.mirrors = mirrors
+        self.spawn = spawn
+        self.gossip_now = gossip_now
         #: handovers in progress on this node (the new primary's side): volume -> status figures
         self.progress: dict[str, dict[str, Any]] = {}
         #: old primaries' side: volume -> (new primary, epoch) once the handover was claimed
@@ -117,7 +91,7 @@ class Roles:
 
     def _check_mirror(self, name: str, command: str) -> tuple[Volume, str]:
         """The volume and its source, if this node may take ``name`` over (else the reason)."""
-        copy = self.cluster.copies.get(name)
+        copy = self.mirrors.copies.get(name)
         if copy is not None and name not in self.node.volumes:
             raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (syncing); wait until "
                              f"marsfs status {name} shows it catching-up or synced, then run {command}")
@@ -132,7 +106,7 @@ class Roles:
             raise VolumeBusy(f"volume {name!r} is still being copied from {role.source} (syncing); wait until "
                              f"it is synced, then run {command}")
         splits = self.node.splits(name)
-        fetcher = self.cluster.fetchers.get(name)
+        fetcher = self.mirrors.fetchers.get(name)
         fatal = fetcher.state.fatal if fetcher is not None else ""
         if splits or fatal == "diverged":
             raise StateError(f"volume {name!r} on node {self.node.name} is in a split brain with "
@@ -152,10 +126,10 @@ class Roles:
                              f"everything first; run marsfs resume-fetch {name}, then marsfs primary {name}")
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
-        connect = self.cluster.connector(source)
+        connect = self.peers.connector(source)
         self.progress[name] = {"from": source, "phase": "preparing", "to_fetch": None}
         try:
-            ch, _ = await open_channel(connect, hello(self.node.name, self.cluster.cluster, name, "handover",
+            ch, _ = await open_channel(connect, hello(self.node.name, self.cluster, name, "handover",
                                                       role.epoch))
         except PeerRefused as e:
             self.progress.pop(name, None)
@@ -173,7 +147,7 @@ class Roles:
             await self._catch_up(vol, name, source, ready)
             epoch, start = max(self._newest_epoch(name), ready.epoch) + 1, ready.head_lsn + 1
             self.progress[name] = {"from": source, "phase": "claiming", "to_fetch": 0}
-            await self.cluster.stop_fetch(name)
+            await self.mirrors.stop(name)
             await self._claim(name, epoch, start)
             claimed = True
             await trio.to_thread.run_sync(self.node.promote, name, epoch)
@@ -208,8 +182,8 @@ class Roles:
 
     def _resume_fetch(self, vol: Volume) -> None:
         """A change of primary failed before its claim: this node goes on mirroring."""
-        if vol.name not in self.cluster.fetchers and self.node.is_mirror(vol.name):
-            self.cluster.start_fetch(vol)
+        if vol.name not in self.mirrors.fetchers and self.node.is_mirror(vol.name):
+            self.mirrors.start(vol)
 
     async def _prepare(self, ch: PeerChannel, name: str, source: str, epoch: int) -> HandoverReady:
         await ch.send_message(HandoverPrepare(epoch=epoch, timeout=PREPARE_TIMEOUT))
@@ -226,7 +200,7 @@ class Roles:
         """Wait until our log holds the old primary's head (fetched, durable, same chain)."""
         deadline = trio.current_time() + PREPARE_TIMEOUT - CATCH_UP_MARGIN
         while vol.durable_lsn < ready.head_lsn:
-            fetcher = self.cluster.fetchers.get(name)
+            fetcher = self.mirrors.fetchers.get(name)
             if fetcher is None or fetcher.state.fatal:
                 why = fetcher.state.error if fetcher is not None else "no fetch runs"
                 raise PeerError(f"the fetch from {source} stopped during the handover of {name}: {why}")
@@ -257,7 +231,7 @@ class Roles:
         :meth:`watch`), and spread it at once."""
         await trio.to_thread.run_sync(functools.partial(self.node.meta.claim, name, self.node.name, epoch,
                                                         start_lsn=start))
-        self.cluster.gossip_now()
+        self.gossip_now()
 
     def _unreachable(self, name: str, source: str, why: str) -> str:
         loss = self._loss(name, source)
@@ -277,7 +251,7 @@ class Roles:
                                      f"marsfs primary {name}, which loses nothing; --force is for a primary that "
                                      "cannot be reached")
             loss = self._loss(name, source)  # before the fetch stops: it is what knows the source's last word
-            await self.cluster.stop_fetch(name)
+            await self.mirrors.stop(name)
             epoch = self._newest_epoch(name) + 1
             start = vol.head_lsn + 1
             loss = FailoverLoss(**{**loss.to_json(), "epoch": epoch, "start_lsn": start})
@@ -302,8 +276,8 @@ class Roles:
     async def _reachable(self, name: str, source: str) -> bool:
         """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
         try:
-            ch, _ = await open_channel(self.cluster.connector(source),
-                                       hello(self.node.name, self.cluster.cluster, name, "handover"))
+            ch, _ = await open_channel(self.peers.connector(source),
+                                       hello(self.node.name, self.cluster, name, "handover"))
         except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
             return False
         await ch.aclose()
@@ -312,7 +286,7 @@ class Roles:
     def _loss(self, name: str, source: str) -> FailoverLoss:
         """What becoming primary now would lose, as this node's fetch last heard of ``source``."""
         vol = self.node.volume(name)
-        fetcher = self.cluster.fetchers.get(name)
+        fetcher = self.mirrors.fetchers.get(name)
         now = time.time()
         ours = vol.durable_lsn
         if fetcher is None or not fetcher.state.primary_time:  # never heard it
@@ -367,7 +341,7 @@ class Roles:
             self.handed_over[volume] = (peer, end.epoch)
             logger.info("volume %s was handed over to %s (epoch %d from LSN %d); this node follows it",
                         volume, peer, end.epoch, end.start_lsn)
-            self.cluster.gossip_now()  # fetch the claim now: the follow step makes this node its mirror
+            self.gossip_now()  # fetch the claim now: the follow step makes this node its mirror
             return
         if end is not None:
             logger.info("the handover of %s to %s was given up: %s; serving it again", volume, peer,
@@ -375,7 +349,7 @@ class Roles:
             self.node.unfence_handover(volume)
             return
         # no END: the asker may have claimed and then lost us; wait out the prepare's timeout
-        self.cluster.spawn(f"handover fence of {volume}", functools.partial(self._unfence_later, volume, peer))
+        self.spawn(f"handover fence of {volume}", functools.partial(self._unfence_later, volume, peer))
 
     async def _unfence_later(self, volume: str, peer: str) -> None:
         await trio.sleep(PREPARE_TIMEOUT)
@@ -407,18 +381,18 @@ class Roles:
         d = self.node.meta.designated(name)
         if vol is None or d is None or vol.clone_of is not None or name in self.progress:
             return
-        role = self.node.role(name)
-        me = self.node.name
-        if role.is_mirror and d.node == me and not role.syncing:
+        do = decide(name, self.node.name, self.node.role(name), d, head_lsn=vol.head_lsn,
+                    opens=self.node.opens[name], copying=name in self.mirrors.copies)
+        if do.act == Act.PROMOTE:
             logger.info("volume %s: this node claimed epoch %d but was not promoted (a crash?); promoting it",
                         name, d.epoch)
-            await self.cluster.stop_fetch(name)
+            await self.mirrors.stop(name)
             await trio.to_thread.run_sync(self.node.promote, name, d.epoch)
-            self.cluster.gossip_now()
-        elif role.role == Role.PRIMARY and d.node == me:
+            self.gossip_now()
+        elif do.act == Act.UNFENCE:  # the designated primary: a loser that follows us again is resolved
             self._resolved_peers(name, vol)
-        if (role.role == Role.PRIMARY and d.node != me and vol.head_lsn >= d.start_lsn
-              and not any(s.peer == d.node for s in self.node.splits(name)) and name not in self._comparing):
+        elif (do.act == Act.SPLIT and not any(s.peer == d.node for s in self.node.splits(name))
+              and name not in self._comparing):  # fenced, and it wrote after the new epoch began
             self._comparing.add(name)
             try:
                 await self.find_split(vol, d.node)
@@ -472,15 +446,15 @@ class Roles:
         kept, tail = await trio.to_thread.run_sync(keep)
         logger.info("volume %s: divergent state up to lsn-%d kept as .versions/%s/%s.img", name, head, name, kept)
         if self.node.role(name).role == Role.PRIMARY:
-            await self.cluster.stop_fetch(name)
+            await self.mirrors.stop(name)
             await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
         else:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node, epoch=d.epoch))
         self.node.clear_splits(name)
         plan = ResyncPlan(whole=tail is None, ranges=tuple(tail or ()), rate=rate,
                           since=fork.fork_lsn if fork.exact else None)
-        await self.cluster.restart_fetch(name, plan)
-        self.cluster.gossip_now()
+        await self.mirrors.restart(name, plan)
+        self.gossip_now()
         return {"volume": name, "source": d.node, "split_version": f"{kept}.img", "fork_lsn": fork.fork_lsn,
                 "state": "resyncing", "size": vol.size}
 
@@ -497,8 +471,8 @@ class Roles:
         hints = [d.start_lsn - 1] if d is not None and d.start_lsn > 0 else []
         for attempt in range(COMPARE_TRIES):
             try:
-                ch, welcome = await open_channel(self.cluster.connector(source),
-                                                 hello(self.node.name, self.cluster.cluster, name, "compare"))
+                ch, welcome = await open_channel(self.peers.connector(source),
+                                                 hello(self.node.name, self.cluster, name, "compare"))
                 try:
                     seen = await ask_compare(ch, vol.log, vol.log.bytes_between, source, welcome.head_lsn, hints)
                 finally:

@@ -32,8 +32,9 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class Peers(Protocol):
-    """How this node reaches a peer by name (what :class:`~marsfs.node.cluster.Cluster` and
-    :class:`~marsfs.node.handover.Roles` need; :class:`TcpPeers` in a daemon, a fake in tests)."""
+    """How this node reaches a peer by name (what :class:`~marsfs.node.cluster.Cluster`,
+    :class:`~marsfs.node.mirrors.Mirrors` and :class:`~marsfs.node.handover.Roles` need;
+    :class:`TcpPeers` in a daemon, a fake in tests)."""
 
     def connector(self, peer: str) -> Connect:
         """A function that opens a stream to ``peer``; PeerError at once for an unknown peer."""
