@@ -9,17 +9,17 @@ import pytest
 
 from marsfs.errors import StateError
 from marsfs.node.state import (
-    FRESH,
-    STALL_AFTER,
-    MirrorFacts,
+    CloneStatus,
+    FailoverLoss,
+    HandoverStatus,
     PeerStatus,
-    Role,
+    PositionStatus,
     RoleRecord,
-    VolumeState,
+    SplitBrain,
     VolumeStatus,
-    mirror_state,
-    peer_state,
 )
+from marsfs.node.volstate import FRESH, MirrorFacts, Role, VolumeState, mirror_state, peer_state
+from marsfs.replication.session import STALL_AFTER
 
 HEALTHY = MirrorFacts(source="a", fetching=True, fatal="", error="", fetch_paused=False, replay_paused=False,
                       connected=True, since_progress=0.1, missing_records=0, lag_records=0, heartbeat_age=0.2)
@@ -101,3 +101,43 @@ def test_status_json_has_the_product_keys() -> None:
     for key in ("node", "role", "state", "replayed_lsn", "lag_bytes", "lag_seconds"):
         assert key in d["peers"][0], key
     assert d["peers"][0]["state"] == "synced" and d["peers"][0]["role"] == "mirror"
+
+
+def test_status_json_keys_are_pinned() -> None:
+    """Every key of ``status --json``, nested records included: tests and docs rely on them."""
+    peer = PeerStatus(node="b", state=VolumeState.SYNCED, connected=True, fetched_lsn=5, replayed_lsn=5,
+                      fetch_paused=False, replay_paused=False, lag_bytes=0, lag_records=0, lag_seconds=0.0,
+                      last_seen=1.0)
+    split = SplitBrain(peer="b", fork_lsn=3, exact=True, own_records=1, own_bytes=10, peer_records=2,
+                       peer_bytes=20, found=1.0)
+    loss = FailoverLoss(source="b", epoch=2, start_lsn=4, records=1, bytes=10, oldest=1.0, newest=2.0,
+                        at_least=True, as_of=2.0)
+    position = PositionStatus(node="b", role="mirror", state="synced", epoch=1, head_lsn=5, replayed_lsn=5,
+                              source="a", updated=1.0, last_heard=None)
+    st = VolumeStatus(volume="v", node="a", role=Role.PRIMARY, state=VolumeState.UP, epoch=1, size=1 << 20,
+                      head_lsn=5, durable_lsn=5, fetched_lsn=5, replayed_lsn=5, applied_lsn=0, lag_bytes=0,
+                      lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=100, open_handles=0,
+                      peers=[peer], clones=[CloneStatus("c", 4)], positions=[position], split_brain=[split],
+                      failover_loss=loss, handover=HandoverStatus("b", "fetching", 3), dropped={"b": 7})
+    d = json.loads(json.dumps(st.to_json()))
+    assert list(d) == [
+        "volume", "node", "role", "state", "epoch", "size", "head_lsn", "durable_lsn", "fetched_lsn", "replayed_lsn",
+        "applied_lsn", "lag_bytes", "lag_records", "lag_seconds", "oldest_version_lsn", "log_bytes", "open_handles",
+        "peers", "errors", "source", "connected", "fetch_paused", "replay_paused", "heartbeat_age",
+        "primary_durable_lsn", "fetch_rate", "replay_rate", "eta_seconds", "progress", "oldest_version_ns", "history",
+        "clones", "clone_of", "designated_primary", "members", "positions", "log_space_limit", "oldest_retained_lsn",
+        "warnings", "dropped", "fork_lsn", "split_brain", "failover_loss", "handover", "sync_target_lsn", "sync_bytes",
+        "sync_left_bytes", "sync_received_bytes"]
+    assert list(d["peers"][0]) == ["node", "state", "connected", "fetched_lsn", "replayed_lsn", "fetch_paused",
+                                   "replay_paused", "lag_bytes", "lag_records", "lag_seconds", "last_seen", "role",
+                                   "dropped"]
+    assert d["clones"] == [{"name": "c", "lsn": 4}]
+    assert d["positions"] == [{"node": "b", "role": "mirror", "state": "synced", "epoch": 1, "head_lsn": 5,
+                               "replayed_lsn": 5, "source": "a", "updated": 1.0, "last_heard": None}]
+    assert d["split_brain"] == [{"peer": "b", "fork_lsn": 3, "exact": True, "own_records": 1, "own_bytes": 10,
+                                 "peer_records": 2, "peer_bytes": 20, "found": 1.0}]
+    assert d["failover_loss"] == {"source": "b", "epoch": 2, "start_lsn": 4, "records": 1, "bytes": 10,
+                                  "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0}
+    assert d["handover"] == {"from": "b", "phase": "fetching", "to_fetch": 3}
+    assert d["dropped"] == {"b": 7} and d["peers"][0]["role"] == "mirror" and d["state"] == "up"
+    assert st.failover_loss == d["failover_loss"] and st.positions[0]["node"] == "b", "records read as their JSON"

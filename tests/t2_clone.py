@@ -20,6 +20,7 @@ from marsfs.faces.commands import COMMANDS, Context, dispatch, run
 from marsfs.faces.fuse import Operations
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
+from marsfs.node.status import node_rows
 from marsfs.testing.checks import make_mirror
 from marsfs.volume import Retention
 
@@ -195,7 +196,7 @@ def test_a_clone_whose_source_changed_starts_detached_and_can_be_deleted(tmp_pat
         node.create("v", MiB)
         node.close()
         node = Node.open(state, "n1")
-        rows = {r["volume"]: r for r in node.status()}
+        rows = {r["volume"]: r for r in node_rows(node)}
         assert rows["c"]["state"] == "failed" and rows["d"]["state"] == "failed"
         assert rows["c"]["errors"] == [f"clone c: volume v on this node is not the volume it was cloned from "
                                        f"(uuid {node.volume('v').uuid}, not {node.volume('c').clone_of.source_uuid}); "  # type: ignore[union-attr]

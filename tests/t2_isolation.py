@@ -31,6 +31,7 @@ from marsfs.faces.commands import Context, dispatch
 from marsfs.node import Node
 from marsfs.node import node as node_module
 from marsfs.node.cluster import Cluster
+from marsfs.node.status import node_rows
 from marsfs.volume import Retention
 from marsfs.volume import writeback as wb
 
@@ -53,7 +54,7 @@ def failing(monkeypatch: pytest.MonkeyPatch, name: str, fd: Callable[[], int], c
 
 
 def _row(node: Node, name: str) -> dict[str, Any]:
-    return next(r for r in node.status() if r["volume"] == name)
+    return next(r for r in node_rows(node) if r["volume"] == name)
 
 
 def test_a_full_disk_is_one_volumes_error_and_goes_away_by_itself(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,8 @@ from marsfs.faces.commands import status_table
 from marsfs.faces.config import load_config
 from marsfs.node import Node
 from marsfs.node.space import HIGH_WATER, MIN_SEGMENT_BYTES, LogSpaceSetting
+from marsfs.node.status import node_rows as rows
+from marsfs.node.status import volume_status
 from marsfs.testing.checks import make_mirror
 from marsfs.volume import Volume
 
@@ -64,7 +66,7 @@ def test_history_is_cut_before_a_mirror_is_dropped(small: Node) -> None:
     assert small.enforce_space() > 0
     assert used(small) <= LIMIT * HIGH_WATER
     assert b.dropped() == {}, "history was enough: the mirror keeps its log"
-    row = small.volume_status("a")
+    row = volume_status(small, "a")
     assert any("history window of a" in w and "was cut" in w for w in row.warnings), row.warnings
     assert row.log_space_limit == LIMIT and row.oldest_retained_lsn == a.log.first_lsn > 1
     # now only the mirror's log is left to free: it is dropped, and remembered
@@ -72,11 +74,11 @@ def test_history_is_cut_before_a_mirror_is_dropped(small: Node) -> None:
     small.enforce_space()
     assert used(small) <= LIMIT * HIGH_WATER
     assert "mirror:m" in b.dropped()
-    row = small.volume_status("b")
+    row = volume_status(small, "b")
     assert row.dropped == {"m": b.dropped()["mirror:m"].bytes} and row.dropped["m"] > 0
     assert any("mirror m of b" in w and "--node m --force" in w for w in row.warnings), row.warnings
-    assert "b: warning: log space ran out: mirror m of b" in status_table(small.status("b"))
-    js = small.status("b")[0]
+    assert "b: warning: log space ran out: mirror m of b" in status_table(rows(small, "b"))
+    js = rows(small, "b")[0]
     assert js["dropped"] == row.dropped and js["warnings"] == row.warnings and js["log_space_limit"] == LIMIT
 
 
@@ -89,13 +91,13 @@ def test_an_open_version_is_not_cut_and_status_names_it(small: Node) -> None:
         fill(a, 14 * MiB, rng)
         small.enforce_space()
         assert a.applied_lsn <= view.lsn
-        warnings = small.volume_status("a").warnings
+        warnings = volume_status(small, "a").warnings
         assert any(f"open version lsn-{view.lsn} of a" in w for w in warnings), warnings
     finally:
         view.close()
     small.enforce_space()
     assert used(small) <= LIMIT * HIGH_WATER
-    assert not any("open version" in w for w in small.volume_status("a").warnings)
+    assert not any("open version" in w for w in volume_status(small, "a").warnings)
 
 
 def test_the_write_path_wakes_enforcement(small: Node) -> None:
@@ -111,7 +113,7 @@ def test_enforcement_below_the_high_water_mark_does_nothing(small: Node) -> None
     a = small.create("a", 64 * MiB, thin=True)
     fill(a, 2 * MiB, random.Random(3))
     assert small.enforce_space() == 0 and a.log.first_lsn == 1
-    assert small.volume_status("a").warnings == []
+    assert volume_status(small, "a").warnings == []
 
 
 def test_log_space_flag_and_config_key(tmp_path: Path) -> None:
@@ -139,7 +141,7 @@ def test_a_mirror_whose_replay_keeps_its_log_stops_fetching(small: Node) -> None
     fill(m, 13 * MiB, rng)
     small.enforce_space()
     assert "m" in small.space.fetch_stopped
-    assert any("fetching of m stopped" in w and "resume-replay m" in w for w in small.volume_status("m").warnings)
+    assert any("fetching of m stopped" in w and "resume-replay m" in w for w in volume_status(small, "m").warnings)
     m.replay_limit = m.durable_lsn  # replay goes on: its log may go
     small.enforce_space()
     assert "m" not in small.space.fetch_stopped and used(small) <= LIMIT * HIGH_WATER

@@ -19,6 +19,7 @@ import trio
 from marsfs.faces.fuse import Operations
 from marsfs.faces.namespace import EntryKind
 from marsfs.node import Node
+from marsfs.node.status import node_rows
 from marsfs.testing.checks import make_mirror
 from marsfs.volume import Retention, Volume
 from marsfs.volume.versions import format_time_ns
@@ -244,7 +245,7 @@ def test_node_window_by_time_and_bytes_and_per_volume(node: Node, tmp_path: Path
     assert vol.applied_lsn == done[9][0]  # inside the time limit: kept although past the bytes
     node.maintain(now_ns=done[29][1] + 7200 * S)
     assert vol.applied_lsn == done[19][0]  # past the time limit: the bytes limit still keeps these
-    row = node.status("v")[0]
+    row = node_rows(node, "v")[0]
     assert row["oldest_version_lsn"] == done[19][0] and row["oldest_version_ns"] == done[19][1]
     assert row["history"] == f"{row['history'].split(' or ')[0]} or 1h"
     node.set_history("v", Retention(None, 60))

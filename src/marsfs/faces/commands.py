@@ -46,9 +46,10 @@ import trio
 
 from marsfs.errors import MarsError, NotAvailable, UsageError, WrongRole
 from marsfs.faces.namespace import SUFFIX
-from marsfs.node import Node, check_volume_name
+from marsfs.node import Node, check_volume_name, status
 from marsfs.node.cluster import Cluster
-from marsfs.node.state import FailoverLoss
+from marsfs.node.state import FailoverLoss, Role
+from marsfs.node.volstate import STOPPED, SYNCS, VolumeState
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
 
@@ -214,7 +215,7 @@ async def _ping(ctx: Context, a: dict[str, Any]) -> Any:
 
 async def _create(ctx: Context, a: dict[str, Any]) -> Any:
     await trio.to_thread.run_sync(functools.partial(ctx.node.create, a["volume"], a["size"], thin=a["thin"]))
-    return ctx.node.status(a["volume"])[0]
+    return status.volume_status(ctx.node, a["volume"]).to_json()
 
 
 async def _delete(ctx: Context, a: dict[str, Any]) -> Any:
@@ -294,7 +295,7 @@ async def _primary(ctx: Context, a: dict[str, Any]) -> Any:
 async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
     source, version = clone_spec(a["version"])
     vol = await trio.to_thread.run_sync(ctx.node.clone, source, version, a["volume"])
-    return {**ctx.node.status(vol.name)[0], "image": str(ctx.mount / f"{vol.name}.img")}
+    return {**status.volume_status(ctx.node, vol.name).to_json(), "image": str(ctx.mount / f"{vol.name}.img")}
 
 
 async def _resize(ctx: Context, a: dict[str, Any]) -> Any:
@@ -460,10 +461,10 @@ def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
     while True:
         last_check = deadline is not None and time.monotonic() >= deadline
         row = request("status", {"volume": args.volume})[0]
-        if row["role"] == "clone":
+        if Role(row["role"]) == Role.CLONE:
             raise MarsError(f"{args.volume} is a clone on node {row['node']} ({row.get('clone_of')}): a local "
                             "volume, never replicated, so there is nothing to wait for")
-        if row["role"] == "primary":
+        if Role(row["role"]) == Role.PRIMARY:
             if _mirrors_synced(args.volume, row):
                 return 0
         elif _mirror_synced(args.volume, row, waited=time.monotonic() - start, last_check=last_check):
@@ -476,9 +477,9 @@ def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
 def _mirror_synced(volume: str, row: Mapping[str, Any], *, waited: float, last_check: bool) -> bool:
     """Whether this mirror is synced. Before the deadline only on the word of a heartbeat sent
     after the wait began (a write the caller just made on the primary is then included)."""
-    if row["state"] in ("split-brain", "needs-resync", "failed"):
+    if VolumeState(row["state"]) in STOPPED:
         raise MarsError(f"{volume} cannot become synced: state {row['state']}; " + "; ".join(row["errors"]))
-    if row["state"] != "synced":
+    if VolumeState(row["state"]) != VolumeState.SYNCED:
         return False
     age = row.get("heartbeat_age")
     return last_check or (age is not None and age < waited)
@@ -490,22 +491,25 @@ def _mirrors_synced(volume: str, row: Mapping[str, Any]) -> bool:
     if not peers:
         raise MarsError(f"{volume} is primary on node {row['node']} and has no mirrors to wait for; "
                         f"run marsfs wait {volume} --synced on a mirror, or add one with marsfs join")
-    return all(p["state"] == "synced" and p["replayed_lsn"] >= row["durable_lsn"] for p in peers)
+    return all(_peer_synced(p, row) for p in peers)
+
+
+def _peer_synced(p: Mapping[str, Any], row: Mapping[str, Any]) -> bool:
+    """Whether a mirror, as its primary sees it, has fetched and replayed all the primary made durable."""
+    return VolumeState(p["state"]) == VolumeState.SYNCED and p["replayed_lsn"] >= row["durable_lsn"]
 
 
 def _not_synced(row: Mapping[str, Any]) -> str:
-    if row["role"] == "primary":
+    if Role(row["role"]) == Role.PRIMARY:
         return "; ".join(f"mirror {p['node']} is {p['state']}, lag {p['lag_records']} records / "
                          f"{human_bytes(p['lag_bytes'])} / {p['lag_seconds']:.1f} s"
-                         for p in row["peers"] if not (p["state"] == "synced"
-                                                        and p["replayed_lsn"] >= row["durable_lsn"]))
+                         for p in row["peers"] if not _peer_synced(p, row))
     return (f"state {row['state']}, lag {row['lag_records']} records / {human_bytes(row['lag_bytes'])} / "
             f"{row['lag_seconds']:.1f} s")
 
 
 #: how often a progress line is printed when stderr is not a terminal (a terminal redraws one line)
 PROGRESS_LINE_EVERY = 5.0
-_SYNC_STATES = ("syncing", "resyncing")
 
 
 def _sync_client(command: Command, args: argparse.Namespace, request: Request) -> int:
@@ -526,11 +530,11 @@ def follow_sync(volume: str, request: Request, *, out: TextIO | None = None,
     shown: float | None = None
     while True:
         row: dict[str, Any] = request("status", {"volume": volume})[0]
-        if row["state"] in ("failed", "split-brain", "needs-resync"):
+        if VolumeState(row["state"]) in STOPPED:
             if tty and shown is not None:
                 print(file=out)
             raise MarsError(f"{volume}: the sync stopped: state {row['state']}; " + "; ".join(row["errors"]))
-        if row["state"] not in _SYNC_STATES:
+        if VolumeState(row["state"]) not in SYNCS:
             if tty and shown is not None:
                 print(file=out)
             print(f"{volume}: synced to LSN {row['durable_lsn']}; now {row['state']}", file=out, flush=True)
@@ -667,7 +671,7 @@ WAIT = Arg("wait", "show progress and return when the sync is done", flag="--wai
 
 
 def _join_text(r: dict[str, Any], a: argparse.Namespace) -> str:
-    if r["state"] == "resyncing":
+    if VolumeState(r["state"]) == VolumeState.RESYNCING:
         return (f"joining {r['volume']} from {r['source']}: resyncing the image it has here, copying only blocks "
                 f"that differ; follow with: marsfs status {r['volume']}")
     seeded = f" from seed {r['seed']}" if r.get("seed") else ""

@@ -1,4 +1,4 @@
-"""The node in its cluster: serve peers, compose the pieces, follow the metadata, report lag.
+"""The node in its cluster: serve peers, compose the pieces, follow the metadata.
 
 Rules that hold here:
 
@@ -7,11 +7,7 @@ Rules that hold here:
   reaches the other nodes, :class:`~marsfs.node.mirrors.Mirrors` joins, copies, fetches and
   replays, :class:`~marsfs.node.handover.Roles` changes primaries, the replication
   :class:`~marsfs.replication.server.Server` serves the peers. Its command methods delegate.
-* A fetch or replay that should progress and has not for ``STALL_AFTER`` seconds is reported
-  as ``stalled`` with the reason.
-* A mirror's lag is measured against its source's newest durable LSN as the last heartbeat
-  told it, also while its fetch is paused (the fetcher then only watches). An image copy's
-  progress is the fraction of the ranges compared, with the compare rate and ETA.
+* Status (lag, states, peers) is built by :mod:`marsfs.node.status` from what the pieces hold.
 * Cluster metadata (:mod:`marsfs.node.meta`): every ``GOSSIP_EVERY`` seconds, and
   at once after a local change (:meth:`Cluster.gossip_now`), this node publishes its
   position for each volume and exchanges its metadata with every ``--peer`` (both
@@ -31,7 +27,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -47,28 +42,19 @@ from marsfs.errors import (
     VolumeBusy,
     VolumeNotFound,
 )
-from marsfs.node import gossip
+from marsfs.node import gossip, status
 from marsfs.node.follow import Act, decide
 from marsfs.node.handover import Roles
 from marsfs.node.meta import REFRESH, Position
-from marsfs.node.mirrors import ImageCopy, Mirrors
-from marsfs.node.node import MIRROR_FENCE, Node, check_volume_name
+from marsfs.node.mirrors import Mirrors
+from marsfs.node.node import Node, check_volume_name
 from marsfs.node.peers import Peers, TcpPeers, parse_address
-from marsfs.node.state import (
-    FRESH,
-    MirrorFacts,
-    PeerStatus,
-    Role,
-    VolumeState,
-    VolumeStatus,
-    mirror_state,
-    peer_state,
-)
+from marsfs.node.state import Role, VolumeStatus
+from marsfs.node.volstate import FenceHolder
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
-from marsfs.replication.fetch import Connect, Fetcher
+from marsfs.replication.fetch import Connect
 from marsfs.replication.protocol import Hello
-from marsfs.replication.server import PeerTable, Server, lag_of
-from marsfs.replication.session import SyncStatus
+from marsfs.replication.server import PeerTable, Server
 from marsfs.replication.verify import VerifyProgress, VerifyResult, verify_with
 from marsfs.volume import Volume
 from marsfs.volume.holds import mirror_hold
@@ -176,20 +162,6 @@ class Cluster:
         """``marsfs pause-fetch`` and its kin: see :meth:`Mirrors.set_paused`."""
         return self.mirrors.set_paused(name, what, paused)
 
-    # the mirrors' state as the status rows below read it (read only; Mirrors owns it)
-
-    @property
-    def fetchers(self) -> dict[str, Fetcher]:
-        return self.mirrors.fetchers
-
-    @property
-    def copies(self) -> dict[str, ImageCopy]:
-        return self.mirrors.copies
-
-    @property
-    def _replay_samples(self) -> dict[str, deque[tuple[float, int]]]:
-        return self.mirrors.replay_samples
-
     # ------------------------------------------------------------------ roles (marsfs.node.handover)
 
     async def primary(self, name: str, *, force: bool = False) -> dict[str, Any]:
@@ -279,98 +251,10 @@ class Cluster:
         return [s.to_json() for s in self.statuses(name)]
 
     def statuses(self, name: str | None = None) -> list[VolumeStatus]:
-        """Every volume's status (or one's), with lag and peers. Reads only."""
-        if name is not None and name not in self.node.volumes:
-            if name in self.copies:
-                return [self._copy_status(name)]
-            if name in self.node.failed:
-                return [self.node.failed_status(name)]
-            self.node.volume(name)  # raises the usual unknown-volume error
-        names = [name] if name is not None else sorted(self.node.volumes)
-        rows = [self._with_meta(self._volume_status(n)) for n in names]
-        if name is None:
-            rows += [self.node.failed_status(n) for n in sorted(self.node.failed)]
-            rows += [self._copy_status(n) for n in sorted(self.copies)]
-        return rows
+        """Every volume's status (or one's), with lag and peers (:mod:`marsfs.node.status`)."""
+        return status.statuses(self, name)
 
-    def _volume_status(self, name: str) -> VolumeStatus:
-        st = self.node.volume_status(name).changed(handover=self.roles.progress.get(name))
-        if st.role == Role.MIRROR:
-            return self._mirror_status(st)
-        vol = self.node.volumes[name]
-        peers = []
-        for p in self.peer_table.for_volume(name, vol.uuid):
-            # now, not when the last session shipped: a dead link keeps lagging
-            lag_b, lag_r, lag_s = lag_of(vol, p.fetched_lsn)
-            peers.append(PeerStatus(
-                node=p.node, connected=p.connected, fetched_lsn=p.fetched_lsn, replayed_lsn=p.replayed_lsn,
-                fetch_paused=p.fetch_paused, replay_paused=p.replay_paused, lag_bytes=lag_b, lag_records=lag_r,
-                lag_seconds=lag_s, last_seen=p.last_seen, dropped=st.dropped.get(p.node, 0),
-                state=VolumeState.SYNCING if p.syncing else peer_state(
-                    connected=p.connected, fetch_paused=p.fetch_paused, replay_paused=p.replay_paused,
-                    lag_records=lag_r)))
-        return st.changed(peers=peers)
-
-    def _copy_status(self, name: str) -> VolumeStatus:
-        c = self.copies[name]
-        fs = c.fetcher.state if c.fetcher is not None else None
-        sync = fs.sync if fs is not None else None
-        errors = [f"copy from {c.source} failed: {c.failed}; retry with: marsfs join {name} --from "
-                  f"{c.source}, or give up with: marsfs leave {name}"] if c.failed else []
-        if not c.failed and fs is not None and fs.error:
-            errors.append(f"copy from {c.source}: {fs.error} (retrying; the copy resumes where it was)")
-        fields = _sync_fields(sync) if not c.failed else {}
-        return VolumeStatus(
-            volume=name, node=self.node.name, role=Role.MIRROR,
-            state=VolumeState.FAILED if c.failed else VolumeState.SYNCING, epoch=0,
-            size=c.size, head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0,
-            lag_bytes=fields.get("sync_left_bytes") or c.size, lag_records=0, lag_seconds=0.0,
-            oldest_version_lsn=0, log_bytes=0, open_handles=0, source=c.source, errors=errors,
-            connected=fs.connected if fs is not None else None, **{"progress": 0.0, **fields})
-
-    def _mirror_status(self, st: VolumeStatus) -> VolumeStatus:
-        name = st.volume
-        role = self.node.role(name)
-        vol = self.node.volumes[name]
-        now = self._now()
-        replay_rate = _rate(self._replay_samples.get(name) or deque())
-        f = self.fetchers.get(name)
-        base = st.changed(source=role.source, fetch_paused=role.fetch_paused, replay_paused=role.replay_paused,
-                          replay_rate=replay_rate)
-        if f is None:
-            state, errors = mirror_state(MirrorFacts(
-                source=role.source, fetching=False, fatal="", error="", fetch_paused=role.fetch_paused,
-                replay_paused=role.replay_paused, connected=False, since_progress=0.0, missing_records=0,
-                lag_records=0, heartbeat_age=None))
-            return base.changed(state=state, errors=st.errors + errors)
-        fs = f.state
-        # how old the source's state behind the newest heartbeat is at most (see FetchState)
-        heartbeat_age = now - fs.heartbeat_basis if fs.heartbeat_basis else None
-        replay_lag = st.fetched_lsn - st.replayed_lsn
-        lag_records = fs.lag_records + replay_lag
-        lag_bytes = fs.lag_bytes + (vol.log.bytes_between(st.replayed_lsn, st.fetched_lsn) if st.durable_lsn else 0)
-        lag_seconds = fs.lag_seconds
-        if heartbeat_age is None or heartbeat_age > FRESH or not fs.connected:
-            # our newest word from the source describes it `age` seconds ago (heartbeats queue
-            # behind records on a slow link): we cannot claim to be closer than that
-            lag_seconds = max(lag_seconds, heartbeat_age if heartbeat_age is not None else now - fs.last_progress)
-        fetch_rate = 0.0 if role.fetch_paused else fs.rate()  # the samples are from before the pause
-        eta = (fs.lag_bytes / fetch_rate) if fs.lag_bytes and fetch_rate else (0.0 if not fs.lag_bytes else None)
-        state, errors = mirror_state(MirrorFacts(
-            source=fs.source, fetching=True, fatal=fs.fatal, error=fs.error, fetch_paused=role.fetch_paused,
-            replay_paused=role.replay_paused, connected=fs.connected, since_progress=now - fs.last_progress,
-            missing_records=fs.lag_records, lag_records=lag_records, heartbeat_age=heartbeat_age,
-            resyncing=fs.sync is not None or f.resync is not None or vol.resync is not None))
-        row = base.changed(
-            state=state, errors=st.errors + errors, connected=fs.connected, heartbeat_age=heartbeat_age,
-            primary_durable_lsn=fs.primary_durable_lsn, lag_records=lag_records, lag_bytes=lag_bytes,
-            lag_seconds=lag_seconds, **{"fetch_rate": fetch_rate, "eta_seconds": eta, **_sync_fields(fs.sync)})
-        if fs.sync is not None and fs.sync.waiting:
-            row = row.changed(errors=[*row.errors, f"resync done, switch waits: {fs.sync.waiting}"])
-        return row
-
-
-    # ------------------------------------------------------------------ cluster metadata (issue 10)
+        # ------------------------------------------------------------------ cluster metadata
 
     def _init_meta(self) -> None:
         self.meta = self.node.meta
@@ -470,7 +354,7 @@ class Cluster:
             if vol.clone_of is not None:
                 continue
             try:
-                st = self._volume_status(name)
+                st = status.volume_status(self.node, name, status.cluster_side(self, name))
             except MarsError:
                 continue  # deleted in the meantime
             positions.append((name, Position(
@@ -506,7 +390,7 @@ class Cluster:
             self._meta_errors.pop(name, None)
         if do.act == Act.UNFENCE:
             self.node.unfence(name)
-            self.node.unfence(name, holder=MIRROR_FENCE)
+            self.node.unfence(name, holder=FenceHolder.MIRROR)
         elif do.act == Act.BECOME_MIRROR:
             await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
             self.mirrors.start(vol)
@@ -556,19 +440,6 @@ class Cluster:
         self.gossip_now()
         return {"volume": name, "node": node, "members": sorted(self.meta.members(name))}
 
-    def _with_meta(self, st: VolumeStatus) -> VolumeStatus:
-        """A status row with the other nodes' published positions, and what following the
-        designated primary cannot do (the node's row has the designation and the fences)."""
-        name = st.volume
-        rows = []
-        for owner, p in sorted(self.meta.positions(name).items()):
-            if owner != self.node.name:
-                rows.append({"node": owner, "role": p.role, "state": p.state, "epoch": p.epoch,
-                             "head_lsn": p.head_lsn, "replayed_lsn": p.replayed_lsn, "source": p.source,
-                             "updated": p.updated, "last_heard": self._heard.get(owner)})
-        error = self._meta_errors.get(name)
-        return st.changed(positions=rows, errors=[*st.errors, error] if error else st.errors)
-
 
 @dataclass(eq=False)
 class VerifyJob:
@@ -579,19 +450,3 @@ class VerifyJob:
     finished: trio.Event = field(default_factory=trio.Event)
     result: VerifyResult | None = None
     error: MarsError | None = None
-
-
-def _sync_fields(sync: SyncStatus | None) -> dict[str, Any]:
-    """Status fields of a fast sync under way (none when there is none)."""
-    if sync is None:
-        return {}
-    return {"progress": sync.fraction, "fetch_rate": sync.rate(), "eta_seconds": sync.eta(),
-            "sync_target_lsn": sync.lsn or None, "sync_bytes": sync.total,
-            "sync_left_bytes": sync.total - sync.compared, "sync_received_bytes": sync.received}
-
-
-def _rate(samples: deque[tuple[float, int]]) -> float:
-    if len(samples) < 2:
-        return 0.0
-    (t0, v0), (t1, v1) = samples[0], samples[-1]
-    return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0

@@ -35,11 +35,13 @@ import trio
 
 from marsfs.aio import describe
 from marsfs.errors import InvalidRequest, MarsError, PeerError, ProtocolError, StateError, VolumeBusy, WrongRole
+from marsfs.node import status
 from marsfs.node.follow import Act, decide
 from marsfs.node.mirrors import Mirrors, Spawn
 from marsfs.node.node import Node
 from marsfs.node.peers import Peers
-from marsfs.node.state import FailoverLoss, Role, SplitBrain
+from marsfs.node.state import FailoverLoss, HandoverStatus, Role, SplitBrain
+from marsfs.node.volstate import Verdict, VolumeState
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import PeerChannel, ResyncPlan, hello, open_channel
 from marsfs.replication.handover import (
@@ -81,16 +83,17 @@ class Roles:
         self.mirrors = mirrors
         self.spawn = spawn
         self.gossip_now = gossip_now
-        #: handovers in progress on this node (the new primary's side): volume -> status figures
-        self.progress: dict[str, dict[str, Any]] = {}
+        #: handovers in progress on this node (the new primary's side), by volume
+        self.progress: dict[str, HandoverStatus] = {}
         #: old primaries' side: volume -> (new primary, epoch) once the handover was claimed
         self.handed_over: dict[str, tuple[str, int]] = {}
         self._comparing: set[str] = set()  #: volumes whose fork is being looked for by watch()
 
     # ------------------------------------------------------------------ the new primary's side
 
-    def _check_mirror(self, name: str, command: str) -> tuple[Volume, str]:
-        """The volume and its source, if this node may take ``name`` over (else the reason)."""
+    def _check_mirror(self, name: str, command: str) -> tuple[Volume, str, Verdict]:
+        """The volume, its source and its state's verdict, if this node may take ``name`` over
+        (else the reason)."""
         copy = self.mirrors.copies.get(name)
         if copy is not None and name not in self.node.volumes:
             raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (syncing); wait until "
@@ -102,32 +105,28 @@ class Roles:
                             "already and never replicated")
         if not role.is_mirror:
             raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
-        if role.syncing:
-            raise VolumeBusy(f"volume {name!r} is still being copied from {role.source} (syncing); wait until "
-                             f"it is synced, then run {command}")
-        splits = self.node.splits(name)
-        fetcher = self.mirrors.fetchers.get(name)
-        fatal = fetcher.state.fatal if fetcher is not None else ""
-        if splits or fatal == "diverged":
+        verdict = status.verdict(self.node, name, status.mirror_side(self.mirrors, name, trio.current_time()))
+        if VolumeState.SPLIT_BRAIN in verdict.conditions:
+            splits = self.node.splits(name)
             raise StateError(f"volume {name!r} on node {self.node.name} is in a split brain with "
                              f"{splits[0].peer if splits else role.source}; resolve it first (marsfs invalidate "
                              f"{name} on the side whose writes are to be discarded)")
-        if fatal:
+        if verdict.refusal:
             raise StateError(f"volume {name!r} on node {self.node.name} cannot fetch from {role.source} "
-                             f"({fatal}): resync it first (marsfs invalidate {name})")
-        return vol, role.source
+                             f"({verdict.refusal}): resync it first (marsfs invalidate {name})")
+        return vol, role.source, verdict
 
     async def take_over(self, name: str) -> dict[str, Any]:
         """Planned handover of ``name`` to this node: returns once it is primary and writable."""
-        vol, source = self._check_mirror(name, f"marsfs primary {name}")
+        vol, source, verdict = self._check_mirror(name, f"marsfs primary {name}")
         role = self.node.role(name)
-        if role.fetch_paused:
+        if VolumeState.FETCH_PAUSED in verdict.conditions:
             raise VolumeBusy(f"the fetch of {name!r} is paused on node {self.node.name}: a handover fetches "
                              f"everything first; run marsfs resume-fetch {name}, then marsfs primary {name}")
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
         connect = self.peers.connector(source)
-        self.progress[name] = {"from": source, "phase": "preparing", "to_fetch": None}
+        self.progress[name] = HandoverStatus(source, "preparing", None)
         try:
             ch, _ = await open_channel(connect, hello(self.node.name, self.cluster, name, "handover",
                                                       role.epoch))
@@ -142,11 +141,10 @@ class Roles:
         epoch, start = role.epoch + 1, vol.head_lsn + 1
         try:
             ready = await self._prepare(ch, name, source, role.epoch)
-            self.progress[name] = {"from": source, "phase": "fetching",
-                                   "to_fetch": max(0, ready.head_lsn - vol.durable_lsn)}
+            self.progress[name] = HandoverStatus(source, "fetching", max(0, ready.head_lsn - vol.durable_lsn))
             await self._catch_up(vol, name, source, ready)
             epoch, start = max(self._newest_epoch(name), ready.epoch) + 1, ready.head_lsn + 1
-            self.progress[name] = {"from": source, "phase": "claiming", "to_fetch": 0}
+            self.progress[name] = HandoverStatus(source, "claiming", 0)
             await self.mirrors.stop(name)
             await self._claim(name, epoch, start)
             claimed = True
@@ -208,7 +206,7 @@ class Roles:
                 raise PeerError(f"the handover of {name} from {source} timed out with "
                                 f"{ready.head_lsn - vol.durable_lsn} records still to fetch; wait until "
                                 f"marsfs wait {name} --synced succeeds, then run marsfs primary {name} again")
-            self.progress[name]["to_fetch"] = ready.head_lsn - vol.durable_lsn
+            self.progress[name] = HandoverStatus(source, "fetching", ready.head_lsn - vol.durable_lsn)
             await trio.sleep(0.02)
         chain = await trio.to_thread.run_sync(vol.log.chain_at, ready.head_lsn)
         if vol.head_lsn != ready.head_lsn or chain != ready.chain:
@@ -241,10 +239,10 @@ class Roles:
 
     async def fail_over(self, name: str) -> dict[str, Any]:
         """Forced failover: this node becomes primary of ``name`` without its primary."""
-        vol, source = self._check_mirror(name, f"marsfs primary {name} --force")
+        vol, source, _ = self._check_mirror(name, f"marsfs primary {name} --force")
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
-        self.progress[name] = {"from": source, "phase": "failover", "to_fetch": None}
+        self.progress[name] = HandoverStatus(source, "failover", None)
         try:
             if await self._reachable(name, source):
                 raise InvalidRequest(f"{source}, the primary of {name}, is reachable: use the planned handover, "
@@ -456,7 +454,7 @@ class Roles:
         await self.mirrors.restart(name, plan)
         self.gossip_now()
         return {"volume": name, "source": d.node, "split_version": f"{kept}.img", "fork_lsn": fork.fork_lsn,
-                "state": "resyncing", "size": vol.size}
+                "state": VolumeState.RESYNCING.value, "size": vol.size}
 
     async def serve_compare(self, ch: Channel, hello: Hello, vol: Volume) -> None:
         def found(seen: SplitSeen) -> None:

@@ -100,8 +100,7 @@ class Mirrors:
         for name, vol in list(self.node.volumes.items()):
             if self.node.is_mirror(name):
                 self.start(vol)
-        for name, vol in list(self.node.resuming.items()):
-            del self.node.resuming[name]
+        for name, vol in self.node.take_resuming().items():
             copy = ImageCopy(source=self.node.role(name).source, size=vol.size, started=trio.current_time())
             self.copies[name] = copy
             self._start_copy(vol, copy, ResyncPlan(whole=self.node.role(name).resync_whole))

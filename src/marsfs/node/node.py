@@ -19,6 +19,11 @@ Rules that hold here:
   :class:`~marsfs.errors.MarsError` whose message says what to do.
 * A volume directory without ``volume.json`` is an aborted ``create`` that never returned; it is
   removed on start.
+* What the node holds about a volume name is one :class:`VolumeEntry` (role, history window,
+  open handles, fences, split brains, failover loss, why it failed to open, a copy to resume
+  or redo); only the open :class:`Volume` objects of the served volumes are apart, in
+  :attr:`Node.volumes`. The dicts :attr:`Node.opens`, :attr:`Node.failed`,
+  :attr:`Node.resuming` and :attr:`Node.rejoin` are copies made from the entries.
 * Roles (:class:`~marsfs.node.state.RoleRecord`) change only through the methods of
   :class:`Node`, under its lock, and each change is persisted before it is visible.
   ``status`` only reads.
@@ -35,8 +40,8 @@ Rules that hold here:
   to its source (pinning it again), all inside :meth:`Node.open`, so no :meth:`maintain` can
   run in between. A clone that cannot be attached stays on disk, detached and failed, with the
   reason in its errors, until it is deleted. A volume with clones is neither deleted nor left.
-* Fencing (issue 10): only the designated primary accepts writes. A fence
-  (:meth:`Node.fence`, by a named holder: the metadata's ``designation``, the handover's
+* Fencing: only the designated primary accepts writes. A fence (:meth:`Node.fence`, by a
+  :class:`~marsfs.node.volstate.FenceHolder`: the metadata's ``designation``, the handover's
   ``handover``) makes ``Volume.write`` and new opens for writing fail with EROFS
   (:class:`~marsfs.errors.VolumeReadOnly`); the log stays as it is, tail included. A former
   primary that became a mirror keeps a ``mirror`` fence (the kernel may still know its
@@ -62,6 +67,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +88,11 @@ from marsfs.errors import (
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.node.meta import META_FILE, ClusterMeta
 from marsfs.node.space import LogSpace, LogSpaceSetting
-from marsfs.node.state import FailoverLoss, Role, RoleRecord, SplitBrain, VolumeState, VolumeStatus
+from marsfs.node.state import FailoverLoss, Role, RoleRecord, SplitBrain
+from marsfs.node.volstate import FenceHolder
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
 from marsfs.volume import Retention, Volume
-from marsfs.volume.holds import hold_mirror
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +100,7 @@ VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NODE_NAME = VOLUME_NAME
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
-MIRROR_FENCE = "mirror"  #: the fence holder of a former primary turned mirror (lifted when primary again)
-HANDOVER_FENCE = "handover"  #: the fence holder of a primary during its handover (marsfs.node.handover)
+MIRROR_FENCE = FenceHolder.MIRROR  #: kept for importers: name the holder as FenceHolder.MIRROR
 
 
 def check_volume_name(name: str) -> str:
@@ -103,6 +108,23 @@ def check_volume_name(name: str) -> str:
         raise InvalidRequest(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit (no '/', no leading dot)")
     return name
+
+
+@dataclass(eq=False)
+class VolumeEntry:
+    """Everything this node holds about one volume name besides its open :class:`Volume`
+    (:attr:`Node.volumes`): one record, made when the name is taken, dropped when it is freed."""
+
+    role: RoleRecord | None = None  #: None while only :attr:`rejoin` remains of it
+    history: Retention | None = None  #: its own history window (None: the node's)
+    opens: int = 0  #: open handles (a face opened the image)
+    fences: dict[FenceHolder, str] = field(default_factory=dict)  #: who refuses its writes, and why
+    splits: dict[str, SplitBrain] = field(default_factory=dict)  #: peer -> an unresolved split brain
+    loss: FailoverLoss | None = None  #: what its last forced failover lost
+    failed: str = ""  #: why it could not be opened at start (one line; "" : it was)
+    #: a first copy (a fast sync) a crash interrupted: opened, not served, until the cluster takes it
+    resuming: Volume | None = None
+    rejoin: str = ""  #: an image copy a crash interrupted was removed: copy again from this source
 
 
 class Node:
@@ -114,23 +136,55 @@ class Node:
         self.name = name
         self.space = LogSpace(state, log_space)  #: the log space limit of all volumes (G8)
         self.history = history or Retention(DEFAULT_HISTORY_BYTES)  #: the node's window; a volume may have its own
-        self._volume_history: dict[str, Retention] = {}
-        self.volumes: dict[str, Volume] = {}
-        self._roles: dict[str, RoleRecord] = {}
-        self.opens: Counter[str] = Counter()
-        self.rejoin: dict[str, str] = {}  #: mirrors whose image copy a crash interrupted -> source
-        #: new replicas whose first copy (a fast sync) a crash interrupted: opened, not served,
-        #: resumed by the cluster (taken from here when it does)
-        self.resuming: dict[str, Volume] = {}
-        self.failed: dict[str, str] = {}  #: volumes that could not be opened at start -> why (one line)
-        self._splits: dict[str, dict[str, SplitBrain]] = {}  #: volume -> peer -> its split brain
-        self._losses: dict[str, FailoverLoss] = {}  #: volume -> what its last forced failover lost
+        self.volumes: dict[str, Volume] = {}  #: the volumes served here, by name
+        self._entries: dict[str, VolumeEntry] = {}  #: what the node holds about each volume name
         self._largest: int | None = None
         self.started = time.time()
         self._lock = threading.RLock()
         self._lock_fd = -1
         self.meta = ClusterMeta(state / META_FILE, name)  #: the cluster metadata as this node knows it
-        self._fences: dict[str, dict[str, str]] = {}  #: volume -> holder -> why writes are refused
+
+    # ------------------------------------------------------------------ the volume entries
+
+    def _entry(self, name: str) -> VolumeEntry:
+        """The entry of ``name``, made empty if there is none (under the lock)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries[name] = VolumeEntry()
+        return entry
+
+    @property
+    def opens(self) -> Counter[str]:
+        """Open handles by volume (a copy; 0 for a volume that has none)."""
+        with self._lock:
+            return Counter({n: e.opens for n, e in self._entries.items() if e.opens})
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Volumes that could not be opened at start -> why (one line); a copy."""
+        with self._lock:
+            return {n: e.failed for n, e in self._entries.items() if e.failed}
+
+    @property
+    def rejoin(self) -> dict[str, str]:
+        """Mirrors whose image copy a crash interrupted (removed) -> the source to copy from again."""
+        with self._lock:
+            return {n: e.rejoin for n, e in self._entries.items() if e.rejoin}
+
+    @property
+    def resuming(self) -> dict[str, Volume]:
+        """New replicas whose first copy (a fast sync) a crash interrupted: opened, not served,
+        until the cluster takes them (:meth:`take_resuming`); a copy."""
+        with self._lock:
+            return {n: e.resuming for n, e in self._entries.items() if e.resuming is not None}
+
+    def take_resuming(self) -> dict[str, Volume]:
+        """The interrupted first copies, handed to the cluster that resumes them (once)."""
+        with self._lock:
+            taken = self.resuming
+            for name in taken:
+                self._entries[name].resuming = None
+            return taken
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,7 +242,7 @@ class Node:
                 continue
             if not (path / "volume.json").exists() or role.syncing:
                 if role.syncing:  # an image copy a crash interrupted: copy again
-                    self.rejoin[path.name] = role.source
+                    self._entry(path.name).rejoin = role.source
                 logger.warning("removing %s: an aborted create or image copy", path)
                 shutil.rmtree(path)
                 continue
@@ -196,9 +250,9 @@ class Node:
             try:
                 vol = Volume.open(path)
             except (MarsError, OSError) as e:
-                self.failed[path.name] = _open_failure(path.name, e)
-                self._roles[path.name] = role
-                logger.error("%s", self.failed[path.name])
+                entry = self._entry(path.name)
+                entry.failed, entry.role = _open_failure(path.name, e), role
+                logger.error("%s", entry.failed)
                 continue
             rep = vol.log.recovery
             logger.info("volume %s recovered: %d records, %.1f MiB verified in %.2f s%s", vol.name, rep.records,
@@ -209,10 +263,8 @@ class Node:
                                    else vol.durable_lsn)
                 vol.replay_limit = max(vol.replay_limit, vol.applied_lsn)
             self.volumes[vol.name] = vol
-            self._roles[vol.name] = role
-            own = _read_history(path)
-            if own is not None:
-                self._volume_history[vol.name] = own
+            entry = self._entry(vol.name)
+            entry.role, entry.history = role, _read_history(path)
             try:
                 self._read_splits(vol.name)
             except StateError as e:  # the volume is still served; status says what is wrong
@@ -232,8 +284,8 @@ class Node:
         except (MarsError, OSError) as e:
             logger.warning("cannot resume the copy of %s (%s): starting it again", path.name, describe(e))
             return False
-        self.resuming[vol.name] = vol
-        self._roles[vol.name] = role
+        entry = self._entry(vol.name)
+        entry.resuming, entry.role = vol, role
         logger.info("the first copy of %s from %s resumes", vol.name, role.source)
         return True
 
@@ -260,12 +312,11 @@ class Node:
                 except MarsError as e:
                     logger.error("closing volume %s: %s", vol.name, e)
             self.volumes.clear()
-            for vol in self.resuming.values():
+            for vol in self.take_resuming().values():
                 try:
                     vol.close()
                 except MarsError as e:
                     logger.error("closing volume %s: %s", vol.name, e)
-            self.resuming.clear()
             try:
                 self.meta.close()
             except OSError as e:
@@ -278,8 +329,9 @@ class Node:
 
     def volume(self, name: str) -> Volume:
         vol = self.volumes.get(name)
-        if vol is None and name in self.failed:
-            raise StateError(self.failed[name])
+        entry = self._entries.get(name)
+        if vol is None and entry is not None and entry.failed:
+            raise StateError(entry.failed)
         if vol is None:
             known = ", ".join(sorted(self.volumes)) or "none"
             raise VolumeNotFound(f"no volume {name!r} on node {self.name} (volumes here: {known}); "
@@ -316,7 +368,7 @@ class Node:
                     raise NoSpace(_no_room(name, size, _free_bytes(self.state), self.state, thin=thin)) from None
                 raise
             self.volumes[name] = vol
-            self._roles[name] = role
+            self._entries[name] = VolumeEntry(role=role)
             self.meta.claim(name, self.name, role.epoch, 1)
             self.space.adopt(list(self.volumes.values()))
             logger.info("created volume %s of %d bytes%s, primary", name, size, " (thin)" if thin else "")
@@ -342,7 +394,7 @@ class Node:
                 self._refuse_no_space(e, f"clone {name!r}", "free space there")
                 raise
             self.volumes[name] = vol
-            self._roles[name] = role
+            self._entries[name] = VolumeEntry(role=role)
             self.space.adopt(list(self.volumes.values()))
             logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
             return vol
@@ -407,14 +459,16 @@ class Node:
         """The directory for a new volume ``name``; refuses names in use."""
         check_volume_name(name)
         path = self.state / "volumes" / name
-        if name in self.volumes or name in self._roles or path.exists():
+        entry = self._entries.get(name)
+        if name in self.volumes or (entry is not None and entry.role is not None) or path.exists():
             raise VolumeExists(f"volume {name!r} already exists on node {self.name}")
         return path
 
     def role(self, name: str) -> RoleRecord:
         """The role record of a volume on this node (of a volume being copied, too)."""
         with self._lock:
-            role = self._roles.get(name)
+            entry = self._entries.get(name)
+            role = entry.role if entry is not None else None
         if role is None:
             self.volume(name)  # raises the usual unknown-volume error
             raise AssertionError(f"volume {name} has no role record")
@@ -429,7 +483,8 @@ class Node:
 
     def _persist_role(self, name: str, role: RoleRecord) -> None:
         write_json(self.state / "volumes" / name / "role.json", role.to_json())
-        self._roles[name] = role
+        entry = self._entry(name)
+        entry.role, entry.rejoin = role, ""
 
     def begin_mirror(self, name: str, source: str, epoch: int) -> Path:
         """Start an image copy of ``name`` from ``source``: the role record comes first, so a
@@ -444,7 +499,7 @@ class Node:
         """An image copy failed: forget the volume and remove what it left (not yet served)."""
         with self._lock:
             assert name not in self.volumes, f"{name} is served; abort_mirror is for unfinished copies"
-            self._roles.pop(name, None)
+            self._entries.pop(name, None)
             shutil.rmtree(self.state / "volumes" / name, ignore_errors=True)
 
     def finish_mirror(self, vol: Volume) -> None:
@@ -458,8 +513,8 @@ class Node:
 
     def is_mirror(self, name: str) -> bool:
         with self._lock:
-            role = self._roles.get(name)
-        return role is not None and role.is_mirror
+            entry = self._entries.get(name)
+            return entry is not None and entry.role is not None and entry.role.is_mirror
 
     def check_delete(self, name: str, *, force: bool = False, mirrors: list[str] | None = None) -> None:
         """Raise what :meth:`delete` would refuse with, changing nothing (callers that must stop
@@ -471,8 +526,9 @@ class Node:
                 names = ", ".join(c for c, _ in clones)
                 raise VolumeBusy(f"volume {name!r} has clones ({names}) that read from it; "
                                  f"delete them first: marsfs delete {clones[0][0]}")
-            if self.opens[name] and not force:
-                raise VolumeBusy(f"volume {name!r} is open ({self.opens[name]} handle(s), e.g. a loop device); "
+            opens = self._entry(name).opens
+            if opens and not force:
+                raise VolumeBusy(f"volume {name!r} is open ({opens} handle(s), e.g. a loop device); "
                                  "detach it first (losetup -d) or use --force")
             if not self.role(name).is_mirror and mirrors and not force:
                 raise VolumeBusy(f"volume {name!r} is primary with mirrors ({', '.join(mirrors)}); "
@@ -485,11 +541,7 @@ class Node:
             self.check_delete(name, force=force, mirrors=mirrors)
             vol = self.volume(name)
             del self.volumes[name]
-            self.opens.pop(name, None)
-            self._roles.pop(name, None)
-            self._volume_history.pop(name, None)
-            self._splits.pop(name, None)
-            self._losses.pop(name, None)
+            self._entries.pop(name, None)
         vol.close()
         trash = self.state / "trash"
         trash.mkdir(exist_ok=True)
@@ -508,24 +560,25 @@ class Node:
                 raise VolumeReadOnly(vol.fence)
             if write and self.is_mirror(name):
                 raise VolumeReadOnly(f"volume {name} is a mirror here: write on its primary")
-            self.opens[name] += 1
+            self._entry(name).opens += 1
             return vol
 
     # ------------------------------------------------------------------ fencing and roles
 
-    def fence(self, name: str, why: str, *, holder: str = "designation") -> None:
+    def fence(self, name: str, why: str, *, holder: FenceHolder = FenceHolder.DESIGNATION) -> None:
         """Refuse writes to ``name`` (EROFS, message ``why``) until ``holder`` lifts its fence."""
         with self._lock:
             vol = self.volume(name)
-            fences = self._fences.setdefault(name, {})
+            fences = self._entry(name).fences
             if fences.get(holder) != why:
                 fences[holder] = why
                 vol.fence = "; ".join(fences.values())
                 logger.info("volume %s refuses writes: %s", name, why)
 
-    def unfence(self, name: str, *, holder: str = "designation") -> None:
+    def unfence(self, name: str, *, holder: FenceHolder = FenceHolder.DESIGNATION) -> None:
         with self._lock:
-            fences = self._fences.get(name, {})
+            entry = self._entries.get(name)
+            fences = entry.fences if entry is not None else {}
             if fences.pop(holder, None) is None:
                 return
             vol = self.volumes.get(name)
@@ -534,10 +587,11 @@ class Node:
                 if not vol.fence:
                     logger.info("volume %s takes writes again", name)
 
-    def fenced(self, name: str) -> dict[str, str]:
+    def fenced(self, name: str) -> dict[FenceHolder, str]:
         """Who fences ``name`` and why (empty: not fenced)."""
         with self._lock:
-            return dict(self._fences.get(name, {}))
+            entry = self._entries.get(name)
+            return dict(entry.fences) if entry is not None else {}
 
     def become_mirror(self, name: str, source: str, epoch: int) -> None:
         """Turn this primary of ``name`` into a mirror of ``source`` at ``epoch``: its log is
@@ -547,21 +601,23 @@ class Node:
             vol = self.volume(name)
             role = self.role(name)
             assert role.role == Role.PRIMARY, f"{name} is {role.role} here"
-            if self.opens[name]:
-                raise VolumeBusy(f"volume {name!r} is open ({self.opens[name]} handle(s)); it becomes a mirror of "
+            entry = self._entry(name)
+            if entry.opens:
+                raise VolumeBusy(f"volume {name!r} is open ({entry.opens} handle(s)); it becomes a mirror of "
                                  f"{source} once it is closed (losetup -d)")
             vol.flush()
             vol.replay_limit = vol.durable_lsn
             self._persist_role(name, RoleRecord(role=Role.MIRROR, epoch=epoch, source=source,
                                                 replayed_lsn=vol.durable_lsn))
-            self._fences[name] = {MIRROR_FENCE: f"volume {name} is a mirror of {source} here: write on {source}"}
-            vol.fence = self._fences[name][MIRROR_FENCE]
+            entry.fences = {FenceHolder.MIRROR: f"volume {name} is a mirror of {source} here: write on {source}"}
+            vol.fence = entry.fences[FenceHolder.MIRROR]
         logger.info("volume %s is now a mirror of %s (epoch %d) from LSN %d", name, source, epoch, vol.durable_lsn)
 
     def release(self, name: str) -> None:
         with self._lock:
-            if self.opens[name] > 0:
-                self.opens[name] -= 1
+            entry = self._entries.get(name)
+            if entry is not None and entry.opens > 0:
+                entry.opens -= 1
 
     def mark(self, name: str, mark: str) -> int:
         """Name the current LSN. Only the primary writes history: a mark written on a mirror
@@ -577,7 +633,7 @@ class Node:
     # ------------------------------------------------------------------ roles: handover, failover, split brain
 
     def fence_for_handover(self, name: str, peer: str) -> None:
-        """Fence primary ``name`` (holder :data:`HANDOVER_FENCE`) while ``peer`` takes it over.
+        """Fence primary ``name`` (holder :attr:`FenceHolder.HANDOVER`) while ``peer`` takes it over.
         Refused (and nothing changes) while the image is open at all: a handover needs a closed
         image, so that no write can come after the head the new primary fetches, and so that
         this node can become its mirror."""
@@ -586,20 +642,21 @@ class Node:
             role = self.role(name)
             if role.role != Role.PRIMARY or vol.clone_of is not None:
                 raise WrongRole(f"volume {name!r} is not primary on node {self.name}; ask its primary")
-            if self.opens[name]:
-                raise VolumeBusy(f"volume {name!r} is open on its primary {self.name} ({self.opens[name]} "
+            opens = self._entry(name).opens
+            if opens:
+                raise VolumeBusy(f"volume {name!r} is open on its primary {self.name} ({opens} "
                                  f"holder(s), e.g. a loop device or a mount); close it there first (umount, "
                                  f"losetup -d), then run marsfs primary {name} again")
-            other = self.fenced(name).get(HANDOVER_FENCE)
+            other = self.fenced(name).get(FenceHolder.HANDOVER)
             if other is not None and peer not in other:
                 raise VolumeBusy(f"volume {name!r} is being handed over already ({other})")
             self.fence(name, f"volume {name} is being handed over to {peer}: write on {peer} once marsfs "
-                             f"status {name} there shows it primary", holder=HANDOVER_FENCE)
+                             f"status {name} there shows it primary", holder=FenceHolder.HANDOVER)
 
     def unfence_handover(self, name: str) -> None:
         """The handover ended without a claim: writes again."""
         if name in self.volumes:
-            self.unfence(name, holder=HANDOVER_FENCE)
+            self.unfence(name, holder=FenceHolder.HANDOVER)
 
     def promote(self, name: str, epoch: int) -> None:
         """Make this node's mirror of ``name`` its primary for ``epoch``: writable, its log
@@ -612,45 +669,50 @@ class Node:
                 raise WrongRole(f"volume {name!r} is already primary on node {self.name}")
             self._persist_role(name, RoleRecord(role=Role.PRIMARY, epoch=epoch))
             vol.replay_limit = None
-            for holder in (MIRROR_FENCE, "designation"):  # the caller claimed the epoch: this is the primary
+            for holder in (FenceHolder.MIRROR, FenceHolder.DESIGNATION):  # the caller claimed the epoch
                 self.unfence(name, holder=holder)
         logger.info("volume %s is primary here from LSN %d, epoch %d", name, vol.head_lsn + 1, epoch)
 
     def splits(self, name: str) -> list[SplitBrain]:
         """The unresolved split brains of ``name`` here, by peer."""
         with self._lock:
-            return [self._splits[name][p] for p in sorted(self._splits.get(name, {}))]
+            entry = self._entries.get(name)
+            splits = entry.splits if entry is not None else {}
+            return [splits[p] for p in sorted(splits)]
 
     def record_split(self, name: str, split: SplitBrain) -> None:
         """Remember (persistently) a split brain with ``split.peer``; it stays until cleared."""
         with self._lock:
             self.volume(name)
-            self._splits.setdefault(name, {})[split.peer] = split
+            self._entry(name).splits[split.peer] = split
             self._write_splits(name)
 
     def clear_splits(self, name: str, peer: str | None = None) -> None:
         """The split brains of ``name`` (with ``peer``, or all) are resolved: this node was
         invalidated, or the peer it split from follows our history again."""
         with self._lock:
+            entry = self._entry(name)
             if peer is None:
-                self._splits.pop(name, None)
+                entry.splits.clear()
             else:
-                self._splits.get(name, {}).pop(peer, None)
+                entry.splits.pop(peer, None)
             self._write_splits(name)
 
     def failover_loss(self, name: str) -> FailoverLoss | None:
         with self._lock:
-            return self._losses.get(name)
+            entry = self._entries.get(name)
+            return entry.loss if entry is not None else None
 
     def record_failover(self, name: str, loss: FailoverLoss) -> None:
         with self._lock:
-            self._losses[name] = loss
+            self._entry(name).loss = loss
             self._write_splits(name)
 
     def _write_splits(self, name: str) -> None:
         path = self.state / "volumes" / name / SPLITS_FILE
-        splits = [s.to_json() for _, s in sorted(self._splits.get(name, {}).items())]
-        loss = self._losses.get(name)
+        entry = self._entry(name)
+        splits = [s.to_json() for _, s in sorted(entry.splits.items())]
+        loss = entry.loss
         if not splits and loss is None:
             path.unlink(missing_ok=True)
             return
@@ -667,21 +729,22 @@ class Node:
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{path}: unreadable ({e}); restore it or remove it (the split brains and the "
                              "failover loss it records are then forgotten)") from None
-        if splits:
-            self._splits[name] = {x.peer: x for x in splits}
-        if loss is not None:
-            self._losses[name] = loss
+        entry = self._entry(name)
+        entry.splits, entry.loss = {x.peer: x for x in splits}, loss
 
     # ------------------------------------------------------------------ policies
 
     def history_of(self, name: str) -> Retention:
         """The history window of a volume: its own, else the node's."""
-        return self._volume_history.get(name, self.history)
+        entry = self._entries.get(name)
+        own = entry.history if entry is not None else None
+        return own if own is not None else self.history
 
     def own_history(self, name: str) -> Retention | None:
         """The window set for this volume alone (None: it follows the node's)."""
         self.volume(name)
-        return self._volume_history.get(name)
+        with self._lock:
+            return self._entry(name).history
 
     def set_history(self, name: str, history: Retention | None) -> None:
         """Give a volume its own history window (None: back to the node's); persisted. A
@@ -692,10 +755,9 @@ class Node:
             path = self.state / "volumes" / name / HISTORY_FILE
             if history is None:
                 path.unlink(missing_ok=True)
-                self._volume_history.pop(name, None)
             else:
                 write_json(path, history.to_json())
-                self._volume_history[name] = history
+            self._entry(name).history = history
 
     def enforce_space(self, now_ns: int | None = None) -> int:
         """Keep the logs inside the node's log space limit (:mod:`marsfs.node.space`); returns
@@ -732,62 +794,11 @@ class Node:
             if before_fault is not None and vol.fault("writeback") is None:
                 logger.info("writeback of %s works again", vol.name)
 
-    # ------------------------------------------------------------------ status
-
-    def status(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Status rows as JSON objects (what the control socket sends)."""
-        names = [name] if name is not None else sorted(self.volumes)
-        rows = [self.volume_status(n).to_json() for n in names]
-        if name is None:
-            rows += [self.failed_status(n).to_json() for n in sorted(self.failed)]
-        return rows
-
-    def volume_status(self, name: str) -> VolumeStatus:
-        """What this node alone knows about a volume; the cluster layer adds lag and peers."""
-        vol = self.volume(name)
-        role = self.role(name)
-        head = vol.head_lsn
-        clones = [{"name": c, "lsn": lsn} for c, lsn in self.clones_of(name)]
-        faults = vol.faults
-        splits = self.splits(name)
-        loss = self.failover_loss(name)
-        fences = self.fenced(name)
-        if vol.errors or vol.needs_restart or any(not isinstance(f, NoSpace) for f in faults):
-            state = VolumeState.FAILED
-        elif faults:
-            state = VolumeState.NO_SPACE
-        elif splits:
-            state = VolumeState.SPLIT_BRAIN
-        else:
-            state = VolumeState.FENCED if fences and role.role == Role.PRIMARY else VolumeState.UP
-        designation = self.meta.designated(name)
-        return VolumeStatus(
-            volume=vol.name, node=self.name, role=role.role,
-            state=state, epoch=role.epoch, size=vol.current_size,
-            head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
-            replayed_lsn=vol.replayed_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
-            lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
-            open_handles=self.opens[vol.name],
-            errors=list(vol.errors) + vol.fault_lines() + (list(fences.values()) if role.role == Role.PRIMARY else [])
-            + [x.describe(name) for x in splits],
-            oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=self.history_of(name).describe(),
-            clones=clones, clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
-            designated_primary=designation.node if designation is not None else None,
-            members=sorted(self.meta.members(name)),
-            log_space_limit=self.space.last_limit, oldest_retained_lsn=vol.log.first_lsn,
-            warnings=self.space.warnings(vol, self.history_of(name)),
-            dropped={hold_mirror(k) or k: cs.bytes for k, cs in vol.dropped().items()},
-            fork_lsn=min(x.fork_lsn for x in splits) if splits else None,
-            split_brain=[x.to_json() for x in splits], failover_loss=loss.to_json() if loss is not None else None)
-
-
-    def failed_status(self, name: str) -> VolumeStatus:
-        """The status row of a volume that could not be opened at start: failed, with why."""
-        role = self._roles.get(name) or RoleRecord()
-        return VolumeStatus(
-            volume=name, node=self.name, role=role.role, state=VolumeState.FAILED, epoch=role.epoch, size=0,
-            head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0, lag_bytes=0, lag_records=0,
-            lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0, errors=[self.failed[name]])
+    def failed_role(self, name: str) -> RoleRecord:
+        """The role record of a volume that could not be opened at start (a primary's if it had none)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.role if entry is not None and entry.role is not None else RoleRecord()
 
 
 def _open_failure(name: str, e: MarsError | OSError) -> str:

@@ -5,9 +5,10 @@ Rules that hold here:
 * Everything the node persists about a volume's role (``role.json``) is a :class:`RoleRecord`;
   everything ``status`` shows is a :class:`VolumeStatus` with :class:`PeerStatus` rows. Their
   JSON keys are their fields, the one schema of ``status --json``; nothing else builds status dicts.
-* A mirror's state is derived by :func:`mirror_state` from plain facts, and a mirror as its
-  primary sees it by :func:`peer_state`; both return :class:`VolumeState` members. No other
-  code decides which state a mirror is in, and nothing here reads a clock or does I/O.
+* The states (:class:`VolumeState`) and the one rule that names them live in
+  :mod:`marsfs.node.volstate` (re-exported here); nothing here reads a clock or does I/O.
+* Every field of a status row is a plain value or a record of this module (no free-form
+  dicts): what ``status --json`` shows is exactly these records' fields.
 
 State diagram of a volume on one node (docs/architecture.md draws it)::
 
@@ -28,51 +29,20 @@ State diagram of a volume on one node (docs/architecture.md draws it)::
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
 from marsfs.errors import StateError
-from marsfs.replication.session import STALL_AFTER
+from marsfs.node.volstate import FRESH as FRESH
+from marsfs.node.volstate import MirrorFacts as MirrorFacts
+from marsfs.node.volstate import Role as Role
+from marsfs.node.volstate import VolumeState as VolumeState
+from marsfs.node.volstate import mirror_state as mirror_state
+from marsfs.node.volstate import peer_state as peer_state
+from marsfs.replication.session import STALL_AFTER as STALL_AFTER
 from marsfs.units import human_bytes
-
-
-class Role(StrEnum):
-    PRIMARY = "primary"
-    MIRROR = "mirror"
-    CLONE = "clone"  #: a local writable clone of a version (marsfs.volume.clone); its own primary
-
-
-class VolumeState(StrEnum):
-    """What ``status`` says a volume is doing on this node (the ``state`` field)."""
-
-    UP = "up"  #: a primary serving writes
-    FAILED = "failed"  #: the volume reported an error it cannot get past by itself
-    NO_SPACE = "no-space"  #: the state filesystem is full: writes fail (ENOSPC) until there is room again
-    SYNCING = "syncing"  #: a mirror copying the image; not readable yet
-    CATCHING_UP = "catching-up"  #: a mirror behind its source, or not sure it is not
-    SYNCED = "synced"  #: a mirror with no lag, on the word of a fresh heartbeat
-    REPLAY_PAUSED = "replay-paused"
-    FETCH_PAUSED = "fetch-paused"
-    DISCONNECTED = "disconnected"  #: no connection to the source right now
-    STALLED = "stalled"  #: no progress for a while although there is something to do
-    SPLIT_BRAIN = "split-brain"  #: the source refused: our histories diverged
-    #: the source no longer holds the log we need, or the volume we copied at all (deleted
-    #: there, maybe created anew: another uuid)
-    NEEDS_RESYNC = "needs-resync"
-    #: a primary that is not the designated primary (newest epoch) any more: refuses writes
-    #: (EROFS) and keeps its log; it follows the designated primary once its log is a prefix
-    FENCED = "fenced"
-    #: a mirror bringing its image to its source's by fast sync (only blocks that differ);
-    #: it keeps serving its last version until it switches
-    RESYNCING = "resyncing"
-
-
-#: Refusal codes of a source that need an operator, and the state each one puts a mirror in.
-FATAL_STATES = {"diverged": VolumeState.SPLIT_BRAIN, "log-trimmed": VolumeState.NEEDS_RESYNC,
-                "volume-deleted": VolumeState.NEEDS_RESYNC, "volume-replaced": VolumeState.NEEDS_RESYNC}
-
-FRESH = 1.5  #: a mirror is synced only on the word of a heartbeat at most this old (one per 0.5 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,62 +101,6 @@ class RoleRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class MirrorFacts:
-    """What a mirror knows about its fetch and replay at one instant (inputs of mirror_state)."""
-
-    source: str
-    fetching: bool  #: a fetcher runs for this volume
-    fatal: str  #: a refusal code that stopped fetching ("" if none)
-    error: str  #: the last fetch error, in words ("" if none)
-    fetch_paused: bool
-    replay_paused: bool
-    connected: bool
-    since_progress: float  #: seconds since the fetch last brought records (or connected)
-    missing_records: int  #: records the source has durable that we have not fetched
-    lag_records: int  #: missing_records plus fetched records not yet replayed
-    heartbeat_age: float | None  #: how old the source's newest word is at most; None: no word yet
-    resyncing: bool = False  #: a fast sync runs (or is staged and waits for the source)
-
-
-def mirror_state(f: MirrorFacts) -> tuple[VolumeState, list[str]]:
-    """The state of a mirror, and the error lines that explain it (empty when all is well)."""
-    errors = [f"fetch from {f.source}: {f.error}"] if f.error else []
-    if not f.fetching:
-        return VolumeState.FAILED, errors or [f"no fetch runs for this mirror of {f.source}; restart the daemon"]
-    if f.fatal:
-        return FATAL_STATES.get(f.fatal, VolumeState.FAILED), errors
-    if f.resyncing:
-        return VolumeState.RESYNCING, errors
-    if f.fetch_paused:
-        return VolumeState.FETCH_PAUSED, errors
-    if not f.connected:
-        if f.since_progress > STALL_AFTER:
-            errors.append(f"stalled: no connection to {f.source} for {f.since_progress:.0f} s")
-            return VolumeState.STALLED, errors
-        return VolumeState.DISCONNECTED, errors
-    if f.missing_records and f.since_progress > STALL_AFTER:
-        errors.append(f"stalled: no records from {f.source} for {f.since_progress:.0f} s "
-                      f"while {f.missing_records} are missing")
-        return VolumeState.STALLED, errors
-    if f.replay_paused:
-        return VolumeState.REPLAY_PAUSED, errors
-    if f.lag_records or f.heartbeat_age is None or f.heartbeat_age > FRESH:
-        return VolumeState.CATCHING_UP, errors  # behind, or not sure it is not
-    return VolumeState.SYNCED, errors
-
-
-def peer_state(*, connected: bool, fetch_paused: bool, replay_paused: bool, lag_records: int) -> VolumeState:
-    """A mirror's state as its source sees it (from the mirror's ACKs and our log)."""
-    if fetch_paused:
-        return VolumeState.FETCH_PAUSED
-    if not connected:
-        return VolumeState.DISCONNECTED
-    if lag_records:
-        return VolumeState.CATCHING_UP
-    return VolumeState.REPLAY_PAUSED if replay_paused else VolumeState.SYNCED
-
-
-@dataclass(frozen=True, slots=True)
 class PeerStatus:
     """One mirror of a volume, as the node it fetches from sees it (a row of ``peers``)."""
 
@@ -206,7 +120,7 @@ class PeerStatus:
     dropped: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return _record_json(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,35 +158,32 @@ class VolumeStatus:
     replay_rate: float | None = None
     eta_seconds: float | None = None
     progress: float | None = None
-    # history (issue 9): when the oldest version was written, and the window that keeps it
+    # history: when the oldest version was written, and the window that keeps it
     oldest_version_ns: int | None = None
     history: str | None = None
-    # clones (issue 9): on a source, its clones here (``name``, ``lsn``: the version each holds);
-    # on a clone, what it is a clone of (``VOL@lsn-L``)
-    clones: list[dict[str, Any]] = field(default_factory=list)
+    # clones: on a source, its clones here (the version each holds); on a clone, what it is a
+    # clone of (``VOL@lsn-L``)
+    clones: list[CloneStatus] = field(default_factory=list)
     clone_of: str | None = None
-    # cluster metadata (issue 10): the designated primary, the volume's members, and what each
-    # other node published about its copy (``node``, ``role``, ``state``, ``epoch``,
-    # ``head_lsn``, ``replayed_lsn``, ``source``, ``updated``: when it published it (wall time),
-    # ``last_heard``: our last metadata exchange with it (wall time, None: never))
+    # cluster metadata: the designated primary, the volume's members, and what each other
+    # node published about its copy
     designated_primary: str | None = None
     members: list[str] = field(default_factory=list)
-    positions: list[dict[str, Any]] = field(default_factory=list)
-    # log space (issue 11, G8): the node's limit for all logs, the oldest LSN the log still
-    # holds, what log space did (history cut, mirrors dropped, versions pinning), and per mirror
-    # whose log was dropped the bytes of changed extents it will copy
+    positions: list[PositionStatus] = field(default_factory=list)
+    # log space (G8): the node's limit for all logs, the oldest LSN the log still holds, what
+    # log space did (history cut, mirrors dropped, versions pinning), and per mirror whose log
+    # was dropped the bytes of changed extents it will copy
     log_space_limit: int | None = None
     oldest_retained_lsn: int | None = None
     warnings: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
-    # roles (issue 10): a split brain's fork LSN (the lowest, if with several peers) and each
-    # one's figures (SplitBrain.to_json); what the last forced failover may have lost
-    # (FailoverLoss.to_json); a handover in progress: {"from", "to_fetch", "phase"}
+    # roles: a split brain's fork LSN (the lowest, if with several peers) and each one's
+    # figures; what the last forced failover may have lost; a handover in progress
     fork_lsn: int | None = None
-    split_brain: list[dict[str, Any]] = field(default_factory=list)
-    failover_loss: dict[str, Any] | None = None
-    handover: dict[str, Any] | None = None
-    # fast sync (issue 11): a first copy (syncing) or a resync. ``progress`` is the compared
+    split_brain: list[SplitBrain] = field(default_factory=list)
+    failover_loss: FailoverLoss | None = None
+    handover: HandoverStatus | None = None
+    # fast sync: a first copy (syncing) or a resync. ``progress`` is the compared
     # fraction, ``fetch_rate`` the compare rate, ``eta_seconds`` from it
     sync_target_lsn: int | None = None  #: the source's version the sync brings this image to
     sync_bytes: int | None = None  #: bytes of the image to compare
@@ -280,21 +191,75 @@ class VolumeStatus:
     sync_received_bytes: int | None = None  #: data bytes received so far (blocks that differed)
 
     def to_json(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["peers"] = [p.to_json() for p in self.peers]
-        d["errors"] = list(self.errors)
-        d["clones"] = [dict(c) for c in self.clones]
-        d["warnings"] = list(self.warnings)
-        d["dropped"] = dict(self.dropped)
-        d["split_brain"] = [dict(x) for x in self.split_brain]
-        return _jsonable(d)
+        return _record_json(self)
 
     def changed(self, **changes: Any) -> VolumeStatus:
         return replace(self, **changes)
 
 
-@dataclass(frozen=True, slots=True)
-class SplitBrain:
+class JsonRecord(Mapping[str, Any]):
+    """A record inside a status row that also reads as the mapping of its JSON form (``row.positions[0]
+    ["node"]``, ``row.failover_loss == result["loss"]``): equal to any mapping with the same keys
+    and values, so callers that knew it as a JSON object see no difference."""
+
+    __slots__ = ()
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(self.to_json())
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CloneStatus(JsonRecord):
+    """A clone of a volume on this node, and the version of it that the clone holds."""
+
+    name: str
+    lsn: int
+
+    def to_json(self) -> dict[str, Any]:
+        return _record_json(self)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PositionStatus(JsonRecord):
+    """What another node published about its copy of a volume (a row of ``positions``)."""
+
+    node: str
+    role: str
+    state: str
+    epoch: int
+    head_lsn: int
+    replayed_lsn: int
+    source: str
+    updated: float  #: when it published it (wall time)
+    last_heard: float | None  #: our last metadata exchange with it (wall time; None: never)
+
+    def to_json(self) -> dict[str, Any]:
+        return _record_json(self)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HandoverStatus(JsonRecord):
+    """A handover of a volume to this node in progress (its JSON key for ``source`` is ``from``)."""
+
+    source: str  #: the primary it is handed over from
+    phase: str  #: preparing, fetching, claiming; failover for a forced one
+    to_fetch: int | None  #: records still to fetch before the claim (None: not known yet)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.source, "phase": self.phase, "to_fetch": self.to_fetch}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SplitBrain(JsonRecord):
     """A split brain with ``peer`` found from chain hashes: the histories share everything up to
     ``fork_lsn`` (``exact``) or at most up to it (the logs no longer hold the fork), and each
     side wrote ``records``/``bytes`` after it. Persisted until the operator resolves it."""
@@ -309,7 +274,7 @@ class SplitBrain:
     found: float  #: wall time
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return _record_json(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SplitBrain:
@@ -324,8 +289,8 @@ class SplitBrain:
                 f"invalidate {volume}")
 
 
-@dataclass(frozen=True, slots=True)
-class FailoverLoss:
+@dataclass(frozen=True, slots=True, eq=False)
+class FailoverLoss(JsonRecord):
     """What a forced failover may have lost: the records of ``source`` this node had not
     fetched, as far as its last word told (``at_least``: the source may have written more
     after it). ``newest``: wall time of the newest record known lost (0: none known)."""
@@ -341,7 +306,7 @@ class FailoverLoss:
     as_of: float  #: wall time of the knowledge (the source's last heartbeat or position)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return _record_json(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FailoverLoss:
@@ -363,5 +328,18 @@ def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else "an unknown time"
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in d.items()}
+def _record_json(record: Any) -> dict[str, Any]:
+    """A status record as JSON: its fields by name, nested records by their own ``to_json``."""
+    return {f.name: _json_value(getattr(record, f.name)) for f in fields(record)}
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, StrEnum):
+        return v.value
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if hasattr(v, "to_json"):
+        return v.to_json()
+    return v
