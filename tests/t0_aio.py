@@ -1,4 +1,4 @@
-"""Reasons in words (issue 8): ``marsfs.aio.describe`` and the fetcher's failure reasons.
+"""Reasons in words: ``marsfs.aio.describe`` and the fetcher's failure reasons.
 
 Status and logs once said "stalled ... TooSlowError: " and "cannot reach peer hole at
 127.0.0.1:18198: ; is its daemon running": exceptions whose text is empty. Every exception

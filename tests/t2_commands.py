@@ -342,7 +342,7 @@ def test_main_exit_statuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_history_command_sets_and_shows_a_volumes_own_window(node: Node) -> None:
-    """Issue 9: a retention window per volume, not only per node, from the command line."""
+    """A retention window per volume, not only per node, from the command line."""
     node.create("v", MiB)
 
     async def body(ctx: Context) -> None:

@@ -1,4 +1,4 @@
-"""Cluster metadata through three real daemons (issue 10: metadata, fencing, following).
+"""Cluster metadata through three real daemons (metadata, fencing, following).
 
 * The metadata converges: every node's ``status`` names the designated primary, the members
   and the other nodes' published positions.

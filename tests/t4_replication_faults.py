@@ -301,8 +301,8 @@ def test_mirror_status_shows_lag_behind_a_slow_link(harness: Harness) -> None:
 
 
 def test_an_interrupted_first_copy_stays_visible_and_resumes(harness: Harness) -> None:
-    """Issue 8: a join whose copy failed used to vanish from status (and wait advised create).
-    Since fast sync (issue 11) a lost link does not fail the copy: it stays visible as syncing,
+    """A join whose copy failed used to vanish from status (and wait advised create).
+    Since fast sync a lost link does not fail the copy: it stays visible as syncing,
     says why it waits, and resumes by itself once the source is back."""
     with ProxyProcess() as proxy:
         a, b = proxied_pair(harness, proxy)

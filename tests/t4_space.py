@@ -13,7 +13,7 @@ or a stopped mirror would keep, and writes never notice.
   the extents the primary remembers for the mirror (``Volume.changed_ranges`` from its
   persisted position, read after a clean stop) are exactly the extents written.
 * Its catch-up half (mirror restarted behind a fault proxy: it copies at most 1.2x the
-  distinct changed bytes and ends byte-identical) is the catch-up sync of issue 11 item 2.
+  distinct changed bytes and ends byte-identical) is the catch-up sync.
 
 Cleanup order matters for the small filesystem: the test stops its daemon itself.
 """

@@ -1,4 +1,4 @@
-"""``marsfs resize`` with real nodes, loop devices and ext4 (issue 11 acceptance): ext4 on the
+"""``marsfs resize`` with real nodes, loop devices and ext4: ext4 on the
 primary's image grows online with resize2fs after ``resize`` and ``losetup -c``, files intact;
 the mirror's image grows at the same version (a version just below keeps the old size) and a
 copy of it passes e2fsck."""

@@ -1,4 +1,4 @@
-"""``marsfs verify`` between real node processes (issue 11 acceptance):
+"""``marsfs verify`` between real node processes:
 
 * it reports exactly the blocks corrupted directly in a mirror's base image (written back
   there: the mirror keeps no history), from the mirror and from the primary;

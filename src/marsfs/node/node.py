@@ -416,7 +416,7 @@ class Node:
             if vol.clone_of is not None:
                 raise InvalidRequest(f"{name} is a clone ({vol.clone_of.describe()}) and keeps the size of that "
                                      "version")
-            if vol.fence:  # not the designated primary (issue 10): a resize is a write
+            if vol.fence:  # not the designated primary: a resize is a write
                 raise VolumeReadOnly(f"cannot resize {name}: {vol.fence}")
             limit = self.largest_volume()
             if size > limit:
