@@ -272,11 +272,11 @@ def test_a_quiet_volume_is_not_shipped_from_until_the_switch_is_over(tmp_path: P
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)  # before the copy: its worker threads run while every task waits
             link = Link(nursery, server.handle)
             b = await copy_image(link, tmp_path / "b" / "vm")
             f = fetcher(b, link)
             nursery.start_soon(f.run)
-            nursery.start_soon(tick)
             await wait_for(lambda: f.state.connected, "the mirror to fetch")
             async with server.quiet(a):
                 await trio.to_thread.run_sync(write, a, 1, 5)
