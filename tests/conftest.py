@@ -82,10 +82,15 @@ def check_logs(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    """An in-process node (no daemon, no mount) in ``tmp_path/state``, closed after the test."""
+def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Node]:
+    """An in-process node (no daemon, no mount) in ``tmp_path/state``, closed after the test;
+    with the volumes that ``@pytest.mark.volumes(name=size, ...)`` (or a module's ``pytestmark``)
+    names already created."""
     n = Node.open(tmp_path / "state", "n1")
     try:
+        for mark in request.node.iter_markers("volumes"):
+            for name, size in mark.kwargs.items():
+                n.create(name, size)
         yield n
     finally:
         n.close()

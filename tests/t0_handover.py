@@ -16,16 +16,15 @@ from marsfs.replication.handover import ForkSearch
 from marsfs.replication.protocol import (
     MAX_CHAINS,
     Chains,
-    FrameDecoder,
     HandoverEnd,
     HandoverPrepare,
     HandoverReady,
     Hello,
     MsgType,
-    decode_message,
     encode_frame,
     encode_message,
 )
+from marsfs.testing.wire import decode_frame
 
 CHAIN = bytes(range(16))
 SAMPLES = [
@@ -40,14 +39,9 @@ SAMPLES = [
 ]
 
 
-def roundtrip(frame: bytes) -> object:
-    (f,) = FrameDecoder().feed(frame)
-    return decode_message(f)
-
-
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_messages_round_trip(msg: object) -> None:
-    assert roundtrip(encode_message(msg)) == msg  # type: ignore[arg-type]
+    assert decode_frame(encode_message(msg)) == msg  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mtype,payload,why", [
@@ -65,7 +59,7 @@ def test_messages_round_trip(msg: object) -> None:
 ])
 def test_malformed_messages_are_protocol_errors(mtype: MsgType, payload: dict[str, object], why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
-        roundtrip(encode_frame(mtype, json.dumps(payload).encode()))
+        decode_frame(encode_frame(mtype, json.dumps(payload).encode()))
 
 
 class ModelLog:

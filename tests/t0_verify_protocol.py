@@ -10,21 +10,15 @@ import pytest
 
 from marsfs.errors import ProtocolError
 from marsfs.replication.protocol import (
-    FrameDecoder,
     Hello,
     MsgType,
     Sums,
     SumsRequest,
-    decode_message,
     encode_frame,
     encode_message,
 )
+from marsfs.testing.wire import decode_frame
 from marsfs.volume.blocksums import ZERO_SUM
-
-
-def decode(frame: bytes) -> object:
-    (f,) = FrameDecoder().feed(frame)
-    return decode_message(f)
 
 
 @pytest.mark.parametrize("msg", [
@@ -35,7 +29,7 @@ def decode(frame: bytes) -> object:
     Hello(proto=3, cluster="c", node="n", volume="v", want="sums", epoch=0),
 ], ids=lambda m: type(m).__name__)
 def test_round_trip(msg: object) -> None:
-    assert decode(encode_message(msg)) == msg  # type: ignore[arg-type]
+    assert decode_frame(encode_message(msg)) == msg  # type: ignore[arg-type]
 
 
 def test_types_are_the_assigned_numbers() -> None:
@@ -50,7 +44,7 @@ def test_types_are_the_assigned_numbers() -> None:
 ])
 def test_bad_sums_requests(obj: dict[str, object], error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
-        decode(encode_frame(MsgType.SUMS_REQUEST, json.dumps(obj).encode()))
+        decode_frame(encode_frame(MsgType.SUMS_REQUEST, json.dumps(obj).encode()))
 
 
 @pytest.mark.parametrize("payload, error", [
@@ -61,4 +55,4 @@ def test_bad_sums_requests(obj: dict[str, object], error: str) -> None:
 ])
 def test_bad_sums(payload: bytes, error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
-        decode(encode_frame(MsgType.SUMS, payload))
+        decode_frame(encode_frame(MsgType.SUMS, payload))

@@ -30,6 +30,7 @@ from marsfs.node import Node
 from marsfs.node.cluster import Cluster
 from marsfs.testing.checks import make_mirror
 from marsfs.testing.fakedaemon import FakeDaemon, cli_run
+from marsfs.testing.runner import run
 
 MiB = 1 << 20
 Body = Callable[[Context], Awaitable[None]]
@@ -46,7 +47,7 @@ def with_daemon(node: Node, body: Body, forgotten: list[str] | None = None) -> N
             await body(ctx)
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    run(main, autojump=None)
 
 
 # ---------------------------------------------------------------------- the daemon's side

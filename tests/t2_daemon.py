@@ -14,26 +14,23 @@ from typing import Any
 
 import pyfuse3
 import pytest
-import trio
 
 from marsfs import cli
 from marsfs.errors import InvalidRequest, MarsError, UsageError
-from marsfs.faces.commands import COMMANDS, PLANNED, Context, dispatch, run, status_table
+from marsfs.faces.commands import COMMANDS, PLANNED, Context, dispatch, status_table
 from marsfs.faces.config import DEFAULT_STOP_TIMEOUT, check_listen, load_config
 from marsfs.faces.fuse import Operations
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
+from marsfs.testing.fakedaemon import cli_run
+from marsfs.testing.runner import run
 
 MiB = 1 << 20
 NO_FLAGS: dict[str, Any] = {"node": "n1", "state": "/s", "mount": "/m", "listen": None, "peer": [],
                             "history": None, "cluster": None, "stop_timeout": None}
 
-
-@pytest.fixture
-def node(node: Node) -> Node:
-    """The shared in-process node (conftest), with a volume ``v``."""
-    node.create("v", MiB)
-    return node
+#: the shared in-process node (conftest) has a volume ``v``
+pytestmark = pytest.mark.volumes(v=MiB)
 
 
 class Answers:
@@ -47,11 +44,6 @@ class Answers:
         assert cmd == "status"
         self.asked += 1
         return [self.rows.pop(0) if len(self.rows) > 1 else self.rows[0]]
-
-
-def cli_run(argv: list[str], daemon: Any) -> int:
-    args = cli.build_parser().parse_args(argv)
-    return run(COMMANDS[args.command], args, daemon)
 
 
 PRIMARY = {"volume": "v", "node": "n1", "role": "primary", "state": "up", "epoch": 1, "size": MiB, "head_lsn": 9,
@@ -182,7 +174,7 @@ def test_mark_names_that_shadow_a_version_are_refused_with_the_rule(node: Node, 
             await dispatch(ctx, "mark", {"volume": "v", "name": name})
         assert node.volume("v").log.marks == {}
 
-    trio.run(main)
+    run(main, autojump=None)
 
 
 def test_good_mark_names(node: Node) -> None:
@@ -210,7 +202,7 @@ def test_a_stopping_daemon_refuses_new_opens_and_keeps_open_ones(node: Node) -> 
         await ops.release(fi.fh)
         assert node.opens["v"] == 0
 
-    trio.run(main)
+    run(main, autojump=None)
 
 
 # ---------------------------------------------------------------------- finding 13: messages
@@ -228,6 +220,6 @@ def test_the_size_refusal_names_no_command_that_does_not_exist(node: Node, caplo
         with pytest.raises(pyfuse3.FUSEError):
             await ops.setattr(ino, attr, fields, None, None)
 
-    trio.run(main)
+    run(main, autojump=None)
     said = [r.getMessage() for r in caplog.records if "refused to change the size" in r.getMessage()]
     assert said and all("a volume grows with marsfs resize" in m for m in said)  # which exists now

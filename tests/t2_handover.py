@@ -13,13 +13,13 @@ import threading
 from typing import Any
 
 import pytest
-import trio
 
-from marsfs import cli
 from marsfs.errors import MarsError, WrongRole
-from marsfs.faces.commands import COMMANDS, Context, dispatch, run
+from marsfs.faces.commands import Context, dispatch
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
+from marsfs.testing.fakedaemon import cli_run
+from marsfs.testing.runner import run
 
 MiB = 1 << 20
 
@@ -42,11 +42,6 @@ class Daemon:
         if not self.progress:
             self.done.set()
         return [{"volume": "v", "handover": step}]
-
-
-def cli_run(argv: list[str], daemon: Any) -> int:
-    args = cli.build_parser().parse_args(argv)
-    return run(COMMANDS[args.command], args, daemon)
 
 
 def test_primary_shows_progress_then_the_result(capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,7 +92,7 @@ def test_primary_on_a_primary_is_refused(node: Node) -> None:
         with pytest.raises(MarsError, match="no volume 'q'"):
             await dispatch(ctx, "primary", {"volume": "q"})
 
-    trio.run(main)
+    run(main, autojump=None)
 
 
 def test_status_shows_a_failover_loss_under_the_table() -> None:

@@ -32,6 +32,7 @@ from marsfs.node import Node
 from marsfs.node import node as node_module
 from marsfs.node.cluster import Cluster
 from marsfs.node.status import node_rows
+from marsfs.testing.runner import run
 from marsfs.volume import Retention
 from marsfs.volume import writeback as wb
 
@@ -172,7 +173,7 @@ def test_a_volume_that_cannot_open_is_failed_and_the_others_are_served(
                 assert (await dispatch(ctx, "status", {"volume": "broken"}))[0]["errors"] == [line]
                 nursery.cancel_scope.cancel()
 
-        trio.run(main)
+        run(main, autojump=None)
     finally:
         n.close()
     n = Node.open(state, "n1")  # room again: a restart opens it and redoes the writeback
@@ -213,6 +214,6 @@ def test_create_thin_through_the_command_table(node: Node) -> None:
             await dispatch(ctx, "create", {"volume": "r", "size": "8M"})
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    run(main, autojump=None)
     assert os.stat(node.volume("t").path / "base.img").st_blocks * 512 < MiB
     assert os.stat(node.volume("r").path / "base.img").st_blocks * 512 >= 8 * MiB

@@ -6,12 +6,12 @@ import errno
 from pathlib import Path
 
 import pytest
-import trio
 
 from marsfs.errors import InvalidRequest, NoSpace, VolumeNotFound, WrongRole
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
 from marsfs.node.status import node_rows
+from marsfs.testing.runner import run
 from marsfs.volume import Volume
 
 MiB = 1 << 20
@@ -63,7 +63,7 @@ def test_join_from_this_node_says_so(node: Node) -> None:
         with pytest.raises(InvalidRequest, match="n1 is this node"):
             await cluster.join("v", "n1")
 
-    trio.run(main)
+    run(main, autojump=None)
 
 
 def test_status_does_not_change_anything(node: Node) -> None:
@@ -75,4 +75,4 @@ def test_status_does_not_change_anything(node: Node) -> None:
         assert cluster.status() == before and node_rows(node) == [before[0]]
         assert cluster.mirrors_of("v") == []
 
-    trio.run(main)
+    run(main, autojump=None)

@@ -9,31 +9,22 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pyfuse3
 import pytest
-import trio
 
 from marsfs.errors import LogFailed, NoSpace
 from marsfs.faces.fuse import INLINE_MAX, Operations
 from marsfs.node import Node
 from marsfs.testing.checks import make_mirror
+from marsfs.testing.runner import run
 
 MiB = 1 << 20
 
-
-@pytest.fixture
-def node(node: Node) -> Node:
-    """The shared in-process node (conftest), with a volume ``v``."""
-    node.create("v", MiB)
-    return node
-
-
-def go(fn: Callable[[], Awaitable[Any]]) -> Any:
-    return trio.run(fn)
+#: the shared in-process node (conftest) has a volume ``v``
+pytestmark = pytest.mark.volumes(v=MiB)
 
 
 def fields(**set_: bool) -> Any:
@@ -79,7 +70,7 @@ def test_read_write_fsync_release(node: Node) -> None:
             await ops.read(fi.fh, 0, 512)
         assert fuse_errno(e) == errno.EBADF
 
-    go(main)
+    run(main, autojump=None)
 
 
 def test_writes_past_the_end_are_refused_whole(node: Node) -> None:
@@ -94,7 +85,7 @@ def test_writes_past_the_end_are_refused_whole(node: Node) -> None:
         assert node.volume("v").read(MiB - 4096, 4096) == bytes(4096)
         await ops.release(fi.fh)
 
-    go(main)
+    run(main, autojump=None)
 
 
 @pytest.mark.allow_log("refused O_TRUNC open", "refused to change the size")
@@ -124,7 +115,7 @@ def test_size_cannot_change(node: Node) -> None:
         assert (await ops.setattr(ino, attr, fields(mtime=True), None, None)).st_mtime_ns == 123_000_000_000
         assert (await ops.getattr(ino, None)).st_mtime_ns == 123_000_000_000
 
-    go(main)
+    run(main, autojump=None)
 
 
 def test_mirror_image_is_read_only_and_pinned(node: Node) -> None:
@@ -169,7 +160,7 @@ def test_mirror_image_is_read_only_and_pinned(node: Node) -> None:
         assert fuse_errno(e) == errno.ENOENT
         assert (await ops.getattr(ino2, None)).st_ino == ino2
 
-    go(main)
+    run(main, autojump=None)
 
 
 def test_names_readdir_and_deleted_volumes(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,7 +204,7 @@ def test_names_readdir_and_deleted_volumes(node: Node, monkeypatch: pytest.Monke
         st = await ops.statfs(None)
         assert st.f_blocks == os.statvfs(node.state).f_blocks
 
-    go(main)
+    run(main, autojump=None)
 
 
 @pytest.mark.allow_log("refused to unlink")
@@ -230,7 +221,7 @@ def test_the_tree_cannot_change(node: Node) -> None:
                 await call
             assert fuse_errno(e) == errno.EPERM
 
-    go(main)
+    run(main, autojump=None)
 
 
 @pytest.mark.allow_log(r"write: the disk is full", r"fsync: log failed", r"unexpected error in FUSE handler read")
@@ -266,4 +257,4 @@ def test_errors_reach_the_kernel_as_their_errno(node: Node, monkeypatch: pytest.
         monkeypatch.undo()
         await ops.release(fi.fh)
 
-    go(main)
+    run(main, autojump=None)

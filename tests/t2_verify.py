@@ -16,6 +16,7 @@ from marsfs.faces.commands import Context, dispatch
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
 from marsfs.testing.fakedaemon import FakeDaemon, cli_run
+from marsfs.testing.runner import run, wait_for
 from marsfs.volume.blocksums import BLOCK
 
 MiB = 1 << 20
@@ -57,9 +58,8 @@ def test_verify_between_two_nodes(tmp_path: Path) -> None:
                                                      "give one: marsfs verify vm --peer NODE"):
                 await dispatch(ctx1, "verify", {"volume": "vm"})
             await dispatch(ctx2, "join", {"volume": "vm", "source": "n1"})
-            with trio.fail_after(30):
-                while "vm" not in n2.volumes or n2.volume("vm").replayed_lsn < vol.durable_lsn:
-                    await trio.sleep(0.05)
+            await wait_for(lambda: "vm" in n2.volumes and n2.volume("vm").replayed_lsn >= vol.durable_lsn,
+                           "n2 to replay vm", 30)
             (r,) = await verify(ctx2, "vm")  # a mirror: with its source, at its own version
             assert r["identical"] and r["peer"] == "n1" and r["node"] == "n2" and r["lsn"] == vol.durable_lsn
             assert r["compared_bytes"] == 4 * MiB and r["differences"] == []
@@ -91,7 +91,7 @@ def test_verify_between_two_nodes(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     try:
-        trio.run(main)
+        run(main, autojump=None)
     finally:
         n2.close()
         n1.close()

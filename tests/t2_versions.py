@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from marsfs.faces.namespace import EntryKind
 from marsfs.node import Node
 from marsfs.node.status import node_rows
 from marsfs.testing.checks import make_mirror
+from marsfs.testing.runner import run
 from marsfs.volume import Retention, Volume
 from marsfs.volume.versions import format_time_ns
 
@@ -28,16 +29,8 @@ KiB = 1 << 10
 S = 10**9
 ROOT = pyfuse3.ROOT_INODE
 
-
-@pytest.fixture
-def node(node: Node) -> Node:
-    """The shared in-process node (conftest), with a volume ``v``."""
-    node.create("v", 1 << 20)
-    return node
-
-
-def go(fn: Callable[[], Awaitable[Any]]) -> Any:
-    return trio.run(fn)
+#: the shared in-process node (conftest) has a volume ``v``
+pytestmark = pytest.mark.volumes(v=1 << 20)
 
 
 def rounds(vol: Volume, n: int, at: int = 0) -> list[tuple[int, int, bytes]]:
@@ -116,7 +109,7 @@ def test_every_name_form_opens_read_only_and_reads_its_version(node: Node) -> No
         await ops.release(fm.fh)
         assert node.opens["v"] == 0 and not vol.open_versions
 
-    go(main)
+    run(main, autojump=None)
 
 
 def test_versions_root_lists_volumes_and_is_hidden_from_the_root(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,7 +137,7 @@ def test_versions_root_lists_volumes_and_is_hidden_from_the_root(node: Node, mon
         ops.forget_volume("w")
         await enoent(ops.getattr(d.st_ino, None))
 
-    go(main)
+    run(main, autojump=None)
 
 
 def test_listing_is_a_bounded_snapshot(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,7 +177,7 @@ def test_listing_is_a_bounded_snapshot(node: Node, monkeypatch: pytest.MonkeyPat
         n = await look(ops, d, names[0])  # every listed name looks up
         assert n.st_ino
 
-    go(main)
+    run(main, autojump=None)
 
 
 @pytest.mark.allow_log(r"open: version lsn-\d+ of volume v is not retained")
@@ -213,7 +206,7 @@ def test_opens_share_one_index_and_writeback_waits_for_them(node: Node) -> None:
         await enoent(ops.open(ino, os.O_RDONLY, None))  # fell out of the window while cached
         await enoent(look(ops, d, f"lsn-{lsn}.img"))
 
-    go(main)
+    run(main, autojump=None)
 
 
 def test_mirror_versions_stop_at_replay(node: Node) -> None:
@@ -231,7 +224,7 @@ def test_mirror_versions_stop_at_replay(node: Node) -> None:
         entry = ops.namespace.entry(got.st_ino)
         assert entry is not None and entry.version == done[1][0]
 
-    go(main)
+    run(main, autojump=None)
 
 
 def test_node_window_by_time_and_bytes_and_per_volume(node: Node, tmp_path: Path) -> None:
@@ -315,4 +308,4 @@ def test_a_split_version_is_listed_opens_read_only_and_reads_its_file(node: Node
             await enoent(look(ops, d, name))
         assert node.opens["v"] == 0
 
-    go(main)
+    run(main, autojump=None)

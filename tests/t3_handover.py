@@ -1,5 +1,6 @@
 """Handover, failover and split brain between in-process nodes: real Nodes and Clusters in
-``tmp_path``, their replication connections over trio memory streams, trio's MockClock.
+``tmp_path``, their replication connections over trio memory streams (:class:`MemNet`), trio's
+MockClock.
 
 * A planned handover fences and flushes the old primary, brings the mirror to its head,
   raises the epoch and makes the mirror writable; nothing acknowledged is lost.
@@ -15,12 +16,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
 
 from marsfs.errors import InvalidRequest, PeerError, VolumeBusy, VolumeReadOnly, WrongRole
 from marsfs.node import Node
@@ -29,74 +28,16 @@ from marsfs.node.cluster import Cluster
 from marsfs.node.handover import tail_extents
 from marsfs.node.state import Role, VolumeState
 from marsfs.replication import handover as repl_handover
-from marsfs.replication.fetch import Connect
-from marsfs.testing.runner import run, wait_for
+from marsfs.testing.memnet import CLUSTER, SIZE, MemNet, in_net, write
+from marsfs.testing.runner import wait_for
 from marsfs.volume import Volume
-
-SIZE = 4 * 1024 * 1024
-CLUSTER = "test"
-
-
-class Net:
-    """In-process nodes whose connections are memory streams; a node in ``down`` is unreachable."""
-
-    def __init__(self, tmp_path: Path, nursery: trio.Nursery) -> None:
-        self.tmp_path = tmp_path
-        self.nursery = nursery
-        self.clusters: dict[str, Cluster] = {}
-        self.down: set[str] = set()
-        self.streams: dict[str, list[trio.abc.Stream]] = {}
-
-    async def start(self, name: str, peers: list[str]) -> Cluster:
-        node = Node.open(self.tmp_path / name, name)
-        # the addresses are never used: connections go through connect() (metadata gossip too)
-        cluster = Cluster(node, listen=None, peers={p: "127.0.0.1:1" for p in peers if p != name}, cluster=CLUSTER,
-                          connections=self)
-        await self.nursery.start(cluster.run)
-        self.clusters[name] = cluster
-        return cluster
-
-    def connect(self, peer: str) -> Connect:
-        async def connect() -> trio.abc.Stream:
-            if peer in self.down or peer not in self.clusters:
-                raise OSError(111, "Connection refused")
-            client, server = trio.testing.memory_stream_pair()
-            self.streams.setdefault(peer, []).append(server)
-            self.nursery.start_soon(self.clusters[peer].server.handle, server)
-            return client
-
-        return connect
-
-    def connector(self, peer: str) -> Connect:
-        """What :class:`marsfs.node.peers.Peers` asks of a fake: every peer is known."""
-        return self.connect(peer)
-
-    def where(self, peer: str) -> str:
-        return f"memory stream to {peer}"
-
-    async def kill(self, peer: str) -> None:
-        """``peer`` is gone: its connections end, new ones are refused."""
-        self.down.add(peer)
-        for stream in self.streams.pop(peer, []):
-            await stream.aclose()
-
-    def close(self) -> None:
-        for c in self.clusters.values():
-            c.node.close()
-
-
-def write(vol: Volume, seed: int, n: int) -> None:
-    for i in range(n):
-        off = ((seed * 7 + i * 13) % (SIZE // 65536)) * 65536
-        vol.write(off, bytes([(seed + i) % 251 + 1]) * 65536)
-    vol.flush()
 
 
 def image(vol: Volume) -> bytes:
     return vol.read(0, SIZE)
 
 
-async def pair(net: Net, *names: str) -> list[Cluster]:
+async def pair(net: MemNet, *names: str) -> list[Cluster]:
     """``names[0]`` primary of vm with some data, the others its synced mirrors."""
     clusters = [await net.start(n, list(names)) for n in names]
     a = clusters[0]
@@ -109,21 +50,8 @@ async def pair(net: Net, *names: str) -> list[Cluster]:
     return clusters
 
 
-def in_net(tmp_path: Path, body: Callable[[Net], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            net = Net(tmp_path, nursery)
-            try:
-                await body(net)
-            finally:
-                nursery.cancel_scope.cancel()
-                net.close()
-
-    run(main)
-
-
 def test_planned_handover_loses_nothing(tmp_path: Path) -> None:
-    async def body(net: Net) -> None:
+    async def body(net: MemNet) -> None:
         a, b = await pair(net, "a", "b")
         va = a.node.volumes["vm"]
         b.set_paused("vm", "fetch", True)  # b lags: the handover must fetch the rest
@@ -148,7 +76,7 @@ def test_planned_handover_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_handover_refusals_change_nothing(tmp_path: Path) -> None:
-    async def body(net: Net) -> None:
+    async def body(net: MemNet) -> None:
         a, b = await pair(net, "a", "b")
         a.node.acquire("vm")
         a.node.acquire("vm")
@@ -179,7 +107,7 @@ def test_prepare_without_claim_unfences_after_the_timeout(tmp_path: Path, monkey
     monkeypatch.setattr(repl_handover, "PREPARE_TIMEOUT", 3.0)
     monkeypatch.setattr(node_handover, "PREPARE_TIMEOUT", 3.0)
 
-    async def body(net: Net) -> None:
+    async def body(net: MemNet) -> None:
         a, b = await pair(net, "a", "b")
         from marsfs.replication.fetch import hello, open_channel
         from marsfs.replication.protocol import HandoverPrepare, HandoverReady
@@ -199,7 +127,7 @@ def test_prepare_without_claim_unfences_after_the_timeout(tmp_path: Path, monkey
     in_net(tmp_path, body)
 
 
-async def fail_over(net: Net, a: Cluster, b: Cluster, unfetched: int) -> dict[str, object]:
+async def fail_over(net: MemNet, a: Cluster, b: Cluster, unfetched: int) -> dict[str, object]:
     """Pause b's fetch (it still hears heartbeats), write ``unfetched`` records' worth on a,
     lose a, force b."""
     va = a.node.volumes["vm"]
@@ -213,7 +141,7 @@ async def fail_over(net: Net, a: Cluster, b: Cluster, unfetched: int) -> dict[st
 
 @pytest.mark.allow_log("forced failover of vm", "split brain", "stopped: .*diverged")
 def test_failover_says_what_is_lost_and_split_brain_is_seen_by_both(tmp_path: Path) -> None:
-    async def body(net: Net) -> None:
+    async def body(net: MemNet) -> None:
         a, b = await pair(net, "a", "b")
         va = a.node.volumes["vm"]
         fork = b.node.volumes["vm"].durable_lsn
@@ -258,7 +186,7 @@ def test_failover_says_what_is_lost_and_split_brain_is_seen_by_both(tmp_path: Pa
 
 def test_a_lagging_mirror_stays_a_prefix(tmp_path: Path) -> None:
     """C paused before the fork: what it holds is a prefix of b's history, so it can follow b."""
-    async def body(net: Net) -> None:
+    async def body(net: MemNet) -> None:
         a, b, c = await pair(net, "a", "b", "c")
         c.set_paused("vm", "fetch", True)
         await trio.to_thread.run_sync(write, a.node.volumes["vm"], 2, 3)

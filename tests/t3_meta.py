@@ -1,7 +1,7 @@
 """Cluster metadata gossip and following the designated primary, in one process.
 
 Real Nodes and Clusters in ``tmp_path``; their connections are trio memory streams through a
-:class:`Net` that can cut links (a partition); trio's MockClock drives time.
+:class:`~marsfs.testing.memnet.MemNet` that can cut links (a partition); trio's MockClock drives time.
 
 * Gossip converges: every node learns every claim and position; a partition keeps each side's
   view and newest wins on reunion.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -31,87 +30,11 @@ from marsfs.node.state import Role, VolumeState
 from marsfs.replication.channel import Channel, PeerRefused
 from marsfs.replication.protocol import PROTO_VERSION, Hello, MetaEntries, MetaWelcome
 from marsfs.replication.server import PeerTable, Server
+from marsfs.testing.memnet import CLUSTER, Link, MemNet, in_net
 from marsfs.testing.runner import run, wait_for
 
 MiB = 1 << 20
-CLUSTER = "test"
-
-
-class CutStream(trio.abc.Stream):
-    """A memory stream that breaks while its link is cut."""
-
-    def __init__(self, inner: trio.abc.Stream, cut: Callable[[], bool]) -> None:
-        self.inner = inner
-        self.cut = cut
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.cut():
-            raise trio.BrokenResourceError("partitioned")
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.inner.receive_some(max_bytes)
-        if self.cut():
-            raise trio.BrokenResourceError("partitioned")
-        return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-class NetPeers:
-    """A :class:`marsfs.node.peers.Peers` over the memory streams of a :class:`Net`."""
-
-    def __init__(self, connector: Callable[[str], Callable[[], Awaitable[trio.abc.Stream]]]) -> None:
-        self.connector = connector
-
-    def where(self, peer: str) -> str:
-        return f"memory stream to {peer}"
-
-
-class Net:
-    """In-process nodes connected by memory streams; ``cut`` holds the links that are down."""
-
-    def __init__(self, tmp_path: Path, names: list[str]) -> None:
-        self.nodes = {n: Node.open(tmp_path / n, n) for n in names}
-        self.clusters: dict[str, Cluster] = {}
-        self.cut: set[frozenset[str]] = set()
-        self.nursery: trio.Nursery | None = None
-        for n, node in self.nodes.items():
-            c = Cluster(node, listen=None, peers={p: "127.0.0.1:9" for p in names if p != n}, cluster=CLUSTER,
-                        connections=NetPeers(self._connector(n)))
-            self.clusters[n] = c
-
-    def _connector(self, me: str) -> Callable[[str], Callable[[], Awaitable[trio.abc.Stream]]]:
-        def connector(peer: str) -> Callable[[], Awaitable[trio.abc.Stream]]:
-            link = frozenset((me, peer))
-
-            async def connect() -> trio.abc.Stream:
-                if link in self.cut:
-                    raise OSError(errno.ECONNREFUSED, "connection refused (partitioned)")
-                client, server = trio.testing.memory_stream_pair()
-                assert self.nursery is not None
-                self.nursery.start_soon(self.clusters[peer].server.handle, CutStream(server, lambda: link in self.cut))
-                return CutStream(client, lambda: link in self.cut)
-
-            return connect
-
-        return connector
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        self.nursery = nursery
-        for c in self.clusters.values():
-            await nursery.start(c.run)
-
-    def partition(self, *groups: set[str]) -> None:
-        self.cut = {frozenset((a, b)) for g in groups for a in g for b in self.nodes if b not in g}
-
-    def close(self) -> None:
-        for node in self.nodes.values():
-            node.close()
+NODES = ["a", "b", "c"]
 
 
 def write(node: Node, seed: int, n: int = 3) -> None:
@@ -121,7 +44,7 @@ def write(node: Node, seed: int, n: int = 3) -> None:
     vol.flush()
 
 
-async def force_primary(net: Net, name: str) -> int:
+async def force_primary(net: MemNet, name: str) -> int:
     """Test-only stand-in for ``marsfs primary v --force`` (without its checks): stop fetching,
     become primary, claim the next epoch from our head + 1. Returns the epoch."""
     c, node = net.clusters[name], net.nodes[name]
@@ -138,16 +61,17 @@ async def force_primary(net: Net, name: str) -> int:
     return epoch
 
 
-def synced(net: Net, *names: str) -> bool:
+def synced(net: MemNet, *names: str) -> bool:
     heads = {(net.nodes[n].volume("v").durable_lsn, net.nodes[n].volume("v").replayed_lsn) for n in names}
     return len(heads) == 1
 
 
-async def three_nodes(net: Net, nursery: trio.Nursery) -> None:
+async def three_nodes(net: MemNet) -> None:
     """a is primary of v; b and c mirror it; everyone knows it."""
     net.nodes["a"].create("v", MiB)
     write(net.nodes["a"], 1)
-    await net.start(nursery)
+    for n in NODES:
+        await net.start(n, NODES)
     for m in ("b", "c"):
         await net.clusters[m].join("v", "a")
     await wait_for(lambda: all("v" in net.nodes[m].volumes for m in "bc") and synced(net, "a", "b", "c"), "mirrors")
@@ -155,111 +79,90 @@ async def three_nodes(net: Net, nursery: trio.Nursery) -> None:
 
 
 def test_gossip_converges_and_mirrors_follow_a_new_primary(tmp_path: Path) -> None:
-    net = Net(tmp_path, ["a", "b", "c"])
+    async def main(net: MemNet) -> None:
+        await three_nodes(net)
+        for n in net.nodes.values():
+            d = n.meta.designated("v")
+            assert d is not None and (d.node, d.epoch, d.start_lsn) == ("a", 1, 1)
+        st = net.clusters["a"].statuses("v")[0]
+        assert st.designated_primary == "a" and st.members == ["a", "b", "c"]
+        assert {p["node"] for p in st.positions} == {"b", "c"}
+        # a handover as the handover engineer does it: a is closed and flushed, b has it all
+        epoch = await force_primary(net, "b")
+        await wait_for(lambda: net.nodes["a"].is_mirror("v") and net.nodes["c"].role("v").source == "b",
+                       "a and c follow b")
+        assert net.nodes["a"].role("v").source == "b" and net.nodes["a"].role("v").epoch == epoch
+        with pytest.raises(VolumeReadOnly):
+            net.nodes["a"].volume("v").write(0, b"x" * 512)
+        write(net.nodes["b"], 7)
+        await wait_for(lambda: synced(net, "a", "b", "c"), "all synced with b")
+        va, vb = net.nodes["a"].volume("v"), net.nodes["b"].volume("v")
+        assert va.log.last_chain == vb.log.last_chain and va.read(0, MiB) == vb.read(0, MiB)
+        st = net.clusters["c"].statuses("v")[0]
+        assert st.source == "b" and st.designated_primary == "b" and st.epoch == epoch
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await three_nodes(net, nursery)
-            for n in net.nodes.values():
-                d = n.meta.designated("v")
-                assert d is not None and (d.node, d.epoch, d.start_lsn) == ("a", 1, 1)
-            st = net.clusters["a"].statuses("v")[0]
-            assert st.designated_primary == "a" and st.members == ["a", "b", "c"]
-            assert {p["node"] for p in st.positions} == {"b", "c"}
-            # a handover as the handover engineer does it: a is closed and flushed, b has it all
-            epoch = await force_primary(net, "b")
-            await wait_for(lambda: net.nodes["a"].is_mirror("v") and net.nodes["c"].role("v").source == "b",
-                           "a and c follow b")
-            assert net.nodes["a"].role("v").source == "b" and net.nodes["a"].role("v").epoch == epoch
-            with pytest.raises(VolumeReadOnly):
-                net.nodes["a"].volume("v").write(0, b"x" * 512)
-            write(net.nodes["b"], 7)
-            await wait_for(lambda: synced(net, "a", "b", "c"), "all synced with b")
-            va, vb = net.nodes["a"].volume("v"), net.nodes["b"].volume("v")
-            assert va.log.last_chain == vb.log.last_chain and va.read(0, MiB) == vb.read(0, MiB)
-            st = net.clusters["c"].statuses("v")[0]
-            assert st.source == "b" and st.designated_primary == "b" and st.epoch == epoch
-            nursery.cancel_scope.cancel()
-
-    try:
-        run(main)
-    finally:
-        net.close()
+    in_net(tmp_path, main, NODES)
 
 
 @pytest.mark.allow_log("split brain with")  # both sides find the fork (marsfs.node.handover)
 def test_partition_fences_the_old_primary_and_keeps_its_tail(tmp_path: Path) -> None:
-    net = Net(tmp_path, ["a", "b", "c"])
+    async def main(net: MemNet) -> None:
+        await three_nodes(net)
+        net.partition({"a"}, {"b", "c"})
+        await trio.sleep(1.5)
+        await force_primary(net, "b")  # failover while a is cut off
+        write(net.nodes["a"], 3)  # a does not know: it still takes writes
+        write(net.nodes["b"], 5)
+        a_head = net.nodes["a"].volume("v").head_lsn
+        await wait_for(lambda: net.nodes["c"].role("v").source == "b", "c follows b")
+        await trio.sleep(3)
+        da = net.nodes["a"].meta.designated("v")
+        assert da is not None and da.node == "a"  # each side keeps its view
+        net.partition()  # reunion: newest wins
+        await wait_for(lambda: net.nodes["a"].fenced("v") != {}, "a fenced")
+        vol = net.nodes["a"].volume("v")
+        with pytest.raises(VolumeReadOnly) as e:
+            vol.write(0, b"y" * 512)
+        assert e.value.errno == errno.EROFS and "designated primary" in str(e.value)
+        with pytest.raises(VolumeReadOnly):
+            net.nodes["a"].acquire("v", write=True)
+        await trio.sleep(3)
+        assert vol.head_lsn == a_head and not net.nodes["a"].is_mirror("v")  # the tail stays
+        st = net.clusters["a"].statuses("v")[0]
+        # fenced, and once the chains were compared with b: split brain (fork before a's tail)
+        assert st.state == VolumeState.SPLIT_BRAIN and st.designated_primary == "b"
+        assert st.fork_lsn is not None and st.fork_lsn < a_head
+        assert any("split brain" in e for e in st.errors) and any("marsfs invalidate v" in e for e in st.errors)
+        for n in net.nodes.values():
+            d = n.meta.designated("v")
+            assert d is not None and d.node == "b"
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await three_nodes(net, nursery)
-            net.partition({"a"}, {"b", "c"})
-            await trio.sleep(1.5)
-            await force_primary(net, "b")  # failover while a is cut off
-            write(net.nodes["a"], 3)  # a does not know: it still takes writes
-            write(net.nodes["b"], 5)
-            a_head = net.nodes["a"].volume("v").head_lsn
-            await wait_for(lambda: net.nodes["c"].role("v").source == "b", "c follows b")
-            await trio.sleep(3)
-            da = net.nodes["a"].meta.designated("v")
-            assert da is not None and da.node == "a"  # each side keeps its view
-            net.partition()  # reunion: newest wins
-            await wait_for(lambda: net.nodes["a"].fenced("v") != {}, "a fenced")
-            vol = net.nodes["a"].volume("v")
-            with pytest.raises(VolumeReadOnly) as e:
-                vol.write(0, b"y" * 512)
-            assert e.value.errno == errno.EROFS and "designated primary" in str(e.value)
-            with pytest.raises(VolumeReadOnly):
-                net.nodes["a"].acquire("v", write=True)
-            await trio.sleep(3)
-            assert vol.head_lsn == a_head and not net.nodes["a"].is_mirror("v")  # the tail stays
-            st = net.clusters["a"].statuses("v")[0]
-            # fenced, and once the chains were compared with b: split brain (fork before a's tail)
-            assert st.state == VolumeState.SPLIT_BRAIN and st.designated_primary == "b"
-            assert st.fork_lsn is not None and st.fork_lsn < a_head
-            assert any("split brain" in e for e in st.errors) and any("marsfs invalidate v" in e for e in st.errors)
-            for n in net.nodes.values():
-                d = n.meta.designated("v")
-                assert d is not None and d.node == "b"
-            nursery.cancel_scope.cancel()
-
-    try:
-        run(main)
-    finally:
-        net.close()
+    in_net(tmp_path, main, NODES)
 
 
 def test_leave_node_force_releases_the_hold(tmp_path: Path) -> None:
-    net = Net(tmp_path, ["a", "b", "c"])
+    async def main(net: MemNet) -> None:
+        await three_nodes(net)
+        a = net.clusters["a"]
+        vol = net.nodes["a"].volume("v")
+        net.partition({"c"}, {"a", "b"})  # c dies
+        await wait_for(lambda: not any(p.connected for p in a.peer_table.for_volume("v", vol.uuid)
+                                       if p.node == "c"), "c disconnected")
+        with pytest.raises(InvalidRequest, match="add --force"):
+            await a.leave_node("v", "c", force=False)
+        with pytest.raises(InvalidRequest, match="this node"):
+            await a.leave_node("v", "a", force=True)
+        with pytest.raises(VolumeBusy, match="connected"):
+            await a.leave_node("v", "b", force=True)
+        with pytest.raises(InvalidRequest, match="designated primary"):
+            await net.clusters["b"].leave_node("v", "a", force=True)
+        assert "mirror:c" in vol.holds
+        r = await a.leave_node("v", "c", force=True)
+        assert r["members"] == ["a", "b"] and "mirror:c" not in vol.holds
+        assert a.mirrors_of("v") == ["b"]
+        await wait_for(lambda: net.nodes["b"].meta.members("v") == {"a", "b"}, "b learns the removal")
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await three_nodes(net, nursery)
-            a = net.clusters["a"]
-            vol = net.nodes["a"].volume("v")
-            net.partition({"c"}, {"a", "b"})  # c dies
-            await wait_for(lambda: not any(p.connected for p in a.peer_table.for_volume("v", vol.uuid)
-                                           if p.node == "c"), "c disconnected")
-            with pytest.raises(InvalidRequest, match="add --force"):
-                await a.leave_node("v", "c", force=False)
-            with pytest.raises(InvalidRequest, match="this node"):
-                await a.leave_node("v", "a", force=True)
-            with pytest.raises(VolumeBusy, match="connected"):
-                await a.leave_node("v", "b", force=True)
-            with pytest.raises(InvalidRequest, match="designated primary"):
-                await net.clusters["b"].leave_node("v", "a", force=True)
-            assert "mirror:c" in vol.holds
-            r = await a.leave_node("v", "c", force=True)
-            assert r["members"] == ["a", "b"] and "mirror:c" not in vol.holds
-            assert a.mirrors_of("v") == ["b"]
-            await wait_for(lambda: net.nodes["b"].meta.members("v") == {"a", "b"}, "b learns the removal")
-            nursery.cancel_scope.cancel()
-
-    try:
-        run(main)
-    finally:
-        net.close()
+    in_net(tmp_path, main, NODES)
 
 
 # ---------------------------------------------------------------------------- the exchange itself
@@ -280,11 +183,7 @@ def test_exchange_goes_both_ways_and_in_many_messages(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            async def connect() -> trio.abc.Stream:
-                client, srv = trio.testing.memory_stream_pair()
-                nursery.start_soon(server.handle, srv)
-                return client
-
+            connect = Link(nursery, server.handle).connect
             changed = await gossip.exchange(connect, a, CLUSTER, "b")
             assert changed == {("b", "volume/v/primary")}
             assert a.snapshot() == b.snapshot()
@@ -298,30 +197,20 @@ def test_another_cluster_is_refused_both_ways(tmp_path: Path) -> None:
     a.put("k", 1)
     b.put("j", 2)
 
+    async def liar(srv: trio.abc.Stream) -> None:
+        """A server that lies about its cluster in META_WELCOME."""
+        ch = Channel(srv)
+        await ch.receive_message()
+        await ch.send_message(MetaWelcome(node="b", cluster="other"))
+        await ch.aclose()
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            async def connect() -> trio.abc.Stream:
-                client, srv = trio.testing.memory_stream_pair()
-                nursery.start_soon(server.handle, srv)
-                return client
-
             with pytest.raises(PeerRefused, match="cluster"):
-                await gossip.exchange(connect, a, CLUSTER, "b")
-            # a server that lies about its cluster in META_WELCOME is refused by the client
-            async def liar() -> trio.abc.Stream:
-                client, srv = trio.testing.memory_stream_pair()
-
-                async def answer() -> None:
-                    ch = Channel(srv)
-                    await ch.receive_message()
-                    await ch.send_message(MetaWelcome(node="b", cluster="other"))
-                    await ch.aclose()
-
-                nursery.start_soon(answer)
-                return client
-
+                await gossip.exchange(Link(nursery, server.handle).connect, a, CLUSTER, "b")
+            # the client refuses the liar
             with pytest.raises(PeerRefused, match="cluster"):
-                await gossip.exchange(liar, a, CLUSTER, "b")
+                await gossip.exchange(Link(nursery, liar).connect, a, CLUSTER, "b")
 
     run(main)
     assert a.get("b", "j") is None and b.get("a", "k") is None
@@ -331,26 +220,20 @@ def test_another_cluster_is_refused_both_ways(tmp_path: Path) -> None:
 def test_malformed_entries_are_refused_and_nothing_merged(tmp_path: Path, bad: list[object]) -> None:
     a = ClusterMeta(tmp_path / "a.json", "a")
 
+    async def answer(srv: trio.abc.Stream) -> None:
+        ch = Channel(srv)
+        hello = await ch.receive_message()
+        assert isinstance(hello, Hello) and hello.want == "meta" and hello.proto == PROTO_VERSION
+        await ch.send_message(MetaWelcome(node="b", cluster=CLUSTER))
+        await ch.receive_message()
+        good = ("b", "good", 5, 1)
+        await ch.send_message(MetaEntries(entries=(good, tuple(bad)), more=False))  # type: ignore[arg-type]
+        await ch.aclose()
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            async def connect() -> trio.abc.Stream:
-                client, srv = trio.testing.memory_stream_pair()
-
-                async def answer() -> None:
-                    ch = Channel(srv)
-                    hello = await ch.receive_message()
-                    assert isinstance(hello, Hello) and hello.want == "meta" and hello.proto == PROTO_VERSION
-                    await ch.send_message(MetaWelcome(node="b", cluster=CLUSTER))
-                    await ch.receive_message()
-                    good = ("b", "good", 5, 1)
-                    await ch.send_message(MetaEntries(entries=(good, tuple(bad)), more=False))  # type: ignore[arg-type]
-                    await ch.aclose()
-
-                nursery.start_soon(answer)
-                return client
-
             with pytest.raises(ProtocolError):
-                await gossip.exchange(connect, a, CLUSTER, "b")
+                await gossip.exchange(Link(nursery, answer).connect, a, CLUSTER, "b")
 
     run(main)
     assert a.get("b", "good") is None
@@ -377,7 +260,7 @@ def test_a_primary_from_before_the_metadata_claims_at_start(tmp_path: Path) -> N
     node = Node.open(tmp_path / "n", "a")
     node.create("v", MiB)
     node.close()
-    (tmp_path / "n" / "meta.json").unlink()  # as a state directory from before issue 10
+    (tmp_path / "n" / "meta.json").unlink()  # as a state directory from before the metadata existed
     node = Node.open(tmp_path / "n", "a")
     try:
         assert node.meta.designated("v") is None

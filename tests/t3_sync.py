@@ -30,7 +30,18 @@ from marsfs.replication.fetch import Fetcher, ResyncPlan, hello, open_channel, r
 from marsfs.replication.protocol import SyncInfo, SyncRequest
 from marsfs.replication.server import Server
 from marsfs.replication.session import FetchingSession, SyncStatus
-from marsfs.testing.memnet import CLUSTER, SIZE, Link, copy_image, fetcher, primary, server_for, tick, write
+from marsfs.testing.memnet import (
+    CLUSTER,
+    SIZE,
+    Link,
+    PassStream,
+    copy_image,
+    fetcher,
+    primary,
+    server_for,
+    tick,
+    write,
+)
 from marsfs.testing.runner import run, wait_for
 from marsfs.volume import Volume
 from marsfs.volume.blocksums import BLOCK
@@ -58,21 +69,15 @@ class Staged:
         return info.lsn
 
 
-class Faulty(trio.abc.Stream):
+class Faulty(PassStream):
     """The mirror's end of a connection: cut (reset) after ``cut_after`` received bytes, or one
     bit flipped at received byte ``flip_at``."""
 
     def __init__(self, inner: trio.abc.Stream, cut_after: int | None, flip_at: int | None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cut_after = cut_after
         self.flip_at = flip_at
         self.seen = 0
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self.cut_after is not None and self.seen >= self.cut_after:
@@ -84,9 +89,6 @@ class Faulty(trio.abc.Stream):
             data[self.flip_at - self.seen] ^= 0x10
         self.seen += len(data)
         return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def sync_once(nursery: trio.Nursery, server: Server, staged: Staged, *, cut_after: int | None = None,
@@ -220,11 +222,7 @@ def test_a_first_copy_then_a_catch_up_after_the_log_was_trimmed(tmp_path: Path, 
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            async def connect() -> trio.abc.Stream:
-                client, srv = trio.testing.memory_stream_pair()
-                nursery.start_soon(server.handle, srv)
-                return client
-
+            connect = Link(nursery, server.handle).connect
             synced: list[int] = []
             f = fetcher_of(b, connect, resync=ResyncPlan(), direct=True, synced=lambda: synced.append(b.head_lsn))
             scope = trio.CancelScope()
@@ -272,11 +270,11 @@ def test_a_quiet_volume_is_not_shipped_from_until_the_switch_is_over(tmp_path: P
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)  # before the copy: its worker threads run while every task waits
             link = Link(nursery, server.handle)
             b = await copy_image(link, tmp_path / "b" / "vm")
             f = fetcher(b, link)
             nursery.start_soon(f.run)
-            nursery.start_soon(tick)
             await wait_for(lambda: f.state.connected, "the mirror to fetch")
             async with server.quiet(a):
                 await trio.to_thread.run_sync(write, a, 1, 5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from marsfs import cli
-from marsfs.faces.commands import COMMANDS, run
+from marsfs.faces.commands import COMMANDS, Request, run
 
 
 class FakeDaemon:
@@ -23,6 +23,8 @@ class FakeDaemon:
         return answer
 
 
-def cli_run(argv: list[str], daemon: FakeDaemon) -> int:
+def cli_run(argv: list[str], daemon: Request) -> int:
+    """Run the command line ``argv`` against ``daemon`` (a :class:`FakeDaemon` or any fake that
+    answers requests); its exit status."""
     args = cli.build_parser().parse_args(argv)
     return run(COMMANDS[args.command], args, daemon)

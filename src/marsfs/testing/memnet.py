@@ -1,17 +1,34 @@
-"""Replication in one process (the t3 tier): a primary Volume, its Server, and connections to it
-over trio memory streams instead of TCP; run them with :mod:`marsfs.testing.runner`."""
+"""Replication in one process (the t3 tier), over trio memory streams instead of TCP; run it
+with :mod:`marsfs.testing.runner`.
+
+Two sizes of the same kit:
+
+* one volume: a primary Volume, its Server (:func:`server_for`) and connections to it
+  (:class:`Link`), for the replication protocol itself;
+* whole nodes: :class:`MemNet`, real Nodes and Clusters under one directory whose peers reach
+  each other through memory streams, with the two failures the cluster tests need: a node that
+  is down (``down``, :meth:`MemNet.kill`) and a cut link (:meth:`MemNet.partition`). Connect
+  through :meth:`MemNet.connect`; :func:`in_net` runs a test body in one.
+
+A connection that breaks or corrupts is a :class:`PassStream` that overrides what it changes
+(:class:`CutStream` is the partition's).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import errno
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import trio
 import trio.testing
 
-from marsfs.replication.fetch import Fetcher, hello, open_channel, receive_image
+from marsfs.node.cluster import Cluster
+from marsfs.node.node import Node
+from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
 from marsfs.replication.protocol import ImageInfo
 from marsfs.replication.server import PeerTable, Server
+from marsfs.testing.runner import run
 from marsfs.volume import Volume
 
 SIZE = 4 * 1024 * 1024
@@ -67,7 +84,6 @@ async def copy_image(link: Link, path: Path) -> Volume:
         await ch.aclose()
 
 
-
 async def tick() -> None:
     """Keeps a deadline near, so that the MockClock jumps in small steps while worker threads
     run (it jumps to the next deadline, which may be a test's timeout, when all tasks wait)."""
@@ -79,3 +95,136 @@ def fetcher(mirror: Volume, link: Link, paused: list[bool] | None = None) -> Fet
     flag = paused if paused is not None else [False]
     return Fetcher(mirror, "b", CLUSTER, "a", link.connect, paused=lambda: flag[0],
                    replayed=lambda: mirror.replayed_lsn, replay_paused=lambda: False)
+
+
+class PassStream(trio.abc.Stream):
+    """A stream that passes everything to and from ``inner``: the base of the streams that
+    break or corrupt a connection (a subclass overrides what it changes)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class CutStream(PassStream):
+    """A memory stream that breaks while ``cut()`` says its link is cut (a partition)."""
+
+    def __init__(self, inner: trio.abc.Stream, cut: Callable[[], bool]) -> None:
+        super().__init__(inner)
+        self.cut = cut
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.cut():
+            raise trio.BrokenResourceError("partitioned")
+        await self.inner.send_all(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        if self.cut():
+            raise trio.BrokenResourceError("partitioned")
+        return data
+
+
+class MemPeers:
+    """How node ``me`` of a :class:`MemNet` reaches its peers: a
+    :class:`marsfs.node.peers.Peers` that knows every node of the net."""
+
+    def __init__(self, net: MemNet, me: str) -> None:
+        self.net = net
+        self.me = me
+
+    def connector(self, peer: str) -> Connect:
+        return self.net.connect(peer, self.me)
+
+    def where(self, peer: str) -> str:
+        return f"memory stream to {peer}"
+
+
+class MemNet:
+    """In-process nodes (real Nodes and Clusters under ``root``) connected by memory streams.
+
+    A node is reachable once its Cluster runs (:meth:`start`) and while it is not in ``down``;
+    a link is broken both ways while it is in ``cut`` (both ends' connections fail, new ones are
+    refused). Close it (:meth:`close`) after the nursery ended."""
+
+    def __init__(self, root: Path, nursery: trio.Nursery, names: Iterable[str] = ()) -> None:
+        self.root = root
+        self.nursery = nursery
+        #: the open nodes (``names`` open at once, so a test can set them up before they run)
+        self.nodes: dict[str, Node] = {n: Node.open(root / n, n) for n in names}
+        self.clusters: dict[str, Cluster] = {}  #: the running ones
+        self.down: set[str] = set()
+        self.cut: set[frozenset[str]] = set()
+        self._streams: dict[str, list[trio.abc.Stream]] = {}  # server ends, per node: kill ends them
+
+    async def start(self, name: str, peers: Iterable[str]) -> Cluster:
+        """Run node ``name`` (opened now unless it is open) as a Cluster knowing ``peers``."""
+        if name not in self.nodes:
+            self.nodes[name] = Node.open(self.root / name, name)
+        # the addresses are never used: connections go through connect() (metadata gossip too)
+        cluster = Cluster(self.nodes[name], listen=None, peers={p: "127.0.0.1:1" for p in peers if p != name},
+                          cluster=CLUSTER, connections=MemPeers(self, name))
+        await self.nursery.start(cluster.run)
+        self.clusters[name] = cluster
+        return cluster
+
+    def connect(self, peer: str, me: str = "") -> Connect:
+        """Connections from ``me`` (a node, or "" for the test itself: never cut) to ``peer``."""
+        link = frozenset((me, peer))
+
+        def broken() -> bool:
+            return link in self.cut
+
+        async def connect() -> trio.abc.Stream:
+            if peer in self.down or peer not in self.clusters or broken():
+                raise OSError(errno.ECONNREFUSED, f"connection refused ({peer} is down or partitioned)")
+            client, server = trio.testing.memory_stream_pair()
+            end = CutStream(server, broken)
+            self._streams.setdefault(peer, []).append(end)
+            self.nursery.start_soon(self.clusters[peer].server.handle, end)
+            return CutStream(client, broken)
+
+        return connect
+
+    async def kill(self, peer: str) -> None:
+        """``peer`` is gone: its connections end, new ones are refused (until it leaves ``down``)."""
+        self.down.add(peer)
+        for stream in self._streams.pop(peer, []):
+            await stream.aclose()
+
+    def partition(self, *groups: set[str]) -> None:
+        """Cut every link between nodes of different ``groups`` (none: heal them all)."""
+        self.cut = {frozenset((a, b)) for g in groups for a in g for b in self.nodes if b not in g}
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+
+
+def in_net(root: Path, body: Callable[[MemNet], Awaitable[None]], names: Iterable[str] = ()) -> None:
+    """Run ``body`` with a :class:`MemNet` (nodes ``names`` opened) under :func:`run`; the nodes'
+    tasks are cancelled when it ends, and the nodes closed once those ended."""
+    nets: list[MemNet] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nets.append(MemNet(root, nursery, names))
+            await body(nets[0])
+            nursery.cancel_scope.cancel()
+
+    try:
+        run(main)
+    finally:
+        for net in nets:
+            net.close()

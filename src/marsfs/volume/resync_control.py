@@ -1,9 +1,9 @@
 """Resync control: when a volume may begin a resync, when it may switch, and what it says meanwhile.
 
 The mechanism (staging, the switch, the merge) is :mod:`marsfs.volume.resync`; the
-orchestration that needs the volume's lock and state stays in ``Volume.begin_resync`` and
-``Volume.finish_resync``. What lives here are their rules, as pure functions of what the volume
-tells them, so that each is stated once:
+orchestration that needs the volume's locks and state is :mod:`marsfs.volume.resyncing`. What
+lives here are its rules, as pure functions of what the volume tells them, so that each is
+stated once:
 
 * A resync targets the same volume (uuid), never a smaller or unaligned size (volumes never
   shrink), never a clone, and only one runs at a time (:func:`check_begin`).
@@ -12,7 +12,8 @@ tells them, so that each is stated once:
   for the previous switch's merge, for open versions below the resync's base *F* (writeback
   never passes a pinned view, and must reach *F*), and for version indexes being built.
 
-Nothing here takes a lock or holds state: the caller (the volume) locks.
+Nothing here takes a lock or holds state: :class:`~marsfs.volume.resyncing.ResyncRunner` calls
+these under the volume lock.
 """
 
 from __future__ import annotations

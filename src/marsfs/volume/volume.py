@@ -75,8 +75,10 @@ LSN in ``(A, head]``; the log retains every record after ``min(A, hold_floor)``.
 
 Beside this module: ``writeback`` (the intent record, the apply and the crash redo),
 ``views`` (views and their shared indexes), ``resync`` (staging and switching to another
-node's version), ``resync_control`` (when a resync may begin and switch), ``versions`` (listing versions and resolving their
-names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
+node's version), ``resync_control`` (when a resync may begin and switch), ``resyncing`` (the
+:class:`~marsfs.volume.resyncing.ResyncRunner` this volume delegates its resyncs to: begin,
+switch, merge, abort, the overlay and the generation), ``versions`` (listing versions and
+resolving their names), ``retention`` (the history window), ``clone`` (the link of a clone to its source),
 ``encoding`` (the lz4 backoff), ``index`` (the extent index), ``changes`` (what a mirror whose
 log was dropped must copy), ``holds`` (the :class:`~marsfs.volume.holds.HoldLedger` of mirror
 positions and change sets this volume owns and delegates to), ``sizes`` (the
@@ -109,7 +111,6 @@ from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
 from marsfs.volume import changes as ch
 from marsfs.volume import resync as rs
-from marsfs.volume import resync_control as rc
 from marsfs.volume import writeback as wb
 from marsfs.volume.changes import ChangeSet
 from marsfs.volume.clone import CloneLink, check_source, pin_source
@@ -117,7 +118,8 @@ from marsfs.volume.encoding import Lz4Policy
 from marsfs.volume.faults import IO_FAULTS, Faults, io_path
 from marsfs.volume.holds import HoldLedger, hold_mirror, mirror_hold
 from marsfs.volume.index import ExtentIndex
-from marsfs.volume.resync import Extents, Overlay, Resync, ResyncState
+from marsfs.volume.resync import Extents, Resync
+from marsfs.volume.resyncing import ResyncRunner
 from marsfs.volume.sizes import SizeHistory
 from marsfs.volume.splits import SplitInfo, SplitView, list_splits, split_image
 from marsfs.volume.versions import VersionInfo, check_mark_name, find_version, list_versions, listing, resolve_version
@@ -178,13 +180,10 @@ class Volume:
         self._below: VolumeView | None = None  #: a clone's source version, once attached
         #: path (write, flush, writeback) -> its standing disk failure (:mod:`.faults`)
         self.fault_state = Faults()
-        self._resync: Resync | None = None  #: the running resync (see :mod:`marsfs.volume.resync`)
-        self._overlay: Overlay | None = None  #: a switched resync's staged blocks, until merged
-        self._generation = 0  #: +1 at each resync switch; views of older generations read the old base
-        self._old_views = 0  #: open views of older generations (the merge waits for them)
-        self._switch_failed = ""  #: why a resync's switch failed half way ("" if it did not)
         self._building = 0  #: view indexes being built from log records (a switch waits for them)
         self._base_fd = os.open(path / "base.img", os.O_RDWR)
+        #: resyncs, their overlay and generation (:mod:`marsfs.volume.resyncing`)
+        self._resyncs = ResyncRunner(self, self._lock, self._writeback_lock, self._base_fd)
         if os.fstat(self._base_fd).st_size < self.size:
             os.ftruncate(self._base_fd, self.size)
         self.index = ExtentIndex()
@@ -315,7 +314,7 @@ class Volume:
         vol = cls(path, meta, log, applied, sync_interval=sync_interval, applied_timestamp_ns=applied_ts)
         try:
             if resync is not None:
-                vol._resume_resync(resync)
+                vol._resyncs.resume(resync)
             if vol._sizes.resizes() != meta.get("resizes", []):
                 with vol._lock:  # the log's RESIZE records are the truth for their LSNs: before any trim
                     vol._sizes.persist(vol.path)
@@ -339,10 +338,7 @@ class Volume:
             self.log.sync()
         finally:
             self._closed = True
-            if self._resync is not None:
-                self._resync.close()
-            if self._overlay is not None:
-                self._overlay.close()
+            self._resyncs.close()
             self.log.close()
             os.close(self._base_fd)
             if self._below is not None:
@@ -406,12 +402,12 @@ class Volume:
     def needs_restart(self) -> bool:
         """The log refuses writes until the daemon restarts (a failed fdatasync poisoned it, or
         a resync's switch failed half way: opening the volume finishes it)."""
-        return self.log.failed is not None or bool(self._switch_failed)
+        return self.log.failed is not None or bool(self._resyncs.switch_failed)
 
     def fault_lines(self) -> list[str]:
         """What ``status`` says about the faults: what fails, why, and what to do."""
-        if self._switch_failed:
-            return [f"writes fail: {self._switch_failed}"]
+        if self._resyncs.switch_failed:
+            return [f"writes fail: {self._resyncs.switch_failed}"]
         if self.needs_restart:
             return [f"writes fail with EIO: {self.log.failed_reason()}"]
         return self.fault_state.lines()
@@ -484,8 +480,8 @@ class Volume:
             if n <= RECORD_CHUNK:
                 payload = self._lz4.encode(data)  # lz4 and hashing outside the lock
                 with self._lock:
-                    if self._resync is not None:
-                        raise self._busy()
+                    if self._resyncs.running is not None:
+                        raise self._resyncs.busy()
                     lsn = self.log.append(RecordType.WRITE, offset, payload)
                     self.index.insert(offset, n, lsn)
                     self._writes_since_flush = True
@@ -510,8 +506,8 @@ class Volume:
         encode = self._lz4.encode
         items = [(offset + at, encode(view[at : at + RECORD_CHUNK])) for at in range(0, len(data), RECORD_CHUNK)]
         with self._lock:  # one lock hold and one pwritev for all chunks (see Log.append_many)
-            if self._resync is not None:
-                raise self._busy()
+            if self._resyncs.running is not None:
+                raise self._resyncs.busy()
             before = self.log.last_lsn
             try:
                 return self.log.append_many(RecordType.WRITE, items)
@@ -524,8 +520,8 @@ class Volume:
     def append_raw(self, raw: bytes | memoryview) -> int:
         """Append a record fetched from another node (same bytes, same chain); returns its LSN."""
         with self._lock:
-            if self._resync is not None:
-                raise self._busy()
+            if self._resyncs.running is not None:
+                raise self._resyncs.busy()
             h = self.log.append_raw(raw, volume_size=self.size)
             if h.type == RecordType.WRITE and h.length:
                 self.index.insert(h.offset, h.length, h.lsn)
@@ -552,7 +548,7 @@ class Volume:
         """Make everything written so far durable, behind a FLUSH record; returns the durable LSN.
         While a resync runs the log does not grow: no FLUSH record then."""
         with self._lock:
-            if self._writes_since_flush and self._resync is None:
+            if self._writes_since_flush and self._resyncs.running is None:
                 self.log.append(RecordType.FLUSH, 0, _EMPTY)
                 self._writes_since_flush = False
         return self.log.sync()
@@ -563,8 +559,8 @@ class Volume:
         raw = check_mark_name(name, self.log.marks.values(), self.name)
         self.flush()
         with self._lock:
-            if self._resync is not None:
-                raise self._busy()
+            if self._resyncs.running is not None:
+                raise self._resyncs.busy()
             lsn = self.log.append(RecordType.MARK, 0, encode_payload(raw))
         self.log.sync()
         return lsn
@@ -624,14 +620,14 @@ class Volume:
 
     def read(self, offset: int, length: int) -> bytes:
         """The newest bytes ``[offset, offset+length)`` (durable or not)."""
-        return self.read_indexed(self.index, offset, length, self._generation)
+        return self.read_indexed(self.index, offset, length, self._resyncs.generation)
 
     def read_indexed(self, index: ExtentIndex, offset: int, length: int, generation: int) -> bytes:
         """Bytes ``[offset, offset+length)`` of the image ``index`` describes (live or a view's),
         as a reader opened in resync ``generation`` sees them (what a :class:`VolumeView` reads)."""
         self._check_range(offset, length)
         with self._lock:
-            old = generation < self._generation
+            old = generation < self._resyncs.generation
             try:
                 pieces = index.lookup(offset, length)
                 if len(pieces) == 1:
@@ -650,8 +646,9 @@ class Volume:
             return self.log.read_extent(lsn, pos, length)
         if self._below is not None:  # a clone: what it never wrote is its source's version
             return self._below.read(pos, length)
-        if self._overlay is not None and not old:
-            return self._overlay.read(self._base_fd, pos, length)
+        overlay = self._resyncs.overlay
+        if overlay is not None and not old:
+            return overlay.read(self._base_fd, pos, length)
         data = os.pread(self._base_fd, length, pos)
         assert len(data) == length, "base image shorter than the volume"
         return data
@@ -673,7 +670,7 @@ class Volume:
         """
         if self.clone_of is not None:
             return self._applied
-        if self._overlay is not None and not self._merge():
+        if not self._resyncs.merge():
             return self._applied
         with self._writeback_lock:
             with self._lock:
@@ -801,18 +798,13 @@ class Volume:
     @property
     def resync(self) -> Resync | None:
         """The running resync (also one found on open), None if there is none."""
-        return self._resync
+        return self._resyncs.running
 
     @property
     def generation(self) -> int:
         """How many resyncs switched this volume since it opened: a view whose
         :attr:`VolumeView.generation` is smaller shows a version from before the last switch."""
-        return self._generation
-
-    def _busy(self) -> VolumeBusy:
-        r = self._resync
-        assert r is not None
-        return rc.busy(self.name, r.target_lsn)
+        return self._resyncs.generation
 
     def begin_resync(self, lsn: int, chain: bytes, size: int, uuid: str, *, direct: bool = False) -> Resync:
         """Start bringing this volume to another node's version ``lsn`` (its ``chain``, ``size``
@@ -821,145 +813,34 @@ class Volume:
 
         ``direct``: stage straight into the base (a new replica that nobody reads: views are
         refused until the switch); needs a volume with nothing unapplied."""
-        rc.check_begin(self.name, self.uuid, self.size, self.clone_of is not None,
-                       None if self._resync is None else self._resync.target_lsn, target_uuid=uuid, target_size=size)
-        if direct and self._overlay is not None:
-            self._merge()  # a direct resync writes the base: nothing may be laid over it later
-        self.log.sync()
-        with self._lock:
-            if direct and self._overlay is not None:
-                raise VolumeBusy(f"volume {self.name} has not merged its previous resync yet; retry in a moment")
-            if self._resync is not None or self.log.dirty:
-                raise VolumeBusy(f"volume {self.name} was written while a resync began; stop writing and retry")
-            base = self.head_lsn
-            if direct and self._views:
-                raise VolumeBusy(f"volume {self.name} has {self._views.total()} open version(s); a direct resync "
-                                 "overwrites the base they read: close them first")
-            if direct and self._applied != base:
-                raise StateError(f"volume {self.name} has records after lsn-{self._applied} that are not written "
-                                 "back; a direct resync needs none: write back first")
-            state = ResyncState(lsn, chain, size, uuid, base, direct)
-            rs.create(self.path, state)
-            return self._resume_resync(state)
-
-    def _resume_resync(self, state: ResyncState) -> Resync:
-        """Expose a persisted resync that is staging (pins the image at F it reads under)."""
-        assert state.phase == rs.STAGING, state
-        if state.direct:
-            fd = self._base_fd
-            if os.fstat(fd).st_size < state.size:
-                os.ftruncate(fd, state.size)
-            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, None, self.size,
-                       lambda: None)
-        else:
-            old = self.view(state.base_lsn)
-            try:
-                fd = rs.open_staged(rs.resync_dir(self.path))
-            except BaseException:
-                old.close()
-                raise
-            r = Resync(self.path, state, rs.load_extents(rs.resync_dir(self.path)), fd, old.read, old.size,
-                       old.close)
-        with self._lock:
-            self._resync = r
-        return r
-
-    def _switch_waits(self, base: int) -> str:
-        """Why a resync from ``base`` cannot switch now ("" if it can; :func:`.resync_control.switch_waits`).
-        Caller locks."""
-        return rc.switch_waits(base, merging=self._overlay is not None, old_views=self._old_views,
-                               merge_fault=self.fault("writeback"), pinned=self._views.pinned(),
-                               building=self._building)
+        return self._resyncs.begin(lsn, chain, size, uuid, direct=direct)
 
     def finish_resync(self) -> bool:
         """Switch to the resync's target (see :mod:`marsfs.volume.resync`): True when done;
         False when it has to wait for readers of older versions to close, with the reason in
         ``resync.waiting_for`` (call again later). Once True, version L is the volume's
         image, new readers see it, and the log continues at L+1."""
-        r = self._resync
-        if r is None:
-            raise StateError(f"no resync of volume {self.name} is running")
-        r.sync()
-        base = r.base_lsn
-        if self._overlay is not None:
-            self._merge()
-        if not r.direct:
-            with self._lock:
-                if self.replay_limit is not None and self.replay_limit < base:
-                    self.replay_limit = base  # writeback passes it now; base is a replayed, durable prefix
-            while True:
-                with self._lock:
-                    r.waiting_for = self._switch_waits(base)
-                if r.waiting_for:
-                    return False
-                if self._applied >= base:
-                    break
-                self.writeback(base, max_bytes=None, past_limit=True)
-        with self._writeback_lock, self._lock:
-            r.waiting_for = self._switch_waits(base)
-            if r.waiting_for:
-                return False
-            assert self._applied == base == self.head_lsn, (self._applied, base, self.head_lsn)
-            rs.checkpoint("written-back")
-            staged_fd = r.detach()  # unpins the image at F
-            try:
-                r.set_phase(rs.SWITCH)
-                rs.checkpoint("switch-intent")
-                merging = rs.switch(self.path, self.log, r.state)
-            except BaseException as e:  # the resync is detached: only a reopen goes on from here
-                self._switch_failed = (f"the switch of a resync failed half way ({e}); restart the daemon: "
-                                       "opening the volume finishes it")
-                if not r.direct:
-                    os.close(staged_fd)
-                raise
-            self._applied = self._oldest = r.target_lsn
-            self._oldest_ts = 0
-            self.index = ExtentIndex()
-            self.size = r.size
-            self._sizes.reset(r.size)  # versions before the target are gone; rs.switch reset volume.json
-            self._generation += 1
-            self._old_views = self._views.total()
-            self._views.unshare()
-            self._writes_since_flush = False
-            if self.replay_limit is not None:
-                self.replay_limit = r.target_lsn
-            self._resync = None
-            if merging is not None:
-                self._overlay = Overlay(r.extents, staged_fd)
-        try:
-            self._merge()
-        except IO_FAULTS as e:  # switched all the same: writeback retries the merge
-            self.fault_state.record("writeback", e)
-        return True
-
-    def _merge(self) -> bool:
-        """Merge a switched resync's staged blocks into the base once no view opened before the
-        switch needs the base as it was; True when no overlay is left."""
-        with self._writeback_lock:
-            with self._lock:
-                overlay = self._overlay
-                if overlay is None:
-                    return True
-                if self._old_views:
-                    return False
-            rs.merge_into(self._base_fd, overlay.fd, overlay.extents)
-            rs.checkpoint("merged")
-            rs.remove(self.path, rs.MERGE_DIR)
-            with self._lock:
-                self._overlay = None
-        overlay.close()  # frees the staged image's blocks: may take a while, holds no lock
-        return True
+        return self._resyncs.finish()
 
     def abort_resync(self) -> None:
         """Drop the running resync and its staged data; the volume is as before (in direct mode
         the base keeps what was staged: it was unreadable and stays so)."""
-        r = self._resync
-        if r is None:
-            return
-        rs.remove(self.path)
-        with self._lock:
-            self._resync = None
-        r.close()
+        self._resyncs.abort()
+
+    def switched_to(self, lsn: int, size: int) -> None:
+        """A resync's switch restarted the log after ``lsn``: the base (with the switch's
+        overlay) is that version, of ``size`` bytes, the oldest one; views opened from now on
+        build their own indexes. Called by :class:`~marsfs.volume.resyncing.ResyncRunner`,
+        which holds both locks."""
+        self._applied = self._oldest = lsn
+        self._oldest_ts = 0
+        self.index = ExtentIndex()
+        self.size = size
+        self._sizes.reset(size)  # versions before the target are gone; rs.switch reset volume.json
+        self._views.unshare()
+        self._writes_since_flush = False
+        if self.replay_limit is not None:
+            self.replay_limit = lsn
 
     def extents_between(self, after: int, upto: int) -> list[tuple[int, int]] | None:
         """Merged ``(offset, length)`` ranges that WRITE records ``(after, upto]`` wrote, or None
@@ -983,7 +864,8 @@ class Volume:
 
         Views of one LSN share one extent index: only the first open scans records (A, lsn]."""
         with self._lock:
-            if self._resync is not None and self._resync.direct:
+            running = self._resyncs.running
+            if running is not None and running.direct:
                 raise VolumeBusy(f"volume {self.name} is being copied from another node and has no version to "
                                  "read yet; wait until marsfs status shows it in sync")
             if not self._oldest <= lsn <= self.head_lsn:
@@ -991,7 +873,7 @@ class Volume:
                                       f"available: lsn-{self._oldest} to lsn-{self.head_lsn}")
             index = self._views.pin(lsn)
             first = self._applied + 1
-            generation = self._generation
+            generation = self._resyncs.generation
             if index is None:
                 self._building += 1
         if index is None:
@@ -1012,14 +894,17 @@ class Volume:
         calls it): writeback may pass it once no other view pins it."""
         with self._lock:
             self._views.unpin(lsn)
-            if generation < self._generation:
-                self._old_views -= 1
-                assert self._old_views >= 0
+            self._resyncs.view_closed(generation)
 
     @property
     def open_versions(self) -> VersionIndexes:
         """The open versions (pins and shared indexes); read under no lock, for statistics."""
         return self._views
+
+    @property
+    def versions_building(self) -> int:
+        """Version indexes being built from log records now (a resync's switch waits for them)."""
+        return self._building
 
     def versions(self) -> list[VersionInfo]:
         """Oldest retained version, flush points, marks and head (the newest readers may see),
