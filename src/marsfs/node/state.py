@@ -33,7 +33,7 @@ from enum import StrEnum
 from typing import Any
 
 from marsfs.errors import StateError
-from marsfs.replication.session import STALL_AFTER
+from marsfs.replication.session import STALL_AFTER, Stop, refusal_stop
 from marsfs.units import human_bytes
 
 
@@ -68,9 +68,11 @@ class VolumeState(StrEnum):
     RESYNCING = "resyncing"
 
 
-#: Refusal codes of a source that need an operator, and the state each one puts a mirror in.
-FATAL_STATES = {"diverged": VolumeState.SPLIT_BRAIN, "log-trimmed": VolumeState.NEEDS_RESYNC,
-                "volume-deleted": VolumeState.NEEDS_RESYNC, "volume-replaced": VolumeState.NEEDS_RESYNC}
+#: The state a mirror whose fetch stopped for good is in, by what the refusal meant (the
+#: session's REFUSALS table); any other stop (fatal) is failed. A log-trimmed refusal that a
+#: resync could not get past needs one by the operator.
+STOP_STATES = {Stop.SPLIT_BRAIN: VolumeState.SPLIT_BRAIN, Stop.NEEDS_RESYNC: VolumeState.NEEDS_RESYNC,
+               Stop.RESYNC: VolumeState.NEEDS_RESYNC}
 
 FRESH = 1.5  #: a mirror is synced only on the word of a heartbeat at most this old (one per 0.5 s)
 
@@ -154,7 +156,7 @@ def mirror_state(f: MirrorFacts) -> tuple[VolumeState, list[str]]:
     if not f.fetching:
         return VolumeState.FAILED, errors or [f"no fetch runs for this mirror of {f.source}; restart the daemon"]
     if f.fatal:
-        return FATAL_STATES.get(f.fatal, VolumeState.FAILED), errors
+        return STOP_STATES.get(refusal_stop(f.fatal), VolumeState.FAILED), errors
     if f.resyncing:
         return VolumeState.RESYNCING, errors
     if f.fetch_paused:
