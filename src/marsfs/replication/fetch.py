@@ -303,7 +303,7 @@ class Fetcher:
                     self.state.error = ""
                     self.resync = ResyncPlan()
                     clean = True
-                elif stop is not Stop.RETRY:  # a resync that is refused so cannot help either
+                elif stop.stops or stop is Stop.RESYNC:  # (log-trimmed while resyncing: no way on)
                     self.state.fatal = e.code
                     logger.error("fetch of %s from %s stopped: %s", self.vol.name, self.state.source, e)
                     return

@@ -24,9 +24,9 @@ Rules that hold here:
   ``diverged``, ``log-trimmed``, which change set to compare) is the session's.
 * Fast sync (want ``sync``): the target is a pinned view at the shippable LSN L, and the
   mirror's position holds our log from L+1. The ranges to compare are the change set the
-  session names (:func:`changed_since` reads it), else the whole image. Data is paced to
-  the node's ``--sync-rate`` and the request's own rate, whichever is lower; sums and progress are not paced (they are small and keep the mirror
-  from calling the link stalled).
+  session names (:func:`read_changes` reads it), else the whole image. Data is paced to the
+  node's ``--sync-rate`` and the request's own rate, whichever is lower; sums and progress
+  are not paced (they are small and keep the mirror from calling the link stalled).
 * Times are trio times (``trio.current_time``), except wall times compared with record
   timestamps (lag seconds) or shown to users.
 """
@@ -241,7 +241,9 @@ class Server:
         state.last_seen = time.time()
         try:
             vol.hold(sess.hold_key, lsn)  # the mirror fetches from lsn+1 once it switched
-            changed, chain = await trio.to_thread.run_sync(changed_since, vol, sess, lsn)
+            since = await trio.to_thread.run_sync(log_facts, vol.log, req.since_lsn)
+            changes = sess.changes(since, lsn)
+            changed, chain = await trio.to_thread.run_sync(read_changes, vol, changes, sess.peer, req.since_lsn, lsn)
             info = sess.plan_sync(changed, lsn, chain, vol.size)
             await ch.send_message(info)
             logger.info("fast sync of %s at LSN %d to %s: comparing %d bytes%s", vol.name, lsn, sess.peer,
@@ -412,17 +414,16 @@ def log_facts(log: ChainLog, lsn: int) -> LogFacts:
     return LogFacts(lsn=lsn, first_lsn=first, last_lsn=last, chain=chain)
 
 
-def changed_since(vol: Volume, sess: ServingSession, lsn: int) -> tuple[list[tuple[int, int]] | None, bytes]:
-    """The byte ranges where the mirror's image may differ from ours at ``lsn`` (None: any),
-    read from the change set the session names, and our chain at ``lsn`` (worker thread)."""
-    req = sess.sync_request
-    assert req is not None
-    changes = sess.changes(log_facts(vol.log, req.since_lsn), lsn)
+def read_changes(vol: Volume, changes: Changes, mirror: str, since: int, lsn: int
+                 ) -> tuple[list[tuple[int, int]] | None, bytes]:
+    """The byte ranges where ``mirror``'s image may differ from ours at ``lsn`` (None: any), read
+    from the change set the session named for the mirror's ``since``, and our chain at ``lsn``
+    (worker thread: both read the log)."""
     chain = vol.log.chain_at(lsn)
     if changes is Changes.WRITTEN:
-        return vol.extents_between(req.since_lsn, lsn), chain
+        return vol.extents_between(since, lsn), chain
     if changes is Changes.KEPT:
-        return vol.changed_ranges(sess.peer, req.since_lsn, lsn), chain
+        return vol.changed_ranges(mirror, since, lsn), chain
     return None, chain
 
 
