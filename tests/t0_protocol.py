@@ -4,10 +4,10 @@
 * For every JSON message type and every field: a missing (required) field, a wrong JSON type
   (a bool is not an int), a value out of range, and an unknown extra field are ProtocolErrors
   that name the message type and the field.
-* Binary messages: RECORDS must hold verified records with consecutive LSNs, IMAGE_DATA an
-  offset.
+* Binary messages: RECORDS must hold verified records with consecutive LSNs, SYNC_DATA an
+  offset. The retired image copy's message types (8-11) are unknown types now.
 * Protocol 2 (issue 8): HEARTBEAT names the volume's uuid, FETCH may only watch, and
-  IMAGE_PROGRESS says how far an image scan got; frames of protocol 1 are refused in words.
+  frames of protocols 1 and 2 are refused in words.
 * FrameDecoder refuses bad magic, checksum, length, version, type, flags and lz4 garbage, and
   decodes frames fed in pieces of any size.
 """
@@ -24,7 +24,6 @@ import pytest
 import xxhash
 
 from marsfs.errors import PeerError, ProtocolError
-from marsfs.log.record import RecordType, encode_header, encode_payload
 from marsfs.replication.protocol import (
     FRAME_HEADER,
     MAX_FRAME,
@@ -36,31 +35,16 @@ from marsfs.replication.protocol import (
     FrameDecoder,
     Heartbeat,
     Hello,
-    ImageData,
-    ImageEnd,
-    ImageInfo,
-    ImageProgress,
     Message,
     MsgType,
     Records,
+    SyncData,
     Welcome,
     decode_message,
     encode_frame,
     encode_message,
 )
-
-CHAIN = bytes(range(16))
-
-
-def records(first: int, n: int, size: int = 100) -> tuple[bytes, ...]:
-    out = []
-    chain = CHAIN
-    for lsn in range(first, first + n):
-        payload = encode_payload(bytes([lsn % 256]) * size)
-        head, chain = encode_header(RecordType.WRITE, lsn, 4096 * lsn, payload, 1_000_000 * lsn, chain)
-        out.append(head + payload.stored)
-    return tuple(out)
-
+from marsfs.testing.sansio import CHAIN, decode, records
 
 SAMPLES: list[Message] = [
     Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm", want="fetch", epoch=2),
@@ -72,17 +56,8 @@ SAMPLES: list[Message] = [
               lag_seconds=0.25),
     Ack(fetched_lsn=5, replayed_lsn=4, fetch_paused=True, replay_paused=False, probe=12),
     Ack(fetched_lsn=5, replayed_lsn=5),
-    ImageInfo(lsn=5, chain=CHAIN, size=1 << 20, uuid="u-1"),
-    ImageData(offset=1 << 20, data=b"x" * 3000),
-    ImageEnd(lsn=5),
-    ImageProgress(scanned=64 << 20),
     Records(records(8, 3)),
 ]
-
-
-def decode(frame: bytes) -> Message:
-    (f,) = FrameDecoder().feed(frame)
-    return decode_message(f)
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
@@ -104,21 +79,21 @@ def test_fetch_without_watch_fetches() -> None:
 def test_protocol_1_is_refused_in_words() -> None:
     """Protocols 2 and 3 added fields and messages an old peer would not know; its frames are
     refused as such."""
-    assert PROTO_VERSION == 3 and MsgType.IMAGE_PROGRESS == 11
+    assert PROTO_VERSION == 3 and MsgType.SYNC_REQUEST == 12
     for old in (1, 2):
         with pytest.raises(ProtocolError, match=f"unsupported protocol version {old}"):
             FrameDecoder().feed(raw_frame(version=old))
 
 
-def test_image_ack_keeps_its_two_field_wire_form() -> None:
-    """The ACK after an image carries only the two LSNs (as before the typed messages)."""
+def test_sync_ack_keeps_its_two_field_wire_form() -> None:
+    """The ACK after a fast sync carries only the two LSNs (as before the typed messages)."""
     frame = encode_frame(MsgType.ACK, b'{"fetched_lsn":5,"replayed_lsn":5}')
     assert decode(frame) == Ack(fetched_lsn=5, replayed_lsn=5)
 
 
 # ---------------------------------------------------------------------------- field validation
 
-JSON_SAMPLES = [m for m in SAMPLES if not isinstance(m, (ImageData, Records))]
+JSON_SAMPLES = [m for m in SAMPLES if not isinstance(m, Records)]
 
 
 def wire(msg: Message) -> dict[str, Any]:
@@ -193,10 +168,22 @@ def test_records_are_checked() -> None:
         decode(encode_frame(MsgType.RECORDS, good[0][:-1]))
 
 
-def test_image_data_needs_an_offset() -> None:
-    with pytest.raises(ProtocolError, match="IMAGE_DATA: frame without offset"):
-        decode(encode_frame(MsgType.IMAGE_DATA, b"1234567"))
-    assert decode(encode_frame(MsgType.IMAGE_DATA, bytes(8))) == ImageData(0, b"")
+def test_sync_data_needs_an_offset() -> None:
+    with pytest.raises(ProtocolError, match="SYNC_DATA: frame without offset"):
+        decode(encode_frame(MsgType.SYNC_DATA, b"1234567"))
+    assert decode(encode_frame(MsgType.SYNC_DATA, bytes(8))) == SyncData(0, b"")
+
+
+@pytest.mark.parametrize("mtype", [8, 9, 10, 11])
+def test_the_image_copy_messages_are_retired(mtype: int) -> None:
+    """IMAGE_INFO, IMAGE_DATA, IMAGE_END, IMAGE_PROGRESS went with want "image": their numbers
+    stay reserved and a frame of one is an unknown type; so is the want."""
+    assert mtype not in {int(t) for t in MsgType}
+    with pytest.raises(ProtocolError, match=f"unknown message type {mtype}"):
+        FrameDecoder().feed(raw_frame(mtype=mtype, payload=bytes(8)))
+    obj = {"proto": PROTO_VERSION, "cluster": "c", "node": "b", "volume": "vm", "want": "image", "epoch": 0}
+    with pytest.raises(ProtocolError, match="HELLO: field 'want' must be one of"):
+        decode(encode_frame(MsgType.HELLO, json.dumps(obj).encode()))
 
 
 # ---------------------------------------------------------------------------- framing
@@ -246,7 +233,7 @@ def test_checksum_covers_header_and_payload() -> None:
 
 
 def test_compression_and_incremental_feeding() -> None:
-    data = ImageData(4096, b"abc" * 10_000)
+    data = SyncData(4096, b"abc" * 10_000)
     frame = encode_message(data)
     assert len(frame) < 3000  # compressed
     plain = encode_message(data, compress=False)

@@ -1,43 +1,45 @@
 """The replication sessions (marsfs.replication.session) driven against each other in memory.
 
-Like h11's ConnectionPair: each side's output goes through the wire codec into the other side.
-Volumes are small fakes that satisfy ``VolumeFacts``; time is a number passed in.
+Like h11's ConnectionPair (:mod:`marsfs.testing.sansio`): each side's output goes through the
+wire codec into the other side; volumes are small fakes whose facts the pair passes in as
+values, as the I/O shells do; time is a number passed in.
 
-* A full fetch conversation and a full image copy.
+* A full fetch conversation; leave.
 * Every refusal: unknown volume, cluster, protocol, diverged by chain, diverged beyond the
-  log, log-trimmed; which are fatal.
+  log, log-trimmed; and the one table of what each refusal code means (:data:`REFUSALS`):
+  which stop fetching and which state each puts a mirror in.
 * Every out-of-order message on both sides is a ProtocolError and closes the session.
 * Slow start, heartbeat cadence and probe echo, lag correction, stall detection, backoff.
-* Issue 8: the volume's identity (uuid in WELCOME and HEARTBEAT; a served volume deleted or
-  replaced ends the session), a paused fetch that watches heartbeats, image scan progress.
+* The volume's identity (uuid in WELCOME and HEARTBEAT; a served volume deleted or replaced
+  ends the session), a paused fetch that watches heartbeats.
+* A staged resync meets a new target: begun, kept, retargeted or started over.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 
 from marsfs.errors import ProtocolError
 from marsfs.log.record import decode_header
+from marsfs.node.state import MirrorFacts, VolumeState, mirror_state
+from marsfs.replication.channel import PeerRefused
 from marsfs.replication.protocol import (
     PROTO_VERSION,
     Ack,
     Error,
     Fetch,
-    FrameDecoder,
     Heartbeat,
     Hello,
-    ImageData,
-    ImageEnd,
-    ImageInfo,
-    ImageProgress,
     Message,
     Records,
+    SyncData,
+    SyncEnd,
+    SyncInfo,
+    SyncRequest,
     Want,
     Welcome,
-    decode_message,
-    encode_message,
 )
 from marsfs.replication.session import (
     BACKOFF_MAX,
@@ -45,9 +47,7 @@ from marsfs.replication.session import (
     BATCH_BYTES,
     FIRST_BATCH,
     HEARTBEAT,
-    IMAGE_CHUNK,
-    PROGRESS_BYTES,
-    PROGRESS_EVERY,
+    REFUSALS,
     STALL_AFTER,
     Backoff,
     FetchingSession,
@@ -56,119 +56,15 @@ from marsfs.replication.session import (
     Probes,
     Refused,
     ServePhase,
-    ServingSession,
     Ship,
+    StageStep,
     StartShipping,
+    Stop,
+    SyncTarget,
+    refusal_stop,
+    stage_step,
 )
-from t0_protocol import records
-
-CLUSTER = "c"
-
-
-def chain(history: str, lsn: int) -> bytes:
-    """A stand-in chain value: equal for equal (history, LSN)."""
-    return (f"{history}:{lsn}".encode() * 16)[:16]
-
-
-@dataclass
-class FakeLog:
-    first_lsn: int
-    last_lsn: int
-    history: str = "h"
-    diverged_after: int | None = None  #: from here on, this log's history is its own
-
-    @property
-    def last_chain(self) -> bytes:
-        return self.chain_at(self.last_lsn)
-
-    def chain_at(self, lsn: int) -> bytes:
-        assert self.first_lsn - 1 <= lsn <= self.last_lsn
-        own = self.diverged_after is not None and lsn > self.diverged_after
-        return chain("own" if own else self.history, lsn)
-
-
-@dataclass
-class FakeVolume:
-    log: FakeLog
-    durable_lsn: int
-    name: str = "vm"
-    uuid: str = "u-1"
-    size: int = 3 * IMAGE_CHUNK + 512
-    replay_limit: int | None = None
-
-    def size_at(self, lsn: int) -> int:
-        return self.size
-
-    @property
-    def head_lsn(self) -> int:
-        return self.log.last_lsn
-
-    @property
-    def replayed_lsn(self) -> int:
-        return self.head_lsn if self.replay_limit is None else self.replay_limit
-
-
-def volume(first: int = 1, last: int = 100, durable: int | None = None, **kw: object) -> FakeVolume:
-    return FakeVolume(FakeLog(first, last, **kw), last if durable is None else durable)  # type: ignore[arg-type]
-
-
-def wire(msg: Message) -> Message:
-    (frame,) = FrameDecoder().feed(encode_message(msg))
-    return decode_message(frame)
-
-
-def hello(want: Want = "fetch", **kw: object) -> Hello:
-    fields: dict[str, object] = {"proto": PROTO_VERSION, "cluster": CLUSTER, "node": "b", "volume": "vm",
-                                 "want": want, "epoch": 0, **kw}
-    return Hello(**fields)  # type: ignore[arg-type]
-
-
-@dataclass
-class Pair:
-    """A serving and a fetching session wired together, over the codec."""
-
-    served: FakeVolume | None
-    mirror: FakeVolume | None = None
-    want: Want = "fetch"
-    server: ServingSession = field(init=False)
-    client: FetchingSession = field(init=False)
-    state: FetchState = field(default_factory=lambda: FetchState(source="a"))
-    probes: Probes = field(default_factory=Probes)
-
-    def __post_init__(self) -> None:
-        self.server = ServingSession("a", CLUSTER)
-        self.client = FetchingSession(hello(self.want), state=self.state, probes=self.probes, mirror=self.mirror)
-
-    def to_server(self, msg: Message) -> object:
-        return self.server.receive(wire(msg))
-
-    def to_client(self, msg: Message, now: float = 0.0) -> object:
-        return self.client.receive(wire(msg), now)
-
-    def connect(self) -> object:
-        got = self.to_server(self.client.hello())
-        assert isinstance(got, Hello)
-        return self.to_client(self.server.admit(self.served, 7))
-
-    def start_fetch(self, now: float = 0.0) -> object:
-        assert isinstance(self.connect(), Welcome)
-        return self.to_server(self.client.fetch(now))
-
-
-def ship(pair: Pair, mirror: FakeVolume, now: float) -> Records | None:
-    """One round of the server's ship loop; the mirror appends what comes."""
-    todo = pair.server.poll()
-    if todo is None:
-        return None
-    n = max(1, min(todo.limit - todo.first + 1, todo.batch // 10_000))  # records of ~10 KB
-    msg = Records(records(todo.first, n))
-    pair.server.shipped(todo.first + n)
-    got = pair.to_client(msg, now)
-    assert got == msg and isinstance(got, Records)
-    mirror.log.last_lsn = mirror.durable_lsn = got.last_lsn
-    pair.client.appended(got)
-    return got
-
+from marsfs.testing.sansio import CHAIN, FakeVolume, Pair, chain, hello, records, ship, volume
 
 # ---------------------------------------------------------------------------- whole conversations
 
@@ -180,21 +76,21 @@ def test_fetch_conversation() -> None:
     welcome = pair.connect()
     assert welcome == Welcome(node="a", volume="vm", uuid="u-1", size=served.size, epoch=7, head_lsn=30, durable_lsn=30)
     assert pair.client.phase is FetchPhase.WELCOMED and pair.server.phase is ServePhase.AWAIT_FETCH
-    fetch = pair.client.fetch(now=1.0)
+    fetch = pair.fetch(now=1.0)
     assert fetch == Fetch(from_lsn=11, prev_chain=chain("h", 10))
     assert pair.state.connected and pair.state.last_frame == 1.0
     assert pair.to_server(fetch) == StartShipping(after=10)
     assert pair.server.phase is ServePhase.SHIPPING and pair.server.hold_lsn == 10
     assert pair.server.hold_key == "mirror:b"
     # the first heartbeat goes out at once
-    assert ship(pair, mirror, now=2.0) is not None
+    assert ship(pair, now=2.0) is not None
     assert pair.server.heartbeat_due(2.0)
-    beat = pair.server.heartbeat(2.0, wall=1e9, lag=(999, 20, 0.5))
+    beat = pair.heartbeat(2.0, wall=1e9, lag=(999, 20, 0.5))
     assert (beat.head_lsn, beat.durable_lsn, beat.probe) == (30, 30, 0)
     pair.to_client(beat, now=2.0)
     # the heartbeat's figures (20 records), corrected by the 6 records that came since
     assert mirror.durable_lsn == 16 and pair.state.lag_records == 14 and pair.state.lag_bytes == 999
-    while ship(pair, mirror, now=3.0):
+    while ship(pair, now=3.0):
         pass
     assert mirror.log.last_lsn == 30 and pair.state.lag_records == 0 and pair.state.lag_bytes == 0
     assert pair.state.primary_durable_lsn == 30 and pair.state.last_progress == 3.0
@@ -202,9 +98,9 @@ def test_fetch_conversation() -> None:
     assert ack == Ack(fetched_lsn=30, replayed_lsn=25, fetch_paused=False, replay_paused=True, probe=1)
     assert pair.to_server(ack) == ack
     assert (pair.server.fetched_lsn, pair.server.replayed_lsn, pair.server.hold_lsn) == (30, 25, 25)
-    assert pair.server.poll() is None  # nothing more to ship until the source has more
+    assert pair.poll() is None  # nothing more to ship until the source has more
     served.log.last_lsn = served.durable_lsn = 31
-    todo = pair.server.poll()
+    todo = pair.poll()
     assert todo is not None and (todo.first, todo.limit) == (31, 31) and FIRST_BATCH < todo.batch <= BATCH_BYTES
 
 
@@ -213,7 +109,7 @@ def test_mirror_serves_only_what_it_replayed() -> None:
     served.replay_limit = 20  # a mirror serving another mirror: its replay position bounds shipping
     pair = Pair(served, volume(1, 10))
     pair.start_fetch()
-    assert pair.server.poll() == Ship(11, 20, FIRST_BATCH)
+    assert pair.poll() == Ship(11, 20, FIRST_BATCH)
 
 
 def test_slow_start() -> None:
@@ -222,7 +118,7 @@ def test_slow_start() -> None:
     pair.start_fetch()
     batches = []
     for _ in range(10):
-        todo = pair.server.poll()
+        todo = pair.poll()
         assert todo is not None
         batches.append(todo.batch)
         pair.server.shipped(todo.first + 1)
@@ -230,35 +126,12 @@ def test_slow_start() -> None:
     assert batches[-1] == BATCH_BYTES
 
 
-def test_image_conversation() -> None:
-    served = volume(1, 40, durable=35)
-    pair = Pair(served, want="image")
-    assert isinstance(pair.connect(), Welcome)
-    assert pair.server.phase is ServePhase.SENDING_IMAGE
-    info = pair.server.start_image()
-    assert info == ImageInfo(lsn=35, chain=chain("h", 35), size=served.size, uuid="u-1")
-    assert pair.to_client(info) == info
-    chunks = list(pair.server.image_chunks())
-    assert chunks == [(0, IMAGE_CHUNK), (IMAGE_CHUNK, IMAGE_CHUNK), (2 * IMAGE_CHUNK, IMAGE_CHUNK), (3 * IMAGE_CHUNK, 512)]
-    assert pair.server.image_chunk(0, bytes(IMAGE_CHUNK), now=0.0) == ImageProgress(IMAGE_CHUNK)  # zeros: not sent
-    for off, n in chunks[1:]:
-        msg = pair.server.image_chunk(off, b"\1" * n, now=0.0)
-        assert msg is not None and pair.to_client(msg) == msg
-    end = pair.server.end_image()
-    assert end == ImageEnd(lsn=35) and pair.server.phase is ServePhase.AWAIT_IMAGE_ACK
-    assert pair.to_client(end) == end
-    ack = pair.client.image_done(head_lsn=35)
-    assert ack == Ack(fetched_lsn=35, replayed_lsn=35)
-    assert pair.to_server(ack) == ack
-    assert pair.server.phase is ServePhase.DONE and pair.client.phase is FetchPhase.DONE
-
-
 def test_leave() -> None:
     pair = Pair(volume(), want="leave")
     assert isinstance(pair.connect(), Welcome)
     assert pair.server.phase is ServePhase.DONE and pair.client.phase is FetchPhase.WELCOMED
     with pytest.raises(ProtocolError):
-        pair.to_client(ImageInfo(lsn=1, chain=bytes(16), size=512, uuid="u"))
+        pair.to_client(SINFO)
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -279,7 +152,7 @@ def test_hello_refusals(served: FakeVolume | None, greeting: Hello, code: str) -
     pair = Pair(served)
     pair.client = FetchingSession(greeting, state=pair.state)
     got = refusal(pair, pair.connect())
-    assert got.code == code and got.fatal
+    assert got.code == code and got.stop is Stop.FATAL
 
 
 @pytest.mark.parametrize("served, mirror, code, words", [
@@ -288,11 +161,12 @@ def test_hello_refusals(served: FakeVolume | None, greeting: Hello, code: str) -
     (volume(21, 30), volume(1, 10), "log-trimmed", "full resync"),
 ], ids=["chain", "beyond-our-log", "log-trimmed"])
 def test_fetch_refusals(served: FakeVolume, mirror: FakeVolume, code: str, words: str) -> None:
+    stop = Stop.SPLIT_BRAIN if code == "diverged" else Stop.RESYNC
     pair = Pair(served, mirror)
     answer = pair.start_fetch()
     assert isinstance(answer, Error) and answer.code == code and words in answer.error
     got = refusal(pair, pair.to_client(answer))
-    assert got.code == code and got.fatal and words in got.message
+    assert got.code == code and got.stop is stop and words in got.message
 
 
 def test_edges_of_fetch_admission() -> None:
@@ -302,32 +176,72 @@ def test_edges_of_fetch_admission() -> None:
         assert pair.start_fetch() == StartShipping(mirror.log.last_lsn)
 
 
-def test_only_operator_refusals_are_fatal() -> None:
-    assert not Refused("error", "disk full").fatal
-    assert all(Refused(c, "").fatal for c in ("diverged", "log-trimmed", "unknown-volume", "cluster", "protocol"))
+# ---------------------------------------------------------------------------- the refusal table
+
+#: every refusal code a node sends or a fetching session finds, what it means to the refused
+#: mirror, and the state a mirror whose fetch it stopped is in (None: fetching goes on)
+TABLE = [
+    ("protocol", Stop.FATAL, VolumeState.FAILED),
+    ("cluster", Stop.FATAL, VolumeState.FAILED),
+    ("unknown-volume", Stop.FATAL, VolumeState.FAILED),
+    ("diverged", Stop.SPLIT_BRAIN, VolumeState.SPLIT_BRAIN),
+    ("log-trimmed", Stop.RESYNC, VolumeState.NEEDS_RESYNC),  # (a resync runs first; stuck: needs one)
+    ("volume-deleted", Stop.NEEDS_RESYNC, VolumeState.NEEDS_RESYNC),
+    ("volume-replaced", Stop.NEEDS_RESYNC, VolumeState.NEEDS_RESYNC),
+    ("switching", Stop.RETRY, None),
+    ("error", Stop.RETRY, None),
+    ("unsupported", Stop.RETRY, None),
+    ("unknown-want", Stop.RETRY, None),
+]
+
+
+@pytest.mark.parametrize("code, stop, state", TABLE, ids=[c for c, _, _ in TABLE])
+def test_what_each_refusal_means(code: str, stop: Stop, state: VolumeState | None) -> None:
+    assert REFUSALS[code] is stop and refusal_stop(code) is stop
+    assert Refused(code, "").stop is stop and PeerRefused(code, "").stop is stop
+    assert stop.stops is (stop in (Stop.SPLIT_BRAIN, Stop.NEEDS_RESYNC, Stop.FATAL))
+    if state is not None:  # the fetch stopped on it: the mirror's state says what to do
+        st = FetchState(source="a", fatal=code)
+        assert st.stop is stop
+        got, errors = mirror_state(MirrorFacts(
+            source="a", fetching=True, fatal=code, error="refused", fetch_paused=False, replay_paused=False,
+            connected=False, since_progress=0.0, missing_records=0, lag_records=0, heartbeat_age=None))
+        assert got is state and errors == ["fetch from a: refused"]
+    else:
+        assert not stop.stops
+
+
+def test_the_table_is_the_whole_story() -> None:
+    """Every code in the table is tested above, and a code nobody listed (a newer peer's, a
+    conversation's own) means retry: nothing says retrying cannot help."""
+    assert sorted(REFUSALS) == sorted(c for c, _, _ in TABLE)
+    assert refusal_stop("busy") is Stop.RETRY and refusal_stop("no-such-code") is Stop.RETRY
+    assert FetchState(source="a").stop is None
 
 
 # ---------------------------------------------------------------------------- out of order
 
 BEAT = Heartbeat(uuid="u-1", head_lsn=1, durable_lsn=1, time=0.0, probe=0, lag_bytes=0, lag_records=0, lag_seconds=0.0)
-INFO = ImageInfo(lsn=1, chain=bytes(16), size=1024, uuid="u-1")
+SINFO = SyncInfo(lsn=1, chain=bytes(16), size=1024, uuid="u-1", ranges=())
 WELCOME = Welcome(node="a", volume="vm", uuid="u-1", size=1024, epoch=1, head_lsn=1, durable_lsn=1)
 ACK = Ack(fetched_lsn=1, replayed_lsn=1)
 FETCH = Fetch(from_lsn=1, prev_chain=bytes(16))
 RECORDS = Records(records(1, 1))
+SYNC_REQUEST = SyncRequest(since_lsn=0, since_chain=CHAIN)
 
 
 def server_at(phase: str) -> Pair:
     """A pair whose server is in ``phase``."""
-    want: Want = "image" if "IMAGE" in phase else "fetch"
+    want: Want = "sync" if "SYNC" in phase else "fetch"
     pair = Pair(volume(1, 10), volume(1, 5), want=want)
     if phase != "AWAIT_HELLO":
         pair.connect()
     if phase == "SHIPPING":
-        pair.to_server(pair.client.fetch(0.0))
-    if phase == "AWAIT_IMAGE_ACK":
-        pair.server.start_image()
-        pair.server.end_image()
+        pair.to_server(pair.fetch(0.0))
+    if phase == "AWAIT_SYNC_ACK":  # a sync with nothing to compare
+        pair.to_server(pair.client.sync_request(SYNC_REQUEST))
+        pair.plan_sync([], 10)
+        pair.server.end_sync()
     assert pair.server.phase.name == phase
     return pair
 
@@ -335,10 +249,10 @@ def server_at(phase: str) -> Pair:
 @pytest.mark.parametrize("phase, msg", [
     ("AWAIT_HELLO", FETCH), ("AWAIT_HELLO", ACK), ("AWAIT_HELLO", RECORDS), ("AWAIT_HELLO", WELCOME),
     ("AWAIT_FETCH", hello()), ("AWAIT_FETCH", ACK), ("AWAIT_FETCH", RECORDS), ("AWAIT_FETCH", BEAT),
-    ("AWAIT_FETCH", Error(code="x", error="y")),
-    ("SHIPPING", hello()), ("SHIPPING", FETCH), ("SHIPPING", RECORDS), ("SHIPPING", INFO),
-    ("SENDING_IMAGE", ACK), ("SENDING_IMAGE", FETCH), ("SENDING_IMAGE", hello()),
-    ("AWAIT_IMAGE_ACK", FETCH), ("AWAIT_IMAGE_ACK", RECORDS),
+    ("AWAIT_FETCH", Error(code="x", error="y")), ("AWAIT_FETCH", SYNC_REQUEST),
+    ("SHIPPING", hello()), ("SHIPPING", FETCH), ("SHIPPING", RECORDS), ("SHIPPING", SINFO),
+    ("AWAIT_SYNC_REQUEST", ACK), ("AWAIT_SYNC_REQUEST", FETCH), ("AWAIT_SYNC_REQUEST", hello()),
+    ("AWAIT_SYNC_ACK", FETCH), ("AWAIT_SYNC_ACK", RECORDS), ("AWAIT_SYNC_ACK", SYNC_REQUEST),
 ])
 def test_server_refuses_out_of_order(phase: str, msg: Message) -> None:
     pair = server_at(phase)
@@ -353,27 +267,28 @@ def client_at(phase: str, want: Want) -> Pair:
     pair = Pair(volume(1, 10), volume(1, 5), want=want)
     if phase != "START":
         pair.client.hello()
-    if phase in ("WELCOMED", "FETCHING", "IMAGE", "IMAGE_END"):
+    if phase in ("WELCOMED", "FETCHING", "SYNCING", "SYNC_END"):
         pair.to_client(WELCOME)
     if phase == "FETCHING":
-        pair.client.fetch(0.0)
-    if phase in ("IMAGE", "IMAGE_END"):
-        pair.to_client(INFO)
-    if phase == "IMAGE_END":
-        pair.to_client(ImageEnd(lsn=1))
+        pair.fetch(0.0)
+    if phase in ("SYNCING", "SYNC_END"):
+        pair.client.sync_request(SYNC_REQUEST)
+        pair.to_client(SINFO)
+    if phase == "SYNC_END":
+        pair.to_client(SyncEnd(lsn=1))
     assert pair.client.phase.name == phase
     return pair
 
 
 @pytest.mark.parametrize("phase, want, msg", [
     ("START", "fetch", WELCOME), ("START", "fetch", Error(code="x", error="y")),
-    ("AWAIT_WELCOME", "fetch", RECORDS), ("AWAIT_WELCOME", "fetch", BEAT), ("AWAIT_WELCOME", "image", INFO),
-    ("WELCOMED", "fetch", RECORDS), ("WELCOMED", "fetch", INFO), ("WELCOMED", "image", RECORDS),
-    ("WELCOMED", "image", ImageData(0, b"x")), ("WELCOMED", "fetch", WELCOME),
-    ("FETCHING", "fetch", WELCOME), ("FETCHING", "fetch", INFO), ("FETCHING", "fetch", hello()),
+    ("AWAIT_WELCOME", "fetch", RECORDS), ("AWAIT_WELCOME", "fetch", BEAT), ("AWAIT_WELCOME", "sync", SINFO),
+    ("WELCOMED", "fetch", RECORDS), ("WELCOMED", "fetch", SINFO), ("WELCOMED", "sync", RECORDS),
+    ("WELCOMED", "sync", SINFO), ("WELCOMED", "sync", SyncData(0, b"x")), ("WELCOMED", "fetch", WELCOME),
+    ("FETCHING", "fetch", WELCOME), ("FETCHING", "fetch", SINFO), ("FETCHING", "fetch", hello()),
     ("FETCHING", "fetch", ACK), ("FETCHING", "fetch", FETCH),
-    ("IMAGE", "image", RECORDS), ("IMAGE", "image", INFO), ("IMAGE", "image", BEAT),
-    ("IMAGE_END", "image", ImageData(0, b"x")), ("IMAGE_END", "image", ImageEnd(lsn=1)),
+    ("SYNCING", "sync", RECORDS), ("SYNCING", "sync", SINFO), ("SYNCING", "sync", BEAT),
+    ("SYNC_END", "sync", SyncData(0, b"x")), ("SYNC_END", "sync", SyncEnd(lsn=1)),
 ])
 def test_client_refuses_out_of_order(phase: str, want: Want, msg: Message) -> None:
     pair = client_at(phase, want)
@@ -390,17 +305,11 @@ def test_client_checks_what_it_is_given() -> None:
     assert pair.to_client(Records(records(6, 2))) is not None
     with pytest.raises(ProtocolError, match="starts at LSN 6"):  # a repeat
         pair.to_client(Records(records(6, 1)))
-    pair = client_at("IMAGE", "image")  # an image of 1024 bytes at LSN 1
-    with pytest.raises(ProtocolError, match="IMAGE_DATA: field 'offset' 1000 \\+ 25 bytes"):
-        pair.to_client(ImageData(1000, bytes(25)))
-    pair = client_at("IMAGE", "image")
-    with pytest.raises(ProtocolError, match="IMAGE_END: field 'lsn' 2 is not the image's LSN 1"):
-        pair.to_client(ImageEnd(lsn=2))
 
 
 def test_refusal_may_come_in_any_open_phase() -> None:
     for phase, want in [("AWAIT_WELCOME", "fetch"), ("WELCOMED", "fetch"), ("FETCHING", "fetch"),
-                        ("IMAGE", "image"), ("IMAGE_END", "image")]:
+                        ("WELCOMED", "sync"), ("SYNCING", "sync"), ("SYNC_END", "sync")]:
         pair = client_at(phase, want)  # type: ignore[arg-type]
         assert pair.to_client(Error(code="error", error="disk full")) == Refused("error", "disk full")
         assert pair.client.phase is FetchPhase.CLOSED
@@ -416,17 +325,17 @@ def test_heartbeat_cadence_and_probe_echo() -> None:
     second = pair.client.ack(now=1.2, replayed_lsn=10, fetch_paused=False, replay_paused=False)
     assert (first.probe, second.probe) == (1, 2)
     pair.to_server(first)
-    assert pair.server.poll() is None
+    assert pair.poll() is None
     pair.to_server(second)  # read after the poll: the next heartbeat must not claim it
     assert pair.server.heartbeat_due(1.3)
-    beat = pair.server.heartbeat(1.3, wall=5.0, lag=(0, 0, 0.0))
+    beat = pair.heartbeat(1.3, wall=5.0, lag=(0, 0, 0.0))
     assert beat.probe == 1
     assert not pair.server.heartbeat_due(1.3 + HEARTBEAT - 0.01)
     assert pair.server.heartbeat_due(1.3 + HEARTBEAT)
     pair.to_client(beat, now=1.4)
     assert pair.state.heartbeat_basis == 1.0 and pair.state.last_heartbeat == 1.4
-    pair.server.poll()
-    pair.to_client(pair.server.heartbeat(1.8, wall=5.5, lag=(0, 0, 0.0)), now=1.9)
+    pair.poll()
+    pair.to_client(pair.heartbeat(1.8, wall=5.5, lag=(0, 0, 0.0)), now=1.9)
     assert pair.state.heartbeat_basis == 1.2
     pair.to_client(BEAT, now=2.0)  # an old or unknown probe never moves the basis back
     assert pair.state.heartbeat_basis == 1.2
@@ -492,7 +401,7 @@ def test_a_mirror_refuses_a_source_volume_with_another_uuid() -> None:
     served.uuid = "u-2"
     pair = Pair(served, volume(1, 10))
     got = pair.connect()
-    assert isinstance(got, Refused) and got.code == "volume-replaced" and got.fatal
+    assert isinstance(got, Refused) and got.code == "volume-replaced" and got.stop is Stop.NEEDS_RESYNC
     assert pair.client.phase is FetchPhase.CLOSED
     assert "uuid u-2 there, u-1 here" in got.message and "deleted on a and created anew" in got.message
     assert "marsfs leave vm, then marsfs join vm --from a" in got.message
@@ -502,26 +411,17 @@ def test_every_heartbeat_names_the_volume_and_the_mirror_checks_it() -> None:
     served, mirror = volume(1, 10), volume(1, 10)
     pair = Pair(served, mirror)
     pair.start_fetch()
-    pair.server.poll()
-    beat = pair.server.heartbeat(0.0, wall=1.0, lag=(0, 0, 0.0))
+    pair.poll()
+    beat = pair.heartbeat(0.0, wall=1.0, lag=(0, 0, 0.0))
     assert beat.uuid == "u-1" and isinstance(pair.to_client(beat, now=0.1), Heartbeat)
     got = pair.to_client(replace(BEAT, uuid="u-2"), now=0.2)
-    assert isinstance(got, Refused) and got.code == "volume-replaced" and got.fatal
+    assert isinstance(got, Refused) and got.code == "volume-replaced" and got.stop is Stop.NEEDS_RESYNC
     assert pair.client.phase is FetchPhase.CLOSED and not pair.client.following
 
 
-def test_an_image_is_of_the_welcomed_volume() -> None:
-    pair = client_at("WELCOMED", "image")
-    with pytest.raises(ProtocolError, match="IMAGE_INFO: field 'uuid' u-2 is not the WELCOME's u-1"):
-        pair.to_client(replace(INFO, uuid="u-2"))
-    assert pair.client.phase is FetchPhase.CLOSED
-
-
-@pytest.mark.parametrize("phase", ["AWAIT_FETCH", "SHIPPING", "SENDING_IMAGE", "AWAIT_IMAGE_ACK"])
+@pytest.mark.parametrize("phase", ["AWAIT_FETCH", "SHIPPING", "AWAIT_SYNC_REQUEST", "AWAIT_SYNC_ACK"])
 def test_a_session_ends_when_its_volume_is_deleted(phase: str) -> None:
     pair = server_at(phase)
-    served = pair.served
-    assert pair.server.volume_gone(served) is None  # still the node's volume of that name
     gone = pair.server.volume_gone(None)
     assert isinstance(gone, Error) and gone.code == "volume-deleted"
     assert gone.error == ("a deleted volume vm (uuid u-1); the copy on b belongs to the deleted volume (to mirror "
@@ -534,13 +434,11 @@ def test_a_session_ends_when_its_volume_is_deleted(phase: str) -> None:
 
 def test_a_volume_created_under_the_old_name_ends_the_session_too() -> None:
     pair = server_at("SHIPPING")
-    anew = volume(1, 3)
-    anew.uuid = "u-2"
-    gone = pair.server.volume_gone(anew)
+    gone = pair.server.volume_gone("u-2")
     assert isinstance(gone, Error) and gone.code == "volume-deleted"
     assert "deleted volume vm (uuid u-1) and created a new volume vm (uuid u-2)" in gone.error
     got = pair.to_client(gone)
-    assert isinstance(got, Refused) and got.fatal and pair.client.phase is FetchPhase.CLOSED
+    assert isinstance(got, Refused) and got.stop is Stop.NEEDS_RESYNC and pair.client.phase is FetchPhase.CLOSED
 
 
 def test_volume_gone_before_admission_or_after_the_end_says_nothing() -> None:
@@ -557,14 +455,14 @@ def test_a_paused_fetch_watches_and_keeps_learning_the_lag() -> None:
     served, mirror = volume(1, 10), volume(1, 10)
     pair = Pair(served, mirror)
     assert isinstance(pair.connect(), Welcome)
-    fetch = pair.client.fetch(now=1.0, watch=True)
+    fetch = pair.fetch(now=1.0, watch=True)
     assert fetch.watch and pair.client.phase is FetchPhase.WATCHING and pair.client.following
     assert pair.state.connected
     assert pair.to_server(fetch) == StartShipping(after=10) and pair.server.watching
     served.log.last_lsn = served.durable_lsn = 40  # the primary writes on
-    assert pair.server.poll() is None  # no records for a watcher...
+    assert pair.poll() is None  # no records for a watcher...
     assert pair.server.heartbeat_due(2.0)  # ...but heartbeats, with the durable LSN
-    beat = pair.server.heartbeat(2.0, wall=1e9, lag=(30 * 65_600, 30, 4.0))
+    beat = pair.heartbeat(2.0, wall=1e9, lag=(30 * 65_600, 30, 4.0))
     assert beat.durable_lsn == 40
     pair.to_client(beat, now=2.0)
     st = pair.state
@@ -580,54 +478,18 @@ def test_a_fetch_that_is_not_paused_does_not_watch() -> None:
     pair = Pair(volume(1, 20), volume(1, 10))
     pair.start_fetch()
     assert not pair.server.watching and pair.client.phase is FetchPhase.FETCHING and pair.client.following
-    assert pair.server.poll() == Ship(11, 20, FIRST_BATCH)
+    assert pair.poll() == Ship(11, 20, FIRST_BATCH)
 
 
-# ---------------------------------------------------------------------------- image scan progress (issue 8)
+# ---------------------------------------------------------------------------- a staged resync meets a target
 
 
-def test_an_image_scan_through_zeros_reports_progress() -> None:
-    served = volume(1, 5)
-    served.size = 300 * IMAGE_CHUNK
-    pair = Pair(served, want="image")
-    pair.connect()
-    info = pair.server.start_image()
-    pair.to_client(info)
-    zeros = bytes(IMAGE_CHUNK)
-    sent: list[tuple[float, object]] = []
-    now = 0.0
-    for off, n in pair.server.image_chunks():  # 300 chunks of zeros, one every 1 ms, one of data
-        now += 0.001
-        data = b"\1" * n if off == 150 * IMAGE_CHUNK else zeros[:n]
-        msg = pair.server.image_chunk(off, data, now)
-        if msg is not None:
-            assert pair.to_client(msg, now) == msg
-            sent.append((now, msg))
-            assert pair.client.scanned == off + n  # the mirror knows how far the scan got
-    kinds = [type(m).__name__ for _, m in sent]
-    assert kinds.count("ImageData") == 1 and sent[0][1] == ImageProgress(IMAGE_CHUNK)  # at once
-    gaps = [b[0] - a[0] for a, b in zip(sent, sent[1:])]
-    assert max(gaps) <= PROGRESS_EVERY + 0.001  # at least every 0.2 s...
-    assert len(sent) < 10  # ...and not per chunk
-    # a fast scan reports every PROGRESS_BYTES
-    fast = Pair(served, want="image")
-    fast.connect()
-    fast.server.start_image()
-    reports = [m for off, n in fast.server.image_chunks()
-               if (m := fast.server.image_chunk(off, zeros[:n], 0.0)) is not None]
-    assert [m.scanned for m in reports if isinstance(m, ImageProgress)] == [
-        IMAGE_CHUNK, *range(IMAGE_CHUNK + PROGRESS_BYTES, 300 * IMAGE_CHUNK + 1, PROGRESS_BYTES)]
-
-
-def test_image_progress_is_checked() -> None:
-    pair = client_at("IMAGE", "image")  # an image of 1024 bytes
-    with pytest.raises(ProtocolError, match="IMAGE_PROGRESS: field 'scanned' 1025 lies past the image's 1024"):
-        pair.to_client(ImageProgress(1025))
-    pair = client_at("IMAGE", "image")
-    pair.to_client(ImageProgress(1000))
-    pair.to_client(ImageProgress(512))  # never backwards
-    assert pair.client.scanned == 1000
-    for phase, want in [("FETCHING", "fetch"), ("WELCOMED", "image"), ("IMAGE_END", "image")]:
-        pair = client_at(phase, want)  # type: ignore[arg-type]
-        with pytest.raises(ProtocolError, match="IMAGE_PROGRESS is not allowed"):
-            pair.to_client(ImageProgress(1))
+def test_a_staged_resync_is_kept_retargeted_or_started_over() -> None:
+    info = SyncInfo(lsn=30, chain=chain("h", 30), size=1024, uuid="u-1", ranges=())
+    same = SyncTarget(uuid="u-1", lsn=30, chain=chain("h", 30), size=1024)
+    assert stage_step(None, info) is StageStep.BEGIN
+    assert stage_step(same, info) is StageStep.CONTINUE
+    assert stage_step(replace(same, lsn=20, chain=chain("h", 20)), info) is StageStep.RETARGET  # the source moved on
+    assert stage_step(replace(same, size=512), info) is StageStep.RETARGET  # it grew meanwhile
+    assert stage_step(replace(same, lsn=40), info) is StageStep.RESTART  # an older target: not from newer blocks
+    assert stage_step(replace(same, uuid="u-2"), info) is StageStep.RESTART  # another volume's blocks

@@ -45,9 +45,8 @@ from marsfs.replication.session import (
     combined_rate,
     sync_ranges,
 )
+from marsfs.testing.sansio import CHAIN, Pair, chain, decode, volume
 from marsfs.volume.blocksums import BLOCK, block_sums
-from t0_protocol import CHAIN, decode
-from t0_session import Pair, chain, volume
 
 SYNC_SAMPLES = [
     SyncRequest(since_lsn=5, since_chain=CHAIN),
@@ -113,7 +112,7 @@ def converse(pair: Pair, img: Images, req: SyncRequest, changed: list[tuple[int,
     assert pair.connect() is not None
     got = pair.to_server(pair.client.sync_request(req))
     assert got == req and pair.server.phase is ServePhase.PLANNING_SYNC
-    info = pair.server.plan_sync(changed, 30)
+    info = pair.plan_sync(changed, 30)
     assert pair.to_client(info) == info and pair.client.phase is FetchPhase.SYNCING
     sent = 0
     while (chunk := pair.client.next_sums()) is not None:
@@ -159,7 +158,7 @@ def test_only_changed_ranges_are_compared_and_the_mirror_adds_its_own() -> None:
     req = SyncRequest(since_lsn=10, since_chain=chain("h", 10), ranges=((40 * BLOCK + 7, 1),))
     pair.connect()
     pair.to_server(pair.client.sync_request(req))
-    assert pair.server.since_known()
+    assert pair.since_known()
     pair2 = sync_pair(size)
     info, sent = converse(pair2, img, req, [(3 * BLOCK + 100, 50)])
     assert info.ranges == ((3 * BLOCK, BLOCK), (40 * BLOCK, BLOCK))
@@ -178,7 +177,7 @@ def test_since_is_known_only_when_our_log_holds_it_with_the_same_chain(req: Sync
     pair = Pair(served, volume(1, 10), want="sync")
     pair.connect()
     pair.to_server(pair.client.sync_request(req))
-    assert pair.server.since_known() is known
+    assert pair.since_known() is known
 
 
 def test_nothing_to_compare_ends_at_once() -> None:
@@ -192,7 +191,7 @@ def test_the_sums_window() -> None:
     pair = sync_pair(size)
     pair.connect()
     pair.to_server(pair.client.sync_request(SyncRequest(since_lsn=0, since_chain=CHAIN, whole=True)))
-    pair.to_client(pair.server.plan_sync(None, 30))
+    pair.to_client(pair.plan_sync(None, 30))
     n = 0
     while pair.client.sums_window_open:
         chunk = pair.client.next_sums()
@@ -211,7 +210,7 @@ def started(size: int = 16 * BLOCK) -> Pair:
     pair = sync_pair(size)
     pair.connect()
     pair.to_server(pair.client.sync_request(SyncRequest(since_lsn=0, since_chain=CHAIN, whole=True)))
-    pair.to_client(pair.server.plan_sync(None, 30))
+    pair.to_client(pair.plan_sync(None, 30))
     return pair
 
 

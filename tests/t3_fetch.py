@@ -5,7 +5,8 @@
   with ``volume-replaced``. Both stop the fetcher for good, in words.
 * A paused fetcher watches: it keeps a session that brings heartbeats and no records, so its
   lag grows with the source's writes; resumed, it catches up.
-* An image copy of a volume of zeros reports how far the source scanned while it scans.
+* A new mirror's first copy (a fast sync into an empty image, as ``join`` makes it) reports
+  how far the source compared while it compares.
 * A fetch failure is a reason in words: no empty text, no bare exception class.
 """
 
@@ -18,10 +19,9 @@ import pytest
 import trio
 
 from marsfs.node.state import MirrorFacts, VolumeState, mirror_state
-from marsfs.replication.fetch import Fetcher, hello, open_channel, receive_image
-from marsfs.replication.protocol import ImageInfo
+from marsfs.replication.fetch import Fetcher
 from marsfs.replication.server import PeerTable, Server
-from marsfs.replication.session import IMAGE_CHUNK
+from marsfs.replication.session import SUMS_BLOCKS, SyncStatus
 from marsfs.testing.memnet import CLUSTER, SIZE, Link, copy_image, fetcher, primary, tick, write
 from marsfs.testing.runner import run, wait_for
 from marsfs.volume import Volume
@@ -69,7 +69,7 @@ def test_a_session_ends_when_the_source_deletes_its_volume(tmp_path: Path, caplo
                 if recreate:
                     assert f"and created a new volume vm (uuid {anew.uuid})" in f.state.error
                 assert node.peers.for_volume("vm", a.uuid) == []  # the old volume's mirror is forgotten
-                assert len(link.opened) == 2  # the image copy and the one fetch: no retries
+                assert len(link.opened) == 2  # the first copy and the one fetch: no retries
                 nursery.cancel_scope.cancel()
             finally:
                 b.close()
@@ -149,7 +149,7 @@ def test_a_paused_fetcher_watches_its_lag_grow_and_resumes(tmp_path: Path) -> No
                 nursery.cancel_scope.cancel()
             finally:
                 b.close()
-        assert len(link.opened) == 3  # the image copy, the watching session, the fetching one
+        assert len(link.opened) == 3  # the first copy, the watching session, the fetching one
 
     try:
         run(main)
@@ -188,38 +188,53 @@ def test_records_arriving_after_a_pause_are_not_fetched(tmp_path: Path) -> None:
         a.close()
 
 
-# ---------------------------------------------------------------------------------------------- image progress
+# ---------------------------------------------------------------------------------------------- copy progress
 
 
-def test_an_image_copy_of_zeros_shows_progress_while_the_source_scans(tmp_path: Path) -> None:
-    size = 256 * IMAGE_CHUNK
-    a = Volume.create(tmp_path / "a" / "vm", "vm", size, sync_interval=None)
+class Recorded(SyncStatus):
+    """A sync status that remembers every progress report (times: the caller's clock)."""
+
+    def __init__(self) -> None:
+        super().__init__(started=0.0)
+        self.reports: list[tuple[float, int]] = []
+
+    def update(self, now: float, compared: int, received: int) -> None:
+        super().update(now, compared, received)
+        self.reports.append((now, compared))
+
+
+def test_a_first_copy_shows_progress_while_the_source_compares(tmp_path: Path) -> None:
+    """What the source's log wrote is compared, one SYNC_SUMS step (4 MiB) at a time, and the
+    mirror's status moves through it before the end."""
+    steps = 6
+    step = SUMS_BLOCKS * 4096
+    a = Volume.create(tmp_path / "a" / "vm", "vm", steps * step, sync_interval=None)
+    for i in range(steps):
+        for k in range(4):  # 1 MiB at the start of each step
+            a.write(i * step + k * 256 * 1024, bytes([i + 1]) * (256 * 1024))
+    a.flush()
     node = Node(a)
-    seen: list[tuple[float, int]] = []
+    status = Recorded()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(tick)
             link = Link(nursery, node.server.handle)
-            ch, _ = await open_channel(link.connect, hello("b", CLUSTER, "vm", "image"))
-
-            def make(info: ImageInfo) -> Volume:
-                return Volume.create_replica(tmp_path / "b" / "vm", "vm", info.size, info.uuid, info.lsn, info.chain)
-
+            b = await copy_image(link, tmp_path / "b" / "vm", status)
             try:
-                b = await receive_image(ch, make, lambda done, total: seen.append((trio.current_time(), done)))
+                assert b.head_lsn == a.durable_lsn and b.read(0, a.size) == a.read(0, a.size)
             finally:
-                await ch.aclose()
-            b.close()
+                b.close()
             nursery.cancel_scope.cancel()
 
     try:
         run(main)
     finally:
         a.close()
-    done = [d for _, d in seen]
-    assert done == sorted(done) and done[0] == IMAGE_CHUNK and 0 < len(done) < 256, done
-    assert any(0 < d < size for d in done), "the mirror learned nothing before the end of the scan"
+    done = [d for _, d in status.reports]
+    assert status.total == steps * 1024 * 1024 and status.lsn == a.durable_lsn
+    assert done == sorted(done) and done[-1] == status.total, done
+    assert len([d for d in done if 0 < d < status.total]) >= steps - 1, "no progress before the end"
 
 
 # ---------------------------------------------------------------------------------------------- reasons

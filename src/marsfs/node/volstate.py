@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from marsfs.replication.session import STALL_AFTER
+from marsfs.replication.session import STALL_AFTER, Stop, refusal_stop
 
 FRESH = 1.5  #: a mirror is synced only on the word of a heartbeat at most this old (one per 0.5 s)
 
@@ -81,15 +81,17 @@ class FenceHolder(StrEnum):
     HANDOVER = "handover"  #: a primary during its handover (marsfs.node.handover)
 
 
-#: Refusal codes of a source that need an operator, and the state each one puts a mirror in.
-FATAL_STATES = {"diverged": VolumeState.SPLIT_BRAIN, "log-trimmed": VolumeState.NEEDS_RESYNC,
-                "volume-deleted": VolumeState.NEEDS_RESYNC, "volume-replaced": VolumeState.NEEDS_RESYNC}
+#: The state a mirror whose fetch stopped for good is in, by what the refusal meant (the
+#: session's REFUSALS table); any other stop (fatal) is failed. A log-trimmed refusal that a
+#: resync could not get past needs one by the operator.
+STOP_STATES = {Stop.SPLIT_BRAIN: VolumeState.SPLIT_BRAIN, Stop.NEEDS_RESYNC: VolumeState.NEEDS_RESYNC,
+               Stop.RESYNC: VolumeState.NEEDS_RESYNC}
 
 
 def refusal_state(code: str) -> VolumeState:
     """The state a mirror is in when its source refused it for good with ``code``: a split
     brain, a resync, or failed (a refusal nobody can act on here, e.g. an unknown volume)."""
-    return FATAL_STATES.get(code, VolumeState.FAILED)
+    return STOP_STATES.get(refusal_stop(code), VolumeState.FAILED)
 
 
 @dataclass(frozen=True, slots=True)

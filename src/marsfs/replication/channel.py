@@ -11,6 +11,7 @@ import trio
 
 from marsfs.aio import describe
 from marsfs.replication.protocol import Frame, FrameDecoder, Message, decode_message, encode_message
+from marsfs.replication.session import Stop, refusal_stop
 
 _READ = 256 * 1024
 
@@ -74,3 +75,8 @@ class PeerRefused(Exception):
         super().__init__(f"{message} ({code})")
         self.code = code
         self.message = message
+
+    @property
+    def stop(self) -> Stop:
+        """What the refusal means to a refused mirror (the session's table decides)."""
+        return refusal_stop(self.code)

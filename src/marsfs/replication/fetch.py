@@ -1,4 +1,4 @@
-"""The fetching side of replication: copy an image once, then fetch the log for ever.
+"""The fetching side of replication: fast-sync the image once, then fetch the log for ever.
 
 This module does the I/O; what the server may say when, lag correction, stall detection and
 the backoff schedule are the :class:`~marsfs.replication.session.FetchingSession`'s and its
@@ -14,8 +14,12 @@ Rules that hold here:
   by the node independently and may be paused.
 * Connection trouble only adds lag: the fetcher reconnects after the session's backoff delay,
   and a connection that brings no frame for ``STALL_AFTER`` seconds is dropped and retried.
-* Fatal refusals (``diverged``, ``log-trimmed``, ``volume-replaced`` ...) stop fetching: they
-  need an operator.
+* A refusal is acted on by its :class:`~marsfs.replication.session.Stop` (the session's
+  table says what each code means): retry after the backoff, resync what changed (the source
+  no longer holds our log), or stop fetching for good (split brain, needs-resync, fatal: an
+  operator acts). No code here compares refusal codes.
+* The volume is read here and fed to the session as values (our log's end at a FETCH, our
+  chain at a SYNC_REQUEST's ``since_lsn``, read in a worker thread: a chain is a ``pread``).
 * A paused fetch keeps a session that only watches (heartbeats, no records), so the mirror's
   lag stays true while paused; pausing or resuming ends the session and starts the other kind.
 * Fast sync (:func:`receive_sync`): our block sums of the staged image go out as fast as the
@@ -52,10 +56,6 @@ from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.protocol import (
     PROTO_VERSION,
     Hello,
-    ImageData,
-    ImageEnd,
-    ImageInfo,
-    ImageProgress,
     Records,
     SyncData,
     SyncEnd,
@@ -74,7 +74,11 @@ from marsfs.replication.session import (
     Probes,
     Refused,
     ServerReply,
+    StageStep,
+    Stop,
     SyncStatus,
+    SyncTarget,
+    stage_step,
 )
 from marsfs.volume import Volume
 from marsfs.volume.blocksums import block_sums
@@ -82,7 +86,7 @@ from marsfs.volume.blocksums import block_sums
 logger = logging.getLogger(__name__)
 
 __all__ = ["Connect", "FetchState", "Fetcher", "PeerChannel", "failure_reason", "hello", "open_channel",
-           "receive_image"]
+           "receive_sync", "stage_resync"]
 
 CONNECT_TIMEOUT = 5.0
 SYNC_EVERY = 64 * 1024 * 1024  #: staged bytes between syncs of the staged image (what a crash may cost)...
@@ -127,32 +131,6 @@ async def open_channel(connect: Connect, greeting: Hello | FetchingSession) -> t
         raise
     assert isinstance(welcome, Welcome)
     return ch, welcome
-
-
-async def receive_image(ch: PeerChannel, make_volume: Callable[[ImageInfo], Volume],
-                        progress: Callable[[int, int], None]) -> Volume:
-    """Receive IMAGE_INFO/IMAGE_DATA/IMAGE_PROGRESS/IMAGE_END into a new replica volume; durable
-    on return. ``progress(scanned, size)`` follows the source's scan, zeros included."""
-    info = await ch.receive_reply()
-    assert isinstance(info, ImageInfo)
-    vol = await trio.to_thread.run_sync(make_volume, info)
-    try:
-        while True:
-            msg = await ch.receive_reply()
-            if isinstance(msg, ImageEnd):
-                break
-            if isinstance(msg, ImageData):
-                await trio.to_thread.run_sync(vol.write_base, msg.offset, msg.data)
-            else:
-                assert isinstance(msg, ImageProgress), msg
-            progress(ch.session.scanned, info.size)
-        await trio.to_thread.run_sync(vol.sync_base)
-        await ch.send_message(ch.session.image_done(vol.head_lsn))
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(vol.close)
-        raise
-    return vol
 
 
 class Staging(Protocol):
@@ -246,12 +224,13 @@ def stage_resync(vol: Volume, info: SyncInfo, *, direct: bool) -> Staging:
     source is further now, else a new one (an older target cannot be reached from staged
     blocks of a newer one: start over)."""
     rs = vol.resync
-    if rs is not None and (rs.uuid != info.uuid or info.lsn < rs.target_lsn):
+    staged = None if rs is None else SyncTarget(uuid=rs.uuid, lsn=rs.target_lsn, chain=rs.target_chain, size=rs.size)
+    step = stage_step(staged, info)
+    if step is StageStep.RESTART:
         vol.abort_resync()
-        rs = None
-    if rs is None:
+    if rs is None or step is StageStep.RESTART:
         return vol.begin_resync(info.lsn, info.chain, info.size, info.uuid, direct=direct)
-    if (rs.target_lsn, rs.target_chain, rs.size) != (info.lsn, info.chain, info.size):
+    if step is StageStep.RETARGET:
         rs.retarget(info.lsn, info.chain, info.size)
     return rs
 
@@ -316,14 +295,15 @@ class Fetcher:
                 clean = True
             except PeerRefused as e:
                 self.state.error = e.message
-                if e.code == "log-trimmed" and self.resync is None:
+                stop = e.stop
+                if stop is Stop.RESYNC and self.resync is None:
                     # not fatal: copy what changed instead of the log we can no longer get
                     logger.info("fetch of %s from %s: %s; resyncing what changed", self.vol.name,
                                 self.state.source, e.message)
                     self.state.error = ""
                     self.resync = ResyncPlan()
                     clean = True
-                elif Refused(e.code, e.message).fatal:
+                elif stop.stops or stop is Stop.RESYNC:  # (log-trimmed while resyncing: no way on)
                     self.state.fatal = e.code
                     logger.error("fetch of %s from %s stopped: %s", self.vol.name, self.state.source, e)
                     return
@@ -346,10 +326,11 @@ class Fetcher:
         vol, plan = self.vol, self.resync or ResyncPlan()
         staged = vol.resync
         since = plan.since if plan.since is not None else staged.base_lsn if staged is not None else vol.durable_lsn
-        request = SyncRequest(since_lsn=since, since_chain=vol.log.chain_at(since), whole=plan.whole,
-                              ranges=plan.ranges, rate=plan.rate)
+        since_chain = await trio.to_thread.run_sync(vol.log.chain_at, since)
+        request = SyncRequest(since_lsn=since, since_chain=since_chain, whole=plan.whole, ranges=plan.ranges,
+                              rate=plan.rate)
         sess = FetchingSession(hello(self.node, self.cluster, vol.name, "sync"), state=self.state,
-                               probes=self._probes, mirror=vol)
+                               probes=self._probes, uuid=vol.uuid)
         if self.state.sync is None:
             self.state.sync = SyncStatus(started=trio.current_time())
         ch, _welcome = await open_channel(self.connect, sess)
@@ -388,10 +369,12 @@ class Fetcher:
         the pause flag no longer matches."""
         vol = self.vol
         sess = FetchingSession(hello(self.node, self.cluster, vol.name, "fetch"), state=self.state,
-                               probes=self._probes, mirror=vol)
+                               probes=self._probes, uuid=vol.uuid)
         ch, _welcome = await open_channel(self.connect, sess)
         try:
-            await ch.send_message(sess.fetch(trio.current_time(), watch=watch))
+            log = vol.log  # its end is in memory: no read
+            await ch.send_message(sess.fetch(trio.current_time(), last_lsn=log.last_lsn, last_chain=log.last_chain,
+                                             durable_lsn=vol.durable_lsn, watch=watch))
             with single_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._ack_loop, ch, sess, nursery.cancel_scope)

@@ -11,7 +11,7 @@ Rules that hold here:
 * Each message type is one frozen dataclass (:data:`Message`). Control messages travel as JSON
   objects whose keys are the dataclass fields; ``RECORDS`` carries log records exactly as
   stored (each verifies on its own: header sum, payload hash, and the chain on append);
-  ``IMAGE_DATA`` carries an 8-byte volume offset and the bytes there.
+  ``SYNC_SUMS`` and ``SYNC_DATA`` carry an 8-byte volume offset and the sums or bytes there.
 * :func:`decode_message` validates everything a peer can get wrong: a missing or unknown
   field, a wrong JSON type (a bool is not an int), a negative LSN, a chain that is not 16 hex
   bytes, an unknown ``want``, records that do not follow each other. Any of these is a
@@ -24,19 +24,15 @@ Rules that hold here:
 
 Conversation (client = the mirror, server = the node it fetches from)::
 
-    client: HELLO {proto, cluster, node, volume, want: "image" | "fetch" | "leave", epoch}
+    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch}
     server: WELCOME {node, volume, uuid, size, epoch, head_lsn, durable_lsn}  |  ERROR {code, error}
-    want=image: server: IMAGE_INFO {lsn, chain, size, uuid}, then in offset order IMAGE_DATA...
-                        and IMAGE_PROGRESS {scanned} (how far the scan got through zeros, which
-                        are not sent), IMAGE_END {lsn}
-                client: ACK {fetched_lsn, replayed_lsn}   (the copy is durable)
     want=fetch: client: FETCH {from_lsn, prev_chain, watch}
                 server: RECORDS... (none when ``watch``: the mirror's fetch is paused) and
                         HEARTBEAT {uuid, head_lsn, durable_lsn, time, probe, lag_bytes,
                         lag_records, lag_seconds} while the client ACKs
                 client: ACK {fetched_lsn, replayed_lsn, fetch_paused, replay_paused, probe}
     want=leave: nothing after WELCOME; the server forgets the mirror.
-    want=sync (fast sync, protocol 3):
+    want=sync (fast sync, protocol 3; a new mirror's first copy too, into an empty image):
                 client: SYNC_REQUEST {since_lsn, since_chain, whole, ranges, rate}
                 server: SYNC_INFO {lsn, chain, size, uuid, ranges}   (the target and what to compare)
                 client: SYNC_SUMS {offset, sums}... over the ranges in order, pipelined (binary)
@@ -85,14 +81,13 @@ from marsfs.volume.blocksums import BLOCK, SUM_SIZE
 
 __all__ = [
     "FRAME_HEADER", "MAX_CHAINS", "MAX_FRAME", "PROTO_VERSION", "Ack", "Chains", "Error", "Fetch", "Frame",
-    "FrameDecoder", "HandoverEnd", "HandoverPrepare", "HandoverReady", "Heartbeat", "Hello", "ImageData", "ImageEnd",
-    "ImageInfo", "ImageProgress", "Message", "MetaEntries", "MetaEntry", "MetaWelcome", "MsgType", "ProtocolError",
+    "FrameDecoder", "HandoverEnd", "HandoverPrepare", "HandoverReady", "Heartbeat", "Hello", "Message", "MetaEntries", "MetaEntry", "MetaWelcome", "MsgType", "ProtocolError",
     "Records", "Sums", "SumsRequest", "SyncData", "SyncEnd", "SyncInfo", "SyncProgress", "SyncRequest", "SyncSums",
     "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
 ]
 
 FRAME_MAGIC = b"MRSf"
-#: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS; 3: META_WELCOME, META_ENTRIES (want "meta"),
+#: 2: HEARTBEAT.uuid, FETCH.watch, IMAGE_PROGRESS (since retired); 3: META_WELCOME, META_ENTRIES (want "meta"),
 #: SUMS_REQUEST, SUMS (want "sums")
 #: 3: handover (HANDOVER_PREPARE/READY/END, want "handover"), split brain (CHAINS, want "compare")
 #: 3: fast sync (SYNC_*, want "sync")
@@ -117,10 +112,8 @@ class MsgType(IntEnum):
     RECORDS = 5
     HEARTBEAT = 6
     ACK = 7
-    IMAGE_INFO = 8
-    IMAGE_DATA = 9
-    IMAGE_END = 10
-    IMAGE_PROGRESS = 11
+    # 8-11 were an image copy's (IMAGE_INFO, IMAGE_DATA, IMAGE_END, IMAGE_PROGRESS; want "image"),
+    # which fast sync replaced: reserved, never reuse
     SYNC_REQUEST = 12
     SYNC_INFO = 13
     SYNC_SUMS = 14
@@ -237,7 +230,7 @@ def split_records(payload: bytes) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- messages
 
-Want: TypeAlias = Literal["image", "fetch", "leave", "meta", "sums", "handover", "compare", "sync"]
+Want: TypeAlias = Literal["fetch", "leave", "meta", "sums", "handover", "compare", "sync"]
 _WANTS: tuple[str, ...] = get_args(Want)
 
 # How a JSON field is checked and converted (field metadata "kind"):
@@ -319,7 +312,7 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The client's positions. After an image only the two LSNs are sent (the rest default)."""
+    """The client's positions. After a fast sync only the two LSNs are sent (the rest default)."""
 
     TYPE: ClassVar[MsgType] = MsgType.ACK
     fetched_lsn: int = _field("uint")
@@ -327,42 +320,6 @@ class Ack:
     fetch_paused: bool = _field("bool", default=False)
     replay_paused: bool = _field("bool", default=False)
     probe: int = _field("uint", default=0)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageInfo:
-    """An image copy starts: the image is the volume at ``lsn``, whose chain is ``chain``."""
-
-    TYPE: ClassVar[MsgType] = MsgType.IMAGE_INFO
-    lsn: int = _field("uint")
-    chain: bytes = _field("chain")
-    size: int = _field("pos")
-    uuid: str = _field("str")
-
-
-@dataclass(frozen=True, slots=True)
-class ImageEnd:
-    """The image copy is complete (chunks of zeros were not sent: the copy starts sparse)."""
-
-    TYPE: ClassVar[MsgType] = MsgType.IMAGE_END
-    lsn: int = _field("uint")
-
-
-@dataclass(frozen=True, slots=True)
-class ImageProgress:
-    """The image scan has read up to ``scanned`` bytes (chunks of zeros are scanned, not sent)."""
-
-    TYPE: ClassVar[MsgType] = MsgType.IMAGE_PROGRESS
-    scanned: int = _field("uint")
-
-
-@dataclass(frozen=True, slots=True)
-class ImageData:
-    """Bytes of the image at ``offset`` (binary payload: 8-byte offset, then the data)."""
-
-    TYPE: ClassVar[MsgType] = MsgType.IMAGE_DATA
-    offset: int
-    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,25 +552,22 @@ class Chains:
     tail_bytes: int = _field("uint", default=0)
 
 
-JsonMessage: TypeAlias = (Hello | Welcome | Error | Fetch | Heartbeat | Ack | ImageInfo | ImageEnd | ImageProgress
-                          | MetaWelcome | MetaEntries | SumsRequest | HandoverPrepare | HandoverReady | HandoverEnd
+JsonMessage: TypeAlias = (Hello | Welcome | Error | Fetch | Heartbeat | Ack | MetaWelcome | MetaEntries | SumsRequest | HandoverPrepare | HandoverReady | HandoverEnd
                           | Chains | SyncRequest | SyncInfo | SyncProgress | SyncEnd)
-Message: TypeAlias = JsonMessage | ImageData | Records | Sums | SyncSums | SyncData
+Message: TypeAlias = JsonMessage | Records | Sums | SyncSums | SyncData
 
 _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, ImageInfo, ImageEnd, ImageProgress,
-                              MetaWelcome, MetaEntries, SumsRequest, HandoverPrepare, HandoverReady, HandoverEnd,
+    cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, MetaWelcome, MetaEntries, SumsRequest, HandoverPrepare, HandoverReady, HandoverEnd,
                               Chains, SyncRequest, SyncInfo, SyncProgress, SyncEnd)}
 #: binary messages of an 8-byte offset and bytes
-_OFFSET_TYPES: dict[MsgType, type[ImageData | SyncSums | SyncData]] = {
-    cls.TYPE: cls for cls in (ImageData, SyncSums, SyncData)}
+_OFFSET_TYPES: dict[MsgType, type[SyncSums | SyncData]] = {cls.TYPE: cls for cls in (SyncSums, SyncData)}
 
 
 def encode_message(msg: Message, *, compress: bool = True) -> bytes:
     """The frame that carries ``msg``."""
     if isinstance(msg, Records):
         return encode_frame(MsgType.RECORDS, b"".join(msg.records), compress=compress)
-    if isinstance(msg, ImageData | SyncData):
+    if isinstance(msg, SyncData):
         return encode_frame(msg.TYPE, _OFFSET.pack(msg.offset) + msg.data, compress=compress)
     if isinstance(msg, SyncSums):
         return encode_frame(msg.TYPE, _OFFSET.pack(msg.offset) + msg.sums, compress=compress)
@@ -646,7 +600,7 @@ def decode_message(frame: Frame) -> Message:
         offset, body = _OFFSET.unpack_from(frame.payload, 0)[0], frame.payload[_OFFSET.size :]
         if binary is SyncSums and len(body) % SUM_SIZE:
             raise ProtocolError(f"SYNC_SUMS: field 'sums' holds {len(body)} bytes, not a multiple of {SUM_SIZE}")
-        if binary is not ImageData and offset % BLOCK:
+        if offset % BLOCK:
             raise ProtocolError(f"{frame.type.name}: field 'offset' {offset} is not a multiple of {BLOCK}")
         return binary(offset, body)
     if frame.type == MsgType.SUMS:

@@ -1,4 +1,4 @@
-"""The serving side of replication: hand out images and ship durable log records.
+"""The serving side of replication: fast-sync images and ship durable log records.
 
 This module does the I/O; what may be said when, and what is admitted, is the
 :class:`~marsfs.replication.session.ServingSession`'s (see there for the rules of the
@@ -6,7 +6,6 @@ conversation: admission, ``diverged`` and ``log-trimmed``, slow start, heartbeat
 
 Rules that hold here:
 
-* An image is sent as a pinned view at the LSN the session picked, after the log is synced.
 * While a mirror is known, its position holds our log (``Volume.hold``), so we keep what it
   still has to fetch.
 * Shipping runs in its own tasks and only reads the log: a slow, stalled or dead link never
@@ -19,12 +18,15 @@ Rules that hold here:
 * A peer that breaks the protocol is logged at INFO and disconnected; it is the peer's fault,
   not ours. Only an error nobody foresaw is logged with its traceback, and it still only ends
   that one connection.
+* This module reads the volume and feeds the session values: the volume's facts at
+  admission, what the log says about the LSN a FETCH or SYNC_REQUEST names (read in a worker
+  thread: a chain is a ``pread``), the shippable LSN at each poll. What they mean (admitted,
+  ``diverged``, ``log-trimmed``, which change set to compare) is the session's.
 * Fast sync (want ``sync``): the target is a pinned view at the shippable LSN L, and the
-  mirror's position holds our log from L+1 (as for an image). The ranges to compare are what
-  changed since the mirror's ``since_lsn`` when we can tell (:func:`changed_since`), else the
-  whole image. Data is paced to the node's ``--sync-rate`` and the request's own rate,
-  whichever is lower; sums and progress are not paced (they are small and keep the mirror
-  from calling the link stalled).
+  mirror's position holds our log from L+1. The ranges to compare are the change set the
+  session names (:func:`read_changes` reads it), else the whole image. Data is paced to the
+  node's ``--sync-rate`` and the request's own rate, whichever is lower; sums and progress
+  are not paced (they are small and keep the mirror from calling the link stalled).
 * Times are trio times (``trio.current_time``), except wall times compared with record
   timestamps (lag seconds) or shown to users.
 """
@@ -37,7 +39,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -47,8 +49,8 @@ from marsfs.replication.channel import Channel, ConnectionLost
 from marsfs.replication.protocol import (
     Ack,
     Error,
+    Fetch,
     Hello,
-    ImageData,
     Records,
     Sums,
     SumsRequest,
@@ -56,7 +58,17 @@ from marsfs.replication.protocol import (
     SyncRequest,
     encode_message,
 )
-from marsfs.replication.session import Compare, Pace, ServingSession, StartShipping, combined_rate, shippable_lsn
+from marsfs.replication.session import (
+    Changes,
+    Compare,
+    LogFacts,
+    Pace,
+    ServingSession,
+    StartShipping,
+    VolumeFacts,
+    combined_rate,
+    shippable_lsn,
+)
 from marsfs.replication.verify import pick_version, sums_span
 from marsfs.volume import Volume, VolumeView
 from marsfs.volume.blocksums import block_sums
@@ -166,13 +178,12 @@ class Server:
                     await self.meta(ch, hello)
                 return
             vol = self.lookup(hello.volume)
-            answer = sess.admit(vol, self.epoch_of(hello.volume) if vol is not None else 0)
+            answer = sess.admit(volume_facts(vol) if vol is not None else None,
+                                self.epoch_of(hello.volume) if vol is not None else 0)
             await ch.send_message(answer)
             if isinstance(answer, Error) or vol is None:
                 return
-            if hello.want == "image":
-                await self._send_image(ch, sess, vol)
-            elif hello.want == "fetch":
+            if hello.want == "fetch":
                 await self._serve_fetch(ch, sess, vol)
             elif hello.want == "sync":
                 await self._serve_sync(ch, sess, vol)
@@ -208,35 +219,16 @@ class Server:
     async def _volume_gone(self, ch: Channel, sess: ServingSession, vol: Volume) -> bool:
         """If ``vol`` is no longer this node's volume of its name: tell the mirror, forget it
         (its position no longer holds anything here) and return True."""
-        gone = sess.volume_gone(self.lookup(vol.name))
+        current = self.lookup(vol.name)
+        if current is vol:
+            return False
+        gone = sess.volume_gone(current.uuid if current is not None else None)
         if gone is None:
             return False
         logger.info("replication connection from %s ends: %s", sess.peer, gone.error)
         self.peers.forget(vol.name, vol.uuid, sess.peer)
         await self._refuse(ch, gone)
         return True
-
-    async def _send_image(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
-        await trio.to_thread.run_sync(vol.log.sync)
-        info = sess.start_image()
-        view = vol.view(info.lsn)
-        try:
-            vol.hold(sess.hold_key, info.lsn)  # the mirror fetches from lsn+1 once the copy is done
-            await ch.send_message(info)
-            logger.info("sending image of %s at LSN %d to %s", vol.name, info.lsn, sess.peer)
-            for off, n in sess.image_chunks():
-                if await self._volume_gone(ch, sess, vol):
-                    return
-                data = await trio.to_thread.run_sync(view.read, off, n)
-                msg = sess.image_chunk(off, data, trio.current_time())
-                if isinstance(msg, ImageData):
-                    await ch.send_raw(await trio.to_thread.run_sync(encode_message, msg))
-                elif msg is not None:
-                    await ch.send_message(msg)
-            await ch.send_message(sess.end_image())
-            sess.receive(await ch.receive_message())  # the ACK: the copy is durable on the mirror
-        finally:
-            view.close()
 
     async def _serve_sync(self, ch: Channel, sess: ServingSession, vol: Volume) -> None:
         req = sess.receive(await ch.receive_message())
@@ -249,8 +241,10 @@ class Server:
         state.last_seen = time.time()
         try:
             vol.hold(sess.hold_key, lsn)  # the mirror fetches from lsn+1 once it switched
-            changed = await trio.to_thread.run_sync(changed_since, vol, sess, lsn)
-            info = sess.plan_sync(changed, lsn)
+            since = await trio.to_thread.run_sync(log_facts, vol.log, req.since_lsn)
+            changes = sess.changes(since, lsn)
+            changed, chain = await trio.to_thread.run_sync(read_changes, vol, changes, sess.peer, req.since_lsn, lsn)
+            info = sess.plan_sync(changed, lsn, chain, vol.size)
             await ch.send_message(info)
             logger.info("fast sync of %s at LSN %d to %s: comparing %d bytes%s", vol.name, lsn, sess.peer,
                         info.total, "" if changed is None else " (what changed since its LSN "
@@ -337,7 +331,9 @@ class Server:
         if switching is not None:
             await ch.send_message(switching)
             return
-        start = sess.receive(await ch.receive_message())
+        req = sess.receive(await ch.receive_message())
+        assert isinstance(req, Fetch)
+        start = sess.admit_fetch(await trio.to_thread.run_sync(log_facts, vol.log, req.from_lsn - 1))
         if isinstance(start, Error):
             await ch.send_message(start)
             return
@@ -365,7 +361,7 @@ class Server:
                 logger.info("%s stops fetching %s from here: %s", sess.peer, vol.name, switching.error)
                 await self._refuse(ch, switching)
                 return
-            todo = sess.poll()
+            todo = sess.poll(shippable_lsn(vol))
             if todo is not None:
                 frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, todo.first, todo.limit, todo.batch)
                 await ch.send_raw(frame)
@@ -377,7 +373,7 @@ class Server:
             if sess.heartbeat_due(now):
                 lag = lag_of(vol, state.fetched_lsn)
                 state.lag_bytes, state.lag_records, state.lag_seconds = lag
-                await ch.send_message(sess.heartbeat(now, time.time(), lag))
+                await ch.send_message(sess.heartbeat(now, time.time(), lag, vol.head_lsn))
 
     async def _receive_acks(self, ch: Channel, sess: ServingSession, vol: Volume, state: PeerState,
                             scope: trio.CancelScope) -> None:
@@ -394,23 +390,41 @@ class Server:
             scope.cancel()
 
 
-def changed_since(vol: Volume, sess: ServingSession, lsn: int) -> list[tuple[int, int]] | None:
-    """The byte ranges where the mirror's image may differ from ours at ``lsn`` (None: any).
+def volume_facts(vol: Volume) -> VolumeFacts:
+    """``vol`` as a serving session is admitted to it (its positions as of now)."""
+    return VolumeFacts(name=vol.name, uuid=vol.uuid, size=vol.size, head_lsn=vol.head_lsn,
+                       durable_lsn=vol.durable_lsn)
 
-    When our log still holds the mirror's ``since_lsn`` with the same chain, the extents that
-    records after it wrote; when it lies before our log, the changed set log space kept for
-    that mirror when it dropped its log (``Volume.changed_ranges``); else not known."""
-    req = sess.sync_request
-    assert req is not None
-    if req.whole:
-        return None
-    if sess.since_known():
-        ranges = vol.extents_between(req.since_lsn, lsn)
-        if ranges is not None:
-            return ranges
-    if req.since_lsn < vol.log.first_lsn - 1:  # before our log: what log space kept for it, if anything
-        return vol.changed_ranges(sess.peer, req.since_lsn, lsn)
-    return None  # our log holds since_lsn with another chain (a divergent mirror), or beyond our head
+
+class ChainLog(Protocol):
+    """What :func:`log_facts` reads of a log (``marsfs.log.Log`` has it)."""
+
+    @property
+    def first_lsn(self) -> int: ...
+    @property
+    def last_lsn(self) -> int: ...
+    def chain_at(self, lsn: int) -> bytes: ...
+
+
+def log_facts(log: ChainLog, lsn: int) -> LogFacts:
+    """What ``log`` says about ``lsn``: its ends and the chain there if it holds it (a
+    ``pread``: call in a worker thread)."""
+    first, last = log.first_lsn, log.last_lsn
+    chain = log.chain_at(lsn) if first - 1 <= lsn <= last else None
+    return LogFacts(lsn=lsn, first_lsn=first, last_lsn=last, chain=chain)
+
+
+def read_changes(vol: Volume, changes: Changes, mirror: str, since: int, lsn: int
+                 ) -> tuple[list[tuple[int, int]] | None, bytes]:
+    """The byte ranges where ``mirror``'s image may differ from ours at ``lsn`` (None: any), read
+    from the change set the session named for the mirror's ``since``, and our chain at ``lsn``
+    (worker thread: both read the log)."""
+    chain = vol.log.chain_at(lsn)
+    if changes is Changes.WRITTEN:
+        return vol.extents_between(since, lsn), chain
+    if changes is Changes.KEPT:
+        return vol.changed_ranges(mirror, since, lsn), chain
+    return None, chain
 
 
 def _compare(sess: ServingSession, view: VolumeView, job: Compare) -> list[tuple[bytes, int]]:

@@ -1,46 +1,50 @@
 """Replication sessions as pure state machines (h11 style): no I/O, no trio, no clock reads.
 
 Everything that decides the node-to-node conversation lives here; ``server`` and ``fetch``
-only move bytes, call the volume and sleep. A session is fed events - a decoded message, the
-time (``now``, passed in), local facts read through :class:`VolumeFacts` - and answers with
-what to do: a message to send, records to append, a refusal, or a :class:`ProtocolError`
-(raised; the caller closes the connection and logs it at INFO).
+only move bytes, read and write the volume (in worker threads where that blocks) and sleep.
+A session holds no volume: it is fed events - a decoded message, the time (``now``, passed
+in), local facts as values the I/O shell read (:class:`VolumeFacts`, :class:`LogFacts`,
+positions as arguments) - and answers with what to do: a message to send, what to read
+next, records to append, a refusal, or a :class:`ProtocolError` (raised; the caller closes
+the connection and logs it at INFO).
 
 Rules that hold here:
 
 * Each side has its states and allowed transitions as a table (``_SERVE`` and ``_FETCH``).
   A message that is valid on the wire but not allowed in the current state (RECORDS before
-  FETCH, a second HELLO, an ACK on an image session) is a :class:`ProtocolError`, and the
+  FETCH, a second HELLO, SYNC_DATA on a fetch session) is a :class:`ProtocolError`, and the
   session is ``CLOSED`` for good. An ERROR from the server is allowed in every open state.
 * Admission (serving side): HELLO must speak our protocol (``protocol``), be for our cluster
   (``cluster``) and name a volume we have (``unknown-volume``). A FETCH whose log reaches
   beyond ours, or whose chain differs from ours at that LSN, is ``diverged``; one that needs
   records we no longer hold is ``log-trimmed``. Refusals are ERROR messages and end the
-  session; :data:`FATAL` codes stop the fetcher until an operator acts.
+  session. What a refusal means to the refused mirror is one table, :data:`REFUSALS`: each
+  code is a :class:`Stop` (retry, resync what changed, split brain, needs-resync, fatal); the
+  I/O shells act on the Stop and never compare codes.
 * Only records that are durable here are shipped (G3), and on a mirror serving another mirror
   only records it has replayed, so a chain of mirrors stays prefix-consistent
-  (:func:`shippable_lsn`). An image is the volume at that LSN.
+  (:func:`shippable_lsn`). A fast sync's target is the volume at that LSN.
 * Volume identity: a volume is its uuid, not its name. The serving side is asked, at every
   step of its loops, whether the volume it serves is still the node's volume of that name
   (:meth:`ServingSession.volume_gone`); when it was deleted (and maybe created again) the
   session ends with ERROR ``volume-deleted``. The fetching side compares the uuid of the
   WELCOME and of every HEARTBEAT with its own volume's; another uuid ends the session as
-  ``volume-replaced``. Both are :data:`FATAL`: the mirror's copy belongs to a volume that is
-  gone, and only the operator can say what to do with it. Within one volume, the chain is
+  ``volume-replaced``. Both are :attr:`Stop.NEEDS_RESYNC`: the mirror's copy belongs to a
+  volume that is gone, and only the operator can say what to do with it. Within one volume, the chain is
   what is checked: at admission (``prev_chain``) and on every appended record.
 * A paused fetch still watches: its FETCH has ``watch`` set, the server sends heartbeats and
   no records, so the mirror keeps knowing the source's durable LSN and how far behind it is.
   Pausing or resuming starts a new session (records in flight belong to the old one).
-* An image scan reports how far it got: a chunk of data says it by its offset, and between
-  chunks of zeros (not sent) an ``IMAGE_PROGRESS`` goes out at least every
-  :data:`PROGRESS_EVERY` seconds or :data:`PROGRESS_BYTES` scanned bytes.
 * Fast sync (want ``sync``): the mirror's SYNC_SUMS must walk the SYNC_INFO's ranges in
   order, whole blocks of one range per message (:class:`RangeCursor`); the source answers each
   with the blocks whose sums differ and a SYNC_PROGRESS, and SYNC_END only when every range is
   compared. The mirror accepts SYNC_DATA only for blocks whose sums it sent and the source has
   not yet reported compared, keeps at most :data:`SUMS_AHEAD` bytes of sums unanswered, and
   counts the source's silence as a stall only while sums are unanswered. Data is paced by
-  :class:`Pace`; progress and ETA are :class:`SyncStatus`'s.
+  :class:`Pace`; progress and ETA are :class:`SyncStatus`'s. The ranges are what changed since
+  the mirror's ``since_lsn`` when our log can tell (:meth:`ServingSession.changes` names the
+  change set the shell reads), else the whole image; a staged resync meets a newer target by
+  :func:`stage_step` (retarget, or start over).
 * Slow start: a session's first RECORDS frame holds at most :data:`FIRST_BATCH` bytes (or
   one record), each later one twice as much, up to :data:`BATCH_BYTES`.
 * A HEARTBEAT goes out at once and then every :data:`HEARTBEAT` seconds; it echoes the newest
@@ -56,7 +60,7 @@ Rules that hold here:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Protocol, TypeAlias
@@ -69,10 +73,6 @@ from marsfs.replication.protocol import (
     Fetch,
     Heartbeat,
     Hello,
-    ImageData,
-    ImageEnd,
-    ImageInfo,
-    ImageProgress,
     Message,
     Records,
     SumsRequest,
@@ -90,62 +90,108 @@ from marsfs.volume.holds import mirror_hold
 
 BATCH_BYTES = 4 * 1024 * 1024
 FIRST_BATCH = 64 * 1024  #: a session's first frame; each later one may be twice as big
-IMAGE_CHUNK = 1024 * 1024
-PROGRESS_EVERY = 0.2  #: an image scan through zeros says how far it got at least this often...
-PROGRESS_BYTES = 64 * 1024 * 1024  #: ...or after this many bytes
 HEARTBEAT = 0.5
 STALL_AFTER = 10.0  #: seconds without progress (while there is lag) before a fetch or replay is stalled
 ACK_EVERY = 0.2
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
-#: refusal codes that need an operator: retrying cannot help
-FATAL = ("diverged", "log-trimmed", "unknown-volume", "cluster", "protocol", "volume-deleted", "volume-replaced")
 SUMS_BLOCKS = 1024  #: blocks per SYNC_SUMS: 4 MiB of image, 8 KiB of sums
 SUMS_AHEAD = 64 * 1024 * 1024  #: how far the mirror's sums may run ahead of the source's progress
 PACE_BURST = 0.1  #: seconds of data a rate-limited sync may send at once
 _PROBES_KEPT = 100
-_ZERO = bytes(IMAGE_CHUNK)
 _SAMPLES_KEPT = 50
 
 
 # ---------------------------------------------------------------------------- local facts
 
 
-class LogFacts(Protocol):
-    """What a session reads of a log (``marsfs.log.Log`` satisfies it)."""
+class Positions(Protocol):
+    """The two positions that bound what a node may ship (``marsfs.volume.Volume`` has them)."""
 
-    @property
-    def first_lsn(self) -> int: ...
-    @property
-    def last_lsn(self) -> int: ...
-    @property
-    def last_chain(self) -> bytes: ...
-    def chain_at(self, lsn: int) -> bytes: ...
-
-
-class VolumeFacts(Protocol):
-    """What a session reads of a volume (``marsfs.volume.Volume`` satisfies it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def uuid(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    def size_at(self, lsn: int) -> int: ...
-    @property
-    def head_lsn(self) -> int: ...
     @property
     def durable_lsn(self) -> int: ...
     @property
     def replayed_lsn(self) -> int: ...
-    @property
-    def log(self) -> LogFacts: ...
 
 
-def shippable_lsn(vol: VolumeFacts) -> int:
+def shippable_lsn(vol: Positions) -> int:
     """The newest LSN we may ship: durable here, and replayed if we are a mirror."""
     return min(vol.durable_lsn, vol.replayed_lsn)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeFacts:
+    """A served volume as it stood when the I/O shell read it (the WELCOME tells the mirror)."""
+
+    name: str
+    uuid: str
+    size: int
+    head_lsn: int
+    durable_lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogFacts:
+    """What our log said about one LSN when the I/O shell read it: the log's ends and the
+    chain after record ``lsn`` (None: the log does not hold it, ``lsn`` lies outside
+    ``first_lsn - 1 .. last_lsn``)."""
+
+    lsn: int
+    first_lsn: int
+    last_lsn: int
+    chain: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncTarget:
+    """The target of a staged resync: the source's volume ``uuid`` at ``lsn`` (chain, size)."""
+
+    uuid: str
+    lsn: int
+    chain: bytes
+    size: int
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+class Stop(Enum):
+    """What a refused mirror does next: the meaning of a refusal code (:data:`REFUSALS`)."""
+
+    RETRY = "retry"  #: a passing condition (a switch, a local failure there): reconnect after the backoff
+    RESYNC = "resync"  #: the source no longer holds the log we need: fast-sync what changed, then fetch
+    SPLIT_BRAIN = "split-brain"  #: our histories diverged: fetching stops; the node looks for the fork
+    #: the copy belongs to a volume that is gone there (deleted, maybe created anew): fetching stops
+    NEEDS_RESYNC = "needs-resync"
+    FATAL = "fatal"  #: retrying cannot help (another protocol or cluster, no such volume): fetching stops
+
+    @property
+    def stops(self) -> bool:
+        """Fetching ends until an operator acts."""
+        return self in (Stop.SPLIT_BRAIN, Stop.NEEDS_RESYNC, Stop.FATAL)
+
+
+#: The one table of what each refusal code means to the mirror it refuses. A code not listed
+#: (a newer peer's, or a conversation's own like ``busy``) is :attr:`Stop.RETRY`: nothing says
+#: retrying cannot help.
+REFUSALS: Mapping[str, Stop] = {
+    "protocol": Stop.FATAL,
+    "cluster": Stop.FATAL,
+    "unknown-volume": Stop.FATAL,
+    "diverged": Stop.SPLIT_BRAIN,
+    "log-trimmed": Stop.RESYNC,
+    "volume-deleted": Stop.NEEDS_RESYNC,
+    "volume-replaced": Stop.NEEDS_RESYNC,
+    "switching": Stop.RETRY,
+    "error": Stop.RETRY,
+    "unsupported": Stop.RETRY,
+    "unknown-want": Stop.RETRY,
+}
+
+
+def refusal_stop(code: str) -> Stop:
+    """What a refusal with ``code`` means to the refused mirror (see :data:`REFUSALS`)."""
+    return REFUSALS.get(code, Stop.RETRY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +203,8 @@ class Refused:
     message: str
 
     @property
-    def fatal(self) -> bool:
-        """Retrying cannot help: the fetcher stops until an operator acts."""
-        return self.code in FATAL
+    def stop(self) -> Stop:
+        return refusal_stop(self.code)
 
 
 def _refusal(code: str, message: str) -> Error:
@@ -291,6 +336,27 @@ def combined_rate(*rates: int) -> int:
     return min(limits) if limits else 0
 
 
+class StageStep(Enum):
+    """What the mirror does with its staged resync for a SYNC_INFO's target (:func:`stage_step`)."""
+
+    BEGIN = auto()  #: nothing is staged: begin staging for the target
+    RESTART = auto()  #: what is staged is of another volume or a newer target: abort it, begin anew
+    RETARGET = auto()  #: the source is further now: move the staged resync's target
+    CONTINUE = auto()  #: what is staged is for this very target
+
+
+def stage_step(staged: SyncTarget | None, info: SyncInfo) -> StageStep:
+    """How a staged resync (of ``staged``, None: none) meets the target ``info``: an older target
+    cannot be reached from staged blocks of a newer one, so it starts over."""
+    if staged is None:
+        return StageStep.BEGIN
+    if staged.uuid != info.uuid or info.lsn < staged.lsn:
+        return StageStep.RESTART
+    if (staged.lsn, staged.chain, staged.size) != (info.lsn, info.chain, info.size):
+        return StageStep.RETARGET
+    return StageStep.CONTINUE
+
+
 @dataclass
 class SyncStatus:
     """A fast sync's progress as the mirror knows it (status shows it; outlives sessions).
@@ -333,13 +399,11 @@ class SyncStatus:
 
 class ServePhase(Enum):
     AWAIT_HELLO = auto()
-    ADMITTING = auto()  #: HELLO read; the caller looks up the volume and calls admit()
-    SENDING_IMAGE = auto()
-    AWAIT_IMAGE_ACK = auto()
+    ADMITTING = auto()  #: HELLO or FETCH read; the caller reads the volume or log and calls admit()/admit_fetch()
     AWAIT_FETCH = auto()
     SHIPPING = auto()
     AWAIT_SYNC_REQUEST = auto()
-    PLANNING_SYNC = auto()  #: SYNC_REQUEST read; the caller picks the ranges and calls plan_sync()
+    PLANNING_SYNC = auto()  #: SYNC_REQUEST read; the caller reads the changes and calls plan_sync()
     SENDING_SYNC = auto()  #: comparing the mirror's sums, sending what differs
     AWAIT_SYNC_ACK = auto()
     SERVING_SUMS = auto()  #: want=sums: SUMS_REQUESTs answered (marsfs.replication.verify)
@@ -348,14 +412,12 @@ class ServePhase(Enum):
 
 
 class ServeEvent(Enum):
-    WELCOME_IMAGE = auto()
     WELCOME_FETCH = auto()
     WELCOME_LEAVE = auto()
     WELCOME_SUMS = auto()
     WELCOME_OTHER = auto()  #: a conversation another module carries on (handover, compare)
     ACCEPT_FETCH = auto()
     REFUSE = auto()
-    IMAGE_END = auto()
     VOLUME_GONE = auto()  #: the volume served was deleted (maybe created again) on this node
     WELCOME_SYNC = auto()
     SYNC_PLANNED = auto()
@@ -365,13 +427,10 @@ class ServeEvent(Enum):
 _S = ServePhase
 _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.AWAIT_HELLO, Hello): _S.ADMITTING,
-    (_S.ADMITTING, ServeEvent.WELCOME_IMAGE): _S.SENDING_IMAGE,
     (_S.ADMITTING, ServeEvent.WELCOME_FETCH): _S.AWAIT_FETCH,
     (_S.ADMITTING, ServeEvent.WELCOME_LEAVE): _S.DONE,
     (_S.ADMITTING, ServeEvent.WELCOME_OTHER): _S.DONE,
     (_S.ADMITTING, ServeEvent.REFUSE): _S.CLOSED,
-    (_S.SENDING_IMAGE, ServeEvent.IMAGE_END): _S.AWAIT_IMAGE_ACK,
-    (_S.AWAIT_IMAGE_ACK, Ack): _S.DONE,
     (_S.AWAIT_FETCH, Fetch): _S.ADMITTING,
     (_S.ADMITTING, ServeEvent.ACCEPT_FETCH): _S.SHIPPING,
     (_S.SHIPPING, Ack): _S.SHIPPING,
@@ -384,11 +443,11 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
     (_S.ADMITTING, ServeEvent.WELCOME_SUMS): _S.SERVING_SUMS,
     (_S.SERVING_SUMS, SumsRequest): _S.SERVING_SUMS,
     **{(phase, ServeEvent.VOLUME_GONE): _S.CLOSED
-       for phase in (_S.SENDING_IMAGE, _S.AWAIT_IMAGE_ACK, _S.AWAIT_FETCH, _S.SHIPPING, _S.SERVING_SUMS,
-                     _S.AWAIT_SYNC_REQUEST, _S.PLANNING_SYNC, _S.SENDING_SYNC, _S.AWAIT_SYNC_ACK)},
+       for phase in (_S.AWAIT_FETCH, _S.ADMITTING, _S.SHIPPING, _S.SERVING_SUMS, _S.AWAIT_SYNC_REQUEST,
+                     _S.PLANNING_SYNC, _S.SENDING_SYNC, _S.AWAIT_SYNC_ACK)},
 }
-_WELCOME_EVENT = {"image": ServeEvent.WELCOME_IMAGE, "fetch": ServeEvent.WELCOME_FETCH,
-                  "leave": ServeEvent.WELCOME_LEAVE, "sums": ServeEvent.WELCOME_SUMS, "sync": ServeEvent.WELCOME_SYNC,
+_WELCOME_EVENT = {"fetch": ServeEvent.WELCOME_FETCH, "leave": ServeEvent.WELCOME_LEAVE,
+                  "sums": ServeEvent.WELCOME_SUMS, "sync": ServeEvent.WELCOME_SYNC,
                   "handover": ServeEvent.WELCOME_OTHER, "compare": ServeEvent.WELCOME_OTHER}
 
 
@@ -408,16 +467,28 @@ class Ship:
     batch: int
 
 
+class Changes(Enum):
+    """Which change set bounds a fast sync's ranges (the I/O shell reads it, see plan_sync)."""
+
+    WHOLE = auto()  #: not known: compare the whole image
+    WRITTEN = auto()  #: the extents our log's records after the mirror's ``since_lsn`` wrote
+    KEPT = auto()  #: what log space kept for the mirror when it dropped the log it needed
+
+
 class ServingSession:
-    """One connection as seen by the node that serves a volume."""
+    """One connection as seen by the node that serves a volume.
+
+    It holds no volume: the I/O shell reads what each step needs (:class:`VolumeFacts` at
+    admission, :class:`LogFacts` for a FETCH or a SYNC_REQUEST, the shippable LSN at each
+    poll) and passes it in as values."""
 
     def __init__(self, node: str, cluster: str) -> None:
         self.node = node
         self.cluster = cluster
         self.phase = ServePhase.AWAIT_HELLO
         self.hello: Hello | None = None
-        self._vol: VolumeFacts | None = None
-        self.image: ImageInfo | None = None
+        self._served: VolumeFacts | None = None
+        self.fetch_request: Fetch | None = None
         #: the mirror's positions, from FETCH and then each ACK
         self.fetched_lsn = 0
         self.replayed_lsn = 0
@@ -425,8 +496,6 @@ class ServingSession:
         self.probe = 0  #: the newest ACK probe
         self.watching = False  #: the mirror's fetch is paused: heartbeats only
         self._batch = FIRST_BATCH
-        self._reported = 0  #: bytes of the image the mirror knows were scanned
-        self._report_at: float | None = None  #: when it last learned that
         self._next_beat: float | None = None
         self._beat_probe = 0  #: the probe read before _beat_limit
         self._beat_limit = 0
@@ -451,17 +520,18 @@ class ServingSession:
         return min(self.fetched_lsn, self.replayed_lsn)
 
     @property
-    def vol(self) -> VolumeFacts:
-        assert self._vol is not None, "no volume before admit()"
-        return self._vol
+    def served(self) -> VolumeFacts:
+        """The volume admitted, as it stood then."""
+        assert self._served is not None, "no volume before admit()"
+        return self._served
 
     def _go(self, event: Enum | Message) -> None:
         self.phase = ServePhase(_step(_SERVE, self.phase, event, "serving"))
 
-    def receive(self, msg: Message) -> Hello | Ack | Error | StartShipping | SumsRequest | SyncRequest | Compare:
+    def receive(self, msg: Message) -> Hello | Ack | Fetch | SumsRequest | SyncRequest | Compare:
         """Take a message from the client. Returns the HELLO (then call :meth:`admit`), an ACK,
-        for a FETCH either the refusal to send or where shipping starts, a SUMS_REQUEST (verify),
-        a SYNC_REQUEST (then call :meth:`plan_sync`) or, for SYNC_SUMS, what to compare (then
+        the FETCH (then call :meth:`admit_fetch`), a SUMS_REQUEST (verify), a SYNC_REQUEST
+        (then :meth:`changes` and :meth:`plan_sync`) or, for SYNC_SUMS, what to compare (then
         :meth:`compare`)."""
         try:
             self._go(msg)
@@ -472,7 +542,8 @@ class ServingSession:
             self.hello = msg
             return msg
         if isinstance(msg, Fetch):
-            return self._admit_fetch(msg)
+            self.fetch_request = msg
+            return msg
         if isinstance(msg, SyncRequest):
             self.sync_request = msg
             return msg
@@ -495,7 +566,7 @@ class ServingSession:
             return self._refuse("cluster", f"node {self.node} is in cluster {self.cluster!r}, not {hello.cluster!r}")
         if vol is None:
             return self._refuse("unknown-volume", f"node {self.node} has no volume {hello.volume!r}")
-        self._vol = vol
+        self._served = vol
         self._go(_WELCOME_EVENT[hello.want])
         return Welcome(node=self.node, volume=vol.name, uuid=vol.uuid, size=vol.size, epoch=epoch,
                        head_lsn=vol.head_lsn, durable_lsn=vol.durable_lsn)
@@ -504,96 +575,79 @@ class ServingSession:
         self._go(ServeEvent.REFUSE)
         return _refusal(code, message)
 
-    def volume_gone(self, current: VolumeFacts | None) -> Error | None:
-        """Whether the volume this session serves was deleted: ``current`` is what the node has
-        under its name now (None: nothing). If it is another object, the session is CLOSED and
-        this is the ERROR to send; a session that is already over has nothing to say."""
-        vol = self._vol
-        if vol is None or current is vol or self.phase in (ServePhase.DONE, ServePhase.CLOSED):
+    def volume_gone(self, anew: str | None) -> Error | None:
+        """The volume this session serves is no longer the node's volume of its name: it was
+        deleted, and ``anew`` is the uuid of the one created under its name since (None:
+        none). The session is CLOSED and this is the ERROR to send; a session that is not
+        admitted yet or already over has nothing to say."""
+        vol = self._served
+        if vol is None or self.phase in (ServePhase.DONE, ServePhase.CLOSED):
             return None
         self._go(ServeEvent.VOLUME_GONE)
-        anew = f" and created a new volume {vol.name} (uuid {current.uuid})" if current is not None else ""
-        return _refusal("volume-deleted", f"{self.node} deleted volume {vol.name} (uuid {vol.uuid}){anew}; "
+        created = f" and created a new volume {vol.name} (uuid {anew})" if anew is not None else ""
+        return _refusal("volume-deleted", f"{self.node} deleted volume {vol.name} (uuid {vol.uuid}){created}; "
                                           f"the copy on {self.peer} belongs to the deleted volume (to mirror "
                                           f"one of that name again: marsfs leave {vol.name}, then marsfs join "
                                           f"{vol.name} --from {self.node})")
 
-    def _admit_fetch(self, req: Fetch) -> Error | StartShipping:
-        vol, peer = self.vol, self.peer
+    def admit_fetch(self, log: LogFacts) -> Error | StartShipping:
+        """Answer the FETCH, given what our log says about the LSN before its ``from_lsn``."""
+        req = self.fetch_request
+        assert req is not None and self.phase is ServePhase.ADMITTING
+        name, peer = self.served.name, self.peer
         after = req.from_lsn - 1
-        if after > vol.log.last_lsn:
-            return self._refuse("diverged", f"{peer}'s log of {vol.name} reaches LSN {after}, beyond "
-                                            f"{self.node}'s {vol.log.last_lsn}: the histories diverged")
-        if after < vol.log.first_lsn - 1:
-            return self._refuse("log-trimmed", f"{self.node} no longer holds LSN {after + 1} of {vol.name}; "
+        assert log.lsn == after
+        if after > log.last_lsn:
+            return self._refuse("diverged", f"{peer}'s log of {name} reaches LSN {after}, beyond "
+                                            f"{self.node}'s {log.last_lsn}: the histories diverged")
+        if after < log.first_lsn - 1:
+            return self._refuse("log-trimmed", f"{self.node} no longer holds LSN {after + 1} of {name}; "
                                                f"the mirror needs a full resync (marsfs invalidate)")
-        if vol.log.chain_at(after) != req.prev_chain:
-            return self._refuse("diverged", f"the histories of {vol.name} on {peer} and {self.node} "
+        if log.chain != req.prev_chain:
+            return self._refuse("diverged", f"the histories of {name} on {peer} and {self.node} "
                                             f"diverge at or before LSN {after} (split brain)")
         self._go(ServeEvent.ACCEPT_FETCH)
         self.fetched_lsn = self.replayed_lsn = self.sent_lsn = after
         self.watching = req.watch
         return StartShipping(after)
 
-    # -- image
-
-    def start_image(self) -> ImageInfo:
-        """The image to send: the volume at its shippable LSN (call after the log is synced)."""
-        assert self.phase is ServePhase.SENDING_IMAGE and self.image is None
-        vol = self.vol
-        lsn = shippable_lsn(vol)
-        self.image = ImageInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size_at(lsn), uuid=vol.uuid)
-        return self.image
-
-    def image_chunks(self) -> Iterator[tuple[int, int]]:
-        """(offset, length) of each chunk of the image (of its version's size), in order."""
-        assert self.image is not None
-        size = self.image.size
-        for off in range(0, size, IMAGE_CHUNK):
-            yield off, min(IMAGE_CHUNK, size - off)
-
-    def image_chunk(self, offset: int, data: bytes, now: float) -> ImageData | ImageProgress | None:
-        """The message for one chunk (chunks come in offset order): its data; for zeros, which
-        are not sent (the mirror's base starts sparse), how far the scan got when the mirror
-        last heard that :data:`PROGRESS_EVERY` seconds or :data:`PROGRESS_BYTES` ago, else None."""
-        end = offset + len(data)
-        msg: ImageData | ImageProgress
-        if data != _ZERO[: len(data)]:
-            msg = ImageData(offset, data)
-        elif self._report_at is None or now - self._report_at >= PROGRESS_EVERY or end - self._reported >= PROGRESS_BYTES:
-            msg = ImageProgress(scanned=end)
-        else:
-            return None
-        self._reported, self._report_at = end, now
-        return msg
-
-    def end_image(self) -> ImageEnd:
-        assert self.image is not None
-        self._go(ServeEvent.IMAGE_END)
-        return ImageEnd(lsn=self.image.lsn)
-
     # -- fast sync
 
-    def since_known(self) -> bool:
+    def since_known(self, log: LogFacts, lsn: int) -> bool:
         """Whether the mirror's image is this volume's at the SYNC_REQUEST's ``since_lsn``, as far
-        as our log can tell (the chain there matches), so that only extents written after it
-        can differ. A request for the whole image knows nothing."""
-        req, vol = self.sync_request, self.vol
-        assert req is not None
-        if req.whole or not vol.log.first_lsn - 1 <= req.since_lsn <= shippable_lsn(vol):
+        as our log can tell (``log`` is about that LSN; the chain there matches, and it is not
+        beyond the target ``lsn``), so that only extents written after it can differ. A
+        request for the whole image knows nothing."""
+        req = self.sync_request
+        assert req is not None and log.lsn == req.since_lsn
+        if req.whole or not log.first_lsn - 1 <= req.since_lsn <= lsn:
             return False
-        return vol.log.chain_at(req.since_lsn) == req.since_chain
+        return log.chain == req.since_chain
 
-    def plan_sync(self, changed: list[tuple[int, int]] | None, lsn: int) -> SyncInfo:
-        """The SYNC_INFO: the volume at ``lsn`` (shippable, picked after the log was synced), and
-        the ranges to compare: ``changed`` (what may differ since the mirror's ``since_lsn``;
-        the mirror's own ranges are added) or, when None (not known), the whole image."""
+    def changes(self, log: LogFacts, lsn: int) -> Changes:
+        """Which change set bounds the sync to target ``lsn``, given what our log says about the
+        mirror's ``since_lsn``: what our records after it wrote when our log holds it with the
+        same chain; when it lies before our log, what log space kept for that mirror when it
+        dropped its log; else (another chain there: a divergent mirror; beyond our head) none."""
+        req = self.sync_request
+        assert req is not None and self.phase is ServePhase.PLANNING_SYNC
+        if req.whole:
+            return Changes.WHOLE
+        if self.since_known(log, lsn):
+            return Changes.WRITTEN
+        if req.since_lsn < log.first_lsn - 1:
+            return Changes.KEPT
+        return Changes.WHOLE
+
+    def plan_sync(self, changed: list[tuple[int, int]] | None, lsn: int, chain: bytes, size: int) -> SyncInfo:
+        """The SYNC_INFO: the volume at ``lsn`` (shippable, picked after the log was synced; its
+        chain ``chain``, the volume's size ``size``), and the ranges to compare: ``changed``
+        (the change set :meth:`changes` named; the mirror's own ranges are added) or, when
+        None (not known), the whole image."""
         assert self.phase is ServePhase.PLANNING_SYNC and self.sync_request is not None
-        vol = self.vol
-        assert lsn <= shippable_lsn(vol)
-        ranges = (((0, vol.size),) if changed is None
-                  else sync_ranges([*changed, *self.sync_request.ranges], vol.size))
-        self.sync = SyncInfo(lsn=lsn, chain=vol.log.chain_at(lsn), size=vol.size, uuid=vol.uuid, ranges=ranges)
+        ranges = (((0, size),) if changed is None
+                  else sync_ranges([*changed, *self.sync_request.ranges], size))
+        self.sync = SyncInfo(lsn=lsn, chain=chain, size=size, uuid=self.served.uuid, ranges=ranges)
         self._cursor = RangeCursor(ranges)
         self._go(ServeEvent.SYNC_PLANNED)
         return self.sync
@@ -632,11 +686,12 @@ class ServingSession:
 
     # -- shipping
 
-    def poll(self) -> Ship | None:
-        """What to ship now (None: nothing, or the mirror only watches; wait a little). Reads the
-        probe before the LSN."""
+    def poll(self, shippable: int) -> Ship | None:
+        """What to ship now that our shippable LSN is ``shippable`` (None: nothing, or the mirror
+        only watches; wait a little). The caller reads that LSN after the ACKs it passed in, so
+        the probe taken here is older than it."""
         self._beat_probe = self.probe
-        self._beat_limit = limit = shippable_lsn(self.vol)
+        self._beat_limit = limit = shippable
         cursor = self.sent_lsn + 1
         if cursor > limit or self.watching:
             return None
@@ -651,11 +706,12 @@ class ServingSession:
     def heartbeat_due(self, now: float) -> bool:
         return self._next_beat is None or now >= self._next_beat
 
-    def heartbeat(self, now: float, wall: float, lag: tuple[int, int, float]) -> Heartbeat:
-        """The heartbeat for the last :meth:`poll` (``lag`` as :func:`server.lag_of` has it)."""
+    def heartbeat(self, now: float, wall: float, lag: tuple[int, int, float], head_lsn: int) -> Heartbeat:
+        """The heartbeat for the last :meth:`poll` (``lag`` as :func:`server.lag_of` has it;
+        ``head_lsn``: our log's head now)."""
         self._next_beat = now + HEARTBEAT
         lag_bytes, lag_records, lag_seconds = lag
-        return Heartbeat(uuid=self.vol.uuid, head_lsn=self.vol.head_lsn, durable_lsn=self._beat_limit, time=wall,
+        return Heartbeat(uuid=self.served.uuid, head_lsn=head_lsn, durable_lsn=self._beat_limit, time=wall,
                          probe=self._beat_probe, lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds)
 
 
@@ -671,7 +727,7 @@ class FetchState:
     source: str
     connected: bool = False
     error: str = ""
-    fatal: str = ""  #: a refusal code that needs an operator
+    fatal: str = ""  #: the refusal code that stopped fetching (its Stop says why: :attr:`stop`)
     primary_head_lsn: int = 0
     primary_durable_lsn: int = 0
     primary_time: float = 0.0  #: the source's wall time in its newest heartbeat (0: none yet)
@@ -687,6 +743,11 @@ class FetchState:
     fetched_bytes: int = 0
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
     sync: SyncStatus | None = None  #: a fast sync (resync) of this mirror under way
+
+    @property
+    def stop(self) -> Stop | None:
+        """Why fetching stopped for good (None: it did not)."""
+        return refusal_stop(self.fatal) if self.fatal else None
 
     def rate(self) -> float:
         """Fetched bytes per second over the last few seconds."""
@@ -733,8 +794,6 @@ class FetchPhase(Enum):
     START = auto()
     AWAIT_WELCOME = auto()
     WELCOMED = auto()
-    IMAGE = auto()  #: IMAGE_INFO read, data and progress arriving
-    IMAGE_END = auto()  #: the caller makes the copy durable, then sends image_done()
     FETCHING = auto()
     WATCHING = auto()  #: fetch paused: heartbeats only
     SYNC_AWAIT_INFO = auto()
@@ -759,12 +818,6 @@ _FETCH_COMMON: dict[tuple[Enum, object], Enum] = {
     (_F.AWAIT_WELCOME, Welcome): _F.WELCOMED,
 }
 _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
-    "image": {**_FETCH_COMMON,
-              (_F.WELCOMED, ImageInfo): _F.IMAGE,
-              (_F.IMAGE, ImageData): _F.IMAGE,
-              (_F.IMAGE, ImageProgress): _F.IMAGE,
-              (_F.IMAGE, ImageEnd): _F.IMAGE_END,
-              (_F.IMAGE_END, FetchEvent.SEND_ACK): _F.DONE},
     "fetch": {**_FETCH_COMMON,
               (_F.WELCOMED, FetchEvent.SEND_FETCH): _F.FETCHING,
               (_F.FETCHING, Records): _F.FETCHING,
@@ -786,33 +839,30 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
     "handover": dict(_FETCH_COMMON),  # then marsfs.replication.handover carries on
     "compare": dict(_FETCH_COMMON),
 }
-_REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.IMAGE, _F.IMAGE_END, _F.FETCHING, _F.WATCHING, _F.SYNC_AWAIT_INFO,
-              _F.SYNCING, _F.SYNC_END)
+_REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.FETCHING, _F.WATCHING, _F.SYNC_AWAIT_INFO, _F.SYNCING, _F.SYNC_END)
 
 
 #: what a fetching session passes on from the server (an ERROR becomes a :class:`Refused`)
-ServerReply: TypeAlias = (Welcome | ImageInfo | ImageData | ImageProgress | ImageEnd | Records | Heartbeat
-                          | SyncInfo | SyncData | SyncProgress | SyncEnd)
+ServerReply: TypeAlias = Welcome | Records | Heartbeat | SyncInfo | SyncData | SyncProgress | SyncEnd
 
 
 class FetchingSession:
-    """One connection as seen by the mirror: HELLO, then an image copy or a fetch (or leave).
+    """One connection as seen by the mirror: HELLO, then a fetch or a fast sync (or leave).
 
-    ``mirror`` (the local volume) is needed for a fetch only, and when given, the source's
-    volume must be the same volume (uuid); ``state`` and ``probes`` outlive the session (one
-    per fetcher)."""
+    It holds no volume: ``uuid`` is the mirror's volume's (when given, the source's volume
+    must be that one), and the positions of our log come in as arguments (:meth:`fetch`,
+    :meth:`appended`). ``state`` and ``probes`` outlive the session (one per fetcher)."""
 
     def __init__(self, greeting: Hello, *, state: FetchState | None = None, probes: Probes | None = None,
-                 mirror: VolumeFacts | None = None) -> None:
+                 uuid: str | None = None) -> None:
         self.greeting = greeting
         self.phase = FetchPhase.START
         self.state = state if state is not None else FetchState(source="")
         self.probes = probes if probes is not None else Probes()
-        self._mirror = mirror
+        self.uuid = uuid
         self.welcome: Welcome | None = None
-        self.image: ImageInfo | None = None
-        self.scanned = 0  #: bytes of the image the source has scanned (sent or found zero)
         self._next_lsn = 0  #: the LSN the next RECORDS frame must start with
+        self._durable_lsn = 0  #: how far our log is durable (the FETCH's, then each append's)
         self.sync: SyncInfo | None = None
         self._cursor: RangeCursor | None = None  #: where our next SYNC_SUMS starts
         self.compared = 0  #: bytes of the sync's ranges the source has compared
@@ -821,11 +871,6 @@ class FetchingSession:
     @property
     def want(self) -> Want:
         return self.greeting.want
-
-    @property
-    def mirror(self) -> VolumeFacts:
-        assert self._mirror is not None, "a fetch session needs the mirror volume"
-        return self._mirror
 
     @property
     def following(self) -> bool:
@@ -846,8 +891,8 @@ class FetchingSession:
     def _replaced(self, theirs: str) -> Refused:
         """The source's volume of our name is another volume (its uuid is ``theirs``)."""
         self.phase = FetchPhase.CLOSED
-        ours, source = self.mirror.uuid, self.welcome.node if self.welcome else self.state.source
-        name = self.mirror.name
+        ours, source = self.uuid, self.welcome.node if self.welcome else self.state.source
+        name = self.greeting.volume
         return Refused("volume-replaced",
                        f"{source}'s volume {name} is not the volume this mirror copies (uuid {theirs} there, "
                        f"{ours} here): it was deleted on {source} and created anew; fetching stopped. To mirror "
@@ -866,29 +911,8 @@ class FetchingSession:
         self.state.last_frame = now
         if isinstance(msg, Welcome):
             self.welcome = msg
-            if self._mirror is not None and msg.uuid != self._mirror.uuid:
+            if self.uuid is not None and msg.uuid != self.uuid:
                 return self._replaced(msg.uuid)
-        elif isinstance(msg, ImageInfo):
-            assert self.welcome is not None
-            if msg.uuid != self.welcome.uuid:
-                raise self._fail(f"IMAGE_INFO: field 'uuid' {msg.uuid} is not the WELCOME's {self.welcome.uuid}")
-            self.image = msg
-        elif isinstance(msg, ImageData):
-            assert self.image is not None
-            if msg.offset + len(msg.data) > self.image.size:
-                raise self._fail(f"IMAGE_DATA: field 'offset' {msg.offset} + {len(msg.data)} bytes lies "
-                                 f"past the image's {self.image.size} bytes")
-            self.scanned = max(self.scanned, msg.offset + len(msg.data))
-        elif isinstance(msg, ImageProgress):
-            assert self.image is not None
-            if msg.scanned > self.image.size:
-                raise self._fail(f"IMAGE_PROGRESS: field 'scanned' {msg.scanned} lies past the image's "
-                                 f"{self.image.size} bytes")
-            self.scanned = max(self.scanned, msg.scanned)
-        elif isinstance(msg, ImageEnd):
-            assert self.image is not None
-            if msg.lsn != self.image.lsn:
-                raise self._fail(f"IMAGE_END: field 'lsn' {msg.lsn} is not the image's LSN {self.image.lsn}")
         elif isinstance(msg, SyncInfo | SyncData | SyncProgress | SyncEnd):
             self._sync_reply(msg)
         elif isinstance(msg, Records):
@@ -898,17 +922,10 @@ class FetchingSession:
             self._next_lsn = msg.last_lsn + 1
         else:
             assert isinstance(msg, Heartbeat), msg  # the table allows nothing else
-            if msg.uuid != self.mirror.uuid:
+            if msg.uuid != self.uuid:
                 return self._replaced(msg.uuid)
             self._heartbeat(msg, now)
         return msg
-
-    # -- image
-
-    def image_done(self, head_lsn: int) -> Ack:
-        """The ACK that says the copy is durable here."""
-        self._go(FetchEvent.SEND_ACK)
-        return Ack(fetched_lsn=head_lsn, replayed_lsn=head_lsn)
 
     # -- fast sync
 
@@ -978,29 +995,32 @@ class FetchingSession:
 
     # -- fetch
 
-    def fetch(self, now: float, *, watch: bool = False) -> Fetch:
-        """The FETCH that continues our log (``watch``: fetching is paused, ask for heartbeats
-        only); the session counts as connected from now."""
+    def fetch(self, now: float, *, last_lsn: int, last_chain: bytes, durable_lsn: int, watch: bool = False) -> Fetch:
+        """The FETCH that continues our log, which ends at ``last_lsn`` with ``last_chain`` and is
+        durable up to ``durable_lsn`` (``watch``: fetching is paused, ask for heartbeats only);
+        the session counts as connected from now."""
+        assert self.uuid is not None, "a fetch session knows the mirror's volume"
         self._go(FetchEvent.SEND_WATCH if watch else FetchEvent.SEND_FETCH)
-        log = self.mirror.log
-        self._next_lsn = log.last_lsn + 1
+        self._next_lsn = last_lsn + 1
+        self._durable_lsn = durable_lsn
         st = self.state
         st.connected, st.error, st.last_frame = True, "", now
-        return Fetch(from_lsn=log.last_lsn + 1, prev_chain=log.last_chain, watch=watch)
+        return Fetch(from_lsn=last_lsn + 1, prev_chain=last_chain, watch=watch)
 
     def ack(self, now: float, replayed_lsn: int, fetch_paused: bool, replay_paused: bool) -> Ack:
         """The next ACK, with a new probe a heartbeat may echo."""
         self._go(FetchEvent.SEND_ACK)
-        return Ack(fetched_lsn=self.mirror.durable_lsn, replayed_lsn=replayed_lsn, fetch_paused=fetch_paused,
+        return Ack(fetched_lsn=self._durable_lsn, replayed_lsn=replayed_lsn, fetch_paused=fetch_paused,
                    replay_paused=replay_paused, probe=self.probes.new(now))
 
     def appended(self, records: Records) -> None:
         """``records`` are in our log and durable (progress is dated when their frame came)."""
+        self._durable_lsn = max(self._durable_lsn, records.last_lsn)
         st = self.state
         st.fetched_bytes += records.nbytes
         st.samples.append((st.last_frame, st.fetched_bytes))
         st.last_progress = st.last_frame
-        st.primary_durable_lsn = max(st.primary_durable_lsn, self.mirror.durable_lsn)
+        st.primary_durable_lsn = max(st.primary_durable_lsn, self._durable_lsn)
         self._update_lag(None)
 
     @property
@@ -1028,7 +1048,7 @@ class FetchingSession:
 
     def _update_lag(self, beat: Heartbeat | None) -> None:
         st = self.state
-        fetched = self.mirror.durable_lsn
+        fetched = self._durable_lsn
         if beat is not None:
             # the source computed lag for what we had acknowledged; correct it by what came since
             st.lag_records = max(0, st.primary_durable_lsn - fetched)

@@ -23,11 +23,13 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from marsfs.log import genesis_chain
 from marsfs.node.cluster import Cluster
 from marsfs.node.node import Node
-from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_image
-from marsfs.replication.protocol import ImageInfo
+from marsfs.replication.fetch import Connect, Fetcher, hello, open_channel, receive_sync, stage_resync
+from marsfs.replication.protocol import SyncInfo, SyncRequest
 from marsfs.replication.server import PeerTable, Server
+from marsfs.replication.session import FetchingSession, SyncStatus
 from marsfs.testing.runner import run
 from marsfs.volume import Volume
 
@@ -70,16 +72,28 @@ def server_for(vol: Volume, peers: PeerTable | None = None) -> Server:
     return Server("a", CLUSTER, lambda name: vol if name == vol.name else None, lambda name: 3, peers or PeerTable())
 
 
-async def copy_image(link: Link, path: Path) -> Volume:
-    ch, welcome = await open_channel(link.connect, hello("b", CLUSTER, "vm", "image"))
-    assert welcome.epoch == 3 and welcome.size == SIZE
-    done: list[int] = []
-
-    def make(info: ImageInfo) -> Volume:
-        return Volume.create_replica(path, "vm", info.size, info.uuid, info.lsn, info.chain)
-
+async def copy_image(link: Link, path: Path, status: SyncStatus | None = None) -> Volume:
+    """A new mirror's first copy as ``join`` makes it: an empty replica at LSN 0, fast-synced
+    into its base (only what the source's log wrote is compared); durable on return, at the
+    source's shippable LSN. ``status`` follows the progress."""
+    ch, welcome = await open_channel(link.connect, FetchingSession(hello("b", CLUSTER, "vm", "sync")))
     try:
-        return await receive_image(ch, make, lambda d, size: done.append(d))
+        assert welcome.epoch == 3
+        genesis = genesis_chain(welcome.uuid)
+        vol = await trio.to_thread.run_sync(Volume.create_replica, path, "vm", welcome.size, welcome.uuid, 0, genesis)
+        try:
+            async def finish(info: SyncInfo) -> int:
+                assert await trio.to_thread.run_sync(vol.finish_resync), "nothing holds an old version"
+                return vol.head_lsn
+
+            request = SyncRequest(since_lsn=0, since_chain=genesis)
+            await receive_sync(ch, request, lambda info: stage_resync(vol, info, direct=True), finish,
+                               status if status is not None else SyncStatus(started=trio.current_time()))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(vol.close)
+            raise
+        return vol
     finally:
         await ch.aclose()
 
