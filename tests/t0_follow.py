@@ -11,7 +11,8 @@ import pytest
 
 from marsfs.node.follow import Act, Decision, decide
 from marsfs.node.meta import Designation, Stamp
-from marsfs.node.state import Role, RoleRecord
+from marsfs.node.state import RoleRecord
+from marsfs.node.volstate import Role
 
 ME = "b"
 D_OTHER = Designation(node="a", epoch=3, stamp=Stamp(7, "a"), start_lsn=100)

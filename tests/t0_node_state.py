@@ -140,4 +140,5 @@ def test_status_json_keys_are_pinned() -> None:
                                   "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0}
     assert d["handover"] == {"from": "b", "phase": "fetching", "to_fetch": 3}
     assert d["dropped"] == {"b": 7} and d["peers"][0]["role"] == "mirror" and d["state"] == "up"
-    assert st.failover_loss == d["failover_loss"] and st.positions[0]["node"] == "b", "records read as their JSON"
+    assert st.failover_loss is not None and st.failover_loss.to_json() == d["failover_loss"]
+    assert st.positions[0].node == "b" and st.handover is not None and st.handover.to_json() == d["handover"]

@@ -23,7 +23,7 @@ import pytest
 
 from marsfs.errors import ProtocolError
 from marsfs.log.record import decode_header
-from marsfs.node.state import MirrorFacts, VolumeState, mirror_state
+from marsfs.node.volstate import MirrorFacts, VolumeState, mirror_state
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.protocol import (
     PROTO_VERSION,

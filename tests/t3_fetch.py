@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from marsfs.node.state import MirrorFacts, VolumeState, mirror_state
+from marsfs.node.volstate import MirrorFacts, VolumeState, mirror_state
 from marsfs.replication.fetch import Fetcher
 from marsfs.replication.server import PeerTable, Server
 from marsfs.replication.session import SUMS_BLOCKS, SyncStatus

@@ -26,7 +26,7 @@ from marsfs.node import Node
 from marsfs.node import handover as node_handover
 from marsfs.node.cluster import Cluster
 from marsfs.node.handover import tail_extents
-from marsfs.node.state import Role, VolumeState
+from marsfs.node.volstate import Role, VolumeState
 from marsfs.replication import handover as repl_handover
 from marsfs.testing.memnet import CLUSTER, SIZE, MemNet, in_net, write
 from marsfs.testing.runner import wait_for
@@ -152,7 +152,7 @@ def test_failover_says_what_is_lost_and_split_brain_is_seen_by_both(tmp_path: Pa
         assert loss["bytes"] == va.log.bytes_between(fork, va.durable_lsn) and loss["at_least"]
         assert result["epoch"] == 2 and result["start_lsn"] == fork + 1
         st = b.statuses("vm")[0]
-        assert st.role == Role.PRIMARY and st.failover_loss == loss
+        assert st.role == Role.PRIMARY and st.failover_loss is not None and st.failover_loss.to_json() == loss
         vb = b.node.volumes["vm"]
         await trio.to_thread.run_sync(write, vb, 9, 4)  # b writes in its epoch
         # a comes back: it learns of epoch 2 by gossip, is fenced, and finds the fork with b

@@ -25,8 +25,8 @@ from marsfs.errors import InvalidRequest, ProtocolError, VolumeBusy, VolumeReadO
 from marsfs.node import gossip
 from marsfs.node.cluster import Cluster
 from marsfs.node.meta import ClusterMeta, Entry, Stamp
-from marsfs.node.node import MIRROR_FENCE, Node
-from marsfs.node.state import Role, VolumeState
+from marsfs.node.node import Node
+from marsfs.node.volstate import FenceHolder, Role, VolumeState
 from marsfs.replication.channel import Channel, PeerRefused
 from marsfs.replication.protocol import PROTO_VERSION, Hello, MetaEntries, MetaWelcome
 from marsfs.replication.server import PeerTable, Server
@@ -55,7 +55,7 @@ async def force_primary(net: MemNet, name: str) -> int:
     epoch = d.epoch + 1
     node.set_role("v", role=Role.PRIMARY, source="", epoch=epoch)
     vol.replay_limit = None
-    node.unfence("v", holder=MIRROR_FENCE)
+    node.unfence("v", holder=FenceHolder.MIRROR)
     node.meta.claim("v", name, epoch, vol.head_lsn + 1)
     c.gossip_now()
     return epoch
@@ -86,7 +86,7 @@ def test_gossip_converges_and_mirrors_follow_a_new_primary(tmp_path: Path) -> No
             assert d is not None and (d.node, d.epoch, d.start_lsn) == ("a", 1, 1)
         st = net.clusters["a"].statuses("v")[0]
         assert st.designated_primary == "a" and st.members == ["a", "b", "c"]
-        assert {p["node"] for p in st.positions} == {"b", "c"}
+        assert {p.node for p in st.positions} == {"b", "c"}
         # a handover as the handover engineer does it: a is closed and flushed, b has it all
         epoch = await force_primary(net, "b")
         await wait_for(lambda: net.nodes["a"].is_mirror("v") and net.nodes["c"].role("v").source == "b",

@@ -48,8 +48,8 @@ from marsfs.errors import MarsError, NotAvailable, UsageError, WrongRole
 from marsfs.faces.namespace import SUFFIX
 from marsfs.node import Node, check_volume_name, status
 from marsfs.node.cluster import Cluster
-from marsfs.node.state import FailoverLoss, Role
-from marsfs.node.volstate import STOPPED, SYNCS, VolumeState
+from marsfs.node.state import FailoverLoss
+from marsfs.node.volstate import STOPPED, SYNCS, Role, VolumeState
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
 

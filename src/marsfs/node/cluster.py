@@ -49,8 +49,8 @@ from marsfs.node.meta import REFRESH, Position
 from marsfs.node.mirrors import Mirrors
 from marsfs.node.node import Node, check_volume_name
 from marsfs.node.peers import Peers, TcpPeers, parse_address
-from marsfs.node.state import Role, VolumeStatus
-from marsfs.node.volstate import FenceHolder
+from marsfs.node.state import VolumeStatus
+from marsfs.node.volstate import FenceHolder, Role
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import Connect
 from marsfs.replication.protocol import Hello

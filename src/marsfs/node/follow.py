@@ -22,7 +22,8 @@ import enum
 from dataclasses import dataclass
 
 from marsfs.node.meta import Designation
-from marsfs.node.state import Role, RoleRecord
+from marsfs.node.state import RoleRecord
+from marsfs.node.volstate import Role
 
 
 class Act(enum.Enum):

@@ -40,8 +40,8 @@ from marsfs.node.follow import Act, decide
 from marsfs.node.mirrors import Mirrors, Spawn
 from marsfs.node.node import Node
 from marsfs.node.peers import Peers
-from marsfs.node.state import FailoverLoss, HandoverStatus, Role, SplitBrain
-from marsfs.node.volstate import Verdict, VolumeState
+from marsfs.node.state import FailoverLoss, HandoverStatus, SplitBrain
+from marsfs.node.volstate import Role, Verdict, VolumeState
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import PeerChannel, ResyncPlan, hello, open_channel
 from marsfs.replication.handover import (

@@ -43,8 +43,10 @@ from marsfs.errors import InvalidRequest, MarsError, PeerError, VolumeBusy, Volu
 from marsfs.log import genesis_chain
 from marsfs.node.node import Node, check_volume_name
 from marsfs.node.peers import Peers, welcome
+from marsfs.node.volstate import VolumeState
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Fetcher, ResyncPlan, hello, open_channel
+from marsfs.replication.session import Stop
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -150,7 +152,8 @@ class Mirrors:
             try:
                 with scope:
                     await fetcher.run()
-                    if fetcher.state.fatal == "diverged":  # a split brain: where, and how much each side wrote
+                    # a split brain: find where, and how much each side wrote
+                    if fetcher.state.stop is Stop.SPLIT_BRAIN:
                         await self.diverged(vol, source)
                 if cleanup is not None:
                     await cleanup(fetcher, scope.cancelled_caught)
@@ -266,7 +269,7 @@ class Mirrors:
                 await trio.to_thread.run_sync(self.node.abort_mirror, name)
             raise
         self._start_copy(vol, copy, ResyncPlan(whole=seed_path is not None, rate=rate))
-        return {"volume": name, "source": source, "size": answer.size, "state": "syncing",
+        return {"volume": name, "source": source, "size": answer.size, "state": VolumeState.SYNCING,
                 "seed": str(seed_path) if seed_path is not None else None}
 
     async def _join_existing(self, name: str, source: str, rate: int) -> dict[str, Any]:
@@ -276,7 +279,7 @@ class Mirrors:
         if self.node.role(name).source != source:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=source))
         await self.restart(name, ResyncPlan(rate=rate))
-        return {"volume": name, "source": source, "size": self.node.volume(name).size, "state": "resyncing",
+        return {"volume": name, "source": source, "size": self.node.volume(name).size, "state": VolumeState.RESYNCING,
                 "seed": None}
 
     async def invalidate(self, name: str, *, ranges: tuple[tuple[int, int], ...] = (), rate: int = 0) -> dict[str, Any]:
@@ -298,7 +301,7 @@ class Mirrors:
         await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, resync_whole=True))
         await self.restart(name, ResyncPlan(whole=True, ranges=ranges, rate=rate))
         logger.info("invalidated %s: resyncing the whole image from %s", name, role.source)
-        return {"volume": name, "source": role.source, "size": vol.size, "state": "resyncing"}
+        return {"volume": name, "source": role.source, "size": vol.size, "state": VolumeState.RESYNCING}
 
     async def leave(self, name: str) -> dict[str, Any]:
         """Stop mirroring ``name`` and remove this node's copy. A refusal changes nothing."""

@@ -88,8 +88,8 @@ from marsfs.errors import (
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.node.meta import META_FILE, ClusterMeta
 from marsfs.node.space import LogSpace, LogSpaceSetting
-from marsfs.node.state import FailoverLoss, Role, RoleRecord, SplitBrain
-from marsfs.node.volstate import FenceHolder
+from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
+from marsfs.node.volstate import FenceHolder, Role
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
 from marsfs.volume import Retention, Volume
@@ -100,7 +100,6 @@ VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NODE_NAME = VOLUME_NAME
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
-MIRROR_FENCE = FenceHolder.MIRROR  #: kept for importers: name the holder as FenceHolder.MIRROR
 
 
 def check_volume_name(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Typed node state: a volume's role record, its status, and the one rule for mirror states.
+"""Typed node state: a volume's role record and its status rows.
 
 Rules that hold here:
 
@@ -6,7 +6,7 @@ Rules that hold here:
   everything ``status`` shows is a :class:`VolumeStatus` with :class:`PeerStatus` rows. Their
   JSON keys are their fields, the one schema of ``status --json``; nothing else builds status dicts.
 * The states (:class:`VolumeState`) and the one rule that names them live in
-  :mod:`marsfs.node.volstate` (re-exported here); nothing here reads a clock or does I/O.
+  :mod:`marsfs.node.volstate`; nothing here reads a clock or does I/O.
 * Every field of a status row is a plain value or a record of this module (no free-form
   dicts): what ``status --json`` shows is exactly these records' fields.
 
@@ -29,19 +29,12 @@ State diagram of a volume on one node (docs/architecture.md draws it)::
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
 from marsfs.errors import StateError
-from marsfs.node.volstate import FRESH as FRESH
-from marsfs.node.volstate import MirrorFacts as MirrorFacts
-from marsfs.node.volstate import Role as Role
-from marsfs.node.volstate import VolumeState as VolumeState
-from marsfs.node.volstate import mirror_state as mirror_state
-from marsfs.node.volstate import peer_state as peer_state
-from marsfs.replication.session import STALL_AFTER as STALL_AFTER
+from marsfs.node.volstate import Role, VolumeState
 from marsfs.units import human_bytes
 
 
@@ -197,28 +190,8 @@ class VolumeStatus:
         return replace(self, **changes)
 
 
-class JsonRecord(Mapping[str, Any]):
-    """A record inside a status row that also reads as the mapping of its JSON form (``row.positions[0]
-    ["node"]``, ``row.failover_loss == result["loss"]``): equal to any mapping with the same keys
-    and values, so callers that knew it as a JSON object see no difference."""
-
-    __slots__ = ()
-
-    def to_json(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def __getitem__(self, key: str) -> Any:
-        return self.to_json()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_json())
-
-    def __len__(self) -> int:
-        return len(self.to_json())
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class CloneStatus(JsonRecord):
+@dataclass(frozen=True, slots=True)
+class CloneStatus:
     """A clone of a volume on this node, and the version of it that the clone holds."""
 
     name: str
@@ -228,8 +201,8 @@ class CloneStatus(JsonRecord):
         return _record_json(self)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class PositionStatus(JsonRecord):
+@dataclass(frozen=True, slots=True)
+class PositionStatus:
     """What another node published about its copy of a volume (a row of ``positions``)."""
 
     node: str
@@ -246,8 +219,8 @@ class PositionStatus(JsonRecord):
         return _record_json(self)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class HandoverStatus(JsonRecord):
+@dataclass(frozen=True, slots=True)
+class HandoverStatus:
     """A handover of a volume to this node in progress (its JSON key for ``source`` is ``from``)."""
 
     source: str  #: the primary it is handed over from
@@ -258,8 +231,8 @@ class HandoverStatus(JsonRecord):
         return {"from": self.source, "phase": self.phase, "to_fetch": self.to_fetch}
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class SplitBrain(JsonRecord):
+@dataclass(frozen=True, slots=True)
+class SplitBrain:
     """A split brain with ``peer`` found from chain hashes: the histories share everything up to
     ``fork_lsn`` (``exact``) or at most up to it (the logs no longer hold the fork), and each
     side wrote ``records``/``bytes`` after it. Persisted until the operator resolves it."""
@@ -289,8 +262,8 @@ class SplitBrain(JsonRecord):
                 f"invalidate {volume}")
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class FailoverLoss(JsonRecord):
+@dataclass(frozen=True, slots=True)
+class FailoverLoss:
     """What a forced failover may have lost: the records of ``source`` this node had not
     fetched, as far as its last word told (``at_least``: the source may have written more
     after it). ``newest``: wall time of the newest record known lost (0: none known)."""

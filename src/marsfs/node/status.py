@@ -29,16 +29,8 @@ from typing import Any, Protocol
 from marsfs.errors import NoSpace
 from marsfs.node.mirrors import ImageCopy, Mirrors
 from marsfs.node.node import Node
-from marsfs.node.state import (
-    CloneStatus,
-    HandoverStatus,
-    PeerStatus,
-    PositionStatus,
-    Role,
-    RoleRecord,
-    VolumeStatus,
-)
-from marsfs.node.volstate import FRESH, MirrorFacts, Verdict, VolumeFacts, peer_state, volume_state
+from marsfs.node.state import CloneStatus, HandoverStatus, PeerStatus, PositionStatus, RoleRecord, VolumeStatus
+from marsfs.node.volstate import FRESH, MirrorFacts, Role, Verdict, VolumeFacts, peer_state, volume_state
 from marsfs.replication.server import PeerState, PeerTable, lag_of
 from marsfs.replication.session import FetchState, SyncStatus
 from marsfs.volume.holds import hold_mirror

@@ -38,8 +38,8 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -102,13 +102,6 @@ class PeerState:
     address: str = ""
     probe: int = 0  #: the newest ACK probe, echoed in heartbeats (see session.FetchState)
     syncing: bool = False  #: a fast sync to it runs (its fetched LSN is where it was before)
-
-    def public(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["role"] = "mirror"
-        d["state"] = ("paused" if self.fetch_paused else "synced" if self.connected and not self.lag_records
-                      else "fetching" if self.connected else "disconnected")
-        return d
 
 
 class PeerTable:
