@@ -6,7 +6,7 @@
   that name the message type and the field.
 * Binary messages: RECORDS must hold verified records with consecutive LSNs, SYNC_DATA an
   offset. The retired image copy's message types (8-11) are unknown types now.
-* Protocol 2 (issue 8): HEARTBEAT names the volume's uuid, FETCH may only watch, and
+* Protocol 2: HEARTBEAT names the volume's uuid, FETCH may only watch, and
   frames of protocols 1 and 2 are refused in words.
 * FrameDecoder refuses bad magic, checksum, length, version, type, flags and lz4 garbage, and
   decodes frames fed in pieces of any size.
@@ -44,7 +44,8 @@ from marsfs.replication.protocol import (
     encode_frame,
     encode_message,
 )
-from marsfs.testing.sansio import CHAIN, decode, records
+from marsfs.testing.sansio import CHAIN, records
+from marsfs.testing.wire import decode_frame
 
 SAMPLES: list[Message] = [
     Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm", want="fetch", epoch=2),
@@ -62,7 +63,7 @@ SAMPLES: list[Message] = [
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: Message) -> None:
-    assert decode(encode_message(msg)) == msg
+    assert decode_frame(encode_message(msg)) == msg
 
 
 def test_records_positions() -> None:
@@ -73,7 +74,7 @@ def test_records_positions() -> None:
 def test_fetch_without_watch_fetches() -> None:
     """``watch`` is optional on the wire: a FETCH without it asks for records."""
     frame = encode_frame(MsgType.FETCH, json.dumps({"from_lsn": 3, "prev_chain": CHAIN.hex()}).encode())
-    assert decode(frame) == Fetch(from_lsn=3, prev_chain=CHAIN, watch=False)
+    assert decode_frame(frame) == Fetch(from_lsn=3, prev_chain=CHAIN, watch=False)
 
 
 def test_protocol_1_is_refused_in_words() -> None:
@@ -88,7 +89,7 @@ def test_protocol_1_is_refused_in_words() -> None:
 def test_sync_ack_keeps_its_two_field_wire_form() -> None:
     """The ACK after a fast sync carries only the two LSNs (as before the typed messages)."""
     frame = encode_frame(MsgType.ACK, b'{"fetched_lsn":5,"replayed_lsn":5}')
-    assert decode(frame) == Ack(fetched_lsn=5, replayed_lsn=5)
+    assert decode_frame(frame) == Ack(fetched_lsn=5, replayed_lsn=5)
 
 
 # ---------------------------------------------------------------------------- field validation
@@ -132,14 +133,14 @@ def test_each_field_is_checked(msg: Message, name: str, required: bool) -> None:
     missing = {k: v for k, v in obj.items() if k != name}
     if required:
         with pytest.raises(ProtocolError, match=f"^{tname}: missing field '{name}'"):
-            decode(frame_of(msg, missing))
+            decode_frame(frame_of(msg, missing))
     else:  # optional: absent means the default
         default = next(f.default for f in fields(msg) if f.name == name)
-        assert getattr(decode(frame_of(msg, missing)), name) == default
+        assert getattr(decode_frame(frame_of(msg, missing)), name) == default
     wrong_types, out_of_range = BAD[kind]
     for value in wrong_types + out_of_range:
         with pytest.raises(ProtocolError, match=f"^{tname}: field '{name}' ") as e:
-            decode(frame_of(msg, {**obj, name: value}))
+            decode_frame(frame_of(msg, {**obj, name: value}))
         assert isinstance(e.value, PeerError)  # a peer's fault, reported as such
 
 
@@ -147,31 +148,31 @@ def test_each_field_is_checked(msg: Message, name: str, required: bool) -> None:
 def test_garbage_is_refused(msg: Message) -> None:
     tname = msg.TYPE.name
     with pytest.raises(ProtocolError, match=f"^{tname}: unknown field 'extra'"):
-        decode(frame_of(msg, {**wire(msg), "extra": 1}))
+        decode_frame(frame_of(msg, {**wire(msg), "extra": 1}))
     with pytest.raises(ProtocolError, match=f"^{tname}: payload is not JSON"):
-        decode(encode_frame(msg.TYPE, json.dumps(wire(msg)).encode() + b" trailing"))
+        decode_frame(encode_frame(msg.TYPE, json.dumps(wire(msg)).encode() + b" trailing"))
     with pytest.raises(ProtocolError, match=f"^{tname}: payload is not a JSON object"):
-        decode(encode_frame(msg.TYPE, b"[1, 2]"))
+        decode_frame(encode_frame(msg.TYPE, b"[1, 2]"))
 
 
 def test_records_are_checked() -> None:
     good = records(8, 3)
     with pytest.raises(ProtocolError, match="RECORDS: frame without records"):
-        decode(encode_frame(MsgType.RECORDS, b""))
+        decode_frame(encode_frame(MsgType.RECORDS, b""))
     with pytest.raises(ProtocolError, match="RECORDS: field 'records' holds LSN 12 after 8"):
-        decode(encode_message(Records((good[0], *records(12, 1)))))
+        decode_frame(encode_message(Records((good[0], *records(12, 1)))))
     damaged = bytearray(good[1])
     damaged[10] ^= 1
     with pytest.raises(ProtocolError, match="bad record in RECORDS frame"):
-        decode(encode_message(Records((good[0], bytes(damaged)))))
+        decode_frame(encode_message(Records((good[0], bytes(damaged)))))
     with pytest.raises(ProtocolError, match="runs past the end"):
-        decode(encode_frame(MsgType.RECORDS, good[0][:-1]))
+        decode_frame(encode_frame(MsgType.RECORDS, good[0][:-1]))
 
 
 def test_sync_data_needs_an_offset() -> None:
     with pytest.raises(ProtocolError, match="SYNC_DATA: frame without offset"):
-        decode(encode_frame(MsgType.SYNC_DATA, b"1234567"))
-    assert decode(encode_frame(MsgType.SYNC_DATA, bytes(8))) == SyncData(0, b"")
+        decode_frame(encode_frame(MsgType.SYNC_DATA, b"1234567"))
+    assert decode_frame(encode_frame(MsgType.SYNC_DATA, bytes(8))) == SyncData(0, b"")
 
 
 @pytest.mark.parametrize("mtype", [8, 9, 10, 11])
@@ -183,7 +184,7 @@ def test_the_image_copy_messages_are_retired(mtype: int) -> None:
         FrameDecoder().feed(raw_frame(mtype=mtype, payload=bytes(8)))
     obj = {"proto": PROTO_VERSION, "cluster": "c", "node": "b", "volume": "vm", "want": "image", "epoch": 0}
     with pytest.raises(ProtocolError, match="HELLO: field 'want' must be one of"):
-        decode(encode_frame(MsgType.HELLO, json.dumps(obj).encode()))
+        decode_frame(encode_frame(MsgType.HELLO, json.dumps(obj).encode()))
 
 
 # ---------------------------------------------------------------------------- framing
@@ -201,7 +202,7 @@ def raw_frame(magic: bytes = b"MRSf", version: int = PROTO_VERSION, mtype: int =
 
 
 def test_raw_frame_helper_is_a_valid_frame() -> None:
-    assert decode(raw_frame()) == Error(code="x", error="y")
+    assert decode_frame(raw_frame()) == Error(code="x", error="y")
 
 
 @pytest.mark.parametrize("frame, error", [

@@ -392,7 +392,7 @@ def test_backoff_schedule() -> None:
     assert b.next(progressed=False) == 0.2
 
 
-# ---------------------------------------------------------------------------- volume identity (issue 8)
+# ---------------------------------------------------------------------------- volume identity
 
 
 def test_a_mirror_refuses_a_source_volume_with_another_uuid() -> None:
@@ -448,7 +448,7 @@ def test_volume_gone_before_admission_or_after_the_end_says_nothing() -> None:
     assert pair.server.phase is ServePhase.DONE and pair.server.volume_gone(None) is None
 
 
-# ---------------------------------------------------------------------------- a paused fetch watches (issue 8)
+# ---------------------------------------------------------------------------- a paused fetch watches
 
 
 def test_a_paused_fetch_watches_and_keeps_learning_the_lag() -> None:

@@ -45,7 +45,8 @@ from marsfs.replication.session import (
     combined_rate,
     sync_ranges,
 )
-from marsfs.testing.sansio import CHAIN, Pair, chain, decode, volume
+from marsfs.testing.sansio import CHAIN, Pair, chain, volume
+from marsfs.testing.wire import decode_frame
 from marsfs.volume.blocksums import BLOCK, block_sums
 
 SYNC_SAMPLES = [
@@ -61,23 +62,23 @@ SYNC_SAMPLES = [
 
 @pytest.mark.parametrize("msg", SYNC_SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: object) -> None:
-    assert decode(encode_message(msg)) == msg  # type: ignore[arg-type]
+    assert decode_frame(encode_message(msg)) == msg  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value", [[[0]], [[0, 0]], [[-1, 5]], [[0, True]], [["0", 5]], "0,5", [[0, 5, 6]], None])
 def test_ranges_are_checked(value: object) -> None:
     obj = {"since_lsn": 1, "since_chain": CHAIN.hex(), "ranges": value}
     with pytest.raises(ProtocolError, match="^SYNC_REQUEST: field 'ranges' "):
-        decode(encode_frame(MsgType.SYNC_REQUEST, json.dumps(obj).encode()))
+        decode_frame(encode_frame(MsgType.SYNC_REQUEST, json.dumps(obj).encode()))
 
 
 def test_binary_sync_frames_are_checked() -> None:
     with pytest.raises(ProtocolError, match="SYNC_SUMS: frame without offset"):
-        decode(encode_frame(MsgType.SYNC_SUMS, b"1234"))
+        decode_frame(encode_frame(MsgType.SYNC_SUMS, b"1234"))
     with pytest.raises(ProtocolError, match="not a multiple of 8"):
-        decode(encode_frame(MsgType.SYNC_SUMS, bytes(8) + b"123"))
+        decode_frame(encode_frame(MsgType.SYNC_SUMS, bytes(8) + b"123"))
     with pytest.raises(ProtocolError, match="SYNC_DATA: field 'offset' 100 is not a multiple of 4096"):
-        decode(encode_frame(MsgType.SYNC_DATA, (100).to_bytes(8, "little") + b"x"))
+        decode_frame(encode_frame(MsgType.SYNC_DATA, (100).to_bytes(8, "little") + b"x"))
 
 
 def test_sync_ranges_are_block_aligned_merged_and_clipped() -> None:

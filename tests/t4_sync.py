@@ -1,7 +1,7 @@
 """Fast sync with real node processes; the mirror ``b`` reaches ``a`` through a fault proxy,
 which counts every byte of the conversation (both directions: data down, sums up).
 
-Acceptance (issue 11 item 4, issue 10 item 5's resync):
+What must hold (fast sync, and the resync after a forced failover):
 
 * Fast sync of a 2 GiB image of which 1 % of 4 KiB blocks differ (``join --seed`` with such a
   copy) transfers under 3 % of the image, and the images are equal at the end.

@@ -15,7 +15,6 @@ from marsfs.replication.protocol import (
     PROTO_VERSION,
     Error,
     Fetch,
-    FrameDecoder,
     Heartbeat,
     Hello,
     Message,
@@ -23,7 +22,6 @@ from marsfs.replication.protocol import (
     SyncInfo,
     Want,
     Welcome,
-    decode_message,
     encode_message,
 )
 from marsfs.replication.server import log_facts
@@ -37,6 +35,7 @@ from marsfs.replication.session import (
     VolumeFacts,
     shippable_lsn,
 )
+from marsfs.testing.wire import decode_frame
 
 CLUSTER = "c"
 CHAIN = bytes(range(16))
@@ -54,15 +53,9 @@ def records(first: int, n: int, size: int = 100) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def decode(frame: bytes) -> Message:
-    """The one message a frame carries."""
-    (f,) = FrameDecoder().feed(frame)
-    return decode_message(f)
-
-
 def wire(msg: Message) -> Message:
     """``msg`` after the codec (what the peer gets)."""
-    return decode(encode_message(msg))
+    return decode_frame(encode_message(msg))
 
 
 def chain(history: str, lsn: int) -> bytes:
