@@ -7,10 +7,10 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from marsfs.volume.blocksums import BLOCK, SUM_SIZE, ZERO_SUM, block_ranges, block_sums, differing_blocks
+from marsfs.volume.blocksums import BLOCK, SUM_SIZE, ZERO_SUM, Reader, block_ranges, block_sums, differing_blocks
 
 
-def reader(image: bytes):
+def reader(image: bytes) -> Reader:
     return lambda off, n: image[off : off + n]
 
 

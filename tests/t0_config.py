@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,7 @@ from marsfs.errors import InvalidRequest, UsageError
 from marsfs.faces.config import load_config
 from marsfs.units import parse_size
 
-NO_FLAGS = {"node": None, "state": None, "mount": None, "listen": None, "peer": [], "history": None, "cluster": None}
+NO_FLAGS: dict[str, Any] = {"node": None, "state": None, "mount": None, "listen": None, "peer": [], "history": None, "cluster": None}
 
 
 def test_config_file_and_flags(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_fetch_without_watch_fetches() -> None:
 def test_protocol_1_is_refused_in_words() -> None:
     """Protocols 2 and 3 added fields and messages an old peer would not know; its frames are
     refused as such."""
-    assert PROTO_VERSION == 3 and MsgType.SYNC_REQUEST == 12
+    assert PROTO_VERSION == 3 and MsgType.SYNC_REQUEST.value == 12
     for old in (1, 2):
         with pytest.raises(ProtocolError, match=f"unsupported protocol version {old}"):
             FrameDecoder().feed(raw_frame(version=old))
@@ -108,7 +108,8 @@ def frame_of(msg: Message, obj: dict[str, Any]) -> bytes:
 
 
 def _kind(msg: Message, name: str) -> str:
-    return next(f.metadata["kind"] for f in fields(msg) if f.name == name)
+    kind: str = next(f.metadata["kind"] for f in fields(msg) if f.name == name)
+    return kind
 
 
 #: per field kind: (wrong JSON types, values out of range)

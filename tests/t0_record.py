@@ -255,7 +255,7 @@ def test_payload_verification() -> None:
     with pytest.raises(BadRecord, match="incomplete"):
         verify_payload(h, payload.stored[:-1])
     with pytest.raises(BadRecord, match="incomplete"):
-        verify_payload(h, payload.stored + b"\0")
+        verify_payload(h, bytes(payload.stored) + b"\0")
     for i in (0, 250, 499):
         bad = bytearray(payload.stored)
         bad[i] ^= 0x01

@@ -112,9 +112,10 @@ def converse(pair: Pair, img: Images, req: SyncRequest, changed: list[tuple[int,
     and the data bytes that went over."""
     assert pair.connect() is not None
     got = pair.to_server(pair.client.sync_request(req))
-    assert got == req and pair.server.phase is ServePhase.PLANNING_SYNC
+    # tuples: an `is` would narrow the phases for mypy past the calls below that move them
+    assert (got, pair.server.phase) == (req, ServePhase.PLANNING_SYNC)
     info = pair.plan_sync(changed, 30)
-    assert pair.to_client(info) == info and pair.client.phase is FetchPhase.SYNCING
+    assert (pair.to_client(info), pair.client.phase) == (info, FetchPhase.SYNCING)
     sent = 0
     while (chunk := pair.client.next_sums()) is not None:
         assert pair.client.sums_window_open

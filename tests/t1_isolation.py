@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from marsfs.errors import DiskFailed, LogFailed, NoSpace
+from marsfs.errors import DiskFailed, LogFailed, MarsError, NoSpace
 from marsfs.volume import Volume
 from marsfs.volume import writeback as wb
 
@@ -69,7 +69,7 @@ def _log_fd(vol: Volume) -> int:
 
 @pytest.mark.parametrize("code,cls", [(errno.ENOSPC, NoSpace), (errno.EDQUOT, NoSpace), (errno.EIO, LogFailed)])
 def test_a_failed_append_is_the_volumes_fault_until_a_write_works(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, cls: type[Exception]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, cls: type[MarsError]) -> None:
     with _volume(tmp_path) as vol:
         vol.write(0, b"a" * 4096)
         for data in (b"b" * 4096, b"c" * (3 * 64 * 1024)):  # one record, and several in one pwritev
@@ -130,7 +130,8 @@ def test_a_failed_fdatasync_poisons_the_log_and_the_autosync_thread_ends_quietly
         assert isinstance(vol.fault("flush"), LogFailed)
         [line] = vol.fault_lines()
         assert "EIO" in line and "restart the daemon" in line
-        for call in (lambda: vol.write(0, b"y" * 512), vol.flush):
+        calls: tuple[Callable[[], object], ...] = (lambda: vol.write(0, b"y" * 512), vol.flush)
+        for call in calls:
             with pytest.raises(LogFailed, match="restart the daemon") as exc:
                 call()
             assert exc.value.errno == errno.EIO

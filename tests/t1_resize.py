@@ -61,6 +61,7 @@ def test_resize_survives_recovery_and_log_trimming(tmp_path: Path) -> None:
     vol.write(0, b"a" * 4096)
     before = vol.flush()
     lsn = vol.resize(3 * MiB, reserve=True)
+    assert lsn is not None  # the size changes: a RESIZE record
     assert os.stat(vol.path / "base.img").st_blocks * 512 >= 2 * MiB  # the new part is reserved
     vol.write(2 * MiB, b"c" * 4096)
     vol.flush()

@@ -418,6 +418,7 @@ def test_crash_at_each_step_of_finish(tmp_path: Path, step: str, direct: bool, m
 def test_crash_inside_log_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash after the restart marker, with some old segments deleted: recovery finishes it."""
     from marsfs.log import Log, recovery
+    from marsfs.log.segment import Segment
 
     log = Log.create(tmp_path / "log", b"g" * 16, segment_bytes=4096)
     from marsfs.log import RecordType, encode_payload
@@ -426,16 +427,16 @@ def test_crash_inside_log_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     log.sync()
     log.close()
     calls = []
-    real = recovery.Segment.create
+    real = Segment.create
 
     def boom(*a: object, **k: object) -> object:
         calls.append(a)
         raise OSError(5, "crash")
 
-    monkeypatch.setattr(recovery.Segment, "create", boom)
+    monkeypatch.setattr(Segment, "create", boom)
     with pytest.raises(OSError):
         recovery.finish_restart(tmp_path / "log", 41, b"n" * 16)
-    monkeypatch.setattr(recovery.Segment, "create", real)
+    monkeypatch.setattr(Segment, "create", real)
     assert (tmp_path / "log" / recovery.RESTART_FILE).exists()
     log = Log.open(tmp_path / "log")
     assert (log.first_lsn, log.last_lsn, log.last_chain) == (42, 41, b"n" * 16)
@@ -465,8 +466,8 @@ def test_next_resync_while_previous_is_not_merged(pair: Pair, tmp_path: Path) ->
     pair.dst.close()
     pair.dst = Volume.open(tmp_path / "crashed", sync_interval=None)
     assert pair.dst.read(0, SIZE) == first
-    r = pair.dst.resync
-    assert r is not None and r.read(0, SIZE) == pair.model
+    resumed = pair.dst.resync
+    assert resumed is not None and resumed.read(0, SIZE) == pair.model
     assert pair.dst.finish_resync()
     assert pair.dst.read(0, SIZE) == pair.model
 
@@ -602,8 +603,8 @@ def test_resumed_direct_resync_syncs_what_an_earlier_process_staged(pair: Pair, 
         synced.append(fd)
         real(fd)
 
-    monkeypatch.setattr(rs.os, "fdatasync", spy)
-    r = pair.dst.resync
-    assert r is not None
-    r.sync()
+    monkeypatch.setattr(os, "fdatasync", spy)
+    resumed = pair.dst.resync
+    assert resumed is not None
+    resumed.sync()
     assert pair.dst._base_fd in synced

@@ -218,7 +218,7 @@ class ResyncMachine(RuleBasedStateMachine):
         except Crash:
             done = None
         finally:
-            rs.checkpoint = real  # type: ignore[assignment]
+            rs.checkpoint = real
         event(f"crash in finish: {'waits' if done is False else 'no crash' if done else step}")
         if done is False:
             return  # waiting for old views: nothing was switched

@@ -22,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from marsfs.log import MAX_PAYLOAD
 from marsfs.log.segment import segment_name
 from marsfs.volume import Volume
+from marsfs.volume.views import VolumeView
 from marsfs.volume.volume import RECORD_CHUNK
 
 MiB = 1024 * 1024
@@ -72,7 +73,7 @@ class VolumeMachine(RuleBasedStateMachine):
         self.dirty = False  # written since the last FLUSH record
         self.marks: dict[int, str] = {}  # retained marks, lsn -> name
         self.mark_count = 0
-        self.views: list = []  # open (pinned) views, kept across steps
+        self.views: list[VolumeView] = []  # open (pinned) views, kept across steps
         self.rng = random.Random(0)
 
     def teardown(self) -> None:
@@ -348,10 +349,10 @@ def test_no_view_older_than_a_running_writeback_opens(tmp_path: Path) -> None:
     entered, release = threading.Event(), threading.Event()
     read_data = vol.log.read_data
 
-    def slow_read_data(*args: object) -> bytes:
+    def slow_read_data(lsn: int, delta: int, length: int) -> bytes:
         entered.set()
         release.wait(10)
-        return read_data(*args)
+        return read_data(lsn, delta, length)
 
     vol.log.read_data = slow_read_data  # type: ignore[method-assign]
     t = threading.Thread(target=vol.writeback)

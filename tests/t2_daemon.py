@@ -9,7 +9,6 @@ import errno
 import os
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pyfuse3
@@ -22,6 +21,7 @@ from marsfs.faces.config import DEFAULT_STOP_TIMEOUT, check_listen, load_config
 from marsfs.faces.fuse import Operations
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
+from marsfs.testing.checks import setattr_fields
 from marsfs.testing.fakedaemon import cli_run
 from marsfs.testing.runner import run
 
@@ -210,8 +210,7 @@ def test_a_stopping_daemon_refuses_new_opens_and_keeps_open_ones(node: Node) -> 
 @pytest.mark.allow_log("refused to change the size")
 def test_the_size_refusal_names_no_command_that_does_not_exist(node: Node, caplog: pytest.LogCaptureFixture) -> None:
     ops = Operations(node)
-    fields = SimpleNamespace(update_atime=False, update_ctime=False, update_gid=False, update_mode=False,
-                             update_mtime=False, update_size=True, update_uid=False)
+    fields = setattr_fields(size=True)
 
     async def main() -> None:
         ino = int((await ops.lookup(pyfuse3.ROOT_INODE, b"v.img", None)).st_ino)

@@ -45,7 +45,7 @@ class Daemon:
 
 
 def test_primary_shows_progress_then_the_result(capsys: pytest.CaptureFixture[str]) -> None:
-    steps = [{"from": "a", "phase": "preparing", "to_fetch": None}, {"from": "a", "phase": "fetching", "to_fetch": 7},
+    steps: list[dict[str, Any] | None] = [{"from": "a", "phase": "preparing", "to_fetch": None}, {"from": "a", "phase": "fetching", "to_fetch": 7},
              {"from": "a", "phase": "fetching", "to_fetch": 7}, {"from": "a", "phase": "fetching", "to_fetch": 2},
              None]
     d = Daemon({"volume": "v", "from": "a", "epoch": 2, "start_lsn": 10, "lost": 0}, steps)

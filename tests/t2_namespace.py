@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass, field
-from typing import Any
 
+from marsfs.errors import VersionNotFound
 from marsfs.faces.namespace import ROOT_INODE, TIMEOUT, EntryKind, Namespace
+from marsfs.volume import VersionInfo
+from marsfs.volume.splits import SplitInfo
 
 
 @dataclass
 class FakeVolume:
+    """An :class:`~marsfs.faces.namespace.Image` of one size that retains no versions."""
+
     size: int
     replayed_lsn: int = 0
 
     def size_at(self, lsn: int) -> int:
         return self.size
 
-    def splits(self) -> list[Any]:
+    def find_version(self, spec: str) -> int:
+        raise VersionNotFound(spec)
+
+    def version_listing(self) -> list[VersionInfo]:
+        return []
+
+    def version_timestamp_ns(self, lsn: int) -> int:
+        return 0
+
+    def splits(self) -> list[SplitInfo]:
         return []
 
 

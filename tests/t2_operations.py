@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from types import SimpleNamespace
 from typing import Any
 
 import pyfuse3
@@ -18,19 +17,13 @@ import pytest
 from marsfs.errors import LogFailed, NoSpace
 from marsfs.faces.fuse import INLINE_MAX, Operations
 from marsfs.node import Node
-from marsfs.testing.checks import make_mirror
+from marsfs.testing.checks import make_mirror, setattr_fields
 from marsfs.testing.runner import run
 
 MiB = 1 << 20
 
 #: the shared in-process node (conftest) has a volume ``v``
 pytestmark = pytest.mark.volumes(v=MiB)
-
-
-def fields(**set_: bool) -> Any:
-    """A SetattrFields stand-in (pyfuse3's cannot be built from Python)."""
-    names = ("update_atime", "update_ctime", "update_gid", "update_mode", "update_mtime", "update_size", "update_uid")
-    return SimpleNamespace(**{n: set_.get(n.removeprefix("update_"), False) for n in names})
 
 
 def fuse_errno(excinfo: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:
@@ -100,19 +93,19 @@ def test_size_cannot_change(node: Node) -> None:
         attr = pyfuse3.EntryAttributes()
         attr.st_size = 4096
         with pytest.raises(pyfuse3.FUSEError) as e:
-            await ops.setattr(ino, attr, fields(size=True), None, None)
+            await ops.setattr(ino, attr, setattr_fields(size=True), None, None)
         assert fuse_errno(e) == errno.EPERM
         attr.st_size = MiB  # the same size: nothing changes
-        assert (await ops.setattr(ino, attr, fields(size=True), None, None)).st_size == MiB
+        assert (await ops.setattr(ino, attr, setattr_fields(size=True), None, None)).st_size == MiB
         for what in ("mode", "uid", "gid"):
             with pytest.raises(pyfuse3.FUSEError) as e:
-                await ops.setattr(ino, attr, fields(**{what: True}), None, None)
+                await ops.setattr(ino, attr, setattr_fields(**{what: True}), None, None)
             assert fuse_errno(e) == errno.EPERM
         with pytest.raises(pyfuse3.FUSEError) as e:
-            await ops.setattr(pyfuse3.ROOT_INODE, attr, fields(mtime=True), None, None)
+            await ops.setattr(pyfuse3.ROOT_INODE, attr, setattr_fields(mtime=True), None, None)
         assert fuse_errno(e) == errno.EPERM
         attr.st_mtime_ns = 123_000_000_000  # mtime-only SETATTR from the writeback cache: accepted
-        assert (await ops.setattr(ino, attr, fields(mtime=True), None, None)).st_mtime_ns == 123_000_000_000
+        assert (await ops.setattr(ino, attr, setattr_fields(mtime=True), None, None)).st_mtime_ns == 123_000_000_000
         assert (await ops.getattr(ino, None)).st_mtime_ns == 123_000_000_000
 
     run(main, autojump=None)
@@ -135,7 +128,7 @@ def test_mirror_image_is_read_only_and_pinned(node: Node) -> None:
             assert fuse_errno(e) == errno.EROFS
         attr = pyfuse3.EntryAttributes()
         with pytest.raises(pyfuse3.FUSEError) as e:
-            await ops.setattr(ino, attr, fields(mtime=True), None, None)
+            await ops.setattr(ino, attr, setattr_fields(mtime=True), None, None)
         assert fuse_errno(e) == errno.EROFS
         fi = await ops.open(ino, os.O_RDONLY, None)
         with pytest.raises(pyfuse3.FUSEError) as e:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyfuse3
 import pytest
@@ -16,7 +15,7 @@ from marsfs.faces.commands import Context, dispatch
 from marsfs.faces.fuse import Operations
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
-from marsfs.testing.checks import make_mirror
+from marsfs.testing.checks import make_mirror, setattr_fields
 from marsfs.testing.fakedaemon import FakeDaemon, cli_run
 
 MiB = 1 << 20
@@ -71,8 +70,7 @@ def test_the_kernel_is_told_the_new_size(node: Node) -> None:
     node.create("m", MiB)
     make_mirror(node, "m")
     ops = Operations(node)
-    size_only = SimpleNamespace(update_atime=False, update_ctime=False, update_gid=False, update_mode=False,
-                                update_mtime=False, update_size=True, update_uid=False)
+    size_only = setattr_fields(size=True)
 
     async def main() -> None:
         v = await ops.lookup(pyfuse3.ROOT_INODE, b"v.img", None)

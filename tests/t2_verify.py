@@ -131,7 +131,7 @@ def test_progress_line_on_a_terminal(capsys: pytest.CaptureFixture[str], monkeyp
         return {"jobs": ["vm/n2/1"]} if cmd == "verify" else next(answers)
 
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
-    assert cli_run(["verify", "vm"], daemon) == 0  # type: ignore[arg-type]
+    assert cli_run(["verify", "vm"], daemon) == 0
     out = capsys.readouterr()
     assert out.err == "\rverifying vm with n2 at lsn-42: 25% (1.0 GiB of 4.0 GiB)\r\x1b[K"
     assert out.out == "vm on n1 and n2: identical at lsn-42 (8192 bytes compared)\n"

@@ -261,7 +261,7 @@ def test_serve_history_flags_and_toml(tmp_path: Path) -> None:
     from marsfs.errors import UsageError
     from marsfs.faces.config import load_config
 
-    base = {"node": "n", "state": "/s", "mount": "/m", "listen": None, "peer": [], "cluster": None}
+    base: dict[str, Any] = {"node": "n", "state": "/s", "mount": "/m", "listen": None, "peer": [], "cluster": None}
     args = build_parser().parse_args(["serve", "--history", "10G", "--history", "24h"])
     assert load_config(None, {**base, "history": args.history}).history == Retention(10 << 30, 86400)
     assert load_config(None, {**base, "history": ["10G,24h"]}).history == Retention(10 << 30, 86400)

@@ -45,8 +45,11 @@ async def pair(net: MemNet, *names: str) -> list[Cluster]:
     await trio.to_thread.run_sync(write, vol, 1, 20)
     for c in clusters[1:]:
         await c.join("vm", names[0])
-        await wait_for(lambda c=c: "vm" in c.node.volumes and c.node.volumes["vm"].replayed_lsn == vol.durable_lsn,
-                       f"{c.node.name} to sync")
+
+        def synced(c: Cluster = c) -> bool:
+            return "vm" in c.node.volumes and c.node.volumes["vm"].replayed_lsn == vol.durable_lsn
+
+        await wait_for(synced, f"{c.node.name} to sync")
     return clusters
 
 

@@ -63,7 +63,7 @@ def status_head(node: NodeProcess) -> int:
 def test_metadata_converges_and_everyone_follows_a_new_primary(harness: Harness) -> None:
     nodes = three(harness)
     for n in nodes.values():
-        wait_for(lambda n=n: status(n, "v")["members"] == ["a", "b", "c"]  # type: ignore[misc]
+        wait_for(lambda n=n: status(n, "v")["members"] == ["a", "b", "c"]
                  and {p["node"] for p in status(n, "v")["positions"]} == set("abc") - {n.name},
                  what=f"metadata on {n.name}")
         st = status(n, "v")

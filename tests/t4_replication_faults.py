@@ -154,7 +154,7 @@ def test_slow_or_stalled_mirror_adds_no_write_latency(harness: Harness, tmp_path
 # ---------------------------------------------------------------------------------------------- G6
 
 
-FRAME_FAULTS = {
+FRAME_FAULTS: dict[str, dict[str, float | int | str]] = {
     # 1e-4 per byte: nearly every 64 KiB record frame is hit (P(intact) = e^-6.5), so this one
     # checks rejection only: no frame gets through, none may be applied.
     "corrupt": {"corrupt": 1e-4, "direction": "down"},

@@ -29,7 +29,7 @@ BLOCK = 4096
 BLOCKS = 8192  # a 32 MiB region
 MAX_WRITES = 3_000_000
 _HEAD = struct.Struct("<QQ")
-FAULTS = [
+FAULTS: list[dict[str, float | bool]] = [
     {"latency": 0.05, "jitter": 0.02},
     {"bandwidth": 200_000},
     {"stall": True},
@@ -52,6 +52,8 @@ def parse(data: bytes, block: int) -> int:
     if data == bytes(BLOCK):
         return -1
     assert zlib.crc32(data[:-4]) == struct.unpack("<I", data[-4:])[0], f"torn or damaged block {block}"
+    b: int
+    number: int
     b, number = _HEAD.unpack_from(data)
     assert b == block, f"block {block} holds block {b}'s data"
     return number
@@ -62,8 +64,8 @@ def test_mirror_is_always_a_prefix_under_faults(harness: Harness) -> None:
     rng = random.Random(1234)
     blocks = [rng.randrange(BLOCKS) for _ in range(MAX_WRITES)]
     per_block: list[list[int]] = [[] for _ in range(BLOCKS)]
-    for i, b in enumerate(blocks):
-        per_block[b].append(i)
+    for i, block in enumerate(blocks):
+        per_block[block].append(i)
 
     nodes = harness.cluster(["a", "b"], start=False)
     a, b = nodes["a"], nodes["b"]

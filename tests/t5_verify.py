@@ -34,7 +34,7 @@ def test_verify_reports_exactly_the_corrupted_blocks(harness: Harness) -> None:
 
     def written_back() -> bool:
         st = status(b, "vm")
-        return st["applied_lsn"] == st["replayed_lsn"] == status(a, "vm")["durable_lsn"]
+        return bool(st["applied_lsn"] == st["replayed_lsn"] == status(a, "vm")["durable_lsn"])
 
     wait_for(written_back, timeout=30, what="the mirror to write everything back")
     rng = random.Random(11)

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,7 @@ MAX_OPS = 100_000  # far more than a child gets through before it is killed
 assert MAX_WRITE <= RECORD_CHUNK  # one record per write keeps the LSN bookkeeping simple
 
 
-def _ops(seed: int) -> Iterator[tuple]:
+def _ops(seed: int) -> Iterator[tuple[Any, ...]]:
     """The seeded operation stream shared by child and parent.
 
     Yields ("write", offset, data), ("flush",), ("mark", name), ("rotate",) and
@@ -136,6 +137,7 @@ class Expected:
             while at <= lsn:
                 kind, off, data = self.records[at]
                 if kind == RecordType.WRITE:
+                    assert data is not None
                     img[off : off + len(data)] = data
                 at += 1
             out[lsn] = bytes(img)
@@ -148,6 +150,7 @@ def _run_child(path: Path, seed: int, delay: float) -> tuple[int, str]:
     proc = subprocess.Popen([sys.executable, __file__, str(path), str(seed)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout is not None and proc.stderr is not None
         ready = proc.stdout.readline()
         if ready != "READY\n":
             proc.kill()
@@ -180,9 +183,11 @@ def _check_recovered(vol: Volume, exp: Expected, flushed: int, where: str) -> No
         kind, off, data = exp.records[rec.lsn]
         assert rec.type == kind, f"{where}: record {rec.lsn} is {rec.type!r}, expected {kind!r}"
         if kind == RecordType.WRITE:
+            assert data is not None
             assert (rec.offset, rec.length) == (off, len(data)), f"{where}: record {rec.lsn}"
             assert vol.log.read_data(rec.lsn, 0, rec.length) == data, f"{where}: payload of {rec.lsn}"
         elif kind == RecordType.MARK:
+            assert data is not None
             assert vol.log.marks[rec.lsn] == data.decode()
 
     # Every retained version, and the current image, equal the model (G2, G9).
@@ -242,6 +247,7 @@ def test_writeback_interrupted_before_applied_is_persisted(tmp_path: Path, monke
     the model, in particular the oldest one, which reads unwritten ranges from the base.
     """
     import marsfs.volume.writeback as volmod
+    from marsfs.fsutil import write_json
 
     path = tmp_path / "v"
     seed = 7
@@ -260,9 +266,9 @@ def test_writeback_interrupted_before_applied_is_persisted(tmp_path: Path, monke
         elif op[0] == "rotate":
             vol.log.rotate()
     vol.writeback(10)
-    real_write_json = volmod.write_json
+    real_write_json = write_json
 
-    def dying_write_json(file: Path, obj: dict) -> None:
+    def dying_write_json(file: Path, obj: dict[str, Any]) -> None:
         if file.name == "applied.json" and obj.get("applied_lsn") != vol.applied_lsn:
             raise _Killed
         real_write_json(file, obj)

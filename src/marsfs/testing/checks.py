@@ -9,7 +9,10 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pyfuse3
 
 from marsfs.node import Node
 from marsfs.testing.faultproxy import ProxyProcess
@@ -103,6 +106,13 @@ def make_mirror(node: Node, name: str, source: str = "x") -> None:
     node.set_role(name, role="mirror", source=source)
     vol = node.volume(name)
     vol.replay_limit = vol.head_lsn
+
+
+def setattr_fields(**set_: bool) -> pyfuse3.SetattrFields:
+    """The fields a SETATTR changes, ``size=True`` for ``update_size`` and so on: a stand-in,
+    since pyfuse3 fills its read-only SetattrFields only from a kernel request."""
+    names = ("update_atime", "update_ctime", "update_gid", "update_mode", "update_mtime", "update_size", "update_uid")
+    return cast(pyfuse3.SetattrFields, SimpleNamespace(**{n: set_.get(n.removeprefix("update_"), False) for n in names}))
 
 
 def write_synced(image: Path, offset: int, data: bytes) -> None:

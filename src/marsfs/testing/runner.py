@@ -28,9 +28,9 @@ def run(fn: Callable[[], Awaitable[None]], *, limit: float = 300.0, autojump: fl
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=autojump))
 
 
-async def wait_for(cond: Callable[[], bool], what: str = "condition", timeout: float = 60.0,
+async def wait_for(cond: Callable[[], object], what: str = "condition", timeout: float = 60.0,
                    poll: float = 0.05) -> None:
-    """Poll ``cond`` until it holds; an AssertionError naming ``what`` after ``timeout`` seconds."""
+    """Poll ``cond`` until it holds (is truthy); an AssertionError naming ``what`` after ``timeout`` seconds."""
     with trio.move_on_after(timeout):
         while not cond():
             await trio.sleep(poll)
