@@ -220,6 +220,10 @@ async def _create(ctx: Context, a: dict[str, Any]) -> Any:
 
 async def _delete(ctx: Context, a: dict[str, Any]) -> Any:
     name = a["volume"]
+    if ctx.node.is_mirror(name) and name in ctx.node.failed:  # only its directory is left: leave it
+        result = await ctx.cluster.leave(name)
+        ctx.forget_volume(name)
+        return {"deleted": result["volume"]}
     if ctx.node.is_mirror(name):
         raise WrongRole(f"volume {name!r} is a mirror on node {ctx.node.name}; stop mirroring with marsfs leave")
     mirrors = ctx.cluster.mirrors_of(name)

@@ -142,7 +142,14 @@ class Cluster:
     # ------------------------------------------------------------------ mirrors (marsfs.node.mirrors)
 
     async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0) -> dict[str, Any]:
-        """``marsfs join``: see :meth:`Mirrors.join`."""
+        """``marsfs join``: see :meth:`Mirrors.join`. A mirror this node has already follows the
+        designated primary (the follow step makes it fetch from there again at once), so a join
+        of it from another node is refused, before anything is thrown away."""
+        d = self.meta.designated(name)
+        if d is not None and source != d.node and self.node.is_mirror(name) and name not in self.mirrors.copies:
+            raise InvalidRequest(f"volume {name!r} is a mirror on node {self.node.name}, and mirrors follow the "
+                                 f"designated primary {d.node} (epoch {d.epoch}), not {source}; to resync this "
+                                 f"copy from {d.node}: marsfs invalidate {name}")
         return await self.mirrors.join(name, source, seed=seed, rate=rate)
 
     async def invalidate(self, name: str, *, ranges: tuple[tuple[int, int], ...] = (), rate: int = 0) -> dict[str, Any]:

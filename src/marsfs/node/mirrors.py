@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -46,6 +47,7 @@ from marsfs.node.peers import Peers, welcome
 from marsfs.node.volstate import VolumeState
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Fetcher, ResyncPlan, hello, open_channel
+from marsfs.replication.protocol import Welcome
 from marsfs.replication.session import Stop
 from marsfs.volume import Volume
 
@@ -239,12 +241,23 @@ class Mirrors:
                 raise InvalidRequest(f"volume {name!r} already has an image on node {self.node.name}; --seed is "
                                      f"for a new copy (marsfs join {name} --from {source} fast-syncs this one)")
             return await self._join_existing(name, source, rate)
+        if name in self.node.failed and self.node.is_mirror(name):
+            if seed is not None:
+                raise InvalidRequest(f"volume {name!r} on node {self.node.name} is a failed mirror; its own image "
+                                     f"is the seed of a join: run it without --seed")
+            return await self.recopy(name, source, rate=rate)
         self.node.check_new(name)
         seed_path = _seed_file(seed) if seed is not None else None
         answer = await welcome(self.peers, self.node.name, self.cluster, source, name)
         if seed_path is not None and seed_path.stat().st_size > answer.size:
             raise InvalidRequest(f"seed {seed_path} holds {seed_path.stat().st_size} bytes, more than volume "
                                  f"{name} on {source} ({answer.size}); give an image of that volume")
+        return await self._new_replica(name, source, answer, seed_path, rate)
+
+    async def _new_replica(self, name: str, source: str, answer: Welcome, seed_path: Path | None,
+                           rate: int) -> dict[str, Any]:
+        """Make a new replica of ``name`` (as ``source`` described it in ``answer``), from zeros
+        or from ``seed_path`` (compared whole), and start its first copy in the background."""
         copy = ImageCopy(source=source, size=answer.size, started=trio.current_time())
         self.copies[name] = copy
 
@@ -282,6 +295,23 @@ class Mirrors:
         return {"volume": name, "source": source, "size": self.node.volume(name).size, "state": VolumeState.RESYNCING,
                 "seed": None}
 
+    async def recopy(self, name: str, source: str, *, rate: int = 0) -> dict[str, Any]:
+        """Replace a failed mirror of ``name`` (one that could not be opened at start, e.g. its
+        log is damaged) by a new replica from ``source``: its directory goes to the trash and
+        its base image seeds the new replica, so the fast sync compares every block but sends
+        only those that differ. The source is asked first: a refusal changes nothing."""
+        self.peers.connector(source)  # an unknown source is refused before anything changes
+        answer = await welcome(self.peers, self.node.name, self.cluster, source, name)
+        old = await trio.to_thread.run_sync(self.node.discard_failed, name)
+        seed = old / "base.img"
+        try:
+            usable = seed.is_file() and seed.stat().st_size <= answer.size
+            result = await self._new_replica(name, source, answer, seed if usable else None, rate)
+        finally:
+            await trio.to_thread.run_sync(functools.partial(shutil.rmtree, old, ignore_errors=True))
+        logger.info("replaced the failed copy of %s: copying it anew from %s", name, source)
+        return result
+
     async def invalidate(self, name: str, *, ranges: tuple[tuple[int, int], ...] = (), rate: int = 0) -> dict[str, Any]:
         """Discard this mirror's copy of ``name`` as untrusted (divergent or damaged) and resync
         it from its source, comparing the whole image; ``ranges`` are compared in any case.
@@ -291,6 +321,8 @@ class Mirrors:
         if copy is not None and name not in self.node.volumes and not copy.failed:
             raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (a first copy compares "
                              f"every block already); follow it with: marsfs status {name}")
+        if name in self.node.failed and self.node.is_mirror(name):  # not openable: a new copy
+            return await self.recopy(name, self.node.role(name).source, rate=rate)
         vol = self.node.volume(name)
         role = self.node.role(name)
         if not role.is_mirror:
@@ -314,6 +346,10 @@ class Mirrors:
             self.node.volume(name)
             raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}; use marsfs delete")
         source = self.node.role(name).source
+        if name in self.node.failed:  # not openable, so not fetching: only its directory is left
+            await trio.to_thread.run_sync(functools.partial(self.node.delete, name, force=False))
+            await self._tell_left(name, source)
+            return {"volume": name, "left": source}
         self.node.check_delete(name)  # refuse before stopping anything
         fetching = name in self.fetchers
         await self.stop(name)  # its append thread has ended before the log is deleted
@@ -323,12 +359,16 @@ class Mirrors:
             if fetching:  # opened in the meantime: keep mirroring as before
                 self.start(self.node.volume(name))
             raise
-        try:  # tell the source to stop holding log for us; it will also notice the silence
+        await self._tell_left(name, source)
+        return {"volume": name, "left": source}
+
+    async def _tell_left(self, name: str, source: str) -> None:
+        """Tell ``source`` to stop holding log for us; it would also notice the silence."""
+        try:
             ch, _ = await open_channel(self.peers.connector(source), hello(self.node.name, self.cluster, name, "leave"))
             await ch.aclose()
         except (MarsError, OSError, PeerRefused, trio.TooSlowError) as e:
             logger.info("could not tell %s that we left %s: %s", source, name, describe(e))
-        return {"volume": name, "left": source}
 
     # ------------------------------------------------------------------ pause, resume and replay
 

@@ -519,7 +519,8 @@ class Node:
         """Raise what :meth:`delete` would refuse with, changing nothing (callers that must stop
         other work first ask before they stop it)."""
         with self._lock:
-            self.volume(name)
+            if name not in self.failed:  # a failed volume is only its directory: nothing refuses
+                self.volume(name)
             clones = self.clones_of(name)
             if clones:  # even with --force: a clone reads through to this volume
                 names = ", ".join(c for c, _ in clones)
@@ -536,19 +537,42 @@ class Node:
     def delete(self, name: str, *, force: bool = False, mirrors: list[str] | None = None) -> None:
         """Remove a volume from this node. ``mirrors``: the nodes known to fetch it from here
         (the cluster layer knows them); a primary with mirrors is kept unless ``force``."""
+        vol: Volume | None = None
         with self._lock:
             self.check_delete(name, force=force, mirrors=mirrors)
-            vol = self.volume(name)
-            del self.volumes[name]
-            self._entries.pop(name, None)
-        vol.close()
+            if name in self.failed:
+                target = self.discard_failed(name)
+            else:
+                vol = self.volume(name)
+                del self.volumes[name]
+                self._entries.pop(name, None)
+        if vol is not None:
+            vol.close()
+            target = self._to_trash(name)
+        shutil.rmtree(target)
+        logger.info("deleted volume %s", name)
+
+    def discard_failed(self, name: str) -> Path:
+        """Take a volume that could not be opened at start out of this node: its directory moves
+        to the trash (which the next start empties), its name is free. Returns where it is now,
+        for the caller to read (a seed) and remove."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if name in self.volumes or entry is None or not entry.failed:
+                raise StateError(f"volume {name!r} on node {self.name} is not a failed volume")
+            target = self._to_trash(name)
+            del self._entries[name]
+            return target
+
+    def _to_trash(self, name: str) -> Path:
+        """Move volume ``name``'s directory into the trash, durably (an atomic disappearance)."""
         trash = self.state / "trash"
         trash.mkdir(exist_ok=True)
         target = trash / f"{name}.{time.time_ns()}"
-        os.rename(vol.path, target)
-        fsync_dir(vol.path.parent)
-        shutil.rmtree(target)
-        logger.info("deleted volume %s", name)
+        path = self.state / "volumes" / name
+        os.rename(path, target)
+        fsync_dir(path.parent)
+        return target
 
     def acquire(self, name: str, *, write: bool = False) -> Volume:
         """Count an open handle (a face opened the image); ``write``: it opens for writing,

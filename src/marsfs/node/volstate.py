@@ -178,6 +178,7 @@ def volume_state(f: VolumeFacts) -> Verdict:
     held: list[tuple[VolumeState, str]] = []  #: (state, next command) of every condition that holds
     if f.open_failure or f.errors or f.disk_failed or f.copy_failed or no_fetch or refused == VolumeState.FAILED:
         held.append((VolumeState.FAILED, f"marsfs join {v} --from {f.source}" if f.copy_failed
+                     else f"marsfs invalidate {v}" if f.open_failure and f.role == Role.MIRROR
                      else "restart the daemon (marsfs serve) once the cause is fixed"))
     if f.no_space:
         held.append((VolumeState.NO_SPACE, "free space on the state directory's filesystem"))

@@ -1,0 +1,101 @@
+"""Through real daemons: a mirror never gets stuck in a state no command leads out of.
+
+* A mirror whose log is damaged (a flipped byte in a segment, found at start) is ``failed``
+  and says what to run: ``invalidate`` discards the damaged copy and copies it anew from its
+  source (seeded with its own base image), and it is synced and equal to the primary again;
+  ``leave`` removes such a copy and ``delete`` does too.
+* ``join --from`` another mirror, on a node that mirrors the volume already, is refused with
+  the reason (mirrors follow the designated primary) and changes nothing: the mirror keeps
+  its history and stays synced.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from marsfs.testing.checks import sha, status, wait_synced, write_synced
+from marsfs.testing.harness import Harness, NodeProcess
+
+MiB = 1 << 20
+VOL = "v"
+
+
+def _write(a: NodeProcess, seed: int) -> None:
+    """32 fsync'd writes of 64 KiB of random bytes on the primary: as many records in every log."""
+    rng = random.Random(seed)
+    for i in range(32):
+        write_synced(a.image(VOL), i * 65536, rng.randbytes(65536))
+
+
+def _damage_log(node: NodeProcess) -> None:
+    """Stop ``node`` and flip a byte in the middle of its first log segment of VOL (records
+    follow it: damage, not a torn tail), then start it again."""
+    node.stop()
+    log = node.state / "volumes" / VOL / "log"
+    first = min((p for p in log.iterdir() if p.is_file() and p.stat().st_size > MiB), key=lambda p: p.name)
+    with open(first, "r+b") as f:
+        f.seek(first.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    node.start()
+
+
+def _failed(b: NodeProcess) -> None:
+    st = status(b, VOL)
+    errors = "; ".join(st["errors"])
+    assert st["state"] == "failed" and "log damaged" in errors and "marsfs invalidate" in errors, st
+
+
+def test_no_stuck_mirror_damaged_log_and_join_from_another_mirror(harness: Harness) -> None:
+    nodes = harness.cluster(["a", "b", "c"])
+    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    a.cli("create", VOL, "--size", "16M")
+    for m in (b, c):
+        m.cli("join", VOL, "--from", "a")
+        wait_synced(m, VOL)
+    _write(a, 1)
+    wait_synced(b, VOL)
+
+    # join --from another mirror: refused, saying why, and nothing changes
+    before = status(b, VOL)
+    r = b.cli("join", VOL, "--from", "c", check=False)
+    assert r.returncode == 1, r
+    assert "mirrors follow the designated primary a" in r.stderr and f"marsfs invalidate {VOL}" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    after = status(b, VOL)
+    assert (after["state"], after["source"], after["oldest_version_lsn"]) == (
+        "synced", "a", before["oldest_version_lsn"]), after
+    assert sha(b.image(VOL)) == sha(a.image(VOL))
+
+    # a damaged log: invalidate copies it anew
+    _damage_log(b)
+    _failed(b)
+    r = b.cli("invalidate", VOL, check=False)
+    assert r.returncode == 0, r.stderr
+    wait_synced(b, VOL)
+    assert sha(b.image(VOL)) == sha(a.image(VOL))
+    assert status(b, VOL)["errors"] == []
+
+    # leave removes it
+    _write(a, 2)
+    wait_synced(b, VOL)
+    _damage_log(b)
+    _failed(b)
+    r = b.cli("leave", VOL, check=False)
+    assert r.returncode == 0, r.stderr
+    assert not (b.state / "volumes" / VOL).exists()
+    assert b.cli("status", VOL, check=False).returncode != 0
+
+    # and so does delete
+    b.cli("join", VOL, "--from", "a")
+    wait_synced(b, VOL)
+    _write(a, 3)
+    wait_synced(b, VOL)
+    _damage_log(b)
+    _failed(b)
+    r = b.cli("delete", VOL, check=False)
+    assert r.returncode == 0, r.stderr
+    assert not (b.state / "volumes" / VOL).exists()
+    assert status(a, VOL)["state"] == "up"  # the primary goes on as before
