@@ -4,6 +4,8 @@ the target, growth, abort, refusals, retarget, direct mode, crash points, extent
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 from collections.abc import Iterator
@@ -608,3 +610,69 @@ def test_resumed_direct_resync_syncs_what_an_earlier_process_staged(pair: Pair, 
     assert resumed is not None
     resumed.sync()
     assert pair.dst._base_fd in synced
+
+
+def test_a_clone_never_holds_up_a_switch_it_takes_its_own_copy(pair: Pair, tmp_path: Path) -> None:
+    pair.scribble(pair.src, pair.model, 10)
+    pair.replicate()
+    lsn = pair.dst.head_lsn
+    clone_model = bytearray(pair.model)
+    clone = Volume.create_clone(tmp_path / "clone", "c", pair.dst, lsn, sync_interval=None)
+    try:
+        pair.scribble(clone, clone_model, 5)
+        pair.scribble(pair.src, pair.model, 10)
+        pair.replicate()
+        reader = pair.dst.view(lsn)  # a reader of the same version: only it holds the switch now
+        pair.scribble(pair.src, pair.model, 10)
+        r = pair.begin()
+        stage_diff(r, bytes(pair.model))
+        assert not pair.dst.finish_resync()
+        assert clone.clone_of is not None and clone.clone_of.own  # the clone let go at once
+        assert f"1 open version(s) older than lsn-{r.base_lsn}: lsn-{lsn} (open since " in r.waiting_for, r.waiting_for
+        assert "UTC)" in r.waiting_for and "held by" not in r.waiting_for
+        assert clone.read(0, SIZE) == clone_model
+        reader.close()
+        assert pair.dst.finish_resync()
+        assert pair.dst.read(0, SIZE) == pair.model
+        pair.dst.writeback()  # the merge and writeback run: the clone keeps its bytes
+        assert clone.read(0, SIZE) == clone_model
+        pair.scribble(clone, clone_model, 3)
+        assert clone.read(0, SIZE) == clone_model
+    finally:
+        clone.close()
+    reopened = Volume.open(tmp_path / "clone", sync_interval=None)  # needs no source any more
+    try:
+        assert reopened.clone_of is not None and reopened.clone_of.own
+        assert reopened.read(0, SIZE) == clone_model
+    finally:
+        reopened.close()
+
+
+def test_a_clone_whose_own_copy_fails_is_named_by_the_waiting_switch(pair: Pair, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pair.scribble(pair.src, pair.model, 10)
+    pair.replicate()
+    lsn = pair.dst.head_lsn
+    at_l = bytes(pair.model)
+    clone = Volume.create_clone(tmp_path / "clone", "c", pair.dst, lsn, sync_interval=None)
+    try:
+        pair.scribble(pair.src, pair.model, 10)
+        pair.replicate()
+        r = pair.begin()
+        stage_diff(r, bytes(pair.model))
+
+        def full(*a: object) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        with monkeypatch.context() as m:
+            m.setattr("marsfs.volume.volume.write_all", full)
+            assert not pair.dst.finish_resync()
+        assert f"lsn-{lsn} (open since " in r.waiting_for, r.waiting_for
+        assert "held by clone c, whose own copy failed (No space left on device): free space, or marsfs " \
+               "delete c" in r.waiting_for, r.waiting_for
+        assert clone.clone_of is not None and not clone.clone_of.own
+        assert clone.read(0, SIZE) == at_l  # it reads through as before
+    finally:
+        clone.close()  # deleting the clone lets the switch go
+    assert pair.dst.finish_resync()
+    assert pair.dst.read(0, SIZE) == pair.model

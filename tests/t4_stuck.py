@@ -7,6 +7,8 @@
 * ``join --from`` another mirror, on a node that mirrors the volume already, is refused with
   the reason (mirrors follow the designated primary) and changes nothing: the mirror keeps
   its history and stays synced.
+* A clone on a mirror does not hold up the mirror's resync (``invalidate``): it takes its own
+  copy of its version and keeps its bytes, also after the mirror's copy left and restarts.
 """
 
 from __future__ import annotations
@@ -69,7 +71,21 @@ def test_no_stuck_mirror_damaged_log_and_join_from_another_mirror(harness: Harne
         "synced", "a", before["oldest_version_lsn"]), after
     assert sha(b.image(VOL)) == sha(a.image(VOL))
 
+    # a clone on the mirror does not hold up a resync: it takes its own copy, and it outlives
+    # its source's copy here (leave below, restarts)
+    b.cli("clone", f"{VOL}@lsn-{after['replayed_lsn']}", "c")
+    clone_sum = sha(b.image("c"))
+    _write(a, 4)
+    wait_synced(b, VOL)
+    b.cli("invalidate", VOL)
+    wait_synced(b, VOL, timeout=20)
+    st = status(b, VOL)
+    assert (st["state"], st["errors"], st["clones"]) == ("synced", [], []), st
+    assert sha(b.image(VOL)) == sha(a.image(VOL)) and sha(b.image("c")) == clone_sum
+
     # a damaged log: invalidate copies it anew
+    _write(a, 5)
+    wait_synced(b, VOL)
     _damage_log(b)
     _failed(b)
     r = b.cli("invalidate", VOL, check=False)
@@ -87,6 +103,7 @@ def test_no_stuck_mirror_damaged_log_and_join_from_another_mirror(harness: Harne
     assert r.returncode == 0, r.stderr
     assert not (b.state / "volumes" / VOL).exists()
     assert b.cli("status", VOL, check=False).returncode != 0
+    assert status(b, "c")["state"] == "up" and sha(b.image("c")) == clone_sum
 
     # and so does delete
     b.cli("join", VOL, "--from", "a")

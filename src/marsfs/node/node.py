@@ -36,10 +36,12 @@ Rules that hold here:
   (:meth:`Node.set_history`). :meth:`Node.maintain` writes back only what left the window, so
   every version inside it stays openable; open views pin writeback below that, too.
 * Clones (:meth:`Node.clone`, :mod:`marsfs.volume.clone`): a clone pins its source's version
-  for as long as it exists. On start every volume is opened first, then each clone is attached
-  to its source (pinning it again), all inside :meth:`Node.open`, so no :meth:`maintain` can
-  run in between. A clone that cannot be attached stays on disk, detached and failed, with the
-  reason in its errors, until it is deleted. A volume with clones is neither deleted nor left.
+  until it takes its own copy (before a resync of the source switches) or is deleted. On start
+  every volume is opened first, then each clone that reads through is attached to its source
+  (pinning it again), all inside :meth:`Node.open`, so no :meth:`maintain` can run in between.
+  A clone that cannot be attached stays on disk, detached and failed, with the reason in its
+  errors, until it is deleted. A volume with clones that read from it is neither deleted nor
+  left (:meth:`clones_of` lists those).
 * Fencing: only the designated primary accepts writes. A fence (:meth:`Node.fence`, by a
   :class:`~marsfs.node.volstate.FenceHolder`: the metadata's ``designation``, the handover's
   ``handover``) makes ``Volume.write`` and new opens for writing fail with EROFS
@@ -291,6 +293,8 @@ class Node:
     def _attach(self, clone: Volume) -> None:
         link = clone.clone_of
         assert link is not None
+        if link.own:  # it has its own copy of the version: it needs no source
+            return
         source = self.volumes.get(link.source)
         try:
             if source is None:
@@ -439,12 +443,12 @@ class Node:
             raise NoSpace(f"no space to create {what} in {self.state}: {e.strerror}; {hint}") from None
 
     def clones_of(self, name: str) -> list[tuple[str, int]]:
-        """``(clone, lsn)`` of every clone of volume ``name`` here (that volume, not another one
-        of the same name), by name."""
+        """``(clone, lsn)`` of every clone of volume ``name`` here that reads from it (that volume,
+        not another one of the same name; a clone with its own copy reads from nothing), by name."""
         with self._lock:
             source = self.volumes.get(name)
             return sorted((v.name, v.clone_of.lsn) for v in self.volumes.values()
-                          if v.clone_of is not None and source is not None
+                          if v.clone_of is not None and not v.clone_of.own and source is not None
                           and (v.clone_of.source, v.clone_of.source_uuid) == (name, source.uuid))
 
     def largest_volume(self) -> int:

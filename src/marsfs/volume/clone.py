@@ -20,6 +20,12 @@ Rules that hold here:
   (:meth:`Volume.attach_source`); a detached clone (its source is missing, is another volume
   of that name, or no longer retains *L*) refuses every read and write with StateError and can
   only be deleted.
+* A clone never holds up its source's resync: before a resync of the source switches, each of
+  its clones takes its *own copy* (:meth:`Volume.own_copy`): *S* at *L* is copied into the
+  clone's ``base.img`` (zeros stay holes), made durable, and only then ``own`` is set in the
+  link (``volume.json``, atomically) and the view closed. From then on the clone reads its own
+  base below what it wrote, pins nothing and needs no source (it survives the source's
+  deletion); a crash before ``own`` is written leaves a clone that reads through as before.
 * A clone is not a source: cloning a clone is refused for now (the restart order would have to
   follow chains), and so is serving it to peers (clones are local).
 
@@ -38,19 +44,25 @@ from marsfs.volume.views import VolumeView
 
 @dataclass(frozen=True, slots=True)
 class CloneLink:
-    """What a clone is made of: volume ``source`` (identified by ``source_uuid``) after ``lsn``."""
+    """What a clone is made of: volume ``source`` (identified by ``source_uuid``) after ``lsn``;
+    ``own``: the clone's base image holds that version itself (it reads no source any more)."""
 
     source: str
     lsn: int
     source_uuid: str
+    own: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "lsn": self.lsn, "source_uuid": self.source_uuid}
+        d: dict[str, Any] = {"source": self.source, "lsn": self.lsn, "source_uuid": self.source_uuid}
+        if self.own:
+            d["own"] = True
+        return d
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> CloneLink:
         try:
-            return cls(source=str(d["source"]), lsn=int(d["lsn"]), source_uuid=str(d["source_uuid"]))
+            return cls(source=str(d["source"]), lsn=int(d["lsn"]), source_uuid=str(d["source_uuid"]),
+                       own=bool(d.get("own", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{where}: unreadable clone link ({e!r}); delete the clone") from None
 

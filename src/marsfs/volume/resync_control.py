@@ -10,13 +10,18 @@ stated once:
 * While one runs the volume takes no appends (:func:`busy` is what they raise).
 * A switch waits (:func:`switch_waits`) for readers of versions older than the previous switch,
   for the previous switch's merge, for open versions below the resync's base *F* (writeback
-  never passes a pinned view, and must reach *F*), and for version indexes being built.
+  never passes a pinned view, and must reach *F*), and for version indexes being built. What
+  it waits for is named: each open version by LSN and since when, and the clone holding it if
+  one does (a clone waits only when it could not take its own copy, see
+  :mod:`marsfs.volume.clone`).
 
 Nothing here takes a lock or holds state: :class:`~marsfs.volume.resyncing.ResyncRunner` calls
 these under the volume lock.
 """
 
 from __future__ import annotations
+
+import time
 
 from marsfs.errors import InvalidRequest, MarsError, VolumeBusy
 
@@ -46,21 +51,30 @@ def busy(name: str, target_lsn: int) -> VolumeBusy:
 
 
 def switch_waits(base: int, *, merging: bool, old_views: int, merge_fault: MarsError | None,
-                 pinned: list[int], building: int) -> str:
+                 pinned: list[tuple[int, float]], building: int, holders: dict[int, str] | None = None) -> str:
     """Why a resync from ``base`` cannot switch now ("" if it can): ``merging`` (the previous
     switch is not merged yet, ``merge_fault`` says why when writeback fails), ``old_views`` open
-    from before it, ``pinned`` (the open versions' LSNs, ascending), ``building`` version
-    indexes being built."""
+    from before it, ``pinned`` (the open versions' LSNs, ascending, each with when it was
+    opened, epoch seconds), ``building`` version indexes being built; ``holders``: LSN -> who
+    holds it, when known (a clone that could not take its own copy, and why)."""
     assert old_views >= 0 and building >= 0, (old_views, building)
     if merging and old_views:
         return (f"{old_views} reader(s) of versions older than the previous resync are still open; "
                 "they close when their readers do")
     if merging:
         return f"the previous resync is not merged into the base image yet: {merge_fault}"
-    below = [lsn for lsn in pinned if lsn < base]
+    below = [(lsn, since) for lsn, since in pinned if lsn < base]
     if below:
-        return (f"{len(below)} open version(s) older than lsn-{base} (the oldest lsn-{below[0]}); "
-                "they close when their readers do")
+        named = ", ".join(f"lsn-{lsn} (open since {_when(since)}"
+                          + (f"; held by {(holders or {})[lsn]}" if lsn in (holders or {}) else "") + ")"
+                          for lsn, since in below)
+        return (f"{len(below)} open version(s) older than lsn-{base}: {named}; they close when their readers "
+                "do (close the file or .versions/ image, umount, losetup -d)")
     if building:
         return "a version is being opened"
     return ""
+
+
+def _when(epoch_seconds: float) -> str:
+    """``2026-12-02 18:03:02 UTC``: when a version was opened, as status says it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch_seconds))

@@ -78,6 +78,11 @@ class ResyncHost(Protocol):
         """The failure standing at ``where``, None if it works."""
         ...
 
+    def free_clones(self) -> dict[int, str]:
+        """Make every clone of this volume take its own copy (none may hold up a switch);
+        LSN -> the clone that could not, and why."""
+        ...
+
     def switched_to(self, lsn: int, size: int) -> None:
         """The log restarted after ``lsn``: the base (with the overlay) is that version, of
         ``size`` bytes, and nothing older is left. Caller holds both locks."""
@@ -100,6 +105,7 @@ class ResyncRunner:
         self.generation = 0  #: +1 at each switch; views of older generations read the old base
         self.old_views = 0  #: open views of older generations (the merge waits for them)
         self.switch_failed = ""  #: why a switch failed half way ("" if it did not)
+        self._holders: dict[int, str] = {}  #: LSN -> the clone holding it that could not let go
 
     def busy(self) -> VolumeBusy:
         """What an append meets while a resync runs. Caller locks."""
@@ -163,9 +169,11 @@ class ResyncRunner:
         """Why a resync from ``base`` cannot switch now ("" if it can; :func:`.resync_control.switch_waits`).
         Caller locks."""
         v = self._volume
+        pins = v.open_versions
         return rc.switch_waits(base, merging=self.overlay is not None, old_views=self.old_views,
-                               merge_fault=v.fault("writeback"), pinned=v.open_versions.pinned(),
-                               building=v.versions_building)
+                               merge_fault=v.fault("writeback"),
+                               pinned=[(lsn, pins.since(lsn)) for lsn in pins.pinned()],
+                               building=v.versions_building, holders=self._holders)
 
     def finish(self) -> bool:
         """The work of :meth:`marsfs.volume.Volume.finish_resync` (whose docstring says what holds)."""
@@ -178,6 +186,9 @@ class ResyncRunner:
         if self.overlay is not None:
             self.merge()
         if not r.direct:
+            # Clones hold views of any version, also of F and newer ones (the merge would wait for
+            # those): each takes its own copy now. No lock is held; a copy takes a while.
+            self._holders = v.free_clones()
             with self._lock:
                 if v.replay_limit is not None and v.replay_limit < base:
                     v.replay_limit = base  # writeback passes it now; base is a replayed, durable prefix

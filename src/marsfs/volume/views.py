@@ -76,11 +76,14 @@ class VersionIndexes:
     def __init__(self) -> None:
         self._count: dict[int, int] = {}
         self._index: dict[int, ExtentIndex] = {}
+        self._since: dict[int, float] = {}  #: LSN -> when (epoch seconds) it was first pinned
         self.builds = 0  #: indexes built (for tests and statistics)
 
-    def pin(self, lsn: int) -> ExtentIndex | None:
-        """Count a new view of ``lsn``; its index if one is built already."""
+    def pin(self, lsn: int, now: float = 0.0) -> ExtentIndex | None:
+        """Count a new view of ``lsn`` (opened at ``now``, epoch seconds); its index if one is
+        built already."""
         self._count[lsn] = self._count.get(lsn, 0) + 1
+        self._since.setdefault(lsn, now)
         return self._index.get(lsn)
 
     def publish(self, lsn: int, index: ExtentIndex) -> ExtentIndex:
@@ -97,6 +100,7 @@ class VersionIndexes:
         else:
             del self._count[lsn]
             self._index.pop(lsn, None)
+            self._since.pop(lsn, None)
 
     def oldest(self) -> int | None:
         """The smallest pinned LSN (writeback stops there), or None."""
@@ -112,6 +116,10 @@ class VersionIndexes:
     def pinned(self) -> list[int]:
         """The pinned LSNs, ascending."""
         return sorted(self._count)
+
+    def since(self, lsn: int) -> float:
+        """When pinned ``lsn`` was opened (epoch seconds; the oldest of its open views)."""
+        return self._since.get(lsn, 0.0)
 
     def unshare(self) -> None:
         """Stop sharing the built indexes with views opened from now on (a resync's switch: the
@@ -143,6 +151,10 @@ class VolumeView:
             raise OutOfRange(f"range {offset}+{length} lies outside version lsn-{self.lsn} of volume "
                              f"{self.volume.name} ({self.size} bytes)")
         return self.volume.read_indexed(self._index, offset, length, self.generation)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         if not self._closed:

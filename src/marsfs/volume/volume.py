@@ -29,7 +29,9 @@ A volume directory holds ``volume.json`` (identity and size), ``base.img`` (a sp
   newer readers see the switch's staged blocks over the base until they are merged.
 * **Clones** (``clone``): a volume whose ``volume.json`` links it to another volume's version
   reads what it has not written from a view of that version instead of its base, and never
-  writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O.
+  writes back. Until :meth:`Volume.attach_source` gives it that view it refuses all I/O. The
+  source knows its clones' views (:meth:`Volume.lend`); before a resync of the source switches,
+  each clone takes its own copy (:meth:`Volume.own_copy`), so no clone holds up a switch.
 
 * **Resize** (:meth:`Volume.resize`, primary): the volume grows at one point in history, a
   RESIZE record whose offset is the new size. Every version has the size of its LSN
@@ -93,6 +95,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -132,6 +135,8 @@ SYNC_INTERVAL = 0.05  # seconds; G3 wants at most 0.1
 RECORD_CHUNK = 64 * 1024
 assert RECORD_CHUNK <= MAX_PAYLOAD
 WRITEBACK_BATCH = 32 * 1024 * 1024  # log bytes one writeback call applies (bounds lock hold times)
+OWN_COPY_CHUNK = 4 * 1024 * 1024  #: a clone copies its source's version in pieces this large
+OWN_COPY_RETRY = 10.0  #: seconds before a clone whose own copy failed (a full disk) tries again
 _EMPTY = encode_payload(b"")
 
 __all__ = ["RECORD_CHUNK", "SYNC_INTERVAL", "VersionInfo", "Volume", "VolumeView"]
@@ -178,6 +183,10 @@ class Volume:
         #: What this volume is a clone of (None: not a clone); see :mod:`marsfs.volume.clone`.
         self.clone_of = None if link is None else CloneLink.from_json(link, str(path / "volume.json"))
         self._below: VolumeView | None = None  #: a clone's source version, once attached
+        self._own_lock = threading.Lock()  #: a clone taking its own copy (close waits for it)
+        #: on a source: id(view) -> [the view a clone reads, the clone's name, its own_copy, when
+        #: its own copy last failed (monotonic seconds; 0: never), why]
+        self._lent: dict[int, list[Any]] = {}
         #: path (write, flush, writeback) -> its standing disk failure (:mod:`.faults`)
         self.fault_state = Faults()
         self._building = 0  #: view indexes being built from log records (a switch waits for them)
@@ -340,9 +349,10 @@ class Volume:
             self._closed = True
             self._resyncs.close()
             self.log.close()
-            os.close(self._base_fd)
-            if self._below is not None:
-                self._below.close()  # unpins the source
+            with self._own_lock:  # an own copy in flight reads through the view: it ends first
+                os.close(self._base_fd)
+                if self._below is not None:
+                    self._below.close()  # unpins the source
 
     def __enter__(self) -> Volume:
         return self
@@ -367,16 +377,77 @@ class Volume:
             raise
         with vol._lock:
             vol._below = view
+        source.lend(view, name, vol.own_copy)
         return vol
 
     def attach_source(self, source: Volume) -> None:
         """Give a clone its source's version again (at start): pins the source at the clone's
-        LSN. StateError or VersionNotFound, in one line, when that cannot be done."""
+        LSN. StateError or VersionNotFound, in one line, when that cannot be done. A clone that
+        has its own copy needs no source: nothing to do."""
         link = self.clone_of
         assert link is not None and self._below is None, "attach only a detached clone"
+        if link.own:
+            return
         view = pin_source(link, self.name, source)
         with self._lock:
             self._below = view
+        source.lend(view, self.name, self.own_copy)
+
+    def lend(self, view: VolumeView, clone: str, own_copy: Callable[[], None]) -> None:
+        """Clone ``clone`` reads this volume's ``view``; ``own_copy`` makes it take its own copy
+        and close the view (:meth:`free_clones` calls it before a resync's switch)."""
+        with self._lock:
+            self._lent[id(view)] = [view, clone, own_copy, 0.0, ""]
+
+    def free_clones(self) -> dict[int, str]:
+        """Make every clone of this volume take its own copy, so that none holds a version of it
+        (a resync's switch must not wait for them). Runs the copies in the caller's thread,
+        outside the locks. Returns LSN -> the clone that could not, and why (it retries after
+        ``OWN_COPY_RETRY`` seconds)."""
+        with self._lock:
+            for key in [k for k, e in self._lent.items() if e[0].closed]:
+                del self._lent[key]
+            lent = list(self._lent.items())
+        failed: dict[int, str] = {}
+        for key, entry in lent:
+            view, clone, own_copy, failed_at, why = entry
+            if not failed_at or time.monotonic() - failed_at >= OWN_COPY_RETRY:
+                try:
+                    own_copy()
+                except (OSError, MarsError) as e:
+                    what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    why = f"clone {clone}, whose own copy failed ({what}): free space, or marsfs delete {clone}"
+                    entry[3:] = [time.monotonic(), why]
+                else:
+                    with self._lock:
+                        self._lent.pop(key, None)
+                    continue
+            failed[view.lsn] = why
+        return failed
+
+    def own_copy(self) -> None:
+        """A clone takes its own copy (see :mod:`marsfs.volume.clone`): its source's version goes
+        into its base image, durably, then ``own`` into its link, then the view closes. Reads
+        go on throughout (through the view until the link says ``own``). Raises OSError or
+        MarsError when the copy fails; the clone then reads through as before."""
+        with self._own_lock:
+            with self._lock:
+                link, below = self.clone_of, self._below
+            if link is None or link.own or below is None or self._closed:
+                return
+            zero = bytes(OWN_COPY_CHUNK)
+            for off in range(0, below.size, OWN_COPY_CHUNK):
+                data = below.read(off, min(OWN_COPY_CHUNK, below.size - off))
+                if data != zero[: len(data)]:  # the base is sparse zeros: holes stay holes
+                    write_all(self._base_fd, data, off)
+            os.fsync(self._base_fd)
+            own = replace(link, own=True)
+            meta = read_json(self.path / "volume.json")
+            meta["clone_of"] = own.to_json()
+            write_json(self.path / "volume.json", meta)
+            with self._lock:
+                self.clone_of, self._below = own, None
+            below.close()
 
     def _autosync(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -456,7 +527,7 @@ class Volume:
     # ------------------------------------------------------------------ I/O
 
     def _check_range(self, offset: int, length: int) -> None:
-        if self._below is None and self.clone_of is not None:
+        if self._below is None and self.clone_of is not None and not self.clone_of.own:
             raise StateError(f"clone {self.name} is detached from {self.clone_of.describe()}: "
                              f"see marsfs status {self.name}; delete it with: marsfs delete {self.name}")
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -871,7 +942,7 @@ class Volume:
             if not self._oldest <= lsn <= self.head_lsn:
                 raise VersionNotFound(f"version lsn-{lsn} of volume {self.name} is not retained; "
                                       f"available: lsn-{self._oldest} to lsn-{self.head_lsn}")
-            index = self._views.pin(lsn)
+            index = self._views.pin(lsn, time.time())
             first = self._applied + 1
             generation = self._resyncs.generation
             if index is None:
