@@ -1,5 +1,6 @@
 """Clones through the node, the command table and the FUSE operations, in-process: status,
-refusals, the pin across maintenance and restarts, a detached clone, the read-write image."""
+refusals, the pin across maintenance and restarts, a clone with its own copy (it pins nothing
+and outlives its source), a detached clone, the read-write image."""
 
 from __future__ import annotations
 
@@ -174,6 +175,34 @@ def test_the_pin_holds_through_maintenance_and_restarts(tmp_path: Path) -> None:
         node.delete("c")
         node.maintain()
         assert node.volume("v").applied_lsn == node.volume("v").durable_lsn
+    finally:
+        node.close()
+
+
+def test_a_clone_with_its_own_copy_holds_nothing_and_outlives_its_source(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    node = Node.open(state, "n1", history=Retention(keep_bytes=0))
+    node.create("v", MiB)
+    marks = _history(node, 4)
+    node.clone("v", "m1", "c")
+    node.volume("c").write(12 * KiB, b"c" * 4 * KiB)
+    want = node.volume("c").read(0, MiB)
+    node.volume("c").own_copy()  # what a resync of v has every clone do before it switches
+    try:
+        assert node.clones_of("v") == [] and node.volume("v").open_versions.views(marks[1]) == 0
+        node.maintain()
+        assert node.volume("v").applied_lsn == node.volume("v").durable_lsn  # nothing pins v
+        assert node.volume("c").read(0, MiB) == want
+        node.delete("v")  # no clone reads from it
+    finally:
+        node.close()
+    node = Node.open(state, "n1")
+    try:
+        row = {r["volume"]: r for r in node_rows(node)}["c"]
+        assert (row["state"], row["errors"], row["clone_of"]) == ("up", [], f"v@lsn-{marks[1]}")
+        assert node.volume("c").read(0, MiB) == want
+        node.volume("c").write(0, b"w" * 512)
+        assert node.volume("c").read(0, 513) == b"w" * 512 + want[512:513]
     finally:
         node.close()
 

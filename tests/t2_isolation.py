@@ -10,6 +10,7 @@ What holds:
 * a failed fdatasync of the log: status ``failed``, saying to restart the daemon;
 * a volume that cannot be opened at start (its interrupted writeback meets a full disk) is not
   served, the others are: status lists it as failed with one line, commands on it say why;
+  ``delete`` removes one (a damaged log) and frees its name;
 * ``create`` reserves the base (refusing a volume that cannot fit, with both sizes, leaving
   nothing behind); ``create --thin`` through the command table does not.
 """
@@ -217,3 +218,30 @@ def test_create_thin_through_the_command_table(node: Node) -> None:
     run(main, autojump=None)
     assert os.stat(node.volume("t").path / "base.img").st_blocks * 512 < MiB
     assert os.stat(node.volume("r").path / "base.img").st_blocks * 512 >= 8 * MiB
+
+
+@pytest.mark.allow_log(r"volume broken is not served: it could not be opened: log damaged")
+def test_a_volume_whose_log_is_damaged_can_be_deleted(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    n = Node.open(state, "n1")
+    try:
+        vol = n.create("broken", MiB)
+        for i in range(16):
+            vol.write(i * 65536, os.urandom(65536))
+            vol.flush()
+    finally:
+        n.close()
+    seg = min((state / "volumes" / "broken" / "log").glob("*.seg"))
+    with open(seg, "r+b") as f:  # a flipped byte with records after it: damage, not a torn tail
+        f.seek(seg.stat().st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x40]))
+    n = Node.open(state, "n1")
+    try:
+        assert _row(n, "broken")["state"] == "failed"
+        n.delete("broken")
+        assert n.failed == {} and not (state / "volumes" / "broken").exists()
+        n.create("broken", MiB).write(0, b"x" * 512)  # the name is free again
+    finally:
+        n.close()
