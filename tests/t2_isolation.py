@@ -33,6 +33,7 @@ from marsfs.node import Node
 from marsfs.node import node as node_module
 from marsfs.node.cluster import Cluster
 from marsfs.node.status import node_rows
+from marsfs.testing.checks import make_mirror
 from marsfs.testing.runner import run
 from marsfs.volume import Retention
 from marsfs.volume import writeback as wb
@@ -220,28 +221,51 @@ def test_create_thin_through_the_command_table(node: Node) -> None:
     assert os.stat(node.volume("r").path / "base.img").st_blocks * 512 >= 8 * MiB
 
 
-@pytest.mark.allow_log(r"volume broken is not served: it could not be opened: log damaged")
-def test_a_volume_whose_log_is_damaged_can_be_deleted(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    n = Node.open(state, "n1")
-    try:
-        vol = n.create("broken", MiB)
-        for i in range(16):
-            vol.write(i * 65536, os.urandom(65536))
-            vol.flush()
-    finally:
-        n.close()
-    seg = min((state / "volumes" / "broken" / "log").glob("*.seg"))
-    with open(seg, "r+b") as f:  # a flipped byte with records after it: damage, not a torn tail
+def _damage(state: Path, name: str) -> None:
+    """Flip a byte in the middle of ``name``'s first log segment (records follow it: damage)."""
+    seg = min((state / "volumes" / name / "log").glob("*.seg"))
+    with open(seg, "r+b") as f:
         f.seek(seg.stat().st_size // 2)
         byte = f.read(1)[0]
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte ^ 0x40]))
+
+
+@pytest.mark.allow_log(r"volume (broken|m1|m2) is not served: it could not be opened: log damaged")
+def test_a_volume_whose_log_is_damaged_can_be_deleted_or_left(tmp_path: Path) -> None:
+    state = tmp_path / "state"
     n = Node.open(state, "n1")
     try:
-        assert _row(n, "broken")["state"] == "failed"
+        for name in ("broken", "m1", "m2"):
+            vol = n.create(name, MiB)
+            for i in range(16):
+                vol.write(i * 65536, os.urandom(65536))
+                vol.flush()
+        make_mirror(n, "m1")
+        make_mirror(n, "m2")
+    finally:
+        n.close()
+    for name in ("broken", "m1", "m2"):
+        _damage(state, name)
+    n = Node.open(state, "n1")
+    try:
+        assert {r["volume"]: r["state"] for r in node_rows(n)} == {"broken": "failed", "m1": "failed", "m2": "failed"}
         n.delete("broken")
-        assert n.failed == {} and not (state / "volumes" / "broken").exists()
+        assert sorted(n.failed) == ["m1", "m2"] and not (state / "volumes" / "broken").exists()
         n.create("broken", MiB).write(0, b"x" * 512)  # the name is free again
+
+        async def main() -> None:
+            cluster = Cluster(n, listen=None, peers={})
+            ctx = Context(n, cluster, Path("/mnt"), lambda name: None)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(cluster.run)
+                assert await dispatch(ctx, "delete", {"volume": "m1", "force": False}) == {"deleted": "m1"}
+                assert await dispatch(ctx, "leave", {"volume": "m2", "node": None, "force": False}) == {
+                    "volume": "m2", "left": "x"}
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        assert n.failed == {} and sorted(n.volumes) == ["broken"]
+        assert sorted(p.name for p in (state / "volumes").iterdir()) == ["broken"]
     finally:
         n.close()

@@ -146,7 +146,10 @@ class Cluster:
         designated primary (the follow step makes it fetch from there again at once), so a join
         of it from another node is refused, before anything is thrown away."""
         d = self.meta.designated(name)
-        if d is not None and source != d.node and self.node.is_mirror(name) and name not in self.mirrors.copies:
+        if source != self.node.name:  # naming this node, or an unknown one, has its own refusal
+            self.connections.connector(source)
+        if (d is not None and source not in (d.node, self.node.name) and self.node.is_mirror(name)
+                and name not in self.mirrors.copies):
             raise InvalidRequest(f"volume {name!r} is a mirror on node {self.node.name}, and mirrors follow the "
                                  f"designated primary {d.node} (epoch {d.epoch}), not {source}; to resync this "
                                  f"copy from {d.node}: marsfs invalidate {name}")
