@@ -462,6 +462,7 @@ def test_next_resync_while_previous_is_not_merged(pair: Pair, tmp_path: Path) ->
     stage_diff(r, bytes(pair.model))
     assert not pair.dst.finish_resync()
     assert "older than the previous resync" in r.waiting_for
+    assert f": lsn-{view.lsn} (open since " in r.waiting_for, r.waiting_for  # named, and since when
     assert view.read(0, SIZE) == old and pair.dst.read(0, SIZE) == first
     shutil.copytree(tmp_path / "dst", tmp_path / "crashed")
     view.close()

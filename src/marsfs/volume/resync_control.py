@@ -51,16 +51,20 @@ def busy(name: str, target_lsn: int) -> VolumeBusy:
 
 
 def switch_waits(base: int, *, merging: bool, old_views: int, merge_fault: MarsError | None,
-                 pinned: list[tuple[int, float]], building: int, holders: dict[int, str] | None = None) -> str:
+                 pinned: list[tuple[int, float]], building: int, holders: dict[int, str] | None = None,
+                 old_pins: list[tuple[int, float]] | None = None) -> str:
     """Why a resync from ``base`` cannot switch now ("" if it can): ``merging`` (the previous
     switch is not merged yet, ``merge_fault`` says why when writeback fails), ``old_views`` open
     from before it, ``pinned`` (the open versions' LSNs, ascending, each with when it was
     opened, epoch seconds), ``building`` version indexes being built; ``holders``: LSN -> who
-    holds it, when known (a clone that could not take its own copy, and why)."""
+    holds it, when known (a clone that could not take its own copy, and why); ``old_pins``:
+    the versions (LSN, since) of ``old_views`` still open, as far as known."""
     assert old_views >= 0 and building >= 0, (old_views, building)
     if merging and old_views:
-        return (f"{old_views} reader(s) of versions older than the previous resync are still open; "
-                "they close when their readers do")
+        named = ", ".join(f"lsn-{lsn} (open since {_when(since)})" for lsn, since in old_pins or ())
+        return (f"{old_views} reader(s) of versions older than the previous resync are still open"
+                + (f": {named}" if named else "") + "; they close when their readers do (close the file or "
+                ".versions/ image, umount, losetup -d)")
     if merging:
         return f"the previous resync is not merged into the base image yet: {merge_fault}"
     below = [(lsn, since) for lsn, since in pinned if lsn < base]

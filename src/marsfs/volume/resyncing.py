@@ -106,6 +106,8 @@ class ResyncRunner:
         self.old_views = 0  #: open views of older generations (the merge waits for them)
         self.switch_failed = ""  #: why a switch failed half way ("" if it did not)
         self._holders: dict[int, str] = {}  #: LSN -> the clone holding it that could not let go
+        #: (LSN, since) of the versions open at the last switch (the merge waits for them)
+        self._old_pins: list[tuple[int, float]] = []
 
     def busy(self) -> VolumeBusy:
         """What an append meets while a resync runs. Caller locks."""
@@ -170,10 +172,12 @@ class ResyncRunner:
         Caller locks."""
         v = self._volume
         pins = v.open_versions
+        still = set(pins.pinned())
         return rc.switch_waits(base, merging=self.overlay is not None, old_views=self.old_views,
                                merge_fault=v.fault("writeback"),
                                pinned=[(lsn, pins.since(lsn)) for lsn in pins.pinned()],
-                               building=v.versions_building, holders=self._holders)
+                               building=v.versions_building, holders=self._holders,
+                               old_pins=[(lsn, t) for lsn, t in self._old_pins if lsn in still])
 
     def finish(self) -> bool:
         """The work of :meth:`marsfs.volume.Volume.finish_resync` (whose docstring says what holds)."""
@@ -219,6 +223,7 @@ class ResyncRunner:
                 raise
             self.generation += 1
             self.old_views = v.open_versions.total()
+            self._old_pins = [(lsn, v.open_versions.since(lsn)) for lsn in v.open_versions.pinned()]
             v.switched_to(r.target_lsn, r.size)
             self.running = None
             if merging is not None:
