@@ -145,6 +145,7 @@ class Cluster:
         """``marsfs join``: see :meth:`Mirrors.join`. A mirror this node has already follows the
         designated primary (the follow step makes it fetch from there again at once), so a join
         of it from another node is refused, before anything is thrown away."""
+        check_volume_name(name)
         d = self.meta.designated(name)
         if source != self.node.name:  # naming this node, or an unknown one, has its own refusal
             self.connections.connector(source)
