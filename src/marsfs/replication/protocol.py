@@ -428,8 +428,8 @@ class SyncEnd:
 # Each side merges what the other sent (marsfs.node.meta); a side of another cluster is refused.
 
 MAX_META_ENTRIES = 512  #: entries in one META_ENTRIES message
-MAX_META_KEY = 200  #: characters of a key (as marsfs.node.meta.MAX_KEY)
-MAX_META_VALUE = 2048  #: bytes of a value as compact JSON (as marsfs.node.meta.MAX_VALUE)
+MAX_META_KEY = 200  #: characters of a key (what a node stores is held to the same limits)
+MAX_META_VALUE = 2048  #: bytes of a value as compact JSON
 MAX_META_FRAMES = 128  #: META_ENTRIES messages one side sends in one exchange
 
 #: One entry on the wire: owner, key, Lamport clock, value (any JSON within the bounds).
