@@ -62,7 +62,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -86,6 +85,8 @@ from marsfs.errors import (
     WrongRole,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.names import RULE as NAME_RULE
+from marsfs.names import is_name
 from marsfs.node.meta import META_FILE, ClusterMeta
 from marsfs.node.space import LogSpace, LogSpaceSetting
 from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
@@ -96,16 +97,13 @@ from marsfs.volume import Retention, Volume
 
 logger = logging.getLogger(__name__)
 
-VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-NODE_NAME = VOLUME_NAME
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
 
 
 def check_volume_name(name: str) -> str:
-    if not VOLUME_NAME.fullmatch(name):
-        raise InvalidRequest(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit (no '/', no leading dot)")
+    if not is_name(name):
+        raise InvalidRequest(f"invalid volume name {name!r:.80}: use {NAME_RULE} (no '/', no leading dot)")
     return name
 
 
@@ -190,8 +188,8 @@ class Node:
     @classmethod
     def open(cls, state: Path, name: str, **kw: Any) -> Node:
         """Claim the state directory for ``name`` and recover every volume in it."""
-        if not NODE_NAME.fullmatch(name):
-            raise NodeError(f"invalid node name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        if not is_name(name):
+            raise NodeError(f"invalid node name {name!r:.80}: use {NAME_RULE}")
         state.mkdir(parents=True, exist_ok=True)
         os.chmod(state, 0o700)
         node = cls(state, name, **kw)
