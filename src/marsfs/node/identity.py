@@ -74,7 +74,7 @@ class Seen:
     """The id this node last accepted for a name, and how lately it spoke."""
 
     node_id: str
-    last: float  #: time.monotonic() of its last accepted HELLO or closed connection
+    last: float  #: the clock's time of its last accepted HELLO or closed connection
     open: int = 0  #: its connections open here now
 
 

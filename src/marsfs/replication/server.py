@@ -81,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 POLL = 0.01  #: how often a session with nothing to ship looks again
 
+
 class PeerGate(Protocol):
     """Who may speak to this node (:class:`marsfs.node.identity.Identities` in a daemon): asked
     for every HELLO of our protocol and cluster, before anything else is done for it."""
