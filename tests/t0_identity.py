@@ -3,7 +3,8 @@
 * A node in no peer list is refused; so is a HELLO that claims this node's own name with
   another id.
 * A second id for a known name is refused while the known one is connected or was heard less
-  than RECENT seconds ago; after that the new id replaces it (a replaced node).
+  than RECENT seconds ago, or while the name holds a volume (until it is removed from it);
+  after that the new id replaces it (a replaced node).
 * The same id is always accepted (a restart keeps its id); an empty id is an id like any other.
 * A refused peer is logged once per LOG_EVERY seconds, whatever it retries.
 """
@@ -58,6 +59,32 @@ def test_a_second_id_for_a_running_name_is_refused(seen: Seen, refused: bool) ->
     if why is not None:
         assert why[0] == "node-identity" and f"node b (id {REAL[:8]}) runs already" in why[1]
         assert f"claims the name b with id {OTHER[:8]}" in why[1]
+
+
+def test_a_second_id_for_a_name_that_holds_volumes_is_refused_until_it_is_removed() -> None:
+    """A stopped node still holds its volumes (their log is kept for it): a new id for its name
+    is refused, saying how to remove the old node, until that is done."""
+    silent = Seen(REAL, last=0.0)
+    code, why = refusal("b", OTHER, me="a", my_id="0" * 32, listed=True, seen=silent, now=1000.0,
+                        held=("vm", "db")) or ("", "")
+    assert code == "node-identity" and "node b (id 11111111) holds volume(s) db, vm" in why
+    assert "marsfs leave VOL --node b --force on a survivor, for each of db, vm" in why
+    assert refusal("b", OTHER, me="a", my_id="0" * 32, listed=True, seen=silent, now=1000.0, held=()) is None
+    assert refusal("b", REAL, me="a", my_id="0" * 32, listed=True, seen=silent, now=1000.0, held=("vm",)) is None
+
+
+@pytest.mark.allow_log("refused a connection from")
+def test_a_replacement_waits_for_the_removal() -> None:
+    clock = Clock()
+    held = {"b": ["vm"]}
+    ids = Identities("a", "0" * 32, lambda n: True, clock, lambda n: held.get(n, []))
+    assert ids.admit("b", REAL, "") is None
+    ids.closed("b", REAL)
+    clock.now += 10 * RECENT
+    code, why = ids.admit("b", OTHER, "") or ("", "")
+    assert code == "node-identity" and "holds volume(s) vm" in why
+    held["b"] = []  # leave vm --node b --force
+    assert ids.admit("b", OTHER, "") is None
 
 
 @pytest.mark.allow_log("refused a connection from")

@@ -87,7 +87,7 @@ class Cluster:
         self.roles = Roles(node, cluster, self.connections, self.mirrors, spawn=self.spawn,
                            gossip_now=self.gossip_now)
         #: who may speak to this node (marsfs.node.identity): peers of a peer list, one node per name
-        self.identities = Identities(node.name, node.node_id, self.listed, trio.current_time)
+        self.identities = Identities(node.name, node.node_id, self.listed, trio.current_time, self.held_by)
         self.server = Server(node.name, cluster, self.servable, self._epoch, self.peer_table, meta=self._serve_meta,
                              conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare},
                              sync_rate=sync_rate, gate=self.identities)
@@ -131,6 +131,11 @@ class Cluster:
         """Whether a peer list names ``node``: this node's ``--peer`` list, or the cluster
         metadata (it holds entries of ``node``: a member that listed it passed them on)."""
         return node in self.peers or any(owner == node for owner, _ in self.meta.snapshot())
+
+    def held_by(self, node: str) -> list[str]:
+        """The volumes ``node`` is a member of in the cluster metadata (not removed from them)."""
+        volumes = {key.split("/")[1] for _, key in self.meta.snapshot() if key.startswith("volume/")}
+        return sorted(v for v in volumes if node in self.meta.members(v))
 
     def servable(self, name: str) -> Volume | None:
         """The volume peers may fetch, join or hand over as ``name``: None for a clone (clones

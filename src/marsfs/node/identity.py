@@ -14,10 +14,12 @@ needs and logs):
   the cluster metadata (a node some member accepted, whose entries reached us) names it.
 * A HELLO is refused when it claims this node's own name with another id.
 * A HELLO is refused when it claims a name whose known id (the one this node last accepted
-  for that name) is another, while that node is running: a connection of it is open here, or
-  it was heard less than :data:`RECENT` seconds ago. Otherwise the new id replaces the old
-  (logged): a node replaced by a new machine or a new state directory is accepted once the old
-  one is stopped and silent for :data:`RECENT` seconds (docs/runbook.md, "Replacing a node").
+  for that name) is another, while that node is running (a connection of it is open here, or
+  it was heard less than :data:`RECENT` seconds ago) or while the name holds a volume in the
+  cluster metadata (a member that was not removed: its copy and the log held for it are the
+  old node's). Otherwise the new id replaces the old (logged): a node replaced by a new
+  machine or a new state directory is accepted once the old one is stopped, silent for
+  :data:`RECENT` seconds and removed from its volumes (docs/runbook.md, "Replacing a node").
 * An empty id is an id like any other (a HELLO that carries none claims no identity, and is
   refused where a node of that name with an id runs).
 * A refusal is logged in one line without a traceback, at most once per :data:`LOG_EVERY`
@@ -32,7 +34,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +81,10 @@ class Seen:
 
 
 def refusal(name: str, node_id: str, *, me: str, my_id: str, listed: bool, seen: Seen | None,
-            now: float) -> tuple[str, str] | None:
+            now: float, held: Sequence[str] = ()) -> tuple[str, str] | None:
     """Why a HELLO from ``name`` with ``node_id`` is refused (a code and a message that says what
-    to do), or None to accept it. ``listed``: a peer list names ``name`` (see the module)."""
+    to do), or None to accept it. ``listed``: a peer list names ``name``; ``held``: the volumes
+    ``name`` holds in the cluster metadata (see the module)."""
     if name == me and node_id != my_id:
         return ("node-identity", f"node {me} is this node (id {short(my_id)}); another daemon (id "
                                  f"{short(node_id)}) uses --node {me}: give it its own name")
@@ -95,6 +98,12 @@ def refusal(name: str, node_id: str, *, me: str, my_id: str, listed: bool, seen:
                                  f"connection claims the name {name} with id {short(node_id)}: two daemons "
                                  f"use --node {name}; stop one or give it its own name (a replaced node is "
                                  f"accepted {RECENT:.0f} s after the old one stopped)")
+    if seen is not None and seen.node_id != node_id and held:
+        vols = ", ".join(sorted(held))
+        return ("node-identity", f"node {name} (id {short(seen.node_id)}) holds volume(s) {vols}; this connection "
+                                 f"claims the name {name} with id {short(node_id)}: if the old {name} is gone for "
+                                 f"good, remove it first (marsfs leave VOL --node {name} --force on a survivor, "
+                                 f"for each of {vols}); else two daemons use --node {name}: stop one")
     return None
 
 
@@ -102,9 +111,11 @@ class Identities:
     """The known ids of the peers that spoke to this node, and the accept rule over them."""
 
     def __init__(self, me: str, my_id: str, listed: Callable[[str], bool],
-                 clock: Callable[[], float]) -> None:
-        """``listed(name)``: a peer list names ``name``; ``clock``: monotonic seconds."""
+                 clock: Callable[[], float], held: Callable[[str], Sequence[str]] = lambda name: ()) -> None:
+        """``listed(name)``: a peer list names ``name``; ``clock``: monotonic seconds;
+        ``held(name)``: the volumes ``name`` holds in the cluster metadata."""
         self.me = me
+        self.held = held
         self.my_id = my_id
         self.listed = listed
         self.clock = clock
@@ -116,7 +127,9 @@ class Identities:
         from ``name`` with ``node_id``, which came from ``where`` (an address, for the log)."""
         now = self.clock()
         seen = self.seen.get(name)
-        why = refusal(name, node_id, me=self.me, my_id=self.my_id, listed=self.listed(name), seen=seen, now=now)
+        other = seen is not None and seen.node_id != node_id  # only then does what it holds count
+        why = refusal(name, node_id, me=self.me, my_id=self.my_id, listed=self.listed(name), seen=seen, now=now,
+                      held=self.held(name) if other else ())
         if why is not None:
             self._log(name, node_id, where, why, now)
             return why
