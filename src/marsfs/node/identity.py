@@ -155,6 +155,8 @@ class Identities:
         if last is not None and now - last < LOG_EVERY:
             self._logged[key] = (last, left_out + 1)
             return
+        for old in [k for k, (t, _) in self._logged.items() if now - t >= LOG_EVERY]:
+            del self._logged[old]  # keeps the book small; a peer that tries again is logged anew
         more = f" ({left_out} more refused since)" if left_out else ""
         logger.warning("refused a connection from %s (node %s, id %s): %s%s", where or "?", name, short(node_id),
                        why[1], more)
