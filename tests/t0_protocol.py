@@ -6,6 +6,7 @@
   that name the message type and the field.
 * Binary messages: RECORDS must hold verified records with consecutive LSNs, SYNC_DATA an
   offset. The retired image copy's message types (8-11) are unknown types now.
+* HELLO carries the client's node id; one without it decodes with the id "".
 * Protocol 2: HEARTBEAT names the volume's uuid, FETCH may only watch, and
   frames of protocols 1 and 2 are refused in words.
 * FrameDecoder refuses bad magic, checksum, length, version, type, flags and lz4 garbage, and
@@ -62,7 +63,8 @@ from marsfs.testing.sansio import CHAIN, records
 from marsfs.testing.wire import decode_frame
 
 SAMPLES: list[Message] = [
-    Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm", want="fetch", epoch=2),
+    Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm", want="fetch", epoch=2,
+          node_id="0123456789abcdef0123456789abcdef"),
     Welcome(node="a", volume="vm", uuid="u-1", size=1 << 20, epoch=1, head_lsn=7, durable_lsn=5),
     Error(code="diverged", error="the histories diverged"),
     Fetch(from_lsn=8, prev_chain=CHAIN),
@@ -98,6 +100,20 @@ def test_protocol_1_is_refused_in_words() -> None:
     for old in (1, 2):
         with pytest.raises(ProtocolError, match=f"unsupported protocol version {old}"):
             FrameDecoder().feed(raw_frame(version=old))
+
+
+def test_hello_carries_the_node_id_and_may_lack_it() -> None:
+    """HELLO names the client node's id (two daemons of one name differ in it); a HELLO
+    without one (a node from before ids) decodes with the id "", which claims no identity."""
+    hello = SAMPLES[0]
+    assert isinstance(hello, Hello) and wire(hello)["node_id"] == hello.node_id
+    obj = wire(hello)
+    del obj["node_id"]
+    assert decode_frame(frame_of(hello, obj)) == Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm",
+                                                      want="fetch", epoch=2, node_id="")
+    obj["node_id"] = 7
+    with pytest.raises(ProtocolError, match="HELLO: field 'node_id' must be a string"):
+        decode_frame(frame_of(hello, obj))
 
 
 def test_sync_ack_keeps_its_two_field_wire_form() -> None:

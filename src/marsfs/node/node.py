@@ -3,6 +3,7 @@
 State directory layout::
 
     DIR/node.json            {"node": NAME, "created_ns": ...}: the immutable node name
+    DIR/node-id              this node's random id (0600; marsfs.node.identity), made once
     DIR/lock                 flock'd by the running daemon
     DIR/control.sock         the daemon's control socket (faces layer)
     DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json and, when the
@@ -87,6 +88,7 @@ from marsfs.errors import (
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.names import RULE as NAME_RULE
 from marsfs.names import is_name
+from marsfs.node.identity import load_node_id
 from marsfs.node.meta import META_FILE, ClusterMeta
 from marsfs.node.space import LogSpace, LogSpaceSetting
 from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
@@ -140,6 +142,7 @@ class Node:
         self._lock = threading.RLock()
         self._lock_fd = -1
         self.meta = ClusterMeta(state / META_FILE, name)  #: the cluster metadata as this node knows it
+        self.node_id = ""  #: this node's id (``DIR/node-id``, see marsfs.node.identity), read when claimed
 
     # ------------------------------------------------------------------ the volume entries
 
@@ -195,6 +198,7 @@ class Node:
         node = cls(state, name, **kw)
         node._claim()
         try:
+            node.node_id = load_node_id(state)
             node.space.check()
             node._recover()
             node.space.adopt(list(node.volumes.values()))

@@ -24,8 +24,11 @@ Rules that hold here:
 
 Conversation (client = the mirror, server = the node it fetches from)::
 
-    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch}
+    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch, node_id}
     server: WELCOME {node, volume, uuid, size, epoch, head_lsn, durable_lsn}  |  ERROR {code, error}
+            (a node refuses a HELLO of a node in no peer list, ``unknown-node``, and one that claims
+            the name of another running node, told apart by ``node_id``, ``node-identity``: see
+            marsfs.node.identity; ``node_id`` may be absent: "")
     want=fetch: client: FETCH {from_lsn, prev_chain, watch}
                 server: RECORDS... (none when ``watch``: the mirror's fetch is paused) and
                         HEARTBEAT {uuid, head_lsn, durable_lsn, time, probe, lag_bytes,
@@ -271,6 +274,9 @@ class Hello:
     volume: str = _field("volume")  #: "" for what is about no volume (metadata)
     want: Want = _field("want")
     epoch: int = _field("uint")
+    #: the client node's id (``STATE/node-id``): two daemons given one ``--node`` name differ in
+    #: it; "" when it says none (a HELLO from before ids; refused where that name runs with one)
+    node_id: str = _field("str", default="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,8 +442,8 @@ class SyncEnd:
 
 # ---------------------------------------------------------------------------- cluster metadata (want "meta")
 #
-#   client: HELLO {want: "meta", volume: "", epoch: 0}
-#   server: META_WELCOME {node, cluster}  |  ERROR {code: "cluster" | "protocol", error}
+#   client: HELLO {want: "meta", volume: "", epoch: 0, node_id}
+#   server: META_WELCOME {node, cluster}  |  ERROR {code: "cluster" | "protocol" | "unknown-node" | "node-identity", error}
 #   client: META_ENTRIES {entries, more}...  (until more is false)
 #   server: META_ENTRIES {entries, more}...  (until more is false); both close.
 # Each side merges what the other sent (marsfs.node.meta); a side of another cluster is refused.
