@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from marsfs.errors import ProtocolError
 from marsfs.node.state import FailoverLoss, SplitBrain
-from marsfs.replication.handover import ForkSearch
+from marsfs.replication.handover import ForkSearch, position_told
 from marsfs.replication.protocol import (
     MAX_CHAINS,
     Chains,
@@ -21,6 +21,8 @@ from marsfs.replication.protocol import (
     HandoverReady,
     Hello,
     MsgType,
+    PositionAsk,
+    PositionTold,
     encode_frame,
     encode_message,
 )
@@ -36,6 +38,11 @@ SAMPLES = [
     Chains(lsns=(), chains=(), head_lsn=9, done=True, fork_lsn=4, exact=True, tail_records=5, tail_bytes=900),
     Hello(proto=3, cluster="c", node="b", volume="vm", want="handover", epoch=1),
     Hello(proto=3, cluster="c", node="b", volume="vm", want="compare", epoch=1),
+    Hello(proto=3, cluster="c", node="b", volume="vm", want="position", epoch=0),
+    PositionAsk(lsn=7, chain=CHAIN),
+    PositionTold(relation="ahead", durable_lsn=30, replayed_lsn=28, records=23, bytes=6 << 20, oldest=1e9,
+                 newest=1e9 + 2),
+    PositionTold(relation="diverged", durable_lsn=30, replayed_lsn=30, records=0, bytes=0),
 ]
 
 
@@ -56,6 +63,9 @@ def test_messages_round_trip(msg: object) -> None:
     (MsgType.HANDOVER_PREPARE, {"epoch": 1, "timeout": -1}, "out of range"),
     (MsgType.HANDOVER_READY, {"head_lsn": 1, "chain": "00", "epoch": 1}, "hex digits"),
     (MsgType.HANDOVER_END, {"claimed": 1, "epoch": 1, "start_lsn": 2}, "true or false"),
+    (MsgType.POSITION_ASK, {"lsn": 1}, "missing field 'chain'"),
+    (MsgType.POSITION, {"relation": "above", "durable_lsn": 1, "replayed_lsn": 1, "records": 0, "bytes": 0},
+     "must be one of ahead"),
 ])
 def test_malformed_messages_are_protocol_errors(mtype: MsgType, payload: dict[str, object], why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
@@ -114,6 +124,27 @@ def test_a_fork_below_what_the_logs_hold_is_a_bound() -> None:
     theirs = ModelLog(list(range(10)) + [-2] * 100, first=60)
     fork, _ = search(ours, theirs)
     assert fork is not None and not fork.exact and fork.lsn <= 59  # type: ignore[attr-defined]
+
+
+def test_a_members_position_is_told_against_the_askers_history() -> None:
+    """What a member holds beyond a would-be primary: only on the same chain is it ``ahead``
+    (records and bytes after the asker's LSN, with their times); another chain, a shorter log
+    or a log that starts after the asker's LSN say so."""
+    member = ModelLog(list(range(30)), first=5)
+
+    def told(ask_log: ModelLog, lsn: int, durable: int = 30) -> PositionTold:
+        return position_told(member, lambda a, b: 100 * (b - a), lambda n: 1e9 + n, durable, durable,
+                             PositionAsk(lsn=lsn, chain=ask_log.chain_at(lsn)))
+
+    same = ModelLog(list(range(12)))
+    t = told(same, 12)
+    assert (t.relation, t.records, t.bytes, t.oldest, t.newest) == ("ahead", 18, 1800, 1e9 + 13, 1e9 + 30)
+    assert told(same, 12, durable=12).relation == "same"
+    assert (told(ModelLog(list(range(12)) + [-1]), 13).relation, told(ModelLog(list(range(12)) + [-1]), 13).records
+            ) == ("diverged", 0)
+    assert told(ModelLog(list(range(31))), 31).relation == "behind"
+    t = told(same, 2)  # the member's log starts at LSN 5: it holds more than its log tells
+    assert (t.relation, t.records, t.bytes) == ("trimmed", 28, 2600)
 
 
 def test_status_words() -> None:
