@@ -161,3 +161,16 @@ def test_status_words() -> None:
     none = FailoverLoss(source="a", epoch=2, start_lsn=22, records=0, bytes=0, oldest=0, newest=0, at_least=True,
                         as_of=1e9)
     assert "no record known lost" in none.describe() and "may have written more" in none.describe()
+    # measured from a reachable member's position: exact for what it holds, "at least" for the rest
+    held = FailoverLoss(source="a", epoch=2, start_lsn=22, records=15, bytes=6 << 20, oldest=1e9, newest=1e9 + 5,
+                        at_least=True, as_of=1e9 + 5, held_by="b", held_records=11, held_bytes=5 << 20)
+    text = held.describe()
+    assert "lost 11 records (5.0 MiB)" in text and "measured from b's position" in text, text
+    assert "and at least 4 more (at least 1.0 MiB) that only a had" in text, text
+    assert "no reachable node holds" in text and FailoverLoss.from_json(held.to_json()) == held
+    side = FailoverLoss(source="c", epoch=3, start_lsn=140, records=2, bytes=66000, oldest=1e9, newest=1e9,
+                        at_least=False, as_of=1e9, fork_lsn=37)
+    assert "kept this node's side of the split brain: c's 2 records" in side.describe()
+    assert "after the fork at LSN 37" in side.describe() and "marsfs invalidate on c" in side.describe()
+    old = {k: v for k, v in loss.to_json().items() if k not in ("held_by", "held_records", "held_bytes", "fork_lsn")}
+    assert FailoverLoss.from_json(old) == loss  # a record written before those fields existed
