@@ -72,6 +72,8 @@ def test_failover_onto_a_lagging_mirror_is_refused_and_either_side_can_survive(h
     write_synced(c.image("vm"), MARK_AT, MARK)  # c's own writes, in its epoch
     wait_for(lambda: status(b, "vm")["state"] == "split-brain", timeout=30, what="b to find the split brain with c")
 
+    r = b.cli("primary", "vm", check=False)  # a planned handover cannot join two histories: says what can
+    assert r.returncode == 1 and "marsfs primary vm --force here to keep this side" in r.stderr, r.stderr
     r = b.cli("primary", "vm", "--force")  # keep b's side: it holds a's 6 MiB
     assert "primary on this node now (epoch 3," in r.stdout, r.stdout
     assert "kept this node's side of the split brain: c's 2 records" in r.stdout, r.stdout

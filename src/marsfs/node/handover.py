@@ -143,13 +143,14 @@ class Roles:
             raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
         verdict = status.verdict(self.node, name, status.mirror_side(self.mirrors, name, trio.current_time()))
         splits = self.node.splits(name)
-        if choose_side and any(sp.peer == role.source for sp in splits):
+        with_source = any(sp.peer == role.source for sp in splits)
+        if choose_side and with_source:
             return vol, role.source, verdict  # its fetch is refused as diverged: that is the split brain
         if VolumeState.SPLIT_BRAIN in verdict.conditions:
+            keep = f", or marsfs primary {name} --force here to keep this side" if with_source else ""
             raise StateError(f"volume {name!r} on node {self.node.name} is in a split brain with "
                              f"{splits[0].peer if splits else role.source}; resolve it first (marsfs invalidate "
-                             f"{name} on the side whose writes are to be discarded, or marsfs primary {name} --force "
-                             f"here to keep this side when it is the designated primary's split brain)")
+                             f"{name} on the side whose writes are to be discarded{keep})")
         if verdict.refusal:
             raise StateError(f"volume {name!r} on node {self.node.name} cannot fetch from {role.source} "
                              f"({verdict.refusal}): resync it first (marsfs invalidate {name})")
