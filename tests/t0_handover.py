@@ -145,6 +145,10 @@ def test_a_members_position_is_told_against_the_askers_history() -> None:
     assert told(ModelLog(list(range(31))), 31).relation == "behind"
     t = told(same, 2)  # the member's log starts at LSN 5: it holds more than its log tells
     assert (t.relation, t.records, t.bytes) == ("trimmed", 28, 2600)
+    resynced = ModelLog(list(range(30)), first=31)  # a log a resync restarted: no record, durable at 30
+    t = position_told(resynced, lambda a, b: 100 * (b - a), lambda n: 1 / 0, 30, 30,
+                      PositionAsk(lsn=2, chain=same.chain_at(2)))
+    assert (t.relation, t.records, t.bytes, t.oldest, t.newest) == ("trimmed", 28, 0, 0.0, 0.0)
 
 
 def test_status_words() -> None:

@@ -10,6 +10,8 @@ MockClock.
 * A prepare that no claim follows unfences the old primary after the timeout.
 * A forced failover is refused while the primary answers; without it, the new primary says
   how much may be lost, from the last heartbeat.
+* A forced failover onto a mirror that another reachable one is ahead of is refused naming
+  it; accepted, its loss is measured from that mirror's position.
 * After a failover and writes on both sides, the old primary following the new one is
   refused as diverged, and both sides record the split brain: fork LSN and both tails.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from marsfs.errors import InvalidRequest, PeerError, VolumeBusy, VolumeReadOnly, WrongRole
+from marsfs.errors import InvalidRequest, PeerError, StateError, VolumeBusy, VolumeReadOnly, WrongRole
 from marsfs.node import Node
 from marsfs.node import handover as node_handover
 from marsfs.node.cluster import Cluster
@@ -200,5 +202,31 @@ def test_a_lagging_mirror_stays_a_prefix(tmp_path: Path) -> None:
         await wait_for(lambda: c.node.role("vm").source == "b", "c to switch to b")
         await wait_for(lambda: vc.replayed_lsn == b.node.volumes["vm"].durable_lsn, "c to follow b")
         assert image(vc) == image(b.node.volumes["vm"]) and not c.node.splits("vm")
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm")
+def test_a_failover_asks_the_reachable_members_first(tmp_path: Path) -> None:
+    """c lags (paused), b has everything: a failover onto c is refused naming b (nothing
+    changes); with ``accept_loss`` it goes ahead, and the loss is b's exact tail beyond c."""
+    async def body(net: MemNet) -> None:
+        a, b, c = await pair(net, "a", "b", "c")
+        va, vb, vc = (x.node.volumes["vm"] for x in (a, b, c))
+        c.set_paused("vm", "fetch", True)
+        await trio.to_thread.run_sync(write, va, 3, 6)
+        await wait_for(lambda: vb.durable_lsn == va.durable_lsn, "b to fetch everything")
+        await net.kill("a")
+        ahead = vb.durable_lsn - vc.durable_lsn
+        tail = vb.log.bytes_between(vc.durable_lsn, vb.durable_lsn)
+        with pytest.raises(StateError, match=rf"^b holds {ahead} more records \(.*KiB\) of vm than this node.*"
+                                             r"marsfs primary vm --force on b instead, or add --accept-loss"):
+            await c.primary("vm", force=True)
+        assert c.node.is_mirror("vm") and c.node.role("vm").epoch == 1 and c.node.failover_loss("vm") is None
+        result = await c.primary("vm", force=True, accept_loss=True)
+        loss = result["loss"]
+        assert isinstance(loss, dict)
+        assert (loss["held_by"], loss["held_records"], loss["held_bytes"]) == ("b", ahead, tail)
+        assert loss["records"] == ahead and loss["bytes"] == tail and "measured from b's position" in str(result["lost"])
 
     in_net(tmp_path, body)

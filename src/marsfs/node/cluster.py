@@ -83,7 +83,7 @@ class Cluster:
         self.mirrors = Mirrors(node, cluster, self.connections, spawn=self.spawn, quiet=self._quiet,
                                diverged=self._diverged)
         self.roles = Roles(node, cluster, self.connections, self.mirrors, spawn=self.spawn,
-                           gossip_now=self.gossip_now)
+                           gossip_now=self.gossip_now, known=self.peers.keys)
         self.server = Server(node.name, cluster, self.servable, self._epoch, self.peer_table, meta=self._serve_meta,
                              conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare,
                                             "position": self.roles.serve_position},

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -109,9 +109,12 @@ class Roles:
     """The role changes of one node's volumes; part of its :class:`~marsfs.node.cluster.Cluster`."""
 
     def __init__(self, node: Node, cluster: str, peers: Peers, mirrors: Mirrors, *, spawn: Spawn,
-                 gossip_now: Callable[[], None]) -> None:
+                 gossip_now: Callable[[], None], known: Callable[[], Iterable[str]] = tuple) -> None:
         """``cluster`` is the cluster's name (for the hellos); ``mirrors`` the node's fetchers,
-        which a change of primary stops and starts; ``gossip_now`` spreads a claim at once."""
+        which a change of primary stops and starts; ``gossip_now`` spreads a claim at once;
+        ``known`` names the peers this node was told of (a forced failover asks them too: one
+        that has not gossiped yet may still hold more)."""
+        self.known = known
         self.node = node
         self.cluster = cluster
         self.peers = peers
@@ -291,7 +294,7 @@ class Roles:
                 raise InvalidRequest(f"{source}, the primary of {name}, is reachable: use the planned handover, "
                                      f"marsfs primary {name}, which loses nothing; --force is for a primary that "
                                      "cannot be reached")
-            others = sorted(self.node.meta.members(name) - {self.node.name, source})
+            others = sorted((self.node.meta.members(name) | set(self.known())) - {self.node.name, source})
             held = await self._survey(name, vol, others, vol.durable_lsn)
             best = max(held.items(), key=lambda kv: (kv[1].records, kv[0]), default=None)
             if best is not None and not accept_loss:

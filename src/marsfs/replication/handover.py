@@ -163,9 +163,11 @@ def position_told(log: ChainSource, bytes_between: Callable[[int, int], int], st
         if relation not in ("ahead", "trimmed"):
             return PositionTold(relation=relation, durable_lsn=durable_lsn, replayed_lsn=replayed_lsn, records=0,
                                 bytes=0)
+        held = range(log.first_lsn, log.last_lsn + 1)  # a log restarted by a resync may hold none
         return PositionTold(relation=relation, durable_lsn=durable_lsn, replayed_lsn=replayed_lsn,
                             records=durable_lsn - ask.lsn, bytes=bytes_between(after, durable_lsn),
-                            oldest=stamp(after + 1), newest=stamp(durable_lsn))
+                            oldest=stamp(after + 1) if after + 1 in held else 0.0,
+                            newest=stamp(durable_lsn) if durable_lsn in held else 0.0)
 
     if ask.lsn > log.last_lsn:
         return told("behind")
