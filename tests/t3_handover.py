@@ -230,3 +230,35 @@ def test_a_failover_asks_the_reachable_members_first(tmp_path: Path) -> None:
         assert loss["records"] == ahead and loss["bytes"] == tail and "measured from b's position" in str(result["lost"])
 
     in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm", "split brain", "stopped: .*diverged")
+def test_the_fenced_side_of_a_split_brain_can_be_kept(tmp_path: Path) -> None:
+    """After a failover to b and writes on both sides, the operator keeps a's history instead:
+    ``primary --force`` on a (fenced, in the split brain) claims the next epoch and makes it
+    writable; ``invalidate`` on b then keeps b's state as a split version and resyncs b from a."""
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b")
+        va, vb = a.node.volumes["vm"], b.node.volumes["vm"]
+        fork = vb.durable_lsn
+        await fail_over(net, a, b, 10)
+        await trio.to_thread.run_sync(write, vb, 9, 4)  # b writes in its epoch
+        net.down.clear()
+        await wait_for(lambda: a.node.splits("vm") and b.node.splits("vm"), "both sides to record the split")
+        with pytest.raises(VolumeReadOnly):
+            va.write(0, b"x" * 512)
+        with pytest.raises(StateError, match=r"split brain with b.*marsfs primary vm --force here keeps this side"):
+            await a.primary("vm")  # a planned handover cannot join two histories
+        result = await a.primary("vm", force=True)
+        assert result["epoch"] == 3 and "kept this node's side of the split brain: b's 5 records" in str(result["lost"])
+        assert f"after the fork at LSN {fork}" in str(result["lost"]) and a.node.role("vm").epoch == 3
+        await trio.to_thread.run_sync(write, va, 11, 2)  # a takes writes again
+        await wait_for(lambda: b.node.meta.designated("vm").node == "a", "b to learn that a is primary")  # type: ignore[union-attr]
+        kept = await b.invalidate("vm")
+        assert kept["split_version"] == f"split-b-{fork}.img"
+        vb2 = b.node.volumes["vm"]
+        await wait_for(lambda: b.node.is_mirror("vm") and not b.mirrors.copies and vb2.replayed_lsn == va.durable_lsn
+                       and image(b.node.volumes["vm"]) == image(va), "b to resync from a", 60)
+        await wait_for(lambda: not a.node.splits("vm") and not b.node.splits("vm"), "the split brain to be resolved")
+
+    in_net(tmp_path, body)

@@ -21,11 +21,12 @@ Rules that hold here (G7):
   lost: measured from the best position it learnt (exact for what a reachable member holds),
   and beyond that as its fetch last heard of the primary ("at least": the primary may have
   gone on writing after its last word). ``status`` shows it.
-* In a split brain with its source (the designated primary), ``--force`` on a mirror is how
-  the operator keeps this node's side instead: the designated primary answers, but a planned
-  handover cannot join two histories. This node claims the next epoch; the other side is
-  fenced by the claim, and ``invalidate`` there keeps its writes as a split version and
-  resyncs it from this node.
+* In a split brain with the designated primary, ``--force`` on the other side (a mirror of
+  it, or a former primary it fenced) is how the operator keeps that side instead: the
+  designated primary answers, but a planned handover cannot join two histories. This node
+  claims the next epoch (a former primary keeps its role and loses its fence); the other
+  side is fenced by the claim, and ``invalidate`` there keeps its writes as a split version
+  and resyncs it from this node.
 * A split brain is found from chain hashes: when a fetch is refused as ``diverged`` this node
   and its source compare chains (:mod:`marsfs.replication.handover`), and both record the fork
   LSN and each side's tail after it (:meth:`Node.record_split`). Replication between them stays
@@ -143,6 +144,12 @@ class Roles:
             raise WrongRole(f"volume {name!r} is a local clone on node {self.node.name}: it is writable here "
                             "already and never replicated")
         if not role.is_mirror:
+            designated = self._fenced_side(name)
+            if designated is not None:
+                raise StateError(f"volume {name!r} on node {self.node.name} is a former primary in a split brain "
+                                 f"with {designated}, the designated primary: marsfs primary {name} --force here keeps "
+                                 f"this side (then marsfs invalidate {name} on {designated}), marsfs invalidate "
+                                 f"{name} here keeps {designated}'s")
             raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
         verdict = status.verdict(self.node, name, status.mirror_side(self.mirrors, name, trio.current_time()))
         splits = self.node.splits(name)
@@ -284,7 +291,11 @@ class Roles:
         """Forced failover: this node becomes primary of ``name`` without its primary (or, in a
         split brain with it, keeps this node's side). ``accept_loss``: even though a reachable
         member holds more."""
-        vol, source, _ = self._check_mirror(name, f"marsfs primary {name} --force", choose_side=True)
+        fenced = self._fenced_side(name)
+        if fenced is not None:  # a former primary in a split brain with the designated one
+            vol, source = self.node.volume(name), fenced
+        else:
+            vol, source, _ = self._check_mirror(name, f"marsfs primary {name} --force", choose_side=True)
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
         split = next((sp for sp in self.node.splits(name) if sp.peer == source), None)
@@ -319,13 +330,27 @@ class Roles:
             except MarsError:
                 self._resume_fetch(vol)
                 raise
-            await trio.to_thread.run_sync(self.node.promote, name, epoch)
+            if fenced is not None:  # primary already: the claim lifts the designation's fence
+                await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=epoch))
+                self.node.unfence(name)
+            else:
+                await trio.to_thread.run_sync(self.node.promote, name, epoch)
         finally:
             self.progress.pop(name, None)
         logger.warning("forced failover of %s from %s: primary here from LSN %d, epoch %d; %s", name, source,
                        start, epoch, loss.describe())
         return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
                 "lost": loss.describe()}
+
+    def _fenced_side(self, name: str) -> str | None:
+        """The designated primary, if this node is a former primary of ``name`` (fenced by a
+        newer epoch) in a split brain with it: then a forced failover keeps this side."""
+        if name not in self.node.volumes or self.node.role(name).role != Role.PRIMARY:
+            return None
+        d = self.node.meta.designated(name)
+        if d is None or d.node == self.node.name or not any(sp.peer == d.node for sp in self.node.splits(name)):
+            return None
+        return d.node
 
     async def _survey(self, name: str, vol: Volume, nodes: list[str], lsn: int) -> dict[str, PositionTold]:
         """What each of ``nodes`` that answers holds beyond our ``lsn`` of ``name``, for those
@@ -361,8 +386,10 @@ class Roles:
     async def _split_loss(self, name: str, vol: Volume, source: str, fork: int) -> FailoverLoss:
         """What keeping this side of the split brain with ``source`` leaves out: ``source``'s
         tail after the ``fork``, as it tells it now (its split record here may be older)."""
-        chain = await trio.to_thread.run_sync(vol.log.chain_at, fork)
-        told = await self._ask_position(name, source, fork, chain)
+        told = None
+        if vol.log.first_lsn - 1 <= fork <= vol.log.last_lsn:  # else only the split record tells
+            chain = await trio.to_thread.run_sync(vol.log.chain_at, fork)
+            told = await self._ask_position(name, source, fork, chain)
         split = next(sp for sp in self.node.splits(name) if sp.peer == source)
         records, nbytes = (told.records, told.bytes) if told is not None else (split.peer_records, split.peer_bytes)
         return FailoverLoss(source=source, epoch=0, start_lsn=0, records=records, bytes=nbytes,
