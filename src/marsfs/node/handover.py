@@ -390,6 +390,8 @@ class Roles:
         if vol.log.first_lsn - 1 <= fork <= vol.log.last_lsn:  # else only the split record tells
             chain = await trio.to_thread.run_sync(vol.log.chain_at, fork)
             told = await self._ask_position(name, source, fork, chain)
+            if told is not None and told.relation not in ("ahead", "same", "trimmed"):
+                told = None  # the fork is only a bound: its records there are not ours
         split = next(sp for sp in self.node.splits(name) if sp.peer == source)
         records, nbytes = (told.records, told.bytes) if told is not None else (split.peer_records, split.peer_bytes)
         return FailoverLoss(source=source, epoch=0, start_lsn=0, records=records, bytes=nbytes,
