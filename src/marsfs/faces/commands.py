@@ -289,7 +289,7 @@ def _history_text(r: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 async def _primary(ctx: Context, a: dict[str, Any]) -> Any:
-    return await ctx.cluster.primary(a["volume"], force=a["force"])
+    return await ctx.cluster.primary(a["volume"], force=a["force"], accept_loss=a["accept_loss"])
 
 
 async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
@@ -738,8 +738,11 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             _clone, text=_clone_text, json=lambda r, a: r),
     Command("primary", "make this node the primary (handover; --force: failover)",
             (VOLUME, Arg("force", "the primary cannot be reached: become primary with what this node has "
-                                  "(loses what it did not fetch; status says how much)",
-                         flag="--force", required=False, parse=switch), JSON),
+                                  "(loses what it did not fetch; status says how much); refused while a "
+                                  "reachable member holds more; in a split brain: keep this node's side",
+                         flag="--force", required=False, parse=switch),
+             Arg("accept_loss", "with --force: even though a reachable member holds more (it is lost)",
+                 flag="--accept-loss", required=False, parse=switch), JSON),
             _primary, text=_primary_text, json=lambda r, a: r, client=_primary_client),
     Command("verify", "compare images at the same version by checksums",
             (VOLUME, Arg("peer", "the node to compare with (default: a mirror's source; on a primary: every "

@@ -41,6 +41,7 @@ from marsfs.errors import (
     InvalidRequest,
     MarsError,
     ProtocolError,
+    UsageError,
     VolumeBusy,
     VolumeNotFound,
 )
@@ -85,11 +86,12 @@ class Cluster:
         self.mirrors = Mirrors(node, cluster, self.connections, spawn=self.spawn, quiet=self._quiet,
                                diverged=self._diverged)
         self.roles = Roles(node, cluster, self.connections, self.mirrors, spawn=self.spawn,
-                           gossip_now=self.gossip_now)
+                           gossip_now=self.gossip_now, known=self.peers.keys)
         #: who may speak to this node (marsfs.node.identity): peers of a peer list, one node per name
         self.identities = Identities(node.name, node.node_id, self.listed, trio.current_time, self.held_by)
         self.server = Server(node.name, cluster, self.servable, self._epoch, self.peer_table, meta=self._serve_meta,
-                             conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare},
+                             conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare,
+                                            "position": self.roles.serve_position},
                              sync_rate=sync_rate, gate=self.identities)
         self.verifies: dict[str, VerifyJob] = {}  #: verify comparisons by id, until collected
         self._verify_seq = 0
@@ -179,10 +181,14 @@ class Cluster:
 
     # ------------------------------------------------------------------ roles (marsfs.node.handover)
 
-    async def primary(self, name: str, *, force: bool = False) -> dict[str, Any]:
-        """``marsfs primary VOL [--force]``: planned handover to this node, or forced failover."""
+    async def primary(self, name: str, *, force: bool = False, accept_loss: bool = False) -> dict[str, Any]:
+        """``marsfs primary VOL [--force [--accept-loss]]``: planned handover to this node, or
+        forced failover (``accept_loss``: even when a reachable member holds more)."""
         check_volume_name(name)
-        return await (self.roles.fail_over(name) if force else self.roles.take_over(name))
+        if accept_loss and not force:
+            raise UsageError(f"--accept-loss goes with --force (a forced failover): marsfs primary {name} --force "
+                             "--accept-loss")
+        return await (self.roles.fail_over(name, accept_loss=accept_loss) if force else self.roles.take_over(name))
 
     # ------------------------------------------------------------------ verify
 

@@ -267,7 +267,14 @@ class SplitBrain:
 class FailoverLoss:
     """What a forced failover may have lost: the records of ``source`` this node had not
     fetched, as far as its last word told (``at_least``: the source may have written more
-    after it). ``newest``: wall time of the newest record known lost (0: none known)."""
+    after it). ``newest``: wall time of the newest record known lost (0: none known).
+
+    When a reachable member held more (the operator accepted losing it), ``held_by`` names the
+    one that held most and ``held_records``/``held_bytes`` are what it held beyond this node,
+    exactly: the loss is measured from its position, and only the rest (what the source's last
+    word showed beyond it) is "at least". ``fork_lsn`` (not -1): the failover chose this node's
+    side of a split brain with ``source``; the loss is ``source``'s tail after that fork, which
+    it keeps as a split version when invalidated."""
 
     source: str
     epoch: int  #: the epoch the failover started
@@ -278,24 +285,41 @@ class FailoverLoss:
     newest: float  #: the newest known lost record was written at or before this wall time
     at_least: bool
     as_of: float  #: wall time of the knowledge (the source's last heartbeat or position)
+    held_by: str = ""
+    held_records: int = 0
+    held_bytes: int = 0
+    fork_lsn: int = -1
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FailoverLoss:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        """Also a record written before the fields with defaults existed."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def describe(self) -> str:
+        head = f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn})"
+        if self.fork_lsn >= 0:
+            return (f"{head} kept this node's side of the split brain: {self.source}'s {self.records} records "
+                    f"({human_bytes(self.bytes)}) after the fork at LSN {self.fork_lsn}, written between "
+                    f"{_utc(self.oldest)} and {_utc(self.newest)}, are not in its history; marsfs invalidate on "
+                    f"{self.source} keeps them there as a split version")
         bound = "at least " if self.at_least else ""
-        later = (f"; {self.source} may have written more after {_utc(self.as_of)}, which this node never heard "
-                 "of") if self.at_least else ""
+        later = (f"; {self.source} may have written more after {_utc(self.as_of)}, which "
+                 f"{'no reachable node holds' if self.held_by else 'this node never heard of'}") if self.at_least else ""
+        if self.held_by:
+            only = self.records - self.held_records
+            rest = (f", and {bound}{only} more ({bound}{human_bytes(max(0, self.bytes - self.held_bytes))}) "
+                    f"that only {self.source} had") if only > 0 else ""
+            return (f"{head} lost {self.held_records} records ({human_bytes(self.held_bytes)}) written between "
+                    f"{_utc(self.oldest)} and {_utc(self.newest)}, measured from {self.held_by}'s position "
+                    f"({self.held_by} holds them; accepted with --accept-loss){rest}{later}")
         if not self.records:
-            return (f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn}): no "
-                    f"record known lost (its last word, {_utc(self.as_of)}, showed none this node lacked){later}")
-        return (f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn}) lost "
-                f"{bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between {_utc(self.oldest)} "
-                f"and {_utc(self.newest)}{later}")
+            return (f"{head}: no record known lost (its last word, {_utc(self.as_of)}, showed none this node "
+                    f"lacked){later}")
+        return (f"{head} lost {bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between "
+                f"{_utc(self.oldest)} and {_utc(self.newest)}{later}")
 
 
 def _utc(t: float) -> str:

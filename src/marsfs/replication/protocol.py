@@ -53,6 +53,9 @@ Conversation (client = the mirror, server = the node it fetches from)::
                 ... until the client knows the fork; then
                 client: CHAINS {done, fork_lsn, tail_records, tail_bytes}
                 server: CHAINS {done, fork_lsn, its tail_records, tail_bytes}
+    want=position (a forced failover asks every member what it holds beyond the asker):
+                client: POSITION_ASK {lsn, chain}   (the asker's durable head and its chain there)
+                server: POSITION {relation, durable_lsn, replayed_lsn, records, bytes, oldest, newest}
     want=meta: no volume; the cluster metadata exchange (see its block below the messages).
     A HEARTBEAT echoes the newest ACK probe the server had read before it looked at its
     durable LSN, so the client knows how old the state it describes can be at most.
@@ -86,7 +89,8 @@ from marsfs.volume.blocksums import BLOCK, SUM_SIZE
 
 __all__ = [
     "FRAME_HEADER", "MAX_CHAINS", "MAX_FRAME", "PROTO_VERSION", "Ack", "Chains", "Error", "Fetch", "Frame",
-    "FrameDecoder", "HandoverEnd", "HandoverPrepare", "HandoverReady", "Heartbeat", "Hello", "Message", "MetaEntries", "MetaEntry", "MetaWelcome", "MsgType", "ProtocolError",
+    "FrameDecoder", "HandoverEnd", "HandoverPrepare", "HandoverReady", "Heartbeat", "Hello", "Message", "MetaEntries", "MetaEntry", "MetaWelcome", "MsgType", "PositionAsk",
+    "PositionTold", "ProtocolError",
     "Records", "Sums", "SumsRequest", "SyncData", "SyncEnd", "SyncInfo", "SyncProgress", "SyncRequest", "SyncSums",
     "Want", "Welcome", "decode_message", "encode_frame", "encode_message", "split_records",
 ]
@@ -96,6 +100,7 @@ FRAME_MAGIC = b"MRSf"
 #: SUMS_REQUEST, SUMS (want "sums")
 #: 3: handover (HANDOVER_PREPARE/READY/END, want "handover"), split brain (CHAINS, want "compare")
 #: 3: fast sync (SYNC_*, want "sync")
+#: 3: what a member holds beyond a would-be primary (POSITION_ASK, POSITION; want "position")
 PROTO_VERSION = 3
 MAX_FRAME = 8 * 1024 * 1024
 _HEAD = struct.Struct("<4sBBHI")  # magic, version, type, flags, length
@@ -141,6 +146,9 @@ class MsgType(IntEnum):
     HANDOVER_READY = 24
     HANDOVER_END = 25
     CHAINS = 26
+    # a forced failover's survey of the members (marsfs.replication.handover)
+    POSITION_ASK = 27
+    POSITION = 28
 
 
 # ---------------------------------------------------------------------------- framing
@@ -248,7 +256,7 @@ def split_records(payload: bytes) -> list[bytes]:
 
 # ---------------------------------------------------------------------------- messages
 
-Want: TypeAlias = Literal["fetch", "leave", "meta", "sums", "handover", "compare", "sync"]
+Want: TypeAlias = Literal["fetch", "leave", "meta", "sums", "handover", "compare", "sync", "position"]
 _WANTS: tuple[str, ...] = get_args(Want)
 
 # How a JSON field is checked and converted (field metadata "kind"):
@@ -257,6 +265,7 @@ _WANTS: tuple[str, ...] = get_args(Want)
 #   ranges: a list of [offset, length] pairs of ints, offset >= 0, length >= 1;
 #   entries: metadata entries (see MetaEntries).
 #   lsns: a list of at most MAX_CHAINS uints, ascending; chains: a list of at most MAX_CHAINS chains.
+#   relation: one of RELATIONS (PositionTold).
 
 
 def _field(kind: str, **kw: Any) -> Any:
@@ -589,13 +598,45 @@ class Chains:
     tail_bytes: int = _field("uint", default=0)
 
 
+#: what a member's history is to the asker's (PositionTold.relation)
+RELATIONS = ("ahead", "same", "behind", "diverged", "trimmed")
+
+
+@dataclass(frozen=True, slots=True)
+class PositionAsk:
+    """A would-be primary's durable head ``lsn`` and its chain there: how much more do you hold?"""
+
+    TYPE: ClassVar[MsgType] = MsgType.POSITION_ASK
+    lsn: int = _field("uint")
+    chain: bytes = _field("chain")
+
+
+@dataclass(frozen=True, slots=True)
+class PositionTold:
+    """What the member holds beyond the asker's ``lsn``. ``relation``: ``ahead`` (the asker's
+    LSN is on its chain and it holds ``records`` more, ``bytes`` of log), ``same`` (on its
+    chain, nothing more), ``behind`` (its log ends before the asker's LSN), ``diverged`` (another
+    chain there), ``trimmed`` (its log no longer reaches back to the asker's LSN: it holds
+    ``records`` more by LSN, ``bytes`` at least its whole log). ``oldest`` and ``newest``:
+    wall times of the first and last of those records it holds (0: none)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.POSITION
+    relation: str = _field("relation")
+    durable_lsn: int = _field("uint")
+    replayed_lsn: int = _field("uint")
+    records: int = _field("uint")
+    bytes: int = _field("uint")
+    oldest: float = _field("seconds", default=0.0)
+    newest: float = _field("seconds", default=0.0)
+
+
 JsonMessage: TypeAlias = (Hello | Welcome | Error | Fetch | Heartbeat | Ack | MetaWelcome | MetaEntries | SumsRequest | HandoverPrepare | HandoverReady | HandoverEnd
-                          | Chains | SyncRequest | SyncInfo | SyncProgress | SyncEnd)
+                          | Chains | SyncRequest | SyncInfo | SyncProgress | SyncEnd | PositionAsk | PositionTold)
 Message: TypeAlias = JsonMessage | Records | Sums | SyncSums | SyncData
 
 _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Error, Fetch, Heartbeat, Ack, MetaWelcome, MetaEntries, SumsRequest, HandoverPrepare, HandoverReady, HandoverEnd,
-                              Chains, SyncRequest, SyncInfo, SyncProgress, SyncEnd)}
+                              Chains, SyncRequest, SyncInfo, SyncProgress, SyncEnd, PositionAsk, PositionTold)}
 #: binary messages of an 8-byte offset and bytes
 _OFFSET_TYPES: dict[MsgType, type[SyncSums | SyncData]] = {cls.TYPE: cls for cls in (SyncSums, SyncData)}
 #: the JSON messages that hold lists, and what their largest legal payload needs
@@ -736,6 +777,10 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
         if kind == "lsns" and any(b <= a for a, b in zip(items, items[1:])):
             raise bad("must be ascending")
         return items
+    if kind == "relation":
+        if value not in RELATIONS:
+            raise bad(f"must be one of {', '.join(RELATIONS)}")
+        return value
     assert kind == "want", kind
     if value not in _WANTS:
         raise bad(f"must be one of {', '.join(_WANTS)}")

@@ -450,7 +450,8 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
 }
 _WELCOME_EVENT = {"fetch": ServeEvent.WELCOME_FETCH, "leave": ServeEvent.WELCOME_LEAVE,
                   "sums": ServeEvent.WELCOME_SUMS, "sync": ServeEvent.WELCOME_SYNC,
-                  "handover": ServeEvent.WELCOME_OTHER, "compare": ServeEvent.WELCOME_OTHER}
+                  "handover": ServeEvent.WELCOME_OTHER, "compare": ServeEvent.WELCOME_OTHER,
+                  "position": ServeEvent.WELCOME_OTHER}
 
 
 @dataclass(frozen=True, slots=True)
@@ -840,6 +841,7 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
     "sums": dict(_FETCH_COMMON),  # then SUMS_REQUEST/SUMS, judged by marsfs.replication.verify
     "handover": dict(_FETCH_COMMON),  # then marsfs.replication.handover carries on
     "compare": dict(_FETCH_COMMON),
+    "position": dict(_FETCH_COMMON),
 }
 _REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.FETCHING, _F.WATCHING, _F.SYNC_AWAIT_INFO, _F.SYNCING, _F.SYNC_END)
 
