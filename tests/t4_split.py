@@ -9,18 +9,25 @@ a is primary, b its mirror; b falls behind, a writes its tail and is SIGKILLed; 
 * makes a a mirror of b, identical to it, and both leave the split-brain state;
 * moves at most 1.2x the bytes the two tails touched over a's link to b (a byte-counting fault
   proxy sits on it).
+
+With ext4 on the volume and files fsynced on a just before the kill, the split version is
+inspected the runbook's way (a clone, whose journal ext4 replays at mount: the last fsynced
+files are there), is shown in status with its space, is not removable through the mount (the
+log names ``marsfs discard``), and ``marsfs discard`` removes it once its clone is gone.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+from pathlib import Path
 
 import pytest
 
-from marsfs.testing.checks import sha, status, wait_for, wait_synced
+from marsfs.testing.checks import check_tree, sha, status, wait_for, wait_synced, write_tree
 from marsfs.testing.faultproxy import ProxyProcess
-from marsfs.testing.harness import Harness
+from marsfs.testing.harness import Harness, run
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -104,3 +111,71 @@ def test_invalidate_on_the_loser_keeps_its_writes_and_resyncs_only_the_tails(har
                  what="b to see the split brain resolved")
         sa = status(a, "vm")
         assert not sa["split_brain"] and sa["source"] == "b" and not sa["errors"]
+
+
+@pytest.mark.allow_log("forced failover", "split brain", "stopped: .*diverged", "refused to unlink")
+def test_a_split_version_is_cloned_with_its_last_fsyncs_shown_with_its_space_and_discarded(
+        harness: Harness, tmp_path: Path) -> None:
+    nodes = harness.cluster(["a", "b"])
+    a, b = nodes["a"], nodes["b"]
+    a.cli("create", "vm", "--size", str(SIZE))
+    b.cli("join", "vm", "--from", "a")
+    dev = harness.attach(a.image("vm"))
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev])
+    ext = harness.mount_fs(dev, tmp_path / "ext")
+    files = write_tree(ext, seed=1, files=5)
+    os.sync()
+    wait_synced(b, "vm")
+    b.cli("pause-fetch", "vm")
+    files.update(write_tree(ext, seed=2, files=5))  # fsynced on a alone, just before the kill
+    a.kill()
+    a.abort()
+    harness.umount_fs(ext)
+    harness.detach(dev)
+    a.unmount()
+    b.cli("primary", "vm", "--force")
+    write_blocks(b.image("vm"), {SIZE // BLOCK - 1: b"b" * BLOCK})  # b's own tail after the fork
+    a.start()
+    for n in (a, b):
+        wait_for(lambda n=n: status(n, "vm")["state"] == "split-brain", timeout=60,
+                 what=f"{n.name} to report the split brain")
+    split = f"split-a-{status(a, 'vm')['fork_lsn']}"
+    a.cli("invalidate", "vm")
+    wait_for(lambda: status(a, "vm")["role"] == "mirror" and status(a, "vm")["state"] == "synced",
+             timeout=120, what="a to resync from b")
+    image = a.mount / ".versions" / "vm" / f"{split}.img"
+
+    # status shows it and its space
+    row = status(a, "vm")
+    [kept] = row["split_versions"]
+    assert (kept["name"], kept["node"], kept["size"], kept["clones"]) == (split, "a", SIZE, [])
+    on_disk = (a.state / "volumes" / "vm" / "splits" / f"{split}.img").stat().st_blocks * 512
+    assert 0 < kept["disk_bytes"] == row["split_versions_bytes"] == on_disk < SIZE  # holes stay holes
+    assert f"vm: split version {split} " in (out := a.cli("status").stdout) and f"marsfs discard vm@{split}" in out
+
+    # not removable through the mount; the log names the command
+    with pytest.raises(PermissionError) as e:
+        os.unlink(image)
+    assert e.value.errno == errno.EPERM
+    wait_for(lambda: f"marsfs discard vm@{split}" in a.logfile.read_text(), timeout=10,
+             what="the refused unlink to name marsfs discard")
+
+    # the runbook's way to look inside: a clone, mounted (its journal replayed) like any disk
+    out = a.cli("clone", f"vm@{split}", "rescue").stdout
+    assert f"cloned vm@{split} as rescue" in out, out
+    dev = harness.attach(a.image("rescue"))
+    mnt = harness.mount_fs(dev, tmp_path / "rescue")
+    check_tree(mnt, files)  # the files fsynced just before the kill too
+    harness.umount_fs(mnt)
+    harness.detach(dev)
+
+    # discard: refused while the clone reads from it, then gone for good
+    r = a.cli("discard", f"vm@{split}", check=False)
+    assert r.returncode == 1 and "has clones (rescue)" in r.stderr and "marsfs delete rescue" in r.stderr, r.stderr
+    a.cli("delete", "rescue")
+    out = a.cli("discard", f"vm@{split}").stdout
+    assert f"discarded split version {split} of vm" in out, out
+    assert f"{split}.img" not in os.listdir(a.mount / ".versions" / "vm")
+    row = status(a, "vm")
+    assert row["split_versions"] == [] and row["split_versions_bytes"] == 0 and row["state"] == "synced"
+    assert not any((a.state / "volumes" / "vm" / "splits").iterdir())
