@@ -16,8 +16,8 @@ Rules that hold here:
   holes: all-zero blocks are not written).
 * Saving is atomic: data and description are written under ``.tmp`` names, made durable,
   then renamed (the image first, the description last). A split version exists exactly when
-  its description does; a crash leaves at most ``.tmp`` files, which the next save or
-  :func:`list_splits` removes.
+  its description does; a crash leaves at most ``.tmp`` files or an image without its
+  description, which :func:`list_splits` ignores and the next save removes.
 * Saving the same split again (same name) replaces it: the losing node's state at the fork
   is the same history, so the last save is as good as the first.
 * Split versions are read-only. One stays until it is discarded (:func:`discard_split`,
