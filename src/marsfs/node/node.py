@@ -41,6 +41,8 @@ Rules that hold here:
   to its source (pinning it again), all inside :meth:`Node.open`, so no :meth:`maintain` can
   run in between. A clone that cannot be attached stays on disk, detached and failed, with the
   reason in its errors, until it is deleted. A volume with clones is neither deleted nor left.
+  A clone of a split version (``clone VOL@split-...``) pins nothing; that split version is not
+  discarded (:meth:`Node.discard_split_version`) while the clone exists.
 * Fencing: only the designated primary accepts writes. A fence (:meth:`Node.fence`, by a
   :class:`~marsfs.node.volstate.FenceHolder`: the metadata's ``designation``, the handover's
   ``handover``) makes ``Volume.write`` and new opens for writing fail with EROFS
@@ -96,6 +98,7 @@ from marsfs.node.volstate import FenceHolder, Role
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
 from marsfs.volume import Retention, Volume
+from marsfs.volume.splits import SplitInfo, discard_split, parse_split_name
 
 logger = logging.getLogger(__name__)
 
@@ -382,10 +385,11 @@ class Node:
         with self._lock:
             src = self.volume(source)
             path = self.check_new(name)
-            lsn = src.find_version(version)
+            split = version if parse_split_name(version) is not None else ""
+            lsn = 0 if split else src.find_version(version)
             vol: Volume | None = None
             try:
-                vol = Volume.create_clone(path, name, src, lsn)
+                vol = Volume.create_clone(path, name, src, lsn, split=split)
                 role = RoleRecord(role=Role.CLONE)
                 write_json(path / "role.json", role.to_json())
             except BaseException as e:
@@ -397,8 +401,34 @@ class Node:
             self.volumes[name] = vol
             self._entries[name] = VolumeEntry(role=role)
             self.space.adopt(list(self.volumes.values()))
-            logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
+            logger.info("cloned volume %s at %s as %s", source, version if split else f"lsn-{lsn}", name)
             return vol
+
+    def discard_split_version(self, name: str, split: str) -> SplitInfo:
+        """Remove split version ``split`` of volume ``name`` for good (``marsfs discard``).
+        Refused while a clone reads from it; a reader that has it open keeps reading it until it
+        closes."""
+        with self._lock:
+            vol = self.volume(name)
+            if parse_split_name(split) is None:
+                raise InvalidRequest(f"{name}@{split} is not a split version: only split versions "
+                                     f"(split-NODE-LSN, listed by marsfs versions {name}) are discarded; the other "
+                                     "versions go by themselves when the history window passes them")
+            clones = [c for c, s in self.split_version_clones(name) if s == split]
+            if clones:
+                raise VolumeBusy(f"split version {split} of {name} has clones ({', '.join(clones)}) that read "
+                                 f"from it; delete them first: marsfs delete {clones[0]}")
+            info = discard_split(vol.path, split)
+        logger.info("discarded split version %s of volume %s", split, name)
+        return info
+
+    def split_version_clones(self, name: str) -> list[tuple[str, str]]:
+        """``(clone, split version)`` of every clone of a split version of volume ``name`` here, by name."""
+        with self._lock:
+            source = self.volumes.get(name)
+            return sorted((v.name, v.clone_of.split) for v in self.volumes.values()
+                          if v.clone_of is not None and v.clone_of.split and source is not None
+                          and (v.clone_of.source, v.clone_of.source_uuid) == (name, source.uuid))
 
     def resize(self, name: str, size: int) -> int | None:
         """Grow volume ``name`` (this node its primary) to ``size`` bytes: the LSN of its RESIZE
@@ -441,12 +471,13 @@ class Node:
             raise NoSpace(f"no space to create {what} in {self.state}: {e.strerror}; {hint}") from None
 
     def clones_of(self, name: str) -> list[tuple[str, int]]:
-        """``(clone, lsn)`` of every clone of volume ``name`` here (that volume, not another one
-        of the same name), by name."""
+        """``(clone, lsn)`` of every clone of a version of volume ``name`` here (that volume, not
+        another one of the same name), by name; clones of its split versions are
+        :meth:`split_version_clones`."""
         with self._lock:
             source = self.volumes.get(name)
             return sorted((v.name, v.clone_of.lsn) for v in self.volumes.values()
-                          if v.clone_of is not None and source is not None
+                          if v.clone_of is not None and not v.clone_of.split and source is not None
                           and (v.clone_of.source, v.clone_of.source_uuid) == (name, source.uuid))
 
     def largest_volume(self) -> int:
@@ -522,11 +553,10 @@ class Node:
         other work first ask before they stop it)."""
         with self._lock:
             self.volume(name)
-            clones = self.clones_of(name)
+            clones = [c for c, _ in self.clones_of(name)] + [c for c, _ in self.split_version_clones(name)]
             if clones:  # even with --force: a clone reads through to this volume
-                names = ", ".join(c for c, _ in clones)
-                raise VolumeBusy(f"volume {name!r} has clones ({names}) that read from it; "
-                                 f"delete them first: marsfs delete {clones[0][0]}")
+                raise VolumeBusy(f"volume {name!r} has clones ({', '.join(sorted(clones))}) that read from it; "
+                                 f"delete them first: marsfs delete {sorted(clones)[0]}")
             opens = self._entry(name).opens
             if opens and not force:
                 raise VolumeBusy(f"volume {name!r} is open ({opens} handle(s), e.g. a loop device); "

@@ -175,6 +175,10 @@ class VolumeStatus:
     # figures; what the last forced failover may have lost; a handover in progress
     fork_lsn: int | None = None
     split_brain: list[SplitBrain] = field(default_factory=list)
+    # the split versions resolved split brains left here (each a full image, sparse), and the
+    # disk space they take together
+    split_versions: list[SplitVersionStatus] = field(default_factory=list)
+    split_versions_bytes: int = 0
     failover_loss: FailoverLoss | None = None
     handover: HandoverStatus | None = None
     # fast sync: a first copy (syncing) or a resync. ``progress`` is the compared
@@ -197,6 +201,24 @@ class CloneStatus:
 
     name: str
     lsn: int
+
+    def to_json(self) -> dict[str, Any]:
+        return _record_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitVersionStatus:
+    """A split version of a volume on this node (``.versions/VOL/NAME.img``): whose state it is,
+    where the histories forked, what it takes on disk, and the clones that read from it."""
+
+    name: str  #: ``split-<node>-<fork lsn>``
+    node: str  #: the losing node whose divergent state it holds
+    fork_lsn: int
+    head_lsn: int  #: the loser's head when it was saved
+    size: int
+    disk_bytes: int  #: the space its image takes (holes are free)
+    saved: float  #: wall time of the save
+    clones: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)

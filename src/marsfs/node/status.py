@@ -29,11 +29,20 @@ from typing import Any, Protocol
 from marsfs.errors import NoSpace
 from marsfs.node.mirrors import ImageCopy, Mirrors
 from marsfs.node.node import Node
-from marsfs.node.state import CloneStatus, HandoverStatus, PeerStatus, PositionStatus, RoleRecord, VolumeStatus
+from marsfs.node.state import (
+    CloneStatus,
+    HandoverStatus,
+    PeerStatus,
+    PositionStatus,
+    RoleRecord,
+    SplitVersionStatus,
+    VolumeStatus,
+)
 from marsfs.node.volstate import FRESH, MirrorFacts, Role, Verdict, VolumeFacts, peer_state, volume_state
 from marsfs.replication.server import PeerState, PeerTable, lag_of
 from marsfs.replication.session import FetchState, SyncStatus
 from marsfs.volume.holds import hold_mirror
+from marsfs.volume.splits import disk_bytes
 
 
 class HandoverView(Protocol):
@@ -210,6 +219,8 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         dropped={hold_mirror(k) or k: cs.bytes for k, cs in vol.dropped().items()},
         fork_lsn=min(x.fork_lsn for x in splits) if splits else None,
         split_brain=splits, failover_loss=node.failover_loss(name))
+    versions = split_versions(node, name)
+    st = st.changed(split_versions=versions, split_versions_bytes=sum(v.disk_bytes for v in versions))
     if side is None:
         return st
     st = st.changed(handover=side.handover)
@@ -226,6 +237,17 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
             state=peer_state(connected=p.connected, fetch_paused=p.fetch_paused, replay_paused=p.replay_paused,
                              lag_records=lag_r, syncing=p.syncing)))
     return st.changed(peers=peers)
+
+
+def split_versions(node: Node, name: str) -> list[SplitVersionStatus]:
+    """The split versions of served volume ``name`` here, oldest fork first, with their space
+    and the clones that read from each."""
+    vol = node.volume(name)
+    clones = node.split_version_clones(name)
+    return [SplitVersionStatus(name=s.name, node=s.node, fork_lsn=s.fork_lsn, head_lsn=s.head_lsn, size=s.size,
+                               disk_bytes=disk_bytes(vol.path, s.name), saved=s.saved,
+                               clones=[c for c, of in clones if of == s.name])
+            for s in vol.splits()]
 
 
 def _mirror_row(node: Node, st: VolumeStatus, role: RoleRecord, side: ClusterSide) -> VolumeStatus:

@@ -177,7 +177,7 @@ class Volume:
         link = meta.get("clone_of")
         #: What this volume is a clone of (None: not a clone); see :mod:`marsfs.volume.clone`.
         self.clone_of = None if link is None else CloneLink.from_json(link, str(path / "volume.json"))
-        self._below: VolumeView | None = None  #: a clone's source version, once attached
+        self._below: VolumeView | SplitView | None = None  #: a clone's source version, once attached
         #: path (write, flush, writeback) -> its standing disk failure (:mod:`.faults`)
         self.fault_state = Faults()
         self._building = 0  #: view indexes being built from log records (a switch waits for them)
@@ -351,22 +351,28 @@ class Volume:
         self.close()
 
     @classmethod
-    def create_clone(cls, path: Path, name: str, source: Volume, lsn: int, *,
+    def create_clone(cls, path: Path, name: str, source: Volume, lsn: int, *, split: str = "",
                      sync_interval: float | None = SYNC_INTERVAL) -> Self:
-        """A new clone of ``source``'s version ``lsn`` in the new directory ``path``, attached.
+        """A new clone of ``source``'s version ``lsn`` in the new directory ``path``, attached;
+        with ``split``, of that split version instead (``lsn`` is ignored: the split's head is
+        recorded).
 
         The source's version is pinned before the clone exists, so writeback cannot pass it in
-        between; VersionNotFound when it is not retained."""
+        between; VersionNotFound when it is not retained (or there is no such split version)."""
         check_source(source)
-        view = source.view(lsn)
+        below: VolumeView | SplitView = source.split_view(split) if split else source.view(lsn)
+        if isinstance(below, SplitView):
+            lsn, size = below.info.head_lsn, below.size
+        else:
+            size = source.size_at(lsn)
         try:
-            vol = cls.create(path, name, source.size_at(lsn), sync_interval=sync_interval,
-                             clone_of=CloneLink(source.name, lsn, source.uuid))
+            vol = cls.create(path, name, size, sync_interval=sync_interval,
+                             clone_of=CloneLink(source.name, lsn, source.uuid, split))
         except BaseException:
-            view.close()
+            below.close()
             raise
         with vol._lock:
-            vol._below = view
+            vol._below = below
         return vol
 
     def attach_source(self, source: Volume) -> None:
