@@ -126,7 +126,7 @@ def test_status_json_keys_are_pinned() -> None:
     assert list(d) == [
         "volume", "node", "role", "state", "epoch", "size", "head_lsn", "durable_lsn", "fetched_lsn", "replayed_lsn",
         "applied_lsn", "lag_bytes", "lag_records", "lag_seconds", "oldest_version_lsn", "log_bytes", "open_handles",
-        "peers", "errors", "source", "connected", "fetch_paused", "replay_paused", "heartbeat_age",
+        "peers", "errors", "next", "source", "connected", "fetch_paused", "replay_paused", "heartbeat_age",
         "primary_durable_lsn", "fetch_rate", "replay_rate", "eta_seconds", "progress", "oldest_version_ns", "history",
         "clones", "clone_of", "designated_primary", "members", "positions", "log_space_limit", "oldest_retained_lsn",
         "warnings", "dropped", "fork_lsn", "split_brain", "split_versions", "split_versions_bytes", "failover_loss",
@@ -143,7 +143,8 @@ def test_status_json_keys_are_pinned() -> None:
     assert d["split_brain"] == [{"peer": "b", "fork_lsn": 3, "exact": True, "own_records": 1, "own_bytes": 10,
                                  "peer_records": 2, "peer_bytes": 20, "found": 1.0}]
     assert d["failover_loss"] == {"source": "b", "epoch": 2, "start_lsn": 4, "records": 1, "bytes": 10,
-                                  "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0}
+                                  "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0,
+                                  "held_by": "", "held_records": 0, "held_bytes": 0, "fork_lsn": -1}
     assert d["handover"] == {"from": "b", "phase": "fetching", "to_fetch": 3}
     assert d["dropped"] == {"b": 7} and d["peers"][0]["role"] == "mirror" and d["state"] == "up"
     assert st.failover_loss is not None and st.failover_loss.to_json() == d["failover_loss"]
