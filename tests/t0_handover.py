@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from marsfs.errors import ProtocolError
 from marsfs.node.state import FailoverLoss, SplitBrain
-from marsfs.replication.handover import ForkSearch
+from marsfs.replication.handover import ForkSearch, position_told
 from marsfs.replication.protocol import (
     MAX_CHAINS,
     Chains,
@@ -21,6 +21,8 @@ from marsfs.replication.protocol import (
     HandoverReady,
     Hello,
     MsgType,
+    PositionAsk,
+    PositionTold,
     encode_frame,
     encode_message,
 )
@@ -36,6 +38,11 @@ SAMPLES = [
     Chains(lsns=(), chains=(), head_lsn=9, done=True, fork_lsn=4, exact=True, tail_records=5, tail_bytes=900),
     Hello(proto=3, cluster="c", node="b", volume="vm", want="handover", epoch=1),
     Hello(proto=3, cluster="c", node="b", volume="vm", want="compare", epoch=1),
+    Hello(proto=3, cluster="c", node="b", volume="vm", want="position", epoch=0),
+    PositionAsk(lsn=7, chain=CHAIN),
+    PositionTold(relation="ahead", durable_lsn=30, replayed_lsn=28, records=23, bytes=6 << 20, oldest=1e9,
+                 newest=1e9 + 2),
+    PositionTold(relation="diverged", durable_lsn=30, replayed_lsn=30, records=0, bytes=0),
 ]
 
 
@@ -56,6 +63,9 @@ def test_messages_round_trip(msg: object) -> None:
     (MsgType.HANDOVER_PREPARE, {"epoch": 1, "timeout": -1}, "out of range"),
     (MsgType.HANDOVER_READY, {"head_lsn": 1, "chain": "00", "epoch": 1}, "hex digits"),
     (MsgType.HANDOVER_END, {"claimed": 1, "epoch": 1, "start_lsn": 2}, "true or false"),
+    (MsgType.POSITION_ASK, {"lsn": 1}, "missing field 'chain'"),
+    (MsgType.POSITION, {"relation": "above", "durable_lsn": 1, "replayed_lsn": 1, "records": 0, "bytes": 0},
+     "must be one of ahead"),
 ])
 def test_malformed_messages_are_protocol_errors(mtype: MsgType, payload: dict[str, object], why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
@@ -116,6 +126,31 @@ def test_a_fork_below_what_the_logs_hold_is_a_bound() -> None:
     assert fork is not None and not fork.exact and fork.lsn <= 59  # type: ignore[attr-defined]
 
 
+def test_a_members_position_is_told_against_the_askers_history() -> None:
+    """What a member holds beyond a would-be primary: only on the same chain is it ``ahead``
+    (records and bytes after the asker's LSN, with their times); another chain, a shorter log
+    or a log that starts after the asker's LSN say so."""
+    member = ModelLog(list(range(30)), first=5)
+
+    def told(ask_log: ModelLog, lsn: int, durable: int = 30) -> PositionTold:
+        return position_told(member, lambda a, b: 100 * (b - a), lambda n: 1e9 + n, durable, durable,
+                             PositionAsk(lsn=lsn, chain=ask_log.chain_at(lsn)))
+
+    same = ModelLog(list(range(12)))
+    t = told(same, 12)
+    assert (t.relation, t.records, t.bytes, t.oldest, t.newest) == ("ahead", 18, 1800, 1e9 + 13, 1e9 + 30)
+    assert told(same, 12, durable=12).relation == "same"
+    assert (told(ModelLog(list(range(12)) + [-1]), 13).relation, told(ModelLog(list(range(12)) + [-1]), 13).records
+            ) == ("diverged", 0)
+    assert told(ModelLog(list(range(31))), 31).relation == "behind"
+    t = told(same, 2)  # the member's log starts at LSN 5: it holds more than its log tells
+    assert (t.relation, t.records, t.bytes) == ("trimmed", 28, 2600)
+    resynced = ModelLog(list(range(30)), first=31)  # a log a resync restarted: no record, durable at 30
+    t = position_told(resynced, lambda a, b: 100 * (b - a), lambda n: 1 / 0, 30, 30,
+                      PositionAsk(lsn=2, chain=same.chain_at(2)))
+    assert (t.relation, t.records, t.bytes, t.oldest, t.newest) == ("trimmed", 28, 0, 0.0, 0.0)
+
+
 def test_status_words() -> None:
     split = SplitBrain(peer="a", fork_lsn=21, exact=True, own_records=5, own_bytes=2048, peer_records=11,
                        peer_bytes=4096, found=0.0)
@@ -130,3 +165,16 @@ def test_status_words() -> None:
     none = FailoverLoss(source="a", epoch=2, start_lsn=22, records=0, bytes=0, oldest=0, newest=0, at_least=True,
                         as_of=1e9)
     assert "no record known lost" in none.describe() and "may have written more" in none.describe()
+    # measured from a reachable member's position: exact for what it holds, "at least" for the rest
+    held = FailoverLoss(source="a", epoch=2, start_lsn=22, records=15, bytes=6 << 20, oldest=1e9, newest=1e9 + 5,
+                        at_least=True, as_of=1e9 + 5, held_by="b", held_records=11, held_bytes=5 << 20)
+    text = held.describe()
+    assert "lost 11 records (5.0 MiB)" in text and "measured from b's position" in text, text
+    assert "and at least 4 more (at least 1.0 MiB) that only a had" in text, text
+    assert "no reachable node holds" in text and FailoverLoss.from_json(held.to_json()) == held
+    side = FailoverLoss(source="c", epoch=3, start_lsn=140, records=2, bytes=66000, oldest=1e9, newest=1e9,
+                        at_least=False, as_of=1e9, fork_lsn=37)
+    assert "kept this node's side of the split brain: c's 2 records" in side.describe()
+    assert "after the fork at LSN 37" in side.describe() and "marsfs invalidate on c" in side.describe()
+    old = {k: v for k, v in loss.to_json().items() if k not in ("held_by", "held_records", "held_bytes", "fork_lsn")}
+    assert FailoverLoss.from_json(old) == loss  # a record written before those fields existed

@@ -16,6 +16,7 @@ from marsfs.node.state import (
     PositionStatus,
     RoleRecord,
     SplitBrain,
+    SplitVersionStatus,
     VolumeStatus,
 )
 from marsfs.node.volstate import FRESH, MirrorFacts, Role, VolumeState, mirror_state, peer_state
@@ -118,26 +119,32 @@ def test_status_json_keys_are_pinned() -> None:
                       head_lsn=5, durable_lsn=5, fetched_lsn=5, replayed_lsn=5, applied_lsn=0, lag_bytes=0,
                       lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=100, open_handles=0,
                       peers=[peer], clones=[CloneStatus("c", 4)], positions=[position], split_brain=[split],
-                      failover_loss=loss, handover=HandoverStatus("b", "fetching", 3), dropped={"b": 7})
+                      failover_loss=loss, handover=HandoverStatus("b", "fetching", 3), dropped={"b": 7},
+                      split_versions=[SplitVersionStatus("split-b-3", "b", 3, 9, 1 << 20, 8192, 1.0, ["c"])],
+                      split_versions_bytes=8192)
     d = json.loads(json.dumps(st.to_json()))
     assert list(d) == [
         "volume", "node", "role", "state", "epoch", "size", "head_lsn", "durable_lsn", "fetched_lsn", "replayed_lsn",
         "applied_lsn", "lag_bytes", "lag_records", "lag_seconds", "oldest_version_lsn", "log_bytes", "open_handles",
-        "peers", "errors", "source", "connected", "fetch_paused", "replay_paused", "heartbeat_age",
+        "peers", "errors", "next", "source", "connected", "fetch_paused", "replay_paused", "heartbeat_age",
         "primary_durable_lsn", "fetch_rate", "replay_rate", "eta_seconds", "progress", "oldest_version_ns", "history",
         "clones", "clone_of", "designated_primary", "members", "positions", "log_space_limit", "oldest_retained_lsn",
-        "warnings", "dropped", "fork_lsn", "split_brain", "failover_loss", "handover", "sync_target_lsn", "sync_bytes",
+        "warnings", "dropped", "fork_lsn", "split_brain", "split_versions", "split_versions_bytes", "failover_loss",
+        "handover", "sync_target_lsn", "sync_bytes",
         "sync_left_bytes", "sync_received_bytes"]
     assert list(d["peers"][0]) == ["node", "state", "connected", "fetched_lsn", "replayed_lsn", "fetch_paused",
                                    "replay_paused", "lag_bytes", "lag_records", "lag_seconds", "last_seen", "role",
                                    "dropped"]
     assert d["clones"] == [{"name": "c", "lsn": 4}]
+    assert d["split_versions"] == [{"name": "split-b-3", "node": "b", "fork_lsn": 3, "head_lsn": 9, "size": 1 << 20,
+                                    "disk_bytes": 8192, "saved": 1.0, "clones": ["c"]}]
     assert d["positions"] == [{"node": "b", "role": "mirror", "state": "synced", "epoch": 1, "head_lsn": 5,
                                "replayed_lsn": 5, "source": "a", "updated": 1.0, "last_heard": None}]
     assert d["split_brain"] == [{"peer": "b", "fork_lsn": 3, "exact": True, "own_records": 1, "own_bytes": 10,
                                  "peer_records": 2, "peer_bytes": 20, "found": 1.0}]
     assert d["failover_loss"] == {"source": "b", "epoch": 2, "start_lsn": 4, "records": 1, "bytes": 10,
-                                  "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0}
+                                  "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0,
+                                  "held_by": "", "held_records": 0, "held_bytes": 0, "fork_lsn": -1}
     assert d["handover"] == {"from": "b", "phase": "fetching", "to_fetch": 3}
     assert d["dropped"] == {"b": 7} and d["peers"][0]["role"] == "mirror" and d["state"] == "up"
     assert st.failover_loss is not None and st.failover_loss.to_json() == d["failover_loss"]

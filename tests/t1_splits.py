@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from marsfs.errors import VersionNotFound
-from marsfs.volume.splits import SPLITS_DIR, list_splits, parse_split_name, save_split, split_image, split_name
+from marsfs.volume.splits import (
+    SPLITS_DIR,
+    discard_split,
+    disk_bytes,
+    list_splits,
+    parse_split_name,
+    save_split,
+    split_image,
+    split_name,
+)
 
 MiB = 1 << 20
 
@@ -47,3 +56,17 @@ def test_a_split_exists_only_with_its_description(tmp_path: Path) -> None:
 def test_names_parse() -> None:
     assert parse_split_name("split-node-2-99") == ("node-2", 99)
     assert parse_split_name("split--1") is None and parse_split_name("lsn-5") is None
+
+
+def test_discard_removes_the_description_first_and_a_save_clears_what_a_crash_left(tmp_path: Path) -> None:
+    img = image_of(2 * MiB, {MiB: b"d" * 4096})
+    info = save_split(tmp_path, "b", 4, 6, bytes(16), len(img), lambda off, n: img[off : off + n])
+    assert disk_bytes(tmp_path, info.name) == (tmp_path / SPLITS_DIR / "split-b-4.img").stat().st_blocks * 512 > 0
+    assert discard_split(tmp_path, "split-b-4") == info
+    assert list_splits(tmp_path) == [] and not any((tmp_path / SPLITS_DIR).iterdir())
+    assert disk_bytes(tmp_path, "split-b-4") == 0
+    with pytest.raises(VersionNotFound, match="no split version split-b-4"):
+        discard_split(tmp_path, "split-b-4")
+    (tmp_path / SPLITS_DIR / "split-b-5.img").write_bytes(b"x")  # a discard a crash cut after the description
+    save_split(tmp_path, "b", 7, 8, bytes(16), 4096, lambda off, n: bytes(n))
+    assert sorted(p.name for p in (tmp_path / SPLITS_DIR).iterdir()) == ["split-b-7.img", "split-b-7.json"]

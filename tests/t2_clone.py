@@ -1,6 +1,7 @@
 """Clones through the node, the command table and the FUSE operations, in-process: status,
 refusals, the pin across maintenance and restarts, a clone with its own copy (it pins nothing
-and outlives its source), a detached clone, the read-write image."""
+and outlives its source), a detached clone, the read-write image; a clone of a split version
+and ``discard``."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ import trio
 
 from marsfs import cli
 from marsfs.errors import InvalidRequest, StateError, UsageError, VersionNotFound, VolumeBusy, VolumeExists, WrongRole
-from marsfs.faces.commands import COMMANDS, Context, dispatch, run
+from marsfs.faces.commands import COMMANDS, Context, dispatch, run, status_table
 from marsfs.faces.fuse import Operations
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
 from marsfs.node.status import node_rows
 from marsfs.testing.checks import make_mirror
+from marsfs.units import human_bytes
 from marsfs.volume import Retention
+from marsfs.volume.splits import SplitInfo, save_split
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -297,3 +300,101 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises((UsageError, InvalidRequest)):
             run(COMMANDS["clone"], cli.build_parser().parse_args(bad), daemon)
     assert len(asked) == 2  # checked before asking
+
+
+def _save_split(node: Node, name: str = "v") -> tuple[SplitInfo, bytes]:
+    """A split version of ``name`` (as a resolved split brain leaves it) and the image it holds."""
+    vol = node.volume(name)
+    image = bytearray(vol.size)
+    image[8 * KiB : 12 * KiB] = b"s" * 4 * KiB
+    image[-512:] = b"e" * 512
+    return save_split(vol.path, "x", 2, 9, bytes(16), vol.size, lambda off, n: bytes(image[off : off + n])), bytes(image)
+
+
+def test_a_split_version_clones_pinning_nothing_across_restarts_and_is_discarded(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    node = Node.open(state, "n1", history=Retention(keep_bytes=0))
+    node.create("v", 4 * MiB)
+    _history(node)
+    split, image = _save_split(node)
+    node.clone("v", split.name, "c")
+    node.volume("c").write(0, b"c" * 512)
+    node.volume("c").flush()
+    node.close()
+    node = Node.open(state, "n1", history=Retention(keep_bytes=0))
+    try:
+        c = node.volume("c")
+        assert not c.errors and c.clone_of is not None and c.clone_of.describe() == "v@split-x-2"
+        assert c.read(0, 4 * MiB) == b"c" * 512 + image[512:]
+        node.volume("v").write(0, b"v" * 512)
+        node.volume("v").flush()
+        node.maintain()  # the clone pins nothing of v: writeback goes on to the head
+        assert node.volume("v").applied_lsn == node.volume("v").durable_lsn
+        rows = {r["volume"]: r for r in node_rows(node)}
+        assert rows["c"]["clone_of"] == "v@split-x-2" and rows["v"]["clones"] == []
+        [kept] = rows["v"]["split_versions"]
+        assert (kept["name"], kept["node"], kept["fork_lsn"], kept["head_lsn"], kept["clones"]) == (
+            "split-x-2", "x", 2, 9, ["c"])
+        assert 0 < kept["disk_bytes"] == rows["v"]["split_versions_bytes"] < 4 * MiB  # holes stay holes
+        text = status_table([rows["v"]])
+        assert (f"v: split version split-x-2 (x's writes after lsn-2): {human_bytes(kept['disk_bytes'])} on disk, "
+                "read by clone(s) c; "
+                "inspect: marsfs clone v@split-x-2 NEWVOL; discard: marsfs discard v@split-x-2") in text, text
+
+        async def body(ctx: Context, cluster: Cluster) -> None:
+            with pytest.raises(VolumeBusy, match=r"split version split-x-2 of v has clones \(c\)"):
+                await dispatch(ctx, "discard", {"version": "v@split-x-2"})
+            with pytest.raises(VolumeBusy, match=r"has clones \(c\)"):
+                await dispatch(ctx, "delete", {"volume": "v", "force": True})
+            versions = await dispatch(ctx, "versions", {"volume": "v"})
+            assert [x["name"] for x in versions["split_versions"]] == ["split-x-2"]
+            await dispatch(ctx, "delete", {"volume": "c"})
+            r = await dispatch(ctx, "discard", {"version": "v@split-x-2"})
+            assert r == {"volume": "v", "discarded": "split-x-2", "freed_bytes": kept["disk_bytes"]}
+            assert node.volume("v").splits() == [] and not any((node.volume("v").path / "splits").iterdir())
+            with pytest.raises(VersionNotFound, match="no split version split-x-2 of volume v"):
+                await dispatch(ctx, "discard", {"version": "v@split-x-2"})
+            with pytest.raises(InvalidRequest, match="v@m1 is not a split version"):
+                await dispatch(ctx, "discard", {"version": "v@m1"})
+            with pytest.raises(UsageError, match="give VOL@VERSION, like vm@split-node2-4711"):
+                await dispatch(ctx, "discard", {"version": "v"})
+            with pytest.raises(VersionNotFound, match="no split version split-x-3"):
+                await dispatch(ctx, "clone", {"version": "v@split-x-3", "volume": "d"})
+            assert "d" not in node.volumes
+
+        with_daemon(node, body)
+    finally:
+        node.close()
+
+
+@pytest.mark.allow_log("refused to unlink")
+def test_removing_through_the_mount_names_the_command(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    _save_split(node)
+    ops = Operations(node)
+
+    async def main() -> None:
+        vdir = (await ops.lookup((await ops.lookup(ROOT, b".versions")).st_ino, b"v")).st_ino
+        for parent, name, hint in ((vdir, b"split-x-2.img", "marsfs discard v@split-x-2"),
+                                   (ROOT, b"v.img", "marsfs delete v"),
+                                   (vdir, b"lsn-0.img", "history window")):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.unlink(parent, name, None)
+            assert e.value.errno == errno.EPERM
+            assert hint in caplog.records[-1].getMessage()
+
+    trio.run(main)
+
+
+def test_discard_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    def daemon(cmd: str, args: dict[str, Any]) -> Any:
+        asked.append((cmd, args))
+        return {"volume": "v", "discarded": "split-b-7", "freed_bytes": 3 * MiB}
+
+    assert run(COMMANDS["discard"], cli.build_parser().parse_args(["discard", "v@split-b-7"]), daemon) == 0
+    assert asked == [("discard", {"version": "v@split-b-7"})]
+    assert capsys.readouterr().out == "discarded split version split-b-7 of v: 3.0 MiB freed (once no reader has it open)\n"
+    with pytest.raises(UsageError):
+        run(COMMANDS["discard"], cli.build_parser().parse_args(["discard", "v"]), daemon)
+    assert len(asked) == 1

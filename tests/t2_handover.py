@@ -50,7 +50,7 @@ def test_primary_shows_progress_then_the_result(capsys: pytest.CaptureFixture[st
              None]
     d = Daemon({"volume": "v", "from": "a", "epoch": 2, "start_lsn": 10, "lost": 0}, steps)
     assert cli_run(["primary", "v"], d) == 0
-    assert ("primary", {"volume": "v", "force": False}) in d.asked
+    assert ("primary", {"volume": "v", "force": False, "accept_loss": False}) in d.asked
     assert capsys.readouterr().out == (
         "v: handover from a: preparing\n"
         "v: handover from a: fetching, 7 records to fetch\n"
@@ -66,6 +66,9 @@ def test_failover_says_what_is_lost(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.endswith("failover without a: lost at least 3 records\n")
     assert cli_run(["primary", "v", "--force", "--json"], Daemon(result, [None])) == 0
     assert json.loads(capsys.readouterr().out) == result
+    d = Daemon(result, [None])
+    assert cli_run(["primary", "v", "--force", "--accept-loss"], d) == 0  # even though a member holds more
+    assert ("primary", {"volume": "v", "force": True, "accept_loss": True}) in d.asked
 
 
 def test_a_refusal_is_raised(capsys: pytest.CaptureFixture[str]) -> None:

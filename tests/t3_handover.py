@@ -10,6 +10,8 @@ MockClock.
 * A prepare that no claim follows unfences the old primary after the timeout.
 * A forced failover is refused while the primary answers; without it, the new primary says
   how much may be lost, from the last heartbeat.
+* A forced failover onto a mirror that another reachable one is ahead of is refused naming
+  it; accepted, its loss is measured from that mirror's position.
 * After a failover and writes on both sides, the old primary following the new one is
   refused as diverged, and both sides record the split brain: fork LSN and both tails.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from marsfs.errors import InvalidRequest, PeerError, VolumeBusy, VolumeReadOnly, WrongRole
+from marsfs.errors import InvalidRequest, PeerError, StateError, VolumeBusy, VolumeReadOnly, WrongRole
 from marsfs.node import Node
 from marsfs.node import handover as node_handover
 from marsfs.node.cluster import Cluster
@@ -115,7 +117,8 @@ def test_prepare_without_claim_unfences_after_the_timeout(tmp_path: Path, monkey
         from marsfs.replication.fetch import hello, open_channel
         from marsfs.replication.protocol import HandoverPrepare, HandoverReady
 
-        ch, _ = await open_channel(net.connect("a"), hello("b", CLUSTER, "vm", "handover", 1))
+        ch, _ = await open_channel(net.connect("a"), hello("b", CLUSTER, "vm", "handover", 1,
+                                                             node_id=b.node.node_id))
         await ch.send_message(HandoverPrepare(epoch=1, timeout=repl_handover.PREPARE_TIMEOUT))
         assert isinstance(await ch.receive_message(), HandoverReady)
         assert "handover" in a.node.fenced("vm")
@@ -200,5 +203,63 @@ def test_a_lagging_mirror_stays_a_prefix(tmp_path: Path) -> None:
         await wait_for(lambda: c.node.role("vm").source == "b", "c to switch to b")
         await wait_for(lambda: vc.replayed_lsn == b.node.volumes["vm"].durable_lsn, "c to follow b")
         assert image(vc) == image(b.node.volumes["vm"]) and not c.node.splits("vm")
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm")
+def test_a_failover_asks_the_reachable_members_first(tmp_path: Path) -> None:
+    """c lags (paused), b has everything: a failover onto c is refused naming b (nothing
+    changes); with ``accept_loss`` it goes ahead, and the loss is b's exact tail beyond c."""
+    async def body(net: MemNet) -> None:
+        a, b, c = await pair(net, "a", "b", "c")
+        va, vb, vc = (x.node.volumes["vm"] for x in (a, b, c))
+        c.set_paused("vm", "fetch", True)
+        await trio.to_thread.run_sync(write, va, 3, 6)
+        await wait_for(lambda: vb.durable_lsn == va.durable_lsn, "b to fetch everything")
+        await net.kill("a")
+        ahead = vb.durable_lsn - vc.durable_lsn
+        tail = vb.log.bytes_between(vc.durable_lsn, vb.durable_lsn)
+        with pytest.raises(StateError, match=rf"^b holds {ahead} more records \(.*KiB\) of vm than this node.*"
+                                             r"marsfs primary vm --force on b instead, or add --accept-loss"):
+            await c.primary("vm", force=True)
+        assert c.node.is_mirror("vm") and c.node.role("vm").epoch == 1 and c.node.failover_loss("vm") is None
+        result = await c.primary("vm", force=True, accept_loss=True)
+        loss = result["loss"]
+        assert isinstance(loss, dict)
+        assert (loss["held_by"], loss["held_records"], loss["held_bytes"]) == ("b", ahead, tail)
+        assert loss["records"] == ahead and loss["bytes"] == tail and "measured from b's position" in str(result["lost"])
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm", "split brain", "stopped: .*diverged")
+def test_the_fenced_side_of_a_split_brain_can_be_kept(tmp_path: Path) -> None:
+    """After a failover to b and writes on both sides, the operator keeps a's history instead:
+    ``primary --force`` on a (fenced, in the split brain) claims the next epoch and makes it
+    writable; ``invalidate`` on b then keeps b's state as a split version and resyncs b from a."""
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b")
+        va, vb = a.node.volumes["vm"], b.node.volumes["vm"]
+        fork = vb.durable_lsn
+        await fail_over(net, a, b, 10)
+        await trio.to_thread.run_sync(write, vb, 9, 4)  # b writes in its epoch
+        net.down.clear()
+        await wait_for(lambda: a.node.splits("vm") and b.node.splits("vm"), "both sides to record the split")
+        with pytest.raises(VolumeReadOnly):
+            va.write(0, b"x" * 512)
+        with pytest.raises(StateError, match=r"split brain with b.*marsfs primary vm --force here keeps this side"):
+            await a.primary("vm")  # a planned handover cannot join two histories
+        result = await a.primary("vm", force=True)
+        assert result["epoch"] == 3 and "kept this node's side of the split brain: b's 5 records" in str(result["lost"])
+        assert f"after the fork at LSN {fork}" in str(result["lost"]) and a.node.role("vm").epoch == 3
+        await trio.to_thread.run_sync(write, va, 11, 2)  # a takes writes again
+        await wait_for(lambda: b.node.meta.designated("vm").node == "a", "b to learn that a is primary")  # type: ignore[union-attr]
+        kept = await b.invalidate("vm")
+        assert kept["split_version"] == f"split-b-{fork}.img"
+        vb2 = b.node.volumes["vm"]
+        await wait_for(lambda: b.node.is_mirror("vm") and not b.mirrors.copies and vb2.replayed_lsn == va.durable_lsn
+                       and image(b.node.volumes["vm"]) == image(va), "b to resync from a", 60)
+        await wait_for(lambda: not a.node.splits("vm") and not b.node.splits("vm"), "the split brain to be resolved")
 
     in_net(tmp_path, body)

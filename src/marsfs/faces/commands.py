@@ -272,7 +272,8 @@ async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
     return {"volume": vol.name, "oldest_lsn": vol.oldest_version_lsn, "head_lsn": vol.replayed_lsn,
             "oldest_timestamp_ns": vol.oldest_version_timestamp_ns, "history": ctx.node.history_of(vol.name).describe(),
             "versions": [{"lsn": v.lsn, "kind": v.kind, "name": v.name, "timestamp_ns": v.timestamp_ns}
-                         for v in vol.versions()]}
+                         for v in vol.versions()],
+            "split_versions": [v.to_json() for v in status.split_versions(ctx.node, vol.name)]}
 
 
 async def _history(ctx: Context, a: dict[str, Any]) -> Any:
@@ -293,13 +294,26 @@ def _history_text(r: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 async def _primary(ctx: Context, a: dict[str, Any]) -> Any:
-    return await ctx.cluster.primary(a["volume"], force=a["force"])
+    return await ctx.cluster.primary(a["volume"], force=a["force"], accept_loss=a["accept_loss"])
 
 
 async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
     source, version = clone_spec(a["version"])
     vol = await trio.to_thread.run_sync(ctx.node.clone, source, version, a["volume"])
     return {**status.volume_status(ctx.node, vol.name).to_json(), "image": str(ctx.mount / f"{vol.name}.img")}
+
+
+async def _discard(ctx: Context, a: dict[str, Any]) -> Any:
+    name, split = clone_spec(a["version"], "discard", "vm@split-node2-4711")
+    before = {v.name: v for v in status.split_versions(ctx.node, name)}
+    info = await trio.to_thread.run_sync(ctx.node.discard_split_version, name, split)
+    kept = before.get(info.name)
+    return {"volume": name, "discarded": info.name, "freed_bytes": kept.disk_bytes if kept is not None else 0}
+
+
+def _discard_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    return (f"discarded split version {r['discarded']} of {r['volume']}: {human_bytes(r['freed_bytes'])} freed "
+            "(once no reader has it open)")
 
 
 async def _resize(ctx: Context, a: dict[str, Any]) -> Any:
@@ -334,12 +348,13 @@ async def _verify_progress(ctx: Context, a: dict[str, Any]) -> Any:
 
 # ---------------------------------------------------------------------- the command line's side
 
-def clone_spec(spec: str) -> tuple[str, str]:
+def clone_spec(spec: str, command: str = "clone",
+               like: str = "vm@lsn-42, vm@before-upgrade, vm@split-node2-4711 or vm@2026-11-23T10:00:00Z"
+               ) -> tuple[str, str]:
     """``VOL@VERSION`` -> ``(VOL, VERSION)``; the first ``@`` splits (volume names have none)."""
     source, sep, version = spec.partition("@")
     if not sep or not version:
-        raise UsageError(f"clone {spec!r}: give VOL@VERSION, like vm@lsn-42, vm@before-upgrade or "
-                         "vm@2026-11-23T10:00:00Z")
+        raise UsageError(f"{command} {spec!r}: give VOL@VERSION, like {like}")
     check_volume_name(source)
     return source, version
 
@@ -407,15 +422,34 @@ def status_table(rows: list[dict[str, Any]]) -> str:
              for row in table]
     for r in rows:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
+        if r.get("next"):
+            lines.append(f"{r['volume']}: next: {r['next']}")
         lines += [f"{r['volume']}: warning: {w}" for w in r.get("warnings", ())]
     for r in rows:
         lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
+    for r in rows:
+        lines += split_version_lines(r)
     for r in rows:
         if r.get("failover_loss"):
             lines.append(f"{r['volume']}: {FailoverLoss.from_json(r['failover_loss']).describe()}")
     for r in rows:
         lines += meta_lines(r)
     return "\n".join(lines)
+
+
+def split_version_lines(r: Mapping[str, Any]) -> list[str]:
+    """One line per split version of a volume (its space, and how to inspect or discard it),
+    and their total when there are several."""
+    vol, versions = r["volume"], r.get("split_versions") or []
+    lines = []
+    for v in versions:
+        held = f", read by clone(s) {', '.join(v['clones'])}" if v.get("clones") else ""
+        lines.append(f"{vol}: split version {v['name']} ({v['node']}'s writes after lsn-{v['fork_lsn']}): "
+                     f"{human_bytes(v['disk_bytes'])} on disk{held}; inspect: marsfs clone {vol}@{v['name']} NEWVOL; "
+                     f"discard: marsfs discard {vol}@{v['name']}")
+    if len(versions) > 1:
+        lines.append(f"{vol}: split versions take {human_bytes(r.get('split_versions_bytes') or 0)} on disk")
+    return lines
 
 
 def meta_lines(r: Mapping[str, Any]) -> list[str]:
@@ -482,7 +516,8 @@ def _mirror_synced(volume: str, row: Mapping[str, Any], *, waited: float, last_c
     """Whether this mirror is synced. Before the deadline only on the word of a heartbeat sent
     after the wait began (a write the caller just made on the primary is then included)."""
     if VolumeState(row["state"]) in STOPPED:
-        raise MarsError(f"{volume} cannot become synced: state {row['state']}; " + "; ".join(row["errors"]))
+        raise MarsError(f"{volume} cannot become synced: state {row['state']}; " + "; ".join(row["errors"])
+                        + (f"; next: {row['next']}" if row.get("next") else ""))
     if VolumeState(row["state"]) != VolumeState.SYNCED:
         return False
     age = row.get("heartbeat_age")
@@ -579,6 +614,9 @@ def _versions_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     for v in r["versions"]:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v["timestamp_ns"] / 1e9)) if v["timestamp_ns"] else ""
         lines.append(f"  lsn-{v['lsn']:<10} {v['kind']:<6} {v['name'] if v['kind'] == 'mark' else '':<20} {when}")
+    for v in r.get("split_versions") or ():
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v["saved"]))
+        lines.append(f"  {v['name']:<14} {'split':<6} {human_bytes(v['disk_bytes']) + ' on disk':<20} {when}")
     return "\n".join(lines)
 
 
@@ -733,14 +771,21 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
                                    "node's window again", required=False, metavar="WINDOW"), JSON),
             _history, text=_history_text, json=lambda r, a: r),
     Command("clone", "writable copy-on-write volume from a version",
-            (Arg("version", "the volume and version: lsn-N, a mark or an ISO-8601 UTC time",
+            (Arg("version", "the volume and version: lsn-N, a mark, an ISO-8601 UTC time or a split version",
                  metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),
              Arg("volume", "the new volume's name", metavar="NEWVOL", check=check_volume_name), JSON),
             _clone, text=_clone_text, json=lambda r, a: r),
+    Command("discard", "remove a split version a resolved split brain kept",
+            (Arg("version", "the volume and split version, like vm@split-node2-4711", metavar="VOL@SPLIT",
+                 check=lambda v: (clone_spec(v, "discard", "vm@split-node2-4711"), v)[1]),),
+            _discard, text=_discard_text),
     Command("primary", "make this node the primary (handover; --force: failover)",
             (VOLUME, Arg("force", "the primary cannot be reached: become primary with what this node has "
-                                  "(loses what it did not fetch; status says how much)",
-                         flag="--force", required=False, parse=switch), JSON),
+                                  "(loses what it did not fetch; status says how much); refused while a "
+                                  "reachable member holds more; in a split brain: keep this node's side",
+                         flag="--force", required=False, parse=switch),
+             Arg("accept_loss", "with --force: even though a reachable member holds more (it is lost)",
+                 flag="--accept-loss", required=False, parse=switch), JSON),
             _primary, text=_primary_text, json=lambda r, a: r, client=_primary_client),
     Command("verify", "compare images at the same version by checksums",
             (VOLUME, Arg("peer", "the node to compare with (default: a mirror's source; on a primary: every "

@@ -305,7 +305,8 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        logger.warning("refused to unlink %s: delete volumes with marsfs delete", os.fsdecode(name))
+        filename = os.fsdecode(name)
+        logger.warning("refused to unlink %s: %s", filename, self.namespace.removal_hint(parent_inode, filename))
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @translated

@@ -41,6 +41,8 @@ Rules that hold here:
   longer stands for a volume on the node resolves to nothing (ENOENT in the adapter).
 * Only what is complete is listed: a mirror whose image copy is still running is not a volume
   of the node yet.
+* Nothing is removed through the mount (EPERM): volumes go with ``marsfs delete``, split
+  versions with ``marsfs discard`` (:meth:`Namespace.removal_hint` names the command).
 """
 
 from __future__ import annotations
@@ -231,6 +233,19 @@ class Namespace:
                 return None
             return Entry(EntryKind.VERSION, parent.volume, lsn), parse_time_ns(spec) is None
         return None
+
+    def removal_hint(self, parent: int, filename: str) -> str:
+        """What to run instead of removing ``filename`` in ``parent`` through the mount."""
+        pentry = self.entry(parent)
+        found = self._resolve(pentry, filename) if pentry is not None and pentry.is_dir else None
+        entry = found[0] if found is not None else None
+        if entry is not None and entry.kind is EntryKind.SPLIT:
+            return f"discard a split version with: marsfs discard {entry.volume}@{entry.split}"
+        if entry is not None and entry.kind is EntryKind.IMAGE:
+            return f"delete a volume with: marsfs delete {entry.volume}"
+        if entry is not None and entry.kind is EntryKind.VERSION:
+            return "versions go by themselves when the history window passes them"
+        return "nothing is removed through the mount (volumes: marsfs delete; split versions: marsfs discard)"
 
     # ------------------------------------------------------------------ the kernel's references
 

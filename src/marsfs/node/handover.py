@@ -14,9 +14,19 @@ Rules that hold here (G7):
   unfenced, and this node stays its mirror. The old primary unfences itself after
   :data:`~marsfs.replication.handover.PREPARE_TIMEOUT` if no claim came (a lost connection).
 * A forced failover is for a primary that cannot be reached: it is refused while the primary
-  answers. This node becomes primary with what it has, and records what may be lost, as its
-  fetch last heard of the primary (records, bytes, the times of the lost records; "at least"
-  because the primary may have gone on writing after its last word). ``status`` shows it.
+  answers. It first asks every other reachable member what it holds beyond this node's
+  durable head (``want=position``); when one holds more of the same history it is refused,
+  naming the one that holds most and how much, unless the operator accepts the loss
+  (``--accept-loss``). This node then becomes primary with what it has, and records what is
+  lost: measured from the best position it learnt (exact for what a reachable member holds),
+  and beyond that as its fetch last heard of the primary ("at least": the primary may have
+  gone on writing after its last word). ``status`` shows it.
+* In a split brain with the designated primary, ``--force`` on the other side (a mirror of
+  it, or a former primary it fenced) is how the operator keeps that side instead: the
+  designated primary answers, but a planned handover cannot join two histories. This node
+  claims the next epoch (a former primary keeps its role and loses its fence); the other
+  side is fenced by the claim, and ``invalidate`` there keeps its writes as a split version
+  and resyncs it from this node.
 * A split brain is found from chain hashes: when a fetch is refused as ``diverged`` this node
   and its source compare chains (:mod:`marsfs.replication.handover`), and both record the fork
   LSN and each side's tail after it (:meth:`Node.record_split`). Replication between them stays
@@ -28,7 +38,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -48,10 +59,22 @@ from marsfs.replication.handover import (
     PREPARE_TIMEOUT,
     SplitSeen,
     ask_compare,
+    ask_position,
+    position_told,
     serve_compare,
     serve_handover,
+    serve_position,
 )
-from marsfs.replication.protocol import Error, HandoverEnd, HandoverPrepare, HandoverReady, Hello
+from marsfs.replication.protocol import (
+    Error,
+    HandoverEnd,
+    HandoverPrepare,
+    HandoverReady,
+    Hello,
+    PositionAsk,
+    PositionTold,
+)
+from marsfs.units import human_bytes
 from marsfs.volume import Volume
 from marsfs.volume.splits import save_split
 
@@ -61,6 +84,7 @@ FOLLOW_WAIT = 10.0  #: seconds a handover waits for the old primary to say it fo
 WATCH_EVERY = 1.0  #: seconds between looks at what the metadata asks of roles here
 CATCH_UP_MARGIN = 5.0  #: seconds of the old primary's fence kept back for the claim after catching up
 COMPARE_TRIES = 5  #: attempts at comparing chains with a source that refused us as diverged
+SURVEY_TIMEOUT = 5.0  #: seconds a forced failover waits for one member's position
 
 
 def tail_extents(vol: Volume, fork_lsn: int) -> list[tuple[int, int]] | None:
@@ -70,13 +94,28 @@ def tail_extents(vol: Volume, fork_lsn: int) -> list[tuple[int, int]] | None:
     return vol.extents_between(fork_lsn, vol.head_lsn)
 
 
+def measured(loss: FailoverLoss, node: str, told: PositionTold) -> FailoverLoss:
+    """``loss`` (as the source's last word told it) measured from ``node``'s position: what
+    ``node`` holds beyond us is known exactly; only what the source's last word showed beyond
+    that stays "at least"."""
+    records = max(loss.records, told.records)
+    nbytes = max(loss.bytes, told.bytes)
+    oldest = min(t for t in (loss.oldest, told.oldest) if t) if (loss.oldest or told.oldest) else 0.0
+    newest = max(loss.newest, told.newest)
+    return replace(loss, records=records, bytes=nbytes, oldest=oldest, newest=newest, held_by=node,
+                   held_records=told.records, held_bytes=told.bytes)
+
+
 class Roles:
     """The role changes of one node's volumes; part of its :class:`~marsfs.node.cluster.Cluster`."""
 
     def __init__(self, node: Node, cluster: str, peers: Peers, mirrors: Mirrors, *, spawn: Spawn,
-                 gossip_now: Callable[[], None]) -> None:
+                 gossip_now: Callable[[], None], known: Callable[[], Iterable[str]] = tuple) -> None:
         """``cluster`` is the cluster's name (for the hellos); ``mirrors`` the node's fetchers,
-        which a change of primary stops and starts; ``gossip_now`` spreads a claim at once."""
+        which a change of primary stops and starts; ``gossip_now`` spreads a claim at once;
+        ``known`` names the peers this node was told of (a forced failover asks them too: one
+        that has not gossiped yet may still hold more)."""
+        self.known = known
         self.node = node
         self.cluster = cluster
         self.peers = peers
@@ -91,9 +130,10 @@ class Roles:
 
     # ------------------------------------------------------------------ the new primary's side
 
-    def _check_mirror(self, name: str, command: str) -> tuple[Volume, str, Verdict]:
+    def _check_mirror(self, name: str, command: str, *, choose_side: bool = False) -> tuple[Volume, str, Verdict]:
         """The volume, its source and its state's verdict, if this node may take ``name`` over
-        (else the reason)."""
+        (else the reason). ``choose_side``: a split brain with the source is no refusal (a
+        forced failover keeps this node's side of it)."""
         copy = self.mirrors.copies.get(name)
         if copy is not None and name not in self.node.volumes:
             raise VolumeBusy(f"volume {name!r} is still being copied from {copy.source} (syncing); wait until "
@@ -104,13 +144,23 @@ class Roles:
             raise WrongRole(f"volume {name!r} is a local clone on node {self.node.name}: it is writable here "
                             "already and never replicated")
         if not role.is_mirror:
+            designated = self._fenced_side(name)
+            if designated is not None:
+                raise StateError(f"volume {name!r} on node {self.node.name} is a former primary in a split brain "
+                                 f"with {designated}, the designated primary: marsfs primary {name} --force here keeps "
+                                 f"this side (then marsfs invalidate {name} on {designated}), marsfs invalidate "
+                                 f"{name} here keeps {designated}'s")
             raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
         verdict = status.verdict(self.node, name, status.mirror_side(self.mirrors, name, trio.current_time()))
+        splits = self.node.splits(name)
+        with_source = any(sp.peer == role.source for sp in splits)
+        if choose_side and with_source:
+            return vol, role.source, verdict  # its fetch is refused as diverged: that is the split brain
         if VolumeState.SPLIT_BRAIN in verdict.conditions:
-            splits = self.node.splits(name)
+            keep = f", or marsfs primary {name} --force here to keep this side" if with_source else ""
             raise StateError(f"volume {name!r} on node {self.node.name} is in a split brain with "
                              f"{splits[0].peer if splits else role.source}; resolve it first (marsfs invalidate "
-                             f"{name} on the side whose writes are to be discarded)")
+                             f"{name} on the side whose writes are to be discarded{keep})")
         if verdict.refusal:
             raise StateError(f"volume {name!r} on node {self.node.name} cannot fetch from {role.source} "
                              f"({verdict.refusal}): resync it first (marsfs invalidate {name})")
@@ -129,7 +179,7 @@ class Roles:
         self.progress[name] = HandoverStatus(source, "preparing", None)
         try:
             ch, _ = await open_channel(connect, hello(self.node.name, self.cluster, name, "handover",
-                                                      role.epoch))
+                                                      role.epoch, node_id=self.node.node_id))
         except PeerRefused as e:
             self.progress.pop(name, None)
             raise PeerError(f"{source} refused the handover of {name}: {e.message}") from None
@@ -237,35 +287,126 @@ class Roles:
                 f"or if it is lost: marsfs primary {name} --force makes this node primary with what it has, "
                 f"losing what it did not fetch: {loss.describe()}")
 
-    async def fail_over(self, name: str) -> dict[str, Any]:
-        """Forced failover: this node becomes primary of ``name`` without its primary."""
-        vol, source, _ = self._check_mirror(name, f"marsfs primary {name} --force")
+    async def fail_over(self, name: str, *, accept_loss: bool = False) -> dict[str, Any]:
+        """Forced failover: this node becomes primary of ``name`` without its primary (or, in a
+        split brain with it, keeps this node's side). ``accept_loss``: even though a reachable
+        member holds more."""
+        fenced = self._fenced_side(name)
+        if fenced is not None:  # a former primary in a split brain with the designated one
+            vol, source = self.node.volume(name), fenced
+        else:
+            vol, source, _ = self._check_mirror(name, f"marsfs primary {name} --force", choose_side=True)
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
+        split = next((sp for sp in self.node.splits(name) if sp.peer == source), None)
         self.progress[name] = HandoverStatus(source, "failover", None)
         try:
-            if await self._reachable(name, source):
+            if split is None and await self._reachable(name, source):
                 raise InvalidRequest(f"{source}, the primary of {name}, is reachable: use the planned handover, "
                                      f"marsfs primary {name}, which loses nothing; --force is for a primary that "
                                      "cannot be reached")
-            loss = self._loss(name, source)  # before the fetch stops: it is what knows the source's last word
+            others = sorted((self.node.meta.members(name) | set(self.known())) - {self.node.name, source})
+            held = await self._survey(name, vol, others, vol.durable_lsn)
+            best = max(held.items(), key=lambda kv: (kv[1].records, kv[0]), default=None)
+            if best is not None and not accept_loss:
+                node, told = best
+                raise StateError(f"{node} holds {told.records} more records ({human_bytes(told.bytes)}) of {name} than "
+                                 f"this node (durable up to LSN {vol.durable_lsn}): a forced failover here loses them; "
+                                 f"run marsfs primary {name} --force on {node} instead, or add --accept-loss to "
+                                 "lose them")
+            if split is not None:
+                loss = await self._split_loss(name, vol, source, split.fork_lsn)
+            else:  # before the fetch stops: it is what knows the source's last word
+                loss = self._loss(name, source)
+                if best is not None:
+                    loss = measured(loss, *best)
             await self.mirrors.stop(name)
             epoch = self._newest_epoch(name) + 1
             start = vol.head_lsn + 1
-            loss = FailoverLoss(**{**loss.to_json(), "epoch": epoch, "start_lsn": start})
+            loss = replace(loss, epoch=epoch, start_lsn=start)
             try:
                 await trio.to_thread.run_sync(self.node.record_failover, name, loss)
                 await self._claim(name, epoch, start)
             except MarsError:
                 self._resume_fetch(vol)
                 raise
-            await trio.to_thread.run_sync(self.node.promote, name, epoch)
+            if fenced is not None:  # primary already: the claim lifts the designation's fence
+                await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, epoch=epoch))
+                self.node.unfence(name)
+            else:
+                await trio.to_thread.run_sync(self.node.promote, name, epoch)
         finally:
             self.progress.pop(name, None)
         logger.warning("forced failover of %s from %s: primary here from LSN %d, epoch %d; %s", name, source,
                        start, epoch, loss.describe())
         return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
                 "lost": loss.describe()}
+
+    def _fenced_side(self, name: str) -> str | None:
+        """The designated primary, if this node is a former primary of ``name`` (fenced by a
+        newer epoch) in a split brain with it: then a forced failover keeps this side."""
+        if name not in self.node.volumes or self.node.role(name).role != Role.PRIMARY:
+            return None
+        d = self.node.meta.designated(name)
+        if d is None or d.node == self.node.name or not any(sp.peer == d.node for sp in self.node.splits(name)):
+            return None
+        return d.node
+
+    async def _survey(self, name: str, vol: Volume, nodes: list[str], lsn: int) -> dict[str, PositionTold]:
+        """What each of ``nodes`` that answers holds beyond our ``lsn`` of ``name``, for those
+        whose history continues ours there (``ahead`` or ``trimmed``). Asked all at once; a
+        node that does not answer within SURVEY_TIMEOUT holds nothing we can reach."""
+        chain = await trio.to_thread.run_sync(vol.log.chain_at, lsn)
+        held: dict[str, PositionTold] = {}
+
+        async def ask(node: str) -> None:
+            told = await self._ask_position(name, node, lsn, chain)
+            if told is not None and told.relation in ("ahead", "trimmed"):
+                held[node] = told
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(ask, node)
+        return held
+
+    async def _ask_position(self, name: str, node: str, lsn: int, chain: bytes) -> PositionTold | None:
+        """``node``'s answer to where its history stands against ours at ``lsn`` (None: no answer)."""
+        try:
+            with trio.fail_after(SURVEY_TIMEOUT):
+                ch, _ = await open_channel(self.peers.connector(node),
+                                           hello(self.node.name, self.cluster, name, "position",
+                                                 node_id=self.node.node_id))
+                try:
+                    return await ask_position(ch, lsn, chain)
+                finally:
+                    await ch.aclose()
+        except (MarsError, PeerRefused, OSError, trio.TooSlowError, ConnectionLost) as e:
+            logger.info("forced failover of %s: no position from %s: %s", name, node, describe(e))
+            return None
+
+    async def _split_loss(self, name: str, vol: Volume, source: str, fork: int) -> FailoverLoss:
+        """What keeping this side of the split brain with ``source`` leaves out: ``source``'s
+        tail after the ``fork``, as it tells it now (its split record here may be older)."""
+        told = None
+        if vol.log.first_lsn - 1 <= fork <= vol.log.last_lsn:  # else only the split record tells
+            chain = await trio.to_thread.run_sync(vol.log.chain_at, fork)
+            told = await self._ask_position(name, source, fork, chain)
+            if told is not None and told.relation not in ("ahead", "same", "trimmed"):
+                told = None  # the fork is only a bound: its records there are not ours
+        split = next(sp for sp in self.node.splits(name) if sp.peer == source)
+        records, nbytes = (told.records, told.bytes) if told is not None else (split.peer_records, split.peer_bytes)
+        return FailoverLoss(source=source, epoch=0, start_lsn=0, records=records, bytes=nbytes,
+                            oldest=told.oldest if told is not None else 0.0,
+                            newest=told.newest if told is not None else 0.0, at_least=told is None,
+                            as_of=time.time(), fork_lsn=fork)
+
+    async def serve_position(self, ch: Channel, hello: Hello, vol: Volume) -> None:
+        """Tell a would-be primary what this node holds of ``vol`` beyond its head."""
+        def answer(ask: PositionAsk) -> PositionTold:
+            return position_told(vol.log, vol.log.bytes_between, lambda n: vol.log.info(n).timestamp_ns / 1e9,
+                                 vol.durable_lsn, vol.replayed_lsn, ask)
+
+        await serve_position(ch, answer)
 
     def _newest_epoch(self, name: str) -> int:
         d = self.node.meta.designated(name)
@@ -275,7 +416,8 @@ class Roles:
         """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
         try:
             ch, _ = await open_channel(self.peers.connector(source),
-                                       hello(self.node.name, self.cluster, name, "handover"))
+                                       hello(self.node.name, self.cluster, name, "handover",
+                                             node_id=self.node.node_id))
         except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
             return False
         await ch.aclose()
@@ -470,7 +612,8 @@ class Roles:
         for attempt in range(COMPARE_TRIES):
             try:
                 ch, welcome = await open_channel(self.peers.connector(source),
-                                                 hello(self.node.name, self.cluster, name, "compare"))
+                                                 hello(self.node.name, self.cluster, name, "compare",
+                                                       node_id=self.node.node_id))
                 try:
                     seen = await ask_compare(ch, vol.log, vol.log.bytes_between, source, welcome.head_lsn, hints)
                 finally:

@@ -3,6 +3,7 @@
 State directory layout::
 
     DIR/node.json            {"node": NAME, "created_ns": ...}: the immutable node name
+    DIR/node-id              this node's random id (0600; marsfs.node.identity), made once
     DIR/lock                 flock'd by the running daemon
     DIR/control.sock         the daemon's control socket (faces layer)
     DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json and, when the
@@ -42,6 +43,8 @@ Rules that hold here:
   A clone that cannot be attached stays on disk, detached and failed, with the reason in its
   errors, until it is deleted. A volume with clones that read from it is neither deleted nor
   left (:meth:`clones_of` lists those).
+  A clone of a split version (``clone VOL@split-...``) pins nothing; that split version is not
+  discarded (:meth:`Node.discard_split_version`) while the clone exists.
 * Fencing: only the designated primary accepts writes. A fence (:meth:`Node.fence`, by a
   :class:`~marsfs.node.volstate.FenceHolder`: the metadata's ``designation``, the handover's
   ``handover``) makes ``Volume.write`` and new opens for writing fail with EROFS
@@ -64,7 +67,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -88,6 +90,9 @@ from marsfs.errors import (
     WrongRole,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.names import RULE as NAME_RULE
+from marsfs.names import is_name
+from marsfs.node.identity import load_node_id
 from marsfs.node.meta import META_FILE, ClusterMeta
 from marsfs.node.space import LogSpace, LogSpaceSetting
 from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
@@ -95,19 +100,17 @@ from marsfs.node.volstate import FenceHolder, Role
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
 from marsfs.volume import Retention, Volume
+from marsfs.volume.splits import SplitInfo, discard_split, parse_split_name
 
 logger = logging.getLogger(__name__)
 
-VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-NODE_NAME = VOLUME_NAME
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
 
 
 def check_volume_name(name: str) -> str:
-    if not VOLUME_NAME.fullmatch(name):
-        raise InvalidRequest(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit (no '/', no leading dot)")
+    if not is_name(name):
+        raise InvalidRequest(f"invalid volume name {name!r:.80}: use {NAME_RULE} (no '/', no leading dot)")
     return name
 
 
@@ -144,6 +147,7 @@ class Node:
         self._lock = threading.RLock()
         self._lock_fd = -1
         self.meta = ClusterMeta(state / META_FILE, name)  #: the cluster metadata as this node knows it
+        self.node_id = ""  #: this node's id (``DIR/node-id``, see marsfs.node.identity), read when claimed
 
     # ------------------------------------------------------------------ the volume entries
 
@@ -192,13 +196,14 @@ class Node:
     @classmethod
     def open(cls, state: Path, name: str, **kw: Any) -> Node:
         """Claim the state directory for ``name`` and recover every volume in it."""
-        if not NODE_NAME.fullmatch(name):
-            raise NodeError(f"invalid node name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        if not is_name(name):
+            raise NodeError(f"invalid node name {name!r:.80}: use {NAME_RULE}")
         state.mkdir(parents=True, exist_ok=True)
         os.chmod(state, 0o700)
         node = cls(state, name, **kw)
         node._claim()
         try:
+            node.node_id = load_node_id(state)
             node.space.check()
             node._recover()
             node.space.adopt(list(node.volumes.values()))
@@ -384,10 +389,11 @@ class Node:
         with self._lock:
             src = self.volume(source)
             path = self.check_new(name)
-            lsn = src.find_version(version)
+            split = version if parse_split_name(version) is not None else ""
+            lsn = 0 if split else src.find_version(version)
             vol: Volume | None = None
             try:
-                vol = Volume.create_clone(path, name, src, lsn)
+                vol = Volume.create_clone(path, name, src, lsn, split=split)
                 role = RoleRecord(role=Role.CLONE)
                 write_json(path / "role.json", role.to_json())
             except BaseException as e:
@@ -399,8 +405,34 @@ class Node:
             self.volumes[name] = vol
             self._entries[name] = VolumeEntry(role=role)
             self.space.adopt(list(self.volumes.values()))
-            logger.info("cloned volume %s at lsn-%d as %s", source, lsn, name)
+            logger.info("cloned volume %s at %s as %s", source, version if split else f"lsn-{lsn}", name)
             return vol
+
+    def discard_split_version(self, name: str, split: str) -> SplitInfo:
+        """Remove split version ``split`` of volume ``name`` for good (``marsfs discard``).
+        Refused while a clone reads from it; a reader that has it open keeps reading it until it
+        closes."""
+        with self._lock:
+            vol = self.volume(name)
+            if parse_split_name(split) is None:
+                raise InvalidRequest(f"{name}@{split} is not a split version: only split versions "
+                                     f"(split-NODE-LSN, listed by marsfs versions {name}) are discarded; the other "
+                                     "versions go by themselves when the history window passes them")
+            clones = [c for c, s in self.split_version_clones(name) if s == split]
+            if clones:
+                raise VolumeBusy(f"split version {split} of {name} has clones ({', '.join(clones)}) that read "
+                                 f"from it; delete them first: marsfs delete {clones[0]}")
+            info = discard_split(vol.path, split)
+        logger.info("discarded split version %s of volume %s", split, name)
+        return info
+
+    def split_version_clones(self, name: str) -> list[tuple[str, str]]:
+        """``(clone, split version)`` of every clone of a split version of volume ``name`` here, by name."""
+        with self._lock:
+            source = self.volumes.get(name)
+            return sorted((v.name, v.clone_of.split) for v in self.volumes.values()
+                          if v.clone_of is not None and v.clone_of.split and source is not None
+                          and (v.clone_of.source, v.clone_of.source_uuid) == (name, source.uuid))
 
     def resize(self, name: str, size: int) -> int | None:
         """Grow volume ``name`` (this node its primary) to ``size`` bytes: the LSN of its RESIZE
@@ -443,12 +475,14 @@ class Node:
             raise NoSpace(f"no space to create {what} in {self.state}: {e.strerror}; {hint}") from None
 
     def clones_of(self, name: str) -> list[tuple[str, int]]:
-        """``(clone, lsn)`` of every clone of volume ``name`` here that reads from it (that volume,
-        not another one of the same name; a clone with its own copy reads from nothing), by name."""
+        """``(clone, lsn)`` of every clone of a version of volume ``name`` here that reads from it
+        (that volume, not another one of the same name; a clone with its own copy reads from
+        nothing), by name; clones of its split versions are :meth:`split_version_clones`."""
         with self._lock:
             source = self.volumes.get(name)
             return sorted((v.name, v.clone_of.lsn) for v in self.volumes.values()
-                          if v.clone_of is not None and not v.clone_of.own and source is not None
+                          if v.clone_of is not None and not v.clone_of.split and not v.clone_of.own
+                          and source is not None
                           and (v.clone_of.source, v.clone_of.source_uuid) == (name, source.uuid))
 
     def largest_volume(self) -> int:
@@ -525,11 +559,10 @@ class Node:
         with self._lock:
             if name not in self.failed:  # a failed volume is only its directory: nothing refuses
                 self.volume(name)
-            clones = self.clones_of(name)
+            clones = [c for c, _ in self.clones_of(name)] + [c for c, _ in self.split_version_clones(name)]
             if clones:  # even with --force: a clone reads through to this volume
-                names = ", ".join(c for c, _ in clones)
-                raise VolumeBusy(f"volume {name!r} has clones ({names}) that read from it; "
-                                 f"delete them first: marsfs delete {clones[0][0]}")
+                raise VolumeBusy(f"volume {name!r} has clones ({', '.join(sorted(clones))}) that read from it; "
+                                 f"delete them first: marsfs delete {sorted(clones)[0]}")
             opens = self._entry(name).opens
             if opens and not force:
                 raise VolumeBusy(f"volume {name!r} is open ({opens} handle(s), e.g. a loop device); "

@@ -140,6 +140,7 @@ class VolumeStatus:
     open_handles: int
     peers: list[PeerStatus] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    next: str = ""  #: the operator's next command for this state ("" when there is nothing to do)
     # a mirror's (or an image copy's) details
     source: str | None = None
     connected: bool | None = None
@@ -174,6 +175,10 @@ class VolumeStatus:
     # figures; what the last forced failover may have lost; a handover in progress
     fork_lsn: int | None = None
     split_brain: list[SplitBrain] = field(default_factory=list)
+    # the split versions resolved split brains left here (each a full image, sparse), and the
+    # disk space they take together
+    split_versions: list[SplitVersionStatus] = field(default_factory=list)
+    split_versions_bytes: int = 0
     failover_loss: FailoverLoss | None = None
     handover: HandoverStatus | None = None
     # fast sync: a first copy (syncing) or a resync. ``progress`` is the compared
@@ -196,6 +201,24 @@ class CloneStatus:
 
     name: str
     lsn: int
+
+    def to_json(self) -> dict[str, Any]:
+        return _record_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitVersionStatus:
+    """A split version of a volume on this node (``.versions/VOL/NAME.img``): whose state it is,
+    where the histories forked, what it takes on disk, and the clones that read from it."""
+
+    name: str  #: ``split-<node>-<fork lsn>``
+    node: str  #: the losing node whose divergent state it holds
+    fork_lsn: int
+    head_lsn: int  #: the loser's head when it was saved
+    size: int
+    disk_bytes: int  #: the space its image takes (holes are free)
+    saved: float  #: wall time of the save
+    clones: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)
@@ -266,7 +289,14 @@ class SplitBrain:
 class FailoverLoss:
     """What a forced failover may have lost: the records of ``source`` this node had not
     fetched, as far as its last word told (``at_least``: the source may have written more
-    after it). ``newest``: wall time of the newest record known lost (0: none known)."""
+    after it). ``newest``: wall time of the newest record known lost (0: none known).
+
+    When a reachable member held more (the operator accepted losing it), ``held_by`` names the
+    one that held most and ``held_records``/``held_bytes`` are what it held beyond this node,
+    exactly: the loss is measured from its position, and only the rest (what the source's last
+    word showed beyond it) is "at least". ``fork_lsn`` (not -1): the failover chose this node's
+    side of a split brain with ``source``; the loss is ``source``'s tail after that fork, which
+    it keeps as a split version when invalidated."""
 
     source: str
     epoch: int  #: the epoch the failover started
@@ -277,24 +307,41 @@ class FailoverLoss:
     newest: float  #: the newest known lost record was written at or before this wall time
     at_least: bool
     as_of: float  #: wall time of the knowledge (the source's last heartbeat or position)
+    held_by: str = ""
+    held_records: int = 0
+    held_bytes: int = 0
+    fork_lsn: int = -1
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FailoverLoss:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        """Also a record written before the fields with defaults existed."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def describe(self) -> str:
+        head = f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn})"
+        if self.fork_lsn >= 0:
+            return (f"{head} kept this node's side of the split brain: {self.source}'s {self.records} records "
+                    f"({human_bytes(self.bytes)}) after the fork at LSN {self.fork_lsn}, written between "
+                    f"{_utc(self.oldest)} and {_utc(self.newest)}, are not in its history; marsfs invalidate on "
+                    f"{self.source} keeps them there as a split version")
         bound = "at least " if self.at_least else ""
-        later = (f"; {self.source} may have written more after {_utc(self.as_of)}, which this node never heard "
-                 "of") if self.at_least else ""
+        later = (f"; {self.source} may have written more after {_utc(self.as_of)}, which "
+                 f"{'no reachable node holds' if self.held_by else 'this node never heard of'}") if self.at_least else ""
+        if self.held_by:
+            only = self.records - self.held_records
+            rest = (f", and {bound}{only} more ({bound}{human_bytes(max(0, self.bytes - self.held_bytes))}) "
+                    f"that only {self.source} had") if only > 0 else ""
+            return (f"{head} lost {self.held_records} records ({human_bytes(self.held_bytes)}) written between "
+                    f"{_utc(self.oldest)} and {_utc(self.newest)}, measured from {self.held_by}'s position "
+                    f"({self.held_by} holds them; accepted with --accept-loss){rest}{later}")
         if not self.records:
-            return (f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn}): no "
-                    f"record known lost (its last word, {_utc(self.as_of)}, showed none this node lacked){later}")
-        return (f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn}) lost "
-                f"{bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between {_utc(self.oldest)} "
-                f"and {_utc(self.newest)}{later}")
+            return (f"{head}: no record known lost (its last word, {_utc(self.as_of)}, showed none this node "
+                    f"lacked){later}")
+        return (f"{head} lost {bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between "
+                f"{_utc(self.oldest)} and {_utc(self.newest)}{later}")
 
 
 def _utc(t: float) -> str:

@@ -29,11 +29,20 @@ from typing import Any, Protocol
 from marsfs.errors import NoSpace
 from marsfs.node.mirrors import ImageCopy, Mirrors
 from marsfs.node.node import Node
-from marsfs.node.state import CloneStatus, HandoverStatus, PeerStatus, PositionStatus, RoleRecord, VolumeStatus
+from marsfs.node.state import (
+    CloneStatus,
+    HandoverStatus,
+    PeerStatus,
+    PositionStatus,
+    RoleRecord,
+    SplitVersionStatus,
+    VolumeStatus,
+)
 from marsfs.node.volstate import FRESH, MirrorFacts, Role, Verdict, VolumeFacts, peer_state, volume_state
 from marsfs.replication.server import PeerState, PeerTable, lag_of
 from marsfs.replication.session import FetchState, SyncStatus
 from marsfs.volume.holds import hold_mirror
+from marsfs.volume.splits import disk_bytes
 
 
 class HandoverView(Protocol):
@@ -199,7 +208,7 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
         replayed_lsn=vol.replayed_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
         lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
-        open_handles=node.opens[name], errors=list(verdict.errors),
+        open_handles=node.opens[name], errors=list(verdict.errors), next=verdict.next,
         oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=history.describe(),
         clones=[CloneStatus(c, lsn) for c, lsn in node.clones_of(name)],
         clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
@@ -210,6 +219,8 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         dropped={hold_mirror(k) or k: cs.bytes for k, cs in vol.dropped().items()},
         fork_lsn=min(x.fork_lsn for x in splits) if splits else None,
         split_brain=splits, failover_loss=node.failover_loss(name))
+    versions = split_versions(node, name)
+    st = st.changed(split_versions=versions, split_versions_bytes=sum(v.disk_bytes for v in versions))
     if side is None:
         return st
     st = st.changed(handover=side.handover)
@@ -226,6 +237,17 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
             state=peer_state(connected=p.connected, fetch_paused=p.fetch_paused, replay_paused=p.replay_paused,
                              lag_records=lag_r, syncing=p.syncing)))
     return st.changed(peers=peers)
+
+
+def split_versions(node: Node, name: str) -> list[SplitVersionStatus]:
+    """The split versions of served volume ``name`` here, oldest fork first, with their space
+    and the clones that read from each."""
+    vol = node.volume(name)
+    clones = node.split_version_clones(name)
+    return [SplitVersionStatus(name=s.name, node=s.node, fork_lsn=s.fork_lsn, head_lsn=s.head_lsn, size=s.size,
+                               disk_bytes=disk_bytes(vol.path, s.name), saved=s.saved,
+                               clones=[c for c, of in clones if of == s.name])
+            for s in vol.splits()]
 
 
 def _mirror_row(node: Node, st: VolumeStatus, role: RoleRecord, side: ClusterSide) -> VolumeStatus:
@@ -263,7 +285,7 @@ def _copy_status(node: Node, name: str, side: ClusterSide) -> VolumeStatus:
         volume=name, node=node.name, role=Role.MIRROR, state=verdict.state, epoch=0,
         size=c.size, head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0,
         lag_bytes=c.size, lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0,
-        source=c.source, errors=list(verdict.errors), connected=fs.connected if fs is not None else None, progress=0.0)
+        source=c.source, errors=list(verdict.errors), next=verdict.next, connected=fs.connected if fs is not None else None, progress=0.0)
     if c.failed or fs is None or fs.sync is None:
         return row
     return _with_sync(row, fs.sync).changed(lag_bytes=fs.sync.total - fs.sync.compared or c.size)
@@ -276,7 +298,7 @@ def _failed_status(node: Node, name: str) -> VolumeStatus:
     return VolumeStatus(
         volume=name, node=node.name, role=role.role, state=verdict.state, epoch=role.epoch, size=0,
         head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0, lag_bytes=0, lag_records=0,
-        lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0, errors=list(verdict.errors))
+        lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0, errors=list(verdict.errors), next=verdict.next)
 
 
 def _with_meta(node: Node, st: VolumeStatus, side: ClusterSide) -> VolumeStatus:

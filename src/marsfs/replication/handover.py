@@ -19,6 +19,10 @@ Rules that hold here:
   both logs still hold is left to compare (then the fork is "at or before" the lowest one).
   The last CHAINS of each side (``done``) carries the fork and that side's tail after it, so
   both sides record the same split brain.
+* ``want=position`` (a forced failover, before it claims): the client names its durable head
+  and the chain there; the server says how its own history relates (:func:`position_told`):
+  whether that LSN is on its chain, and how many records and bytes of log it holds beyond it.
+  Only ``ahead`` (and ``trimmed``, which is further ahead still) is something the asker would lose.
 * Everything here is pure except the two ``serve_*``/``ask_*`` pairs at the end, which only
   move messages; what a fence means, what a claim changes and where a split brain is kept is
   the host's (:class:`HandoverHost`, the node's cluster layer).
@@ -42,6 +46,8 @@ from marsfs.replication.protocol import (
     HandoverPrepare,
     HandoverReady,
     Message,
+    PositionAsk,
+    PositionTold,
 )
 
 PREPARE_TIMEOUT = 30.0  #: seconds a primary stays fenced after a prepare that no claim followed
@@ -147,6 +153,33 @@ def tail(log: ChainSource, fork: int, bytes_between: Callable[[int, int], int]) 
     return max(0, log.last_lsn - fork), bytes_between(max(fork, log.first_lsn - 1), log.last_lsn)
 
 
+def position_told(log: ChainSource, bytes_between: Callable[[int, int], int], stamp: Callable[[int], float],
+                  durable_lsn: int, replayed_lsn: int, ask: PositionAsk) -> PositionTold:
+    """How this side's history (``log``, durable up to ``durable_lsn``) relates to the asker's
+    durable head ``ask.lsn`` with chain ``ask.chain``, and what it holds beyond it; ``stamp``
+    is the wall time of a record (reads the log: call in a worker thread)."""
+    def told(relation: str, after: int = 0) -> PositionTold:
+        """The answer; ``after``: the LSN after which our records count (none when not given)."""
+        if relation not in ("ahead", "trimmed"):
+            return PositionTold(relation=relation, durable_lsn=durable_lsn, replayed_lsn=replayed_lsn, records=0,
+                                bytes=0)
+        held = range(log.first_lsn, log.last_lsn + 1)  # a log restarted by a resync may hold none
+        return PositionTold(relation=relation, durable_lsn=durable_lsn, replayed_lsn=replayed_lsn,
+                            records=durable_lsn - ask.lsn, bytes=bytes_between(after, durable_lsn),
+                            oldest=stamp(after + 1) if after + 1 in held else 0.0,
+                            newest=stamp(durable_lsn) if durable_lsn in held else 0.0)
+
+    if ask.lsn > log.last_lsn:
+        return told("behind")
+    if ask.lsn < log.first_lsn - 1:
+        return told("trimmed", log.first_lsn - 1)
+    if log.chain_at(ask.lsn) != ask.chain:
+        return told("diverged")
+    if durable_lsn <= ask.lsn:
+        return told("same")
+    return told("ahead", ask.lsn)
+
+
 # ---------------------------------------------------------------------------- conversations
 
 
@@ -243,4 +276,24 @@ async def _chains(ch: Channel) -> Chains:
         raise ProtocolError(f"peer refused the comparison: {msg.error}")
     if not isinstance(msg, Chains):
         raise ProtocolError(f"{msg.TYPE.name} is not allowed in a compare conversation")
+    return msg
+
+
+async def serve_position(ch: Channel, answer: Callable[[PositionAsk], PositionTold]) -> None:
+    """The answering side of ``want=position``, after WELCOME: one POSITION_ASK, one POSITION
+    (``answer`` runs in a worker thread: it reads the log)."""
+    msg = await ch.receive_message()
+    if not isinstance(msg, PositionAsk):
+        raise ProtocolError(f"{msg.TYPE.name} is not allowed in a position conversation")
+    await ch.send_message(await trio.to_thread.run_sync(answer, msg))
+
+
+async def ask_position(ch: Channel, lsn: int, chain: bytes) -> PositionTold:
+    """The asking side of ``want=position``, after WELCOME."""
+    await ch.send_message(PositionAsk(lsn=lsn, chain=chain))
+    msg = await ch.receive_message()
+    if isinstance(msg, Error):
+        raise ProtocolError(f"peer refused to tell its position: {msg.error}")
+    if not isinstance(msg, PositionTold):
+        raise ProtocolError(f"{msg.TYPE.name} is not allowed in a position conversation")
     return msg

@@ -186,6 +186,8 @@ REFUSALS: Mapping[str, Stop] = {
     "error": Stop.RETRY,
     "unsupported": Stop.RETRY,
     "unknown-want": Stop.RETRY,
+    "unknown-node": Stop.RETRY,  # the source does not know us (yet: its --peer list may grow)
+    "node-identity": Stop.RETRY,  # another node of our name runs there: one of the two stops
 }
 
 
@@ -448,7 +450,8 @@ _SERVE: dict[tuple[Enum, object], Enum] = {
 }
 _WELCOME_EVENT = {"fetch": ServeEvent.WELCOME_FETCH, "leave": ServeEvent.WELCOME_LEAVE,
                   "sums": ServeEvent.WELCOME_SUMS, "sync": ServeEvent.WELCOME_SYNC,
-                  "handover": ServeEvent.WELCOME_OTHER, "compare": ServeEvent.WELCOME_OTHER}
+                  "handover": ServeEvent.WELCOME_OTHER, "compare": ServeEvent.WELCOME_OTHER,
+                  "position": ServeEvent.WELCOME_OTHER}
 
 
 @dataclass(frozen=True, slots=True)
@@ -838,6 +841,7 @@ _FETCH: dict[Want, dict[tuple[Enum, object], Enum]] = {
     "sums": dict(_FETCH_COMMON),  # then SUMS_REQUEST/SUMS, judged by marsfs.replication.verify
     "handover": dict(_FETCH_COMMON),  # then marsfs.replication.handover carries on
     "compare": dict(_FETCH_COMMON),
+    "position": dict(_FETCH_COMMON),
 }
 _REFUSABLE = (_F.AWAIT_WELCOME, _F.WELCOMED, _F.FETCHING, _F.WATCHING, _F.SYNC_AWAIT_INFO, _F.SYNCING, _F.SYNC_END)
 

@@ -28,6 +28,11 @@ Rules that hold here:
   deletion); a crash before ``own`` is written leaves a clone that reads through as before.
 * A clone is not a source: cloning a clone is refused for now (the restart order would have to
   follow chains), and so is serving it to peers (clones are local).
+* A clone of a split version (``VOL@split-<node>-<lsn>``, :mod:`marsfs.volume.splits`) reads
+  below what it wrote from that standalone file instead of a view: it pins nothing of *S*'s
+  log or base (writeback, resyncs and switches go on), and the split version cannot be
+  discarded while the clone exists. Its link names the split (``split``); *L* is the split's
+  head LSN, the loser's version it holds (for the record; it is not a version of *S*'s history).
 
 Attachment (:func:`check_source`, :func:`pin_source`) works on a :class:`CloneSource`: the few
 public methods of the source volume it needs, so this module never imports the volume.
@@ -39,21 +44,26 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from marsfs.errors import InvalidRequest, StateError, VersionNotFound
+from marsfs.volume.splits import SplitView
 from marsfs.volume.views import VolumeView
 
 
 @dataclass(frozen=True, slots=True)
 class CloneLink:
-    """What a clone is made of: volume ``source`` (identified by ``source_uuid``) after ``lsn``;
-    ``own``: the clone's base image holds that version itself (it reads no source any more)."""
+    """What a clone is made of: volume ``source`` (identified by ``source_uuid``) after ``lsn``,
+    or, with ``split``, that split version of it; ``own``: the clone's base image holds that
+    version itself (it reads no source any more)."""
 
     source: str
     lsn: int
     source_uuid: str
+    split: str = ""  #: the split version's name (``split-<node>-<lsn>``); "": a version of the log
     own: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"source": self.source, "lsn": self.lsn, "source_uuid": self.source_uuid}
+        if self.split:
+            d["split"] = self.split
         if self.own:
             d["own"] = True
         return d
@@ -62,13 +72,13 @@ class CloneLink:
     def from_json(cls, d: Any, where: str) -> CloneLink:
         try:
             return cls(source=str(d["source"]), lsn=int(d["lsn"]), source_uuid=str(d["source_uuid"]),
-                       own=bool(d.get("own", False)))
-        except (KeyError, TypeError, ValueError) as e:
+                       split=str(d.get("split", "")), own=bool(d.get("own", False)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StateError(f"{where}: unreadable clone link ({e!r}); delete the clone") from None
 
     def describe(self) -> str:
-        """``VOL@lsn-L``: what status shows as ``clone_of``."""
-        return f"{self.source}@lsn-{self.lsn}"
+        """``VOL@lsn-L`` or ``VOL@split-N-L``: what status shows as ``clone_of``."""
+        return f"{self.source}@{self.split or f'lsn-{self.lsn}'}"
 
 
 class CloneSource(Protocol):
@@ -90,6 +100,10 @@ class CloneSource(Protocol):
         """Open (and pin) version ``lsn``."""
         ...
 
+    def split_view(self, name: str) -> SplitView:
+        """Open split version ``name``."""
+        ...
+
 
 def check_source(source: CloneSource) -> None:
     """InvalidRequest when ``source`` cannot be cloned (it is a clone itself)."""
@@ -98,15 +112,21 @@ def check_source(source: CloneSource) -> None:
                              "a clone of a clone is not supported yet: clone the original volume")
 
 
-def pin_source(link: CloneLink, clone: str, source: CloneSource) -> VolumeView:
+def pin_source(link: CloneLink, clone: str, source: CloneSource) -> VolumeView | SplitView:
     """Open the version of ``source`` that clone ``clone`` (linked by ``link``) reads below what it
-    wrote: pins the source at the clone's LSN. StateError or VersionNotFound, in one line, when
-    that cannot be done."""
+    wrote: pins the source at the clone's LSN, or opens its split version. StateError or
+    VersionNotFound, in one line, when that cannot be done."""
     assert source.name == link.source, (source.name, link.source)
     if source.uuid != link.source_uuid:
         raise StateError(f"clone {clone}: volume {source.name} on this node is not the volume it was "
                          f"cloned from (uuid {source.uuid}, not {link.source_uuid}); "
                          f"delete the clone: marsfs delete {clone}")
+    if link.split:
+        try:
+            return source.split_view(link.split)
+        except VersionNotFound:
+            raise VersionNotFound(f"clone {clone}: volume {source.name} no longer has split version {link.split}; "
+                                  f"delete the clone: marsfs delete {clone}") from None
     try:
         return source.view(link.lsn)
     except VersionNotFound:

@@ -16,11 +16,16 @@ Rules that hold here:
   holes: all-zero blocks are not written).
 * Saving is atomic: data and description are written under ``.tmp`` names, made durable,
   then renamed (the image first, the description last). A split version exists exactly when
-  its description does; a crash leaves at most ``.tmp`` files, which the next save or
-  :func:`list_splits` removes.
+  its description does; a crash leaves at most ``.tmp`` files or an image without its
+  description, which :func:`list_splits` ignores and the next save removes.
 * Saving the same split again (same name) replaces it: the losing node's state at the fork
   is the same history, so the last save is as good as the first.
-* Split versions are read-only and stay until the volume is deleted (its directory goes).
+* Split versions are read-only. One stays until it is discarded (:func:`discard_split`,
+  ``marsfs discard VOL@split-...``) or the volume is deleted (its directory goes). Discarding
+  removes the description first, so a crash half way leaves an image without one, which
+  :func:`list_splits` does not show and the next save removes; a reader that has
+  the image open keeps reading it until it closes (its space is freed then).
+* What one costs on disk is :func:`disk_bytes`: the blocks its image holds (holes are free).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def save_split(volume_dir: Path, node: str, fork_lsn: int, head_lsn: int, head_c
     version; durable on return. ``progress(bytes)`` after each chunk."""
     where = volume_dir / SPLITS_DIR
     where.mkdir(exist_ok=True)
-    _remove_tmp(where)
+    _remove_orphans(where)
     info = SplitInfo(name=split_name(node, fork_lsn), node=node, fork_lsn=fork_lsn, head_lsn=head_lsn,
                      head_chain=head_chain.hex(), size=size, saved=time.time())
     image, tmp = where / f"{info.name}.img", where / f"{info.name}.img.tmp"
@@ -94,6 +99,26 @@ def save_split(volume_dir: Path, node: str, fork_lsn: int, head_lsn: int, head_c
     return info
 
 
+def disk_bytes(volume_dir: Path, name: str) -> int:
+    """The bytes split version ``name``'s image takes on disk (0 if it is gone)."""
+    try:
+        return (volume_dir / SPLITS_DIR / f"{name}.img").stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def discard_split(volume_dir: Path, name: str) -> SplitInfo:
+    """Remove split version ``name`` for good (durable on return); VersionNotFound if there is
+    none. An image a crash left behind without its description goes at the next save."""
+    info, image = split_image(volume_dir, name)
+    where = image.parent
+    (where / f"{name}.json").unlink()  # the split ends here
+    fsync_dir(where)
+    image.unlink(missing_ok=True)
+    fsync_dir(where)
+    return info
+
+
 def list_splits(volume_dir: Path) -> list[SplitInfo]:
     """The split versions of a volume, oldest fork first."""
     where = volume_dir / SPLITS_DIR
@@ -111,13 +136,21 @@ def split_image(volume_dir: Path, name: str) -> tuple[SplitInfo, Path]:
     for info in list_splits(volume_dir):
         if info.name == name:
             return info, volume_dir / SPLITS_DIR / f"{name}.img"
-    raise VersionNotFound(f"no split version {name} of volume {volume_dir.name}; "
+    raise VersionNotFound(f"no split version {name} of volume {volume_dir.name} on this node; "
                           f"list them with: marsfs versions {volume_dir.name}")
 
 
 def _remove_tmp(where: Path) -> None:
     for tmp in where.glob("*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def _remove_orphans(where: Path) -> None:
+    """Remove images without a description (a discard a crash interrupted) and ``.tmp`` files."""
+    _remove_tmp(where)
+    for image in where.glob("split-*.img"):
+        if not (where / f"{image.stem}.json").exists():
+            image.unlink(missing_ok=True)
 
 
 class SplitView:

@@ -182,7 +182,7 @@ class Volume:
         link = meta.get("clone_of")
         #: What this volume is a clone of (None: not a clone); see :mod:`marsfs.volume.clone`.
         self.clone_of = None if link is None else CloneLink.from_json(link, str(path / "volume.json"))
-        self._below: VolumeView | None = None  #: a clone's source version, once attached
+        self._below: VolumeView | SplitView | None = None  #: a clone's source version, once attached
         self._own_lock = threading.Lock()  #: a clone taking its own copy (close waits for it)
         #: on a source: id(view) -> [the view a clone reads, the clone's name, its own_copy, when
         #: its own copy last failed (monotonic seconds; 0: never), why]
@@ -361,23 +361,30 @@ class Volume:
         self.close()
 
     @classmethod
-    def create_clone(cls, path: Path, name: str, source: Volume, lsn: int, *,
+    def create_clone(cls, path: Path, name: str, source: Volume, lsn: int, *, split: str = "",
                      sync_interval: float | None = SYNC_INTERVAL) -> Self:
-        """A new clone of ``source``'s version ``lsn`` in the new directory ``path``, attached.
+        """A new clone of ``source``'s version ``lsn`` in the new directory ``path``, attached;
+        with ``split``, of that split version instead (``lsn`` is ignored: the split's head is
+        recorded).
 
         The source's version is pinned before the clone exists, so writeback cannot pass it in
-        between; VersionNotFound when it is not retained."""
+        between; VersionNotFound when it is not retained (or there is no such split version)."""
         check_source(source)
-        view = source.view(lsn)
+        below: VolumeView | SplitView = source.split_view(split) if split else source.view(lsn)
+        if isinstance(below, SplitView):
+            lsn, size = below.info.head_lsn, below.size
+        else:
+            size = source.size_at(lsn)
         try:
-            vol = cls.create(path, name, source.size_at(lsn), sync_interval=sync_interval,
-                             clone_of=CloneLink(source.name, lsn, source.uuid))
+            vol = cls.create(path, name, size, sync_interval=sync_interval,
+                             clone_of=CloneLink(source.name, lsn, source.uuid, split))
         except BaseException:
-            view.close()
+            below.close()
             raise
         with vol._lock:
-            vol._below = view
-        source.lend(view, name, vol.own_copy)
+            vol._below = below
+        if isinstance(below, VolumeView):  # a split version's clone pins nothing: nothing to lend
+            source.lend(below, name, vol.own_copy)
         return vol
 
     def attach_source(self, source: Volume) -> None:
@@ -391,7 +398,8 @@ class Volume:
         view = pin_source(link, self.name, source)
         with self._lock:
             self._below = view
-        source.lend(view, self.name, self.own_copy)
+        if isinstance(view, VolumeView):
+            source.lend(view, self.name, self.own_copy)
 
     def lend(self, view: VolumeView, clone: str, own_copy: Callable[[], None]) -> None:
         """Clone ``clone`` reads this volume's ``view``; ``own_copy`` makes it take its own copy
@@ -433,8 +441,8 @@ class Volume:
         with self._own_lock:
             with self._lock:
                 link, below = self.clone_of, self._below
-            if link is None or link.own or below is None or self._closed:
-                return
+            if link is None or link.own or not isinstance(below, VolumeView) or self._closed:
+                return  # a split version's clone reads a standalone file: it holds nothing
             zero = bytes(OWN_COPY_CHUNK)
             for off in range(0, below.size, OWN_COPY_CHUNK):
                 data = below.read(off, min(OWN_COPY_CHUNK, below.size - off))
