@@ -122,6 +122,7 @@ def test_the_two_kinds_of_no_space_say_which_space() -> None:
     (SPLIT[2], "marsfs invalidate v"), (RESYNC[2], "marsfs invalidate v"),
     (FETCH_PAUSED[2], "marsfs resume-fetch v"), (REPLAY_PAUSED[2], "marsfs resume-replay v"),
     (facts(fetch=None, copy_failed="refused"), "marsfs join v --from a"),
+    (facts(fetch=None, open_failure="volume v is not served: log damaged"), "marsfs invalidate v"),  # a new copy
 ])
 def test_the_next_command(change: Change, todo: str) -> None:
     assert volume_state(change(MIRROR)).next == todo

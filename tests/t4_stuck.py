@@ -49,6 +49,7 @@ def _failed(b: NodeProcess) -> None:
     st = status(b, VOL)
     errors = "; ".join(st["errors"])
     assert st["state"] == "failed" and "log damaged" in errors and "marsfs invalidate" in errors, st
+    assert st["next"] == f"marsfs invalidate {VOL}", st
 
 
 def test_no_stuck_mirror_damaged_log_and_join_from_another_mirror(harness: Harness) -> None:
