@@ -187,11 +187,11 @@ def test_a_volume_that_cannot_open_is_failed_and_the_others_are_served(
 def test_create_reserves_and_refuses_what_cannot_fit(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     vol = node.create("r", 2 * MiB)
     assert os.stat(vol.path / "base.img").st_blocks * 512 >= 2 * MiB
-    monkeypatch.setattr(node_module, "_free_bytes", lambda d: MiB)
+    monkeypatch.setattr(node_module, "free_bytes", lambda d: MiB)
     with pytest.raises(NoSpace, match=r"reservation of its 2\.0 MiB base image does not fit the 1\.0 MiB free.*--thin"):
         node.create("big", 2 * MiB)
     assert not (node.state / "volumes" / "big").exists() and "big" not in node.volumes
-    monkeypatch.setattr(node_module, "_free_bytes", lambda d: 64 * MiB)
+    monkeypatch.setattr(node_module, "free_bytes", lambda d: 64 * MiB)
 
     def no_room(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
