@@ -267,6 +267,17 @@ def test_a_join_that_does_not_fit_is_refused_and_a_mirror_is_reserved(harness: H
         assert _allocated(state / "volumes" / "mid" / "base.img") >= 8 * MiB, "a mirror's base is reserved"
         b.cli("join", "big", "--from", "a", "--thin")  # the base exists once join answered
         assert _allocated(state / "volumes" / "big" / "base.img") < 8 * MiB, "a thin mirror's base is not"
+        wait_synced(b, "big")
+
+        # the thin mirror stops fetching short of the log space held on b; the reserved one follows
+        for i in range(32):
+            _write(a.image("big"), i * 2 * MiB, os.urandom(2 * MiB))
+        wait_for(lambda: status(b, "big")["state"] == "no-space", timeout=60, what="the thin mirror to stop")
+        assert any("held for the logs" in e for e in status(b, "big")["errors"]), status(b, "big")
+        data = os.urandom(4 * MiB)
+        _write(a.image("mid"), 0, data)
+        wait_synced(b, "mid")
+        assert _read(b.image("mid"), 0, len(data)) == data
     finally:
         b.stop()
         b.unmount()

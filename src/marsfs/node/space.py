@@ -12,7 +12,8 @@ Rules that hold here:
   the filesystem.
 * The log space is held for the node: what the logs may still take (the limit less what they
   take) stays free. A write into a thin volume (its base is not reserved; a clone too) is
-  refused with NoSpace (ENOSPC) when the free space after it would be less than that plus
+  refused with NoSpace (ENOSPC; on a thin mirror, a fetched record: its fetch retries) when
+  the free space after it would be less than that plus
   what writeback will still add to the thin base images (their unapplied log bytes), so a
   thin volume that fills the disk fails its own writes, never a reserved volume's
   (:meth:`LogSpace.room_for`). Something else filling the filesystem is not held off.

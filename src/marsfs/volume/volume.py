@@ -170,7 +170,7 @@ class Volume:
         #: Called (from the writing thread, outside the volume lock) each time the log grew by
         #: about a quarter segment: the node's space enforcement wakes up (G8).
         self.on_growth: Callable[[], None] | None = None
-        #: Called before a write of that many bytes, outside the volume lock: the node's check
+        #: Called before a write (or a fetched record) of that many bytes, outside the volume lock: the node's check
         #: (set on thin volumes) that raises NoSpace when the write would take the free space
         #: that the log space holds for every volume's log (G8).
         self.room_for: Callable[[int], None] | None = None
@@ -533,7 +533,10 @@ class Volume:
 
     @io_path("write")
     def append_raw(self, raw: bytes | memoryview) -> int:
-        """Append a record fetched from another node (same bytes, same chain); returns its LSN."""
+        """Append a record fetched from another node (same bytes, same chain); returns its LSN.
+        A thin mirror asks :attr:`room_for` first, as a thin primary's writes do."""
+        if self.room_for is not None:
+            self.room_for(len(raw))
         with self._lock:
             if self._resyncs.running is not None:
                 raise self._resyncs.busy()
