@@ -158,9 +158,10 @@ class Cluster:
 
     # ------------------------------------------------------------------ mirrors (marsfs.node.mirrors)
 
-    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0) -> dict[str, Any]:
+    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0,
+                   thin: bool = False) -> dict[str, Any]:
         """``marsfs join``: see :meth:`Mirrors.join`."""
-        return await self.mirrors.join(name, source, seed=seed, rate=rate)
+        return await self.mirrors.join(name, source, seed=seed, rate=rate, thin=thin)
 
     async def invalidate(self, name: str, *, ranges: tuple[tuple[int, int], ...] = (), rate: int = 0) -> dict[str, Any]:
         """``marsfs invalidate``: on a split brain's losing node (a split brain recorded here)

@@ -26,6 +26,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -209,10 +210,13 @@ class Mirrors:
 
     # ------------------------------------------------------------------ join and leave
 
-    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0) -> dict[str, Any]:
+    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0,
+                   thin: bool = False) -> dict[str, Any]:
         """Become a mirror of ``name`` from ``source``: returns once the source accepted.
 
-        A new replica starts empty (or as a copy of ``seed``, an image file on this node) and
+        A new replica's base image is reserved on disk (fallocate), as ``create``'s is, unless
+        ``thin``: a reservation that does not fit the free space is refused (NoSpace, both
+        numbers) before anything is created. A new replica starts empty (or as a copy of ``seed``, an image file on this node) and
         reaches the source's version by fast sync: only blocks that differ are sent, and a
         copy interrupted by a crash or a lost connection resumes. A mirror that exists here
         already is resynced from ``source`` (only what changed, when the source can tell) when
@@ -245,6 +249,8 @@ class Mirrors:
         if seed_path is not None and seed_path.stat().st_size > answer.size:
             raise InvalidRequest(f"seed {seed_path} holds {seed_path.stat().st_size} bytes, more than volume "
                                  f"{name} on {source} ({answer.size}); give an image of that volume")
+        if not thin:
+            self.node.check_room(name, answer.size, join=source)
         copy = ImageCopy(source=source, size=answer.size, started=trio.current_time())
         self.copies[name] = copy
 
@@ -252,7 +258,14 @@ class Mirrors:
             path = self.node.begin_mirror(name, source, answer.epoch)  # a crash from here on resumes
             if seed_path is not None:  # a seed is not trusted: the resync compares every block
                 self.node.set_role(name, resync_whole=True)
-            vol = Volume.create_replica(path, name, answer.size, answer.uuid, 0, genesis_chain(answer.uuid))
+            try:
+                vol = Volume.create_replica(path, name, answer.size, answer.uuid, 0, genesis_chain(answer.uuid),
+                                            reserve=not thin)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self.node.check_room(name, answer.size, join=source)  # says both numbers
+                raise
             if seed_path is not None:
                 try:
                     _copy_seed(seed_path, vol)
