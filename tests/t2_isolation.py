@@ -12,13 +12,16 @@ What holds:
   served, the others are: status lists it as failed with one line, commands on it say why;
   ``delete`` removes one (a damaged log) and frees its name;
 * ``create`` reserves the base (refusing a volume that cannot fit, with both sizes, leaving
-  nothing behind); ``create --thin`` through the command table does not.
+  nothing behind); ``create --thin`` through the command table does not;
+* ``delete`` needs no free space (not even a block for the trash directory), and removes a
+  volume that could not be opened at start.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,11 +192,11 @@ def test_a_volume_that_cannot_open_is_failed_and_the_others_are_served(
 def test_create_reserves_and_refuses_what_cannot_fit(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     vol = node.create("r", 2 * MiB)
     assert os.stat(vol.path / "base.img").st_blocks * 512 >= 2 * MiB
-    monkeypatch.setattr(node_module, "_free_bytes", lambda d: MiB)
+    monkeypatch.setattr(node_module, "free_bytes", lambda d: MiB)
     with pytest.raises(NoSpace, match=r"reservation of its 2\.0 MiB base image does not fit the 1\.0 MiB free.*--thin"):
         node.create("big", 2 * MiB)
     assert not (node.state / "volumes" / "big").exists() and "big" not in node.volumes
-    monkeypatch.setattr(node_module, "_free_bytes", lambda d: 64 * MiB)
+    monkeypatch.setattr(node_module, "free_bytes", lambda d: 64 * MiB)
 
     def no_room(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -267,5 +270,46 @@ def test_a_volume_whose_log_is_damaged_can_be_deleted_or_left(tmp_path: Path) ->
         trio.run(main)
         assert n.failed == {} and sorted(n.volumes) == ["broken"]
         assert sorted(p.name for p in (state / "volumes").iterdir()) == ["broken"]
+    finally:
+        n.close()
+
+
+@pytest.mark.allow_log(r"volume broken is not served: it could not be opened")
+def test_delete_needs_no_free_space_and_removes_a_volume_that_failed_to_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``delete`` on a disk without a block for the trash directory still removes the volume
+    (and a restart finds nothing of it); a volume that could not be opened at start is deleted
+    too, instead of being refused as failed."""
+    state = tmp_path / "state"
+    n = Node.open(state, "n1")
+    try:
+        n.create("v", MiB)
+        n.create("broken", MiB)
+        shutil.rmtree(state / "trash", ignore_errors=True)  # as if it could not be made at start
+        real_mkdir = Path.mkdir
+
+        def full(self: Path, *args: Any, **kw: Any) -> None:
+            if self.name == "trash":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_mkdir(self, *args, **kw)
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "mkdir", full)
+            n.delete("v")
+        assert not (state / "volumes" / "v").exists() and "v" not in n.volumes
+    finally:
+        n.close()
+    for f in (state / "volumes" / "broken" / "log").iterdir():
+        f.unlink()  # its log is gone: it cannot be opened
+    n = Node.open(state, "n1")
+    try:
+        assert sorted(n.volumes) == [] and list(n.failed) == ["broken"]
+        n.delete("broken")
+        assert not n.failed and not (state / "volumes" / "broken").exists()
+    finally:
+        n.close()
+    n = Node.open(state, "n1")
+    try:
+        assert not n.volumes and not n.failed and list((state / "trash").iterdir()) == []
     finally:
         n.close()

@@ -237,7 +237,7 @@ async def _status(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def _join(ctx: Context, a: dict[str, Any]) -> Any:
-    return await ctx.cluster.join(a["volume"], a["source"], seed=a["seed"], rate=a["rate"] or 0)
+    return await ctx.cluster.join(a["volume"], a["source"], seed=a["seed"], rate=a["rate"] or 0, thin=a["thin"])
 
 
 async def _invalidate(ctx: Context, a: dict[str, Any]) -> Any:
@@ -745,6 +745,8 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             (VOLUME, Arg("source", "the node to copy and fetch from", flag="--from", metavar="NODE"),
              Arg("seed", "start from this image file (e.g. restored from a backup) instead of zeros",
                  flag="--seed", required=False, metavar="FILE", check=_seed_arg),
+             Arg("thin", "do not reserve the copy's base image on disk (its writeback fails with ENOSPC if the "
+                         "disk fills)", flag="--thin", required=False, parse=switch),
              RATE, WAIT),
             _join, text=_join_text, client=_sync_client),
     Command("invalidate", "discard this node's divergent or damaged copy and resync it",

@@ -158,7 +158,8 @@ class Cluster:
 
     # ------------------------------------------------------------------ mirrors (marsfs.node.mirrors)
 
-    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0) -> dict[str, Any]:
+    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0,
+                   thin: bool = False) -> dict[str, Any]:
         """``marsfs join``: see :meth:`Mirrors.join`. A mirror this node has already follows the
         designated primary (the follow step makes it fetch from there again at once), so a join
         of it from another node is refused, before anything is thrown away."""
@@ -171,7 +172,7 @@ class Cluster:
             raise InvalidRequest(f"volume {name!r} is a mirror on node {self.node.name}, and mirrors follow the "
                                  f"designated primary {d.node} (epoch {d.epoch}), not {source}; to resync this "
                                  f"copy from {d.node}: marsfs invalidate {name}")
-        return await self.mirrors.join(name, source, seed=seed, rate=rate)
+        return await self.mirrors.join(name, source, seed=seed, rate=rate, thin=thin)
 
     async def invalidate(self, name: str, *, ranges: tuple[tuple[int, int], ...] = (), rate: int = 0) -> dict[str, Any]:
         """``marsfs invalidate``: on a split brain's losing node (a split brain recorded here)

@@ -26,6 +26,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -211,10 +212,13 @@ class Mirrors:
 
     # ------------------------------------------------------------------ join and leave
 
-    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0) -> dict[str, Any]:
+    async def join(self, name: str, source: str, *, seed: str | None = None, rate: int = 0,
+                   thin: bool = False) -> dict[str, Any]:
         """Become a mirror of ``name`` from ``source``: returns once the source accepted.
 
-        A new replica starts empty (or as a copy of ``seed``, an image file on this node) and
+        A new replica's base image is reserved on disk (fallocate), as ``create``'s is, unless
+        ``thin``: a reservation that does not fit the free space is refused (NoSpace, both
+        numbers) before anything is created. A new replica starts empty (or as a copy of ``seed``, an image file on this node) and
         reaches the source's version by fast sync: only blocks that differ are sent, and a
         copy interrupted by a crash or a lost connection resumes. A mirror that exists here
         already is resynced from ``source`` (only what changed, when the source can tell) when
@@ -252,12 +256,15 @@ class Mirrors:
         if seed_path is not None and seed_path.stat().st_size > answer.size:
             raise InvalidRequest(f"seed {seed_path} holds {seed_path.stat().st_size} bytes, more than volume "
                                  f"{name} on {source} ({answer.size}); give an image of that volume")
-        return await self._new_replica(name, source, answer, seed_path, rate)
+        if not thin:
+            self.node.check_room(name, answer.size, join=source)
+        return await self._new_replica(name, source, answer, seed_path, rate, thin)
 
     async def _new_replica(self, name: str, source: str, answer: Welcome, seed_path: Path | None,
-                           rate: int) -> dict[str, Any]:
+                           rate: int, thin: bool) -> dict[str, Any]:
         """Make a new replica of ``name`` (as ``source`` described it in ``answer``), from zeros
-        or from ``seed_path`` (compared whole), and start its first copy in the background."""
+        or from ``seed_path`` (compared whole), reserved unless ``thin``, and start its first
+        copy in the background."""
         copy = ImageCopy(source=source, size=answer.size, started=trio.current_time())
         self.copies[name] = copy
 
@@ -265,7 +272,14 @@ class Mirrors:
             path = self.node.begin_mirror(name, source, answer.epoch)  # a crash from here on resumes
             if seed_path is not None:  # a seed is not trusted: the resync compares every block
                 self.node.set_role(name, resync_whole=True)
-            vol = Volume.create_replica(path, name, answer.size, answer.uuid, 0, genesis_chain(answer.uuid))
+            try:
+                vol = Volume.create_replica(path, name, answer.size, answer.uuid, 0, genesis_chain(answer.uuid),
+                                            reserve=not thin)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self.node.check_room(name, answer.size, join=source)  # says both numbers
+                raise
             if seed_path is not None:
                 try:
                     _copy_seed(seed_path, vol)
@@ -302,11 +316,12 @@ class Mirrors:
         only those that differ. The source is asked first: a refusal changes nothing."""
         self.peers.connector(source)  # an unknown source is refused before anything changes
         answer = await welcome(self.peers, self.node.name, self.cluster, source, name, self.node.node_id)
+        self.node.check_room(name, answer.size, join=source)  # the old image stays until the seed is laid
         old = await trio.to_thread.run_sync(self.node.discard_failed, name)
         seed = old / "base.img"
         try:
             usable = seed.is_file() and seed.stat().st_size <= answer.size
-            result = await self._new_replica(name, source, answer, seed if usable else None, rate)
+            result = await self._new_replica(name, source, answer, seed if usable else None, rate, False)
         finally:
             await trio.to_thread.run_sync(functools.partial(shutil.rmtree, old, ignore_errors=True))
         logger.info("replaced the failed copy of %s: copying it anew from %s", name, source)

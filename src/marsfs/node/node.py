@@ -9,7 +9,8 @@ State directory layout::
     DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json and, when the
                              volume has its own history window, history.json; splits.json
                              while it has unresolved split brains or a forced failover's loss
-    DIR/trash/               volumes being deleted (renamed here first: atomic disappearance)
+    DIR/trash/               volumes being deleted (renamed here first: atomic disappearance;
+                             made at start, so that a delete needs no free space)
     DIR/meta.json            this node's copy of the cluster metadata (marsfs.node.meta)
 
 Rules that hold here:
@@ -94,7 +95,7 @@ from marsfs.names import RULE as NAME_RULE
 from marsfs.names import is_name
 from marsfs.node.identity import load_node_id
 from marsfs.node.meta import META_FILE, ClusterMeta
-from marsfs.node.space import LogSpace, LogSpaceSetting
+from marsfs.node.space import LogSpace, LogSpaceSetting, free_bytes
 from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
 from marsfs.node.volstate import FenceHolder, Role
 from marsfs.units import human_bytes
@@ -241,7 +242,11 @@ class Node:
     def _recover(self) -> None:
         vdir = self.state / "volumes"
         vdir.mkdir(exist_ok=True)
-        shutil.rmtree(self.state / "trash", ignore_errors=True)
+        shutil.rmtree(self.state / "trash", ignore_errors=True)  # deletes a crash interrupted
+        try:  # made now, while there may be room: a delete on a full disk renames into it
+            (self.state / "trash").mkdir()
+        except OSError as e:
+            logger.info("cannot make %s: %s (a delete makes it when it can)", self.state / "trash", e.strerror)
         for path in sorted(vdir.iterdir()):
             role = _read_role(path)
             if role.syncing and (path / "volume.json").exists() and self._resume_copy(path, role):
@@ -360,9 +365,8 @@ class Node:
                 raise InvalidRequest(f"volume size {size} bytes ({human_bytes(size)}) is not possible here: give a "
                                      f"multiple of 512 bytes up to {human_bytes(limit)}, the largest file the "
                                      f"filesystem of {self.state} holds")
-            free = _free_bytes(self.state)
-            if not thin and size > free:
-                raise NoSpace(_no_room(name, size, free, self.state))
+            if not thin:
+                self.check_room(name, size)
             # a name used before (deleted, maybe after a handover) may have claims of any epoch:
             # the new volume's claim must be newer than all of them
             before = self.meta.designated(name)
@@ -373,7 +377,7 @@ class Node:
             except BaseException as e:
                 shutil.rmtree(path, ignore_errors=True)
                 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise NoSpace(_no_room(name, size, _free_bytes(self.state), self.state, thin=thin)) from None
+                    raise NoSpace(_no_room(name, size, free_bytes(self.state), self.state, thin=thin)) from None
                 raise
             self.volumes[name] = vol
             self._entries[name] = VolumeEntry(role=role)
@@ -458,16 +462,24 @@ class Node:
                 raise InvalidRequest(f"volume size {size} bytes ({human_bytes(size)}) is not possible here: the "
                                      f"filesystem of {self.state} holds files up to {human_bytes(limit)}")
             grow = size - vol.size
-            free = _free_bytes(self.state)
+            free = free_bytes(self.state)
             if not vol.thin and grow > free:
                 raise NoSpace(_no_grow(name, grow, free, self.state))
             try:
                 lsn = vol.resize(size, reserve=not vol.thin)
             except NoSpace:
-                raise NoSpace(_no_grow(name, grow, _free_bytes(self.state), self.state)) from None
+                raise NoSpace(_no_grow(name, grow, free_bytes(self.state), self.state)) from None
         if lsn is not None:
             logger.info("resized volume %s to %d bytes at lsn-%d", name, size, lsn)
         return lsn
+
+    def check_room(self, name: str, size: int, *, join: str = "") -> None:
+        """Refuse (NoSpace, both numbers) a reservation of ``size`` bytes for the base image of
+        volume ``name`` that does not fit the free space now; ``join``: the source of a join
+        (the message then says how to join it thin)."""
+        free = free_bytes(self.state)
+        if size > free:
+            raise NoSpace(_no_room(name, size, free, self.state, join=join))
 
     def _refuse_no_space(self, e: BaseException, what: str, hint: str) -> None:
         """Raise NoSpace when ``e`` says the state directory's filesystem is full."""
@@ -573,20 +585,30 @@ class Node:
 
     def delete(self, name: str, *, force: bool = False, mirrors: list[str] | None = None) -> None:
         """Remove a volume from this node. ``mirrors``: the nodes known to fetch it from here
-        (the cluster layer knows them); a primary with mirrors is kept unless ``force``."""
-        vol: Volume | None = None
+        (the cluster layer knows them); a primary with mirrors is kept unless ``force``.
+
+        Needs no free space, so that it works on a full disk and frees it: the directory is
+        renamed into the ``trash`` made at start (a rename takes no new blocks), then removed.
+        A crash after the rename leaves it in the trash, which the next start empties; before
+        it, the volume is whole. A volume that could not be opened at start (a full disk, say)
+        is deleted the same way."""
         with self._lock:
-            self.check_delete(name, force=force, mirrors=mirrors)
-            if name in self.failed:
-                target = self.discard_failed(name)
-            else:
-                vol = self.volume(name)
-                del self.volumes[name]
+            entry = self._entries.get(name)
+            if name not in self.volumes and entry is not None and entry.failed:
                 self._entries.pop(name, None)
-        if vol is not None:
+                self._discard(self.state / "volumes" / name)
+                logger.info("deleted volume %s (it was not served: %s)", name, entry.failed)
+                return
+            self.check_delete(name, force=force, mirrors=mirrors)
+            vol = self.volume(name)
+            del self.volumes[name]
+            self._entries.pop(name, None)
+            self.space.adopt(list(self.volumes.values()))
+        try:
             vol.close()
-            target = self._to_trash(name)
-        shutil.rmtree(target)
+        except MarsError as e:  # the log could not be made durable: it is being removed anyway
+            logger.info("closing volume %s for its deletion: %s", name, e)
+        self._discard(vol.path)
         logger.info("deleted volume %s", name)
 
     def discard_failed(self, name: str) -> Path:
@@ -597,19 +619,32 @@ class Node:
             entry = self._entries.get(name)
             if name in self.volumes or entry is None or not entry.failed:
                 raise StateError(f"volume {name!r} on node {self.name} is not a failed volume")
-            target = self._to_trash(name)
+            trash = self.state / "trash"
+            trash.mkdir(exist_ok=True)
+            target = trash / f"{name}.{time.time_ns()}"
+            path = self.state / "volumes" / name
+            os.rename(path, target)
+            fsync_dir(path.parent)
             del self._entries[name]
             return target
 
-    def _to_trash(self, name: str) -> Path:
-        """Move volume ``name``'s directory into the trash, durably (an atomic disappearance)."""
+    def _discard(self, path: Path) -> None:
+        """Remove a volume directory without needing free space (see :meth:`delete`)."""
         trash = self.state / "trash"
-        trash.mkdir(exist_ok=True)
-        target = trash / f"{name}.{time.time_ns()}"
-        path = self.state / "volumes" / name
-        os.rename(path, target)
-        fsync_dir(path.parent)
-        return target
+        target = trash / f"{path.name}.{time.time_ns()}"
+        try:
+            trash.mkdir(exist_ok=True)  # made at start: a full disk may not give the block for it now
+            os.rename(path, target)
+            fsync_dir(path.parent)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # no trash and no block for one: drop volume.json first, which makes what is left
+            # an aborted create that the next start removes
+            (path / "volume.json").unlink(missing_ok=True)
+            fsync_dir(path)
+            target = path
+        shutil.rmtree(target)
 
     def acquire(self, name: str, *, write: bool = False) -> Volume:
         """Count an open handle (a face opened the image); ``write``: it opens for writing,
@@ -873,17 +908,16 @@ def _open_failure(name: str, e: MarsError | OSError) -> str:
     return f"volume {name} is not served: it could not be opened: {what}" + (f"; then {todo}" if todo else "")
 
 
-def _free_bytes(directory: Path) -> int:
-    """Bytes an unprivileged file may still take on ``directory``'s filesystem."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
-
-
-def _no_room(name: str, size: int, free: int, state: Path, *, thin: bool = False) -> str:
+def _no_room(name: str, size: int, free: int, state: Path, *, thin: bool = False, join: str = "") -> str:
+    """One line: the base image of ``name`` does not fit (``join``: the source of a join)."""
     what = "its log and metadata" if thin else f"the reservation of its {human_bytes(size)} base image"
-    return (f"no room for volume {name!r}: {what} does not fit the {human_bytes(free)} free on the filesystem of "
-            f"{state}; free space there, pick a smaller size" + ("" if thin else ", or create it --thin "
-                                                               "(its writes then fail with ENOSPC when the disk fills)"))
+    if join:
+        todo = (f"free space there, or join it --thin (marsfs join {name} --from {join} --thin: its writeback "
+                "then fails with ENOSPC when the disk fills)")
+    else:
+        todo = "free space there, pick a smaller size" + ("" if thin else ", or create it --thin (its writes then "
+                                                          "fail with ENOSPC when the disk fills)")
+    return f"no room for volume {name!r}: {what} does not fit the {human_bytes(free)} free on the filesystem of {state}; {todo}"
 
 
 def _no_grow(name: str, grow: int, free: int, state: Path) -> str:

@@ -4,11 +4,19 @@ Rules that hold here:
 
 * One limit for the log bytes of all volumes of the node together (``serve --log-space``):
   a size (``20G``), or a percentage of the state filesystem's size (``10%``). Without it the
-  limit is half of the space the logs could take now: the filesystem's free space plus what
-  the logs already take (:data:`DEFAULT_PERCENT`); reserved base images are not free, so
-  they are left out, and thin base images that grow shrink it. It is recomputed at every
-  pass, so it follows the filesystem. The other half stays for thin images, metadata and
-  whatever else shares the filesystem.
+  limit is half of the space the logs and the thin base images could take now: the
+  filesystem's free space plus what the logs and the thin images already take
+  (:data:`DEFAULT_PERCENT`), and never more than the free space plus the logs; reserved base
+  images are not free, so they are left out. It is recomputed at every pass, so it follows
+  the filesystem. The other half stays for thin images, metadata and whatever else shares
+  the filesystem.
+* The log space is held for the node: what the logs may still take (the limit less what they
+  take) stays free. A write into a thin volume (its base is not reserved; a clone too) is
+  refused with NoSpace (ENOSPC; on a thin mirror, a fetched record: its fetch retries) when
+  the free space after it would be less than that plus
+  what writeback will still add to the thin base images (their unapplied log bytes), so a
+  thin volume that fills the disk fails its own writes, never a reserved volume's
+  (:meth:`LogSpace.room_for`). Something else filling the filesystem is not held off.
 * A limit below :data:`MIN_LOG_SPACE` (eight of the smallest segments) is refused with one
   line: the log shrinks by whole segments and needs room for a few. Segments are sized from
   the limit (:func:`segment_bytes_for`): a sixteenth of each volume's share, between
@@ -33,6 +41,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -42,7 +51,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from marsfs.errors import InvalidRequest, MarsError
+from marsfs.errors import InvalidRequest, MarsError, NoSpace
 from marsfs.log import DEFAULT_SEGMENT_BYTES
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention, Volume
@@ -109,19 +118,26 @@ def segment_bytes_for(limit: int, volumes: int) -> int:
     return max(MIN_SEGMENT_BYTES, min(DEFAULT_SEGMENT_BYTES, share // MIN_SEGMENT_BYTES * MIN_SEGMENT_BYTES))
 
 
-def limit_for(setting: LogSpaceSetting, state: Path, log_bytes: int) -> int:
+def limit_for(setting: LogSpaceSetting, state: Path, log_bytes: int, thin_bytes: int = 0) -> int:
     """The limit in bytes now (see the module doc), at least :data:`MIN_LOG_SPACE`;
-    ``log_bytes``: what the logs take now."""
-    return max(MIN_LOG_SPACE, _computed(setting, state, log_bytes))
+    ``log_bytes``: what the logs take now, ``thin_bytes``: what the thin base images take."""
+    return max(MIN_LOG_SPACE, _computed(setting, state, log_bytes, thin_bytes))
 
 
-def _computed(setting: LogSpaceSetting, state: Path, log_bytes: int) -> int:
+def _computed(setting: LogSpaceSetting, state: Path, log_bytes: int, thin_bytes: int = 0) -> int:
     if setting.size is not None:
         return setting.size
     st = os.statvfs(state)
     if setting.percent is not None:
         return int(st.f_blocks * st.f_frsize * setting.percent / 100)
-    return int((st.f_bavail * st.f_frsize + log_bytes) * DEFAULT_PERCENT / 100)
+    free = st.f_bavail * st.f_frsize
+    return min(free + log_bytes, int((free + log_bytes + thin_bytes) * DEFAULT_PERCENT / 100))
+
+
+def free_bytes(state: Path) -> int:
+    """Bytes an unprivileged file may still take on ``state``'s filesystem."""
+    st = os.statvfs(state)
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass
@@ -147,6 +163,7 @@ class LogSpace:
         self.fetch_stopped: set[str] = set()
         self.last_limit = self.setting.size or MIN_LOG_SPACE  #: computed at every pass (and by adopt)
         self.passes = 0  #: enforcement passes that freed something (tests, metrics)
+        self._volumes: list[Volume] = []  #: the node's volumes, as :meth:`adopt` last saw them
 
     def check(self) -> None:
         """Refuse a percentage that comes out too small on this filesystem (at start)."""
@@ -168,15 +185,41 @@ class LogSpace:
     # ------------------------------------------------------------------ limit
 
     def limit(self, volumes: Iterable[Volume]) -> int:
-        self.last_limit = limit_for(self.setting, self.state, sum(v.log.end_bytes for v in volumes))
+        vols = list(volumes)
+        self.last_limit = limit_for(self.setting, self.state, sum(v.log.end_bytes for v in vols),
+                                    sum(v.base_allocated for v in vols if v.thin))
         return self.last_limit
 
     def adopt(self, volumes: list[Volume]) -> None:
-        """Size the segments of every volume from the limit and let them wake us."""
+        """Size the segments of every volume from the limit, let them wake us, and make the
+        thin ones ask :meth:`room_for` before each write. Called whenever the node's set of
+        volumes changed."""
         seg = segment_bytes_for(self.limit(volumes), len(volumes))
+        self._volumes = list(volumes)
         for v in volumes:
             v.log.segment_bytes = seg
             v.on_growth = self.wake
+            v.room_for = functools.partial(self.room_for, v.name) if v.thin else None
+
+    def held(self) -> int:
+        """Free space held for the logs: what they may still take (the last limit less what
+        they take), plus what writeback will still add to the thin base images."""
+        vols = self._volumes
+        logs = sum(v.log.end_bytes for v in vols)
+        pending = sum(v.unapplied_bytes for v in vols if v.thin and v.clone_of is None)
+        return max(0, self.last_limit - logs) + pending
+
+    def room_for(self, name: str, n: int) -> None:
+        """Refuse (NoSpace) a write of ``n`` bytes into thin volume ``name`` that would eat into
+        the free space held for the logs (see the module doc)."""
+        free = free_bytes(self.state)
+        held = self.held()
+        if free - n >= held:
+            return
+        raise NoSpace(f"volume {name} is thin and the state directory's filesystem is nearly full: of its "
+                      f"{human_bytes(free)} free, {human_bytes(held)} is held for the logs of this node's volumes "
+                      "(log space) and for writing back thin volumes; its writes fail with ENOSPC until there is "
+                      "more free space: free space on the state directory's filesystem, or lower --log-space")
 
     # ------------------------------------------------------------------ enforcement
 

@@ -153,8 +153,9 @@ class Volume:
         self._sizes = SizeHistory.load(meta, log)  #: the size of every version (:mod:`.sizes`)
         #: the size at the head (what writes may reach); a mirror shows :meth:`size_at` its version
         self.size: int = self._sizes.head
-        #: created --thin (or a replica, a clone): its base is not reserved, so neither is its growth
-        self.thin: bool = bool(meta.get("thin", False))
+        #: created or joined --thin, or a clone: its base is not reserved, so neither is its growth
+        #: (a volume.json without the key is a replica from before joins reserved: thin too)
+        self.thin: bool = bool(meta.get("thin", True))
         self._applied = applied_lsn
         # Oldest servable version: A, or the target of a writeback in flight (or one that failed
         # half way), because the base may already hold bytes newer than A.
@@ -174,6 +175,10 @@ class Volume:
         #: Called (from the writing thread, outside the volume lock) each time the log grew by
         #: about a quarter segment: the node's space enforcement wakes up (G8).
         self.on_growth: Callable[[], None] | None = None
+        #: Called before a write (or a fetched record) of that many bytes, outside the volume lock: the node's check
+        #: (set on thin volumes) that raises NoSpace when the write would take the free space
+        #: that the log space holds for every volume's log (G8).
+        self.room_for: Callable[[int], None] | None = None
         self._grown = 0
         self._writes_since_flush = False
         self._lz4 = Lz4Policy()
@@ -252,21 +257,29 @@ class Volume:
 
     @classmethod
     def create_replica(cls, path: Path, name: str, size: int, volume_uuid: str, lsn: int, chain: bytes, *,
-                       segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Self:
+                       segment_bytes: int = DEFAULT_SEGMENT_BYTES, reserve: bool = False) -> Self:
         """A volume whose history starts after ``lsn`` of another node's (a mirror's copy).
 
         The caller fills the base image with that node's image at ``lsn`` through
         :meth:`write_base` and :meth:`sync_base` before anything reads it. ``path`` may exist
-        (holding the node's role record) but must not hold a volume.
+        (holding the node's role record) but must not hold a volume. ``reserve``: allocate the
+        base now, as :meth:`create` does, so that the mirror (and the primary it may become)
+        never meets a full disk at writeback; a reservation that does not fit raises the
+        OSError (ENOSPC) and leaves no base image.
         """
         path.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "name": name, "uuid": volume_uuid, "size": size,
-                "segment_bytes": segment_bytes, "created_ns": time.time_ns()}
+                "segment_bytes": segment_bytes, "created_ns": time.time_ns(), "thin": not reserve}
         fd = os.open(path / "base.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
-        finally:
+            if reserve:
+                os.posix_fallocate(fd, 0, size)
+        except BaseException:
             os.close(fd)
+            (path / "base.img").unlink()
+            raise
+        os.close(fd)
         Log.create(path / "log", chain, first_lsn=lsn + 1, segment_bytes=segment_bytes).close()
         wb.persist_applied(path, lsn)
         write_json(path / "volume.json", meta)
@@ -556,6 +569,8 @@ class Volume:
         if not n:
             return self.head_lsn
         try:
+            if self.room_for is not None:
+                self.room_for(n)
             if n <= RECORD_CHUNK:
                 payload = self._lz4.encode(data)  # lz4 and hashing outside the lock
                 with self._lock:
@@ -597,7 +612,10 @@ class Volume:
 
     @io_path("write")
     def append_raw(self, raw: bytes | memoryview) -> int:
-        """Append a record fetched from another node (same bytes, same chain); returns its LSN."""
+        """Append a record fetched from another node (same bytes, same chain); returns its LSN.
+        A thin mirror asks :attr:`room_for` first, as a thin primary's writes do."""
+        if self.room_for is not None:
+            self.room_for(len(raw))
         with self._lock:
             if self._resyncs.running is not None:
                 raise self._resyncs.busy()
@@ -680,6 +698,22 @@ class Volume:
             except OSError:
                 pass
             raise io_error(f"cannot grow the base image of {self.name} to {size} bytes", e, DiskFailed) from e
+
+    @property
+    def base_allocated(self) -> int:
+        """Bytes the base image takes on disk (a thin one grows as it is written back); 0 once
+        the volume is closed (a node pass may still hold a volume being deleted)."""
+        try:
+            return 0 if self._closed else os.fstat(self._base_fd).st_blocks * 512
+        except OSError:
+            return 0
+
+    @property
+    def unapplied_bytes(self) -> int:
+        """Log bytes not yet written back: at most what writeback will still add to a thin base.
+        Takes the volume lock (appends change the log's tables)."""
+        with self._lock:
+            return self.log.bytes_between(self._applied, self.log.last_lsn)
 
     def _resized(self, lsn: int, size: int) -> None:
         """Record ``size`` from ``lsn`` on, in memory and in volume.json. Caller locks."""
