@@ -133,7 +133,7 @@ def test_status_json_keys_are_pinned() -> None:
                                    "dropped"]
     assert d["clones"] == [{"name": "c", "lsn": 4}]
     assert d["positions"] == [{"node": "b", "role": "mirror", "state": "synced", "epoch": 1, "head_lsn": 5,
-                               "replayed_lsn": 5, "source": "a", "updated": 1.0, "last_heard": None}]
+                               "replayed_lsn": 5, "source": "a", "updated": 1.0, "last_heard": None, "stale": ""}]
     assert d["split_brain"] == [{"peer": "b", "fork_lsn": 3, "exact": True, "own_records": 1, "own_bytes": 10,
                                  "peer_records": 2, "peer_bytes": 20, "found": 1.0}]
     assert d["failover_loss"] == {"source": "b", "epoch": 2, "start_lsn": 4, "records": 1, "bytes": 10,

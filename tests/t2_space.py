@@ -148,6 +148,23 @@ def test_a_mirror_whose_replay_keeps_its_log_stops_fetching(small: Node) -> None
     assert "m" not in small.space.fetch_stopped and used(small) <= LIMIT * HIGH_WATER
 
 
+def test_a_dropped_mirror_is_told_only_where_that_mirror_fetches(small: Node) -> None:
+    """The warning about a mirror whose log was dropped (and its ``dropped`` bytes) is the
+    primary's, the node that mirror fetches from: once this node is a mirror it goes (the set of
+    changes stays, for the day it is primary again)."""
+    b = small.create("b", 64 * MiB, thin=True)
+    b.hold("mirror:m", b.durable_lsn)
+    fill(b, 14 * MiB, random.Random(7))
+    small.enforce_space()
+    row = volume_status(small, "b")
+    assert "mirror:m" in b.dropped() and row.dropped["m"] > 0
+    assert any("mirror m of b" in w for w in row.warnings), row.warnings
+    make_mirror(small, "b")
+    row = volume_status(small, "b")
+    assert row.dropped == {} and not any("mirror m of b" in w for w in row.warnings), row.warnings
+    assert "mirror:m" in b.dropped()
+
+
 def test_a_smaller_log_space_at_restart_applies_without_writes(tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """Restarted with a smaller limit and no write since: the first pass brings the log under it

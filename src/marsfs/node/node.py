@@ -548,6 +548,7 @@ class Node:
         os.rename(vol.path, target)
         fsync_dir(vol.path.parent)
         shutil.rmtree(target)
+        self.meta.withdraw(name)  # members and positions elsewhere forget this node's copy
         logger.info("deleted volume %s", name)
 
     def acquire(self, name: str, *, write: bool = False) -> Volume:
@@ -698,9 +699,18 @@ class Node:
             self._write_splits(name)
 
     def failover_loss(self, name: str) -> FailoverLoss | None:
+        """What the forced failover that made this node primary may have lost, while that is
+        news of now: this node is primary in the epoch the failover started and no later epoch
+        started anywhere (the record stays, but a handover on, a later failover or turning
+        mirror ends what it describes). None otherwise."""
         with self._lock:
             entry = self._entries.get(name)
-            return entry.loss if entry is not None else None
+            loss = entry.loss if entry is not None else None
+            role = entry.role if entry is not None else None
+        if loss is None or role is None or role.role != Role.PRIMARY or role.epoch != loss.epoch:
+            return None
+        d = self.meta.designated(name)
+        return loss if d is None or d.epoch <= loss.epoch else None
 
     def record_failover(self, name: str, loss: FailoverLoss) -> None:
         with self._lock:

@@ -262,8 +262,10 @@ class LogSpace:
 
     # ------------------------------------------------------------------ status
 
-    def warnings(self, vol: Volume, history: Retention, now_ns: int | None = None) -> list[str]:
-        """What status says about ``vol`` and log space (see the module doc)."""
+    def warnings(self, vol: Volume, history: Retention, now_ns: int | None = None, *,
+                 primary: bool = True) -> list[str]:
+        """What status says about ``vol`` and log space (see the module doc), where it applies:
+        mirrors' dropped log on a primary (the node they fetch from), a stopped fetch on a mirror."""
         out: list[str] = []
         cut = self.cuts.get(vol.name)
         if cut is not None:
@@ -273,7 +275,7 @@ class LogSpace:
                 out.append(f"log space ran out (limit {human_bytes(self.last_limit)}): the history window of "
                            f"{vol.name} ({history.describe()}) was cut at lsn-{cut.lsn}; the oldest version is "
                            f"lsn-{vol.oldest_version_lsn}; raise --log-space or shorten the history")
-        for key, cs in sorted(vol.dropped().items()):
+        for key, cs in sorted(vol.dropped().items()) if primary else ():
             mirror = hold_mirror(key) or key
             out.append(f"log space ran out: mirror {mirror} of {vol.name} fell behind by more than the log space; "
                        f"its log up to lsn-{cs.upto} was dropped and it will copy {human_bytes(cs.bytes)} of changed "
@@ -281,7 +283,7 @@ class LogSpace:
                        f"leave {vol.name} --node {mirror} --force here)")
         if vol.name in self.pinned:
             out.append(self.pinned[vol.name])
-        if vol.name in self.fetch_stopped:
+        if vol.name in self.fetch_stopped and not primary:
             out.append(f"log space is full: fetching of {vol.name} stopped, because its replay (at lsn-"
                        f"{vol.replay_limit}) keeps {human_bytes(vol.log.end_bytes)} of log; it fetches again once "
                        f"replay lets log go (marsfs resume-replay {vol.name}) or --log-space is raised")

@@ -214,6 +214,9 @@ class PositionStatus:
     source: str
     updated: float  #: when it published it (wall time)
     last_heard: float | None  #: our last metadata exchange with it (wall time; None: never)
+    #: why this word no longer says what the node is ("" when it does): it is from before the
+    #: designated primary's epoch (the node did not follow it yet, and may be unreachable)
+    stale: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)
