@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -122,6 +123,12 @@ def test_status_words() -> None:
     text = split.describe("vm")
     assert "fork after LSN 21" in text and "5 records (2.0 KiB)" in text and "a 11 (4.0 KiB)" in text
     assert "marsfs invalidate vm" in text and SplitBrain.from_json(split.to_json()) == split
+    old = {k: v for k, v in split.to_json().items() if k not in ("own_written", "peer_written", "peer_bytes_at_least")}
+    assert SplitBrain.from_json(old) == split, "a record from before the written counts still reads"
+    told = replace(split, own_written=0, peer_written=11, exact=False).describe("vm")
+    assert "holds at least 5 records (at least 2.0 KiB), none written here as primary (all fetched)" in told
+    assert "a at least 11 (at least 4.0 KiB), all written there as primary" in told
+    assert "3 written here as primary and 2 fetched" in replace(split, own_written=3).describe("vm")
     loss = FailoverLoss(source="a", epoch=2, start_lsn=22, records=11, bytes=4096, oldest=1e9, newest=1e9 + 5,
                         at_least=True, as_of=1e9 + 5)
     assert "lost at least 11 records (at least 4.0 KiB)" in loss.describe()

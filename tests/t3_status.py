@@ -78,3 +78,38 @@ def test_after_a_failover_status_says_what_holds_now(tmp_path: Path) -> None:
             again.close()
 
     in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm", "split brain", "stopped: .*diverged")
+def test_split_brain_lines_count_what_each_side_wrote_and_fetched(tmp_path: Path) -> None:
+    """c fetched records of a that b never got; b fails over, c is refused as diverged before b
+    writes, then b writes: c's line says it fetched its tail (wrote none of it), b's counts the
+    records it wrote since, and both sides tell the same figures."""
+    async def body(net: MemNet) -> None:
+        a, b, c = await pair(net, "a", "b", "c")
+        b.set_paused("vm", "fetch", True)  # b falls behind; c fetches what a writes now
+        va = a.node.volumes["vm"]
+        await trio.to_thread.run_sync(write, va, 5, 6)
+        await wait_for(lambda: c.node.volumes["vm"].durable_lsn == va.durable_lsn, "c to fetch a's tail")
+        fork = b.node.volumes["vm"].durable_lsn
+        net.partition({"a"}, {"b", "c"})
+        b.set_paused("vm", "fetch", False)
+        await b.primary("vm", force=True)
+        await wait_for(lambda: c.node.splits("vm") and b.node.splits("vm"), "c and b to record the split")
+        vb = b.node.volumes["vm"]
+        await trio.to_thread.run_sync(write, vb, 9, 1)  # one write and its flush: 2 records of b's own
+        tail_c = c.node.volumes["vm"].head_lsn - fork
+        await wait_for(lambda: c.node.splits("vm")[0].peer_records == 2, "c to hear of b's writes")
+        (sb,), (sc,) = b.node.splits("vm"), c.node.splits("vm")
+        assert sb.fork_lsn == sc.fork_lsn == fork and sb.exact and sc.exact
+        assert (sb.own_records, sb.own_written, sb.peer_records, sb.peer_written) == (2, 2, tail_c, 0)
+        assert (sc.own_records, sc.own_written, sc.peer_records, sc.peer_written) == (tail_c, 0, 2, 2)
+        assert sb.own_bytes == vb.log.bytes_between(fork, vb.head_lsn) > 0
+        line_c = next(e for e in c.status("vm")[0]["errors"] if "split brain with b" in e)
+        assert f"this node holds {tail_c} records" in line_c and "none written here as primary" in line_c
+        assert "b 2 (" in line_c and "all written there as primary" in line_c, line_c
+        line_b = next(e for e in b.status("vm")[0]["errors"] if "split brain with c" in e)
+        assert "this node holds 2 records" in line_b and "all written here as primary" in line_b, line_b
+        assert f"c {tail_c} (" in line_b and "none written there as primary" in line_b, line_b
+
+    in_net(tmp_path, body)

@@ -67,7 +67,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ from marsfs.errors import (
     WrongRole,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
-from marsfs.node.meta import META_FILE, ClusterMeta
+from marsfs.node.meta import META_FILE, ClusterMeta, primary_key
 from marsfs.node.space import LogSpace, LogSpaceSetting
 from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
 from marsfs.node.volstate import FenceHolder, Role
@@ -674,11 +674,44 @@ class Node:
         logger.info("volume %s is primary here from LSN %d, epoch %d", name, vol.head_lsn + 1, epoch)
 
     def splits(self, name: str) -> list[SplitBrain]:
-        """The unresolved split brains of ``name`` here, by peer."""
+        """The unresolved split brains of ``name`` here, by peer, with their figures as they
+        are now: this node's tail from its log, the peer's from its newer published position,
+        and on each side how much of it that side wrote as primary (:meth:`written_after`)."""
         with self._lock:
             entry = self._entries.get(name)
             splits = entry.splits if entry is not None else {}
-            return [splits[p] for p in sorted(splits)]
+            found = [splits[p] for p in sorted(splits)]
+            vol = self.volumes.get(name)
+            role = entry.role if entry is not None else None
+        if vol is None or role is None:
+            return found
+        return [self._split_now(name, vol, role, s) for s in found]
+
+    def _split_now(self, name: str, vol: Volume, role: RoleRecord, s: SplitBrain) -> SplitBrain:
+        fork, head = s.fork_lsn, vol.head_lsn
+        own_records = max(0, head - fork)
+        own_bytes = (s.own_bytes if own_records == s.own_records
+                     else vol.log.bytes_between(max(fork, vol.log.first_lsn - 1), head))
+        p = self.meta.position(s.peer, name)
+        peer_head = p.head_lsn if p is not None and p.updated > s.found else fork + s.peer_records
+        peer_written = (self.written_after(name, s.peer, p.role, p.epoch, fork, peer_head) if p is not None
+                        else None)
+        return replace(s, own_records=own_records, own_bytes=own_bytes,
+                       own_written=self.written_after(name, self.name, role.role, role.epoch, fork, head),
+                       peer_records=max(0, peer_head - fork), peer_written=peer_written,
+                       peer_bytes_at_least=peer_head - fork > s.peer_records)
+
+    def written_after(self, name: str, owner: str, role: str, epoch: int, fork: int, head: int) -> int:
+        """How many of ``owner``'s records ``(fork, head]`` of ``name`` it wrote itself as primary:
+        those from the start of the epoch it claimed last, if it is primary in that epoch (a
+        mirror's records after a fork were fetched: it turns mirror only with a prefix)."""
+        if role != Role.PRIMARY:
+            return 0
+        claim = self.meta.get(owner, primary_key(name))
+        start = claim.get("start_lsn") if isinstance(claim, dict) and claim.get("epoch") == epoch else None
+        if type(start) is not int:
+            return 0
+        return max(0, head - max(fork, start - 1))
 
     def record_split(self, name: str, split: SplitBrain) -> None:
         """Remember (persistently) a split brain with ``split.peer``; it stays until cleared."""
