@@ -117,6 +117,15 @@ def test_a_fork_below_what_the_logs_hold_is_a_bound() -> None:
     assert fork is not None and not fork.exact and fork.lsn <= 59  # type: ignore[attr-defined]
 
 
+def test_a_bound_never_lies_past_the_shorter_history() -> None:
+    """Our trimmed log starts past their head: the fork is at or before their head, not at or
+    before our first LSN (a bound past their head would leave them no tail at all)."""
+    ours = ModelLog(list(range(10)) + [-1] * 100, first=50)
+    theirs = ModelLog(list(range(10)) + [-2] * 20)
+    fork, _ = search(ours, theirs)
+    assert fork is not None and not fork.exact and 10 <= fork.lsn <= 30  # type: ignore[attr-defined]
+
+
 def test_status_words() -> None:
     split = SplitBrain(peer="a", fork_lsn=21, exact=True, own_records=5, own_bytes=2048, peer_records=11,
                        peer_bytes=4096, found=0.0)
