@@ -6,6 +6,7 @@
   that name the message type and the field.
 * Binary messages: RECORDS must hold verified records with consecutive LSNs, SYNC_DATA an
   offset. The retired image copy's message types (8-11) are unknown types now.
+* HELLO carries the client's node id; one without it decodes with the id "".
 * Protocol 2: HEARTBEAT names the volume's uuid, FETCH may only watch, and
   frames of protocols 1 and 2 are refused in words.
 * FrameDecoder refuses bad magic, checksum, length, version, type, flags and lz4 garbage, and
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import MISSING, fields
 from typing import Any
@@ -22,11 +24,20 @@ from typing import Any
 import lz4.block
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from marsfs.errors import PeerError, ProtocolError
+from marsfs.replication import protocol
 from marsfs.replication.protocol import (
     FRAME_HEADER,
     MAX_FRAME,
+    MAX_JSON,
+    MAX_META_CLOCK,
+    MAX_META_DEPTH,
+    MAX_META_ENTRIES,
+    MAX_META_VALUE,
+    MAX_RANGES,
     PROTO_VERSION,
     Ack,
     Error,
@@ -36,19 +47,24 @@ from marsfs.replication.protocol import (
     Heartbeat,
     Hello,
     Message,
+    MetaEntries,
     MsgType,
     Records,
     SyncData,
+    SyncInfo,
     Welcome,
     decode_message,
     encode_frame,
     encode_message,
+    json_depth,
+    payload_limit,
 )
 from marsfs.testing.sansio import CHAIN, records
 from marsfs.testing.wire import decode_frame
 
 SAMPLES: list[Message] = [
-    Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm", want="fetch", epoch=2),
+    Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm", want="fetch", epoch=2,
+          node_id="0123456789abcdef0123456789abcdef"),
     Welcome(node="a", volume="vm", uuid="u-1", size=1 << 20, epoch=1, head_lsn=7, durable_lsn=5),
     Error(code="diverged", error="the histories diverged"),
     Fetch(from_lsn=8, prev_chain=CHAIN),
@@ -86,6 +102,20 @@ def test_protocol_1_is_refused_in_words() -> None:
             FrameDecoder().feed(raw_frame(version=old))
 
 
+def test_hello_carries_the_node_id_and_may_lack_it() -> None:
+    """HELLO names the client node's id (two daemons of one name differ in it); a HELLO
+    without one (a node from before ids) decodes with the id "", which claims no identity."""
+    hello = SAMPLES[0]
+    assert isinstance(hello, Hello) and wire(hello)["node_id"] == hello.node_id
+    obj = wire(hello)
+    del obj["node_id"]
+    assert decode_frame(frame_of(hello, obj)) == Hello(proto=PROTO_VERSION, cluster="c", node="b", volume="vm",
+                                                      want="fetch", epoch=2, node_id="")
+    obj["node_id"] = 7
+    with pytest.raises(ProtocolError, match="HELLO: field 'node_id' must be a string"):
+        decode_frame(frame_of(hello, obj))
+
+
 def test_sync_ack_keeps_its_two_field_wire_form() -> None:
     """The ACK after a fast sync carries only the two LSNs (as before the typed messages)."""
     frame = encode_frame(MsgType.ACK, b'{"fetched_lsn":5,"replayed_lsn":5}')
@@ -121,6 +151,8 @@ BAD: dict[str, tuple[list[Any], list[Any]]] = {
     "seconds": (["1", True, None], [-0.5, float("nan"), float("inf")]),
     "chain": ([123, None, ["00"]], ["00" * 15, "00" * 17, "zz" * 16]),
     "want": ([1, None, True], ["images", "", "FETCH"]),
+    "node": ([1, None, ["a"]], ["", "n" * 65, "-a", ".hidden", "a/b", "a b", "é"]),
+    "volume": ([1, None, ["a"]], ["v" * 65, "../x", "a/b", "x\n"]),
 }
 
 CASES = [(m, f.name, f.default is MISSING) for m in JSON_SAMPLES for f in fields(m)]
@@ -213,9 +245,11 @@ def test_raw_frame_helper_is_a_valid_frame() -> None:
     (raw_frame(flags=0x4), "unknown frame flags"),
     (raw_frame(length=MAX_FRAME + 1), "exceeds"),
     (raw_frame(flags=1, payload=b"\x10\x00\x00\x00garbage"), "bad lz4 frame payload"),
-    (raw_frame(flags=1, payload=(MAX_FRAME + 1).to_bytes(4, "little") + b"x"), "claims more than the frame limit"),
-    (raw_frame(flags=1, payload=b"\x01"), "claims more than the frame limit"),
-], ids=["magic", "version", "type", "flags", "length", "lz4", "lz4-size", "lz4-short"])
+    (raw_frame(flags=1, payload=(MAX_FRAME + 1).to_bytes(4, "little") + b"x"), "claims 8388609 bytes, more than"),
+    (raw_frame(flags=1, payload=b"\x01"), "compressed payload without its size"),
+    (raw_frame(mtype=MsgType.RECORDS, flags=1, payload=(MAX_FRAME + 1).to_bytes(4, "little") + b"x"),
+     "RECORDS: compressed payload claims"),
+], ids=["magic", "version", "type", "flags", "length", "lz4", "lz4-size", "lz4-short", "lz4-records"])
 def test_frame_decoder_refuses(frame: bytes, error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
         FrameDecoder().feed(frame)
@@ -252,3 +286,110 @@ def test_compression_and_incremental_feeding() -> None:
 
 def frame_payload(frame: bytes) -> bytes:
     return frame[FRAME_HEADER:]
+
+
+# ---------------------------------------------------------------------------- bounded input
+
+
+def test_a_json_message_is_no_larger_than_what_it_needs() -> None:
+    """A message of a few scalars carries at most MAX_JSON bytes of JSON: a frame that says it
+    expands to more is refused before anything is decompressed (33 KB of lz4 could otherwise
+    become 8 MiB of JSON for the trio thread to parse), and so is a plain one."""
+    bomb = json.dumps({"code": "x", "error": "y" * (8 << 20)}).encode()
+    packed = lz4.block.compress(bomb, store_size=True)
+    assert len(packed) < 40_000
+    with pytest.raises(ProtocolError, match=f"^ERROR: compressed payload claims {len(bomb)} bytes, more than {MAX_JSON}"):
+        FrameDecoder().feed(raw_frame(flags=1, payload=packed))
+    plain = json.dumps({"code": "x", "error": "y" * MAX_JSON}).encode()
+    with pytest.raises(ProtocolError, match="^ERROR: payload of .* bytes exceeds"):
+        FrameDecoder().feed(raw_frame(payload=plain))
+    for mt in MsgType:  # binary frames keep the frame limit; the list-holding JSON ones their own
+        assert payload_limit(mt) <= MAX_FRAME
+
+
+def test_the_largest_legal_list_messages_fit_their_limits() -> None:
+    entries = tuple(("n" * 64, f"{i:03d}" + "k" * 197, MAX_META_CLOCK, "v" * (MAX_META_VALUE - 2))
+                    for i in range(MAX_META_ENTRIES))
+    big = MetaEntries(entries=entries, more=True)
+    assert decode_frame(encode_message(big, compress=False)) == big
+    ranges = tuple((i * (1 << 30), 1 << 20) for i in range(MAX_RANGES))
+    info = SyncInfo(lsn=1 << 40, chain=CHAIN, size=1 << 50, uuid="u" * 36, ranges=ranges)
+    assert decode_frame(encode_message(info, compress=False)) == info
+
+
+def test_deep_nesting_is_a_protocol_error_not_a_recursion_error() -> None:
+    deep = b'{"code":"x","error":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    with pytest.raises(ProtocolError, match="^ERROR: payload is nested too deeply"):
+        decode_message(Frame(MsgType.ERROR, deep))
+    value: Any = "v"
+    for _ in range(MAX_META_DEPTH):
+        value = [value]
+    ok = [["a", "k", 1, value]]
+    assert decode_frame(frame_of(MetaEntries(entries=()), {"entries": ok}))
+    with pytest.raises(ProtocolError, match=f"entry 0: value is nested deeper than {MAX_META_DEPTH} levels"):
+        decode_frame(frame_of(MetaEntries(entries=()), {"entries": [["a", "k", 1, [value]]]}))
+    assert json_depth({"a": [1, {"b": []}]}) == 4 and json_depth(7) == 0
+
+
+@pytest.mark.parametrize("entry, error", [
+    (["a", "k", MAX_META_CLOCK + 1, 1], "clock must be an integer from 1 to"),
+    (["a", "k", int("9" * 4300), 1], "clock must be an integer from 1 to"),
+    (["n" * 300, "k", 1, 1], "owner must be a node name of 1-64"),
+    (["../b", "k", 1, 1], "owner must be a node name"),
+    (["", "k", 1, 1], "owner must be a node name"),
+], ids=["clock", "clock-4300-digits", "long-owner", "path-owner", "empty-owner"])
+def test_metadata_entries_within_bounds(entry: list[Any], error: str) -> None:
+    with pytest.raises(ProtocolError, match=error):
+        decode_frame(frame_of(MetaEntries(entries=()), {"entries": [entry]}))
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=20)
+
+
+@st.composite
+def _payloads(draw: st.DrawFn) -> tuple[MsgType, bytes]:
+    """A frame's type and payload: random bytes, random JSON, or a JSON object with the type's own
+    field names and random values (what reaches the field checks)."""
+    mt = draw(st.sampled_from(list(MsgType)))
+    how = draw(st.sampled_from(["bytes", "json", "fields"]))
+    if how == "bytes":
+        return mt, draw(st.binary(max_size=300))
+    if how == "json":
+        return mt, json.dumps(draw(_JSON)).encode()
+    cls = protocol._JSON_TYPES.get(mt)
+    names = [f.name for f in fields(cls)] if cls is not None else ["x"]
+    obj = draw(st.dictionaries(st.sampled_from(names), _JSON, max_size=len(names)))
+    return mt, json.dumps(obj).encode()
+
+
+#: examples per fuzz test; the default suite runs a few hundred, a soak sets MARSFS_FUZZ_EXAMPLES higher
+FUZZ = int(os.environ.get("MARSFS_FUZZ_EXAMPLES", "300"))
+
+
+@settings(max_examples=FUZZ, deadline=None)
+@given(_payloads(), st.booleans())
+def test_fuzzed_frames_raise_only_protocol_errors(payload: tuple[MsgType, bytes], compress: bool) -> None:
+    """Whatever a peer puts in a well-framed message, decoding it raises only our ProtocolError."""
+    mt, body = payload
+    try:
+        for f in FrameDecoder().feed(encode_frame(mt, body, compress=compress)):
+            decode_message(f)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=FUZZ, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, FRAME_HEADER + 40))
+def test_fuzzed_bytes_raise_only_protocol_errors(noise: bytes, at: int) -> None:
+    """A frame with bytes flipped or cut anywhere, and bytes of no frame at all."""
+    frame = bytearray(encode_message(SAMPLES[0]))
+    for i, b in enumerate(noise[:8]):
+        frame[(at + i) % len(frame)] ^= b
+    for data in (bytes(frame), noise, bytes(frame[:at]) + noise):
+        try:
+            for f in FrameDecoder().feed(data):
+                decode_message(f)
+        except ProtocolError:
+            pass

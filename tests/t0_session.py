@@ -193,6 +193,8 @@ TABLE = [
     ("error", Stop.RETRY, None),
     ("unsupported", Stop.RETRY, None),
     ("unknown-want", Stop.RETRY, None),
+    ("unknown-node", Stop.RETRY, None),
+    ("node-identity", Stop.RETRY, None),
 ]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 
+from marsfs.faces.commands import status_table
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
 from marsfs.node.space import LogSpaceSetting
@@ -134,6 +135,8 @@ def test_a_mirror_stopped_by_log_space_says_so(node: Node) -> None:
         assert "stopped fetching" in line and "marsfs resume-replay m" in line and "--log-space" in line
         v = verdict(node, "m", cluster_side(cluster, "m"))
         assert v.state == VolumeState.NO_SPACE and v.next == "marsfs resume-replay m"
+        assert st.next == v.next and cluster.status("m")[0]["next"] == "marsfs resume-replay m"
+        assert "m: next: marsfs resume-replay m" in status_table(cluster.status("m")).splitlines()
         assert v.conditions[:3] == (VolumeState.NO_SPACE, VolumeState.REPLAY_PAUSED, VolumeState.STALLED), v
         cluster.set_paused("m", "replay", False)  # replay goes on: its log may go
         await wait_for(lambda: vol.replayed_lsn == vol.durable_lsn, "replay")
@@ -141,5 +144,6 @@ def test_a_mirror_stopped_by_log_space_says_so(node: Node) -> None:
         assert "m" not in node.space.fetch_stopped
         st = cluster.statuses("m")[0]
         assert st.state == VolumeState.STALLED and not any("log space is full" in e for e in st.errors), st
+        assert st.next == "" and "next:" not in status_table(cluster.status("m")), "nothing to run: no line"
 
     in_cluster(node, body)

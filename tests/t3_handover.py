@@ -115,7 +115,8 @@ def test_prepare_without_claim_unfences_after_the_timeout(tmp_path: Path, monkey
         from marsfs.replication.fetch import hello, open_channel
         from marsfs.replication.protocol import HandoverPrepare, HandoverReady
 
-        ch, _ = await open_channel(net.connect("a"), hello("b", CLUSTER, "vm", "handover", 1))
+        ch, _ = await open_channel(net.connect("a"), hello("b", CLUSTER, "vm", "handover", 1,
+                                                             node_id=b.node.node_id))
         await ch.send_message(HandoverPrepare(epoch=1, timeout=repl_handover.PREPARE_TIMEOUT))
         assert isinstance(await ch.receive_message(), HandoverReady)
         assert "handover" in a.node.fenced("vm")

@@ -40,6 +40,7 @@ from marsfs.testing.memnet import (
     primary,
     server_for,
     tick,
+    ticking,
     write,
 )
 from marsfs.testing.runner import run, wait_for
@@ -104,7 +105,8 @@ async def sync_once(nursery: trio.Nursery, server: Server, staged: Staged, *, cu
     ch, _ = await open_channel(connect, sess)
     try:
         req = SyncRequest(since_lsn=0, since_chain=bytes(16), whole=whole, rate=rate)
-        info = await receive_sync(ch, req, lambda i: staged, staged.finish, SyncStatus(started=trio.current_time()))
+        async with ticking():  # the source sums in worker threads while every task waits
+            info = await receive_sync(ch, req, lambda i: staged, staged.finish, SyncStatus(started=trio.current_time()))
     finally:
         await ch.aclose()
     return info, sess.received

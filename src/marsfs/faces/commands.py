@@ -403,6 +403,8 @@ def status_table(rows: list[dict[str, Any]]) -> str:
              for row in table]
     for r in rows:
         lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
+        if r.get("next"):
+            lines.append(f"{r['volume']}: next: {r['next']}")
         lines += [f"{r['volume']}: warning: {w}" for w in r.get("warnings", ())]
     for r in rows:
         lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
@@ -478,7 +480,8 @@ def _mirror_synced(volume: str, row: Mapping[str, Any], *, waited: float, last_c
     """Whether this mirror is synced. Before the deadline only on the word of a heartbeat sent
     after the wait began (a write the caller just made on the primary is then included)."""
     if VolumeState(row["state"]) in STOPPED:
-        raise MarsError(f"{volume} cannot become synced: state {row['state']}; " + "; ".join(row["errors"]))
+        raise MarsError(f"{volume} cannot become synced: state {row['state']}; " + "; ".join(row["errors"])
+                        + (f"; next: {row['next']}" if row.get("next") else ""))
     if VolumeState(row["state"]) != VolumeState.SYNCED:
         return False
     age = row.get("heartbeat_age")

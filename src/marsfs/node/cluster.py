@@ -7,6 +7,8 @@ Rules that hold here:
   reaches the other nodes, :class:`~marsfs.node.mirrors.Mirrors` joins, copies, fetches and
   replays, :class:`~marsfs.node.handover.Roles` changes primaries, the replication
   :class:`~marsfs.replication.server.Server` serves the peers. Its command methods delegate.
+* A peer speaks to this node only if a peer list names it, and only one node per name at a
+  time (the :class:`~marsfs.node.identity.Identities` the server asks for every HELLO).
 * Status (lag, states, peers) is built by :mod:`marsfs.node.status` from what the pieces hold.
 * Cluster metadata (:mod:`marsfs.node.meta`): every ``GOSSIP_EVERY`` seconds, and
   at once after a local change (:meth:`Cluster.gossip_now`), this node publishes its
@@ -45,6 +47,7 @@ from marsfs.errors import (
 from marsfs.node import gossip, status
 from marsfs.node.follow import Act, decide
 from marsfs.node.handover import Roles
+from marsfs.node.identity import Identities
 from marsfs.node.meta import REFRESH, Position
 from marsfs.node.mirrors import Mirrors
 from marsfs.node.node import Node, check_volume_name
@@ -83,9 +86,11 @@ class Cluster:
                                diverged=self._diverged)
         self.roles = Roles(node, cluster, self.connections, self.mirrors, spawn=self.spawn,
                            gossip_now=self.gossip_now)
+        #: who may speak to this node (marsfs.node.identity): peers of a peer list, one node per name
+        self.identities = Identities(node.name, node.node_id, self.listed, trio.current_time, self.held_by)
         self.server = Server(node.name, cluster, self.servable, self._epoch, self.peer_table, meta=self._serve_meta,
                              conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare},
-                             sync_rate=sync_rate)
+                             sync_rate=sync_rate, gate=self.identities)
         self.verifies: dict[str, VerifyJob] = {}  #: verify comparisons by id, until collected
         self._verify_seq = 0
         self._nursery: trio.Nursery | None = None
@@ -121,6 +126,16 @@ class Cluster:
     def connector(self, peer: str) -> Connect:
         """A connection to ``peer`` (PeerError at once for an unknown one): see :mod:`marsfs.node.peers`."""
         return self.connections.connector(peer)
+
+    def listed(self, node: str) -> bool:
+        """Whether a peer list names ``node``: this node's ``--peer`` list, or the cluster
+        metadata (it holds entries of ``node``: a member that listed it passed them on)."""
+        return node in self.peers or any(owner == node for owner, _ in self.meta.snapshot())
+
+    def held_by(self, node: str) -> list[str]:
+        """The volumes ``node`` is a member of in the cluster metadata (not removed from them)."""
+        volumes = {key.split("/")[1] for _, key in self.meta.snapshot() if key.startswith("volume/")}
+        return sorted(v for v in volumes if node in self.meta.members(v))
 
     def servable(self, name: str) -> Volume | None:
         """The volume peers may fetch, join or hand over as ``name``: None for a clone (clones
@@ -208,7 +223,7 @@ class Cluster:
     async def _run_verify(self, job: VerifyJob, vol: Volume, peer: str, connect: Connect, mine: bool) -> None:
         try:
             job.result = await verify_with(vol, self.node.name, self.cluster, peer, connect, mine=mine,
-                                           progress=job.progress)
+                                           progress=job.progress, node_id=self.node.node_id)
         except MarsError as e:
             job.error = e
         except Exception as e:
@@ -306,7 +321,8 @@ class Cluster:
         if version == self.meta.version and trio.current_time() - when < REFRESH:
             return
         try:
-            changed = await gossip.exchange(self.connector(peer), self.meta, self.cluster, peer)
+            changed = await gossip.exchange(self.connector(peer), self.meta, self.cluster, peer,
+                                            node_id=self.node.node_id)
         except (OSError, trio.TooSlowError, ConnectionLost, ProtocolError, PeerRefused) as e:
             trouble = describe(e)
         else:

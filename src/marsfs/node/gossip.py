@@ -97,15 +97,16 @@ async def serve(ch: Channel, hello: Hello, meta: ClusterMeta, cluster: str) -> C
 
 
 async def exchange(connect: Callable[[], Awaitable[trio.abc.Stream]], meta: ClusterMeta, cluster: str,
-                   peer: str) -> Changed:
-    """One exchange with ``peer`` (both directions); returns what changed here. Raises
+                   peer: str, *, node_id: str = "") -> Changed:
+    """One exchange with ``peer`` (both directions), saying this node's id ``node_id`` in the
+    HELLO; returns what changed here. Raises
     OSError, trio.TooSlowError, ConnectionLost, ProtocolError or PeerRefused."""
     with trio.fail_after(EXCHANGE_TIMEOUT):
         stream = await connect()
         ch = Channel(stream)
         try:
             await ch.send_message(Hello(proto=PROTO_VERSION, cluster=cluster, node=meta.node, volume="",
-                                        want="meta", epoch=0))
+                                        want="meta", epoch=0, node_id=node_id))
             welcome = await ch.receive_message()
             if isinstance(welcome, Error):
                 raise PeerRefused(welcome.code, welcome.error)

@@ -129,7 +129,7 @@ class Roles:
         self.progress[name] = HandoverStatus(source, "preparing", None)
         try:
             ch, _ = await open_channel(connect, hello(self.node.name, self.cluster, name, "handover",
-                                                      role.epoch))
+                                                      role.epoch, node_id=self.node.node_id))
         except PeerRefused as e:
             self.progress.pop(name, None)
             raise PeerError(f"{source} refused the handover of {name}: {e.message}") from None
@@ -275,7 +275,8 @@ class Roles:
         """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
         try:
             ch, _ = await open_channel(self.peers.connector(source),
-                                       hello(self.node.name, self.cluster, name, "handover"))
+                                       hello(self.node.name, self.cluster, name, "handover",
+                                             node_id=self.node.node_id))
         except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
             return False
         await ch.aclose()
@@ -470,7 +471,8 @@ class Roles:
         for attempt in range(COMPARE_TRIES):
             try:
                 ch, welcome = await open_channel(self.peers.connector(source),
-                                                 hello(self.node.name, self.cluster, name, "compare"))
+                                                 hello(self.node.name, self.cluster, name, "compare",
+                                                       node_id=self.node.node_id))
                 try:
                     seen = await ask_compare(ch, vol.log, vol.log.bytes_between, source, welcome.head_lsn, hints)
                 finally:

@@ -56,14 +56,13 @@ from typing import Any, TypeAlias
 
 from marsfs.errors import DiskFailed, MarsError, NoSpace, StateError
 from marsfs.fsutil import read_json, write_json
+from marsfs.replication.protocol import MAX_META_KEY, MAX_META_VALUE
 
 logger = logging.getLogger(__name__)
 
 JSON: TypeAlias = Any  #: a JSON value (None, bool, int, float, str, list, dict)
 
 META_FILE = "meta.json"
-MAX_KEY = 200  #: characters of a key
-MAX_VALUE = 2048  #: bytes of a value as compact JSON
 FORMAT = 1
 REFRESH = 10.0  #: seconds after which an unchanged position is published (and gossiped) again
 SAVE_POSITIONS_EVERY = 5.0  #: seconds between writes of the file for position changes alone
@@ -170,16 +169,16 @@ def check_entry(owner: str, key: str, clock: int, value: JSON) -> str | None:
     our state without limit by one entry."""
     if not owner or len(owner) > 64:
         return f"owner {owner[:80]!r} is not a node name"
-    if not key or len(key) > MAX_KEY:
-        return f"key of {len(key)} characters (at most {MAX_KEY})"
+    if not key or len(key) > MAX_META_KEY:
+        return f"key of {len(key)} characters (at most {MAX_META_KEY})"
     if clock < 1:
         return f"clock {clock} is not positive"
     try:
         text = canonical(value)
     except (TypeError, ValueError):
         return "value is not JSON"
-    if len(text) > MAX_VALUE:
-        return f"value of {len(text)} bytes (at most {MAX_VALUE})"
+    if len(text) > MAX_META_VALUE:
+        return f"value of {len(text)} bytes (at most {MAX_META_VALUE})"
     return None
 
 

@@ -143,7 +143,7 @@ class Mirrors:
                           replayed=lambda: vol.replayed_lsn,
                           replay_paused=lambda: self.node.role(name).replay_paused,
                           resync=resync, direct=direct, synced=synced or resynced,
-                          quiet=lambda: self.quiet(vol))
+                          quiet=lambda: self.quiet(vol), node_id=self.node.node_id)
         self.fetchers[name] = fetcher
         scope = self._scopes[name] = trio.CancelScope()
         ended = self._ended[name] = trio.Event()
@@ -241,7 +241,7 @@ class Mirrors:
             return await self._join_existing(name, source, rate)
         self.node.check_new(name)
         seed_path = _seed_file(seed) if seed is not None else None
-        answer = await welcome(self.peers, self.node.name, self.cluster, source, name)
+        answer = await welcome(self.peers, self.node.name, self.cluster, source, name, self.node.node_id)
         if seed_path is not None and seed_path.stat().st_size > answer.size:
             raise InvalidRequest(f"seed {seed_path} holds {seed_path.stat().st_size} bytes, more than volume "
                                  f"{name} on {source} ({answer.size}); give an image of that volume")
@@ -275,7 +275,7 @@ class Mirrors:
     async def _join_existing(self, name: str, source: str, rate: int) -> dict[str, Any]:
         """``join`` of a mirror this node has (stale, or fetching from another node): resync it
         from ``source``, comparing what changed since its LSN when the source can tell."""
-        await welcome(self.peers, self.node.name, self.cluster, source, name)
+        await welcome(self.peers, self.node.name, self.cluster, source, name, self.node.node_id)
         if self.node.role(name).source != source:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=source))
         await self.restart(name, ResyncPlan(rate=rate))
@@ -309,6 +309,7 @@ class Mirrors:
         if copy is not None and name not in self.node.volumes:  # an image copy, running or failed
             await self.stop(name)  # its cleanup removed the replica
             self.copies.pop(name, None)
+            await self._tell_left(copy.source, name)  # the source's sync held its log for us
             return {"volume": name, "left": copy.source}
         if not self.node.is_mirror(name):
             self.node.volume(name)
@@ -323,12 +324,18 @@ class Mirrors:
             if fetching:  # opened in the meantime: keep mirroring as before
                 self.start(self.node.volume(name))
             raise
-        try:  # tell the source to stop holding log for us; it will also notice the silence
-            ch, _ = await open_channel(self.peers.connector(source), hello(self.node.name, self.cluster, name, "leave"))
+        await self._tell_left(source, name)
+        return {"volume": name, "left": source}
+
+    async def _tell_left(self, source: str, name: str) -> None:
+        """Tell ``source`` to stop holding its log of ``name`` for us and forget our mirror line
+        (from the first copy's start on it holds it); trouble is logged: it changes nothing here."""
+        try:
+            ch, _ = await open_channel(self.peers.connector(source),
+                                       hello(self.node.name, self.cluster, name, "leave", node_id=self.node.node_id))
             await ch.aclose()
         except (MarsError, OSError, PeerRefused, trio.TooSlowError) as e:
             logger.info("could not tell %s that we left %s: %s", source, name, describe(e))
-        return {"volume": name, "left": source}
 
     # ------------------------------------------------------------------ pause, resume and replay
 

@@ -3,6 +3,7 @@
 State directory layout::
 
     DIR/node.json            {"node": NAME, "created_ns": ...}: the immutable node name
+    DIR/node-id              this node's random id (0600; marsfs.node.identity), made once
     DIR/lock                 flock'd by the running daemon
     DIR/control.sock         the daemon's control socket (faces layer)
     DIR/volumes/<vol>/       one volume (see marsfs.volume), plus role.json and, when the
@@ -62,7 +63,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -86,6 +86,9 @@ from marsfs.errors import (
     WrongRole,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
+from marsfs.names import RULE as NAME_RULE
+from marsfs.names import is_name
+from marsfs.node.identity import load_node_id
 from marsfs.node.meta import META_FILE, ClusterMeta, primary_key
 from marsfs.node.space import LogSpace, LogSpaceSetting
 from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
@@ -96,16 +99,13 @@ from marsfs.volume import Retention, Volume
 
 logger = logging.getLogger(__name__)
 
-VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-NODE_NAME = VOLUME_NAME
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
 
 
 def check_volume_name(name: str) -> str:
-    if not VOLUME_NAME.fullmatch(name):
-        raise InvalidRequest(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit (no '/', no leading dot)")
+    if not is_name(name):
+        raise InvalidRequest(f"invalid volume name {name!r:.80}: use {NAME_RULE} (no '/', no leading dot)")
     return name
 
 
@@ -142,6 +142,7 @@ class Node:
         self._lock = threading.RLock()
         self._lock_fd = -1
         self.meta = ClusterMeta(state / META_FILE, name)  #: the cluster metadata as this node knows it
+        self.node_id = ""  #: this node's id (``DIR/node-id``, see marsfs.node.identity), read when claimed
 
     # ------------------------------------------------------------------ the volume entries
 
@@ -190,13 +191,14 @@ class Node:
     @classmethod
     def open(cls, state: Path, name: str, **kw: Any) -> Node:
         """Claim the state directory for ``name`` and recover every volume in it."""
-        if not NODE_NAME.fullmatch(name):
-            raise NodeError(f"invalid node name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        if not is_name(name):
+            raise NodeError(f"invalid node name {name!r:.80}: use {NAME_RULE}")
         state.mkdir(parents=True, exist_ok=True)
         os.chmod(state, 0o700)
         node = cls(state, name, **kw)
         node._claim()
         try:
+            node.node_id = load_node_id(state)
             node.space.check()
             node._recover()
             node.space.adopt(list(node.volumes.values()))

@@ -70,12 +70,13 @@ class TcpPeers:
         return f"{host}:{port}"
 
 
-async def welcome(peers: Peers, me: str, cluster: str, source: str, name: str) -> Welcome:
-    """Ask ``source`` whether it serves ``name`` (refusals come back to the operator at once,
-    as PeerError); the connection is closed again."""
+async def welcome(peers: Peers, me: str, cluster: str, source: str, name: str, node_id: str) -> Welcome:
+    """Ask ``source`` whether it serves ``name`` to us (``me``, whose id is ``node_id``):
+    refusals come back to the operator at once, as PeerError (also the source's refusal of this
+    node: in no peer list, or another node of this name runs); the connection is closed again."""
     connect = peers.connector(source)
     try:
-        ch, answer = await open_channel(connect, hello(me, cluster, name, "sync"))
+        ch, answer = await open_channel(connect, hello(me, cluster, name, "sync", node_id=node_id))
     except PeerRefused as e:
         raise PeerError(f"{source} refused: {e.message}") from None
     except (OSError, trio.TooSlowError) as e:

@@ -140,6 +140,7 @@ class VolumeStatus:
     open_handles: int
     peers: list[PeerStatus] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    next: str = ""  #: the operator's next command for this state ("" when there is nothing to do)
     # a mirror's (or an image copy's) details
     source: str | None = None
     connected: bool | None = None

@@ -203,7 +203,7 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
         replayed_lsn=vol.replayed_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
         lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
-        open_handles=node.opens[name], errors=list(verdict.errors),
+        open_handles=node.opens[name], errors=list(verdict.errors), next=verdict.next,
         oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=history.describe(),
         clones=[CloneStatus(c, lsn) for c, lsn in node.clones_of(name)],
         clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
@@ -284,7 +284,7 @@ def _copy_status(node: Node, name: str, side: ClusterSide) -> VolumeStatus:
         volume=name, node=node.name, role=Role.MIRROR, state=verdict.state, epoch=0,
         size=c.size, head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0,
         lag_bytes=c.size, lag_records=0, lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0,
-        source=c.source, errors=list(verdict.errors), connected=fs.connected if fs is not None else None, progress=0.0)
+        source=c.source, errors=list(verdict.errors), next=verdict.next, connected=fs.connected if fs is not None else None, progress=0.0)
     if c.failed or fs is None or fs.sync is None:
         return row
     return _with_sync(row, fs.sync).changed(lag_bytes=fs.sync.total - fs.sync.compared or c.size)
@@ -297,7 +297,7 @@ def _failed_status(node: Node, name: str) -> VolumeStatus:
     return VolumeStatus(
         volume=name, node=node.name, role=role.role, state=verdict.state, epoch=role.epoch, size=0,
         head_lsn=0, durable_lsn=0, fetched_lsn=0, replayed_lsn=0, applied_lsn=0, lag_bytes=0, lag_records=0,
-        lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0, errors=list(verdict.errors))
+        lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0, errors=list(verdict.errors), next=verdict.next)
 
 
 def _with_meta(node: Node, st: VolumeStatus, side: ClusterSide) -> VolumeStatus:

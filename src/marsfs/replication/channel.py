@@ -10,7 +10,7 @@ from __future__ import annotations
 import trio
 
 from marsfs.aio import describe
-from marsfs.replication.protocol import Frame, FrameDecoder, Message, decode_message, encode_message
+from marsfs.replication.protocol import DECODE_IN_THREAD, Frame, FrameDecoder, Message, decode_message, encode_message
 from marsfs.replication.session import Stop, refusal_stop
 
 _READ = 256 * 1024
@@ -56,8 +56,12 @@ class Channel:
         return self._pending.pop(0)
 
     async def receive_message(self) -> Message:
-        """The next message, validated (ProtocolError if malformed)."""
-        return decode_message(await self.receive())
+        """The next message, validated (ProtocolError if malformed). A large frame is decoded in a
+        worker thread: what a peer sends must not hold up the FUSE requests on the trio thread."""
+        frame = await self.receive()
+        if len(frame.payload) > DECODE_IN_THREAD:
+            return await trio.to_thread.run_sync(decode_message, frame)
+        return decode_message(frame)
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:

@@ -94,8 +94,10 @@ SYNC_SECONDS = 1.0  #: ...or seconds
 FINISH_RETRY = 0.2  #: seconds between attempts to switch while old views hold it back
 
 
-def hello(node: str, cluster: str, volume: str, want: Want, epoch: int = 0) -> Hello:
-    return Hello(proto=PROTO_VERSION, cluster=cluster, node=node, volume=volume, want=want, epoch=epoch)
+def hello(node: str, cluster: str, volume: str, want: Want, epoch: int = 0, *, node_id: str = "") -> Hello:
+    """Our opening as ``node`` (whose id is ``node_id``) for ``want`` of ``volume``."""
+    return Hello(proto=PROTO_VERSION, cluster=cluster, node=node, volume=volume, want=want, epoch=epoch,
+                 node_id=node_id)
 
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
@@ -250,8 +252,9 @@ class Fetcher:
                  paused: Callable[[], bool], replayed: Callable[[], int], replay_paused: Callable[[], bool],
                  *, resync: ResyncPlan | None = None, direct: bool = False,
                  synced: Callable[[], None] | None = None,
-                 quiet: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> None:
+                 quiet: Callable[[], AbstractAsyncContextManager[None]] | None = None, node_id: str = "") -> None:
         self.vol = vol
+        self.node_id = node_id  #: this node's id, said in every HELLO
         #: a resync to run before fetching (an operator's, or the source trimmed our log); a
         #: staged one (``vol.resync``) continues even without a plan
         self.resync = resync
@@ -329,7 +332,7 @@ class Fetcher:
         since_chain = await trio.to_thread.run_sync(vol.log.chain_at, since)
         request = SyncRequest(since_lsn=since, since_chain=since_chain, whole=plan.whole, ranges=plan.ranges,
                               rate=plan.rate)
-        sess = FetchingSession(hello(self.node, self.cluster, vol.name, "sync"), state=self.state,
+        sess = FetchingSession(hello(self.node, self.cluster, vol.name, "sync", node_id=self.node_id), state=self.state,
                                probes=self._probes, uuid=vol.uuid)
         if self.state.sync is None:
             self.state.sync = SyncStatus(started=trio.current_time())
@@ -368,7 +371,7 @@ class Fetcher:
         """One session: fetch, or (``watch``) only hear the source's heartbeats; it ends when
         the pause flag no longer matches."""
         vol = self.vol
-        sess = FetchingSession(hello(self.node, self.cluster, vol.name, "fetch"), state=self.state,
+        sess = FetchingSession(hello(self.node, self.cluster, vol.name, "fetch", node_id=self.node_id), state=self.state,
                                probes=self._probes, uuid=vol.uuid)
         ch, _welcome = await open_channel(self.connect, sess)
         try:

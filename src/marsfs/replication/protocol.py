@@ -24,8 +24,11 @@ Rules that hold here:
 
 Conversation (client = the mirror, server = the node it fetches from)::
 
-    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch}
+    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch, node_id}
     server: WELCOME {node, volume, uuid, size, epoch, head_lsn, durable_lsn}  |  ERROR {code, error}
+            (a node refuses a HELLO of a node in no peer list, ``unknown-node``, and one that claims
+            the name of another running node, told apart by ``node_id``, ``node-identity``: see
+            marsfs.node.identity; ``node_id`` may be absent: "")
     want=fetch: client: FETCH {from_lsn, prev_chain, watch}
                 server: RECORDS... (none when ``watch``: the mirror's fetch is paused) and
                         HEARTBEAT {uuid, head_lsn, durable_lsn, time, probe, lag_bytes,
@@ -77,6 +80,8 @@ import xxhash
 
 from marsfs.errors import ProtocolError
 from marsfs.log.record import CHAIN_SIZE, HEADER_SIZE, BadRecord, decode_header
+from marsfs.names import RULE as NAME_RULE
+from marsfs.names import is_name
 from marsfs.volume.blocksums import BLOCK, SUM_SIZE
 
 __all__ = [
@@ -100,6 +105,12 @@ FLAG_LZ4 = 0x1
 _MIN_COMPRESS = 512
 _OFFSET = struct.Struct("<Q")
 MAX_RANGES = 100_000  #: ranges in one SYNC_REQUEST/SYNC_INFO (16 bytes of JSON each: under MAX_FRAME)
+#: bytes of JSON a message may carry, after decompression: small for the messages that hold a few
+#: scalars, larger for the few that hold lists (see :data:`_JSON_LIMITS`). Parsing is the one cost
+#: a peer can make us pay per byte it sends; these keep it to what the message needs.
+MAX_JSON = 64 * 1024
+#: frames larger than this are decoded off the trio thread (what a decode costs grows with them)
+DECODE_IN_THREAD = 256 * 1024
 
 
 class MsgType(IntEnum):
@@ -194,15 +205,22 @@ class FrameDecoder:
                 raise ProtocolError(f"unknown message type {mtype}") from None
             if flags & ~FLAG_LZ4:
                 raise ProtocolError(f"unknown frame flags {flags:#x}")
+            limit = payload_limit(mt)
             if flags & FLAG_LZ4:
-                body = _decompress(body)
+                body = _decompress(body, limit, mt)
+            elif len(body) > limit:
+                raise ProtocolError(f"{mt.name}: payload of {len(body)} bytes exceeds {limit}")
             out.append(Frame(mt, body))
         return out
 
 
-def _decompress(body: bytes) -> bytes:
-    if len(body) < 4 or int.from_bytes(body[:4], "little") > MAX_FRAME:
-        raise ProtocolError("compressed frame claims more than the frame limit")
+def _decompress(body: bytes, limit: int, mt: MsgType) -> bytes:
+    """The payload of a compressed frame; its declared size is checked before anything is allocated."""
+    if len(body) < 4:
+        raise ProtocolError(f"{mt.name}: compressed payload without its size")
+    size = int.from_bytes(body[:4], "little")
+    if size > limit:
+        raise ProtocolError(f"{mt.name}: compressed payload claims {size} bytes, more than {limit}")
     try:
         out: bytes = lz4.block.decompress(body)
         return out
@@ -252,10 +270,13 @@ class Hello:
     TYPE: ClassVar[MsgType] = MsgType.HELLO
     proto: int = _field("uint")
     cluster: str = _field("str")
-    node: str = _field("str")
-    volume: str = _field("str")
+    node: str = _field("node")
+    volume: str = _field("volume")  #: "" for what is about no volume (metadata)
     want: Want = _field("want")
     epoch: int = _field("uint")
+    #: the client node's id (``STATE/node-id``): two daemons given one ``--node`` name differ in
+    #: it; "" when it says none (a HELLO from before ids; refused where that name runs with one)
+    node_id: str = _field("str", default="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +284,8 @@ class Welcome:
     """The server accepted a HELLO: the volume as it stands there."""
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
-    node: str = _field("str")
-    volume: str = _field("str")
+    node: str = _field("node")
+    volume: str = _field("volume")
     uuid: str = _field("str")
     size: int = _field("pos")
     epoch: int = _field("uint")
@@ -421,16 +442,32 @@ class SyncEnd:
 
 # ---------------------------------------------------------------------------- cluster metadata (want "meta")
 #
-#   client: HELLO {want: "meta", volume: "", epoch: 0}
-#   server: META_WELCOME {node, cluster}  |  ERROR {code: "cluster" | "protocol", error}
+#   client: HELLO {want: "meta", volume: "", epoch: 0, node_id}
+#   server: META_WELCOME {node, cluster}  |  ERROR {code: "cluster" | "protocol" | "unknown-node" | "node-identity", error}
 #   client: META_ENTRIES {entries, more}...  (until more is false)
 #   server: META_ENTRIES {entries, more}...  (until more is false); both close.
 # Each side merges what the other sent (marsfs.node.meta); a side of another cluster is refused.
 
 MAX_META_ENTRIES = 512  #: entries in one META_ENTRIES message
-MAX_META_KEY = 200  #: characters of a key (as marsfs.node.meta.MAX_KEY)
-MAX_META_VALUE = 2048  #: bytes of a value as compact JSON (as marsfs.node.meta.MAX_VALUE)
+MAX_META_KEY = 200  #: characters of a key (what a node stores is held to the same limits)
+MAX_META_VALUE = 2048  #: bytes of a value as compact JSON
 MAX_META_FRAMES = 128  #: META_ENTRIES messages one side sends in one exchange
+#: the largest Lamport clock of an entry: exact in any JSON reader, and far beyond what a cluster
+#: reaches by counting (a larger one can only be forged, and would stop every later write of the key)
+MAX_META_CLOCK = 2**53
+MAX_META_DEPTH = 8  #: levels of nested lists and objects in an entry's value
+
+
+def json_depth(value: Any) -> int:
+    """Levels of nested lists and objects in a parsed JSON value (0 for a scalar), counted without
+    recursion, so that no value is too deep to measure."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        v, d = level.pop()
+        if isinstance(v, (list, dict)):
+            depth = max(depth, d)
+            level.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return depth
 
 #: One entry on the wire: owner, key, Lamport clock, value (any JSON within the bounds).
 MetaEntry: TypeAlias = tuple[str, str, int, Any]
@@ -441,7 +478,7 @@ class MetaWelcome:
     """The server takes part in a metadata exchange: who it is and which cluster it is in."""
 
     TYPE: ClassVar[MsgType] = MsgType.META_WELCOME
-    node: str = _field("str")
+    node: str = _field("node")
     cluster: str = _field("str")
 
 
@@ -561,6 +598,19 @@ _JSON_TYPES: dict[MsgType, type[JsonMessage]] = {
                               Chains, SyncRequest, SyncInfo, SyncProgress, SyncEnd)}
 #: binary messages of an 8-byte offset and bytes
 _OFFSET_TYPES: dict[MsgType, type[SyncSums | SyncData]] = {cls.TYPE: cls for cls in (SyncSums, SyncData)}
+#: the JSON messages that hold lists, and what their largest legal payload needs
+_JSON_LIMITS: dict[MsgType, int] = {
+    MsgType.META_ENTRIES: 2 * 1024 * 1024,  # MAX_META_ENTRIES of MAX_META_KEY + MAX_META_VALUE and some
+    MsgType.SYNC_REQUEST: 4 * 1024 * 1024,  # MAX_RANGES [offset, length] pairs of up to ~30 bytes
+    MsgType.SYNC_INFO: 4 * 1024 * 1024,
+}
+
+
+def payload_limit(mt: MsgType) -> int:
+    """The largest (decompressed) payload a frame of type ``mt`` may carry."""
+    if mt in _JSON_TYPES:
+        return _JSON_LIMITS.get(mt, MAX_JSON)
+    return MAX_FRAME
 
 
 def encode_message(msg: Message, *, compress: bool = True) -> bytes:
@@ -611,6 +661,8 @@ def decode_message(frame: Frame) -> Message:
         obj = json.loads(frame.payload)
     except ValueError as e:
         raise ProtocolError(f"{name}: payload is not JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError(f"{name}: payload is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{name}: payload is not a JSON object")
     values: dict[str, Any] = {}
@@ -641,6 +693,10 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
     if kind == "str":
         if not isinstance(value, str):
             raise bad("must be a string")
+        return value
+    if kind in ("node", "volume"):
+        if not is_name(value) and not (kind == "volume" and value == ""):
+            raise bad(f"must be a name of {NAME_RULE}")
         return value
     if kind == "bool":
         if not isinstance(value, bool):
@@ -698,12 +754,14 @@ def _check_entries(msg: str, name: str, value: Any) -> tuple[MetaEntry, ...]:
         if not isinstance(e, list) or len(e) != 4:
             raise ProtocolError(f"{where} must be [owner, key, clock, value]")
         owner, key, clock, val = e
-        if not isinstance(owner, str) or not 0 < len(owner) <= 64:
-            raise ProtocolError(f"{where}: owner must be a node name")
+        if not is_name(owner):
+            raise ProtocolError(f"{where}: owner must be a node name of {NAME_RULE}")
         if not isinstance(key, str) or not 0 < len(key) <= MAX_META_KEY:
             raise ProtocolError(f"{where}: key must be a string of 1 to {MAX_META_KEY} characters")
-        if type(clock) is not int or clock < 1:
-            raise ProtocolError(f"{where}: clock must be a positive integer")
+        if type(clock) is not int or not 0 < clock <= MAX_META_CLOCK:
+            raise ProtocolError(f"{where}: clock must be an integer from 1 to {MAX_META_CLOCK}")
+        if json_depth(val) > MAX_META_DEPTH:
+            raise ProtocolError(f"{where}: value is nested deeper than {MAX_META_DEPTH} levels")
         if len(json.dumps(val, separators=(",", ":"))) > MAX_META_VALUE:
             raise ProtocolError(f"{where}: value is longer than {MAX_META_VALUE} bytes")
         out.append((owner, key, clock, val))

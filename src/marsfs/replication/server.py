@@ -15,6 +15,9 @@ Rules that hold here:
   is told (``volume-deleted``) and the connection ends. A failure while the volume is being
   deleted under a session is that deletion, not a bug. Mirrors are known per volume *uuid*,
   so a volume created under an old name starts with no mirrors.
+* Every HELLO of our protocol and cluster passes the node's gate first (``gate``): a peer in
+  no peer list, or a second node that claims the name of a running one, is refused before
+  anything is done for it, so it never replaces that node's hold or mirror line.
 * A peer that breaks the protocol is logged at INFO and disconnected; it is the peer's fault,
   not ours. Only an error nobody foresaw is logged with its traceback, and it still only ends
   that one connection.
@@ -47,6 +50,7 @@ from marsfs.aio import describe, single_error
 from marsfs.errors import MarsError, ProtocolError, VersionNotFound
 from marsfs.replication.channel import Channel, ConnectionLost
 from marsfs.replication.protocol import (
+    PROTO_VERSION,
     Ack,
     Error,
     Fetch,
@@ -76,6 +80,29 @@ from marsfs.volume.blocksums import block_sums
 logger = logging.getLogger(__name__)
 
 POLL = 0.01  #: how often a session with nothing to ship looks again
+
+
+class PeerGate(Protocol):
+    """Who may speak to this node (:class:`marsfs.node.identity.Identities` in a daemon): asked
+    for every HELLO of our protocol and cluster, before anything else is done for it."""
+
+    def admit(self, name: str, node_id: str, where: str) -> tuple[str, str] | None:
+        """None to accept (then :meth:`closed` is called when the connection ends), or the
+        refusal's code and message."""
+        ...
+
+    def closed(self, name: str, node_id: str) -> None: ...
+
+
+def peer_address(stream: trio.abc.Stream) -> str:
+    """Where a connection comes from, for a log line ("" when the stream does not say)."""
+    sock = getattr(stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("", 0)
+    except (OSError, ValueError, TypeError):
+        return ""
+    return f"{host}:{port}" if host else ""
+
 
 #: A conversation another module carries on after WELCOME (``want`` handover, compare): it gets
 #: the channel, the HELLO and the volume; the connection is closed when it returns.
@@ -145,8 +172,10 @@ class Server:
     def __init__(self, node: str, cluster: str, lookup: Callable[[str], Volume | None],
                  epoch_of: Callable[[str], int], peers: PeerTable,
                  meta: Callable[[Channel, Hello], Awaitable[None]] | None = None,
-                 conversations: Mapping[str, Conversation] | None = None, *, sync_rate: int = 0) -> None:
+                 conversations: Mapping[str, Conversation] | None = None, *, sync_rate: int = 0,
+                 gate: PeerGate | None = None) -> None:
         self.node = node
+        self.gate = gate  #: refuses peers in no peer list and a second node of one name (None: any peer)
         self.meta = meta  #: answers want "meta" (the node's metadata gossip; it checks the cluster)
         self.conversations = dict(conversations or {})  #: answer want "handover", "compare" after WELCOME
         self.sync_rate = sync_rate  #: bytes/s of fast sync data per connection (0: unlimited)
@@ -161,9 +190,16 @@ class Server:
         ch = Channel(stream)
         sess = ServingSession(self.node, self.cluster)
         vol: Volume | None = None
+        admitted: Hello | None = None
         try:
             hello = sess.receive(await ch.receive_message())
             assert isinstance(hello, Hello)
+            if self.gate is not None and hello.proto == PROTO_VERSION and hello.cluster == self.cluster:
+                refused = self.gate.admit(hello.node, hello.node_id, peer_address(stream))
+                if refused is not None:
+                    await self._refuse(ch, Error(code=refused[0], error=refused[1]))
+                    return
+                admitted = hello
             if hello.want == "meta":  # no volume: the node's metadata exchange
                 if self.meta is None:
                     await ch.send_message(Error(code="unknown-want", error=f"node {self.node} keeps no metadata"))
@@ -201,6 +237,8 @@ class Server:
             else:  # a bug in one peer's connection must not take the node down (G4)
                 logger.exception("replication connection from %s failed; dropping it", sess.peer)
         finally:
+            if admitted is not None and self.gate is not None:
+                self.gate.closed(admitted.node, admitted.node_id)
             await ch.aclose()
 
     async def _refuse(self, ch: Channel, error: Error) -> None:

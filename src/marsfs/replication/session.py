@@ -186,6 +186,8 @@ REFUSALS: Mapping[str, Stop] = {
     "error": Stop.RETRY,
     "unsupported": Stop.RETRY,
     "unknown-want": Stop.RETRY,
+    "unknown-node": Stop.RETRY,  # the source does not know us (yet: its --peer list may grow)
+    "node-identity": Stop.RETRY,  # another node of our name runs there: one of the two stops
 }
 
 

@@ -106,7 +106,7 @@ class VerifyResult:
 
 
 async def verify_with(vol: Volume, node: str, cluster: str, peer: str, connect: Connect, *, mine: bool,
-                      progress: VerifyProgress) -> VerifyResult:
+                      progress: VerifyProgress, node_id: str = "") -> VerifyResult:
     """Compare ``vol`` here with the same volume on ``peer``. ``mine``: the version is this
     node's current one (a mirror); else the peer's current one (a primary asks a mirror).
 
@@ -117,7 +117,7 @@ async def verify_with(vol: Volume, node: str, cluster: str, peer: str, connect: 
         if mine:
             await cmp.pin(vol.replayed_lsn)
         try:
-            ch, welcome = await open_channel(connect, hello(node, cluster, vol.name, "sums"))
+            ch, welcome = await open_channel(connect, hello(node, cluster, vol.name, "sums", node_id=node_id))
         except PeerRefused as e:
             raise PeerError(f"{peer} refused to verify {vol.name}: {e.message}") from None
         except (OSError, ConnectionLost, trio.TooSlowError) as e:
