@@ -139,9 +139,10 @@ def test_status_json_keys_are_pinned() -> None:
     assert d["split_versions"] == [{"name": "split-b-3", "node": "b", "fork_lsn": 3, "head_lsn": 9, "size": 1 << 20,
                                     "disk_bytes": 8192, "saved": 1.0, "clones": ["c"]}]
     assert d["positions"] == [{"node": "b", "role": "mirror", "state": "synced", "epoch": 1, "head_lsn": 5,
-                               "replayed_lsn": 5, "source": "a", "updated": 1.0, "last_heard": None}]
+                               "replayed_lsn": 5, "source": "a", "updated": 1.0, "last_heard": None, "stale": ""}]
     assert d["split_brain"] == [{"peer": "b", "fork_lsn": 3, "exact": True, "own_records": 1, "own_bytes": 10,
-                                 "peer_records": 2, "peer_bytes": 20, "found": 1.0}]
+                                 "peer_records": 2, "peer_bytes": 20, "found": 1.0, "own_written": None,
+                                 "peer_written": None, "peer_bytes_at_least": False}]
     assert d["failover_loss"] == {"source": "b", "epoch": 2, "start_lsn": 4, "records": 1, "bytes": 10,
                                   "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0,
                                   "held_by": "", "held_records": 0, "held_bytes": 0, "fork_lsn": -1}

@@ -461,7 +461,7 @@ def meta_lines(r: Mapping[str, Any]) -> list[str]:
         src = f" of {p['source']}" if p.get("source") else ""
         lines.append(f"{r['volume']}: node {p['node']}: {p['role']}{src} {p['state']}, epoch {p['epoch']}, "
                      f"head {p['head_lsn']}, replayed {p['replayed_lsn']}, published {now - p['updated']:.0f}s ago, "
-                     f"{heard}")
+                     f"{heard}" + (f"; {p['stale']}" if p.get("stale") else ""))
     return lines
 
 

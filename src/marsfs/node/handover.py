@@ -632,4 +632,5 @@ class Roles:
                            own_records=seen.ours[0], own_bytes=seen.ours[1], peer_records=seen.theirs[0],
                            peer_bytes=seen.theirs[1], found=time.time())
         self.node.record_split(name, split)
-        logger.error("volume %s: %s", name, split.describe(name))
+        now = next((s for s in self.node.splits(name) if s.peer == split.peer), split)  # who wrote what
+        logger.error("volume %s: %s", name, now.describe(name))
