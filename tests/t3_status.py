@@ -94,7 +94,7 @@ def test_split_brain_lines_count_what_each_side_wrote_and_fetched(tmp_path: Path
         fork = b.node.volumes["vm"].durable_lsn
         net.partition({"a"}, {"b", "c"})
         b.set_paused("vm", "fetch", False)
-        await b.primary("vm", force=True)
+        await b.primary("vm", force=True, accept_loss=True)  # c holds more: that is the point
         await wait_for(lambda: c.node.splits("vm") and b.node.splits("vm"), "c and b to record the split")
         vb = b.node.volumes["vm"]
         await trio.to_thread.run_sync(write, vb, 9, 1)  # one write and its flush: 2 records of b's own
