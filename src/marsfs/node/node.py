@@ -341,6 +341,11 @@ class Node:
         entry = self._entries.get(name)
         if vol is None and entry is not None and entry.failed:
             raise StateError(entry.failed)
+        if vol is None and entry is not None and entry.role is not None and entry.role.syncing:
+            # its first copy runs (or resumes): the name is taken, the image not served yet
+            raise VolumeNotFound(f"volume {name!r} is still being copied to node {self.name} from "
+                                 f"{entry.role.source} (its first sync) and is not served yet; wait for it: "
+                                 f"marsfs wait {name} --synced")
         if vol is None:
             known = ", ".join(sorted(self.volumes)) or "none"
             raise VolumeNotFound(f"no volume {name!r} on node {self.name} (volumes here: {known}); "
@@ -505,7 +510,10 @@ class Node:
         path = self.state / "volumes" / name
         entry = self._entries.get(name)
         if name in self.volumes or (entry is not None and entry.role is not None) or path.exists():
-            raise VolumeExists(f"volume {name!r} already exists on node {self.name}")
+            copying = (f" (being copied from {entry.role.source}: marsfs wait {name} --synced)"
+                       if name not in self.volumes and entry is not None and entry.role is not None
+                       and entry.role.syncing else "")
+            raise VolumeExists(f"volume {name!r} already exists on node {self.name}{copying}")
         return path
 
     def role(self, name: str) -> RoleRecord:
@@ -571,8 +579,11 @@ class Node:
                                  f"delete them first: marsfs delete {sorted(clones)[0]}")
             opens = self._entry(name).opens
             if opens and not force:
+                # a mirror leaves (leave has no --force for it); a primary's delete may force
+                then = (f"then run marsfs leave {name} again" if self.role(name).is_mirror
+                        else "or use marsfs delete --force")
                 raise VolumeBusy(f"volume {name!r} is open ({opens} handle(s), e.g. a loop device); "
-                                 "detach it first (losetup -d) or use --force")
+                                 f"detach it first (umount, losetup -d), {then}")
             if not self.role(name).is_mirror and mirrors and not force:
                 raise VolumeBusy(f"volume {name!r} is primary with mirrors ({', '.join(mirrors)}); "
                                  "let them leave first or use --force")

@@ -367,6 +367,16 @@ class FailoverLoss:
         return (f"{head} lost {bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between "
                 f"{_utc(self.oldest)} and {_utc(self.newest)}{later}")
 
+    def describe_risk(self) -> str:
+        """What a failover from ``source`` now would lose, before any happened (no epoch yet)."""
+        if not self.as_of:
+            return f"this node's fetch has no word from {self.source} to tell how much it lacks, so that is not known"
+        if not self.records:
+            return (f"as of {self.source}'s last word ({_utc(self.as_of)}) this node lacked no record, but "
+                    f"{self.source} may have written more since")
+        return (f"at least {self.records} records ({human_bytes(self.bytes)}) written between {_utc(self.oldest)} "
+                f"and {_utc(self.newest)}, and whatever {self.source} wrote after {_utc(self.as_of)}")
+
 
 def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else "an unknown time"

@@ -983,4 +983,4 @@ class Volume:
         """The LSN of a version a reader may open now: retained (at least the oldest version)
         and visible (at most the head on a primary, the replay position on a mirror).
         VersionNotFound otherwise, naming the oldest available version."""
-        return find_version(self.log, spec, self._oldest, self.replayed_lsn, self.name)
+        return find_version(self.log, spec, self._oldest, self.replayed_lsn, self.name, self.head_lsn)
