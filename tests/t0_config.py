@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,39 @@ def test_sizes(text: str, want: int) -> None:
 def test_bad_sizes(text: str) -> None:
     with pytest.raises(InvalidRequest):
         parse_size(text)
+
+
+SERVE = {**NO_FLAGS, "node": "n1", "mount": "/m"}
+
+
+def test_serve_refuses_a_cluster_id_that_is_empty(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--cluster '': give a non-empty cluster id"):
+        load_config(None, {**SERVE, "state": "/s", "cluster": ""})
+    conf = tmp_path / "c.toml"
+    conf.write_text('cluster = " "\n')
+    with pytest.raises(UsageError, match="--cluster ' ': give a non-empty cluster id"):
+        load_config(conf, {**SERVE, "state": "/s"})
+
+
+def test_serve_refuses_itself_as_a_peer() -> None:
+    """A peer is another node: this node's own name, or its own --listen address (the same
+    host and port), is refused."""
+    ok = {**SERVE, "state": "/s", "listen": "127.0.0.1:7600"}
+    with pytest.raises(UsageError, match=r"--peer n1=127.0.0.1:7601: n1 is this node's own name"):
+        load_config(None, {**ok, "peer": ["n1=127.0.0.1:7601"]})
+    with pytest.raises(UsageError, match=r"--peer n2=127.0.0.1:7600: that is this node's own --listen address"):
+        load_config(None, {**ok, "peer": ["n2=127.0.0.1:7600"]})
+    assert load_config(None, {**ok, "peer": ["n2=127.0.0.1:7601"]}).peers == {"n2": "127.0.0.1:7601"}
+
+
+def test_serve_refuses_a_log_space_its_filesystem_cannot_hold(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    total = st.f_blocks * st.f_frsize
+    state = tmp_path / "state-not-made-yet"
+    with pytest.raises(UsageError, match=rf"--log-space .* \({2 * total} bytes\) is more than the filesystem of "
+                                         rf"{state} holds \(.* in all\)"):
+        load_config(None, {**SERVE, "state": str(state), "log_space": str(2 * total)})
+    with pytest.raises(UsageError, match="is more than the filesystem"):
+        load_config(None, {**SERVE, "state": str(state), "log_space": "100000T"})
+    cfg = load_config(None, {**SERVE, "state": str(state), "log_space": "64M"})
+    assert cfg.log_space.size == 64 << 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -151,12 +152,27 @@ def test_a_members_position_is_told_against_the_askers_history() -> None:
     assert (t.relation, t.records, t.bytes, t.oldest, t.newest) == ("trimmed", 28, 0, 0.0, 0.0)
 
 
+def test_a_bound_never_lies_past_the_shorter_history() -> None:
+    """Our trimmed log starts past their head: the fork is at or before their head, not at or
+    before our first LSN (a bound past their head would leave them no tail at all)."""
+    ours = ModelLog(list(range(10)) + [-1] * 100, first=50)
+    theirs = ModelLog(list(range(10)) + [-2] * 20)
+    fork, _ = search(ours, theirs)
+    assert fork is not None and not fork.exact and 10 <= fork.lsn <= 30  # type: ignore[attr-defined]
+
+
 def test_status_words() -> None:
     split = SplitBrain(peer="a", fork_lsn=21, exact=True, own_records=5, own_bytes=2048, peer_records=11,
                        peer_bytes=4096, found=0.0)
     text = split.describe("vm")
     assert "fork after LSN 21" in text and "5 records (2.0 KiB)" in text and "a 11 (4.0 KiB)" in text
     assert "marsfs invalidate vm" in text and SplitBrain.from_json(split.to_json()) == split
+    old = {k: v for k, v in split.to_json().items() if k not in ("own_written", "peer_written", "peer_bytes_at_least")}
+    assert SplitBrain.from_json(old) == split, "a record from before the written counts still reads"
+    told = replace(split, own_written=0, peer_written=11, exact=False).describe("vm")
+    assert "holds at least 5 records (at least 2.0 KiB), none written here as primary (all fetched)" in told
+    assert "a at least 11 (at least 4.0 KiB), all written there as primary" in told
+    assert "3 written here as primary and 2 fetched" in replace(split, own_written=3).describe("vm")
     loss = FailoverLoss(source="a", epoch=2, start_lsn=22, records=11, bytes=4096, oldest=1e9, newest=1e9 + 5,
                         at_least=True, as_of=1e9 + 5)
     assert "lost at least 11 records (at least 4.0 KiB)" in loss.describe()

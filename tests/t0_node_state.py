@@ -139,9 +139,10 @@ def test_status_json_keys_are_pinned() -> None:
     assert d["split_versions"] == [{"name": "split-b-3", "node": "b", "fork_lsn": 3, "head_lsn": 9, "size": 1 << 20,
                                     "disk_bytes": 8192, "saved": 1.0, "clones": ["c"]}]
     assert d["positions"] == [{"node": "b", "role": "mirror", "state": "synced", "epoch": 1, "head_lsn": 5,
-                               "replayed_lsn": 5, "source": "a", "updated": 1.0, "last_heard": None}]
+                               "replayed_lsn": 5, "source": "a", "updated": 1.0, "last_heard": None, "stale": ""}]
     assert d["split_brain"] == [{"peer": "b", "fork_lsn": 3, "exact": True, "own_records": 1, "own_bytes": 10,
-                                 "peer_records": 2, "peer_bytes": 20, "found": 1.0}]
+                                 "peer_records": 2, "peer_bytes": 20, "found": 1.0, "own_written": None,
+                                 "peer_written": None, "peer_bytes_at_least": False}]
     assert d["failover_loss"] == {"source": "b", "epoch": 2, "start_lsn": 4, "records": 1, "bytes": 10,
                                   "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0,
                                   "held_by": "", "held_records": 0, "held_bytes": 0, "fork_lsn": -1}
@@ -149,3 +150,18 @@ def test_status_json_keys_are_pinned() -> None:
     assert d["dropped"] == {"b": 7} and d["peers"][0]["role"] == "mirror" and d["state"] == "up"
     assert st.failover_loss is not None and st.failover_loss.to_json() == d["failover_loss"]
     assert st.positions[0].node == "b" and st.handover is not None and st.handover.to_json() == d["handover"]
+
+
+def test_a_failover_not_made_is_not_described_as_made() -> None:
+    """What a refused handover says a failover would lose: no "forced failover from" and no
+    epoch 0, since none happened; the three cases of what the fetch knew."""
+    base = FailoverLoss(source="a", epoch=0, start_lsn=7, records=0, bytes=0, oldest=0.0, newest=0.0,
+                        at_least=True, as_of=0.0)
+    unknown = base.describe_risk()
+    known_none = dataclasses.replace(base, as_of=1.7e9).describe_risk()
+    some = dataclasses.replace(base, records=3, bytes=12288, oldest=1.7e9 - 5, newest=1.7e9, as_of=1.7e9).describe_risk()
+    assert "no word from a" in unknown and "not known" in unknown
+    assert known_none.startswith("as of a's last word (2023-11-14T22:13:20Z) this node lacked no record")
+    assert some.startswith("at least 3 records (12.0 KiB) written between 2023-11-14T22:13:15Z and")
+    for text in (unknown, known_none, some):
+        assert "forced failover" not in text and "epoch" not in text

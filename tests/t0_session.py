@@ -159,7 +159,7 @@ def test_hello_refusals(served: FakeVolume | None, greeting: Hello, code: str) -
 @pytest.mark.parametrize("served, mirror, code, words", [
     (volume(1, 30), volume(1, 20, diverged_after=15), "diverged", "split brain"),
     (volume(1, 30), volume(1, 31), "diverged", "beyond"),
-    (volume(21, 30), volume(1, 10), "log-trimmed", "full resync"),
+    (volume(21, 30), volume(1, 10), "log-trimmed", "must be resynced"),
 ], ids=["chain", "beyond-our-log", "log-trimmed"])
 def test_fetch_refusals(served: FakeVolume, mirror: FakeVolume, code: str, words: str) -> None:
     stop = Stop.SPLIT_BRAIN if code == "diverged" else Stop.RESYNC

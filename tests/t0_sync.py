@@ -331,3 +331,27 @@ def test_progress_lines_until_the_sync_is_done() -> None:
     assert lines[2] == "v: synced to LSN 9; now catching-up"
     with pytest.raises(MarsError, match="v: the sync stopped: state failed; boom"):
         follow_sync("v", lambda cmd, args: [{**row, "state": "failed", "errors": ["boom"]}], out=io.StringIO())
+
+
+def test_the_last_line_of_a_sync_is_not_a_momentary_disconnect() -> None:
+    """Right after the switch the fetch of the log reconnects: ``join --wait`` reports the state
+    that follows, and never "now disconnected" for that moment."""
+    row = {"volume": "v", "state": "syncing", "durable_lsn": 9, "errors": [], "sync_bytes": 0, "source": "n1"}
+    rows = [row, {**row, "state": "disconnected"}, {**row, "state": "disconnected"}, {**row, "state": "synced"}]
+    out = io.StringIO()
+    assert follow_sync("v", lambda cmd, args: [rows.pop(0)], out=out, every=0.0)["state"] == "synced"
+    assert out.getvalue().splitlines()[-1] == "v: synced to LSN 9; now synced" and rows == []
+    rows = [row, {**row, "state": "disconnected"}]  # still reconnecting when the wait is over
+    out = io.StringIO()
+    follow_sync("v", lambda cmd, args: [rows.pop(0) if len(rows) > 1 else rows[0]], out=out, every=0.0, settle=0.0)
+    last = out.getvalue().splitlines()[-1]
+    assert last == "v: synced to LSN 9; now reconnecting to n1 to fetch the log (see: marsfs status v)"
+
+
+def test_a_rate_of_0_is_refused_not_read_as_unlimited() -> None:
+    """``--sync-rate 0`` (and ``sync-rate = 0``) is a usage mistake like ``join --rate 0``:
+    leaving the option out is how to say "no limit"."""
+    base = {"node": "n1", "state": "/s", "mount": "/m"}
+    for zero in ("0", 0, "0M"):
+        with pytest.raises(UsageError, match=r"--sync-rate .*above 0.*leave it out for no limit"):
+            load_config(None, {**base, "sync_rate": zero})

@@ -398,3 +398,18 @@ def test_discard_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UsageError):
         run(COMMANDS["discard"], cli.build_parser().parse_args(["discard", "v"]), daemon)
     assert len(asked) == 1
+
+
+def test_a_version_a_mirror_has_not_replayed_is_not_called_lost(node: Node) -> None:
+    """On a mirror whose replay is behind, a version in its log but not replayed yet is named
+    so (wait, or use the primary), not "not retained" as if the history had moved past it."""
+    marks = _history(node)
+    make_mirror(node, "v")
+    vol = node.volume("v")
+    vol.replay_limit = marks[0]
+    for spec in (f"lsn-{marks[2]}", "m2"):
+        with pytest.raises(VersionNotFound, match=rf"v@?.*lsn-{marks[2]}.*not replayed yet on this node "
+                                                  rf"\(replayed up to lsn-{marks[0]}") as e:
+            node.clone("v", spec, "c")
+        assert "not retained" not in str(e.value) and "resume-replay v" in str(e.value)
+    assert node.clone("v", "m0", "c").name == "c"  # what it replayed clones as ever

@@ -15,13 +15,17 @@ import trio
 
 from marsfs import cli
 from marsfs.errors import (
+    DaemonNotRunning,
     DaemonRefused,
     DaemonRejectedUsage,
+    DaemonWentAway,
     InvalidRequest,
     MarsError,
     PeerError,
     UsageError,
+    VolumeBusy,
     VolumeError,
+    VolumeExists,
     WrongRole,
 )
 from marsfs.faces.commands import COMMANDS, Context, dispatch
@@ -126,7 +130,9 @@ def test_mirror_commands(node: Node) -> None:
     ("create", {"volume": "v", "size": True}, UsageError, "must be a size"),
     ("create", {"volume": 7, "size": MiB}, UsageError, "must be a non-empty string"),
     ("create", {"volume": "v", "size": MiB, "colour": "red"}, UsageError, "unknown argument"),
-    ("create", {"volume": "v", "size": "12Q"}, InvalidRequest, "cannot read size"),
+    ("create", {"volume": "v", "size": "12Q"}, UsageError, "cannot read size"),  # a usage mistake: exit 2
+    ("join", {"volume": "q", "source": "n2", "rate": 0}, UsageError, "above 0"),
+    ("invalidate", {"volume": "e", "rate": "0"}, UsageError, "above 0"),
     ("create", {"volume": "v", "size": 1000}, InvalidRequest, "multiple of 512"),
     ("create", {"volume": "bad/name", "size": MiB}, InvalidRequest, "invalid volume name"),
     ("create", {"volume": "e", "size": MiB}, VolumeError, "already exists"),
@@ -250,9 +256,15 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert c.name in out and c.help in out
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args([c.name, "--help"])
-        sub = capsys.readouterr().out
+        sub = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert " ".join((c.description or c.help).split()) in sub, c.name  # what the command does, in full
         for a in c.args:
             assert (a.flag or a.name) in sub or a.hidden, (c.name, a.name)
+            assert a.help is None or a.hidden or " ".join(a.help.split()) in sub, (c.name, a.name)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["delete", "--help"])
+    sub = " ".join(capsys.readouterr().out.split())
+    assert "marsfs leave" in sub and "mirrors" in sub and "clones" in sub and "a primary's or a clone" in sub
     assert "serve" in out
 
 
@@ -310,7 +322,10 @@ def test_client_side_checks_ask_no_daemon() -> None:
     d = FakeDaemon({})
     for argv, exc, match in [(["create", "bad/name", "--size", "1M"], InvalidRequest, "invalid volume name"),
                              (["create", ".hidden", "--size", "1M"], InvalidRequest, "invalid volume name"),
-                             (["create", "v", "--size", "12Q"], InvalidRequest, "cannot read size"),
+                             (["create", "v", "--size", "12Q"], UsageError, "cannot read size"),
+                             (["resize", "v", "12Q"], UsageError, "cannot read size"),
+                             (["join", "v", "--from", "n1", "--rate", "0"], UsageError, "above 0"),
+                             (["invalidate", "v", "--rate", "0"], UsageError, "above 0"),
                              (["wait", "v"], UsageError, "--synced")]:
         with pytest.raises(exc, match=match):
             cli_run(argv, d)
@@ -336,6 +351,8 @@ def test_main_exit_statuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "no marsfs daemon is running" in err and "marsfs serve" in err and err.count("\n") == 1
     assert cli.main(["--state", state, "create", "bad/name", "--size", "1M"]) == 1
     assert "invalid volume name" in capsys.readouterr().err
+    assert cli.main(["--state", state, "create", "v", "--size", "12Q"]) == 2  # as the guide says: a usage mistake
+    assert "cannot read size '12Q'" in capsys.readouterr().err
     assert cli.main(["--state", state, "wait", "v"]) == 2  # a usage error: usage, then the error
     err = capsys.readouterr().err
     assert err.startswith("usage: marsfs") and "say what to wait for" in err
@@ -369,3 +386,77 @@ def test_history_command_sets_and_shows_a_volumes_own_window(node: Node) -> None
     assert (args.command, args.volume, args.window) == ("history", "v", "24h")
     args = cli.build_parser().parse_args(["history", "v", "--json"])
     assert args.window is None and args.json
+
+
+def test_a_volume_in_its_first_sync_is_named_so(node: Node) -> None:
+    """While a mirror's first copy runs the name is taken but nothing is served: commands on it
+    say it is being copied and what to run, never "no volume ... create it"."""
+    node.begin_mirror("vm3", "n2", 1)  # what join does before the copy starts
+
+    async def body(ctx: Context) -> None:
+        for cmd, args in [("clone", {"version": "vm3@lsn-0", "volume": "c"}), ("verify", {"volume": "vm3"}),
+                          ("pause-fetch", {"volume": "vm3"}), ("mark", {"volume": "vm3", "name": "m"}),
+                          ("versions", {"volume": "vm3"})]:
+            with pytest.raises(VolumeError, match=r"'vm3' is still being copied to node n1 from n2 \(its first "
+                                                  r"sync\).*marsfs wait vm3 --synced") as e:
+                await dispatch(ctx, cmd, args)
+            assert "create it" not in str(e.value), cmd
+        with pytest.raises(VolumeExists, match=r"'vm3' already exists.*being copied from n2: marsfs wait vm3"):
+            await dispatch(ctx, "create", {"volume": "vm3", "size": MiB})
+
+    with_daemon(node, body)
+
+
+def test_refusals_of_leave_and_delete_advise_what_works(node: Node) -> None:
+    """An open mirror's leave is not told to add --force (leave --force needs --node); an open
+    primary's delete is."""
+    node.create("m", MiB)
+    node.create("p", MiB)
+    make_mirror(node, "m")
+    node.acquire("m")
+    node.acquire("p")
+
+    async def body(ctx: Context) -> None:
+        with pytest.raises(VolumeBusy, match=r"'m' is open .*detach it first .*then run marsfs leave m again") as e:
+            await dispatch(ctx, "leave", {"volume": "m"})
+        assert "--force" not in str(e.value)
+        with pytest.raises(VolumeBusy, match=r"'p' is open .*or use marsfs delete --force"):
+            await dispatch(ctx, "delete", {"volume": "p"})
+
+    with_daemon(node, body)
+
+
+def test_status_watch_clears_only_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """Into a file or a pipe ``status --watch`` writes the tables one after the other, without
+    the terminal's clear-screen codes."""
+    asked: list[int] = []
+
+    def daemon(cmd: str, args: dict[str, Any]) -> Any:
+        asked.append(1)
+        if len(asked) > 2:
+            raise MarsError("enough")
+        return [ROW]
+
+    with pytest.raises(MarsError, match="enough"):
+        cli_run(["status", "--watch", "--interval", "0"], daemon)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.count("VOLUME  ROLE") == 2 and "\n\nVOLUME" in out
+
+
+def test_resize_whose_daemon_went_away_says_what_is_known(capsys: pytest.CaptureFixture[str]) -> None:
+    """The daemon died after the resize was asked: the command line looks at the size once the
+    daemon answers again, or says how to find out; it never just reports a failure."""
+    went = DaemonWentAway("the daemon closed the control connection without answering; see its log")
+    grown = FakeDaemon({"resize": went, "status": [{**ROW, "size": 2 * MiB}]})
+    assert cli_run(["resize", "v", "2M"], grown) == 0
+    assert "v is 2.0 MiB (2097152 bytes) now: the resize applied" in capsys.readouterr().out
+    same = FakeDaemon({"resize": went, "status": [ROW]})
+    with pytest.raises(DaemonWentAway, match=r"did not apply: it is still 1.0 MiB.*marsfs resize v 2097152 again"):
+        cli_run(["resize", "v", "2M"], same)
+    gone = FakeDaemon({"resize": went, "status": DaemonNotRunning("no marsfs daemon is running")})
+    with pytest.raises(DaemonWentAway, match=r"went away during the resize of v to 2.0 MiB.*may have applied it.*"
+                                             r"marsfs status v shows the size"):
+        cli_run(["resize", "v", "2M"], gone)
+    ok = FakeDaemon({"resize": {"volume": "v", "size": 2 * MiB, "lsn": 4, "image": "/m/v.img"}})
+    assert cli_run(["resize", "v", "2M"], ok) == 0
+    assert capsys.readouterr().out.startswith("resized v to 2.0 MiB (2097152 bytes) at lsn-4")

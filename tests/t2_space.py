@@ -14,6 +14,7 @@ What holds:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +146,59 @@ def test_a_mirror_whose_replay_keeps_its_log_stops_fetching(small: Node) -> None
     m.replay_limit = m.durable_lsn  # replay goes on: its log may go
     small.enforce_space()
     assert "m" not in small.space.fetch_stopped and used(small) <= LIMIT * HIGH_WATER
+
+
+def test_a_dropped_mirror_is_told_only_where_that_mirror_fetches(small: Node) -> None:
+    """The warning about a mirror whose log was dropped (and its ``dropped`` bytes) is the
+    primary's, the node that mirror fetches from: once this node is a mirror it goes (the set of
+    changes stays, for the day it is primary again)."""
+    b = small.create("b", 64 * MiB, thin=True)
+    b.hold("mirror:m", b.durable_lsn)
+    fill(b, 14 * MiB, random.Random(7))
+    small.enforce_space()
+    row = volume_status(small, "b")
+    assert "mirror:m" in b.dropped() and row.dropped["m"] > 0
+    assert any("mirror m of b" in w for w in row.warnings), row.warnings
+    make_mirror(small, "b")
+    row = volume_status(small, "b")
+    assert row.dropped == {} and not any("mirror m of b" in w for w in row.warnings), row.warnings
+    assert "mirror:m" in b.dropped()
+
+
+def test_a_smaller_log_space_at_restart_applies_without_writes(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Restarted with a smaller limit and no write since: the first pass brings the log under it
+    (the segment started under the larger limit is sealed and goes whole), the history cut it
+    reports is the one that happened, and a pass that can free nothing says so once."""
+    big = Node.open(tmp_path / "state", "n1", log_space=LogSpaceSetting(size=1 << 30))
+    try:
+        a = big.create("a", 64 * MiB, thin=True)
+        fill(a, 20 * MiB, random.Random(5))
+        assert len(list((a.path / "log").glob("*.seg"))) == 1, "one segment, started under the larger limit"
+        head = a.head_lsn
+    finally:
+        big.close()
+    n = Node.open(tmp_path / "state", "n1", log_space=LogSpaceSetting(size=LIMIT))
+    try:
+        a = n.volumes["a"]
+        assert used(n) > LIMIT
+        n.maintain()
+        assert used(n) <= LIMIT * HIGH_WATER and a.head_lsn == head == a.applied_lsn
+        [cut] = [w for w in volume_status(n, "a").warnings if "history window of a" in w]
+        assert f"was cut at lsn-{head}" in cut and f"the oldest version is lsn-{head}" in cut
+        # an open version pins what log space needs: passes that free nothing say it once
+        fill(a, 14 * MiB, random.Random(6))
+        view = a.view(a.log.first_lsn)
+        try:
+            caplog.set_level(logging.INFO, logger="marsfs.node.space")
+            caplog.clear()
+            for _ in range(4):
+                n.enforce_space()
+            said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("log space: ")
+                    and "used" in r.getMessage()]
+            assert len(said) == 1 and "nothing could be freed" in said[0], said
+        finally:
+            view.close()
+        assert n.enforce_space() > 0
+    finally:
+        n.close()

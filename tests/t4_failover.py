@@ -5,7 +5,9 @@
   report the split brain (fork LSN, both tails), a refuses writes (EROFS) and keeps its tail.
   Ten runs, every one must show it.
 * A mirror c that lagged before the fork (its fetch paused) follows b by itself, becomes
-  identical to it, and is not in a split brain.
+  identical to it, and is not in a split brain. Right after the failover b lists the lost a
+  not as its mirror but as not following epoch 2; its loss line goes with the next handover.
+* The split-brain figures say each side wrote its tail as primary, the same on both sides.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def test_failover_then_split_brain_seen_by_both(harness: Harness, run: int) -> N
     assert (xa["peer"], xb["peer"]) == ("b", "a") and xa["exact"] and xb["exact"]
     assert xa["own_records"] == xb["peer_records"] == sa["head_lsn"] - fork > 0
     assert xb["own_records"] == xa["peer_records"] == sb["head_lsn"] - fork > 0
+    # each wrote its whole tail as primary, and both sides say so
+    assert xa["own_written"] == xb["peer_written"] == xa["own_records"]
+    assert xb["own_written"] == xa["peer_written"] == xb["own_records"]
     assert any("split brain with b" in e for e in sa["errors"])
     with pytest.raises(OSError) as e:
         os.open(a.image("vm"), os.O_RDWR)
@@ -88,6 +93,10 @@ def test_a_mirror_lagging_before_the_fork_follows_the_survivor(harness: Harness)
     wait_synced(b, "vm")
     lose(a)
     b.cli("primary", "vm", "--force")
+    sb = status(b, "vm")
+    assert sb["failover_loss"] is not None and [p["node"] for p in sb["peers"]] in ([], ["c"])
+    [pa] = [p for p in sb["positions"] if p["node"] == "a"]
+    assert "not following b (epoch 2) yet" in pa["stale"], pa  # the lost primary, not a mirror
     w.image = b.image("vm")
     w.write(10)
     c.cli("resume-fetch", "vm")
@@ -97,3 +106,6 @@ def test_a_mirror_lagging_before_the_fork_follows_the_survivor(harness: Harness)
     assert sc["state"] == "synced" and not sc["split_brain"] and sc["epoch"] == 2
     assert sha(c.image("vm")) == sha(b.image("vm"))
     assert w.check_prefix(c.image("vm")) == 40
+    c.cli("primary", "vm")  # a later epoch: b's failover loss is no news any more
+    wait_for(lambda: status(b, "vm")["role"] == "mirror", what="b to follow c")
+    assert status(b, "vm")["failover_loss"] is None

@@ -136,6 +136,8 @@ def test_leave_node_force_forgets_a_dead_mirror(harness: Harness) -> None:
     assert r.returncode == 1 and "this node" in r.stderr
     r = nodes["b"].cli("leave", "v", "--node", "a", "--force", check=False)
     assert r.returncode == 1 and "designated primary" in r.stderr
+    # a is alive: the way on is a handover, --force only for a dead primary
+    assert "make another node primary first: marsfs primary v there (a handover; only if a is dead" in r.stderr
     r = a.cli("leave", "v", "--node", "c", "--force")
     assert "removed node c from v" in r.stdout and "members now: a, b" in r.stdout
     st = status(a, "v")

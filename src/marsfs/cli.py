@@ -5,7 +5,7 @@ their arguments, help and output are defined there once, for this parser and for
 
 Errors are one line on stderr with exit status 1; usage errors exit 2 (argparse's
 convention); no tracebacks for anything a user can cause. A planned command that does not
-exist yet (``primary``, ``invalidate``, ...) says so in one line, whatever its arguments (exit 2).
+exist yet (:data:`marsfs.faces.commands.PLANNED`) says so in one line, whatever its arguments (exit 2).
 A reader that goes away (``marsfs status --watch | head``) ends the command quietly with exit
 status 141, as SIGPIPE ends other tools.
 """
@@ -62,20 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node", help="this node's name (immutable for a state directory)")
     s.add_argument("--mount", type=Path, metavar="DIR", help="where the volume images appear")
     s.add_argument("--listen", metavar="HOST:PORT", help="address for peers (replication)")
-    s.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT", help="a peer node (repeatable)")
+    s.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT", help="another node of the cluster (repeatable; not this node itself)")
     s.add_argument("--config", type=Path, metavar="FILE", help="TOML file with the same keys; flags win")
     s.add_argument("--history", action="append", metavar="SIZE|DURATION",
                    help="history kept per volume: a size (10G), a duration (24h, also s, min, d, w) or both "
                         "(10G,24h, or the flag twice): versions within either stay openable (default 256M)")
     s.add_argument("--log-space", metavar="SIZE|PCT%",
                    help="limit for the log bytes of all volumes together: a size (20G) or a percentage of the "
-                        "state filesystem (10%%); default: half of its free space plus what the logs take")
-    s.add_argument("--cluster", help="cluster id peers must share (default marsfs)")
+                        "state filesystem (10%%), at most its size; default: half of its free space plus what the logs take")
+    s.add_argument("--cluster", help="cluster id peers must share, not empty (default marsfs)")
     s.add_argument("--stop-timeout", metavar="S",
                    help="on SIGTERM, wait up to S seconds for open volumes to close (default 30; 0: stop at "
                         "once; inf: no limit); a second SIGTERM forces the stop")
     s.add_argument("--sync-rate", metavar="RATE",
-                   help="limit the fast sync data this node sends to each mirror to RATE bytes/s, like 50M "
+                   help="limit the fast sync data this node sends to each mirror to RATE bytes/s, above 0, like 50M "
                         "(default: unlimited; join/invalidate --rate limits one sync further)")
     s.add_argument("-v", "--verbose", action="store_true")
 

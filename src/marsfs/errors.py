@@ -142,6 +142,11 @@ class DaemonNotRunning(MarsError):
     """No daemon answers on the state directory's control socket."""
 
 
+class DaemonWentAway(MarsError):
+    """The daemon closed the control connection before it answered (it died or was stopped):
+    whether the command took effect is not known from here."""
+
+
 class DaemonRefused(MarsError):
     """The node's daemon refused a control command; the message is the daemon's own words.
 

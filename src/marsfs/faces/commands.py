@@ -9,8 +9,10 @@ Rules that hold here:
 
 * The request is checked against the table before a handler runs: an unknown command, a
   missing argument, an unknown one or a value of the wrong type is a :class:`UsageError`
-  (exit status 2), never a KeyError reported as an internal error. A value of the right type
-  that is not acceptable (a bad size, a bad name) is the node's refusal, as any other.
+  (exit status 2), never a KeyError reported as an internal error; so are a size that cannot
+  be read (``--size 12Q``) and a rate of 0 (leaving ``--rate`` out is how to say "no limit").
+  A readable value that is not acceptable (a size not a multiple of 512, a bad name) is the
+  node's refusal, as any other.
 * Some checks also run in the command line before the daemon is asked (``create`` checks the
   volume name and reads the size), so that a typo needs no daemon; the daemon checks again.
 * ``wait`` and ``status --watch`` are loops in the command line around ``status``; ``wait``
@@ -44,7 +46,7 @@ from typing import Any, TextIO
 
 import trio
 
-from marsfs.errors import MarsError, NotAvailable, UsageError, WrongRole
+from marsfs.errors import DaemonWentAway, MarsError, NotAvailable, UsageError, WrongRole
 from marsfs.faces.namespace import SUFFIX
 from marsfs.node import Node, check_volume_name, status
 from marsfs.node.cluster import Cluster
@@ -90,10 +92,34 @@ def switch(name: str, value: Any) -> bool:
 
 
 def size(name: str, value: Any) -> int:
-    """Bytes, or a size like ``512M``; a wrong type is a usage error, an unreadable size a refusal."""
+    """Bytes, or a size like ``512M``; a wrong type or an unreadable size is a usage error (a
+    readable size the node cannot take, such as one not a multiple of 512, is its refusal)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise UsageError(f"argument {name!r} must be a size (bytes or like 512M), not {value!r}")
-    return parse_size(str(value))
+    return read_size(str(value))
+
+
+def read_size(text: str) -> int:
+    """A size as the command line reads it: unreadable is a usage mistake (exit status 2)."""
+    try:
+        return parse_size(text)
+    except MarsError as e:
+        raise UsageError(str(e)) from None
+
+
+def rate(name: str, value: Any) -> int:
+    """Bytes per second above 0, like ``50M``: 0 is refused, not taken as "no limit" (leaving
+    the option out is the way to say that)."""
+    bps = size(name, value)
+    if bps <= 0:
+        raise UsageError(f"rate {value!r}: give bytes per second above 0, like 50M (without --rate the "
+                         "source's serve --sync-rate applies, unlimited by default)")
+    return bps
+
+
+def read_rate(text: str) -> int:
+    """``--rate`` as the command line reads it (see :func:`rate`)."""
+    return rate("rate", text)
 
 
 @dataclass(frozen=True)
@@ -156,6 +182,7 @@ class Command:
     text: Callable[[Any, argparse.Namespace], str] | None = None  #: the result as the command line prints it
     json: Callable[[Any, argparse.Namespace], Any] | None = None  #: what ``--json`` prints (needs a JSON arg)
     client: Callable[[Command, argparse.Namespace, Request], int] | None = None  #: a command-line loop
+    description: str | None = None  #: what ``COMMAND --help`` says above the options (default: ``help``)
 
     def __post_init__(self) -> None:
         assert (self.json is not None) == any(a.name == "json" for a in self.args), self.name
@@ -163,7 +190,7 @@ class Command:
     def add_parser(self, sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         """Add this command to argparse's subparsers (``sub``)."""
         assert self.help is not None, self.name
-        p = sub.add_parser(self.name, parents=parents, help=self.help)
+        p = sub.add_parser(self.name, parents=parents, help=self.help, description=self.description or self.help)
         for arg in self.args:
             arg.add_to(p)
 
@@ -338,6 +365,32 @@ def _resize_text(r: dict[str, Any], args: argparse.Namespace) -> str:
             f"device on {r['image']} sees it after: losetup -c DEVICE")
 
 
+def _resize_client(command: Command, args: argparse.Namespace, request: Request) -> int:
+    """Ask for the resize. A daemon that goes away before it answers may have applied it (the
+    RESIZE record is in the log): ask once more for the volume's size, and say what is known."""
+    wanted = command.request_args(args)
+    name, new = wanted["volume"], wanted["size"]
+    try:
+        result = request(command.name, wanted)
+    except DaemonWentAway:
+        try:
+            row = request("status", {"volume": name})[0]
+        except MarsError:
+            raise DaemonWentAway(f"the daemon went away during the resize of {name} to {human_bytes(new)} ({new} "
+                                 f"bytes); it may have applied it: once the daemon runs again, marsfs status {name} "
+                                 f"shows the size (run marsfs resize {name} {new} again if it is smaller)") from None
+        if row["size"] < new:
+            raise DaemonWentAway(f"the daemon went away during the resize of {name}, which did not apply: it is still "
+                                 f"{human_bytes(row['size'])} ({row['size']} bytes); run marsfs resize {name} {new} "
+                                 "again") from None
+        print(f"{name} is {human_bytes(row['size'])} ({row['size']} bytes) now: the resize applied, although the "
+              "daemon went away before it answered; a loop device on its image sees it after: losetup -c DEVICE",
+              flush=True)
+        return 0
+    command.show(args, result)
+    return 0
+
+
 async def _verify(ctx: Context, a: dict[str, Any]) -> Any:
     return {"jobs": ctx.cluster.verify(a["volume"], a["peer"])}
 
@@ -465,7 +518,7 @@ def meta_lines(r: Mapping[str, Any]) -> list[str]:
         src = f" of {p['source']}" if p.get("source") else ""
         lines.append(f"{r['volume']}: node {p['node']}: {p['role']}{src} {p['state']}, epoch {p['epoch']}, "
                      f"head {p['head_lsn']}, replayed {p['replayed_lsn']}, published {now - p['updated']:.0f}s ago, "
-                     f"{heard}")
+                     f"{heard}" + (f"; {p['stale']}" if p.get("stale") else ""))
     return lines
 
 
@@ -480,10 +533,18 @@ def peer_line(p: Mapping[str, Any]) -> str:
 
 
 def _status_loop(command: Command, args: argparse.Namespace, request: Request) -> int:
+    """``status``; with ``--watch`` again every ``--interval`` seconds: a terminal is cleared
+    before each table, anything else (a file, a pipe) gets the tables one after the other,
+    each after an empty line."""
+    first = True
     while True:
         rows = request("status", command.request_args(args))
         if args.watch and not args.json:
-            print("\x1b[H\x1b[2J", end="")
+            if sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")
+            elif not first:
+                print()
+        first = False
         command.show(args, rows)
         if not args.watch:
             return 0
@@ -560,13 +621,22 @@ def _sync_client(command: Command, args: argparse.Namespace, request: Request) -
     return 0
 
 
+#: seconds ``join --wait`` waits after the switch for the mirror's fetch of the log to connect
+SETTLE_AFTER_SYNC = 10.0
+
+
 def follow_sync(volume: str, request: Request, *, out: TextIO | None = None,
-                every: float = PROGRESS_LINE_EVERY) -> dict[str, Any]:
+                every: float = PROGRESS_LINE_EVERY, settle: float = SETTLE_AFTER_SYNC) -> dict[str, Any]:
     """Show a sync's progress until it is done; returns the last status row. A terminal gets
-    one line redrawn; anything else a line every ``every`` seconds (and the first one)."""
+    one line redrawn; anything else a line every ``every`` seconds (and the first one).
+
+    Right after the switch the mirror's fetch of the log reconnects (``disconnected`` for a
+    moment): the final line waits up to ``settle`` seconds for the state that follows, and
+    says "reconnecting" rather than a momentary ``disconnected``."""
     out = out if out is not None else sys.stderr
     tty = out.isatty()
     shown: float | None = None
+    done_at: float | None = None
     while True:
         row: dict[str, Any] = request("status", {"volume": volume})[0]
         if VolumeState(row["state"]) in STOPPED:
@@ -574,9 +644,16 @@ def follow_sync(volume: str, request: Request, *, out: TextIO | None = None,
                 print(file=out)
             raise MarsError(f"{volume}: the sync stopped: state {row['state']}; " + "; ".join(row["errors"]))
         if VolumeState(row["state"]) not in SYNCS:
+            done_at = time.monotonic() if done_at is None else done_at
+            disconnected = VolumeState(row["state"]) == VolumeState.DISCONNECTED
+            if disconnected and time.monotonic() - done_at < settle:
+                time.sleep(0.1)
+                continue
             if tty and shown is not None:
                 print(file=out)
-            print(f"{volume}: synced to LSN {row['durable_lsn']}; now {row['state']}", file=out, flush=True)
+            now = (f"reconnecting to {row.get('source') or 'its source'} to fetch the log (see: marsfs status "
+                   f"{volume})" if disconnected else row["state"])
+            print(f"{volume}: synced to LSN {row['durable_lsn']}; now {now}", file=out, flush=True)
             return row
         now = time.monotonic()
         if tty:
@@ -706,8 +783,8 @@ PLANNED: Mapping[str, str] = types.MappingProxyType({
 
 VOLUME = Arg("volume")
 JSON = Arg("json", flag="--json", required=False, parse=switch, wire=False)
-RATE = Arg("rate", "limit this sync's data to RATE bytes/s (like 50M; default: the source's --sync-rate)",
-           flag="--rate", required=False, parse=size, check=parse_size, metavar="RATE")
+RATE = Arg("rate", "limit this sync's data to RATE bytes/s, above 0 (like 50M; default: the source's --sync-rate)",
+           flag="--rate", required=False, parse=rate, check=read_rate, metavar="RATE")
 WAIT = Arg("wait", "show progress and return when the sync is done", flag="--wait", required=False, parse=switch,
            wire=False)
 
@@ -724,14 +801,19 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
     Command("ping", None, handler=_ping),
     Command("create", "create a volume; this node becomes its primary",
             (Arg("volume", check=check_volume_name),
-             Arg("size", "like 512M, 10G, or bytes", flag="--size", parse=size, check=parse_size),
+             Arg("size", "like 512M, 10G, or bytes", flag="--size", parse=size, check=read_size),
              Arg("thin", "do not reserve the base image on disk (writes fail with ENOSPC if the disk fills)",
                  flag="--thin", required=False, parse=switch)),
             _create, text=lambda r, a: f"created volume {r['volume']} ({human_bytes(r['size'])}"
                                        f"{', thin' if a.thin else ''}), primary on node {r['node']}"),
     Command("delete", "remove a volume from this node",
-            (VOLUME, Arg("force", "even while it is open", flag="--force", required=False, parse=switch)),
-            _delete, text=lambda r, a: f"deleted volume {a.volume}"),
+            (Arg("volume", "the volume (a primary's or a clone)"), Arg("force", "even while it is open (a loop device, a mount) or has mirrors; never while "
+                                  "clones read from it (delete them first)",
+                         flag="--force", required=False, parse=switch)),
+            _delete, text=lambda r, a: f"deleted volume {a.volume}",
+            description="remove a volume and its history from this node: a primary's, after its mirrors left "
+                        "(marsfs leave VOL on each), or a clone; a mirror's copy goes with marsfs leave VOL "
+                        "instead"),
     Command("status", "roles, LSNs, lag and errors",
             (Arg("volume", required=False), JSON,
              Arg("watch", "refresh until interrupted", flag="--watch", required=False, parse=switch, wire=False),
@@ -795,7 +877,7 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             _verify, json=lambda r, a: r, client=_verify_client),
     Command("verify-progress", None, (Arg("job"),), _verify_progress),
     Command("resize", "grow a volume (on its primary)",
-            (VOLUME, Arg("size", "the new size, like 20G, or bytes; never smaller", parse=size, check=parse_size)),
-            _resize, text=_resize_text),
+            (VOLUME, Arg("size", "the new size, like 20G, or bytes; never smaller", parse=size, check=read_size)),
+            _resize, text=_resize_text, client=_resize_client),
     *(_planned(name, what) for name, what in PLANNED.items()),
 )})

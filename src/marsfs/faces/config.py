@@ -33,7 +33,7 @@ from marsfs.errors import InvalidRequest, MarsError, UsageError
 from marsfs.node.cluster import DEFAULT_CLUSTER
 from marsfs.node.peers import parse_address
 from marsfs.node.space import LogSpaceSetting
-from marsfs.units import parse_size
+from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
 
 #: How long a SIGTERM waits for open volumes to close before it forces the stop (seconds).
@@ -115,21 +115,71 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
         log_space = LogSpaceSetting.parse(merged.get("log_space"))
     except InvalidRequest as e:
         raise UsageError(f"--log-space: {e}") from None
+    _check_log_space(log_space, Path(merged["state"]))
+    _check_peers(str(merged["node"]), None if listen is None else str(listen), peers)
     return ServeConfig(node=str(merged["node"]), state=Path(merged["state"]), mount=Path(merged["mount"]),
                        listen=None if listen is None else str(listen), peers=peers,
-                       cluster=str(merged.get("cluster", DEFAULT_CLUSTER)), history=history,
+                       cluster=_cluster(merged.get("cluster", DEFAULT_CLUSTER)), history=history,
                        stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
-                       log_space=log_space, sync_rate=_sync_rate(merged.get("sync_rate", 0)))
+                       log_space=log_space, sync_rate=_sync_rate(merged.get("sync_rate")))
 
 
 def _sync_rate(value: Any) -> int:
-    """Bytes per second, like ``50M`` (0: unlimited)."""
+    """Bytes per second above 0, like ``50M``; None (not given): unlimited, as 0 stands for
+    inside. A 0 given is refused rather than read as "no limit", like ``join --rate 0``."""
+    if value is None:
+        return 0
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise UsageError(f"--sync-rate {value!r}: give bytes per second, like 50M (0: unlimited)")
+        raise UsageError(f"--sync-rate {value!r}: give bytes per second, like 50M (leave it out for no limit)")
     try:
-        return parse_size(str(value)) if value not in (0, "0") else 0
+        rate = parse_size(str(value))
     except MarsError as e:
         raise UsageError(f"--sync-rate: {e}") from None
+    if rate <= 0:
+        raise UsageError(f"--sync-rate {value!r}: give bytes per second above 0, like 50M (leave it out for no "
+                         "limit)")
+    return rate
+
+
+def _cluster(value: Any) -> str:
+    """The cluster id: a non-empty string (peers compare it in every hello)."""
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"--cluster {value!r}: give a non-empty cluster id that every node of the cluster "
+                         f"shares (default {DEFAULT_CLUSTER})")
+    return value
+
+
+def _check_peers(node: str, listen: str | None, peers: dict[str, str]) -> None:
+    """Refuse a ``--peer`` that is this node itself: its own name, or its own ``--listen``
+    address (the same host and port as written; another spelling of the same address is not
+    detected here)."""
+    own = parse_address(listen) if listen is not None else None
+    for name, addr in peers.items():
+        if name == node:
+            raise UsageError(f"--peer {name}={addr}: {name} is this node's own name; list the other nodes only")
+        if own is not None and parse_address(addr) == own:
+            raise UsageError(f"--peer {name}={addr}: that is this node's own --listen address; give {name}'s "
+                             "address, or leave this node out of its own peers")
+
+
+def _check_log_space(setting: LogSpaceSetting, state: Path) -> None:
+    """Refuse a ``--log-space`` size the state filesystem cannot hold at all (more than its
+    whole size), naming both; the filesystem is that of the state directory, or of its
+    nearest existing parent before the first start."""
+    if setting.size is None:
+        return
+    where = state
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return  # the state directory itself is refused later, with its own reason
+    total = st.f_blocks * st.f_frsize
+    if setting.size > total:
+        raise UsageError(f"--log-space {setting.describe()} ({setting.size} bytes) is more than the filesystem of "
+                         f"{state} holds ({human_bytes(total)} in all); give at most that, like "
+                         f"{human_bytes(total // 2)}, or a percentage such as 10%")
 
 
 def _stop_timeout(value: Any) -> float:

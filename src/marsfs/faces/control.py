@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from marsfs.errors import DaemonNotRunning, DaemonRefused, DaemonRejectedUsage, MarsError
+from marsfs.errors import DaemonNotRunning, DaemonRefused, DaemonRejectedUsage, DaemonWentAway, MarsError
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +140,18 @@ def call(state: Path, cmd: str, timeout: float | None = 60.0, **args: Any) -> An
                 f"marsfs serve --node NAME --state {state} --mount DIR") from None
         except PermissionError:
             raise MarsError(f"permission denied on {path}: the control socket is root-only; run as root") from None
-        s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                raise MarsError("the daemon closed the control connection without answering; see its log")
-            buf += chunk
+        try:
+            s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        if not buf.endswith(b"\n"):
+            raise DaemonWentAway("the daemon closed the control connection without answering; see its log")
     except TimeoutError:
         raise MarsError(f"the daemon did not answer {cmd!r} within {timeout:.0f} s; see its log") from None
     finally:

@@ -307,6 +307,26 @@ class Log:
             if self._segments[-1].count:
                 self._rotate_locked()
 
+    def trim_points(self) -> list[int]:
+        """The LSNs up to which :meth:`trim` can free something: the last LSN of each segment
+        but the active one, oldest first (freeing up to an LSN between them frees only up to
+        the one below it)."""
+        with self._lock:
+            return [seg.last_lsn for seg in self._segments[:-1]]
+
+    def seal_oversized(self) -> bool:
+        """Start a new segment when the active one is larger than :attr:`segment_bytes` (the
+        size was lowered after it was started, e.g. a smaller log space at a restart): until it
+        is sealed, :meth:`trim` cannot delete it, and without writes nothing else seals it.
+        Returns whether it did."""
+        with self._lock:
+            self._check_failed()
+            seg = self._segments[-1]
+            if not seg.count or seg.end <= self.segment_bytes:
+                return False
+            self._rotate_locked()
+            return True
+
     def _rotate_locked(self) -> None:
         """Close the active segment durably and start the next one.
 

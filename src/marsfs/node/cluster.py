@@ -457,7 +457,9 @@ class Cluster:
             raise InvalidRequest(f"{node} is this node: to stop mirroring {name} here run: marsfs leave {name}")
         if d is not None and d.node == node:
             raise InvalidRequest(f"{node} is the designated primary of {name} (epoch {d.epoch}) and cannot be "
-                                 f"removed; make a survivor primary first (marsfs primary {name} --force there)")
+                                 f"removed; make another node primary first: marsfs primary {name} there (a "
+                                 f"handover; only if {node} is dead: marsfs primary {name} --force), then run "
+                                 "this again")
         known = self.meta.members(name) | {p.node for p in self.peer_table.for_volume(name, vol.uuid)}
         if node not in known:
             raise VolumeNotFound(f"node {node} does not hold volume {name} as far as this node knows "

@@ -285,7 +285,7 @@ class Roles:
         loss = self._loss(name, source)
         return (f"cannot reach {source}, the primary of {name} ({why}); a planned handover needs it. Wait for it, "
                 f"or if it is lost: marsfs primary {name} --force makes this node primary with what it has, "
-                f"losing what it did not fetch: {loss.describe()}")
+                f"losing what it did not fetch: {loss.describe_risk()}")
 
     async def fail_over(self, name: str, *, accept_loss: bool = False) -> dict[str, Any]:
         """Forced failover: this node becomes primary of ``name`` without its primary (or, in a
@@ -632,4 +632,5 @@ class Roles:
                            own_records=seen.ours[0], own_bytes=seen.ours[1], peer_records=seen.theirs[0],
                            peer_bytes=seen.theirs[1], found=time.time())
         self.node.record_split(name, split)
-        logger.error("volume %s: %s", name, split.describe(name))
+        now = next((s for s in self.node.splits(name) if s.peer == split.peer), split)  # who wrote what
+        logger.error("volume %s: %s", name, now.describe(name))

@@ -361,6 +361,12 @@ class ClusterMeta:
         self.put(position_key(volume), position.to_json())
         return True
 
+    def withdraw(self, volume: str) -> None:
+        """This node holds ``volume`` no more (it left or deleted it): its position becomes a
+        tombstone, so it is no member and shows no position anywhere, until it publishes again."""
+        if self.get(self.node, position_key(volume)) is not None:
+            self.put(position_key(volume), None)
+
     def position(self, owner: str, volume: str) -> Position | None:
         return Position.from_json(self.get(owner, position_key(volume)))
 

@@ -72,7 +72,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.names import RULE as NAME_RULE
 from marsfs.names import is_name
 from marsfs.node.identity import load_node_id
-from marsfs.node.meta import META_FILE, ClusterMeta
+from marsfs.node.meta import META_FILE, ClusterMeta, primary_key
 from marsfs.node.space import LogSpace, LogSpaceSetting, free_bytes
 from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
 from marsfs.node.volstate import FenceHolder, Role
@@ -345,6 +345,11 @@ class Node:
         entry = self._entries.get(name)
         if vol is None and entry is not None and entry.failed:
             raise StateError(entry.failed)
+        if vol is None and entry is not None and entry.role is not None and entry.role.syncing:
+            # its first copy runs (or resumes): the name is taken, the image not served yet
+            raise VolumeNotFound(f"volume {name!r} is still being copied to node {self.name} from "
+                                 f"{entry.role.source} (its first sync) and is not served yet; wait for it: "
+                                 f"marsfs wait {name} --synced")
         if vol is None:
             known = ", ".join(sorted(self.volumes)) or "none"
             raise VolumeNotFound(f"no volume {name!r} on node {self.name} (volumes here: {known}); "
@@ -510,7 +515,10 @@ class Node:
         path = self.state / "volumes" / name
         entry = self._entries.get(name)
         if name in self.volumes or (entry is not None and entry.role is not None) or path.exists():
-            raise VolumeExists(f"volume {name!r} already exists on node {self.name}")
+            copying = (f" (being copied from {entry.role.source}: marsfs wait {name} --synced)"
+                       if name not in self.volumes and entry is not None and entry.role is not None
+                       and entry.role.syncing else "")
+            raise VolumeExists(f"volume {name!r} already exists on node {self.name}{copying}")
         return path
 
     def role(self, name: str) -> RoleRecord:
@@ -577,8 +585,11 @@ class Node:
                                  f"delete them first: marsfs delete {sorted(clones)[0]}")
             opens = self._entry(name).opens
             if opens and not force:
+                # a mirror leaves (leave has no --force for it); a primary's delete may force
+                then = (f"then run marsfs leave {name} again" if self.role(name).is_mirror
+                        else "or use marsfs delete --force")
                 raise VolumeBusy(f"volume {name!r} is open ({opens} handle(s), e.g. a loop device); "
-                                 "detach it first (losetup -d) or use --force")
+                                 f"detach it first (umount, losetup -d), {then}")
             if not self.role(name).is_mirror and mirrors and not force:
                 raise VolumeBusy(f"volume {name!r} is primary with mirrors ({', '.join(mirrors)}); "
                                  "let them leave first or use --force")
@@ -597,6 +608,7 @@ class Node:
             if name not in self.volumes and entry is not None and entry.failed:
                 self._entries.pop(name, None)
                 self._discard(self.state / "volumes" / name)
+                self._withdraw(name)
                 logger.info("deleted volume %s (it was not served: %s)", name, entry.failed)
                 return
             self.check_delete(name, force=force, mirrors=mirrors)
@@ -609,6 +621,7 @@ class Node:
         except MarsError as e:  # the log could not be made durable: it is being removed anyway
             logger.info("closing volume %s for its deletion: %s", name, e)
         self._discard(vol.path)
+        self._withdraw(name)
         logger.info("deleted volume %s", name)
 
     def discard_failed(self, name: str) -> Path:
@@ -627,6 +640,15 @@ class Node:
             fsync_dir(path.parent)
             del self._entries[name]
             return target
+
+    def _withdraw(self, name: str) -> None:
+        """Tell the cluster this node holds no copy of ``name`` any more (members and positions
+        elsewhere forget it). The volume is gone either way: a metadata file that cannot be
+        written now (a full disk) is said, and the withdrawal is gossiped once it can be."""
+        try:
+            self.meta.withdraw(name)
+        except MarsError as e:
+            logger.warning("deleted volume %s, but could not record it in the cluster metadata yet: %s", name, e)
 
     def _discard(self, path: Path) -> None:
         """Remove a volume directory without needing free space (see :meth:`delete`)."""
@@ -769,11 +791,44 @@ class Node:
         logger.info("volume %s is primary here from LSN %d, epoch %d", name, vol.head_lsn + 1, epoch)
 
     def splits(self, name: str) -> list[SplitBrain]:
-        """The unresolved split brains of ``name`` here, by peer."""
+        """The unresolved split brains of ``name`` here, by peer, with their figures as they
+        are now: this node's tail from its log, the peer's from its newer published position,
+        and on each side how much of it that side wrote as primary (:meth:`written_after`)."""
         with self._lock:
             entry = self._entries.get(name)
             splits = entry.splits if entry is not None else {}
-            return [splits[p] for p in sorted(splits)]
+            found = [splits[p] for p in sorted(splits)]
+            vol = self.volumes.get(name)
+            role = entry.role if entry is not None else None
+        if vol is None or role is None:
+            return found
+        return [self._split_now(name, vol, role, s) for s in found]
+
+    def _split_now(self, name: str, vol: Volume, role: RoleRecord, s: SplitBrain) -> SplitBrain:
+        fork, head = s.fork_lsn, vol.head_lsn
+        own_records = max(0, head - fork)
+        own_bytes = (s.own_bytes if own_records == s.own_records
+                     else vol.log.bytes_between(max(fork, vol.log.first_lsn - 1), head))
+        p = self.meta.position(s.peer, name)
+        peer_head = p.head_lsn if p is not None and p.updated > s.found else fork + s.peer_records
+        peer_written = (self.written_after(name, s.peer, p.role, p.epoch, fork, peer_head) if p is not None
+                        else None)
+        return replace(s, own_records=own_records, own_bytes=own_bytes,
+                       own_written=self.written_after(name, self.name, role.role, role.epoch, fork, head),
+                       peer_records=max(0, peer_head - fork), peer_written=peer_written,
+                       peer_bytes_at_least=peer_head - fork > s.peer_records)
+
+    def written_after(self, name: str, owner: str, role: str, epoch: int, fork: int, head: int) -> int:
+        """How many of ``owner``'s records ``(fork, head]`` of ``name`` it wrote itself as primary:
+        those from the start of the epoch it claimed last, if it is primary in that epoch (a
+        mirror's records after a fork were fetched: it turns mirror only with a prefix)."""
+        if role != Role.PRIMARY:
+            return 0
+        claim = self.meta.get(owner, primary_key(name))
+        start = claim.get("start_lsn") if isinstance(claim, dict) and claim.get("epoch") == epoch else None
+        if type(start) is not int:
+            return 0
+        return max(0, head - max(fork, start - 1))
 
     def record_split(self, name: str, split: SplitBrain) -> None:
         """Remember (persistently) a split brain with ``split.peer``; it stays until cleared."""
@@ -794,9 +849,18 @@ class Node:
             self._write_splits(name)
 
     def failover_loss(self, name: str) -> FailoverLoss | None:
+        """What the forced failover that made this node primary may have lost, while that is
+        news of now: this node is primary in the epoch the failover started and no later epoch
+        started anywhere (the record stays, but a handover on, a later failover or turning
+        mirror ends what it describes). None otherwise."""
         with self._lock:
             entry = self._entries.get(name)
-            return entry.loss if entry is not None else None
+            loss = entry.loss if entry is not None else None
+            role = entry.role if entry is not None else None
+        if loss is None or role is None or role.role != Role.PRIMARY or role.epoch != loss.epoch:
+            return None
+        d = self.meta.designated(name)
+        return loss if d is None or d.epoch <= loss.epoch else None
 
     def record_failover(self, name: str, loss: FailoverLoss) -> None:
         with self._lock:

@@ -164,6 +164,7 @@ class LogSpace:
         self.last_limit = self.setting.size or MIN_LOG_SPACE  #: computed at every pass (and by adopt)
         self.passes = 0  #: enforcement passes that freed something (tests, metrics)
         self._volumes: list[Volume] = []  #: the node's volumes, as :meth:`adopt` last saw them
+        self._stuck_said = False  #: a pass that freed nothing was logged (once, until one frees)
 
     def check(self) -> None:
         """Refuse a percentage that comes out too small on this filesystem (at start)."""
@@ -234,10 +235,16 @@ class LogSpace:
             if used <= limit * HIGH_WATER:
                 self._forget_pins(vols)
                 self.fetch_stopped.clear()
+                self._stuck_said = False
                 return 0
             need = used - int(limit * LOW_WATER)
             freed = 0
             now = time.time_ns() if now_ns is None else now_ns
+            for vol in vols:  # a segment started under a larger limit cannot go until it is sealed
+                try:
+                    vol.log.seal_oversized()
+                except MarsError as e:
+                    logger.info("log space: cannot seal the log segment of %s: %s", vol.name, e)
             for drop in (False, True):  # history first, then mirrors' holds
                 for vol in sorted(vols, key=lambda v: v.log.end_bytes, reverse=True):
                     if freed >= need:
@@ -246,19 +253,25 @@ class LogSpace:
                         freed += self._free(vol, need - freed, drop, history_of(vol.name), now)
                     except MarsError as e:  # the volume's disk fault (it stands in its status); the others go on
                         logger.info("log space: cannot free log of %s: %s", vol.name, e)
-            self.passes += 1
             self._stop_fetching(vols, used - freed > limit * HIGH_WATER)
-            logger.info("log space: %s of %s used, freed %s", human_bytes(used), human_bytes(limit), human_bytes(freed))
+            if freed:
+                self.passes += 1
+                self._stuck_said = False
+                logger.info("log space: %s of %s used, freed %s", human_bytes(used), human_bytes(limit),
+                            human_bytes(freed))
+            elif not self._stuck_said:  # said once until a pass frees something or the logs fit again
+                self._stuck_said = True
+                logger.info("log space: %s of %s used, nothing could be freed now; status says what keeps it",
+                            human_bytes(used), human_bytes(limit))
             return freed
 
     def _free(self, vol: Volume, need: int, drop: bool, history: Retention, now_ns: int) -> int:
         before = vol.log.end_bytes
         if not drop:  # the log shrinks by whole segments: cut a segment more history rather than drop a mirror
             need += vol.log.segment_bytes
-        upto = min(vol.log.floor_keeping(max(0, before - need)), vol.durable_lsn)
-        if not drop:
-            upto = min(upto, vol.hold_floor())
-        if upto <= vol.log.first_lsn:  # nothing whole to free here at this stage
+        cap = min(vol.durable_lsn, vol.hold_floor()) if not drop else vol.durable_lsn
+        upto = _whole_segments(vol.trim_points(), vol.log.floor_keeping(max(0, before - need)), cap)
+        if upto < vol.log.first_lsn:  # nothing whole to free here at this stage
             return 0
         window_floor = min(vol.durable_lsn, max(vol.applied_lsn, history.floor(vol.log, now_ns)))
         dropped_before = set(vol.dropped())
@@ -292,8 +305,10 @@ class LogSpace:
 
     # ------------------------------------------------------------------ status
 
-    def warnings(self, vol: Volume, history: Retention, now_ns: int | None = None) -> list[str]:
-        """What status says about ``vol`` and log space (see the module doc)."""
+    def warnings(self, vol: Volume, history: Retention, now_ns: int | None = None, *,
+                 primary: bool = True) -> list[str]:
+        """What status says about ``vol`` and log space (see the module doc), where it applies:
+        mirrors' dropped log on a primary (the node they fetch from), a stopped fetch on a mirror."""
         out: list[str] = []
         cut = self.cuts.get(vol.name)
         if cut is not None:
@@ -303,7 +318,7 @@ class LogSpace:
                 out.append(f"log space ran out (limit {human_bytes(self.last_limit)}): the history window of "
                            f"{vol.name} ({history.describe()}) was cut at lsn-{cut.lsn}; the oldest version is "
                            f"lsn-{vol.oldest_version_lsn}; raise --log-space or shorten the history")
-        for key, cs in sorted(vol.dropped().items()):
+        for key, cs in sorted(vol.dropped().items()) if primary else ():
             mirror = hold_mirror(key) or key
             out.append(f"log space ran out: mirror {mirror} of {vol.name} fell behind by more than the log space; "
                        f"its log up to lsn-{cs.upto} was dropped and it will copy {human_bytes(cs.bytes)} of changed "
@@ -311,11 +326,22 @@ class LogSpace:
                        f"leave {vol.name} --node {mirror} --force here)")
         if vol.name in self.pinned:
             out.append(self.pinned[vol.name])
-        if vol.name in self.fetch_stopped:
+        if vol.name in self.fetch_stopped and not primary:
             out.append(f"log space is full: fetching of {vol.name} stopped, because its replay (at lsn-"
                        f"{vol.replay_limit}) keeps {human_bytes(vol.log.end_bytes)} of log; it fetches again once "
                        f"replay lets log go (marsfs resume-replay {vol.name}) or --log-space is raised")
         return out
+
+
+def _whole_segments(points: list[int], want: int, cap: int) -> int:
+    """How far to free: the first whole-segment end at or past ``want`` (the log goes by whole
+    segments), or the last one at or below ``cap`` if that is beyond it; 0 if none. Never
+    between two ends: writeback past the last end that trim can delete would cut history for
+    nothing."""
+    past = next((p for p in points if p >= want), points[-1] if points else 0)
+    if past <= cap:
+        return past
+    return max((p for p in points if p <= cap), default=0)
 
 
 def _window_whole(vol: Volume, history: Retention, now_ns: int | None) -> bool:

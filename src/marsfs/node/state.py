@@ -29,7 +29,7 @@ State diagram of a volume on one node (docs/architecture.md draws it)::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -237,6 +237,9 @@ class PositionStatus:
     source: str
     updated: float  #: when it published it (wall time)
     last_heard: float | None  #: our last metadata exchange with it (wall time; None: never)
+    #: why this word no longer says what the node is ("" when it does): it is from before the
+    #: designated primary's epoch (the node did not follow it yet, and may be unreachable)
+    stale: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)
@@ -258,7 +261,10 @@ class HandoverStatus:
 class SplitBrain:
     """A split brain with ``peer`` found from chain hashes: the histories share everything up to
     ``fork_lsn`` (``exact``) or at most up to it (the logs no longer hold the fork), and each
-    side wrote ``records``/``bytes`` after it. Persisted until the operator resolves it."""
+    side holds ``records``/``bytes`` after it, of which ``written`` it wrote itself as primary
+    (the rest it fetched from the primary it mirrored; None: not known). Persisted until the
+    operator resolves it, with the figures as the comparison found them; status shows them as
+    they are now (:meth:`marsfs.node.Node.splits`)."""
 
     peer: str
     fork_lsn: int
@@ -268,21 +274,39 @@ class SplitBrain:
     peer_records: int
     peer_bytes: int
     found: float  #: wall time
+    own_written: int | None = None
+    peer_written: int | None = None
+    #: the peer holds more after the fork than when compared: ``peer_bytes`` is a lower bound
+    peer_bytes_at_least: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SplitBrain:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d or f.default is MISSING})
 
     def describe(self, volume: str) -> str:
         at = f"LSN {self.fork_lsn}" if self.exact else f"LSN {self.fork_lsn} or before"
-        return (f"split brain with {self.peer}: the histories fork after {at}; this node wrote "
-                f"{self.own_records} records ({human_bytes(self.own_bytes)}) after it, {self.peer} "
-                f"{self.peer_records} ({human_bytes(self.peer_bytes)}); replication between them stopped. Keep one "
-                f"side: on the node whose writes are to be discarded, close the image and run marsfs "
-                f"invalidate {volume}")
+        bound = "" if self.exact else "at least "  # a fork further back means longer tails
+        peer_bytes = f"{'at least ' if self.peer_bytes_at_least else bound}{human_bytes(self.peer_bytes)}"
+        return (f"split brain with {self.peer}: the histories fork after {at}; after it this node holds "
+                f"{bound}{self.own_records} records ({bound}{human_bytes(self.own_bytes)})"
+                f"{_written(self.own_records, self.own_written, 'here')}, {self.peer} {bound}{self.peer_records} "
+                f"({peer_bytes}){_written(self.peer_records, self.peer_written, 'there')}; replication between them "
+                f"stopped. Keep one side: on the node whose writes are to be discarded, close the image and run "
+                f"marsfs invalidate {volume}")
+
+
+def _written(records: int, written: int | None, where: str) -> str:
+    """How many of a side's records after the fork it wrote as primary, in words."""
+    if written is None or not records:
+        return ""
+    if written >= records:
+        return f", all written {where} as primary"
+    if not written:
+        return f", none written {where} as primary (all fetched)"
+    return f", {written} written {where} as primary and {records - written} fetched"
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +366,16 @@ class FailoverLoss:
                     f"lacked){later}")
         return (f"{head} lost {bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between "
                 f"{_utc(self.oldest)} and {_utc(self.newest)}{later}")
+
+    def describe_risk(self) -> str:
+        """What a failover from ``source`` now would lose, before any happened (no epoch yet)."""
+        if not self.as_of:
+            return f"this node's fetch has no word from {self.source} to tell how much it lacks, so that is not known"
+        if not self.records:
+            return (f"as of {self.source}'s last word ({_utc(self.as_of)}) this node lacked no record, but "
+                    f"{self.source} may have written more since")
+        return (f"at least {self.records} records ({human_bytes(self.bytes)}) written between {_utc(self.oldest)} "
+                f"and {_utc(self.newest)}, and whatever {self.source} wrote after {_utc(self.as_of)}")
 
 
 def _utc(t: float) -> str:

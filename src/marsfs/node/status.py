@@ -22,11 +22,13 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from marsfs.errors import NoSpace
+from marsfs.node.meta import Position, position_key
 from marsfs.node.mirrors import ImageCopy, Mirrors
 from marsfs.node.node import Node
 from marsfs.node.state import (
@@ -43,6 +45,8 @@ from marsfs.replication.server import PeerState, PeerTable, lag_of
 from marsfs.replication.session import FetchState, SyncStatus
 from marsfs.volume.holds import hold_mirror
 from marsfs.volume.splits import disk_bytes
+
+UNREACHABLE_AFTER = 5.0  #: seconds without a metadata exchange after which a node counts as unreachable
 
 
 class HandoverView(Protocol):
@@ -215,8 +219,8 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         designated_primary=designation.node if designation is not None else None,
         members=sorted(node.meta.members(name)),
         log_space_limit=node.space.last_limit, oldest_retained_lsn=vol.log.first_lsn,
-        warnings=node.space.warnings(vol, history),
-        dropped={hold_mirror(k) or k: cs.bytes for k, cs in vol.dropped().items()},
+        warnings=node.space.warnings(vol, history, primary=role.role == Role.PRIMARY),
+        dropped={hold_mirror(k) or k: cs.bytes for k, cs in vol.dropped().items()} if not role.is_mirror else {},
         fork_lsn=min(x.fork_lsn for x in splits) if splits else None,
         split_brain=splits, failover_loss=node.failover_loss(name))
     versions = split_versions(node, name)
@@ -228,6 +232,8 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         return _mirror_row(node, st, role, side)
     peers = []
     for p in side.mirrors:
+        if not _follows(node, name, p):
+            continue  # it fetched from us once; its newer word says it does not now
         # now, not when the last session shipped: a dead link keeps lagging
         lag_b, lag_r, lag_s = lag_of(vol, p.fetched_lsn)
         peers.append(PeerStatus(
@@ -248,6 +254,21 @@ def split_versions(node: Node, name: str) -> list[SplitVersionStatus]:
                                disk_bytes=disk_bytes(vol.path, s.name), saved=s.saved,
                                clones=[c for c, of in clones if of == s.name])
             for s in vol.splits()]
+
+
+def _follows(node: Node, name: str, p: PeerState) -> bool:
+    """Is ``p`` (a node that fetched ``name`` from us) our mirror now? While connected, yes;
+    otherwise until it said otherwise after its last ACK: it left (its position is withdrawn),
+    or it published that it is a primary or mirrors another node."""
+    if p.connected:
+        return True
+    e = node.meta.entry(p.node, position_key(name))
+    if e is None:
+        return True
+    pos = Position.from_json(e.value)
+    if pos is None:
+        return False  # withdrawn: it left the volume
+    return pos.updated <= p.last_seen or (pos.role == Role.MIRROR.value and pos.source == node.name)
 
 
 def _mirror_row(node: Node, st: VolumeStatus, role: RoleRecord, side: ClusterSide) -> VolumeStatus:
@@ -302,12 +323,27 @@ def _failed_status(node: Node, name: str) -> VolumeStatus:
 
 
 def _with_meta(node: Node, st: VolumeStatus, side: ClusterSide) -> VolumeStatus:
-    """A row with the other nodes' published positions (the node's row has the designation)."""
+    """A row with the positions the members published (the node's row has the designation);
+    a node that left or was removed has none. A position from before the designated primary's
+    epoch says what that node was, not what it is: ``stale`` says so (and that it is
+    unreachable, when no metadata exchange with it happened for :data:`UNREACHABLE_AFTER` s)."""
     heard = side.heard
-    rows = [PositionStatus(node=owner, role=p.role, state=p.state, epoch=p.epoch, head_lsn=p.head_lsn,
-                           replayed_lsn=p.replayed_lsn, source=p.source, updated=p.updated,
-                           last_heard=heard.get(owner))
-            for owner, p in sorted(node.meta.positions(st.volume).items()) if owner != node.name]
+    members = set(st.members)
+    d = node.meta.designated(st.volume)
+    now = time.time()
+    rows = []
+    for owner, p in sorted(node.meta.positions(st.volume).items()):
+        if owner == node.name or owner not in members:
+            continue
+        last = heard.get(owner)
+        stale = ""
+        if d is not None and p.epoch < d.epoch and owner != d.node:
+            gone = last is None or now - last > UNREACHABLE_AFTER
+            stale = (f"{'unreachable, ' if gone else ''}not following {d.node} (epoch {d.epoch}) yet: this is its "
+                     f"last word, from epoch {p.epoch}")
+        rows.append(PositionStatus(node=owner, role=p.role, state=p.state, epoch=p.epoch, head_lsn=p.head_lsn,
+                                   replayed_lsn=p.replayed_lsn, source=p.source, updated=p.updated,
+                                   last_heard=last, stale=stale))
     return st.changed(positions=rows)
 
 

@@ -301,8 +301,8 @@ class Fetcher:
                 stop = e.stop
                 if stop is Stop.RESYNC and self.resync is None:
                     # not fatal: copy what changed instead of the log we can no longer get
-                    logger.info("fetch of %s from %s: %s; resyncing what changed", self.vol.name,
-                                self.state.source, e.message)
+                    logger.info("fetch of %s from %s: %s; resyncing what changed by itself now (a fast sync; "
+                                "nothing to run)", self.vol.name, self.state.source, e.message)
                     self.state.error = ""
                     self.resync = ResyncPlan()
                     clean = True

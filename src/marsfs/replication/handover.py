@@ -98,11 +98,11 @@ class ForkSearch:
         """The answer, once known."""
         if self.lo is not None and self.hi == self.lo + 1:
             return Fork(self.lo, True)
-        if self._stuck:
-            if self.lo is not None:  # nothing between lo and hi was answered: the best we know
-                return Fork(self.lo, False)
+        if self._stuck:  # a bound: the fork is at or before it, and never past either head
+            if self.lo is not None:  # they agree at lo, nothing up to hi was answered: it lies in [lo, hi)
+                return Fork(self.hi - 1, False)
             lowest = self.lowest_answered if self.lowest_answered is not None else self.low_end + 1
-            return Fork(max(0, lowest - 1), False)
+            return Fork(max(0, min(lowest, self.hi) - 1), False)
         return None
 
     def probe(self) -> list[int]:

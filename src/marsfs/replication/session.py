@@ -605,7 +605,7 @@ class ServingSession:
                                             f"{self.node}'s {log.last_lsn}: the histories diverged")
         if after < log.first_lsn - 1:
             return self._refuse("log-trimmed", f"{self.node} no longer holds LSN {after + 1} of {name}; "
-                                               f"the mirror needs a full resync (marsfs invalidate)")
+                                               f"the mirror's image must be resynced from it")
         if log.chain != req.prev_chain:
             return self._refuse("diverged", f"the histories of {name} on {peer} and {self.node} "
                                             f"diverge at or before LSN {after} (split brain)")

@@ -132,10 +132,16 @@ def resolve_version(log: Log, spec: str, oldest: int, volume: str, newest: int |
     return best
 
 
-def find_version(log: Log, spec: str, oldest: int, newest: int, volume: str) -> int:
+def find_version(log: Log, spec: str, oldest: int, newest: int, volume: str, head: int | None = None) -> int:
     """Like :func:`resolve_version`, but only a version in ``[oldest, newest]``; otherwise
-    VersionNotFound naming the oldest available version."""
+    VersionNotFound naming the oldest available version. ``head``: the newest LSN in the log
+    when readers see less (a mirror's replay position is ``newest``): a version between the
+    two is in the log but not replayed yet, and the error says so (it is not lost)."""
     lsn = resolve_version(log, spec, oldest, volume, newest)
+    if head is not None and newest < lsn <= head:
+        raise VersionNotFound(f"version {spec} (lsn-{lsn}) of volume {volume} is not replayed yet on this node "
+                              f"(replayed up to lsn-{newest}; its log reaches lsn-{head}); wait for the replay "
+                              f"(marsfs resume-replay {volume} if it is paused), or use it on the primary")
     if not oldest <= lsn <= newest:
         raise VersionNotFound(f"version {spec} (lsn-{lsn}) of volume {volume} is not retained; "
                               f"available: lsn-{oldest} to lsn-{newest} (marsfs versions lists them)")

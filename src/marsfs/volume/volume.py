@@ -823,14 +823,22 @@ class Volume:
 
     # ------------------------------------------------------------------ log deletion (G8)
 
-    def _trim(self, applied: int) -> None:
+    def _trim(self, applied: int, *, keep_oldest: bool = True) -> None:
         """Delete the segments every rule lets go (see "Log deletion"). Caller holds the
         writeback lock (only writeback and :meth:`free_log` trim)."""
         keep = min(applied, self.hold_floor())
         if keep == self.log.last_lsn:
             self.log.rotate()  # the active segment is never trimmed: close it so it can go later
-        # The record of the oldest version stays: its mark name and flush time still name it.
-        self.log.trim(keep - 1)
+        # The record of the oldest version stays (its mark name and flush time still name it),
+        # unless log space needs it gone (``keep_oldest`` false).
+        self.log.trim(keep - 1 if keep_oldest else keep)
+
+    def trim_points(self) -> list[int]:
+        """The applied LSNs at which :meth:`free_log` lets each sealed log segment go, oldest
+        first: once writeback passed its last record (the record of the oldest version stays),
+        or reached it when it is the newest record (see :meth:`free_log`)."""
+        last = self.log.last_lsn
+        return [lsn + 1 if lsn < last else lsn for lsn in self.log.trim_points()]
 
     def hold_floor(self) -> int:
         """The log must keep every record after this for the mirrors: the oldest mirror
@@ -876,7 +884,10 @@ class Volume:
             reach = self._applied
             if drop:
                 self._ledger.drop(reach, self._extents_between_locked)
-            self._trim(reach)
+            # a quiet volume written back to its newest record: log space may take that record too
+            # (the oldest version is the image itself; its time is kept apart), else a segment
+            # started under a larger limit would stay until the next write
+            self._trim(reach, keep_oldest=reach < self.log.last_lsn)
         return reach
 
     def dropped(self) -> dict[str, ChangeSet]:
@@ -1045,4 +1056,4 @@ class Volume:
         """The LSN of a version a reader may open now: retained (at least the oldest version)
         and visible (at most the head on a primary, the replay position on a mirror).
         VersionNotFound otherwise, naming the oldest available version."""
-        return find_version(self.log, spec, self._oldest, self.replayed_lsn, self.name)
+        return find_version(self.log, spec, self._oldest, self.replayed_lsn, self.name, self.head_lsn)
