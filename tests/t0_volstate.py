@@ -1,4 +1,5 @@
-"""The one rule that names a volume's state: every state, and every precedence pair."""
+"""The one rule that names a volume's state: every state, and every precedence pair; and which
+states a copy may not become primary from (a handover's or failover's refusal)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from marsfs.node.volstate import (
     VolumeFacts,
     VolumeState,
     peer_state,
+    promotion_refusal,
     refusal_state,
     volume_state,
 )
@@ -156,3 +158,29 @@ def test_peer_state_keeps_the_same_order(kw: dict[str, bool | int], state: Volum
     args: dict[str, bool | int] = {"connected": True, "fetch_paused": False, "replay_paused": False,
                                    "lag_records": 0, **kw}
     assert peer_state(**args) == state  # type: ignore[arg-type]
+
+
+#: a copy must not become primary while its copy is not whole or not trusted (the handover and
+#: the failover refuse); in every other state a handover may fetch what is missing
+@pytest.mark.parametrize("change, refused, says", [
+    (FAILED[2], S.FAILED, ("failed", "writeback of v: EIO", "another mirror")),
+    (RESYNC[2], S.NEEDS_RESYNC, ("a refused its fetch (log-trimmed)", "marsfs invalidate v", "another mirror")),
+    (facts(fetch=None, copying=True), S.SYNCING, ("first copy from a", "marsfs wait v --synced")),
+    (RESYNCING[2], S.RESYNCING, ("resynced from a", "not whole", "marsfs wait v --synced", "another mirror")),
+    (fetch(resyncing=True, sync_waiting="1 open version(s)"), S.RESYNCING,
+     ("resync done, switch waits: 1 open version(s)", "marsfs wait v --synced")),
+    (lambda f: RESYNCING[2](FAILED[2](f)), S.FAILED, ("failed",)),  # the first by precedence names it
+    (lambda f: RESYNCING[2](NO_SPACE[2](f)), S.RESYNCING, ("resyncing",)),  # no-space itself does not refuse
+    (facts(), None, ()), (CATCHING_UP[2], None, ()), (STALLED[2], None, ()), (DISCONNECTED[2], None, ()),
+    (FETCH_PAUSED[2], None, ()), (REPLAY_PAUSED[2], None, ()), (NO_SPACE[2], None, ()),
+], ids=lambda x: x.value if isinstance(x, VolumeState) else "")
+def test_which_copies_may_not_become_primary(change: Change, refused: VolumeState | None, says: tuple[str, ...]
+                                             ) -> None:
+    got = promotion_refusal(volume_state(change(MIRROR)), "v", "b", "a")
+    if refused is None:
+        assert got is None
+        return
+    assert got is not None
+    state, line = got
+    assert state == refused and line.startswith(f"volume 'v' on node b is {refused.value}: ") and "\n" not in line
+    assert all(s in line for s in says), line

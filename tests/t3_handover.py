@@ -8,6 +8,11 @@ MockClock.
   holders), when the primary is unreachable (saying that --force exists and what it costs),
   on a primary, and while the fetch is paused.
 * A prepare that no claim follows unfences the old primary after the timeout.
+* Two handovers at once to two mirrors: the old primary hands over to one claimant at a time,
+  so exactly one succeeds and the other is refused naming the winner; a claim another node
+  made while a handover ran wins over it (the handover refuses to claim).
+* A handover or failover onto a copy that is resyncing is refused, saying to wait for it;
+  the old primary stays primary.
 * A forced failover is refused while the primary answers; without it, the new primary says
   how much may be lost, from the last heartbeat.
 * A forced failover onto a mirror that another reachable one is ahead of is refused naming
@@ -23,13 +28,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from marsfs.errors import InvalidRequest, PeerError, StateError, VolumeBusy, VolumeReadOnly, WrongRole
+from marsfs.errors import InvalidRequest, MarsError, PeerError, StateError, VolumeBusy, VolumeReadOnly, WrongRole
 from marsfs.node import Node
 from marsfs.node import handover as node_handover
 from marsfs.node.cluster import Cluster
 from marsfs.node.handover import tail_extents
 from marsfs.node.volstate import Role, VolumeState
 from marsfs.replication import handover as repl_handover
+from marsfs.replication.protocol import HandoverReady
 from marsfs.testing.memnet import CLUSTER, SIZE, MemNet, in_net, write
 from marsfs.testing.runner import wait_for
 from marsfs.volume import Volume
@@ -130,6 +136,72 @@ def test_prepare_without_claim_unfences_after_the_timeout(tmp_path: Path, monkey
         assert "handover" in a.node.fenced("vm")  # it may have claimed: wait out the timeout
         await wait_for(lambda: not a.node.fenced("vm"), "the fence to end", repl_handover.PREPARE_TIMEOUT)
         a.node.volumes["vm"].write(0, b"x" * 512)
+
+    in_net(tmp_path, body)
+
+
+def test_two_handovers_at_once_exactly_one_wins(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b, c = await pair(net, "a", "b", "c")
+        won: dict[str, dict[str, object]] = {}
+        lost: dict[str, MarsError] = {}
+
+        async def primary(cl: Cluster) -> None:
+            try:
+                won[cl.node.name] = await cl.primary("vm")
+            except MarsError as e:
+                lost[cl.node.name] = e
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(primary, b)
+            nursery.start_soon(primary, c)
+        assert len(won) == len(lost) == 1, (won, lost)
+        ((winner, result),), ((loser, error),) = won.items(), lost.items()
+        assert result["epoch"] == 2
+        assert isinstance(error, VolumeBusy) and f"being handed over to {winner} already" in str(error), error
+        assert f"{winner} becomes its primary, not {loser}" in str(error)
+        nodes = {"a": a, "b": b, "c": c}
+        await wait_for(lambda: all(n.node.role("vm").source == winner for n in nodes.values() if n.node.name != winner),
+                       "everyone to follow the winner")
+        for n in nodes.values():
+            d = n.node.meta.designated("vm")
+            assert d is not None and (d.node, d.epoch) == (winner, 2)
+        assert [n for n in nodes if nodes[n].node.role("vm").role == Role.PRIMARY] == [winner]
+
+    in_net(tmp_path, body)
+
+
+def test_a_claim_made_during_a_handover_wins_over_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handover claims only if the newest epoch is still the one it began from."""
+    async def body(net: MemNet) -> None:
+        a, b, c = await pair(net, "a", "b", "c")
+        catch_up = b.roles._catch_up
+
+        async def meanwhile(vol: Volume, name: str, source: str, ready: HandoverReady) -> None:
+            await catch_up(vol, name, source, ready)
+            c.node.meta.claim("vm", "c", 2, start_lsn=ready.head_lsn + 1)  # a claim a never saw
+            c.gossip_now()
+            await wait_for(lambda: (d := b.node.meta.designated("vm")) is not None and d.node == "c", "b to hear it")
+
+        monkeypatch.setattr(b.roles, "_catch_up", meanwhile)
+        with pytest.raises(StateError, match=r"^c became the primary of vm \(epoch 2\) while this handover ran: c won"):
+            await b.primary("vm")
+        assert b.node.is_mirror("vm")  # it goes on mirroring (and follows c, the designated primary)
+        d = b.node.meta.designated("vm")
+        assert d is not None and (d.node, d.epoch) == ("c", 2)
+
+    in_net(tmp_path, body)
+
+
+def test_no_handover_or_failover_onto_a_resyncing_copy(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b")
+        await b.invalidate("vm")
+        for force in (False, True):
+            with pytest.raises(VolumeBusy, match=r"^volume 'vm' on node b is resyncing: .*marsfs wait vm --synced"):
+                await b.primary("vm", force=force)
+        assert a.node.role("vm").role == Role.PRIMARY and not a.node.fenced("vm")
+        assert b.node.is_mirror("vm") and b.node.role("vm").epoch == 1 and "vm" in b.mirrors.fetchers
 
     in_net(tmp_path, body)
 

@@ -4,6 +4,11 @@
   and nothing changes: roles, epochs, the primary keeps taking writes, the mirror following.
 * A handover makes the mirror the primary at the next epoch with every acknowledged write;
   the old primary follows it as a mirror and refuses writes; the third node follows it too.
+* Two ``marsfs primary`` at once on two mirrors: exactly one succeeds, the other fails naming
+  the winner, and every node agrees on the one primary.
+* A handover or failover onto a mirror whose damaged copy is being resynced (``invalidate``)
+  is refused, saying to wait for the resync; the primary stays primary. Once the resync
+  switched, the copy is the primary's.
 * Mirrors behind a fault proxy (latency, jitter, sparse corruption, cut connections): a
   handover loses no acknowledged write, and no mirror shows anything but a prefix of the
   primary's history at any time, through a handover and a failover.
@@ -13,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -76,6 +83,91 @@ def test_handover_moves_the_primary_and_everyone_follows(harness: Harness) -> No
     for m in (a, c):
         wait_synced(m, "vm")
     assert sha(a.image("vm")) == sha(b.image("vm")) == sha(c.image("vm"))
+
+
+#: the command line of ``marsfs`` that says "ready" once imported and runs at a line on stdin
+ON_GO = ("import sys; from marsfs.cli import main; print('ready', flush=True); sys.stdin.readline(); "
+         "raise SystemExit(main(sys.argv[1:]))")
+
+
+def at_once(*commands: list[str]) -> list[tuple[int, str, str]]:
+    """Run ``marsfs`` command lines so that they start at the same instant: each is started,
+    imported and waiting, then all are let go; (exit status, stdout, stderr) of each."""
+    procs = [subprocess.Popen([sys.executable, "-c", ON_GO, *c], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=120)]]
+
+
+def test_two_handovers_at_once_then_none_onto_a_copy_being_resynced(harness: Harness) -> None:
+    nodes = harness.cluster(["a", "b", "c"], start=False)
+    for m in (nodes["b"], nodes["c"]):
+        m.extra += ["--history", "0s"]  # a mirror writes back all it replays: its base is its image
+    for n in nodes.values():
+        n.start()
+    a = nodes["a"]
+    a.cli("create", "vm", "--size", SIZE)
+    w = Writer(a.image("vm"), seed=3)
+    w.write(20)
+    for m in (nodes["b"], nodes["c"]):
+        m.cli("join", "vm", "--from", "a")
+    for m in (nodes["b"], nodes["c"]):
+        wait_synced(m, "vm")
+    results = at_once(*(["--state", os.fspath(nodes[n].state), "primary", "vm"] for n in ("b", "c")))
+    out = dict(zip(("b", "c"), results))
+    assert sorted(rc for rc, _, _ in results) == [0, 1], out  # exactly one succeeds
+    (winner,) = [n for n, (rc, _, _) in out.items() if rc == 0]
+    loser = "c" if winner == "b" else "b"
+    err = out[loser][2]
+    names_winner = (f"handed over to {winner} already", f"({winner} is, epoch 2)", f"mirrors it from {winner}",
+                    f"{winner} won")  # as far as the loser got when the winner's claim came
+    assert err.count("\n") == 1 and any(x in err for x in names_winner), out  # it says who won
+    assert "epoch 2" in out[winner][1]
+    w_node, l_node = nodes[winner], nodes[loser]
+
+    def agreed() -> bool:
+        rows = [status(n, "vm") for n in nodes.values()]
+        return all(r["designated_primary"] == winner and r["epoch"] == 2 for r in rows) and [
+            r["node"] for r in rows if r["role"] == "primary"] == [winner]
+
+    wait_for(agreed, what=f"every node to agree that {winner} is the primary")
+    # the loser's copy is damaged and resynced: no handover onto it until the resync switched
+    w.image = w_node.image("vm")
+    w.write(5)
+    wait_synced(l_node, "vm")
+    wait_for(lambda: (s := status(l_node, "vm"))["applied_lsn"] == s["replayed_lsn"] == status(
+        w_node, "vm")["durable_lsn"], what="the mirror to write everything back")
+    fd = os.open(l_node.state / "volumes" / "vm" / "base.img", os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"damage".ljust(4096, b"!"), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    r = l_node.cli("verify", "vm", check=False)
+    assert r.returncode == 1 and "1 differing range(s), 4096 bytes" in r.stdout, r.stdout + r.stderr
+    held = open(l_node.image("vm"), "rb")  # a reader of this version: the resync's switch waits for it
+    try:
+        w.write(5)
+        wait_synced(l_node, "vm")  # replayed past the held version
+        l_node.cli("invalidate", "vm")
+        for force in ([], ["--force"]):
+            r = l_node.cli("primary", "vm", *force, check=False)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r
+            assert r.stderr.startswith(f"marsfs: error: volume 'vm' on node {loser} is resyncing: "), r.stderr
+            assert "marsfs wait vm --synced" in r.stderr, r.stderr
+        sw, sl = status(w_node, "vm"), status(l_node, "vm")
+        assert (sw["role"], sw["state"], sw["epoch"]) == ("primary", "up", 2)
+        assert (sl["role"], sl["source"], sl["state"], sl["epoch"]) == ("mirror", winner, "resyncing", 2)
+    finally:
+        held.close()
+    l_node.cli("wait", "vm", "--synced", "--timeout", "60")  # what the refusal said to run
+    assert l_node.cli("verify", "vm").returncode == 0  # the damage is gone
+    assert w.check_prefix(l_node.image("vm")) >= 30
 
 
 class PrefixWatch:

@@ -5,7 +5,9 @@ Rules that hold here (G7):
 * Only a mirror becomes primary, and only through :class:`Roles`: ``marsfs primary VOL``
   (:meth:`Roles.take_over`) is a planned handover, ``--force`` (:meth:`Roles.fail_over`) a
   failover. Both refuse, changing nothing, on a node that is already primary, still copying
-  its image, in a split brain or paused (the reasons say what to do).
+  its image, in a split brain, failed, in need of a resync or resyncing (the copy is not
+  whole: :func:`~marsfs.node.volstate.promotion_refusal`); a handover also while paused. The
+  reasons say what to do.
 * A planned handover loses nothing: the old primary is fenced (it refuses while the image is
   open, and serves no open from then on) and flushes before it names its durable head; this
   node fetches up to that head on its ordinary fetch connection, checks the chain there, stops
@@ -52,7 +54,7 @@ from marsfs.node.mirrors import Mirrors, Spawn
 from marsfs.node.node import Node
 from marsfs.node.peers import Peers
 from marsfs.node.state import FailoverLoss, HandoverStatus, SplitBrain
-from marsfs.node.volstate import Role, Verdict, VolumeState
+from marsfs.node.volstate import SYNCS, Role, Verdict, VolumeState, promotion_refusal
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import PeerChannel, ResyncPlan, hello, open_channel
 from marsfs.replication.handover import (
@@ -161,9 +163,10 @@ class Roles:
             raise StateError(f"volume {name!r} on node {self.node.name} is in a split brain with "
                              f"{splits[0].peer if splits else role.source}; resolve it first (marsfs invalidate "
                              f"{name} on the side whose writes are to be discarded{keep})")
-        if verdict.refusal:
-            raise StateError(f"volume {name!r} on node {self.node.name} cannot fetch from {role.source} "
-                             f"({verdict.refusal}): resync it first (marsfs invalidate {name})")
+        refusal = promotion_refusal(verdict, name, self.node.name, role.source)
+        if refusal is not None:
+            state, why = refusal
+            raise (VolumeBusy if state in SYNCS else StateError)(why)
         return vol, role.source, verdict
 
     async def take_over(self, name: str) -> dict[str, Any]:
@@ -176,6 +179,7 @@ class Roles:
         if name in self.progress:
             raise VolumeBusy(f"a change of the primary of {name!r} to this node is already in progress")
         connect = self.peers.connector(source)
+        started = self._newest_epoch(name)  #: the claim holds only if no other claim came since
         self.progress[name] = HandoverStatus(source, "preparing", None)
         try:
             ch, _ = await open_channel(connect, hello(self.node.name, self.cluster, name, "handover",
@@ -193,6 +197,7 @@ class Roles:
             ready = await self._prepare(ch, name, source, role.epoch)
             self.progress[name] = HandoverStatus(source, "fetching", max(0, ready.head_lsn - vol.durable_lsn))
             await self._catch_up(vol, name, source, ready)
+            self._check_unclaimed(name, started)
             epoch, start = max(self._newest_epoch(name), ready.epoch) + 1, ready.head_lsn + 1
             self.progress[name] = HandoverStatus(source, "claiming", 0)
             await self.mirrors.stop(name)
@@ -217,6 +222,16 @@ class Roles:
         logger.info("handover of %s from %s done: primary here from LSN %d, epoch %d", name, source, start, epoch)
         follows = await self._await_follow(name, source)
         return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "lost": 0, "follows": follows}
+
+    def _check_unclaimed(self, name: str, started: int) -> None:
+        """Refuse the claim when another node claimed ``name`` after epoch ``started`` (the
+        newest this handover knew when it began): that node won; claiming over it would
+        override a change of primary that was already reported as done."""
+        d = self.node.meta.designated(name)
+        if d is not None and d.node != self.node.name and d.epoch > started:
+            raise StateError(f"{d.node} became the primary of {name} (epoch {d.epoch}) while this handover ran: "
+                             f"{d.node} won; nothing changed here (this node stays a mirror); to move the primary "
+                             f"here after all, run marsfs primary {name} again")
 
     async def _await_follow(self, name: str, source: str) -> bool:
         """Whether ``source`` published, within FOLLOW_WAIT seconds, that it follows this node."""

@@ -124,6 +124,7 @@ class VolumeEntry:
     history: Retention | None = None  #: its own history window (None: the node's)
     opens: int = 0  #: open handles (a face opened the image)
     fences: dict[FenceHolder, str] = field(default_factory=dict)  #: who refuses its writes, and why
+    handover_to: str = ""  #: the node a handover fence (FenceHolder.HANDOVER) is for, while it stands
     splits: dict[str, SplitBrain] = field(default_factory=dict)  #: peer -> an unresolved split brain
     loss: FailoverLoss | None = None  #: what its last forced failover lost
     failed: str = ""  #: why it could not be opened at start (one line; "" : it was)
@@ -753,7 +754,8 @@ class Node:
         """Fence primary ``name`` (holder :attr:`FenceHolder.HANDOVER`) while ``peer`` takes it over.
         Refused (and nothing changes) while the image is open at all: a handover needs a closed
         image, so that no write can come after the head the new primary fetches, and so that
-        this node can become its mirror."""
+        this node can become its mirror; and while the volume is being handed over to another
+        node: one claimant at a time, so that two handovers at once cannot both claim."""
         with self._lock:
             vol = self.volume(name)
             role = self.role(name)
@@ -764,9 +766,13 @@ class Node:
                 raise VolumeBusy(f"volume {name!r} is open on its primary {self.name} ({opens} "
                                  f"holder(s), e.g. a loop device or a mount); close it there first (umount, "
                                  f"losetup -d), then run marsfs primary {name} again")
-            other = self.fenced(name).get(FenceHolder.HANDOVER)
-            if other is not None and peer not in other:
-                raise VolumeBusy(f"volume {name!r} is being handed over already ({other})")
+            entry = self._entry(name)
+            other = entry.handover_to if FenceHolder.HANDOVER in entry.fences else ""
+            if other and other != peer:  # one claimant at a time: the first one's handover goes on
+                raise VolumeBusy(f"volume {name!r} is being handed over to {other} already: {other} becomes its "
+                                 f"primary, not {peer}; see marsfs status {name}, and hand over from {other} "
+                                 f"once it is primary if {peer} is to be")
+            entry.handover_to = peer
             self.fence(name, f"volume {name} is being handed over to {peer}: write on {peer} once marsfs "
                              f"status {name} there shows it primary", holder=FenceHolder.HANDOVER)
 

@@ -16,6 +16,8 @@ Rules that hold here:
   mirror), ``syncing`` and everything after ``fenced`` mirrors. :attr:`Verdict.conditions`
   lists every state whose condition holds, in that order, so a check that must not miss one
   (a handover refuses a split brain even on a full disk) asks for it there.
+* A copy becomes primary (a handover or a failover onto it) only when no state of
+  :data:`NOT_PROMOTABLE` holds among its conditions: :func:`promotion_refusal` says why not.
 * ``no-space`` means that space ran out: the state filesystem is full (writes fail with
   ENOSPC), or the node's log space is full and a mirror whose replay keeps its log stopped
   fetching (:attr:`marsfs.node.space.LogSpace.fetch_stopped`); its error line says which.
@@ -224,6 +226,44 @@ def volume_state(f: VolumeFacts) -> Verdict:
         errors.append(f.meta_error)
     return Verdict(state=state, errors=tuple(errors), next=todo, conditions=tuple(s for s, _ in held),
                    refusal=m.fatal if refused is not None and m is not None else "")
+
+
+#: Why a copy in each state must not become primary, by precedence (what a handover or a
+#: failover onto it would lose), and what the operator runs instead; ``{v}`` is the volume,
+#: ``{node}`` this node, ``{source}`` its source. A split brain is refused before these, naming
+#: the peer (marsfs.node.handover).
+NOT_PROMOTABLE: dict[VolumeState, tuple[str, str]] = {
+    VolumeState.FAILED: ("its copy failed and cannot be trusted as the volume's history",
+                         "{next}, or make another mirror primary"),
+    VolumeState.NEEDS_RESYNC: ("its copy needs a resync: {source} refused its fetch ({refusal})",
+                               "resync it (marsfs invalidate {v}, then marsfs wait {v} --synced), or make "
+                               "another mirror primary"),
+    VolumeState.SYNCING: ("its first copy from {source} is not complete",
+                          "wait for it (marsfs wait {v} --synced), or make another mirror primary"),
+    VolumeState.RESYNCING: ("its copy is being resynced from {source} and is not whole until the resync "
+                            "switches; becoming primary now would drop the resync and keep the copy it replaces",
+                            "wait for it (marsfs wait {v} --synced), then run marsfs primary {v} again, or make "
+                            "another mirror primary"),
+}
+
+
+def promotion_refusal(verdict: Verdict, volume: str, node: str, source: str) -> tuple[VolumeState, str] | None:
+    """Why the copy of ``volume`` on ``node`` (a mirror of ``source``) must not become primary:
+    the state, and one line with what to run instead; None when none of :data:`NOT_PROMOTABLE`'s
+    states holds.
+    The first such condition by precedence names the reason, the verdict's first error line
+    (if any) says what happened."""
+    for state in verdict.conditions:
+        if state in NOT_PROMOTABLE:
+            why, todo = NOT_PROMOTABLE[state]
+            fill = {"v": volume, "source": source or "its source", "refusal": verdict.refusal or "refused",
+                    "next": verdict.next or "see marsfs status " + volume}
+            seen = f" ({verdict.errors[0]})" if verdict.errors and state == VolumeState.FAILED else ""
+            waits = [e for e in verdict.errors if e.startswith("resync done, switch waits:")]
+            seen += f" ({waits[0]})" if waits and state == VolumeState.RESYNCING else ""
+            return state, (f"volume {volume!r} on node {node} is {state.value}: {why.format(**fill)}{seen}; "
+                           f"{todo.format(**fill)}")
+    return None
 
 
 def mirror_state(f: MirrorFacts, volume: str = "") -> tuple[VolumeState, list[str]]:
