@@ -26,7 +26,9 @@ import trio
 
 from marsfs.faces.commands import status_table
 from marsfs.node import Node
+from marsfs.node import meta as meta_module
 from marsfs.node.cluster import Cluster
+from marsfs.node.meta import primary_key
 from marsfs.node.space import LogSpaceSetting
 from marsfs.node.status import cluster_side, verdict
 from marsfs.node.volstate import VolumeState
@@ -145,5 +147,32 @@ def test_a_mirror_stopped_by_log_space_says_so(node: Node) -> None:
         st = cluster.statuses("m")[0]
         assert st.state == VolumeState.STALLED and not any("log space is full" in e for e in st.errors), st
         assert st.next == "" and "next:" not in status_table(cluster.status("m")), "nothing to run: no line"
+
+    in_cluster(node, body)
+
+
+@pytest.mark.allow_log("cannot write the cluster metadata")
+def test_a_claim_the_full_disk_cannot_take_at_start_does_not_end_the_node(node: Node,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A primary whose volume has no claim yet claims it when the cluster starts; a state disk
+    that cannot take the claim is said in status and the claim is made once it can (G11),
+    instead of the start failing and the daemon ending."""
+    node.create("v", 4 * MiB)
+    node.meta._entries.pop((node.name, primary_key("v")))  # a volume from before the metadata
+    assert node.meta.designated("v") is None
+    real = meta_module.write_json  # type: ignore[attr-defined]
+
+    def full(*a: Any, **kw: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(meta_module, "write_json", full)
+
+    async def body(cluster: Cluster) -> None:
+        st = cluster.statuses("v")[0]
+        assert any("claiming v in the cluster metadata" in e and "free space" in e for e in st.errors), st.errors
+        monkeypatch.setattr(meta_module, "write_json", real)
+        cluster.gossip_now()
+        await wait_for(lambda: node.meta.designated("v") is not None, "the claim once there is room")
+        assert not any("claiming" in e for e in cluster.statuses("v")[0].errors)
 
     in_cluster(node, body)

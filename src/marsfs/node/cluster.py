@@ -298,6 +298,7 @@ class Cluster:
         self._exchanged: dict[str, tuple[int, float]] = {}
         self._gossip_trouble: dict[str, str] = {}  #: peer -> why the last exchange failed ("" : it worked)
         self._meta_errors: dict[str, str] = {}  #: volume -> what the follow step cannot do, and what to do
+        self._claim_failed = False  #: a claim of :meth:`_claim_unclaimed` could not be written
 
     async def _start_meta(self, nursery: trio.Nursery) -> None:
         """One round first (claim, exchange with every peer, follow), so a node that was away
@@ -365,6 +366,8 @@ class Cluster:
             await self._meta_round()
 
     async def _meta_round(self) -> None:
+        if self._claim_failed:  # a claim the state disk could not take at start: again, until it does
+            await trio.to_thread.run_sync(self._claim_unclaimed)
         await self._publish()
         for name in sorted(self.node.volumes):
             try:
@@ -373,11 +376,20 @@ class Cluster:
                 self._meta_errors[name] = f"following the designated primary of {name}: {describe(e)}"
 
     def _claim_unclaimed(self) -> None:
-        """A primary from before the metadata existed claims its volume at its epoch from LSN 1."""
+        """A primary from before the metadata existed claims its volume at its epoch from LSN 1.
+        A claim the state disk cannot take (full, failing) is said in status and tried again at
+        every metadata round: it must not end the daemon (G11)."""
+        self._claim_failed = False
         for name in sorted(self.node.volumes):
             role = self.node.role(name)
             if role.role == Role.PRIMARY and self.meta.designated(name) is None:
-                self.meta.claim(name, self.node.name, role.epoch, 1)
+                try:
+                    self.meta.claim(name, self.node.name, role.epoch, 1)
+                except MarsError as e:
+                    self._claim_failed = True
+                    self._meta_errors[name] = f"claiming {name} in the cluster metadata: {describe(e)}"
+                    continue
+                self._meta_errors.pop(name, None)
                 logger.info("volume %s: claimed epoch %d in the cluster metadata (it had no claim)", name, role.epoch)
 
     async def _publish(self) -> None:
