@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 
 from marsfs.errors import LogFailed, NoSpace, RecordRefused
 from marsfs.log import HEADER_SIZE, SEGMENT_HEADER_SIZE, Log, Payload, RecordType, encode_payload, genesis_chain
+from marsfs.log import record as rec
 from marsfs.volume import Volume
 
 GENESIS = genesis_chain("test-append")
@@ -297,6 +299,12 @@ def test_append_raw_refuses_what_does_not_continue_or_verify(tmp_path: Path) -> 
         dst.append_raw(bytes(bad))
     with pytest.raises(RecordRefused, match="past the end"):
         dst.append_raw(raws[1], volume_size=RECORD)  # a WRITE at 4096 of a 4096-byte volume
+    # a forged record: checksums right, but its "lz4" payload is no compression of 4096 bytes
+    junk = b"\xff" * 64
+    forged = rec.Payload(rec.Flags.LZ4, RECORD, junk, xxhash.xxh3_128_digest(junk))
+    head, _ = rec.encode_header(RecordType.WRITE, 2, 0, forged, 1, dst.last_chain)
+    with pytest.raises(RecordRefused, match="does not decompress"):
+        dst.append_raw(head + junk)
     assert _state(dst) == before
     dst.append_raw(raws[1], volume_size=2 * RECORD)
     _reopen_same(dst, _state(dst))

@@ -211,6 +211,8 @@ class Log:
         try:
             h = decode_header(head)
             verify_payload(h, view[HEADER_SIZE:])
+            if h.flags & Flags.LZ4:  # the checksum proves only what the sender stored: it must decompress
+                decode_payload(h.flags, h.length, view[HEADER_SIZE:])
         except BadRecord as e:
             raise RecordRefused(f"refused a replicated record: {e.reason}; {_REFETCH}") from None
         if volume_size is not None and h.type == RecordType.WRITE and h.offset + h.length > volume_size:

@@ -130,9 +130,18 @@ def encode_payload(data: bytes | memoryview, *, compress: bool = True) -> Payloa
 
 
 def decode_payload(flags: int, length: int, stored: bytes | memoryview) -> bytes:
-    """The logical payload of a record whose stored bytes were already verified."""
+    """The logical payload of a record whose stored bytes were already verified.
+
+    Verified means only that they are what the writer stored: a peer can checksum anything, so
+    a compressed payload that does not decompress to exactly ``length`` bytes is a
+    :class:`BadRecord` too, never another library's exception."""
     if flags & Flags.LZ4:
-        out: bytes = lz4.block.decompress(stored, uncompressed_size=length)
+        try:
+            out: bytes = lz4.block.decompress(stored, uncompressed_size=length)
+        except lz4.block.LZ4BlockError as e:
+            raise BadRecord(f"compressed payload does not decompress ({e})") from None
+        if len(out) != length:
+            raise BadRecord(f"compressed payload decompresses to {len(out)} bytes, not {length}")
         return out
     return bytes(stored)
 
