@@ -4,8 +4,9 @@ Two measurements, each on fresh nodes (``marsfs serve`` processes from
 :class:`marsfs.testing.harness.Harness`, volumes of 1 GiB, fio through ``losetup --direct-io=on``):
 
 * **follow**: fio 1 MiB sequential writes, QD4, for N seconds on the primary while a synced
-  mirror follows, once over a direct loopback connection and once through a fault proxy with no
-  faults (``--links``), then once more directly with fio paced (``--paced``, default 40 MiB/s)
+  mirror follows, once over a direct loopback connection (mutual TLS, as deployed), once the same
+  with both nodes ``--insecure`` (plain TCP: what TLS costs is the difference between the two),
+  and once through a fault proxy with no faults (``--links``), then once more directly with fio paced (``--paced``, default 40 MiB/s)
   so that the mirror can keep up and its lag while keeping up shows. Status (the same JSON as ``marsfs status --json``, read from the control
   sockets) is sampled every 0.5 s on both nodes. Reported: the primary's write MB/s (fio), the
   mirror's fetched and replayed MB/s while fio runs (LSN progress times the payload bytes per LSN,
@@ -18,7 +19,7 @@ Two measurements, each on fresh nodes (``marsfs serve`` processes from
   between two runs without; fresh nodes every time); the IOPS ratio is reported (the issue's
   target: within 10 % of the run without mirror), never asserted.
 
-Usage: ``scripts/bench replication [--quick] [--runtime S] [--links direct,proxy] [--paced MIB_S]
+Usage: ``scripts/bench replication [--quick] [--runtime S] [--links direct,insecure,proxy] [--paced MIB_S]
 [--repeat N] [--skip-decoupling] [--out docs/benchmarks.md]``
 (needs root, fio, losetup, fusermount3). ``--quick`` is 5 s per fio run: a smoke test.
 """
@@ -149,10 +150,14 @@ RAND = ["--rw=randwrite", "--bs=4k", "--iodepth=16"]
 # ---------------------------------------------------------------------------------------------- nodes
 
 
-def pair(h: Harness, proxy: ProxyProcess | None) -> tuple[NodeProcess, NodeProcess]:
-    """Primary ``a`` with volume vm, mirror ``b`` joined and synced (through ``proxy`` if given)."""
+def pair(h: Harness, proxy: ProxyProcess | None, *, insecure: bool = False) -> tuple[NodeProcess, NodeProcess]:
+    """Primary ``a`` with volume vm, mirror ``b`` joined and synced (through ``proxy`` if given;
+    over plain TCP with ``insecure``, else mutual TLS as the harness sets nodes up)."""
     nodes = h.cluster(["a", "b"], start=False)
     a, b = nodes["a"], nodes["b"]
+    if insecure:
+        a.extra.append("--insecure")
+        b.extra.append("--insecure")
     a.start()
     if proxy is not None:
         port = proxy.start(h.ports["a"])
@@ -233,7 +238,7 @@ def run_follow(work: Path, link: str, rate: int, runtime: int) -> Follow:
     root = Path(tempfile.mkdtemp(prefix=f"follow-{link}-", dir=work))
     try:
         with Harness(root) as h, ProxyProcess() as proxy:
-            a, b = pair(h, proxy if link == "proxy" else None)
+            a, b = pair(h, proxy if link == "proxy" else None, insecure=link == "insecure")
             dev = h.attach(a.image(VOLUME))
             settle()
             with Sampler(a, b) as sampler:
@@ -348,7 +353,8 @@ def _n(v: float | None, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
-LINK_TITLES = {"direct": "direct loopback", "proxy": "via a clean fault proxy"}
+LINK_TITLES = {"direct": "direct loopback (mutual TLS)", "proxy": "via a clean fault proxy (TLS)",
+               "insecure": "direct loopback, --insecure (plain TCP)"}
 
 
 def report(follows: list[Follow], dec: Decouple, runtime: int, quick: bool, argv: list[str], load: float,
@@ -469,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench replication", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="5 s per fio run (a smoke test, not for the record)")
     p.add_argument("--runtime", type=int, default=None, metavar="S", help="seconds per fio run (default 20)")
-    p.add_argument("--links", default="direct,proxy",
-                   help="follow runs: direct, proxy (through a fault proxy with no faults) or both (default)")
+    p.add_argument("--links", default="direct,insecure,proxy",
+                   help="follow runs: direct (mutual TLS), insecure (direct, plain TCP: the TLS cost is the "
+                        "difference) and proxy (through a fault proxy with no faults); default all three")
     p.add_argument("--paced", type=int, default=40, metavar="MIB_S",
                    help="one more direct follow run with fio limited to this rate, so that the mirror can keep "
                         "up and its lag shows (default 40; 0 skips it)")

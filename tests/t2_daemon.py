@@ -60,7 +60,7 @@ MIRROR = {**PRIMARY, "node": "n2", "role": "mirror", "state": "synced", "heartbe
 def test_config_refuses_unknown_keys_by_name(tmp_path: Path) -> None:
     conf = tmp_path / "marsfs.toml"
     conf.write_text('node = "n1"\nstate = "/s"\nmount = "/m"\nlisen = "127.0.0.1:7600"\n')
-    with pytest.raises(UsageError, match=r"unknown key 'lisen' \(the keys are cluster, history, listen"):
+    with pytest.raises(UsageError, match=r"unknown key 'lisen' \(the keys are cluster, history, insecure, listen"):
         load_config(conf, NO_FLAGS)
     conf.write_text('peers = "n2=127.0.0.1:1"\n')
     with pytest.raises(UsageError, match="'peers' must be a table"):

@@ -30,7 +30,8 @@ def outsider(harness: Harness, where: str, name: str) -> NodeProcess:
     """A daemon named ``name`` in its own directory and port that knows node a (and no node
     knows it)."""
     n = NodeProcess(harness.root / where, name, extra=["--listen", f"127.0.0.1:{free_port()}",
-                                                        "--peer", f"a=127.0.0.1:{harness.ports['a']}"])
+                                                        "--peer", f"a=127.0.0.1:{harness.ports['a']}"],
+                    ca_root=harness.root)  # a certificate of the cluster's CA: the name is all it lies about
     harness.nodes.append(n)  # stopped and unmounted with the others
     n.start()
     return n

@@ -14,8 +14,9 @@ How it runs (the sandbox): one bash session runs every command but ``marsfs serv
 systemd or tmux would) and wait until it answers. Only paths and addresses are substituted, per
 node: ``/var/lib/marsfs`` (the default state directory, which the session also exports as
 ``MARSFS_STATE`` on each node, as on a real node), ``/mnt/marsfs``, ``/srv/``, ``/tmp/`` and
-``/var/tmp/`` become directories of that node in the sandbox, and ``10.0.0.N:7600`` a free
-port on 127.0.0.1. Loop devices are whatever ``losetup --find`` gives, as the docs say.
+``/var/tmp/`` become directories of that node in the sandbox, ``/root/`` one directory all
+nodes share (so what the docs copy between nodes with scp is there), and ``10.0.0.N:7600`` a
+free port on 127.0.0.1. Loop devices are whatever ``losetup --find`` gives, as the docs say.
 
 A command that exits non-zero, or whose output holds a traceback, fails the test with the doc,
 line and command. Everything left behind (filesystems, loop devices, daemons, FUSE mounts
@@ -126,6 +127,7 @@ class Walk:
         self.nodes: dict[str, NodeProcess] = {}
         bin_dir = self.root / "bin"
         bin_dir.mkdir()
+        (self.root / "admin").mkdir()  # /root/ of the docs: the operator's own, on every node (the scp'd files)
         wrapper = bin_dir / "marsfs"
         wrapper.write_text(f'#!/bin/sh\n[ "$1" = serve ] && {{ echo "docs walk: marsfs serve runs on a line of '
                            f'its own" >&2; exit 99; }}\nexec {shlex.quote(sys.executable)} -m marsfs "$@"\n')
@@ -148,7 +150,7 @@ class Walk:
     def sandboxed(self, text: str, node: str) -> str:
         here = self.root / node
         table = {"/var/lib/marsfs": f"{here}/state", "/mnt/marsfs": f"{here}/mnt", "/srv/": f"{here}/srv/",
-                 "/var/tmp/": f"{here}/tmp/", "/tmp/": f"{here}/tmp/",
+                 "/var/tmp/": f"{here}/tmp/", "/tmp/": f"{here}/tmp/", "/root/": f"{self.root}/admin/",
                  **{f"10.0.0.{n[-1]}:7600": f"127.0.0.1:{port}" for n, port in self.ports.items()}}
         return re.sub("|".join(map(re.escape, table)), lambda m: table[m.group(0)], text)
 
@@ -156,7 +158,7 @@ class Walk:
         if name not in self.nodes:
             mount = self.root / name / "mnt"
             existed = mount.exists()
-            n = NodeProcess(self.root, name)
+            n = NodeProcess(self.root, name, certificates=False)  # the docs issue them
             if not existed:
                 mount.rmdir()  # the docs create their mount points themselves
             (self.root / name / "tmp").mkdir(exist_ok=True)

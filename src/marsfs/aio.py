@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -58,6 +59,9 @@ def describe(e: BaseException) -> str:
     reasons like "cannot reach peer: ; is its daemon running"."""
     if isinstance(e, trio.TooSlowError):
         return "no answer in time (timed out)"
+    tls = e if isinstance(e, ssl.SSLError) else e.__cause__ if isinstance(e.__cause__, ssl.SSLError) else None
+    if tls is not None and tls.reason:  # "[SSL: BAD_RECORD_MAC] ... (_ssl.c:2580)" in words
+        return f"TLS: {tls.reason.lower().replace('_', ' ')}"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror.lower() if e.strerror[:1].isupper() and e.strerror[1:2].islower() else e.strerror
     text = str(e).strip()

@@ -13,6 +13,7 @@ status 141, as SIGPIPE ends other tools.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 
 from marsfs.errors import MarsError, UsageError
 from marsfs.faces.commands import COMMANDS, PLANNED, Request, run
+from marsfs.node.cluster import DEFAULT_CLUSTER
+from marsfs.node.tls import NODE_DAYS
 
 DEFAULT_STATE = "/var/lib/marsfs"
 
@@ -45,9 +48,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     flags = {"node": args.node, "state": getattr(args, "state", None), "mount": args.mount,
              "listen": args.listen, "peer": args.peer, "history": args.history, "cluster": args.cluster,
-             "stop_timeout": args.stop_timeout, "log_space": args.log_space, "sync_rate": args.sync_rate}
+             "stop_timeout": args.stop_timeout, "log_space": args.log_space, "sync_rate": args.sync_rate,
+             "tls_dir": args.tls_dir, "insecure": args.insecure}
     cfg = load_config(args.config, flags)
     return serve(cfg)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """``marsfs cluster init`` and ``add-node``: files only, no daemon."""
+    from marsfs.node import tls
+
+    if args.cluster_command == "init":
+        made = tls.init_ca(args.dir, args.cluster)
+        if args.json:
+            print(json.dumps({"dir": os.fspath(made.dir), "cluster": made.cluster,
+                              "expires": made.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+        else:
+            print(f"made the CA of cluster {made.cluster} in {made.dir} (valid until {made.not_after:%Y-%m-%d}); "
+                  f"keep {made.dir / tls.CA_KEY} safe; next, for each node: "
+                  f"marsfs cluster add-node NAME --ca {made.dir} --out DIR")
+        return 0
+    if args.days <= 0:
+        raise UsageError(f"--days {args.days}: give the days the certificate is valid, above 0")
+    issued = tls.add_node(args.ca, args.name, args.out, days=args.days)
+    if args.json:
+        print(json.dumps({"node": issued.node, "cluster": issued.cluster, "dir": os.fspath(issued.dir),
+                          "expires": issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+    else:
+        print(f"issued node {issued.node}'s certificate of cluster {issued.cluster} into {issued.dir} "
+              f"({tls.CA_CERT}, {tls.NODE_CERT}, {tls.NODE_KEY}; valid until {issued.not_after:%Y-%m-%d}); install: "
+              f"copy the three files to {issued.node}'s STATE/{tls.TLS_DIR}/ (or give serve --tls-dir), "
+              f"{tls.NODE_KEY} mode 0600, then start or restart its daemon")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sync-rate", metavar="RATE",
                    help="limit the fast sync data this node sends to each mirror to RATE bytes/s, above 0, like 50M "
                         "(default: unlimited; join/invalidate --rate limits one sync further)")
+    s.add_argument("--tls-dir", type=Path, metavar="DIR",
+                   help="ca.crt, node.crt and node.key of this node (default STATE/tls; made by marsfs cluster add-node)")
+    s.add_argument("--insecure", action="store_true",
+                   help="talk to peers over plain TCP without certificates: anyone who reaches the port can act as a "
+                        "node (tests and trials only)")
     s.add_argument("-v", "--verbose", action="store_true")
+
+    c = sub.add_parser("cluster", parents=[common], help="the cluster's certificates (no daemon needed)",
+                       description="Make the cluster's certificate authority and issue each node's certificate.")
+    csub = c.add_subparsers(dest="cluster_command", metavar="init|add-node", required=True)
+    ci = csub.add_parser("init", help="make the cluster's CA in CA_DIR (ca.crt, ca.key)")
+    ci.add_argument("--dir", type=Path, required=True, metavar="CA_DIR",
+                    help="where the CA goes; keep it off the nodes, safe (its key admits nodes)")
+    ci.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                    help=f"the cluster id, as serve --cluster gives it (default {DEFAULT_CLUSTER})")
+    ci.add_argument("--json", action="store_true")
+    ca = csub.add_parser("add-node", help="issue NAME's ca.crt, node.crt and node.key into DIR (also: renew)")
+    ca.add_argument("name", metavar="NAME")
+    ca.add_argument("--ca", type=Path, required=True, metavar="CA_DIR", help="the directory cluster init made")
+    ca.add_argument("--out", type=Path, required=True, metavar="DIR",
+                    help="where the three files go: the node's STATE/tls, or a directory to copy there")
+    ca.add_argument("--days", type=int, default=NODE_DAYS, help=f"validity in days (default {NODE_DAYS})")
+    ca.add_argument("--json", action="store_true")
 
     for command in COMMANDS.values():
         if command.help is not None:
@@ -93,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "cluster":
+            return cmd_cluster(args)
         return run(COMMANDS[args.command], args, _requester(_state(args)))
     except UsageError as e:
         parser.print_usage(sys.stderr)

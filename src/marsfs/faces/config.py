@@ -33,6 +33,7 @@ from marsfs.errors import InvalidRequest, MarsError, UsageError
 from marsfs.node.cluster import DEFAULT_CLUSTER
 from marsfs.node.peers import parse_address
 from marsfs.node.space import LogSpaceSetting
+from marsfs.node.tls import TLS_DIR
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
 
@@ -40,7 +41,7 @@ from marsfs.volume import Retention
 DEFAULT_STOP_TIMEOUT = 30.0
 #: The keys a ``--config`` file may have: the long flags' names, and ``[peers]`` for ``--peer``.
 CONFIG_KEYS = frozenset({"node", "state", "mount", "listen", "peers", "history", "cluster", "stop-timeout",
-                         "log-space", "sync-rate"})
+                         "log-space", "sync-rate", "tls-dir", "insecure"})
 
 
 @dataclass
@@ -58,6 +59,17 @@ class ServeConfig:
     #: ``--log-space SIZE|PCT%``: the node's limit for all logs (see :mod:`marsfs.node.space`)
     log_space: LogSpaceSetting = field(default_factory=LogSpaceSetting)
     sync_rate: int = 0  #: ``--sync-rate``: bytes/s of fast sync data this node sends per mirror (0: unlimited)
+    tls_dir: Path | None = None  #: ``--tls-dir``: ``ca.crt``, ``node.crt``, ``node.key`` (default ``STATE/tls``)
+    insecure: bool = False  #: ``--insecure``: plain TCP between nodes, nobody authenticated
+
+    @property
+    def talks_to_peers(self) -> bool:
+        """Whether this node has a node port or peers: only then is TLS needed."""
+        return self.listen is not None or bool(self.peers)
+
+    @property
+    def tls_path(self) -> Path:
+        return self.tls_dir if self.tls_dir is not None else self.state / TLS_DIR
 
     @property
     def history_bytes(self) -> int | None:
@@ -86,7 +98,11 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
             conf["log_space"] = conf.pop("log-space")
         if "sync-rate" in conf:
             conf["sync_rate"] = conf.pop("sync-rate")
-    merged = {**conf, **{k: v for k, v in flags.items() if v not in (None, [], {})}}
+        if "tls-dir" in conf:
+            conf["tls_dir"] = conf.pop("tls-dir")
+        if not isinstance(conf.get("insecure", False), bool):
+            raise UsageError(f"config file {path}: 'insecure' must be true or false")
+    merged = {**conf, **{k: v for k, v in flags.items() if v not in (None, [], {}) and v is not False}}
     missing = [k for k in ("node", "state", "mount") if not merged.get(k)]
     if missing:
         raise UsageError(f"marsfs serve needs {', '.join('--' + m for m in missing)} (or the same keys in --config)")
@@ -121,7 +137,9 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
                        listen=None if listen is None else str(listen), peers=peers,
                        cluster=_cluster(merged.get("cluster", DEFAULT_CLUSTER)), history=history,
                        stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
-                       log_space=log_space, sync_rate=_sync_rate(merged.get("sync_rate")))
+                       log_space=log_space, sync_rate=_sync_rate(merged.get("sync_rate")),
+                       tls_dir=Path(merged["tls_dir"]) if merged.get("tls_dir") else None,
+                       insecure=bool(merged.get("insecure", False)))
 
 
 def _sync_rate(value: Any) -> int:

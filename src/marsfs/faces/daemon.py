@@ -36,6 +36,7 @@ import functools
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -52,6 +53,8 @@ from marsfs.faces.control import serve_control
 from marsfs.faces.fuse import Operations
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
+from marsfs.node.tls import Tls
+from marsfs.node.tls import load as load_tls
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +78,47 @@ def _tune_process() -> None:
         pass
 
 
+def _load_tls(cfg: ServeConfig) -> Tls | None:
+    """This node's certificates, read before anything is touched; refused with what to do
+    when they are missing or wrong. None with ``--insecure`` (said loudly) and for a node
+    without peers or a node port (nothing to authenticate)."""
+    if not cfg.talks_to_peers:
+        return None
+    if cfg.insecure:
+        logger.warning("node %s runs --insecure: plain TCP to its peers, nobody authenticated; anyone who reaches "
+                       "%s can act as a node (issue certificates with marsfs cluster add-node)", cfg.node,
+                       cfg.listen or "this node's peers")
+        return None
+    tls = load_tls(cfg.tls_path, cfg.node, cfg.cluster)
+    logger.info("node %s talks to its peers over mutual TLS (certificates in %s, this node's expires %s)",
+                cfg.node, cfg.tls_path, tls.not_after.strftime("%Y-%m-%d"))
+    warning = tls.warning()
+    if warning:
+        logger.warning("%s", warning)
+    return tls
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one: every peer connection, log segment
+    and open image is a descriptor, and running out of them at the common 1024 would take the
+    control socket down with the node port."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        except (OSError, ValueError) as e:
+            logger.info("could not raise the open file limit from %d: %s", soft, e)
+
+
 class Daemon:
     """The running node: hosts the FUSE operations and answers control commands."""
 
-    def __init__(self, cfg: ServeConfig, node: Node, ops: Operations) -> None:
+    def __init__(self, cfg: ServeConfig, node: Node, ops: Operations, tls: Tls | None = None) -> None:
         self.cfg = cfg
         self.node = node
         self.ops = ops
         self.cluster = Cluster(node, listen=cfg.listen, peers=cfg.peers, cluster=cfg.cluster,
-                               sync_rate=cfg.sync_rate)
+                               sync_rate=cfg.sync_rate, tls=tls)
         self.context = Context(node, self.cluster, cfg.mount, ops.forget_volume, mounted=True)
         self.serving = False  #: everything started; from here on a failure leaves the mount (see serve)
         self.forced = ""  #: why the stop was forced with volumes open ("" if it was not)
@@ -188,11 +223,13 @@ def serve(cfg: ServeConfig) -> int:
     """Run the node until SIGTERM/SIGINT or an external unmount. Returns the exit status:
     0 after a clean stop, 1 after a stop forced with volumes open."""
     preflight(cfg)
+    tls = _load_tls(cfg)
     _tune_process()
+    _raise_fd_limit()
     node = Node.open(cfg.state, cfg.node, history=cfg.history, log_space=cfg.log_space)
     try:
         ops = Operations(node)
-        daemon = Daemon(cfg, node, ops)
+        daemon = Daemon(cfg, node, ops, tls)
         options = set(pyfuse3.default_options) | {"fsname=marsfs", "subtype=marsfs"}
         try:
             pyfuse3.init(ops, os.fspath(cfg.mount), options)

@@ -52,8 +52,9 @@ from marsfs.node.identity import Identities
 from marsfs.node.meta import REFRESH, Position
 from marsfs.node.mirrors import Mirrors
 from marsfs.node.node import Node, check_volume_name
-from marsfs.node.peers import Peers, TcpPeers, parse_address
+from marsfs.node.peers import Admission, Peers, TcpPeers, parse_address
 from marsfs.node.state import VolumeStatus
+from marsfs.node.tls import REFRESH_EVERY, Tls
 from marsfs.node.volstate import FenceHolder, Role
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import Connect
@@ -74,13 +75,16 @@ class Cluster:
     """Replication for every volume of one node. Runs inside the daemon's trio loop."""
 
     def __init__(self, node: Node, *, listen: str | None, peers: dict[str, str], cluster: str = DEFAULT_CLUSTER,
-                 sync_rate: int = 0, connections: Peers | None = None) -> None:
-        """``connections`` reaches the peers (default: TCP to the ``peers`` addresses; tests
-        pass a fake); ``peers`` names them either way."""
+                 sync_rate: int = 0, connections: Peers | None = None, tls: Tls | None = None) -> None:
+        """``connections`` reaches the peers (default: TCP to the ``peers`` addresses, TLS with
+        ``tls``; tests pass a fake); ``peers`` names them either way. ``tls`` None: plain TCP
+        both ways (``serve --insecure``, and in-process tests)."""
         self.node = node
+        self.tls = tls
         self.listen = parse_address(listen) if listen else None
         self.peers = {name: parse_address(addr) for name, addr in peers.items()}
-        self.connections: Peers = connections if connections is not None else TcpPeers(self.peers)
+        self.connections: Peers = connections if connections is not None else TcpPeers(self.peers, tls)
+        self.admission = Admission(tls)  #: the TLS handshake on the node port, and its bounds
         self.cluster = cluster
         self.peer_table = PeerTable()
         self.mirrors = Mirrors(node, cluster, self.connections, spawn=self.spawn, quiet=self._quiet,
@@ -111,14 +115,29 @@ class Cluster:
                 except OSError as e:
                     raise MarsError(f"cannot listen for peers on {host}:{port}: {e.strerror}; "
                                     "pick another --listen address or stop what uses it") from None
-                nursery.start_soon(trio.serve_listeners, self.server.handle, listeners)
+                nursery.start_soon(trio.serve_listeners, functools.partial(self.admission.handle, self.server.handle),
+                                   listeners)
                 self.port = listeners[0].socket.getsockname()[1]
                 logger.info("node %s listens for peers on %s:%d", self.node.name, host, self.port)
+            if self.tls is not None:
+                nursery.start_soon(self._renewals, self.tls)
             await self.mirrors.resume()
             nursery.start_soon(self.mirrors.replay_loop)
             await self._start_meta(nursery)
             nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
+
+    async def _renewals(self, tls: Tls) -> None:
+        """Pick up a renewed certificate in the TLS directory (the runbook's renewal), never
+        ending the daemon over it. On the trio thread: the contexts it changes are used there
+        (reading three small files is quick)."""
+
+        async def refresh() -> None:
+            tls.refresh()
+
+        while True:
+            await trio.sleep(REFRESH_EVERY)
+            await supervised("certificate renewal", refresh)
 
     def spawn(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
         """Run ``fn`` in the cluster's nursery, supervised as ``what`` (only while :meth:`run` runs)."""
@@ -284,8 +303,19 @@ class Cluster:
         return [s.to_json() for s in self.statuses(name)]
 
     def statuses(self, name: str | None = None) -> list[VolumeStatus]:
-        """Every volume's status (or one's), with lag and peers (:mod:`marsfs.node.status`)."""
-        return status.statuses(self, name)
+        """Every volume's status (or one's), with lag and peers (:mod:`marsfs.node.status`),
+        and on each row how this node talks to its peers (TLS, or loudly not)."""
+        rows = status.statuses(self, name)
+        if self.listen is None and not self.peers:
+            return rows
+        if self.tls is None:
+            said: dict[str, Any] = {"mode": "insecure"}
+            warning: str | None = (f"node {self.node.name} runs --insecure: its peers are not authenticated, and "
+                                   "anyone who reaches its port can act as a node; issue certificates (marsfs "
+                                   "cluster add-node) and restart without --insecure")
+        else:
+            said, warning = self.tls.status(), self.tls.warning()
+        return [r.changed(tls=said, warnings=[*r.warnings, warning] if warning else r.warnings) for r in rows]
 
         # ------------------------------------------------------------------ cluster metadata
 

@@ -7,20 +7,34 @@ Rules that hold here:
   TLS later wraps this one place. Nothing else in :mod:`marsfs.node` opens a stream.
 * An unknown peer is refused with :class:`~marsfs.errors.PeerError` when the connector is asked
   for, before anything changes; a known peer that is down fails only when connected to.
-* No module-level mutable state; the only import from :mod:`marsfs.node` is none.
+* Every connection a peer opens to this node passes :class:`Admission` first: with TLS the
+  handshake (both certificates of the cluster CA, :mod:`marsfs.node.tls`), at most
+  :data:`MAX_HANDSHAKES` at once and each within its deadline, so a stranger holds neither
+  a task nor a file descriptor for long; the server then gets the name the certificate gives.
+* A refused connection is logged in one line without a traceback, at most once per
+  :data:`LOG_EVERY` seconds per host (the lines left out are counted in the next one).
+* No module-level mutable state; the only import from :mod:`marsfs.node` is :mod:`~marsfs.node.tls`.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
 
 from marsfs.aio import describe
 from marsfs.errors import PeerError, UsageError
+from marsfs.node.tls import HandshakeFailed, Tls, client_stream, server_stream
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Connect, hello, open_channel
 from marsfs.replication.protocol import Welcome
+
+logger = logging.getLogger(__name__)
+
+MAX_HANDSHAKES = 64  #: connections in their TLS handshake at once; more are closed at once
+LOG_EVERY = 60.0  #: seconds between two log lines about refused connections from one host
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -46,13 +60,15 @@ class Peers(Protocol):
 
 
 class TcpPeers:
-    """The peers of ``--peer NAME=HOST:PORT``, reached over plain TCP.
+    """The peers of ``--peer NAME=HOST:PORT``, reached over TCP: TLS 1.3 with this node's
+    certificate, the peer's certificate naming the peer (with ``tls``), or plain TCP.
 
     ``addresses`` is shared, not copied: it is :attr:`Cluster.peers`, and a peer added there
     (a test that learns a port after start) is reachable here at once."""
 
-    def __init__(self, addresses: dict[str, tuple[str, int]]) -> None:
+    def __init__(self, addresses: dict[str, tuple[str, int]], tls: Tls | None = None) -> None:
         self.addresses = addresses
+        self.tls = tls
 
     def connector(self, peer: str) -> Connect:
         if peer not in self.addresses:
@@ -60,8 +76,11 @@ class TcpPeers:
             raise PeerError(f"unknown peer {peer!r} (known: {known}); start the daemon with --peer {peer}=HOST:PORT")
         host, port = self.addresses[peer]
 
+        tls = self.tls
+
         async def connect() -> trio.abc.Stream:
-            return await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(host, port)
+            return stream if tls is None else await client_stream(stream, tls, peer)
 
         return connect
 
@@ -84,3 +103,61 @@ async def welcome(peers: Peers, me: str, cluster: str, source: str, name: str, n
                         "is its daemon running with --listen?") from None
     await ch.aclose()
     return answer
+
+
+#: What serves an admitted connection: the stream and the node name its certificate gives
+#: (None without TLS); :meth:`marsfs.replication.server.Server.handle`.
+Handler = Callable[[trio.abc.Stream, str | None], Awaitable[None]]
+
+
+class Admission:
+    """The node port's front door: the TLS handshake and its bounds (see the module)."""
+
+    def __init__(self, tls: Tls | None, *, clock: Callable[[], float] = trio.current_time) -> None:
+        self.tls = tls
+        self.handshaking = 0  #: connections in their handshake now
+        self.refused = 0  #: connections refused since start (handshake failed, or too many at once)
+        self._clock = clock
+        self._logged: dict[str, tuple[float, int]] = {}  #: host -> (time of its last line, lines left out since)
+
+    async def handle(self, serve: Handler, stream: trio.SocketStream) -> None:
+        """Admit ``stream`` (accepted on the node port) and serve it, or close it."""
+        if self.tls is None:
+            await serve(stream, None)
+            return
+        where = _address(stream)
+        if self.handshaking >= MAX_HANDSHAKES:
+            self._refuse(where, f"{MAX_HANDSHAKES} connections are in their TLS handshake already")
+            await trio.aclose_forcefully(stream)
+            return
+        self.handshaking += 1
+        try:
+            secured, name = await server_stream(stream, self.tls)
+        except HandshakeFailed as e:
+            self._refuse(where, f"TLS handshake failed: {e}")
+            return
+        finally:
+            self.handshaking -= 1
+        await serve(secured, name)
+
+    def _refuse(self, where: str, why: str) -> None:
+        self.refused += 1
+        host = where.rpartition(":")[0] or where
+        now = self._clock()
+        last, left_out = self._logged.get(host, (-LOG_EVERY, 0))
+        if now - last < LOG_EVERY:
+            self._logged[host] = (last, left_out + 1)
+            return
+        more = f" ({left_out} more since the last line)" if left_out else ""
+        logger.info("refused a connection from %s: %s%s", where or "an unknown address", why, more)
+        self._logged[host] = (now, 0)
+        if len(self._logged) > 4096:  # a scan from many addresses: keep the table bounded
+            self._logged = {h: v for h, v in self._logged.items() if now - v[0] < LOG_EVERY}
+
+
+def _address(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except (OSError, ValueError, TypeError):
+        return ""
+    return f"{host}:{port}"

@@ -187,6 +187,9 @@ class VolumeStatus:
     sync_bytes: int | None = None  #: bytes of the image to compare
     sync_left_bytes: int | None = None  #: bytes still to compare (at most this much is still sent)
     sync_received_bytes: int | None = None  #: data bytes received so far (blocks that differed)
+    #: the node's connections to its peers: ``{"mode": "mutual-tls", "certificate_expires": ...}``
+    #: or ``{"mode": "insecure"}`` (the same on every row; None: no peers, no node port)
+    tls: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)

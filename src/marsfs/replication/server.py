@@ -80,6 +80,7 @@ from marsfs.volume.blocksums import block_sums
 logger = logging.getLogger(__name__)
 
 POLL = 0.01  #: how often a session with nothing to ship looks again
+HELLO_TIMEOUT = 10.0  #: seconds a new connection has to send its HELLO; then it is closed
 
 
 class PeerGate(Protocol):
@@ -96,7 +97,7 @@ class PeerGate(Protocol):
 
 def peer_address(stream: trio.abc.Stream) -> str:
     """Where a connection comes from, for a log line ("" when the stream does not say)."""
-    sock = getattr(stream, "socket", None)
+    sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
     try:
         host, port = sock.getpeername()[:2] if sock is not None else ("", 0)
     except (OSError, ValueError, TypeError):
@@ -186,14 +187,30 @@ class Server:
         self.epoch_of = epoch_of
         self.peers = peers
 
-    async def handle(self, stream: trio.abc.Stream) -> None:
+    async def handle(self, stream: trio.abc.Stream, certified: str | None = None) -> None:
+        """Serve one connection. ``certified``: the node name the peer's TLS certificate gives
+        (None without TLS); a HELLO that claims another node is refused before anything else."""
         ch = Channel(stream)
         sess = ServingSession(self.node, self.cluster)
         vol: Volume | None = None
         admitted: Hello | None = None
         try:
-            hello = sess.receive(await ch.receive_message())
+            with trio.move_on_after(HELLO_TIMEOUT) as waited:
+                first = await ch.receive_message()
+            if waited.cancelled_caught:
+                logger.info("a connection from %s sent no HELLO within %.0f s; closed it",
+                            peer_address(stream) or "an unknown address", HELLO_TIMEOUT)
+                return
+            hello = sess.receive(first)
             assert isinstance(hello, Hello)
+            if certified is not None and hello.node != certified:
+                logger.info("refused a HELLO as node %s from %s: its certificate is node %s's", hello.node,
+                            peer_address(stream) or "an unknown address", certified or "no node")
+                await self._refuse(ch, Error(code="node-identity",
+                                             error=f"this connection's certificate is node {certified or '(none)'}'s, "
+                                                   f"but its HELLO speaks as node {hello.node}: a node speaks only "
+                                                   "for the name in its own certificate"))
+                return
             if self.gate is not None and hello.proto == PROTO_VERSION and hello.cluster == self.cluster:
                 refused = self.gate.admit(hello.node, hello.node_id, peer_address(stream))
                 if refused is not None:

@@ -212,13 +212,17 @@ class Writer:
         return complete
 
 
-def proxied_pair(harness: Harness, proxy: ProxyProcess, *, extra_a: list[str] | None = None
-                 ) -> tuple[NodeProcess, NodeProcess]:
+def proxied_pair(harness: Harness, proxy: ProxyProcess, *, extra_a: list[str] | None = None,
+                 insecure: bool = False) -> tuple[NodeProcess, NodeProcess]:
     """Nodes ``a`` and ``b``; ``b`` reaches ``a`` through ``proxy`` (started here, towards a's
-    port); ``extra_a``: more ``serve`` arguments for ``a``."""
+    port); ``extra_a``: more ``serve`` arguments for ``a``. Mutual TLS (the proxy forwards its
+    bytes), or plain TCP with ``insecure``."""
     nodes = harness.cluster(["a", "b"], start=False)
     a, b = nodes["a"], nodes["b"]
     a.extra += extra_a or []
+    if insecure:
+        a.extra.append("--insecure")
+        b.extra.append("--insecure")
     a.start()
     port = proxy.start(harness.ports["a"])
     i = b.extra.index(f"a=127.0.0.1:{harness.ports['a']}")

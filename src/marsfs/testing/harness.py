@@ -58,8 +58,15 @@ def free_port() -> int:
 class NodeProcess:
     """One ``marsfs serve`` child process with its own state dir, mount point and log file."""
 
-    def __init__(self, root: Path, name: str, *, extra: list[str] | None = None) -> None:
+    def __init__(self, root: Path, name: str, *, extra: list[str] | None = None, certificates: bool = True,
+                 ca_root: Path | None = None) -> None:
+        """``certificates``: before each start, issue this node a certificate of the cluster CA
+        in ``ca_root/ca-CLUSTER`` (default ``root``; made once) into ``STATE/tls`` unless it
+        has one, the daemon runs ``--insecure`` or is given its own ``--tls-dir``; so every
+        node of a test talks TLS to its peers, as a deployed one does."""
         self.name = name
+        self.ca_root = ca_root if ca_root is not None else root
+        self.certificates = certificates
         self.dir = root / name
         self.state = self.dir / "state"
         self.mount = self.dir / "mnt"
@@ -81,8 +88,23 @@ class NodeProcess:
         except FileNotFoundError:
             return "(no log)"
 
+    def issue_certificate(self) -> None:
+        """Give this node a certificate of the harness's CA for its ``--cluster`` (see __init__)."""
+        from marsfs.node.cluster import DEFAULT_CLUSTER
+        from marsfs.node.tls import CA_CERT, NODE_KEY, TLS_DIR, add_node, init_ca
+
+        if "--insecure" in self.extra or "--tls-dir" in self.extra or (self.state / TLS_DIR / NODE_KEY).exists():
+            return
+        cluster = self.extra[self.extra.index("--cluster") + 1] if "--cluster" in self.extra else DEFAULT_CLUSTER
+        ca = self.ca_root / f"ca-{cluster}"
+        if not (ca / CA_CERT).exists():
+            init_ca(ca, cluster)
+        add_node(ca, self.name, self.state / TLS_DIR)
+
     def start(self, timeout: float = 30) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        if self.certificates:
+            self.issue_certificate()
         cmd = [sys.executable, "-m", "marsfs", "serve", "--node", self.name, "--state", os.fspath(self.state),
                "--mount", os.fspath(self.mount), *self.extra]
         logf = open(self.logfile, "ab")
