@@ -58,13 +58,16 @@ def free_port() -> int:
 class NodeProcess:
     """One ``marsfs serve`` child process with its own state dir, mount point and log file."""
 
-    def __init__(self, root: Path, name: str, *, extra: list[str] | None = None) -> None:
+    def __init__(self, root: Path, name: str, *, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.name = name
         self.dir = root / name
         self.state = self.dir / "state"
         self.mount = self.dir / "mnt"
         self.logfile = self.dir / "daemon.log"
         self.extra = extra or []
+        self.env = env or {}  #: added to the daemon's environment (NOTIFY_SOCKET, say)
+        self.prefix = prefix or []  #: a command that runs the daemon (setpriv with a unit's restrictions, say)
         self.proc: subprocess.Popen[bytes] | None = None
         self.mount.mkdir(parents=True, exist_ok=True)
 
@@ -83,12 +86,12 @@ class NodeProcess:
 
     def start(self, timeout: float = 30) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        cmd = [sys.executable, "-m", "marsfs", "serve", "--node", self.name, "--state", os.fspath(self.state),
-               "--mount", os.fspath(self.mount), *self.extra]
+        cmd = [*self.prefix, sys.executable, "-m", "marsfs", "serve", "--node", self.name,
+               "--state", os.fspath(self.state), "--mount", os.fspath(self.mount), *self.extra]
         logf = open(self.logfile, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **MALLOC_ENV})
+                                         env={**os.environ, **MALLOC_ENV, **self.env})
         finally:
             logf.close()
         deadline = time.monotonic() + timeout
