@@ -27,6 +27,13 @@ its journal). So:
 
 After an abnormal end the dead mount stays, so applications get errors instead of writing into
 the bare mount point directory.
+
+Under a ``Type=notify`` systemd unit (``packaging/marsfs.service``) the service manager hears
+``READY=1`` at the moment the daemon logs "serving": the FUSE mount is up, every volume
+recovered, peers and the control socket listen. ``STOPPING=1`` goes out when the stop begins
+(the first signal, or an external unmount), and ``STATUS=`` says what it is doing (recovering,
+serving, waiting for open volumes). Without ``$NOTIFY_SOCKET`` nothing is sent
+(:mod:`marsfs.faces.sdnotify`).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from marsfs.faces.commands import Context, dispatch
 from marsfs.faces.config import ServeConfig, preflight
 from marsfs.faces.control import serve_control
 from marsfs.faces.fuse import Operations
+from marsfs.faces.sdnotify import Notifier
 from marsfs.node import Node
 from marsfs.node.cluster import Cluster
 from marsfs.node.tls import Tls
@@ -113,8 +121,10 @@ def _raise_fd_limit() -> None:
 class Daemon:
     """The running node: hosts the FUSE operations and answers control commands."""
 
-    def __init__(self, cfg: ServeConfig, node: Node, ops: Operations, tls: Tls | None = None) -> None:
+    def __init__(self, cfg: ServeConfig, node: Node, ops: Operations, tls: Tls | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
+        self.notifier = notifier or Notifier()
         self.node = node
         self.ops = ops
         self.cluster = Cluster(node, listen=cfg.listen, peers=cfg.peers, cluster=cfg.cluster,
@@ -137,7 +147,9 @@ class Daemon:
             nursery.start_soon(supervised, "FUSE connection tuning", self._tune_connection)
             logger.info("node %s serving %d volume(s) at %s", self.node.name, len(self.node.volumes), self.cfg.mount)
             self.serving = True
+            self.notifier.ready(f"serving {len(self.node.volumes)} volume(s) at {self.cfg.mount}")
             await pyfuse3.main(min_tasks=4, max_tasks=64)
+            self.notifier.stopping("flushing the logs and unmounting")
             nursery.cancel_scope.cancel()
 
     def open_volumes(self) -> dict[str, int]:
@@ -149,6 +161,8 @@ class Daemon:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 held = self.open_volumes()
+                self.notifier.stopping(f"{name}: " + ("waiting for open volumes to close: " + ", ".join(held)
+                                                      if held else "finishing requests in flight"))
                 if held:
                     await self._drain(name, held, signals)
                 logger.info("%s: finishing requests in flight, then flushing and unmounting", name)
@@ -226,10 +240,12 @@ def serve(cfg: ServeConfig) -> int:
     tls = _load_tls(cfg)
     _tune_process()
     _raise_fd_limit()
+    notifier = Notifier()
+    notifier.status("recovering: verifying every log record")
     node = Node.open(cfg.state, cfg.node, history=cfg.history, log_space=cfg.log_space)
     try:
         ops = Operations(node)
-        daemon = Daemon(cfg, node, ops, tls)
+        daemon = Daemon(cfg, node, ops, tls, notifier)
         options = set(pyfuse3.default_options) | {"fsname=marsfs", "subtype=marsfs"}
         try:
             pyfuse3.init(ops, os.fspath(cfg.mount), options)

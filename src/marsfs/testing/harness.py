@@ -59,7 +59,8 @@ class NodeProcess:
     """One ``marsfs serve`` child process with its own state dir, mount point and log file."""
 
     def __init__(self, root: Path, name: str, *, extra: list[str] | None = None, certificates: bool = True,
-                 ca_root: Path | None = None) -> None:
+                 ca_root: Path | None = None, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         """``certificates``: before each start, issue this node a certificate of the cluster CA
         in ``ca_root/ca-CLUSTER`` (default ``root``; made once) into ``STATE/tls`` unless it
         has one, the daemon runs ``--insecure`` or is given its own ``--tls-dir``; so every
@@ -72,6 +73,8 @@ class NodeProcess:
         self.mount = self.dir / "mnt"
         self.logfile = self.dir / "daemon.log"
         self.extra = extra or []
+        self.env = env or {}  #: added to the daemon's environment (NOTIFY_SOCKET, say)
+        self.prefix = prefix or []  #: a command that runs the daemon (setpriv with a unit's restrictions, say)
         self.proc: subprocess.Popen[bytes] | None = None
         self.mount.mkdir(parents=True, exist_ok=True)
 
@@ -105,12 +108,12 @@ class NodeProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         if self.certificates:
             self.issue_certificate()
-        cmd = [sys.executable, "-m", "marsfs", "serve", "--node", self.name, "--state", os.fspath(self.state),
-               "--mount", os.fspath(self.mount), *self.extra]
+        cmd = [*self.prefix, sys.executable, "-m", "marsfs", "serve", "--node", self.name,
+               "--state", os.fspath(self.state), "--mount", os.fspath(self.mount), *self.extra]
         logf = open(self.logfile, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **MALLOC_ENV})
+                                         env={**os.environ, **MALLOC_ENV, **self.env})
         finally:
             logf.close()
         deadline = time.monotonic() + timeout
