@@ -45,7 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     flags = {"node": args.node, "state": getattr(args, "state", None), "mount": args.mount,
              "listen": args.listen, "peer": args.peer, "history": args.history, "cluster": args.cluster,
-             "stop_timeout": args.stop_timeout, "log_space": args.log_space, "sync_rate": args.sync_rate}
+             "stop_timeout": args.stop_timeout, "log_space": args.log_space, "sync_rate": args.sync_rate,
+             "metrics": args.metrics}
     cfg = load_config(args.config, flags)
     return serve(cfg)
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sync-rate", metavar="RATE",
                    help="limit the fast sync data this node sends to each mirror to RATE bytes/s, above 0, like 50M "
                         "(default: unlimited; join/invalidate --rate limits one sync further)")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (see docs/metrics.md)")
     s.add_argument("-v", "--verbose", action="store_true")
 
     for command in COMMANDS.values():
