@@ -1,5 +1,5 @@
 """``serve --metrics`` in-process: the collector against a real node, its HTTP responder on trio,
-and docs/metrics.md.
+and the files built on the metrics (docs/metrics.md, packaging/alerts.yml, the Grafana dashboard).
 
 What holds:
 
@@ -9,11 +9,14 @@ What holds:
 * docs/metrics.md lists exactly the metrics exported, with their types and labels;
 * the responder answers GET /metrics, 404 otherwise, refuses an oversized head, closes a
   client that sends nothing once its deadline passes while other scrapes are answered, and
-  refuses more clients than it serves at once.
+  refuses more clients than it serves at once;
+* the alert rules pass ``promtool check rules`` and fire on synthetic series (``promtool test
+  rules``); the dashboard parses and names only exported metrics.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -36,6 +39,8 @@ from marsfs.testing.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "metrics.md").read_text()
+ALERTS = ROOT / "packaging" / "alerts.yml"
+DASHBOARD = ROOT / "packaging" / "grafana-dashboard.json"
 KiB = 1024
 
 pytestmark = pytest.mark.volumes(vm=1 << 20, mv=1 << 20)
@@ -138,6 +143,73 @@ def test_the_docs_list_every_metric_with_its_type_and_labels(node: Node) -> None
     text = metrics.render(reg).decode()
     assert text == metrics.render(reg).decode()  # nothing moved in between: the same rows, the same text
     subprocess.run([promtool(), "check", "metrics"], input=text, text=True, check=True, capture_output=True)
+
+
+def exported_samples(node: Node) -> set[str]:
+    reg = metrics.registry(node, lambda: full_rows(node))
+    return {s.name for fam in text_string_to_metric_families(metrics.render(reg).decode()) for s in fam.samples}
+
+
+def test_the_alert_rules_check_and_fire(node: Node, tmp_path: Path) -> None:
+    tool = promtool()
+    r = subprocess.run([tool, "check", "rules", str(ALERTS)], text=True, capture_output=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    names = set(re.findall(r"\bmarsfs_[a-z0-9_]+", ALERTS.read_text()))
+    assert names and names <= exported_samples(node), names - exported_samples(node)
+    # synthetic series, each alert once: promtool evaluates the rules over them
+    # the same rules without their annotations (promtool would compare those too)
+    bare = tmp_path / "alerts.yml"
+    bare.write_text(re.sub(r"^ {8}annotations:\n(?: {10,}.*\n)*", "", ALERTS.read_text(), flags=re.M))
+    assert "annotations" not in bare.read_text() and bare.read_text().count("alert:") == 6
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(f"""
+rule_files: [{bare}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'marsfs_volume_lag_seconds{{instance="b", volume="vm"}}'
+        values: '90x10'
+      - series: 'marsfs_volume_role{{instance="b", volume="vm", role="mirror"}}'
+        values: '1x10'
+      - series: 'marsfs_volume_split_brains{{instance="a", volume="vm"}}'
+        values: '0 1x10'
+      - series: 'marsfs_volume_state{{instance="a", volume="db", state="failed"}}'
+        values: '1x10'
+      - series: 'marsfs_log_space_used_bytes{{instance="a"}}'
+        values: '90x20'
+      - series: 'marsfs_log_space_limit_bytes{{instance="a"}}'
+        values: '100x20'
+    alert_rule_test:
+      - eval_time: 6m
+        alertname: MarsfsMirrorLagging
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: b, volume: vm}}
+      - eval_time: 2m
+        alertname: MarsfsSplitBrain
+        exp_alerts:
+          - exp_labels: {{severity: critical, instance: a, volume: vm}}
+      - eval_time: 2m
+        alertname: MarsfsVolumeFailed
+        exp_alerts:
+          - exp_labels: {{severity: critical, instance: a, volume: db, state: failed}}
+      - eval_time: 15m
+        alertname: MarsfsLogSpaceHigh
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: a}}
+""")
+    r = subprocess.run([tool, "test", "rules", str(tests)], text=True, capture_output=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_dashboard_names_only_exported_metrics(node: Node) -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+    named = {n for e in exprs for n in re.findall(r"\bmarsfs_[a-z0-9_]+", e)}
+    have = exported_samples(node)
+    assert named and named <= have, sorted(named - have)
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 
 
 # ---------------------------------------------------------------------------- HTTP
