@@ -85,3 +85,21 @@ def test_serve_refuses_a_log_space_its_filesystem_cannot_hold(tmp_path: Path) ->
         load_config(None, {**SERVE, "state": str(state), "log_space": "100000T"})
     cfg = load_config(None, {**SERVE, "state": str(state), "log_space": "64M"})
     assert cfg.log_space.size == 64 << 20
+
+
+def test_metrics_address_from_the_file_or_the_flag(tmp_path: Path) -> None:
+    """``metrics`` in the file, ``--metrics`` wins; a bad address or the peers' own port is one
+    usage line naming the flag."""
+    conf = tmp_path / "marsfs.toml"
+    conf.write_text('node = "n1"\nstate = "/s"\nmount = "/m"\nlisten = "127.0.0.1:7600"\nmetrics = "127.0.0.1:9590"\n')
+    assert load_config(conf, NO_FLAGS).metrics == "127.0.0.1:9590"
+    assert load_config(conf, {**NO_FLAGS, "metrics": "[::1]:9591"}).metrics == "[::1]:9591"
+    assert load_config(None, {**NO_FLAGS, "node": "n1", "state": "/s", "mount": "/m"}).metrics is None
+    for bad in ("nonsense", "127.0.0.1:0", "127.0.0.1:99999", ":9590"):
+        with pytest.raises(UsageError, match=r"^--metrics: address .*give HOST:PORT"):
+            load_config(conf, {**NO_FLAGS, "metrics": bad})
+    with pytest.raises(UsageError, match="--metrics 127.0.0.1:7600: that is the --listen address"):
+        load_config(conf, {**NO_FLAGS, "metrics": "127.0.0.1:7600"})
+    conf.write_text('node = "n1"\nstate = "/s"\nmount = "/m"\nmetrics = 9590\n')
+    with pytest.raises(UsageError, match="--metrics 9590: give HOST:PORT"):
+        load_config(conf, NO_FLAGS)

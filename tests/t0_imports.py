@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "src" / "marsfs"
 #: lowest first; a module may import its own layer and those before it. ``testing`` is the
 #: kit the tests use and may import anything; only :data:`KIT_USERS` import it.
 LAYERS = ["base", "log", "volume", "replication", "node", "faces", "cli"]
-BASE = {"errors", "units", "fsutil", "aio", "names"}
+BASE = {"errors", "units", "fsutil", "aio", "names", "stats"}
 #: the demo walks a cluster the way the suite does, so it starts nodes with the test kit
 KIT_USERS = {"marsfs.demo"}
 

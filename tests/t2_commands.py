@@ -223,7 +223,7 @@ PARSES = [
     (["serve", "--node", "n1", "--mount", "/m", "--peer", "n2=h:1", "--peer", "n3=h:2", "-v"],
      {"node": "n1", "mount": Path("/m"), "listen": None, "peer": ["n2=h:1", "n3=h:2"], "config": None,
       "history": None, "cluster": None, "stop_timeout": None, "log_space": None, "sync_rate": None,
-      "tls_dir": None, "insecure": False, "verbose": True}),
+      "tls_dir": None, "insecure": False, "metrics": None, "verbose": True}),
     (["cluster", "add-node", "n2", "--ca", "/ca", "--out", "/o"],
      {"cluster_command": "add-node", "name": "n2", "ca": Path("/ca"), "out": Path("/o"), "days": 825, "json": False}),
 ]

@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"node": args.node, "state": getattr(args, "state", None), "mount": args.mount,
              "listen": args.listen, "peer": args.peer, "history": args.history, "cluster": args.cluster,
              "stop_timeout": args.stop_timeout, "log_space": args.log_space, "sync_rate": args.sync_rate,
-             "tls_dir": args.tls_dir, "insecure": args.insecure}
+             "tls_dir": args.tls_dir, "insecure": args.insecure, "metrics": args.metrics}
     cfg = load_config(args.config, flags)
     return serve(cfg)
 
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true",
                    help="talk to peers over plain TCP without certificates: anyone who reaches the port can act as a "
                         "node (tests and trials only)")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (see docs/metrics.md)")
     s.add_argument("-v", "--verbose", action="store_true")
 
     c = sub.add_parser("cluster", parents=[common], help="the cluster's certificates (no daemon needed)",

@@ -5,12 +5,12 @@ Rules that hold here:
 * A TOML file (``--config``) supplies what flags do not; flags win, and ``--peer`` adds to the
   file's ``[peers]``. Bad input is one :class:`UsageError` line naming the flag or file; a key
   the file may not have (a typo such as ``lisen``) is refused with its name, never ignored.
-* Every address (``--listen``, each peer) is parsed here, so that a malformed one is refused
+* Every address (``--listen``, ``--metrics``, each peer) is parsed here, so that a malformed one is refused
   before anything is mounted.
 * :func:`preflight` refuses to start, with one line saying what to do, when the mount point is
   missing, not a directory, already mounted or a dead FUSE mount, when FUSE is unavailable,
-  when the state directory lies inside the mount point, or when the ``--listen`` address
-  cannot be bound (in use, not an address of this machine, a name that does not resolve). It
+  when the state directory lies inside the mount point, or when the ``--listen`` (or
+  ``--metrics``) address cannot be bound (in use, not an address of this machine, a name that does not resolve). It
   runs before any state is touched and before the mount.
   (A state directory owned by another node name or locked by a running daemon is refused by
   :meth:`marsfs.node.Node.open`.)
@@ -41,7 +41,7 @@ from marsfs.volume import Retention
 DEFAULT_STOP_TIMEOUT = 30.0
 #: The keys a ``--config`` file may have: the long flags' names, and ``[peers]`` for ``--peer``.
 CONFIG_KEYS = frozenset({"node", "state", "mount", "listen", "peers", "history", "cluster", "stop-timeout",
-                         "log-space", "sync-rate", "tls-dir", "insecure"})
+                         "log-space", "sync-rate", "tls-dir", "insecure", "metrics"})
 
 
 @dataclass
@@ -59,6 +59,7 @@ class ServeConfig:
     #: ``--log-space SIZE|PCT%``: the node's limit for all logs (see :mod:`marsfs.node.space`)
     log_space: LogSpaceSetting = field(default_factory=LogSpaceSetting)
     sync_rate: int = 0  #: ``--sync-rate``: bytes/s of fast sync data this node sends per mirror (0: unlimited)
+    metrics: str | None = None  #: ``--metrics HOST:PORT``: where Prometheus scrapes (None: not served)
     tls_dir: Path | None = None  #: ``--tls-dir``: ``ca.crt``, ``node.crt``, ``node.key`` (default ``STATE/tls``)
     insecure: bool = False  #: ``--insecure``: plain TCP between nodes, nobody authenticated
 
@@ -139,7 +140,24 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
                        stop_timeout=_stop_timeout(merged.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
                        log_space=log_space, sync_rate=_sync_rate(merged.get("sync_rate")),
                        tls_dir=Path(merged["tls_dir"]) if merged.get("tls_dir") else None,
-                       insecure=bool(merged.get("insecure", False)))
+                       insecure=bool(merged.get("insecure", False)),
+                       metrics=_metrics(merged.get("metrics"), None if listen is None else str(listen)))
+
+
+def _metrics(value: Any, listen: str | None) -> str | None:
+    """The ``--metrics`` address, checked like ``--listen``; not the same as ``--listen``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f"--metrics {value!r}: give HOST:PORT, like 127.0.0.1:9590")
+    try:
+        address = parse_address(value)
+    except UsageError as e:
+        raise UsageError(f"--metrics: {e}") from None
+    if listen is not None and parse_address(listen) == address:
+        raise UsageError(f"--metrics {value}: that is the --listen address for peers; give the metrics "
+                         "endpoint a port of its own, like 9590")
+    return value
 
 
 def _sync_rate(value: Any) -> int:
@@ -212,7 +230,7 @@ def _stop_timeout(value: Any) -> float:
     return seconds
 
 
-def check_listen(listen: str) -> None:
+def check_listen(listen: str, what: str = "for peers") -> None:
     """Refuse a ``--listen`` address this machine cannot listen on, before the daemon mounts.
 
     The socket is bound as the cluster will bind it (SO_REUSEADDR) and closed again; the
@@ -222,7 +240,7 @@ def check_listen(listen: str) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise MarsError(f"cannot listen for peers on {listen}: {host!r} does not resolve ({e.strerror}); "
+        raise MarsError(f"cannot listen {what} on {listen}: {host!r} does not resolve ({e.strerror}); "
                         "give an address of this machine, like 10.0.0.1:7600") from None
     for family, kind, proto, _name, addr in infos:
         with socket.socket(family, kind, proto) as s:
@@ -234,7 +252,7 @@ def check_listen(listen: str) -> None:
                 hint = {errno.EADDRINUSE: "something else listens there: stop it or pick another port",
                         errno.EADDRNOTAVAIL: "it is not an address of this machine (see: ip -br addr)",
                         errno.EACCES: "ports below 1024 need root"}.get(e.errno or 0, "pick another --listen address")
-                raise MarsError(f"cannot listen for peers on {listen}: {e.strerror}; {hint}") from None
+                raise MarsError(f"cannot listen {what} on {listen}: {e.strerror}; {hint}") from None
 
 
 def preflight(cfg: ServeConfig) -> None:
@@ -262,3 +280,5 @@ def preflight(cfg: ServeConfig) -> None:
         raise MarsError("the state directory must not be inside the mount point")
     if cfg.listen is not None:
         check_listen(cfg.listen)
+    if cfg.metrics is not None:
+        check_listen(cfg.metrics, "for metrics scrapes")

@@ -7,7 +7,8 @@ A start that fails after the mount (the listener, the control socket) unmounts a
 daemon that served leaves a dead mount behind.
 
 One trio loop runs everything: pyfuse3's main loop, the cluster (peers, fetch, replay), the
-control socket (answered through :func:`marsfs.faces.commands.dispatch`), the periodic
+control socket (answered through :func:`marsfs.faces.commands.dispatch`), the Prometheus
+endpoint of ``--metrics`` (:mod:`marsfs.faces.metrics`), the periodic
 maintenance (writeback of what left the history window), the log space limit (woken by the
 write path, :mod:`marsfs.node.space`) and, once mounted, the FUSE
 connection tuning measured to pay.
@@ -54,6 +55,7 @@ import trio
 
 from marsfs.aio import single_error, supervised
 from marsfs.errors import MarsError
+from marsfs.faces import metrics
 from marsfs.faces.commands import Context, dispatch
 from marsfs.faces.config import ServeConfig, preflight
 from marsfs.faces.control import serve_control
@@ -141,6 +143,9 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.cluster.run)
             await nursery.start(serve_control, self.cfg.state, functools.partial(dispatch, self.context))
+            if self.cfg.metrics is not None:
+                reg = metrics.registry(self.node, self.cluster.statuses)
+                await nursery.start(metrics.serve_metrics, self.cfg.metrics, functools.partial(metrics.render, reg))
             nursery.start_soon(self._signals)
             nursery.start_soon(self._maintain)
             nursery.start_soon(self._keep_log_space)

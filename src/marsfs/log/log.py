@@ -64,6 +64,7 @@ from marsfs.log.record import (
 )
 from marsfs.log.recovery import RecoveryReport, finish_restart, recover
 from marsfs.log.segment import RecordInfo, Segment, segment_name
+from marsfs.stats import LatencyHistogram
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 _DECOMPRESSED_CACHE = 8
@@ -88,6 +89,8 @@ class Log:
         self._lock = threading.Lock()
         self._synced = threading.Condition(self._lock)
         self._syncing = False
+        #: how long each group commit's fdatasync took (also a failed one): ``serve --metrics``
+        self.sync_latency = LatencyHistogram()
         self._failed: BaseException | None = None
         self._durable_lsn = self.last_lsn
         self._marks: dict[int, str] = {}
@@ -421,10 +424,12 @@ class Log:
             upto = self.last_lsn
             fd = self._segments[-1].fd
         err: OSError | None = None
+        started = time.perf_counter()
         try:
             os.fdatasync(fd)
         except OSError as e:
             err = e
+        self.sync_latency.observe(time.perf_counter() - started)
         with self._lock:
             self._syncing = False
             if err is None:

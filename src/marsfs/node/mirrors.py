@@ -417,6 +417,7 @@ class Mirrors:
                 if not role.is_mirror or role.replay_paused:
                     continue
                 if vol.replay_limit is not None and vol.durable_lsn > vol.replay_limit:
+                    vol.counters.replayed_bytes += vol.log.bytes_between(vol.replay_limit, vol.durable_lsn)
                     vol.replay_limit = vol.durable_lsn
                 samples = self.replay_samples.setdefault(name, deque(maxlen=50))
                 if not samples or now - samples[-1][0] > 0.1:

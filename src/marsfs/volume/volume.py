@@ -112,6 +112,7 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
 from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
+from marsfs.stats import VolumeCounters
 from marsfs.volume import changes as ch
 from marsfs.volume import resync as rs
 from marsfs.volume import writeback as wb
@@ -168,6 +169,9 @@ class Volume:
         self.fence = ""
         self._lock = threading.RLock()
         self._writeback_lock = threading.Lock()
+        #: bytes fetched (under ``_lock``), written back (under ``_writeback_lock``) and replayed
+        #: (by the node's replay, on its one thread) since the volume was opened
+        self.counters = VolumeCounters()
         self._views = VersionIndexes()  # open versions: pins and shared indexes
         # Mirrors' positions (hold key -> LSN they have durable and replayed), persisted in
         # holds.json by persist_holds(); and, per mirror whose log was dropped, what it missed.
@@ -620,6 +624,7 @@ class Volume:
             if self._resyncs.running is not None:
                 raise self._resyncs.busy()
             h = self.log.append_raw(raw, volume_size=self.size)
+            self.counters.fetched_bytes += len(raw)
             if h.type == RecordType.WRITE and h.length:
                 self.index.insert(h.offset, h.length, h.lsn)
             elif h.type == RecordType.RESIZE:  # the log refused one that would shrink us
@@ -810,6 +815,7 @@ class Volume:
             if records:  # from here until A = target is persisted, the base is ahead of A
                 wb.persist_intent(self.path, start, target, self._oldest_ts)
             wb.apply(self.log, self._base_fd, records)
+            self.counters.writeback_bytes += sum(r.length for r in records)
             wb.persist_applied(self.path, target, target_ts)
             with self._lock:
                 self._applied = target  # from now on extents <= target read from the base
