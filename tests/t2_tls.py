@@ -31,10 +31,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import marsfs.node.peers as peers
 import marsfs.node.tls as tls
@@ -43,6 +39,7 @@ from marsfs.replication.channel import Channel
 from marsfs.replication.fetch import hello
 from marsfs.replication.protocol import Error
 from marsfs.replication.server import PeerTable, Server
+from marsfs.testing.certs import client_context, forged
 from marsfs.testing.runner import run
 
 
@@ -81,41 +78,8 @@ def test_certificates_are_made_and_checked(tmp_path: Path, ca: Path) -> None:
         tls.load(t.dir, "node1", "marsfs")
 
 
-def foreign_cert(out: Path, name: str, *, ca: Path | None = None, expired: bool = False) -> tuple[Path, Path]:
-    """A certificate for ``name``: self-made (no CA: another cluster's, as far as we care) or,
-    with ``ca``, of that CA but expired. Returns (cert, key) paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "marsfs"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    if ca is not None:
-        ca_cert = x509.load_pem_x509_certificate((ca / tls.CA_CERT).read_bytes())
-        signer = serialization.load_pem_private_key((ca / tls.CA_KEY).read_bytes(), password=None)
-        issuer = ca_cert.subject
-    else:
-        signer, issuer = key, subject
-    assert isinstance(signer, ec.EllipticCurvePrivateKey)
-    now = datetime.datetime.now(datetime.UTC)
-    start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired else (
-        now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-            .sign(signer, hashes.SHA256()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "c.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "c.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    return out / "c.crt", out / "c.key"
 
 
-def client_context(ca: Path, cert: tuple[Path, Path] | None, *, tls12: bool = False) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(cafile=os.fspath(ca / tls.CA_CERT))
-    if tls12:
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    if cert is not None:
-        ctx.load_cert_chain(os.fspath(cert[0]), os.fspath(cert[1]))
-    return ctx
 
 
 Served = list[str | None]
@@ -175,8 +139,8 @@ def test_only_a_valid_certificate_of_the_cluster_ca_passes_the_handshake(tmp_pat
         door, port = await front_door(server, served, nursery)
         assert await attempt(port, client_context(ca, good)) == b"welcome node2"
         assert await attempt(port, client_context(ca, None)) == b""
-        assert await attempt(port, client_context(ca, foreign_cert(tmp_path / "other", "node2"))) == b""
-        assert await attempt(port, client_context(ca, foreign_cert(tmp_path / "old", "node2", ca=ca,
+        assert await attempt(port, client_context(ca, forged(tmp_path / "other", "node2"))) == b""
+        assert await attempt(port, client_context(ca, forged(tmp_path / "old", "node2", ca=ca,
                                                                    expired=True))) == b""
         assert await attempt(port, client_context(ca, good, tls12=True)) == b""
         assert door.refused == 4 and door.handshaking == 0

@@ -19,7 +19,6 @@ cluster or volume):
 
 from __future__ import annotations
 
-import datetime
 import os
 import ssl
 import threading
@@ -28,17 +27,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import marsfs.node.tls as tls
 from marsfs.replication.channel import Channel, ConnectionLost
 from marsfs.replication.fetch import hello
 from marsfs.replication.protocol import Error, encode_message
+from marsfs.testing.certs import client_context, forged
 from marsfs.testing.checks import status, wait_synced, write_synced
 from marsfs.testing.harness import Harness, NodeProcess, free_port
+from marsfs.testing.memnet import PassStream
 
 MiB = 1 << 20
 
@@ -66,61 +63,20 @@ class Writer(threading.Thread):
             time.sleep(0.02)
 
 
-def context(ca: Path, cert: tuple[Path, Path] | None = None, *, tls12: bool = False) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(cafile=os.fspath(ca / tls.CA_CERT))
-    if tls12:
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    if cert is not None:
-        ctx.load_cert_chain(os.fspath(cert[0]), os.fspath(cert[1]))
-    return ctx
 
 
-def made_cert(out: Path, name: str, *, ca: Path | None, expired: bool = False) -> tuple[Path, Path]:
-    """A certificate of ``name``: signed by ``ca`` (expired, if asked), or self-signed (no CA
-    of this cluster)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "marsfs"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    signer: ec.EllipticCurvePrivateKey = key
-    issuer = subject
-    if ca is not None:
-        issuer = x509.load_pem_x509_certificate((ca / tls.CA_CERT).read_bytes()).subject
-        loaded = serialization.load_pem_private_key((ca / tls.CA_KEY).read_bytes(), password=None)
-        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
-        signer = loaded
-    now = datetime.datetime.now(datetime.UTC)
-    days = (-30, -1) if expired else (-1, 30)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now + datetime.timedelta(days=days[0]))
-            .not_valid_after(now + datetime.timedelta(days=days[1])).sign(signer, hashes.SHA256()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "c.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "c.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    return out / "c.crt", out / "c.key"
 
 
-class Recording(trio.abc.Stream):
+class Recording(PassStream):
     """A TCP stream that keeps what was sent through it (the capture of a session)."""
 
-    def __init__(self, inner: trio.SocketStream) -> None:
-        self.inner = inner
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
         self.sent = bytearray()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.sent += data
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def until_closed(stream: trio.abc.Stream) -> bytes:
@@ -204,25 +160,25 @@ def test_the_node_port_refuses_strangers_impostors_and_buggy_peers_while_replica
             with trio.fail_after(40):  # a hang guard: the node's deadlines are 10 s
                 outcomes[name] = (await attack, time.monotonic() - start)  # type: ignore[misc]
 
-        await case("no client certificate", over_tls(port, context(ca), [as_node2]))
-        await case("another CA", over_tls(port, context(ca, made_cert(harness.root / "x", "node2", ca=None)),
+        await case("no client certificate", over_tls(port, client_context(ca), [as_node2]))
+        await case("another CA", over_tls(port, client_context(ca, forged(harness.root / "x", "node2")),
                                           [as_node2]))
-        await case("expired", over_tls(port, context(ca, made_cert(harness.root / "y", "node2", ca=ca,
+        await case("expired", over_tls(port, client_context(ca, forged(harness.root / "y", "node2", ca=ca,
                                                                    expired=True)), [as_node2]))
-        await case("TLS 1.2 only", over_tls(port, context(ca, node2_pair, tls12=True), [as_node2]))
+        await case("TLS 1.2 only", over_tls(port, client_context(ca, node2_pair, tls12=True), [as_node2]))
         await case("plain TCP HELLO", raw(port, as_node2))
-        await case("node in no peer list", over_tls(port, context(ca, node3_pair),
+        await case("node in no peer list", over_tls(port, client_context(ca, node3_pair),
                                                     [encode_message(hello("node3", "marsfs", "vm1", "fetch"))]))
-        await case("HELLO as another node", over_tls(port, context(ca, node3_pair), [seize]))
-        await case("wrong cluster", over_tls(port, context(ca, node2_pair), [encode_message(
+        await case("HELLO as another node", over_tls(port, client_context(ca, node3_pair), [seize]))
+        await case("wrong cluster", over_tls(port, client_context(ca, node2_pair), [encode_message(
             hello("node2", "other", "vm1", "meta", node_id=node2_id))]))
-        await case("wrong volume", over_tls(port, context(ca, node2_pair), [encode_message(
+        await case("wrong volume", over_tls(port, client_context(ca, node2_pair), [encode_message(
             hello("node2", "marsfs", "nope", "fetch", node_id=node2_id))]))
-        await case("TLS, then no HELLO", over_tls(port, context(ca, node2_pair), []))
+        await case("TLS, then no HELLO", over_tls(port, client_context(ca, node2_pair), []))
 
         # a captured session, replayed: the bytes a real client sent, on a new connection
         recording = Recording(await trio.open_tcp_stream("127.0.0.1", port))
-        captured = trio.SSLStream(recording, context(ca, node2_pair), server_hostname="node1")
+        captured = trio.SSLStream(recording, client_context(ca, node2_pair), server_hostname="node1")
         await captured.do_handshake()
         await captured.send_all(encode_message(hello("node2", "marsfs", "nope", "fetch", node_id=node2_id)))
         await until_closed(captured)

@@ -311,14 +311,9 @@ def _failure(e: BaseException) -> str:
 
 async def client_stream(tcp: trio.abc.Stream, tls: Tls, peer: str) -> trio.SSLStream[trio.abc.Stream]:
     """``tcp`` as a TLS stream to node ``peer``, whose certificate must name it."""
-    stream = trio.SSLStream(tcp, tls.client, server_hostname=peer)
-    try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await stream.do_handshake()
-    except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError, OSError) as e:
-        await trio.aclose_forcefully(stream)
-        raise HandshakeFailed(f"TLS handshake with {peer} failed: {_failure(e)}; check that both nodes hold "
-                              f"certificates of the same cluster CA (marsfs cluster add-node)") from None
+    stream = await _handshake(trio.SSLStream(tcp, tls.client, server_hostname=peer),
+                              f"TLS handshake with {peer} failed: {{}}; check that both nodes hold certificates "
+                              "of the same cluster CA (marsfs cluster add-node)")
     name = certified_name(stream)
     if name != peer:
         await trio.aclose_forcefully(stream)
@@ -329,11 +324,17 @@ async def client_stream(tcp: trio.abc.Stream, tls: Tls, peer: str) -> trio.SSLSt
 
 async def server_stream(tcp: trio.abc.Stream, tls: Tls) -> tuple[trio.SSLStream[trio.abc.Stream], str]:
     """``tcp`` (accepted) as a TLS stream, and the node name its verified certificate gives."""
-    stream = trio.SSLStream(tcp, tls.server, server_side=True)
+    stream = await _handshake(trio.SSLStream(tcp, tls.server, server_side=True), "{}")
+    return stream, certified_name(stream)
+
+
+async def _handshake(stream: trio.SSLStream[trio.abc.Stream], said: str) -> trio.SSLStream[trio.abc.Stream]:
+    """``stream`` once its handshake is done within the deadline; else closed, and
+    HandshakeFailed with ``said`` around what went wrong."""
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await stream.do_handshake()
     except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError, OSError) as e:
         await trio.aclose_forcefully(stream)
-        raise HandshakeFailed(_failure(e)) from None
-    return stream, certified_name(stream)
+        raise HandshakeFailed(said.format(_failure(e))) from None
+    return stream
