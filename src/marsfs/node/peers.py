@@ -30,6 +30,7 @@ from marsfs.node.tls import HandshakeFailed, Tls, client_stream, server_stream
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Connect, hello, open_channel
 from marsfs.replication.protocol import Welcome
+from marsfs.replication.server import peer_address
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Admission:
         if self.tls is None:
             await serve(stream, None)
             return
-        where = _address(stream)
+        where = peer_address(stream)
         if self.handshaking >= MAX_HANDSHAKES:
             self._refuse(where, f"{MAX_HANDSHAKES} connections are in their TLS handshake already")
             await trio.aclose_forcefully(stream)
@@ -153,11 +154,3 @@ class Admission:
         self._logged[host] = (now, 0)
         if len(self._logged) > 4096:  # a scan from many addresses: keep the table bounded
             self._logged = {h: v for h, v in self._logged.items() if now - v[0] < LOG_EVERY}
-
-
-def _address(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except (OSError, ValueError, TypeError):
-        return ""
-    return f"{host}:{port}"

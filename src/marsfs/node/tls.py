@@ -218,9 +218,8 @@ class Tls:
             self.loaded = mtime  # said once; tried again when node.crt changes again
             logger.warning("a new certificate in %s does not load, keeping the old one: %s", self.dir, e)
             return False
-        for ctx in (self.server, self.client):
-            ctx.load_verify_locations(cafile=os.fspath(self.dir / CA_CERT))
-            ctx.load_cert_chain(os.fspath(path), os.fspath(self.dir / NODE_KEY))
+        # the connections made from here on use the new contexts (they read these attributes)
+        self.server, self.client = fresh.server, fresh.client
         self.not_after, self.loaded = fresh.not_after, fresh.loaded
         logger.info("node %s loaded its renewed TLS certificate (expires %s)", self.node,
                     self.not_after.strftime("%Y-%m-%d"))
