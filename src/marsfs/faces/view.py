@@ -20,6 +20,7 @@ show as empty, never as a KeyError. Nothing here asks the daemon or reads a cloc
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,16 +36,17 @@ Row = Mapping[str, Any]
 #: characters of a sync's progress bar
 BAR_WIDTH = 20
 #: peer states the view warns about (a member that is not keeping up, or has no usable copy yet)
-_PEER_WARN = {"syncing", "resyncing", "disconnected", "stalled", "needs-resync", "split-brain", "failed"}
+_PEER_WARN = frozenset({"syncing", "resyncing", "disconnected", "stalled", "needs-resync", "split-brain", "failed"})
 #: the terminal table's columns of figures (right-aligned)
 _RIGHT = frozenset({"EPOCH", "HEAD", "FETCHED", "REPLAYED", "LAG", "FETCH", "REPLAY", "ETA"})
 #: colour of each state on a terminal
-_STATE_STYLE = {"up": "green", "synced": "green", "catching-up": "cyan", "syncing": "cyan", "resyncing": "cyan",
+_STATE_STYLE: Mapping[str, str] = types.MappingProxyType({"up": "green", "synced": "green", "catching-up": "cyan", "syncing": "cyan", "resyncing": "cyan",
                 "fetch-paused": "yellow", "replay-paused": "yellow", "disconnected": "yellow", "fenced": "yellow",
                 "stalled": "red", "no-space": "red", "failed": "bold red", "split-brain": "bold red",
-                "needs-resync": "bold red"}
+                "needs-resync": "bold red"})
 #: colour of each kind of line under the table on a terminal
-_KIND_STYLE = {"error": "bold red", "warning": "yellow", "next": "cyan", "info": ""}
+_KIND_STYLE: Mapping[str, str] = types.MappingProxyType({"error": "bold red", "warning": "yellow", "next": "cyan",
+                                                        "info": ""})
 
 
 # ------------------------------------------------------------------------------- pieces
