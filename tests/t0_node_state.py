@@ -124,7 +124,7 @@ def test_status_json_keys_are_pinned() -> None:
                       split_versions_bytes=8192)
     d = json.loads(json.dumps(st.to_json()))
     assert list(d) == [
-        "volume", "node", "role", "state", "epoch", "size", "head_lsn", "durable_lsn", "fetched_lsn", "replayed_lsn",
+        "schema_version", "volume", "node", "role", "state", "epoch", "size", "head_lsn", "durable_lsn", "fetched_lsn", "replayed_lsn",
         "applied_lsn", "lag_bytes", "lag_records", "lag_seconds", "oldest_version_lsn", "log_bytes", "open_handles",
         "peers", "errors", "next", "source", "connected", "fetch_paused", "replay_paused", "heartbeat_age",
         "primary_durable_lsn", "fetch_rate", "replay_rate", "eta_seconds", "progress", "oldest_version_ns", "history",

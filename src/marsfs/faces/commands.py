@@ -45,12 +45,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import trio
+from rich.live import Live
 
 from marsfs.errors import DaemonWentAway, MarsError, NotAvailable, UsageError, WrongRole
+from marsfs.faces import view
 from marsfs.faces.namespace import SUFFIX
+from marsfs.faces.view import status_table as status_table  # re-exported: the tests and scripts import it here
 from marsfs.node import Node, check_volume_name, status
 from marsfs.node.cluster import Cluster
-from marsfs.node.state import FailoverLoss
 from marsfs.node.volstate import STOPPED, SYNCS, Role, VolumeState
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
@@ -458,97 +460,30 @@ def _clone_text(r: dict[str, Any], args: argparse.Namespace) -> str:
             f"{r['clone_of'].split('@')[0]} until: marsfs delete {r['volume']}")
 
 
-def status_table(rows: list[dict[str, Any]]) -> str:
-    """The volumes as a table; under a primary's row one line per mirror it knows; then errors."""
-    if not rows:
-        return "no volumes (create one with: marsfs create NAME --size SIZE)"
-    head = ["VOLUME", "ROLE", "STATE", "EPOCH", "SIZE", "HEAD", "DURABLE", "APPLIED", "OLDEST", "LOG", "LAG", "OPEN"]
-    table: list[list[str] | str] = [head]
-    for r in rows:
-        table.append([r["volume"], r["role"], r["state"], str(r["epoch"]), human_bytes(r["size"]),
-                      str(r["head_lsn"]), str(r["durable_lsn"]), str(r["applied_lsn"]),
-                      str(r["oldest_version_lsn"]), human_bytes(r["log_bytes"]),
-                      _lag(r), str(r["open_handles"])])
-        table += [peer_line(p) for p in r.get("peers") or []]
-    widths = [max(len(row[i]) for row in table if isinstance(row, list)) for i in range(len(head))]
-    lines = [row if isinstance(row, str) else "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-             for row in table]
-    for r in rows:
-        lines += [f"{r['volume']}: error: {e}" for e in r["errors"]]
-        if r.get("next"):
-            lines.append(f"{r['volume']}: next: {r['next']}")
-        lines += [f"{r['volume']}: warning: {w}" for w in r.get("warnings", ())]
-    for r in rows:
-        lines += [f"{r['volume']}: clone {c['name']} holds lsn-{c['lsn']}" for c in r.get("clones", ())]
-    for r in rows:
-        lines += split_version_lines(r)
-    for r in rows:
-        if r.get("failover_loss"):
-            lines.append(f"{r['volume']}: {FailoverLoss.from_json(r['failover_loss']).describe()}")
-    for r in rows:
-        lines += meta_lines(r)
-    return "\n".join(lines)
-
-
-def split_version_lines(r: Mapping[str, Any]) -> list[str]:
-    """One line per split version of a volume (its space, and how to inspect or discard it),
-    and their total when there are several."""
-    vol, versions = r["volume"], r.get("split_versions") or []
-    lines = []
-    for v in versions:
-        held = f", read by clone(s) {', '.join(v['clones'])}" if v.get("clones") else ""
-        lines.append(f"{vol}: split version {v['name']} ({v['node']}'s writes after lsn-{v['fork_lsn']}): "
-                     f"{human_bytes(v['disk_bytes'])} on disk{held}; inspect: marsfs clone {vol}@{v['name']} NEWVOL; "
-                     f"discard: marsfs discard {vol}@{v['name']}")
-    if len(versions) > 1:
-        lines.append(f"{vol}: split versions take {human_bytes(r.get('split_versions_bytes') or 0)} on disk")
-    return lines
-
-
-def meta_lines(r: Mapping[str, Any]) -> list[str]:
-    """What the cluster metadata says of a volume: its designated primary, members, and each
-    other node's published position."""
-    if not r.get("designated_primary"):
-        return []
-    now = time.time()
-    lines = [f"{r['volume']}: designated primary {r['designated_primary']}, members "
-             f"{', '.join(r.get('members') or []) or 'none'}"]
-    for p in r.get("positions") or []:
-        heard = f"heard {now - p['last_heard']:.0f}s ago" if p.get("last_heard") else "not heard directly"
-        src = f" of {p['source']}" if p.get("source") else ""
-        lines.append(f"{r['volume']}: node {p['node']}: {p['role']}{src} {p['state']}, epoch {p['epoch']}, "
-                     f"head {p['head_lsn']}, replayed {p['replayed_lsn']}, published {now - p['updated']:.0f}s ago, "
-                     f"{heard}" + (f"; {p['stale']}" if p.get("stale") else ""))
-    return lines
-
-
-def _lag(r: Mapping[str, Any]) -> str:
-    return f"{human_bytes(r['lag_bytes'])}/{r['lag_seconds']:.1f}s"
-
-
-def peer_line(p: Mapping[str, Any]) -> str:
-    """One mirror under its primary's row: as the primary sees it from the mirror's ACKs."""
-    return (f"  mirror {p['node']}: {p['state']}, lag {_lag(p)} ({p['lag_records']} records), "
-            f"fetched {p['fetched_lsn']}, replayed {p['replayed_lsn']}")
-
-
 def _status_loop(command: Command, args: argparse.Namespace, request: Request) -> int:
-    """``status``; with ``--watch`` again every ``--interval`` seconds: a terminal is cleared
-    before each table, anything else (a file, a pipe) gets the tables one after the other,
-    each after an empty line."""
-    first = True
-    while True:
-        rows = request("status", command.request_args(args))
-        if args.watch and not args.json:
-            if sys.stdout.isatty():
-                print("\x1b[H\x1b[2J", end="")
-            elif not first:
+    """``status``; with ``--watch`` again every ``--interval`` seconds. A terminal gets the
+    cluster view of :mod:`marsfs.faces.view` in colour, refreshed in place; anything else (a
+    file, a pipe) plain text with no escape codes, with ``--watch`` one snapshot per interval,
+    each after an empty line. ``--json`` prints the rows (each snapshot) whatever the output."""
+    if args.json or not sys.stdout.isatty():
+        first = True
+        while True:
+            rows = request("status", command.request_args(args))
+            if args.watch and not args.json and not first:
                 print()
-        first = False
-        command.show(args, rows)
-        if not args.watch:
-            return 0
-        time.sleep(args.interval)
+            first = False
+            command.show(args, rows)
+            if not args.watch:
+                return 0
+            time.sleep(args.interval)
+    console = view.terminal()
+    if not args.watch:
+        console.print(view.render(request("status", command.request_args(args))))
+        return 0
+    with Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as live:
+        while True:
+            live.update(view.render(request("status", command.request_args(args))), refresh=True)
+            time.sleep(args.interval)
 
 
 def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
@@ -670,8 +605,7 @@ def progress_line(row: Mapping[str, Any]) -> str:
     total = row.get("sync_bytes") or 0
     if not total:
         return f"{row['volume']}: {row['state']}: waiting for the source to pick the version to sync to"
-    eta = row.get("eta_seconds")
-    when = "?" if eta is None else (f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min")
+    when = view.eta_text(row.get("eta_seconds"))
     return (f"{row['volume']}: {row['state']} {100 * (row.get('progress') or 0.0):5.1f}% of "
             f"{human_bytes(total)} compared, {human_bytes(row.get('sync_received_bytes') or 0)} received, "
             f"{human_bytes(int(row.get('fetch_rate') or 0))}/s, ETA {when}")

@@ -93,6 +93,11 @@ class RoleRecord:
         return replace(self, **changes)
 
 
+#: the version of the ``status --json`` schema (docs/status.md). Within a version keys are only
+#: added; a key removed or renamed, or one whose type or meaning changes, raises it.
+STATUS_SCHEMA_VERSION = 1
+
+
 @dataclass(frozen=True, slots=True)
 class PeerStatus:
     """One mirror of a volume, as the node it fetches from sees it (a row of ``peers``)."""
@@ -190,9 +195,12 @@ class VolumeStatus:
     #: the node's connections to its peers: ``{"mode": "mutual-tls", "certificate_expires": ...}``
     #: or ``{"mode": "insecure"}`` (the same on every row; None: no peers, no node port)
     tls: dict[str, Any] | None = None
+    #: :data:`STATUS_SCHEMA_VERSION`; first in the JSON, so a reader can check it before the rest
+    schema_version: int = STATUS_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return _record_json(self)
+        d = _record_json(self)
+        return {"schema_version": d.pop("schema_version"), **d}
 
     def changed(self, **changes: Any) -> VolumeStatus:
         return replace(self, **changes)
