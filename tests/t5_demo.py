@@ -40,14 +40,26 @@ def run_demo(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           cwd=ROOT)
 
 
-def leftovers(tmp: Path) -> dict[str, list[str]]:
-    """Everything under ``tmp`` that is still mounted, attached, running or on disk."""
+def loop_devices() -> dict[str, str]:
+    """Attached loop devices and their backing files, as ``losetup -l`` names them."""
+    out = subprocess.run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"], capture_output=True, text=True,
+                         check=True).stdout
+    return dict((line.split(None, 1) + [""])[:2] for line in out.splitlines() if line.strip())
+
+
+def leftovers(tmp: Path, loops_before: dict[str, str]) -> dict[str, list[str]]:
+    """Everything under ``tmp`` that is still mounted, attached, running or on disk.
+
+    A loop device counts when its backing file is under ``tmp``, or when it is new and its
+    backing file is gone from where it was (a loop left on a FUSE mount that went away names
+    its file relative to nothing, ``/vm.img``, or ``(deleted)``); the loops of tests running
+    alongside have files that exist.
+    """
     tag = os.fspath(tmp)
     with open("/proc/mounts") as f:
         mounts = [line.split()[1] for line in f if line.split()[1].startswith(tag)]
-    losetup = subprocess.run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"], capture_output=True, text=True,
-                             check=True).stdout
-    loops = [line for line in losetup.splitlines() if tag in line]
+    loops = [f"{dev} {back}" for dev, back in loop_devices().items()
+             if tag in back or (dev not in loops_before and not os.path.exists(back.removesuffix(" (deleted)")))]
     procs: list[str] = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == os.getpid():
@@ -74,6 +86,7 @@ def test_demo_tells_the_whole_story_and_leaves_nothing_behind(harness: Harness, 
     # the harness fixture checks root/FUSE/loop (under CI=true it fails loudly instead of skipping)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
+    loops = loop_devices()
     r = run_demo(tmp)
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -87,23 +100,24 @@ def test_demo_tells_the_whole_story_and_leaves_nothing_behind(harness: Harness, 
     assert re.search(r"identical at lsn-\d+", out), out
     steps = re.findall(r"^ ?\d+\. ", out, re.M)
     assert len(steps) >= 10, out
-    assert leftovers(tmp) == {"mounts": [], "loops": [], "processes": [], "files": []}
+    assert leftovers(tmp, loops) == {"mounts": [], "loops": [], "processes": [], "files": []}
 
 
 def test_demo_keep_leaves_the_cluster_running_and_stop_releases_it(harness: Harness, tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
+    loops = loop_devices()
     r = run_demo(tmp, "--keep")
     assert r.returncode == 0, r.stdout + r.stderr
     m = re.search(r"^ +(\S*demo) --stop (\S+)$", r.stdout, re.M)
     assert m, r.stdout
     kept = Path(m.group(2))
     try:
-        left = leftovers(tmp)
+        left = leftovers(tmp, loops)
         assert kept.parent == tmp and "export DEMO=" in r.stdout and "marsfs status" in r.stdout, r.stdout
         assert len([p for p in left["mounts"] if p.endswith("/mnt")]) == 3, left  # the three FUSE mounts
         assert any(p.endswith("/ext4-c") for p in left["mounts"]), left  # c's ext4, to look at
-        assert len(left["loops"]) == 1 and len(left["processes"]) >= 3, left
+        assert len(left["loops"]) == 1 and len(left["processes"]) >= 3 and left["files"], left
         status = subprocess.run([sys.executable, "-m", "marsfs", "--state", os.fspath(kept / "c" / "state"),
                                  "status", "vm", "--json"], capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
@@ -111,4 +125,4 @@ def test_demo_keep_leaves_the_cluster_running_and_stop_releases_it(harness: Harn
     finally:
         s = run_demo(tmp, "--stop", os.fspath(kept))
     assert s.returncode == 0, s.stdout + s.stderr
-    assert leftovers(tmp) == {"mounts": [], "loops": [], "processes": [], "files": []}
+    assert leftovers(tmp, loops) == {"mounts": [], "loops": [], "processes": [], "files": []}
