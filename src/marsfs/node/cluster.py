@@ -505,7 +505,7 @@ class Cluster:
         known = self.meta.members(name) | {p.node for p in self.peer_table.for_volume(name, vol.uuid)}
         if node not in known:
             raise VolumeNotFound(f"node {node} does not hold volume {name} as far as this node knows "
-                                 f"(members: {', '.join(sorted(self.meta.members(name))) or 'none'})")
+                                 f"(members: {', '.join(sorted(self.meta.members(name))) or 'none'}); give one of the members")
         if any(p.node == node and p.connected for p in self.peer_table.for_volume(name, vol.uuid)):
             raise VolumeBusy(f"node {node} is connected and fetching {name}: it is not dead; run marsfs leave "
                              f"{name} on {node} instead")

@@ -152,7 +152,7 @@ class Roles:
                                  f"with {designated}, the designated primary: marsfs primary {name} --force here keeps "
                                  f"this side (then marsfs invalidate {name} on {designated}), marsfs invalidate "
                                  f"{name} here keeps {designated}'s")
-            raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
+            raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}: nothing to do")
         verdict = status.verdict(self.node, name, status.mirror_side(self.mirrors, name, trio.current_time()))
         splits = self.node.splits(name)
         with_source = any(sp.peer == role.source for sp in splits)

@@ -394,7 +394,9 @@ class Mirrors:
         """Pause or resume the ``fetch`` or the ``replay`` of mirror ``name`` (persisted)."""
         if not self.node.is_mirror(name):
             self.node.volume(name)
-            raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}")
+            raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}: pausing and resuming its "
+                            f"{what} is for a mirror; run it on a node that mirrors {name} (marsfs status {name} "
+                            "here lists them)")
         vol = self.node.volume(name)
         if what == "replay":
             self.node.set_role(name, replay_paused=paused, replayed_lsn=vol.replayed_lsn)

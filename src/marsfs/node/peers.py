@@ -98,7 +98,9 @@ async def welcome(peers: Peers, me: str, cluster: str, source: str, name: str, n
     try:
         ch, answer = await open_channel(connect, hello(me, cluster, name, "sync", node_id=node_id))
     except PeerRefused as e:
-        raise PeerError(f"{source} refused: {e.message}") from None
+        advice = (f"; give a node that holds {name} (marsfs status on {source} lists its volumes)"
+                  if e.code == "unknown-volume" else "")
+        raise PeerError(f"{source} refused: {e.message}{advice}") from None
     except (OSError, trio.TooSlowError) as e:
         raise PeerError(f"cannot reach peer {source} at {peers.where(source)}: {describe(e)}; "
                         "is its daemon running with --listen?") from None
