@@ -22,6 +22,8 @@ Rules that hold here:
   not the designated primary fetches from it instead; a node removed from a volume (``leave
   --node --force``) no longer holds this node's log. Nothing here ever promotes a node: only
   an operator's ``primary`` claims a volume.
+* A clean stop says goodbye (:meth:`Cluster.farewell`): every log made durable, then every
+  mirror told its last heartbeat, at most ``FAREWELL_TIMEOUT`` seconds.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ logger = logging.getLogger(__name__)
 VERIFY_KEPT = 600.0  #: seconds a finished verify waits for its command line to collect it
 GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
 DEFAULT_CLUSTER = "marsfs"
+FAREWELL_TIMEOUT = 2.0  #: seconds a clean stop waits for its mirrors to hear its last heartbeat
 
 
 class Cluster:
@@ -126,6 +129,25 @@ class Cluster:
             await self._start_meta(nursery)
             nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
+
+    async def farewell(self) -> None:
+        """A clean stop's goodbye, once nothing writes any more (the daemon's FUSE loop ended):
+        every log is made durable, then every mirror connected (fetching or watching) gets what
+        is left to ship and a last heartbeat, so that a failover onto it knows exactly what it
+        lacks. A mirror that does not take it within ``FAREWELL_TIMEOUT`` seconds does not
+        hold the stop."""
+        def sync() -> None:
+            for vol in list(self.node.volumes.values()):
+                try:
+                    vol.log.sync()
+                except MarsError as e:  # its error is the volume's (G11); it says goodbye with less
+                    logger.error("volume %s: making its log durable at the stop failed: %s", vol.name, describe(e))
+
+        with trio.move_on_after(FAREWELL_TIMEOUT) as waited:
+            await trio.to_thread.run_sync(sync)
+            await self.server.farewell()
+        if waited.cancelled_caught:
+            logger.info("stopping without every mirror's goodbye: not all took it within %.0f s", FAREWELL_TIMEOUT)
 
     async def _renewals(self, tls: Tls) -> None:
         """Pick up a renewed certificate in the TLS directory (the runbook's renewal), never

@@ -33,6 +33,11 @@ Rules that hold here (G7):
   and its source compare chains (:mod:`marsfs.replication.handover`), and both record the fork
   LSN and each side's tail after it (:meth:`Node.record_split`). Replication between them stays
   stopped, and nothing resolves it by itself: ``marsfs invalidate`` on the losing node does.
+* A failover's loss never claims more certainty than this node has: it says how long before
+  the failover this node last heard from the old primary ("no loss known; last heard ... N s
+  before this failover", never "nothing lost"), since heartbeats come every half second and
+  a primary may write up to its death; it is exact only when that last word was the old
+  primary's goodbye at a clean stop (``FetchState.final``).
 """
 
 from __future__ import annotations
@@ -439,7 +444,8 @@ class Roles:
         return True
 
     def _loss(self, name: str, source: str) -> FailoverLoss:
-        """What becoming primary now would lose, as this node's fetch last heard of ``source``."""
+        """What becoming primary now would lose, as this node's fetch last heard of ``source``,
+        and how long before now it heard that."""
         vol = self.node.volume(name)
         fetcher = self.mirrors.fetchers.get(name)
         now = time.time()
@@ -452,13 +458,20 @@ class Roles:
         lost_bytes = fs.lag_bytes if records else 0
         oldest = fs.primary_time - fs.lag_seconds if records else 0.0
         newest = as_of = fs.primary_time
+        heard = max(0.0, trio.current_time() - fs.last_heartbeat)
+        # its goodbye at a clean stop says exactly how far its log goes (if it is the primary:
+        # a mirror we fetch from may lack what its own source wrote); any other last word,
+        # however fresh, leaves what it wrote after it unknown
+        d = self.node.meta.designated(name)
+        final = fs.final and not fs.connected and d is not None and d.node == source
         p = self.node.meta.position(source, name)  # what it published later, through any peer
         if p is not None and p.updated > as_of and p.durable_lsn - ours > records:
             records, newest, as_of = p.durable_lsn - ours, p.updated, p.updated
             oldest = oldest or as_of
-        # a primary that cannot be reached may have written after its last word, however fresh
+            heard, final = min(heard, max(0.0, now - p.updated)), False  # it wrote after its goodbye
         return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=records, bytes=lost_bytes,
-                            oldest=oldest, newest=newest if records else 0.0, at_least=True, as_of=as_of or now)
+                            oldest=oldest, newest=newest if records else 0.0, at_least=not final,
+                            as_of=as_of or now, heard_before=heard)
 
     # ------------------------------------------------------------------ the old primary's side
 

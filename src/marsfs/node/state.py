@@ -324,7 +324,11 @@ def _written(records: int, written: int | None, where: str) -> str:
 class FailoverLoss:
     """What a forced failover may have lost: the records of ``source`` this node had not
     fetched, as far as its last word told (``at_least``: the source may have written more
-    after it). ``newest``: wall time of the newest record known lost (0: none known).
+    after it; not so when that word was its goodbye at a clean stop, which says exactly how
+    far its log goes). ``newest``: wall time of the newest record known lost (0: none known).
+    ``heard_before``: how long before the failover this node last heard from ``source``: no
+    heartbeat interval bounds what a primary wrote after its last word, so a loss that is not
+    exact always says it.
 
     When a reachable member held more (the operator accepted losing it), ``held_by`` names the
     one that held most and ``held_records``/``held_bytes`` are what it held beyond this node,
@@ -342,6 +346,9 @@ class FailoverLoss:
     newest: float  #: the newest known lost record was written at or before this wall time
     at_least: bool
     as_of: float  #: wall time of the knowledge (the source's last heartbeat or position)
+    #: seconds from this node's receipt of that knowledge to the failover, by this node's clock
+    #: (-1: never heard, or a record from before this field)
+    heard_before: float = -1.0
     held_by: str = ""
     held_records: int = 0
     held_bytes: int = 0
@@ -365,6 +372,8 @@ class FailoverLoss:
         bound = "at least " if self.at_least else ""
         later = (f"; {self.source} may have written more after {_utc(self.as_of)}, which "
                  f"{'no reachable node holds' if self.held_by else 'this node never heard of'}") if self.at_least else ""
+        heard = (f"last heard from {self.source} {self.heard_before:.1f} s before this failover"
+                 if self.heard_before >= 0 else "")
         if self.held_by:
             only = self.records - self.held_records
             rest = (f", and {bound}{only} more ({bound}{human_bytes(max(0, self.bytes - self.held_bytes))}) "
@@ -372,16 +381,28 @@ class FailoverLoss:
             return (f"{head} lost {self.held_records} records ({human_bytes(self.held_bytes)}) written between "
                     f"{_utc(self.oldest)} and {_utc(self.newest)}, measured from {self.held_by}'s position "
                     f"({self.held_by} holds them; accepted with --accept-loss){rest}{later}")
+        if not self.at_least:  # its goodbye said how far its log goes
+            stopped = (f"{self.source} stopped cleanly at {_utc(self.as_of)} with its log durable up to LSN "
+                       f"{self.start_lsn - 1 + self.records}")
+            if not self.records:
+                return f"{head}: nothing lost: {stopped}, all of which this node holds"
+            return (f"{head} lost {self.records} records ({human_bytes(self.bytes)}) written between "
+                    f"{_utc(self.oldest)} and {_utc(self.newest)}: {stopped}")
+        if not self.as_of:
+            return f"{head}: what is lost is not known: this node never heard from {self.source}"
         if not self.records:
-            return (f"{head}: no record known lost (its last word, {_utc(self.as_of)}, showed none this node "
-                    f"lacked){later}")
+            return (f"{head}: no loss known{'; ' + heard if heard else ''} (its last word, {_utc(self.as_of)}, "
+                    f"showed no record this node lacked){later}")
         return (f"{head} lost {bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between "
-                f"{_utc(self.oldest)} and {_utc(self.newest)}{later}")
+                f"{_utc(self.oldest)} and {_utc(self.newest)}{'; ' + heard if heard else ''}{later}")
 
     def describe_risk(self) -> str:
         """What a failover from ``source`` now would lose, before any happened (no epoch yet)."""
         if not self.as_of:
             return f"this node's fetch has no word from {self.source} to tell how much it lacks, so that is not known"
+        if not self.at_least:
+            return (f"{self.records} records ({human_bytes(self.bytes)}): {self.source} stopped cleanly at "
+                    f"{_utc(self.as_of)} with its log durable up to LSN {self.start_lsn - 1 + self.records}")
         if not self.records:
             return (f"as of {self.source}'s last word ({_utc(self.as_of)}) this node lacked no record, but "
                     f"{self.source} may have written more since")

@@ -30,6 +30,9 @@ Rules that hold here:
   session names (:func:`read_changes` reads it), else the whole image. Data is paced to the
   node's ``--sync-rate`` and the request's own rate, whichever is lower; sums and progress
   are not paced (they are small and keep the mirror from calling the link stalled).
+* A clean stop says goodbye (:meth:`Server.farewell`, once the node's logs are durable and
+  nothing writes any more): each fetch session ships what is left, then sends a last
+  HEARTBEAT and ERROR ``stopping``, so every mirror knows exactly what it lacks.
 * Times are trio times (``trio.current_time``), except wall times compared with record
   timestamps (lag seconds) or shown to users.
 """
@@ -182,6 +185,7 @@ class Server:
         self.sync_rate = sync_rate  #: bytes/s of fast sync data per connection (0: unlimited)
         self._quiet: set[int] = set()  #: id() of volumes whose log nobody may read now (see quiet)
         self._shipping: Counter[int] = Counter()  #: fetch sessions reading each volume's log, by id()
+        self._stopping = False  #: a clean stop: each fetch session says goodbye once it shipped everything
         self.cluster = cluster
         self.lookup = lookup
         self.epoch_of = epoch_of
@@ -361,6 +365,26 @@ class Server:
         finally:
             self._quiet.discard(key)
 
+    async def farewell(self) -> None:
+        """A clean stop's goodbye (call it once the logs are durable and nothing appends any
+        more): every fetch session, also one that starts from now on, ships what is left, sends
+        its last HEARTBEAT and ERROR ``stopping``, and ends. Returns when none runs; the caller
+        bounds the wait (a mirror behind a stalled link must not hold the stop)."""
+        self._stopping = True
+        while sum(self._shipping.values()):
+            await trio.sleep(POLL)
+
+    async def _say_goodbye(self, ch: Channel, sess: ServingSession, vol: Volume, state: PeerState) -> None:
+        """The last HEARTBEAT (what the last :meth:`ServingSession.poll` saw: everything durable
+        and shipped), then ERROR ``stopping``: the mirror keeps that heartbeat as our final word."""
+        lag = lag_of(vol, state.fetched_lsn)
+        state.lag_bytes, state.lag_records, state.lag_seconds = lag
+        await ch.send_message(sess.heartbeat(trio.current_time(), time.time(), lag, vol.head_lsn))
+        logger.info("told %s that %s stops here with its log of %s durable up to LSN %d", sess.peer, self.node,
+                    vol.name, vol.durable_lsn)
+        await self._refuse(ch, Error(code="stopping", error=f"{self.node} is stopping cleanly; its log of {vol.name} "
+                                                            f"is durable up to LSN {vol.durable_lsn}"))
+
     def _switching(self, vol: Volume) -> Error | None:
         if id(vol) not in self._quiet:
             return None
@@ -408,6 +432,9 @@ class Server:
             if switching is not None:
                 logger.info("%s stops fetching %s from here: %s", sess.peer, vol.name, switching.error)
                 await self._refuse(ch, switching)
+                return
+            if self._stopping and sess.poll(shippable_lsn(vol)) is None:  # nothing left to ship
+                await self._say_goodbye(ch, sess, vol, state)
                 return
             todo = sess.poll(shippable_lsn(vol))
             if todo is not None:

@@ -47,6 +47,10 @@ Rules that hold here:
   :func:`stage_step` (retarget, or start over).
 * Slow start: a session's first RECORDS frame holds at most :data:`FIRST_BATCH` bytes (or
   one record), each later one twice as much, up to :data:`BATCH_BYTES`.
+* A source that stops cleanly says goodbye: once it has nothing more to ship, its last
+  HEARTBEAT (its log durable first), then ERROR ``stopping`` (:attr:`Stop.RETRY`). The mirror
+  keeps that heartbeat as the source's final word (``FetchState.final``) until it hears from
+  the source again, so a failover then knows exactly what it lacks.
 * A HEARTBEAT goes out at once and then every :data:`HEARTBEAT` seconds; it echoes the newest
   ACK probe read *before* the shippable LSN it reports, so the mirror knows how old the state
   it describes can be at most (:class:`Probes`, ``FetchState.heartbeat_basis``).
@@ -188,6 +192,7 @@ REFUSALS: Mapping[str, Stop] = {
     "unknown-want": Stop.RETRY,
     "unknown-node": Stop.RETRY,  # the source does not know us (yet: its --peer list may grow)
     "node-identity": Stop.RETRY,  # another node of our name runs there: one of the two stops
+    "stopping": Stop.RETRY,  # the source stops cleanly; the heartbeat before it was its last word
 }
 
 
@@ -742,6 +747,9 @@ class FetchState:
     #: when we sent the ACK whose probe the newest heartbeat echoes: that heartbeat describes
     #: the source at or after this moment (heartbeats can sit in buffers; receipt time lies)
     heartbeat_basis: float = 0.0
+    #: the source said it stops cleanly right after its newest heartbeat (ERROR ``stopping``):
+    #: that heartbeat is its final word, not just its latest (until we hear from it again)
+    final: bool = False
     last_progress: float = 0.0  #: when records last arrived (or the fetcher started)
     fetched_bytes: int = 0
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
@@ -909,12 +917,15 @@ class FetchingSession:
     def receive(self, msg: Message, now: float) -> ServerReply | Refused:
         """Take a message from the server; RECORDS are to be appended, then :meth:`appended`."""
         if isinstance(msg, Error) and self.phase in _REFUSABLE:
+            if msg.code == "stopping" and self.following:
+                self.state.final = True  # the heartbeat before this was its goodbye
             self.phase = FetchPhase.CLOSED
             return Refused(msg.code, msg.error)
         self._go(msg)
         self.state.last_frame = now
         if isinstance(msg, Welcome):
             self.welcome = msg
+            self.state.final = False  # it answers again: a goodbye before this is void
             if self.uuid is not None and msg.uuid != self.uuid:
                 return self._replaced(msg.uuid)
         elif isinstance(msg, SyncInfo | SyncData | SyncProgress | SyncEnd):
@@ -1041,6 +1052,7 @@ class FetchingSession:
 
     def _heartbeat(self, beat: Heartbeat, now: float) -> None:
         st = self.state
+        st.final = False  # it runs (again): this is its latest word, not its last
         st.primary_head_lsn = beat.head_lsn
         st.primary_durable_lsn = beat.durable_lsn
         st.primary_time = beat.time
