@@ -190,12 +190,12 @@ TABLE = [
     ("volume-deleted", Stop.NEEDS_RESYNC, VolumeState.NEEDS_RESYNC),
     ("volume-replaced", Stop.NEEDS_RESYNC, VolumeState.NEEDS_RESYNC),
     ("switching", Stop.RETRY, None),
+    ("stopping", Stop.RETRY, None),
     ("error", Stop.RETRY, None),
     ("unsupported", Stop.RETRY, None),
     ("unknown-want", Stop.RETRY, None),
     ("unknown-node", Stop.RETRY, None),
     ("node-identity", Stop.RETRY, None),
-    ("stopping", Stop.RETRY, None),
 ]
 
 

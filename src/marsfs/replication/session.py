@@ -187,12 +187,12 @@ REFUSALS: Mapping[str, Stop] = {
     "volume-deleted": Stop.NEEDS_RESYNC,
     "volume-replaced": Stop.NEEDS_RESYNC,
     "switching": Stop.RETRY,
+    "stopping": Stop.RETRY,  # the source stops cleanly; the heartbeat before it was its last word
     "error": Stop.RETRY,
     "unsupported": Stop.RETRY,
     "unknown-want": Stop.RETRY,
     "unknown-node": Stop.RETRY,  # the source does not know us (yet: its --peer list may grow)
     "node-identity": Stop.RETRY,  # another node of our name runs there: one of the two stops
-    "stopping": Stop.RETRY,  # the source stops cleanly; the heartbeat before it was its last word
 }
 
 
