@@ -478,6 +478,30 @@ def test_a_paused_fetch_watches_and_keeps_learning_the_lag() -> None:
     assert not pair.client.following
 
 
+def test_a_clean_stop_says_goodbye_after_the_last_records_shipped() -> None:
+    """The serving side of a clean stop: with nothing left to ship, a heartbeat is due at once
+    and is the last word; records shipped after it make another one due first."""
+    served, mirror = volume(1, 20), volume(1, 10)
+    pair = Pair(served, mirror)
+    pair.start_fetch()
+    srv = pair.server
+    todo = pair.poll()
+    assert todo is not None
+    pair.heartbeat(1.0, wall=1e9, lag=(0, 10, 0.0))
+    assert not srv.heartbeat_due(1.1)
+    srv.shipped(todo.limit + 1)  # everything is out...
+    assert pair.poll() is None and not srv.farewell()  # ...and the last heartbeat is due at once
+    assert srv.heartbeat_due(1.1) and not srv.farewell()
+    beat = pair.heartbeat(1.1, wall=1e9, lag=(0, 0, 0.0))
+    assert beat.durable_lsn == 20 and srv.farewell()  # that was the last word: now ERROR stopping
+    served.log.last_lsn = served.durable_lsn = 22  # a record after it (a mark, say)
+    todo = pair.poll()
+    assert todo is not None
+    srv.shipped(todo.limit + 1)
+    assert pair.poll() is None and not srv.farewell() and srv.heartbeat_due(1.2)
+    assert pair.heartbeat(1.2, wall=1e9, lag=(0, 0, 0.0)).durable_lsn == 22 and srv.farewell()
+
+
 def test_a_clean_stop_makes_the_last_heartbeat_final_until_the_source_speaks_again() -> None:
     """ERROR ``stopping`` after a heartbeat: that heartbeat is the source's final word (a
     failover then knows exactly what it lacks); the next WELCOME or heartbeat voids it."""

@@ -355,7 +355,7 @@ def test_a_clean_stop_says_goodbye_and_the_failover_loss_is_exact(tmp_path: Path
         assert isinstance(loss, dict) and held == 11
         assert (loss["records"], loss["at_least"]) == (11, False), loss
         assert re.search(r" lost 11 records \([^)]*\) written between .*: a stopped cleanly at \S+ with its "
-                         r"log durable up to LSN 32$", said), said
+                         r"log durable up to LSN 32\b", said), said
 
     in_net(tmp_path, body)
 

@@ -374,17 +374,6 @@ class Server:
         while sum(self._shipping.values()):
             await trio.sleep(POLL)
 
-    async def _say_goodbye(self, ch: Channel, sess: ServingSession, vol: Volume, state: PeerState) -> None:
-        """The last HEARTBEAT (what the last :meth:`ServingSession.poll` saw: everything durable
-        and shipped), then ERROR ``stopping``: the mirror keeps that heartbeat as our final word."""
-        lag = lag_of(vol, state.fetched_lsn)
-        state.lag_bytes, state.lag_records, state.lag_seconds = lag
-        await ch.send_message(sess.heartbeat(trio.current_time(), time.time(), lag, vol.head_lsn))
-        logger.info("told %s that %s stops here with its log of %s durable up to LSN %d", sess.peer, self.node,
-                    vol.name, vol.durable_lsn)
-        await self._refuse(ch, Error(code="stopping", error=f"{self.node} is stopping cleanly; its log of {vol.name} "
-                                                            f"is durable up to LSN {vol.durable_lsn}"))
-
     def _switching(self, vol: Volume) -> Error | None:
         if id(vol) not in self._quiet:
             return None
@@ -433,8 +422,12 @@ class Server:
                 logger.info("%s stops fetching %s from here: %s", sess.peer, vol.name, switching.error)
                 await self._refuse(ch, switching)
                 return
-            if self._stopping and sess.poll(shippable_lsn(vol)) is None:  # nothing left to ship
-                await self._say_goodbye(ch, sess, vol, state)
+            if self._stopping and sess.poll(shippable_lsn(vol)) is None and sess.farewell():
+                # nothing left to ship, and our last heartbeat is out: the mirror keeps it as our final word
+                logger.info("told %s that %s stops with its log of %s durable up to LSN %d", sess.peer, self.node,
+                            vol.name, vol.durable_lsn)
+                await self._refuse(ch, Error(code="stopping", error=f"{self.node} is stopping cleanly; its log of "
+                                                                    f"{vol.name} is durable up to LSN {vol.durable_lsn}"))
                 return
             todo = sess.poll(shippable_lsn(vol))
             if todo is not None:

@@ -48,7 +48,8 @@ Rules that hold here:
 * Slow start: a session's first RECORDS frame holds at most :data:`FIRST_BATCH` bytes (or
   one record), each later one twice as much, up to :data:`BATCH_BYTES`.
 * A source that stops cleanly says goodbye: once it has nothing more to ship, its last
-  HEARTBEAT (its log durable first), then ERROR ``stopping`` (:attr:`Stop.RETRY`). The mirror
+  HEARTBEAT (its log durable first; :meth:`ServingSession.farewell` says when that went out,
+  after the last records shipped), then ERROR ``stopping`` (:attr:`Stop.RETRY`). The mirror
   keeps that heartbeat as the source's final word (``FetchState.final``) until it hears from
   the source again, so a failover then knows exactly what it lacks.
 * A HEARTBEAT goes out at once and then every :data:`HEARTBEAT` seconds; it echoes the newest
@@ -507,6 +508,9 @@ class ServingSession:
         self._next_beat: float | None = None
         self._beat_probe = 0  #: the probe read before _beat_limit
         self._beat_limit = 0
+        #: a clean stop: the next heartbeat is our last word; set once it went out after the
+        #: last records we shipped (see :meth:`farewell`)
+        self._farewell: bool | None = None
         self.sync_request: SyncRequest | None = None
         self.sync: SyncInfo | None = None
         self._cursor: RangeCursor | None = None  #: where the mirror's next SYNC_SUMS must start
@@ -709,15 +713,28 @@ class ServingSession:
         """A RECORDS frame up to ``next_lsn - 1`` went out."""
         assert next_lsn > self.sent_lsn + 1
         self.sent_lsn = next_lsn - 1
+        if self._farewell:
+            self._farewell = False  # these came after our last word: another is due
         self._batch = min(self._batch * 2, BATCH_BYTES)
 
     def heartbeat_due(self, now: float) -> bool:
         return self._next_beat is None or now >= self._next_beat
 
+    def farewell(self) -> bool:
+        """A clean stop, and nothing left to ship (:meth:`poll` said None): True once a
+        heartbeat went out after the last records we shipped: it was our last word, now send
+        ERROR ``stopping``. Until then the next heartbeat is due at once."""
+        if self._farewell:
+            return True
+        self._farewell, self._next_beat = False, None
+        return False
+
     def heartbeat(self, now: float, wall: float, lag: tuple[int, int, float], head_lsn: int) -> Heartbeat:
         """The heartbeat for the last :meth:`poll` (``lag`` as :func:`server.lag_of` has it;
         ``head_lsn``: our log's head now)."""
         self._next_beat = now + HEARTBEAT
+        if self._farewell is not None:
+            self._farewell = True  # our last word (unless records follow it)
         lag_bytes, lag_records, lag_seconds = lag
         return Heartbeat(uuid=self.served.uuid, head_lsn=head_lsn, durable_lsn=self._beat_limit, time=wall,
                          probe=self._beat_probe, lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds)
