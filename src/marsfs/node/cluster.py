@@ -87,6 +87,7 @@ class Cluster:
         self.admission = Admission(tls)  #: the TLS handshake on the node port, and its bounds
         self.cluster = cluster
         self.peer_table = PeerTable()
+        node.sync.attach(self.peer_table)  #: a sync volume's flushes hear the mirrors' ACKs
         self.mirrors = Mirrors(node, cluster, self.connections, spawn=self.spawn, quiet=self._quiet,
                                diverged=self._diverged)
         self.roles = Roles(node, cluster, self.connections, self.mirrors, spawn=self.spawn,

@@ -36,6 +36,11 @@ Keys (values are JSON):
 * ``volume/<vol>/removed/<node>`` = ``true``: the owner removed a dead ``node`` from the
   volume (``leave --node --force``); it holds until that node speaks of the volume again
   (a newer position).
+* ``volume/<vol>/mode`` = ``{"uuid", "mode", "mirrors", "timeout", "refuse"}``: the volume's
+  replication mode as the owner last set it (``create --mode``, ``marsfs mode``). The mode of
+  a volume is the newest entry (greatest stamp, over all owners) that names its uuid
+  (:meth:`mode_of`), so any member may set it, the newest word wins, and a volume created
+  anew under an old name starts without the old one's mode.
 
 Nothing here does network I/O; the cluster layer gossips :meth:`entries` and calls
 :meth:`merge`. Thread-safe (one lock): the daemon reads from the trio thread and writes from
@@ -162,6 +167,10 @@ def position_key(volume: str) -> str:
 
 def removed_key(volume: str, node: str) -> str:
     return f"volume/{volume}/removed/{node}"
+
+
+def mode_key(volume: str) -> str:
+    return f"volume/{volume}/mode"
 
 
 def check_entry(owner: str, key: str, clock: int, value: JSON) -> str | None:
@@ -381,6 +390,19 @@ class ClusterMeta:
     def remove(self, volume: str, node: str) -> None:
         """Record that this node removed ``node`` from ``volume`` (``leave --node --force``)."""
         self.put(removed_key(volume, node), True)
+
+    def set_mode(self, volume: str, value: dict[str, Any]) -> None:
+        """Say the replication mode of ``volume`` (a value with its ``uuid``: see the keys)."""
+        assert isinstance(value.get("uuid"), str), value
+        self.put(mode_key(volume), value)
+
+    def mode_of(self, volume: str, uuid: str) -> JSON | None:
+        """The newest mode entry of ``volume`` that names ``uuid`` (None: none does)."""
+        best: Entry | None = None
+        for e in self._with_key(mode_key(volume)):
+            if isinstance(e.value, dict) and e.value.get("uuid") == uuid and (best is None or e.stamp > best.stamp):
+                best = e
+        return None if best is None else best.value
 
     def is_removed(self, volume: str, node: str) -> bool:
         """A removal by any node, newer than ``node``'s last word on ``volume``."""

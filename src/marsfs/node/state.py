@@ -93,6 +93,53 @@ class RoleRecord:
         return replace(self, **changes)
 
 
+class ReplicationMode(StrEnum):
+    """A volume's replication mode: ``async`` (a flush waits for this node's disk only) or
+    ``sync`` (a flush also waits until N mirrors hold it durably, unless degraded)."""
+
+    ASYNC = "async"
+    SYNC = "sync"
+
+
+class SyncState(StrEnum):
+    """Where a ``sync`` volume stands on its primary (:mod:`marsfs.node.syncmode` keeps it)."""
+
+    IN_SYNC = "in-sync"  #: N mirrors hold every write a completed flush acknowledged
+    #: not degraded, but fewer than N mirrors hold everything acknowledged so far (after a
+    #: start or a switch to sync): the next flush waits for them, up to the timeout
+    CATCHING_UP = "catching-up"
+    DEGRADED = "degraded"  #: the timeout passed: flushes do not wait (or fail: refuse) until N catch up
+
+
+@dataclass(frozen=True, slots=True)
+class SyncModeStatus:
+    """A ``sync`` volume's figures on its primary (the row's ``sync_mode``)."""
+
+    mirrors: int  #: the mirrors that must hold a flush before it completes
+    timeout: float  #: seconds a flush waits for them before the volume degrades
+    refuse: bool  #: while degraded a flush fails with EIO instead of completing
+    state: SyncState
+    since: float | None  #: wall time it degraded (None: it is not degraded)
+    acked_lsn: int  #: the newest LSN a completed flush acknowledged to an application
+    #: how far the N-th most advanced mirror is behind this node's durable LSN
+    behind_records: int
+    behind_bytes: int
+    behind_seconds: float
+    holding: list[str] = field(default_factory=list)  #: the mirrors that hold everything acknowledged
+
+    def to_json(self) -> dict[str, Any]:
+        return _record_json(self)
+
+    def describe(self, volume: str) -> str:
+        """The status line of a degraded volume (also what the log says)."""
+        then = "fail with EIO (--refuse)" if self.refuse else "complete without waiting for mirrors"
+        return (f"sync degraded to async since {_utc(self.since or 0.0)}, behind by {self.behind_records} records "
+                f"({human_bytes(self.behind_bytes)}, {self.behind_seconds:.1f} s): fewer than {self.mirrors} "
+                f"mirror(s) acknowledged a flush within {self.timeout:g} s; flushes of {volume} {then} until "
+                f"{self.mirrors} mirror(s) hold every acknowledged write (LSN {self.acked_lsn}), then it is in sync "
+                "again by itself")
+
+
 #: the version of the ``status --json`` schema (docs/status.md). Within a version keys are only
 #: added; a key removed or renamed, or one whose type or meaning changes, raises it.
 STATUS_SCHEMA_VERSION = 1
@@ -192,6 +239,10 @@ class VolumeStatus:
     sync_bytes: int | None = None  #: bytes of the image to compare
     sync_left_bytes: int | None = None  #: bytes still to compare (at most this much is still sent)
     sync_received_bytes: int | None = None  #: data bytes received so far (blocks that differed)
+    #: the replication mode (``async``, ``sync``; :class:`ReplicationMode`), and on the primary of a
+    #: ``sync`` volume where it stands (None otherwise)
+    mode: ReplicationMode = ReplicationMode.ASYNC
+    sync_mode: SyncModeStatus | None = None
     #: the node's connections to its peers: ``{"mode": "mutual-tls", "certificate_expires": ...}``
     #: or ``{"mode": "insecure"}`` (the same on every row; None: no peers, no node port)
     tls: dict[str, Any] | None = None

@@ -7,7 +7,9 @@ helpers' (see there).
 Rules that hold here:
 
 * Fetched records are appended to this node's log byte for byte (same LSNs, same chain) and
-  made durable before they are acknowledged or replayed. A record that does not continue our
+  made durable before they are acknowledged or replayed; each RECORDS frame is acknowledged
+  as soon as it is durable (a sync volume's flush on the source waits for that ACK), and
+  every ``ACK_EVERY`` seconds anyway. A record that does not continue our
   log is refused; a frame that fails its checksum drops the connection and the fetch resumes
   from our last durable LSN (G6).
 * Fetch never depends on replay: it appends and syncs; replay (the visible version) is moved
@@ -400,6 +402,10 @@ class Fetcher:
                     break
                 await trio.to_thread.run_sync(self._append, msg.records)
                 sess.appended(msg)
+                # at once, not at the next ACK_EVERY: a sync volume's flush on the source waits
+                # for this (one small frame per RECORDS frame)
+                await ch.send_message(sess.ack(trio.current_time(), self.replayed(), self.paused(),
+                                               self.replay_paused()))
 
     def _append(self, records: tuple[bytes, ...]) -> None:
         for raw in records:

@@ -265,7 +265,7 @@ _WANTS: tuple[str, ...] = get_args(Want)
 #   ranges: a list of [offset, length] pairs of ints, offset >= 0, length >= 1;
 #   entries: metadata entries (see MetaEntries).
 #   lsns: a list of at most MAX_CHAINS uints, ascending; chains: a list of at most MAX_CHAINS chains.
-#   relation: one of RELATIONS (PositionTold).
+#   relation: one of RELATIONS (PositionTold); mode: one of MODES (HEARTBEAT's replication mode).
 
 
 def _field(kind: str, **kw: Any) -> Any:
@@ -338,6 +338,15 @@ class Heartbeat:
     lag_bytes: int = _field("uint")
     lag_records: int = _field("uint")
     lag_seconds: float = _field("seconds")
+    #: the volume's replication mode on the server (a primary), what a failover onto the mirror
+    #: can promise: ``sync`` with ``sync_mirrors`` N and ``refuse``; ``degraded_since`` (wall
+    #: time, 0: not degraded) and ``acked_lsn``, the newest LSN a completed flush acknowledged
+    #: to an application
+    mode: str = _field("mode", default="async")
+    sync_mirrors: int = _field("uint", default=0)
+    refuse: bool = _field("bool", default=False)
+    degraded_since: float = _field("seconds", default=0.0)
+    acked_lsn: int = _field("uint", default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,6 +609,7 @@ class Chains:
 
 #: what a member's history is to the asker's (PositionTold.relation)
 RELATIONS = ("ahead", "same", "behind", "diverged", "trimmed")
+MODES = ("async", "sync")  #: a volume's replication modes
 
 
 @dataclass(frozen=True, slots=True)
@@ -777,6 +787,10 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
         if kind == "lsns" and any(b <= a for a, b in zip(items, items[1:])):
             raise bad("must be ascending")
         return items
+    if kind == "mode":
+        if value not in MODES:
+            raise bad(f"must be one of {', '.join(MODES)}")
+        return value
     if kind == "relation":
         if value not in RELATIONS:
             raise bad(f"must be one of {', '.join(RELATIONS)}")

@@ -9,7 +9,10 @@ Rules that hold here:
 * While a mirror is known, its position holds our log (``Volume.hold``), so we keep what it
   still has to fetch.
 * Shipping runs in its own tasks and only reads the log: a slow, stalled or dead link never
-  blocks writers (G4). Records are read and frames encoded in worker threads.
+  blocks writers (G4). Records are read and frames encoded in worker threads. A session with
+  nothing to ship looks again after :data:`POLL`, or at once when a flush made records
+  durable (:meth:`PeerTable.more`). Every ACK is passed on (:meth:`PeerTable.acked`): a sync
+  volume's flush waits for them (``marsfs.node.syncmode``); heartbeats say the volume's mode.
 * Every loop asks the session whether the volume it serves is still the node's volume of that
   name (a ``delete``, maybe followed by a ``create``, replaces the object); if not, the mirror
   is told (``volume-deleted``) and the connection ends. A failure while the volume is being
@@ -69,6 +72,7 @@ from marsfs.replication.session import (
     Pace,
     ServingSession,
     StartShipping,
+    SyncWord,
     VolumeFacts,
     combined_rate,
     shippable_lsn,
@@ -132,12 +136,50 @@ class PeerState:
     syncing: bool = False  #: a fast sync to it runs (its fetched LSN is where it was before)
 
 
+class SyncHooks(Protocol):
+    """What the node's replication modes (``marsfs.node.syncmode.SyncGates``) hear from the
+    server and tell it: a mirror's ACK moved its position, and what heartbeats say of a volume's
+    mode."""
+
+    def acked(self, volume: str, uuid: str) -> None: ...
+    def word(self, vol: Volume) -> SyncWord | None: ...
+
+
 class PeerTable:
     """Mirrors per volume (name and uuid: a volume created under a deleted one's name is
-    another volume, with mirrors of its own), as seen from the node they fetch from."""
+    another volume, with mirrors of its own), as seen from the node they fetch from.
+
+    It is also where the server and the node's flushes meet: :meth:`more` says that records
+    became durable (a flush completed), so shipping sessions send them now instead of at their
+    next poll, and ``hooks`` hears every ACK (a sync volume's flush waits for them)."""
 
     def __init__(self) -> None:
         self._peers: dict[tuple[str, str, str], PeerState] = {}
+        self._more: dict[str, trio.Event] = {}  #: uuid -> set when more records of it are durable
+        self.hooks: SyncHooks | None = None
+
+    def acked(self, state: PeerState) -> None:
+        """``state``'s mirror acknowledged a new position (an ACK, or the end of a fast sync)."""
+        if self.hooks is not None:
+            self.hooks.acked(state.volume, state.uuid)
+
+    def word(self, vol: Volume) -> SyncWord | None:
+        """What a heartbeat says about ``vol``'s replication mode (None: async)."""
+        return self.hooks.word(vol) if self.hooks is not None else None
+
+    def more(self, uuid: str) -> None:
+        """Records of volume ``uuid`` became durable: wake the sessions that ship it."""
+        ev = self._more.pop(uuid, None)
+        if ev is not None:
+            ev.set()
+
+    async def wait_more(self, uuid: str, timeout: float) -> None:
+        """Until :meth:`more` is called for ``uuid``, at most ``timeout`` seconds."""
+        ev = self._more.get(uuid)
+        if ev is None:
+            ev = self._more[uuid] = trio.Event()
+        with trio.move_on_after(timeout):
+            await ev.wait()
 
     def get(self, volume: str, uuid: str, node: str) -> PeerState:
         key = (volume, uuid, node)
@@ -314,6 +356,7 @@ class Server:
             sess.receive(await ch.receive_message())  # the ACK: the mirror switched to LSN lsn
             state.fetched_lsn = state.replayed_lsn = state.sent_lsn = lsn
             state.last_seen = time.time()
+            self.peers.acked(state)
         finally:
             state.connected = state.syncing = False
             view.close()
@@ -415,13 +458,13 @@ class Server:
                 await ch.send_raw(frame)
                 sess.shipped(cursor)
                 state.sent_lsn = sess.sent_lsn
-            else:
-                await trio.sleep(POLL)
+            else:  # a flush wakes us at once (a sync volume's flush waits for what we ship)
+                await self.peers.wait_more(vol.uuid, POLL)
             now = trio.current_time()
             if sess.heartbeat_due(now):
                 lag = lag_of(vol, state.fetched_lsn)
                 state.lag_bytes, state.lag_records, state.lag_seconds = lag
-                await ch.send_message(sess.heartbeat(now, time.time(), lag, vol.head_lsn))
+                await ch.send_message(sess.heartbeat(now, time.time(), lag, vol.head_lsn, self.peers.word(vol)))
 
     async def _receive_acks(self, ch: Channel, sess: ServingSession, vol: Volume, state: PeerState,
                             scope: trio.CancelScope) -> None:
@@ -434,6 +477,7 @@ class Server:
                 state.probe = ack.probe
                 state.last_seen = time.time()
                 vol.hold(sess.hold_key, sess.hold_lsn)
+                self.peers.acked(state)
         finally:
             scope.cancel()
 

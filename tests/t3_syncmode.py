@@ -1,0 +1,202 @@
+"""Replication modes between in-process nodes (MemNet, trio's MockClock): the sync gate.
+
+* On a sync volume an application's flush completes only once the mirror's log holds it
+  durably; on an async one it never waits for a mirror (G4), also over a stalled link.
+* A stalled link: the first flush waits the timeout (virtual seconds), once; the volume runs
+  degraded (status and the log say since when and how far behind) and later flushes do not
+  wait; once the link heals and the mirror caught up, it is in sync again by itself, and
+  flushes wait for the mirror again.
+* With ``refuse`` a degraded volume's flushes fail (EIO), and work again once in sync.
+* N mirrors: a flush waits for two when asked to, and one stalled mirror of three degrades
+  nothing when N is 2.
+* The mode is in the cluster metadata: every member knows it, a planned handover keeps it,
+  and the new primary's flushes wait for the old primary, now its mirror.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from marsfs.errors import SyncRefused
+from marsfs.node.cluster import Cluster
+from marsfs.node.state import ReplicationMode, SyncState
+from marsfs.node.syncmode import ModeSetting
+from marsfs.testing.memnet import SIZE, MemNet, in_net
+from marsfs.testing.runner import wait_for
+from marsfs.volume import Volume
+
+SYNC = ModeSetting(ReplicationMode.SYNC)
+DEGRADED = r"syncmode WARNING: volume vm: sync degraded to async since"
+
+
+async def pair(net: MemNet, *names: str, mode: ModeSetting | None = None) -> list[Cluster]:
+    """``names[0]`` primary of vm (in ``mode``), the others its mirrors, caught up."""
+    clusters = [await net.start(n, list(names)) for n in names]
+    a = clusters[0]
+    vol = a.node.create("vm", SIZE, thin=True, mode=mode)
+    write(vol, 0)
+    vol.flush()
+    for c in clusters[1:]:
+        await c.join("vm", names[0])
+
+        def caught_up(c: Cluster = c) -> bool:
+            return "vm" in c.node.volumes and c.node.volumes["vm"].durable_lsn == vol.durable_lsn
+
+        await wait_for(caught_up, f"{c.node.name} to catch up")
+    return clusters
+
+
+def write(vol: Volume, i: int) -> None:
+    vol.write((i * 4096) % SIZE, bytes([i % 251 + 1]) * 4096)
+
+
+async def flush_timed(c: Cluster, vol: Volume) -> float:
+    """One application flush; the (virtual) seconds it took."""
+    t0 = trio.current_time()
+    await c.node.sync.flush(vol)
+    return trio.current_time() - t0
+
+
+def test_a_sync_flush_completes_once_the_mirror_holds_it(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b", mode=SYNC)
+        va, vb = a.node.volumes["vm"], b.node.volumes["vm"]
+        for i in range(30):
+            write(va, i)
+            await a.node.sync.flush(va)
+            assert vb.durable_lsn >= va.durable_lsn, (i, vb.durable_lsn, va.durable_lsn)
+        st = a.statuses("vm")[0]
+        assert st.mode is ReplicationMode.SYNC and st.sync_mode is not None
+        assert st.sync_mode.state is SyncState.IN_SYNC and st.sync_mode.holding == ["b"]
+        assert st.sync_mode.acked_lsn == va.durable_lsn and not [w for w in st.warnings if "sync" in w]
+        await wait_for(lambda: b.statuses("vm")[0].mode is ReplicationMode.SYNC, "b to learn the mode (gossip)")
+        assert b.statuses("vm")[0].sync_mode is None  # only the primary acknowledges flushes
+
+    in_net(tmp_path, body)
+
+
+def test_an_async_flush_never_waits_for_a_mirror(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b")
+        va, vb = a.node.volumes["vm"], b.node.volumes["vm"]
+        net.stall({"a"}, {"b"})
+        for i in range(10):
+            write(va, i)
+            assert await flush_timed(a, va) < 0.5
+        assert vb.durable_lsn < va.durable_lsn  # the mirror lags; the primary does not wait
+        st = a.statuses("vm")[0]
+        assert st.mode is ReplicationMode.ASYNC and st.sync_mode is None
+        net.stall()
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log(DEGRADED)
+def test_a_stalled_link_costs_the_timeout_once_then_sync_returns(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b", mode=SYNC)
+        va, vb = a.node.volumes["vm"], b.node.volumes["vm"]
+        net.stall({"a"}, {"b"})
+        write(va, 1)
+        waited = await flush_timed(a, va)
+        assert 1.99 <= waited < 2.5, waited  # the timeout, once
+        st = a.statuses("vm")[0].sync_mode
+        assert st is not None and st.state is SyncState.DEGRADED and st.since is not None
+        assert st.behind_records >= 2 and st.holding == []
+        warning = [w for w in a.statuses("vm")[0].warnings if "degraded" in w]
+        assert warning and warning[0].startswith("sync degraded to async since ") and "behind by" in warning[0]
+        for i in range(10):  # degraded: no flush waits
+            write(va, i + 2)
+            assert await flush_timed(a, va) < 0.5
+        assert a.statuses("vm")[0].sync_mode.state is SyncState.DEGRADED  # type: ignore[union-attr]
+        net.stall()  # healed: the mirror catches up and the volume is in sync by itself
+        await wait_for(lambda: a.statuses("vm")[0].sync_mode.state is SyncState.IN_SYNC,  # type: ignore[union-attr]
+                       "sync again")
+        assert vb.durable_lsn >= a.statuses("vm")[0].sync_mode.acked_lsn  # type: ignore[union-attr]
+        write(va, 50)
+        await a.node.sync.flush(va)
+        assert vb.durable_lsn >= va.durable_lsn  # waits for the mirror again
+        net.stall({"a"}, {"b"})  # and a second stall costs the timeout once more
+        write(va, 51)
+        assert 1.99 <= await flush_timed(a, va) < 2.5
+        net.stall()
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log(DEGRADED)
+def test_refuse_fails_flushes_while_degraded(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b", mode=ModeSetting(ReplicationMode.SYNC, timeout=1.0, refuse=True))
+        va = a.node.volumes["vm"]
+        net.stall({"a"}, {"b"})
+        write(va, 1)
+        t0 = trio.current_time()
+        with pytest.raises(SyncRefused, match="refused: the volume is in sync mode with --refuse and degraded"):
+            await a.node.sync.flush(va)
+        assert 0.99 <= trio.current_time() - t0 < 1.5
+        write(va, 2)
+        t0 = trio.current_time()
+        with pytest.raises(SyncRefused):
+            await a.node.sync.flush(va)
+        assert trio.current_time() - t0 < 0.5  # at once: the timeout was paid once
+        acked = a.statuses("vm")[0].sync_mode.acked_lsn  # type: ignore[union-attr]
+        assert acked < va.durable_lsn  # nothing refused counts as acknowledged
+        net.stall()
+        await wait_for(lambda: a.statuses("vm")[0].sync_mode.state is SyncState.IN_SYNC,  # type: ignore[union-attr]
+                       "sync again")
+        write(va, 3)
+        await a.node.sync.flush(va)
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log(DEGRADED)
+def test_n_mirrors(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b, c, d = await pair(net, "a", "b", "c", "d", mode=ModeSetting(ReplicationMode.SYNC, mirrors=2))
+        va = a.node.volumes["vm"]
+        mirrors = [x.node.volumes["vm"] for x in (b, c, d)]
+        write(va, 1)
+        await a.node.sync.flush(va)
+        assert sum(m.durable_lsn >= va.durable_lsn for m in mirrors) >= 2
+        net.stall({"a", "b", "c"}, {"d"})  # one of three stalls: two still answer
+        for i in range(5):
+            write(va, i + 2)
+            assert await flush_timed(a, va) < 0.5
+        assert a.statuses("vm")[0].sync_mode.state is SyncState.IN_SYNC  # type: ignore[union-attr]
+        net.stall({"a", "b"}, {"c", "d"})  # two of three: degraded
+        write(va, 9)
+        assert 1.99 <= await flush_timed(a, va) < 2.5
+        assert a.statuses("vm")[0].sync_mode.state is SyncState.DEGRADED  # type: ignore[union-attr]
+        net.stall()
+
+    in_net(tmp_path, body)
+
+
+def test_the_mode_survives_a_handover(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b")
+        va = a.node.volumes["vm"]
+        a.node.set_mode("vm", SYNC)
+        a.gossip_now()
+        await wait_for(lambda: b.node.sync.setting(b.node.volumes["vm"]).sync, "b to learn the mode")
+        write(va, 1)
+        await a.node.sync.flush(va)
+        await b.primary("vm")
+        vb = b.node.volumes["vm"]
+        await wait_for(lambda: a.node.is_mirror("vm") and "vm" in a.mirrors.fetchers, "a to follow b")
+        st = b.statuses("vm")[0]
+        assert st.mode is ReplicationMode.SYNC and st.sync_mode is not None
+        va = a.node.volumes["vm"]
+        await wait_for(lambda: va.durable_lsn == vb.durable_lsn, "a to catch up")
+        for i in range(10):
+            write(vb, i + 2)
+            await b.node.sync.flush(vb)
+            assert va.durable_lsn >= vb.durable_lsn  # the new primary waits for its mirror
+        assert b.statuses("vm")[0].sync_mode.state is SyncState.IN_SYNC  # type: ignore[union-attr]
+
+    in_net(tmp_path, body)
