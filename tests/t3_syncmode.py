@@ -46,6 +46,11 @@ async def pair(net: MemNet, *names: str, mode: ModeSetting | None = None) -> lis
             return "vm" in c.node.volumes and c.node.volumes["vm"].durable_lsn == vol.durable_lsn
 
         await wait_for(caught_up, f"{c.node.name} to catch up")
+
+        def knows(c: Cluster = c) -> bool:  # the mode comes with the cluster metadata (gossip)
+            return c.node.sync.setting(c.node.volumes["vm"]) == (mode or ModeSetting())
+
+        await wait_for(knows, f"{c.node.name} to learn the mode")
     return clusters
 
 
@@ -198,5 +203,98 @@ def test_the_mode_survives_a_handover(tmp_path: Path) -> None:
             await b.node.sync.flush(vb)
             assert va.durable_lsn >= vb.durable_lsn  # the new primary waits for its mirror
         assert b.statuses("vm")[0].sync_mode.state is SyncState.IN_SYNC  # type: ignore[union-attr]
+
+    in_net(tmp_path, body)
+
+
+async def lose_primary(net: MemNet, a: Cluster, b: Cluster) -> dict[str, object]:
+    """Wait until b heard a heartbeat with a's newest acknowledged LSN, lose a, force b."""
+    word = a.node.sync.word(a.node.volumes["vm"])
+    assert word is not None
+
+    def heard() -> bool:
+        said = b.mirrors.fetchers["vm"].state.primary_sync
+        return said is not None and said.acked_lsn == word.acked_lsn
+
+    await wait_for(heard, "a heartbeat with a's acknowledged LSN")
+    await net.kill("a")
+    return await b.primary("vm", force=True)
+
+
+@pytest.mark.allow_log("forced failover of vm")
+def test_failover_of_a_sync_volume_with_refuse_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b", mode=ModeSetting(ReplicationMode.SYNC, refuse=True))
+        va = a.node.volumes["vm"]
+        for i in range(10):
+            write(va, i)
+            await a.node.sync.flush(va)
+        write(va, 99)  # written, never flushed: it may be lost, nobody was told it is safe
+        result = await lose_primary(net, a, b)
+        loss = result["loss"]
+        assert isinstance(loss, dict) and loss["nothing_acked_lost"] and loss["mode"] == "sync" and loss["refuse"]
+        assert loss["acked_lost"] == 0 and loss["acked_lsn"] <= b.node.volumes["vm"].durable_lsn
+        assert "nothing acknowledged lost: a was in sync mode with --refuse" in str(result["lost"])
+        st = b.statuses("vm")[0]
+        assert st.mode is ReplicationMode.SYNC and st.sync_mode is not None  # the new primary keeps the mode
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm")
+def test_failover_of_a_sync_volume_without_refuse_says_what_is_not_proven(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b", mode=SYNC)
+        va = a.node.volumes["vm"]
+        for i in range(5):
+            write(va, i)
+            await a.node.sync.flush(va)
+        result = await lose_primary(net, a, b)
+        loss = result["loss"]
+        assert isinstance(loss, dict) and not loss["nothing_acked_lost"] and loss["acked_lost"] == 0
+        assert "nothing acknowledged known lost: a was in sync at its last word" in str(result["lost"])
+        assert "not proven beyond that" in str(result["lost"])
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm", DEGRADED)
+def test_failover_after_a_degraded_spell_says_since_when_and_how_much(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b", mode=SYNC)
+        va = a.node.volumes["vm"]
+        b.set_paused("vm", "fetch", True)  # b hears heartbeats and fetches nothing
+        await trio.sleep(1.0)
+        write(va, 1)
+        assert await flush_timed(a, va) >= 1.99  # degraded
+        for i in range(4):
+            write(va, i + 2)
+            await a.node.sync.flush(va)
+        kept = b.node.volumes["vm"].durable_lsn
+        result = await lose_primary(net, a, b)
+        loss = result["loss"]
+        assert isinstance(loss, dict) and not loss["nothing_acked_lost"] and loss["degraded_since"] > 0
+        assert loss["acked_lost"] == va.durable_lsn - kept > 0
+        assert "a ran degraded (async) since" in str(result["lost"])
+        assert f"at least {va.durable_lsn - kept} of the lost records were acknowledged" in str(result["lost"])
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm")
+def test_failover_of_an_async_volume_counts_acknowledged_writes_lost(tmp_path: Path) -> None:
+    async def body(net: MemNet) -> None:
+        a, b = await pair(net, "a", "b")
+        va = a.node.volumes["vm"]
+        b.set_paused("vm", "fetch", True)
+        await trio.sleep(1.0)
+        kept = b.node.volumes["vm"].durable_lsn
+        for i in range(3):
+            write(va, i)
+            await a.node.sync.flush(va)
+        result = await lose_primary(net, a, b)
+        loss = result["loss"]
+        assert isinstance(loss, dict) and loss["mode"] == "async" and loss["acked_lost"] == va.durable_lsn - kept == 6
+        assert "a ran in async mode: at least 6 of the lost records were acknowledged" in str(result["lost"])
 
     in_net(tmp_path, body)

@@ -22,7 +22,11 @@ Rules that hold here (G7):
   (``--accept-loss``). This node then becomes primary with what it has, and records what is
   lost: measured from the best position it learnt (exact for what a reachable member holds),
   and beyond that as its fetch last heard of the primary ("at least": the primary may have
-  gone on writing after its last word). ``status`` shows it.
+  gone on writing after its last word). ``status`` shows it, and what it means for writes the
+  primary acknowledged (:func:`acknowledged`, from the mode its heartbeats said): "nothing
+  acknowledged lost" only when that is proven (sync with ``refuse``), otherwise how many known
+  and why more may be (async, degraded since T, or a sync primary that may have degraded after
+  its last word).
 * In a split brain with the designated primary, ``--force`` on the other side (a mirror of
   it, or a former primary it fenced) is how the operator keeps that side instead: the
   designated primary answers, but a planned handover cannot join two histories. This node
@@ -76,6 +80,7 @@ from marsfs.replication.protocol import (
     PositionAsk,
     PositionTold,
 )
+from marsfs.replication.session import SyncWord
 from marsfs.units import human_bytes
 from marsfs.volume import Volume
 from marsfs.volume.splits import save_split
@@ -106,6 +111,27 @@ def measured(loss: FailoverLoss, node: str, told: PositionTold) -> FailoverLoss:
     newest = max(loss.newest, told.newest)
     return replace(loss, records=records, bytes=nbytes, oldest=oldest, newest=newest, held_by=node,
                    held_records=told.records, held_bytes=told.bytes)
+
+
+def acknowledged(loss: FailoverLoss, word: SyncWord | None, ours: int, unanswered: int, held_more: bool
+                 ) -> FailoverLoss:
+    """``loss`` with what it means for the writes the source acknowledged, from the source's
+    last heartbeat (``word``; None: never heard). ``ours``: our durable LSN (what the new
+    history keeps); ``unanswered``: how many of the source's other mirrors did not answer the
+    survey; ``held_more``: one that answered holds more than we do (the loss was accepted).
+
+    Nothing acknowledged is lost provably only with ``refuse``: such a primary never completes
+    a flush that fewer than N mirrors hold, so each acknowledged write is on N mirrors; with
+    fewer than N unasked and none holding more than us, we hold it. Without ``refuse`` a
+    primary cut off from its mirrors degrades after its timeout and goes on acknowledging."""
+    if word is None:
+        return loss
+    lost = max(0, word.acked_lsn - ours)
+    proven = (word.mode == "sync" and word.refuse and not word.degraded_since and not held_more
+              and unanswered < word.mirrors and not lost)
+    return replace(loss, mode=word.mode, mirrors=word.mirrors, refuse=word.refuse,
+                   degraded_since=word.degraded_since, acked_lsn=word.acked_lsn, acked_lost=lost,
+                   nothing_acked_lost=proven)
 
 
 class Roles:
@@ -321,7 +347,7 @@ class Roles:
                                      f"marsfs primary {name}, which loses nothing; --force is for a primary that "
                                      "cannot be reached")
             others = sorted((self.node.meta.members(name) | set(self.known())) - {self.node.name, source})
-            held = await self._survey(name, vol, others, vol.durable_lsn)
+            held, answered = await self._survey(name, vol, others, vol.durable_lsn)
             best = max(held.items(), key=lambda kv: (kv[1].records, kv[0]), default=None)
             if best is not None and not accept_loss:
                 node, told = best
@@ -335,6 +361,9 @@ class Roles:
                 loss = self._loss(name, source)
                 if best is not None:
                     loss = measured(loss, *best)
+                fetcher = self.mirrors.fetchers.get(name)
+                loss = acknowledged(loss, fetcher.state.primary_sync if fetcher is not None else None,
+                                    vol.durable_lsn, len(set(others) - answered), best is not None)
             await self.mirrors.stop(name)
             epoch = self._newest_epoch(name) + 1
             start = vol.head_lsn + 1
@@ -367,22 +396,27 @@ class Roles:
             return None
         return d.node
 
-    async def _survey(self, name: str, vol: Volume, nodes: list[str], lsn: int) -> dict[str, PositionTold]:
+    async def _survey(self, name: str, vol: Volume, nodes: list[str], lsn: int
+                      ) -> tuple[dict[str, PositionTold], set[str]]:
         """What each of ``nodes`` that answers holds beyond our ``lsn`` of ``name``, for those
-        whose history continues ours there (``ahead`` or ``trimmed``). Asked all at once; a
-        node that does not answer within SURVEY_TIMEOUT holds nothing we can reach."""
+        whose history continues ours there (``ahead`` or ``trimmed``), and which nodes answered.
+        Asked all at once; a node that does not answer within SURVEY_TIMEOUT holds nothing we
+        can reach."""
         chain = await trio.to_thread.run_sync(vol.log.chain_at, lsn)
         held: dict[str, PositionTold] = {}
+        answered: set[str] = set()
 
         async def ask(node: str) -> None:
             told = await self._ask_position(name, node, lsn, chain)
+            if told is not None:
+                answered.add(node)
             if told is not None and told.relation in ("ahead", "trimmed"):
                 held[node] = told
 
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 nursery.start_soon(ask, node)
-        return held
+        return held, answered
 
     async def _ask_position(self, name: str, node: str, lsn: int, chain: bytes) -> PositionTold | None:
         """``node``'s answer to where its history stands against ours at ``lsn`` (None: no answer)."""

@@ -397,9 +397,50 @@ class FailoverLoss:
     held_records: int = 0
     held_bytes: int = 0
     fork_lsn: int = -1
+    #: what ``source`` had acknowledged to applications, as its last heartbeat said: its
+    #: replication mode then ("" : not known), with N ``mirrors`` and ``refuse`` in sync mode,
+    #: since when it ran degraded (0: it did not), the newest LSN a flush acknowledged, and how
+    #: many of those acknowledged records this node lacks (known lost)
+    mode: str = ""
+    mirrors: int = 0
+    refuse: bool = False
+    degraded_since: float = 0.0
+    acked_lsn: int = 0
+    acked_lost: int = 0
+    #: provably no acknowledged write lost: ``source`` was in sync mode with ``refuse`` (it never
+    #: acknowledges a flush fewer than N mirrors hold), not degraded, fewer than N of its mirrors
+    #: left unasked, and none that answered holds more than this node
+    nothing_acked_lost: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)
+
+    def acknowledged(self) -> str:
+        """What the loss means for writes ``source`` acknowledged (a flush completed), in words
+        ("" when its mode is not known: a record from before modes, or no heartbeat heard)."""
+        src, at = self.source, _utc(self.as_of)
+        if not self.mode:
+            return ""
+        if self.nothing_acked_lost:
+            return (f"nothing acknowledged lost: {src} was in sync mode with --refuse at its last word ({at}), so "
+                    f"every write it acknowledged is in the log of at least {self.mirrors} mirror(s), and none of "
+                    "its mirrors that answered holds more than this node")
+        known = (f"{self.acked_lost} of the lost records were acknowledged by a completed flush (up to LSN "
+                 f"{self.acked_lsn})") if self.acked_lost else ""
+        if self.mode == "sync" and self.degraded_since:
+            return (f"{src} ran degraded (async) since {_utc(self.degraded_since)}: writes it acknowledged since then "
+                    f"may be lost{'; at least ' + known if known else ''}")
+        if self.mode == "sync":
+            if known:
+                return f"at least {known}: another mirror acknowledged them and none that answered holds them"
+            return (f"nothing acknowledged known lost: {src} was in sync at its last word ({at}) and this node holds "
+                    f"every write it had acknowledged (up to LSN {self.acked_lsn}); not proven beyond that: had {src} "
+                    "gone on running cut off from its mirrors, it degraded to async after its timeout and may have "
+                    "acknowledged writes no node here holds (sync --refuse rules that out)")
+        if known:
+            return f"{src} ran in async mode: at least {known}"
+        return (f"{src} ran in async mode: no write it had acknowledged by its last word ({at}) is missing here, but "
+                "async mode does not wait for mirrors, so writes it acknowledged after that may be lost")
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FailoverLoss:
@@ -407,6 +448,10 @@ class FailoverLoss:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def describe(self) -> str:
+        what, acked = self._describe(), self.acknowledged()
+        return f"{what}; {acked}" if acked else what
+
+    def _describe(self) -> str:
         head = f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn})"
         if self.fork_lsn >= 0:
             return (f"{head} kept this node's side of the split brain: {self.source}'s {self.records} records "
