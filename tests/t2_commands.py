@@ -93,7 +93,7 @@ def test_replication_mode_commands(node: Node) -> None:
     options of sync mode without it, and values out of range, are refused in words."""
 
     async def body(ctx: Context) -> None:
-        row = await dispatch(ctx, "create", {"volume": "s", "size": MiB, "mode": "sync", "timeout": 0.5})
+        row = await dispatch(ctx, "create", {"volume": "s", "size": MiB, "mode": "sync", "sync_timeout": 0.5})
         assert row["mode"] == "sync" and row["sync_mode"]["timeout"] == 0.5 and row["sync_mode"]["mirrors"] == 1
         assert row["sync_mode"]["state"] in ("in-sync", "catching-up")
         row = await dispatch(ctx, "create", {"volume": "a", "size": MiB})
@@ -112,7 +112,7 @@ def test_replication_mode_commands(node: Node) -> None:
         with pytest.raises(InvalidRequest, match="--mirrors 0: give how many mirrors"):
             await dispatch(ctx, "mode", {"volume": "a", "mode": "sync", "mirrors": 0})
         with pytest.raises(InvalidRequest, match="--timeout 0.0: give the seconds"):
-            await dispatch(ctx, "mode", {"volume": "a", "mode": "sync", "timeout": 0})
+            await dispatch(ctx, "mode", {"volume": "a", "mode": "sync", "sync_timeout": 0})
         with pytest.raises(InvalidRequest, match="replication mode 'fast': give async or sync"):
             await dispatch(ctx, "mode", {"volume": "a", "mode": "fast"})
         with pytest.raises(VolumeError, match="no volume 'nope'"):
@@ -231,7 +231,7 @@ def test_control_socket_keeps_the_exit_status(node: Node, tmp_path: Path) -> Non
 
 # ---------------------------------------------------------------------- the command line's side
 
-NO_MODE_OPTIONS = {"mirrors": None, "timeout": None, "refuse": False}
+NO_MODE_OPTIONS = {"mirrors": None, "sync_timeout": None, "refuse": False}
 NO_MODE = {"mode": None, **NO_MODE_OPTIONS}  #: create without --mode
 PARSES = [
     (["create", "v", "--size", "512M"], {"volume": "v", "size": "512M", "thin": False, **NO_MODE}),
@@ -239,10 +239,11 @@ PARSES = [
     (["--state", "/s", "create", "v", "--size", "1G"], {"volume": "v", "size": "1G", "state": "/s", "thin": False, **NO_MODE}),
     (["create", "v", "--size", "1G", "--state", "/s"], {"volume": "v", "size": "1G", "state": "/s", "thin": False, **NO_MODE}),
     (["create", "v", "--size", "1G", "--mode", "sync", "--mirrors", "2", "--timeout", "0.5", "--refuse"],
-     {"volume": "v", "size": "1G", "thin": False, "mode": "sync", "mirrors": 2, "timeout": 0.5, "refuse": True}),
+     {"volume": "v", "size": "1G", "thin": False, "mode": "sync", "mirrors": 2, "sync_timeout": 0.5,
+      "refuse": True}),
     (["mode", "v", "async"], {"volume": "v", "mode": "async", "json": False, **NO_MODE_OPTIONS}),
     (["mode", "v", "sync", "--timeout", "5"], {"volume": "v", "mode": "sync", "json": False,
-                                               **NO_MODE_OPTIONS, "timeout": 5.0}),
+                                               **NO_MODE_OPTIONS, "sync_timeout": 5.0}),
     (["delete", "v"], {"volume": "v", "force": False}),
     (["delete", "v", "--force"], {"volume": "v", "force": True}),
     (["status"], {"volume": None, "json": False, "watch": False, "interval": 1.0}),

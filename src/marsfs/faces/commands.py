@@ -264,7 +264,8 @@ async def _create(ctx: Context, a: dict[str, Any]) -> Any:
 
 def _sync_options(a: dict[str, Any]) -> list[str]:
     """The options of sync mode given in a request."""
-    return [f"--{k}" for k in ("mirrors", "timeout") if a[k] is not None] + (["--refuse"] if a["refuse"] else [])
+    return ([f"--{k}" for k in ("mirrors",) if a[k] is not None] + (["--timeout"] if a["sync_timeout"] is not None else [])
+            + (["--refuse"] if a["refuse"] else []))
 
 
 def _setting(a: dict[str, Any], mode: str | None = None) -> ModeSetting:
@@ -274,7 +275,7 @@ def _setting(a: dict[str, Any], mode: str | None = None) -> ModeSetting:
     if mode != "sync" and given:
         raise UsageError(f"{', '.join(given)} go(es) with sync mode: marsfs mode {a['volume']} sync {' '.join(given)}")
     return check_setting(mode, a["mirrors"] if a["mirrors"] is not None else 1,
-                         a["timeout"] if a["timeout"] is not None else DEFAULT_TIMEOUT, a["refuse"])
+                         a["sync_timeout"] if a["sync_timeout"] is not None else DEFAULT_TIMEOUT, a["refuse"])
 
 
 async def _mode(ctx: Context, a: dict[str, Any]) -> Any:
@@ -775,7 +776,8 @@ def _mode_arg(value: str) -> str:
 SYNC_OPTIONS = (
     Arg("mirrors", "sync: how many mirrors must hold a flush (default 1)", flag="--mirrors", required=False,
         parse=count, cli_type=int, metavar="N"),
-    Arg("timeout", f"sync: seconds a flush waits for them before the volume degrades to async (default "
+    # not "timeout": the control socket's call() takes that as its own
+    Arg("sync_timeout", f"sync: seconds a flush waits for them before the volume degrades to async (default "
                    f"{DEFAULT_TIMEOUT:g})", flag="--timeout", required=False, parse=seconds, cli_type=float,
         metavar="S"),
     Arg("refuse", "sync: while degraded, fail flushes with EIO instead of completing them", flag="--refuse",

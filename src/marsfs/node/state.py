@@ -126,6 +126,9 @@ class SyncModeStatus:
     behind_bytes: int
     behind_seconds: float
     holding: list[str] = field(default_factory=list)  #: the mirrors that hold everything acknowledged
+    #: how often it degraded since the daemon started: each time one flush (with those that
+    #: waited beside it) paid the timeout; a stalled link counts once, not once per flush
+    degradations: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)

@@ -114,6 +114,7 @@ class _Gate:
     version: int = -1  #: the metadata version ``setting`` was read at
     state: SyncState = SyncState.CATCHING_UP
     since: float = 0.0  #: wall time it degraded
+    degradations: int = 0  #: how often it degraded (since the daemon started)
     wake: trio.Event = field(default_factory=trio.Event)  #: set (and replaced) at every ACK
 
     @property
@@ -219,6 +220,7 @@ class SyncGates:
 
     def _degrade(self, vol: Volume, g: _Gate, lsn: int) -> None:
         g.state, g.since = SyncState.DEGRADED, time.time()
+        g.degradations += 1
         st = self.status(vol)
         assert st is not None
         mirrors = ([f"{p.node} at LSN {p.fetched_lsn}{'' if p.connected else ' (disconnected)'}"
@@ -266,7 +268,8 @@ class SyncGates:
         return SyncModeStatus(mirrors=s.mirrors, timeout=s.timeout, refuse=s.refuse, state=g.state,
                               since=g.since if g.state is SyncState.DEGRADED else None, acked_lsn=g.acked_lsn,
                               behind_records=behind_records, behind_bytes=behind_bytes,
-                              behind_seconds=round(behind_seconds, 3), holding=self._holding(g, g.acked_lsn))
+                              behind_seconds=round(behind_seconds, 3), holding=self._holding(g, g.acked_lsn),
+                              degradations=g.degradations)
 
 
 def _utc(t: float) -> str:
