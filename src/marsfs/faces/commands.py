@@ -499,7 +499,8 @@ def _primary_client(command: Command, args: argparse.Namespace, request: Request
 def _primary_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     head = f"{r['volume']}: primary on this node now (epoch {r['epoch']}, writes from LSN {r['start_lsn']})"
     if "loss" in r:
-        return f"{head}; failover without {r['from']}: {r['lost']}"
+        note = f"\n{r['mode_note']}" if r.get("mode_note") else ""
+        return f"{head}; failover without {r['from']}: {r['lost']}{note}"
     follows = "which follows it now" if r.get("follows", True) else "which follows it once it hears of the claim"
     return f"{head}; handed over from {r['from']}, {follows}; nothing lost"
 

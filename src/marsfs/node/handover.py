@@ -383,8 +383,16 @@ class Roles:
             self.progress.pop(name, None)
         logger.warning("forced failover of %s from %s: primary here from LSN %d, epoch %d; %s", name, source,
                        start, epoch, loss.describe())
-        return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
-                "lost": loss.describe()}
+        out = {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
+               "lost": loss.describe()}
+        mode = self.node.sync.setting(vol)
+        if mode.sync:  # the new primary keeps the mode; with its old primary gone it may lack mirrors
+            then = ("fail with EIO (--refuse) until they do; to write meanwhile: marsfs mode "
+                    f"{name} sync (degrade instead of failing) or marsfs mode {name} async") if mode.refuse else \
+                "wait up to the timeout once, then the volume runs degraded (async) until they do"
+            out["mode_note"] = (f"{name} stays in {mode.describe()}: its flushes need {mode.mirrors} mirror(s) of this "
+                                f"node holding them, and they {then}")
+        return out
 
     def _fenced_side(self, name: str) -> str | None:
         """The designated primary, if this node is a former primary of ``name`` (fenced by a
