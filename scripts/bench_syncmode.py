@@ -6,13 +6,14 @@ Cases, in one invocation:
 
 * **plain file**: a regular file on the filesystem of the work directory (the state
   directories live there too): the disk's own fsync cost;
-* for each link to the mirror: direct (loopback, mutual TLS, as deployed), and through the
-  fault proxy with a latency of 1 ms and of 10 ms (each way: the proxy's ``latency``, so the
-  round trip grows by twice that), fresh nodes ``a`` (primary) and ``b`` (mirror, synced), the
+* for each link to the mirror: direct (loopback, mutual TLS, as deployed), through the fault
+  proxy without delay (what the proxy itself costs: it is one more process on the same cores),
+  and with a latency of 1 ms and of 10 ms (each way: the proxy's ``latency``, so the round
+  trip grows by twice that), fresh nodes ``a`` (primary) and ``b`` (mirror, synced), the
   volume's image on a's FUSE mount written directly: first in **async** mode, then, on the same
   nodes and volume, in **sync** mode (``marsfs mode vm sync``, once the volume is in sync).
 
-Usage: ``scripts/bench sync [--quick] [--runtime S] [--links direct,1ms,10ms] [--out docs/benchmarks.md]``
+Usage: ``scripts/bench sync [--quick] [--runtime S] [--links direct,proxy,1ms,10ms] [--out docs/benchmarks.md]``
 (needs root and fusermount3). ``--quick``: 3 s per case, a smoke test.
 """
 
@@ -40,8 +41,9 @@ from marsfs.testing.harness import Harness, NodeProcess
 VOLUME = "vm"
 SIZE = 256 * 1024 * 1024
 BLOCK = 4096
-LINKS = {"direct": None, "1ms": 0.001, "10ms": 0.010}
-LINK_TITLES = {"direct": "loopback", "1ms": "proxy +1 ms each way", "10ms": "proxy +10 ms each way"}
+LINKS = {"direct": None, "proxy": 0.0, "1ms": 0.001, "10ms": 0.010}
+LINK_TITLES = {"direct": "loopback", "proxy": "proxy, no delay", "1ms": "proxy +1 ms each way",
+               "10ms": "proxy +10 ms each way"}
 
 
 def say(msg: str) -> None:
@@ -152,6 +154,8 @@ def _flush_once(image: Path) -> bool:
 def report(cases: list[Case], runtime: float, quick: bool, argv: list[str], load: float) -> str:
     base = {c.link: c for c in cases if c.what == "async"}
     lines = [
+        "## Sync mode: what a flush costs",
+        "",
         f"4 KiB write+fsync, QD1 (one writer: pwrite at a random aligned offset, then fsync), {runtime:g} s per "
         f"case{' (--quick: a smoke test)' if quick else ''}; `scripts/bench sync {' '.join(argv)}`".rstrip() + "; "
         f"{platform.node()}, {os.cpu_count()} cores, load {load:.2f} at start. The image is written directly on "
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench sync", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 s per case (a smoke test, not for the record)")
     p.add_argument("--runtime", type=float, default=None, metavar="S", help="seconds per case (default 15)")
-    p.add_argument("--links", default="direct,1ms,10ms", help="mirror links: direct, 1ms, 10ms (default all)")
+    p.add_argument("--links", default="direct,proxy,1ms,10ms",
+                   help="mirror links: direct, proxy (no delay), 1ms, 10ms (default all)")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where the work directory goes")
     p.add_argument("--out", type=Path, default=None, help="splice the table into this markdown file")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")

@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from marsfs.errors import SyncRefused
+from marsfs.faces.view import status_table
 from marsfs.node.cluster import Cluster
 from marsfs.node.state import ReplicationMode, SyncState
 from marsfs.node.syncmode import ModeSetting
@@ -77,6 +78,9 @@ def test_a_sync_flush_completes_once_the_mirror_holds_it(tmp_path: Path) -> None
         assert st.mode is ReplicationMode.SYNC and st.sync_mode is not None
         assert st.sync_mode.state is SyncState.IN_SYNC and st.sync_mode.holding == ["b"]
         assert st.sync_mode.acked_lsn == va.durable_lsn and not [w for w in st.warnings if "sync" in w]
+        text = status_table(a.status("vm"))  # the plain view says it under the row
+        assert f"  replication sync: in-sync (1 mirror(s), timeout 2 s); acknowledged up to LSN {va.durable_lsn}, " \
+               "held by b" in text, text
         await wait_for(lambda: b.statuses("vm")[0].mode is ReplicationMode.SYNC, "b to learn the mode (gossip)")
         assert b.statuses("vm")[0].sync_mode is None  # only the primary acknowledges flushes
 

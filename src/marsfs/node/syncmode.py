@@ -44,7 +44,7 @@ import trio
 from marsfs.errors import InvalidRequest, SyncRefused
 from marsfs.node.meta import JSON, ClusterMeta
 from marsfs.node.state import ReplicationMode, SyncModeStatus, SyncState
-from marsfs.replication.server import PeerTable, lag_of
+from marsfs.replication.server import PeerState, PeerTable, lag_of
 from marsfs.replication.session import SyncWord
 from marsfs.volume import Volume
 
@@ -168,10 +168,20 @@ class SyncGates:
             self._settle(vol, g)
 
     def _holding(self, g: _Gate, lsn: int) -> list[str]:
-        """The mirrors that acknowledged ``lsn`` (durable in their logs)."""
+        """The connected mirrors that acknowledged ``lsn`` (durable in their logs). Only a mirror
+        connected now, and not in a fast sync, counts: its session was admitted on this node's history as it is (the
+        chain checked at its FETCH), while a position from an older session may be of a history
+        this node no longer has (a split brain resolved here); a disconnected mirror cannot
+        acknowledge anything newer anyway."""
         if self._table is None:
             return []
-        return [p.node for p in self._table.for_volume(g.name, g.uuid) if p.fetched_lsn >= lsn]
+        return [p.node for p in self._mirrors(g) if p.fetched_lsn >= lsn]
+
+    def _mirrors(self, g: _Gate) -> list[PeerState]:
+        """The mirrors whose ACKs count (see :meth:`_holding`)."""
+        if self._table is None:
+            return []
+        return [p for p in self._table.for_volume(g.name, g.uuid) if p.connected and not p.syncing]
 
     def _enough(self, g: _Gate, lsn: int) -> bool:
         return lsn <= 0 or len(self._holding(g, lsn)) >= g.setting.mirrors
@@ -261,8 +271,7 @@ class SyncGates:
         s = g.setting
         if not s.sync:
             return None
-        positions = sorted((p.fetched_lsn for p in self._table.for_volume(g.name, g.uuid)), reverse=True) \
-            if self._table is not None else []
+        positions = sorted((p.fetched_lsn for p in self._mirrors(g)), reverse=True)
         nth = positions[s.mirrors - 1] if len(positions) >= s.mirrors else 0
         behind_bytes, behind_records, behind_seconds = lag_of(vol, nth)
         return SyncModeStatus(mirrors=s.mirrors, timeout=s.timeout, refuse=s.refuse, state=g.state,
