@@ -94,7 +94,7 @@ def test_an_async_flush_never_waits_for_a_mirror(tmp_path: Path) -> None:
         net.stall({"a"}, {"b"})
         for i in range(10):
             write(va, i)
-            assert await flush_timed(a, va) < 0.5
+            assert await flush_timed(a, va) < 1.0  # well below the timeout
         assert vb.durable_lsn < va.durable_lsn  # the mirror lags; the primary does not wait
         st = a.statuses("vm")[0]
         assert st.mode is ReplicationMode.ASYNC and st.sync_mode is None
@@ -111,7 +111,7 @@ def test_a_stalled_link_costs_the_timeout_once_then_sync_returns(tmp_path: Path)
         net.stall({"a"}, {"b"})
         write(va, 1)
         waited = await flush_timed(a, va)
-        assert 1.99 <= waited < 2.5, waited  # the timeout, once
+        assert 1.99 <= waited < 3.0, waited  # the timeout, once (and the flush's own time)
         st = a.statuses("vm")[0].sync_mode
         assert st is not None and st.state is SyncState.DEGRADED and st.since is not None
         assert st.behind_records >= 2 and st.holding == []
@@ -119,7 +119,7 @@ def test_a_stalled_link_costs_the_timeout_once_then_sync_returns(tmp_path: Path)
         assert warning and warning[0].startswith("sync degraded to async since ") and "behind by" in warning[0]
         for i in range(10):  # degraded: no flush waits
             write(va, i + 2)
-            assert await flush_timed(a, va) < 0.5
+            assert await flush_timed(a, va) < 1.0  # well below the timeout
         assert a.statuses("vm")[0].sync_mode.state is SyncState.DEGRADED  # type: ignore[union-attr]
         net.stall()  # healed: the mirror catches up and the volume is in sync by itself
         await wait_for(lambda: a.statuses("vm")[0].sync_mode.state is SyncState.IN_SYNC,  # type: ignore[union-attr]
@@ -130,7 +130,7 @@ def test_a_stalled_link_costs_the_timeout_once_then_sync_returns(tmp_path: Path)
         assert vb.durable_lsn >= va.durable_lsn  # waits for the mirror again
         net.stall({"a"}, {"b"})  # and a second stall costs the timeout once more
         write(va, 51)
-        assert 1.99 <= await flush_timed(a, va) < 2.5
+        assert 1.99 <= await flush_timed(a, va) < 3.0
         net.stall()
 
     in_net(tmp_path, body)
@@ -139,19 +139,19 @@ def test_a_stalled_link_costs_the_timeout_once_then_sync_returns(tmp_path: Path)
 @pytest.mark.allow_log(DEGRADED)
 def test_refuse_fails_flushes_while_degraded(tmp_path: Path) -> None:
     async def body(net: MemNet) -> None:
-        a, b = await pair(net, "a", "b", mode=ModeSetting(ReplicationMode.SYNC, timeout=1.0, refuse=True))
+        a, b = await pair(net, "a", "b", mode=ModeSetting(ReplicationMode.SYNC, refuse=True))
         va = a.node.volumes["vm"]
         net.stall({"a"}, {"b"})
         write(va, 1)
         t0 = trio.current_time()
         with pytest.raises(SyncRefused, match="refused: the volume is in sync mode with --refuse and degraded"):
             await a.node.sync.flush(va)
-        assert 0.99 <= trio.current_time() - t0 < 1.5
+        assert 1.99 <= trio.current_time() - t0 < 3.0
         write(va, 2)
         t0 = trio.current_time()
         with pytest.raises(SyncRefused):
             await a.node.sync.flush(va)
-        assert trio.current_time() - t0 < 0.5  # at once: the timeout was paid once
+        assert trio.current_time() - t0 < 1.0  # at once: the timeout was paid once
         acked = a.statuses("vm")[0].sync_mode.acked_lsn  # type: ignore[union-attr]
         assert acked < va.durable_lsn  # nothing refused counts as acknowledged
         net.stall()
@@ -175,11 +175,11 @@ def test_n_mirrors(tmp_path: Path) -> None:
         net.stall({"a", "b", "c"}, {"d"})  # one of three stalls: two still answer
         for i in range(5):
             write(va, i + 2)
-            assert await flush_timed(a, va) < 0.5
+            assert await flush_timed(a, va) < 1.0  # well below the timeout
         assert a.statuses("vm")[0].sync_mode.state is SyncState.IN_SYNC  # type: ignore[union-attr]
         net.stall({"a", "b"}, {"c", "d"})  # two of three: degraded
         write(va, 9)
-        assert 1.99 <= await flush_timed(a, va) < 2.5
+        assert 1.99 <= await flush_timed(a, va) < 3.0
         assert a.statuses("vm")[0].sync_mode.state is SyncState.DEGRADED  # type: ignore[union-attr]
         net.stall()
 
