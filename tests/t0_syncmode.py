@@ -77,6 +77,8 @@ def test_only_sync_with_refuse_proves_nothing_acknowledged_lost() -> None:
         assert not loss.nothing_acked_lost, why
         assert "nothing acknowledged lost" not in loss.describe(), why
     assert acknowledged(LOSS, word(mirrors=2), ours=100, unanswered=1, held_more=False).nothing_acked_lost
+    unasked = acknowledged(LOSS, word(), ours=100, unanswered=1, held_more=False).acknowledged()
+    assert "with --refuse" in unasked and "not every mirror of it was asked" in unasked and "rules that out" not in unasked
 
 
 def test_the_words_for_what_is_not_proven() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from marsfs.errors import SyncRefused
+from marsfs.errors import PeerError, SyncRefused
 from marsfs.faces.view import status_table
 from marsfs.node.cluster import Cluster
 from marsfs.node.state import ReplicationMode, SyncState
@@ -216,12 +216,22 @@ async def lose_primary(net: MemNet, a: Cluster, b: Cluster) -> dict[str, object]
     word = a.node.sync.word(a.node.volumes["vm"])
     assert word is not None
 
+    said = word
+
     def heard() -> bool:
-        said = b.mirrors.fetchers["vm"].state.primary_sync
-        return said is not None and said.acked_lsn == word.acked_lsn
+        nonlocal said
+        got = b.mirrors.fetchers["vm"].state.primary_sync
+        said = got or said
+        return got is not None and got.acked_lsn == word.acked_lsn
 
     await wait_for(heard, "a heartbeat with a's acknowledged LSN")
     await net.kill("a")
+    if not b.node.role("vm").fetch_paused:  # (a paused mirror is refused a handover for that first)
+        with pytest.raises(PeerError, match=r"cannot reach a.*--force makes this node primary") as refused:
+            await b.primary("vm")  # the planned handover needs a; its refusal says what a failover risks
+        risk = str(refused.value)
+        assert ("nothing acknowledged known lost" in risk) == (said.acked_lsn <= b.node.volumes["vm"].durable_lsn
+                                                              and word.mode == "sync" and not word.degraded_since), risk
     return await b.primary("vm", force=True)
 
 

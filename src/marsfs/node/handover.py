@@ -58,6 +58,7 @@ from marsfs.node.mirrors import Mirrors, Spawn
 from marsfs.node.node import Node
 from marsfs.node.peers import Peers
 from marsfs.node.state import FailoverLoss, HandoverStatus, SplitBrain
+from marsfs.node.syncmode import MAX_MIRRORS
 from marsfs.node.volstate import SYNCS, Role, Verdict, VolumeState, promotion_refusal
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import PeerChannel, ResyncPlan, hello, open_channel
@@ -324,9 +325,13 @@ class Roles:
 
     def _unreachable(self, name: str, source: str, why: str) -> str:
         loss = self._loss(name, source)
+        fetcher = self.mirrors.fetchers.get(name)
+        word = fetcher.state.primary_sync if fetcher is not None else None
+        # before the survey nothing is proven: say what its last word tells (the --force says more)
+        acked = acknowledged(loss, word, self.node.volume(name).durable_lsn, MAX_MIRRORS, False).acknowledged()
         return (f"cannot reach {source}, the primary of {name} ({why}); a planned handover needs it. Wait for it, "
                 f"or if it is lost: marsfs primary {name} --force makes this node primary with what it has, "
-                f"losing what it did not fetch: {loss.describe_risk()}")
+                f"losing what it did not fetch: {loss.describe_risk()}{'; ' + acked if acked else ''}")
 
     async def fail_over(self, name: str, *, accept_loss: bool = False) -> dict[str, Any]:
         """Forced failover: this node becomes primary of ``name`` without its primary (or, in a

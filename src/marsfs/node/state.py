@@ -436,6 +436,10 @@ class FailoverLoss:
         if self.mode == "sync":
             if known:
                 return f"at least {known}: another mirror acknowledged them and none that answered holds them"
+            if self.refuse:
+                return (f"nothing acknowledged known lost: {src} was in sync mode with --refuse at its last word ({at}), "
+                        f"so every write it acknowledged is in the log of at least {self.mirrors} mirror(s); not proven "
+                        "that this node holds them all: not every mirror of it was asked, or one holds more")
             return (f"nothing acknowledged known lost: {src} was in sync at its last word ({at}) and this node holds "
                     f"every write it had acknowledged (up to LSN {self.acked_lsn}); not proven beyond that: had {src} "
                     "gone on running cut off from its mirrors, it degraded to async after its timeout and may have "
