@@ -162,7 +162,7 @@ def test_the_alert_rules_check_and_fire(node: Node, tmp_path: Path) -> None:
     # the same rules without their annotations (promtool would compare those too)
     bare = tmp_path / "alerts.yml"
     bare.write_text(re.sub(r"^ {8}annotations:\n(?: {10,}.*\n)*", "", ALERTS.read_text(), flags=re.M))
-    assert "annotations" not in bare.read_text() and bare.read_text().count("alert:") == 6
+    assert "annotations" not in bare.read_text() and bare.read_text().count("alert:") == 7
     tests = tmp_path / "alerts_test.yml"
     tests.write_text(f"""
 rule_files: [{bare}]
@@ -182,6 +182,8 @@ tests:
         values: '90x20'
       - series: 'marsfs_log_space_limit_bytes{{instance="a"}}'
         values: '100x20'
+      - series: 'marsfs_volume_sync_degraded{{instance="a", volume="pg"}}'
+        values: '0 1x10'
     alert_rule_test:
       - eval_time: 6m
         alertname: MarsfsMirrorLagging
@@ -199,6 +201,10 @@ tests:
         alertname: MarsfsLogSpaceHigh
         exp_alerts:
           - exp_labels: {{severity: warning, instance: a}}
+      - eval_time: 3m
+        alertname: MarsfsSyncDegraded
+        exp_alerts:
+          - exp_labels: {{severity: critical, instance: a, volume: pg}}
 """)
     r = subprocess.run([tool, "test", "rules", str(tests)], text=True, capture_output=True)
     assert r.returncode == 0, r.stdout + r.stderr
