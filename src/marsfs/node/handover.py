@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -139,12 +139,16 @@ class Roles:
     """The role changes of one node's volumes; part of its :class:`~marsfs.node.cluster.Cluster`."""
 
     def __init__(self, node: Node, cluster: str, peers: Peers, mirrors: Mirrors, *, spawn: Spawn,
-                 gossip_now: Callable[[], None], known: Callable[[], Iterable[str]] = tuple) -> None:
+                 gossip_now: Callable[[], None], known: Callable[[], Iterable[str]] = tuple,
+                 introduce: Callable[[str], Awaitable[None]] | None = None) -> None:
         """``cluster`` is the cluster's name (for the hellos); ``mirrors`` the node's fetchers,
         which a change of primary stops and starts; ``gossip_now`` spreads a claim at once;
         ``known`` names the peers this node was told of (a forced failover asks them too: one
-        that has not gossiped yet may still hold more)."""
+        that has not gossiped yet may still hold more); ``introduce(peer)`` tells ``peer`` what
+        this node holds before it is asked about a volume (it answers members only, and this
+        node may have joined a moment ago: :meth:`marsfs.node.cluster.Cluster.introduce`)."""
         self.known = known
+        self.introduce = introduce
         self.node = node
         self.cluster = cluster
         self.peers = peers
@@ -179,7 +183,7 @@ class Roles:
                                  f"with {designated}, the designated primary: marsfs primary {name} --force here keeps "
                                  f"this side (then marsfs invalidate {name} on {designated}), marsfs invalidate "
                                  f"{name} here keeps {designated}'s")
-            raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
+            raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}: nothing to do")
         verdict = status.verdict(self.node, name, status.mirror_side(self.mirrors, name, trio.current_time()))
         splits = self.node.splits(name)
         with_source = any(sp.peer == role.source for sp in splits)
@@ -435,6 +439,7 @@ class Roles:
         """``node``'s answer to where its history stands against ours at ``lsn`` (None: no answer)."""
         try:
             with trio.fail_after(SURVEY_TIMEOUT):
+                await self._introduce(node)
                 ch, _ = await open_channel(self.peers.connector(node),
                                            hello(self.node.name, self.cluster, name, "position",
                                                  node_id=self.node.node_id))
@@ -470,17 +475,24 @@ class Roles:
 
         await serve_position(ch, answer)
 
+    async def _introduce(self, peer: str) -> None:
+        if self.introduce is not None:
+            await self.introduce(peer)
+
     def _newest_epoch(self, name: str) -> int:
         d = self.node.meta.designated(name)
         return max(self.node.role(name).epoch, d.epoch if d is not None else 0)
 
     async def _reachable(self, name: str, source: str) -> bool:
-        """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
+        """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME, or that it
+        refuses only because it does not take this node for a member: it is up all the same)."""
         try:
             ch, _ = await open_channel(self.peers.connector(source),
                                        hello(self.node.name, self.cluster, name, "handover",
                                              node_id=self.node.node_id))
-        except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
+        except PeerRefused as e:
+            return e.code == "not-a-member"
+        except (OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
             return False
         await ch.aclose()
         return True
@@ -673,6 +685,7 @@ class Roles:
         hints = [d.start_lsn - 1] if d is not None and d.start_lsn > 0 else []
         for attempt in range(COMPARE_TRIES):
             try:
+                await self._introduce(source)
                 ch, welcome = await open_channel(self.peers.connector(source),
                                                  hello(self.node.name, self.cluster, name, "compare",
                                                        node_id=self.node.node_id))

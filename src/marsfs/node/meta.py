@@ -61,7 +61,8 @@ from typing import Any, TypeAlias
 
 from marsfs.errors import DiskFailed, MarsError, NoSpace, StateError
 from marsfs.fsutil import read_json, write_json
-from marsfs.replication.protocol import MAX_META_KEY, MAX_META_VALUE
+from marsfs.names import is_name
+from marsfs.replication.protocol import MAX_META_CLOCK, MAX_META_KEY, MAX_META_VALUE
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ META_FILE = "meta.json"
 FORMAT = 1
 REFRESH = 10.0  #: seconds after which an unchanged position is published (and gossiped) again
 SAVE_POSITIONS_EVERY = 5.0  #: seconds between writes of the file for position changes alone
+#: how far past this node's clock one exchange may bring it: far more than an honest peer is
+#: ahead (a node that counted for centuries, met by a new one), and 2^13 exchanges short of
+#: the clock's end (MAX_META_CLOCK), where a forged entry would stop every later write here
+CLOCK_STEP = 2**40
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -173,21 +178,39 @@ def mode_key(volume: str) -> str:
     return f"volume/{volume}/mode"
 
 
-def check_entry(owner: str, key: str, clock: int, value: JSON) -> str | None:
+def check_entry(owner: str, key: str, clock: int, value: JSON, *, ceiling: int = MAX_META_CLOCK) -> str | None:
     """Why an entry from a peer is not acceptable, or None. Bounds keep a peer from growing
-    our state without limit by one entry."""
-    if not owner or len(owner) > 64:
+    our state without limit by one entry, from moving our clock further than ``ceiling``
+    (:data:`CLOCK_STEP` past it, in an exchange), and from naming nodes or volumes that
+    break the one rule for names (:mod:`marsfs.names`) in a key or value this node reads."""
+    if not is_name(owner):
         return f"owner {owner[:80]!r} is not a node name"
     if not key or len(key) > MAX_META_KEY:
         return f"key of {len(key)} characters (at most {MAX_META_KEY})"
-    if clock < 1:
-        return f"clock {clock} is not positive"
+    if not 1 <= clock <= min(ceiling, MAX_META_CLOCK):
+        return f"clock {clock} is not from 1 to {min(ceiling, MAX_META_CLOCK)}"
     try:
         text = canonical(value)
     except (TypeError, ValueError):
         return "value is not JSON"
     if len(text) > MAX_META_VALUE:
         return f"value of {len(text)} bytes (at most {MAX_META_VALUE})"
+    return _names_in(key, value)
+
+
+def _names_in(key: str, value: JSON) -> str | None:
+    """Why the names in a ``volume/...`` key, or in the value of one this node reads, break the
+    rule for names (None: they do not; other keys are a newer node's, read by nobody here)."""
+    parts = key.split("/")
+    if parts[0] != "volume":
+        return None
+    if len(parts) < 3 or not is_name(parts[1]):
+        return f"key {key[:80]!r} names no volume"
+    if parts[2] == "removed" and (len(parts) != 4 or not is_name(parts[3])):
+        return f"key {key[:80]!r} names no node"
+    named = value.get("node" if parts[2] == "primary" else "source") if isinstance(value, dict) else None
+    if parts[2] in ("primary", "position") and isinstance(named, str) and named and not is_name(named):
+        return f"{parts[2]} of volume {parts[1]} names {named[:80]!r}, which is not a node name"
     return None
 
 

@@ -119,6 +119,14 @@ def check_volume_name(name: str) -> str:
     return name
 
 
+def check_node_name(name: str) -> str:
+    """A node name as the operator gives it (``join --from``, ``verify --peer``): the same rule
+    as ``serve --node``, so that a typo is named as such, not as a node this one does not know."""
+    if not is_name(name):
+        raise InvalidRequest(f"invalid node name {name!r:.80}: use {NAME_RULE} (the name its serve --node gives)")
+    return name
+
+
 @dataclass(eq=False)
 class VolumeEntry:
     """Everything this node holds about one volume name besides its open :class:`Volume`
@@ -539,7 +547,8 @@ class Node:
             copying = (f" (being copied from {entry.role.source}: marsfs wait {name} --synced)"
                        if name not in self.volumes and entry is not None and entry.role is not None
                        and entry.role.syncing else "")
-            raise VolumeExists(f"volume {name!r} already exists on node {self.name}{copying}")
+            advice = copying or f"; pick another name, or remove it first: marsfs delete {name}"
+            raise VolumeExists(f"volume {name!r} already exists on node {self.name}{advice}")
         return path
 
     def role(self, name: str) -> RoleRecord:
@@ -809,7 +818,7 @@ class Node:
             vol = self.volume(name)
             role = self.role(name)
             if not role.is_mirror:
-                raise WrongRole(f"volume {name!r} is already primary on node {self.name}")
+                raise WrongRole(f"volume {name!r} is already primary on node {self.name}: nothing to do")
             self._persist_role(name, RoleRecord(role=Role.PRIMARY, epoch=epoch))
             vol.replay_limit = None
             for holder in (FenceHolder.MIRROR, FenceHolder.DESIGNATION):  # the caller claimed the epoch

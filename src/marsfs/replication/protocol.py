@@ -24,11 +24,13 @@ Rules that hold here:
 
 Conversation (client = the mirror, server = the node it fetches from)::
 
-    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch, node_id}
+    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch, node_id, join}
     server: WELCOME {node, volume, uuid, size, epoch, head_lsn, durable_lsn}  |  ERROR {code, error}
             (a node refuses a HELLO of a node in no peer list, ``unknown-node``, and one that claims
             the name of another running node, told apart by ``node_id``, ``node-identity``: see
-            marsfs.node.identity; ``node_id`` may be absent: "")
+            marsfs.node.identity; ``node_id`` may be absent: ""; and a HELLO about a volume from
+            a node that is no member of it, ``not-a-member``, unless it is a ``join``'s fast
+            sync: see marsfs.node.access; ``join`` may be absent: false)
     want=fetch: client: FETCH {from_lsn, prev_chain, watch}
                 server: RECORDS... (none when ``watch``: the mirror's fetch is paused) and
                         HEARTBEAT {uuid, head_lsn, durable_lsn, time, probe, lag_bytes,
@@ -286,6 +288,10 @@ class Hello:
     #: the client node's id (``STATE/node-id``): two daemons given one ``--node`` name differ in
     #: it; "" when it says none (a HELLO from before ids; refused where that name runs with one)
     node_id: str = _field("str", default="")
+    #: the operator ran ``marsfs join`` of this volume on the client node: a fast sync (want
+    #: ``sync``) that makes it a member; only a member may ask anything else of a volume (ignored
+    #: with any other want)
+    join: bool = _field("bool", default=False)
 
 
 @dataclass(frozen=True, slots=True)

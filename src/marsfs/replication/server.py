@@ -21,6 +21,10 @@ Rules that hold here:
 * Every HELLO of our protocol and cluster passes the node's gate first (``gate``): a peer in
   no peer list, or a second node that claims the name of a running one, is refused before
   anything is done for it, so it never replaces that node's hold or mirror line.
+* Every HELLO about a volume of ours then passes the node's authorization (``authorize``):
+  only a member of the volume, or a node whose HELLO is a ``join``'s fast sync, is answered;
+  anyone else gets an ERROR (``not-a-member``) before the volume is touched. Metadata (want
+  ``meta``) is about no volume: the gate alone decides it.
 * A peer that breaks the protocol is logged at INFO and disconnected; it is the peer's fault,
   not ours. Only an error nobody foresaw is logged with its traceback, and it still only ends
   that one connection.
@@ -97,6 +101,12 @@ class PeerGate(Protocol):
         ...
 
     def closed(self, name: str, node_id: str) -> None: ...
+
+
+#: Whether the node of an admitted HELLO may ask what it asks of the volume it names (which this
+#: node has): None to answer, or the ERROR to refuse it with
+#: (:meth:`marsfs.node.access.Access.authorize` in a daemon).
+Authorize = Callable[[Hello, Volume], Error | None]
 
 
 def peer_address(stream: trio.abc.Stream) -> str:
@@ -216,9 +226,10 @@ class Server:
                  epoch_of: Callable[[str], int], peers: PeerTable,
                  meta: Callable[[Channel, Hello], Awaitable[None]] | None = None,
                  conversations: Mapping[str, Conversation] | None = None, *, sync_rate: int = 0,
-                 gate: PeerGate | None = None) -> None:
+                 gate: PeerGate | None = None, authorize: Authorize | None = None) -> None:
         self.node = node
         self.gate = gate  #: refuses peers in no peer list and a second node of one name (None: any peer)
+        self.authorize = authorize  #: refuses a volume's non-members (None: anyone the gate let in)
         self.meta = meta  #: answers want "meta" (the node's metadata gossip; it checks the cluster)
         self.conversations = dict(conversations or {})  #: answer want "handover", "compare" after WELCOME
         self.sync_rate = sync_rate  #: bytes/s of fast sync data per connection (0: unlimited)
@@ -253,7 +264,8 @@ class Server:
                                                    f"but its HELLO speaks as node {hello.node}: a node speaks only "
                                                    "for the name in its own certificate"))
                 return
-            if self.gate is not None and hello.proto == PROTO_VERSION and hello.cluster == self.cluster:
+            ours = hello.proto == PROTO_VERSION and hello.cluster == self.cluster  # else admit() refuses it
+            if self.gate is not None and ours:
                 refused = self.gate.admit(hello.node, hello.node_id, peer_address(stream))
                 if refused is not None:
                     await self._refuse(ch, Error(code=refused[0], error=refused[1]))
@@ -266,6 +278,11 @@ class Server:
                     await self.meta(ch, hello)
                 return
             vol = self.lookup(hello.volume)
+            if vol is not None and ours and self.authorize is not None:
+                denied = self.authorize(hello, vol)
+                if denied is not None:
+                    await self._refuse(ch, denied)
+                    return
             answer = sess.admit(volume_facts(vol) if vol is not None else None,
                                 self.epoch_of(hello.volume) if vol is not None else 0)
             await ch.send_message(answer)
@@ -326,11 +343,11 @@ class Server:
         await trio.to_thread.run_sync(vol.log.sync)
         lsn = shippable_lsn(vol)
         view = vol.view(lsn)
-        state = self.peers.get(vol.name, vol.uuid, sess.peer)  # a mirror from now on, syncing
+        state = self.peers.get(vol.name, vol.uuid, sess.peer)  # a mirror (and member) from now on, syncing
         state.connected = state.syncing = True
         state.last_seen = time.time()
         try:
-            vol.hold(sess.hold_key, lsn)  # the mirror fetches from lsn+1 once it switched
+            vol.hold(sess.hold_key, lsn)  # the mirror fetches from lsn+1 once it switched (persisted: a member)
             since = await trio.to_thread.run_sync(log_facts, vol.log, req.since_lsn)
             changes = sess.changes(since, lsn)
             changed, chain = await trio.to_thread.run_sync(read_changes, vol, changes, sess.peer, req.since_lsn, lsn)

@@ -201,6 +201,7 @@ REFUSALS: Mapping[str, Stop] = {
     "unknown-want": Stop.RETRY,
     "unknown-node": Stop.RETRY,  # the source does not know us (yet: its --peer list may grow)
     "node-identity": Stop.RETRY,  # another node of our name runs there: one of the two stops
+    "not-a-member": Stop.RETRY,  # the source does not know us as a member (yet: our metadata may not have reached it)
 }
 
 
