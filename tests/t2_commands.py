@@ -109,11 +109,11 @@ def test_replication_mode_commands(node: Node) -> None:
             await dispatch(ctx, "mode", {"volume": "a", "mode": "async", "mirrors": 2})
         with pytest.raises(UsageError, match="go.es. with sync mode"):
             await dispatch(ctx, "create", {"volume": "b", "size": MiB, "refuse": True})
-        with pytest.raises(InvalidRequest, match="--mirrors 0: give how many mirrors"):
+        with pytest.raises(UsageError, match="--mirrors 0: give how many mirrors"):
             await dispatch(ctx, "mode", {"volume": "a", "mode": "sync", "mirrors": 0})
-        with pytest.raises(InvalidRequest, match="--timeout 0.0: give the seconds"):
+        with pytest.raises(UsageError, match="--timeout 0.0: give the seconds"):
             await dispatch(ctx, "mode", {"volume": "a", "mode": "sync", "sync_timeout": 0})
-        with pytest.raises(InvalidRequest, match="replication mode 'fast': give async or sync"):
+        with pytest.raises(UsageError, match="replication mode 'fast': give async or sync"):
             await dispatch(ctx, "mode", {"volume": "a", "mode": "fast"})
         with pytest.raises(VolumeError, match="no volume 'nope'"):
             await dispatch(ctx, "mode", {"volume": "nope", "mode": "sync"})

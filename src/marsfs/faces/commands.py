@@ -326,8 +326,11 @@ def _setting(a: dict[str, Any], mode: str | None = None) -> ModeSetting:
     given = _sync_options(a)
     if mode != "sync" and given:
         raise UsageError(f"{', '.join(given)} go(es) with sync mode: marsfs mode {a['volume']} sync {' '.join(given)}")
-    return check_setting(mode, a["mirrors"] if a["mirrors"] is not None else 1,
-                         a["sync_timeout"] if a["sync_timeout"] is not None else DEFAULT_TIMEOUT, a["refuse"])
+    try:  # a value the command line gave that no setting has is a usage mistake, as --size 12Q is
+        return check_setting(mode, a["mirrors"] if a["mirrors"] is not None else 1,
+                             a["sync_timeout"] if a["sync_timeout"] is not None else DEFAULT_TIMEOUT, a["refuse"])
+    except InvalidRequest as e:
+        raise UsageError(str(e)) from None
 
 
 async def _mode(ctx: Context, a: dict[str, Any]) -> Any:
