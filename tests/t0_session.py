@@ -196,6 +196,7 @@ TABLE = [
     ("unknown-want", Stop.RETRY, None),
     ("unknown-node", Stop.RETRY, None),
     ("node-identity", Stop.RETRY, None),
+    ("not-a-member", Stop.RETRY, None),
 ]
 
 

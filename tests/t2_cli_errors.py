@@ -62,6 +62,7 @@ VERBS: dict[str, list[str]] = {
     "primary": ["primary", "VOL"],
     "verify": ["verify", "VOL"],
     "resize": ["resize", "VOL", "2M"],
+    "mode": ["mode", "VOL", "sync"],
 }
 #: The verbs whose unknown volume only another node could name (create makes it; join asks its source).
 NO_UNKNOWN = {"create", "join"}
@@ -244,6 +245,11 @@ def test_usage_mistakes(verb: str, down: Path, capsys: pytest.CaptureFixture[str
     (["history", "v", "1G,2G"], USAGE, r"gives two sizes"),
     (["leave", "v", "--force"], USAGE, r"leave --force goes with --node NAME"),
     (["primary", "v", "--force", "--accept-loss", "--json", "x"], USAGE, r"unrecognized arguments: x"),
+    (["mode", "v", "fast"], USAGE, r"fast"),
+    (["mode", "v", "sync", "--mirrors", "0"], USAGE, r"--mirrors"),
+    (["mode", "v", "sync", "--mirrors", "x"], USAGE, r"--mirrors"),
+    (["mode", "v", "sync", "--timeout", "-1"], USAGE, r"--timeout"),
+    (["mode", "v", "sync", "--timeout", "soon"], USAGE, r"--timeout"),
 ))
 def test_other_usage_mistakes(args: list[str], want: int, match: str, up: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:

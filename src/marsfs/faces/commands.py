@@ -56,6 +56,7 @@ from marsfs.faces.namespace import SUFFIX
 from marsfs.faces.view import status_table as status_table  # re-exported: the tests and scripts import it here
 from marsfs.node import Node, check_node_name, check_volume_name, status
 from marsfs.node.cluster import Cluster
+from marsfs.node.syncmode import DEFAULT_TIMEOUT, ModeSetting, check_setting
 from marsfs.node.volstate import STOPPED, SYNCS, Role, VolumeState
 from marsfs.units import human_bytes, parse_size
 from marsfs.volume import Retention
@@ -158,6 +159,19 @@ def read_size(text: str) -> int:
         return parse_size(text)
     except MarsError as e:
         raise UsageError(str(e)) from None
+
+
+def count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"argument {name!r} must be a whole number, not {value!r}")
+    return value
+
+
+def duration(name: str, value: Any) -> float:
+    """Seconds, as a request carries them (a sync volume's ``--timeout``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"argument {name!r} must be a number of seconds, not {value!r}")
+    return float(value)
 
 
 def rate(name: str, value: Any) -> int:
@@ -294,8 +308,47 @@ async def _ping(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def _create(ctx: Context, a: dict[str, Any]) -> Any:
-    await trio.to_thread.run_sync(functools.partial(ctx.node.create, a["volume"], a["size"], thin=a["thin"]))
+    mode = _setting(a) if a["mode"] is not None else _setting(a, "async") if _sync_options(a) else None
+    await trio.to_thread.run_sync(functools.partial(ctx.node.create, a["volume"], a["size"], thin=a["thin"],
+                                                    mode=mode))
     return status.volume_status(ctx.node, a["volume"]).to_json()
+
+
+def _sync_options(a: dict[str, Any]) -> list[str]:
+    """The options of sync mode given in a request."""
+    return ([f"--{k}" for k in ("mirrors",) if a[k] is not None] + (["--timeout"] if a["sync_timeout"] is not None else [])
+            + (["--refuse"] if a["refuse"] else []))
+
+
+def _setting(a: dict[str, Any], mode: str | None = None) -> ModeSetting:
+    """The replication mode a ``create`` or ``mode`` request asks for."""
+    mode = mode or a["mode"]
+    given = _sync_options(a)
+    if mode != "sync" and given:
+        raise UsageError(f"{', '.join(given)} go(es) with sync mode: marsfs mode {a['volume']} sync {' '.join(given)}")
+    try:  # a value the command line gave that no setting has is a usage mistake, as --size 12Q is
+        return check_setting(mode, a["mirrors"] if a["mirrors"] is not None else 1,
+                             a["sync_timeout"] if a["sync_timeout"] is not None else DEFAULT_TIMEOUT, a["refuse"])
+    except InvalidRequest as e:
+        raise UsageError(str(e)) from None
+
+
+async def _mode(ctx: Context, a: dict[str, Any]) -> Any:
+    name = a["volume"]
+    setting = _setting(a)
+    await trio.to_thread.run_sync(ctx.node.set_mode, name, setting)
+    ctx.cluster.gossip_now()
+    d = ctx.node.meta.designated(name)
+    primary = d.node if d is not None else ctx.node.name
+    return {"volume": name, "mode": setting.mode.value, "mirrors": setting.mirrors, "timeout": setting.timeout,
+            "refuse": setting.refuse, "described": setting.describe(), "primary": primary,
+            "here": primary == ctx.node.name}
+
+
+def _mode_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    where = ("this node is its primary and acts on it at once" if r["here"] else
+             f"its primary {r['primary']} acts on it once the cluster metadata brings it there (about a second)")
+    return f"{r['volume']}: replication mode {r['described']}; {where}"
 
 
 async def _delete(ctx: Context, a: dict[str, Any]) -> Any:
@@ -501,7 +554,8 @@ def _primary_client(command: Command, args: argparse.Namespace, request: Request
 def _primary_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     head = f"{r['volume']}: primary on this node now (epoch {r['epoch']}, writes from LSN {r['start_lsn']})"
     if "loss" in r:
-        return f"{head}; failover without {r['from']}: {r['lost']}"
+        note = f"\n{r['mode_note']}" if r.get("mode_note") else ""
+        return f"{head}; failover without {r['from']}: {r['lost']}{note}"
     follows = "which follows it now" if r.get("follows", True) else "which follows it once it hears of the claim"
     return f"{head}; handed over from {r['from']}, {follows}; nothing lost"
 
@@ -768,6 +822,24 @@ PLANNED: Mapping[str, str] = types.MappingProxyType({
 })
 
 VOLUME = Arg("volume", parse=volume_name, check=check_volume_name)
+
+
+def _mode_arg(value: str) -> str:
+    if value not in ("async", "sync"):
+        raise UsageError(f"replication mode {value!r}: give async or sync")
+    return value
+
+
+SYNC_OPTIONS = (
+    Arg("mirrors", "sync: how many mirrors must hold a flush (default 1)", flag="--mirrors", required=False,
+        parse=count, cli_type=int, metavar="N"),
+    # not "timeout": the control socket's call() takes that as its own
+    Arg("sync_timeout", f"sync: seconds a flush waits for them before the volume degrades to async (default "
+                   f"{DEFAULT_TIMEOUT:g})", flag="--timeout", required=False, parse=duration, cli_type=float,
+        metavar="S"),
+    Arg("refuse", "sync: while degraded, fail flushes with EIO instead of completing them", flag="--refuse",
+        required=False, parse=switch),
+)
 JSON = Arg("json", flag="--json", required=False, parse=switch, wire=False)
 RATE = Arg("rate", "limit this sync's data to RATE bytes/s, above 0 (like 50M; default: the source's --sync-rate)",
            flag="--rate", required=False, parse=rate, check=read_rate, metavar="RATE")
@@ -789,9 +861,13 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             (VOLUME,
              Arg("size", "like 512M, 10G, or bytes", flag="--size", parse=size, check=read_size),
              Arg("thin", "do not reserve the base image on disk (writes fail with ENOSPC if the disk fills)",
-                 flag="--thin", required=False, parse=switch)),
+                 flag="--thin", required=False, parse=switch),
+             Arg("mode", "replication mode: async (default) or sync (a flush waits for mirrors)", flag="--mode",
+                 required=False, metavar="MODE", check=_mode_arg),
+             *SYNC_OPTIONS),
             _create, text=lambda r, a: f"created volume {r['volume']} ({human_bytes(r['size'])}"
-                                       f"{', thin' if a.thin else ''}), primary on node {r['node']}"),
+                                       f"{', thin' if a.thin else ''}), primary on node {r['node']}"
+                                       f"{', replication sync' if r.get('mode') == 'sync' else ''}"),
     Command("delete", "remove a volume from this node",
             (Arg("volume", "the volume (a primary's or a clone)", parse=volume_name, check=check_volume_name),
              Arg("force", "even while it is open (a loop device, a mount) or has mirrors; never while "
@@ -866,6 +942,16 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
                          check=check_node_name), JSON),
             _verify, json=lambda r, a: r, client=_verify_client),
     Command("verify-progress", None, (Arg("job"),), _verify_progress),
+    Command("mode", "replication mode of a volume: async or sync",
+            (VOLUME, Arg("mode", "async, or sync: a flush completes once N mirrors hold it in their logs (degrades "
+                                 "to async when they do not answer within the timeout)", metavar="MODE",
+                         check=_mode_arg),
+             *SYNC_OPTIONS, JSON),
+            _mode, text=_mode_text, json=lambda r, a: r,
+            description="set the replication mode of a volume, online, on any of its nodes (it is kept in the "
+                        "cluster metadata, so a new primary keeps it): async (the default: a flush waits for this "
+                        "node's disk only) or sync (a flush also waits until N mirrors hold it durably; when they do "
+                        "not within the timeout the volume runs degraded, as async, until they caught up again)"),
     Command("resize", "grow a volume (on its primary)",
             (VOLUME, Arg("size", "the new size, like 20G, or bytes; never smaller", parse=size, check=read_size)),
             _resize, text=_resize_text, client=_resize_client),

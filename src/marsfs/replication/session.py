@@ -119,6 +119,19 @@ class Positions(Protocol):
     def replayed_lsn(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SyncWord:
+    """What a primary says about its replication mode in each heartbeat (see ``Heartbeat``):
+    enough for a mirror to tell, at a failover, what the primary may have acknowledged that
+    the mirror lacks."""
+
+    mode: str = "async"  #: ``async`` or ``sync``
+    mirrors: int = 0  #: sync: the mirrors that must hold a flush before it completes
+    refuse: bool = False  #: sync: a flush fails (EIO) rather than complete without them
+    degraded_since: float = 0.0  #: wall time it degraded to async (0: it did not)
+    acked_lsn: int = 0  #: the newest LSN a completed flush acknowledged to an application
+
+
 def shippable_lsn(vol: Positions) -> int:
     """The newest LSN we may ship: durable here, and replayed if we are a mirror."""
     return min(vol.durable_lsn, vol.replayed_lsn)
@@ -194,6 +207,7 @@ REFUSALS: Mapping[str, Stop] = {
     "unknown-want": Stop.RETRY,
     "unknown-node": Stop.RETRY,  # the source does not know us (yet: its --peer list may grow)
     "node-identity": Stop.RETRY,  # another node of our name runs there: one of the two stops
+    "not-a-member": Stop.RETRY,  # the source does not know us as a member (yet: our metadata may not have reached it)
 }
 
 
@@ -729,15 +743,19 @@ class ServingSession:
         self._farewell, self._next_beat = False, None
         return False
 
-    def heartbeat(self, now: float, wall: float, lag: tuple[int, int, float], head_lsn: int) -> Heartbeat:
+    def heartbeat(self, now: float, wall: float, lag: tuple[int, int, float], head_lsn: int,
+                  word: SyncWord | None = None) -> Heartbeat:
         """The heartbeat for the last :meth:`poll` (``lag`` as :func:`server.lag_of` has it;
-        ``head_lsn``: our log's head now)."""
+        ``head_lsn``: our log's head now; ``word``: our replication mode, None: async)."""
         self._next_beat = now + HEARTBEAT
         if self._farewell is not None:
             self._farewell = True  # our last word (unless records follow it)
         lag_bytes, lag_records, lag_seconds = lag
+        w = word if word is not None else SyncWord()
         return Heartbeat(uuid=self.served.uuid, head_lsn=head_lsn, durable_lsn=self._beat_limit, time=wall,
-                         probe=self._beat_probe, lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds)
+                         probe=self._beat_probe, lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds,
+                         mode=w.mode, sync_mirrors=w.mirrors, refuse=w.refuse, degraded_since=w.degraded_since,
+                         acked_lsn=w.acked_lsn)
 
 
 # ---------------------------------------------------------------------------- fetching side
@@ -771,6 +789,8 @@ class FetchState:
     fetched_bytes: int = 0
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
     sync: SyncStatus | None = None  #: a fast sync (resync) of this mirror under way
+    #: the source's replication mode as its newest heartbeat said it (None: no heartbeat yet)
+    primary_sync: SyncWord | None = None
 
     @property
     def stop(self) -> Stop | None:
@@ -1073,6 +1093,8 @@ class FetchingSession:
         st.primary_head_lsn = beat.head_lsn
         st.primary_durable_lsn = beat.durable_lsn
         st.primary_time = beat.time
+        st.primary_sync = SyncWord(mode=beat.mode, mirrors=beat.sync_mirrors, refuse=beat.refuse,
+                                   degraded_since=beat.degraded_since, acked_lsn=beat.acked_lsn)
         st.last_heartbeat = now
         sent = self.probes.sent_at(beat.probe)
         if sent is not None:
