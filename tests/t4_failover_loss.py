@@ -7,7 +7,8 @@ Then node2 is started again, and its log says how many records it held beyond th
 
 * A clean stop says goodbye: node2 makes its logs durable and sends every mirror a last
   heartbeat before it goes, so the failover's loss is exact (``at_least`` false), equal to
-  what node2 holds after the fork, and says that node2 stopped cleanly.
+  what node2 holds after the fork, and says that node2 stopped cleanly; that heartbeat also
+  says that the fsync acknowledged all of them.
 * After SIGKILL node1 may never have heard of the last writes (a heartbeat every 0.5 s): the
   report may count fewer records than node2 holds, never more, but it never says that nothing
   was lost: when it counts none it says when node1 last heard from node2 ("no loss known;
@@ -80,6 +81,8 @@ def test_a_clean_stop_right_after_writes_is_reported_exactly(harness: Harness, r
     assert held >= 8 * MIB // (64 * 1024), held  # 8 MiB in 64 KiB records, and a flush
     assert (loss["records"], loss["at_least"]) == (held, False), (loss, said)
     assert "stopped cleanly" in said and f"lost {held} records" in said, said
+    # the goodbye is an ordinary heartbeat: it says what the fsync acknowledged, too
+    assert (loss["mode"], loss["acked_lost"]) == ("async", held), loss
 
 
 @pytest.mark.allow_log("forced failover", "split brain", "stopped: .*diverged")
@@ -88,7 +91,7 @@ def test_after_sigkill_right_after_writes_no_loss_is_never_claimed(harness: Harn
     loss, said, held = failover_right_after_writes(harness, "kill")
     assert held >= 8 * MIB // (64 * 1024), held
     assert loss["at_least"] and loss["records"] <= held, (loss, held)
-    assert "no record known lost" not in said, said
+    assert "no record known lost" not in said and loss["acked_lost"] <= held, (said, loss)
     if loss["records"] == 0:
         assert re.search(r"no loss known; last heard from node2 \d+\.\d s before this failover", said), said
     else:
