@@ -3,7 +3,8 @@
 The reference knows nothing about extents: ``ref[p]`` is the LSN of the newest record that
 wrote byte ``p`` and is not yet written back (0: the byte reads from the base). Discards are
 issued exactly the way ``Volume.writeback`` issues them: after "applying" every record with
-LSN <= A, ``discard(rec.offset, rec.length, A)`` for each record applied in that step.
+LSN <= A, ``discard(rec.offset, rec.length, A, rec.lsn)`` for each record applied in that step
+(or without ``rec.lsn``: the scan that the named record's fast path falls back to).
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ class IndexMachine(RuleBasedStateMachine):
     def writeback(self, data: st.DataObject) -> None:
         target = data.draw(st.integers(self.applied, self.head), label="applied")
         before = list(self.ref)
+        by_record = data.draw(st.booleans(), label="discard names the record")  # as writeback does
         for lsn in sorted(r for r in self.records if r <= target):
             off, n = self.records.pop(lsn)
-            self.index.discard(off, n, target)
+            self.index.discard(off, n, target, lsn if by_record else 0)
         self.applied = target
         self.ref = [0 if v <= target else v for v in self.ref]
         rebuilt = _rebuild(self.index)

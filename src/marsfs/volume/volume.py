@@ -823,7 +823,7 @@ class Volume:
             for at in range(0, len(records), 256):  # a little at a time: writers wait microseconds
                 with self._lock:
                     for rec in records[at : at + 256]:
-                        self.index.discard(rec.offset, rec.length, target)
+                        self.index.discard(rec.offset, rec.length, target, rec.lsn)
             self._trim(target)
             return target
 
