@@ -369,7 +369,7 @@ def test_writers_that_waited_for_a_sync_at_a_rotation_rotate_once(tmp_path: Path
     writers = [threading.Thread(target=log.append, args=(RecordType.WRITE, 0, p)) for _, p in _payloads(2)]
     for w in writers:
         w.start()
-    while sum(1 for _ in log._synced._waiters) < 2:  # type: ignore[attr-defined]
+    while len(log._synced._waiters) < 2:  # type: ignore[attr-defined]
         threading.Event().wait(0.001)  # both wait for the leader, inside the rotation
     release.set()
     for t in (leader, *writers):
