@@ -12,6 +12,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from sortedcontainers import SortedList
 
 from marsfs.volume.index import MAX_EXTENT, MAX_LSN, ExtentIndex
 
@@ -117,6 +118,23 @@ class IndexMachine(RuleBasedStateMachine):
 TestIndexModel = IndexMachine.TestCase
 TestIndexModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                    suppress_health_check=[HealthCheck.too_slow])
+
+
+class SmallSublistsMachine(IndexMachine):
+    """The same model over a SortedList cut into sublists of 4 to 8 values (its default is 1,000
+    to 2,000, which these small runs never reach): the index reads SortedList's sublists, and
+    its lookups must cross from one to the next and find a predecessor in the one before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        entries = SortedList()
+        entries._reset(4)
+        self.index = ExtentIndex(entries)
+
+
+TestIndexModelSmallSublists = SmallSublistsMachine.TestCase
+TestIndexModelSmallSublists.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                                                suppress_health_check=[HealthCheck.too_slow])
 
 
 @given(st.lists(st.tuples(st.integers(0, SPACE - 1), st.integers(1, 512)), min_size=1, max_size=30),
