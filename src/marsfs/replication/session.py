@@ -53,8 +53,9 @@ Rules that hold here:
 * The fetching side expects records to continue its log (the first LSN of each RECORDS is
   the next one it needs), corrects the server's lag figures by what arrived since the server
   computed them, and calls a connection stalled after :data:`STALL_AFTER` seconds without a
-  byte (a frame in progress counts: the fetcher reports its bytes, :meth:`bytes_arrived`). Reconnects back off from :data:`BACKOFF_MIN` doubling to :data:`BACKOFF_MAX`, back to
-  the minimum after a session that moved the log forward (:class:`Backoff`).
+  byte (a frame in progress counts: the fetcher reports its bytes, :meth:`bytes_arrived`).
+  Reconnects back off from :data:`BACKOFF_MIN` doubling to :data:`BACKOFF_MAX`, back to the
+  minimum after a session that moved the log forward (:class:`Backoff`).
 """
 
 from __future__ import annotations

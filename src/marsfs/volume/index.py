@@ -60,9 +60,9 @@ class ExtentIndex:
         """Packed extents that overlap ``[start, end)``, in volume order.
 
         Reads SortedList's sublists (``_lists``, ``_maxes``: its layout since 1.x) with two
-        bisects, not ``irange``: the two generators ``irange`` sets up were about a fifth of an
-        insert (measured, 50,000 extents: insert 4.1-4.3 -> 3.3-3.5 µs, lookup 4.1-4.3 ->
-        3.5-3.8 µs). Positional access (``sl[i]``) is avoided too: it would make SortedList
+        bisects, not ``irange``: the two generators ``irange`` sets up cost more than the rest
+        of an insert (measured, 200,000 extents: insert 5.1-5.7 -> 2.3-2.4 µs, lookup 5.1-5.6
+        -> 2.1-2.2 µs). Positional access (``sl[i]``) is avoided too: it would make SortedList
         build its positional index, which every later add/remove must then keep up to date.
         The model tests in t0_index check this against a per-byte reference, also over
         sublists of 4 to 8 values."""
@@ -86,10 +86,13 @@ class ExtentIndex:
             out.append(prev)
         stop = end << _START_SHIFT
         while True:
-            for e in lst[i:] if i else lst:
+            n = len(lst)
+            while i < n:  # by index: a slice would copy the rest of the sublist (up to 2,000)
+                e = lst[i]
                 if e >= stop:
                     return out
                 out.append(e)
+                i += 1
             pos += 1
             if pos == len(lists):
                 return out
