@@ -388,6 +388,18 @@ def test_stall() -> None:
     assert pair.client.phase is FetchPhase.CLOSED
 
 
+def test_bytes_of_a_frame_in_progress_count_against_a_stall() -> None:
+    """A large RECORDS frame on a slow link may take longer than STALL_AFTER to arrive whole."""
+    pair = Pair(volume(1, 10), volume(1, 10))
+    pair.start_fetch(now=100.0)
+    pair.client.bytes_arrived(108.0)  # part of a frame
+    assert pair.client.stall_deadline == 108.0 + STALL_AFTER
+    assert pair.client.stalled(100.0 + STALL_AFTER) is None
+    pair.client.bytes_arrived(90.0)  # an older report moves nothing back
+    assert pair.client.stall_deadline == 108.0 + STALL_AFTER
+    assert pair.client.stalled(108.0 + STALL_AFTER) == f"no data from a for {STALL_AFTER:.0f} s"
+
+
 def test_backoff_schedule() -> None:
     b = Backoff()
     delays = [b.next(progressed=False) for _ in range(9)]

@@ -331,3 +331,109 @@ def test_record_sizes_are_what_the_tests_assume() -> None:
     payload = encode_payload(os.urandom(RECORD))
     assert HEADER_SIZE + len(payload.stored) == 4176
     assert SEGMENT_HEADER_SIZE + 3 * 4176 <= SEGMENT_BYTES < SEGMENT_HEADER_SIZE + 4 * 4176
+
+
+def test_make_room_rotates_before_the_append_and_fits_says_when_it_must(tmp_path: Path) -> None:
+    log = _new_log(tmp_path, records=2)  # 64 + 2 * 4176 bytes of 16 KiB: one more fits, two do not
+    assert log.fits(RECORD) and not log.fits(2 * RECORD, 2)
+    log.make_room(RECORD)  # it fits: nothing happens
+    assert len(_files(log)) == 1
+    log.make_room(2 * RECORD, 2)
+    assert len(_files(log)) == 2 and log.fits(2 * RECORD, 2) and log.durable_lsn == 2
+    state = _state(log)
+    log.append_many(RecordType.WRITE, _payloads(2))
+    assert _files(log).keys() == state[3].keys()  # the append itself did not rotate
+    _reopen_same(log, _state(log))
+
+
+def test_writers_that_waited_for_a_sync_at_a_rotation_rotate_once(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rotation waits for the group commit in flight, and meanwhile another writer may come,
+    wait too, and find the rotation done: it must append to the new segment, not start another."""
+    import threading
+
+    log = _new_log(tmp_path, records=3)
+    real = os.fdatasync
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(fd: int) -> None:
+        if not entered.is_set():  # the leader's fdatasync: held until both writers wait
+            entered.set()
+            assert release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    leader = threading.Thread(target=log.sync)
+    leader.start()
+    assert entered.wait(10)
+    writers = [threading.Thread(target=log.append, args=(RecordType.WRITE, 0, p)) for _, p in _payloads(2)]
+    for w in writers:
+        w.start()
+    while len(log._synced._waiters) < 2:  # type: ignore[attr-defined]
+        threading.Event().wait(0.001)  # both wait for the leader, inside the rotation
+    release.set()
+    for t in (leader, *writers):
+        t.join(10)
+    assert log.last_lsn == 5
+    assert len(_files(log)) == 2, "the second writer started a segment of its own"
+    _reopen_same(log, _state(log))
+
+
+def test_reads_do_not_wait_for_a_rotation_a_write_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Volume.write starts a segment before it takes the volume lock (Log.make_room), so reads,
+    which take that lock, go on while the rotation's fdatasync waits for the disk."""
+    import threading
+
+    vol = Volume.create(tmp_path / "v", "v", 1024 * 1024, segment_bytes=SEGMENT_BYTES, sync_interval=None)
+    try:
+        first = os.urandom(3 * RECORD)
+        vol.write(0, first)  # 64 + 3 * 4176 bytes: the next 4 KiB record does not fit
+        assert vol.write_blocks(RECORD) and not vol.write_blocks(RECORD // 4)
+        old_fd = vol.log._segments[-1].fd
+        real = os.fdatasync
+        entered, release = threading.Event(), threading.Event()
+
+        def slow(fd: int) -> None:
+            if fd == old_fd:
+                entered.set()
+                assert release.wait(10)
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", slow)
+        data = os.urandom(RECORD)
+        writer = threading.Thread(target=vol.write, args=(8 * RECORD, data))
+        writer.start()
+        try:
+            assert entered.wait(10), "the write did not rotate"
+            got: list[bytes] = []
+            reader = threading.Thread(target=lambda: got.append(vol.read(0, 3 * RECORD)))
+            reader.start()
+            reader.join(10)
+            assert got == [first], "the read waited for the rotation"
+            assert writer.is_alive()
+        finally:
+            release.set()
+            writer.join(10)
+        assert vol.read(8 * RECORD, RECORD) == data and len(_files(vol.log)) == 2
+    finally:
+        vol.close()
+
+
+def test_a_read_without_the_lock_finds_its_record_while_a_trim_is_half_done(tmp_path: Path) -> None:
+    """Trim drops a segment from ``_segments`` and then from ``_firsts``; a reader (writeback
+    trims beside a volume's reads) may look in between: it must still find its record."""
+    log = _new_log(tmp_path, records=3)
+    log.append(RecordType.WRITE, 0, _payloads(1)[0][1])  # rotates: records 1-3, then 4
+    log.append(RecordType.WRITE, 0, _payloads(1)[0][1])
+    log.append(RecordType.WRITE, 0, _payloads(1)[0][1])
+    log.rotate()
+    payload = _payloads(1)[0][1]
+    lsn = log.append(RecordType.WRITE, 0, payload)
+    assert len(log._segments) == 3
+    first = log._segments.pop(0)  # what trim does first; _firsts still lists it
+    try:
+        assert log.read_data(lsn, 0, RECORD) == payload.stored
+        assert log.read_data(5, 0, RECORD) == log.read_stored(5)
+    finally:
+        log._segments.insert(0, first)
+    log.close()

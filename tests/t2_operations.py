@@ -36,6 +36,35 @@ async def lookup(ops: Operations, name: str = "v.img") -> int:
     return int((await ops.lookup(pyfuse3.ROOT_INODE, name.encode(), None)).st_ino)
 
 
+def test_a_small_write_that_would_rotate_the_log_runs_in_a_worker_thread(node: Node,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trio thread serves every request: it must not wait for the fdatasync of a rotation."""
+    import threading
+
+    ops = Operations(node)
+    vol = node.volume("v")
+    threads: list[bool] = []
+    real = vol.write
+
+    def write(offset: int, data: bytes) -> int:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(offset, data)
+
+    async def main() -> None:
+        fi = await ops.open(await lookup(ops), os.O_RDWR, None)
+        try:
+            monkeypatch.setattr(vol, "write", write)
+            await ops.write(fi.fh, 0, b"x" * 4096)
+            monkeypatch.setattr(vol, "write_blocks", lambda n: True)
+            await ops.write(fi.fh, 4096, b"y" * 4096)
+        finally:
+            await ops.release(fi.fh)
+
+    run(main)
+    assert threads == [True, False]
+    assert vol.read(0, 8192) == b"x" * 4096 + b"y" * 4096
+
+
 def test_read_write_fsync_release(node: Node) -> None:
     ops = Operations(node)
 

@@ -6,7 +6,8 @@ time, real Volumes in ``tmp_path``.
 * A peer that sends a malformed or out-of-order message gets a protocol error (logged at INFO,
   no traceback: the log check enforces that) and a closed connection; on the fetching side it
   costs a reconnect, never the fetcher.
-* A connection that brings nothing for STALL_AFTER seconds is dropped and reconnected.
+* A connection that brings nothing for STALL_AFTER seconds is dropped and reconnected; one
+  whose frame takes longer than that to arrive, its bytes trickling in, is not.
 * A diverged mirror is refused and stops for good.
 
 Worker threads (append, sync, reads) run in real time while the MockClock may jump when every
@@ -31,8 +32,10 @@ from marsfs.replication.protocol import (
     Fetch,
     Heartbeat,
     MsgType,
+    Records,
     Welcome,
     encode_frame,
+    encode_message,
 )
 from marsfs.replication.server import PeerTable, lag_of
 from marsfs.replication.session import BACKOFF_MIN, STALL_AFTER
@@ -185,6 +188,44 @@ def test_stall_drops_and_reconnects(tmp_path: Path, caplog: pytest.LogCaptureFix
             b.close()
     why = f"fetch of vm from a: no data from a for {STALL_AFTER:.0f} s; retrying in"
     assert sum(why in r.getMessage() for r in caplog.records) >= 2
+
+
+def test_a_frame_that_trickles_in_longer_than_the_stall_timeout_is_no_stall(tmp_path: Path) -> None:
+    """A large RECORDS frame on a slow link: its bytes are progress, the fetch does not drop it."""
+    a = primary(tmp_path)
+    b = Volume.create_replica(tmp_path / "b" / "vm", "vm", SIZE, a.uuid, a.durable_lsn, a.log.last_chain)
+    write(a, 1, 8)
+    frame = encode_message(Records(tuple(a.log.read_raw(n) for n in range(b.head_lsn + 1, a.head_lsn + 1))))
+    pieces = 6  # one every STALL_AFTER / 2: the whole frame takes 2.5 STALL_AFTER
+
+    async def slow(stream: trio.abc.Stream) -> None:
+        ch = Channel(stream)
+        await ch.receive_message()
+        await ch.send_message(Welcome(node="a", volume="vm", uuid=a.uuid, size=SIZE, epoch=1,
+                                      head_lsn=a.head_lsn, durable_lsn=a.durable_lsn))
+        for i in range(pieces):
+            await trio.sleep(STALL_AFTER / 2)
+            await stream.send_all(frame[i * len(frame) // pieces : (i + 1) * len(frame) // pieces])
+        try:
+            while True:
+                await ch.receive()
+        except ConnectionLost:
+            pass
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            link = Link(nursery, slow)
+            nursery.start_soon(fetcher(b, link).run)
+            await wait_for(lambda: b.head_lsn == a.head_lsn, "the trickled records", timeout=4 * STALL_AFTER)
+            assert len(link.opened) == 1, "the fetch dropped a connection whose bytes kept coming"
+            nursery.cancel_scope.cancel()
+
+    try:
+        run(main)  # the fetcher appends in worker threads: the clock waits for them
+        assert b.log.last_chain == a.log.last_chain
+    finally:
+        a.close()
+        b.close()
 
 
 @pytest.mark.allow_log(r"fetch of vm from a stopped: .*diverge")

@@ -13,7 +13,11 @@ is the kernel's side of the contract (measured on Linux 6.x with libfuse 3.14):
   volume's flush, and on a sync volume the wait for its mirrors); a flush with nothing new on an
   async volume costs no thread hop. A sync volume that refuses to run degraded fails it with EIO.
 * Blocking work (fdatasync, large lz4, large reads) runs in worker threads; small reads and
-  writes run inline because a thread hop costs more than the page-cache I/O they do.
+  writes run inline because a thread hop costs more than the page-cache I/O they do; a small
+  write that would start a new log segment (an fdatasync: milliseconds) goes to a worker
+  thread, and the rotation does not hold the volume lock that reads take. (Writes up to 1 MiB
+  inline while no lz4 is due cost 18 % less CPU but, measured on the loaded 2-core VM, 25 %
+  less throughput: the pwritev of one write no longer overlaps the next request.)
 * The image behaves like a disk: reads at or past the end return nothing, writes past the end
   fail with ENOSPC, a write that does not fit writes nothing (a short reply would become EIO
   in the kernel), and the size cannot change (EPERM) except to what ``marsfs resize`` made
@@ -277,7 +281,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if off + len(buf) > vol.size:  # the kernel turns a short write into EIO: refuse it whole
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        if len(buf) <= INLINE_MAX:
+        if len(buf) <= INLINE_MAX and not vol.write_blocks(len(buf)):
             vol.write(off, buf)
         else:
             await trio.to_thread.run_sync(vol.write, off, buf)

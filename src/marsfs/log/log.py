@@ -255,9 +255,10 @@ class Log:
         seg = self._segments[-1]
         lsn = seg.last_lsn
         while at < n:
-            if seg.pos and seg.end + HEADER_SIZE + len(items[at][1].stored) > limit:
-                self._rotate_locked()
+            while seg.pos and seg.end + HEADER_SIZE + len(items[at][1].stored) > limit:
+                self._rotate_locked(seg)
                 seg = self._segments[-1]
+                lsn = seg.last_lsn  # another writer may have appended while the rotation waited
             first = at
             start = pos = seg.end
             chain = seg.last_chain
@@ -305,12 +306,28 @@ class Log:
                             f"({e2.strerror}); restart the daemon to re-verify the log") from err
         raise io_error(f"cannot append to the log in {self.path}", err) from err
 
+    def fits(self, nbytes: int, nrecords: int = 1) -> bool:
+        """Would ``nrecords`` records of ``nbytes`` payload in all go into the active segment
+        without a rotation (an fdatasync and a new file: milliseconds)? A hint, without the lock."""
+        seg = self._segments[-1]
+        return not seg.pos or seg.end + nrecords * HEADER_SIZE + nbytes <= self.segment_bytes
+
+    def make_room(self, nbytes: int, nrecords: int = 1) -> None:
+        """Rotate now if ``nrecords`` records of ``nbytes`` payload would not fit the active
+        segment: what the append would do, done before the caller takes its own locks, so that
+        readers under those locks do not wait for the rotation's fdatasync."""
+        with self._lock:
+            self._check_failed()
+            seg = self._segments[-1]
+            if seg.pos and seg.end + nrecords * HEADER_SIZE + nbytes > self.segment_bytes:
+                self._rotate_locked(seg)
+
     def rotate(self) -> None:
         """Start a new segment now (the current one must hold at least one record)."""
         with self._lock:
             self._check_failed()
             if self._segments[-1].count:
-                self._rotate_locked()
+                self._rotate_locked(self._segments[-1])
 
     def trim_points(self) -> list[int]:
         """The LSNs up to which :meth:`trim` can free something: the last LSN of each segment
@@ -329,11 +346,14 @@ class Log:
             seg = self._segments[-1]
             if not seg.count or seg.end <= self.segment_bytes:
                 return False
-            self._rotate_locked()
+            self._rotate_locked(seg)
             return True
 
-    def _rotate_locked(self) -> None:
-        """Close the active segment durably and start the next one.
+    def _rotate_locked(self, old: Segment) -> None:
+        """Close the active segment ``old`` durably and start the next one.
+
+        Waiting for a sync in flight lets other writers in: when one of them rotated
+        meanwhile, ``old`` is no longer the active segment and nothing is done.
 
         The new segment is made before the old one turns read-only, so a failure to make it
         (a full disk) leaves the old one active and the log as it was; only a failure after the
@@ -342,7 +362,9 @@ class Log:
         """
         while self._syncing:  # the sync leader uses the current fd outside the lock
             self._synced.wait()
-        old = self._segments[-1]
+        if self._segments[-1] is not old:
+            return
+        self._check_failed()  # a failed fdatasync meanwhile: a later one may falsely succeed
         try:
             os.fdatasync(old.fd)
         except OSError as e:
@@ -464,11 +486,23 @@ class Log:
     # ------------------------------------------------------------------ reading
 
     def _segment_of(self, lsn: int) -> Segment:
+        """The segment holding record ``lsn``, without the lock.
+
+        A trim (or a rotation) changes ``_segments`` and ``_firsts`` one after the other, and a
+        reader without the lock may see one list changed and the other not: the bisect then
+        names a neighbour (a volume's 4 KiB reads beside a writeback that trimmed met that as
+        an AssertionError, EIO through a loop device). The row found is checked, and on a
+        mismatch the segments are searched again."""
         i = bisect.bisect_right(self._firsts, lsn) - 1
-        assert i >= 0, (lsn, self._firsts)
-        seg = self._segments[i]
-        assert seg.first_lsn <= lsn <= seg.last_lsn, (lsn, seg.first_lsn, seg.last_lsn)
-        return seg
+        segments = self._segments
+        if 0 <= i < len(segments):
+            seg = segments[i]
+            if seg.first_lsn <= lsn <= seg.last_lsn:
+                return seg
+        for seg in list(self._segments):
+            if seg.first_lsn <= lsn <= seg.last_lsn:
+                return seg
+        raise AssertionError(f"record {lsn} is not in the log ({self.first_lsn}..{self.last_lsn})")
 
     def _read_header(self, seg: Segment, lsn: int) -> tuple[int, bytes]:
         pos = seg.pos[lsn - seg.first_lsn]

@@ -115,16 +115,21 @@ def genesis_chain(volume_uuid: str) -> bytes:
     return hashlib.blake2b(b"marsfs-genesis:" + volume_uuid.encode(), digest_size=CHAIN_SIZE).digest()
 
 
-def encode_payload(data: bytes | memoryview, *, compress: bool = True) -> Payload:
-    """Compress ``data`` with lz4 when that makes it smaller, and hash what is stored."""
+def encode_payload(data: bytes | memoryview, *, compress: bool = True, max_stored: int | None = None) -> Payload:
+    """Compress ``data`` with lz4 when that makes it smaller, and hash what is stored.
+
+    ``max_stored``: keep the compressed form only when it takes at most that many bytes (the
+    default: fewer than the data). Data stored as it is is not copied when it cannot change
+    (``bytes``, or a read-only memoryview such as a slice of one): the payload refers to it."""
     length = len(data)
     if length > MAX_PAYLOAD:
         raise ValueError(f"payload of {length} bytes exceeds the record limit {MAX_PAYLOAD}")
-    stored: bytes = bytes(data)
+    stored: bytes | memoryview = data if type(data) is bytes or (type(data) is memoryview and data.readonly) \
+        else bytes(data)
     flags = 0
     if compress and length >= MIN_COMPRESS:
         packed = lz4.block.compress(stored, store_size=False)
-        if len(packed) < length:
+        if len(packed) <= (length - 1 if max_stored is None else max_stored):
             stored, flags = packed, Flags.LZ4
     return Payload(flags, length, stored, xxhash.xxh3_128_digest(stored))
 

@@ -30,6 +30,8 @@ class Channel:
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
+        #: trio time when bytes last arrived (0: none yet); a frame in progress shows here first
+        self.last_bytes_at = 0.0
 
     async def send_message(self, msg: Message) -> None:
         await self.send_raw(encode_message(msg))
@@ -52,6 +54,7 @@ class Channel:
             if not data:
                 raise ConnectionLost("connection closed by peer")
             self.bytes_in += len(data)
+            self.last_bytes_at = trio.current_time()
             self._pending.extend(self._decoder.feed(data))
         return self._pending.pop(0)
 

@@ -58,8 +58,9 @@ Rules that hold here:
 * The fetching side expects records to continue its log (the first LSN of each RECORDS is
   the next one it needs), corrects the server's lag figures by what arrived since the server
   computed them, and calls a connection stalled after :data:`STALL_AFTER` seconds without a
-  frame. Reconnects back off from :data:`BACKOFF_MIN` doubling to :data:`BACKOFF_MAX`, back to
-  the minimum after a session that moved the log forward (:class:`Backoff`).
+  byte (a frame in progress counts: the fetcher reports its bytes, :meth:`bytes_arrived`).
+  Reconnects back off from :data:`BACKOFF_MIN` doubling to :data:`BACKOFF_MAX`, back to the
+  minimum after a session that moved the log forward (:class:`Backoff`).
 """
 
 from __future__ import annotations
@@ -778,6 +779,9 @@ class FetchState:
     lag_records: int = 0
     lag_seconds: float = 0.0
     last_frame: float = 0.0  #: when the last frame arrived
+    #: when bytes of the connection last arrived: a large frame on a slow link takes long, and
+    #: its bytes are progress too (the stall rule counts them, not only whole frames)
+    last_bytes: float = 0.0
     last_heartbeat: float = 0.0
     #: when we sent the ACK whose probe the newest heartbeat echoes: that heartbeat describes
     #: the source at or after this moment (heartbeats can sit in buffers; receipt time lies)
@@ -1075,10 +1079,14 @@ class FetchingSession:
         st.primary_durable_lsn = max(st.primary_durable_lsn, self._durable_lsn)
         self._update_lag(None)
 
+    def bytes_arrived(self, now: float) -> None:
+        """Bytes came at ``now`` (perhaps part of a frame): the connection is not stalled."""
+        self.state.last_bytes = max(self.state.last_bytes, now)
+
     @property
     def stall_deadline(self) -> float:
-        """When the connection counts as stalled unless a frame comes."""
-        return self.state.last_frame + STALL_AFTER
+        """When the connection counts as stalled unless bytes come (a whole frame or a part)."""
+        return max(self.state.last_frame, self.state.last_bytes) + STALL_AFTER
 
     def stalled(self, now: float) -> str | None:
         """Why the connection is to be dropped, if it has stalled."""

@@ -15,6 +15,7 @@ Memory matters: a volume may hold millions of extents. Each one is a single Pyth
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 
 from sortedcontainers import SortedList
@@ -58,18 +59,44 @@ class ExtentIndex:
     def _overlapping(self, start: int, end: int) -> list[int]:
         """Packed extents that overlap ``[start, end)``, in volume order.
 
-        Uses ``irange`` only: positional access (``sl[i]``) would make SortedList build its
-        positional index, which every later add/remove must then keep up to date (measured:
-        about a third of a 4 KiB write's index cost)."""
+        Reads SortedList's sublists (``_lists``, ``_maxes``: its layout since 1.x) with two
+        bisects, not ``irange``: the two generators ``irange`` sets up cost more than the rest
+        of an insert (measured, 200,000 extents: insert 5.1-5.7 -> 2.3-2.4 µs, lookup 5.1-5.6
+        -> 2.1-2.2 µs). Positional access (``sl[i]``) is avoided too: it would make SortedList
+        build its positional index, which every later add/remove must then keep up to date.
+        The model tests in t0_index check this against a per-byte reference, also over
+        sublists of 4 to 8 values."""
         sl = self._list
+        maxes: list[int] = sl._maxes
+        if not maxes:
+            return []
+        lists: list[list[int]] = sl._lists
         key = start << _START_SHIFT
+        pos = bisect_left(maxes, key)  # the first sublist holding a value >= key
         out: list[int] = []
-        for prev in sl.irange(maximum=key, inclusive=(True, False), reverse=True):
+        if pos == len(maxes):  # every extent starts before ``start``: only the last may reach in
+            prev = maxes[-1]
             if (prev >> _START_SHIFT) + ((prev >> _LSN_BITS) & _LEN_MASK) > start:
                 out.append(prev)
-            break
-        out.extend(sl.irange(key, end << _START_SHIFT, inclusive=(True, False)))
-        return out
+            return out
+        lst = lists[pos]
+        i = bisect_left(lst, key)
+        prev = lst[i - 1] if i else lists[pos - 1][-1] if pos else -1
+        if prev >= 0 and (prev >> _START_SHIFT) + ((prev >> _LSN_BITS) & _LEN_MASK) > start:
+            out.append(prev)
+        stop = end << _START_SHIFT
+        while True:
+            n = len(lst)
+            while i < n:  # by index: a slice would copy the rest of the sublist (up to 2,000)
+                e = lst[i]
+                if e >= stop:
+                    return out
+                out.append(e)
+                i += 1
+            pos += 1
+            if pos == len(lists):
+                return out
+            lst, i = lists[pos], 0
 
     def insert(self, start: int, length: int, lsn: int) -> None:
         """Record that ``[start, start+length)`` now holds data of record ``lsn``."""
@@ -86,11 +113,22 @@ class ExtentIndex:
                 sl.add(_pack(end, s + n - end, old))
         sl.add(_pack(start, length, lsn))
 
-    def discard(self, start: int, length: int, upto_lsn: int) -> None:
+    def discard(self, start: int, length: int, upto_lsn: int, lsn: int = 0) -> None:
         """Forget extents inside ``[start, start+length)`` whose LSN is at most ``upto_lsn``.
 
         Writeback calls this for each record it applied: those bytes now live in the base.
+        ``lsn`` (at most ``upto_lsn``): the record whose range this is. While no later record
+        cut it, its one extent covers the range and nothing else lies in it, so removing that
+        extent is all there is to do: one lookup instead of a scan (measured: about a third of
+        writeback's CPU per 4 KiB record went to the scan).
         """
+        if lsn:
+            assert lsn <= upto_lsn, (lsn, upto_lsn)
+            try:
+                self._list.remove(_pack(start, length, lsn))
+                return
+            except ValueError:
+                pass  # cut by later records (or written back already): scan
         end = start + length
         for e in self._overlapping(start, end):
             s, n, lsn = _unpack(e)

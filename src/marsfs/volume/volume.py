@@ -575,6 +575,9 @@ class Volume:
         try:
             if self.room_for is not None:
                 self.room_for(n)
+            records = -(-n // RECORD_CHUNK)
+            if not self.log.fits(n, records):  # rotate before taking the lock that readers take
+                self.log.make_room(n, records)
             if n <= RECORD_CHUNK:
                 payload = self._lz4.encode(data)  # lz4 and hashing outside the lock
                 with self._lock:
@@ -593,6 +596,12 @@ class Volume:
         if self._grown >= self.log.segment_bytes >> 2:
             self._grew()
         return lsn
+
+    def write_blocks(self, n: int) -> bool:
+        """Would a write of ``n`` bytes now wait for the disk (start a new log segment: an
+        fdatasync and a new file) rather than copy into the page cache? A hint for the FUSE
+        layer, which runs small writes on its one thread unless they would wait."""
+        return not self.log.fits(n, -(-n // RECORD_CHUNK))
 
     def _grew(self) -> None:
         self._grown = 0
@@ -823,7 +832,7 @@ class Volume:
             for at in range(0, len(records), 256):  # a little at a time: writers wait microseconds
                 with self._lock:
                     for rec in records[at : at + 256]:
-                        self.index.discard(rec.offset, rec.length, target)
+                        self.index.discard(rec.offset, rec.length, target, rec.lsn)
             self._trim(target)
             return target
 
