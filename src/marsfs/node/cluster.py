@@ -429,14 +429,19 @@ class Cluster:
             vol = self.node.volumes[name]
             if vol.clone_of is not None:
                 continue
-            try:
-                st = status.volume_status(self.node, name, status.cluster_side(self, name))
+            try:  # what a position says, and no more: not the whole status row (clones, splits, peers, ...)
+                role = self.node.role(name)
+                state = status.verdict(self.node, name, status.cluster_side(self, name)).state
             except MarsError:
                 continue  # deleted in the meantime
             positions.append((name, Position(
-                role=st.role.value, state=st.state.value, epoch=st.epoch, head_lsn=st.head_lsn,
-                durable_lsn=st.durable_lsn, chain_at_head=vol.log.last_chain.hex(), replayed_lsn=st.replayed_lsn,
-                open_handles=st.open_handles, source=st.source or "", updated=now)))
+                role=role.role.value, state=state.value, epoch=role.epoch, head_lsn=vol.head_lsn,
+                durable_lsn=vol.durable_lsn, chain_at_head=vol.log.last_chain.hex(), replayed_lsn=vol.replayed_lsn,
+                open_handles=self.node.open_count(name), source=role.source if role.is_mirror else "", updated=now)))
+
+        positions = [(name, p) for name, p in positions if self.meta.publishes(name, p)]
+        if not positions:  # no worker thread for a round with nothing new
+            return
 
         def put() -> bool:
             return any([self.meta.publish(name, p) for name, p in positions])
@@ -456,7 +461,7 @@ class Cluster:
         if d is None:
             return
         role = self.node.role(name)
-        do = decide(name, self.node.name, role, d, head_lsn=vol.head_lsn, opens=self.node.opens[name],
+        do = decide(name, self.node.name, role, d, head_lsn=vol.head_lsn, opens=self.node.open_count(name),
                     copying=name in self.mirrors.copies)
         if do.fence:
             self.node.fence(name, do.fence)

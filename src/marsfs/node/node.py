@@ -166,6 +166,13 @@ class Node:
         with self._lock:
             return Counter({n: e.opens for n, e in self._entries.items() if e.opens})
 
+    def open_count(self, name: str) -> int:
+        """Open handles of volume ``name`` (0 if none): what :attr:`opens` holds for it, without
+        copying every volume's count."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.opens if entry is not None else 0
+
     @property
     def failed(self) -> dict[str, str]:
         """Volumes that could not be opened at start -> why (one line); a copy."""
