@@ -46,6 +46,7 @@ from marsfs.errors import (
     VolumeNotFound,
 )
 from marsfs.node import gossip, status
+from marsfs.node.defaults import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from marsfs.node.follow import Act, decide
 from marsfs.node.handover import Roles
 from marsfs.node.identity import Identities
@@ -68,7 +69,6 @@ logger = logging.getLogger(__name__)
 
 VERIFY_KEPT = 600.0  #: seconds a finished verify waits for its command line to collect it
 GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
-DEFAULT_CLUSTER = "marsfs"
 
 
 class Cluster:

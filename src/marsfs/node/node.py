@@ -92,6 +92,7 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.names import RULE as NAME_RULE
+from marsfs.names import check_volume_name as check_volume_name
 from marsfs.names import is_name
 from marsfs.node.identity import load_node_id
 from marsfs.node.meta import META_FILE, ClusterMeta, primary_key
@@ -107,12 +108,6 @@ logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
-
-
-def check_volume_name(name: str) -> str:
-    if not is_name(name):
-        raise InvalidRequest(f"invalid volume name {name!r:.80}: use {NAME_RULE} (no '/', no leading dot)")
-    return name
 
 
 @dataclass(eq=False)
