@@ -397,8 +397,8 @@ def rows(res: Result, n: int) -> list[tuple[str, str, str]]:
     add(f"clean stop with {n + 1} volumes, s", _f(v("stop_s"), 2))
     add(f"start until ready with {n + 1} volumes, s", _f(v("start_s"), 2), "restart < 5")
     for r in res.recovery:
-        add(f"recovery after SIGKILL, {r['log_mib']:.0f} MiB log ({r['records']:,.0f} records): verify / start, s",
-            f"{r['verify_s']:.2f} / {r['start_s']:.2f}")
+        add(f"recovery after SIGKILL, {r['written_mib']:.0f} MiB of 4 KiB writes ({r['records']:,.0f} records): "
+            "log verified / start until ready, s", f"{r['log_mib']:.0f} MiB: {r['verify_s']:.2f} / {r['start_s']:.2f}")
     if len(res.recovery) >= 1:
         last = res.recovery[-1]
         rate = last["log_mib"] / last["verify_s"] if last["verify_s"] else None
@@ -462,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where the work directory goes")
     p.add_argument("--out", type=Path, default=None, help="splice the table into this markdown file")
     p.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: the table of an earlier run's --json (the same options as that run)")
     args = p.parse_args(argv)
     args.volumes = args.volumes or (20 if args.quick else 100)
     args.idle_seconds = args.idle_seconds or (5.0 if args.quick else 20.0)
@@ -481,26 +483,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scripts/bench scale: {tool} not found", file=sys.stderr)
             return 1
     signal.signal(signal.SIGTERM, _sigterm)
-    work = Path(tempfile.mkdtemp(prefix="marsfs-bench-scale-", dir=args.dir))
-    load0 = os.getloadavg()[0]
+    load = (os.getloadavg()[0], 0.0)
     results: list[Result] = []
-    try:
-        trees = ([baseline_tree(args.baseline, work)] if args.baseline else []) + [this_tree()]
-        for tree in trees:
-            results.append(measure(tree, work, args, args.parts))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        results = [Result(Tree(r["tree"], Path()), r["values"], r["recovery"], r["errors"]) for r in saved["results"]]
+        load = tuple(saved["load"])  # type: ignore[assignment]
+    else:
+        work = Path(tempfile.mkdtemp(prefix="marsfs-bench-scale-", dir=args.dir))
+        try:
+            trees = ([baseline_tree(args.baseline, work)] if args.baseline else []) + [this_tree()]
+            for tree in trees:
+                results.append(measure(tree, work, args, args.parts))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        load = (load[0], os.getloadavg()[0])
     shown, it = [], iter(argv)
     for a in it:
-        if a in ("--out", "--json", "--dir"):
+        if a in ("--out", "--json", "--dir", "--report"):
             next(it, None)
-        elif not a.startswith(("--out=", "--json=", "--dir=")):
+        elif not a.startswith(("--out=", "--json=", "--dir=", "--report=")):
             shown.append(a)
-    table = report(results, args, shown, (load0, os.getloadavg()[0]))
+    table = report(results, args, shown, load)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps([{"tree": r.tree.label, "values": r.values, "recovery": r.recovery,
-                                          "errors": r.errors} for r in results], indent=2))
+        args.json.write_text(json.dumps({"load": load, "results": [
+            {"tree": r.tree.label, "values": r.values, "recovery": r.recovery, "errors": r.errors}
+            for r in results]}, indent=2))
     if args.out:
         splice(args.out, "scale", table)
         print(f"written to {args.out}")
