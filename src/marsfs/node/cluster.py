@@ -439,12 +439,14 @@ class Cluster:
                 durable_lsn=vol.durable_lsn, chain_at_head=vol.log.last_chain.hex(), replayed_lsn=vol.replayed_lsn,
                 open_handles=self.node.open_count(name), source=role.source if role.is_mirror else "", updated=now)))
 
-        positions = [(name, p) for name, p in positions if self.meta.publishes(name, p)]
-        if not positions:  # no worker thread for a round with nothing new
-            return
+        if not any(self.meta.publishes(name, p) for name, p in positions):
+            return  # no worker thread for a round with nothing new
+        # the unchanged positions that are half due go along: the volumes' refreshes then fall
+        # into the same few rounds, one worker thread and one file write for many volumes
+        positions = [(name, p) for name, p in positions if self.meta.publishes(name, p, REFRESH / 2)]
 
         def put() -> bool:
-            return any([self.meta.publish(name, p) for name, p in positions])
+            return any([self.meta.publish(name, p, REFRESH / 2) for name, p in positions])
 
         if await trio.to_thread.run_sync(put):
             for ev in self._gossip_wake.values():

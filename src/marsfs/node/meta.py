@@ -381,16 +381,16 @@ class ClusterMeta:
         assert epoch >= 1 and start_lsn >= 1, (epoch, start_lsn)
         self.put(primary_key(volume), {"node": node, "epoch": epoch, "start_lsn": start_lsn})
 
-    def publishes(self, volume: str, position: Position) -> bool:
+    def publishes(self, volume: str, position: Position, refresh: float = REFRESH) -> bool:
         """Whether :meth:`publish` would put ``position``: it says something else than the last
-        one, or that is :data:`REFRESH` seconds old. No I/O (the trio thread asks it)."""
+        one, or that is ``refresh`` seconds old. No I/O (the trio thread asks it)."""
         old = Position.from_json(self.get(self.node, position_key(volume)))
-        return not (position.same_as(old) and old is not None and position.updated - old.updated < REFRESH)
+        return not (position.same_as(old) and old is not None and position.updated - old.updated < refresh)
 
-    def publish(self, volume: str, position: Position) -> bool:
+    def publish(self, volume: str, position: Position, refresh: float = REFRESH) -> bool:
         """Put this node's position for ``volume`` unless it says what the last one said and
-        is younger than :data:`REFRESH` seconds; returns whether it was put."""
-        if not self.publishes(volume, position):
+        is younger than ``refresh`` seconds (:data:`REFRESH`); returns whether it was put."""
+        if not self.publishes(volume, position, refresh):
             return False
         self.put(position_key(volume), position.to_json())
         return True
