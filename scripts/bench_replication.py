@@ -396,7 +396,7 @@ def report(follows: list[Follow], dec: Decouple, runtime: int, quick: bool, argv
         if f.error:
             lines.append(f"\n- {f.title}: failed — {' '.join(f.error.split())[:400]}")
     if dec.runs:
-        lines += ["", "**Decoupling (G4): 4 KiB random writes, QD16, on the primary** (fresh nodes for every run, "
+        lines += ["", "**Decoupling: 4 KiB random writes, QD16, on the primary** (fresh nodes for every run, "
                       "runs alternate)", "",
                   "| # | run | IOPS | mean write latency, ms | max write latency, ms |", "|---:|---|---:|---:|---:|"]
         for n, (kind, r) in enumerate(dec.runs, 1):

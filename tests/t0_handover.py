@@ -180,7 +180,22 @@ def test_status_words() -> None:
     assert FailoverLoss.from_json(loss.to_json()) == loss
     none = FailoverLoss(source="a", epoch=2, start_lsn=22, records=0, bytes=0, oldest=0, newest=0, at_least=True,
                         as_of=1e9)
-    assert "no record known lost" in none.describe() and "may have written more" in none.describe()
+    assert "no loss known (its last word" in none.describe() and "may have written more" in none.describe()
+    # how long before the failover this node last heard: said with every loss that is not exact
+    heard = replace(none, heard_before=2.34).describe()
+    assert ": no loss known; last heard from a 2.3 s before this failover (its last word, " in heard, heard
+    assert "no record" not in heard.split("(")[0] and "lost at least" not in heard
+    assert "; last heard from a 0.5 s before this failover; a may have written more" in replace(
+        loss, heard_before=0.5).describe()
+    never = replace(none, as_of=0.0)
+    assert never.describe().endswith(": what is lost is not known: this node never heard from a"), never.describe()
+    # the goodbye of a clean stop: exact, no "at least", no "may have written more"
+    gone = replace(loss, at_least=False, heard_before=0.1)
+    assert gone.describe().endswith(" lost 11 records (4.0 KiB) written between 2001-09-09T01:46:40Z and "
+                                    "2001-09-09T01:46:45Z: a stopped cleanly at 2001-09-09T01:46:45Z with its log "
+                                    "durable up to LSN 32"), gone.describe()
+    assert ": nothing lost: a stopped cleanly at " in replace(none, at_least=False).describe()
+    assert FailoverLoss.from_json(gone.to_json()) == gone
     # measured from a reachable member's position: exact for what it holds, "at least" for the rest
     held = FailoverLoss(source="a", epoch=2, start_lsn=22, records=15, bytes=6 << 20, oldest=1e9, newest=1e9 + 5,
                         at_least=True, as_of=1e9 + 5, held_by="b", held_records=11, held_bytes=5 << 20)

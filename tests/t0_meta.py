@@ -153,6 +153,26 @@ def test_check_entry_bounds() -> None:
     assert check_entry("a", "k", 0, 1) is not None
     assert check_entry("a", "k", 1, "x" * 5000) is not None
     assert check_entry("a", "k", 1, {1, 2}) is not None
+    assert check_entry("a", "k", 2**53 + 1, 1) is not None  # past the clock's end
+    assert check_entry("a", "k", 101, 1, ceiling=100) == "clock 101 is not from 1 to 100"
+
+
+def test_names_in_keys_and_values_follow_the_rule() -> None:
+    """A node or volume name this node reads out of an entry (and may use as a file name or a
+    hold key) is a legal name; keys outside ``volume/`` are a newer node's and left alone."""
+    claim = {"node": "b", "epoch": 2, "start_lsn": 1}
+    assert check_entry("a", "volume/vm/primary", 1, claim) is None
+    assert check_entry("a", "volume/vm/removed/b", 1, True) is None
+    assert check_entry("a", "volume/vm/position", 1, {"source": ""}) is None
+    assert check_entry("a", "volume/vm/position", 1, None) is None
+    assert check_entry("a", "other/../x", 1, 1) is None
+    assert check_entry("a", "volume/../primary", 1, claim) == "key 'volume/../primary' names no volume"
+    assert check_entry("a", "volume/vm", 1, 1) == "key 'volume/vm' names no volume"
+    assert check_entry("a", "volume/vm/removed/" + "n" * 100, 1, True) is not None
+    assert check_entry("a", "volume/vm/removed/b/c", 1, True) is not None
+    assert check_entry("a", "volume/vm/primary", 1, {**claim, "node": "../b"}) == (
+        "primary of volume vm names '../b', which is not a node name")
+    assert check_entry("a", "volume/vm/position", 1, {"source": "x" * 65}) is not None
 
 
 # ---------------------------------------------------------------------------- merge laws

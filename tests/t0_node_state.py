@@ -131,7 +131,7 @@ def test_status_json_keys_are_pinned() -> None:
         "clones", "clone_of", "designated_primary", "members", "positions", "log_space_limit", "oldest_retained_lsn",
         "warnings", "dropped", "fork_lsn", "split_brain", "split_versions", "split_versions_bytes", "failover_loss",
         "handover", "sync_target_lsn", "sync_bytes",
-        "sync_left_bytes", "sync_received_bytes", "tls"]
+        "sync_left_bytes", "sync_received_bytes", "mode", "sync_mode", "tls"]
     assert list(d["peers"][0]) == ["node", "state", "connected", "fetched_lsn", "replayed_lsn", "fetch_paused",
                                    "replay_paused", "lag_bytes", "lag_records", "lag_seconds", "last_seen", "role",
                                    "dropped"]
@@ -144,8 +144,11 @@ def test_status_json_keys_are_pinned() -> None:
                                  "peer_records": 2, "peer_bytes": 20, "found": 1.0, "own_written": None,
                                  "peer_written": None, "peer_bytes_at_least": False}]
     assert d["failover_loss"] == {"source": "b", "epoch": 2, "start_lsn": 4, "records": 1, "bytes": 10,
+                                  "heard_before": -1.0,
                                   "oldest": 1.0, "newest": 2.0, "at_least": True, "as_of": 2.0,
-                                  "held_by": "", "held_records": 0, "held_bytes": 0, "fork_lsn": -1}
+                                  "held_by": "", "held_records": 0, "held_bytes": 0, "fork_lsn": -1, "mode": "",
+                                  "mirrors": 0, "refuse": False, "degraded_since": 0.0, "acked_lsn": 0,
+                                  "acked_lost": 0, "nothing_acked_lost": False}
     assert d["handover"] == {"from": "b", "phase": "fetching", "to_fetch": 3}
     assert d["dropped"] == {"b": 7} and d["peers"][0]["role"] == "mirror" and d["state"] == "up"
     assert st.failover_loss is not None and st.failover_loss.to_json() == d["failover_loss"]
@@ -163,5 +166,7 @@ def test_a_failover_not_made_is_not_described_as_made() -> None:
     assert "no word from a" in unknown and "not known" in unknown
     assert known_none.startswith("as of a's last word (2023-11-14T22:13:20Z) this node lacked no record")
     assert some.startswith("at least 3 records (12.0 KiB) written between 2023-11-14T22:13:15Z and")
-    for text in (unknown, known_none, some):
+    gone = dataclasses.replace(base, records=3, bytes=12288, as_of=1.7e9, at_least=False).describe_risk()
+    assert gone == "3 records (12.0 KiB): a stopped cleanly at 2023-11-14T22:13:20Z with its log durable up to LSN 9"
+    for text in (unknown, known_none, some, gone):
         assert "forced failover" not in text and "epoch" not in text

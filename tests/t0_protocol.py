@@ -71,6 +71,8 @@ SAMPLES: list[Message] = [
     Fetch(from_lsn=8, prev_chain=CHAIN, watch=True),
     Heartbeat(uuid="u-1", head_lsn=9, durable_lsn=9, time=1700000000.5, probe=3, lag_bytes=100, lag_records=2,
               lag_seconds=0.25),
+    Heartbeat(uuid="u-1", head_lsn=9, durable_lsn=9, time=1700000000.5, probe=3, lag_bytes=0, lag_records=0,
+              lag_seconds=0.0, mode="sync", sync_mirrors=1, refuse=True, degraded_since=1700000000.0, acked_lsn=8),
     Ack(fetched_lsn=5, replayed_lsn=4, fetch_paused=True, replay_paused=False, probe=12),
     Ack(fetched_lsn=5, replayed_lsn=5),
     Records(records(8, 3)),
@@ -151,6 +153,7 @@ BAD: dict[str, tuple[list[Any], list[Any]]] = {
     "seconds": (["1", True, None], [-0.5, float("nan"), float("inf")]),
     "chain": ([123, None, ["00"]], ["00" * 15, "00" * 17, "zz" * 16]),
     "want": ([1, None, True], ["images", "", "FETCH"]),
+    "mode": ([1, None, True], ["SYNC", "", "semi"]),
     "node": ([1, None, ["a"]], ["", "n" * 65, "-a", ".hidden", "a/b", "a b", "é"]),
     "volume": ([1, None, ["a"]], ["v" * 65, "../x", "a/b", "x\n"]),
 }

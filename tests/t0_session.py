@@ -190,11 +190,13 @@ TABLE = [
     ("volume-deleted", Stop.NEEDS_RESYNC, VolumeState.NEEDS_RESYNC),
     ("volume-replaced", Stop.NEEDS_RESYNC, VolumeState.NEEDS_RESYNC),
     ("switching", Stop.RETRY, None),
+    ("stopping", Stop.RETRY, None),
     ("error", Stop.RETRY, None),
     ("unsupported", Stop.RETRY, None),
     ("unknown-want", Stop.RETRY, None),
     ("unknown-node", Stop.RETRY, None),
     ("node-identity", Stop.RETRY, None),
+    ("not-a-member", Stop.RETRY, None),
 ]
 
 
@@ -475,6 +477,57 @@ def test_a_paused_fetch_watches_and_keeps_learning_the_lag() -> None:
     with pytest.raises(ProtocolError, match="RECORDS is not allowed in state WATCHING"):
         pair.to_client(Records(records(11, 1)))
     assert not pair.client.following
+
+
+def test_a_clean_stop_says_goodbye_after_the_last_records_shipped() -> None:
+    """The serving side of a clean stop: with nothing left to ship, a heartbeat is due at once
+    and is the last word; records shipped after it make another one due first."""
+    served, mirror = volume(1, 20), volume(1, 10)
+    pair = Pair(served, mirror)
+    pair.start_fetch()
+    srv = pair.server
+    todo = pair.poll()
+    assert todo is not None
+    pair.heartbeat(1.0, wall=1e9, lag=(0, 10, 0.0))
+    assert not srv.heartbeat_due(1.1)
+    srv.shipped(todo.limit + 1)  # everything is out...
+    assert pair.poll() is None and not srv.farewell()  # ...and the last heartbeat is due at once
+    assert srv.heartbeat_due(1.1) and not srv.farewell()
+    beat = pair.heartbeat(1.1, wall=1e9, lag=(0, 0, 0.0))
+    assert beat.durable_lsn == 20 and srv.farewell()  # that was the last word: now ERROR stopping
+    served.log.last_lsn = served.durable_lsn = 22  # a record after it (a mark, say)
+    todo = pair.poll()
+    assert todo is not None
+    srv.shipped(todo.limit + 1)
+    assert pair.poll() is None and not srv.farewell() and srv.heartbeat_due(1.2)
+    assert pair.heartbeat(1.2, wall=1e9, lag=(0, 0, 0.0)).durable_lsn == 22 and srv.farewell()
+
+
+def test_a_clean_stop_makes_the_last_heartbeat_final_until_the_source_speaks_again() -> None:
+    """ERROR ``stopping`` after a heartbeat: that heartbeat is the source's final word (a
+    failover then knows exactly what it lacks); the next WELCOME or heartbeat voids it."""
+    served, mirror = volume(1, 10), volume(1, 10)
+    pair = Pair(served, mirror)
+    assert isinstance(pair.connect(), Welcome)
+    pair.to_server(pair.fetch(now=1.0, watch=True))
+    served.log.last_lsn = served.durable_lsn = 25
+    pair.poll()
+    pair.to_client(pair.heartbeat(2.0, wall=1e9, lag=(15 * 65_600, 15, 1.0)), now=2.0)
+    assert not pair.state.final
+    got = pair.to_client(Error(code="stopping", error="a is stopping cleanly"), now=2.1)
+    assert isinstance(got, Refused) and got.stop is Stop.RETRY and not pair.client.following
+    assert pair.state.final and pair.state.primary_durable_lsn == 25
+    again = Pair(served, mirror, state=pair.state, probes=pair.probes)  # the next session
+    assert isinstance(again.connect(), Welcome) and not pair.state.final
+    pair.state.final = True
+    again.to_server(again.fetch(now=3.0, watch=True))
+    again.poll()
+    again.to_client(again.heartbeat(3.0, wall=1e9 + 1, lag=(0, 0, 0.0)), now=3.0)
+    assert not pair.state.final
+    # a refusal before any fetch or watch ran is no goodbye: nothing told it where the log ends
+    third = Pair(served, mirror)
+    assert isinstance(third.connect(), Welcome)
+    assert isinstance(third.to_client(Error(code="stopping", error="stopping")), Refused) and not third.state.final
 
 
 def test_a_fetch_that_is_not_paused_does_not_watch() -> None:

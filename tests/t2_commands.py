@@ -88,6 +88,40 @@ def test_every_command_against_a_node(node: Node) -> None:
     with_daemon(node, body, forgotten)
 
 
+def test_replication_mode_commands(node: Node) -> None:
+    """``create --mode`` and ``mode`` say the mode in the cluster metadata; status shows it;
+    options of sync mode without it, and values out of range, are refused in words."""
+
+    async def body(ctx: Context) -> None:
+        row = await dispatch(ctx, "create", {"volume": "s", "size": MiB, "mode": "sync", "sync_timeout": 0.5})
+        assert row["mode"] == "sync" and row["sync_mode"]["timeout"] == 0.5 and row["sync_mode"]["mirrors"] == 1
+        assert row["sync_mode"]["state"] in ("in-sync", "catching-up")
+        row = await dispatch(ctx, "create", {"volume": "a", "size": MiB})
+        assert row["mode"] == "async" and row["sync_mode"] is None
+        out = await dispatch(ctx, "mode", {"volume": "a", "mode": "sync", "mirrors": 2, "refuse": True})
+        assert out["here"] and out["described"] == ("sync (2 mirrors, timeout 2 s, refuse: flushes fail with EIO "
+                                                    "while degraded)")
+        (row,) = await dispatch(ctx, "status", {"volume": "a"})
+        assert row["mode"] == "sync" and row["sync_mode"]["mirrors"] == 2 and row["sync_mode"]["refuse"]
+        await dispatch(ctx, "mode", {"volume": "a", "mode": "async"})
+        assert (await dispatch(ctx, "status", {"volume": "a"}))[0]["sync_mode"] is None
+        with pytest.raises(UsageError, match="--mirrors go.es. with sync mode"):
+            await dispatch(ctx, "mode", {"volume": "a", "mode": "async", "mirrors": 2})
+        with pytest.raises(UsageError, match="go.es. with sync mode"):
+            await dispatch(ctx, "create", {"volume": "b", "size": MiB, "refuse": True})
+        with pytest.raises(UsageError, match="--mirrors 0: give how many mirrors"):
+            await dispatch(ctx, "mode", {"volume": "a", "mode": "sync", "mirrors": 0})
+        with pytest.raises(UsageError, match="--timeout 0.0: give the seconds"):
+            await dispatch(ctx, "mode", {"volume": "a", "mode": "sync", "sync_timeout": 0})
+        with pytest.raises(UsageError, match="replication mode 'fast': give async or sync"):
+            await dispatch(ctx, "mode", {"volume": "a", "mode": "fast"})
+        with pytest.raises(VolumeError, match="no volume 'nope'"):
+            await dispatch(ctx, "mode", {"volume": "nope", "mode": "sync"})
+        assert "b" not in node.volumes
+
+    with_daemon(node, body)
+
+
 def test_mirror_commands(node: Node) -> None:
     node.create("m", MiB)
     node.create("p", MiB)
@@ -197,11 +231,19 @@ def test_control_socket_keeps_the_exit_status(node: Node, tmp_path: Path) -> Non
 
 # ---------------------------------------------------------------------- the command line's side
 
+NO_MODE_OPTIONS = {"mirrors": None, "sync_timeout": None, "refuse": False}
+NO_MODE = {"mode": None, **NO_MODE_OPTIONS}  #: create without --mode
 PARSES = [
-    (["create", "v", "--size", "512M"], {"volume": "v", "size": "512M", "thin": False}),
-    (["create", "v", "--size", "512M", "--thin"], {"volume": "v", "size": "512M", "thin": True}),
-    (["--state", "/s", "create", "v", "--size", "1G"], {"volume": "v", "size": "1G", "state": "/s", "thin": False}),
-    (["create", "v", "--size", "1G", "--state", "/s"], {"volume": "v", "size": "1G", "state": "/s", "thin": False}),
+    (["create", "v", "--size", "512M"], {"volume": "v", "size": "512M", "thin": False, **NO_MODE}),
+    (["create", "v", "--size", "512M", "--thin"], {"volume": "v", "size": "512M", "thin": True, **NO_MODE}),
+    (["--state", "/s", "create", "v", "--size", "1G"], {"volume": "v", "size": "1G", "state": "/s", "thin": False, **NO_MODE}),
+    (["create", "v", "--size", "1G", "--state", "/s"], {"volume": "v", "size": "1G", "state": "/s", "thin": False, **NO_MODE}),
+    (["create", "v", "--size", "1G", "--mode", "sync", "--mirrors", "2", "--timeout", "0.5", "--refuse"],
+     {"volume": "v", "size": "1G", "thin": False, "mode": "sync", "mirrors": 2, "sync_timeout": 0.5,
+      "refuse": True}),
+    (["mode", "v", "async"], {"volume": "v", "mode": "async", "json": False, **NO_MODE_OPTIONS}),
+    (["mode", "v", "sync", "--timeout", "5"], {"volume": "v", "mode": "sync", "json": False,
+                                               **NO_MODE_OPTIONS, "sync_timeout": 5.0}),
     (["delete", "v"], {"volume": "v", "force": False}),
     (["delete", "v", "--force"], {"volume": "v", "force": True}),
     (["status"], {"volume": None, "json": False, "watch": False, "interval": 1.0}),
@@ -239,7 +281,7 @@ def test_parser_accepts_todays_syntax(argv: list[str], want: dict[str, Any]) -> 
     [], ["bogus"], ["create"], ["create", "v"], ["create", "--size", "1M"], ["delete"], ["delete", "v", "w"],
     ["mark", "v"], ["join", "v"], ["join", "v", "--source", "n1"], ["pause-fetch"], ["wait"],
     ["status", "--interval", "x"], ["wait", "v", "--timeout", "soon"], ["versions"], ["ping"],
-    ["status", "a", "b"], ["delete", "v", "--json"],
+    ["status", "a", "b"], ["delete", "v", "--json"], ["mode", "v"], ["mode", "v", "sync", "--mirrors", "x"],
 ])
 def test_parser_refuses(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
@@ -284,9 +326,10 @@ def test_requests_and_output(capsys: pytest.CaptureFixture[str]) -> None:
                     "versions": {"volume": "v", "oldest_lsn": 0, "head_lsn": 3,
                                  "versions": [{"lsn": 3, "kind": "mark", "name": "m1", "timestamp_ns": 0}]}})
     expect = [
-        (["create", "v", "--size", "1M"], ("create", {"volume": "v", "size": MiB, "thin": False}),
+        (["create", "v", "--size", "1M"], ("create", {"volume": "v", "size": MiB, "thin": False, **NO_MODE}),
          "created volume v (1.0 MiB), primary on node n1\n"),
-        (["create", "v", "--size", "1M", "--thin"], ("create", {"volume": "v", "size": MiB, "thin": True}),
+        (["create", "v", "--size", "1M", "--thin"], ("create", {"volume": "v", "size": MiB, "thin": True,
+                                                                 **NO_MODE}),
          "created volume v (1.0 MiB, thin), primary on node n1\n"),
         (["delete", "v"], ("delete", {"volume": "v", "force": False}), "deleted volume v\n"),
         (["mark", "v", "m1"], ("mark", {"volume": "v", "name": "m1"}), "marked v at LSN 3 as m1\n"),
@@ -355,9 +398,8 @@ def test_main_exit_statuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "invalid volume name" in capsys.readouterr().err
     assert cli.main(["--state", state, "create", "v", "--size", "12Q"]) == 2  # as the guide says: a usage mistake
     assert "cannot read size '12Q'" in capsys.readouterr().err
-    assert cli.main(["--state", state, "wait", "v"]) == 2  # a usage error: usage, then the error
-    err = capsys.readouterr().err
-    assert err.startswith("usage: marsfs") and "say what to wait for" in err
+    assert cli.main(["--state", state, "wait", "v"]) == 2  # a usage error: one line too, no usage block
+    assert capsys.readouterr().err == "marsfs: error: say what to wait for: --synced\n"
     with pytest.raises(SystemExit) as e:
         cli.main(["create"])
     assert e.value.code == 2
@@ -375,7 +417,7 @@ def test_history_command_sets_and_shows_a_volumes_own_window(node: Node) -> None
         r = await dispatch(ctx, "history", {"volume": "v", "window": "10G,24h"})
         assert r["own"] and r["history"] == "10.0 GiB or 1d"
         assert node.history_of("v").keep_seconds == 24 * 3600
-        with pytest.raises(InvalidRequest):
+        with pytest.raises(UsageError, match="cannot read history 'soon'"):  # like serve --history soon: exit 2
             await dispatch(ctx, "history", {"volume": "v", "window": "soon"})
         assert node.history_of("v").keep_seconds == 24 * 3600  # a refused window changes nothing
         with pytest.raises(VolumeError, match="no volume 'nope'"):

@@ -39,7 +39,10 @@ def _ask(path: Path, line: bytes, uid: int | None = None) -> dict[str, Any]:
             except PermissionError:
                 os.write(w, b'{"connect": "EACCES"}\n')
             else:
-                s.sendall(line)
+                try:
+                    s.sendall(line)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a refused peer may be answered and closed before it has sent: read the answer
                 os.write(w, s.makefile("rb").readline())
         except BaseException:
             code = 1

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from marsfs.errors import MarsError
 from marsfs.faces import metrics
 from marsfs.node import Node
-from marsfs.node.state import PeerStatus, VolumeStatus
+from marsfs.node.state import PeerStatus, ReplicationMode, SyncModeStatus, SyncState, VolumeStatus
 from marsfs.node.status import node_statuses
 from marsfs.node.volstate import Role, VolumeState
 from marsfs.testing.checks import make_mirror
@@ -75,8 +75,10 @@ def full_rows(node: Node) -> list[VolumeStatus]:
     peer = PeerStatus(node="n2", state=VolumeState.FETCH_PAUSED, connected=True, fetched_lsn=1, replayed_lsn=1,
                       fetch_paused=True, replay_paused=False, lag_bytes=4096, lag_records=1, lag_seconds=2.5,
                       last_seen=0.0, dropped=0)
+    sync = SyncModeStatus(mirrors=1, timeout=2.0, refuse=False, state=SyncState.DEGRADED, since=1.0, acked_lsn=3,
+                          behind_records=2, behind_bytes=KiB, behind_seconds=1.5, degradations=1)
     extra = dict(connected=False, fetch_paused=False, replay_paused=False, progress=0.5, sync_left_bytes=KiB,
-                 eta_seconds=3.0)
+                 eta_seconds=3.0, mode=ReplicationMode.SYNC, sync_mode=sync)
     return [r.changed(peers=[peer], **extra) if r.volume == "vm" else r for r in rows]
 
 
@@ -160,7 +162,7 @@ def test_the_alert_rules_check_and_fire(node: Node, tmp_path: Path) -> None:
     # the same rules without their annotations (promtool would compare those too)
     bare = tmp_path / "alerts.yml"
     bare.write_text(re.sub(r"^ {8}annotations:\n(?: {10,}.*\n)*", "", ALERTS.read_text(), flags=re.M))
-    assert "annotations" not in bare.read_text() and bare.read_text().count("alert:") == 6
+    assert "annotations" not in bare.read_text() and bare.read_text().count("alert:") == 7
     tests = tmp_path / "alerts_test.yml"
     tests.write_text(f"""
 rule_files: [{bare}]
@@ -180,6 +182,8 @@ tests:
         values: '90x20'
       - series: 'marsfs_log_space_limit_bytes{{instance="a"}}'
         values: '100x20'
+      - series: 'marsfs_volume_sync_degraded{{instance="a", volume="pg"}}'
+        values: '0 1x10'
     alert_rule_test:
       - eval_time: 6m
         alertname: MarsfsMirrorLagging
@@ -197,6 +201,10 @@ tests:
         alertname: MarsfsLogSpaceHigh
         exp_alerts:
           - exp_labels: {{severity: warning, instance: a}}
+      - eval_time: 3m
+        alertname: MarsfsSyncDegraded
+        exp_alerts:
+          - exp_labels: {{severity: critical, instance: a, volume: pg}}
 """)
     r = subprocess.run([tool, "test", "rules", str(tests)], text=True, capture_output=True)
     assert r.returncode == 0, r.stdout + r.stderr

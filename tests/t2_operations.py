@@ -17,6 +17,8 @@ import pytest
 from marsfs.errors import LogFailed, NoSpace
 from marsfs.faces.fuse import INLINE_MAX, Operations
 from marsfs.node import Node
+from marsfs.node.state import ReplicationMode, SyncState
+from marsfs.node.syncmode import ModeSetting
 from marsfs.testing.checks import make_mirror, setattr_fields
 from marsfs.testing.runner import run
 
@@ -249,5 +251,32 @@ def test_errors_reach_the_kernel_as_their_errno(node: Node, monkeypatch: pytest.
         assert fuse_errno(e) == errno.EIO  # anything else: EIO, logged with its traceback
         monkeypatch.undo()
         await ops.release(fi.fh)
+
+    run(main, autojump=None)
+
+
+@pytest.mark.allow_log(r"syncmode WARNING: volume [sr]: sync degraded to async since")
+def test_fsync_of_a_sync_volume_without_mirrors_degrades_once_or_refuses(node: Node) -> None:
+    """No mirror acknowledges: the first fsync waits the timeout and the volume degrades, later
+    ones do not wait; with --refuse each fails with EIO, said once in the log (at the
+    degradation), not as a warning per fsync."""
+    node.create("s", MiB, mode=ModeSetting(ReplicationMode.SYNC, timeout=0.5))
+    node.create("r", MiB, mode=ModeSetting(ReplicationMode.SYNC, timeout=0.5, refuse=True))
+    ops = Operations(node)
+
+    async def main() -> None:
+        for name in ("s", "r"):
+            fi = await ops.open(await lookup(ops, f"{name}.img"), os.O_RDWR, None)
+            for i in range(3):
+                await ops.write(fi.fh, i * 4096, b"x" * 4096)
+                if name == "s":
+                    await ops.fsync(fi.fh, False)
+                else:
+                    with pytest.raises(pyfuse3.FUSEError) as e:
+                        await ops.fsync(fi.fh, False)
+                    assert fuse_errno(e) == errno.EIO
+            sync = node.sync.status(node.volume(name))
+            assert sync is not None and sync.state is SyncState.DEGRADED and sync.degradations == 1
+            await ops.release(fi.fh)
 
     run(main, autojump=None)

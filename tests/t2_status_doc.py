@@ -3,7 +3,7 @@
 What must hold:
 
 * Every key a status row emits, at every level (the row, its peers, positions, clones, split
-  brains, split versions, failover loss, handover, tls), is documented in docs/status.md, and
+  brains, split versions, failover loss, handover, sync mode, tls), is documented in docs/status.md, and
   every documented key is one that the records of :mod:`marsfs.node.state` (or the TLS status)
   emit: the document and the schema cannot drift apart.
 * A key documented as possibly null is one whose field may be None, and the other way round.
@@ -31,6 +31,8 @@ from marsfs.node.state import (
     PositionStatus,
     SplitBrain,
     SplitVersionStatus,
+    SyncModeStatus,
+    SyncState,
     VolumeStatus,
 )
 from marsfs.node.status import node_rows
@@ -42,12 +44,12 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "status.md"
 SECTIONS: dict[str, Any] = {
     "The row": VolumeStatus, "peers[]": PeerStatus, "positions[]": PositionStatus, "clones[]": CloneStatus,
     "split_brain[]": SplitBrain, "split_versions[]": SplitVersionStatus, "failover_loss": FailoverLoss,
-    "handover": HandoverStatus, "tls": None,
+    "handover": HandoverStatus, "sync_mode": SyncModeStatus, "tls": None,
 }
 #: row key -> the section of the records it holds
 NESTED = {"peers": "peers[]", "positions": "positions[]", "clones": "clones[]", "split_brain": "split_brain[]",
           "split_versions": "split_versions[]", "failover_loss": "failover_loss", "handover": "handover",
-          "tls": "tls"}
+          "sync_mode": "sync_mode", "tls": "tls"}
 
 
 def documented() -> dict[str, dict[str, str]]:
@@ -83,6 +85,8 @@ def full_row() -> dict[str, Any]:
                       lag_seconds=0.0, oldest_version_lsn=0, log_bytes=0, open_handles=0, peers=[peer],
                       clones=[CloneStatus("c", 1)], positions=[pos], split_brain=[split], split_versions=[version],
                       failover_loss=loss, handover=HandoverStatus(source="b", phase="fetching", to_fetch=None),
+                      sync_mode=SyncModeStatus(mirrors=1, timeout=2.0, refuse=False, state=SyncState.IN_SYNC, since=None,
+                                               acked_lsn=1, behind_records=0, behind_bytes=0, behind_seconds=0.0),
                       tls={"mode": "insecure"})
     return st.to_json()
 

@@ -15,6 +15,9 @@ MockClock.
   the old primary stays primary.
 * A forced failover is refused while the primary answers; without it, the new primary says
   how much may be lost, from the last heartbeat.
+* A failover right after writes its heartbeats never told of says "no loss known" and when it
+  last heard from the primary, never that nothing was lost; after the primary's clean stop
+  (its goodbye: a last heartbeat) the loss is exact.
 * A forced failover onto a mirror that another reachable one is ahead of is refused naming
   it; accepted, its loss is measured from that mirror's position.
 * After a failover and writes on both sides, the old primary following the new one is
@@ -23,6 +26,7 @@ MockClock.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -302,6 +306,56 @@ def test_a_failover_asks_the_reachable_members_first(tmp_path: Path) -> None:
         assert isinstance(loss, dict)
         assert (loss["held_by"], loss["held_records"], loss["held_bytes"]) == ("b", ahead, tail)
         assert loss["records"] == ahead and loss["bytes"] == tail and "measured from b's position" in str(result["lost"])
+
+    in_net(tmp_path, body)
+
+
+async def lost_right_after_writes(net: MemNet, *, clean: bool) -> tuple[dict[str, object], int]:
+    """b watches (fetch paused); a writes ten records' worth and flushes on the trio thread (so
+    no heartbeat can tell b of them), stops (``clean``: it says goodbye first) and is lost at
+    once; b fails over. The failover's result, and how many records a held beyond b."""
+    a, b = await pair(net, "a", "b")
+    va, vb = a.node.volumes["vm"], b.node.volumes["vm"]
+    b.set_paused("vm", "fetch", True)
+    await trio.sleep(1.0)  # b hears heartbeats while paused
+    state = b.mirrors.fetchers["vm"].state
+    assert state.primary_durable_lsn == va.durable_lsn == vb.durable_lsn
+    write(va, 5, 10)
+    if clean:
+        await a.farewell()
+    net.partition({"a"}, {"b"})
+    await net.kill("a")
+    result = await b.primary("vm", force=True)
+    return result, va.durable_lsn - vb.durable_lsn
+
+
+@pytest.mark.allow_log("forced failover of vm")
+def test_a_failover_right_after_writes_never_says_nothing_was_lost(tmp_path: Path) -> None:
+    """The writes came after a's last heartbeat: b cannot count them, and says instead when it
+    last heard from a (not "no record known lost")."""
+    async def body(net: MemNet) -> None:
+        result, held = await lost_right_after_writes(net, clean=False)
+        loss, said = result["loss"], str(result["lost"])
+        assert isinstance(loss, dict) and held == 11
+        assert loss["records"] == 0 and loss["at_least"] and float(loss["heard_before"]) >= 0
+        assert "no record known lost" not in said, said
+        assert re.search(r": no loss known; last heard from a \d+\.\d s before this failover \(its last word, "
+                         r"\S+, showed no record this node lacked\); a may have written more after", said), said
+
+    in_net(tmp_path, body)
+
+
+@pytest.mark.allow_log("forced failover of vm")
+def test_a_clean_stop_says_goodbye_and_the_failover_loss_is_exact(tmp_path: Path) -> None:
+    """A clean stop makes a's log durable and sends b a last heartbeat: b's failover counts
+    exactly what a held beyond it, and says so."""
+    async def body(net: MemNet) -> None:
+        result, held = await lost_right_after_writes(net, clean=True)
+        loss, said = result["loss"], str(result["lost"])
+        assert isinstance(loss, dict) and held == 11
+        assert (loss["records"], loss["at_least"]) == (11, False), loss
+        assert re.search(r" lost 11 records \([^)]*\) written between .*: a stopped cleanly at \S+ with its "
+                         r"log durable up to LSN 32\b", said), said
 
     in_net(tmp_path, body)
 

@@ -24,7 +24,7 @@ import trio.testing
 from marsfs.errors import InvalidRequest, ProtocolError, VolumeBusy, VolumeReadOnly
 from marsfs.node import gossip
 from marsfs.node.cluster import Cluster
-from marsfs.node.meta import ClusterMeta, Entry, Stamp
+from marsfs.node.meta import CLOCK_STEP, ClusterMeta, Entry, Stamp
 from marsfs.node.node import Node
 from marsfs.node.volstate import FenceHolder, Role, VolumeState
 from marsfs.replication.channel import Channel, PeerRefused
@@ -216,7 +216,12 @@ def test_another_cluster_is_refused_both_ways(tmp_path: Path) -> None:
     assert a.get("b", "j") is None and b.get("a", "k") is None
 
 
-@pytest.mark.parametrize("bad", [["b", "k", 0, 1], ["b", "", 1, 1], ["", "k", 1, 1], ["b", "k", 1, "x" * 3000]])
+@pytest.mark.parametrize("bad", [
+    ["b", "k", 0, 1], ["b", "", 1, 1], ["", "k", 1, 1], ["b", "k", 1, "x" * 3000],
+    ["b", "k", CLOCK_STEP + 1, 1],  # a's clock is 0: no exchange moves it further than CLOCK_STEP
+    ["b", "volume/vm/primary", 1, {"node": "../../x", "epoch": 9, "start_lsn": 1}],
+    ["b", "volume/vm/removed/" + "n" * 100, 1, True],
+], ids=["clock-0", "empty-key", "no-owner", "long-value", "clock-step", "claim-name", "removed-name"])
 def test_malformed_entries_are_refused_and_nothing_merged(tmp_path: Path, bad: list[object]) -> None:
     a = ClusterMeta(tmp_path / "a.json", "a")
 

@@ -54,7 +54,9 @@ def test_after_a_failover_status_says_what_holds_now(tmp_path: Path) -> None:
         await b.primary("vm", force=True)
         st = b.statuses("vm")[0]
         assert st.epoch == 4 and st.failover_loss is not None
-        assert peers(b) == [], "neither a (the old primary) nor c (a's mirror) fetches from b"
+        listed = peers(b)  # read before follows(): c is listed only once it has switched to b
+        assert listed == (["c"] if "c" in listed and follows(c, "b") else []), \
+            f"a (the old primary) is not b's mirror, and c only once it follows b: {listed}"
         stale = positions(b)
         assert "not following b (epoch 4) yet" in stale["a"] and "from epoch 3" in stale["a"], stale
         c.set_paused("vm", "fetch", False)

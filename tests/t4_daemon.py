@@ -166,6 +166,6 @@ def test_status_watch_into_head_and_one_line_refusals(harness: Harness) -> None:
     assert watch.wait(timeout=30) == 141
     assert watch.stderr.read() == b""
     r = node.cli("primary", "vm", "--force", check=False)  # a primary cannot fail over to itself: one line
-    assert r.returncode == 1 and r.stderr == "marsfs: error: volume 'vm' is already primary on node n1\n"
+    assert r.returncode == 1 and r.stderr == "marsfs: error: volume 'vm' is already primary on node n1: nothing to do\n"
     r = node.cli("mark", "vm", "head", check=False)
     assert r.returncode == 1 and "mark name 'head' is invalid: 1-200 bytes; not head" in r.stderr

@@ -63,6 +63,13 @@ def _seconds(eta: str) -> float:
     return float(n) * (60 if unit == "min" else 1)
 
 
+def _terminal_env() -> dict[str, str]:
+    """The environment of a shell in a terminal: pytest-xdist's workers set COLUMNS=80 and
+    LINES=24, which rich obeys over the pane's real size (200 columns here)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    return {**env, "TERM": "xterm-256color"}
+
+
 def _sync_row(screen: str) -> tuple[float, int, float] | None:
     """(ETA seconds, filled bar cells, percent) of vm's row on the screen; None: not shown (yet)."""
     for line in screen.splitlines():
@@ -99,7 +106,7 @@ def test_status_watch_in_a_terminal_moves_and_a_pipe_gets_no_escape_codes(harnes
         raise AssertionError(f"{what}: the pane shows\n{screen}\n{b.log_tail()}")
 
     subprocess.run([tmux, "-S", os.fspath(sock), "new-session", "-d", "-s", "view", "-x", "200", "-y", "40",
-                    watch], check=True, env={**os.environ, "TERM": "xterm-256color"})
+                    watch], check=True, env=_terminal_env())
     try:
         first, (eta1, bar1, pct1) = wait_row(lambda r: r[0] != float("inf") and r[2] < 60, "a sync with an ETA")
         assert "\x1b[" in capture("-e"), "no colour on a terminal"

@@ -4,8 +4,10 @@ over mutual TLS keeps replicating while a client that speaks our protocol attack
 What must hold, for each case of the matrix (no client certificate, another CA's, an expired
 one, TLS 1.2 only, plain TCP with a HELLO, one byte per second, bytes replayed from a captured
 session, 500 idle connections, a valid certificate of a node in no peer list, a valid
-certificate whose HELLO speaks as another node, and a peer's own certificate with the wrong
-cluster or volume):
+certificate whose HELLO speaks as another node, a peer's own certificate with the wrong
+cluster or volume, the mirror's own certificate asking for a handover at a wrong epoch, and a
+valid certificate of a peer that is no member of the volume asking for its log, image, sums,
+a handover, a comparison, its position or to leave it):
 
 * it is refused (an ERROR with the reason) or closed, within the deadlines (10 s for the
   handshake and for the HELLO);
@@ -31,7 +33,7 @@ import trio
 import marsfs.node.tls as tls
 from marsfs.replication.channel import Channel, ConnectionLost
 from marsfs.replication.fetch import hello
-from marsfs.replication.protocol import Error, encode_message
+from marsfs.replication.protocol import Error, Fetch, HandoverPrepare, Want, Welcome, encode_message
 from marsfs.testing.certs import client_context, forged
 from marsfs.testing.checks import status, wait_synced, write_synced
 from marsfs.testing.harness import Harness, NodeProcess, free_port
@@ -90,7 +92,8 @@ async def until_closed(stream: trio.abc.Stream) -> bytes:
 
 
 async def over_tls(port: int, ctx: ssl.SSLContext, frames: list[bytes]) -> str:
-    """Handshake with ``ctx``, send ``frames``: the ERROR code answered, or "closed"."""
+    """Handshake with ``ctx``, send ``frames``: the ERROR code answered (after a WELCOME, if one
+    came), the first other message's type, or "closed"."""
     stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="node1")
     try:
         await stream.do_handshake()
@@ -98,6 +101,8 @@ async def over_tls(port: int, ctx: ssl.SSLContext, frames: list[bytes]) -> str:
         for frame in frames:
             await stream.send_all(frame)
         answer = await ch.receive_message()
+        if isinstance(answer, Welcome):
+            answer = await ch.receive_message()
         return answer.code if isinstance(answer, Error) else type(answer).__name__
     except (trio.BrokenResourceError, ssl.SSLError, ConnectionLost, OSError):
         return "closed"
@@ -130,8 +135,13 @@ async def raw(port: int, data: bytes, *, per_second: bool = False) -> str:
 
 def test_the_node_port_refuses_strangers_impostors_and_buggy_peers_while_replication_goes_on(
         harness: Harness) -> None:
-    nodes = harness.cluster(["node1", "node2"])
-    node1, node2 = nodes["node1"], nodes["node2"]
+    # node3 is a peer of both (its certificate is the cluster's), but it never runs: the attacker
+    # that holds its certificate is a node of the cluster that is no member of vm1
+    nodes = harness.cluster(["node1", "node2", "node3"], start=False)
+    node1, node2, node3 = nodes["node1"], nodes["node2"], nodes["node3"]
+    node1.start()
+    node2.start()
+    node3.issue_certificate()
     node1.cli("create", "vm1", "--size", "16M")
     write_synced(node1.image("vm1"), 0, os.urandom(MiB))
     node2.cli("join", "vm1", "--from", "node1")
@@ -144,11 +154,14 @@ def test_the_node_port_refuses_strangers_impostors_and_buggy_peers_while_replica
     port = harness.ports["node1"]
     node2_pair = (node2.state / "tls" / tls.NODE_CERT, node2.state / "tls" / tls.NODE_KEY)
     node2_id = (node2.state / "node-id").read_text().strip()
-    node3 = harness.root / "node3-tls"
-    tls.add_node(ca, "node3", node3)  # a valid certificate of the cluster: of a node no peer list has
-    node3_pair = (node3 / tls.NODE_CERT, node3 / tls.NODE_KEY)
+    node4 = harness.root / "node4-tls"
+    tls.add_node(ca, "node4", node4)  # a valid certificate of the cluster: of a node no peer list has
+    node4_pair = (node4 / tls.NODE_CERT, node4 / tls.NODE_KEY)
+    node3_pair = (node3.state / "tls" / tls.NODE_CERT, node3.state / "tls" / tls.NODE_KEY)
     as_node2 = encode_message(hello("node2", "marsfs", "vm1", "meta", node_id=node2_id))
     seize = encode_message(hello("node2", "marsfs", "vm1", "meta", node_id="0" * 32))
+
+    wants: tuple[Want, ...] = ("fetch", "sync", "sums", "handover", "compare", "position", "leave")
 
     writer = Writer(node1.image("vm1"))
     writer.start()
@@ -167,9 +180,17 @@ def test_the_node_port_refuses_strangers_impostors_and_buggy_peers_while_replica
                                                                    expired=True)), [as_node2]))
         await case("TLS 1.2 only", over_tls(port, client_context(ca, node2_pair, tls12=True), [as_node2]))
         await case("plain TCP HELLO", raw(port, as_node2))
-        await case("node in no peer list", over_tls(port, client_context(ca, node3_pair),
-                                                    [encode_message(hello("node3", "marsfs", "vm1", "fetch"))]))
-        await case("HELLO as another node", over_tls(port, client_context(ca, node3_pair), [seize]))
+        await case("node in no peer list", over_tls(port, client_context(ca, node4_pair),
+                                                    [encode_message(hello("node4", "marsfs", "vm1", "fetch"))]))
+        await case("HELLO as another node", over_tls(port, client_context(ca, node4_pair), [seize]))
+        for want in wants:  # node3's own certificate, but node3 never joined vm1
+            await case(f"no member: {want}", over_tls(port, client_context(ca, node3_pair), [
+                encode_message(hello("node3", "marsfs", "vm1", want, 1)),
+                encode_message(Fetch(from_lsn=1, prev_chain=bytes(16)))]))
+        for epoch in (0, 7):  # the mirror itself, at an epoch that is not the volume's
+            await case(f"handover at epoch {epoch}", over_tls(port, client_context(ca, node2_pair), [
+                encode_message(hello("node2", "marsfs", "vm1", "handover", epoch, node_id=node2_id)),
+                encode_message(HandoverPrepare(epoch=epoch, timeout=600.0))]))
         await case("wrong cluster", over_tls(port, client_context(ca, node2_pair), [encode_message(
             hello("node2", "other", "vm1", "meta", node_id=node2_id))]))
         await case("wrong volume", over_tls(port, client_context(ca, node2_pair), [encode_message(
@@ -206,6 +227,9 @@ def test_the_node_port_refuses_strangers_impostors_and_buggy_peers_while_replica
     print(f"writer: {writer.writes} fsynced writes, slowest {writer.slowest:.3f} s, errors {writer.errors}")
 
     assert outcomes.pop("node in no peer list")[0] == "unknown-node"
+    for want in wants:
+        assert outcomes.pop(f"no member: {want}")[0] == "not-a-member", want
+    assert outcomes.pop("handover at epoch 0")[0] == outcomes.pop("handover at epoch 7")[0] == "epoch"
     assert outcomes.pop("HELLO as another node")[0] == "node-identity"
     assert outcomes.pop("wrong cluster")[0] == "cluster"
     assert outcomes.pop("wrong volume")[0] == "unknown-volume"
@@ -223,6 +247,8 @@ def test_the_node_port_refuses_strangers_impostors_and_buggy_peers_while_replica
         assert f.read(1700) == b"after the attacks" * 100
     log = node1.logfile.read_text()
     assert "refused a connection from" in log and "Traceback" not in log
+    assert log.count("refused node node3 for volume vm1: node node3 is not a member") == 1, log
+    assert "fenced for a handover" not in log
 
 
 def test_without_certificates_serve_refuses_and_insecure_is_said_loudly(harness: Harness) -> None:

@@ -17,9 +17,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from marsfs.testing.harness import Harness
 
@@ -31,6 +36,17 @@ def demo_command() -> list[str]:
     if (venv / "bin" / "python").exists() and Path(sys.prefix).resolve() == venv.resolve():
         return [os.fspath(ROOT / "scripts" / "demo")]
     return [sys.executable, "-m", "marsfs.demo"]
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """The demo's TMPDIR: short, as a user's /tmp is (a control socket's path must fit in 107
+    bytes, and an xdist worker's tmp_path is long), removed afterwards whatever the demo left."""
+    tmp = Path(tempfile.mkdtemp(prefix="demo-", dir="/tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_demo(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -82,10 +98,9 @@ def test_core_demo() -> None:
     assert "marsfs demo: OK" in r.stdout
 
 
-def test_demo_tells_the_whole_story_and_leaves_nothing_behind(harness: Harness, tmp_path: Path) -> None:
+def test_demo_tells_the_whole_story_and_leaves_nothing_behind(harness: Harness, short_tmp: Path) -> None:
     # the harness fixture checks root/FUSE/loop (under CI=true it fails loudly instead of skipping)
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = short_tmp
     loops = loop_devices()
     r = run_demo(tmp)
     print(r.stdout)
@@ -103,9 +118,8 @@ def test_demo_tells_the_whole_story_and_leaves_nothing_behind(harness: Harness, 
     assert leftovers(tmp, loops) == {"mounts": [], "loops": [], "processes": [], "files": []}
 
 
-def test_demo_keep_leaves_the_cluster_running_and_stop_releases_it(harness: Harness, tmp_path: Path) -> None:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+def test_demo_keep_leaves_the_cluster_running_and_stop_releases_it(harness: Harness, short_tmp: Path) -> None:
+    tmp = short_tmp
     loops = loop_devices()
     r = run_demo(tmp, "--keep")
     assert r.returncode == 0, r.stdout + r.stderr

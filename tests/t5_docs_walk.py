@@ -1,5 +1,7 @@
 """The user guide and the runbook, walked: every command of their ``sh`` blocks runs as written,
-in order, against real daemons, loop devices and ext4, and must succeed.
+in order, against real daemons, loop devices and ext4, and must succeed. The README's
+"A five-minute tour" is walked the same way, alone, in a sandbox of its own (only that section:
+the README's setup commands set up the machine and run the test suite).
 
 How a block is read:
 
@@ -41,8 +43,10 @@ import pytest
 
 from marsfs.testing.harness import Harness, NodeProcess, free_port
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 WALKED = ("user-guide.md", "runbook.md")
+TOUR = (ROOT / "README.md", "A five-minute tour")  #: walked alone: the doc and its section
 NODE_COMMENT = re.compile(r"#\s*on (node\d+)\b")
 DIRECTIVE = re.compile(r"<!--\s*walk:\s*(.*?)\s*-->")
 COMMAND_TIMEOUT = 120.0
@@ -57,9 +61,21 @@ class Step:
     directive: bool = False
 
 
-def read_steps(doc: Path) -> Iterator[Step]:
-    """The commands of ``doc``'s sh blocks and the walk directives, in order."""
+def section_lines(doc: Path, section: str | None) -> list[str]:
+    """``doc``'s lines; with ``section``, blank but for those under ``## section`` (up to the
+    next ``## `` heading), so that line numbers stay the doc's."""
     lines = doc.read_text().splitlines()
+    if section is None:
+        return lines
+    start = lines.index(f"## {section}")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return [ln if start <= i < end else "" for i, ln in enumerate(lines)]
+
+
+def read_steps(doc: Path, section: str | None = None) -> Iterator[Step]:
+    """The commands of ``doc``'s sh blocks (in ``section`` only, if given) and the walk
+    directives, in order."""
+    lines = section_lines(doc, section)
     i = 0
     while i < len(lines):
         stripped = lines[i].strip()
@@ -222,24 +238,36 @@ class Walk:
                                if len(line.split()) > 1 and line.split()[1].startswith(prefix)]
 
 
+def walk(harness: Harness, steps: list[Step]) -> None:
+    w = Walk(harness)
+    try:
+        for step in steps:
+            w.step(step)
+    finally:
+        w.close()
+
+
 def test_docs_are_walked(harness: Harness) -> None:
     steps = [s for doc in WALKED for s in read_steps(DOCS / doc)]
     assert sum(1 for s in steps if s.text.startswith("marsfs serve")) >= 4  # the parser found the blocks
-    walk = Walk(harness)
-    try:
-        for step in steps:
-            walk.step(step)
-    finally:
-        walk.close()
+    walk(harness, steps)
 
 
-@pytest.mark.parametrize("doc", WALKED)
-def test_every_sh_block_is_read(doc: str) -> None:
+def test_the_readme_tour_is_walked(harness: Harness) -> None:
+    steps = list(read_steps(*TOUR))
+    assert sum(1 for s in steps if s.text.startswith("marsfs serve")) == 3  # both nodes, then node2 again
+    assert not any(s.text.startswith("scripts/") for s in steps)  # never the setup commands
+    walk(harness, steps)
+
+
+@pytest.mark.parametrize("doc, section", [*((d, None) for d in WALKED), ("README.md", TOUR[1])])
+def test_every_sh_block_is_read(doc: str, section: str | None) -> None:
     """The reader misses no block: every line of every sh block is a command, a comment or a
     continuation (a block in another form would be skipped silently)."""
-    text = (DOCS / doc).read_text()
+    path = TOUR[0] if section else DOCS / doc
+    text = "\n".join(section_lines(path, section)) + "\n"
     blocks = re.findall(r"^[ \t]*```sh\n(.*?)^[ \t]*```$", text, flags=re.S | re.M)
     lines = [ln.strip() for b in blocks for ln in b.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    commands = [s for s in read_steps(DOCS / doc) if not s.directive]
+    commands = [s for s in read_steps(path, section) if not s.directive]
     assert len(commands) == sum(1 for i, ln in enumerate(lines) if i == 0 or not lines[i - 1].endswith("\\"))
     assert text.count("```sh") == len(blocks) > 0

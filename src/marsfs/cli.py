@@ -3,11 +3,21 @@
 The verbs other than ``serve`` come from the command table (:mod:`marsfs.faces.commands`):
 their arguments, help and output are defined there once, for this parser and for the daemon.
 
-Errors are one line on stderr with exit status 1; usage errors exit 2 (argparse's
-convention); no tracebacks for anything a user can cause. A planned command that does not
-exist yet (:data:`marsfs.faces.commands.PLANNED`) says so in one line, whatever its arguments (exit 2).
-A reader that goes away (``marsfs status --watch | head``) ends the command quietly with exit
-status 141, as SIGPIPE ends other tools.
+Exit statuses (docs/user-guide.md, "Errors", lists them for users):
+
+* 0: done. 1: refused or failed (the daemon's or the node's refusal, no daemon running, a
+  file that cannot be written, a verify that found differences, a wait that timed out).
+* 2: a usage mistake: the command line itself is wrong (argparse's convention): an unknown
+  command or option, a missing argument, a value that cannot be read; for ``serve`` every
+  mistake in its flags or config file, so that a service manager does not restart it.
+* 130: interrupted (Ctrl-C); 141: the reader went away (``marsfs status --watch | head``),
+  as SIGPIPE ends other tools.
+
+Every error is exactly one line on stderr that says what to do, usage errors included
+(:class:`Parser` prints argparse's complaint and where the help is, not the usage block), and
+no traceback for anything a user or the machine can cause: an ``OSError`` that no layer turned
+into a :class:`MarsError` still ends as one line. A planned command that does not exist yet
+(:data:`marsfs.faces.commands.PLANNED`) says so in one line, whatever its arguments (exit 2).
 """
 
 from __future__ import annotations
@@ -17,13 +27,22 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from marsfs.errors import MarsError, UsageError
 from marsfs.faces.commands import COMMANDS, PLANNED, Request, run
 from marsfs.node.defaults import DEFAULT_CLUSTER, NODE_DAYS
 
 DEFAULT_STATE = "/var/lib/marsfs"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its complaints in one line: what is wrong and where the help is (exit 2).
+
+    Subparsers are of this class too (argparse makes them of their parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see: {self.prog} --help\n")
 
 
 def _state(args: argparse.Namespace) -> Path:
@@ -58,7 +77,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from marsfs.node import tls
 
     if args.cluster_command == "init":
-        made = tls.init_ca(args.dir, args.cluster)
+        try:
+            made = tls.init_ca(args.dir, args.cluster)
+        except OSError as e:
+            raise _files_error(e, "--dir", args.dir) from None
         if args.json:
             print(json.dumps({"dir": os.fspath(made.dir), "cluster": made.cluster,
                               "expires": made.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")}))
@@ -69,7 +91,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return 0
     if args.days <= 0:
         raise UsageError(f"--days {args.days}: give the days the certificate is valid, above 0")
-    issued = tls.add_node(args.ca, args.name, args.out, days=args.days)
+    try:
+        issued = tls.add_node(args.ca, args.name, args.out, days=args.days)
+    except OSError as e:
+        inside_out = e.filename is not None and Path(os.path.abspath(args.out)) in (
+            Path(os.path.abspath(e.filename)), *Path(os.path.abspath(e.filename)).parents)
+        raise (_files_error(e, "--out", args.out) if inside_out else _files_error(e, "--ca", args.ca)) from None
     if args.json:
         print(json.dumps({"node": issued.node, "cluster": issued.cluster, "dir": os.fspath(issued.dir),
                           "expires": issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")}))
@@ -81,12 +108,20 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files_error(e: OSError, flag: str, path: Path) -> MarsError:
+    """A certificate file that cannot be read or written, as one line naming the flag."""
+    why = "not a directory" if isinstance(e, FileExistsError | NotADirectoryError) else e.strerror or str(e)
+    where = f"{e.filename}: " if e.filename and os.fspath(e.filename) != os.fspath(path) else ""
+    want = "the directory marsfs cluster init --dir made" if flag == "--ca" else "a directory that can be made and written"
+    return MarsError(f"cannot use {flag} {path}: {where}{why}; give {flag} {want}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--state", default=argparse.SUPPRESS, metavar="DIR",
                         help=f"the node's state directory (default: $MARSFS_STATE or {DEFAULT_STATE})")
-    p = argparse.ArgumentParser(prog="marsfs", parents=[common],
-                                description="Asynchronous log-shipping replication of volume images (FUSE).")
+    p = Parser(prog="marsfs", parents=[common],
+               description="Asynchronous log-shipping replication of volume images (FUSE).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("serve", parents=[common], help="run a node in the foreground")
@@ -144,18 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command not in PLANNED:  # what parse_args says; a planned command takes anything
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        prog = " ".join(["marsfs", args.command, *([args.cluster_command] if args.command == "cluster" else [])])
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)}; see: {prog} --help\n")
     try:
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "cluster":
             return cmd_cluster(args)
         return run(COMMANDS[args.command], args, _requester(_state(args)))
-    except UsageError as e:
-        parser.print_usage(sys.stderr)
-        print(f"marsfs: error: {e}", file=sys.stderr)
-        return 2
-    except MarsError as e:
+    except MarsError as e:  # a UsageError too: its message says what to give (exit 2)
         print(f"marsfs: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -165,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         # Python flushes stdout at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # what no layer turned into a MarsError: still one line, no traceback
+        where = f" {e.filename}" if e.filename else ""
+        print(f"marsfs: error: cannot use{where}: {e.strerror or e}; check the path and its permissions",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -515,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     except DemoFailed as e:
         print(f"marsfs demo: FAILED: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a node that would not start: its log's last lines are printed above
+        print(f"marsfs demo: FAILED: {str(e).splitlines()[0].rstrip(':')} (its log is above)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("marsfs demo: interrupted; everything it started is released", file=sys.stderr)
         return 130

@@ -187,3 +187,8 @@ class DiskFailed(MarsError):
     """The state directory's disk failed an I/O outside the log (EIO on a volume's base image
     or its state files). Nothing is lost: what failed is retried from the log, which still
     holds it; the message says to check the disk."""
+
+
+class SyncRefused(MarsError):
+    """A flush of a sync volume that refuses to run degraded (``--refuse``) while fewer than N
+    mirrors acknowledge: EIO to the application, which must not take its data as replicated."""

@@ -29,3 +29,11 @@ def check_volume_name(name: str) -> str:
     if not is_name(name):
         raise InvalidRequest(f"invalid volume name {name!r:.80}: use {RULE} (no '/', no leading dot)")
     return name
+
+
+def check_node_name(name: str) -> str:
+    """A node name as the operator gives it (``join --from``, ``verify --peer``): the same rule
+    as ``serve --node``, so that a typo is named as such, not as a node this one does not know."""
+    if not is_name(name):
+        raise InvalidRequest(f"invalid node name {name!r:.80}: use {RULE} (the name its serve --node gives)")
+    return name

@@ -9,12 +9,14 @@ Rules that hold here:
 
 * The request is checked against the table before a handler runs: an unknown command, a
   missing argument, an unknown one or a value of the wrong type is a :class:`UsageError`
-  (exit status 2), never a KeyError reported as an internal error; so are a size that cannot
-  be read (``--size 12Q``) and a rate of 0 (leaving ``--rate`` out is how to say "no limit").
-  A readable value that is not acceptable (a size not a multiple of 512, a bad name) is the
-  node's refusal, as any other.
-* Some checks also run in the command line before the daemon is asked (``create`` checks the
-  volume name and reads the size), so that a typo needs no daemon; the daemon checks again.
+  (exit status 2), never a KeyError reported as an internal error; so are a size, history
+  window or number of seconds that cannot be read (``--size 12Q``, ``--timeout soon``) and a
+  rate of 0 (leaving ``--rate`` out is how to say "no limit"). A readable value that is not
+  acceptable (a size of 0 or not a multiple of 512, a volume or node name that breaks the name
+  rule) is the node's refusal (exit status 1), as any other.
+* Every name a command takes is checked in the command line before the daemon is asked, and
+  sizes, windows and rates are read there: a typo needs no daemon, and a malformed name is
+  named as such, never answered as an unknown volume or node. The daemon checks again.
 * ``wait`` and ``status --watch`` are loops in the command line around ``status``; ``wait``
   has no daemon side. ``ping`` and ``verify-progress`` (what the command line's ``verify`` loop polls) have no
   command line. ``wait --synced`` on a mirror waits until
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import threading
@@ -44,13 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from marsfs.errors import DaemonWentAway, MarsError, NotAvailable, UsageError, WrongRole
-from marsfs.names import check_volume_name
+from marsfs.errors import DaemonWentAway, InvalidRequest, MarsError, NotAvailable, UsageError, WrongRole
+from marsfs.names import check_node_name, check_volume_name
+from marsfs.node.defaults import DEFAULT_SYNC_TIMEOUT as DEFAULT_TIMEOUT
 from marsfs.units import human_bytes, parse_size
 
 if TYPE_CHECKING:
     from marsfs.node import Node
     from marsfs.node.cluster import Cluster
+    from marsfs.node.syncmode import ModeSetting
 
 # Every command-line process builds this table, so the modules at the top are only those the
 # table needs (a create from a shell loop pays its start-up each time: trio, rich and the node
@@ -103,6 +108,56 @@ def text(name: str, value: Any) -> str:
     return value
 
 
+def volume_name(name: str, value: Any) -> str:
+    """A volume's name: a string (else a usage error) that keeps the name rule (else the node's
+    refusal, exit status 1, as ``create`` gives it), so that a typo is never answered as an
+    unknown volume to create."""
+    return check_volume_name(text(name, value))
+
+
+def node_name(name: str, value: Any) -> str:
+    """A node's name (``--from``, ``--peer``, ``--node``), checked like :func:`volume_name`."""
+    return check_node_name(text(name, value))
+
+
+def history_window(name: str, value: Any) -> str:
+    """A history window as ``history VOL WINDOW`` gives it: ``default`` or what
+    :meth:`Retention.parse` reads; one it cannot read is a usage mistake, like ``serve --history``."""
+    window = text(name, value)
+    if window != "default":
+        from marsfs.volume.retention import Retention
+
+        try:
+            Retention.parse(window)
+        except InvalidRequest as e:
+            raise UsageError(str(e)) from None
+    return window
+
+
+def read_window(text: str) -> str:
+    """``history VOL WINDOW`` as the command line checks it (see :func:`history_window`)."""
+    return history_window("window", text)
+
+
+def seconds(text: str) -> float:
+    """An argparse ``type`` for a timeout in seconds: a number, at least 0 (``inf``: no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds, 0 or more, like 30")
+    return value
+
+
+def interval(text: str) -> float:
+    """An argparse ``type`` for the seconds between two refreshes: :func:`seconds`, finite."""
+    value = seconds(text)
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds between refreshes, like 1")
+    return value
+
+
 def switch(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise UsageError(f"argument {name!r} must be true or false, not {value!r}")
@@ -123,6 +178,19 @@ def read_size(text: str) -> int:
         return parse_size(text)
     except MarsError as e:
         raise UsageError(str(e)) from None
+
+
+def count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"argument {name!r} must be a whole number, not {value!r}")
+    return value
+
+
+def duration(name: str, value: Any) -> float:
+    """Seconds, as a request carries them (a sync volume's ``--timeout``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"argument {name!r} must be a number of seconds, not {value!r}")
+    return float(value)
 
 
 def rate(name: str, value: Any) -> int:
@@ -261,8 +329,48 @@ async def _ping(ctx: Context, a: dict[str, Any]) -> Any:
 async def _create(ctx: Context, a: dict[str, Any]) -> Any:
     from marsfs.node import status
 
-    await _in_thread(functools.partial(ctx.node.create, a["volume"], a["size"], thin=a["thin"]))
+    mode = _setting(a) if a["mode"] is not None else _setting(a, "async") if _sync_options(a) else None
+    await _in_thread(functools.partial(ctx.node.create, a["volume"], a["size"], thin=a["thin"], mode=mode))
     return status.volume_status(ctx.node, a["volume"]).to_json()
+
+
+def _sync_options(a: dict[str, Any]) -> list[str]:
+    """The options of sync mode given in a request."""
+    return ([f"--{k}" for k in ("mirrors",) if a[k] is not None] + (["--timeout"] if a["sync_timeout"] is not None else [])
+            + (["--refuse"] if a["refuse"] else []))
+
+
+def _setting(a: dict[str, Any], mode: str | None = None) -> ModeSetting:
+    """The replication mode a ``create`` or ``mode`` request asks for."""
+    from marsfs.node.syncmode import check_setting
+
+    mode = mode or a["mode"]
+    given = _sync_options(a)
+    if mode != "sync" and given:
+        raise UsageError(f"{', '.join(given)} go(es) with sync mode: marsfs mode {a['volume']} sync {' '.join(given)}")
+    try:  # a value the command line gave that no setting has is a usage mistake, as --size 12Q is
+        return check_setting(mode, a["mirrors"] if a["mirrors"] is not None else 1,
+                             a["sync_timeout"] if a["sync_timeout"] is not None else DEFAULT_TIMEOUT, a["refuse"])
+    except InvalidRequest as e:
+        raise UsageError(str(e)) from None
+
+
+async def _mode(ctx: Context, a: dict[str, Any]) -> Any:
+    name = a["volume"]
+    setting = _setting(a)
+    await _in_thread(ctx.node.set_mode, name, setting)
+    ctx.cluster.gossip_now()
+    d = ctx.node.meta.designated(name)
+    primary = d.node if d is not None else ctx.node.name
+    return {"volume": name, "mode": setting.mode.value, "mirrors": setting.mirrors, "timeout": setting.timeout,
+            "refuse": setting.refuse, "described": setting.describe(), "primary": primary,
+            "here": primary == ctx.node.name}
+
+
+def _mode_text(r: dict[str, Any], args: argparse.Namespace) -> str:
+    where = ("this node is its primary and acts on it at once" if r["here"] else
+             f"its primary {r['primary']} acts on it once the cluster metadata brings it there (about a second)")
+    return f"{r['volume']}: replication mode {r['described']}; {where}"
 
 
 async def _delete(ctx: Context, a: dict[str, Any]) -> Any:
@@ -478,7 +586,8 @@ def _primary_client(command: Command, args: argparse.Namespace, request: Request
 def _primary_text(r: dict[str, Any], args: argparse.Namespace) -> str:
     head = f"{r['volume']}: primary on this node now (epoch {r['epoch']}, writes from LSN {r['start_lsn']})"
     if "loss" in r:
-        return f"{head}; failover without {r['from']}: {r['lost']}"
+        note = f"\n{r['mode_note']}" if r.get("mode_note") else ""
+        return f"{head}; failover without {r['from']}: {r['lost']}{note}"
     follows = "which follows it now" if r.get("follows", True) else "which follows it once it hears of the claim"
     return f"{head}; handed over from {r['from']}, {follows}; nothing lost"
 
@@ -524,6 +633,7 @@ def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
 
     if not args.synced:
         raise UsageError("say what to wait for: --synced")
+    check_volume_name(args.volume)  # wait asks only status, whose request it builds itself
     start = time.monotonic()
     deadline = None if args.timeout is None else start + args.timeout
     while True:
@@ -743,7 +853,7 @@ def _leave_text(r: Mapping[str, Any], a: argparse.Namespace) -> str:
 
 def _pause_command(name: str) -> Command:
     verb, what = name.split("-")
-    return Command(name, f"{name.replace('-', ' ')} of a mirror (persists)", (Arg("volume"),),
+    return Command(name, f"{name.replace('-', ' ')} of a mirror (persists)", (VOLUME,),
                    _pause(what, verb == "pause"), text=lambda r, a: f"{name.replace('-', ' ')}: {r['volume']}")
 
 
@@ -759,7 +869,25 @@ def _planned(name: str, what: str) -> Command:
 PLANNED: Mapping[str, str] = types.MappingProxyType({
 })
 
-VOLUME = Arg("volume")
+VOLUME = Arg("volume", parse=volume_name, check=check_volume_name)
+
+
+def _mode_arg(value: str) -> str:
+    if value not in ("async", "sync"):
+        raise UsageError(f"replication mode {value!r}: give async or sync")
+    return value
+
+
+SYNC_OPTIONS = (
+    Arg("mirrors", "sync: how many mirrors must hold a flush (default 1)", flag="--mirrors", required=False,
+        parse=count, cli_type=int, metavar="N"),
+    # not "timeout": the control socket's call() takes that as its own
+    Arg("sync_timeout", f"sync: seconds a flush waits for them before the volume degrades to async (default "
+                   f"{DEFAULT_TIMEOUT:g})", flag="--timeout", required=False, parse=duration, cli_type=float,
+        metavar="S"),
+    Arg("refuse", "sync: while degraded, fail flushes with EIO instead of completing them", flag="--refuse",
+        required=False, parse=switch),
+)
 JSON = Arg("json", flag="--json", required=False, parse=switch, wire=False)
 RATE = Arg("rate", "limit this sync's data to RATE bytes/s, above 0 (like 50M; default: the source's --sync-rate)",
            flag="--rate", required=False, parse=rate, check=read_rate, metavar="RATE")
@@ -780,31 +908,37 @@ def _join_text(r: dict[str, Any], a: argparse.Namespace) -> str:
 COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
     Command("ping", None, handler=_ping),
     Command("create", "create a volume; this node becomes its primary",
-            (Arg("volume", check=check_volume_name),
+            (VOLUME,
              Arg("size", "like 512M, 10G, or bytes", flag="--size", parse=size, check=read_size),
              Arg("thin", "do not reserve the base image on disk (writes fail with ENOSPC if the disk fills)",
-                 flag="--thin", required=False, parse=switch)),
+                 flag="--thin", required=False, parse=switch),
+             Arg("mode", "replication mode: async (default) or sync (a flush waits for mirrors)", flag="--mode",
+                 required=False, metavar="MODE", check=_mode_arg),
+             *SYNC_OPTIONS),
             _create, text=lambda r, a: f"created volume {r['volume']} ({human_bytes(r['size'])}"
-                                       f"{', thin' if a.thin else ''}), primary on node {r['node']}"),
+                                       f"{', thin' if a.thin else ''}), primary on node {r['node']}"
+                                       f"{', replication sync' if r.get('mode') == 'sync' else ''}"),
     Command("delete", "remove a volume from this node",
-            (Arg("volume", "the volume (a primary's or a clone)"), Arg("force", "even while it is open (a loop device, a mount) or has mirrors; never while "
-                                  "clones read from it (delete them first)",
-                         flag="--force", required=False, parse=switch)),
+            (Arg("volume", "the volume (a primary's or a clone)", parse=volume_name, check=check_volume_name),
+             Arg("force", "even while it is open (a loop device, a mount) or has mirrors; never while "
+                          "clones read from it (delete them first)",
+                 flag="--force", required=False, parse=switch)),
             _delete, text=lambda r, a: f"deleted volume {a.volume}",
             description="remove a volume and its history from this node: a primary's, after its mirrors left "
                         "(marsfs leave VOL on each), or a clone; a mirror's copy goes with marsfs leave VOL "
                         "instead"),
     Command("status", "roles, LSNs, lag and errors",
-            (Arg("volume", required=False), JSON,
+            (Arg("volume", required=False, parse=volume_name, check=check_volume_name), JSON,
              Arg("watch", "refresh until interrupted", flag="--watch", required=False, parse=switch, wire=False),
-             Arg("interval", flag="--interval", required=False, wire=False, cli_type=float, default=1.0,
+             Arg("interval", flag="--interval", required=False, wire=False, cli_type=interval, default=1.0,
                  hidden=True)),
             _status, text=lambda rows, a: status_table(rows),
             json=lambda rows, a: rows[0] if a.volume else rows, client=_status_loop),
     Command("mark", "name the current LSN (after a flush)", (VOLUME, Arg("name")),
             _mark, text=lambda r, a: f"marked {r['volume']} at LSN {r['lsn']} as {r['mark']}"),
     Command("join", "become a mirror of VOL",
-            (VOLUME, Arg("source", "the node to copy and fetch from", flag="--from", metavar="NODE"),
+            (VOLUME, Arg("source", "the node to copy and fetch from", flag="--from", metavar="NODE", parse=node_name,
+                         check=check_node_name),
              Arg("seed", "start from this image file (e.g. restored from a backup) instead of zeros",
                  flag="--seed", required=False, metavar="FILE", check=_seed_arg),
              Arg("thin", "do not reserve the copy's base image on disk (its writeback fails with ENOSPC if the "
@@ -817,7 +951,7 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
     Command("leave", "stop mirroring VOL here; --node N --force: remove dead node N",
             (VOLUME,
              Arg("node", "remove this dead node from the volume (run on a survivor)", flag="--node",
-                 required=False, metavar="NAME"),
+                 required=False, metavar="NAME", parse=node_name, check=check_node_name),
              Arg("force", "with --node: yes, the node is dead", flag="--force", required=False, parse=switch)),
             _leave, text=_leave_text),
     *(_pause_command(n) for n in ("pause-fetch", "resume-fetch", "pause-replay", "resume-replay")),
@@ -826,18 +960,19 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
              Arg("synced", "this mirror has fetched and replayed everything", flag="--synced", required=False,
                  parse=switch, wire=False),
              Arg("timeout", "give up after S seconds (exit 1)", flag="--timeout", required=False, wire=False,
-                 cli_type=float, metavar="S")),
+                 cli_type=seconds, metavar="S")),
             client=_wait),
     Command("versions", "list marks, flush points and the retained range", (VOLUME, JSON),
             _versions, text=_versions_text, json=lambda r, a: r),
     Command("history", "show or set a volume's history window",
             (VOLUME, Arg("window", "a size, a duration or both, like 10G, 24h or 10G,24h; 'default': the "
-                                   "node's window again", required=False, metavar="WINDOW"), JSON),
+                                   "node's window again", required=False, metavar="WINDOW", parse=history_window,
+                         check=read_window), JSON),
             _history, text=_history_text, json=lambda r, a: r),
     Command("clone", "writable copy-on-write volume from a version",
             (Arg("version", "the volume and version: lsn-N, a mark, an ISO-8601 UTC time or a split version",
                  metavar="VOL@VERSION", check=lambda v: (clone_spec(v), v)[1]),
-             Arg("volume", "the new volume's name", metavar="NEWVOL", check=check_volume_name), JSON),
+             Arg("volume", "the new volume's name", metavar="NEWVOL", parse=volume_name, check=check_volume_name), JSON),
             _clone, text=_clone_text, json=lambda r, a: r),
     Command("discard", "remove a split version a resolved split brain kept",
             (Arg("version", "the volume and split version, like vm@split-node2-4711", metavar="VOL@SPLIT",
@@ -853,9 +988,20 @@ COMMANDS: Mapping[str, Command] = types.MappingProxyType({c.name: c for c in (
             _primary, text=_primary_text, json=lambda r, a: r, client=_primary_client),
     Command("verify", "compare images at the same version by checksums",
             (VOLUME, Arg("peer", "the node to compare with (default: a mirror's source; on a primary: every "
-                                 "mirror it knows)", flag="--peer", required=False, metavar="NODE"), JSON),
+                                 "mirror it knows)", flag="--peer", required=False, metavar="NODE", parse=node_name,
+                         check=check_node_name), JSON),
             _verify, json=lambda r, a: r, client=_verify_client),
     Command("verify-progress", None, (Arg("job"),), _verify_progress),
+    Command("mode", "replication mode of a volume: async or sync",
+            (VOLUME, Arg("mode", "async, or sync: a flush completes once N mirrors hold it in their logs (degrades "
+                                 "to async when they do not answer within the timeout)", metavar="MODE",
+                         check=_mode_arg),
+             *SYNC_OPTIONS, JSON),
+            _mode, text=_mode_text, json=lambda r, a: r,
+            description="set the replication mode of a volume, online, on any of its nodes (it is kept in the "
+                        "cluster metadata, so a new primary keeps it): async (the default: a flush waits for this "
+                        "node's disk only) or sync (a flush also waits until N mirrors hold it durably; when they do "
+                        "not within the timeout the volume runs degraded, as async, until they caught up again)"),
     Command("resize", "grow a volume (on its primary)",
             (VOLUME, Arg("size", "the new size, like 20G, or bytes; never smaller", parse=size, check=read_size)),
             _resize, text=_resize_text, client=_resize_client),

@@ -3,13 +3,14 @@
 Rules that hold here:
 
 * A TOML file (``--config``) supplies what flags do not; flags win, and ``--peer`` adds to the
-  file's ``[peers]``. Bad input is one :class:`UsageError` line naming the flag or file; a key
+  file's ``[peers]``. Bad input is one :class:`UsageError` line naming the flag or file (exit
+  status 2, which a service manager does not retry), names that break the name rule too; a key
   the file may not have (a typo such as ``lisen``) is refused with its name, never ignored.
 * Every address (``--listen``, ``--metrics``, each peer) is parsed here, so that a malformed one is refused
   before anything is mounted.
 * :func:`preflight` refuses to start, with one line saying what to do, when the mount point is
   missing, not a directory, already mounted or a dead FUSE mount, when FUSE is unavailable,
-  when the state directory lies inside the mount point, or when the ``--listen`` (or
+  when the state directory is not a directory or lies inside the mount point, or when the ``--listen`` (or
   ``--metrics``) address cannot be bound (in use, not an address of this machine, a name that does not resolve). It
   runs before any state is touched and before the mount.
   (A state directory owned by another node name or locked by a running daemon is refused by
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from marsfs.errors import InvalidRequest, MarsError, UsageError
+from marsfs.names import RULE as NAME_RULE
+from marsfs.names import is_name
 from marsfs.node.cluster import DEFAULT_CLUSTER
 from marsfs.node.peers import parse_address
 from marsfs.node.space import LogSpaceSetting
@@ -107,6 +110,8 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
     missing = [k for k in ("node", "state", "mount") if not merged.get(k)]
     if missing:
         raise UsageError(f"marsfs serve needs {', '.join('--' + m for m in missing)} (or the same keys in --config)")
+    if not is_name(merged["node"]):
+        raise UsageError(f"--node {merged['node']!r:.80} is not a node name: give {NAME_RULE}")
     peers = {str(k): str(v) for k, v in conf.get("peers", {}).items()}
     for spec in flags.get("peer") or []:
         name, sep, addr = spec.partition("=")
@@ -114,6 +119,9 @@ def load_config(path: Path | None, flags: dict[str, Any]) -> ServeConfig:
             raise UsageError(f"--peer {spec!r}: give NAME=HOST:PORT")
         peers[name] = addr
     for name, addr in peers.items():
+        if not is_name(name):
+            raise UsageError(f"--peer {name!r:.80} is not a node name: give the peer's name as its serve --node "
+                             f"gives it ({NAME_RULE})")
         try:
             parse_address(addr)
         except UsageError as e:
@@ -257,6 +265,9 @@ def check_listen(listen: str, what: str = "for peers") -> None:
 
 def preflight(cfg: ServeConfig) -> None:
     """Refuse to start for reasons the operator can fix, before touching any state."""
+    if cfg.state.exists() and not cfg.state.is_dir():
+        raise MarsError(f"state directory {cfg.state} is not a directory; give a directory (serve makes it if it "
+                        "does not exist)")
     m = cfg.mount
     try:
         st = os.stat(m)
@@ -268,7 +279,7 @@ def preflight(cfg: ServeConfig) -> None:
                             f"detach loop devices on it, then run: fusermount3 -u {m}") from None
         raise MarsError(f"cannot use mount point {m}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise MarsError(f"mount point {m} is not a directory")
+        raise MarsError(f"mount point {m} is not a directory; give an empty directory, made with: mkdir -p DIR")
     if os.path.ismount(m):
         raise MarsError(f"mount point {m} is busy (something is mounted there); unmount it or pick another")
     if not os.path.exists("/dev/fuse") or not os.access("/dev/fuse", os.R_OK | os.W_OK):

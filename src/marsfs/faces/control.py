@@ -28,13 +28,13 @@ from typing import Any
 import trio
 
 from marsfs.errors import MarsError
+from marsfs.faces.client import MAX_SOCKET_PATH as MAX_SOCKET_PATH
 from marsfs.faces.client import call as call
 from marsfs.faces.client import socket_path as socket_path
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
-MAX_SOCKET_PATH = 108  #: bytes of a Unix socket address (sun_path), the final NUL included
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 

@@ -18,7 +18,8 @@ filesystem, a reader) is a disk in use: stopping would pull it from under its us
 its journal). So:
 
 * With nothing open the daemon stops at once: pyfuse3 finishes the requests in flight, the main
-  loop returns, every log is made durable, the filesystem is unmounted, exit status 0.
+  loop returns, every log is made durable and every connected mirror told where it ends (a
+  last heartbeat, at most 2 s), the filesystem is unmounted, exit status 0.
 * With volumes open, the first signal logs each open volume and its handle count, refuses new
   opens (EBUSY), and keeps serving, replication included, until the last handle closes; then it
   stops as above (exit 0).
@@ -155,6 +156,7 @@ class Daemon:
             self.notifier.ready(f"serving {len(self.node.volumes)} volume(s) at {self.cfg.mount}")
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             self.notifier.stopping("flushing the logs and unmounting")
+            await self.cluster.farewell()  # nothing writes any more: tell the mirrors where we stop
             nursery.cancel_scope.cancel()
 
     def open_volumes(self) -> dict[str, int]:

@@ -9,7 +9,9 @@ is the kernel's side of the contract (measured on Linux 6.x with libfuse 3.14):
   traceback and becomes EIO. An exception escaping into pyfuse3 would kill the mount and every
   loop device on it.
 * ``fsync`` is always implemented (ENOSYS would make the kernel report success for every later
-  fsync) and reaches :meth:`Volume.flush`; a flush with nothing new costs no thread hop.
+  fsync) and is the node's flush gate (:meth:`marsfs.node.syncmode.SyncGates.flush`: the
+  volume's flush, and on a sync volume the wait for its mirrors); a flush with nothing new on an
+  async volume costs no thread hop. A sync volume that refuses to run degraded fails it with EIO.
 * Blocking work (fdatasync, large lz4, large reads) runs in worker threads; small reads and
   writes run inline because a thread hop costs more than the page-cache I/O they do.
 * The image behaves like a disk: reads at or past the end return nothing, writes past the end
@@ -44,7 +46,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from marsfs.errors import MarsError, NodeStopping
+from marsfs.errors import MarsError, NodeStopping, SyncRefused
 from marsfs.faces.namespace import ROOT_INODE, SUFFIX, Attributes, Entry, EntryKind, Namespace
 from marsfs.node import Node
 from marsfs.volume import Volume, VolumeView
@@ -285,9 +287,11 @@ class Operations(pyfuse3.Operations):
     @translated
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
-        vol = h.volume
-        if h.view is None and vol.needs_flush:
-            await trio.to_thread.run_sync(vol.flush)
+        if h.view is None:
+            try:
+                await self.node.sync.flush(h.volume)
+            except SyncRefused:  # said once in the log when the volume degraded, not at every flush
+                raise pyfuse3.FUSEError(errno.EIO) from None
 
     @translated
     async def flush(self, fh: int) -> None:

@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from marsfs.errors import MarsError
 from marsfs.node import Node
 from marsfs.node.peers import parse_address
-from marsfs.node.state import VolumeStatus
+from marsfs.node.state import ReplicationMode, SyncState, VolumeStatus
 from marsfs.node.volstate import Role, VolumeState
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,12 @@ def _volume_families(rows: list[VolumeStatus]) -> Iterator[Metric]:
     errors = _gauge("marsfs_volume_errors", "Error lines marsfs status shows for the volume now.")
     warnings = _gauge("marsfs_volume_warnings", "Warning lines marsfs status shows for the volume now (log space).")
     splits = _gauge("marsfs_volume_split_brains", "Unresolved split brains of the volume here (one per peer).")
+    mode = _gauge("marsfs_volume_mode", "The volume's replication mode: 1 for the mode it has, 0 for the other.",
+                  ("volume", "mode"))
+    degraded = _gauge("marsfs_volume_sync_degraded", "A sync volume's primary: 1 while it runs degraded (async).")
+    behind = _gauge("marsfs_volume_sync_behind_records", "A sync volume's primary: records its N-th mirror lacks.")
+    degradations = _gauge("marsfs_volume_sync_degradations", "A sync volume's primary: how often it degraded since "
+                          "the daemon started.")
     plain = [(_gauge(n, doc), f) for n, doc, f in VOLUME_GAUGES]
     optional = [(_gauge(n, doc), f) for n, doc, f in OPTIONAL_GAUGES]
     for r in rows:
@@ -148,13 +154,19 @@ def _volume_families(rows: list[VolumeStatus]) -> Iterator[Metric]:
         errors.add_metric(v, len(r.errors))
         warnings.add_metric(v, len(r.warnings))
         splits.add_metric(v, len(r.split_brain))
+        for m in ReplicationMode:
+            mode.add_metric([r.volume, m.value], float(m == r.mode))
+        if r.sync_mode is not None:
+            degraded.add_metric(v, float(r.sync_mode.state is SyncState.DEGRADED))
+            behind.add_metric(v, r.sync_mode.behind_records)
+            degradations.add_metric(v, r.sync_mode.degradations)
         for family, f in plain:
             family.add_metric(v, float(getattr(r, f)))
         for family, f in optional:
             value = getattr(r, f)
             if value is not None:
                 family.add_metric(v, float(value))
-    yield from (role, state, errors, warnings, splits)
+    yield from (role, state, errors, warnings, splits, mode, degraded, behind, degradations)
     yield from (f for f, _ in plain)
     yield from (f for f, _ in optional)
 

@@ -123,9 +123,22 @@ def under_lines(r: Row) -> list[str]:
         lines.append("  sync: waiting for the source to pick the version to sync to")
     elif r.get("role") == "mirror" and r.get("source"):
         lines.append(f"  source {r['source']}: {source_text(r)}")
+    lines += mode_lines(r)
     lines += [peer_line(p) for p in r.get("peers") or ()]
     lines += [f"  node {p['node']}: {position_text(p, now)}" for p in _other_positions(r)]
     return lines
+
+
+def mode_lines(r: Row) -> list[str]:
+    """A sync volume's line: where it stands on its primary (the mode only, elsewhere)."""
+    if r.get("mode") != "sync":
+        return []
+    sm = r.get("sync_mode")
+    if not sm:
+        return ["  replication sync (its primary's flushes wait for mirrors)"]
+    refuse = ", refuse" if sm["refuse"] else ""
+    return [f"  replication sync: {sm['state']} ({sm['mirrors']} mirror(s), timeout {sm['timeout']:g} s{refuse}); "
+            f"acknowledged up to LSN {sm['acked_lsn']}, held by {', '.join(sm['holding']) or 'no mirror'}"]
 
 
 def view_warnings(r: Row) -> list[str]:
@@ -264,6 +277,10 @@ def render(rows: Sequence[Row]) -> RenderableType:
                 f"{human_bytes(r.get('sync_received_bytes') or 0)} received")
         elif r.get("state") in ("syncing", "resyncing"):
             sync = Text("waiting for the source to pick the version", style="cyan")
+        elif r.get("mode") == "sync":  # the replication mode, and where a primary stands
+            sm = r.get("sync_mode")
+            sync = Text(f"mode sync: {sm['state']}" if sm else "mode sync",
+                        style="yellow" if sm and sm["state"] != "in-sync" else "green")
         src = f" of {r['source']}" if mirror and r.get("source") else ""
         table.add_row(Text(r["volume"], style="bold"), Text(r.get("node", ""), style="bold"),
                       r["role"] + src, _state(r["state"]), str(r["epoch"]), _lsn(r["head_lsn"]),

@@ -8,7 +8,13 @@ Rules that hold here:
   replays, :class:`~marsfs.node.handover.Roles` changes primaries, the replication
   :class:`~marsfs.replication.server.Server` serves the peers. Its command methods delegate.
 * A peer speaks to this node only if a peer list names it, and only one node per name at a
-  time (the :class:`~marsfs.node.identity.Identities` the server asks for every HELLO).
+  time (the :class:`~marsfs.node.identity.Identities` the server asks for every HELLO); it
+  asks anything about a volume only as a member of it, or as a ``join``'s fast sync (the
+  :class:`~marsfs.node.access.Access` the server asks next, over :meth:`Cluster.members_of`).
+* Before this node asks a peer about a volume that may not know it as a member yet (a forced
+  failover's survey, a comparison after a split brain, verify, a new source after a change of
+  primary), it introduces itself (:meth:`Cluster.introduce`: its positions, published and
+  exchanged with that peer now), so no gossip round lies between a join and what follows it.
 * Status (lag, states, peers) is built by :mod:`marsfs.node.status` from what the pieces hold.
 * Cluster metadata (:mod:`marsfs.node.meta`): every ``GOSSIP_EVERY`` seconds, and
   at once after a local change (:meth:`Cluster.gossip_now`), this node publishes its
@@ -22,6 +28,8 @@ Rules that hold here:
   not the designated primary fetches from it instead; a node removed from a volume (``leave
   --node --force``) no longer holds this node's log. Nothing here ever promotes a node: only
   an operator's ``primary`` claims a volume.
+* A clean stop says goodbye (:meth:`Cluster.farewell`): every log made durable, then every
+  mirror told its last heartbeat, at most ``FAREWELL_TIMEOUT`` seconds.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from marsfs.errors import (
     VolumeNotFound,
 )
 from marsfs.node import gossip, status
+from marsfs.node.access import Access
 from marsfs.node.defaults import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from marsfs.node.follow import Act, decide
 from marsfs.node.handover import Roles
@@ -63,12 +72,13 @@ from marsfs.replication.protocol import Hello
 from marsfs.replication.server import PeerTable, Server
 from marsfs.replication.verify import VerifyProgress, VerifyResult, verify_with
 from marsfs.volume import Volume
-from marsfs.volume.holds import mirror_hold
+from marsfs.volume.holds import hold_mirror, mirror_hold
 
 logger = logging.getLogger(__name__)
 
 VERIFY_KEPT = 600.0  #: seconds a finished verify waits for its command line to collect it
 GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
+FAREWELL_TIMEOUT = 2.0  #: seconds a clean stop waits for its mirrors to hear its last heartbeat
 
 
 class Cluster:
@@ -87,16 +97,19 @@ class Cluster:
         self.admission = Admission(tls)  #: the TLS handshake on the node port, and its bounds
         self.cluster = cluster
         self.peer_table = PeerTable()
+        node.sync.attach(self.peer_table)  #: a sync volume's flushes hear the mirrors' ACKs
         self.mirrors = Mirrors(node, cluster, self.connections, spawn=self.spawn, quiet=self._quiet,
-                               diverged=self._diverged)
+                               diverged=self._diverged, introduce=self.introduce)
         self.roles = Roles(node, cluster, self.connections, self.mirrors, spawn=self.spawn,
-                           gossip_now=self.gossip_now, known=self.peers.keys)
+                           gossip_now=self.gossip_now, known=self.peers.keys, introduce=self.introduce)
         #: who may speak to this node (marsfs.node.identity): peers of a peer list, one node per name
         self.identities = Identities(node.name, node.node_id, self.listed, trio.current_time, self.held_by)
+        #: who may ask what of a volume (marsfs.node.access): its members, and a join's fast sync
+        self.access = Access(node.name, self.members_of, trio.current_time)
         self.server = Server(node.name, cluster, self.servable, self._epoch, self.peer_table, meta=self._serve_meta,
                              conversations={"handover": self.roles.serve_handover, "compare": self.roles.serve_compare,
                                             "position": self.roles.serve_position},
-                             sync_rate=sync_rate, gate=self.identities)
+                             sync_rate=sync_rate, gate=self.identities, authorize=self.access.authorize)
         self.verifies: dict[str, VerifyJob] = {}  #: verify comparisons by id, until collected
         self._verify_seq = 0
         self._nursery: trio.Nursery | None = None
@@ -126,6 +139,25 @@ class Cluster:
             await self._start_meta(nursery)
             nursery.start_soon(supervised, "roles", self.roles.watch)
             task_status.started()
+
+    async def farewell(self) -> None:
+        """A clean stop's goodbye, once nothing writes any more (the daemon's FUSE loop ended):
+        every log is made durable, then every mirror connected (fetching or watching) gets what
+        is left to ship and a last heartbeat, so that a failover onto it knows exactly what it
+        lacks. A mirror that does not take it within ``FAREWELL_TIMEOUT`` seconds does not
+        hold the stop."""
+        def sync() -> None:
+            for vol in list(self.node.volumes.values()):
+                try:
+                    vol.log.sync()
+                except MarsError as e:  # its error is the volume's (G11); it says goodbye with less
+                    logger.error("volume %s: making its log durable at the stop failed: %s", vol.name, describe(e))
+
+        with trio.move_on_after(FAREWELL_TIMEOUT) as waited:
+            await trio.to_thread.run_sync(sync)
+            await self.server.farewell()
+        if waited.cancelled_caught:
+            logger.info("stopping without every mirror's goodbye: not all took it within %.0f s", FAREWELL_TIMEOUT)
 
     async def _renewals(self, tls: Tls) -> None:
         """Pick up a renewed certificate in the TLS directory (the runbook's renewal), never
@@ -157,6 +189,18 @@ class Cluster:
         """The volumes ``node`` is a member of in the cluster metadata (not removed from them)."""
         volumes = {key.split("/")[1] for _, key in self.meta.snapshot() if key.startswith("volume/")}
         return sorted(v for v in volumes if node in self.meta.members(v))
+
+    def members_of(self, vol: Volume) -> set[str]:
+        """The members of ``vol`` as this node knows them, for authorization
+        (:mod:`marsfs.node.access`): the metadata's members, the mirrors this node serves it to
+        (its peer table, and the holds on its log: persisted, so they count across a restart
+        before any gossip), and this node's own source of it; minus the nodes removed from it."""
+        name = vol.name
+        members = self.meta.members(name) | {p.node for p in self.peer_table.for_volume(name, vol.uuid)}
+        members |= {m for m in map(hold_mirror, vol.holds) if m is not None}
+        if self.node.is_mirror(name):
+            members.add(self.node.role(name).source)
+        return members - self.meta.removed(name)
 
     def servable(self, name: str) -> Volume | None:
         """The volume peers may fetch, join or hand over as ``name``: None for a clone (clones
@@ -259,6 +303,7 @@ class Cluster:
 
     async def _run_verify(self, job: VerifyJob, vol: Volume, peer: str, connect: Connect, mine: bool) -> None:
         try:
+            await self.introduce(peer)  # a member of a moment ago is one there too
             job.result = await verify_with(vol, self.node.name, self.cluster, peer, connect, mine=mine,
                                            progress=job.progress, node_id=self.node.node_id)
         except MarsError as e:
@@ -348,6 +393,19 @@ class Cluster:
             ev.set()
         self._follow_wake.set()
 
+    async def introduce(self, peer: str) -> None:
+        """Before asking ``peer`` about a volume: publish this node's positions and exchange
+        metadata with ``peer`` now, so that it knows what this node holds (a join of a moment
+        ago included) however recently the last round was. Trouble is left to the conversation
+        that follows (the exchange logs it as the gossip does); it takes at most
+        :data:`~marsfs.node.gossip.EXCHANGE_TIMEOUT` seconds."""
+        with trio.move_on_after(gossip.EXCHANGE_TIMEOUT):
+            await self._publish()
+            try:
+                await self._exchange(peer, force=True)
+            except MarsError as e:  # an unknown peer: the conversation says so itself
+                logger.info("could not exchange metadata with %s: %s", peer, describe(e))
+
     async def _serve_meta(self, ch: Channel, greeting: Hello) -> None:
         changed = await gossip.serve(ch, greeting, self.meta, self.cluster)
         self._heard[greeting.node] = time.time()
@@ -362,12 +420,12 @@ class Cluster:
             with trio.move_on_after(GOSSIP_EVERY):
                 await wake.wait()
 
-    async def _exchange(self, peer: str) -> None:
+    async def _exchange(self, peer: str, *, force: bool = False) -> None:
         """One metadata exchange with ``peer``, unless it has our map as it is (the last
         exchange either way left it so, less than ``REFRESH`` seconds ago: each node pushes its
-        own changes). Trouble is logged once per change, at INFO."""
+        own changes) and not ``force``. Trouble is logged once per change, at INFO."""
         version, when = self._exchanged.get(peer, (-1, 0.0))
-        if version == self.meta.version and trio.current_time() - when < REFRESH:
+        if not force and version == self.meta.version and trio.current_time() - when < REFRESH:
             return
         try:
             changed = await gossip.exchange(self.connector(peer), self.meta, self.cluster, peer,
@@ -476,6 +534,7 @@ class Cluster:
             self.node.unfence(name, holder=FenceHolder.MIRROR)
         elif do.act == Act.BECOME_MIRROR:
             await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
+            await self.introduce(d.node)  # our new source: it knows us as a member from our word on
             self.mirrors.start(vol)
             self.gossip_now()
         elif do.act == Act.REFETCH:
@@ -484,6 +543,7 @@ class Cluster:
             await self.mirrors.stop(name)  # the old source's fetcher ends before the new one starts
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
                                                             epoch=d.epoch))
+            await self.introduce(d.node)  # our new source: it knows us as a member from our word on
             self.mirrors.start(vol)
             self.gossip_now()
         elif do.act == Act.EPOCH:
@@ -512,7 +572,7 @@ class Cluster:
         known = self.meta.members(name) | {p.node for p in self.peer_table.for_volume(name, vol.uuid)}
         if node not in known:
             raise VolumeNotFound(f"node {node} does not hold volume {name} as far as this node knows "
-                                 f"(members: {', '.join(sorted(self.meta.members(name))) or 'none'})")
+                                 f"(members: {', '.join(sorted(self.meta.members(name))) or 'none'}); give one of the members")
         if any(p.node == node and p.connected for p in self.peer_table.for_volume(name, vol.uuid)):
             raise VolumeBusy(f"node {node} is connected and fetching {name}: it is not dead; run marsfs leave "
                              f"{name} on {node} instead")

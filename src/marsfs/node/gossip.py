@@ -9,8 +9,9 @@ Rules that hold here:
 * Sizes are bounded on the wire (:data:`~marsfs.replication.protocol.MAX_META_ENTRIES` per
   message, :data:`~marsfs.replication.protocol.MAX_META_FRAMES` messages per side); the
   protocol layer validates every entry, and :func:`marsfs.node.meta.check_entry` again before
-  a merge, so a malformed entry refuses the whole message (ProtocolError) and nothing of it
-  is merged.
+  a merge (names inside keys and values too, and a clock at most
+  :data:`~marsfs.node.meta.CLOCK_STEP` past ours as the exchange began), so a malformed
+  entry refuses the whole message (ProtocolError) and nothing of it is merged.
 * A whole exchange takes at most :data:`EXCHANGE_TIMEOUT` seconds.
 * Merges write the metadata file: they run in a worker thread.
 """
@@ -24,7 +25,7 @@ import trio
 
 from marsfs.aio import describe
 from marsfs.errors import ProtocolError
-from marsfs.node.meta import ClusterMeta, Entry, check_entry
+from marsfs.node.meta import CLOCK_STEP, ClusterMeta, Entry, check_entry
 from marsfs.replication.channel import Channel, PeerRefused
 from marsfs.replication.protocol import (
     MAX_META_ENTRIES,
@@ -55,8 +56,10 @@ async def send_entries(ch: Channel, meta: ClusterMeta) -> None:
         await ch.send_message(MetaEntries(entries=tuple(chunk), more=i < len(chunks) - 1))
 
 
-async def receive_entries(ch: Channel, peer: str) -> list[Entry]:
-    """The peer's entries until one META_ENTRIES says no more; ProtocolError for anything else."""
+async def receive_entries(ch: Channel, peer: str, clock: int) -> list[Entry]:
+    """The peer's entries until one META_ENTRIES says no more; ProtocolError for anything else
+    (also for a clock more than CLOCK_STEP past ``clock``, ours as the exchange began)."""
+    ceiling = clock + CLOCK_STEP
     out: list[Entry] = []
     for _ in range(MAX_META_FRAMES):
         msg = await ch.receive_message()
@@ -65,7 +68,7 @@ async def receive_entries(ch: Channel, peer: str) -> list[Entry]:
         if not isinstance(msg, MetaEntries):
             raise ProtocolError(f"{type(msg).__name__.upper()} from {peer} during a metadata exchange")
         for owner, key, clock, value in msg.entries:
-            why = check_entry(owner, key, clock, value)
+            why = check_entry(owner, key, clock, value, ceiling=ceiling)
             if why is not None:
                 raise ProtocolError(f"META_ENTRIES from {peer}: {why}")
             out.append(Entry.from_wire((owner, key, clock, value)))
@@ -87,7 +90,7 @@ async def serve(ch: Channel, hello: Hello, meta: ClusterMeta, cluster: str) -> C
     try:
         with trio.fail_after(EXCHANGE_TIMEOUT):
             await ch.send_message(MetaWelcome(node=meta.node, cluster=cluster))
-            theirs = await receive_entries(ch, hello.node)
+            theirs = await receive_entries(ch, hello.node, meta.clock)
             changed = await trio.to_thread.run_sync(meta.merge, theirs)
             await send_entries(ch, meta)
     except (trio.TooSlowError, PeerRefused) as e:
@@ -115,7 +118,7 @@ async def exchange(connect: Callable[[], Awaitable[trio.abc.Stream]], meta: Clus
             if welcome.cluster != cluster:
                 raise PeerRefused("cluster", f"node {welcome.node} is in cluster {welcome.cluster!r}, not {cluster!r}")
             await send_entries(ch, meta)
-            theirs = await receive_entries(ch, peer)
+            theirs = await receive_entries(ch, peer, meta.clock)
         finally:
             await ch.aclose()
     return await trio.to_thread.run_sync(meta.merge, theirs)

@@ -22,7 +22,11 @@ Rules that hold here (G7):
   (``--accept-loss``). This node then becomes primary with what it has, and records what is
   lost: measured from the best position it learnt (exact for what a reachable member holds),
   and beyond that as its fetch last heard of the primary ("at least": the primary may have
-  gone on writing after its last word). ``status`` shows it.
+  gone on writing after its last word). ``status`` shows it, and what it means for writes the
+  primary acknowledged (:func:`acknowledged`, from the mode its heartbeats said): "nothing
+  acknowledged lost" only when that is proven (sync with ``refuse``), otherwise how many known
+  and why more may be (async, degraded since T, or a sync primary that may have degraded after
+  its last word).
 * In a split brain with the designated primary, ``--force`` on the other side (a mirror of
   it, or a former primary it fenced) is how the operator keeps that side instead: the
   designated primary answers, but a planned handover cannot join two histories. This node
@@ -33,6 +37,11 @@ Rules that hold here (G7):
   and its source compare chains (:mod:`marsfs.replication.handover`), and both record the fork
   LSN and each side's tail after it (:meth:`Node.record_split`). Replication between them stays
   stopped, and nothing resolves it by itself: ``marsfs invalidate`` on the losing node does.
+* A failover's loss never claims more certainty than this node has: it says how long before
+  the failover this node last heard from the old primary ("no loss known; last heard ... N s
+  before this failover", never "nothing lost"), since heartbeats come every half second and
+  a primary may write up to its death; it is exact only when that last word was the old
+  primary's goodbye at a clean stop (``FetchState.final``).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -54,6 +63,7 @@ from marsfs.node.mirrors import Mirrors, Spawn
 from marsfs.node.node import Node
 from marsfs.node.peers import Peers
 from marsfs.node.state import FailoverLoss, HandoverStatus, SplitBrain
+from marsfs.node.syncmode import MAX_MIRRORS
 from marsfs.node.volstate import SYNCS, Role, Verdict, VolumeState, promotion_refusal
 from marsfs.replication.channel import Channel, ConnectionLost, PeerRefused
 from marsfs.replication.fetch import PeerChannel, ResyncPlan, hello, open_channel
@@ -76,6 +86,7 @@ from marsfs.replication.protocol import (
     PositionAsk,
     PositionTold,
 )
+from marsfs.replication.session import SyncWord
 from marsfs.units import human_bytes
 from marsfs.volume import Volume
 from marsfs.volume.splits import save_split
@@ -108,16 +119,41 @@ def measured(loss: FailoverLoss, node: str, told: PositionTold) -> FailoverLoss:
                    held_records=told.records, held_bytes=told.bytes)
 
 
+def acknowledged(loss: FailoverLoss, word: SyncWord | None, ours: int, unanswered: int, held_more: bool
+                 ) -> FailoverLoss:
+    """``loss`` with what it means for the writes the source acknowledged, from the source's
+    last heartbeat (``word``; None: never heard). ``ours``: our durable LSN (what the new
+    history keeps); ``unanswered``: how many of the source's other mirrors did not answer the
+    survey; ``held_more``: one that answered holds more than we do (the loss was accepted).
+
+    Nothing acknowledged is lost provably only with ``refuse``: such a primary never completes
+    a flush that fewer than N mirrors hold, so each acknowledged write is on N mirrors; with
+    fewer than N unasked and none holding more than us, we hold it. Without ``refuse`` a
+    primary cut off from its mirrors degrades after its timeout and goes on acknowledging."""
+    if word is None:
+        return loss
+    lost = max(0, word.acked_lsn - ours)
+    proven = (word.mode == "sync" and word.refuse and not word.degraded_since and not held_more
+              and unanswered < word.mirrors and not lost)
+    return replace(loss, mode=word.mode, mirrors=word.mirrors, refuse=word.refuse,
+                   degraded_since=word.degraded_since, acked_lsn=word.acked_lsn, acked_lost=lost,
+                   nothing_acked_lost=proven)
+
+
 class Roles:
     """The role changes of one node's volumes; part of its :class:`~marsfs.node.cluster.Cluster`."""
 
     def __init__(self, node: Node, cluster: str, peers: Peers, mirrors: Mirrors, *, spawn: Spawn,
-                 gossip_now: Callable[[], None], known: Callable[[], Iterable[str]] = tuple) -> None:
+                 gossip_now: Callable[[], None], known: Callable[[], Iterable[str]] = tuple,
+                 introduce: Callable[[str], Awaitable[None]] | None = None) -> None:
         """``cluster`` is the cluster's name (for the hellos); ``mirrors`` the node's fetchers,
         which a change of primary stops and starts; ``gossip_now`` spreads a claim at once;
         ``known`` names the peers this node was told of (a forced failover asks them too: one
-        that has not gossiped yet may still hold more)."""
+        that has not gossiped yet may still hold more); ``introduce(peer)`` tells ``peer`` what
+        this node holds before it is asked about a volume (it answers members only, and this
+        node may have joined a moment ago: :meth:`marsfs.node.cluster.Cluster.introduce`)."""
         self.known = known
+        self.introduce = introduce
         self.node = node
         self.cluster = cluster
         self.peers = peers
@@ -152,7 +188,7 @@ class Roles:
                                  f"with {designated}, the designated primary: marsfs primary {name} --force here keeps "
                                  f"this side (then marsfs invalidate {name} on {designated}), marsfs invalidate "
                                  f"{name} here keeps {designated}'s")
-            raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}")
+            raise WrongRole(f"volume {name!r} is already primary on node {self.node.name}: nothing to do")
         verdict = status.verdict(self.node, name, status.mirror_side(self.mirrors, name, trio.current_time()))
         splits = self.node.splits(name)
         with_source = any(sp.peer == role.source for sp in splits)
@@ -298,9 +334,13 @@ class Roles:
 
     def _unreachable(self, name: str, source: str, why: str) -> str:
         loss = self._loss(name, source)
+        fetcher = self.mirrors.fetchers.get(name)
+        word = fetcher.state.primary_sync if fetcher is not None else None
+        # before the survey nothing is proven: say what its last word tells (the --force says more)
+        acked = acknowledged(loss, word, self.node.volume(name).durable_lsn, MAX_MIRRORS, False).acknowledged()
         return (f"cannot reach {source}, the primary of {name} ({why}); a planned handover needs it. Wait for it, "
                 f"or if it is lost: marsfs primary {name} --force makes this node primary with what it has, "
-                f"losing what it did not fetch: {loss.describe_risk()}")
+                f"losing what it did not fetch: {loss.describe_risk()}{'; ' + acked if acked else ''}")
 
     async def fail_over(self, name: str, *, accept_loss: bool = False) -> dict[str, Any]:
         """Forced failover: this node becomes primary of ``name`` without its primary (or, in a
@@ -321,7 +361,7 @@ class Roles:
                                      f"marsfs primary {name}, which loses nothing; --force is for a primary that "
                                      "cannot be reached")
             others = sorted((self.node.meta.members(name) | set(self.known())) - {self.node.name, source})
-            held = await self._survey(name, vol, others, vol.durable_lsn)
+            held, answered = await self._survey(name, vol, others, vol.durable_lsn)
             best = max(held.items(), key=lambda kv: (kv[1].records, kv[0]), default=None)
             if best is not None and not accept_loss:
                 node, told = best
@@ -335,6 +375,9 @@ class Roles:
                 loss = self._loss(name, source)
                 if best is not None:
                     loss = measured(loss, *best)
+                fetcher = self.mirrors.fetchers.get(name)
+                loss = acknowledged(loss, fetcher.state.primary_sync if fetcher is not None else None,
+                                    vol.durable_lsn, len(set(others) - answered), best is not None)
             await self.mirrors.stop(name)
             epoch = self._newest_epoch(name) + 1
             start = vol.head_lsn + 1
@@ -354,8 +397,16 @@ class Roles:
             self.progress.pop(name, None)
         logger.warning("forced failover of %s from %s: primary here from LSN %d, epoch %d; %s", name, source,
                        start, epoch, loss.describe())
-        return {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
-                "lost": loss.describe()}
+        out = {"volume": name, "from": source, "epoch": epoch, "start_lsn": start, "loss": loss.to_json(),
+               "lost": loss.describe()}
+        mode = self.node.sync.setting(vol)
+        if mode.sync:  # the new primary keeps the mode; with its old primary gone it may lack mirrors
+            then = ("fail with EIO (--refuse) until they do; to write meanwhile: marsfs mode "
+                    f"{name} sync (degrade instead of failing) or marsfs mode {name} async") if mode.refuse else \
+                "wait up to the timeout once, then the volume runs degraded (async) until they do"
+            out["mode_note"] = (f"{name} stays in {mode.describe()}: its flushes need {mode.mirrors} mirror(s) of this "
+                                f"node holding them, and they {then}")
+        return out
 
     def _fenced_side(self, name: str) -> str | None:
         """The designated primary, if this node is a former primary of ``name`` (fenced by a
@@ -367,27 +418,33 @@ class Roles:
             return None
         return d.node
 
-    async def _survey(self, name: str, vol: Volume, nodes: list[str], lsn: int) -> dict[str, PositionTold]:
+    async def _survey(self, name: str, vol: Volume, nodes: list[str], lsn: int
+                      ) -> tuple[dict[str, PositionTold], set[str]]:
         """What each of ``nodes`` that answers holds beyond our ``lsn`` of ``name``, for those
-        whose history continues ours there (``ahead`` or ``trimmed``). Asked all at once; a
-        node that does not answer within SURVEY_TIMEOUT holds nothing we can reach."""
+        whose history continues ours there (``ahead`` or ``trimmed``), and which nodes answered.
+        Asked all at once; a node that does not answer within SURVEY_TIMEOUT holds nothing we
+        can reach."""
         chain = await trio.to_thread.run_sync(vol.log.chain_at, lsn)
         held: dict[str, PositionTold] = {}
+        answered: set[str] = set()
 
         async def ask(node: str) -> None:
             told = await self._ask_position(name, node, lsn, chain)
+            if told is not None:
+                answered.add(node)
             if told is not None and told.relation in ("ahead", "trimmed"):
                 held[node] = told
 
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 nursery.start_soon(ask, node)
-        return held
+        return held, answered
 
     async def _ask_position(self, name: str, node: str, lsn: int, chain: bytes) -> PositionTold | None:
         """``node``'s answer to where its history stands against ours at ``lsn`` (None: no answer)."""
         try:
             with trio.fail_after(SURVEY_TIMEOUT):
+                await self._introduce(node)
                 ch, _ = await open_channel(self.peers.connector(node),
                                            hello(self.node.name, self.cluster, name, "position",
                                                  node_id=self.node.node_id))
@@ -423,23 +480,31 @@ class Roles:
 
         await serve_position(ch, answer)
 
+    async def _introduce(self, peer: str) -> None:
+        if self.introduce is not None:
+            await self.introduce(peer)
+
     def _newest_epoch(self, name: str) -> int:
         d = self.node.meta.designated(name)
         return max(self.node.role(name).epoch, d.epoch if d is not None else 0)
 
     async def _reachable(self, name: str, source: str) -> bool:
-        """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME)."""
+        """Whether ``source`` answers for ``name`` now (a HELLO that gets its WELCOME, or that it
+        refuses only because it does not take this node for a member: it is up all the same)."""
         try:
             ch, _ = await open_channel(self.peers.connector(source),
                                        hello(self.node.name, self.cluster, name, "handover",
                                              node_id=self.node.node_id))
-        except (PeerRefused, OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
+        except PeerRefused as e:
+            return e.code == "not-a-member"
+        except (OSError, trio.TooSlowError, ConnectionLost, ProtocolError):
             return False
         await ch.aclose()
         return True
 
     def _loss(self, name: str, source: str) -> FailoverLoss:
-        """What becoming primary now would lose, as this node's fetch last heard of ``source``."""
+        """What becoming primary now would lose, as this node's fetch last heard of ``source``,
+        and how long before now it heard that."""
         vol = self.node.volume(name)
         fetcher = self.mirrors.fetchers.get(name)
         now = time.time()
@@ -452,13 +517,20 @@ class Roles:
         lost_bytes = fs.lag_bytes if records else 0
         oldest = fs.primary_time - fs.lag_seconds if records else 0.0
         newest = as_of = fs.primary_time
+        heard = max(0.0, trio.current_time() - fs.last_heartbeat)
+        # its goodbye at a clean stop says exactly how far its log goes (if it is the primary:
+        # a mirror we fetch from may lack what its own source wrote); any other last word,
+        # however fresh, leaves what it wrote after it unknown
+        d = self.node.meta.designated(name)
+        final = fs.final and not fs.connected and d is not None and d.node == source
         p = self.node.meta.position(source, name)  # what it published later, through any peer
         if p is not None and p.updated > as_of and p.durable_lsn - ours > records:
             records, newest, as_of = p.durable_lsn - ours, p.updated, p.updated
             oldest = oldest or as_of
-        # a primary that cannot be reached may have written after its last word, however fresh
+            heard, final = min(heard, max(0.0, now - p.updated)), False  # it wrote after its goodbye
         return FailoverLoss(source=source, epoch=0, start_lsn=ours + 1, records=records, bytes=lost_bytes,
-                            oldest=oldest, newest=newest if records else 0.0, at_least=True, as_of=as_of or now)
+                            oldest=oldest, newest=newest if records else 0.0, at_least=not final,
+                            as_of=as_of or now, heard_before=heard)
 
     # ------------------------------------------------------------------ the old primary's side
 
@@ -626,6 +698,7 @@ class Roles:
         hints = [d.start_lsn - 1] if d is not None and d.start_lsn > 0 else []
         for attempt in range(COMPARE_TRIES):
             try:
+                await self._introduce(source)
                 ch, welcome = await open_channel(self.peers.connector(source),
                                                  hello(self.node.name, self.cluster, name, "compare",
                                                        node_id=self.node.node_id))

@@ -36,6 +36,11 @@ Keys (values are JSON):
 * ``volume/<vol>/removed/<node>`` = ``true``: the owner removed a dead ``node`` from the
   volume (``leave --node --force``); it holds until that node speaks of the volume again
   (a newer position).
+* ``volume/<vol>/mode`` = ``{"uuid", "mode", "mirrors", "timeout", "refuse"}``: the volume's
+  replication mode as the owner last set it (``create --mode``, ``marsfs mode``). The mode of
+  a volume is the newest entry (greatest stamp, over all owners) that names its uuid
+  (:meth:`mode_of`), so any member may set it, the newest word wins, and a volume created
+  anew under an old name starts without the old one's mode.
 
 Nothing here does network I/O; the cluster layer gossips :meth:`entries` and calls
 :meth:`merge`. Thread-safe (one lock): the daemon reads from the trio thread and writes from
@@ -57,7 +62,8 @@ from typing import Any, TypeAlias
 
 from marsfs.errors import DiskFailed, MarsError, NoSpace, StateError
 from marsfs.fsutil import read_json, write_json
-from marsfs.replication.protocol import MAX_META_KEY, MAX_META_VALUE
+from marsfs.names import is_name
+from marsfs.replication.protocol import MAX_META_CLOCK, MAX_META_KEY, MAX_META_VALUE
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,10 @@ META_FILE = "meta.json"
 FORMAT = 1
 REFRESH = 10.0  #: seconds after which an unchanged position is published (and gossiped) again
 SAVE_POSITIONS_EVERY = 5.0  #: seconds between writes of the file for position changes alone
+#: how far past this node's clock one exchange may bring it: far more than an honest peer is
+#: ahead (a node that counted for centuries, met by a new one), and 2^13 exchanges short of
+#: the clock's end (MAX_META_CLOCK), where a forged entry would stop every later write here
+CLOCK_STEP = 2**40
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -172,21 +182,43 @@ def removed_key(volume: str, node: str) -> str:
     return f"volume/{volume}/removed/{node}"
 
 
-def check_entry(owner: str, key: str, clock: int, value: JSON) -> str | None:
+def mode_key(volume: str) -> str:
+    return f"volume/{volume}/mode"
+
+
+def check_entry(owner: str, key: str, clock: int, value: JSON, *, ceiling: int = MAX_META_CLOCK) -> str | None:
     """Why an entry from a peer is not acceptable, or None. Bounds keep a peer from growing
-    our state without limit by one entry."""
-    if not owner or len(owner) > 64:
+    our state without limit by one entry, from moving our clock further than ``ceiling``
+    (:data:`CLOCK_STEP` past it, in an exchange), and from naming nodes or volumes that
+    break the one rule for names (:mod:`marsfs.names`) in a key or value this node reads."""
+    if not is_name(owner):
         return f"owner {owner[:80]!r} is not a node name"
     if not key or len(key) > MAX_META_KEY:
         return f"key of {len(key)} characters (at most {MAX_META_KEY})"
-    if clock < 1:
-        return f"clock {clock} is not positive"
+    if not 1 <= clock <= min(ceiling, MAX_META_CLOCK):
+        return f"clock {clock} is not from 1 to {min(ceiling, MAX_META_CLOCK)}"
     try:
         text = canonical(value)
     except (TypeError, ValueError):
         return "value is not JSON"
     if len(text) > MAX_META_VALUE:
         return f"value of {len(text)} bytes (at most {MAX_META_VALUE})"
+    return _names_in(key, value)
+
+
+def _names_in(key: str, value: JSON) -> str | None:
+    """Why the names in a ``volume/...`` key, or in the value of one this node reads, break the
+    rule for names (None: they do not; other keys are a newer node's, read by nobody here)."""
+    parts = key.split("/")
+    if parts[0] != "volume":
+        return None
+    if len(parts) < 3 or not is_name(parts[1]):
+        return f"key {key[:80]!r} names no volume"
+    if parts[2] == "removed" and (len(parts) != 4 or not is_name(parts[3])):
+        return f"key {key[:80]!r} names no node"
+    named = value.get("node" if parts[2] == "primary" else "source") if isinstance(value, dict) else None
+    if parts[2] in ("primary", "position") and isinstance(named, str) and named and not is_name(named):
+        return f"{parts[2]} of volume {parts[1]} names {named[:80]!r}, which is not a node name"
     return None
 
 
@@ -415,6 +447,19 @@ class ClusterMeta:
     def remove(self, volume: str, node: str) -> None:
         """Record that this node removed ``node`` from ``volume`` (``leave --node --force``)."""
         self.put(removed_key(volume, node), True)
+
+    def set_mode(self, volume: str, value: dict[str, Any]) -> None:
+        """Say the replication mode of ``volume`` (a value with its ``uuid``: see the keys)."""
+        assert isinstance(value.get("uuid"), str), value
+        self.put(mode_key(volume), value)
+
+    def mode_of(self, volume: str, uuid: str) -> JSON | None:
+        """The newest mode entry of ``volume`` that names ``uuid`` (None: none does)."""
+        best: Entry | None = None
+        for e in self._with_key(mode_key(volume)):
+            if isinstance(e.value, dict) and e.value.get("uuid") == uuid and (best is None or e.stamp > best.stamp):
+                best = e
+        return None if best is None else best.value
 
     def is_removed(self, volume: str, node: str) -> bool:
         """A removal by any node, newer than ``node``'s last word on ``volume``."""

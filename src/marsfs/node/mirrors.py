@@ -22,8 +22,14 @@ Rules that hold here:
   A node with no mirror volume looks only every ``REPLAY_IDLE`` seconds (its idle cost must
   not be a 50 Hz timer), and :meth:`Mirrors.start`, the one way records reach a mirror, wakes
   the loop at once.
+* A node becomes a member of a volume by the operator's ``join``: the first copy's fetcher
+  (also when a restart resumes it) and a join onto an existing image say so in their fast
+  sync's HELLO, and the source takes them for a member from then on (:mod:`marsfs.node.access`).
+  A fetch refused as ``not-a-member`` introduces this node to its source (its positions, by
+  a metadata exchange) before it retries.
 * What the mirrors need of the rest of the node comes in through the constructor (the peers,
-  a way to run a task, the server's quiet, what to do when a fetch is refused as diverged);
+  a way to run a task, the server's quiet, what to do when a fetch is refused as diverged,
+  how to introduce this node to a peer);
   nothing here knows the :class:`~marsfs.node.cluster.Cluster` that composes it.
 """
 
@@ -87,10 +93,13 @@ class Mirrors:
 
     def __init__(self, node: Node, cluster: str, peers: Peers, *, spawn: Spawn,
                  quiet: Callable[[Volume], AbstractAsyncContextManager[None]],
-                 diverged: Callable[[Volume, str], Awaitable[None]]) -> None:
+                 diverged: Callable[[Volume, str], Awaitable[None]],
+                 introduce: Callable[[str], Awaitable[None]] | None = None) -> None:
         """``quiet(vol)`` keeps this node's own server off ``vol``'s log while a resync
         switches; ``diverged(vol, source)`` runs after a fetch was refused as diverged (it
-        finds the split brain's fork)."""
+        finds the split brain's fork); ``introduce(peer)`` tells ``peer`` what this node holds
+        (:meth:`marsfs.node.cluster.Cluster.introduce`)."""
+        self.introduce = introduce
         self.node = node
         self.cluster = cluster
         self.peers = peers
@@ -125,9 +134,11 @@ class Mirrors:
     # ------------------------------------------------------------------ fetchers
 
     def start(self, vol: Volume, *, resync: ResyncPlan | None = None, direct: bool = False,
-              synced: Callable[[], None] | None = None, cleanup: Cleanup | None = None) -> Fetcher | None:
+              synced: Callable[[], None] | None = None, cleanup: Cleanup | None = None,
+              joining: bool = False) -> Fetcher | None:
         """Start fetching mirror ``vol`` from its source (a PeerError for an unknown source goes
-        to the volume's errors, and None comes back); :meth:`stop` is its one way to stop."""
+        to the volume's errors, and None comes back); :meth:`stop` is its one way to stop.
+        ``joining``: the operator's ``join`` asks for it (its fast sync says so)."""
         name = vol.name
         old = self._ended.get(name)
         assert old is None or old.is_set(), f"the fetch of {name} still runs: stop it first"
@@ -145,13 +156,20 @@ class Mirrors:
                 self.node.set_role(name, resync_whole=False)
 
         source = role.source
+        introduce = self.introduce
+
+        async def refused(code: str) -> None:
+            if code == "not-a-member" and introduce is not None:
+                await introduce(source)
+
         fetcher = Fetcher(vol, self.node.name, self.cluster, source, connect,
                           paused=lambda: (self.node.role(name).fetch_paused  # or log space is full (G8)
                                           or name in self.node.space.fetch_stopped),
                           replayed=lambda: vol.replayed_lsn,
                           replay_paused=lambda: self.node.role(name).replay_paused,
                           resync=resync, direct=direct, synced=synced or resynced,
-                          quiet=lambda: self.quiet(vol), node_id=self.node.node_id)
+                          quiet=lambda: self.quiet(vol), node_id=self.node.node_id, joining=joining,
+                          refused=refused)
         self.fetchers[name] = fetcher
         scope = self._scopes[name] = trio.CancelScope()
         ended = self._ended[name] = trio.Event()
@@ -183,11 +201,11 @@ class Mirrors:
         if ended is not None:
             await ended.wait()
 
-    async def restart(self, name: str, plan: ResyncPlan) -> None:
+    async def restart(self, name: str, plan: ResyncPlan, *, joining: bool = False) -> None:
         """Stop the fetcher of mirror ``name`` (waiting until it stopped: a resync needs the log
-        still) and start one that runs ``plan`` first."""
+        still) and start one that runs ``plan`` first (``joining``: for the operator's join)."""
         await self.stop(name)
-        self.start(self.node.volume(name), resync=plan)
+        self.start(self.node.volume(name), resync=plan, joining=joining)
 
     def _start_copy(self, vol: Volume, copy: ImageCopy, plan: ResyncPlan) -> None:
         """Run the first copy of a new replica (a fast sync straight into its base), then fetch.
@@ -214,7 +232,7 @@ class Mirrors:
                 await trio.to_thread.run_sync(vol.close)
                 await trio.to_thread.run_sync(self.node.abort_mirror, name)
 
-        copy.fetcher = self.start(vol, resync=plan, direct=True, synced=synced, cleanup=cleanup)
+        copy.fetcher = self.start(vol, resync=plan, direct=True, synced=synced, cleanup=cleanup, joining=True)
 
     # ------------------------------------------------------------------ join and leave
 
@@ -311,7 +329,7 @@ class Mirrors:
         await welcome(self.peers, self.node.name, self.cluster, source, name, self.node.node_id)
         if self.node.role(name).source != source:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=source))
-        await self.restart(name, ResyncPlan(rate=rate))
+        await self.restart(name, ResyncPlan(rate=rate), joining=True)
         return {"volume": name, "source": source, "size": self.node.volume(name).size, "state": VolumeState.RESYNCING,
                 "seed": None}
 
@@ -400,7 +418,9 @@ class Mirrors:
         """Pause or resume the ``fetch`` or the ``replay`` of mirror ``name`` (persisted)."""
         if not self.node.is_mirror(name):
             self.node.volume(name)
-            raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}")
+            raise WrongRole(f"volume {name!r} is not a mirror on node {self.node.name}: pausing and resuming its "
+                            f"{what} is for a mirror; run it on a node that mirrors {name} (marsfs status {name} "
+                            "here lists them)")
         vol = self.node.volume(name)
         if what == "replay":
             self.node.set_role(name, replay_paused=paused, replayed_lsn=vol.replayed_lsn)

@@ -56,6 +56,9 @@ Rules that hold here:
   that was used before gets the epoch after the newest claim it had, so old claims lose.
   :meth:`become_mirror` turns a primary whose log is a prefix of the designated primary's
   history into its mirror: flushed first, visible at its head, persisted before it is served.
+* A volume's replication mode (``create --mode``, :meth:`Node.set_mode`) is in the cluster
+  metadata with its uuid; :attr:`Node.sync` (:mod:`marsfs.node.syncmode`) reads it and is the
+  gate every application flush passes.
 * Roles change hands (:mod:`marsfs.node.handover` orchestrates): a primary is fenced for a
   handover (holder ``handover``) only while nothing holds it open; a mirror is promoted only
   by :meth:`Node.promote`, which lifts its fences. Split brains found with peers and what a
@@ -92,12 +95,14 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.names import RULE as NAME_RULE
+from marsfs.names import check_node_name as check_node_name
 from marsfs.names import check_volume_name as check_volume_name
 from marsfs.names import is_name
 from marsfs.node.identity import load_node_id
 from marsfs.node.meta import META_FILE, ClusterMeta, primary_key
 from marsfs.node.space import LogSpace, LogSpaceSetting, free_bytes
 from marsfs.node.state import FailoverLoss, RoleRecord, SplitBrain
+from marsfs.node.syncmode import ModeSetting, SyncGates
 from marsfs.node.volstate import FenceHolder, Role
 from marsfs.units import human_bytes
 from marsfs.volume import DEFAULT_HISTORY_BYTES as DEFAULT_HISTORY_BYTES  # re-exported (marsfs.node)
@@ -145,6 +150,8 @@ class Node:
         self._lock_fd = -1
         self.meta = ClusterMeta(state / META_FILE, name)  #: the cluster metadata as this node knows it
         self.node_id = ""  #: this node's id (``DIR/node-id``, see marsfs.node.identity), read when claimed
+        #: the volumes' replication modes and the gate every application flush passes (on the trio thread)
+        self.sync = SyncGates(self.meta)
 
     # ------------------------------------------------------------------ the volume entries
 
@@ -359,9 +366,10 @@ class Node:
                                  "create it with: marsfs create NAME --size SIZE")
         return vol
 
-    def create(self, name: str, size: int, *, thin: bool = False) -> Volume:
+    def create(self, name: str, size: int, *, thin: bool = False, mode: ModeSetting | None = None) -> Volume:
         """A new volume with this node as its primary. Refused up front when the size cannot
         work; a create that fails half way leaves nothing behind (name and directory free).
+        ``mode``: its replication mode, said in the cluster metadata with the claim (None: async).
 
         The base image is reserved on disk (fallocate) unless ``thin``: a reserved volume's
         writeback never meets a full disk. A reservation that does not fit is :class:`NoSpace`
@@ -390,9 +398,22 @@ class Node:
             self.volumes[name] = vol
             self._entries[name] = VolumeEntry(role=role)
             self.meta.claim(name, self.name, role.epoch, 1)
+            if mode is not None:
+                self.meta.set_mode(name, mode.to_json(vol.uuid))
             self.space.adopt(list(self.volumes.values()))
-            logger.info("created volume %s of %d bytes%s, primary", name, size, " (thin)" if thin else "")
+            logger.info("created volume %s of %d bytes%s, primary, replication %s", name, size,
+                        " (thin)" if thin else "", (mode or ModeSetting()).describe())
             return vol
+
+    def set_mode(self, name: str, mode: ModeSetting) -> None:
+        """Set the replication mode of ``name`` in the cluster metadata (any member may; the
+        newest word wins, and the primary acts on it once it has it). Refused on a clone."""
+        vol = self.volume(name)
+        if vol.clone_of is not None:
+            raise InvalidRequest(f"{name} is a clone ({vol.clone_of.describe()}): a local volume, never replicated, "
+                                 "so it has no replication mode")
+        self.meta.set_mode(name, mode.to_json(vol.uuid))
+        logger.info("volume %s: replication mode set to %s", name, mode.describe())
 
     def clone(self, source: str, version: str, name: str) -> Volume:
         """A new writable clone ``name`` of ``source``'s ``version`` (any name
@@ -521,7 +542,8 @@ class Node:
             copying = (f" (being copied from {entry.role.source}: marsfs wait {name} --synced)"
                        if name not in self.volumes and entry is not None and entry.role is not None
                        and entry.role.syncing else "")
-            raise VolumeExists(f"volume {name!r} already exists on node {self.name}{copying}")
+            advice = copying or f"; pick another name, or remove it first: marsfs delete {name}"
+            raise VolumeExists(f"volume {name!r} already exists on node {self.name}{advice}")
         return path
 
     def role(self, name: str) -> RoleRecord:
@@ -791,7 +813,7 @@ class Node:
             vol = self.volume(name)
             role = self.role(name)
             if not role.is_mirror:
-                raise WrongRole(f"volume {name!r} is already primary on node {self.name}")
+                raise WrongRole(f"volume {name!r} is already primary on node {self.name}: nothing to do")
             self._persist_role(name, RoleRecord(role=Role.PRIMARY, epoch=epoch))
             vol.replay_limit = None
             for holder in (FenceHolder.MIRROR, FenceHolder.DESIGNATION):  # the caller claimed the epoch

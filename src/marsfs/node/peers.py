@@ -91,14 +91,17 @@ class TcpPeers:
 
 
 async def welcome(peers: Peers, me: str, cluster: str, source: str, name: str, node_id: str) -> Welcome:
-    """Ask ``source`` whether it serves ``name`` to us (``me``, whose id is ``node_id``):
-    refusals come back to the operator at once, as PeerError (also the source's refusal of this
-    node: in no peer list, or another node of this name runs); the connection is closed again."""
+    """Ask ``source`` whether it serves ``name`` to us (``me``, whose id is ``node_id``) for the
+    operator's ``join`` (the HELLO of a join's fast sync): refusals come back to the operator at
+    once, as PeerError (also the source's refusal of this node: in no peer list, or another
+    node of this name runs); the connection is closed again."""
     connect = peers.connector(source)
     try:
-        ch, answer = await open_channel(connect, hello(me, cluster, name, "sync", node_id=node_id))
+        ch, answer = await open_channel(connect, hello(me, cluster, name, "sync", node_id=node_id, join=True))
     except PeerRefused as e:
-        raise PeerError(f"{source} refused: {e.message}") from None
+        advice = (f"; give a node that holds {name} (marsfs status on {source} lists its volumes)"
+                  if e.code == "unknown-volume" else "")
+        raise PeerError(f"{source} refused: {e.message}{advice}") from None
     except (OSError, trio.TooSlowError) as e:
         raise PeerError(f"cannot reach peer {source} at {peers.where(source)}: {describe(e)}; "
                         "is its daemon running with --listen?") from None

@@ -93,6 +93,56 @@ class RoleRecord:
         return replace(self, **changes)
 
 
+class ReplicationMode(StrEnum):
+    """A volume's replication mode: ``async`` (a flush waits for this node's disk only) or
+    ``sync`` (a flush also waits until N mirrors hold it durably, unless degraded)."""
+
+    ASYNC = "async"
+    SYNC = "sync"
+
+
+class SyncState(StrEnum):
+    """Where a ``sync`` volume stands on its primary (:mod:`marsfs.node.syncmode` keeps it)."""
+
+    IN_SYNC = "in-sync"  #: N mirrors hold every write a completed flush acknowledged
+    #: not degraded, but fewer than N mirrors hold everything acknowledged so far (after a
+    #: start or a switch to sync): the next flush waits for them, up to the timeout
+    CATCHING_UP = "catching-up"
+    DEGRADED = "degraded"  #: the timeout passed: flushes do not wait (or fail: refuse) until N catch up
+
+
+@dataclass(frozen=True, slots=True)
+class SyncModeStatus:
+    """A ``sync`` volume's figures on its primary (the row's ``sync_mode``)."""
+
+    mirrors: int  #: the mirrors that must hold a flush before it completes
+    timeout: float  #: seconds a flush waits for them before the volume degrades
+    refuse: bool  #: while degraded a flush fails with EIO instead of completing
+    state: SyncState
+    since: float | None  #: wall time it degraded (None: it is not degraded)
+    acked_lsn: int  #: the newest LSN a completed flush acknowledged to an application
+    #: how far the N-th most advanced mirror is behind this node's durable LSN
+    behind_records: int
+    behind_bytes: int
+    behind_seconds: float
+    holding: list[str] = field(default_factory=list)  #: the mirrors that hold everything acknowledged
+    #: how often it degraded since the daemon started: each time one flush (with those that
+    #: waited beside it) paid the timeout; a stalled link counts once, not once per flush
+    degradations: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return _record_json(self)
+
+    def describe(self, volume: str) -> str:
+        """The status line of a degraded volume (also what the log says)."""
+        then = "fail with EIO (--refuse)" if self.refuse else "complete without waiting for mirrors"
+        return (f"sync degraded to async since {_utc(self.since or 0.0)}, behind by {self.behind_records} records "
+                f"({human_bytes(self.behind_bytes)}, {self.behind_seconds:.1f} s): fewer than {self.mirrors} "
+                f"mirror(s) acknowledged a flush within {self.timeout:g} s; flushes of {volume} {then} until "
+                f"{self.mirrors} mirror(s) hold every acknowledged write (LSN {self.acked_lsn}), then it is in sync "
+                "again by itself")
+
+
 #: the version of the ``status --json`` schema (docs/status.md). Within a version keys are only
 #: added; a key removed or renamed, or one whose type or meaning changes, raises it.
 STATUS_SCHEMA_VERSION = 1
@@ -192,6 +242,10 @@ class VolumeStatus:
     sync_bytes: int | None = None  #: bytes of the image to compare
     sync_left_bytes: int | None = None  #: bytes still to compare (at most this much is still sent)
     sync_received_bytes: int | None = None  #: data bytes received so far (blocks that differed)
+    #: the replication mode (``async``, ``sync``; :class:`ReplicationMode`), and on the primary of a
+    #: ``sync`` volume where it stands (None otherwise)
+    mode: ReplicationMode = ReplicationMode.ASYNC
+    sync_mode: SyncModeStatus | None = None
     #: the node's connections to its peers: ``{"mode": "mutual-tls", "certificate_expires": ...}``
     #: or ``{"mode": "insecure"}`` (the same on every row; None: no peers, no node port)
     tls: dict[str, Any] | None = None
@@ -324,7 +378,11 @@ def _written(records: int, written: int | None, where: str) -> str:
 class FailoverLoss:
     """What a forced failover may have lost: the records of ``source`` this node had not
     fetched, as far as its last word told (``at_least``: the source may have written more
-    after it). ``newest``: wall time of the newest record known lost (0: none known).
+    after it; not so when that word was its goodbye at a clean stop, which says exactly how
+    far its log goes). ``newest``: wall time of the newest record known lost (0: none known).
+    ``heard_before``: how long before the failover this node last heard from ``source``: no
+    heartbeat interval bounds what a primary wrote after its last word, so a loss that is not
+    exact always says it.
 
     When a reachable member held more (the operator accepted losing it), ``held_by`` names the
     one that held most and ``held_records``/``held_bytes`` are what it held beyond this node,
@@ -342,13 +400,61 @@ class FailoverLoss:
     newest: float  #: the newest known lost record was written at or before this wall time
     at_least: bool
     as_of: float  #: wall time of the knowledge (the source's last heartbeat or position)
+    #: seconds from this node's receipt of that knowledge to the failover, by this node's clock
+    #: (-1: never heard, or a record from before this field)
+    heard_before: float = -1.0
     held_by: str = ""
     held_records: int = 0
     held_bytes: int = 0
     fork_lsn: int = -1
+    #: what ``source`` had acknowledged to applications, as its last heartbeat said: its
+    #: replication mode then ("" : not known), with N ``mirrors`` and ``refuse`` in sync mode,
+    #: since when it ran degraded (0: it did not), the newest LSN a flush acknowledged, and how
+    #: many of those acknowledged records this node lacks (known lost)
+    mode: str = ""
+    mirrors: int = 0
+    refuse: bool = False
+    degraded_since: float = 0.0
+    acked_lsn: int = 0
+    acked_lost: int = 0
+    #: provably no acknowledged write lost: ``source`` was in sync mode with ``refuse`` (it never
+    #: acknowledges a flush fewer than N mirrors hold), not degraded, fewer than N of its mirrors
+    #: left unasked, and none that answered holds more than this node
+    nothing_acked_lost: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return _record_json(self)
+
+    def acknowledged(self) -> str:
+        """What the loss means for writes ``source`` acknowledged (a flush completed), in words
+        ("" when its mode is not known: a record from before modes, or no heartbeat heard)."""
+        src, at = self.source, _utc(self.as_of)
+        if not self.mode:
+            return ""
+        if self.nothing_acked_lost:
+            return (f"nothing acknowledged lost: {src} was in sync mode with --refuse at its last word ({at}), so "
+                    f"every write it acknowledged is in the log of at least {self.mirrors} mirror(s), and none of "
+                    "its mirrors that answered holds more than this node")
+        known = (f"{self.acked_lost} of the lost records were acknowledged by a completed flush (up to LSN "
+                 f"{self.acked_lsn})") if self.acked_lost else ""
+        if self.mode == "sync" and self.degraded_since:
+            return (f"{src} ran degraded (async) since {_utc(self.degraded_since)}: writes it acknowledged since then "
+                    f"may be lost{'; at least ' + known if known else ''}")
+        if self.mode == "sync":
+            if known:
+                return f"at least {known}: another mirror acknowledged them and none that answered holds them"
+            if self.refuse:
+                return (f"nothing acknowledged known lost: {src} was in sync mode with --refuse at its last word ({at}), "
+                        f"so every write it acknowledged is in the log of at least {self.mirrors} mirror(s); not proven "
+                        "that this node holds them all: not every mirror of it was asked, or one holds more")
+            return (f"nothing acknowledged known lost: {src} was in sync at its last word ({at}) and this node holds "
+                    f"every write it had acknowledged (up to LSN {self.acked_lsn}); not proven beyond that: had {src} "
+                    "gone on running cut off from its mirrors, it degraded to async after its timeout and may have "
+                    "acknowledged writes no node here holds (sync --refuse rules that out)")
+        if known:
+            return f"{src} ran in async mode: at least {known}"
+        return (f"{src} ran in async mode: no write it had acknowledged by its last word ({at}) is missing here, but "
+                "async mode does not wait for mirrors, so writes it acknowledged after that may be lost")
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FailoverLoss:
@@ -356,6 +462,10 @@ class FailoverLoss:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def describe(self) -> str:
+        what, acked = self._describe(), self.acknowledged()
+        return f"{what}; {acked}" if acked else what
+
+    def _describe(self) -> str:
         head = f"forced failover from {self.source} (epoch {self.epoch} from LSN {self.start_lsn})"
         if self.fork_lsn >= 0:
             return (f"{head} kept this node's side of the split brain: {self.source}'s {self.records} records "
@@ -365,6 +475,8 @@ class FailoverLoss:
         bound = "at least " if self.at_least else ""
         later = (f"; {self.source} may have written more after {_utc(self.as_of)}, which "
                  f"{'no reachable node holds' if self.held_by else 'this node never heard of'}") if self.at_least else ""
+        heard = (f"last heard from {self.source} {self.heard_before:.1f} s before this failover"
+                 if self.heard_before >= 0 else "")
         if self.held_by:
             only = self.records - self.held_records
             rest = (f", and {bound}{only} more ({bound}{human_bytes(max(0, self.bytes - self.held_bytes))}) "
@@ -372,16 +484,28 @@ class FailoverLoss:
             return (f"{head} lost {self.held_records} records ({human_bytes(self.held_bytes)}) written between "
                     f"{_utc(self.oldest)} and {_utc(self.newest)}, measured from {self.held_by}'s position "
                     f"({self.held_by} holds them; accepted with --accept-loss){rest}{later}")
+        if not self.at_least:  # its goodbye said how far its log goes
+            stopped = (f"{self.source} stopped cleanly at {_utc(self.as_of)} with its log durable up to LSN "
+                       f"{self.start_lsn - 1 + self.records}")
+            if not self.records:
+                return f"{head}: nothing lost: {stopped}, all of which this node holds"
+            return (f"{head} lost {self.records} records ({human_bytes(self.bytes)}) written between "
+                    f"{_utc(self.oldest)} and {_utc(self.newest)}: {stopped}")
+        if not self.as_of:
+            return f"{head}: what is lost is not known: this node never heard from {self.source}"
         if not self.records:
-            return (f"{head}: no record known lost (its last word, {_utc(self.as_of)}, showed none this node "
-                    f"lacked){later}")
+            return (f"{head}: no loss known{'; ' + heard if heard else ''} (its last word, {_utc(self.as_of)}, "
+                    f"showed no record this node lacked){later}")
         return (f"{head} lost {bound}{self.records} records ({bound}{human_bytes(self.bytes)}) written between "
-                f"{_utc(self.oldest)} and {_utc(self.newest)}{later}")
+                f"{_utc(self.oldest)} and {_utc(self.newest)}{'; ' + heard if heard else ''}{later}")
 
     def describe_risk(self) -> str:
         """What a failover from ``source`` now would lose, before any happened (no epoch yet)."""
         if not self.as_of:
             return f"this node's fetch has no word from {self.source} to tell how much it lacks, so that is not known"
+        if not self.at_least:
+            return (f"{self.records} records ({human_bytes(self.bytes)}): {self.source} stopped cleanly at "
+                    f"{_utc(self.as_of)} with its log durable up to LSN {self.start_lsn - 1 + self.records}")
         if not self.records:
             return (f"as of {self.source}'s last word ({_utc(self.as_of)}) this node lacked no record, but "
                     f"{self.source} may have written more since")

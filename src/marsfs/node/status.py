@@ -38,11 +38,13 @@ from marsfs.node.state import (
     PositionStatus,
     RoleRecord,
     SplitVersionStatus,
+    SyncState,
     VolumeStatus,
 )
 from marsfs.node.volstate import FRESH, MirrorFacts, Role, Verdict, VolumeFacts, peer_state, volume_state
 from marsfs.replication.server import PeerState, PeerTable, lag_of
 from marsfs.replication.session import FetchState, SyncStatus
+from marsfs.volume import Volume
 from marsfs.volume.holds import hold_mirror
 from marsfs.volume.splits import disk_bytes
 
@@ -225,6 +227,7 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         split_brain=splits, failover_loss=node.failover_loss(name))
     versions = split_versions(node, name)
     st = st.changed(split_versions=versions, split_versions_bytes=sum(v.disk_bytes for v in versions))
+    st = _with_mode(node, vol, st)
     if side is None:
         return st
     st = st.changed(handover=side.handover)
@@ -243,6 +246,21 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
             state=peer_state(connected=p.connected, fetch_paused=p.fetch_paused, replay_paused=p.replay_paused,
                              lag_records=lag_r, syncing=p.syncing)))
     return st.changed(peers=peers)
+
+
+def _with_mode(node: Node, vol: Volume, st: VolumeStatus) -> VolumeStatus:
+    """A row with the volume's replication mode and, on a sync volume's primary, where it
+    stands (a warning while it is degraded or catching up)."""
+    sync = node.sync.status(vol)
+    warnings = st.warnings
+    if sync is not None and sync.state is SyncState.DEGRADED:
+        warnings = [*warnings, sync.describe(vol.name)]
+    elif sync is not None and sync.state is SyncState.CATCHING_UP:
+        warnings = [*warnings, f"sync: fewer than {sync.mirrors} mirror(s) hold every acknowledged write of "
+                               f"{vol.name} yet (LSN {sync.acked_lsn}; holding: {', '.join(sync.holding) or 'none'}): "
+                               f"the next flush waits for them, at most {sync.timeout:g} s, then the volume runs "
+                               "degraded (async) until they catch up"]
+    return st.changed(mode=node.sync.setting(vol).mode, sync_mode=sync, warnings=warnings)
 
 
 def split_versions(node: Node, name: str) -> list[SplitVersionStatus]:

@@ -159,7 +159,7 @@ def add_node(ca_dir: Path, name: str, out: Path, *, days: int = NODE_DAYS) -> Is
     ``node.crt`` and ``node.key`` (0600). An existing ``out`` is overwritten file by file, each
     atomically: that is the renewal (a running daemon keeps its old certificate until restart)."""
     if not is_name(name):
-        raise UsageError(f"node name {name!r} is not a legal name ({RULE})")
+        raise InvalidRequest(f"invalid node name {name!r:.80}: use {RULE} (the name its serve --node gives)")
     ca_cert, ca_key = _read_ca(ca_dir)
     cluster = _cluster_of(ca_cert)
     key = _key()

@@ -7,7 +7,9 @@ helpers' (see there).
 Rules that hold here:
 
 * Fetched records are appended to this node's log byte for byte (same LSNs, same chain) and
-  made durable before they are acknowledged or replayed. A record that does not continue our
+  made durable before they are acknowledged or replayed; each RECORDS frame is acknowledged
+  as soon as it is durable (a sync volume's flush on the source waits for that ACK), and
+  every ``ACK_EVERY`` seconds anyway. A record that does not continue our
   log is refused; a frame that fails its checksum drops the connection and the fetch resumes
   from our last durable LSN (G6).
 * Fetch never depends on replay: it appends and syncs; replay (the visible version) is moved
@@ -17,7 +19,11 @@ Rules that hold here:
 * A refusal is acted on by its :class:`~marsfs.replication.session.Stop` (the session's
   table says what each code means): retry after the backoff, resync what changed (the source
   no longer holds our log), or stop fetching for good (split brain, needs-resync, fatal: an
-  operator acts). No code here compares refusal codes.
+  operator acts). No code here compares refusal codes; a refusal that is retried is handed to
+  the node first (``Fetcher.refused``: e.g. a source that does not know us as a member yet).
+* A fetcher that the operator's ``join`` made (``Fetcher.joining``) says ``join`` in the HELLO
+  of its fast syncs until one switched: that is how a node that is no member of a volume yet
+  gets its first copy; every other HELLO is a member's.
 * The volume is read here and fed to the session as values (our log's end at a FETCH, our
   chain at a SYNC_REQUEST's ``since_lsn``, read in a worker thread: a chain is a ``pread``).
 * A paused fetch keeps a session that only watches (heartbeats, no records), so the mirror's
@@ -94,10 +100,12 @@ SYNC_SECONDS = 1.0  #: ...or seconds
 FINISH_RETRY = 0.2  #: seconds between attempts to switch while old views hold it back
 
 
-def hello(node: str, cluster: str, volume: str, want: Want, epoch: int = 0, *, node_id: str = "") -> Hello:
-    """Our opening as ``node`` (whose id is ``node_id``) for ``want`` of ``volume``."""
+def hello(node: str, cluster: str, volume: str, want: Want, epoch: int = 0, *, node_id: str = "",
+          join: bool = False) -> Hello:
+    """Our opening as ``node`` (whose id is ``node_id``) for ``want`` of ``volume``; ``join``: a
+    fast sync of the operator's ``join`` (see :attr:`Hello.join`)."""
     return Hello(proto=PROTO_VERSION, cluster=cluster, node=node, volume=volume, want=want, epoch=epoch,
-                 node_id=node_id)
+                 node_id=node_id, join=join)
 
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
@@ -252,9 +260,16 @@ class Fetcher:
                  paused: Callable[[], bool], replayed: Callable[[], int], replay_paused: Callable[[], bool],
                  *, resync: ResyncPlan | None = None, direct: bool = False,
                  synced: Callable[[], None] | None = None,
-                 quiet: Callable[[], AbstractAsyncContextManager[None]] | None = None, node_id: str = "") -> None:
+                 quiet: Callable[[], AbstractAsyncContextManager[None]] | None = None, node_id: str = "",
+                 joining: bool = False, refused: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.vol = vol
         self.node_id = node_id  #: this node's id, said in every HELLO
+        #: the operator's ``join`` made this fetcher: its fast syncs say ``join`` in the HELLO (the
+        #: source takes us for a member from then on) until the first one switched
+        self.joining = joining
+        #: awaited with the code of a refusal that is retried, before the backoff (the node
+        #: introduces itself to a source that did not know it as a member)
+        self.refused = refused
         #: a resync to run before fetching (an operator's, or the source trimmed our log); a
         #: staged one (``vol.resync``) continues even without a plan
         self.resync = resync
@@ -310,6 +325,8 @@ class Fetcher:
                     self.state.fatal = e.code
                     logger.error("fetch of %s from %s stopped: %s", self.vol.name, self.state.source, e)
                     return
+                elif self.refused is not None:
+                    await self.refused(e.code)
             except (ConnectionLost, OSError, trio.TooSlowError, MarsError) as e:
                 failure = self.state.error = failure_reason(e)
             finally:
@@ -332,8 +349,8 @@ class Fetcher:
         since_chain = await trio.to_thread.run_sync(vol.log.chain_at, since)
         request = SyncRequest(since_lsn=since, since_chain=since_chain, whole=plan.whole, ranges=plan.ranges,
                               rate=plan.rate)
-        sess = FetchingSession(hello(self.node, self.cluster, vol.name, "sync", node_id=self.node_id), state=self.state,
-                               probes=self._probes, uuid=vol.uuid)
+        sess = FetchingSession(hello(self.node, self.cluster, vol.name, "sync", node_id=self.node_id,
+                                     join=self.joining), state=self.state, probes=self._probes, uuid=vol.uuid)
         if self.state.sync is None:
             self.state.sync = SyncStatus(started=trio.current_time())
         ch, _welcome = await open_channel(self.connect, sess)
@@ -345,7 +362,7 @@ class Fetcher:
             await ch.aclose()
         logger.info("resync of %s from %s done at LSN %d: %d of %d compared bytes were sent", vol.name,
                     self.state.source, info.lsn, sess.received, info.total)
-        self.resync, self.state.sync, self.direct = None, None, False
+        self.resync, self.state.sync, self.direct, self.joining = None, None, False, False
         self.state.last_progress = trio.current_time()
 
     async def _finish(self, info: SyncInfo) -> int:
@@ -400,6 +417,10 @@ class Fetcher:
                     break
                 await trio.to_thread.run_sync(self._append, msg.records)
                 sess.appended(msg)
+                # at once, not at the next ACK_EVERY: a sync volume's flush on the source waits
+                # for this (one small frame per RECORDS frame)
+                await ch.send_message(sess.ack(trio.current_time(), self.replayed(), self.paused(),
+                                               self.replay_paused()))
 
     def _append(self, records: tuple[bytes, ...]) -> None:
         for raw in records:

@@ -24,11 +24,13 @@ Rules that hold here:
 
 Conversation (client = the mirror, server = the node it fetches from)::
 
-    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch, node_id}
+    client: HELLO {proto, cluster, node, volume, want: "fetch" | "sync" | "leave" | ..., epoch, node_id, join}
     server: WELCOME {node, volume, uuid, size, epoch, head_lsn, durable_lsn}  |  ERROR {code, error}
             (a node refuses a HELLO of a node in no peer list, ``unknown-node``, and one that claims
             the name of another running node, told apart by ``node_id``, ``node-identity``: see
-            marsfs.node.identity; ``node_id`` may be absent: "")
+            marsfs.node.identity; ``node_id`` may be absent: ""; and a HELLO about a volume from
+            a node that is no member of it, ``not-a-member``, unless it is a ``join``'s fast
+            sync: see marsfs.node.access; ``join`` may be absent: false)
     want=fetch: client: FETCH {from_lsn, prev_chain, watch}
                 server: RECORDS... (none when ``watch``: the mirror's fetch is paused) and
                         HEARTBEAT {uuid, head_lsn, durable_lsn, time, probe, lag_bytes,
@@ -265,7 +267,7 @@ _WANTS: tuple[str, ...] = get_args(Want)
 #   ranges: a list of [offset, length] pairs of ints, offset >= 0, length >= 1;
 #   entries: metadata entries (see MetaEntries).
 #   lsns: a list of at most MAX_CHAINS uints, ascending; chains: a list of at most MAX_CHAINS chains.
-#   relation: one of RELATIONS (PositionTold).
+#   relation: one of RELATIONS (PositionTold); mode: one of MODES (HEARTBEAT's replication mode).
 
 
 def _field(kind: str, **kw: Any) -> Any:
@@ -286,6 +288,10 @@ class Hello:
     #: the client node's id (``STATE/node-id``): two daemons given one ``--node`` name differ in
     #: it; "" when it says none (a HELLO from before ids; refused where that name runs with one)
     node_id: str = _field("str", default="")
+    #: the operator ran ``marsfs join`` of this volume on the client node: a fast sync (want
+    #: ``sync``) that makes it a member; only a member may ask anything else of a volume (ignored
+    #: with any other want)
+    join: bool = _field("bool", default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +344,15 @@ class Heartbeat:
     lag_bytes: int = _field("uint")
     lag_records: int = _field("uint")
     lag_seconds: float = _field("seconds")
+    #: the volume's replication mode on the server (a primary), what a failover onto the mirror
+    #: can promise: ``sync`` with ``sync_mirrors`` N and ``refuse``; ``degraded_since`` (wall
+    #: time, 0: not degraded) and ``acked_lsn``, the newest LSN a completed flush acknowledged
+    #: to an application
+    mode: str = _field("mode", default="async")
+    sync_mirrors: int = _field("uint", default=0)
+    refuse: bool = _field("bool", default=False)
+    degraded_since: float = _field("seconds", default=0.0)
+    acked_lsn: int = _field("uint", default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,6 +615,7 @@ class Chains:
 
 #: what a member's history is to the asker's (PositionTold.relation)
 RELATIONS = ("ahead", "same", "behind", "diverged", "trimmed")
+MODES = ("async", "sync")  #: a volume's replication modes
 
 
 @dataclass(frozen=True, slots=True)
@@ -777,6 +793,10 @@ def _check(msg: str, name: str, kind: str, value: Any) -> Any:
         if kind == "lsns" and any(b <= a for a, b in zip(items, items[1:])):
             raise bad("must be ascending")
         return items
+    if kind == "mode":
+        if value not in MODES:
+            raise bad(f"must be one of {', '.join(MODES)}")
+        return value
     if kind == "relation":
         if value not in RELATIONS:
             raise bad(f"must be one of {', '.join(RELATIONS)}")

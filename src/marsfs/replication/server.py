@@ -9,7 +9,10 @@ Rules that hold here:
 * While a mirror is known, its position holds our log (``Volume.hold``), so we keep what it
   still has to fetch.
 * Shipping runs in its own tasks and only reads the log: a slow, stalled or dead link never
-  blocks writers (G4). Records are read and frames encoded in worker threads.
+  blocks writers (G4). Records are read and frames encoded in worker threads. A session with
+  nothing to ship looks again after :data:`POLL`, or at once when a flush made records
+  durable (:meth:`PeerTable.more`). Every ACK is passed on (:meth:`PeerTable.acked`): a sync
+  volume's flush waits for them (``marsfs.node.syncmode``); heartbeats say the volume's mode.
 * Every loop asks the session whether the volume it serves is still the node's volume of that
   name (a ``delete``, maybe followed by a ``create``, replaces the object); if not, the mirror
   is told (``volume-deleted``) and the connection ends. A failure while the volume is being
@@ -18,6 +21,10 @@ Rules that hold here:
 * Every HELLO of our protocol and cluster passes the node's gate first (``gate``): a peer in
   no peer list, or a second node that claims the name of a running one, is refused before
   anything is done for it, so it never replaces that node's hold or mirror line.
+* Every HELLO about a volume of ours then passes the node's authorization (``authorize``):
+  only a member of the volume, or a node whose HELLO is a ``join``'s fast sync, is answered;
+  anyone else gets an ERROR (``not-a-member``) before the volume is touched. Metadata (want
+  ``meta``) is about no volume: the gate alone decides it.
 * A peer that breaks the protocol is logged at INFO and disconnected; it is the peer's fault,
   not ours. Only an error nobody foresaw is logged with its traceback, and it still only ends
   that one connection.
@@ -30,6 +37,9 @@ Rules that hold here:
   session names (:func:`read_changes` reads it), else the whole image. Data is paced to the
   node's ``--sync-rate`` and the request's own rate, whichever is lower; sums and progress
   are not paced (they are small and keep the mirror from calling the link stalled).
+* A clean stop says goodbye (:meth:`Server.farewell`, once the node's logs are durable and
+  nothing writes any more): each fetch session ships what is left, then sends a last
+  HEARTBEAT and ERROR ``stopping``, so every mirror knows exactly what it lacks.
 * Times are trio times (``trio.current_time``), except wall times compared with record
   timestamps (lag seconds) or shown to users.
 """
@@ -69,6 +79,7 @@ from marsfs.replication.session import (
     Pace,
     ServingSession,
     StartShipping,
+    SyncWord,
     VolumeFacts,
     combined_rate,
     shippable_lsn,
@@ -93,6 +104,12 @@ class PeerGate(Protocol):
         ...
 
     def closed(self, name: str, node_id: str) -> None: ...
+
+
+#: Whether the node of an admitted HELLO may ask what it asks of the volume it names (which this
+#: node has): None to answer, or the ERROR to refuse it with
+#: (:meth:`marsfs.node.access.Access.authorize` in a daemon).
+Authorize = Callable[[Hello, Volume], Error | None]
 
 
 def peer_address(stream: trio.abc.Stream) -> str:
@@ -132,12 +149,50 @@ class PeerState:
     syncing: bool = False  #: a fast sync to it runs (its fetched LSN is where it was before)
 
 
+class SyncHooks(Protocol):
+    """What the node's replication modes (``marsfs.node.syncmode.SyncGates``) hear from the
+    server and tell it: a mirror's ACK moved its position, and what heartbeats say of a volume's
+    mode."""
+
+    def acked(self, volume: str, uuid: str) -> None: ...
+    def word(self, vol: Volume) -> SyncWord | None: ...
+
+
 class PeerTable:
     """Mirrors per volume (name and uuid: a volume created under a deleted one's name is
-    another volume, with mirrors of its own), as seen from the node they fetch from."""
+    another volume, with mirrors of its own), as seen from the node they fetch from.
+
+    It is also where the server and the node's flushes meet: :meth:`more` says that records
+    became durable (a flush completed), so shipping sessions send them now instead of at their
+    next poll, and ``hooks`` hears every ACK (a sync volume's flush waits for them)."""
 
     def __init__(self) -> None:
         self._peers: dict[tuple[str, str, str], PeerState] = {}
+        self._more: dict[str, trio.Event] = {}  #: uuid -> set when more records of it are durable
+        self.hooks: SyncHooks | None = None
+
+    def acked(self, state: PeerState) -> None:
+        """``state``'s mirror acknowledged a new position (an ACK, or the end of a fast sync)."""
+        if self.hooks is not None:
+            self.hooks.acked(state.volume, state.uuid)
+
+    def word(self, vol: Volume) -> SyncWord | None:
+        """What a heartbeat says about ``vol``'s replication mode (None: async)."""
+        return self.hooks.word(vol) if self.hooks is not None else None
+
+    def more(self, uuid: str) -> None:
+        """Records of volume ``uuid`` became durable: wake the sessions that ship it."""
+        ev = self._more.pop(uuid, None)
+        if ev is not None:
+            ev.set()
+
+    async def wait_more(self, uuid: str, timeout: float) -> None:
+        """Until :meth:`more` is called for ``uuid``, at most ``timeout`` seconds."""
+        ev = self._more.get(uuid)
+        if ev is None:
+            ev = self._more[uuid] = trio.Event()
+        with trio.move_on_after(timeout):
+            await ev.wait()
 
     def get(self, volume: str, uuid: str, node: str) -> PeerState:
         key = (volume, uuid, node)
@@ -174,14 +229,16 @@ class Server:
                  epoch_of: Callable[[str], int], peers: PeerTable,
                  meta: Callable[[Channel, Hello], Awaitable[None]] | None = None,
                  conversations: Mapping[str, Conversation] | None = None, *, sync_rate: int = 0,
-                 gate: PeerGate | None = None) -> None:
+                 gate: PeerGate | None = None, authorize: Authorize | None = None) -> None:
         self.node = node
         self.gate = gate  #: refuses peers in no peer list and a second node of one name (None: any peer)
+        self.authorize = authorize  #: refuses a volume's non-members (None: anyone the gate let in)
         self.meta = meta  #: answers want "meta" (the node's metadata gossip; it checks the cluster)
         self.conversations = dict(conversations or {})  #: answer want "handover", "compare" after WELCOME
         self.sync_rate = sync_rate  #: bytes/s of fast sync data per connection (0: unlimited)
         self._quiet: set[int] = set()  #: id() of volumes whose log nobody may read now (see quiet)
         self._shipping: Counter[int] = Counter()  #: fetch sessions reading each volume's log, by id()
+        self._stopping = False  #: a clean stop: each fetch session says goodbye once it shipped everything
         self.cluster = cluster
         self.lookup = lookup
         self.epoch_of = epoch_of
@@ -211,7 +268,8 @@ class Server:
                                                    f"but its HELLO speaks as node {hello.node}: a node speaks only "
                                                    "for the name in its own certificate"))
                 return
-            if self.gate is not None and hello.proto == PROTO_VERSION and hello.cluster == self.cluster:
+            ours = hello.proto == PROTO_VERSION and hello.cluster == self.cluster  # else admit() refuses it
+            if self.gate is not None and ours:
                 refused = self.gate.admit(hello.node, hello.node_id, peer_address(stream))
                 if refused is not None:
                     await self._refuse(ch, Error(code=refused[0], error=refused[1]))
@@ -224,6 +282,11 @@ class Server:
                     await self.meta(ch, hello)
                 return
             vol = self.lookup(hello.volume)
+            if vol is not None and ours and self.authorize is not None:
+                denied = self.authorize(hello, vol)
+                if denied is not None:
+                    await self._refuse(ch, denied)
+                    return
             answer = sess.admit(volume_facts(vol) if vol is not None else None,
                                 self.epoch_of(hello.volume) if vol is not None else 0)
             await ch.send_message(answer)
@@ -284,11 +347,11 @@ class Server:
         await trio.to_thread.run_sync(vol.log.sync)
         lsn = shippable_lsn(vol)
         view = vol.view(lsn)
-        state = self.peers.get(vol.name, vol.uuid, sess.peer)  # a mirror from now on, syncing
+        state = self.peers.get(vol.name, vol.uuid, sess.peer)  # a mirror (and member) from now on, syncing
         state.connected = state.syncing = True
         state.last_seen = time.time()
         try:
-            vol.hold(sess.hold_key, lsn)  # the mirror fetches from lsn+1 once it switched
+            vol.hold(sess.hold_key, lsn)  # the mirror fetches from lsn+1 once it switched (persisted: a member)
             since = await trio.to_thread.run_sync(log_facts, vol.log, req.since_lsn)
             changes = sess.changes(since, lsn)
             changed, chain = await trio.to_thread.run_sync(read_changes, vol, changes, sess.peer, req.since_lsn, lsn)
@@ -314,6 +377,7 @@ class Server:
             sess.receive(await ch.receive_message())  # the ACK: the mirror switched to LSN lsn
             state.fetched_lsn = state.replayed_lsn = state.sent_lsn = lsn
             state.last_seen = time.time()
+            self.peers.acked(state)
         finally:
             state.connected = state.syncing = False
             view.close()
@@ -360,6 +424,15 @@ class Server:
             yield
         finally:
             self._quiet.discard(key)
+
+    async def farewell(self) -> None:
+        """A clean stop's goodbye (call it once the logs are durable and nothing appends any
+        more): every fetch session, also one that starts from now on, ships what is left, sends
+        its last HEARTBEAT and ERROR ``stopping``, and ends. Returns when none runs; the caller
+        bounds the wait (a mirror behind a stalled link must not hold the stop)."""
+        self._stopping = True
+        while sum(self._shipping.values()):
+            await trio.sleep(POLL)
 
     def _switching(self, vol: Volume) -> Error | None:
         if id(vol) not in self._quiet:
@@ -409,19 +482,26 @@ class Server:
                 logger.info("%s stops fetching %s from here: %s", sess.peer, vol.name, switching.error)
                 await self._refuse(ch, switching)
                 return
+            if self._stopping and sess.poll(shippable_lsn(vol)) is None and sess.farewell():
+                # nothing left to ship, and our last heartbeat is out: the mirror keeps it as our final word
+                logger.info("told %s that %s stops with its log of %s durable up to LSN %d", sess.peer, self.node,
+                            vol.name, vol.durable_lsn)
+                await self._refuse(ch, Error(code="stopping", error=f"{self.node} is stopping cleanly; its log of "
+                                                                    f"{vol.name} is durable up to LSN {vol.durable_lsn}"))
+                return
             todo = sess.poll(shippable_lsn(vol))
             if todo is not None:
                 frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, todo.first, todo.limit, todo.batch)
                 await ch.send_raw(frame)
                 sess.shipped(cursor)
                 state.sent_lsn = sess.sent_lsn
-            else:
-                await trio.sleep(POLL)
+            else:  # a flush wakes us at once (a sync volume's flush waits for what we ship)
+                await self.peers.wait_more(vol.uuid, POLL)
             now = trio.current_time()
             if sess.heartbeat_due(now):
                 lag = lag_of(vol, state.fetched_lsn)
                 state.lag_bytes, state.lag_records, state.lag_seconds = lag
-                await ch.send_message(sess.heartbeat(now, time.time(), lag, vol.head_lsn))
+                await ch.send_message(sess.heartbeat(now, time.time(), lag, vol.head_lsn, self.peers.word(vol)))
 
     async def _receive_acks(self, ch: Channel, sess: ServingSession, vol: Volume, state: PeerState,
                             scope: trio.CancelScope) -> None:
@@ -434,6 +514,7 @@ class Server:
                 state.probe = ack.probe
                 state.last_seen = time.time()
                 vol.hold(sess.hold_key, sess.hold_lsn)
+                self.peers.acked(state)
         finally:
             scope.cancel()
 

@@ -47,6 +47,11 @@ Rules that hold here:
   :func:`stage_step` (retarget, or start over).
 * Slow start: a session's first RECORDS frame holds at most :data:`FIRST_BATCH` bytes (or
   one record), each later one twice as much, up to :data:`BATCH_BYTES`.
+* A source that stops cleanly says goodbye: once it has nothing more to ship, its last
+  HEARTBEAT (its log durable first; :meth:`ServingSession.farewell` says when that went out,
+  after the last records shipped), then ERROR ``stopping`` (:attr:`Stop.RETRY`). The mirror
+  keeps that heartbeat as the source's final word (``FetchState.final``) until it hears from
+  the source again, so a failover then knows exactly what it lacks.
 * A HEARTBEAT goes out at once and then every :data:`HEARTBEAT` seconds; it echoes the newest
   ACK probe read *before* the shippable LSN it reports, so the mirror knows how old the state
   it describes can be at most (:class:`Probes`, ``FetchState.heartbeat_basis``).
@@ -112,6 +117,19 @@ class Positions(Protocol):
     def durable_lsn(self) -> int: ...
     @property
     def replayed_lsn(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncWord:
+    """What a primary says about its replication mode in each heartbeat (see ``Heartbeat``):
+    enough for a mirror to tell, at a failover, what the primary may have acknowledged that
+    the mirror lacks."""
+
+    mode: str = "async"  #: ``async`` or ``sync``
+    mirrors: int = 0  #: sync: the mirrors that must hold a flush before it completes
+    refuse: bool = False  #: sync: a flush fails (EIO) rather than complete without them
+    degraded_since: float = 0.0  #: wall time it degraded to async (0: it did not)
+    acked_lsn: int = 0  #: the newest LSN a completed flush acknowledged to an application
 
 
 def shippable_lsn(vol: Positions) -> int:
@@ -183,11 +201,13 @@ REFUSALS: Mapping[str, Stop] = {
     "volume-deleted": Stop.NEEDS_RESYNC,
     "volume-replaced": Stop.NEEDS_RESYNC,
     "switching": Stop.RETRY,
+    "stopping": Stop.RETRY,  # the source stops cleanly; the heartbeat before it was its last word
     "error": Stop.RETRY,
     "unsupported": Stop.RETRY,
     "unknown-want": Stop.RETRY,
     "unknown-node": Stop.RETRY,  # the source does not know us (yet: its --peer list may grow)
     "node-identity": Stop.RETRY,  # another node of our name runs there: one of the two stops
+    "not-a-member": Stop.RETRY,  # the source does not know us as a member (yet: our metadata may not have reached it)
 }
 
 
@@ -502,6 +522,9 @@ class ServingSession:
         self._next_beat: float | None = None
         self._beat_probe = 0  #: the probe read before _beat_limit
         self._beat_limit = 0
+        #: a clean stop: the next heartbeat is our last word; set once it went out after the
+        #: last records we shipped (see :meth:`farewell`)
+        self._farewell: bool | None = None
         self.sync_request: SyncRequest | None = None
         self.sync: SyncInfo | None = None
         self._cursor: RangeCursor | None = None  #: where the mirror's next SYNC_SUMS must start
@@ -704,18 +727,35 @@ class ServingSession:
         """A RECORDS frame up to ``next_lsn - 1`` went out."""
         assert next_lsn > self.sent_lsn + 1
         self.sent_lsn = next_lsn - 1
+        if self._farewell:
+            self._farewell = False  # these came after our last word: another is due
         self._batch = min(self._batch * 2, BATCH_BYTES)
 
     def heartbeat_due(self, now: float) -> bool:
         return self._next_beat is None or now >= self._next_beat
 
-    def heartbeat(self, now: float, wall: float, lag: tuple[int, int, float], head_lsn: int) -> Heartbeat:
+    def farewell(self) -> bool:
+        """A clean stop, and nothing left to ship (:meth:`poll` said None): True once a
+        heartbeat went out after the last records we shipped: it was our last word, now send
+        ERROR ``stopping``. Until then the next heartbeat is due at once."""
+        if self._farewell:
+            return True
+        self._farewell, self._next_beat = False, None
+        return False
+
+    def heartbeat(self, now: float, wall: float, lag: tuple[int, int, float], head_lsn: int,
+                  word: SyncWord | None = None) -> Heartbeat:
         """The heartbeat for the last :meth:`poll` (``lag`` as :func:`server.lag_of` has it;
-        ``head_lsn``: our log's head now)."""
+        ``head_lsn``: our log's head now; ``word``: our replication mode, None: async)."""
         self._next_beat = now + HEARTBEAT
+        if self._farewell is not None:
+            self._farewell = True  # our last word (unless records follow it)
         lag_bytes, lag_records, lag_seconds = lag
+        w = word if word is not None else SyncWord()
         return Heartbeat(uuid=self.served.uuid, head_lsn=head_lsn, durable_lsn=self._beat_limit, time=wall,
-                         probe=self._beat_probe, lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds)
+                         probe=self._beat_probe, lag_bytes=lag_bytes, lag_records=lag_records, lag_seconds=lag_seconds,
+                         mode=w.mode, sync_mirrors=w.mirrors, refuse=w.refuse, degraded_since=w.degraded_since,
+                         acked_lsn=w.acked_lsn)
 
 
 # ---------------------------------------------------------------------------- fetching side
@@ -742,10 +782,15 @@ class FetchState:
     #: when we sent the ACK whose probe the newest heartbeat echoes: that heartbeat describes
     #: the source at or after this moment (heartbeats can sit in buffers; receipt time lies)
     heartbeat_basis: float = 0.0
+    #: the source said it stops cleanly right after its newest heartbeat (ERROR ``stopping``):
+    #: that heartbeat is its final word, not just its latest (until we hear from it again)
+    final: bool = False
     last_progress: float = 0.0  #: when records last arrived (or the fetcher started)
     fetched_bytes: int = 0
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_SAMPLES_KEPT))
     sync: SyncStatus | None = None  #: a fast sync (resync) of this mirror under way
+    #: the source's replication mode as its newest heartbeat said it (None: no heartbeat yet)
+    primary_sync: SyncWord | None = None
 
     @property
     def stop(self) -> Stop | None:
@@ -909,12 +954,15 @@ class FetchingSession:
     def receive(self, msg: Message, now: float) -> ServerReply | Refused:
         """Take a message from the server; RECORDS are to be appended, then :meth:`appended`."""
         if isinstance(msg, Error) and self.phase in _REFUSABLE:
+            if msg.code == "stopping" and self.following:
+                self.state.final = True  # the heartbeat before this was its goodbye
             self.phase = FetchPhase.CLOSED
             return Refused(msg.code, msg.error)
         self._go(msg)
         self.state.last_frame = now
         if isinstance(msg, Welcome):
             self.welcome = msg
+            self.state.final = False  # it answers again: a goodbye before this is void
             if self.uuid is not None and msg.uuid != self.uuid:
                 return self._replaced(msg.uuid)
         elif isinstance(msg, SyncInfo | SyncData | SyncProgress | SyncEnd):
@@ -1041,9 +1089,12 @@ class FetchingSession:
 
     def _heartbeat(self, beat: Heartbeat, now: float) -> None:
         st = self.state
+        st.final = False  # it runs (again): this is its latest word, not its last
         st.primary_head_lsn = beat.head_lsn
         st.primary_durable_lsn = beat.durable_lsn
         st.primary_time = beat.time
+        st.primary_sync = SyncWord(mode=beat.mode, mirrors=beat.sync_mirrors, refuse=beat.refuse,
+                                   degraded_since=beat.degraded_since, acked_lsn=beat.acked_lsn)
         st.last_heartbeat = now
         sent = self.probes.sent_at(beat.probe)
         if sent is not None:

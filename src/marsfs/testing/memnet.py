@@ -151,11 +151,16 @@ class PassStream(trio.abc.Stream):
 
 
 class CutStream(PassStream):
-    """A memory stream that breaks while ``cut()`` says its link is cut (a partition)."""
+    """A memory stream that breaks while ``cut()`` says its link is cut (a partition), and
+    holds what it received while ``stalled()`` says its link is stalled, until ``healed()``
+    returns (a link that stays up and carries nothing)."""
 
-    def __init__(self, inner: trio.abc.Stream, cut: Callable[[], bool]) -> None:
+    def __init__(self, inner: trio.abc.Stream, cut: Callable[[], bool], stalled: Callable[[], bool] = lambda: False,
+                 healed: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(inner)
         self.cut = cut
+        self.stalled = stalled
+        self.healed = healed
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.cut():
@@ -164,6 +169,8 @@ class CutStream(PassStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
+        while self.stalled() and self.healed is not None:
+            await self.healed()
         if self.cut():
             raise trio.BrokenResourceError("partitioned")
         return data
@@ -189,7 +196,8 @@ class MemNet:
 
     A node is reachable once its Cluster runs (:meth:`start`) and while it is not in ``down``;
     a link is broken both ways while it is in ``cut`` (both ends' connections fail, new ones are
-    refused). Close it (:meth:`close`) after the nursery ended."""
+    refused), and stalled while it is in ``stalled`` (:meth:`stall`: connections stay up, what
+    is sent arrives only once it is healed). Close it (:meth:`close`) after the nursery ended."""
 
     def __init__(self, root: Path, nursery: trio.Nursery, names: Iterable[str] = ()) -> None:
         self.root = root
@@ -199,6 +207,8 @@ class MemNet:
         self.clusters: dict[str, Cluster] = {}  #: the running ones
         self.down: set[str] = set()
         self.cut: set[frozenset[str]] = set()
+        self.stalled: set[frozenset[str]] = set()
+        self._healed = trio.Event()
         self._streams: dict[str, list[trio.abc.Stream]] = {}  # server ends, per node: kill ends them
 
     async def start(self, name: str, peers: Iterable[str]) -> Cluster:
@@ -219,14 +229,17 @@ class MemNet:
         def broken() -> bool:
             return link in self.cut
 
+        def stalled() -> bool:
+            return link in self.stalled
+
         async def connect() -> trio.abc.Stream:
             if peer in self.down or peer not in self.clusters or broken():
                 raise OSError(errno.ECONNREFUSED, f"connection refused ({peer} is down or partitioned)")
             client, server = trio.testing.memory_stream_pair()
-            end = CutStream(server, broken)
+            end = CutStream(server, broken, stalled, self._wait_healed)
             self._streams.setdefault(peer, []).append(end)
             self.nursery.start_soon(self.clusters[peer].server.handle, end)
-            return CutStream(client, broken)
+            return CutStream(client, broken, stalled, self._wait_healed)
 
         return connect
 
@@ -239,6 +252,17 @@ class MemNet:
     def partition(self, *groups: set[str]) -> None:
         """Cut every link between nodes of different ``groups`` (none: heal them all)."""
         self.cut = {frozenset((a, b)) for g in groups for a in g for b in self.nodes if b not in g}
+
+    def stall(self, *groups: set[str]) -> None:
+        """Stall every link between nodes of different ``groups`` (none: heal them all): its
+        connections stay up, but nothing arrives until it is healed (then everything does)."""
+        self.stalled = {frozenset((a, b)) for g in groups for a in g for b in self.nodes if b not in g}
+        if not self.stalled:
+            self._healed.set()
+            self._healed = trio.Event()
+
+    async def _wait_healed(self) -> None:
+        await self._healed.wait()
 
     def close(self) -> None:
         for node in self.nodes.values():
