@@ -131,3 +131,25 @@ def test_the_layer_table_lists_each_module_once(layer: str) -> None:
     listed = re.findall(r"`([a-z_]+\.py)`", row)
     modules = sorted(p.name for p in (ROOT / layer).glob("*.py") if p.name != "__init__.py")
     assert sorted(listed) == modules, f"the {layer} row lists {sorted(listed)}; the package holds {modules}"
+
+
+#: what a command-line process must not load: each is tens of milliseconds of start-up, paid by
+#: every ``marsfs create`` of a script (the daemon's event loop, the terminal view, certificates,
+#: the node, volume and log layers)
+DAEMON_ONLY = ("trio", "rich", "cryptography", "pyfuse3", "lz4", "marsfs.node.node", "marsfs.node.cluster",
+               "marsfs.volume.volume", "marsfs.log.log", "marsfs.faces.control", "marsfs.faces.view")
+
+
+@pytest.mark.parametrize("argv", [["create", "vm", "--size", "1G"], ["delete", "vm"], ["mark", "vm", "m"]])
+def test_the_command_line_starts_without_the_daemon_s_modules(argv: list[str]) -> None:
+    """Parse a command as ``marsfs`` does and build its request; then look what got imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom marsfs.cli import build_parser\nfrom marsfs.faces.commands import COMMANDS\n"
+            f"args = build_parser().parse_args({argv!r})\nCOMMANDS[args.command].request_args(args)\n"
+            "print(' '.join(sorted(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONPATH": str(ROOT.parent), "PATH": "/usr/bin:/bin"})
+    loaded = set(r.stdout.split())
+    assert not [m for m in DAEMON_ONLY if m in loaded], f"marsfs {' '.join(argv)} imports daemon modules"

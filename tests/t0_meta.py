@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from marsfs.errors import ProtocolError, StateError
+from marsfs.errors import MarsError, ProtocolError, StateError
 from marsfs.node.meta import (
     META_FILE,
     ClusterMeta,
@@ -19,6 +19,7 @@ from marsfs.node.meta import (
     check_entry,
     position_key,
     primary_key,
+    removed_key,
 )
 from marsfs.replication.protocol import (
     MAX_META_ENTRIES,
@@ -212,6 +213,44 @@ def test_merge_converges_in_any_order_with_duplicates(tmp_path_factory: pytest.T
     if batch:  # persisted, with the clock past every stamp seen
         assert json.loads((d / "one.json").read_text())["clock"] == max(e.stamp.clock for e in batch)
         assert ClusterMeta(d / "one.json", "x").snapshot() == state_of(one)
+
+
+keyed = st.builds(lambda owner, key, clock, value: Entry(owner, key, value, Stamp(clock, owner)),
+                  NODES, st.sampled_from(["k", "volume/v/primary", position_key("v"), position_key("w"),
+                                          removed_key("v", "a"), removed_key("v", "b"), removed_key("w", "c"),
+                                          "volume/v/removed/", "volume/v/removed/x/y"]),
+                  st.integers(1, 6), st.one_of(st.none(), st.booleans(), st.integers(0, 3)))
+
+
+@pytest.mark.allow_log("cannot write the cluster metadata")
+@settings(max_examples=60, deadline=None)
+@given(st.lists(keyed, max_size=14), st.lists(st.tuples(st.sampled_from(["k", removed_key("v", "c")]),
+                                                        st.booleans()), max_size=3))
+def test_the_indexes_answer_as_a_scan_of_the_map(tmp_path_factory: pytest.TempPathFactory,
+                                                  batch: list[Entry], puts: list[tuple[str, bool]]) -> None:
+    """What the node asks per volume comes from indexes by key and by volume: they must say
+    what looking through every entry says, after merges, puts and a failed put's rollback."""
+    d = tmp_path_factory.mktemp("i")
+    m = ClusterMeta(d / "m.json", "a")
+    m.merge(batch)
+    for key, value in puts:
+        m.put(key, value)
+    m.put(removed_key("w", "z"), True)
+    m.path = d / "missing" / "m.json"  # durable puts fail now: rolled back (a new key, maybe an old one)
+    for failing in (removed_key("w", "q"), removed_key("v", "a")):
+        with pytest.raises(MarsError):
+            m.put(failing, False)
+    m.path = d / "m.json"
+    every = m.snapshot()
+    for key in {k for _, k in every} | {removed_key("w", "q")}:
+        assert sorted(m._with_key(key), key=lambda e: e.owner) == sorted(
+            (e for (_, k), e in every.items() if k == key), key=lambda e: e.owner)
+    for vol in ("v", "w", "u"):
+        prefix = removed_key(vol, "")
+        scanned = {k[len(prefix):] for (_, k) in every if k.startswith(prefix)}
+        assert m.removed(vol) == {n for n in scanned if m.is_removed(vol, n)}
+    assert ("a", removed_key("w", "q")) not in every
+    assert ClusterMeta(d / "m.json", "a").snapshot() == every
 
 
 # ---------------------------------------------------------------------------- the wire form

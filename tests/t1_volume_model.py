@@ -266,6 +266,36 @@ def test_autosync_makes_the_log_durable_without_flush(tmp_path: Path) -> None:
         vol.close()
 
 
+def _wakeups(thread: threading.Thread) -> int:
+    """How often ``thread`` gave up the CPU waiting so far (Linux's count for the task)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
+
+
+def test_an_idle_volume_s_autosync_thread_sleeps_until_a_write(tmp_path: Path) -> None:
+    """No polling: a node's idle cost must not grow with its volumes. A thread that checked
+    the log every 10 ms would wake ~50 times in the half second below."""
+    vol = Volume.create(tmp_path / "v", "i", MiB, sync_interval=0.01)
+    try:
+        assert vol._syncer is not None
+        for _ in range(2):  # idle from the start, and again once a write is durable
+            deadline = time.monotonic() + 2.0
+            while vol.log.dirty and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.05)  # the thread parks again after its last sync
+            before = _wakeups(vol._syncer)
+            time.sleep(0.5)
+            assert _wakeups(vol._syncer) - before <= 2, "the autosync thread woke while the volume was idle"
+            lsn = vol.write(0, b"w" * 4096)  # a write wakes it: durable without a flush
+            deadline = time.monotonic() + 2.0
+            while vol.durable_lsn < lsn and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert vol.durable_lsn >= lsn, "autosync did not wake for the write"
+    finally:
+        vol.close()
+    assert not vol._syncer.is_alive()
+
+
 def test_flush_with_nothing_new_appends_nothing(tmp_path: Path) -> None:
     vol = Volume.create(tmp_path / "v", "f", MiB, sync_interval=None)
     try:

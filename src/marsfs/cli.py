@@ -31,8 +31,7 @@ from typing import Any, NoReturn
 
 from marsfs.errors import MarsError, UsageError
 from marsfs.faces.commands import COMMANDS, PLANNED, Request, run
-from marsfs.node.cluster import DEFAULT_CLUSTER
-from marsfs.node.tls import NODE_DAYS
+from marsfs.node.defaults import DEFAULT_CLUSTER, NODE_DAYS
 
 DEFAULT_STATE = "/var/lib/marsfs"
 
@@ -52,7 +51,7 @@ def _state(args: argparse.Namespace) -> Path:
 
 def _requester(state: Path) -> Request:
     """Ask the daemon of ``state`` over its control socket."""
-    from marsfs.faces.control import call
+    from marsfs.faces.client import call
 
     def request(cmd: str, args: dict[str, Any]) -> Any:
         return call(state, cmd, **args)

@@ -42,24 +42,25 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
-
-import trio
-from rich.live import Live
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from marsfs.errors import DaemonWentAway, InvalidRequest, MarsError, NotAvailable, UsageError, WrongRole
-from marsfs.faces import view
-from marsfs.faces.namespace import SUFFIX
-from marsfs.faces.view import status_table as status_table  # re-exported: the tests and scripts import it here
-from marsfs.node import Node, check_node_name, check_volume_name, status
-from marsfs.node.cluster import Cluster
-from marsfs.node.syncmode import DEFAULT_TIMEOUT, ModeSetting, check_setting
-from marsfs.node.volstate import STOPPED, SYNCS, Role, VolumeState
+from marsfs.names import check_node_name, check_volume_name
+from marsfs.node.defaults import DEFAULT_SYNC_TIMEOUT as DEFAULT_TIMEOUT
 from marsfs.units import human_bytes, parse_size
-from marsfs.volume import Retention
+
+if TYPE_CHECKING:
+    from marsfs.node import Node
+    from marsfs.node.cluster import Cluster
+    from marsfs.node.syncmode import ModeSetting
+
+# Every command-line process builds this table, so the modules at the top are only those the
+# table needs (a create from a shell loop pays its start-up each time: trio, rich and the node
+# layer are most of it). Handlers run in the daemon and client loops in the command line; each
+# imports the rest where it is used.
 
 VERIFY_POLL = 0.5  #: seconds one verify-progress request waits for the end before it reports progress
 
@@ -81,6 +82,22 @@ class Context:
 
 
 Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
+T = TypeVar("T")
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``trio.to_thread.run_sync(fn, *args)``: a handler's blocking part (trio is the daemon's,
+    imported here so that the command line, which reads the same table, does not load it)."""
+    import trio
+
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def status_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`marsfs.faces.view.status_table` (the tests and scripts import it here)."""
+    from marsfs.faces import view
+
+    return view.status_table(rows)
 
 
 # ---------------------------------------------------------------------- argument types (daemon side)
@@ -108,6 +125,8 @@ def history_window(name: str, value: Any) -> str:
     :meth:`Retention.parse` reads; one it cannot read is a usage mistake, like ``serve --history``."""
     window = text(name, value)
     if window != "default":
+        from marsfs.volume.retention import Retention
+
         try:
             Retention.parse(window)
         except InvalidRequest as e:
@@ -308,9 +327,10 @@ async def _ping(ctx: Context, a: dict[str, Any]) -> Any:
 
 
 async def _create(ctx: Context, a: dict[str, Any]) -> Any:
+    from marsfs.node import status
+
     mode = _setting(a) if a["mode"] is not None else _setting(a, "async") if _sync_options(a) else None
-    await trio.to_thread.run_sync(functools.partial(ctx.node.create, a["volume"], a["size"], thin=a["thin"],
-                                                    mode=mode))
+    await _in_thread(functools.partial(ctx.node.create, a["volume"], a["size"], thin=a["thin"], mode=mode))
     return status.volume_status(ctx.node, a["volume"]).to_json()
 
 
@@ -322,6 +342,8 @@ def _sync_options(a: dict[str, Any]) -> list[str]:
 
 def _setting(a: dict[str, Any], mode: str | None = None) -> ModeSetting:
     """The replication mode a ``create`` or ``mode`` request asks for."""
+    from marsfs.node.syncmode import check_setting
+
     mode = mode or a["mode"]
     given = _sync_options(a)
     if mode != "sync" and given:
@@ -336,7 +358,7 @@ def _setting(a: dict[str, Any], mode: str | None = None) -> ModeSetting:
 async def _mode(ctx: Context, a: dict[str, Any]) -> Any:
     name = a["volume"]
     setting = _setting(a)
-    await trio.to_thread.run_sync(ctx.node.set_mode, name, setting)
+    await _in_thread(ctx.node.set_mode, name, setting)
     ctx.cluster.gossip_now()
     d = ctx.node.meta.designated(name)
     primary = d.node if d is not None else ctx.node.name
@@ -360,7 +382,7 @@ async def _delete(ctx: Context, a: dict[str, Any]) -> Any:
     if ctx.node.is_mirror(name):
         raise WrongRole(f"volume {name!r} is a mirror on node {ctx.node.name}; stop mirroring with marsfs leave")
     mirrors = ctx.cluster.mirrors_of(name)
-    await trio.to_thread.run_sync(functools.partial(ctx.node.delete, name, force=a["force"], mirrors=mirrors))
+    await _in_thread(functools.partial(ctx.node.delete, name, force=a["force"], mirrors=mirrors))
     ctx.forget_volume(name)
     return {"deleted": name}
 
@@ -396,11 +418,13 @@ def _pause(what: str, paused: bool) -> Handler:
 
 
 async def _mark(ctx: Context, a: dict[str, Any]) -> Any:
-    lsn = await trio.to_thread.run_sync(ctx.node.mark, a["volume"], a["name"])
+    lsn = await _in_thread(ctx.node.mark, a["volume"], a["name"])
     return {"volume": a["volume"], "mark": a["name"], "lsn": lsn}
 
 
 async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
+    from marsfs.node import status
+
     vol = ctx.node.volume(a["volume"])
     return {"volume": vol.name, "oldest_lsn": vol.oldest_version_lsn, "head_lsn": vol.replayed_lsn,
             "oldest_timestamp_ns": vol.oldest_version_timestamp_ns, "history": ctx.node.history_of(vol.name).describe(),
@@ -412,8 +436,10 @@ async def _versions(ctx: Context, a: dict[str, Any]) -> Any:
 async def _history(ctx: Context, a: dict[str, Any]) -> Any:
     name, window = a["volume"], a["window"]
     if window is not None:
+        from marsfs.volume import Retention
+
         own = None if window == "default" else Retention.parse(window)
-        await trio.to_thread.run_sync(ctx.node.set_history, name, own)
+        await _in_thread(ctx.node.set_history, name, own)
     own_window = ctx.node.own_history(name)
     return {"volume": name, "history": ctx.node.history_of(name).describe(), "own": own_window is not None,
             "node_default": ctx.node.history.describe()}
@@ -432,14 +458,18 @@ async def _primary(ctx: Context, a: dict[str, Any]) -> Any:
 
 async def _clone(ctx: Context, a: dict[str, Any]) -> Any:
     source, version = clone_spec(a["version"])
-    vol = await trio.to_thread.run_sync(ctx.node.clone, source, version, a["volume"])
+    vol = await _in_thread(ctx.node.clone, source, version, a["volume"])
+    from marsfs.node import status
+
     return {**status.volume_status(ctx.node, vol.name).to_json(), "image": str(ctx.mount / f"{vol.name}.img")}
 
 
 async def _discard(ctx: Context, a: dict[str, Any]) -> Any:
     name, split = clone_spec(a["version"], "discard", "vm@split-node2-4711")
+    from marsfs.node import status
+
     before = {v.name: v for v in status.split_versions(ctx.node, name)}
-    info = await trio.to_thread.run_sync(ctx.node.discard_split_version, name, split)
+    info = await _in_thread(ctx.node.discard_split_version, name, split)
     kept = before.get(info.name)
     return {"volume": name, "discarded": info.name, "freed_bytes": kept.disk_bytes if kept is not None else 0}
 
@@ -451,13 +481,15 @@ def _discard_text(r: dict[str, Any], args: argparse.Namespace) -> str:
 
 async def _resize(ctx: Context, a: dict[str, Any]) -> Any:
     name, new = a["volume"], a["size"]
-    lsn = await trio.to_thread.run_sync(ctx.node.resize, name, new)
+    lsn = await _in_thread(ctx.node.resize, name, new)
+    from marsfs.faces.namespace import SUFFIX
+
     image = ctx.mount / f"{name}{SUFFIX}"
     if ctx.mounted:
         # the kernel owns a cached image's size (writeback cache): tell it by a truncate through
         # the mount, from a worker thread while this trio thread answers its SETATTR
         try:
-            await trio.to_thread.run_sync(os.truncate, image, new)
+            await _in_thread(os.truncate, image, new)
         except OSError as e:
             raise MarsError(f"volume {name} is {new} bytes now, but the kernel still shows {image} with its old "
                             f"size ({e.strerror}); run marsfs resize {name} {new} again") from None
@@ -581,6 +613,10 @@ def _status_loop(command: Command, args: argparse.Namespace, request: Request) -
             if not args.watch:
                 return 0
             time.sleep(args.interval)
+    from rich.live import Live
+
+    from marsfs.faces import view
+
     console = view.terminal()
     if not args.watch:
         console.print(view.render(request("status", command.request_args(args))))
@@ -593,6 +629,8 @@ def _status_loop(command: Command, args: argparse.Namespace, request: Request) -
 
 def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
     """Block until VOL is synced: this node's mirror of it, or every mirror of this primary."""
+    from marsfs.node.volstate import Role
+
     if not args.synced:
         raise UsageError("say what to wait for: --synced")
     check_volume_name(args.volume)  # wait asks only status, whose request it builds itself
@@ -617,6 +655,8 @@ def _wait(command: Command, args: argparse.Namespace, request: Request) -> int:
 def _mirror_synced(volume: str, row: Mapping[str, Any], *, waited: float, last_check: bool) -> bool:
     """Whether this mirror is synced. Before the deadline only on the word of a heartbeat sent
     after the wait began (a write the caller just made on the primary is then included)."""
+    from marsfs.node.volstate import STOPPED, VolumeState
+
     if VolumeState(row["state"]) in STOPPED:
         raise MarsError(f"{volume} cannot become synced: state {row['state']}; " + "; ".join(row["errors"])
                         + (f"; next: {row['next']}" if row.get("next") else ""))
@@ -637,10 +677,14 @@ def _mirrors_synced(volume: str, row: Mapping[str, Any]) -> bool:
 
 def _peer_synced(p: Mapping[str, Any], row: Mapping[str, Any]) -> bool:
     """Whether a mirror, as its primary sees it, has fetched and replayed all the primary made durable."""
+    from marsfs.node.volstate import VolumeState
+
     return VolumeState(p["state"]) == VolumeState.SYNCED and p["replayed_lsn"] >= row["durable_lsn"]
 
 
 def _not_synced(row: Mapping[str, Any]) -> str:
+    from marsfs.node.volstate import Role
+
     if Role(row["role"]) == Role.PRIMARY:
         return "; ".join(f"mirror {p['node']} is {p['state']}, lag {p['lag_records']} records / "
                          f"{human_bytes(p['lag_bytes'])} / {p['lag_seconds']:.1f} s"
@@ -674,6 +718,8 @@ def follow_sync(volume: str, request: Request, *, out: TextIO | None = None,
     Right after the switch the mirror's fetch of the log reconnects (``disconnected`` for a
     moment): the final line waits up to ``settle`` seconds for the state that follows, and
     says "reconnecting" rather than a momentary ``disconnected``."""
+    from marsfs.node.volstate import STOPPED, SYNCS, VolumeState
+
     out = out if out is not None else sys.stderr
     tty = out.isatty()
     shown: float | None = None
@@ -711,6 +757,8 @@ def progress_line(row: Mapping[str, Any]) -> str:
     total = row.get("sync_bytes") or 0
     if not total:
         return f"{row['volume']}: {row['state']}: waiting for the source to pick the version to sync to"
+    from marsfs.faces import view
+
     when = view.eta_text(row.get("eta_seconds"))
     return (f"{row['volume']}: {row['state']} {100 * (row.get('progress') or 0.0):5.1f}% of "
             f"{human_bytes(total)} compared, {human_bytes(row.get('sync_received_bytes') or 0)} received, "
@@ -848,6 +896,8 @@ WAIT = Arg("wait", "show progress and return when the sync is done", flag="--wai
 
 
 def _join_text(r: dict[str, Any], a: argparse.Namespace) -> str:
+    from marsfs.node.volstate import VolumeState
+
     if VolumeState(r["state"]) == VolumeState.RESYNCING:
         return (f"joining {r['volume']} from {r['source']}: resyncing the image it has here, copying only blocks "
                 f"that differ; follow with: marsfs status {r['volume']}")

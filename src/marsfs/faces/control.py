@@ -6,7 +6,8 @@ root or the daemon's own). The client sends one JSON object per line,
 or ``{"ok": false, "error": MESSAGE, "exit": CODE}``. A connection may carry several requests.
 Requests are bounded (1 MiB); malformed ones get an error answer and never disturb service.
 
-This module only carries requests: what each command means is the table in
+The client side, :func:`call`, is :mod:`marsfs.faces.client` (re-exported here): the command
+line imports that alone, without trio. This module only carries requests: what each command means is the table in
 :mod:`marsfs.faces.commands`. A refusal keeps its exit status across the socket; a failure
 that is not a :class:`MarsError` is a bug, logged with its traceback and answered as an
 internal error.
@@ -26,17 +27,15 @@ from typing import Any
 
 import trio
 
-from marsfs.errors import DaemonNotRunning, DaemonRefused, DaemonRejectedUsage, DaemonWentAway, MarsError
+from marsfs.errors import MarsError
+from marsfs.faces.client import MAX_SOCKET_PATH as MAX_SOCKET_PATH
+from marsfs.faces.client import call as call
+from marsfs.faces.client import socket_path as socket_path
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
-MAX_SOCKET_PATH = 108  #: bytes of a Unix socket address (sun_path), the final NUL included
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
-
-
-def socket_path(state: Path) -> Path:
-    return state / "control.sock"
 
 
 async def serve_control(state: Path, dispatch: Dispatch, *,
@@ -123,65 +122,3 @@ async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
         await stream.send_all(json.dumps(obj).encode() + b"\n")
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-
-
-def call(state: Path, cmd: str, timeout: float | None = 60.0, **args: Any) -> Any:
-    """Send one command to the daemon of ``state`` (blocking); the result, or the daemon's
-    refusal raised as :class:`DaemonRefused` (exit status 1) or :class:`DaemonRejectedUsage` (2)."""
-    path = socket_path(state)
-    start = f"start one with: marsfs serve --node NAME --state {state} --mount DIR"
-    if len(os.fsencode(path)) >= MAX_SOCKET_PATH:  # no daemon could have made it (serve_control says so)
-        raise DaemonNotRunning(f"no marsfs daemon can run for state directory {state}: the path of its control "
-                               f"socket is longer than a Unix socket address holds ({MAX_SOCKET_PATH - 1} bytes); "
-                               "give the --state directory of a running node, or use a shorter path")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        try:
-            s.connect(os.fspath(path))
-        except FileNotFoundError:
-            raise DaemonNotRunning(f"no marsfs daemon is running for state directory {state}; {start}") from None
-        except ConnectionRefusedError:  # a socket left by a daemon that died (or a file that is no socket)
-            raise DaemonNotRunning(f"no marsfs daemon is running for state directory {state} ({path} is left from "
-                                   f"one that is gone); {start}") from None
-        except NotADirectoryError:
-            raise DaemonNotRunning(f"state directory {state} is not a directory: give the --state directory of a "
-                                   "node (or set MARSFS_STATE)") from None
-        except PermissionError:
-            raise MarsError(f"permission denied on {path}: the control socket is root-only; run as root") from None
-        except TimeoutError:
-            raise  # below: the daemon did not answer in time
-        except OSError as e:
-            raise DaemonNotRunning(f"cannot reach the daemon of state directory {state} at {path}: "
-                                   f"{e.strerror or e}; {start}") from None
-        buf = b""
-        try:
-            s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-        if not buf.endswith(b"\n"):
-            raise DaemonWentAway("the daemon closed the control connection without answering; see its log")
-    except TimeoutError:
-        raise MarsError(f"the daemon did not answer {cmd!r} within {timeout:.0f} s; see its log") from None
-    finally:
-        s.close()
-    try:
-        resp = json.loads(buf)
-        if not isinstance(resp, dict):
-            raise ValueError("not an object")
-    except ValueError:
-        raise DaemonRefused(f"the answer on {path} is not a marsfs daemon's; is --state {state} a marsfs node's "
-                            "state directory? (see its daemon's log)") from None
-    if resp.get("ok"):
-        return resp.get("result")
-    raise _refusal(resp.get("exit"))(resp.get("error", "unknown error"))
-
-
-def _refusal(exit_code: Any) -> type[DaemonRefused]:
-    """The class a refusal comes back as: the exit status the daemon sent is its class data."""
-    return DaemonRejectedUsage if exit_code == DaemonRejectedUsage.exit_code else DaemonRefused

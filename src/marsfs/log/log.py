@@ -89,6 +89,10 @@ class Log:
         self._lock = threading.Lock()
         self._synced = threading.Condition(self._lock)
         self._syncing = False
+        #: wakes the threads parked in :meth:`wait_dirty` (a volume's autosync) when an append
+        #: makes the log dirty; notified only while one waits, so an append pays one int test
+        self._appended = threading.Condition(self._lock)
+        self._dirty_waiters = 0
         #: how long each group commit's fdatasync took (also a failed one): ``serve --metrics``
         self.sync_latency = LatencyHistogram()
         self._failed: BaseException | None = None
@@ -248,6 +252,8 @@ class Log:
         encoding, one list append per buffer and one table row.
         """
         self._check_failed()
+        if self._dirty_waiters:  # they wake once we release the lock, when this append is done (or failed)
+            self._appended.notify_all()
         kind = int(rtype) << 8
         limit = self.segment_bytes
         n = len(items)
@@ -458,11 +464,34 @@ class Log:
                 self._durable_lsn = max(self._durable_lsn, upto)
             else:
                 self._failed = err
+                self._appended.notify_all()  # a parked autosync sees the log poisoned
             self._synced.notify_all()
         if err is not None:
             raise LogFailed(f"fdatasync of the log failed: {err.strerror}; the log refuses further "
                             "writes; restart the daemon to re-verify it") from err
         return upto
+
+    def wait_dirty(self, stop: threading.Event) -> bool:
+        """Block while every record is durable, the log is healthy and ``stop`` is not set;
+        return whether some record is not durable.
+
+        Where a volume's autosync thread waits between bursts of writes, so that an idle volume
+        costs no CPU (no timer, no polling): each append notifies it under the log lock, so no
+        wake-up is lost between the test and the wait, and it sees the append finished. Whoever
+        sets ``stop`` calls :meth:`wake` after it."""
+        with self._lock:
+            while not stop.is_set() and self._failed is None and self.last_lsn <= self._durable_lsn:
+                self._dirty_waiters += 1
+                try:
+                    self._appended.wait()
+                finally:
+                    self._dirty_waiters -= 1
+            return self.last_lsn > self._durable_lsn
+
+    def wake(self) -> None:
+        """Wake the threads in :meth:`wait_dirty` (after their ``stop`` was set)."""
+        with self._lock:
+            self._appended.notify_all()
 
     @property
     def failed(self) -> BaseException | None:

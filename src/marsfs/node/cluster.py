@@ -55,6 +55,7 @@ from marsfs.errors import (
 )
 from marsfs.node import gossip, status
 from marsfs.node.access import Access
+from marsfs.node.defaults import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from marsfs.node.follow import Act, decide
 from marsfs.node.handover import Roles
 from marsfs.node.identity import Identities
@@ -77,7 +78,6 @@ logger = logging.getLogger(__name__)
 
 VERIFY_KEPT = 600.0  #: seconds a finished verify waits for its command line to collect it
 GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
-DEFAULT_CLUSTER = "marsfs"
 FAREWELL_TIMEOUT = 2.0  #: seconds a clean stop waits for its mirrors to hear its last heartbeat
 
 
@@ -487,17 +487,24 @@ class Cluster:
             vol = self.node.volumes[name]
             if vol.clone_of is not None:
                 continue
-            try:
-                st = status.volume_status(self.node, name, status.cluster_side(self, name))
+            try:  # what a position says, and no more: not the whole status row (clones, splits, peers, ...)
+                role = self.node.role(name)
+                state = status.verdict(self.node, name, status.cluster_side(self, name)).state
             except MarsError:
                 continue  # deleted in the meantime
             positions.append((name, Position(
-                role=st.role.value, state=st.state.value, epoch=st.epoch, head_lsn=st.head_lsn,
-                durable_lsn=st.durable_lsn, chain_at_head=vol.log.last_chain.hex(), replayed_lsn=st.replayed_lsn,
-                open_handles=st.open_handles, source=st.source or "", updated=now)))
+                role=role.role.value, state=state.value, epoch=role.epoch, head_lsn=vol.head_lsn,
+                durable_lsn=vol.durable_lsn, chain_at_head=vol.log.last_chain.hex(), replayed_lsn=vol.replayed_lsn,
+                open_handles=self.node.open_count(name), source=role.source if role.is_mirror else "", updated=now)))
+
+        if not any(self.meta.publishes(name, p) for name, p in positions):
+            return  # no worker thread for a round with nothing new
+        # the unchanged positions that are half due go along: the volumes' refreshes then fall
+        # into the same few rounds, one worker thread and one file write for many volumes
+        positions = [(name, p) for name, p in positions if self.meta.publishes(name, p, REFRESH / 2)]
 
         def put() -> bool:
-            return any([self.meta.publish(name, p) for name, p in positions])
+            return any([self.meta.publish(name, p, REFRESH / 2) for name, p in positions])
 
         if await trio.to_thread.run_sync(put):
             for ev in self._gossip_wake.values():
@@ -514,7 +521,7 @@ class Cluster:
         if d is None:
             return
         role = self.node.role(name)
-        do = decide(name, self.node.name, role, d, head_lsn=vol.head_lsn, opens=self.node.opens[name],
+        do = decide(name, self.node.name, role, d, head_lsn=vol.head_lsn, opens=self.node.open_count(name),
                     copying=name in self.mirrors.copies)
         if do.fence:
             self.node.fence(name, do.fence)

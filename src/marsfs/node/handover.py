@@ -609,7 +609,7 @@ class Roles:
         if vol is None or d is None or vol.clone_of is not None or name in self.progress:
             return
         do = decide(name, self.node.name, self.node.role(name), d, head_lsn=vol.head_lsn,
-                    opens=self.node.opens[name], copying=name in self.mirrors.copies)
+                    opens=self.node.open_count(name), copying=name in self.mirrors.copies)
         if do.act == Act.PROMOTE:
             logger.info("volume %s: this node claimed epoch %d but was not promoted (a crash?); promoting it",
                         name, d.epoch)
@@ -656,8 +656,8 @@ class Roles:
             peers = ", ".join(s.peer for s in splits)
             raise InvalidRequest(f"this node is the designated primary of {name}: it keeps its history; run "
                                  f"marsfs invalidate {name} on the losing node ({peers})")
-        if self.node.opens[name]:
-            raise VolumeBusy(f"volume {name!r} is open ({self.node.opens[name]} handle(s)); close it (losetup -d, "
+        if self.node.open_count(name):
+            raise VolumeBusy(f"volume {name!r} is open ({self.node.open_count(name)} handle(s)); close it (losetup -d, "
                              "umount) and run marsfs invalidate again: its divergent state is kept as a version first")
         fork = min(splits, key=lambda s: s.fork_lsn)
         head = vol.head_lsn

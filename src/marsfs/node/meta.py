@@ -44,7 +44,8 @@ Keys (values are JSON):
 
 Nothing here does network I/O; the cluster layer gossips :meth:`entries` and calls
 :meth:`merge`. Thread-safe (one lock): the daemon reads from the trio thread and writes from
-worker threads.
+worker threads. The entries are indexed by key and the removals by volume, so what the node
+asks about one volume every second costs the same with 1 volume or 100.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -136,8 +137,11 @@ class Position:
     source: str
     updated: float  #: wall time when the owner published it
 
+    # Every field is a plain value, so these need no deep copies (asdict): each volume's
+    # position is compared every second.
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _POSITION_FIELDS}
 
     @classmethod
     def from_json(cls, d: JSON) -> Position | None:
@@ -146,13 +150,17 @@ class Position:
         if not isinstance(d, dict):
             return None
         try:
-            return cls(**{f.name: d[f.name] for f in fields(cls)})
+            return cls(**{name: d[name] for name in _POSITION_FIELDS})
         except (KeyError, TypeError):
             return None
 
     def same_as(self, other: Position | None) -> bool:
         """Equal but for ``updated`` (nothing worth telling the cluster again)."""
-        return other is not None and {**self.to_json(), "updated": 0} == {**other.to_json(), "updated": 0}
+        return other is not None and all(getattr(self, n) == getattr(other, n)
+                                         for n in _POSITION_FIELDS if n != "updated")
+
+
+_POSITION_FIELDS = tuple(f.name for f in fields(Position))
 
 
 def canonical(value: JSON) -> str:
@@ -222,6 +230,8 @@ class ClusterMeta:
         self.node = node
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], Entry] = {}
+        self._by_key: dict[str, dict[str, Entry]] = {}  #: key -> owner -> entry (the same entries)
+        self._removals: dict[str, set[str]] = {}  #: volume -> nodes some owner has a removal key of
         self._clock = 0
         self._version = 0  #: counts changes of the map here (gossip skips peers that have this version)
         self._dirty = False  #: position changes not yet written
@@ -243,7 +253,7 @@ class ClusterMeta:
             self._clock = int(d["clock"])
             for owner, key, clock, value in d["entries"]:
                 entry = Entry(str(owner), str(key), value, Stamp(int(clock), str(owner)))
-                self._entries[(entry.owner, entry.key)] = entry
+                self._set(entry)
                 self._clock = max(self._clock, entry.stamp.clock)
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{self.path}: unreadable cluster metadata ({e}); move it away to start "
@@ -310,15 +320,15 @@ class ClusterMeta:
             self._clock += 1
             stamp = Stamp(self._clock, self.node)
             old = self._entries.get((self.node, key))
-            self._entries[(self.node, key)] = Entry(self.node, key, value, stamp)
+            self._set(Entry(self.node, key, value, stamp))
             self._version += 1
             try:
                 self._save([key])
             except MarsError:  # not durable: not said (the clock may stay ahead; it never goes back)
                 if old is None:
-                    del self._entries[(self.node, key)]
+                    self._unset(self.node, key)
                 else:
-                    self._entries[(self.node, key)] = old
+                    self._set(old)
                 raise
             return stamp
 
@@ -347,7 +357,7 @@ class ClusterMeta:
                 k = (e.owner, e.key)
                 old = self._entries.get(k)
                 if old is None or e.sort_key() > old.sort_key():
-                    self._entries[k] = e
+                    self._set(e)
                     changed.add(k)
             # an entry no newer than ours has a stamp at most our clock: only changes move it
             self._clock = clock
@@ -362,9 +372,28 @@ class ClusterMeta:
 
     # ------------------------------------------------------------------ what the keys mean
 
+    def _set(self, entry: Entry) -> None:
+        """Put ``entry`` into the map and its indexes (under the lock)."""
+        self._entries[(entry.owner, entry.key)] = entry
+        self._by_key.setdefault(entry.key, {})[entry.owner] = entry
+        parts = entry.key.split("/", 3)
+        if len(parts) == 4 and parts[0] == "volume" and parts[2] == "removed":
+            self._removals.setdefault(parts[1], set()).add(parts[3])
+
+    def _unset(self, owner: str, key: str) -> None:
+        """Take the entry of ``(owner, key)`` out of the map and its indexes (under the lock)."""
+        del self._entries[(owner, key)]
+        owners = self._by_key[key]
+        del owners[owner]
+        if not owners:
+            del self._by_key[key]
+            parts = key.split("/", 3)
+            if len(parts) == 4 and parts[0] == "volume" and parts[2] == "removed":
+                self._removals[parts[1]].discard(parts[3])
+
     def _with_key(self, key_of: str) -> list[Entry]:
         with self._lock:
-            return [e for (_, k), e in self._entries.items() if k == key_of]
+            return list(self._by_key.get(key_of, {}).values())
 
     def designated(self, volume: str) -> Designation | None:
         """The designated primary of ``volume``: the claim with the greatest (epoch, stamp)."""
@@ -384,11 +413,16 @@ class ClusterMeta:
         assert epoch >= 1 and start_lsn >= 1, (epoch, start_lsn)
         self.put(primary_key(volume), {"node": node, "epoch": epoch, "start_lsn": start_lsn})
 
-    def publish(self, volume: str, position: Position) -> bool:
-        """Put this node's position for ``volume`` unless it says what the last one said and
-        is younger than :data:`REFRESH` seconds; returns whether it was put."""
+    def publishes(self, volume: str, position: Position, refresh: float = REFRESH) -> bool:
+        """Whether :meth:`publish` would put ``position``: it says something else than the last
+        one, or that is ``refresh`` seconds old. No I/O (the trio thread asks it)."""
         old = Position.from_json(self.get(self.node, position_key(volume)))
-        if position.same_as(old) and old is not None and position.updated - old.updated < REFRESH:
+        return not (position.same_as(old) and old is not None and position.updated - old.updated < refresh)
+
+    def publish(self, volume: str, position: Position, refresh: float = REFRESH) -> bool:
+        """Put this node's position for ``volume`` unless it says what the last one said and
+        is younger than ``refresh`` seconds (:data:`REFRESH`); returns whether it was put."""
+        if not self.publishes(volume, position, refresh):
             return False
         self.put(position_key(volume), position.to_json())
         return True
@@ -437,9 +471,8 @@ class ClusterMeta:
 
     def removed(self, volume: str) -> set[str]:
         """The nodes removed from ``volume`` (and not back since)."""
-        prefix = removed_key(volume, "")
         with self._lock:
-            nodes = {k[len(prefix):] for (_, k) in self._entries if k.startswith(prefix)}
+            nodes = set(self._removals.get(volume, ()))
         return {n for n in nodes if self.is_removed(volume, n)}
 
     def members(self, volume: str) -> set[str]:

@@ -19,6 +19,9 @@ Rules that hold here:
   deleted log needs that). :meth:`Mirrors.start` refuses while the old fetch still runs.
 * Replay moves a mirror's visible version to its durable fetched LSN every ``REPLAY_EVERY``
   seconds unless paused. Pause flags and the paused replay position persist in role.json.
+  A node with no mirror volume looks only every ``REPLAY_IDLE`` seconds (its idle cost must
+  not be a 50 Hz timer), and :meth:`Mirrors.start`, the one way records reach a mirror, wakes
+  the loop at once.
 * A node becomes a member of a volume by the operator's ``join``: the first copy's fetcher
   (also when a restart resumes it) and a join onto an existing image say so in their fast
   sync's HELLO, and the source takes them for a member from then on (:mod:`marsfs.node.access`).
@@ -61,6 +64,7 @@ from marsfs.volume import Volume
 logger = logging.getLogger(__name__)
 
 REPLAY_EVERY = 0.02
+REPLAY_IDLE = 0.5  #: seconds between looks of the replay loop while no volume here is a mirror
 SEED_CHUNK = 4 * 1024 * 1024
 
 #: runs ``fn`` as a supervised background task named ``what`` (the cluster's nursery)
@@ -107,6 +111,7 @@ class Mirrors:
         self.replay_samples: dict[str, deque[tuple[float, int]]] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._ended: dict[str, trio.Event] = {}  #: set when a mirror's fetch task has ended
+        self._replay_wake = trio.Event()  #: a fetch started: the replay loop looks now
 
     async def resume(self) -> None:
         """At start: fetch for every mirror, resume the first copies a crash interrupted, and
@@ -182,6 +187,7 @@ class Mirrors:
                 ended.set()
 
         self.spawn(f"fetch of {name}", run)
+        self._replay_wake.set()
         return fetcher
 
     async def stop(self, name: str) -> None:
@@ -426,11 +432,17 @@ class Mirrors:
         return {"volume": name, f"{what}_paused": paused}
 
     async def replay_loop(self) -> None:
-        """Every REPLAY_EVERY seconds: move each unpaused mirror's visible version to its
-        durable LSN, sample the replay rate, and persist the replayed LSN at most every second."""
+        """Every REPLAY_EVERY seconds (REPLAY_IDLE while no volume is a mirror): move each
+        unpaused mirror's visible version to its durable LSN, sample the replay rate, and
+        persist the replayed LSN at most every second."""
         persisted: dict[str, float] = {}
         while True:
-            await trio.sleep(REPLAY_EVERY)
+            if any(v.replay_limit is not None for v in self.node.volumes.values()):  # a mirror is here
+                await trio.sleep(REPLAY_EVERY)
+            else:
+                self._replay_wake = trio.Event()
+                with trio.move_on_after(REPLAY_IDLE):
+                    await self._replay_wake.wait()
             now = trio.current_time()
             for name, vol in list(self.node.volumes.items()):
                 role = self.node.role(name)

@@ -95,6 +95,8 @@ from marsfs.errors import (
 )
 from marsfs.fsutil import fsync_dir, read_json, write_json
 from marsfs.names import RULE as NAME_RULE
+from marsfs.names import check_node_name as check_node_name
+from marsfs.names import check_volume_name as check_volume_name
 from marsfs.names import is_name
 from marsfs.node.identity import load_node_id
 from marsfs.node.meta import META_FILE, ClusterMeta, primary_key
@@ -111,20 +113,6 @@ logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.json"  #: a volume's own history window, when it has one
 SPLITS_FILE = "splits.json"  #: a volume's unresolved split brains and its last forced failover's loss
-
-
-def check_volume_name(name: str) -> str:
-    if not is_name(name):
-        raise InvalidRequest(f"invalid volume name {name!r:.80}: use {NAME_RULE} (no '/', no leading dot)")
-    return name
-
-
-def check_node_name(name: str) -> str:
-    """A node name as the operator gives it (``join --from``, ``verify --peer``): the same rule
-    as ``serve --node``, so that a typo is named as such, not as a node this one does not know."""
-    if not is_name(name):
-        raise InvalidRequest(f"invalid node name {name!r:.80}: use {NAME_RULE} (the name its serve --node gives)")
-    return name
 
 
 @dataclass(eq=False)
@@ -179,6 +167,13 @@ class Node:
         """Open handles by volume (a copy; 0 for a volume that has none)."""
         with self._lock:
             return Counter({n: e.opens for n, e in self._entries.items() if e.opens})
+
+    def open_count(self, name: str) -> int:
+        """Open handles of volume ``name`` (0 if none): what :attr:`opens` holds for it, without
+        copying every volume's count."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.opens if entry is not None else 0
 
     @property
     def failed(self) -> dict[str, str]:

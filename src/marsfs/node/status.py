@@ -214,7 +214,7 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         head_lsn=head, durable_lsn=vol.durable_lsn, fetched_lsn=vol.durable_lsn if role.is_mirror else head,
         replayed_lsn=vol.replayed_lsn, applied_lsn=vol.applied_lsn, lag_bytes=0, lag_records=0,
         lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
-        open_handles=node.opens[name], errors=list(verdict.errors), next=verdict.next,
+        open_handles=node.open_count(name), errors=list(verdict.errors), next=verdict.next,
         oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=history.describe(),
         clones=[CloneStatus(c, lsn) for c, lsn in node.clones_of(name)],
         clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,

@@ -42,6 +42,7 @@ from typing import Any
 import trio
 
 from marsfs.errors import InvalidRequest, SyncRefused
+from marsfs.node.defaults import DEFAULT_SYNC_TIMEOUT as DEFAULT_TIMEOUT
 from marsfs.node.meta import JSON, ClusterMeta
 from marsfs.node.state import ReplicationMode, SyncModeStatus, SyncState
 from marsfs.replication.server import PeerState, PeerTable, lag_of
@@ -50,7 +51,6 @@ from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 2.0  #: seconds a sync volume's flush waits for its mirrors before it degrades
 MAX_MIRRORS = 16
 MAX_TIMEOUT = 3600.0
 

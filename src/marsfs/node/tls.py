@@ -46,6 +46,7 @@ from marsfs.aio import describe
 from marsfs.errors import InvalidRequest, StateError, UsageError
 from marsfs.fsutil import write_atomic
 from marsfs.names import RULE, is_name
+from marsfs.node.defaults import NODE_DAYS as NODE_DAYS
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ HANDSHAKE_TIMEOUT = 10.0  #: seconds a peer has to complete the TLS handshake
 EXPIRY_WARNING_DAYS = 30  #: status warns this many days before the node certificate expires
 REFRESH_EVERY = 10.0  #: seconds between two looks whether node.crt was renewed
 CA_DAYS = 3650
-NODE_DAYS = 825
 
 
 class HandshakeFailed(OSError):
