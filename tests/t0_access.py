@@ -15,7 +15,8 @@ from typing import cast
 
 import pytest
 
-from marsfs.node.access import LOG_EVERY, Access, refusal
+from marsfs.node.access import Access, refusal
+from marsfs.node.logbook import LOG_EVERY
 from marsfs.replication.fetch import hello
 from marsfs.replication.protocol import Want
 from marsfs.volume import Volume

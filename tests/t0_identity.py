@@ -15,7 +15,8 @@ import logging
 
 import pytest
 
-from marsfs.node.identity import LOG_EVERY, RECENT, Identities, Seen, refusal
+from marsfs.node.identity import RECENT, Identities, Seen, refusal
+from marsfs.node.logbook import LOG_EVERY
 
 REAL = "1" * 32
 OTHER = "2" * 32

@@ -38,12 +38,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 
+from marsfs.node.logbook import LOG_EVERY, LogBook
 from marsfs.replication.protocol import Error, Hello
 from marsfs.volume import Volume
 
 logger = logging.getLogger(__name__)
 
-LOG_EVERY = 60.0  #: seconds between two log lines about one refused (node, volume)
 SHOWN = 8  #: members named in a refusal at most
 
 #: what each want asks for, in the words of a refusal
@@ -79,7 +79,7 @@ class Access:
         self.members = members
         self.clock = clock
         self.refused = 0  #: HELLOs refused since start
-        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  #: last line, lines left out since
+        self._book = LogBook(clock, LOG_EVERY)  #: one line per (node, volume) and minute
 
     def authorize(self, hello: Hello, vol: Volume) -> Error | None:
         """None to answer ``hello`` about ``vol``, else the ERROR that refuses it (logged)."""
@@ -91,14 +91,6 @@ class Access:
         return Error(code=why[0], error=why[1])
 
     def _log(self, node: str, volume: str, why: str) -> None:
-        now = self.clock()
-        key = (node, volume)
-        last, left_out = self._logged.get(key, (None, 0))
-        if last is not None and now - last < LOG_EVERY:
-            self._logged[key] = (last, left_out + 1)
-            return
-        for old in [k for k, (t, _) in self._logged.items() if now - t >= LOG_EVERY]:
-            del self._logged[old]  # keeps the book small; a node that asks again is logged anew
-        more = f" ({left_out} more refused since)" if left_out else ""
-        logger.warning("refused node %s for volume %s: %s%s", node, volume, why, more)
-        self._logged[key] = (now, 0)
+        more = self._book.due((node, volume))
+        if more is not None:
+            logger.warning("refused node %s for volume %s: %s%s", node, volume, why, more)

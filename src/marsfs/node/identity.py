@@ -40,12 +40,12 @@ from pathlib import Path
 
 from marsfs.errors import StateError
 from marsfs.fsutil import write_atomic
+from marsfs.node.logbook import LOG_EVERY, LogBook
 
 logger = logging.getLogger(__name__)
 
 NODE_ID_FILE = "node-id"
 RECENT = 30.0  #: seconds after its last word that a node of a known id still counts as running
-LOG_EVERY = 60.0  #: seconds between two log lines about the same refused peer
 _ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -120,7 +120,7 @@ class Identities:
         self.listed = listed
         self.clock = clock
         self.seen: dict[str, Seen] = {}
-        self._logged: dict[tuple[str, str, str], tuple[float, int]] = {}  #: last line, lines left out since
+        self._book = LogBook(clock, LOG_EVERY)  #: one line per (name, id, refusal) and minute
 
     def admit(self, name: str, node_id: str, where: str) -> tuple[str, str] | None:
         """Accept (and count as an open connection until :meth:`closed`) or refuse a HELLO
@@ -150,14 +150,7 @@ class Identities:
             seen.last = self.clock()
 
     def _log(self, name: str, node_id: str, where: str, why: tuple[str, str], now: float) -> None:
-        key = (name, node_id, why[0])
-        last, left_out = self._logged.get(key, (None, 0))
-        if last is not None and now - last < LOG_EVERY:
-            self._logged[key] = (last, left_out + 1)
-            return
-        for old in [k for k, (t, _) in self._logged.items() if now - t >= LOG_EVERY]:
-            del self._logged[old]  # keeps the book small; a peer that tries again is logged anew
-        more = f" ({left_out} more refused since)" if left_out else ""
-        logger.warning("refused a connection from %s (node %s, id %s): %s%s", where or "?", name, short(node_id),
-                       why[1], more)
-        self._logged[key] = (now, 0)
+        more = self._book.due((name, node_id, why[0]))
+        if more is not None:
+            logger.warning("refused a connection from %s (node %s, id %s): %s%s", where or "?", name, short(node_id),
+                           why[1], more)

@@ -26,6 +26,7 @@ import trio
 
 from marsfs.aio import describe
 from marsfs.errors import PeerError, UsageError
+from marsfs.node.logbook import LOG_EVERY, LogBook
 from marsfs.node.tls import HandshakeFailed, Tls, client_stream, server_stream
 from marsfs.replication.channel import PeerRefused
 from marsfs.replication.fetch import Connect, hello, open_channel
@@ -35,7 +36,6 @@ from marsfs.replication.server import peer_address
 logger = logging.getLogger(__name__)
 
 MAX_HANDSHAKES = 64  #: connections in their TLS handshake at once; more are closed at once
-LOG_EVERY = 60.0  #: seconds between two log lines about refused connections from one host
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -122,7 +122,7 @@ class Admission:
         self.handshaking = 0  #: connections in their handshake now
         self.refused = 0  #: connections refused since start (handshake failed, or too many at once)
         self._clock = clock
-        self._logged: dict[str, tuple[float, int]] = {}  #: host -> (time of its last line, lines left out since)
+        self._book = LogBook(clock, LOG_EVERY)  #: one line per host and minute
 
     async def handle(self, serve: Handler, stream: trio.SocketStream) -> None:
         """Admit ``stream`` (accepted on the node port) and serve it, or close it."""
@@ -146,14 +146,6 @@ class Admission:
 
     def _refuse(self, where: str, why: str) -> None:
         self.refused += 1
-        host = where.rpartition(":")[0] or where
-        now = self._clock()
-        last, left_out = self._logged.get(host, (-LOG_EVERY, 0))
-        if now - last < LOG_EVERY:
-            self._logged[host] = (last, left_out + 1)
-            return
-        more = f" ({left_out} more since the last line)" if left_out else ""
-        logger.info("refused a connection from %s: %s%s", where or "an unknown address", why, more)
-        self._logged[host] = (now, 0)
-        if len(self._logged) > 4096:  # a scan from many addresses: keep the table bounded
-            self._logged = {h: v for h, v in self._logged.items() if now - v[0] < LOG_EVERY}
+        more = self._book.due(where.rpartition(":")[0] or where)
+        if more is not None:
+            logger.info("refused a connection from %s: %s%s", where or "an unknown address", why, more)
