@@ -158,7 +158,7 @@ def test_a_claim_the_full_disk_cannot_take_at_start_does_not_end_the_node(node: 
     that cannot take the claim is said in status and the claim is made once it can (G11),
     instead of the start failing and the daemon ending."""
     node.create("v", 4 * MiB)
-    node.meta._entries.pop((node.name, primary_key("v")))  # a volume from before the metadata
+    node.meta._unset(node.name, primary_key("v"))  # a volume from before the metadata (map and indexes)
     assert node.meta.designated("v") is None
     real = meta_module.write_json  # type: ignore[attr-defined]
 
