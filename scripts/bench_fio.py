@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import splice  # scripts/ is on sys.path: this file runs as a script
+from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
 
 GiB = 1 << 30
 IMAGE_SIZE = 4 * GiB
@@ -536,9 +536,6 @@ def plot(outcomes: dict[str, Outcome], path: Path) -> bool:
 # ---------------------------------------------------------------------- main
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that clean up
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -570,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         "B": Target("B", "marsfs.testing.memfs", lambda tmp: start_memfs(tmp, memfs_args), lambda tmp: tmp / "mnt"),
         "C": Target("C", "marsfs primary", start_marsfs, lambda tmp: tmp / "mnt"),
     }
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="marsfs-bench-fio-", dir=args.dir))
     outcomes: dict[str, Outcome] = {}
     load = os.getloadavg()[0]

@@ -32,7 +32,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import splice  # scripts/ is on sys.path: this file runs as a script
+from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
 from marsfs.faces.control import call
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
@@ -466,9 +465,6 @@ def plot(follows: list[Follow], dec: Decouple, path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the harnesses, which clean up
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -499,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"scripts/bench replication: {tool} not found", file=sys.stderr)
             return 1
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_on_sigterm()
     load = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="marsfs-bench-repl-", dir=args.dir))
     try:

@@ -37,16 +37,14 @@ import re
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from benchlib import splice  # scripts/ is on sys.path: this file runs as a script
+from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
 from marsfs.faces.control import call
 from marsfs.testing.harness import MALLOC_ENV, Harness, NodeProcess, is_mounted
 
@@ -447,9 +445,6 @@ def report(results: list[Result], args: argparse.Namespace, argv: list[str], loa
     return "\n".join(lines)
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the cleanups
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -486,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"scripts/bench scale: {tool} not found", file=sys.stderr)
             return 1
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_on_sigterm()
     load = (os.getloadavg()[0], 0.0)
     results: list[Result] = []
     if args.report is not None:

@@ -25,7 +25,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import splice  # scripts/ is on sys.path: this file runs as a script
+from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
 
@@ -174,9 +173,6 @@ def report(cases: list[Case], runtime: float, quick: bool, argv: list[str], load
     return "\n".join(lines)
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the harnesses, which clean up
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -196,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0 or shutil.which("fusermount3") is None:
         print("scripts/bench sync: needs root and fusermount3 (FUSE mounts)", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_on_sigterm()
     load = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="marsfs-bench-sync-", dir=args.dir))
     try:

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from typing import Any
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the harnesses, which clean up
+
+
+def exit_on_sigterm() -> None:
+    """A SIGTERM (a CI timeout, a kill by pid) ends a benchmark as an exception does, so the
+    harnesses unmount, detach and stop what it started."""
+    signal.signal(signal.SIGTERM, _sigterm)
 
 
 def splice(doc: Path, section: str, body: str) -> None:

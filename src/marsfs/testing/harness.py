@@ -20,6 +20,8 @@ from typing import Any
 
 #: What only a bug writes into a daemon's log (see :meth:`Harness.bug_lines`).
 BUG_LINE = re.compile(r"Traceback \(most recent call last\)|unexpected error|internal error| CRITICAL ")
+#: how a daemon's log line starts (what is not one continues the line before: a traceback)
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "8388608", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
@@ -251,7 +253,14 @@ class Harness:
                 text = n.logfile.read_text(errors="replace")
             except FileNotFoundError:
                 continue
-            out += [f"{n.name}: {line}" for line in text.splitlines() if BUG_LINE.search(line)]
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                if not BUG_LINE.search(line):
+                    continue
+                if line.startswith("Traceback"):  # the whole traceback, up to the next log line
+                    end = next((j for j in range(i + 1, len(lines)) if LOG_LINE.match(lines[j])), len(lines))
+                    line = "\n    ".join(lines[i:end])
+                out.append(f"{n.name}: {line}")
         return out
 
     def close(self) -> None:
