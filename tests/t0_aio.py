@@ -8,11 +8,13 @@ becomes words: never an empty string, never a class name followed by nothing.
 from __future__ import annotations
 
 import errno
+import logging
 
 import pytest
 import trio
+import trio.testing
 
-from marsfs.aio import describe
+from marsfs.aio import describe, supervised
 from marsfs.errors import ProtocolError
 from marsfs.replication.channel import ConnectionLost
 from marsfs.replication.fetch import failure_reason
@@ -61,3 +63,30 @@ def test_fetch_failure_reasons_are_words(exc: BaseException) -> None:
 def test_a_protocol_error_keeps_its_name_after_the_words() -> None:
     assert failure_reason(ProtocolError("frame checksum mismatch")) == (
         "damaged or invalid data from the peer (ProtocolError: frame checksum mismatch)")
+
+
+# ---------------------------------------------------------------------------- supervised tasks
+
+@pytest.mark.allow_log("unexpected error in background task")
+def test_a_task_the_node_needs_starts_again_after_a_bug_and_another_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """G11: what escapes a background task is logged and never ends the daemon; the metadata
+    rounds and the roles' watch (``restart_after``) run again after the pause, others end."""
+    runs: list[float] = []
+
+    async def buggy() -> None:
+        runs.append(trio.current_time())
+        if len(runs) < 3:
+            raise KeyError("a bug in one round")
+
+    async def main() -> None:
+        await supervised("rounds", buggy, restart_after=1.0)
+        assert len(runs) == 3 and runs[2] - runs[0] == pytest.approx(2.0)
+        runs.clear()
+        await supervised("once", buggy)
+        assert len(runs) == 1
+
+    with caplog.at_level(logging.ERROR, logger="marsfs"):
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("unexpected error in background task rounds; it starts again in 1 s") == 2, messages
+    assert messages == [*messages[:2], "unexpected error in background task once; it stopped, the daemon goes on"]

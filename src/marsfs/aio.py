@@ -39,17 +39,26 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
-async def supervised(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+async def supervised(what: str, fn: Callable[[], Awaitable[None]], *, restart_after: float | None = None) -> None:
     """Run a background task of the daemon so that its failure never ends the daemon (G11).
 
     A task is expected to handle the failures it knows (and say so in its own words); whatever
-    escapes is a bug, logged with its traceback as an unexpected error, and the task ends.
-    Cancellation passes through.
+    escapes is a bug, logged with its traceback as an unexpected error. A task the node cannot
+    do without (``restart_after`` seconds: the metadata rounds, the roles' watch) starts again
+    after that pause, so one bad round leaves no node that stopped following its cluster;
+    another task ends. Cancellation passes through.
     """
-    try:
-        await fn()
-    except Exception:
-        logger.exception("unexpected error in background task %s; it stopped, the daemon goes on", what)
+    while True:
+        try:
+            await fn()
+            return
+        except Exception:
+            if restart_after is None:
+                logger.exception("unexpected error in background task %s; it stopped, the daemon goes on", what)
+                return
+            logger.exception("unexpected error in background task %s; it starts again in %g s", what,
+                             restart_after)
+        await trio.sleep(restart_after)
 
 
 def describe(e: BaseException) -> str:

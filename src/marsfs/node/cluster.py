@@ -78,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 VERIFY_KEPT = 600.0  #: seconds a finished verify waits for its command line to collect it
 GOSSIP_EVERY = 1.0  #: seconds between metadata exchanges with each peer (and position updates)
+RESTART_AFTER = 1.0  #: seconds before the metadata rounds or the roles' watch start again after a bug
 FAREWELL_TIMEOUT = 2.0  #: seconds a clean stop waits for its mirrors to hear its last heartbeat
 
 
@@ -137,7 +138,7 @@ class Cluster:
             await self.mirrors.resume()
             nursery.start_soon(self.mirrors.replay_loop)
             await self._start_meta(nursery)
-            nursery.start_soon(supervised, "roles", self.roles.watch)
+            nursery.start_soon(functools.partial(supervised, "roles", self.roles.watch, restart_after=RESTART_AFTER))
             task_status.started()
 
     async def farewell(self) -> None:
@@ -385,7 +386,8 @@ class Cluster:
         await self._meta_round()
         for peer in sorted(self.peers):
             nursery.start_soon(supervised, f"metadata gossip with {peer}", functools.partial(self._gossip_loop, peer))
-        nursery.start_soon(supervised, "cluster metadata", self._meta_loop)
+        nursery.start_soon(functools.partial(supervised, "cluster metadata", self._meta_loop,
+                                             restart_after=RESTART_AFTER))
 
     def gossip_now(self) -> None:
         """Exchange metadata with every peer and follow it now (after a claim, a removal)."""
