@@ -18,9 +18,12 @@ Two measurements, each on fresh nodes (``marsfs serve`` processes from
   a mirror and on one whose mirror sits behind a 1 MB/s proxy (``--repeat`` mirror runs, each
   between two runs without; fresh nodes every time); the IOPS ratio is reported (the issue's
   target: within 10 % of the run without mirror), never asserted.
+* **TLS cost** (``--tls-iops N``): the same fio job on a primary whose synced mirror follows
+  directly, over mutual TLS and over plain TCP (``--insecure``), alternating on fresh nodes; the
+  IOPS ratio is reported.
 
 Usage: ``scripts/bench replication [--quick] [--runtime S] [--links direct,insecure,proxy] [--paced MIB_S]
-[--repeat N] [--skip-decoupling] [--out docs/benchmarks.md]``
+[--repeat N] [--skip-decoupling] [--tls-iops N] [--out docs/benchmarks.md]``
 (needs root, fio, losetup, fusermount3). ``--quick`` is 5 s per fio run: a smoke test.
 """
 
@@ -81,18 +84,30 @@ class Neighbours:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _ours(pid: int, me: int) -> bool:
+    def _parent(pid: int) -> int:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    @classmethod
+    def _ours(cls, pid: int, me: int, ancestors: frozenset[int]) -> bool:
+        """``pid`` is this benchmark, one of its children, or what started it (a ``timeout`` wrapper)."""
+        if pid in ancestors:
+            return True
         while pid > 1:
             if pid == me:
                 return True
-            try:
-                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                return False
+            pid = cls._parent(pid)
         return False
 
     def _run(self) -> None:
         me = os.getpid()
+        up, pid = set(), os.getppid()
+        while pid > 1:
+            up.add(pid)
+            pid = self._parent(pid)
+        ancestors = frozenset(up)
         while not self._stop.is_set():
             for d in Path("/proc").iterdir():
                 if not d.name.isdigit():
@@ -101,7 +116,7 @@ class Neighbours:
                     cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue
-                if any(p in cmd for p in self.PATTERNS) and not self._ours(int(d.name), me):
+                if any(p in cmd for p in self.PATTERNS) and not self._ours(int(d.name), me, ancestors):
                     self.seen.add(" ".join(cmd.split()[:6]))
             self._stop.wait(2.0)
 
@@ -294,46 +309,62 @@ class Decouple:
     def iops(self, kind: str) -> list[float]:
         return [r["iops"] for k, r in self.runs if k == kind and "iops" in r]
 
-    def pair_ratios(self) -> list[float]:
-        """Each mirror run divided by the mean of the no-mirror runs just before and after it."""
+    def pair_ratios(self, kind: str = "mirror", base: str = "alone") -> list[float]:
+        """Each ``kind`` run divided by the mean of the ``base`` runs just before and after it."""
         out = []
         for i, (k, r) in enumerate(self.runs):
-            if k != "mirror" or "iops" not in r:
+            if k != kind or "iops" not in r:
                 continue
             near = [self.runs[j][1]["iops"] for j in (i - 1, i + 1)
-                    if 0 <= j < len(self.runs) and self.runs[j][0] == "alone" and "iops" in self.runs[j][1]]
+                    if 0 <= j < len(self.runs) and self.runs[j][0] == base and "iops" in self.runs[j][1]]
             if near:
                 out.append(r["iops"] / (sum(near) / len(near)))
         return out
 
 
-KINDS = {"alone": "no mirror", "mirror": "mirror behind a 1 MB/s proxy"}
+KINDS = {"alone": "no mirror", "mirror": "mirror behind a 1 MB/s proxy",
+         "tls": "mirror following, mutual TLS", "insecure": "mirror following, --insecure (plain TCP)"}
 
 
 def run_decouple(work: Path, runtime: int, repeat: int) -> Decouple:
     """no mirror, mirror, no mirror, ... (``repeat`` mirror runs, each between two runs without)."""
+    return run_iops(work, runtime, ["alone"] + ["mirror", "alone"] * repeat, "decoupling")
+
+
+def run_tls_iops(work: Path, runtime: int, repeat: int) -> Decouple:
+    """What TLS costs the primary's small writes: a synced mirror following directly, over mutual TLS
+    and over plain TCP, alternating (``repeat`` TLS runs, each between two plain ones)."""
+    return run_iops(work, runtime, ["insecure"] + ["tls", "insecure"] * repeat, "TLS cost")
+
+
+def run_iops(work: Path, runtime: int, order: list[str], what: str) -> Decouple:
+    """fio 4 KiB random writes QD16 on the primary of fresh nodes, one run per entry of ``order``
+    (a key of KINDS)."""
     res = Decouple()
-    order = ["alone"] + ["mirror", "alone"] * repeat
     for n, kind in enumerate(order, 1):
-        say(f"== decoupling {n}/{len(order)}, {KINDS[kind]}: fio 4 KiB random writes QD16 for {runtime} s")
-        root = Path(tempfile.mkdtemp(prefix=f"decouple-{kind}-", dir=work))
+        say(f"== {what} {n}/{len(order)}, {KINDS[kind]}: fio 4 KiB random writes QD16 for {runtime} s")
+        root = Path(tempfile.mkdtemp(prefix=f"iops-{kind}-", dir=work))
         try:
             with Harness(root) as h, ProxyProcess() as proxy:
+                mirrored = kind != "alone"
                 if kind == "mirror":
                     a, b = pair(h, proxy)
                     proxy.set(bandwidth=1_000_000)
+                elif mirrored:
+                    a, b = pair(h, None, insecure=kind == "insecure")
                 else:
                     a = h.cluster(["a"])["a"]
                     a.cli("create", VOLUME, "--size", SIZE)
                 dev = h.attach(a.image(VOLUME))
                 r = fio(dev, RAND, runtime)
                 h.detach(dev)
-                if kind == "mirror":
+                if mirrored:
                     r["mirror_behind_records"] = st(a)["durable_lsn"] - st(b)["fetched_lsn"]
+                if kind == "mirror":
                     r["proxy"] = proxy.stats()
                 res.runs.append((kind, r))
                 say(f"  {r['iops']:,.0f} IOPS, write latency max {r['lat_max_ms']:.1f} ms"
-                    + (f"; the mirror is {r['mirror_behind_records']:,} records behind" if kind == "mirror" else ""))
+                    + (f"; the mirror is {r['mirror_behind_records']:,} records behind" if mirrored else ""))
         except Exception as e:
             res.runs.append((kind, {"error": f"{type(e).__name__}: {e}"}))
             say(f"  failed: {res.runs[-1][1]['error']}")
@@ -356,7 +387,21 @@ LINK_TITLES = {"direct": "direct loopback (mutual TLS)", "proxy": "via a clean f
                "insecure": "direct loopback, --insecure (plain TCP)"}
 
 
-def report(follows: list[Follow], dec: Decouple, runtime: int, quick: bool, argv: list[str], load: float,
+def iops_rows(dec: Decouple) -> list[str]:
+    """The table of one series of alternating 4 KiB random write runs."""
+    lines = ["| # | run | IOPS | mean write latency, ms | max write latency, ms | mirror behind at the end, records |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for n, (kind, r) in enumerate(dec.runs, 1):
+        if "error" in r:
+            lines.append(f"| {n} | {KINDS[kind]} | failed: {' '.join(r['error'].split())[:200]} | | | |")
+        else:
+            behind = r.get("mirror_behind_records")
+            lines.append(f"| {n} | {KINDS[kind]} | {_n(r['iops'])} | {_n(r['lat_mean_ms'], 2)} | "
+                         f"{_n(r['lat_max_ms'], 1)} | {'' if behind is None else f'{behind:,}'} |")
+    return lines
+
+
+def report(follows: list[Follow], dec: Decouple, tls: Decouple, runtime: int, quick: bool, argv: list[str], load: float,
            neighbours: int) -> str:
     fio_v = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
     lines = [
@@ -396,14 +441,7 @@ def report(follows: list[Follow], dec: Decouple, runtime: int, quick: bool, argv
             lines.append(f"\n- {f.title}: failed — {' '.join(f.error.split())[:400]}")
     if dec.runs:
         lines += ["", "**Decoupling: 4 KiB random writes, QD16, on the primary** (fresh nodes for every run, "
-                      "runs alternate)", "",
-                  "| # | run | IOPS | mean write latency, ms | max write latency, ms |", "|---:|---|---:|---:|---:|"]
-        for n, (kind, r) in enumerate(dec.runs, 1):
-            if "error" in r:
-                lines.append(f"| {n} | {KINDS[kind]} | failed: {' '.join(r['error'].split())[:200]} | | |")
-            else:
-                lines.append(f"| {n} | {KINDS[kind]} | {_n(r['iops'])} | {_n(r['lat_mean_ms'], 2)} | "
-                             f"{_n(r['lat_max_ms'], 1)} |")
+                      "runs alternate)", "", *iops_rows(dec)]
         alone, mirror, pairs = dec.iops("alone"), dec.iops("mirror"), dec.pair_ratios()
         if alone and mirror:
             behind = [r.get("mirror_behind_records", 0) for k, r in dec.runs if k == "mirror" and "iops" in r]
@@ -414,6 +452,15 @@ def report(follows: list[Follow], dec: Decouple, runtime: int, quick: bool, argv
                           f"reported, not asserted. Without a mirror the same job varies "
                           f"{min(alone):,.0f}–{max(alone):,.0f} IOPS here. When fio stopped, the mirror was "
                           f"{min(behind):,}–{max(behind):,} records behind."]
+    if tls.runs:
+        lines += ["", "**What TLS costs the primary: 4 KiB random writes, QD16, a synced mirror following "
+                      "directly** (fresh nodes for every run, runs alternate)", "", *iops_rows(tls)]
+        plain, secure, pairs = tls.iops("insecure"), tls.iops("tls"), tls.pair_ratios("tls", "insecure")
+        if plain and secure and pairs:
+            lines += ["", f"IOPS over mutual TLS ÷ IOPS over plain TCP: **{statistics.median(pairs):.2f}** (median "
+                          f"over the TLS runs, each against the mean of its plain neighbours: "
+                          f"{', '.join(f'{x:.2f}' for x in pairs)}); plain TCP varies "
+                          f"{min(plain):,.0f}–{max(plain):,.0f} IOPS here."]
     lines += ["", "- Fetched/replayed MB/s = LSN progress × payload bytes per LSN (fio's bytes ÷ the primary's new "
               "LSNs), so they compare directly with fio's MB/s; record headers are not counted.",
               "- Lag as reported comes from `lag_seconds` in status; the measured lag is the age of the primary "
@@ -480,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=None, metavar="N",
                    help="decoupling: N runs with the mirror, each between runs without (default 3; 1 with --quick)")
     p.add_argument("--skip-decoupling", action="store_true", help="only the follow runs")
+    p.add_argument("--tls-iops", type=int, default=None, metavar="N",
+                   help="what TLS costs the primary's 4 KiB writes with a mirror following: N runs over TLS, each "
+                        "between runs over plain TCP (default 1 when --links has direct and insecure, else 0)")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where the work directory goes")
     p.add_argument("--out", type=Path, default=None, help="splice the table into this markdown file")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
@@ -487,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = args.runtime or (5 if args.quick else 20)
     links = [x.strip() for x in args.links.split(",") if x.strip()]
     if bad := [x for x in links if x not in LINK_TITLES]:
-        p.error(f"unknown link(s) {bad}: choose from direct, proxy")
+        p.error(f"unknown link(s) {bad}: choose from direct, insecure, proxy")
     if os.geteuid() != 0:
         print("scripts/bench replication: needs root (losetup, FUSE mounts)", file=sys.stderr)
         return 1
@@ -504,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             follows = [run_follow(work, link, rate, runtime) for link, rate in runs]
             repeat = args.repeat or (1 if args.quick else 3)
             dec = Decouple() if args.skip_decoupling else run_decouple(work, runtime, repeat)
+            n_tls = args.tls_iops if args.tls_iops is not None else int({"direct", "insecure"} <= set(links))
+            tls = run_tls_iops(work, runtime, n_tls) if n_tls else Decouple()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if neighbours.seen:
@@ -514,10 +566,11 @@ def main(argv: list[str] | None = None) -> int:
             next(it, None)
         elif not a.startswith(("--out=", "--json=", "--dir=")):
             shown.append(a)
-    table = report(follows, dec, runtime, args.quick, shown, load, len(neighbours.seen))
+    table = report(follows, dec, tls, runtime, args.quick, shown, load, len(neighbours.seen))
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"follow": [f.__dict__ for f in follows], "decoupling": dec.runs},
+        args.json.write_text(json.dumps({"follow": [f.__dict__ for f in follows], "decoupling": dec.runs,
+                                         "tls_iops": tls.runs},
                                         indent=2, default=str))
     if args.out:
         png = args.out.parent / "bench-replication.png"
@@ -525,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(bench-replication.png)" if plot(follows, dec, png) else "")
         splice(args.out, "replication", body)
         print(f"written to {args.out}" + (f" and {png}" if png.exists() else ""))
-    failed = [f for f in follows if f.error] + [r for _k, r in dec.runs if "error" in r]
+    failed = [f for f in follows if f.error] + [r for _k, r in dec.runs + tls.runs if "error" in r]
     return 1 if failed else 0
 
 
