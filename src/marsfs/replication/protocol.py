@@ -7,9 +7,10 @@ Rules that hold here:
   first 12 header bytes and the payload as transmitted. A frame that fails any check raises
   :class:`ProtocolError`; the connection is then dropped and the fetch resumes from the last
   good LSN. A damaged frame is never acted on (G6).
-* The payload is lz4-compressed (flag ``LZ4``) when that makes it at least 1/16 smaller; a sender
-  that ships a stream of frames (:class:`FrameLz4`) stops trying for a while after attempts that
-  did not pay, so a frame may go uncompressed although it would have shrunk, never the reverse.
+* The payload is lz4-compressed (flag ``LZ4``) when that makes it at least 1/16 smaller; RECORDS
+  frames (:class:`FrameLz4`) only when it saves 1/8, and after attempts that did not pay the sender
+  stops trying for a while, so a frame may go uncompressed although it would have shrunk, never
+  the reverse.
 * Each message type is one frozen dataclass (:data:`Message`). Control messages travel as JSON
   objects whose keys are the dataclass fields; ``RECORDS`` carries log records exactly as
   stored (each verifies on its own: header sum, payload hash, and the chain on append);
