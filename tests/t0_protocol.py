@@ -383,6 +383,42 @@ def test_fuzzed_frames_raise_only_protocol_errors(payload: tuple[MsgType, bytes]
         pass
 
 
+
+def test_frame_lz4_backs_off_while_it_does_not_pay_and_resets_when_it_does() -> None:
+    """FrameLz4: after an attempt that does not save 1/16 the next 1, 2, 4 ... 64 frames are sent
+    without trying; a frame that shrinks resets that. Every frame decodes to its message."""
+    noise = SyncData(0, os.urandom(4096))
+    text = SyncData(0, b"abc" * 2000)
+    lz4 = protocol.FrameLz4()
+
+    def compressed(frame: bytes) -> bool:
+        return bool(struct.unpack_from("<H", frame, 6)[0] & protocol.FLAG_LZ4)
+
+    tried: list[bool] = []
+    for _ in range(1 + 1 + 2 + 4 + 8):  # noise: tried, then 1 skipped, tried, 2 skipped, tried, 4 ...
+        before = lz4._skip
+        frame = lz4.encode(noise)
+        tried.append(before == 0)
+        assert not compressed(frame)
+        assert decode_message(FrameDecoder().feed(frame)[0]) == noise
+    assert tried == [True, False, True, False, False, True, False, False, False, False, True,
+                     False, False, False, False, False]
+    for _ in range(200):
+        lz4.encode(noise)
+    assert lz4._backoff == protocol.FRAME_LZ4_MAX_SKIP
+    while lz4._skip:  # skipped frames go plain even when they would shrink
+        assert not compressed(lz4.encode(text))
+    frame = lz4.encode(text)  # the next attempt pays: compressed, and the backoff is gone
+    assert compressed(frame) and decode_message(FrameDecoder().feed(frame)[0]) == text
+    assert compressed(lz4.encode(text))
+    assert lz4._backoff == 0 and lz4._skip == 0
+    small = SyncData(0, os.urandom(100))  # too small to try: no backoff either
+    lz4.encode(small)
+    assert lz4._skip == 0
+    one = SyncData(0, os.urandom(3686) + bytes(410))  # lz4 saves 1/10: enough by default, not here
+    assert compressed(encode_message(one)) and not compressed(lz4.encode(one))
+    assert lz4._backoff == 1
+
 @settings(max_examples=FUZZ, deadline=None)
 @given(st.binary(max_size=200), st.integers(0, FRAME_HEADER + 40))
 def test_fuzzed_bytes_raise_only_protocol_errors(noise: bytes, at: int) -> None:

@@ -64,6 +64,7 @@ from marsfs.replication.protocol import (
     Ack,
     Error,
     Fetch,
+    FrameLz4,
     Hello,
     Records,
     Sums,
@@ -476,6 +477,7 @@ class Server:
             state.connected = False
 
     async def _ship(self, ch: Channel, sess: ServingSession, vol: Volume, state: PeerState) -> None:
+        lz4 = FrameLz4()  # this connection's frames: lz4 backs off while it does not pay
         while not await self._volume_gone(ch, sess, vol):
             switching = self._switching(vol)
             if switching is not None:
@@ -491,7 +493,7 @@ class Server:
                 return
             todo = sess.poll(shippable_lsn(vol))
             if todo is not None:
-                frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, todo.first, todo.limit, todo.batch)
+                frame, cursor = await trio.to_thread.run_sync(_records_frame, vol, todo.first, todo.limit, todo.batch, lz4)
                 await ch.send_raw(frame)
                 sess.shipped(cursor)
                 state.sent_lsn = sess.sent_lsn
@@ -562,8 +564,9 @@ def _compare(sess: ServingSession, view: VolumeView, job: Compare) -> list[tuple
     return [(encode_message(m), len(m.data) if isinstance(m, SyncData) else 0) for m in sess.compare(job, data)]
 
 
-def _records_frame(vol: Volume, first: int, limit: int, batch: int) -> tuple[bytes, int]:
-    """One RECORDS frame of raw records from ``first`` (at most ``batch`` bytes unless one is larger)."""
+def _records_frame(vol: Volume, first: int, limit: int, batch: int, lz4: FrameLz4) -> tuple[bytes, int]:
+    """One RECORDS frame of raw records from ``first`` (at most ``batch`` bytes unless one is larger),
+    compressed as ``lz4`` decides."""
     parts: list[bytes] = []
     size = 0
     lsn = first
@@ -574,4 +577,4 @@ def _records_frame(vol: Volume, first: int, limit: int, batch: int) -> tuple[byt
         parts.append(raw)
         size += len(raw)
         lsn += 1
-    return encode_message(Records(tuple(parts))), lsn
+    return lz4.encode(Records(tuple(parts))), lsn
