@@ -520,11 +520,13 @@ def rows(outcomes: dict[str, Outcome]) -> list[tuple[str, str, str, dict[str, fl
     for job in [FILL, *JOBS]:
         if writes(job):
             vals = {k: _value(job, o.results.get(job.key), "amp") for k, o in outcomes.items()}
-            out.append((f"{job.title}: state disk bytes written per byte fio wrote", "B/B", "lat", vals))
+            out.append((f"{job.title}: state disk bytes written per byte fio wrote (daemon's write_bytes)", "B/B",
+                        "lat", vals))
     for job in [FILL, *JOBS]:
         if writes(job):
             vals = {k: _value(job, o.results.get(job.key), "fs") for k, o in outcomes.items()}
-            out.append((f"{job.title}: the same, as the state's filesystem counted them", "B/B", "lat", vals))
+            out.append((f"{job.title}: the same, as the state's filesystem counted them (journal included)", "B/B",
+                        "lat", vals))
     return out
 
 
