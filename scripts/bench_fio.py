@@ -256,6 +256,53 @@ def start_marsfs(tmp: Path) -> Started:
     return mount / f"{VOLUME}.img", d.stop, d.proc.pid
 
 
+def own_filesystem(tmp: Path, size: int) -> tuple[Path, Cleanup]:
+    """An ext4 filesystem of ``size`` bytes that nothing else writes to, mounted at ``tmp/fs``
+    (a sparse image file in ``tmp`` on a loop device with direct I/O): its count of bytes
+    written is then its writers' alone."""
+    img, mnt = tmp / "fs.img", tmp / "fs"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    run(["mkfs.ext4", "-q", "-F", str(img)], timeout=300)
+    dev = attach(img, None)
+    try:
+        mnt.mkdir()
+        run(["mount", dev, str(mnt)])
+    except BaseException:
+        detach(dev)
+        img.unlink()
+        raise
+
+    def cleanup() -> None:
+        run(["umount", str(mnt)], check=False, timeout=120)
+        detach(dev)
+        img.unlink(missing_ok=True)
+    return mnt, cleanup
+
+
+def start_marsfs_own_fs(tmp: Path, size: int) -> Started:
+    """C with its state (and its mount point) on :func:`own_filesystem` at ``tmp/fs``."""
+    home, drop = own_filesystem(tmp, size)
+    try:
+        image, stop, pid = start_marsfs(home)
+    except BaseException:
+        drop()
+        raise
+
+    def cleanup() -> None:
+        try:
+            stop()
+        finally:
+            drop()
+    return image, cleanup, pid
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+
+
 @dataclass
 class Target:
     key: str
@@ -263,6 +310,7 @@ class Target:
     start: Callable[[Path], Started]
     mount_of: Callable[[Path], Path | None] = lambda tmp: None
     state_of: Callable[[Path], Path | None] = lambda tmp: None  # a marsfs state directory: writes counted
+    own_fs: bool = False  # the state is on a filesystem nothing else writes to
 
 
 # ---------------------------------------------------------------------- loop device and fio
@@ -414,7 +462,7 @@ def wait_writeback(state: Path, timeout: float = CATCHUP_TIMEOUT) -> dict[str, A
 
 
 def count_writes(state: Path, pid: int, io0: dict[str, int], fs0: tuple[str, int] | None,
-                 r: dict[str, float]) -> dict[str, str]:
+                 r: dict[str, float], own_fs: bool) -> dict[str, str]:
     """After a job: wait for writeback, then add what the daemon wrote since ``io0`` to ``r``;
     returns the history window and the state's filesystem device, for the notes."""
     row = wait_writeback(state)
@@ -430,7 +478,7 @@ def count_writes(state: Path, pid: int, io0: dict[str, int], fs0: tuple[str, int
     if r["fio_written"]:
         r["amplification"] = r["disk_write_bytes"] / r["fio_written"]
         r["wchar_per_byte"] = r["wchar"] / r["fio_written"]
-        if "fs_written" in r:
+        if "fs_written" in r and own_fs:  # else other writers' bytes are in it
             r["fs_amplification"] = r["fs_written"] / r["fio_written"]
     return info
 
@@ -470,7 +518,7 @@ def bench_target(t: Target, work: Path, runtime: int, sector_size: int | None) -
                 if cpu0 is not None and cpu1 is not None and r["ios"]:
                     r["cpu_us_per_op"] = (cpu1 - cpu0) * 1e6 / r["ios"]
                 if before is not None and state is not None and pid is not None:
-                    out.info.update(count_writes(state, pid, *before, r))
+                    out.info.update(count_writes(state, pid, *before, r, t.own_fs))
                 out.results[job.key] = r
                 say(f"  {job.title:34} {fmt_value(job, r)} {job.unit}"
                     + (f"   p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms" if job.latency else "")
@@ -603,8 +651,8 @@ def report(outcomes: dict[str, Outcome], runtime: int, quick: bool, argv: list[s
                  "writes it again), and whole, so a 4 KiB write into a clean cached 64 KiB folio counts 64 KiB where "
                  "ext4 writes 4 KiB. Not counted: the ext4 journal and metadata, written by kernel threads. The "
                  "filesystem's count (ext4 `lifetime_write_kbytes`, after a syncfs) is what reached its device, journal "
-                 "included, from every writer on it: exact only when the work directory (`--dir`) is on a filesystem "
-                 "of its own. The history window stays in the log: once it is full as many bytes leave it as enter, "
+                 "included, from every writer on it: a row only with `--state-fs` (the state on an ext4 of its own). "
+                 "The history window stays in the log: once it is full as many bytes leave it as enter, "
                  "but the fill pass leaves the window's worth of its bytes in it. Only C has a state disk.")
     if (oc := outcomes.get("C")) is not None and (counted := [(j, oc.results[j.key]) for j in [FILL, *JOBS]
                                                               if "disk_write_bytes" in oc.results.get(j.key, {})]):
@@ -678,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write all parsed fio results here")
     p.add_argument("--sector-size", type=int, default=None, help="losetup --sector-size (default: 512)")
     p.add_argument("--memfs-args", default="", help="extra arguments for memfs, like '--max-background 0'")
+    p.add_argument("--state-fs", default=None, metavar="SIZE",
+                   help="put C's state on an ext4 of its own of SIZE (like 12G; an image file in --dir on a loop "
+                        "device), so that the filesystem's count of bytes written is the state disk's alone")
     args = p.parse_args(argv)
     runtime = args.runtime or (3 if args.quick else 15)
     only = [k.strip().upper() for k in args.only.split(",") if k.strip()]
@@ -696,6 +747,14 @@ def main(argv: list[str] | None = None) -> int:
         "B": Target("B", "marsfs.testing.memfs", lambda tmp: start_memfs(tmp, memfs_args), lambda tmp: tmp / "mnt"),
         "C": Target("C", "marsfs primary", start_marsfs, lambda tmp: tmp / "mnt", lambda tmp: tmp / "state"),
     }
+    if args.state_fs:
+        try:
+            fs_size = parse_size(args.state_fs)
+        except (ValueError, IndexError):
+            p.error(f"--state-fs {args.state_fs!r}: give a size like 12G")
+        targets["C"] = Target("C", "marsfs primary, state on an ext4 of its own",
+                              lambda tmp: start_marsfs_own_fs(tmp, fs_size), lambda tmp: tmp / "fs" / "mnt",
+                              lambda tmp: tmp / "fs" / "state", own_fs=True)
     exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="marsfs-bench-fio-", dir=args.dir))
     outcomes: dict[str, Outcome] = {}
