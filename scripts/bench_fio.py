@@ -14,14 +14,15 @@ write + fsync QD1 (ops/s and latency p50/p99). The ratios C/A and C/B are what w
 A target that cannot start is reported as not available; the others still run.
 
 Write amplification (C): for the fill pass and every job, the daemon's ``write_bytes`` from
-``/proc/PID/io`` (what it dirtied in the page cache or wrote directly: bytes bound for the
-state disk) from the start of the job until its writeback has caught up after it (status:
-``applied_lsn`` reached ``writeback_target_lsn``), divided by the bytes fio wrote in the job
-(its ``io_bytes``); ``wchar`` (bytes passed to write calls, replies to the kernel included) for
-contrast. The next job starts once writeback has caught up, so no job pays for the one before.
+``/proc/PID/io`` (page-cache folios it dirtied, counted whole: too high for 4 KiB writes into
+cached large folios) from the start of the job until its writeback has caught up after it
+(status: ``applied_lsn`` reached ``writeback_target_lsn``), divided by the bytes fio wrote in
+the job (its ``io_bytes``); ``wchar`` for contrast; and with ``--state-fs`` the state's own
+ext4's count (``lifetime_write_kbytes``: what reached the device, journal included), the exact
+one. The next job starts once writeback has caught up, so no job pays for the one before.
 
-Usage: ``scripts/bench fio [--quick] [--runtime S] [--only A,B,C] [--out docs/benchmarks.md]``
-(needs root, fio, losetup, fusermount3).
+Usage: ``scripts/bench fio [--quick] [--runtime S] [--only A,B,C] [--dir DIR] [--state-fs SIZE]
+[--out docs/benchmarks.md]`` (needs root, fio, losetup, fusermount3; mkfs.ext4 for --state-fs).
 """
 
 from __future__ import annotations
