@@ -413,10 +413,11 @@ def daemon_cpu_s(pid: int | None) -> float | None:
 def daemon_io(pid: int) -> dict[str, int]:
     """The daemon's I/O counters so far (``/proc/PID/io``, all its threads).
 
-    ``write_bytes`` counts a page of the page cache when a write dirties it (a page dirtied
-    again while still dirty counts once; one an fdatasync cleaned counts again, as the disk
-    writes it again) and O_DIRECT writes as issued: what the daemon sends to the state disk.
-    Not counted: the ext4 journal and metadata that jbd2 and the flusher threads write.
+    ``write_bytes`` counts a page-cache folio when a write dirties it (again once an fdatasync
+    cleaned it, as the disk writes it again; not again while it stays dirty) and O_DIRECT
+    writes as issued. A folio counts whole: a 4 KiB write into a clean cached 64 KiB folio (ext4
+    caches in large folios) counts 64 KiB, where ext4 writes the 4 KiB block. Not counted: the
+    ext4 journal and metadata that jbd2 and the flusher threads write.
     ``wchar`` is every byte passed to write calls, to the page cache or not (a reply to
     ``/dev/fuse`` too)."""
     out = {}
@@ -511,6 +512,8 @@ def bench_target(t: Target, work: Path, runtime: int, sector_size: int | None) -
             say(f"  {image} on {dev} (direct I/O: {'on' if out.info['dio'] == '1' else 'OFF'})"
                 + (f", FUSE {out.info['fuse']}" if out.info.get("fuse") else ""))
             state = t.state_of(tmp)
+            if state is not None:
+                out.info["own_fs"] = t.own_fs
             for job in [FILL, *JOBS]:
                 before = (daemon_io(pid), fs_written(state)) if state is not None and pid is not None else None
                 cpu0 = daemon_cpu_s(pid)
@@ -572,8 +575,8 @@ def rows(outcomes: dict[str, Outcome]) -> list[tuple[str, str, str, dict[str, fl
             out.append((f"{job.title}: state disk bytes written per byte fio wrote (daemon's write_bytes)", "B/B",
                         "lat", vals))
     for job in [FILL, *JOBS]:
-        if writes(job):
-            vals = {k: _value(job, o.results.get(job.key), "fs") for k, o in outcomes.items()}
+        vals = {k: _value(job, o.results.get(job.key), "fs") for k, o in outcomes.items()}
+        if writes(job) and any(v is not None for v in vals.values()):  # only with --state-fs
             out.append((f"{job.title}: the same, as the state's filesystem counted them (journal included)", "B/B",
                         "lat", vals))
     return out
@@ -658,14 +661,16 @@ def report(outcomes: dict[str, Outcome], runtime: int, quick: bool, argv: list[s
     if (oc := outcomes.get("C")) is not None and (counted := [(j, oc.results[j.key]) for j in [FILL, *JOBS]
                                                               if "disk_write_bytes" in oc.results.get(j.key, {})]):
         rs = [r for _j, r in counted]
-        bits = [f"history window {oc.info.get('history')}",
+        bits = (["state on an ext4 of its own (`--state-fs`)"] if oc.info.get("own_fs") else []) + [
+                f"history window {oc.info.get('history')}",
                 f"writeback caught up {min(r['catchup_s'] for r in rs):.1f}-{max(r['catchup_s'] for r in rs):.1f} s "
                 "after a job ended",
                 "wchar (bytes passed to write calls, FUSE replies included) per byte fio wrote: "
                 + ", ".join(f"{j.key} {r['wchar_per_byte']:.2f}" for j, r in counted if "wchar_per_byte" in r)]
         if all("fs_written" in r for r in rs):
             bits.append(f"the state's filesystem ({oc.info.get('fs_device')}) wrote {sum(r['fs_written'] for r in rs) / GiB:.2f} "
-                        f"GiB from the fill to the end, the daemon's `write_bytes` {sum(r['disk_write_bytes'] for r in rs) / GiB:.2f} GiB")
+                        f"GiB from the fill to the end{'' if oc.info.get('own_fs') else ' (every writer on it)'}, "
+                        f"the daemon's `write_bytes` {sum(r['disk_write_bytes'] for r in rs) / GiB:.2f} GiB")
         notes.append(f"- {TITLES['C']}: " + "; ".join(bits) + ".")
     return "\n".join(lines + notes)
 
