@@ -13,14 +13,23 @@ Jobs, each on the first 1 GiB of a 4 GiB image that one sequential 1 MiB pass ha
 write + fsync QD1 (ops/s and latency p50/p99). The ratios C/A and C/B are what we track.
 A target that cannot start is reported as not available; the others still run.
 
-Usage: ``scripts/bench fio [--quick] [--runtime S] [--only A,B,C] [--out docs/benchmarks.md]``
-(needs root, fio, losetup, fusermount3).
+Write amplification (C): for the fill pass and every job, the daemon's ``write_bytes`` from
+``/proc/PID/io`` (page-cache folios it dirtied, counted whole: too high for 4 KiB writes into
+cached large folios) from the start of the job until its writeback has caught up after it
+(status: ``applied_lsn`` reached ``writeback_target_lsn``), divided by the bytes fio wrote in
+the job (its ``io_bytes``); ``wchar`` for contrast; and with ``--state-fs`` the state's own
+ext4's count (``lifetime_write_kbytes``: what reached the device, journal included), the exact
+one. The next job starts once writeback has caught up, so no job pays for the one before.
+
+Usage: ``scripts/bench fio [--quick] [--runtime S] [--only A,B,C] [--dir DIR] [--state-fs SIZE]
+[--out docs/benchmarks.md]`` (needs root, fio, losetup, fusermount3; mkfs.ext4 for --state-fs).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -38,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
+from marsfs.faces.client import call
 
 GiB = 1 << 30
 IMAGE_SIZE = 4 * GiB
@@ -46,6 +56,7 @@ VOLUME = "vol"
 # measured: keeps each 1 MiB request buffer off mmap/munmap; doubled 1 MiB write speed.
 DAEMON_ENV = {"MALLOC_MMAP_THRESHOLD_": "8388608", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 MOUNT_TIMEOUT = 30.0
+CATCHUP_TIMEOUT = 600.0  # writeback of a job's data after it ends (a 1 MiB job may leave GiBs)
 
 Cleanup = Callable[[], None]
 # what a target's start gives: the image, how to stop it, and the pid of the daemon serving it (None: no daemon)
@@ -246,12 +257,61 @@ def start_marsfs(tmp: Path) -> Started:
     return mount / f"{VOLUME}.img", d.stop, d.proc.pid
 
 
+def own_filesystem(tmp: Path, size: int) -> tuple[Path, Cleanup]:
+    """An ext4 filesystem of ``size`` bytes that nothing else writes to, mounted at ``tmp/fs``
+    (a sparse image file in ``tmp`` on a loop device with direct I/O): its count of bytes
+    written is then its writers' alone."""
+    img, mnt = tmp / "fs.img", tmp / "fs"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    run(["mkfs.ext4", "-q", "-F", str(img)], timeout=300)
+    dev = attach(img, None)
+    try:
+        mnt.mkdir()
+        run(["mount", dev, str(mnt)])
+    except BaseException:
+        detach(dev)
+        img.unlink()
+        raise
+
+    def cleanup() -> None:
+        run(["umount", str(mnt)], check=False, timeout=120)
+        detach(dev)
+        img.unlink(missing_ok=True)
+    return mnt, cleanup
+
+
+def start_marsfs_own_fs(tmp: Path, size: int) -> Started:
+    """C with its state (and its mount point) on :func:`own_filesystem` at ``tmp/fs``."""
+    home, drop = own_filesystem(tmp, size)
+    try:
+        image, stop, pid = start_marsfs(home)
+    except BaseException:
+        drop()
+        raise
+
+    def cleanup() -> None:
+        try:
+            stop()
+        finally:
+            drop()
+    return image, cleanup, pid
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+
+
 @dataclass
 class Target:
     key: str
     title: str
     start: Callable[[Path], Started]
     mount_of: Callable[[Path], Path | None] = lambda tmp: None
+    state_of: Callable[[Path], Path | None] = lambda tmp: None  # a marsfs state directory: writes counted
+    own_fs: bool = False  # the state is on a filesystem nothing else writes to
 
 
 # ---------------------------------------------------------------------- loop device and fio
@@ -320,7 +380,7 @@ def fio(dev: str, job: Job, runtime: int | None) -> dict[str, float]:
         raise RuntimeError(f"fio {job.key}: error {j['error']}: {r.stderr.strip()[-500:]}")
     d = j["write"] if "write" in job.args[0] else j["read"]
     res = {"iops": d["iops"], "MBps": d["bw_bytes"] / 1e6, "ios": d["total_ios"],
-           "runtime_s": d["runtime"] / 1000}
+           "runtime_s": d["runtime"] / 1000, "fio_written": j["write"]["io_bytes"]}
 
     def pct(lat: dict[str, Any], p: str) -> float:
         return lat.get("percentile", {}).get(p, float("nan")) / 1e6  # ns -> ms
@@ -350,6 +410,81 @@ def daemon_cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def daemon_io(pid: int) -> dict[str, int]:
+    """The daemon's I/O counters so far (``/proc/PID/io``, all its threads).
+
+    ``write_bytes`` counts a page-cache folio when a write dirties it (again once an fdatasync
+    cleaned it, as the disk writes it again; not again while it stays dirty) and O_DIRECT
+    writes as issued. A folio counts whole: a 4 KiB write into a clean cached 64 KiB folio (ext4
+    caches in large folios) counts 64 KiB, where ext4 writes the 4 KiB block. Not counted: the
+    ext4 journal and metadata that jbd2 and the flusher threads write.
+    ``wchar`` is every byte passed to write calls, to the page cache or not (a reply to
+    ``/dev/fuse`` too)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = int(value)
+    return out
+
+
+def fs_written(path: Path) -> tuple[str, int] | None:
+    """(device, bytes) the ext4 filesystem holding ``path`` wrote since it was mounted
+    (``/sys/fs/ext4/DEV/lifetime_write_kbytes``: every writer, journal included), after a
+    syncfs so that its journal commit is in; None if not ext4."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    try:
+        dev = Path(os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")).name
+        return dev, int((Path("/sys/fs/ext4") / dev / "lifetime_write_kbytes").read_text()) * 1024
+    except (OSError, ValueError):
+        return None
+
+
+def wait_writeback(state: Path, timeout: float = CATCHUP_TIMEOUT) -> dict[str, Any]:
+    """Wait until the volume's log is durable and writeback has applied all it will (status:
+    ``durable_lsn`` = ``head_lsn`` and ``applied_lsn`` >= ``writeback_target_lsn``, which the
+    history window holds behind the head); the last status row, with the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        row = dict(call(state, "status", timeout=30, volume=VOLUME)[0])
+        target = row.get("writeback_target_lsn")
+        if target is None:
+            raise RuntimeError("status has no writeback_target_lsn: this daemon cannot say when writeback caught up")
+        if row["durable_lsn"] == row["head_lsn"] and row["applied_lsn"] >= target:
+            row["waited_s"] = time.monotonic() - t0
+            return row
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"writeback did not catch up within {timeout:.0f} s: applied {row['applied_lsn']}, "
+                               f"target {target}, durable {row['durable_lsn']}, head {row['head_lsn']}")
+        time.sleep(0.2)
+
+
+def count_writes(state: Path, pid: int, io0: dict[str, int], fs0: tuple[str, int] | None,
+                 r: dict[str, float], own_fs: bool) -> dict[str, str]:
+    """After a job: wait for writeback, then add what the daemon wrote since ``io0`` to ``r``;
+    returns the history window and the state's filesystem device, for the notes."""
+    row = wait_writeback(state)
+    io1, fs1 = daemon_io(pid), fs_written(state)
+    r["disk_write_bytes"] = io1["write_bytes"] - io0["write_bytes"]
+    r["cancelled_write_bytes"] = io1["cancelled_write_bytes"] - io0["cancelled_write_bytes"]
+    r["wchar"] = io1["wchar"] - io0["wchar"]
+    r["catchup_s"] = row["waited_s"]
+    info = {"history": str(row["history"])}
+    if fs0 is not None and fs1 is not None and fs0[0] == fs1[0]:
+        r["fs_written"] = fs1[1] - fs0[1]
+        info["fs_device"] = fs1[0]
+    if r["fio_written"]:
+        r["amplification"] = r["disk_write_bytes"] / r["fio_written"]
+        r["wchar_per_byte"] = r["wchar"] / r["fio_written"]
+        if "fs_written" in r and own_fs:  # else other writers' bytes are in it
+            r["fs_amplification"] = r["fs_written"] / r["fio_written"]
+    return info
+
+
 @dataclass
 class Outcome:
     results: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -376,15 +511,23 @@ def bench_target(t: Target, work: Path, runtime: int, sector_size: int | None) -
                 out.info["fuse"] = fuse_connection(mnt)
             say(f"  {image} on {dev} (direct I/O: {'on' if out.info['dio'] == '1' else 'OFF'})"
                 + (f", FUSE {out.info['fuse']}" if out.info.get("fuse") else ""))
+            state = t.state_of(tmp)
+            if state is not None:
+                out.info["own_fs"] = t.own_fs
             for job in [FILL, *JOBS]:
+                before = (daemon_io(pid), fs_written(state)) if state is not None and pid is not None else None
                 cpu0 = daemon_cpu_s(pid)
                 r = fio(dev, job, None if job is FILL else runtime)
                 cpu1 = daemon_cpu_s(pid)
                 if cpu0 is not None and cpu1 is not None and r["ios"]:
                     r["cpu_us_per_op"] = (cpu1 - cpu0) * 1e6 / r["ios"]
+                if before is not None and state is not None and pid is not None:
+                    out.info.update(count_writes(state, pid, *before, r, t.own_fs))
                 out.results[job.key] = r
                 say(f"  {job.title:34} {fmt_value(job, r)} {job.unit}"
-                    + (f"   p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms" if job.latency else ""))
+                    + (f"   p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms" if job.latency else "")
+                    + (f"   state disk {r['amplification']:.2f} B (wchar {r['wchar_per_byte']:.2f} B) per byte "
+                       f"fio wrote, writeback caught up in {r['catchup_s']:.1f} s" if "amplification" in r else ""))
     except Unavailable as e:
         out.error = str(e)
     except Exception as e:
@@ -406,7 +549,11 @@ def _value(job: Job, r: dict[str, float] | None, what: str) -> float | None:
     if r is None:
         return None
     return {"thr": r["MBps"] if job.unit == "MB/s" else r["iops"], "p50": r["p50_ms"], "p99": r["p99_ms"],
-            "cpu": r.get("cpu_us_per_op")}[what]
+            "cpu": r.get("cpu_us_per_op"), "amp": r.get("amplification"), "fs": r.get("fs_amplification")}[what]
+
+
+def writes(job: Job) -> bool:
+    return "write" in job.args[0]
 
 
 def rows(outcomes: dict[str, Outcome]) -> list[tuple[str, str, str, dict[str, float | None]]]:
@@ -422,6 +569,16 @@ def rows(outcomes: dict[str, Outcome]) -> list[tuple[str, str, str, dict[str, fl
     for job in JOBS:
         vals = {k: _value(job, o.results.get(job.key), "cpu") for k, o in outcomes.items()}
         out.append((f"{job.title}: daemon CPU per operation", "µs", "lat", vals))
+    for job in [FILL, *JOBS]:
+        if writes(job):
+            vals = {k: _value(job, o.results.get(job.key), "amp") for k, o in outcomes.items()}
+            out.append((f"{job.title}: state disk bytes written per byte fio wrote (daemon's write_bytes)", "B/B",
+                        "lat", vals))
+    for job in [FILL, *JOBS]:
+        vals = {k: _value(job, o.results.get(job.key), "fs") for k, o in outcomes.items()}
+        if writes(job) and any(v is not None for v in vals.values()):  # only with --state-fs
+            out.append((f"{job.title}: the same, as the state's filesystem counted them (journal included)", "B/B",
+                        "lat", vals))
     return out
 
 
@@ -430,6 +587,8 @@ def _num(v: float | None, unit: str) -> str:
         return "n/a"
     if unit in ("ms", "µs"):
         return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    if unit == "B/B":
+        return f"{v:.2f}"
     return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
 
 
@@ -489,6 +648,30 @@ def report(outcomes: dict[str, Outcome], runtime: int, quick: bool, argv: list[s
     notes.append("- daemon CPU per operation = the FUSE daemon's user + system CPU time (all its threads) during "
                  "the job, divided by the operations fio completed: the cost of a request, which a loaded "
                  "machine disturbs far less than it disturbs throughput. A has no daemon.")
+    notes.append("- state disk bytes written per byte fio wrote = the daemon's `write_bytes` (/proc/PID/io) from the "
+                 "start of the job until writeback caught up after it (status: `applied_lsn` reached "
+                 "`writeback_target_lsn`; the next job waits for that), divided by the bytes fio wrote. `write_bytes` "
+                 "counts a page-cache folio when a write dirties it: again after an fdatasync cleaned it (as the disk "
+                 "writes it again), and whole, so a 4 KiB write into a clean cached 64 KiB folio counts 64 KiB where "
+                 "ext4 writes 4 KiB. Not counted: the ext4 journal and metadata, written by kernel threads. The "
+                 "filesystem's count (ext4 `lifetime_write_kbytes`, after a syncfs) is what reached its device, journal "
+                 "included, from every writer on it: a row only with `--state-fs` (the state on an ext4 of its own). "
+                 "The history window stays in the log: once it is full as many bytes leave it as enter, "
+                 "but the fill pass leaves the window's worth of its bytes in it. Only C has a state disk.")
+    if (oc := outcomes.get("C")) is not None and (counted := [(j, oc.results[j.key]) for j in [FILL, *JOBS]
+                                                              if "disk_write_bytes" in oc.results.get(j.key, {})]):
+        rs = [r for _j, r in counted]
+        bits = (["state on an ext4 of its own (`--state-fs`)"] if oc.info.get("own_fs") else []) + [
+                f"history window {oc.info.get('history')}",
+                f"writeback caught up {min(r['catchup_s'] for r in rs):.1f}-{max(r['catchup_s'] for r in rs):.1f} s "
+                "after a job ended",
+                "wchar (bytes passed to write calls, FUSE replies included) per byte fio wrote: "
+                + ", ".join(f"{j.key} {r['wchar_per_byte']:.2f}" for j, r in counted if "wchar_per_byte" in r)]
+        if all("fs_written" in r for r in rs):
+            bits.append(f"the state's filesystem ({oc.info.get('fs_device')}) wrote {sum(r['fs_written'] for r in rs) / GiB:.2f} "
+                        f"GiB from the fill to the end{'' if oc.info.get('own_fs') else ' (every writer on it)'}, "
+                        f"the daemon's `write_bytes` {sum(r['disk_write_bytes'] for r in rs) / GiB:.2f} GiB")
+        notes.append(f"- {TITLES['C']}: " + "; ".join(bits) + ".")
     return "\n".join(lines + notes)
 
 
@@ -549,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write all parsed fio results here")
     p.add_argument("--sector-size", type=int, default=None, help="losetup --sector-size (default: 512)")
     p.add_argument("--memfs-args", default="", help="extra arguments for memfs, like '--max-background 0'")
+    p.add_argument("--state-fs", default=None, metavar="SIZE",
+                   help="put C's state on an ext4 of its own of SIZE (like 12G; an image file in --dir on a loop "
+                        "device), so that the filesystem's count of bytes written is the state disk's alone")
     args = p.parse_args(argv)
     runtime = args.runtime or (3 if args.quick else 15)
     only = [k.strip().upper() for k in args.only.split(",") if k.strip()]
@@ -565,8 +751,16 @@ def main(argv: list[str] | None = None) -> int:
     targets = {
         "A": Target("A", "plain sparse file", start_plain),
         "B": Target("B", "marsfs.testing.memfs", lambda tmp: start_memfs(tmp, memfs_args), lambda tmp: tmp / "mnt"),
-        "C": Target("C", "marsfs primary", start_marsfs, lambda tmp: tmp / "mnt"),
+        "C": Target("C", "marsfs primary", start_marsfs, lambda tmp: tmp / "mnt", lambda tmp: tmp / "state"),
     }
+    if args.state_fs:
+        try:
+            fs_size = parse_size(args.state_fs)
+        except (ValueError, IndexError):
+            p.error(f"--state-fs {args.state_fs!r}: give a size like 12G")
+        targets["C"] = Target("C", "marsfs primary, state on an ext4 of its own",
+                              lambda tmp: start_marsfs_own_fs(tmp, fs_size), lambda tmp: tmp / "fs" / "mnt",
+                              lambda tmp: tmp / "fs" / "state", own_fs=True)
     exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="marsfs-bench-fio-", dir=args.dir))
     outcomes: dict[str, Outcome] = {}

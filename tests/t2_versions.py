@@ -309,3 +309,28 @@ def test_a_split_version_is_listed_opens_read_only_and_reads_its_file(node: Node
         assert node.opens["v"] == 0
 
     run(main, autojump=None)
+
+
+def test_status_says_how_far_writeback_goes(node: Node) -> None:
+    vol = node.volume("v")
+    done = rounds(vol, 10)
+    node.history = Retention(vol.log.bytes_between(done[4][0], vol.head_lsn))
+    row = node_rows(node, "v")[0]
+    assert row["writeback_target_lsn"] == done[4][0] > row["applied_lsn"]  # not caught up yet
+    node.maintain()
+    row = node_rows(node, "v")[0]
+    assert row["applied_lsn"] == row["writeback_target_lsn"] == done[4][0]  # caught up
+    node.history = Retention(keep_bytes=0)
+    assert node_rows(node, "v")[0]["writeback_target_lsn"] == vol.durable_lsn == vol.head_lsn
+
+
+def test_a_mirror_writes_back_no_further_than_it_replayed(node: Node) -> None:
+    vol = node.volume("v")
+    done = rounds(vol, 4)
+    make_mirror(node, "v")
+    vol.replay_limit = done[1][0]
+    node.history = Retention(keep_bytes=0)
+    assert node_rows(node, "v")[0]["writeback_target_lsn"] == done[1][0] < vol.durable_lsn
+    node.maintain()
+    row = node_rows(node, "v")[0]
+    assert row["applied_lsn"] == row["writeback_target_lsn"] == done[1][0]

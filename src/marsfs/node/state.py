@@ -249,6 +249,10 @@ class VolumeStatus:
     #: the node's connections to its peers: ``{"mode": "mutual-tls", "certificate_expires": ...}``
     #: or ``{"mode": "insecure"}`` (the same on every row; None: no peers, no node port)
     tls: dict[str, Any] | None = None
+    #: the newest record writeback goes to now: the history window's floor, at most durable (a
+    #: mirror: at most replayed); caught up when ``applied_lsn`` reaches it. None: a clone, which
+    #: never writes back, or a volume not open here
+    writeback_target_lsn: int | None = None
     #: :data:`STATUS_SCHEMA_VERSION`; first in the JSON, so a reader can check it before the rest
     schema_version: int = STATUS_SCHEMA_VERSION
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from marsfs.errors import NoSpace
 from marsfs.node.meta import Position, position_key
 from marsfs.node.mirrors import ImageCopy, Mirrors
-from marsfs.node.node import Node
+from marsfs.node.node import Node, history_floor
 from marsfs.node.state import (
     CloneStatus,
     HandoverStatus,
@@ -44,7 +44,7 @@ from marsfs.node.state import (
 from marsfs.node.volstate import FRESH, MirrorFacts, Role, Verdict, VolumeFacts, peer_state, volume_state
 from marsfs.replication.server import PeerState, PeerTable, lag_of
 from marsfs.replication.session import FetchState, SyncStatus
-from marsfs.volume import Volume
+from marsfs.volume import Retention, Volume
 from marsfs.volume.holds import hold_mirror
 from marsfs.volume.splits import disk_bytes
 
@@ -216,6 +216,7 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
         open_handles=node.open_count(name), errors=list(verdict.errors), next=verdict.next,
         oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=history.describe(),
+        writeback_target_lsn=_writeback_target(vol, history),
         clones=[CloneStatus(c, lsn) for c, lsn in node.clones_of(name)],
         clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
         designated_primary=designation.node if designation is not None else None,
@@ -312,6 +313,18 @@ def _mirror_row(node: Node, st: VolumeStatus, role: RoleRecord, side: ClusterSid
                        lag_records=lag_records, lag_bytes=lag_bytes, lag_seconds=lag_seconds, fetch_rate=fetch_rate,
                        eta_seconds=eta)
     return _with_sync(row, fs.sync)
+
+
+def _writeback_target(vol: Volume, history: Retention) -> int | None:
+    """The newest record writeback goes to now (what :meth:`Node.maintain` asks for): the
+    history window's floor, at most durable and, on a mirror, at most its replay position; an
+    open version may hold writeback lower. None for a clone, which never writes back."""
+    if vol.clone_of is not None:
+        return None
+    target = history_floor(vol, history, time.time_ns())
+    if vol.replay_limit is not None:
+        target = max(vol.applied_lsn, min(target, vol.replay_limit))
+    return target
 
 
 def _copy_status(node: Node, name: str, side: ClusterSide) -> VolumeStatus:
