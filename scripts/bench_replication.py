@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
+# scripts/ is on sys.path: this file runs as a script
+from benchlib import Neighbours, exit_on_sigterm, pair_ratios, splice
 from marsfs.faces.control import call
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
@@ -71,62 +72,6 @@ def say_logs(root: Path, lines: int = 40) -> None:
 def st(node: NodeProcess) -> dict[str, Any]:
     """One status row of the volume: what ``marsfs status vm --json`` prints."""
     return dict(call(node.state, "status", timeout=30, volume=VOLUME)[0])
-
-
-class Neighbours:
-    """Watches for marsfs daemons, fio and pytest runs that are not ours: they disturb the numbers."""
-
-    PATTERNS = ("marsfs serve", "fio ", "pytest", "bench_")
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _parent(pid: int) -> int:
-        try:
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    @classmethod
-    def _ours(cls, pid: int, me: int, ancestors: frozenset[int]) -> bool:
-        """``pid`` is this benchmark, one of its children, or what started it (a ``timeout`` wrapper)."""
-        if pid in ancestors:
-            return True
-        while pid > 1:
-            if pid == me:
-                return True
-            pid = cls._parent(pid)
-        return False
-
-    def _run(self) -> None:
-        me = os.getpid()
-        up, pid = set(), os.getppid()
-        while pid > 1:
-            up.add(pid)
-            pid = self._parent(pid)
-        ancestors = frozenset(up)
-        while not self._stop.is_set():
-            for d in Path("/proc").iterdir():
-                if not d.name.isdigit():
-                    continue
-                try:
-                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                if any(p in cmd for p in self.PATTERNS) and not self._ours(int(d.name), me, ancestors):
-                    self.seen.add(" ".join(cmd.split()[:6]))
-            self._stop.wait(2.0)
-
-    def __enter__(self) -> Neighbours:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------- fio
@@ -311,15 +256,7 @@ class Decouple:
 
     def pair_ratios(self, kind: str = "mirror", base: str = "alone") -> list[float]:
         """Each ``kind`` run divided by the mean of the ``base`` runs just before and after it."""
-        out = []
-        for i, (k, r) in enumerate(self.runs):
-            if k != kind or "iops" not in r:
-                continue
-            near = [self.runs[j][1]["iops"] for j in (i - 1, i + 1)
-                    if 0 <= j < len(self.runs) and self.runs[j][0] == base and "iops" in self.runs[j][1]]
-            if near:
-                out.append(r["iops"] / (sum(near) / len(near)))
-        return out
+        return pair_ratios([(k, r.get("iops")) for k, r in self.runs], kind, base)
 
 
 KINDS = {"alone": "no mirror", "mirror": "mirror behind a 1 MB/s proxy",
