@@ -47,6 +47,7 @@ from typing import Any
 
 # scripts/ is on sys.path: this file runs as a script
 from benchlib import Neighbours, exit_on_sigterm, pair_ratios, splice
+from benchlib import pair as benchlib_pair
 from marsfs.faces.control import call
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
@@ -110,25 +111,8 @@ RAND = ["--rw=randwrite", "--bs=4k", "--iodepth=16"]
 
 
 def pair(h: Harness, proxy: ProxyProcess | None, *, insecure: bool = False) -> tuple[NodeProcess, NodeProcess]:
-    """Primary ``a`` with volume vm, mirror ``b`` joined and synced (through ``proxy`` if given;
-    over plain TCP with ``insecure``, else mutual TLS as the harness sets nodes up)."""
-    nodes = h.cluster(["a", "b"], start=False)
-    a, b = nodes["a"], nodes["b"]
-    if insecure:
-        a.extra.append("--insecure")
-        b.extra.append("--insecure")
-    a.start()
-    if proxy is not None:
-        port = proxy.start(h.ports["a"])
-        i = b.extra.index(f"a=127.0.0.1:{h.ports['a']}")
-        b.extra[i] = f"a=127.0.0.1:{port}"
-    b.start()
-    a.cli("create", VOLUME, "--size", SIZE)
-    b.cli("join", VOLUME, "--from", "a")
-    r = b.cli("wait", VOLUME, "--synced", "--timeout", "120", check=False, timeout=180)
-    if r.returncode != 0:
-        raise RuntimeError(f"mirror did not sync: {r.stderr.strip()}\n{b.log_tail()}")
-    return a, b
+    """Primary ``a`` with volume vm, mirror ``b`` joined and synced (see :func:`benchlib.pair`)."""
+    return benchlib_pair(h, VOLUME, SIZE, proxy, insecure=insecure)
 
 
 class Sampler:

@@ -8,6 +8,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from marsfs.testing.faultproxy import ProxyProcess
+from marsfs.testing.harness import Harness, NodeProcess
+
 
 def _sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds through the harnesses, which clean up
@@ -102,3 +105,26 @@ def pair_ratios(runs: list[tuple[str, float | None]], kind: str, base: str) -> l
         if near:
             out.append(v / (sum(near) / len(near)))
     return out
+
+
+def pair(h: Harness, volume: str, size: str, proxy: ProxyProcess | None = None, *,
+         insecure: bool = False) -> tuple[NodeProcess, NodeProcess]:
+    """Primary ``a`` with ``volume`` of ``size``, mirror ``b`` joined and synced (through ``proxy`` if given;
+    over plain TCP with ``insecure``, else mutual TLS as the harness sets nodes up)."""
+    nodes = h.cluster(["a", "b"], start=False)
+    a, b = nodes["a"], nodes["b"]
+    if insecure:
+        a.extra.append("--insecure")
+        b.extra.append("--insecure")
+    a.start()
+    if proxy is not None:
+        port = proxy.start(h.ports["a"])
+        i = b.extra.index(f"a=127.0.0.1:{h.ports['a']}")
+        b.extra[i] = f"a=127.0.0.1:{port}"
+    b.start()
+    a.cli("create", volume, "--size", size)
+    b.cli("join", volume, "--from", "a")
+    r = b.cli("wait", volume, "--synced", "--timeout", "120", check=False, timeout=180)
+    if r.returncode != 0:
+        raise RuntimeError(f"mirror did not sync: {r.stderr.strip()}\n{b.log_tail()}")
+    return a, b
