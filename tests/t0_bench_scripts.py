@@ -90,3 +90,22 @@ def test_every_measured_run_sits_between_two_plain_runs(scripts: tuple[ModuleTyp
     assert deb.ratios(results, "mirror") == [1.5, 1.5]
     assert deb.ratios(results, "alone") == [1.25, 1.25]
     assert deb.ratios(results, "mirror", total=True) == [32 / 22, 32 / 22]
+
+
+def test_the_targets_table_gets_one_row_refreshed_in_place(scripts: tuple[ModuleType, ModuleType],
+                                                           tmp_path: Path) -> None:
+    _lib, deb = scripts
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# B\n\n| target | from | result |\n|---|---|---|\n| core: x | foundation | met |\n\nWhere\n")
+    results = [deb.Result("plain", debootstrap_s=10.0, syncfs_s=0.0, umount_s=0.0, fsck="clean"),
+               deb.Result("mirror", debootstrap_s=15.0, syncfs_s=0.0, umount_s=0.0, fsck="clean",
+                          mirror_fsck="clean", synced_after_s=0.5),
+               deb.Result("plain", debootstrap_s=10.0, syncfs_s=0.0, umount_s=0.0, fsck="clean")]
+    deb.target_row(doc, results, 1.0, False)
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| debootstrap:")]
+    assert len(rows) == 1 and "missed: 1.50" in rows[0] and "e2fsck clean" in rows[0]
+    assert doc.read_text().index("| core: x") < doc.read_text().index("| debootstrap:") < doc.read_text().index("Where")
+    results[1].debootstrap_s, results[1].mirror_fsck = 11.0, "e2fsck exited 4: ..."
+    deb.target_row(doc, results, 3.0, True)
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| debootstrap:")]
+    assert len(rows) == 1 and "met: 1.10" in rows[0] and "disturbed" in rows[0] and "found errors" in rows[0]
