@@ -35,6 +35,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -191,6 +192,25 @@ def settle() -> None:
     time.sleep(2)
 
 
+def debootstrap(tar: Path, target: Path, mirror: str, log: Path) -> int:
+    """Run the measured debootstrap in its own process group, its output in ``log``; on a timeout
+    or an interruption (SIGTERM) the whole group goes (dpkg in the chroot too, which would keep
+    the target busy), so that the target can be unmounted."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["debootstrap", "--variant=minbase", f"--unpack-tarball={tar}", SUITE,
+                                 os.fspath(target), mirror], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, "LC_ALL": "C"}, start_new_session=True)
+        try:
+            return proc.wait(DEBOOTSTRAP_TIMEOUT)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group of our child: its pid is the group's id
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise
+
+
 def measure(work: Path, kind: str, tar: Path, mirror: str) -> Result:
     res = Result(kind, load=os.getloadavg()[0])
     root = Path(tempfile.mkdtemp(prefix=f"deboot-{kind}-", dir=work))
@@ -222,15 +242,11 @@ def measure(work: Path, kind: str, tar: Path, mirror: str) -> Result:
                 c0a, c0b, l0 = cpu_s(a), cpu_s(b), log_bytes(a)
                 t0 = time.monotonic()
                 log = root / "debootstrap.log"
-                with open(log, "w") as out:
-                    r2 = subprocess.run(["debootstrap", "--variant=minbase", f"--unpack-tarball={tar}", SUITE,
-                                         os.fspath(target), mirror], stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, timeout=DEBOOTSTRAP_TIMEOUT,
-                                        env={**os.environ, "LC_ALL": "C"})
+                rc = debootstrap(tar, target, mirror, log)
                 t1 = time.monotonic()
-                if r2.returncode != 0:
+                if rc != 0:
                     tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-15:])
-                    raise RuntimeError(f"debootstrap exited {r2.returncode}:\n    {tail}")
+                    raise RuntimeError(f"debootstrap exited {rc}:\n    {tail}")
                 res.debootstrap_s = t1 - t0
                 run(["sync", "-f", os.fspath(target)], timeout=600)
                 t2 = time.monotonic()
