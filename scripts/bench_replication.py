@@ -45,7 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
+# scripts/ is on sys.path: this file runs as a script
+from benchlib import Neighbours, exit_on_sigterm, pair_ratios, splice
+from benchlib import pair as benchlib_pair
 from marsfs.faces.control import call
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
@@ -71,62 +73,6 @@ def say_logs(root: Path, lines: int = 40) -> None:
 def st(node: NodeProcess) -> dict[str, Any]:
     """One status row of the volume: what ``marsfs status vm --json`` prints."""
     return dict(call(node.state, "status", timeout=30, volume=VOLUME)[0])
-
-
-class Neighbours:
-    """Watches for marsfs daemons, fio and pytest runs that are not ours: they disturb the numbers."""
-
-    PATTERNS = ("marsfs serve", "fio ", "pytest", "bench_")
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _parent(pid: int) -> int:
-        try:
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    @classmethod
-    def _ours(cls, pid: int, me: int, ancestors: frozenset[int]) -> bool:
-        """``pid`` is this benchmark, one of its children, or what started it (a ``timeout`` wrapper)."""
-        if pid in ancestors:
-            return True
-        while pid > 1:
-            if pid == me:
-                return True
-            pid = cls._parent(pid)
-        return False
-
-    def _run(self) -> None:
-        me = os.getpid()
-        up, pid = set(), os.getppid()
-        while pid > 1:
-            up.add(pid)
-            pid = self._parent(pid)
-        ancestors = frozenset(up)
-        while not self._stop.is_set():
-            for d in Path("/proc").iterdir():
-                if not d.name.isdigit():
-                    continue
-                try:
-                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                if any(p in cmd for p in self.PATTERNS) and not self._ours(int(d.name), me, ancestors):
-                    self.seen.add(" ".join(cmd.split()[:6]))
-            self._stop.wait(2.0)
-
-    def __enter__(self) -> Neighbours:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------- fio
@@ -165,25 +111,8 @@ RAND = ["--rw=randwrite", "--bs=4k", "--iodepth=16"]
 
 
 def pair(h: Harness, proxy: ProxyProcess | None, *, insecure: bool = False) -> tuple[NodeProcess, NodeProcess]:
-    """Primary ``a`` with volume vm, mirror ``b`` joined and synced (through ``proxy`` if given;
-    over plain TCP with ``insecure``, else mutual TLS as the harness sets nodes up)."""
-    nodes = h.cluster(["a", "b"], start=False)
-    a, b = nodes["a"], nodes["b"]
-    if insecure:
-        a.extra.append("--insecure")
-        b.extra.append("--insecure")
-    a.start()
-    if proxy is not None:
-        port = proxy.start(h.ports["a"])
-        i = b.extra.index(f"a=127.0.0.1:{h.ports['a']}")
-        b.extra[i] = f"a=127.0.0.1:{port}"
-    b.start()
-    a.cli("create", VOLUME, "--size", SIZE)
-    b.cli("join", VOLUME, "--from", "a")
-    r = b.cli("wait", VOLUME, "--synced", "--timeout", "120", check=False, timeout=180)
-    if r.returncode != 0:
-        raise RuntimeError(f"mirror did not sync: {r.stderr.strip()}\n{b.log_tail()}")
-    return a, b
+    """Primary ``a`` with volume vm, mirror ``b`` joined and synced (see :func:`benchlib.pair`)."""
+    return benchlib_pair(h, VOLUME, SIZE, proxy, insecure=insecure)
 
 
 class Sampler:
@@ -311,15 +240,7 @@ class Decouple:
 
     def pair_ratios(self, kind: str = "mirror", base: str = "alone") -> list[float]:
         """Each ``kind`` run divided by the mean of the ``base`` runs just before and after it."""
-        out = []
-        for i, (k, r) in enumerate(self.runs):
-            if k != kind or "iops" not in r:
-                continue
-            near = [self.runs[j][1]["iops"] for j in (i - 1, i + 1)
-                    if 0 <= j < len(self.runs) and self.runs[j][0] == base and "iops" in self.runs[j][1]]
-            if near:
-                out.append(r["iops"] / (sum(near) / len(near)))
-        return out
+        return pair_ratios([(k, r.get("iops")) for k, r in self.runs], kind, base)
 
 
 KINDS = {"alone": "no mirror", "mirror": "mirror behind a 1 MB/s proxy",
