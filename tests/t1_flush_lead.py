@@ -248,3 +248,37 @@ def test_a_sync_or_rotation_on_the_leaders_own_thread_finishes_its_aio_fdatasync
     assert len(log._segments) == 2 and log.durable_lsn >= 4
     assert vol.flush_poll(lead) == 4
     vol.close()
+
+
+def test_flushes_beside_a_thread_that_syncs_all_the_time_all_return(tmp_path: Path) -> None:
+    """The autosync thread (or a rotation, or close) meets the trio thread's AIO lead in flight
+    and waits for it on the condition: the trio task parked on the eventfd must still wake and
+    finish it (a blocking reap by the other thread drained the eventfd once, and the flush
+    never returned)."""
+    vol = _volume(tmp_path)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def syncer() -> None:
+        while not stop.is_set():
+            try:
+                vol.log.sync()
+            except BaseException as e:
+                errors.append(e)
+                return
+
+    async def main() -> None:
+        for i in range(3000):
+            vol.write((i % 64) * 4096, DATA)
+            assert await flush_here(vol) >= vol.head_lsn
+
+    t = threading.Thread(target=syncer, daemon=True)
+    t.start()
+    flusher = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    flusher.start()
+    flusher.join(120)
+    stop.set()
+    t.join(10)
+    assert not flusher.is_alive(), "a flush never returned"
+    assert not errors and vol.durable_lsn == vol.head_lsn
+    vol.close()

@@ -97,24 +97,25 @@ class FdatasyncAio:
 
     def reap(self, *, block: bool = False) -> int | None:
         """The submitted fdatasync's result if it completed (0, or the errno it failed with),
-        None while it runs; with ``block``, waits for it (and never returns None)."""
+        None while it runs; with ``block``, waits for it (and never returns None).
+
+        The eventfd is only a wake-up: its count is drained here and the completion is taken
+        from io_getevents (a stale count finds no event: None). A blocking reap signals the
+        eventfd again after it took the event, so that a task parked on the eventfd for this
+        request always wakes (and finds it finished)."""
         assert self._pending
-        if block:  # the kernel counts the eventfd before it wakes io_getevents: drain it after
-            self._call(self._getevents, self._ctx, ctypes.c_long(1), ctypes.c_long(1), self._event, None)
-            try:
-                os.eventfd_read(self._efd)
-            except BlockingIOError:
-                pass
-        else:
-            try:
-                os.eventfd_read(self._efd)
-            except BlockingIOError:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            if not block:
                 return None
-            n = self._call(self._getevents, self._ctx, ctypes.c_long(1), ctypes.c_long(1), self._event,
-                           self._no_wait)
-            if n != 1:  # the kernel counts the eventfd after it queued the event: cannot happen; wait
-                self._call(self._getevents, self._ctx, ctypes.c_long(1), ctypes.c_long(1), self._event, None)
+        n = self._call(self._getevents, self._ctx, ctypes.c_long(1 if block else 0), ctypes.c_long(1),
+                       self._event, None if block else self._no_wait)
+        if n != 1:
+            return None
         self._pending = False
+        if block:
+            os.eventfd_write(self._efd, 1)
         return -int(self._event[0].res) if self._event[0].res < 0 else 0
 
     def close(self) -> None:

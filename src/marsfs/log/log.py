@@ -106,6 +106,7 @@ class Log:
         self._aio: FdatasyncAio | None = None
         self._aio_refused = ""  #: why the kernel's AIO is not used ("" while it may be)
         self._aio_lead: SyncLead | None = None  #: the lead whose AIO fdatasync is in flight
+        self._aio_thread = 0  #: the thread that submitted it (see :meth:`_wait_synced_locked`)
         self._open = True
         #: wakes the threads parked in :meth:`wait_dirty` (a volume's autosync) when an append
         #: makes the log dirty; notified only while one waits, so an append pays one int test
@@ -551,6 +552,7 @@ class Log:
                 self._aio_refused = f"io_submit: {e.strerror}"
                 return None
             self._aio_lead = lead
+            self._aio_thread = threading.get_ident()
             return aio.fileno()
 
     def poll_sync_aio(self, lead: SyncLead) -> int | None:
@@ -570,10 +572,11 @@ class Log:
 
     def _wait_synced_locked(self) -> None:
         """Wait (holding the lock on return) until the sync in flight ends. When it is an AIO
-        fdatasync, wait for it right here and finish it: its leader may be the very thread that
-        waits (the trio thread, appending a small write that has to rotate), and a condition
-        wait would never end."""
-        if self._aio_lead is None:
+        fdatasync submitted by this very thread (the trio thread, appending a small write that
+        has to rotate, while another of its tasks awaits the flush), a condition wait would
+        never end: wait for the request right here and finish the lead. Any other thread waits
+        on the condition, without the lock, so appends go on meanwhile; the leader finishes."""
+        if self._aio_lead is None or self._aio_thread != threading.get_ident():
             self._synced.wait()
             return
         assert self._aio is not None
