@@ -9,6 +9,9 @@
   record, as ``Volume.flush`` in a thread does: through AIO, or through a thread when AIO is
   refused, a rotation is due or another sync is in flight; a failed fdatasync poisons the log
   and stands as the volume's flush fault; a cancelled flush still finishes the sync it led.
+* A signal that interrupts the leader's own blocking wait for its AIO fdatasync does not end
+  it; a wait that fails for good poisons the log, and the flush never counts that fdatasync as
+  done.
 """
 
 from __future__ import annotations
@@ -282,3 +285,60 @@ def test_flushes_beside_a_thread_that_syncs_all_the_time_all_return(tmp_path: Pa
     assert not flusher.is_alive(), "a flush never returned"
     assert not errors and vol.durable_lsn == vol.head_lsn
     vol.close()
+
+
+def _interrupt_first_blocking_wait(aio: FdatasyncAio, monkeypatch: pytest.MonkeyPatch,
+                                   err: OSError) -> list[int]:
+    """Make the first blocking io_getevents of ``aio`` fail with ``err`` (before the kernel
+    is asked); returns the list that counts how often that happened."""
+    real = aio._call
+    hits: list[int] = []
+
+    def call(number: int, *args: object) -> int:
+        if number == aio._getevents and args[-1] is None and not hits:
+            hits.append(number)
+            raise err
+        return real(number, *args)
+
+    monkeypatch.setattr(aio, "_call", call)
+    return hits
+
+
+def _own_thread_rotation(tmp_path: Path) -> tuple[Volume, SyncLead]:
+    """An AIO lead in flight on this thread, then a write that must rotate (so this thread
+    waits for its own request, blocking)."""
+    segment = SEGMENT_HEADER_SIZE + (HEADER_SIZE + len(DATA)) + HEADER_SIZE + HEADER_SIZE // 2  # W F
+    vol = _volume(tmp_path, segment_bytes=segment)
+    vol.write(0, DATA)
+    lead = vol.flush_lead()
+    assert isinstance(lead, SyncLead) and lead.upto == 2
+    assert vol.log.start_sync_aio(lead) is not None
+    return vol, lead
+
+
+def test_a_signal_during_the_leaders_own_wait_does_not_end_it(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """io_getevents fails with EINTR when a signal arrives (the trio thread gets the daemon's
+    signals) and the kernel never restarts it: the request is still in flight, so the wait
+    goes on; it must neither raise out of the rotation nor leave the lead half finished."""
+    vol, lead = _own_thread_rotation(tmp_path)
+    assert vol.log._aio is not None
+    hits = _interrupt_first_blocking_wait(vol.log._aio, monkeypatch, InterruptedError(errno.EINTR, "signal"))
+    vol.write(4096, DATA)  # does not fit: rotates, waiting for its own AIO fdatasync here
+    assert hits and len(vol.log._segments) == 2 and vol.log.durable_lsn == 2
+    assert vol.flush_poll(lead) == 2 and vol.log.failed is None
+    vol.close()
+
+
+def test_a_failed_wait_for_the_leaders_own_aio_fdatasync_poisons(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting for the request fails for good (its outcome unknown): as a failed fdatasync, the
+    log is poisoned and the flush that led it fails; it never reports the records durable."""
+    vol, lead = _own_thread_rotation(tmp_path)
+    assert vol.log._aio is not None
+    _interrupt_first_blocking_wait(vol.log._aio, monkeypatch, OSError(errno.EINVAL, "io_getevents"))
+    with pytest.raises(LogFailed):
+        vol.write(4096, DATA)
+    assert vol.log.durable_lsn == 0 and vol.log.failed is not None
+    with pytest.raises(LogFailed):
+        vol.flush_poll(lead)

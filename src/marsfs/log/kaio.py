@@ -102,17 +102,27 @@ class FdatasyncAio:
         The eventfd is only a wake-up: its count is drained here and the completion is taken
         from io_getevents (a stale count finds no event: None). A blocking reap signals the
         eventfd again after it took the event, so that a task parked on the eventfd for this
-        request always wakes (and finds it finished)."""
+        request always wakes (and finds it finished). A signal that interrupts the wait (EINTR:
+        the kernel never restarts io_getevents) does not end it: the request is still in flight.
+        """
         assert self._pending
         try:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             if not block:
                 return None
-        n = self._call(self._getevents, self._ctx, ctypes.c_long(1 if block else 0), ctypes.c_long(1),
-                       self._event, None if block else self._no_wait)
-        if n != 1:
-            return None
+        while True:
+            try:
+                n = self._call(self._getevents, self._ctx, ctypes.c_long(1 if block else 0), ctypes.c_long(1),
+                               self._event, None if block else self._no_wait)
+            except InterruptedError:  # a signal (io_getevents is never restarted): still in flight
+                if block:
+                    continue
+                return None
+            if n == 1:
+                break
+            if not block:
+                return None
         self._pending = False
         if block:
             os.eventfd_write(self._efd, 1)

@@ -580,8 +580,14 @@ class Log:
             self._synced.wait()
             return
         assert self._aio is not None
-        lead, self._aio_lead = self._aio_lead, None
-        res = self._aio.reap(block=True)
+        lead = self._aio_lead
+        try:
+            res: int | None = self._aio.reap(block=True)
+        except OSError as e:  # the request's outcome is unknown: as a failed fdatasync
+            res = e.errno or errno.EIO
+        if res is None:  # a blocking reap never says "still running"; never count it as done
+            res = errno.EIO
+        self._aio_lead = None  # only now: poll_sync_aio takes "not mine any more" for finished
         try:
             self._finish_locked(lead, OSError(res, os.strerror(res)) if res else None)
         except LogFailed:
