@@ -342,3 +342,28 @@ def test_a_failed_wait_for_the_leaders_own_aio_fdatasync_poisons(tmp_path: Path,
     assert vol.log.durable_lsn == 0 and vol.log.failed is not None
     with pytest.raises(LogFailed):
         vol.flush_poll(lead)
+
+
+def test_a_failed_look_at_the_aio_fdatasync_poisons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trio thread's non-blocking look at its request fails (outcome unknown): the log is
+    poisoned and the lead finished, so no later sync, rotation or close waits for it for ever."""
+    vol = _volume(tmp_path)
+    vol.write(0, DATA)
+    lead = vol.flush_lead()
+    assert isinstance(lead, SyncLead) and vol.log.start_sync_aio(lead) is not None
+    aio = vol.log._aio
+    assert aio is not None
+    real = aio._call
+
+    def call(number: int, *args: object) -> int:
+        if number == aio._getevents:
+            raise OSError(errno.EINVAL, "io_getevents")
+        return real(number, *args)
+
+    monkeypatch.setattr(aio, "_call", call)
+    select.select([aio.fileno()], [], [], 30)
+    with pytest.raises(LogFailed):
+        vol.flush_poll(lead)
+    assert vol.log.failed is not None and vol.log.durable_lsn == 0 and not vol.log._syncing
+    monkeypatch.undo()
+    vol.log.close()  # waits for no sync (the volume's close refuses a poisoned log)

@@ -562,7 +562,10 @@ class Log:
         with self._lock:
             if self._aio_lead is lead:
                 assert self._aio is not None
-                res = self._aio.reap()
+                try:
+                    res = self._aio.reap()
+                except OSError as e:  # the request's outcome is unknown: as a failed fdatasync
+                    res = e.errno or errno.EIO
                 if res is None:
                     return None
                 self._aio_lead = None
