@@ -270,7 +270,7 @@ def test_errors_reach_the_kernel_as_their_errno(node: Node, monkeypatch: pytest.
         assert fuse_errno(e) == errno.ENOSPC  # NoSpace's errno
         monkeypatch.undo()
         await ops.write(fi.fh, 0, b"x" * 512)
-        monkeypatch.setattr(vol, "flush", failed)
+        monkeypatch.setattr(vol, "flush_lead", failed)  # what an fsync calls first (Volume.flush_lead)
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.fsync(fi.fh, False)
         assert fuse_errno(e) == errno.EIO  # LogFailed keeps MarsError's EIO

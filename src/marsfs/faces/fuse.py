@@ -12,7 +12,8 @@ is the kernel's side of the contract (measured on Linux 6.x with libfuse 3.14):
   fsync) and is the node's flush gate (:meth:`marsfs.node.syncmode.SyncGates.flush`: the
   volume's flush, and on a sync volume the wait for its mirrors); a flush with nothing new on an
   async volume costs no thread hop. A sync volume that refuses to run degraded fails it with EIO.
-* Blocking work (fdatasync, large lz4, large reads) runs in worker threads; small reads and
+* Blocking work (large lz4, large reads, an fdatasync that cannot go as AIO) runs in worker
+  threads; an fsync's fdatasync is a kernel AIO request this thread awaits; small reads and
   writes run inline because a thread hop costs more than the page-cache I/O they do; a small
   write that would start a new log segment (an fdatasync: milliseconds) goes to a worker
   thread, and the rotation does not hold the volume lock that reads take. (Writes up to 1 MiB

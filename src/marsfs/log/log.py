@@ -24,7 +24,10 @@ Records that went to an earlier segment in the same call stay when a later segme
 (Volume.write indexes exactly what reached the log).
 
 Durability: :meth:`Log.sync` is group commit. Callers that arrive while an fdatasync is in
-flight wait for it; if it did not cover them, one of them leads the next. ``durable_lsn``
+flight wait for it; if it did not cover them, one of them leads the next. A caller that must
+not block (the trio thread) becomes the leader with :meth:`Log.lead_sync` and finishes with
+:meth:`Log.finish_sync` after its own fdatasync (an AIO fdsync, :mod:`marsfs.log.kaio`);
+everything else sees that sync as any other. ``durable_lsn``
 only advances after an fdatasync returned. A failed fdatasync poisons the log (the kernel may
 have dropped the pages), and every later append or sync raises :class:`LogFailed`.
 
@@ -44,10 +47,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from marsfs.errors import LogFailed, MarsError, NoSpace, RecordRefused
 from marsfs.fsutil import fsync_dir
+from marsfs.log.kaio import FdatasyncAio
 from marsfs.log.record import (
     HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
@@ -75,6 +79,15 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _REFETCH = "the log is unchanged and the mirror fetches again; if this repeats, resync it (marsfs invalidate)"
 
 
+class SyncLead(NamedTuple):
+    """A group commit leader's sync (:meth:`Log.lead_sync`): fdatasync ``fd``, then every
+    record up to ``upto`` is durable."""
+
+    upto: int
+    fd: int
+    started: float  #: perf_counter when it began (the fsync latency histogram)
+
+
 class Log:
     """A volume's transaction log. Open with :meth:`create` or :meth:`open`."""
 
@@ -89,6 +102,12 @@ class Log:
         self._lock = threading.Lock()
         self._synced = threading.Condition(self._lock)
         self._syncing = False
+        #: the AIO context of leaders that fdatasync from the trio thread (:meth:`fdatasync_aio`)
+        self._aio: FdatasyncAio | None = None
+        self._aio_refused = ""  #: why the kernel's AIO is not used ("" while it may be)
+        self._aio_lead: SyncLead | None = None  #: the lead whose AIO fdatasync is in flight
+        self._aio_thread = 0  #: the thread that submitted it (see :meth:`_wait_synced_locked`)
+        self._open = True
         #: wakes the threads parked in :meth:`wait_dirty` (a volume's autosync) when an append
         #: makes the log dirty; notified only while one waits, so an append pays one int test
         self._appended = threading.Condition(self._lock)
@@ -140,9 +159,14 @@ class Log:
     def close(self) -> None:
         with self._lock:
             while self._syncing:
-                self._synced.wait()
+                self._wait_synced_locked()
             for seg in self._segments:
                 seg.close()
+            self._open = False
+            if self._aio is not None:
+                self._aio.close()
+                self._aio = None
+
     # ------------------------------------------------------------------ positions
 
     @property
@@ -367,7 +391,7 @@ class Log:
         the log unopenable: its successor already exists).
         """
         while self._syncing:  # the sync leader uses the current fd outside the lock
-            self._synced.wait()
+            self._wait_synced_locked()
         if self._segments[-1] is not old:
             return
         self._check_failed()  # a failed fdatasync meanwhile: a later one may falsely succeed
@@ -404,7 +428,7 @@ class Log:
         with self._lock:
             self._check_failed()
             while self._syncing:
-                self._synced.wait()
+                self._wait_synced_locked()
             for seg in self._segments:
                 seg.close()
             try:
@@ -447,29 +471,135 @@ class Log:
                     return self._durable_lsn
                 if not self._syncing:
                     break
-                self._synced.wait()
-            self._syncing = True
-            upto = self.last_lsn
-            fd = self._segments[-1].fd
+                self._wait_synced_locked()
+            lead = self._lead_locked()
+        return self.complete_sync(lead)
+
+    def lead_sync(self) -> SyncLead | int | None:
+        """Become the group commit's leader for every record appended so far, without blocking
+        (the trio thread's flush, which does the fdatasync itself, see :mod:`marsfs.log.kaio`).
+
+        Returns the durable LSN when it already covers the newest record (nothing to do); None
+        when another sync is in flight (call :meth:`sync`, in a thread: it waits for that one
+        and leads the next if needed); otherwise a :class:`SyncLead`: the caller must fdatasync
+        its fd and then call :meth:`finish_sync` exactly once (or :meth:`complete_sync`), failed
+        or not: until then every other sync, rotation and close waits. LogFailed when poisoned.
+        """
+        with self._lock:
+            self._check_failed()
+            if self._durable_lsn >= self.last_lsn:
+                return self._durable_lsn
+            if self._syncing:
+                return None
+            return self._lead_locked()
+
+    def _lead_locked(self) -> SyncLead:
+        self._syncing = True
+        return SyncLead(self.last_lsn, self._segments[-1].fd, time.perf_counter())
+
+    def complete_sync(self, lead: SyncLead) -> int:
+        """The leader's blocking part: fdatasync, then :meth:`finish_sync`."""
         err: OSError | None = None
-        started = time.perf_counter()
         try:
-            os.fdatasync(fd)
+            os.fdatasync(lead.fd)
         except OSError as e:
             err = e
-        self.sync_latency.observe(time.perf_counter() - started)
+        return self.finish_sync(lead, err)
+
+    def finish_sync(self, lead: SyncLead, err: OSError | None) -> int:
+        """End the leader's sync: with ``err`` None its fdatasync succeeded and every record up
+        to ``lead.upto`` is durable (returned); otherwise the log is poisoned (LogFailed)."""
         with self._lock:
-            self._syncing = False
-            if err is None:
-                self._durable_lsn = max(self._durable_lsn, upto)
-            else:
-                self._failed = err
-                self._appended.notify_all()  # a parked autosync sees the log poisoned
-            self._synced.notify_all()
+            return self._finish_locked(lead, err)
+
+    def _finish_locked(self, lead: SyncLead, err: OSError | None) -> int:
+        self.sync_latency.observe(time.perf_counter() - lead.started)
+        self._syncing = False
+        if err is None:
+            self._durable_lsn = max(self._durable_lsn, lead.upto)
+        else:
+            self._failed = err
+            self._appended.notify_all()  # a parked autosync sees the log poisoned
+        self._synced.notify_all()
         if err is not None:
             raise LogFailed(f"fdatasync of the log failed: {err.strerror}; the log refuses further "
                             "writes; restart the daemon to re-verify it") from err
-        return upto
+        return lead.upto
+
+    def fdatasync_aio(self) -> FdatasyncAio | None:
+        """This log's AIO context for a leader's fdatasync (made at the first call), None when
+        the kernel has no AIO for it (then, and after :meth:`no_aio`, leaders use threads)."""
+        if self._aio is None and not self._aio_refused:
+            with self._lock:
+                if self._aio is None and not self._aio_refused and self._open:
+                    try:
+                        self._aio = FdatasyncAio()
+                    except OSError as e:
+                        self._aio_refused = f"{e.strerror or e}"
+        return self._aio
+
+    def start_sync_aio(self, lead: SyncLead) -> int | None:
+        """Submit the lead's fdatasync as an AIO request; returns the fd to await (readable
+        when it may be done: then :meth:`poll_sync_aio`), None when the kernel has no AIO or
+        refused it (nothing started: finish with :meth:`complete_sync`, in a thread)."""
+        aio = self.fdatasync_aio()
+        if aio is None:
+            return None
+        with self._lock:
+            try:
+                aio.submit(lead.fd)
+            except OSError as e:
+                self._aio_refused = f"io_submit: {e.strerror}"
+                return None
+            self._aio_lead = lead
+            self._aio_thread = threading.get_ident()
+            return aio.fileno()
+
+    def poll_sync_aio(self, lead: SyncLead) -> int | None:
+        """Never blocks: the durable LSN once the AIO fdatasync of ``lead`` is done and
+        finished (here, or by a thread that waited for it, see :meth:`_wait_synced_locked`),
+        None while it runs; LogFailed when it failed."""
+        with self._lock:
+            if self._aio_lead is lead:
+                assert self._aio is not None
+                try:
+                    res = self._aio.reap()
+                except OSError as e:  # the request's outcome is unknown: as a failed fdatasync
+                    res = e.errno or errno.EIO
+                if res is None:
+                    return None
+                self._aio_lead = None
+                return self._finish_locked(lead, OSError(res, os.strerror(res)) if res else None)
+        self._check_failed()
+        return max(self._durable_lsn, lead.upto)
+
+    def _wait_synced_locked(self) -> None:
+        """Wait (holding the lock on return) until the sync in flight ends. When it is an AIO
+        fdatasync submitted by this very thread (the trio thread, appending a small write that
+        has to rotate, while another of its tasks awaits the flush), a condition wait would
+        never end: wait for the request right here and finish the lead. Any other thread waits
+        on the condition, without the lock, so appends go on meanwhile; the leader finishes."""
+        if self._aio_lead is None or self._aio_thread != threading.get_ident():
+            self._synced.wait()
+            return
+        assert self._aio is not None
+        lead = self._aio_lead
+        try:
+            res: int | None = self._aio.reap(block=True)
+        except OSError as e:  # the request's outcome is unknown: as a failed fdatasync
+            res = e.errno or errno.EIO
+        if res is None:  # a blocking reap never says "still running"; never count it as done
+            res = errno.EIO
+        self._aio_lead = None  # only now: poll_sync_aio takes "not mine any more" for finished
+        try:
+            self._finish_locked(lead, OSError(res, os.strerror(res)) if res else None)
+        except LogFailed:
+            pass  # the poisoned log raises for the waiter as soon as it looks (and for the leader)
+
+    def no_aio(self, why: str) -> None:
+        """The kernel refused an AIO fdatasync (nothing was started): use threads from now on."""
+        with self._lock:
+            self._aio_refused = why
 
     def wait_dirty(self, stop: threading.Event) -> bool:
         """Block while every record is durable, the log is healthy and ``stop`` is not set;

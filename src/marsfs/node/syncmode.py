@@ -8,8 +8,8 @@ Rules that hold here:
   value; a clone is always ``async`` (it is never replicated).
 * Every application flush (the FUSE face's fsync and fdatasync, which is also what a loop
   device's FLUSH becomes) is :meth:`SyncGates.flush`. On an ``async`` volume it is what it
-  always was: the volume's flush in a worker thread when anything is to be flushed, nothing
-  else. Writes without a flush never come here, so they cost the same in both modes.
+  always was: the volume's flush when anything is to be flushed (:func:`flush_here`: its
+  fdatasync an AIO request the trio thread awaits, or a worker thread's), nothing else. Writes without a flush never come here, so they cost the same in both modes.
 * On a ``sync`` volume the flush, once durable here up to LSN L, completes when N mirrors
   acknowledged L (an ACK says what is durable in the mirror's log; the mirror sends one as
   soon as a frame is durable). The flush wakes the shipping sessions at once
@@ -201,7 +201,7 @@ class SyncGates:
         sync volume in N mirrors' logs unless degraded. :class:`SyncRefused` (EIO) when the
         volume is degraded and refuses."""
         if vol.needs_flush:
-            lsn = await trio.to_thread.run_sync(vol.flush)
+            lsn = await flush_here(vol)
             if self._table is not None:
                 self._table.more(vol.uuid)
         else:
@@ -279,6 +279,28 @@ class SyncGates:
                               behind_records=behind_records, behind_bytes=behind_bytes,
                               behind_seconds=round(behind_seconds, 3), holding=self._holding(g, g.acked_lsn),
                               degradations=g.degradations)
+
+
+async def flush_here(vol: Volume) -> int:
+    """``vol.flush()`` without a thread hop when it can: the FLUSH record on this (trio) thread,
+    the fdatasync as a kernel AIO request whose completion this thread awaits on an eventfd
+    (:mod:`marsfs.log.kaio`); in a worker thread as before when the kernel has no AIO, a
+    rotation is due or another sync is in flight. The same records, the same fdatasync, the
+    same group commit and poisoning; returns the durable LSN. The wait is shielded: a leader
+    must finish the sync it started, as a worker thread's flush always did."""
+    lead = vol.flush_lead()
+    if lead is None:
+        return await trio.to_thread.run_sync(vol.flush)
+    if isinstance(lead, int):
+        return lead
+    with trio.CancelScope(shield=True):
+        fd = vol.log.start_sync_aio(lead)
+        if fd is None:
+            return await trio.to_thread.run_sync(vol.flush_complete, lead)
+        while (lsn := vol.flush_poll(lead)) is None:
+            await trio.lowlevel.wait_readable(fd)
+        return lsn
+    raise AssertionError("unreachable: a shielded scope is not cancelled")
 
 
 def _utc(t: float) -> str:

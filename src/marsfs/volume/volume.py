@@ -112,7 +112,16 @@ from marsfs.errors import (
     VolumeReadOnly,
 )
 from marsfs.fsutil import fsync_dir, read_json, write_all, write_json
-from marsfs.log import DEFAULT_SEGMENT_BYTES, MAX_PAYLOAD, Log, RecordType, encode_payload, genesis_chain, io_error
+from marsfs.log import (
+    DEFAULT_SEGMENT_BYTES,
+    MAX_PAYLOAD,
+    Log,
+    RecordType,
+    SyncLead,
+    encode_payload,
+    genesis_chain,
+    io_error,
+)
 from marsfs.stats import VolumeCounters
 from marsfs.volume import changes as ch
 from marsfs.volume import resync as rs
@@ -675,6 +684,37 @@ class Volume:
                 self.log.append(RecordType.FLUSH, 0, _EMPTY)
                 self._writes_since_flush = False
         return self.log.sync()
+
+    def flush_lead(self) -> SyncLead | int | None:
+        """The first half of :meth:`flush` for a caller that must not block (the trio thread):
+        the FLUSH record, then the lead of the log's group commit (:meth:`Log.lead_sync`).
+        Returns the durable LSN when nothing is to be synced; a :class:`SyncLead` whose
+        fdatasync the caller runs, then :meth:`flush_done`; None when this would wait (a
+        rotation is due for the FLUSH record, or another sync is in flight): run :meth:`flush`
+        in a thread instead, which is then all of it. Faults are recorded as flush's."""
+        try:
+            with self._lock:
+                if self._writes_since_flush and self._resyncs.running is None:
+                    if not self.log.fits(0, 1):
+                        return None
+                    self.log.append(RecordType.FLUSH, 0, _EMPTY)
+                    self._writes_since_flush = False
+            return self.log.lead_sync()
+        except IO_FAULTS as e:
+            self.fault_state.record("flush", e)
+            raise
+
+    @io_path("flush")
+    def flush_poll(self, lead: SyncLead) -> int | None:
+        """The second half (see :meth:`flush_lead`), after :meth:`Log.start_sync_aio`: the
+        durable LSN once the lead's AIO fdatasync is done, None while it runs; LogFailed when
+        it failed (the log is poisoned)."""
+        return self.log.poll_sync_aio(lead)
+
+    @io_path("flush")
+    def flush_complete(self, lead: SyncLead) -> int:
+        """The second half, blocking (a thread's): fdatasync the lead's fd, then :meth:`flush_done`."""
+        return self.log.complete_sync(lead)
 
     @io_path("flush")
     def mark(self, name: str) -> int:
