@@ -11,7 +11,7 @@
   and stands as the volume's flush fault; a cancelled flush still finishes the sync it led.
 * A signal that interrupts the leader's own blocking wait for its AIO fdatasync does not end
   it; a wait that fails for good poisons the log, and the flush never counts that fdatasync as
-  done.
+  done. A lead its own thread finished keeps the eventfd to itself until its task claims it.
 """
 
 from __future__ import annotations
@@ -367,3 +367,28 @@ def test_a_failed_look_at_the_aio_fdatasync_poisons(tmp_path: Path, monkeypatch:
     assert vol.log.failed is not None and vol.log.durable_lsn == 0 and not vol.log._syncing
     monkeypatch.undo()
     vol.log.close()  # waits for no sync (the volume's close refuses a poisoned log)
+
+
+def test_no_new_aio_request_until_the_leader_claims_what_its_thread_finished(tmp_path: Path) -> None:
+    """The trio thread finished its own AIO lead in a rotation and left the parked task a
+    wake-up on the eventfd. A new request on the same eventfd before that task looked would
+    let the new one's poll drain the wake-up (the parked fsync would never return) or have two
+    tasks wait on one fd: the next lead goes to a thread until the first is claimed."""
+    vol, lead = _own_thread_rotation(tmp_path)
+    log = vol.log
+    vol.write(4096, DATA)  # does not fit: rotates, finishing the AIO lead on this thread
+    assert log.durable_lsn == 2
+    assert select.select([log.fdatasync_aio()], [], [], 0)[0]  # the parked task's wake-up
+    second = vol.flush_lead()
+    assert isinstance(second, SyncLead)
+    assert log.start_sync_aio(second) is None  # not on that eventfd yet
+    assert vol.flush_complete(second) >= 3
+    assert vol.flush_poll(lead) >= 2  # the first task claims its lead and its wake-up
+    assert not select.select([log.fdatasync_aio()], [], [], 0)[0]
+    vol.write(8192, DATA)
+    third = vol.flush_lead()
+    assert isinstance(third, SyncLead) and log.start_sync_aio(third) is not None  # AIO again
+    while (lsn := vol.flush_poll(third)) is None:
+        select.select([log.fdatasync_aio()], [], [], 5)
+    assert lsn == third.upto and log.failed is None
+    vol.close()

@@ -40,6 +40,7 @@ against appends; the caller must ensure that nobody reads records that a concurr
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import threading
@@ -107,6 +108,11 @@ class Log:
         self._aio_refused = ""  #: why the kernel's AIO is not used ("" while it may be)
         self._aio_lead: SyncLead | None = None  #: the lead whose AIO fdatasync is in flight
         self._aio_thread = 0  #: the thread that submitted it (see :meth:`_wait_synced_locked`)
+        #: a lead the submitting thread finished itself while its task still awaits the eventfd:
+        #: until that task claims it (:meth:`poll_sync_aio`), the eventfd's count is its wake-up,
+        #: so no new AIO request may start on it (whose poll would drain that count, or whose
+        #: task would wait on the same fd beside it)
+        self._aio_unclaimed: SyncLead | None = None
         self._open = True
         #: wakes the threads parked in :meth:`wait_dirty` (a volume's autosync) when an append
         #: makes the log dirty; notified only while one waits, so an append pays one int test
@@ -546,6 +552,8 @@ class Log:
         if aio is None:
             return None
         with self._lock:
+            if self._aio_unclaimed is not None:  # its task's wake-up is still on the eventfd
+                return None
             try:
                 aio.submit(lead.fd)
             except OSError as e:
@@ -570,6 +578,11 @@ class Log:
                     return None
                 self._aio_lead = None
                 return self._finish_locked(lead, OSError(res, os.strerror(res)) if res else None)
+            if self._aio_unclaimed is lead:  # finished by its own thread: take the wake-up it left
+                self._aio_unclaimed = None
+                if self._aio is not None:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._aio.fileno())
         self._check_failed()
         return max(self._durable_lsn, lead.upto)
 
@@ -591,6 +604,7 @@ class Log:
         if res is None:  # a blocking reap never says "still running"; never count it as done
             res = errno.EIO
         self._aio_lead = None  # only now: poll_sync_aio takes "not mine any more" for finished
+        self._aio_unclaimed = lead  # its task still awaits the eventfd (reap wrote it a wake-up)
         try:
             self._finish_locked(lead, OSError(res, os.strerror(res)) if res else None)
         except LogFailed:
