@@ -378,17 +378,20 @@ def test_no_new_aio_request_until_the_leader_claims_what_its_thread_finished(tmp
     log = vol.log
     vol.write(4096, DATA)  # does not fit: rotates, finishing the AIO lead on this thread
     assert log.durable_lsn == 2
-    assert select.select([log.fdatasync_aio()], [], [], 0)[0]  # the parked task's wake-up
+    aio = log.fdatasync_aio()
+    assert aio is not None
+    assert select.select([aio], [], [], 0)[0]  # the parked task's wake-up
     second = vol.flush_lead()
     assert isinstance(second, SyncLead)
     assert log.start_sync_aio(second) is None  # not on that eventfd yet
     assert vol.flush_complete(second) >= 3
-    assert vol.flush_poll(lead) >= 2  # the first task claims its lead and its wake-up
-    assert not select.select([log.fdatasync_aio()], [], [], 0)[0]
+    claimed = vol.flush_poll(lead)  # the first task claims its lead and its wake-up
+    assert claimed is not None and claimed >= 2
+    assert not select.select([aio], [], [], 0)[0]
     vol.write(8192, DATA)
     third = vol.flush_lead()
     assert isinstance(third, SyncLead) and log.start_sync_aio(third) is not None  # AIO again
     while (lsn := vol.flush_poll(third)) is None:
-        select.select([log.fdatasync_aio()], [], [], 5)
+        select.select([aio], [], [], 5)
     assert lsn == third.upto and log.failed is None
     vol.close()
