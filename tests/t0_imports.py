@@ -68,6 +68,12 @@ def graph() -> dict[str, set[str]]:
     return edges
 
 
+@pytest.fixture(scope="module")
+def edges() -> dict[str, set[str]]:
+    """The graph, read once for the module's tests (reading it parses every module)."""
+    return graph()
+
+
 def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
@@ -111,11 +117,11 @@ def test_no_import_cycle() -> None:
 
 
 @pytest.mark.parametrize("module", sorted(graph()))
-def test_no_layer_imports_a_higher_one(module: str) -> None:
+def test_no_layer_imports_a_higher_one(module: str, edges: dict[str, set[str]]) -> None:
     mine = layer_of(module)
     if mine == "testing":
         return
-    for dep in graph()[module]:
+    for dep in edges[module]:
         theirs = layer_of(dep)
         if theirs == "testing":
             assert module in KIT_USERS, f"{module} imports the test kit {dep}"

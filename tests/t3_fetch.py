@@ -22,7 +22,7 @@ from marsfs.node.volstate import MirrorFacts, VolumeState, mirror_state
 from marsfs.replication.fetch import Fetcher
 from marsfs.replication.server import PeerTable, Server
 from marsfs.replication.session import SUMS_BLOCKS, SyncStatus
-from marsfs.testing.memnet import CLUSTER, SIZE, Link, copy_image, fetcher, primary, tick, write
+from marsfs.testing.memnet import CLUSTER, SIZE, Link, copy_image, fetcher, primary, write
 from marsfs.testing.runner import run, wait_for
 from marsfs.volume import Volume
 
@@ -49,7 +49,6 @@ def test_a_session_ends_when_the_source_deletes_its_volume(tmp_path: Path, caplo
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick)
             link = Link(nursery, node.server.handle)
             b = await copy_image(link, tmp_path / "b" / "vm")
             try:
@@ -92,7 +91,6 @@ def test_a_fetcher_meeting_another_volume_of_its_name_stops(tmp_path: Path) -> N
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick)
             link = Link(nursery, node.server.handle)
             b = await copy_image(link, tmp_path / "b" / "vm")
             try:
@@ -126,7 +124,6 @@ def test_a_paused_fetcher_watches_its_lag_grow_and_resumes(tmp_path: Path) -> No
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick)
             link = Link(nursery, node.server.handle)
             b = await copy_image(link, tmp_path / "b" / "vm")
             try:
@@ -165,7 +162,6 @@ def test_records_arriving_after_a_pause_are_not_fetched(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick)
             link = Link(nursery, node.server.handle)
             b = await copy_image(link, tmp_path / "b" / "vm")
             try:
@@ -218,7 +214,6 @@ def test_a_first_copy_shows_progress_while_the_source_compares(tmp_path: Path) -
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick)
             link = Link(nursery, node.server.handle)
             b = await copy_image(link, tmp_path / "b" / "vm", status)
             try:

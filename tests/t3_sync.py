@@ -39,8 +39,6 @@ from marsfs.testing.memnet import (
     fetcher,
     primary,
     server_for,
-    tick,
-    ticking,
     write,
 )
 from marsfs.testing.runner import run, wait_for
@@ -105,8 +103,7 @@ async def sync_once(nursery: trio.Nursery, server: Server, staged: Staged, *, cu
     ch, _ = await open_channel(connect, sess)
     try:
         req = SyncRequest(since_lsn=0, since_chain=bytes(16), whole=whole, rate=rate)
-        async with ticking():  # the source sums in worker threads while every task waits
-            info = await receive_sync(ch, req, lambda i: staged, staged.finish, SyncStatus(started=trio.current_time()))
+        info = await receive_sync(ch, req, lambda i: staged, staged.finish, SyncStatus(started=trio.current_time()))
     finally:
         await ch.aclose()
     return info, sess.received
@@ -234,7 +231,6 @@ def test_a_first_copy_then_a_catch_up_after_the_log_was_trimmed(tmp_path: Path, 
                     await f.run()
 
             nursery.start_soon(run)
-            nursery.start_soon(tick)
             await wait_for(lambda: synced and f.state.connected and f.state.sync is None, "the first copy")
             await trio.to_thread.run_sync(write_random, a, 5, 9)  # fetched as records
             await wait_for(lambda: b.durable_lsn == a.durable_lsn, "the mirror to fetch")
@@ -274,7 +270,6 @@ def test_a_quiet_volume_is_not_shipped_from_until_the_switch_is_over(tmp_path: P
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick)  # before the copy: its worker threads run while every task waits
             link = Link(nursery, server.handle)
             b = await copy_image(link, tmp_path / "b" / "vm")
             f = fetcher(b, link)

@@ -17,14 +17,12 @@ A connection that breaks or corrupts is a :class:`PassStream` that overrides wha
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import trio
 import trio.testing
 
-from marsfs.aio import single_error
 from marsfs.log import genesis_chain
 from marsfs.node.cluster import Cluster
 from marsfs.node.node import Node
@@ -78,11 +76,6 @@ async def copy_image(link: Link, path: Path, status: SyncStatus | None = None) -
     """A new mirror's first copy as ``join`` makes it: an empty replica at LSN 0, fast-synced
     into its base (only what the source's log wrote is compared); durable on return, at the
     source's shippable LSN. ``status`` follows the progress."""
-    async with ticking():
-        return await _copy_image(link, path, status)
-
-
-async def _copy_image(link: Link, path: Path, status: SyncStatus | None) -> Volume:
     ch, welcome = await open_channel(link.connect, FetchingSession(hello("b", CLUSTER, "vm", "sync")))
     try:
         assert welcome.epoch == 3
@@ -103,25 +96,6 @@ async def _copy_image(link: Link, path: Path, status: SyncStatus | None) -> Volu
         return vol
     finally:
         await ch.aclose()
-
-
-async def tick() -> None:
-    """Keeps a deadline near, so that the MockClock jumps in small steps while worker threads
-    run (it jumps to the next deadline, which may be a test's timeout, when all tasks wait)."""
-    while True:
-        await trio.sleep(0.05)
-
-
-@asynccontextmanager
-async def ticking() -> AsyncIterator[None]:
-    """A :func:`tick` for the duration of the block: for work done in worker threads while every
-    task waits (an image copy's sums and writes), so that under the MockClock no timeout of the
-    caller is jumped to meanwhile. The block's own error comes out as itself, not in a group."""
-    with single_error():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick)
-            yield
-            nursery.cancel_scope.cancel()
 
 
 def fetcher(mirror: Volume, link: Link, paused: list[bool] | None = None) -> Fetcher:
