@@ -282,3 +282,30 @@ def test_a_primary_from_before_the_metadata_claims_at_start(tmp_path: Path) -> N
         run(main)
     finally:
         node.close()
+
+
+def test_stopped_leaves_no_fetch_running_when_another_step_starts_one_meanwhile(tmp_path: Path) -> None:
+    """Following a new source stops the old fetcher, awaits, then starts one; another step (a
+    resync's end, the roles' watch) may start a fetch as soon as the old one ended. ``stopped``
+    returns only once none runs, so the start that follows never finds one still running."""
+    async def main(net: MemNet) -> None:
+        await three_nodes(net)
+        mirrors, vol = net.clusters["c"].mirrors, net.nodes["c"].volume("v")
+        for _ in range(12):  # trio runs woken tasks in random order: both orders come up
+            assert mirrors.running("v")
+            ended = mirrors._ended["v"]
+
+            async def another_step(ended: trio.Event) -> None:
+                await ended.wait()
+                if not mirrors.running("v"):
+                    mirrors.start(vol)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(another_step, ended)
+                await trio.sleep(0)
+                await mirrors.stopped("v")
+                assert not mirrors.running("v")
+                mirrors.start(vol)  # what follows it: asserts that no fetch runs
+        await wait_for(lambda: synced(net, "a", "c"), "c fetches again")
+
+    in_net(tmp_path, main, NODES)

@@ -537,6 +537,7 @@ class Cluster:
         elif do.act == Act.BECOME_MIRROR:
             await trio.to_thread.run_sync(self.node.become_mirror, name, d.node, d.epoch)
             await self.introduce(d.node)  # our new source: it knows us as a member from our word on
+            await self.mirrors.stopped(name)  # one started meanwhile would not be ours to keep
             self.mirrors.start(vol)
             self.gossip_now()
         elif do.act == Act.REFETCH:
@@ -546,6 +547,7 @@ class Cluster:
             await trio.to_thread.run_sync(functools.partial(self.node.set_role, name, source=d.node,
                                                             epoch=d.epoch))
             await self.introduce(d.node)  # our new source: it knows us as a member from our word on
+            await self.mirrors.stopped(name)  # another step may have started one from the old source meanwhile
             self.mirrors.start(vol)
             self.gossip_now()
         elif do.act == Act.EPOCH:

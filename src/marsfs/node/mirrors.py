@@ -201,10 +201,24 @@ class Mirrors:
         if ended is not None:
             await ended.wait()
 
+    def running(self, name: str) -> bool:
+        """Whether a fetch of ``name`` runs (or has not yet ended after :meth:`stop`)."""
+        ended = self._ended.get(name)
+        return ended is not None and not ended.is_set()
+
+    async def stopped(self, name: str) -> None:
+        """:meth:`stop`, until no fetch of ``name`` runs. While one step waits for the old
+        fetcher to end, another (a resync's end, the roles' watch, a metadata round) may start
+        a new one; with no checkpoint between this and a :meth:`start`, that start finds none
+        running, as it asserts."""
+        await self.stop(name)
+        while self.running(name):
+            await self.stop(name)
+
     async def restart(self, name: str, plan: ResyncPlan, *, joining: bool = False) -> None:
         """Stop the fetcher of mirror ``name`` (waiting until it stopped: a resync needs the log
         still) and start one that runs ``plan`` first (``joining``: for the operator's join)."""
-        await self.stop(name)
+        await self.stopped(name)
         self.start(self.node.volume(name), resync=plan, joining=joining)
 
     def _start_copy(self, vol: Volume, copy: ImageCopy, plan: ResyncPlan) -> None:
