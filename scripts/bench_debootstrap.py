@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # scripts/ is on sys.path: this file runs as a script
-from benchlib import Neighbours, exit_on_sigterm, pair, pair_ratios, splice
+from benchlib import Neighbours, exit_on_sigterm, pair, pair_ratios, shown_args, splice
 from marsfs.faces.control import call
 from marsfs.testing.harness import Harness, NodeProcess, run
 
@@ -439,12 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     if neighbours.seen:
         say("other processes ran meanwhile:\n  " + "\n  ".join(sorted(neighbours.seen)))
-    shown, it = [], iter(argv)
-    for a in it:
-        if a in ("--out", "--json", "--dir", "--mirror"):
-            next(it, None)
-        elif not a.startswith(("--out=", "--json=", "--dir=", "--mirror=")):
-            shown.append(a)
+    shown = shown_args(argv, "--mirror")
     table = report(results, shown, load, sorted(neighbours.seen), tar)
     print(table)
     if args.json:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 # scripts/ is on sys.path: this file runs as a script
-from benchlib import Neighbours, exit_on_sigterm, pair_ratios, splice
+from benchlib import Neighbours, exit_on_sigterm, pair_ratios, shown_args, splice
 from benchlib import pair as benchlib_pair
 from marsfs.faces.control import call
 from marsfs.testing.faultproxy import ProxyProcess
@@ -481,12 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     if neighbours.seen:
         say("other processes ran meanwhile:\n  " + "\n  ".join(sorted(neighbours.seen)))
-    shown, it = [], iter(argv)
-    for a in it:
-        if a in ("--out", "--json", "--dir"):
-            next(it, None)
-        elif not a.startswith(("--out=", "--json=", "--dir=")):
-            shown.append(a)
+    shown = shown_args(argv)
     table = report(follows, dec, tls, runtime, args.quick, shown, load, len(neighbours.seen))
     print(table)
     if args.json:

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
+from benchlib import exit_on_sigterm, shown_args, splice  # scripts/ is on sys.path: this file runs as a script
 from marsfs.faces.control import call
 from marsfs.testing.harness import MALLOC_ENV, Harness, NodeProcess, is_mounted
 
@@ -497,12 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         load = (load[0], os.getloadavg()[0])
-    shown, it = [], iter(argv)
-    for a in it:
-        if a in ("--out", "--json", "--dir", "--report"):
-            next(it, None)
-        elif not a.startswith(("--out=", "--json=", "--dir=", "--report=")):
-            shown.append(a)
+    shown = shown_args(argv, "--report")
     table = report(results, args, shown, load)
     print(table)
     if args.json:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import exit_on_sigterm, splice  # scripts/ is on sys.path: this file runs as a script
+from benchlib import exit_on_sigterm, shown_args, splice  # scripts/ is on sys.path: this file runs as a script
 from marsfs.testing.faultproxy import ProxyProcess
 from marsfs.testing.harness import Harness, NodeProcess
 
@@ -203,12 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             cases += run_link(work, link, runtime)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    shown, it = [], iter(argv)
-    for a in it:
-        if a in ("--out", "--json", "--dir"):
-            next(it, None)
-        elif not a.startswith(("--out=", "--json=", "--dir=")):
-            shown.append(a)
+    shown = shown_args(argv)
     table = report(cases, runtime, args.quick, shown, load)
     print(table)
     if args.json:

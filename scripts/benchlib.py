@@ -128,3 +128,16 @@ def pair(h: Harness, volume: str, size: str, proxy: ProxyProcess | None = None, 
     if r.returncode != 0:
         raise RuntimeError(f"mirror did not sync: {r.stderr.strip()}\n{b.log_tail()}")
     return a, b
+
+
+def shown_args(argv: list[str], *hidden: str) -> list[str]:
+    """The command line a report quotes: ``argv`` without the options that only say where files
+    go (``--out``, ``--json``, ``--dir`` and ``hidden``), with their values, as ``--opt V`` or ``--opt=V``."""
+    opts = ("--out", "--json", "--dir", *hidden)
+    shown, it = [], iter(argv)
+    for a in it:
+        if a in opts:
+            next(it, None)
+        elif not a.startswith(tuple(o + "=" for o in opts)):
+            shown.append(a)
+    return shown

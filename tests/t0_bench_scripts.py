@@ -109,3 +109,12 @@ def test_the_targets_table_gets_one_row_refreshed_in_place(scripts: tuple[Module
     deb.target_row(doc, results, 3.0, True)
     rows = [line for line in doc.read_text().splitlines() if line.startswith("| debootstrap:")]
     assert len(rows) == 1 and "met: 1.10" in rows[0] and "disturbed" in rows[0] and "found errors" in rows[0]
+
+
+def test_a_report_quotes_the_command_line_without_where_files_go(scripts: tuple[ModuleType, ModuleType]) -> None:
+    benchlib, _ = scripts
+    argv = ["--runtime", "8", "--out", "docs/b.md", "--json=/tmp/x.json", "--dir", "/var/tmp", "--mirror", "M",
+            "--quick"]
+    assert benchlib.shown_args(argv) == ["--runtime", "8", "--mirror", "M", "--quick"]
+    assert benchlib.shown_args(argv, "--mirror") == ["--runtime", "8", "--quick"]
+    assert benchlib.shown_args(["--mirror=M", "--repeat", "2"], "--mirror") == ["--repeat", "2"]
