@@ -679,26 +679,33 @@ class Volume:
     def flush(self) -> int:
         """Make everything written so far durable, behind a FLUSH record; returns the durable LSN.
         While a resync runs the log does not grow: no FLUSH record then."""
+        self._flush_record()
+        return self.log.sync()
+
+    def _flush_record(self, *, unless_it_rotates: bool = False) -> bool:
+        """Append the FLUSH record when anything was written since the last one and no resync
+        runs. With ``unless_it_rotates`` (the trio thread, which must not wait for a rotation's
+        fdatasync) nothing is appended and False returned when the record would start a new
+        segment."""
         with self._lock:
             if self._writes_since_flush and self._resyncs.running is None:
+                if unless_it_rotates and not self.log.fits(0, 1):
+                    return False
                 self.log.append(RecordType.FLUSH, 0, _EMPTY)
                 self._writes_since_flush = False
-        return self.log.sync()
+        return True
 
     def flush_lead(self) -> SyncLead | int | None:
         """The first half of :meth:`flush` for a caller that must not block (the trio thread):
         the FLUSH record, then the lead of the log's group commit (:meth:`Log.lead_sync`).
         Returns the durable LSN when nothing is to be synced; a :class:`SyncLead` whose
-        fdatasync the caller runs, then :meth:`flush_done`; None when this would wait (a
-        rotation is due for the FLUSH record, or another sync is in flight): run :meth:`flush`
-        in a thread instead, which is then all of it. Faults are recorded as flush's."""
+        fdatasync the caller starts (:meth:`Log.start_sync_aio`), then :meth:`flush_poll`, or
+        :meth:`flush_complete` in a thread; None when this would wait (a rotation is due for the
+        FLUSH record, or another sync is in flight): run :meth:`flush` in a thread instead,
+        which is then all of it. Faults are recorded as flush's."""
         try:
-            with self._lock:
-                if self._writes_since_flush and self._resyncs.running is None:
-                    if not self.log.fits(0, 1):
-                        return None
-                    self.log.append(RecordType.FLUSH, 0, _EMPTY)
-                    self._writes_since_flush = False
+            if not self._flush_record(unless_it_rotates=True):
+                return None
             return self.log.lead_sync()
         except IO_FAULTS as e:
             self.fault_state.record("flush", e)
@@ -713,7 +720,7 @@ class Volume:
 
     @io_path("flush")
     def flush_complete(self, lead: SyncLead) -> int:
-        """The second half, blocking (a thread's): fdatasync the lead's fd, then :meth:`flush_done`."""
+        """The second half, blocking (a thread's): fdatasync the lead's fd and end the sync."""
         return self.log.complete_sync(lead)
 
     @io_path("flush")
