@@ -131,7 +131,8 @@ def test_status_json_keys_are_pinned() -> None:
         "clones", "clone_of", "designated_primary", "members", "positions", "log_space_limit", "oldest_retained_lsn",
         "warnings", "dropped", "fork_lsn", "split_brain", "split_versions", "split_versions_bytes", "failover_loss",
         "handover", "sync_target_lsn", "sync_bytes",
-        "sync_left_bytes", "sync_received_bytes", "mode", "sync_mode", "tls", "writeback_target_lsn"]
+        "sync_left_bytes", "sync_received_bytes", "mode", "sync_mode", "tls", "writeback_target_lsn",
+        "fsync_aio_refused"]
     assert list(d["peers"][0]) == ["node", "state", "connected", "fetched_lsn", "replayed_lsn", "fetch_paused",
                                    "replay_paused", "lag_bytes", "lag_records", "lag_seconds", "last_seen", "role",
                                    "dropped"]

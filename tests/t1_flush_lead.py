@@ -153,6 +153,7 @@ def test_flush_here_makes_the_writes_durable_behind_a_flush_record(tmp_path: Pat
     again.close()
 
 
+@pytest.mark.allow_log("the kernel refused AIO for fdatasync")
 def test_without_aio_flush_here_uses_a_thread(tmp_path: Path) -> None:
     vol = _volume(tmp_path)
     vol.log.no_aio("test")
@@ -164,6 +165,53 @@ def test_without_aio_flush_here_uses_a_thread(tmp_path: Path) -> None:
 
     trio.run(main)
     assert _last_types(vol, 1) == [RecordType.FLUSH]
+    vol.close()
+
+
+@pytest.mark.allow_log("the kernel refused AIO for fdatasync")
+def test_a_kernel_without_aio_is_said_once_and_flushes_go_on_in_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """No AIO syscalls (another architecture, a seccomp filter): the log falls back to threads
+    for good, and says so once, not at every fsync and not never."""
+    def refuse() -> None:
+        raise OSError(errno.ENOSYS, "no AIO syscall numbers for this machine")
+
+    monkeypatch.setattr("marsfs.log.log.FdatasyncAio", refuse)
+    vol = _volume(tmp_path)
+    assert vol.log.aio_refused == ""
+    with caplog.at_level("WARNING", logger="marsfs.log.log"):
+        async def main() -> None:
+            for i in range(3):
+                vol.write(i * 4096, DATA)
+                assert await flush_here(vol) == vol.head_lsn == vol.durable_lsn
+
+        trio.run(main)
+    assert vol.log.fdatasync_aio() is None
+    assert vol.log.aio_refused == "no AIO syscall numbers for this machine"
+    said = [r for r in caplog.records if "refused AIO" in r.getMessage()]
+    assert len(said) == 1 and "no AIO syscall numbers" in said[0].getMessage()
+    vol.close()
+
+
+@pytest.mark.allow_log("the kernel refused AIO for fdatasync")
+def test_a_refused_io_submit_falls_back_for_good(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    vol = _volume(tmp_path)
+    aio = vol.log.fdatasync_aio()
+    assert aio is not None
+
+    def submit(fd: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    aio.submit = submit  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="marsfs.log.log"):
+        async def main() -> None:
+            for i in range(2):
+                vol.write(i * 4096, DATA)
+                assert await flush_here(vol) == vol.head_lsn == vol.durable_lsn
+
+        trio.run(main)
+    assert vol.log.aio_refused == "io_submit: Invalid argument"
+    assert len([r for r in caplog.records if "refused AIO" in r.getMessage()]) == 1
     vol.close()
 
 

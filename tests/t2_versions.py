@@ -324,6 +324,14 @@ def test_status_says_how_far_writeback_goes(node: Node) -> None:
     assert node_rows(node, "v")[0]["writeback_target_lsn"] == vol.durable_lsn == vol.head_lsn
 
 
+@pytest.mark.allow_log("the kernel refused AIO for fdatasync")
+def test_status_says_when_fsync_runs_without_aio(node: Node) -> None:
+    vol = node.volume("v")
+    assert node_rows(node, "v")[0]["fsync_aio_refused"] is None
+    vol.log.no_aio("io_submit: Operation not permitted")
+    assert node_rows(node, "v")[0]["fsync_aio_refused"] == "io_submit: Operation not permitted"
+
+
 def test_a_mirror_writes_back_no_further_than_it_replayed(node: Node) -> None:
     vol = node.volume("v")
     done = rounds(vol, 4)

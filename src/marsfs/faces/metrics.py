@@ -143,6 +143,8 @@ def _volume_families(rows: list[VolumeStatus]) -> Iterator[Metric]:
     behind = _gauge("marsfs_volume_sync_behind_records", "A sync volume's primary: records its N-th mirror lacks.")
     degradations = _gauge("marsfs_volume_sync_degradations", "A sync volume's primary: how often it degraded since "
                           "the daemon started.")
+    no_aio = _gauge("marsfs_volume_fsync_aio_refused", "1 while the volume's log makes fsync durable in threads "
+                    "because the kernel refused AIO (slower fsync; status says why).")
     plain = [(_gauge(n, doc), f) for n, doc, f in VOLUME_GAUGES]
     optional = [(_gauge(n, doc), f) for n, doc, f in OPTIONAL_GAUGES]
     for r in rows:
@@ -154,6 +156,7 @@ def _volume_families(rows: list[VolumeStatus]) -> Iterator[Metric]:
         errors.add_metric(v, len(r.errors))
         warnings.add_metric(v, len(r.warnings))
         splits.add_metric(v, len(r.split_brain))
+        no_aio.add_metric(v, float(r.fsync_aio_refused is not None))
         for m in ReplicationMode:
             mode.add_metric([r.volume, m.value], float(m == r.mode))
         if r.sync_mode is not None:
@@ -166,7 +169,7 @@ def _volume_families(rows: list[VolumeStatus]) -> Iterator[Metric]:
             value = getattr(r, f)
             if value is not None:
                 family.add_metric(v, float(value))
-    yield from (role, state, errors, warnings, splits, mode, degraded, behind, degradations)
+    yield from (role, state, errors, warnings, splits, no_aio, mode, degraded, behind, degradations)
     yield from (f for f, _ in plain)
     yield from (f for f, _ in optional)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import logging
 import os
 import threading
 import time
@@ -70,6 +71,8 @@ from marsfs.log.record import (
 from marsfs.log.recovery import RecoveryReport, finish_restart, recover
 from marsfs.log.segment import RecordInfo, Segment, segment_name
 from marsfs.stats import LatencyHistogram
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 _DECOMPRESSED_CACHE = 8
@@ -541,7 +544,7 @@ class Log:
                     try:
                         self._aio = FdatasyncAio()
                     except OSError as e:
-                        self._aio_refused = f"{e.strerror or e}"
+                        self._refuse_aio_locked(f"{e.strerror or e}")
         return self._aio
 
     def start_sync_aio(self, lead: SyncLead) -> int | None:
@@ -557,7 +560,7 @@ class Log:
             try:
                 aio.submit(lead.fd)
             except OSError as e:
-                self._aio_refused = f"io_submit: {e.strerror}"
+                self._refuse_aio_locked(f"io_submit: {e.strerror}")
                 return None
             self._aio_lead = lead
             self._aio_thread = threading.get_ident()
@@ -613,7 +616,22 @@ class Log:
     def no_aio(self, why: str) -> None:
         """The kernel refused an AIO fdatasync (nothing was started): use threads from now on."""
         with self._lock:
-            self._aio_refused = why
+            self._refuse_aio_locked(why)
+
+    def _refuse_aio_locked(self, why: str) -> None:
+        """Leaders fdatasync in threads from now on. Said once, in the daemon's log and in
+        :attr:`aio_refused` (status): the fallback is correct but costs every fsync a thread
+        hand-off, which an operator chasing fsync latency has to be able to see."""
+        if not self._aio_refused:
+            logger.warning("%s: the kernel refused AIO for fdatasync (%s): fsync runs in threads, "
+                           "slower; the log stays correct", self.path, why)
+        self._aio_refused = why or "refused"
+
+    @property
+    def aio_refused(self) -> str:
+        """Why this log's fdatasyncs run in threads instead of the kernel's AIO; "" while AIO
+        may be used."""
+        return self._aio_refused
 
     def wait_dirty(self, stop: threading.Event) -> bool:
         """Block while every record is durable, the log is healthy and ``stop`` is not set;

@@ -253,6 +253,9 @@ class VolumeStatus:
     #: mirror: at most replayed); caught up when ``applied_lsn`` reaches it. None: a clone, which
     #: never writes back, or a volume not open here
     writeback_target_lsn: int | None = None
+    #: why this volume's log fdatasyncs in threads instead of the kernel's AIO (each fsync costs
+    #: a thread hand-off); None while AIO is used or not tried yet, or the volume is not open here
+    fsync_aio_refused: str | None = None
     #: :data:`STATUS_SCHEMA_VERSION`; first in the JSON, so a reader can check it before the rest
     schema_version: int = STATUS_SCHEMA_VERSION
 

@@ -216,7 +216,7 @@ def volume_status(node: Node, name: str, side: ClusterSide | None = None) -> Vol
         lag_seconds=0.0, oldest_version_lsn=vol.oldest_version_lsn, log_bytes=vol.log.end_bytes,
         open_handles=node.open_count(name), errors=list(verdict.errors), next=verdict.next,
         oldest_version_ns=vol.oldest_version_timestamp_ns or None, history=history.describe(),
-        writeback_target_lsn=_writeback_target(vol, history),
+        writeback_target_lsn=_writeback_target(vol, history), fsync_aio_refused=vol.log.aio_refused or None,
         clones=[CloneStatus(c, lsn) for c, lsn in node.clones_of(name)],
         clone_of=vol.clone_of.describe() if vol.clone_of is not None else None,
         designated_primary=designation.node if designation is not None else None,
